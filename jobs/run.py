@@ -1,0 +1,130 @@
+"""Entry point of a job run: `tidegate run SPEC.yaml` or `python -m jobs.run SPEC.yaml`.
+
+Owns the process-level concerns around `KafkaDeltaJob`: connecting to (or starting) Ray,
+starting the embedded broker when the spec names no Kafka cluster, turning SIGTERM/SIGINT
+into a clean stop, and printing the summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from schemas.errors import TidegateError
+from schemas.spec import JobSpec, load_spec
+
+log = logging.getLogger("tidegate")
+
+
+def configure_logging(level: str | None = None) -> None:
+    level = (level or os.environ.get("TIDEGATE_LOG_LEVEL") or "INFO").upper()
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
+    for noisy in ("kafka", "ray", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def init_ray(spec: JobSpec, address: str | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or spec.ray.address or os.environ.get("RAY_ADDRESS")
+    common = dict(include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
+    if address:
+        ray.init(address=address, **common)
+        return
+    # A local cluster started by this process: Ray starts its processes with the parent-death
+    # signal, so a `kill -9` of this process leaves no orphans behind.
+    ray.init(
+        num_cpus=os.cpu_count(),
+        object_store_memory=int(os.environ.get("TIDEGATE_OBJECT_STORE_BYTES", 512 * 2**20)),
+        _temp_dir=os.environ.get("TIDEGATE_RAY_TEMP_DIR"),
+        **common,
+    )
+
+
+def run_job(spec: JobSpec, until_drained: bool = False, address: str | None = None, console: Console | None = None):
+    """Run a spec to completion (or until signalled). Returns the job's stats."""
+    from connectors.broker import EmbeddedBroker
+    from jobs.kafka_job import KafkaDeltaJob
+
+    console = console or Console(stderr=True)
+    stop = threading.Event()
+
+    def _on_signal(signum, _frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        log.info("received %s: finishing in-flight batches, then stopping", signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
+
+    broker = None
+    servers = spec.source.kafka.bootstrap_servers
+    if not servers:
+        broker = EmbeddedBroker().start()
+        servers = [broker.bootstrap_servers]
+        console.print(f"[bold]embedded Kafka broker[/] listening on {broker.bootstrap_servers}")
+    try:
+        init_ray(spec, address)
+        job = KafkaDeltaJob(spec, servers)
+        stats = job.run(until_drained=until_drained, stop=stop)
+    finally:
+        if broker is not None:
+            broker.stop()
+    print_summary(spec, stats, console)
+    return stats
+
+
+def print_summary(spec: JobSpec, stats, console: Console) -> None:
+    table = Table(title=f"tidegate run {stats.run_id} ({spec.name})", show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("events consumed", f"{stats.consumed:,}")
+    table.add_row("rows ok", f"{stats.ok:,}")
+    table.add_row("rows dead-lettered", f"{stats.dead_lettered:,}")
+    for cls, n in sorted(stats.dead_by_class.items()):
+        table.add_row(f"  {cls}", f"{n:,}")
+    table.add_row("prompt tokens", f"{stats.prompt_tokens:,}")
+    table.add_row("completion tokens", f"{stats.completion_tokens:,}")
+    table.add_row("commits", f"{stats.commits:,}")
+    table.add_row("elapsed", f"{stats.elapsed_s:.1f} s")
+    table.add_row("throughput", f"{stats.rows_per_s:.1f} rows/s")
+    if stats.first_commit_s is not None:
+        table.add_row("first commit after", f"{stats.first_commit_s:.1f} s")
+    table.add_row("results table", spec.sink.results)
+    table.add_row("dead-letter table", spec.sink.dead_letter)
+    console.print(table)
+
+
+def main(spec_path: str, until_drained: bool = False, address: str | None = None) -> int:
+    configure_logging()
+    try:
+        spec = load_spec(Path(spec_path))
+        run_job(spec, until_drained=until_drained, address=address)
+    except TidegateError as e:
+        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m jobs.run", description="Run a Tidegate job spec.")
+    parser.add_argument("spec")
+    parser.add_argument("--until-drained", action="store_true")
+    parser.add_argument("--address", default=None)
+    a = parser.parse_args()
+    sys.exit(main(a.spec, a.until_drained, a.address))

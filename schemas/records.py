@@ -1,0 +1,92 @@
+"""Arrow schemas of the data that moves between stages, and of the output tables.
+
+Data flows as Arrow record batches:
+
+    SOURCE_SCHEMA      one row per Kafka record, as read       (connectors.kafka -> actors.prompts)
+    REQUEST_SCHEMA     one row per rendered prompt             (actors.prompts   -> actors.engine)
+    COMPLETION_SCHEMA  one row per request, output or error    (actors.engine    -> jobs.kafka_job)
+    RESULTS_SCHEMA     the results Delta table                 (jobs.kafka_job   -> connectors.delta)
+    DEAD_LETTER_SCHEMA the dead-letter Delta table             (every stage      -> connectors.delta)
+
+The column names of RESULTS_SCHEMA and DEAD_LETTER_SCHEMA are a public contract.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+SOURCE_SCHEMA = pa.schema(
+    [
+        ("topic", pa.string()),
+        ("partition", pa.int32()),
+        ("offset", pa.int64()),
+        ("key", pa.binary()),
+        ("value", pa.binary()),
+        ("timestamp_ms", pa.int64()),
+        ("received_ns", pa.int64()),  # monotonic clock when the job read it, for latency_ms
+    ]
+)
+
+REQUEST_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("prompt", pa.string()),
+        ("source_topic", pa.string()),
+        ("source_partition", pa.int32()),
+        ("source_offset", pa.int64()),
+        ("received_ns", pa.int64()),
+    ]
+)
+
+COMPLETION_SCHEMA = pa.schema(
+    [
+        ("source_partition", pa.int32()),
+        ("source_offset", pa.int64()),
+        ("output_text", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("error_stage", pa.string()),  # null when the row succeeded
+        ("error_class", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+RESULTS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("status", pa.string()),  # "ok"
+        ("output_text", pa.string()),
+        ("finish_reason", pa.string()),
+        ("model", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("latency_ms", pa.float64()),  # from the job reading the event to its completion
+        ("source_topic", pa.string()),
+        ("source_partition", pa.int32()),
+        ("source_offset", pa.int64()),
+        ("run_id", pa.string()),
+        ("processed_at", TIMESTAMP),
+    ]
+)
+
+DEAD_LETTER_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),  # null when the id could not be read
+        ("stage", pa.string()),  # decode | prompt | engine
+        ("error_class", pa.string()),  # machine-readable reason, e.g. invalid_json
+        ("error", pa.string()),  # human-readable reason
+        ("source_topic", pa.string()),
+        ("source_partition", pa.int32()),
+        ("source_offset", pa.int64()),
+        ("raw", pa.binary()),  # the original message bytes
+        ("run_id", pa.string()),
+        ("failed_at", TIMESTAMP),
+    ]
+)
+
+
+def empty(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()

@@ -1,0 +1,203 @@
+"""The job spec: the public contract of a Tidegate job, as a pydantic model.
+
+A spec is YAML on disk. `load_spec(path)` validates it completely before any work starts; a bad
+spec raises `SpecError` whose message lists every bad field by its dotted path and the reason.
+
+    name: support-triage
+    source:
+      kafka: {bootstrap_servers: "broker:9092", topic: requests, group_id: triage}
+    prompt: {template: "Summarise: {{ text }}", id_field: ticket_id}
+    model: {path: /models/llama-3-8b-instruct}
+    sampling: {max_tokens: 64, temperature: 0}
+    pool: {actors: 2, batch_size: 64, num_cpus: 1, num_gpus: 1}
+    sink: {results: s3://lake/triage/results, dead_letter: s3://lake/triage/dead_letter}
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from jinja2 import TemplateSyntaxError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from schemas.errors import SpecError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KafkaSourceSpec(_Strict):
+    bootstrap_servers: list[str] | None = Field(
+        default=None,
+        description="Kafka brokers, 'host:port'. Empty or absent: Tidegate starts an embedded broker.",
+    )
+    topic: str = Field(min_length=1)
+    group_id: str | None = Field(default=None, description="Consumer group; default 'tidegate-<name>'.")
+    start_from: Literal["earliest", "latest"] = Field(
+        default="earliest", description="Where a partition with no committed position in Delta starts."
+    )
+    max_message_bytes: int = Field(default=1_048_576, gt=0, description="Larger values are dead-lettered.")
+    poll_timeout_ms: int = Field(default=200, gt=0)
+    session_timeout_ms: int = Field(default=6000, ge=1000)
+    heartbeat_interval_ms: int = Field(default=1000, ge=100)
+    consumer_config: dict[str, Any] = Field(
+        default_factory=dict, description="Extra kafka-python KafkaConsumer arguments (security, SASL, TLS)."
+    )
+
+    @field_validator("bootstrap_servers", mode="before")
+    @classmethod
+    def _split_servers(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [s.strip() for s in v.split(",") if s.strip()]
+        return v or None
+
+
+class SourceSpec(_Strict):
+    kafka: KafkaSourceSpec
+
+
+class PromptSpec(_Strict):
+    template: str = Field(min_length=1, description="Jinja2 template over the event's fields.")
+    id_field: str = Field(min_length=1, description="Event field holding the request id.")
+    system: str | None = Field(default=None, description="Optional system message (chat models).")
+    chat: bool = Field(default=True, description="Wrap the prompt in the model's chat template.")
+
+    @field_validator("template")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            ImmutableSandboxedEnvironment().parse(v)
+        except TemplateSyntaxError as e:
+            raise ValueError(f"not a valid Jinja2 template: {e.message} (line {e.lineno})") from None
+        return v
+
+
+class ModelSpec(_Strict):
+    path: str = Field(min_length=1, description="Local model directory (config.json, weights, tokenizer).")
+    name: str | None = Field(default=None, description="Value of the results' `model` column; default: path.")
+    max_model_len: int | None = Field(default=None, gt=0)
+    dtype: str = "auto"
+    kv_cache_gib: float = Field(default=1.0, gt=0, description="KV cache size on CPU engines.")
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    seed: int = 0
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM arguments.")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path
+
+
+# Field names of vllm.SamplingParams (0.32) that a job may set. Checked here so a typo fails
+# before any work, without importing vLLM (7-11 s) in the driver.
+SAMPLING_FIELDS = frozenset(
+    """n presence_penalty frequency_penalty repetition_penalty temperature top_p top_k min_p seed
+    stop stop_token_ids ignore_eos max_tokens min_tokens logprobs prompt_logprobs detokenize
+    skip_special_tokens spaces_between_special_tokens include_stop_str_in_output logit_bias
+    allowed_token_ids bad_words""".split()
+)
+
+
+class PoolSpec(_Strict):
+    actors: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    num_cpus: float = Field(default=1.0, gt=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    batches_in_flight: int = Field(
+        default=2, ge=1, description="Batches queued per engine actor, so it never idles between batches."
+    )
+    engine_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU threads per engine (OMP_NUM_THREADS). Default on CPU engines: the node's cores / actors.",
+    )
+    actor_start_timeout_s: float = Field(default=300.0, gt=0)
+
+
+class SinkSpec(_Strict):
+    results: str = Field(min_length=1, description="Delta table URI for results.")
+    dead_letter: str = Field(min_length=1, description="Delta table URI for dead letters.")
+    storage_options: dict[str, str] = Field(default_factory=dict)
+    commit_interval_s: float = Field(default=1.0, ge=0)
+    commit_max_rows: int = Field(default=8192, ge=1)
+
+
+class RaySpec(_Strict):
+    address: str | None = Field(default=None, description="Ray cluster; default RAY_ADDRESS or a local one.")
+
+
+class RunSpec(_Strict):
+    shutdown_timeout_s: float = Field(default=60.0, ge=0)
+
+
+class JobSpec(_Strict):
+    name: str
+    source: SourceSpec
+    prompt: PromptSpec
+    model: ModelSpec
+    sampling: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": 64, "temperature": 0.0})
+    pool: PoolSpec = Field(default_factory=PoolSpec)
+    sink: SinkSpec
+    ray: RaySpec = Field(default_factory=RaySpec)
+    run: RunSpec = Field(default_factory=RunSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
+            raise ValueError("use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return v
+
+    @field_validator("sampling")
+    @classmethod
+    def _sampling(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - SAMPLING_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown SamplingParams field(s): {', '.join(unknown)}")
+        if v.get("n", 1) != 1:
+            raise ValueError("n must be 1: one completion per event")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_tables(self) -> JobSpec:
+        if self.sink.results.rstrip("/") == self.sink.dead_letter.rstrip("/"):
+            raise ValueError("sink.results and sink.dead_letter must be different tables")
+        return self
+
+    @property
+    def group_id(self) -> str:
+        return self.source.kafka.group_id or f"tidegate-{self.name}"
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid job spec {origin}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(root)"
+        lines.append(f"  {path}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_spec(data: Any, origin: str = "<dict>") -> JobSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid job spec {origin}: expected a mapping at the top level")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_errors(e, origin)) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise SpecError(f"cannot read job spec {p}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"invalid job spec {p}: not valid YAML: {e}") from None
+    return parse_spec(data, str(p))
