@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from schemas.errors import TidegateError
+from schemas.errors import EngineError, TidegateError
 from schemas.spec import JobSpec, load_spec
 
 log = logging.getLogger("tidegate")
@@ -42,8 +42,11 @@ def init_ray(spec: JobSpec, address: str | None = None) -> None:
     if address:
         ray.init(address=address, **common)
         return
-    # A local cluster started by this process: Ray starts its processes with the parent-death
-    # signal, so a `kill -9` of this process leaves no orphans behind.
+    # A local cluster started by this process. Ray's raylet and GCS die with us (parent-death
+    # signal) but some of their children do not: the reaper cleans those up after a `kill -9`.
+    from jobs.reaper import start_for_current_process
+
+    start_for_current_process()
     ray.init(
         num_cpus=os.cpu_count(),
         object_store_memory=int(os.environ.get("TIDEGATE_OBJECT_STORE_BYTES", 512 * 2**20)),
@@ -69,6 +72,11 @@ def run_job(spec: JobSpec, until_drained: bool = False, address: str | None = No
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_signal)
         signal.signal(signal.SIGINT, _on_signal)
+
+    remote = address or spec.ray.address or os.environ.get("RAY_ADDRESS")
+    if not remote and not (Path(spec.model.path) / "config.json").is_file():
+        # On a local cluster the engines see this filesystem: fail before starting anything.
+        raise EngineError(f"model.path {spec.model.path!r} is not a model directory (no config.json)")
 
     broker = None
     servers = spec.source.kafka.bootstrap_servers

@@ -1,0 +1,177 @@
+"""Shared fixtures: a real tansu broker, a tiny model built offline, job specs and job processes.
+
+Everything a test starts it stops by PID; every test gets its own topic, group, tables and Ray
+temp dir. Nothing here talks to anything outside this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from connectors.broker import EmbeddedBroker
+from connectors.kafka import create_topic, produce
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from jobs.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    log = tmp_path_factory.mktemp("broker") / "tansu.log"
+    with EmbeddedBroker(log_path=log) as b:
+        yield b
+
+
+@pytest.fixture
+def topic(broker) -> str:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    create_topic(broker.bootstrap_servers, name, partitions=4)
+    return name
+
+
+def make_spec(tmp_path: Path, broker, topic: str, model: Path, **overrides) -> dict:
+    spec = {
+        "name": f"job-{uuid.uuid4().hex[:8]}",
+        "source": {
+            "kafka": {
+                "bootstrap_servers": broker.bootstrap_servers,
+                "topic": topic,
+                "group_id": f"g-{uuid.uuid4().hex[:8]}",
+                "max_message_bytes": 4096,
+                "poll_timeout_ms": 100,
+            }
+        },
+        "prompt": {"template": "Answer for {{ user }}: {{ question }}", "id_field": "id"},
+        "model": {"path": str(model), "dtype": "float32", "kv_cache_gib": 1},
+        "sampling": {"max_tokens": 16, "temperature": 0},
+        "pool": {"actors": 1, "batch_size": 32, "num_cpus": 1},
+        "sink": {
+            "results": str(tmp_path / "lake" / "results"),
+            "dead_letter": str(tmp_path / "lake" / "dead_letter"),
+            "commit_interval_s": 0.5,
+        },
+        "run": {"shutdown_timeout_s": 30},
+    }
+    for dotted, value in overrides.items():
+        node = spec
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return spec
+
+
+def write_spec(tmp_path: Path, spec: dict) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def event(i: int, **extra) -> tuple[bytes, bytes]:
+    body = {"id": f"e{i:06d}", "user": f"user-{i % 17}", "question": f"what is the status of order {i}?"}
+    body.update(extra)
+    return body["id"].encode(), json.dumps(body).encode()
+
+
+def send(broker, topic: str, records) -> int:
+    return produce(broker.bootstrap_servers, topic, records)
+
+
+class JobProcess:
+    """`python -m jobs.run SPEC` in its own process group-free child, with its own Ray temp dir."""
+
+    def __init__(self, spec_path: Path, until_drained: bool = True, log_path: Path | None = None):
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="tgray", dir="/tmp"))  # short: Ray's socket paths
+        env = dict(os.environ)
+        env.update(
+            TIDEGATE_RAY_TEMP_DIR=str(self.ray_tmp),
+            TIDEGATE_LOG_LEVEL="INFO",
+            PYTHONUNBUFFERED="1",
+            RAY_DEDUP_LOGS="0",
+        )
+        cmd = [sys.executable, "-m", "jobs.run", str(spec_path)]
+        if until_drained:
+            cmd.append("--until-drained")
+        self.log_path = log_path or spec_path.parent / f"job-{uuid.uuid4().hex[:6]}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def descendants(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"job did not finish within {timeout}s; log:\n{self.log()[-4000:]}") from None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def cleanup(self) -> None:
+        self.kill()
+        self._log.close()
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def job_processes():
+    started: list[JobProcess] = []
+
+    def start(spec_path: Path, **kw) -> JobProcess:
+        jp = JobProcess(spec_path, **kw)
+        started.append(jp)
+        return jp
+
+    yield start
+    for jp in started:
+        leftovers = jp.descendants()
+        jp.cleanup()
+        for p in leftovers:  # only processes this test started
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,188 @@
+"""End to end: real tansu broker -> `python -m jobs.run` (real local Ray, real vLLM) -> real Delta."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+
+import polars as pl
+import psutil
+import pytest
+from deltalake import DeltaTable
+from kafka import KafkaConsumer, TopicPartition
+
+from tests.conftest import event, make_spec, send, wait_for, write_spec
+
+pytestmark = pytest.mark.slow
+
+
+def read(uri: str) -> pl.DataFrame:
+    return pl.read_delta(uri)
+
+
+def test_end_to_end_every_id_once(tmp_path, broker, topic, tiny_model, job_processes):
+    n = 240
+    send(broker, topic, (event(i) for i in range(n)))
+    spec = make_spec(tmp_path, broker, topic, tiny_model)
+    job = job_processes(write_spec(tmp_path, spec))
+    assert job.wait(300) == 0, job.log()[-4000:]
+
+    res = read(spec["sink"]["results"])
+    assert sorted(res["id"].to_list()) == [f"e{i:06d}" for i in range(n)]
+    assert res.select(pl.struct("source_partition", "source_offset").n_unique()).item() == n
+    assert res["source_partition"].n_unique() == 4  # keyed events spread over every partition
+    assert (res["status"] == "ok").all()
+    assert res["output_text"].null_count() == 0 and res["finish_reason"].null_count() == 0
+    assert (res["prompt_tokens"] > 5).all() and (res["completion_tokens"] > 0).all()
+    assert (res["completion_tokens"] <= 16).all()
+    assert (res["latency_ms"] > 0).all()
+    assert (res["model"] == str(tiny_model)).all() and (res["source_topic"] == topic).all()
+    assert res["run_id"].n_unique() == 1 and res["processed_at"].null_count() == 0
+    assert read(spec["sink"]["dead_letter"]).height == 0
+
+    # Outputs belong to their own rows: the engine run directly on a few events gives the same text.
+    from actors.engine import EngineWorker
+    from schemas.spec import ModelSpec
+    from tests.test_engine import requests
+
+    sample = res.sort("id").head(5)
+    worker = EngineWorker(ModelSpec(path=str(tiny_model), dtype="float32"), spec["sampling"])
+    prompts = [f"Answer for user-{i % 17}: what is the status of order {i}?" for i in range(5)]
+    direct = worker.generate(requests(prompts)).column("output_text").to_pylist()
+    assert sample["output_text"].to_list() == direct
+
+    # Kafka's group offsets mirror the Delta positions (for lag tools).
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap_servers, group_id=spec["source"]["kafka"]["group_id"])
+    try:
+        per_partition = res.group_by("source_partition").agg(pl.col("source_offset").max())
+        for p, last in per_partition.iter_rows():
+            assert consumer.committed(TopicPartition(topic, p)) == last + 1
+    finally:
+        consumer.close()
+
+
+def bad_events(max_bytes: int) -> dict[str, bytes]:
+    return {
+        "invalid_json": b'{"id": "b1", "question": ',
+        "invalid_utf8": b'{"id": "b2", "user": "\xc3\x28", "question": "q"}',
+        "not_an_object": b'[{"id": "b3"}]',
+        "missing_id": json.dumps({"user": "u", "question": "q"}).encode(),
+        "missing_id_empty": json.dumps({"id": "", "user": "u", "question": "q"}).encode(),
+        "missing_variable": json.dumps({"id": "b6", "question": "no user field"}).encode(),
+        "prompt_too_long": json.dumps({"id": "b7", "user": "u", "question": "~|" * 800}).encode(),
+        "oversized_message": json.dumps({"id": "b8", "user": "u", "question": "x" * (max_bytes + 10)}).encode(),
+    }
+
+
+EXPECTED = {
+    "invalid_json": ("decode", None, "not valid JSON"),
+    "invalid_utf8": ("decode", None, "not UTF-8: byte 0xc3 at position 22"),
+    "not_an_object": ("decode", None, "JSON value is an array, expected an object"),
+    "missing_id": ("decode", None, "id field 'id' is missing"),
+    "missing_id_empty": ("decode", None, "id field 'id' is empty"),
+    "missing_variable": ("prompt", "b6", "'user' is undefined"),
+    "prompt_too_long": ("prompt", "b7", "the model context is 512 tokens"),
+    "oversized_message": ("decode", None, "over source.kafka.max_message_bytes=4096"),
+}
+
+
+def test_each_bad_input_is_dead_lettered_and_the_job_goes_on(tmp_path, broker, topic, tiny_model, job_processes):
+    bad = bad_events(4096)
+    records = [event(i) for i in range(40)]
+    for j, (kind, value) in enumerate(bad.items()):
+        records.insert(5 * j + 2, (kind.encode(), value))
+    send(broker, topic, records)
+    spec = make_spec(tmp_path, broker, topic, tiny_model)
+    job = job_processes(write_spec(tmp_path, spec))
+    assert job.wait(300) == 0, job.log()[-4000:]
+
+    res = read(spec["sink"]["results"])
+    assert sorted(res["id"].to_list()) == [f"e{i:06d}" for i in range(40)]
+    dead = read(spec["sink"]["dead_letter"])
+    assert dead.height == len(bad)
+    by_raw = {row["raw"]: row for row in dead.iter_rows(named=True)}
+    for kind, value in bad.items():
+        row = by_raw[value]  # the original bytes, exactly
+        stage, event_id, message = EXPECTED[kind]
+        assert row["error_class"] == kind.removesuffix("_empty"), row
+        assert (row["stage"], row["id"]) == (stage, event_id), row
+        assert message in row["error"], row
+        assert row["source_topic"] == topic and row["run_id"] == res["run_id"][0]
+    positions = set(zip(res["source_partition"], res["source_offset"])) | set(
+        zip(dead["source_partition"], dead["source_offset"])
+    )
+    assert len(positions) == len(records)
+
+
+def _delta_rows(uri: str) -> int:
+    try:
+        return DeltaTable(uri).count()
+    except Exception:
+        return 0
+
+
+def test_kill_and_restart_keeps_every_input_exactly_once(tmp_path, broker, topic, tiny_model, job_processes):
+    """kill -9 at random moments mid-run, then SIGTERM, restarting each time; then run to the end."""
+    rng = random.Random(11)
+    n_valid, bad = 3000, bad_events(4096)
+    records = [event(i) for i in range(n_valid)]
+    bad_values = []
+    for j in range(30):  # 30 bad messages spread through the stream
+        value = list(bad.values())[j % len(bad)] + b" " * j  # trailing spaces keep each one distinct
+        bad_values.append(value)
+        records.insert(rng.randrange(len(records)), (b"bad", value))
+    send(broker, topic, records)
+    spec = make_spec(tmp_path, broker, topic, tiny_model, **{"pool.batch_size": 64})
+    spec_path = write_spec(tmp_path, spec)
+    res_uri, dl_uri = spec["sink"]["results"], spec["sink"]["dead_letter"]
+
+    for attempt, sig in enumerate([signal.SIGKILL, signal.SIGKILL, signal.SIGKILL, signal.SIGTERM]):
+        before = _delta_rows(res_uri)
+        job = job_processes(spec_path, until_drained=True)
+        # Wait for this run to commit something, then strike at a random moment.
+        wait_for(lambda: _delta_rows(res_uri) > before or job.proc.poll() is not None, 240, what="progress")
+        assert job.proc.poll() is None, f"run {attempt} ended before it could be interrupted:\n{job.log()[-3000:]}"
+        time.sleep(rng.uniform(0.0, 2.5))
+        family = [job.pid] + [p.pid for p in job.descendants()]
+        job.proc.send_signal(sig)
+        if sig == signal.SIGTERM:
+            assert job.wait(120) == 0, job.log()[-3000:]
+            assert "received SIGTERM" in job.log()
+        else:
+            job.proc.wait()
+        # No orphans: every process of that run (Ray's raylet, GCS, workers, the engine) is gone.
+        wait_for(lambda: not [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"],
+                 60, what=f"processes of run {attempt} to exit")  # fmt: skip
+
+    final = job_processes(spec_path, until_drained=True)
+    assert final.wait(600) == 0, final.log()[-4000:]
+
+    res, dead = read(res_uri), read(dl_uri)
+    assert res["run_id"].n_unique() >= 2  # the work really was spread over several runs
+    ids = res["id"].to_list()
+    assert len(ids) == len(set(ids)) == n_valid
+    assert set(ids) == {f"e{i:06d}" for i in range(n_valid)}
+    assert sorted(dead["raw"].to_list()) == sorted(bad_values)
+    positions = list(zip(res["source_partition"], res["source_offset"])) + list(
+        zip(dead["source_partition"], dead["source_offset"])
+    )
+    assert len(positions) == len(set(positions)) == len(records)
+
+
+def test_bad_spec_fails_before_any_work(tmp_path, broker, topic, tiny_model, job_processes):
+    spec = make_spec(tmp_path, broker, topic, tiny_model, **{"pool.batch_size": 0, "sampling": {"max_tokns": 3}})
+    job = job_processes(write_spec(tmp_path, spec))
+    assert job.wait(60) == 2
+    log = job.log()
+    assert "pool.batch_size: Input should be greater than or equal to 1" in log
+    assert "unknown SamplingParams field(s): max_tokns" in log
+    assert "Traceback" not in log
+
+
+def test_missing_model_dir_is_one_clear_error(tmp_path, broker, topic, job_processes):
+    spec = make_spec(tmp_path, broker, topic, tmp_path / "no-such-model")
+    job = job_processes(write_spec(tmp_path, spec))
+    assert job.wait(180) == 2, job.log()[-3000:]
+    assert "is not a model directory (no config.json)" in job.log()

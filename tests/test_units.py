@@ -1,0 +1,193 @@
+"""Pure-logic units: spec validation, event decoding and rendering, the commit ledger."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pyarrow as pa
+import pytest
+
+from actors.prompts import PromptRenderer
+from connectors.offsets import CommitLedger
+from schemas.errors import SpecError
+from schemas.records import DEAD_LETTER_SCHEMA, REQUEST_SCHEMA, SOURCE_SCHEMA
+from schemas.spec import PromptSpec, parse_spec
+
+GOOD = {
+    "name": "j1",
+    "source": {"kafka": {"bootstrap_servers": "a:1,b:2", "topic": "t"}},
+    "prompt": {"template": "Q: {{ q }}", "id_field": "id"},
+    "model": {"path": "/m"},
+    "sink": {"results": "/r", "dead_letter": "/d"},
+}
+
+
+def _with(path: str, value):
+    spec = json.loads(json.dumps(GOOD))
+    node = spec
+    *parents, leaf = path.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+    return spec
+
+
+def test_spec_defaults_and_parsing():
+    spec = parse_spec(GOOD)
+    assert spec.source.kafka.bootstrap_servers == ["a:1", "b:2"]
+    assert spec.group_id == "tidegate-j1"
+    assert spec.pool.actors == 1 and spec.pool.batch_size == 64
+    assert spec.sampling == {"max_tokens": 64, "temperature": 0.0}
+
+
+@pytest.mark.parametrize(
+    "path,value,expect",
+    [
+        ("pool.actors", 0, "pool.actors: Input should be greater than or equal to 1"),
+        ("pool.num_cpus", -1, "pool.num_cpus"),
+        ("prompt.template", "{{ q ", "prompt.template: Value error, not a valid Jinja2 template"),
+        ("sampling", {"max_tokens": 8, "temprature": 0}, "sampling: Value error, unknown SamplingParams field(s): temprature"),
+        ("source.kafka.topic", "", "source.kafka.topic"),
+        ("sink.dead_letter", "/r", "sink.results and sink.dead_letter must be different tables"),
+        ("name", "bad name!", "name: Value error"),
+        ("pool.gpus", 1, "pool.gpus: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_spec_names_the_field(path, value, expect):
+    with pytest.raises(SpecError) as e:
+        parse_spec(_with(path, value), "spec.yaml")
+    assert expect in str(e.value)
+    assert str(e.value).startswith("invalid job spec spec.yaml:")
+
+
+def test_missing_sections_are_all_reported():
+    with pytest.raises(SpecError) as e:
+        parse_spec({"name": "x"})
+    for field in ("source:", "prompt:", "model:", "sink:"):
+        assert field in str(e.value)
+
+
+def _source(values: list[bytes | None], partition: int = 0) -> pa.Table:
+    n = len(values)
+    return pa.table(
+        {
+            "topic": ["t"] * n,
+            "partition": [partition] * n,
+            "offset": list(range(n)),
+            "key": [None] * n,
+            "value": values,
+            "timestamp_ms": [0] * n,
+            "received_ns": [0] * n,
+        },
+        schema=SOURCE_SCHEMA,
+    )
+
+
+BAD_CASES = [
+    (b'{"id": "a", "q": ', "decode", "invalid_json", "not valid JSON: Expecting value at line 1 column 18"),
+    (b'{"id": "a", "q": "\xff"}', "decode", "invalid_utf8", "byte 0xff at position 18"),
+    (b"[1, 2]", "decode", "not_an_object", "JSON value is an array, expected an object"),
+    (b'"just a string"', "decode", "not_an_object", "is a string"),
+    (b'{"q": "x"}', "decode", "missing_id", "id field 'id' is missing"),
+    (b'{"id": "", "q": "x"}', "decode", "missing_id", "id field 'id' is empty"),
+    (b'{"id": null, "q": "x"}', "decode", "missing_id", "is missing"),
+    (b'{"id": {"a": 1}, "q": "x"}', "decode", "invalid_id", "id field 'id' is an object"),
+    (b'{"id": "a"}', "prompt", "missing_variable", "'q' is undefined"),
+    (b'{"id": "a", "q": "' + b"x" * 200 + b'"}', "decode", "oversized_message", "over source.kafka.max_message_bytes=128"),
+    (None, "decode", "empty_message", "tombstone"),
+]
+
+
+@pytest.mark.parametrize("value,stage,error_class,message", BAD_CASES)
+def test_each_bad_event_is_dead_lettered_with_its_reason(value, stage, error_class, message):
+    r = PromptRenderer(PromptSpec(template="Q: {{ q }}", id_field="id"), max_message_bytes=128, run_id="r1")
+    out = r.render(_source([b'{"id": 1, "q": "fine"}', value, b'{"id": "z", "q": "ok too"}']))
+    assert out.requests.schema == REQUEST_SCHEMA and out.dead.schema == DEAD_LETTER_SCHEMA
+    assert out.requests.column("id").to_pylist() == ["1", "z"]
+    assert out.requests.column("prompt").to_pylist() == ["Q: fine", "Q: ok too"]
+    (dead,) = out.dead.to_pylist()
+    assert (dead["stage"], dead["error_class"]) == (stage, error_class)
+    assert message in dead["error"]
+    assert dead["raw"] == value and dead["source_offset"] == 1 and dead["run_id"] == "r1"
+
+
+def test_event_data_is_never_compiled_as_a_template():
+    r = PromptRenderer(PromptSpec(template="Q: {{ q }}", id_field="id"), max_message_bytes=1024, run_id="r")
+    out = r.render(_source([json.dumps({"id": "a", "q": "{{ 7*7 }} {% for x in y %}"}).encode()]))
+    assert out.requests.column("prompt").to_pylist() == ["Q: {{ 7*7 }} {% for x in y %}"]
+
+
+def test_sandbox_blocks_unsafe_templates():
+    r = PromptRenderer(
+        PromptSpec(template="{{ q.__class__.__mro__ }}", id_field="id"), max_message_bytes=1024, run_id="r"
+    )
+    out = r.render(_source([b'{"id": "a", "q": "x"}']))
+    assert out.requests.num_rows == 0
+    assert out.dead.column("error_class").to_pylist() == ["render_error"]
+
+
+def test_skip_drops_rows_already_dead_lettered():
+    r = PromptRenderer(PromptSpec(template="{{ q }}", id_field="id"), max_message_bytes=1024, run_id="r")
+    src = _source([b'{"id": "a", "q": "x"}', b"bad", b'{"id": "c", "q": "y"}'])
+    out = r.render(src, skip=lambda t, p, o: o == 1)
+    assert out.requests.num_rows == 2 and out.dead.num_rows == 0
+
+
+def test_ledger_releases_only_contiguous_prefix():
+    ledger = CommitLedger()
+    a = ledger.open({("t", 0): (0, 9), ("t", 1): (0, 4)})
+    b = ledger.open({("t", 0): (10, 19)})
+    c = ledger.open({("t", 1): (5, 9)})
+    ledger.complete(c, "C")
+    ledger.complete(b, "B")
+    assert not ledger.pop_committable()  # a is still in flight
+    assert ledger.committable_count() == 0
+    ledger.complete(a, "A")
+    assert ledger.committable_count() == 3
+    group = ledger.pop_committable()
+    assert group.payloads == ["A", "B", "C"]
+    assert group.positions == {("t", 0): 19, ("t", 1): 9}
+    assert ledger.open_count == 0
+
+
+def test_ledger_random_completion_order_never_skips_work():
+    rng = random.Random(3)
+    ledger = CommitLedger()
+    next_off = {0: 0, 1: 0}
+    batches = []
+    for _ in range(200):
+        spans = {}
+        for p in rng.sample([0, 1], rng.randint(1, 2)):
+            n = rng.randint(1, 5)
+            spans[("t", p)] = (next_off[p], next_off[p] + n - 1)
+            next_off[p] += n
+        batches.append((ledger.open(spans), spans))
+    order = list(range(len(batches)))
+    rng.shuffle(order)
+    committed = {0: -1, 1: -1}
+    done = set()
+    for i in order:
+        ledger.complete(batches[i][0], i)
+        done.add(i)
+        group = ledger.pop_committable()
+        for (_, p), last in group.positions.items():
+            committed[p] = last
+        # Every offset at or below a committed position belongs to a completed batch.
+        for seq, spans in batches:
+            for (_, p), (first, _) in spans.items():
+                if first <= committed[p]:
+                    assert seq in done
+    assert committed == {0: next_off[0] - 1, 1: next_off[1] - 1}
+
+
+def test_ledger_rejects_overlapping_or_repeated_work():
+    ledger = CommitLedger()
+    s = ledger.open({("t", 0): (0, 9)})
+    with pytest.raises(ValueError):
+        ledger.open({("t", 0): (5, 12)})
+    ledger.complete(s, 1)
+    with pytest.raises(ValueError):
+        ledger.complete(s, 1)
+    ledger.reset()
+    ledger.open({("t", 0): (0, 3)})  # after a reset the partition is read again from its position
