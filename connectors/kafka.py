@@ -33,6 +33,8 @@ class _Listener(ConsumerRebalanceListener):
         self.source = source
 
     def on_partitions_revoked(self, revoked):
+        if self.source.closing:  # the job committed what it could before closing
+            return
         tps = sorted((tp.topic, tp.partition) for tp in revoked)
         if tps:
             log.info("partitions revoked: %s", tps)
@@ -61,6 +63,7 @@ class KafkaSource:
         self.on_revoke = on_revoke
         self.consumer: KafkaConsumer | None = None
         self.assignment_generation = 0  # bumped on every (re)assignment
+        self.closing = False
 
     def start(self, metadata_timeout_s: float = 30.0) -> None:
         config = dict(
@@ -157,12 +160,14 @@ class KafkaSource:
             log.warning("could not mirror positions to the consumer group (harmless): %s", e)
 
     def close(self) -> None:
-        c, self.consumer = self.consumer, None
-        if c is not None:
-            try:
-                c.close(autocommit=False)
-            except Exception as e:  # closing must never mask the real outcome
-                log.warning("error closing the Kafka consumer: %s", e)
+        if self.consumer is None:
+            return
+        self.closing = True
+        try:
+            self.consumer.close(autocommit=False)
+        except Exception as e:  # closing must never mask the real outcome
+            log.warning("error closing the Kafka consumer: %s", e)
+        self.consumer = None
 
 
 def create_topic(bootstrap_servers: str | list[str], topic: str, partitions: int) -> None:

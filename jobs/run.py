@@ -69,10 +69,6 @@ def run_job(spec: JobSpec, until_drained: bool = False, address: str | None = No
         log.info("received %s: finishing in-flight batches, then stopping", signal.Signals(signum).name)
         stop.set()
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_signal)
-        signal.signal(signal.SIGINT, _on_signal)
-
     remote = address or spec.ray.address or os.environ.get("RAY_ADDRESS")
     if not remote and not (Path(spec.model.path) / "config.json").is_file():
         # On a local cluster the engines see this filesystem: fail before starting anything.
@@ -86,6 +82,10 @@ def run_job(spec: JobSpec, until_drained: bool = False, address: str | None = No
         console.print(f"[bold]embedded Kafka broker[/] listening on {broker.bootstrap_servers}")
     try:
         init_ray(spec, address)
+        # After ray.init: a local Ray installs its own SIGTERM handler (sys.exit) in the driver.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_signal)
+            signal.signal(signal.SIGINT, _on_signal)
         job = KafkaDeltaJob(spec, servers)
         stats = job.run(until_drained=until_drained, stop=stop)
     finally:
