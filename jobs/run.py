@@ -122,7 +122,7 @@ def main(spec_path: str, until_drained: bool = False, address: str | None = None
         spec = load_spec(Path(spec_path))
         run_job(spec, until_drained=until_drained, address=address)
     except TidegateError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        print(f"error: {e}", file=sys.stderr)  # one plain line (or block), never wrapped
         return 2
     return 0
 

@@ -1,0 +1,222 @@
+"""Benchmark: the whole pipeline (Kafka -> Ray engine pool -> Delta) against raw `LLM.generate`.
+
+Both sides use the same model, the same rendered prompts (chat template included) and the same
+sampling params, run one after the other in this one invocation on this machine:
+
+  raw       one process, `LLM.generate(all prompts)` after the engine is loaded (vLLM's best case:
+            one call, the engine schedules everything)
+  pipeline  `python -m jobs.run SPEC --until-drained` on the same events produced to a tansu topic
+            (4 partitions); steady rows/s = rows committed between the first and the last commit
+            divided by that time (Parquet file times), plus the end-to-end wall time incl. start-up
+
+Then a latency run: events produced at a steady rate (default 50/s) while the job runs;
+event-to-commit latency = time of the Delta file holding the row - time the event was sent.
+
+    python bench/pipeline_vs_raw.py [--events 4000] [--rate 50] [--latency-seconds 60]
+
+Prints a table and writes bench/results/pipeline_vs_raw.json. Run by hand; not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import pyarrow.parquet as pq  # noqa: E402
+import yaml  # noqa: E402
+from deltalake import DeltaTable  # noqa: E402
+
+from connectors.broker import EmbeddedBroker  # noqa: E402
+from connectors.kafka import create_topic, produce  # noqa: E402
+
+TEMPLATE = "Answer for {{ user }}: {{ question }}"
+SAMPLING = {"max_tokens": 32, "temperature": 0}
+
+
+def make_event(i: int, sent_at: float | None = None) -> dict:
+    e = {"id": f"e{i:07d}", "user": f"user-{i % 97}", "question": f"what is the status of order {i}?"}
+    if sent_at is not None:
+        e["sent_at"] = sent_at
+    return e
+
+
+RAW_SCRIPT = r"""
+import json, os, sys, time
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+from jinja2 import Template
+from vllm import LLM, SamplingParams
+cfg = json.load(open(sys.argv[1]))
+llm = LLM(model=cfg["model"], dtype="float32", distributed_executor_backend="uni", enforce_eager=True, seed=0)
+tok = llm.get_tokenizer()
+t = Template(cfg["template"])
+texts = [tok.apply_chat_template([{"role": "user", "content": t.render(**e)}], add_generation_prompt=True, tokenize=False)
+         for e in cfg["events"]]
+ids = tok(texts, add_special_tokens=False)["input_ids"]
+sp = SamplingParams(**cfg["sampling"])
+llm.generate([{"prompt_token_ids": ids[0]}], sp, use_tqdm=False)  # warm-up
+t0 = time.monotonic()
+outs = llm.generate([{"prompt_token_ids": x} for x in ids], sp, use_tqdm=False)
+dt = time.monotonic() - t0
+print(json.dumps({"rows": len(outs), "seconds": dt, "completion_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}))
+"""
+
+
+def run_raw(model: Path, events: list[dict], workdir: Path) -> dict:
+    cfg = workdir / "raw.json"
+    cfg.write_text(json.dumps({"model": str(model), "template": TEMPLATE, "sampling": SAMPLING, "events": events}))
+    env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()))
+    out = subprocess.run([sys.executable, "-c", RAW_SCRIPT, str(cfg)], capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"raw run failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write_spec(workdir: Path, name: str, bootstrap: str, topic: str, model: Path, batch_size: int) -> Path:
+    spec = {
+        "name": name,
+        "source": {"kafka": {"bootstrap_servers": bootstrap, "topic": topic, "group_id": f"bench-{name}"}},
+        "prompt": {"template": TEMPLATE, "id_field": "id"},
+        "model": {"path": str(model), "dtype": "float32"},
+        "sampling": SAMPLING,
+        "pool": {"actors": 1, "batch_size": batch_size, "num_cpus": 1},
+        "sink": {"results": str(workdir / name / "results"), "dead_letter": str(workdir / name / "dead_letter")},
+    }
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def start_job(spec: Path, workdir: Path, until_drained: bool) -> subprocess.Popen:
+    env = dict(os.environ, TIDEGATE_RAY_TEMP_DIR=tempfile.mkdtemp(prefix="tgbench", dir="/tmp"), TIDEGATE_LOG_LEVEL="WARNING")
+    cmd = [sys.executable, "-m", "jobs.run", str(spec)] + (["--until-drained"] if until_drained else [])
+    log = open(workdir / (spec.stem + ".log"), "wb")
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def committed_files(uri: str) -> list[tuple[float, "pq.Table"]]:
+    """(file time in s, rows) for every data file of a table; each file belongs to one commit."""
+    dt = DeltaTable(uri)
+    actions = dt.get_add_actions(flatten=True).to_pydict()
+    out = []
+    for path, mtime in zip(actions["path"], actions["modification_time"]):
+        ts = mtime.timestamp() if hasattr(mtime, "timestamp") else mtime / 1000.0
+        out.append((ts, pq.read_table(os.path.join(uri, path), columns=["id"])))
+    return sorted(out, key=lambda x: x[0])
+
+
+def run_pipeline(model: Path, events: list[dict], workdir: Path, bootstrap: str, batch_size: int) -> dict:
+    topic = "bench-throughput"
+    create_topic(bootstrap, topic, 4)
+    produce(bootstrap, topic, ((e["id"].encode(), json.dumps(e).encode()) for e in events))
+    spec = write_spec(workdir, "throughput", bootstrap, topic, model, batch_size)
+    t0 = time.monotonic()
+    proc = start_job(spec, workdir, until_drained=True)
+    if proc.wait(timeout=1800):
+        raise SystemExit(f"pipeline run failed; see {workdir / 'throughput.log'}")
+    wall = time.monotonic() - t0
+    files = committed_files(str(workdir / "throughput" / "results"))
+    rows = sum(t.num_rows for _, t in files)
+    first_t, first_rows = files[0][0], files[0][1].num_rows
+    span = files[-1][0] - first_t
+    return {
+        "rows": rows,
+        "commits": len(files),
+        "wall_s_including_startup": wall,
+        "steady_rows_per_s": (rows - first_rows) / span if span > 0 else float("nan"),
+    }
+
+
+def run_latency(model: Path, workdir: Path, bootstrap: str, rate: float, seconds: float, batch_size: int) -> dict:
+    topic = "bench-latency"
+    create_topic(bootstrap, topic, 4)
+    spec = write_spec(workdir, "latency", bootstrap, topic, model, batch_size)
+    proc = start_job(spec, workdir, until_drained=False)
+    time.sleep(30)  # Ray start + engine load + group join: latency is measured at steady state
+    sent: dict[str, float] = {}
+    stop = threading.Event()
+
+    def producer():
+        from kafka import KafkaProducer
+
+        p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+        i, start = 0, time.time()
+        while not stop.is_set() and time.time() - start < seconds:
+            target = start + i / rate
+            if (delay := target - time.time()) > 0:
+                time.sleep(delay)
+            now = time.time()
+            e = make_event(i, now)
+            sent[e["id"]] = now
+            p.send(topic, key=e["id"].encode(), value=json.dumps(e).encode())
+            i += 1
+        p.flush()
+        p.close()
+
+    th = threading.Thread(target=producer)
+    th.start()
+    th.join()
+    uri = str(workdir / "latency" / "results")
+    deadline = time.time() + 60
+    while time.time() < deadline and DeltaTable(uri).count() < len(sent):
+        time.sleep(0.5)
+    proc.terminate()
+    proc.wait(timeout=120)
+    lat = []
+    for ts, table in committed_files(uri):
+        for i in table.column("id").to_pylist():
+            if i in sent:
+                lat.append((ts - sent[i]) * 1000)
+    lat.sort()
+    q = statistics.quantiles(lat, n=100)
+    return {"events": len(sent), "committed": len(lat), "rate_per_s": rate, "p50_ms": q[49], "p95_ms": q[94], "max_ms": lat[-1]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=4000)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--rate", type=float, default=50.0)
+    ap.add_argument("--latency-seconds", type=float, default=60.0)
+    ap.add_argument("--model", type=Path, default=REPO / ".cache" / "tiny-model")
+    args = ap.parse_args()
+    if not (args.model / "config.json").exists():
+        from jobs.tiny_model import build_tiny_model
+
+        build_tiny_model(args.model)
+    events = [make_event(i) for i in range(args.events)]
+    workdir = Path(tempfile.mkdtemp(prefix="tidegate-bench-"))
+    results: dict = {"events": args.events, "batch_size": args.batch_size, "cpus": os.cpu_count()}
+    print(f"workdir {workdir}")
+    results["raw"] = raw = run_raw(args.model, events, workdir)
+    raw_rps = raw["rows"] / raw["seconds"]
+    print(f"raw LLM.generate: {raw['rows']} rows in {raw['seconds']:.1f}s = {raw_rps:.1f} rows/s")
+    with EmbeddedBroker() as broker:
+        results["pipeline"] = pipe = run_pipeline(args.model, events, workdir, broker.bootstrap_servers, args.batch_size)
+        print(f"pipeline: {pipe}")
+        if args.latency_seconds > 0:
+            results["latency"] = lat = run_latency(
+                args.model, workdir, broker.bootstrap_servers, args.rate, args.latency_seconds, args.batch_size
+            )
+            print(f"latency: {lat}")
+    results["ratio_steady"] = pipe["steady_rows_per_s"] / raw_rps
+    print(f"pipeline/raw (steady): {results['ratio_steady']:.3f}")
+    out = REPO / "bench" / "results" / "pipeline_vs_raw.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
