@@ -78,9 +78,16 @@ class EngineWorker:
         self.chat = chat
         self.system = system
         self.model_label = model.label
+        self.ready_at = time.monotonic()
+        self.busy_s = 0.0  # time spent inside generate(): the rest of the time the engine idles
+        self.batches = 0
 
     def info(self) -> dict[str, Any]:
         return {"max_model_len": self.max_model_len, "load_s": self.load_s, "pid": os.getpid()}
+
+    def usage(self) -> dict[str, float]:
+        """Busy time and batches since the engine was ready (for idle-fraction reporting)."""
+        return {"busy_s": self.busy_s, "up_s": time.monotonic() - self.ready_at, "batches": self.batches}
 
     def _token_ids(self, prompts: list[str]) -> list[list[int]]:
         if self.chat:
@@ -95,6 +102,14 @@ class EngineWorker:
         return self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
 
     def generate(self, requests: pa.Table) -> pa.Table:
+        t0 = time.monotonic()
+        try:
+            return self._generate(requests)
+        finally:
+            self.busy_s += time.monotonic() - t0
+            self.batches += 1
+
+    def _generate(self, requests: pa.Table) -> pa.Table:
         n = requests.num_rows
         cols: dict[str, list] = {name: [None] * n for name in COMPLETION_SCHEMA.names}
         cols["source_partition"] = requests.column("source_partition").to_pylist()

@@ -126,6 +126,14 @@ class EnginePool:
                 pass
         self._pending.clear()
 
+    def usage(self, timeout_s: float = 10.0) -> list[dict[str, float]]:
+        """Per-actor busy/up time; empty if the actors cannot answer in time."""
+        try:
+            return ray.get([s.actor.usage.remote() for s in self.slots], timeout=timeout_s)
+        except Exception as e:  # reporting only: never fail a run over it
+            log.warning("could not read engine usage: %s", e)
+            return []
+
     def shutdown(self) -> None:
         for slot in self.slots:
             try:

@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import yaml  # noqa: E402
 from deltalake import DeltaTable  # noqa: E402
@@ -63,11 +64,11 @@ tok = llm.get_tokenizer()
 t = Template(cfg["template"])
 texts = [tok.apply_chat_template([{"role": "user", "content": t.render(**e)}], add_generation_prompt=True, tokenize=False)
          for e in cfg["events"]]
-ids = tok(texts, add_special_tokens=False)["input_ids"]
+
 sp = SamplingParams(**cfg["sampling"])
-llm.generate([{"prompt_token_ids": ids[0]}], sp, use_tqdm=False)  # warm-up
+llm.generate([{"prompt": texts[0]}], sp, use_tqdm=False)  # warm-up
 t0 = time.monotonic()
-outs = llm.generate([{"prompt_token_ids": x} for x in ids], sp, use_tqdm=False)
+outs = llm.generate([{"prompt": x} for x in texts], sp, use_tqdm=False)  # vLLM tokenizes, as for any user
 dt = time.monotonic() - t0
 print(json.dumps({"rows": len(outs), "seconds": dt, "completion_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}))
 """
@@ -108,7 +109,7 @@ def start_job(spec: Path, workdir: Path, until_drained: bool) -> subprocess.Pope
 def committed_files(uri: str) -> list[tuple[float, "pq.Table"]]:
     """(file time in s, rows) for every data file of a table; each file belongs to one commit."""
     dt = DeltaTable(uri)
-    actions = dt.get_add_actions(flatten=True).to_pydict()
+    actions = pa.table(dt.get_add_actions(flatten=True)).to_pydict()
     out = []
     for path, mtime in zip(actions["path"], actions["modification_time"]):
         ts = mtime.timestamp() if hasattr(mtime, "timestamp") else mtime / 1000.0
@@ -123,7 +124,11 @@ def run_pipeline(model: Path, events: list[dict], workdir: Path, bootstrap: str,
     spec = write_spec(workdir, "throughput", bootstrap, topic, model, batch_size)
     t0 = time.monotonic()
     proc = start_job(spec, workdir, until_drained=True)
-    if proc.wait(timeout=1800):
+    cpu = {}
+    while proc.poll() is None:  # CPU seconds per process of the job's tree (last sample wins)
+        cpu.update(cpu_by_process(proc.pid))
+        time.sleep(0.5)
+    if proc.returncode:
         raise SystemExit(f"pipeline run failed; see {workdir / 'throughput.log'}")
     wall = time.monotonic() - t0
     files = committed_files(str(workdir / "throughput" / "results"))
@@ -135,7 +140,33 @@ def run_pipeline(model: Path, events: list[dict], workdir: Path, bootstrap: str,
         "commits": len(files),
         "wall_s_including_startup": wall,
         "steady_rows_per_s": (rows - first_rows) / span if span > 0 else float("nan"),
+        "cpu_seconds_by_process": summarize_cpu(cpu),
     }
+
+
+def cpu_by_process(pid: int) -> dict[int, tuple[str, float]]:
+    import psutil
+
+    out = {}
+    try:
+        root = psutil.Process(pid)
+        for p in [root] + root.children(recursive=True):
+            try:
+                t = p.cpu_times()
+                name = "driver" if p.pid == pid else p.name()
+                out[p.pid] = (name, t.user + t.system)
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return out
+
+
+def summarize_cpu(cpu: dict[int, tuple[str, float]]) -> dict[str, float]:
+    agg: dict[str, float] = {}
+    for name, secs in cpu.values():
+        agg[name] = round(agg.get(name, 0.0) + secs, 1)
+    return dict(sorted(agg.items(), key=lambda kv: -kv[1]))
 
 
 def run_latency(model: Path, workdir: Path, bootstrap: str, rate: float, seconds: float, batch_size: int) -> dict:
@@ -186,7 +217,7 @@ def run_latency(model: Path, workdir: Path, bootstrap: str, rate: float, seconds
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=4000)
-    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--rate", type=float, default=50.0)
     ap.add_argument("--latency-seconds", type=float, default=60.0)
     ap.add_argument("--model", type=Path, default=REPO / ".cache" / "tiny-model")

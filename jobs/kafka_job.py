@@ -56,6 +56,8 @@ class JobStats:
     commits: int = 0
     started: float = field(default_factory=time.monotonic)
     first_commit_s: float | None = None
+    engines_ready_s: float | None = None
+    engine_busy_fraction: float | None = None  # time engines spent generating / time they were up
     finished: float | None = None
 
     @property
@@ -65,6 +67,14 @@ class JobStats:
     @property
     def rows_per_s(self) -> float:
         return (self.ok + self.dead_lettered) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def rows_per_s_after_start(self) -> float:
+        """Throughput once the engines were loaded (start-up excluded)."""
+        if self.engines_ready_s is None:
+            return 0.0
+        span = self.elapsed_s - self.engines_ready_s
+        return (self.ok + self.dead_lettered) / span if span > 0 else 0.0
 
 
 class KafkaDeltaJob:
@@ -81,6 +91,9 @@ class KafkaDeltaJob:
         # Offsets the dead-letter table already holds above the results position (repair window).
         self._skip: dict[TopicPartition, set[int]] = {}
         self._last_commit = time.monotonic()
+        self._buffer: list[pa.Table] = []
+        self._buffered = 0
+        self._buffer_since = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -88,6 +101,7 @@ class KafkaDeltaJob:
         stop = stop or threading.Event()
         self.sink.open()  # fails on an incompatible table before any GPU work
         self.pool.start()
+        self.stats.engines_ready_s = time.monotonic() - self.stats.started
         self.source = KafkaSource(
             self.spec.source.kafka,
             self.bootstrap_servers,
@@ -100,6 +114,9 @@ class KafkaDeltaJob:
         try:
             self._loop(until_drained, stop)
             self._shutdown()
+            usage = self.pool.usage()
+            if usage:
+                self.stats.engine_busy_fraction = sum(u["busy_s"] for u in usage) / sum(u["up_s"] for u in usage)
         finally:
             self.stats.finished = time.monotonic()
             self.source.close()
@@ -114,14 +131,13 @@ class KafkaDeltaJob:
             admitted = False
             ready_rows = self.ledger.committable_count() * spec.pool.batch_size
             if self.pool.has_capacity() and ready_rows < max_ready:
-                # Block in poll only when nothing is in flight; otherwise keep collecting.
-                src = self.source.poll_batch(spec.pool.batch_size, 0 if self.pool.in_flight else poll_ms)
-                if src is not None:
-                    self._admit(src)
+                self._fill_buffer(poll_ms)
+                if self._should_submit():
+                    self._admit(self._take_buffer())
                     admitted = True
             for tag, completions in self.pool.collect(0 if admitted else 0.02):
                 self._complete(tag, completions)
-            drained = until_drained and not self.pool.in_flight and self.source.drained()
+            drained = until_drained and not self.pool.in_flight and not self._buffered and self.source.drained()
             try:
                 # Once drained there is nothing to batch commits with: commit right away.
                 self._maybe_commit(force=drained)
@@ -131,6 +147,39 @@ class KafkaDeltaJob:
             if drained and not self.ledger.open_count:
                 log.info("run %s: every partition is consumed to its end and committed", self.run_id)
                 return
+
+    # -- batching --------------------------------------------------------------------------------
+    # A poll returns what the consumer has buffered, often less than a batch. The engine's cost per
+    # call is dominated by its decode steps whatever the batch size, so small batches waste it:
+    # records accumulate until a full batch, an idle engine, or `pool.batch_linger_ms`.
+
+    def _fill_buffer(self, poll_ms: int) -> None:
+        need = self.spec.pool.batch_size - self._buffered
+        if need <= 0:
+            return
+        # Block in poll only when nothing is in flight or buffered; otherwise keep collecting.
+        src = self.source.poll_batch(need, 0 if (self.pool.in_flight or self._buffered) else poll_ms)
+        if src is not None:
+            if not self._buffer:
+                self._buffer_since = time.monotonic()
+            self._buffer.append(src)
+            self._buffered += src.num_rows
+
+    def _should_submit(self) -> bool:
+        if not self._buffered:
+            return False
+        if self._buffered >= self.spec.pool.batch_size or self.pool.in_flight < len(self.pool.slots):
+            return True  # a full batch, or an engine with nothing to do
+        return (time.monotonic() - self._buffer_since) * 1000 >= self.spec.pool.batch_linger_ms
+
+    def _take_buffer(self) -> pa.Table:
+        src = pa.concat_tables(self._buffer) if len(self._buffer) > 1 else self._buffer[0]
+        self._buffer, self._buffered = [], 0
+        return src
+
+    def _drop_buffer(self) -> None:
+        """Forget records read but not handed out: after a seek they are read again."""
+        self._buffer, self._buffered = [], 0
 
     def _shutdown(self) -> None:
         """Stop taking batches; finish what is in flight (bounded), commit it, never partially."""
@@ -280,6 +329,7 @@ class KafkaDeltaJob:
         return positions
 
     def _on_revoke(self, tps: list[TopicPartition]) -> None:
+        self._drop_buffer()
         try:
             self._flush_all()
         except PartitionFencedError as e:
@@ -294,6 +344,7 @@ class KafkaDeltaJob:
         log.warning("%s; dropping uncommitted work and re-reading from the table's positions", err)
         self.pool.drop_pending()
         self.ledger.reset()
+        self._drop_buffer()
         assigned = sorted(self.source.assignment())
         self.sink.forget(assigned)
         self.source.reseek(assigned)

@@ -109,6 +109,11 @@ def print_summary(spec: JobSpec, stats, console: Console) -> None:
     table.add_row("commits", f"{stats.commits:,}")
     table.add_row("elapsed", f"{stats.elapsed_s:.1f} s")
     table.add_row("throughput", f"{stats.rows_per_s:.1f} rows/s")
+    if stats.engines_ready_s is not None:
+        table.add_row("engines ready after", f"{stats.engines_ready_s:.1f} s")
+        table.add_row("throughput once ready", f"{stats.rows_per_s_after_start:.1f} rows/s")
+    if stats.engine_busy_fraction is not None:
+        table.add_row("engine busy", f"{stats.engine_busy_fraction:.1%}")
     if stats.first_commit_s is not None:
         table.add_row("first commit after", f"{stats.first_commit_s:.1f} s")
     table.add_row("results table", spec.sink.results)

@@ -104,9 +104,12 @@ SAMPLING_FIELDS = frozenset(
 
 class PoolSpec(_Strict):
     actors: int = Field(default=1, ge=1)
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=256, ge=1)
     num_cpus: float = Field(default=1.0, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)
+    batch_linger_ms: float = Field(
+        default=100.0, ge=0, description="How long a partial batch waits for more events while engines are busy."
+    )
     batches_in_flight: int = Field(
         default=2, ge=1, description="Batches queued per engine actor, so it never idles between batches."
     )

@@ -37,7 +37,7 @@ def test_spec_defaults_and_parsing():
     spec = parse_spec(GOOD)
     assert spec.source.kafka.bootstrap_servers == ["a:1", "b:2"]
     assert spec.group_id == "tidegate-j1"
-    assert spec.pool.actors == 1 and spec.pool.batch_size == 64
+    assert spec.pool.actors == 1 and spec.pool.batch_size == 256
     assert spec.sampling == {"max_tokens": 64, "temperature": 0.0}
 
 
