@@ -102,16 +102,16 @@ class KafkaDeltaJob:
         self.sink.open()  # fails on an incompatible table before any GPU work
         self.pool.start()
         self.stats.engines_ready_s = time.monotonic() - self.stats.started
-        self.source = KafkaSource(
-            self.spec.source.kafka,
-            self.bootstrap_servers,
-            self.spec.group_id,
-            resume_positions=self._on_assign,
-            on_revoke=self._on_revoke,
-        )
-        self.source.start()
-        log.info("run %s: consuming %s as group %s", self.run_id, self.spec.source.kafka.topic, self.spec.group_id)
         try:
+            self.source = KafkaSource(
+                self.spec.source.kafka,
+                self.bootstrap_servers,
+                self.spec.group_id,
+                resume_positions=self._on_assign,
+                on_revoke=self._on_revoke,
+            )
+            self.source.start()
+            log.info("run %s: consuming %s as group %s", self.run_id, self.spec.source.kafka.topic, self.spec.group_id)
             self._loop(until_drained, stop)
             self._shutdown()
             usage = self.pool.usage()
@@ -119,7 +119,8 @@ class KafkaDeltaJob:
                 self.stats.engine_busy_fraction = sum(u["busy_s"] for u in usage) / sum(u["up_s"] for u in usage)
         finally:
             self.stats.finished = time.monotonic()
-            self.source.close()
+            if self.source is not None:
+                self.source.close()
             self.pool.shutdown()
         return self.stats
 
