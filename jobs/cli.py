@@ -1,6 +1,8 @@
 """The `tidegate` command line.
 
     tidegate run SPEC.yaml [--until-drained] [--address ADDR]
+    tidegate submit SPEC.yaml --address http://HEAD:8265 [--until-drained] [--wait]
+    tidegate jobs list|status|logs|stop [JOB_ID] --address http://HEAD:8265
     tidegate demo [--events N]
     tidegate broker [--port PORT]
     tidegate produce --bootstrap HOST:PORT --topic T FILE.jsonl
@@ -19,6 +21,12 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tidegate: event-driven batch LLM inference.")
 model_app = typer.Typer(no_args_is_help=True, help="Model utilities.")
 app.add_typer(model_app, name="model")
+jobs_app = typer.Typer(no_args_is_help=True, help="Jobs submitted to a Ray cluster (Ray's JobSubmissionClient).")
+app.add_typer(jobs_app, name="jobs")
+
+AddressOption = Annotated[
+    str, typer.Option("--address", envvar="RAY_API_SERVER_ADDRESS", help="Ray dashboard address, http://HEAD:8265.")
+]
 
 
 @app.command()
@@ -31,6 +39,70 @@ def run(
     from jobs.run import main
 
     raise typer.Exit(main(str(spec), until_drained, address))
+
+
+@app.command()
+def submit(
+    spec: Annotated[Path, typer.Argument(help="Job spec (YAML); shipped with the code.")],
+    address: AddressOption,
+    until_drained: Annotated[bool, typer.Option("--until-drained", help="Stop once drained.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Block until the job ends; exit 0 only if it succeeded.")] = False,
+    submission_id: Annotated[Optional[str], typer.Option(help="Job id to use (default: Ray's).")] = None,
+) -> None:
+    """Submit a spec to a Ray cluster with the repo as the job's working_dir."""
+    from jobs import submit as sub
+    from schemas.errors import TidegateError
+
+    try:
+        job_id = sub.submit(spec, address, until_drained=until_drained, submission_id=submission_id)
+    except TidegateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(job_id)
+    if wait:
+        status = sub.wait(address, job_id)
+        typer.echo(f"{job_id}: {status}")
+        raise typer.Exit(0 if status == "SUCCEEDED" else 1)
+
+
+@jobs_app.command("list")
+def jobs_list(address: AddressOption) -> None:
+    """List jobs on the cluster."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from jobs.submit import client
+
+    table = Table("job id", "status", "tidegate job", "entrypoint")
+    for info in sorted(client(address).list_jobs(), key=lambda j: j.start_time or 0):
+        table.add_row(info.submission_id or info.job_id or "", str(info.status.value),
+                      (info.metadata or {}).get("tidegate_job", ""), info.entrypoint)  # fmt: skip
+    Console().print(table)
+
+
+@jobs_app.command("status")
+def jobs_status(job_id: str, address: AddressOption) -> None:
+    """Print a job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
+    from jobs.submit import client
+
+    typer.echo(str(client(address).get_job_status(job_id).value))
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: str, address: AddressOption) -> None:
+    """Print a job's logs."""
+    from jobs.submit import client
+
+    typer.echo(client(address).get_job_logs(job_id), nl=False)
+
+
+@jobs_app.command("stop")
+def jobs_stop(job_id: str, address: AddressOption) -> None:
+    """Ask a job to stop (SIGTERM to its driver: in-flight batches are finished and committed)."""
+    from jobs.submit import client
+
+    stopped = client(address).stop_job(job_id)
+    typer.echo("stop requested" if stopped else "job was not running")
 
 
 @app.command()

@@ -1,0 +1,55 @@
+"""Deployment configs: cluster.yaml against Ray's own schema, the KubeRay RayJob's required fields."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import ray.autoscaler
+import yaml
+
+from tests.conftest import REPO
+
+
+def test_cluster_yaml_passes_rays_cluster_config_validation():
+    config = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(config))  # Ray's own checks after filling its defaults
+
+    gpu = config["available_node_types"]["gpu_worker"]
+    assert gpu["resources"]["GPU"] >= 1 and gpu["min_workers"] < gpu["max_workers"]
+    assert any("[gpu]" in c for c in config["setup_commands"])  # Tidegate with the GPU vLLM
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-port=8265" in head_start and "--metrics-export-port" in head_start
+
+
+def test_kuberay_rayjob_has_what_kuberay_requires():
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "kuberay" / "rayjob.yaml").read_text()))
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    assert job["apiVersion"] == "ray.io/v1" and job["metadata"]["name"]
+    spec = job["spec"]
+    assert spec["entrypoint"].startswith("python -m jobs.run ")
+    cluster = spec["rayClusterSpec"]
+    head = cluster["headGroupSpec"]
+    assert head["template"]["spec"]["containers"][0]["image"]
+    assert "rayStartParams" in head
+    workers = cluster["workerGroupSpecs"]
+    assert workers
+    for group in workers:
+        for field in ("groupName", "template", "rayStartParams", "minReplicas", "maxReplicas"):
+            assert field in group, field
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert int(limits["nvidia.com/gpu"]) >= 1
+    # The spec the entrypoint reads is mounted from the ConfigMap, and it is a valid job spec.
+    configmap = next(d for d in docs if d["kind"] == "ConfigMap")
+    from schemas.spec import parse_spec
+
+    parsed = parse_spec(yaml.safe_load(configmap["data"]["spec.yaml"]), "configmap")
+    assert parsed.pool.num_gpus == 1
+    mounts = head["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert any(m["mountPath"] == "/etc/tidegate" for m in mounts)

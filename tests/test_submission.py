@@ -1,0 +1,127 @@
+"""Ray job submission against a real head started by the test (`ray start --head --block`)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import polars as pl
+import psutil
+import pytest
+
+from connectors.broker import free_port
+from tests.conftest import REPO, event, make_spec, send, wait_for, write_spec
+
+pytestmark = pytest.mark.slow
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head on free ports with its own temp dir; stopped by PID at the end."""
+    temp = tempfile.mkdtemp(prefix="tghead", dir="/tmp")
+    ports = {name: free_port() for name in ("gcs", "dash", "client", "nm", "om", "agent", "agent_grpc", "rtenv", "metrics")}
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", f"--port={ports['gcs']}",
+        f"--dashboard-port={ports['dash']}", f"--ray-client-server-port={ports['client']}",
+        f"--node-manager-port={ports['nm']}", f"--object-manager-port={ports['om']}",
+        f"--dashboard-agent-listen-port={ports['agent']}", f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+        f"--runtime-env-agent-port={ports['rtenv']}", f"--metrics-export-port={ports['metrics']}",
+    ]  # fmt: skip
+    log = open(Path(temp) / "head.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{ports['dash']}"
+
+    def up():
+        try:
+            return urllib.request.urlopen(f"{address}/api/version", timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, 120, interval=1, what="the Ray head's job API")
+        yield address, env
+    finally:
+        family = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for p in family:  # only what this fixture started
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        log.close()
+
+
+def _tidegate(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "tidegate"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_tidegate_submit_runs_the_spec_on_the_cluster(tmp_path, broker, topic, tiny_model, ray_head):
+    address, env = ray_head
+    send(broker, topic, (event(i) for i in range(50)))
+    spec = make_spec(tmp_path, broker, topic, tiny_model)
+    spec_path = write_spec(tmp_path, spec)  # outside the repo: it must travel with the job
+
+    out = _tidegate(["submit", str(spec_path), "--address", address, "--until-drained", "--wait",
+                     "--submission-id", "tg-submit-1"], env)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "tg-submit-1: SUCCEEDED" in out.stdout
+
+    res = pl.read_delta(spec["sink"]["results"])
+    assert sorted(res["id"].to_list()) == [f"e{i:06d}" for i in range(50)]
+
+    listing = _tidegate(["jobs", "list", "--address", address], env, 60)
+    assert "tg-submit-1" in listing.stdout and "SUCCEEDED" in listing.stdout
+    assert _tidegate(["jobs", "status", "tg-submit-1", "--address", address], env, 60).stdout.strip() == "SUCCEEDED"
+    logs = _tidegate(["jobs", "logs", "tg-submit-1", "--address", address], env, 60).stdout
+    assert "every partition is consumed to its end and committed" in logs
+
+
+def test_plain_ray_job_submit_and_stop(tmp_path, broker, topic, tiny_model, ray_head):
+    """`ray job submit --working-dir . -- python -m jobs.run SPEC` works; `tidegate jobs stop` stops it cleanly."""
+    address, env = ray_head
+    send(broker, topic, (event(i) for i in range(30)))
+    spec = make_spec(tmp_path, broker, topic, tiny_model)
+    spec_path = write_spec(tmp_path, spec)
+    out = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "tg-plain-1", "--no-wait",
+         "--working-dir", ".", "--", "python", "-m", "jobs.run", str(spec_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    # A long-running consumer: wait until it has committed everything, then stop it.
+    wait_for(lambda: _count(spec["sink"]["results"]) == 30, 300, interval=1, what="the submitted job's results")
+    stop = _tidegate(["jobs", "stop", "tg-plain-1", "--address", address], env, 60)
+    assert stop.returncode == 0 and "stop requested" in stop.stdout
+    wait_for(lambda: _tidegate(["jobs", "status", "tg-plain-1", "--address", address], env, 60).stdout.strip()
+             in ("STOPPED", "SUCCEEDED"), 120, interval=1, what="the job to stop")  # fmt: skip
+    assert _count(spec["sink"]["results"]) == 30
+
+
+def test_submit_rejects_a_bad_spec_before_shipping(tmp_path, broker, topic, tiny_model):
+    spec = make_spec(tmp_path, broker, topic, tiny_model, **{"pool.actors": 0})
+    out = _tidegate(["submit", str(write_spec(tmp_path, spec)), "--address", "http://127.0.0.1:9"], dict(os.environ), 60)
+    assert out.returncode == 2
+    assert "pool.actors: Input should be greater than or equal to 1" in out.stderr
+
+
+def _count(uri: str) -> int:
+    try:
+        return pl.read_delta(uri).height
+    except Exception:
+        return 0
