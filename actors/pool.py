@@ -38,8 +38,15 @@ class EnginePool:
         self._pending: dict[ray.ObjectRef, tuple[_Slot, Any]] = {}
         self.max_model_len: int | None = None
 
-    def start(self) -> None:
+    def start(self, fixed_cluster: bool = False) -> None:
+        """Start the engine actors and wait until each has loaded its engine.
+
+        fixed_cluster: the cluster cannot grow (a local one this process started), so a request
+        no node can ever satisfy fails at once instead of after actor_start_timeout_s.
+        """
         pool = self.spec.pool
+        if fixed_cluster:
+            self._check_fits()
         env = engine_env(self.spec.model)
         # Ray sets OMP_NUM_THREADS to an actor's num_cpus (often 1); a CPU engine is the only heavy
         # consumer on its node, so it gets the cores (measured: 1.7x faster with 2 threads than 1).
@@ -81,6 +88,24 @@ class EnginePool:
             "%d engine actor(s) ready in %.1fs (engine load %.1fs, context %d tokens)",
             len(actors), time.monotonic() - t0, infos[0]["load_s"], self.max_model_len,
         )  # fmt: skip
+
+    def _check_fits(self) -> None:
+        pool = self.spec.pool
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        fits = [n for n in nodes if n.get("CPU", 0) >= pool.num_cpus and n.get("GPU", 0) >= pool.num_gpus]
+        if not fits:
+            biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+            raise EngineError(
+                f"no node can ever hold an engine actor: pool.num_cpus={pool.num_cpus:g}, pool.num_gpus={pool.num_gpus:g} "
+                f"per actor, but the largest node of this (non-autoscaling) cluster has {_describe(biggest)}"
+            )
+        total_cpu = sum(n.get("CPU", 0) for n in nodes)
+        total_gpu = sum(n.get("GPU", 0) for n in nodes)
+        if pool.actors * pool.num_cpus > total_cpu or pool.actors * pool.num_gpus > total_gpu:
+            raise EngineError(
+                f"pool.actors={pool.actors} engine actors need CPU={pool.actors * pool.num_cpus:g}, "
+                f"GPU={pool.actors * pool.num_gpus:g} in all; the cluster has CPU={total_cpu:g}, GPU={total_gpu:g}"
+            )
 
     @property
     def capacity(self) -> int:

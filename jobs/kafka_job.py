@@ -78,9 +78,12 @@ class JobStats:
 
 
 class KafkaDeltaJob:
-    def __init__(self, spec: JobSpec, bootstrap_servers: list[str], run_id: str | None = None):
+    def __init__(
+        self, spec: JobSpec, bootstrap_servers: list[str], run_id: str | None = None, fixed_cluster: bool = False
+    ):
         self.spec = spec
         self.bootstrap_servers = bootstrap_servers
+        self.fixed_cluster = fixed_cluster
         self.run_id = run_id or uuid.uuid4().hex[:16]
         self.stats = JobStats(self.run_id)
         self.sink = DeltaSink(spec.name, spec.sink.results, spec.sink.dead_letter, spec.sink.storage_options)
@@ -100,7 +103,7 @@ class KafkaDeltaJob:
     def run(self, until_drained: bool = False, stop: threading.Event | None = None) -> JobStats:
         stop = stop or threading.Event()
         self.sink.open()  # fails on an incompatible table before any GPU work
-        self.pool.start()
+        self.pool.start(fixed_cluster=self.fixed_cluster)
         self.stats.engines_ready_s = time.monotonic() - self.stats.started
         try:
             self.source = KafkaSource(

@@ -86,7 +86,7 @@ def run_job(spec: JobSpec, until_drained: bool = False, address: str | None = No
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _on_signal)
             signal.signal(signal.SIGINT, _on_signal)
-        job = KafkaDeltaJob(spec, servers)
+        job = KafkaDeltaJob(spec, servers, fixed_cluster=not remote)
         stats = job.run(until_drained=until_drained, stop=stop)
     finally:
         if broker is not None:

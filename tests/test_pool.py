@@ -1,0 +1,63 @@
+"""The engine pool under failure: a killed engine actor, resources that can never be satisfied."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import polars as pl
+import psutil
+import pytest
+from deltalake import DeltaTable
+
+from tests.conftest import event, make_spec, send, wait_for, write_spec
+
+pytestmark = pytest.mark.slow
+
+
+def _rows(uri: str) -> int:
+    try:
+        return DeltaTable(uri).count()
+    except Exception:
+        return 0
+
+
+def test_killed_engine_actor_is_replaced_and_nothing_is_lost(tmp_path, broker, topic, tiny_model, job_processes):
+    n = 1500
+    send(broker, topic, (event(i) for i in range(n)))
+    spec = make_spec(tmp_path, broker, topic, tiny_model, **{"pool.batch_size": 64})
+    job = job_processes(write_spec(tmp_path, spec))
+    res_uri = spec["sink"]["results"]
+    wait_for(lambda: _rows(res_uri) > 0 or job.proc.poll() is not None, 240, what="first commit")
+    engines = [p for p in job.descendants() if p.name().startswith("ray::EngineWorker")]
+    assert len(engines) == 1, [p.name() for p in job.descendants()]
+    engines[0].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert job.wait(600) == 0, job.log()[-4000:]
+    assert time.monotonic() - killed_at > 1  # the job really lived through it
+    replacement = [p for p in job.descendants()]  # the job has exited: nothing of it is left
+    assert not [p for p in replacement if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    res = pl.read_delta(res_uri)
+    ids = res["id"].to_list()
+    assert len(ids) == len(set(ids)) == n
+    assert pl.read_delta(spec["sink"]["dead_letter"]).height == 0
+
+
+@pytest.mark.parametrize(
+    "pool,message",
+    [
+        ({"pool.num_gpus": 1}, "no node can ever hold an engine actor: pool.num_cpus=1, pool.num_gpus=1 per actor"),
+        ({"pool.actors": os.cpu_count() + 1},
+         f"pool.actors={os.cpu_count() + 1} engine actors need CPU={os.cpu_count() + 1}, GPU=0 in all; "
+         f"the cluster has CPU={os.cpu_count()}"),
+    ],
+)
+def test_impossible_resources_fail_fast_with_what_was_asked(tmp_path, broker, topic, tiny_model, job_processes, pool, message):
+    spec = make_spec(tmp_path, broker, topic, tiny_model, **pool)
+    started = time.monotonic()
+    job = job_processes(write_spec(tmp_path, spec))
+    assert job.wait(120) == 2, job.log()[-3000:]
+    assert message in job.log()
+    assert time.monotonic() - started < 60  # not the 300 s actor start timeout
