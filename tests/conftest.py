@@ -20,6 +20,8 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
 
 from connectors.broker import EmbeddedBroker
 from connectors.kafka import create_topic, produce
@@ -160,11 +162,24 @@ def job_processes():
     for jp in started:
         leftovers = jp.descendants()
         jp.cleanup()
-        for p in leftovers:  # only processes this test started
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_all(leftovers)
+
+
+def kill_all(processes: list[psutil.Process]) -> None:
+    """SIGKILL processes a test started (by PID, never by name); those already gone are skipped."""
+    for p in processes:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def table_rows(uri: str) -> int:
+    """Rows in a Delta table; 0 while the job has not created it yet."""
+    try:
+        return DeltaTable(uri).count()
+    except TableNotFoundError:
+        return 0
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):

@@ -10,10 +10,9 @@ import time
 import polars as pl
 import psutil
 import pytest
-from deltalake import DeltaTable
 from kafka import KafkaConsumer, TopicPartition
 
-from tests.conftest import event, make_spec, send, wait_for, write_spec
+from tests.conftest import event, make_spec, send, table_rows, wait_for, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -116,13 +115,6 @@ def test_each_bad_input_is_dead_lettered_and_the_job_goes_on(tmp_path, broker, t
     assert len(positions) == len(records)
 
 
-def _delta_rows(uri: str) -> int:
-    try:
-        return DeltaTable(uri).count()
-    except Exception:
-        return 0
-
-
 def test_kill_and_restart_keeps_every_input_exactly_once(tmp_path, broker, topic, tiny_model, job_processes):
     """kill -9 at random moments mid-run, then SIGTERM, restarting each time; then run to the end."""
     rng = random.Random(11)
@@ -139,10 +131,10 @@ def test_kill_and_restart_keeps_every_input_exactly_once(tmp_path, broker, topic
     res_uri, dl_uri = spec["sink"]["results"], spec["sink"]["dead_letter"]
 
     for attempt, sig in enumerate([signal.SIGKILL, signal.SIGKILL, signal.SIGKILL, signal.SIGTERM]):
-        before = _delta_rows(res_uri)
+        before = table_rows(res_uri)
         job = job_processes(spec_path, until_drained=True)
         # Wait for this run to commit something, then strike at a random moment.
-        wait_for(lambda: _delta_rows(res_uri) > before or job.proc.poll() is not None, 240, what="progress")
+        wait_for(lambda: table_rows(res_uri) > before or job.proc.poll() is not None, 240, what="progress")
         assert job.proc.poll() is None, f"run {attempt} ended before it could be interrupted:\n{job.log()[-3000:]}"
         time.sleep(rng.uniform(0.0, 2.5))
         family = [job.pid] + [p.pid for p in job.descendants()]

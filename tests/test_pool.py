@@ -9,18 +9,10 @@ import time
 import polars as pl
 import psutil
 import pytest
-from deltalake import DeltaTable
 
-from tests.conftest import event, make_spec, send, wait_for, write_spec
+from tests.conftest import event, make_spec, send, table_rows, wait_for, write_spec
 
 pytestmark = pytest.mark.slow
-
-
-def _rows(uri: str) -> int:
-    try:
-        return DeltaTable(uri).count()
-    except Exception:
-        return 0
 
 
 def test_killed_engine_actor_is_replaced_and_nothing_is_lost(tmp_path, broker, topic, tiny_model, job_processes):
@@ -29,7 +21,7 @@ def test_killed_engine_actor_is_replaced_and_nothing_is_lost(tmp_path, broker, t
     spec = make_spec(tmp_path, broker, topic, tiny_model, **{"pool.batch_size": 64})
     job = job_processes(write_spec(tmp_path, spec))
     res_uri = spec["sink"]["results"]
-    wait_for(lambda: _rows(res_uri) > 0 or job.proc.poll() is not None, 240, what="first commit")
+    wait_for(lambda: table_rows(res_uri) > 0 or job.proc.poll() is not None, 240, what="first commit")
     engines = [p for p in job.descendants() if p.name().startswith("ray::EngineWorker")]
     assert len(engines) == 1, [p.name() for p in job.descendants()]
     engines[0].send_signal(signal.SIGKILL)

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import psutil
 import pytest
 
 from connectors.broker import free_port
-from tests.conftest import REPO, event, make_spec, send, wait_for, write_spec
+from tests.conftest import REPO, event, kill_all, make_spec, send, table_rows, wait_for, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -57,11 +56,7 @@ def ray_head():
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
-        for p in family:  # only what this fixture started
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_all(family)
         log.close()
 
 
@@ -105,12 +100,12 @@ def test_plain_ray_job_submit_and_stop(tmp_path, broker, topic, tiny_model, ray_
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     # A long-running consumer: wait until it has committed everything, then stop it.
-    wait_for(lambda: _count(spec["sink"]["results"]) == 30, 300, interval=1, what="the submitted job's results")
+    wait_for(lambda: table_rows(spec["sink"]["results"]) == 30, 300, interval=1, what="the submitted job's results")
     stop = _tidegate(["jobs", "stop", "tg-plain-1", "--address", address], env, 60)
     assert stop.returncode == 0 and "stop requested" in stop.stdout
     wait_for(lambda: _tidegate(["jobs", "status", "tg-plain-1", "--address", address], env, 60).stdout.strip()
              in ("STOPPED", "SUCCEEDED"), 120, interval=1, what="the job to stop")  # fmt: skip
-    assert _count(spec["sink"]["results"]) == 30
+    assert table_rows(spec["sink"]["results"]) == 30
 
 
 def test_submit_rejects_a_bad_spec_before_shipping(tmp_path, broker, topic, tiny_model):
@@ -118,10 +113,3 @@ def test_submit_rejects_a_bad_spec_before_shipping(tmp_path, broker, topic, tiny
     out = _tidegate(["submit", str(write_spec(tmp_path, spec)), "--address", "http://127.0.0.1:9"], dict(os.environ), 60)
     assert out.returncode == 2
     assert "pool.actors: Input should be greater than or equal to 1" in out.stderr
-
-
-def _count(uri: str) -> int:
-    try:
-        return pl.read_delta(uri).height
-    except Exception:
-        return 0
