@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pyarrow as pa
-from jinja2 import StrictUndefined, TemplateError, UndefinedError
+from jinja2 import StrictUndefined, TemplateError, UndefinedError, meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from schemas.records import DEAD_LETTER_SCHEMA, REQUEST_SCHEMA
@@ -57,6 +57,14 @@ class PromptRenderer:
         self.run_id = run_id
         env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
         self.template = env.from_string(spec.template)
+        self.variables = sorted(meta.find_undeclared_variables(env.parse(spec.template)))
+
+    def required_fields(self) -> dict[str, str]:
+        """Event fields every event needs: field -> why (for schema checks of table sources)."""
+        need = {self.spec.id_field: "prompt.id_field"}
+        for var in self.variables:
+            need.setdefault(var, "used by prompt.template")
+        return need
 
     def decode(self, value: bytes | None) -> tuple[str, dict]:
         """Bytes -> (id, event). Raises BadEvent with the reason."""
@@ -109,13 +117,19 @@ class PromptRenderer:
         offsets = source.column("offset").to_pylist()
         values = source.column("value").to_pylist()
         received = source.column("received_ns").to_pylist()
+        changes = source.column("source_change").to_pylist()
         req = {name: [] for name in REQUEST_SCHEMA.names}
         dead: list[dict] = []
-        for topic, partition, offset, value, recv in zip(topics, partitions, offsets, values, received):
+        for topic, partition, offset, value, recv, change in zip(topics, partitions, offsets, values, received, changes):
             if skip is not None and skip(topic, partition, offset):
                 continue
             event_id = None
             try:
+                if change is not None:
+                    # A source row that changed after it was first read: reported, not re-processed.
+                    event_id = self.decode(value)[0]
+                    raise BadEvent("source", f"source_{change}", f"row {change}d in the source at version {partition}; "
+                                   "changes are reported, not processed", event_id)  # fmt: skip
                 event_id, event = self.decode(value)
                 prompt = self.render_one(event_id, event)
             except BadEvent as e:

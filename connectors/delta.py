@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 TopicPartition = tuple[str, int]
 
 
-def txn_app_id(job_name: str, tp: TopicPartition) -> str:
-    return f"tidegate/{job_name}/kafka/{tp[0]}/{tp[1]}"
+def txn_app_id(job_name: str, tp: TopicPartition, source_kind: str = "kafka") -> str:
+    return f"tidegate/{job_name}/{source_kind}/{tp[0]}/{tp[1]}"
 
 
 class _Table:
@@ -89,14 +89,25 @@ def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
 
 
 class DeltaSink:
-    def __init__(self, job_name: str, results_uri: str, dead_letter_uri: str, storage_options: dict[str, str]):
+    def __init__(
+        self,
+        job_name: str,
+        results_uri: str,
+        dead_letter_uri: str,
+        storage_options: dict[str, str],
+        source_kind: str = "kafka",
+    ):
         self.job_name = job_name
+        self.source_kind = source_kind
         self.results = _Table(results_uri, RESULTS_SCHEMA, storage_options, "results")
         self.dead_letter = _Table(dead_letter_uri, DEAD_LETTER_SCHEMA, storage_options, "dead-letter")
         # What this process believes each table holds, to fence off other writers and to keep the
         # dead-letter positions monotonic.
         self._results_pos: dict[TopicPartition, int | None] = {}
         self._dl_pos: dict[TopicPartition, int | None] = {}
+
+    def _app(self, tp: TopicPartition) -> str:
+        return txn_app_id(self.job_name, tp, self.source_kind)
 
     def open(self) -> None:
         """Create the tables if needed and check their schemas (fails before any work)."""
@@ -105,7 +116,7 @@ class DeltaSink:
 
     def load_positions(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
         """Committed positions (last offset covered) per partition, read from the results table."""
-        apps = {tp: txn_app_id(self.job_name, tp) for tp in tps}
+        apps = {tp: self._app(tp) for tp in tps}
         res = self.results.txn_versions(apps.values())
         dl = self.dead_letter.txn_versions(apps.values())
         for tp, app in apps.items():
@@ -146,11 +157,11 @@ class DeltaSink:
             dl_txns = []
             for tp, last in positions.items():
                 version = max(last, self._dl_pos.get(tp) or -1)
-                dl_txns.append(Transaction(txn_app_id(self.job_name, tp), version))
+                dl_txns.append(Transaction(self._app(tp), version))
             self._append(self.dead_letter, dead, dl_txns, positions)
             for txn, tp in zip(dl_txns, positions):
                 self._dl_pos[tp] = txn.version
-        res_txns = [Transaction(txn_app_id(self.job_name, tp), last) for tp, last in positions.items()]
+        res_txns = [Transaction(self._app(tp), last) for tp, last in positions.items()]
         self._append(self.results, results, res_txns, positions)
         for tp, last in positions.items():
             self._results_pos[tp] = last
@@ -165,7 +176,7 @@ class DeltaSink:
             ) from None
 
     def _fence(self, positions: Mapping[TopicPartition, int]) -> None:
-        apps = {tp: txn_app_id(self.job_name, tp) for tp in positions}
+        apps = {tp: self._app(tp) for tp in positions}
         actual = self.results.txn_versions(apps.values())
         moved = [tp for tp, app in apps.items() if actual[app] != self._results_pos.get(tp)]
         if moved:

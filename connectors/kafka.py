@@ -126,6 +126,7 @@ class KafkaSource:
                 cols["value"].append(r.value)
                 cols["timestamp_ms"].append(r.timestamp)
                 cols["received_ns"].append(now)
+                cols["source_change"].append(None)
         return pa.table(cols, schema=SOURCE_SCHEMA)
 
     def assignment(self) -> set[TopicPartition]:

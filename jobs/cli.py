@@ -34,11 +34,12 @@ def run(
     spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
     until_drained: Annotated[bool, typer.Option("--until-drained", help="Stop once every partition is consumed and committed.")] = False,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS or a local Ray).")] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Delta incremental sources: keep polling for new versions until SIGTERM.")] = False,
 ) -> None:
-    """Consume a spec's source and write results to Delta, exactly once."""
+    """Run a spec: Kafka sources consume until stopped (or drained); Delta sources until committed."""
     from jobs.run import main
 
-    raise typer.Exit(main(str(spec), until_drained, address))
+    raise typer.Exit(main(str(spec), until_drained, address, follow))
 
 
 @app.command()

@@ -1,6 +1,6 @@
 """Entry point of a job run: `tidegate run SPEC.yaml` or `python -m jobs.run SPEC.yaml`.
 
-Owns the process-level concerns around `KafkaDeltaJob`: connecting to (or starting) Ray,
+Owns the process-level concerns around `PipelineJob`: connecting to (or starting) Ray,
 starting the embedded broker when the spec names no Kafka cluster, turning SIGTERM/SIGINT
 into a clean stop, and printing the summary.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from schemas.errors import EngineError, TidegateError
+from schemas.errors import EngineError, SpecError, TidegateError
 from schemas.spec import JobSpec, load_spec
 
 log = logging.getLogger("tidegate")
@@ -55,10 +55,44 @@ def init_ray(spec: JobSpec, address: str | None = None) -> None:
     )
 
 
-def run_job(spec: JobSpec, until_drained: bool = False, address: str | None = None, console: Console | None = None):
+class _ProgressBar:
+    """rows committed / total, rows/s and ETA for table sources (rich)."""
+
+    def __init__(self, console: Console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]rows"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(), console=console, transient=False,
+        )  # fmt: skip
+        self._task = None
+        self._started = None
+
+    def __call__(self, done: int, total: int | None) -> None:
+        import time
+
+        if self._task is None:
+            self._progress.start()
+            self._task = self._progress.add_task("rows", total=total or None, rate="")
+            self._started = time.monotonic()
+        elapsed = max(time.monotonic() - self._started, 1e-6)
+        self._progress.update(self._task, completed=done, total=total or None, rate=f"{done / elapsed:,.0f} rows/s")
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._progress.stop()
+
+
+def run_job(
+    spec: JobSpec,
+    until_drained: bool = False,
+    address: str | None = None,
+    console: Console | None = None,
+    follow: bool = False,
+):
     """Run a spec to completion (or until signalled). Returns the job's stats."""
     from connectors.broker import EmbeddedBroker
-    from jobs.kafka_job import KafkaDeltaJob
+    from jobs.pipeline import PipelineJob
 
     console = console or Console(stderr=True)
     stop = threading.Event()
@@ -75,20 +109,49 @@ def run_job(spec: JobSpec, until_drained: bool = False, address: str | None = No
         raise EngineError(f"model.path {spec.model.path!r} is not a model directory (no config.json)")
 
     broker = None
-    servers = spec.source.kafka.bootstrap_servers
-    if not servers:
-        broker = EmbeddedBroker().start()
-        servers = [broker.bootstrap_servers]
-        console.print(f"[bold]embedded Kafka broker[/] listening on {broker.bootstrap_servers}")
+    progress = None
+    if spec.source.kind == "kafka":
+        from connectors.kafka import KafkaSource
+
+        servers = spec.source.kafka.bootstrap_servers
+        if not servers:
+            broker = EmbeddedBroker().start()
+            servers = [broker.bootstrap_servers]
+            console.print(f"[bold]embedded Kafka broker[/] listening on {broker.bootstrap_servers}")
+
+        def make_source(resume, revoke):
+            return KafkaSource(spec.source.kafka, servers, spec.group_id, resume_positions=resume, on_revoke=revoke)
+
+    else:
+        from connectors.delta_source import DeltaSource
+
+        if follow and spec.source.delta.mode != "incremental":
+            raise SpecError("--follow needs source.delta.mode: incremental")
+        # A table source has an end: run until it is committed, unless told to follow new versions.
+        until_drained = not follow
+
+        def make_source(resume, revoke):
+            return DeltaSource(spec.source.delta, resume, chunk_rows=spec.pool.batch_size, follow=follow)
+
+        if spec.source.delta.mode == "snapshot":
+            progress = _ProgressBar(console)
     try:
         init_ray(spec, address)
         # After ray.init: a local Ray installs its own SIGTERM handler (sys.exit) in the driver.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _on_signal)
             signal.signal(signal.SIGINT, _on_signal)
-        job = KafkaDeltaJob(spec, servers, fixed_cluster=not remote)
+        job = PipelineJob(spec, make_source, fixed_cluster=not remote, progress=progress)
         stats = job.run(until_drained=until_drained, stop=stop)
+        report = getattr(job.source, "report", None)
+        if report is not None and report.skipped_change_versions:
+            stats.notes.append(
+                f"source versions {report.skipped_change_versions} rewrote data (update/delete/merge) and the "
+                "table has no change data feed: not processed"
+            )
     finally:
+        if progress is not None:
+            progress.close()
         if broker is not None:
             broker.stop()
     print_summary(spec, stats, console)
@@ -116,16 +179,18 @@ def print_summary(spec: JobSpec, stats, console: Console) -> None:
         table.add_row("engine busy", f"{stats.engine_busy_fraction:.1%}")
     if stats.first_commit_s is not None:
         table.add_row("first commit after", f"{stats.first_commit_s:.1f} s")
+    for note in stats.notes:
+        table.add_row("note", note)
     table.add_row("results table", spec.sink.results)
     table.add_row("dead-letter table", spec.sink.dead_letter)
     console.print(table)
 
 
-def main(spec_path: str, until_drained: bool = False, address: str | None = None) -> int:
+def main(spec_path: str, until_drained: bool = False, address: str | None = None, follow: bool = False) -> int:
     configure_logging()
     try:
         spec = load_spec(Path(spec_path))
-        run_job(spec, until_drained=until_drained, address=address)
+        run_job(spec, until_drained=until_drained, address=address, follow=follow)
     except TidegateError as e:
         print(f"error: {e}", file=sys.stderr)  # one plain line (or block), never wrapped
         return 2
@@ -138,6 +203,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m jobs.run", description="Run a Tidegate job spec.")
     parser.add_argument("spec")
     parser.add_argument("--until-drained", action="store_true")
+    parser.add_argument("--follow", action="store_true", help="Delta incremental sources: keep polling for new versions")
     parser.add_argument("--address", default=None)
     a = parser.parse_args()
-    sys.exit(main(a.spec, a.until_drained, a.address))
+    sys.exit(main(a.spec, a.until_drained, a.address, a.follow))

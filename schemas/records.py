@@ -2,10 +2,12 @@
 
 Data flows as Arrow record batches:
 
-    SOURCE_SCHEMA      one row per Kafka record, as read       (connectors.kafka -> actors.prompts)
+    SOURCE_SCHEMA      one row per source record, as read      (connectors.kafka|delta_source -> actors.prompts)
+                       (Delta rows: topic = table URI, partition = table version, offset = row ordinal
+                       within that version's rows, value = the row as JSON)
     REQUEST_SCHEMA     one row per rendered prompt             (actors.prompts   -> actors.engine)
-    COMPLETION_SCHEMA  one row per request, output or error    (actors.engine    -> jobs.kafka_job)
-    RESULTS_SCHEMA     the results Delta table                 (jobs.kafka_job   -> connectors.delta)
+    COMPLETION_SCHEMA  one row per request, output or error    (actors.engine    -> jobs.pipeline)
+    RESULTS_SCHEMA     the results Delta table                 (jobs.pipeline    -> connectors.delta)
     DEAD_LETTER_SCHEMA the dead-letter Delta table             (every stage      -> connectors.delta)
 
 The column names of RESULTS_SCHEMA and DEAD_LETTER_SCHEMA are a public contract.
@@ -26,6 +28,7 @@ SOURCE_SCHEMA = pa.schema(
         ("value", pa.binary()),
         ("timestamp_ms", pa.int64()),
         ("received_ns", pa.int64()),  # monotonic clock when the job read it, for latency_ms
+        ("source_change", pa.string()),  # null, or "update"/"delete": a change reported, not processed
     ]
 )
 

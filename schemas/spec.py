@@ -57,8 +57,40 @@ class KafkaSourceSpec(_Strict):
         return v or None
 
 
+class DeltaSourceSpec(_Strict):
+    uri: str = Field(min_length=1, description="Delta table URI (local path or any deltalake URI).")
+    mode: Literal["snapshot", "incremental"] = Field(
+        default="snapshot",
+        description="snapshot: every row of the table at one version; incremental: rows added since the last run.",
+    )
+    version: int | None = Field(default=None, ge=0, description="snapshot mode: pin this table version.")
+    storage_options: dict[str, str] = Field(default_factory=dict)
+    poll_interval_s: float = Field(default=5.0, gt=0, description="With --follow: how often to look for new versions.")
+
+    @model_validator(mode="after")
+    def _version_only_for_snapshots(self) -> DeltaSourceSpec:
+        if self.version is not None and self.mode != "snapshot":
+            raise ValueError("version: only for mode: snapshot")
+        return self
+
+
 class SourceSpec(_Strict):
-    kafka: KafkaSourceSpec
+    kafka: KafkaSourceSpec | None = None
+    delta: DeltaSourceSpec | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> SourceSpec:
+        if (self.kafka is None) == (self.delta is None):
+            raise ValueError("give exactly one of source.kafka or source.delta")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "kafka" if self.kafka is not None else "delta"
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.kafka.max_message_bytes if self.kafka is not None else 2**31 - 1
 
 
 class PromptSpec(_Strict):
@@ -173,7 +205,8 @@ class JobSpec(_Strict):
 
     @property
     def group_id(self) -> str:
-        return self.source.kafka.group_id or f"tidegate-{self.name}"
+        kafka = self.source.kafka
+        return (kafka.group_id if kafka else None) or f"tidegate-{self.name}"
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

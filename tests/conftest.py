@@ -51,17 +51,17 @@ def topic(broker) -> str:
 
 
 def make_spec(tmp_path: Path, broker, topic: str, model: Path, **overrides) -> dict:
+    """A job spec dict reading `topic` on `broker` (or no source yet when broker is None)."""
+    kafka = {
+        "bootstrap_servers": broker.bootstrap_servers if broker else None,
+        "topic": topic,
+        "group_id": f"g-{uuid.uuid4().hex[:8]}",
+        "max_message_bytes": 4096,
+        "poll_timeout_ms": 100,
+    }
     spec = {
         "name": f"job-{uuid.uuid4().hex[:8]}",
-        "source": {
-            "kafka": {
-                "bootstrap_servers": broker.bootstrap_servers,
-                "topic": topic,
-                "group_id": f"g-{uuid.uuid4().hex[:8]}",
-                "max_message_bytes": 4096,
-                "poll_timeout_ms": 100,
-            }
-        },
+        "source": {"kafka": kafka} if broker is not None else {},
         "prompt": {"template": "Answer for {{ user }}: {{ question }}", "id_field": "id"},
         "model": {"path": str(model), "dtype": "float32", "kv_cache_gib": 1},
         "sampling": {"max_tokens": 16, "temperature": 0},
@@ -101,7 +101,9 @@ def send(broker, topic: str, records) -> int:
 class JobProcess:
     """`python -m jobs.run SPEC` in its own process group-free child, with its own Ray temp dir."""
 
-    def __init__(self, spec_path: Path, until_drained: bool = True, log_path: Path | None = None):
+    def __init__(
+        self, spec_path: Path, until_drained: bool = True, log_path: Path | None = None, extra_args: tuple = ()
+    ):
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="tgray", dir="/tmp"))  # short: Ray's socket paths
         env = dict(os.environ)
         env.update(
@@ -113,6 +115,7 @@ class JobProcess:
         cmd = [sys.executable, "-m", "jobs.run", str(spec_path)]
         if until_drained:
             cmd.append("--until-drained")
+        cmd += list(extra_args)
         self.log_path = log_path or spec_path.parent / f"job-{uuid.uuid4().hex[:6]}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)

@@ -79,6 +79,7 @@ def _source(values: list[bytes | None], partition: int = 0) -> pa.Table:
             "value": values,
             "timestamp_ms": [0] * n,
             "received_ns": [0] * n,
+            "source_change": [None] * n,
         },
         schema=SOURCE_SCHEMA,
     )

@@ -1,8 +1,8 @@
-"""The Kafka -> engine pool -> Delta job loop.
+"""The source -> engine pool -> Delta job loop (Kafka or Delta sources).
 
 One driver thread runs the loop; Ray runs the engines. Per iteration:
 
-    poll   KafkaSource.poll_batch     -> SOURCE_SCHEMA table  (only while the pool has capacity)
+    poll   source.poll_batch          -> SOURCE_SCHEMA table  (only while the pool has capacity)
     render PromptRenderer.render      -> requests + dead letters    (CommitLedger.open numbers it)
     infer  EnginePool.submit/collect  -> COMPLETION_SCHEMA table    (out of order across actors)
     join   _assemble                  -> RESULTS rows + DEAD_LETTER rows (CommitLedger.complete)
@@ -27,7 +27,6 @@ import pyarrow.compute as pc
 from actors.pool import EnginePool
 from actors.prompts import PromptRenderer, RenderedBatch, dead_letter_table
 from connectors.delta import DeltaSink
-from connectors.kafka import KafkaSource
 from connectors.offsets import CommitLedger
 from schemas.errors import PartitionFencedError
 from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA
@@ -58,6 +57,7 @@ class JobStats:
     first_commit_s: float | None = None
     engines_ready_s: float | None = None
     engine_busy_fraction: float | None = None  # time engines spent generating / time they were up
+    notes: list[str] = field(default_factory=list)
     finished: float | None = None
 
     @property
@@ -77,20 +77,27 @@ class JobStats:
         return (self.ok + self.dead_lettered) / span if span > 0 else 0.0
 
 
-class KafkaDeltaJob:
-    def __init__(
-        self, spec: JobSpec, bootstrap_servers: list[str], run_id: str | None = None, fixed_cluster: bool = False
-    ):
+class PipelineJob:
+    """Runs a spec's source through the engine pool into the Delta sink.
+
+    make_source(resume_positions, on_revoke) builds the source (connectors.kafka.KafkaSource or
+    connectors.delta_source.DeltaSource); it calls resume_positions on (re)assignment.
+    """
+
+    def __init__(self, spec: JobSpec, make_source, run_id: str | None = None, fixed_cluster: bool = False, progress=None):
         self.spec = spec
-        self.bootstrap_servers = bootstrap_servers
+        self.make_source = make_source
         self.fixed_cluster = fixed_cluster
+        self.progress = progress  # optional callable(rows_committed, rows_total) for progress bars
         self.run_id = run_id or uuid.uuid4().hex[:16]
         self.stats = JobStats(self.run_id)
-        self.sink = DeltaSink(spec.name, spec.sink.results, spec.sink.dead_letter, spec.sink.storage_options)
-        self.renderer = PromptRenderer(spec.prompt, spec.source.kafka.max_message_bytes, self.run_id)
+        self.sink = DeltaSink(
+            spec.name, spec.sink.results, spec.sink.dead_letter, spec.sink.storage_options, source_kind=spec.source.kind
+        )
+        self.renderer = PromptRenderer(spec.prompt, spec.source.max_message_bytes, self.run_id)
         self.ledger = CommitLedger()
         self.pool = EnginePool(spec)
-        self.source: KafkaSource | None = None
+        self.source = None
         # Offsets the dead-letter table already holds above the results position (repair window).
         self._skip: dict[TopicPartition, set[int]] = {}
         self._last_commit = time.monotonic()
@@ -103,18 +110,14 @@ class KafkaDeltaJob:
     def run(self, until_drained: bool = False, stop: threading.Event | None = None) -> JobStats:
         stop = stop or threading.Event()
         self.sink.open()  # fails on an incompatible table before any GPU work
+        self.source = self.make_source(self._on_assign, self._on_revoke)
+        if hasattr(self.source, "check_columns"):  # a table source: check its schema before any GPU work
+            self.source.check_columns(self.renderer.required_fields())
         self.pool.start(fixed_cluster=self.fixed_cluster)
         self.stats.engines_ready_s = time.monotonic() - self.stats.started
         try:
-            self.source = KafkaSource(
-                self.spec.source.kafka,
-                self.bootstrap_servers,
-                self.spec.group_id,
-                resume_positions=self._on_assign,
-                on_revoke=self._on_revoke,
-            )
             self.source.start()
-            log.info("run %s: consuming %s as group %s", self.run_id, self.spec.source.kafka.topic, self.spec.group_id)
+            log.info("run %s: reading %s %s", self.run_id, self.spec.source.kind, self.source.topic)
             self._loop(until_drained, stop)
             self._shutdown()
             usage = self.pool.usage()
@@ -129,7 +132,7 @@ class KafkaDeltaJob:
 
     def _loop(self, until_drained: bool, stop: threading.Event) -> None:
         spec = self.spec
-        poll_ms = spec.source.kafka.poll_timeout_ms
+        poll_ms = spec.source.kafka.poll_timeout_ms if spec.source.kafka else 200
         max_ready = max(spec.sink.commit_max_rows, spec.pool.batch_size) * 2
         while not stop.is_set():
             admitted = False
@@ -288,10 +291,13 @@ class KafkaDeltaJob:
         if not (force or due or full):
             return
         group = self.ledger.pop_committable()
+        positions = dict(group.positions)
+        if hasattr(self.source, "extra_positions"):
+            positions.update(self.source.extra_positions(group.positions))
         results = pa.concat_tables([p.results for p in group.payloads])
         dead = pa.concat_tables([p.dead for p in group.payloads]) if group.payloads else DEAD_LETTER_SCHEMA.empty_table()
         t0 = time.monotonic()
-        self.sink.commit(results, dead, group.positions)
+        self.sink.commit(results, dead, positions)
         self.source.commit_offsets(group.positions)
         self._last_commit = time.monotonic()
         st = self.stats
@@ -304,6 +310,8 @@ class KafkaDeltaJob:
         st.completion_tokens += pc.sum(results.column("completion_tokens")).as_py() or 0
         if st.first_commit_s is None:
             st.first_commit_s = self._last_commit - st.started
+        if self.progress is not None:
+            self.progress(st.ok + st.dead_lettered, getattr(self.source, "total_rows", None))
         for tp, last in group.positions.items():
             done = self._skip.get(tp)
             if done and last >= max(done):

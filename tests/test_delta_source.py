@@ -1,0 +1,215 @@
+"""Delta tables as a source: the reader on real tables (fast), and whole jobs over them (slow)."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import polars as pl
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable, write_deltalake
+
+from connectors.delta_source import MARKER, DeltaSource
+from schemas.errors import SourceError
+from schemas.spec import DeltaSourceSpec
+from tests.conftest import make_spec, table_rows, wait_for, write_spec
+
+
+def rows(start: int, n: int, region: str = "eu") -> pa.Table:
+    return pa.table(
+        {
+            "id": [f"r{i:06d}" for i in range(start, start + n)],
+            "user": [f"user-{i % 7}" for i in range(start, start + n)],
+            "question": [f"what about order {i}?" for i in range(start, start + n)],
+            "region": [region] * n,
+        }
+    )
+
+
+def read_all(src: DeltaSource, batch: int = 7) -> pa.Table:
+    parts = []
+    while (t := src.poll_batch(batch, 0)) is not None:
+        parts.append(t)
+    assert src.drained()
+    return pa.concat_tables(parts) if parts else None
+
+
+def source(uri: str, positions: dict | None = None, **spec) -> DeltaSource:
+    positions = positions or {}
+    return DeltaSource(DeltaSourceSpec(uri=uri, **spec), lambda tps: {tp: positions.get(tp) for tp in tps}, chunk_rows=5)
+
+
+def test_snapshot_reads_every_row_once_in_a_fixed_order_and_resumes(tmp_path):
+    uri = str(tmp_path / "src")
+    write_deltalake(uri, rows(0, 20, "eu"), partition_by=["region"])
+    write_deltalake(uri, rows(20, 13, "us"), mode="append", partition_by=["region"])
+    first = source(uri)
+    first.start()
+    assert first.total_rows == 33
+    out = read_all(first)
+    assert out.column("partition").to_pylist() == [1] * 33  # the snapshot's version
+    assert out.column("offset").to_pylist() == list(range(33))
+    events = [json.loads(v) for v in out.column("value").to_pylist()]
+    assert sorted(e["id"] for e in events) == [f"r{i:06d}" for i in range(33)]
+    assert {e["region"] for e in events} == {"eu", "us"}  # partition columns are part of the row
+
+    again = source(uri)
+    again.start()
+    assert read_all(again).column("value").to_pylist() == out.column("value").to_pylist()
+
+    resumed = source(uri, {(uri, MARKER): 1, (uri, 1): 16})
+    resumed.start()
+    rest = read_all(resumed)
+    assert rest.column("offset").to_pylist() == list(range(17, 33))
+    assert rest.column("value").to_pylist() == out.column("value").to_pylist()[17:]
+
+    done = source(uri, {(uri, MARKER): 1, (uri, 1): 32})
+    done.start()
+    assert read_all(done) is None and done.total_rows == 0
+
+
+def test_snapshot_marker_keeps_the_snapshot_a_rerun_started(tmp_path):
+    uri = str(tmp_path / "src")
+    write_deltalake(uri, rows(0, 10))
+    write_deltalake(uri, rows(10, 5), mode="append")  # version 1 appears after the first run began
+    src = source(uri, {(uri, MARKER): 0, (uri, 0): 3})
+    src.start()
+    assert read_all(src).column("offset").to_pylist() == list(range(4, 10))
+    pinned = source(uri, version=0)
+    pinned.start()
+    assert pinned.total_rows == 10
+
+
+def test_incremental_reads_appended_versions_and_reports_rewrites(tmp_path):
+    uri = str(tmp_path / "src")
+    write_deltalake(uri, rows(0, 6))
+    write_deltalake(uri, rows(6, 4), mode="append")
+    src = source(uri, mode="incremental")
+    src.start()
+    out = read_all(src)
+    assert out.column("partition").to_pylist() == [0] * 6 + [1] * 4
+    assert [json.loads(v)["id"] for v in out.column("value").to_pylist()] == [f"r{i:06d}" for i in range(10)]
+
+    DeltaTable(uri).delete("id = 'r000001'")  # version 2: a rewrite, no change data feed
+    write_deltalake(uri, rows(10, 3), mode="append")  # version 3
+    later = source(uri, {(uri, MARKER): 1, (uri, 1): 3}, mode="incremental")
+    later.start()
+    out = read_all(later)
+    assert out.column("partition").to_pylist() == [3] * 3
+    assert later.report.skipped_change_versions == [2]
+
+
+def test_incremental_with_change_data_feed_reports_updates_and_deletes_row_by_row(tmp_path):
+    uri = str(tmp_path / "src")
+    write_deltalake(uri, rows(0, 5), configuration={"delta.enableChangeDataFeed": "true"})
+    DeltaTable(uri).update(updates={"question": "'changed'"}, predicate="id = 'r000002'")
+    DeltaTable(uri).delete("id = 'r000004'")
+    src = source(uri, {(uri, MARKER): 0, (uri, 0): 4}, mode="incremental")
+    src.start()
+    out = read_all(src)
+    got = sorted(zip(out.column("partition").to_pylist(), out.column("source_change").to_pylist(),
+                     [json.loads(v)["id"] for v in out.column("value").to_pylist()]))  # fmt: skip
+    assert got == [(1, "update", "r000002"), (2, "delete", "r000004")]
+
+
+def test_missing_columns_are_named_before_any_work(tmp_path):
+    uri = str(tmp_path / "src")
+    write_deltalake(uri, rows(0, 3))
+    src = source(uri)
+    with pytest.raises(SourceError) as e:
+        src.check_columns({"ticket_id": "prompt.id_field", "question": "used by prompt.template", "body": "used by prompt.template"})
+    assert "lacks column(s) 'ticket_id' (prompt.id_field), 'body' (used by prompt.template)" in str(e.value)
+    with pytest.raises(SourceError, match="no Delta table there"):
+        source(str(tmp_path / "nothing")).columns()
+
+
+# -- whole jobs: real local Ray, real vLLM, real Delta ----------------------------------------------
+
+
+def delta_spec(tmp_path, src_uri: str, tiny_model, **overrides) -> dict:
+    spec = make_spec(tmp_path, None, "", tiny_model, **overrides)
+    spec["source"] = {"delta": {"uri": src_uri}}
+    return spec
+
+
+@pytest.mark.slow
+def test_snapshot_job_exactly_once_across_kill_and_rerun(tmp_path, tiny_model, job_processes):
+    src_uri = str(tmp_path / "src")
+    n = 1200
+    write_deltalake(src_uri, rows(0, n // 2, "eu"), partition_by=["region"])
+    write_deltalake(src_uri, rows(n // 2, n // 2, "us"), mode="append", partition_by=["region"])
+    spec = delta_spec(tmp_path, src_uri, tiny_model, **{"pool.batch_size": 64})
+    spec_path = write_spec(tmp_path, spec)
+    res_uri = spec["sink"]["results"]
+
+    job = job_processes(spec_path, until_drained=False)  # a table source ends by itself
+    wait_for(lambda: table_rows(res_uri) > 0 or job.proc.poll() is not None, 240, what="first commit")
+    assert job.proc.poll() is None
+    job.proc.send_signal(signal.SIGKILL)
+    job.proc.wait()
+    partial = table_rows(res_uri)
+    assert 0 < partial < n
+
+    rerun = job_processes(spec_path, until_drained=False)
+    assert rerun.wait(600) == 0, rerun.log()[-4000:]
+    res = pl.read_delta(res_uri)
+    assert sorted(res["id"].to_list()) == [f"r{i:06d}" for i in range(n)]
+    assert (res["source_topic"] == src_uri).all() and (res["source_partition"] == 1).all()
+    assert res["run_id"].n_unique() == 2
+
+    # A rerun of a finished snapshot has nothing to do, even after the table moved on.
+    write_deltalake(src_uri, rows(n, 10, "eu"), mode="append", partition_by=["region"])
+    third = job_processes(spec_path, until_drained=False)
+    assert third.wait(300) == 0, third.log()[-3000:]
+    assert table_rows(res_uri) == n
+
+
+@pytest.mark.slow
+def test_incremental_job_processes_only_new_versions(tmp_path, tiny_model, job_processes):
+    src_uri = str(tmp_path / "src")
+    write_deltalake(src_uri, rows(0, 40), configuration={"delta.enableChangeDataFeed": "true"})
+    spec = delta_spec(tmp_path, src_uri, tiny_model)
+    spec["source"]["delta"]["mode"] = "incremental"
+    spec_path = write_spec(tmp_path, spec)
+    first = job_processes(spec_path, until_drained=False)
+    assert first.wait(300) == 0, first.log()[-3000:]
+    assert table_rows(spec["sink"]["results"]) == 40
+
+    write_deltalake(src_uri, rows(40, 25), mode="append")
+    DeltaTable(src_uri).update(updates={"question": "'edited'"}, predicate="id = 'r000003'")
+    second = job_processes(spec_path, until_drained=False)
+    assert second.wait(300) == 0, second.log()[-3000:]
+    res = pl.read_delta(spec["sink"]["results"])
+    assert sorted(res["id"].to_list()) == [f"r{i:06d}" for i in range(65)]
+    dead = pl.read_delta(spec["sink"]["dead_letter"])
+    assert dead.select("id", "stage", "error_class").rows() == [("r000003", "source", "source_update")]
+
+
+@pytest.mark.slow
+def test_follow_picks_up_new_versions_until_sigterm(tmp_path, tiny_model, job_processes):
+    src_uri = str(tmp_path / "src")
+    write_deltalake(src_uri, rows(0, 10))
+    spec = delta_spec(tmp_path, src_uri, tiny_model)
+    spec["source"]["delta"].update(mode="incremental", poll_interval_s=0.5)
+    spec_path = write_spec(tmp_path, spec)
+    res_uri = spec["sink"]["results"]
+    job = job_processes(spec_path, until_drained=False, extra_args=("--follow",))
+    wait_for(lambda: table_rows(res_uri) == 10, 240, what="the first version")
+    write_deltalake(src_uri, rows(10, 7), mode="append")
+    wait_for(lambda: table_rows(res_uri) == 17, 120, what="the new version")
+    assert job.proc.poll() is None  # still following
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.wait(120) == 0, job.log()[-3000:]
+    assert sorted(pl.read_delta(res_uri)["id"].to_list()) == [f"r{i:06d}" for i in range(17)]
+
+
+@pytest.mark.slow
+def test_template_column_missing_from_the_table_fails_before_any_work(tmp_path, tiny_model, job_processes):
+    src_uri = str(tmp_path / "src")
+    write_deltalake(src_uri, rows(0, 3).drop_columns(["user"]))
+    spec = delta_spec(tmp_path, src_uri, tiny_model)
+    job = job_processes(write_spec(tmp_path, spec), until_drained=False)
+    assert job.wait(120) == 2, job.log()[-3000:]
+    assert "lacks column(s) 'user' (used by prompt.template)" in job.log()
+    assert "engine actor(s) ready" not in job.log()
