@@ -1,6 +1,6 @@
 """The `tidegate` command line.
 
-    tidegate run SPEC.yaml [--until-drained] [--address ADDR]
+    tidegate run SPEC.yaml [--until-drained | --follow] [--address ADDR]
     tidegate submit SPEC.yaml --address http://HEAD:8265 [--until-drained] [--wait]
     tidegate jobs list|status|logs|stop [JOB_ID] --address http://HEAD:8265
     tidegate demo [--events N]
@@ -49,13 +49,14 @@ def submit(
     until_drained: Annotated[bool, typer.Option("--until-drained", help="Stop once drained.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Block until the job ends; exit 0 only if it succeeded.")] = False,
     submission_id: Annotated[Optional[str], typer.Option(help="Job id to use (default: Ray's).")] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Delta incremental sources: keep polling.")] = False,
 ) -> None:
     """Submit a spec to a Ray cluster with the repo as the job's working_dir."""
     from jobs import submit as sub
     from schemas.errors import TidegateError
 
     try:
-        job_id = sub.submit(spec, address, until_drained=until_drained, submission_id=submission_id)
+        job_id = sub.submit(spec, address, until_drained=until_drained, submission_id=submission_id, follow=follow)
     except TidegateError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

@@ -7,7 +7,7 @@ The working dir is a staged copy of the project's own files (no virtualenv, no t
 with the spec placed at `submitted/<spec file name>`, so a spec kept anywhere on the submitting
 machine travels with the code. The entrypoint is the same one a user would type:
 
-    python -m jobs.run submitted/SPEC.yaml [--until-drained]
+    python -m jobs.run submitted/SPEC.yaml [--until-drained] [--follow]
 
 which is also what plain `ray job submit --working-dir . -- python -m jobs.run SPEC.yaml` runs.
 """
@@ -43,12 +43,19 @@ def client(address: str):
     return JobSubmissionClient(address)
 
 
-def submit(spec_path: str | Path, address: str, until_drained: bool = False, submission_id: str | None = None) -> str:
+def submit(
+    spec_path: str | Path,
+    address: str,
+    until_drained: bool = False,
+    submission_id: str | None = None,
+    follow: bool = False,
+) -> str:
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)  # a bad spec fails here, before anything is shipped
     root, rel = stage_working_dir(spec_path)
     try:
-        entrypoint = f"python -m jobs.run {shlex.quote(rel)}" + (" --until-drained" if until_drained else "")
+        entrypoint = f"python -m jobs.run {shlex.quote(rel)}"
+        entrypoint += (" --until-drained" if until_drained else "") + (" --follow" if follow else "")
         return client(address).submit_job(
             entrypoint=entrypoint,
             submission_id=submission_id,
