@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -20,6 +21,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.engine import EngineWorker, engine_env
 from schemas.errors import EngineError
+from schemas.records import COMPLETION_SCHEMA
 from schemas.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -31,11 +33,32 @@ class _Slot:
     in_flight: int = 0
 
 
+@dataclass
+class _Batch:
+    """A batch as the job submitted it; it may run as several parts after a crash."""
+
+    tag: Any
+    requests: pa.Table
+    done: dict[int, pa.Table] = field(default_factory=dict)  # first row -> completions of that part
+    open_parts: int = 0
+
+
+@dataclass
+class _Part:
+    batch: _Batch
+    start: int  # row of batch.requests where this part begins
+    requests: pa.Table
+    alone: bool = False  # ran with nothing else on the pool: a failure is its own fault
+    attempts: int = 0  # failures while alone
+
+
 class EnginePool:
     def __init__(self, spec: JobSpec):
         self.spec = spec
         self.slots: list[_Slot] = []
-        self._pending: dict[ray.ObjectRef, tuple[_Slot, Any]] = {}
+        self._pending: dict[ray.ObjectRef, tuple[_Slot, _Part]] = {}
+        self._suspects: deque[_Part] = deque()  # quarantined parts, run one at a time
+        self._finished: list[tuple[Any, pa.Table]] = []
         self.max_model_len: int | None = None
 
     def start(self, fixed_cluster: bool = False) -> None:
@@ -58,10 +81,12 @@ class EnginePool:
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus,
             runtime_env={"env_vars": env},
-            # A crashed engine process is restarted and its queued batches retried: batches are
-            # pure functions of their input, and exactly-once comes from the commit protocol.
-            max_restarts=2,
-            max_task_retries=2,
+            # A crashed engine process is always restarted and Ray runs the batches it held once
+            # more (calls made while it restarts wait for it). A batch that fails again is put in
+            # quarantine (see collect). Batches are pure functions of their input; exactly-once
+            # comes from the commit protocol.
+            max_restarts=-1,
+            max_task_retries=1,
         )
         actors = [
             actor_cls.remote(self.spec.model, self.spec.sampling, self.spec.prompt.chat, self.spec.prompt.system)
@@ -113,33 +138,76 @@ class EnginePool:
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending)
+        """Parts running or waiting (quarantined parts included)."""
+        return len(self._pending) + len(self._suspects)
 
     def has_capacity(self) -> bool:
-        return self.in_flight < self.capacity
+        return not self._suspects and len(self._pending) < self.capacity
 
     def submit(self, requests: pa.Table, tag: Any) -> None:
+        batch = _Batch(tag, requests, open_parts=1)
         slot = min(self.slots, key=lambda s: s.in_flight)
         slot.in_flight += 1
-        ref = slot.actor.generate.remote(requests)
-        self._pending[ref] = (slot, tag)
+        self._pending[slot.actor.generate.remote(requests)] = (slot, _Part(batch, 0, requests))
 
     def collect(self, timeout_s: float) -> list[tuple[Any, pa.Table]]:
-        """Completed batches as (tag, COMPLETION_SCHEMA table); waits up to timeout_s for one."""
+        """Completed batches as (tag, COMPLETION_SCHEMA table, rows in request order).
+
+        Waits up to timeout_s for something to finish. A batch that failed twice (its engine
+        process died, e.g. on a row that crashes it) goes to quarantine: new work waits, and once
+        nothing else runs, quarantined parts run one at a time, alone, so a failure is their own.
+        A failing part is split in halves down to single rows; a single row that fails alone
+        pool.max_attempts times comes back as an `engine_crash` error row.
+        """
+        if not self._pending and self._suspects:
+            self._run_alone(self._suspects.popleft())
         if not self._pending:
             return []
         ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=timeout_s, fetch_local=True)
-        if not ready:
-            return []
-        done = []
         for ref in ready:
-            slot, tag = self._pending.pop(ref)
+            slot, part = self._pending.pop(ref)
             slot.in_flight -= 1
             try:
-                done.append((tag, ray.get(ref)))
+                self._resolve(part, ray.get(ref))
             except (RayActorError, RayTaskError) as e:
-                raise EngineError(f"engine actor failed beyond its retries: {e}") from None
-        return done
+                self._failed(part, e)
+        finished, self._finished = self._finished, []
+        return finished
+
+    def _resolve(self, part: _Part, completions: pa.Table) -> None:
+        batch = part.batch
+        batch.done[part.start] = completions
+        batch.open_parts -= 1
+        if not batch.open_parts:
+            parts = [batch.done[k] for k in sorted(batch.done)]
+            self._finished.append((batch.tag, parts[0] if len(parts) == 1 else pa.concat_tables(parts)))
+
+    def _failed(self, part: _Part, err: Exception) -> None:
+        n = part.requests.num_rows
+        if not part.alone:
+            log.warning("engine failed twice on a batch of %d row(s), quarantined: %s", n, _first_line(err))
+            self._suspects.append(part)
+            return
+        part.attempts += 1
+        log.warning("engine failed on %d quarantined row(s) (attempt %d): %s", n, part.attempts, _first_line(err))
+        if n > 1:  # split: the half without the culprit succeeds, the other is split again
+            half = n // 2
+            part.batch.open_parts += 1
+            self._suspects.appendleft(_Part(part.batch, part.start + half, part.requests.slice(half)))
+            self._suspects.appendleft(_Part(part.batch, part.start, part.requests.slice(0, half)))
+        elif part.attempts >= self.spec.pool.max_attempts:
+            self._resolve(part, crash_rows(part.requests, part.attempts))
+        else:
+            self._suspects.appendleft(part)
+
+    def _run_alone(self, part: _Part) -> None:
+        slot = self.slots[0]
+        # Wait until the engine is back (a restart reloads the model), then run the part with no
+        # retry and nothing beside it.
+        ray.get(slot.actor.info.options(max_task_retries=-1).remote(), timeout=self.spec.pool.actor_start_timeout_s)
+        part.alone = True
+        slot.in_flight += 1
+        self._pending[slot.actor.generate.options(max_task_retries=0).remote(part.requests)] = (slot, part)
 
     def drop_pending(self) -> None:
         """Forget in-flight batches (their results will be ignored; the work is read again)."""
@@ -150,6 +218,7 @@ class EnginePool:
             except Exception:  # already finished or not cancellable: the result is ignored anyway
                 pass
         self._pending.clear()
+        self._suspects.clear()
 
     def usage(self, timeout_s: float = 10.0) -> list[dict[str, float]]:
         """Per-actor busy/up time; empty if the actors cannot answer in time."""
@@ -167,6 +236,24 @@ class EnginePool:
                 pass
         self.slots = []
         self._pending.clear()
+        self._suspects.clear()
+
+
+def crash_rows(requests: pa.Table, attempts: int) -> pa.Table:
+    n = requests.num_rows
+    message = f"the engine failed on this row {attempts} times (process died or raised; isolated from its batch)"
+    cols = {name: [None] * n for name in COMPLETION_SCHEMA.names}
+    cols["source_partition"] = requests.column("source_partition").to_pylist()
+    cols["source_offset"] = requests.column("source_offset").to_pylist()
+    cols["error_stage"] = ["engine"] * n
+    cols["error_class"] = ["engine_crash"] * n
+    cols["error"] = [message] * n
+    return pa.table(cols, schema=COMPLETION_SCHEMA)
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
 
 
 def _describe(resources: dict[str, float]) -> str:

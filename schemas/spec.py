@@ -150,6 +150,9 @@ class PoolSpec(_Strict):
         ge=1,
         description="CPU threads per engine (OMP_NUM_THREADS). Default on CPU engines: the node's cores / actors.",
     )
+    max_attempts: int = Field(
+        default=2, ge=1, description="Times a single row may fail its engine, alone, before it is dead-lettered."
+    )
     actor_start_timeout_s: float = Field(default=300.0, gt=0)
 
 

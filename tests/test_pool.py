@@ -53,3 +53,24 @@ def test_impossible_resources_fail_fast_with_what_was_asked(tmp_path, broker, to
     assert job.wait(120) == 2, job.log()[-3000:]
     assert message in job.log()
     assert time.monotonic() - started < 60  # not the 300 s actor start timeout
+
+
+def test_a_row_that_keeps_killing_the_engine_is_isolated_and_dead_lettered(
+    tmp_path, broker, topic, tiny_model, job_processes, monkeypatch
+):
+    """Fault injection: the engine process exits whenever its batch holds the poison prompt."""
+    monkeypatch.setenv("TIDEGATE_FAULT_CRASH_ON", "POISON-PILL")
+    n = 60
+    records = [event(i) for i in range(n)]
+    records.insert(37, event(999, question="POISON-PILL"))
+    send(broker, topic, records)
+    spec = make_spec(tmp_path, broker, topic, tiny_model, **{"pool.batch_size": 4, "pool.max_attempts": 2})
+    job = job_processes(write_spec(tmp_path, spec))
+    assert job.wait(900) == 0, job.log()[-4000:]
+
+    res = pl.read_delta(spec["sink"]["results"])
+    ids = res["id"].to_list()
+    assert len(ids) == len(set(ids)) == n and "e000999" not in ids
+    dead = pl.read_delta(spec["sink"]["dead_letter"])
+    assert dead.select("id", "stage", "error_class").rows() == [("e000999", "engine", "engine_crash")]
+    assert "failed on this row 2 times" in dead["error"][0]
