@@ -82,7 +82,6 @@ class EngineWorker:
             raise EngineError(f"sampling: {e}") from None
         self.chat = chat
         self.system = system
-        self.model_label = model.label
         self.ready_at = time.monotonic()
         self.busy_s = 0.0  # time spent inside generate(): the rest of the time the engine idles
         self.batches = 0

@@ -62,7 +62,6 @@ class KafkaSource:
         self.resume_positions = resume_positions
         self.on_revoke = on_revoke
         self.consumer: KafkaConsumer | None = None
-        self.assignment_generation = 0  # bumped on every (re)assignment
         self.closing = False
 
     def start(self, metadata_timeout_s: float = 30.0) -> None:
@@ -91,7 +90,6 @@ class KafkaSource:
         self.consumer.subscribe([self.topic], listener=_Listener(self))
 
     def _seek_to_resume(self, tps: list[TopicPartition]) -> None:
-        self.assignment_generation += 1
         positions = self.resume_positions(tps)
         for tp in tps:
             ktp = KafkaTP(*tp)

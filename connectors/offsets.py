@@ -9,7 +9,7 @@ See docs/exactly-once.md.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,12 +91,8 @@ class CommitLedger:
         """Batches handed out and not yet released (in flight or waiting on an earlier one)."""
         return len(self._entries)
 
-    def reset(self, partitions: Iterable[TopicPartition] | None = None) -> None:
+    def reset(self) -> None:
         """Forget everything (after a fence or a revocation): uncommitted work will be read again."""
         self._entries.clear()
         self._next_release = self._next_seq
-        if partitions is None:
-            self._handed_out.clear()
-        else:
-            for tp in partitions:
-                self._handed_out.pop(tp, None)
+        self._handed_out.clear()

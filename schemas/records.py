@@ -89,7 +89,3 @@ DEAD_LETTER_SCHEMA = pa.schema(
         ("failed_at", TIMESTAMP),
     ]
 )
-
-
-def empty(schema: pa.Schema) -> pa.Table:
-    return schema.empty_table()
