@@ -151,13 +151,16 @@ class DeltaSource:
         self._resume()
 
     def _snapshot_unit(self, version: int) -> _Unit:
-        dt = self._table(version)
-        fragments = sorted(dt.to_pyarrow_dataset(filesystem=self._filesystem()).get_fragments(), key=lambda f: f.path)
-        return self._files_unit(version, dt, {f.path for f in fragments})
+        return self._files_unit(version, self._dataset(self._table(version)))
 
-    def _files_unit(self, version: int, dt: DeltaTable, paths: set[str]) -> _Unit:
-        dataset = dt.to_pyarrow_dataset(filesystem=self._filesystem())
-        fragments = sorted((f for f in dataset.get_fragments() if f.path in paths), key=lambda f: f.path)
+    def _dataset(self, dt: DeltaTable):
+        return dt.to_pyarrow_dataset(filesystem=self._filesystem())
+
+    def _files_unit(self, version: int, dataset, paths: set[str] | None = None) -> _Unit:
+        """The rows of `dataset`'s files (only those in `paths`, when given), files sorted by path."""
+        fragments = sorted(
+            (f for f in dataset.get_fragments() if paths is None or f.path in paths), key=lambda f: f.path
+        )
         counts = [f.count_rows() for f in fragments]
 
         def read(start: int) -> Iterator[pa.Table]:
@@ -177,20 +180,22 @@ class DeltaSource:
         return _Unit(version, sum(counts), read)
 
     def _incremental_units(self, first: int, latest: int) -> list[_Unit]:
-        history = {h["version"]: h for h in self._table().history()}
-        config = self._table().metadata().configuration or {}
+        current = self._table()
+        history = {h["version"]: h for h in current.history()}
+        config = current.metadata().configuration or {}
         cdf = str(config.get("delta.enableChangeDataFeed", "false")).lower() == "true"
         units = []
-        prev_files = set(self._paths(first - 1)) if first > 0 else set()
+        prev_files = {f.path for f in self._dataset(self._table(first - 1)).get_fragments()} if first > 0 else set()
         for v in range(first, latest + 1):
-            files = set(self._paths(v))
+            dataset = self._dataset(self._table(v))  # one snapshot per version, for the diff and the read
+            files = {f.path for f in dataset.get_fragments()}
             added, removed = files - prev_files, prev_files - files
             prev_files = files
             op = (history.get(v) or {}).get("operation", "")
             if not added and not removed or op in NO_DATA_CHANGE:
                 continue
             if not removed:
-                units.append(self._files_unit(v, self._table(v), added))
+                units.append(self._files_unit(v, dataset, added))
             elif cdf:
                 units.append(self._cdf_unit(v))
             else:
@@ -200,10 +205,6 @@ class DeltaSource:
                 )  # fmt: skip
                 self.report.skipped_change_versions.append(v)
         return units
-
-    def _paths(self, version: int) -> list[str]:
-        dt = self._table(version)
-        return [f.path for f in dt.to_pyarrow_dataset(filesystem=self._filesystem()).get_fragments()]
 
     def _cdf_unit(self, version: int) -> _Unit:
         changes = _plain_types(pa.table(self._table().load_cdf(starting_version=version, ending_version=version)))

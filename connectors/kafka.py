@@ -127,6 +127,15 @@ class KafkaSource:
                 cols["source_change"].append(None)
         return pa.table(cols, schema=SOURCE_SCHEMA)
 
+    # Kafka has no schema to check, no extra positions and no known total: the interface's no-ops.
+    total_rows = None
+
+    def check_columns(self, required: dict[str, str]) -> None:
+        pass
+
+    def extra_positions(self, positions: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
+        return {}
+
     def assignment(self) -> set[TopicPartition]:
         return {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
 

@@ -111,8 +111,7 @@ class PipelineJob:
         stop = stop or threading.Event()
         self.sink.open()  # fails on an incompatible table before any GPU work
         self.source = self.make_source(self._on_assign, self._on_revoke)
-        if hasattr(self.source, "check_columns"):  # a table source: check its schema before any GPU work
-            self.source.check_columns(self.renderer.required_fields())
+        self.source.check_columns(self.renderer.required_fields())  # before any GPU work
         self.pool.start(fixed_cluster=self.fixed_cluster)
         self.stats.engines_ready_s = time.monotonic() - self.stats.started
         try:
@@ -291,9 +290,7 @@ class PipelineJob:
         if not (force or due or full):
             return
         group = self.ledger.pop_committable()
-        positions = dict(group.positions)
-        if hasattr(self.source, "extra_positions"):
-            positions.update(self.source.extra_positions(group.positions))
+        positions = {**group.positions, **self.source.extra_positions(group.positions)}
         results = pa.concat_tables([p.results for p in group.payloads])
         dead = pa.concat_tables([p.dead for p in group.payloads]) if group.payloads else DEAD_LETTER_SCHEMA.empty_table()
         t0 = time.monotonic()
@@ -311,7 +308,7 @@ class PipelineJob:
         if st.first_commit_s is None:
             st.first_commit_s = self._last_commit - st.started
         if self.progress is not None:
-            self.progress(st.ok + st.dead_lettered, getattr(self.source, "total_rows", None))
+            self.progress(st.ok + st.dead_lettered, self.source.total_rows)
         for tp, last in group.positions.items():
             done = self._skip.get(tp)
             if done and last >= max(done):
