@@ -49,7 +49,14 @@ def engine_env(model: ModelSpec) -> dict[str, str]:
 
 
 class EngineWorker:
-    def __init__(self, model: ModelSpec, sampling: dict[str, Any], chat: bool = True, system: str | None = None):
+    def __init__(
+        self,
+        model: ModelSpec,
+        sampling: dict[str, Any],
+        chat: bool = True,
+        system: str | None = None,
+        json_schema: dict | None = None,
+    ):
         for k, v in engine_env(model).items():
             os.environ.setdefault(k, v)
         if not os.path.isfile(os.path.join(model.path, "config.json")):
@@ -70,14 +77,29 @@ class EngineWorker:
             kwargs["max_model_len"] = model.max_model_len
         if on_gpu:
             kwargs["gpu_memory_utilization"] = model.gpu_memory_utilization
+        if json_schema is not None:
+            # Structured outputs are configured per engine: the per-request whitespace flag is
+            # ignored, and without it a weak model fills its token budget with spaces. guidance
+            # (llguidance) honours the schema's bounds; xgrammar emits raw control characters in
+            # strings, outlines ignored integer bounds (docs/validation.md).
+            kwargs["structured_outputs_config"] = {
+                "backend": "guidance",
+                "disable_any_whitespace": True,
+                "disable_additional_properties": True,  # extra keys only spend tokens
+            }
         kwargs.update(model.engine_args)
         t0 = time.monotonic()
         self.llm = LLM(**kwargs)
         self.load_s = time.monotonic() - t0
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        params = dict(sampling)
+        if json_schema is not None:
+            from vllm.sampling_params import StructuredOutputsParams
+
+            params["structured_outputs"] = StructuredOutputsParams(json=json_schema)
         try:
-            self.sampling = SamplingParams(**sampling)
+            self.sampling = SamplingParams(**params)
         except (TypeError, ValueError) as e:
             raise EngineError(f"sampling: {e}") from None
         self.chat = chat

@@ -53,8 +53,9 @@ class _Part:
 
 
 class EnginePool:
-    def __init__(self, spec: JobSpec):
+    def __init__(self, spec: JobSpec, json_schema: dict | None = None):
         self.spec = spec
+        self.json_schema = json_schema  # constrain generation to it (structured outputs)
         self.slots: list[_Slot] = []
         self._pending: dict[ray.ObjectRef, tuple[_Slot, _Part]] = {}
         self._suspects: deque[_Part] = deque()  # quarantined parts, run one at a time
@@ -89,7 +90,9 @@ class EnginePool:
             max_task_retries=1,
         )
         actors = [
-            actor_cls.remote(self.spec.model, self.spec.sampling, self.spec.prompt.chat, self.spec.prompt.system)
+            actor_cls.remote(
+                self.spec.model, self.spec.sampling, self.spec.prompt.chat, self.spec.prompt.system, self.json_schema
+            )
             for _ in range(pool.actors)
         ]
         self.slots = [_Slot(a) for a in actors]

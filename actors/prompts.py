@@ -64,7 +64,33 @@ class PromptRenderer:
         need = {self.spec.id_field: "prompt.id_field"}
         for var in self.variables:
             need.setdefault(var, "used by prompt.template")
+        if self.spec.context_field:
+            need.setdefault(self.spec.context_field, "prompt.context_field")
         return need
+
+    def context(self, event_id: str, event: dict) -> list[str] | None:
+        """The event's context documents: prompt.context_field as a string or a list of strings
+        (or of objects with a "text" field). None when the spec has no context_field."""
+        name = self.spec.context_field
+        if not name:
+            return None
+        value = event.get(name)
+        if value is None:
+            raise BadEvent("prompt", "missing_context", f"context field {name!r} is missing", event_id)
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list):
+            docs = []
+            for i, d in enumerate(value):
+                if isinstance(d, dict) and isinstance(d.get("text"), str):
+                    d = d["text"]
+                if not isinstance(d, str):
+                    raise BadEvent("prompt", "invalid_context",
+                                   f"context field {name!r}[{i}] is {_json_kind(d)}, expected a string", event_id)  # fmt: skip
+                docs.append(d)
+            return docs
+        raise BadEvent("prompt", "invalid_context",
+                       f"context field {name!r} is {_json_kind(value)}, expected a string or a list", event_id)  # fmt: skip
 
     def decode(self, value: bytes | None) -> tuple[str, dict]:
         """Bytes -> (id, event). Raises BadEvent with the reason."""
@@ -132,6 +158,7 @@ class PromptRenderer:
                                    "changes are reported, not processed", event_id)  # fmt: skip
                 event_id, event = self.decode(value)
                 prompt = self.render_one(event_id, event)
+                context = self.context(event_id, event)
             except BadEvent as e:
                 dead.append(
                     dict(
@@ -152,6 +179,9 @@ class PromptRenderer:
             req["source_partition"].append(partition)
             req["source_offset"].append(offset)
             req["received_ns"].append(recv)
+            req["attempt"].append(1)
+            req["first_prompt"].append(None)
+            req["context"].append(context)
         return RenderedBatch(pa.table(req, schema=REQUEST_SCHEMA), dead_letter_table(dead, self.run_id))
 
 

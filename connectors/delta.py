@@ -14,7 +14,7 @@ import logging
 from collections.abc import Iterable, Mapping
 
 import pyarrow as pa
-from deltalake import CommitProperties, DeltaTable, QueryBuilder, Transaction, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Field, QueryBuilder, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from schemas.errors import PartitionFencedError, SinkSchemaError
@@ -54,14 +54,20 @@ class _Table:
 
     def _check_schema(self, dt: DeltaTable) -> None:
         have = {f.name: f.type for f in pa.schema(dt.schema().to_arrow())}
-        problems = []
-        for f in self.schema:
-            if f.name not in have:
-                problems.append(f"missing column {f.name!r}")
-            elif not _same_type(have[f.name], f.type):
-                problems.append(f"column {f.name!r} is {have[f.name]}, expected {f.type}")
+        problems = [
+            f"column {f.name!r} is {have[f.name]}, expected {f.type}"
+            for f in self.schema
+            if f.name in have and not _same_type(have[f.name], f.type)
+        ]
         if problems:
             raise SinkSchemaError(f"{self.role} table {self.uri} cannot take this job's rows: " + "; ".join(problems))
+        added = [f for f in self.schema if f.name not in have]
+        if added:
+            # A table written by an older Tidegate: columns are only ever added (nullable), so the
+            # upgrade is one add-columns commit; old rows read them as null.
+            log.info("%s table %s: adding column(s) %s", self.role, self.uri, ", ".join(f.name for f in added))
+            dt.alter.add_columns([Field.from_arrow(f) for f in added])
+            dt.update_incremental()
 
     def txn_versions(self, app_ids: Iterable[str]) -> dict[str, int | None]:
         dt = self.open()  # one refresh of the log for all lookups
@@ -83,6 +89,10 @@ def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
             return "string"
         if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
             return "binary"
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t):
+            return f"list<{norm(t.value_type)}>"  # Delta names the item field "element", Arrow "item"
+        if pa.types.is_struct(t):
+            return "struct<" + ",".join(f"{f.name}:{norm(f.type)}" for f in t) + ">"
         return str(t)
 
     return norm(a) == norm(b)

@@ -92,6 +92,7 @@ def run_demo(events: int = 300, lake: Path = Path("lake/demo")) -> int:
         f"    dead    = pl.read_delta({spec.sink.dead_letter!r})\n"
     )
     with pl.Config(tbl_cols=6, fmt_str_lengths=40, tbl_width_chars=140):
-        console.print(results.select("id", "status", "output_text", "completion_tokens", "latency_ms").sort("id").head(5))
+        console.print(results.select("id", "status", "output_json", "attempts", "latency_ms").sort("id").head(5))
+        console.print(results.group_by("status").len().sort("status"))
         console.print(dead.select("id", "stage", "error_class", "error").sort("error_class"))
     return 0

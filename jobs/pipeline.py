@@ -3,10 +3,12 @@
 One driver thread runs the loop; Ray runs the engines. Per iteration:
 
     poll   source.poll_batch          -> SOURCE_SCHEMA table  (only while the pool has capacity)
-    render PromptRenderer.render      -> requests + dead letters    (CommitLedger.open numbers it)
-    infer  EnginePool.submit/collect  -> COMPLETION_SCHEMA table    (out of order across actors)
-    join   _assemble                  -> RESULTS rows + DEAD_LETTER rows (CommitLedger.complete)
-    commit DeltaSink.commit           <- the complete prefix, every commit_interval_s
+    render   PromptRenderer.render      -> requests + dead letters    (CommitLedger.open numbers it)
+    infer    EnginePool.submit/collect  -> COMPLETION_SCHEMA table    (out of order across actors)
+    validate Validator.validate         -> keep / reject / retry per row; retries go back to infer
+    join     _assemble                  -> RESULTS rows + DEAD_LETTER rows (CommitLedger.complete once
+                                           no row of the source batch waits for a retry)
+    commit   DeltaSink.commit           <- the complete prefix, every commit_interval_s
 
 The commit protocol and why it is exactly-once: docs/exactly-once.md.
 """
@@ -25,7 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.pool import EnginePool
-from actors.prompts import PromptRenderer, RenderedBatch, dead_letter_table
+from actors.prompts import PromptRenderer, dead_letter_table
+from actors.validation import Validator
 from connectors.delta import DeltaSink
 from connectors.offsets import CommitLedger
 from schemas.errors import PartitionFencedError
@@ -44,13 +47,25 @@ class BatchOutput:
 
 
 @dataclass
+class _OpenBatch:
+    """A source batch whose rows are still at the engine (first generation or a retry)."""
+
+    src: pa.Table
+    parts: list[BatchOutput]
+    waiting: int = 1  # submissions not yet back
+
+
+@dataclass
 class JobStats:
     run_id: str
     consumed: int = 0
     ok: int = 0
     dead_lettered: int = 0
     dead_by_class: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    prompt_tokens: int = 0
+    flagged: int = 0
+    retried: int = 0  # generations re-run after a failed rule
+    rule_failures: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    prompt_tokens: int = 0  # every generation, retries included
     completion_tokens: int = 0
     commits: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -96,7 +111,9 @@ class PipelineJob:
         )
         self.renderer = PromptRenderer(spec.prompt, spec.source.max_message_bytes, self.run_id)
         self.ledger = CommitLedger()
-        self.pool = EnginePool(spec)
+        self.validator = Validator(spec)  # imports output.schema and custom rules: fails before any work
+        self.pool = EnginePool(spec, json_schema=self.validator.json_schema if spec.output.structured else None)
+        self._open: dict[int, _OpenBatch] = {}
         self.source = None
         # Offsets the dead-letter table already holds above the results position (repair window).
         self._skip: dict[TopicPartition, set[int]] = {}
@@ -211,7 +228,8 @@ class PipelineJob:
         self.stats.consumed += src.num_rows
         rendered = self.renderer.render(src, skip=self._is_done)
         if rendered.requests.num_rows:
-            self.pool.submit(rendered.requests, (seq, src, rendered))
+            self._open[seq] = _OpenBatch(src, [BatchOutput(RESULTS_SCHEMA.empty_table(), rendered.dead)])
+            self.pool.submit(rendered.requests, (seq, rendered.requests))
         else:
             self.ledger.complete(seq, BatchOutput(RESULTS_SCHEMA.empty_table(), rendered.dead))
 
@@ -220,64 +238,110 @@ class PipelineJob:
         return bool(done) and offset in done
 
     def _complete(self, tag, completions: pa.Table) -> None:
-        seq, src, rendered = tag
-        self.ledger.complete(seq, self._assemble(src, rendered, completions))
+        seq, requests = tag
+        batch = self._open.get(seq)
+        if batch is None:  # dropped by a fence or a revocation while at the engine
+            return
+        self.stats.prompt_tokens += pc.sum(completions.column("prompt_tokens")).as_py() or 0
+        self.stats.completion_tokens += pc.sum(completions.column("completion_tokens")).as_py() or 0
+        output, retries = self._assemble(batch.src, requests, completions)
+        batch.parts.append(output)
+        batch.waiting -= 1
+        if retries is not None and retries.num_rows:
+            self.stats.retried += retries.num_rows
+            batch.waiting += 1
+            self.pool.submit(retries, (seq, retries))
+        if not batch.waiting:
+            del self._open[seq]
+            self.ledger.complete(
+                seq,
+                BatchOutput(
+                    pa.concat_tables([p.results for p in batch.parts]), pa.concat_tables([p.dead for p in batch.parts])
+                ),
+            )
 
-    def _assemble(self, src: pa.Table, rendered: RenderedBatch, completions: pa.Table) -> BatchOutput:
-        """Join requests with their completions; failed rows become dead letters."""
-        now_ns = time.monotonic_ns()
-        req = rendered.requests
+    def _assemble(self, src: pa.Table, req: pa.Table, completions: pa.Table) -> tuple[BatchOutput, pa.Table | None]:
+        """Join requests with their completions and validate them: failed rows become dead
+        letters, rows a rule sends back are returned as retry requests."""
         failed = completions.column("error_stage").is_valid()
         ok_mask = pc.invert(failed)
         ok_req = req.filter(ok_mask)
         ok_comp = completions.filter(ok_mask)
-        n = ok_req.num_rows
+        verdicts = self.validator.validate(ok_req, ok_comp)
+        keep = [a == "keep" for a in verdicts.action]
+        keep_req, keep_comp = ok_req.filter(pa.array(keep, pa.bool_())), ok_comp.filter(pa.array(keep, pa.bool_()))
+        n = keep_req.num_rows
+        now_ns = time.monotonic_ns()
         latency_ms = pc.divide(
-            pc.subtract(pa.scalar(now_ns, pa.int64()), ok_req.column("received_ns")).cast(pa.float64()), 1e6
+            pc.subtract(pa.scalar(now_ns, pa.int64()), keep_req.column("received_ns")).cast(pa.float64()), 1e6
         )
         results = pa.table(
             {
-                "id": ok_req.column("id"),
-                "status": pa.array(["ok"] * n, pa.string()),
-                "output_text": ok_comp.column("output_text"),
-                "finish_reason": ok_comp.column("finish_reason"),
+                "id": keep_req.column("id"),
+                "status": pa.array([s for s, k in zip(verdicts.status, keep) if k], pa.string()),
+                "output_text": pa.array([t for t, k in zip(verdicts.output_text, keep) if k], pa.string()),
+                "output_json": pa.array([j for j, k in zip(verdicts.output_json, keep) if k], pa.string()),
+                "finish_reason": keep_comp.column("finish_reason"),
                 "model": pa.array([self.spec.model.label] * n, pa.string()),
-                "prompt_tokens": ok_comp.column("prompt_tokens"),
-                "completion_tokens": ok_comp.column("completion_tokens"),
+                "prompt_tokens": keep_comp.column("prompt_tokens"),
+                "completion_tokens": keep_comp.column("completion_tokens"),
                 "latency_ms": latency_ms,
-                "source_topic": ok_req.column("source_topic"),
-                "source_partition": ok_req.column("source_partition"),
-                "source_offset": ok_req.column("source_offset"),
+                "attempts": keep_req.column("attempt"),
+                "rule_results": verdicts.rule_results_array(keep),
+                "source_topic": keep_req.column("source_topic"),
+                "source_partition": keep_req.column("source_partition"),
+                "source_offset": keep_req.column("source_offset"),
                 "run_id": pa.array([self.run_id] * n, pa.string()),
                 "processed_at": pa.array([datetime.now(timezone.utc)] * n, RESULTS_SCHEMA.field("processed_at").type),
             },
             schema=RESULTS_SCHEMA,
         )
-        dead = rendered.dead
+        for rr in verdicts.rule_results:
+            for r in rr:
+                if not r["passed"]:
+                    self.stats.rule_failures[r["rule"]] += 1
+        rows = []
         if n < req.num_rows:
-            bad_req = req.filter(failed).to_pylist()
-            bad_comp = completions.filter(failed).to_pylist()
             raw_by_pos = {
                 (p, o): v
                 for p, o, v in zip(
                     src.column("partition").to_pylist(), src.column("offset").to_pylist(), src.column("value").to_pylist()
                 )
             }
-            rows = [
-                dict(
-                    id=r["id"],
-                    stage=c["error_stage"],
-                    error_class=c["error_class"],
-                    error=c["error"],
-                    source_topic=r["source_topic"],
-                    source_partition=r["source_partition"],
-                    source_offset=r["source_offset"],
-                    raw=raw_by_pos[(r["source_partition"], r["source_offset"])],
+            for r, c in zip(req.filter(failed).to_pylist(), completions.filter(failed).to_pylist()):
+                rows.append(
+                    dict(
+                        id=r["id"],
+                        stage=c["error_stage"],
+                        error_class=c["error_class"],
+                        error=c["error"] if r["attempt"] == 1 else f"on attempt {r['attempt']}: {c['error']}",
+                        source_topic=r["source_topic"],
+                        source_partition=r["source_partition"],
+                        source_offset=r["source_offset"],
+                        raw=raw_by_pos[(r["source_partition"], r["source_offset"])],
+                        attempts=r["attempt"],
+                    )
                 )
-                for r, c in zip(bad_req, bad_comp)
-            ]
-            dead = pa.concat_tables([dead, dead_letter_table(rows, self.run_id)])
-        return BatchOutput(results, dead)
+            for i, r in enumerate(ok_req.to_pylist()):
+                if verdicts.action[i] != "reject":
+                    continue
+                rows.append(
+                    dict(
+                        id=r["id"],
+                        stage="validate",
+                        error_class="validation_failed",
+                        error=verdicts.error[i],
+                        source_topic=r["source_topic"],
+                        source_partition=r["source_partition"],
+                        source_offset=r["source_offset"],
+                        raw=raw_by_pos[(r["source_partition"], r["source_offset"])],
+                        output_text=verdicts.output_text[i],
+                        attempts=r["attempt"],
+                        rule_results=verdicts.rule_results[i],
+                    )
+                )
+        dead = dead_letter_table(rows, self.run_id)
+        return BatchOutput(results, dead), verdicts.retries
 
     # -- commits ---------------------------------------------------------------------------------
 
@@ -301,10 +365,9 @@ class PipelineJob:
         st.commits += 1
         st.ok += results.num_rows
         st.dead_lettered += dead.num_rows
+        st.flagged += pc.sum(pc.equal(results.column("status"), "flagged")).as_py() or 0
         for cls in dead.column("error_class").to_pylist():
             st.dead_by_class[cls] += 1
-        st.prompt_tokens += pc.sum(results.column("prompt_tokens")).as_py() or 0
-        st.completion_tokens += pc.sum(results.column("completion_tokens")).as_py() or 0
         if st.first_commit_s is None:
             st.first_commit_s = self._last_commit - st.started
         if self.progress is not None:
@@ -345,6 +408,7 @@ class PipelineJob:
             log.warning("on revocation: %s", e)
             self.pool.drop_pending()
             self.ledger.reset()
+            self._open.clear()
         self.sink.forget(tps)
         for tp in tps:
             self._skip.pop(tp, None)
@@ -353,6 +417,7 @@ class PipelineJob:
         log.warning("%s; dropping uncommitted work and re-reading from the table's positions", err)
         self.pool.drop_pending()
         self.ledger.reset()
+        self._open.clear()
         self._drop_buffer()
         assigned = sorted(self.source.assignment())
         self.sink.forget(assigned)

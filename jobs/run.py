@@ -163,10 +163,14 @@ def print_summary(spec: JobSpec, stats, console: Console) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("events consumed", f"{stats.consumed:,}")
-    table.add_row("rows ok", f"{stats.ok:,}")
+    table.add_row("rows written", f"{stats.ok:,}")
+    table.add_row("  of which flagged", f"{stats.flagged:,}")
     table.add_row("rows dead-lettered", f"{stats.dead_lettered:,}")
     for cls, n in sorted(stats.dead_by_class.items()):
         table.add_row(f"  {cls}", f"{n:,}")
+    for rule, n in sorted(stats.rule_failures.items()):
+        table.add_row(f"  rule {rule} failed", f"{n:,} (outputs, retries included)")
+    table.add_row("retried generations", f"{stats.retried:,}")
     table.add_row("prompt tokens", f"{stats.prompt_tokens:,}")
     table.add_row("completion tokens", f"{stats.completion_tokens:,}")
     table.add_row("commits", f"{stats.commits:,}")

@@ -19,6 +19,18 @@ import pyarrow as pa
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
+# One entry per rule the output was checked against (actors.rules.RuleResult).
+RULE_RESULTS_TYPE = pa.list_(
+    pa.struct(
+        [
+            ("rule", pa.string()),
+            ("passed", pa.bool_()),
+            ("score", pa.float64()),  # null for pass/fail rules; e.g. the groundedness in [0, 1]
+            ("message", pa.string()),
+        ]
+    )
+)
+
 SOURCE_SCHEMA = pa.schema(
     [
         ("topic", pa.string()),
@@ -40,6 +52,9 @@ REQUEST_SCHEMA = pa.schema(
         ("source_partition", pa.int32()),
         ("source_offset", pa.int64()),
         ("received_ns", pa.int64()),
+        ("attempt", pa.int32()),  # 1 for the first generation, n for the (n-1)th retry
+        ("first_prompt", pa.string()),  # null on attempt 1; the original prompt on retries
+        ("context", pa.list_(pa.string())),  # context documents (prompt.context_field), or null
     ]
 )
 
@@ -60,13 +75,16 @@ COMPLETION_SCHEMA = pa.schema(
 RESULTS_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
-        ("status", pa.string()),  # "ok"
-        ("output_text", pa.string()),
+        ("status", pa.string()),  # "ok" | "flagged" (a rule with on_fail: flag failed)
+        ("output_text", pa.string()),  # after any `fix` repairs
+        ("output_json", pa.string()),  # the validated object as JSON when output.schema is set, else null
         ("finish_reason", pa.string()),
         ("model", pa.string()),
         ("prompt_tokens", pa.int32()),
         ("completion_tokens", pa.int32()),
         ("latency_ms", pa.float64()),  # from the job reading the event to its completion
+        ("attempts", pa.int32()),  # generations it took (retries after failed rules + 1)
+        ("rule_results", RULE_RESULTS_TYPE),
         ("source_topic", pa.string()),
         ("source_partition", pa.int32()),
         ("source_offset", pa.int64()),
@@ -78,8 +96,8 @@ RESULTS_SCHEMA = pa.schema(
 DEAD_LETTER_SCHEMA = pa.schema(
     [
         ("id", pa.string()),  # null when the id could not be read
-        ("stage", pa.string()),  # decode | prompt | engine
-        ("error_class", pa.string()),  # machine-readable reason, e.g. invalid_json
+        ("stage", pa.string()),  # source | decode | prompt | engine | validate
+        ("error_class", pa.string()),  # machine-readable reason, e.g. invalid_json, validation_failed
         ("error", pa.string()),  # human-readable reason
         ("source_topic", pa.string()),
         ("source_partition", pa.int32()),
@@ -87,5 +105,8 @@ DEAD_LETTER_SCHEMA = pa.schema(
         ("raw", pa.binary()),  # the original message bytes
         ("run_id", pa.string()),
         ("failed_at", TIMESTAMP),
+        ("output_text", pa.string()),  # stage validate: the rejected output
+        ("attempts", pa.int32()),  # stage validate: generations tried
+        ("rule_results", RULE_RESULTS_TYPE),  # stage validate: every rule's result
     ]
 )

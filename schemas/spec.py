@@ -25,6 +25,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.errors import SpecError
+from schemas.validation import JsonSchemaRule, OutputSpec, RuleSpec, default_rules
 
 
 class _Strict(BaseModel):
@@ -93,13 +94,30 @@ class SourceSpec(_Strict):
         return self.kafka.max_message_bytes if self.kafka is not None else 2**31 - 1
 
 
+DEFAULT_REPAIR_TEMPLATE = """{{ prompt }}
+
+Your previous answer was:
+{{ output }}
+
+It was rejected: {{ violations }}
+Answer again and fix this."""
+
+
 class PromptSpec(_Strict):
     template: str = Field(min_length=1, description="Jinja2 template over the event's fields.")
     id_field: str = Field(min_length=1, description="Event field holding the request id.")
     system: str | None = Field(default=None, description="Optional system message (chat models).")
     chat: bool = Field(default=True, description="Wrap the prompt in the model's chat template.")
+    context_field: str | None = Field(
+        default=None,
+        description="Event field with the context documents (a string or a list of strings) for grounding rules.",
+    )
+    repair_template: str = Field(
+        default=DEFAULT_REPAIR_TEMPLATE,
+        description="Prompt for a retry after a failed rule; variables: prompt, output, violations, attempt.",
+    )
 
-    @field_validator("template")
+    @field_validator("template", "repair_template")
     @classmethod
     def _compiles(cls, v: str) -> str:
         try:
@@ -182,6 +200,10 @@ class JobSpec(_Strict):
     sink: SinkSpec
     ray: RaySpec = Field(default_factory=RaySpec)
     run: RunSpec = Field(default_factory=RunSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    validation: list[RuleSpec] | None = Field(
+        default=None, description="Output rules; absent: the default rules (refusal, pii_leakage: flag); []: none."
+    )
 
     @field_validator("name")
     @classmethod
@@ -205,6 +227,28 @@ class JobSpec(_Strict):
         if self.sink.results.rstrip("/") == self.sink.dead_letter.rstrip("/"):
             raise ValueError("sink.results and sink.dead_letter must be different tables")
         return self
+
+    @model_validator(mode="after")
+    def _rules_have_inputs(self) -> JobSpec:
+        for i, r in enumerate(self.validation or []):
+            if r.rule in ("grounding", "semantic_grounding") and not self.prompt.context_field:
+                raise ValueError(f"validation.{i} ({r.rule}) needs prompt.context_field: the event field with the context")
+            if r.rule == "json_schema" and self.output.schema_ is None:
+                raise ValueError(f"validation.{i} (json_schema) needs output.schema")
+        labels = [r.label for r in self.rules]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"validation: rule names must be unique, repeated: {', '.join(dup)} (set `name:`)")
+        return self
+
+    @property
+    def rules(self) -> list:
+        """The rules the job runs: the listed ones (or the defaults), plus json_schema when
+        output.schema is set and the list does not configure it."""
+        rules = list(default_rules() if self.validation is None else self.validation)
+        if self.output.schema_ is not None and not any(r.rule == "json_schema" for r in rules):
+            rules.insert(0, JsonSchemaRule(rule="json_schema"))
+        return rules
 
     @property
     def group_id(self) -> str:

@@ -29,6 +29,9 @@ def results(offsets: list[int], partition: int = 0) -> pa.Table:
             "prompt_tokens": [1] * n,
             "completion_tokens": [2] * n,
             "latency_ms": [1.0] * n,
+            "output_json": [None] * n,
+            "attempts": [1] * n,
+            "rule_results": [[]] * n,
             "source_topic": ["t"] * n,
             "source_partition": [partition] * n,
             "source_offset": offsets,
@@ -125,4 +128,15 @@ def test_incompatible_existing_table_fails_before_any_work(tmp_path):
     with pytest.raises(SinkSchemaError) as e:
         DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}).open()
     assert "results table" in str(e.value) and "column 'id' is int64, expected string" in str(e.value)
-    assert "missing column 'output_text'" in str(e.value)
+    assert DeltaTable(str(tmp_path / "res")).version() == 0  # an incompatible table is left as it was
+
+
+def test_table_of_an_older_version_gains_the_new_columns(tmp_path):
+    old_schema = pa.schema([f for f in RESULTS_SCHEMA if f.name not in ("output_json", "attempts", "rule_results")])
+    write_deltalake(str(tmp_path / "res"), results([0]).select(old_schema.names).cast(old_schema))
+    sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {})
+    sink.open()
+    sink.load_positions([TP0])
+    sink.commit(results([1]), dead([]), {TP0: 1})
+    got = pl.read_delta(str(tmp_path / "res")).sort("source_offset")
+    assert got.height == 2 and got["attempts"].to_list() == [None, 1]

@@ -32,7 +32,12 @@ def test_end_to_end_every_id_once(tmp_path, broker, topic, tiny_model, job_proce
     assert sorted(res["id"].to_list()) == [f"e{i:06d}" for i in range(n)]
     assert res.select(pl.struct("source_partition", "source_offset").n_unique()).item() == n
     assert res["source_partition"].n_unique() == 4  # keyed events spread over every partition
-    assert (res["status"] == "ok").all()
+    # The default rules (refusal, pii_leakage) flag, never drop: a flagged row is one with a failed rule.
+    assert res["status"].is_in(["ok", "flagged"]).all() and (res["attempts"] == 1).all()
+    failed_any = res["rule_results"].list.eval(pl.element().struct.field("passed").not_()).list.any()
+    assert ((res["status"] == "flagged") == failed_any).all()
+    assert res["rule_results"].list.len().unique().to_list() == [2]
+    assert res["output_json"].null_count() == n
     assert res["output_text"].null_count() == 0 and res["finish_reason"].null_count() == 0
     assert (res["prompt_tokens"] > 5).all() and (res["completion_tokens"] > 0).all()
     assert (res["completion_tokens"] <= 16).all()

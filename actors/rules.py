@@ -1,0 +1,550 @@
+"""Validation rules: one class per rule kind of schemas.validation (pure logic, no Ray).
+
+A rule looks at one `Candidate` (an output with what produced it) and returns a `RuleResult`:
+
+    Candidate(output="Order 4411 ships on 2024-03-05.", prompt="...", context=["Order 4411 ..."], ...)
+        -> RuleResult(rule="grounding", passed=True, score=1.0, message="2/2 claims found in the context")
+
+Rules that have a deterministic repair also implement `fix(candidate) -> str` (the repaired output).
+`check_batch` lets a rule see a whole batch at once (the embedding rule uses it); the default
+loops over `check`. A custom rule (spec `rule: custom`) has the same interface: a function
+`check(candidate, **options)` returning a RuleResult, a bool or (passed, score, message), or a
+class built with **options whose instances have `check` (and `fix`, if the spec uses on_fail: fix).
+
+Messages say what failed and never quote the output or the input: they land in result and
+dead-letter rows, which must not carry sensitive values outside the encrypted columns.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from actors import pii
+from schemas.errors import SpecError
+from schemas.validation import (
+    CustomRule,
+    DenyListRule,
+    GroundingRule,
+    JsonSchemaRule,
+    LengthRule,
+    PiiLeakageRule,
+    RefusalRule,
+    RegexRule,
+)
+
+
+@dataclass
+class Candidate:
+    """One generated output and what it was generated from."""
+
+    output: str
+    prompt: str = ""  # the prompt of the first attempt (what the input said)
+    context: list[str] = field(default_factory=list)  # context documents, when prompt.context_field is set
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    parsed: Any = None  # the parsed object, once the json_schema rule has passed
+    output_json: str | None = None  # ... and its canonical JSON text
+
+
+@dataclass
+class RuleResult:
+    rule: str
+    passed: bool
+    score: float | None = None
+    message: str = ""
+
+
+class Rule:
+    """Base of the built-in rules; `spec` is the rule's schemas.validation config."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.name = spec.label
+
+    def check(self, c: Candidate) -> RuleResult:
+        raise NotImplementedError
+
+    def check_batch(self, cands: Sequence[Candidate]) -> list[RuleResult]:
+        return [self.check(c) for c in cands]
+
+    def fix(self, c: Candidate) -> str:
+        raise NotImplementedError(f"rule {self.name} has no fix")
+
+    def _ok(self, message: str = "", score: float | None = None) -> RuleResult:
+        return RuleResult(self.name, True, score, message)
+
+    def _fail(self, message: str, score: float | None = None) -> RuleResult:
+        return RuleResult(self.name, False, score, message)
+
+
+# -- length ----------------------------------------------------------------------------------------
+
+
+class Length(Rule):
+    spec: LengthRule
+
+    def check(self, c: Candidate) -> RuleResult:
+        s, n, t = self.spec, len(c.output), c.completion_tokens
+        problems = []
+        if s.max_chars is not None and n > s.max_chars:
+            problems.append(f"{n} characters > max_chars {s.max_chars}")
+        if s.min_chars is not None and n < s.min_chars:
+            problems.append(f"{n} characters < min_chars {s.min_chars}")
+        if s.max_tokens is not None and t > s.max_tokens:
+            problems.append(f"{t} tokens > max_tokens {s.max_tokens}")
+        if s.min_tokens is not None and t < s.min_tokens:
+            problems.append(f"{t} tokens < min_tokens {s.min_tokens}")
+        return self._fail("; ".join(problems)) if problems else self._ok()
+
+    def fix(self, c: Candidate) -> str:
+        return c.output[: self.spec.max_chars]
+
+
+# -- patterns --------------------------------------------------------------------------------------
+
+
+class Regex(Rule):
+    spec: RegexRule
+
+    def __init__(self, spec: RegexRule):
+        super().__init__(spec)
+        flags = re.IGNORECASE if spec.ignore_case else 0
+        self.must = [(p, re.compile(p, flags)) for p in spec.must_match]
+        self.must_not = [(p, re.compile(p, flags)) for p in spec.must_not_match]
+
+    def check(self, c: Candidate) -> RuleResult:
+        problems = [f"does not match {p!r}" for p, rx in self.must if not rx.search(c.output)]
+        problems += [f"matches {p!r}" for p, rx in self.must_not if rx.search(c.output)]
+        return self._fail("; ".join(problems)) if problems else self._ok()
+
+    def fix(self, c: Candidate) -> str:
+        out = c.output
+        for _, rx in self.must_not:
+            out = rx.sub(self.spec.replacement, out)
+        return out
+
+
+class DenyList(Rule):
+    spec: DenyListRule
+
+    def __init__(self, spec: DenyListRule):
+        super().__init__(spec)
+        # One alternation, longest phrase first, whole words (\b only where the phrase has a word edge).
+        parts = []
+        for phrase in sorted(spec.phrases, key=len, reverse=True):
+            body = r"\s+".join(re.escape(w) for w in phrase.split())
+            left = r"\b" if phrase[:1].isalnum() else ""
+            right = r"\b" if phrase[-1:].isalnum() else ""
+            parts.append(f"{left}{body}{right}")
+        self.rx = re.compile("|".join(parts), re.IGNORECASE)
+        self.canonical = {" ".join(p.casefold().split()): p for p in spec.phrases}
+
+    def check(self, c: Candidate) -> RuleResult:
+        hits = {self.canonical.get(" ".join(m.group().casefold().split()), m.group()) for m in self.rx.finditer(c.output)}
+        if hits:
+            return self._fail("contains denied phrase(s): " + ", ".join(repr(h) for h in sorted(hits)))
+        return self._ok()
+
+    def fix(self, c: Candidate) -> str:
+        return self.rx.sub(self.spec.replacement, c.output)
+
+
+# -- refusals and non-answers ----------------------------------------------------------------------
+
+REFUSAL_OPENERS = (
+    "i cannot", "i can't", "i can not", "i can’t", "i'm sorry", "i’m sorry", "i am sorry", "sorry, but",
+    "sorry, i", "as an ai", "as a language model", "i'm unable", "i’m unable", "i am unable", "i'm not able",
+    "i am not able", "i won't be able", "i will not be able", "i do not have access", "i don't have access",
+    "i’m not able", "unfortunately, i can", "i must decline", "i'm afraid i can", "i am afraid i can",
+)  # fmt: skip
+_CHAR_LOOP = re.compile(r"(\S)\1{29,}")  # 30 of the same character: "!!!!!!!!..."
+
+
+class Refusal(Rule):
+    spec: RefusalRule
+
+    def __init__(self, spec: RefusalRule):
+        super().__init__(spec)
+        phrases = spec.phrases if spec.phrases is not None else REFUSAL_OPENERS
+        self.openers = tuple(p.casefold() for p in [*phrases, *spec.extra_phrases])
+
+    def check(self, c: Candidate) -> RuleResult:
+        text = c.output.strip()
+        if len(text) < self.spec.min_chars:
+            return self._fail("empty answer" if not text else f"non-answer: {len(text)} non-blank character(s)")
+        head = text[:120].casefold().lstrip("\"'*_ ")
+        for p in self.openers:
+            if head.startswith(p):
+                return self._fail(f"starts like a refusal ({p!r})")
+        loop = repeated_ngram(text, self.spec.max_repeats)
+        if loop:
+            return self._fail(loop)
+        if _CHAR_LOOP.search(text):
+            return self._fail("one character repeats 30 or more times in a row")
+        return self._ok()
+
+
+def repeated_ngram(text: str, max_repeats: int, max_n: int = 4) -> str | None:
+    """A message when some word n-gram (n <= max_n) occurs max_repeats times in a row."""
+    words = text.split()
+    for n in range(1, max_n + 1):
+        need = (max_repeats - 1) * n  # positions equal to the one n words back
+        if len(words) < need + n:
+            break
+        run = 0
+        for i in range(n, len(words)):
+            if words[i] == words[i - n]:
+                run += 1
+                if run >= need:
+                    return f"a {n}-word sequence repeats {max_repeats} or more times in a row"
+            else:
+                run = 0
+    return None
+
+
+# -- PII leakage -----------------------------------------------------------------------------------
+
+
+class PiiLeakage(Rule):
+    spec: PiiLeakageRule
+
+    def __init__(self, spec: PiiLeakageRule):
+        super().__init__(spec)
+        self.kinds = frozenset(spec.kinds)
+
+    def leaked(self, c: Candidate) -> list[pii.PiiSpan]:
+        spans = pii.find_pii(c.output, self.kinds)
+        if not spans:
+            return []
+        source = pii.normalise(c.prompt + " " + " ".join(c.context))
+        return [s for s in spans if pii.normalise(c.output[s.start : s.end]) not in source]
+
+    def check(self, c: Candidate) -> RuleResult:
+        leaked = self.leaked(c)
+        if not leaked:
+            return self._ok()
+        counts: dict[str, int] = {}
+        for s in leaked:
+            counts[s.kind] = counts.get(s.kind, 0) + 1
+        return self._fail("PII not in the input: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+
+    def fix(self, c: Candidate) -> str:
+        return pii.redact(c.output, self.leaked(c))
+
+
+# -- grounding -------------------------------------------------------------------------------------
+
+_MONTHS = {m: i + 1 for i, m in enumerate(
+    "january february march april may june july august september october november december".split())}  # fmt: skip
+_MONTH_RX = r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|jun(?:e)?|jul(?:y)?|aug(?:ust)?|sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)"
+_DATE = re.compile(
+    rf"\b(?:(?P<iy>\d{{4}})-(?P<im>\d{{1,2}})-(?P<id>\d{{1,2}})"
+    rf"|(?P<sd>\d{{1,2}})/(?P<sm>\d{{1,2}})/(?P<sy>\d{{4}})"
+    rf"|(?P<am>{_MONTH_RX})\.?\s+(?P<ad>\d{{1,2}})(?:st|nd|rd|th)?,?\s+(?P<ay>\d{{4}})"
+    rf"|(?P<bd>\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?(?P<bm>{_MONTH_RX})\.?,?\s+(?P<by>\d{{4}}))\b",
+    re.IGNORECASE,
+)
+_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:[.,]\d+)*%?")
+_QUOTE = re.compile(r"\"([^\"\n]{3,300})\"|“([^”\n]{3,300})”")
+_CITATION = re.compile(r"\[doc:\s*(\d+)\]", re.IGNORECASE)
+_ENTITY = re.compile(r"\b[A-Z][\w'’&-]*(?:\s+(?:of|de|du|van|von|der|la|&)?\s*[A-Z][\w'’&-]*)*")
+_SENTENCE_END = re.compile(r"[.!?:;]\s*$|^\s*$")
+# Capitalised words that start sentences without naming anything.
+_STOP = frozenset(
+    """a an the this that these those it its he she they we i you my our your their his her there here
+    what when where which who why how if in on at by for from to of and or but so yes no not also then
+    however therefore thus hence according based please note as after before during while with without
+    each every all some any many most more less first second third finally overall summary answer
+    because since although though yet still today tomorrow yesterday is are was were be do does did can
+    could should would will may might must has have had""".split()
+)
+
+
+def _date_key(m: re.Match) -> tuple[int, int, int] | None:
+    g = m.groupdict()
+    try:
+        if g["iy"]:
+            return int(g["iy"]), int(g["im"]), int(g["id"])
+        if g["sy"]:
+            return int(g["sy"]), int(g["sm"]), int(g["sd"])  # d/m/y; m/d/y is matched textually
+        if g["ay"]:
+            return int(g["ay"]), _month(g["am"]), int(g["ad"])
+        return int(g["by"]), _month(g["bm"]), int(g["bd"])
+    except (TypeError, ValueError):
+        return None
+
+
+def _month(name: str) -> int:
+    name = name.casefold()
+    return next(i for m, i in _MONTHS.items() if m.startswith(name[:3]))
+
+
+def _squash(s: str) -> str:
+    return " ".join(s.split()).casefold()
+
+
+@dataclass
+class _Context:
+    text: str  # squashed
+    numbers: set[str]
+    dates: set[tuple[int, int, int]]
+
+
+class Grounding(Rule):
+    spec: GroundingRule
+
+    def __init__(self, spec: GroundingRule):
+        super().__init__(spec)
+        self.checks = frozenset(spec.check)
+        self._cache: tuple[tuple[str, ...], _Context] | None = None
+
+    def _context(self, docs: list[str]) -> _Context:
+        key = tuple(docs)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        joined = "\n".join(docs)
+        numbers = {_plain_number(m.group()) for m in _NUMBER.finditer(joined)}
+        dates = {k for m in _DATE.finditer(joined) if (k := _date_key(m))}
+        ctx = _Context(_squash(joined), numbers, dates)
+        self._cache = (key, ctx)
+        return ctx
+
+    def claims(self, c: Candidate) -> tuple[list[tuple[str, bool]], list[int]]:
+        """(kind, found) per claim in the output, and citation numbers naming no document."""
+        ctx = self._context(c.context)
+        text = c.output
+        claims: list[tuple[str, bool]] = []
+        bad_citations = []
+        if "citations" in self.checks:
+            bad_citations = [int(m.group(1)) for m in _CITATION.finditer(text) if not 1 <= int(m.group(1)) <= len(c.context)]
+        text = _CITATION.sub(" ", text)
+        if "dates" in self.checks:
+            for m in _DATE.finditer(text):
+                key = _date_key(m)
+                claims.append(("date", key in ctx.dates or _squash(m.group()) in ctx.text))
+        text = _DATE.sub(" ", text)
+        if "quotes" in self.checks:
+            for m in _QUOTE.finditer(text):
+                claims.append(("quote", _squash(m.group(1) or m.group(2)) in ctx.text))
+        if "numbers" in self.checks:
+            for m in _NUMBER.finditer(text):
+                raw = m.group()
+                plain = _plain_number(raw)
+                if len(plain.lstrip("+-")) < 2:  # single digits: list numbering, "1 of 2", not claims
+                    continue
+                claims.append(("number", plain in ctx.numbers or raw.casefold() in ctx.text))
+        if "entities" in self.checks:
+            for m in _ENTITY.finditer(text):
+                name = m.group()
+                words = name.split()
+                if len(words) == 1 and (name.casefold() in _STOP or len(name) < 2):
+                    continue
+                if _SENTENCE_END.search(text[: m.start()]):
+                    # A sentence start capitalises any word: "Shipping is late" names nothing.
+                    # Keep multi-word names, less a leading function word ("The Acme board" -> "Acme").
+                    if words[0].casefold() in _STOP:
+                        words = words[1:]
+                    elif len(words) == 1:
+                        continue
+                    if not words:
+                        continue
+                    name = " ".join(words)
+                claims.append(("entity", _squash(name) in ctx.text))
+        return claims, bad_citations
+
+    def check(self, c: Candidate) -> RuleResult:
+        claims, bad = self.claims(c)
+        found = sum(1 for _, ok in claims if ok)
+        score = found / len(claims) if claims else 1.0
+        problems = []
+        if bad:
+            problems.append(f"cites missing document(s) {sorted(set(bad))} of {len(c.context)}")
+        if score < self.spec.threshold:
+            missing: dict[str, int] = {}
+            for kind, ok in claims:
+                if not ok:
+                    missing[kind] = missing.get(kind, 0) + 1
+            problems.append(
+                f"{found}/{len(claims)} claims found in the context ({score:.2f} < {self.spec.threshold:.2f}); not found: "
+                + ", ".join(f"{n} {_PLURAL[k] if n > 1 else k}" for k, n in sorted(missing.items()))
+            )
+        if problems:
+            return self._fail("; ".join(problems), score)
+        return self._ok(f"{found}/{len(claims)} claims found in the context", score)
+
+
+_PLURAL = {"date": "dates", "quote": "quotes", "number": "numbers", "entity": "entities"}
+
+
+def _plain_number(s: str) -> str:
+    s = s.rstrip("%").lstrip("+")
+    if "," in s and "." not in s and re.fullmatch(r"-?\d{1,3}(,\d{3})+", s):
+        s = s.replace(",", "")  # 1,299 -> 1299
+    elif "," in s and "." in s:
+        s = s.replace(",", "")  # 1,299.50 -> 1299.50
+    return s
+
+
+# -- structured output -----------------------------------------------------------------------------
+
+
+class OutputSchema:
+    """The job's output schema: a pydantic model (by import path) or an inline JSON Schema.
+
+    parse(text) -> (canonical JSON string, parsed object) or raises ValueError with what failed
+    (field paths and constraints, never the offending values).
+    """
+
+    def __init__(self, schema: str | dict):
+        self.source = schema
+        self.model = None
+        if isinstance(schema, str):
+            self.model = import_path(schema, "output.schema")
+            if not (isinstance(self.model, type) and hasattr(self.model, "model_validate_json")):
+                raise SpecError(f"output.schema: {schema} is not a pydantic model class")
+            self.json_schema = self.model.model_json_schema()
+        else:
+            import jsonschema
+
+            try:
+                jsonschema.Draft202012Validator.check_schema(schema)
+            except jsonschema.SchemaError as e:
+                raise SpecError(f"output.schema: not a valid JSON Schema: {e.message}") from None
+            self.json_schema = schema
+            self._validator = jsonschema.Draft202012Validator(schema)
+
+    def parse(self, text: str) -> tuple[str, Any]:
+        try:
+            # strict=False: some grammar backends emit raw control characters inside strings.
+            obj = json.loads(text, strict=False)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not valid JSON: {e.msg} at character {e.pos}") from None
+        if self.model is not None:
+            from pydantic import ValidationError
+
+            try:
+                parsed = self.model.model_validate(obj)
+            except ValidationError as e:
+                msgs = [f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in e.errors(include_input=False)]
+                raise ValueError("does not match the schema: " + "; ".join(msgs[:5])) from None
+            return parsed.model_dump_json(), parsed
+        errors = sorted(self._validator.iter_errors(obj), key=lambda e: list(e.path))
+        if errors:
+            msgs = [f"{'.'.join(str(p) for p in e.path) or '(root)'}: fails {e.validator!r} {_short(e.validator_value)}" for e in errors[:5]]
+            raise ValueError("does not match the schema: " + "; ".join(msgs))
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")), obj
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, default=str)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+class JsonSchema(Rule):
+    spec: JsonSchemaRule
+
+    def __init__(self, spec: JsonSchemaRule, schema: OutputSchema):
+        super().__init__(spec)
+        self.schema = schema
+
+    def check(self, c: Candidate) -> RuleResult:
+        try:
+            c.output_json, c.parsed = self.schema.parse(c.output)
+        except ValueError as e:
+            return self._fail(str(e))
+        return self._ok()
+
+
+# -- custom rules ----------------------------------------------------------------------------------
+
+
+def import_path(path: str, field_name: str) -> Any:
+    module, _, attr = path.partition(":")
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any import failure is a spec error naming the path
+        raise SpecError(f"{field_name}: cannot import module {module!r}: {type(e).__name__}: {e}") from None
+    try:
+        return getattr(mod, attr)
+    except AttributeError:
+        raise SpecError(f"{field_name}: module {module!r} has no attribute {attr!r}") from None
+
+
+class Custom(Rule):
+    spec: CustomRule
+
+    def __init__(self, spec: CustomRule, field_name: str):
+        super().__init__(spec)
+        target = import_path(spec.path, field_name + ".path")
+        self._fix: Callable[[Candidate], str] | None = None
+        if isinstance(target, type):
+            try:
+                obj = target(**spec.options)
+            except TypeError as e:
+                raise SpecError(f"{field_name}.options: {spec.path}: {e}") from None
+            if not callable(getattr(obj, "check", None)):
+                raise SpecError(f"{field_name}.path: {spec.path} has no check(candidate) method")
+            self._check = obj.check
+            self._fix = getattr(obj, "fix", None)
+        elif callable(target):
+            options = spec.options
+            self._check = lambda c: target(c, **options)
+        else:
+            raise SpecError(f"{field_name}.path: {spec.path} is neither a function nor a class")
+        uses_fix = spec.on_fail == "fix" or (spec.on_fail == "retry" and spec.then == "fix")
+        if uses_fix and self._fix is None:
+            raise SpecError(f"{field_name}: on_fail fix needs a rule class with a fix(candidate) method")
+
+    def check(self, c: Candidate) -> RuleResult:
+        out = self._check(c)
+        if isinstance(out, RuleResult):
+            return RuleResult(self.name, out.passed, out.score, out.message)
+        if isinstance(out, bool):
+            return self._ok() if out else self._fail("custom rule failed")
+        if isinstance(out, tuple) and out and isinstance(out[0], bool):
+            passed, score, message = (*out, None, "")[:3]
+            return RuleResult(self.name, passed, None if score is None else float(score), message or "")
+        raise TypeError(f"custom rule {self.name} returned {type(out).__name__}; expected RuleResult, bool or tuple")
+
+    def fix(self, c: Candidate) -> str:
+        return self._fix(c)  # type: ignore[misc]
+
+
+# -- construction ----------------------------------------------------------------------------------
+
+
+def build_rules(specs: list, output_schema: OutputSchema | None, embedder=None) -> list[Rule]:
+    """Rule objects for the job's rule specs (JobSpec.rules), in order."""
+    rules: list[Rule] = []
+    for i, s in enumerate(specs):
+        kind = s.rule
+        if kind == "length":
+            rules.append(Length(s))
+        elif kind == "regex":
+            rules.append(Regex(s))
+        elif kind == "deny_list":
+            rules.append(DenyList(s))
+        elif kind == "refusal":
+            rules.append(Refusal(s))
+        elif kind == "pii_leakage":
+            rules.append(PiiLeakage(s))
+        elif kind == "grounding":
+            rules.append(Grounding(s))
+        elif kind == "json_schema":
+            assert output_schema is not None  # JobSpec checks output.schema is set
+            rules.append(JsonSchema(s, output_schema))
+        elif kind == "semantic_grounding":
+            from actors.semantic import SemanticGrounding
+
+            rules.append(SemanticGrounding(s, embedder))
+        elif kind == "custom":
+            rules.append(Custom(s, f"validation.{i}"))
+        else:  # pragma: no cover - the spec's discriminated union lists every kind
+            raise SpecError(f"validation.{i}: unknown rule {kind!r}")
+    return rules
+

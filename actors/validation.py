@@ -1,0 +1,135 @@
+"""The validation stage: run the job's rules over a batch of outputs and decide each row's fate.
+
+    in : requests (REQUEST_SCHEMA rows) and their successful completions (COMPLETION_SCHEMA rows),
+         same length, same order
+    out: Verdicts, per row one of
+           keep    -> a results row: status ok|flagged, output_text (after fixes), output_json, rule_results
+           reject  -> a dead-letter row (stage validate, error_class validation_failed) naming every failed rule
+           retry   -> a new request: the repair prompt, attempt + 1
+
+Policy per failed rule (schemas.validation): a `retry` rule with generations left sends the row
+back to the engine (whatever the other rules said: the new output is checked from scratch);
+otherwise each failed rule's policy applies (`then` for spent retry rules), and `reject` wins
+over `fix`, which is applied before `flag`. Pure logic: no Ray, no I/O (the semantic grounding
+rule calls its embedder, which may be a Ray actor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+from jinja2 import StrictUndefined
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from actors.rules import Candidate, OutputSchema, Rule, RuleResult, build_rules
+from schemas.records import REQUEST_SCHEMA, RULE_RESULTS_TYPE
+from schemas.spec import JobSpec
+
+
+@dataclass
+class Verdicts:
+    action: list[str] = field(default_factory=list)  # keep | reject | retry, per input row
+    status: list[str | None] = field(default_factory=list)  # keep: ok | flagged
+    output_text: list[str | None] = field(default_factory=list)  # the final (possibly fixed) output
+    output_json: list[str | None] = field(default_factory=list)
+    rule_results: list[list[dict]] = field(default_factory=list)
+    error: list[str | None] = field(default_factory=list)  # reject: every failed rule and why
+    retries: pa.Table | None = None  # REQUEST_SCHEMA rows for the rows to retry
+
+    def rule_results_array(self, mask: list[bool] | None = None) -> pa.Array:
+        rows = self.rule_results if mask is None else [r for r, m in zip(self.rule_results, mask) if m]
+        return pa.array(rows, type=RULE_RESULTS_TYPE)
+
+
+class Validator:
+    def __init__(self, spec: JobSpec, embedder=None):
+        self.output_schema = OutputSchema(spec.output.schema_) if spec.output.schema_ is not None else None
+        self.rules: list[Rule] = build_rules(spec.rules, self.output_schema, embedder)
+        env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+        self.repair_template = env.from_string(spec.prompt.repair_template)
+
+    @property
+    def json_schema(self) -> dict | None:
+        """The schema the engine constrains generation to (None: free text)."""
+        return self.output_schema.json_schema if self.output_schema is not None else None
+
+    def validate(self, requests: pa.Table, completions: pa.Table) -> Verdicts:
+        outputs = completions.column("output_text").to_pylist()
+        prompts = requests.column("prompt").to_pylist()
+        first = requests.column("first_prompt").to_pylist()
+        contexts = requests.column("context").to_pylist()
+        tokens = completions.column("completion_tokens").to_pylist()
+        finish = completions.column("finish_reason").to_pylist()
+        attempts = requests.column("attempt").to_pylist()
+        cands = [
+            Candidate(o or "", f or p, ctx or [], t or 0, fr)
+            for o, p, f, ctx, t, fr in zip(outputs, prompts, first, contexts, tokens, finish)
+        ]
+        by_rule = [rule.check_batch(cands) for rule in self.rules]
+        v = Verdicts()
+        retry_rows: list[int] = []
+        repair_prompts: list[str] = []
+        for i, cand in enumerate(cands):
+            results = [r[i] for r in by_rule]
+            failed = [(rule, res) for rule, res in zip(self.rules, results) if not res.passed]
+            action, status, text, error = "keep", "ok", cand.output, None
+            if failed:
+                attempt = attempts[i] or 1
+                if any(rule.spec.on_fail == "retry" and attempt < rule.spec.max_attempts for rule, _ in failed):
+                    action = "retry"
+                    retry_rows.append(i)
+                    repair_prompts.append(self._repair_prompt(cand, failed, attempt))
+                else:
+                    action, status, text, error = self._apply_policies(cand, failed, results)
+            v.action.append(action)
+            v.status.append(status if action == "keep" else None)
+            v.output_text.append(text)
+            v.output_json.append(cand.output_json if action == "keep" else None)
+            v.rule_results.append([_as_dict(r) for r in results])
+            v.error.append(error)
+        if retry_rows:
+            v.retries = _retry_requests(requests, retry_rows, repair_prompts)
+        return v
+
+    def _apply_policies(self, cand: Candidate, failed, results: list[RuleResult]):
+        policies = {rule.name: (rule.spec.then if rule.spec.on_fail == "retry" else rule.spec.on_fail) for rule, _ in failed}
+        if "reject" in policies.values():
+            return "reject", None, cand.output, _violations(failed)
+        text = cand.output
+        for rule, res in failed:
+            if policies[rule.name] == "fix":
+                text = rule.fix(Candidate(text, cand.prompt, cand.context, cand.completion_tokens, cand.finish_reason))
+                res.message = f"{res.message} (fixed)" if res.message else "fixed"
+        if text != cand.output and self.output_schema is not None:
+            # A repair must not produce an output_json that violates the schema.
+            try:
+                cand.output_json, cand.parsed = self.output_schema.parse(text)
+            except ValueError as e:
+                return "reject", None, cand.output, _violations(failed) + f"; after fixes the output {e}"
+        status = "flagged" if "flag" in policies.values() else "ok"
+        return "keep", status, text, None
+
+    def _repair_prompt(self, cand: Candidate, failed, attempt: int) -> str:
+        return self.repair_template.render(
+            prompt=cand.prompt, output=cand.output, violations=_violations(failed), attempt=attempt + 1
+        )
+
+
+def _violations(failed) -> str:
+    return "; ".join(f"{rule.name}: {res.message}" if res.message else rule.name for rule, res in failed)
+
+
+def _as_dict(r: RuleResult) -> dict:
+    return {"rule": r.rule, "passed": r.passed, "score": r.score, "message": r.message}
+
+
+def _retry_requests(requests: pa.Table, rows: list[int], prompts: list[str]) -> pa.Table:
+    sub = requests.take(pa.array(rows, pa.int64()))
+    first = [f if f is not None else p for f, p in zip(sub.column("first_prompt").to_pylist(), sub.column("prompt").to_pylist())]
+    attempts = [(a or 1) + 1 for a in sub.column("attempt").to_pylist()]
+    cols = {name: sub.column(name) for name in REQUEST_SCHEMA.names}
+    cols["prompt"] = pa.array(prompts, pa.string())
+    cols["first_prompt"] = pa.array(first, pa.string())
+    cols["attempt"] = pa.array(attempts, pa.int32())
+    return pa.table(cols, schema=REQUEST_SCHEMA)
