@@ -49,6 +49,12 @@ class Validator:
         env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
         self.repair_template = env.from_string(spec.prompt.repair_template)
 
+    def semantic_rules(self) -> list:
+        """Rules that need an embedding model (the job starts one worker per model)."""
+        from actors.semantic import SemanticGrounding
+
+        return [r for r in self.rules if isinstance(r, SemanticGrounding)]
+
     @property
     def json_schema(self) -> dict | None:
         """The schema the engine constrains generation to (None: free text)."""
@@ -106,7 +112,7 @@ class Validator:
             try:
                 cand.output_json, cand.parsed = self.output_schema.parse(text)
             except ValueError as e:
-                return "reject", None, cand.output, _violations(failed) + f"; after fixes the output {e}"
+                return "reject", None, cand.output, _violations(failed) + f"; after the fixes: {e}"
         status = "flagged" if "flag" in policies.values() else "ok"
         return "keep", status, text, None
 

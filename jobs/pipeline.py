@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 
 from actors.pool import EnginePool
 from actors.prompts import PromptRenderer, dead_letter_table
@@ -114,6 +115,7 @@ class PipelineJob:
         self.validator = Validator(spec)  # imports output.schema and custom rules: fails before any work
         self.pool = EnginePool(spec, json_schema=self.validator.json_schema if spec.output.structured else None)
         self._open: dict[int, _OpenBatch] = {}
+        self._embedders: list = []  # embed functions of semantic_grounding's embedding actors
         self.source = None
         # Offsets the dead-letter table already holds above the results position (repair window).
         self._skip: dict[TopicPartition, set[int]] = {}
@@ -130,6 +132,7 @@ class PipelineJob:
         self.source = self.make_source(self._on_assign, self._on_revoke)
         self.source.check_columns(self.renderer.required_fields())  # before any GPU work
         self.pool.start(fixed_cluster=self.fixed_cluster)
+        self._start_embedders()
         self.stats.engines_ready_s = time.monotonic() - self.stats.started
         try:
             self.source.start()
@@ -144,7 +147,20 @@ class PipelineJob:
             if self.source is not None:
                 self.source.close()
             self.pool.shutdown()
+            for embed in self._embedders:
+                ray.kill(embed.actor)
         return self.stats
+
+    def _start_embedders(self) -> None:
+        from actors.semantic import start_embedding_actor
+
+        started: dict[str | None, object] = {}
+        for rule in self.validator.semantic_rules():
+            model = rule.spec.model
+            if model not in started:
+                started[model] = start_embedding_actor(model, self.spec.pool.actor_start_timeout_s)
+            rule.embed = started[model]
+        self._embedders = list(started.values())
 
     def _loop(self, until_drained: bool, stop: threading.Event) -> None:
         spec = self.spec

