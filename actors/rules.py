@@ -181,17 +181,18 @@ class Refusal(Rule):
         for p in self.openers:
             if head.startswith(p):
                 return self._fail(f"starts like a refusal ({p!r})")
-        loop = repeated_ngram(text, self.spec.max_repeats)
+        words = text.split()
+        loop = repeated_ngram(words, self.spec.max_repeats)
         if loop:
             return self._fail(loop)
-        if _CHAR_LOOP.search(text):
+        # 30 equal characters sit inside one word of at least 30 characters: only those are scanned.
+        if any(len(w) >= 30 and _CHAR_LOOP.search(w) for w in words):
             return self._fail("one character repeats 30 or more times in a row")
         return self._ok()
 
 
-def repeated_ngram(text: str, max_repeats: int, max_n: int = 4) -> str | None:
+def repeated_ngram(words: list[str], max_repeats: int, max_n: int = 4) -> str | None:
     """A message when some word n-gram (n <= max_n) occurs max_repeats times in a row."""
-    words = text.split()
     for n in range(1, max_n + 1):
         need = (max_repeats - 1) * n  # positions equal to the one n words back
         if len(words) < need + n:
@@ -242,18 +243,24 @@ class PiiLeakage(Rule):
 _MONTHS = {m: i + 1 for i, m in enumerate(
     "january february march april may june july august september october november december".split())}  # fmt: skip
 _MONTH_RX = r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|jun(?:e)?|jul(?:y)?|aug(?:ust)?|sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)"
-_DATE = re.compile(
+_DATE_RX = (
     rf"\b(?:(?P<iy>\d{{4}})-(?P<im>\d{{1,2}})-(?P<id>\d{{1,2}})"
     rf"|(?P<sd>\d{{1,2}})/(?P<sm>\d{{1,2}})/(?P<sy>\d{{4}})"
-    rf"|(?P<am>{_MONTH_RX})\.?\s+(?P<ad>\d{{1,2}})(?:st|nd|rd|th)?,?\s+(?P<ay>\d{{4}})"
-    rf"|(?P<bd>\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?(?P<bm>{_MONTH_RX})\.?,?\s+(?P<by>\d{{4}}))\b",
-    re.IGNORECASE,
+    rf"|(?i:(?P<am>{_MONTH_RX}))\.?\s+(?P<ad>\d{{1,2}})(?:st|nd|rd|th)?,?\s+(?P<ay>\d{{4}})"
+    rf"|(?P<bd>\d{{1,2}})(?:st|nd|rd|th)?\s+(?:of\s+)?(?i:(?P<bm>{_MONTH_RX}))\.?,?\s+(?P<by>\d{{4}}))\b"
 )
-_NUMBER = re.compile(r"(?<![\w.])[-+]?\d+(?:[.,]\d+)*%?")
-_QUOTE = re.compile(r"\"([^\"\n]{3,300})\"|“([^”\n]{3,300})”")
-_CITATION = re.compile(r"\[doc:\s*(\d+)\]", re.IGNORECASE)
-_ENTITY = re.compile(r"\b[A-Z][\w'’&-]*(?:\s+(?:of|de|du|van|von|der|la|&)?\s*[A-Z][\w'’&-]*)*")
-_SENTENCE_END = re.compile(r"[.!?:;]\s*$|^\s*$")
+_NUMBER_RX = r"(?<![\w.])[-+]?\d+(?:[.,]\d+)*%?"
+_DATE = re.compile(_DATE_RX)
+_NUMBER = re.compile(_NUMBER_RX)
+# One pass over the output finds every claim; earlier alternatives win, so a number inside a
+# date, a citation or a quote is not a claim of its own.
+_CLAIM = re.compile(
+    r"(?P<cite>\[(?i:doc):\s*(?P<doc>\d+)\])"
+    rf"|(?P<date>{_DATE_RX})"
+    r"|(?P<quote>\"(?P<q1>[^\"\n]{3,300})\"|“(?P<q2>[^”\n]{3,300})”)"
+    rf"|(?P<number>{_NUMBER_RX})"
+    r"|(?P<entity>\b[A-Z][\w'’&-]*(?:\s+(?:of|de|du|van|von|der|la|&)?\s*[A-Z][\w'’&-]*)*)"
+)
 # Capitalised words that start sentences without naming anything.
 _STOP = frozenset(
     """a an the this that these those it its he she they we i you my our your their his her there here
@@ -263,6 +270,15 @@ _STOP = frozenset(
     because since although though yet still today tomorrow yesterday is are was were be do does did can
     could should would will may might must has have had""".split()
 )
+
+
+def _at_sentence_start(text: str, pos: int) -> bool:
+    j = pos - 1
+    while j >= 0 and text[j].isspace():
+        if text[j] == "\n":
+            return True
+        j -= 1
+    return j < 0 or text[j] in ".!?:;"
 
 
 def _date_key(m: re.Match) -> tuple[int, int, int] | None:
@@ -318,33 +334,32 @@ class Grounding(Rule):
         """(kind, found) per claim in the output, and citation numbers naming no document."""
         ctx = self._context(c.context)
         text = c.output
+        checks = self.checks
         claims: list[tuple[str, bool]] = []
         bad_citations = []
-        if "citations" in self.checks:
-            bad_citations = [int(m.group(1)) for m in _CITATION.finditer(text) if not 1 <= int(m.group(1)) <= len(c.context)]
-        text = _CITATION.sub(" ", text)
-        if "dates" in self.checks:
-            for m in _DATE.finditer(text):
-                key = _date_key(m)
-                claims.append(("date", key in ctx.dates or _squash(m.group()) in ctx.text))
-        text = _DATE.sub(" ", text)
-        if "quotes" in self.checks:
-            for m in _QUOTE.finditer(text):
-                claims.append(("quote", _squash(m.group(1) or m.group(2)) in ctx.text))
-        if "numbers" in self.checks:
-            for m in _NUMBER.finditer(text):
+        for m in _CLAIM.finditer(text):
+            kind = m.lastgroup
+            if kind == "cite":
+                n = int(m.group("doc"))
+                if "citations" in checks and not 1 <= n <= len(c.context):
+                    bad_citations.append(n)
+            elif kind == "date":
+                if "dates" in checks:
+                    claims.append(("date", _date_key(m) in ctx.dates or _squash(m.group()) in ctx.text))
+            elif kind == "quote":
+                if "quotes" in checks:
+                    claims.append(("quote", _squash(m.group("q1") or m.group("q2")) in ctx.text))
+            elif kind == "number":
                 raw = m.group()
                 plain = _plain_number(raw)
-                if len(plain.lstrip("+-")) < 2:  # single digits: list numbering, "1 of 2", not claims
-                    continue
-                claims.append(("number", plain in ctx.numbers or raw.casefold() in ctx.text))
-        if "entities" in self.checks:
-            for m in _ENTITY.finditer(text):
+                if "numbers" in checks and len(plain.lstrip("+-")) >= 2:  # single digits: list numbering, "1 of 2"
+                    claims.append(("number", plain in ctx.numbers or raw.casefold() in ctx.text))
+            elif "entities" in checks:
                 name = m.group()
                 words = name.split()
                 if len(words) == 1 and (name.casefold() in _STOP or len(name) < 2):
                     continue
-                if _SENTENCE_END.search(text[: m.start()]):
+                if _at_sentence_start(text, m.start()):
                     # A sentence start capitalises any word: "Shipping is late" names nothing.
                     # Keep multi-word names, less a leading function word ("The Acme board" -> "Acme").
                     if words[0].casefold() in _STOP:
