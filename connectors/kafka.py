@@ -76,6 +76,7 @@ class KafkaSource:
             max_partition_fetch_bytes=max(1_048_576, self.spec.max_message_bytes * 2),
             fetch_max_bytes=max(52_428_800, self.spec.max_message_bytes * 4),
         )
+        config.update(self.spec.security.client_config())
         config.update(self.spec.consumer_config)
         try:
             self.consumer = KafkaConsumer(**config)

@@ -15,6 +15,7 @@ spec raises `SpecError` whose message lists every bad field by its dotted path a
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,61 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# kafka-python settings that carry secrets: never written in a spec, always read from the environment.
+SECRET_KAFKA_KEYS = frozenset({"sasl_plain_password", "ssl_password", "sasl_oauth_token_provider"})
+MASK = "***"
+
+
+class KafkaSecuritySpec(_Strict):
+    """TLS and SASL for the Kafka client. Secrets are named by environment variable, never inlined."""
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password_env: str | None = Field(default=None, description="Environment variable holding the SASL password.")
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password_env: str | None = Field(default=None, description="Environment variable holding the key's password.")
+    ssl_check_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaSecuritySpec:
+        sasl = self.protocol.startswith("SASL")
+        if sasl and not (self.sasl_mechanism and self.sasl_username and self.sasl_password_env):
+            raise ValueError(f"protocol {self.protocol} needs sasl_mechanism, sasl_username and sasl_password_env")
+        if not sasl and (self.sasl_mechanism or self.sasl_username or self.sasl_password_env):
+            raise ValueError(f"sasl_* settings need protocol SASL_PLAINTEXT or SASL_SSL, not {self.protocol}")
+        return self
+
+    def client_config(self, environ: dict[str, str] | None = None) -> dict[str, Any]:
+        """kafka-python client arguments; secrets are read from the environment here, at use time."""
+        env = os.environ if environ is None else environ
+        cfg: dict[str, Any] = {"security_protocol": self.protocol}
+        if self.protocol.startswith("SASL"):
+            cfg["sasl_mechanism"] = self.sasl_mechanism
+            cfg["sasl_plain_username"] = self.sasl_username
+            cfg["sasl_plain_password"] = _secret_from_env(self.sasl_password_env, "sasl_password_env", env)
+        if self.protocol.endswith("SSL"):
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                path = getattr(self, name)
+                if path is not None:
+                    if not os.path.isfile(path):
+                        raise SpecError(f"source.kafka.security.{name}: no such file: {path}")
+                    cfg[name] = path
+            cfg["ssl_check_hostname"] = self.ssl_check_hostname
+            if self.ssl_password_env:
+                cfg["ssl_password"] = _secret_from_env(self.ssl_password_env, "ssl_password_env", env)
+        return cfg
+
+
+def _secret_from_env(var: str | None, field_name: str, env) -> str:
+    value = env.get(var or "")
+    if not value:
+        raise SpecError(f"source.kafka.security.{field_name}: environment variable {var!r} is not set")
+    return value
+
+
 class KafkaSourceSpec(_Strict):
     bootstrap_servers: list[str] | None = Field(
         default=None,
@@ -46,9 +102,21 @@ class KafkaSourceSpec(_Strict):
     poll_timeout_ms: int = Field(default=200, gt=0)
     session_timeout_ms: int = Field(default=6000, ge=1000)
     heartbeat_interval_ms: int = Field(default=1000, ge=100)
+    security: KafkaSecuritySpec = Field(default_factory=KafkaSecuritySpec)
     consumer_config: dict[str, Any] = Field(
-        default_factory=dict, description="Extra kafka-python KafkaConsumer arguments (security, SASL, TLS)."
+        default_factory=dict, description="Extra kafka-python KafkaConsumer arguments (no secrets: see security)."
     )
+
+    @field_validator("consumer_config")
+    @classmethod
+    def _no_inline_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
+        inline = sorted(k for k in v if k in SECRET_KAFKA_KEYS)
+        if inline:
+            raise ValueError(
+                f"{', '.join(inline)}: secrets do not go in a spec; use security.sasl_password_env / "
+                "security.ssl_password_env (the name of an environment variable)"
+            )
+        return v
 
     @field_validator("bootstrap_servers", mode="before")
     @classmethod
@@ -250,10 +318,35 @@ class JobSpec(_Strict):
             rules.insert(0, JsonSchemaRule(rule="json_schema"))
         return rules
 
+    def redacted(self) -> dict[str, Any]:
+        """The spec as a plain mapping, safe to print or log: storage options and any setting whose
+        name says it holds a secret are masked (secrets themselves never live in a spec)."""
+        return _mask(self.model_dump(mode="json", by_alias=True, exclude_none=True))
+
     @property
     def group_id(self) -> str:
         kafka = self.source.kafka
         return (kafka.group_id if kafka else None) or f"tidegate-{self.name}"
+
+
+_SECRET_NAME = re.compile(
+    r"passw|secret|credential|private|api_?key|access_?key|account_key|sas_token|(^|_)token$|(^|_)key$", re.IGNORECASE
+)
+
+
+def _mask(node: Any, parent: str = "") -> Any:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            secret_name = _SECRET_NAME.search(str(k)) and not str(k).endswith("_env")
+            if parent == "storage_options" or (secret_name and not isinstance(v, (dict, list))):
+                out[k] = MASK
+            else:
+                out[k] = _mask(v, str(k))
+        return out
+    if isinstance(node, list):
+        return [_mask(v, parent) for v in node]
+    return node
 
 
 def _format_errors(err: ValidationError, origin: str) -> str:

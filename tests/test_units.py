@@ -192,3 +192,65 @@ def test_ledger_rejects_overlapping_or_repeated_work():
         ledger.complete(s, 1)
     ledger.reset()
     ledger.open({("t", 0): (0, 3)})  # after a reset the partition is read again from its position
+
+
+# -- Kafka TLS/SASL and secrets --------------------------------------------------------------------
+
+
+def secure_spec(security: dict, **kafka) -> dict:
+    return {
+        "name": "s",
+        "source": {"kafka": {"topic": "t", "security": security, **kafka}},
+        "prompt": {"template": "{{ q }}", "id_field": "id"},
+        "model": {"path": "m", "engine_args": {"hf_token": "hf-SECRET"}},
+        "sink": {"results": "r", "dead_letter": "d", "storage_options": {"AWS_SECRET_ACCESS_KEY": "aws-SECRET"}},
+    }
+
+
+def test_kafka_security_settings_reach_kafka_python(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    sec = {"protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "svc",
+           "sasl_password_env": "TG_KAFKA_PW", "ssl_cafile": str(ca), "ssl_password_env": "TG_KEY_PW"}  # fmt: skip
+    spec = parse_spec(secure_spec(sec))
+    cfg = spec.source.kafka.security.client_config({"TG_KAFKA_PW": "pw-SECRET", "TG_KEY_PW": "key-SECRET"})
+    assert cfg == {
+        "security_protocol": "SASL_SSL",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "svc",
+        "sasl_plain_password": "pw-SECRET",
+        "ssl_cafile": str(ca),
+        "ssl_check_hostname": True,
+        "ssl_password": "key-SECRET",
+    }
+    import kafka
+
+    # Every key is a real KafkaConsumer setting (a typo would be silently ignored by the spec).
+    assert set(cfg) <= set(kafka.KafkaConsumer.DEFAULT_CONFIG)
+    with pytest.raises(SpecError, match=r"security.sasl_password_env: environment variable 'TG_KAFKA_PW' is not set"):
+        spec.source.kafka.security.client_config({})
+
+
+@pytest.mark.parametrize(
+    ("security", "kafka", "message"),
+    [
+        ({"protocol": "SASL_SSL"}, {}, "protocol SASL_SSL needs sasl_mechanism, sasl_username and sasl_password_env"),
+        ({"sasl_username": "u"}, {}, "sasl_* settings need protocol SASL_PLAINTEXT or SASL_SSL"),
+        ({}, {"consumer_config": {"sasl_plain_password": "pw"}}, "sasl_plain_password: secrets do not go in a spec"),
+    ],
+)
+def test_kafka_security_errors(security, kafka, message):
+    with pytest.raises(SpecError) as e:
+        parse_spec(secure_spec(security, **kafka))
+    assert message in str(e.value) and "pw" not in str(e.value).replace("password", "")
+
+
+def test_printed_spec_masks_secrets():
+    spec = parse_spec(secure_spec({}, consumer_config={"client_id": "c", "api_key": "k-SECRET"}))
+    text = json.dumps(spec.redacted())
+    assert "-SECRET" not in text
+    shown = spec.redacted()
+    assert shown["sink"]["storage_options"] == {"AWS_SECRET_ACCESS_KEY": "***"}
+    assert shown["model"]["engine_args"] == {"hf_token": "***"}
+    assert shown["source"]["kafka"]["consumer_config"] == {"client_id": "c", "api_key": "***"}
+    assert shown["sampling"]["max_tokens"] == 64  # not a secret, not masked
