@@ -35,12 +35,13 @@ ENGINE_ENV = {
 # Fault injection for tests of the pool's crash handling: an engine whose batch holds a prompt
 # containing this variable's value kills its own process, as a segfault or an OOM kill would.
 FAULT_ENV = "TIDEGATE_FAULT_CRASH_ON"
+HANG_ENV = "TIDEGATE_FAULT_HANG_ON"  # ... or hangs, as a stuck kernel would
 
 
 def engine_env(model: ModelSpec) -> dict[str, str]:
     env = dict(ENGINE_ENV)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(model.kv_cache_gib)))
-    for name in ("VLLM_CACHE_ROOT", "VLLM_LOGGING_LEVEL", "HF_HUB_OFFLINE", "OMP_NUM_THREADS", FAULT_ENV):
+    for name in ("VLLM_CACHE_ROOT", "VLLM_LOGGING_LEVEL", "HF_HUB_OFFLINE", "OMP_NUM_THREADS", FAULT_ENV, HANG_ENV):
         if name in os.environ:
             env[name] = os.environ[name]
     env.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads a model at run time
@@ -140,6 +141,9 @@ class EngineWorker:
         poison = os.environ.get(FAULT_ENV)
         if poison and any(poison in p for p in requests.column("prompt").to_pylist()):
             os._exit(70)
+        stuck = os.environ.get(HANG_ENV)
+        if stuck and any(stuck in p for p in requests.column("prompt").to_pylist()):
+            time.sleep(3600)
         cols: dict[str, list] = {name: [None] * n for name in COMPLETION_SCHEMA.names}
         cols["source_partition"] = requests.column("source_partition").to_pylist()
         cols["source_offset"] = requests.column("source_offset").to_pylist()

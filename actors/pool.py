@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 class _Slot:
     actor: Any
     in_flight: int = 0
+    # Calls in submission order: a (synchronous) actor runs them one at a time in that order, so
+    # the head is the one running, since head_since.
+    queue: deque = field(default_factory=deque)
+    head_since: float = 0.0
 
 
 @dataclass
@@ -50,6 +54,11 @@ class _Part:
     requests: pa.Table
     alone: bool = False  # ran with nothing else on the pool: a failure is its own fault
     attempts: int = 0  # failures while alone
+    hung: bool = False  # the last failure was a timeout, not a dead process
+
+
+class EngineHang(Exception):
+    """A batch ran longer than pool.batch_timeout_s: the engine was restarted."""
 
 
 class EnginePool:
@@ -61,6 +70,7 @@ class EnginePool:
         self._suspects: deque[_Part] = deque()  # quarantined parts, run one at a time
         self._finished: list[tuple[Any, pa.Table]] = []
         self.max_model_len: int | None = None
+        self._restart_grace_s = 60.0  # set from the measured engine load time in start()
 
     def start(self, fixed_cluster: bool = False) -> None:
         """Start the engine actors and wait until each has loaded its engine.
@@ -112,6 +122,8 @@ class EnginePool:
             cause = e.cause if isinstance(e, RayTaskError) and e.cause is not None else e
             raise EngineError(f"engine actor failed to start: {cause}") from None
         self.max_model_len = infos[0]["max_model_len"]
+        # After a restart the engine loads again before it runs anything: that time is not a hang.
+        self._restart_grace_s = 30.0 + 3 * max(i["load_s"] for i in infos)
         log.info(
             "%d engine actor(s) ready in %.1fs (engine load %.1fs, context %d tokens)",
             len(actors), time.monotonic() - t0, infos[0]["load_s"], self.max_model_len,
@@ -150,8 +162,24 @@ class EnginePool:
     def submit(self, requests: pa.Table, tag: Any) -> None:
         batch = _Batch(tag, requests, open_parts=1)
         slot = min(self.slots, key=lambda s: s.in_flight)
+        self._call(slot, slot.actor.generate.remote(requests), _Part(batch, 0, requests))
+
+    def _call(self, slot: _Slot, ref: ray.ObjectRef, part: _Part) -> None:
         slot.in_flight += 1
-        self._pending[slot.actor.generate.remote(requests)] = (slot, _Part(batch, 0, requests))
+        if not slot.queue:
+            slot.head_since = max(slot.head_since, time.monotonic())
+        slot.queue.append(ref)
+        self._pending[ref] = (slot, part)
+
+    def _done(self, slot: _Slot, ref: ray.ObjectRef) -> None:
+        slot.in_flight -= 1
+        was_head = slot.queue and slot.queue[0] == ref
+        try:
+            slot.queue.remove(ref)
+        except ValueError:
+            pass
+        if was_head:
+            slot.head_since = max(slot.head_since, time.monotonic())
 
     def collect(self, timeout_s: float) -> list[tuple[Any, pa.Table]]:
         """Completed batches as (tag, COMPLETION_SCHEMA table, rows in request order).
@@ -169,13 +197,38 @@ class EnginePool:
         ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=timeout_s, fetch_local=True)
         for ref in ready:
             slot, part = self._pending.pop(ref)
-            slot.in_flight -= 1
+            self._done(slot, ref)
             try:
                 self._resolve(part, ray.get(ref))
             except (RayActorError, RayTaskError) as e:
+                part.hung = False
                 self._failed(part, e)
+        self._check_hangs()
         finished, self._finished = self._finished, []
         return finished
+
+    def _check_hangs(self) -> None:
+        """A call running longer than pool.batch_timeout_s: cancel it (so Ray does not run it
+        again), restart its engine, and treat it as a failed part (quarantine, then isolation)."""
+        limit = self.spec.pool.batch_timeout_s
+        if limit is None:
+            return
+        now = time.monotonic()
+        for slot in self.slots:
+            if not slot.queue or now - slot.head_since <= limit:
+                continue
+            ref = slot.queue[0]
+            _, part = self._pending.pop(ref)
+            self._done(slot, ref)
+            log.warning(
+                "a batch of %d row(s) ran over pool.batch_timeout_s=%gs: restarting its engine",
+                part.requests.num_rows, limit,
+            )  # fmt: skip
+            ray.cancel(ref)  # a cancelled call is not retried on the restarted actor
+            ray.kill(slot.actor, no_restart=False)
+            slot.head_since = now + self._restart_grace_s
+            part.hung = True
+            self._failed(part, EngineHang(f"ran over pool.batch_timeout_s={limit:g}s"))
 
     def _resolve(self, part: _Part, completions: pa.Table) -> None:
         batch = part.batch
@@ -199,7 +252,7 @@ class EnginePool:
             self._suspects.appendleft(_Part(part.batch, part.start + half, part.requests.slice(half)))
             self._suspects.appendleft(_Part(part.batch, part.start, part.requests.slice(0, half)))
         elif part.attempts >= self.spec.pool.max_attempts:
-            self._resolve(part, crash_rows(part.requests, part.attempts))
+            self._resolve(part, crash_rows(part.requests, part.attempts, hung=part.hung))
         else:
             self._suspects.appendleft(part)
 
@@ -209,13 +262,13 @@ class EnginePool:
         # retry and nothing beside it.
         ray.get(slot.actor.info.options(max_task_retries=-1).remote(), timeout=self.spec.pool.actor_start_timeout_s)
         part.alone = True
-        slot.in_flight += 1
-        self._pending[slot.actor.generate.options(max_task_retries=0).remote(part.requests)] = (slot, part)
+        slot.head_since = time.monotonic()
+        self._call(slot, slot.actor.generate.options(max_task_retries=0).remote(part.requests), part)
 
     def drop_pending(self) -> None:
         """Forget in-flight batches (their results will be ignored; the work is read again)."""
         for ref, (slot, _) in self._pending.items():
-            slot.in_flight -= 1
+            self._done(slot, ref)
             try:
                 ray.cancel(ref)
             except Exception:  # already finished or not cancellable: the result is ignored anyway
@@ -242,14 +295,17 @@ class EnginePool:
         self._suspects.clear()
 
 
-def crash_rows(requests: pa.Table, attempts: int) -> pa.Table:
+def crash_rows(requests: pa.Table, attempts: int, hung: bool = False) -> pa.Table:
     n = requests.num_rows
-    message = f"the engine failed on this row {attempts} times (process died or raised; isolated from its batch)"
+    if hung:
+        message = f"the engine hung on this row {attempts} times (over pool.batch_timeout_s; isolated from its batch)"
+    else:
+        message = f"the engine failed on this row {attempts} times (process died or raised; isolated from its batch)"
     cols = {name: [None] * n for name in COMPLETION_SCHEMA.names}
     cols["source_partition"] = requests.column("source_partition").to_pylist()
     cols["source_offset"] = requests.column("source_offset").to_pylist()
     cols["error_stage"] = ["engine"] * n
-    cols["error_class"] = ["engine_crash"] * n
+    cols["error_class"] = ["engine_hang" if hung else "engine_crash"] * n
     cols["error"] = [message] * n
     return pa.table(cols, schema=COMPLETION_SCHEMA)
 

@@ -240,6 +240,11 @@ class PoolSpec(_Strict):
         default=2, ge=1, description="Times a single row may fail its engine, alone, before it is dead-lettered."
     )
     actor_start_timeout_s: float = Field(default=300.0, gt=0)
+    batch_timeout_s: float | None = Field(
+        default=600.0,
+        gt=0,
+        description="A batch running longer is a hung engine: it is restarted and the batch isolated. null: never.",
+    )
 
 
 class SinkSpec(_Strict):

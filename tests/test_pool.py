@@ -74,3 +74,28 @@ def test_a_row_that_keeps_killing_the_engine_is_isolated_and_dead_lettered(
     dead = pl.read_delta(spec["sink"]["dead_letter"])
     assert dead.select("id", "stage", "error_class").rows() == [("e000999", "engine", "engine_crash")]
     assert "failed on this row 2 times" in dead["error"][0]
+
+
+def test_a_row_that_hangs_the_engine_is_isolated_and_dead_lettered(
+    tmp_path, broker, topic, tiny_model, job_processes, monkeypatch
+):
+    """Fault injection: the engine blocks forever on the poison prompt; pool.batch_timeout_s catches it."""
+    monkeypatch.setenv("TIDEGATE_FAULT_HANG_ON", "STUCK-PILL")
+    n = 12
+    records = [event(i) for i in range(n)]
+    records.insert(5, event(777, question="STUCK-PILL"))
+    send(broker, topic, records)
+    spec = make_spec(
+        tmp_path, broker, topic, tiny_model,
+        **{"pool.batch_size": 2, "pool.max_attempts": 2, "pool.batch_timeout_s": 4},
+    )  # fmt: skip
+    job = job_processes(write_spec(tmp_path, spec))
+    assert job.wait(900) == 0, job.log()[-4000:]
+
+    res = pl.read_delta(spec["sink"]["results"])
+    ids = res["id"].to_list()
+    assert len(ids) == len(set(ids)) == n and "e000777" not in ids
+    dead = pl.read_delta(spec["sink"]["dead_letter"])
+    assert dead.select("id", "stage", "error_class").rows() == [("e000777", "engine", "engine_hang")]
+    assert "hung on this row 2 times" in dead["error"][0]
+    assert "ran over pool.batch_timeout_s=4s: restarting its engine" in job.log()
