@@ -16,6 +16,7 @@ The commit protocol and why it is exactly-once: docs/exactly-once.md.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -40,11 +41,15 @@ log = logging.getLogger(__name__)
 
 TopicPartition = tuple[str, int]
 
+# Fault injection for the backpressure test: every commit takes this much longer (a slow sink).
+_SLOW_COMMIT_S = float(os.environ.get("TIDEGATE_FAULT_SLOW_COMMIT_S", "0") or 0)
+
 
 @dataclass
 class BatchOutput:
     results: pa.Table
     dead: pa.Table
+    consumed: int = 0  # source rows the batch covers (for the in-flight bound)
 
 
 @dataclass
@@ -69,6 +74,7 @@ class JobStats:
     prompt_tokens: int = 0  # every generation, retries included
     completion_tokens: int = 0
     commits: int = 0
+    peak_uncommitted: int = 0  # most source rows read but not yet committed at any time (bounded)
     started: float = field(default_factory=time.monotonic)
     first_commit_s: float | None = None
     engines_ready_s: float | None = None
@@ -115,6 +121,7 @@ class PipelineJob:
         self.validator = Validator(spec)  # imports output.schema and custom rules: fails before any work
         self.pool = EnginePool(spec, json_schema=self.validator.json_schema if spec.output.structured else None)
         self._open: dict[int, _OpenBatch] = {}
+        self._uncommitted = 0  # source rows handed to the ledger and not committed yet
         self._embedders: list = []  # embed functions of semantic_grounding's embedding actors
         self.source = None
         # Offsets the dead-letter table already holds above the results position (repair window).
@@ -242,12 +249,14 @@ class PipelineJob:
             spans[(topic, partition)] = (min(offsets), max(offsets))
         seq = self.ledger.open(spans)
         self.stats.consumed += src.num_rows
+        self._uncommitted += src.num_rows
+        self.stats.peak_uncommitted = max(self.stats.peak_uncommitted, self._uncommitted + self._buffered)
         rendered = self.renderer.render(src, skip=self._is_done)
         if rendered.requests.num_rows:
             self._open[seq] = _OpenBatch(src, [BatchOutput(RESULTS_SCHEMA.empty_table(), rendered.dead)])
             self.pool.submit(rendered.requests, (seq, rendered.requests))
         else:
-            self.ledger.complete(seq, BatchOutput(RESULTS_SCHEMA.empty_table(), rendered.dead))
+            self.ledger.complete(seq, BatchOutput(RESULTS_SCHEMA.empty_table(), rendered.dead, src.num_rows))
 
     def _is_done(self, topic: str, partition: int, offset: int) -> bool:
         done = self._skip.get((topic, partition))
@@ -272,7 +281,9 @@ class PipelineJob:
             self.ledger.complete(
                 seq,
                 BatchOutput(
-                    pa.concat_tables([p.results for p in batch.parts]), pa.concat_tables([p.dead for p in batch.parts])
+                    pa.concat_tables([p.results for p in batch.parts]),
+                    pa.concat_tables([p.dead for p in batch.parts]),
+                    batch.src.num_rows,
                 ),
             )
 
@@ -374,7 +385,10 @@ class PipelineJob:
         results = pa.concat_tables([p.results for p in group.payloads])
         dead = pa.concat_tables([p.dead for p in group.payloads]) if group.payloads else DEAD_LETTER_SCHEMA.empty_table()
         t0 = time.monotonic()
+        if _SLOW_COMMIT_S:
+            time.sleep(_SLOW_COMMIT_S)
         self.sink.commit(results, dead, positions)
+        self._uncommitted -= sum(p.consumed for p in group.payloads)
         self.source.commit_offsets(group.positions)
         self._last_commit = time.monotonic()
         st = self.stats
@@ -425,6 +439,7 @@ class PipelineJob:
             self.pool.drop_pending()
             self.ledger.reset()
             self._open.clear()
+            self._uncommitted = 0
         self.sink.forget(tps)
         for tp in tps:
             self._skip.pop(tp, None)
@@ -434,6 +449,7 @@ class PipelineJob:
         self.pool.drop_pending()
         self.ledger.reset()
         self._open.clear()
+        self._uncommitted = 0
         self._drop_buffer()
         assigned = sorted(self.source.assignment())
         self.sink.forget(assigned)

@@ -174,6 +174,7 @@ def print_summary(spec: JobSpec, stats, console: Console) -> None:
     table.add_row("prompt tokens", f"{stats.prompt_tokens:,}")
     table.add_row("completion tokens", f"{stats.completion_tokens:,}")
     table.add_row("commits", f"{stats.commits:,}")
+    table.add_row("peak rows read, not committed", f"{stats.peak_uncommitted:,}")
     table.add_row("elapsed", f"{stats.elapsed_s:.1f} s")
     table.add_row("throughput", f"{stats.rows_per_s:.1f} rows/s")
     if stats.engines_ready_s is not None:

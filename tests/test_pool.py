@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
@@ -99,3 +100,29 @@ def test_a_row_that_hangs_the_engine_is_isolated_and_dead_lettered(
     assert dead.select("id", "stage", "error_class").rows() == [("e000777", "engine", "engine_hang")]
     assert "hung on this row 2 times" in dead["error"][0]
     assert "ran over pool.batch_timeout_s=4s: restarting its engine" in job.log()
+
+
+def test_a_slow_sink_slows_consumption_and_bounds_what_is_in_flight(
+    tmp_path, broker, topic, tiny_model, job_processes, monkeypatch
+):
+    """Backpressure: with every commit taking 1 s, the job reads only as fast as it commits."""
+    monkeypatch.setenv("TIDEGATE_FAULT_SLOW_COMMIT_S", "1.0")
+    n, batch = 600, 32
+    send(broker, topic, (event(i) for i in range(n)))
+    spec = make_spec(
+        tmp_path, broker, topic, tiny_model,
+        **{"pool.batch_size": batch, "sink.commit_max_rows": 64, "sink.commit_interval_s": 0},
+    )  # fmt: skip
+    job = job_processes(write_spec(tmp_path, spec))
+    assert job.wait(600) == 0, job.log()[-4000:]
+
+    ids = pl.read_delta(spec["sink"]["results"])["id"].to_list()
+    assert len(ids) == len(set(ids)) == n
+    log = job.log()
+    peak = int(re.search(r"peak rows read, not committed\s*│\s*([\d,]+)", log).group(1).replace(",", ""))
+    commits = int(re.search(r"commits\s*│\s*([\d,]+)", log).group(1).replace(",", ""))
+    # In flight at most: the pool's queued batches (1 actor x 2), one batch waiting behind them,
+    # the ready-to-commit bound (2 x commit_max_rows) plus one batch over it, and the poll buffer.
+    bound = (2 + 1) * batch + 2 * 64 + batch + batch
+    assert batch <= peak <= bound, (peak, bound)
+    assert commits >= n // bound  # the sink, not the source, set the pace
