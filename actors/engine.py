@@ -89,6 +89,7 @@ class EngineWorker:
                 "disable_additional_properties": True,  # extra keys only spend tokens
             }
         kwargs.update(model.engine_args)
+        self.model_path = model.path
         t0 = time.monotonic()
         self.llm = LLM(**kwargs)
         self.load_s = time.monotonic() - t0
@@ -110,7 +111,18 @@ class EngineWorker:
         self.batches = 0
 
     def info(self) -> dict[str, Any]:
-        return {"max_model_len": self.max_model_len, "load_s": self.load_s, "pid": os.getpid()}
+        from actors.lineage import model_revision
+
+        return {
+            "max_model_len": self.max_model_len,
+            "load_s": self.load_s,
+            "pid": os.getpid(),
+            "model_revision": model_revision(self.model_path),  # hashed once per process
+        }
+
+    def ping(self) -> int:
+        """Cheap liveness check (the engine is loaded once this answers)."""
+        return os.getpid()
 
     def usage(self) -> dict[str, float]:
         """Busy time and batches since the engine was ready (for idle-fraction reporting)."""

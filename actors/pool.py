@@ -70,6 +70,7 @@ class EnginePool:
         self._suspects: deque[_Part] = deque()  # quarantined parts, run one at a time
         self._finished: list[tuple[Any, pa.Table]] = []
         self.max_model_len: int | None = None
+        self.model_revision: str | None = None
         self._restart_grace_s = 60.0  # set from the measured engine load time in start()
 
     def start(self, fixed_cluster: bool = False) -> None:
@@ -122,6 +123,7 @@ class EnginePool:
             cause = e.cause if isinstance(e, RayTaskError) and e.cause is not None else e
             raise EngineError(f"engine actor failed to start: {cause}") from None
         self.max_model_len = infos[0]["max_model_len"]
+        self.model_revision = infos[0].get("model_revision")
         # After a restart the engine loads again before it runs anything: that time is not a hang.
         self._restart_grace_s = 30.0 + 3 * max(i["load_s"] for i in infos)
         log.info(
@@ -260,7 +262,7 @@ class EnginePool:
         slot = self.slots[0]
         # Wait until the engine is back (a restart reloads the model), then run the part with no
         # retry and nothing beside it.
-        ray.get(slot.actor.info.options(max_task_retries=-1).remote(), timeout=self.spec.pool.actor_start_timeout_s)
+        ray.get(slot.actor.ping.options(max_task_retries=-1).remote(), timeout=self.spec.pool.actor_start_timeout_s)
         part.alone = True
         slot.head_since = time.monotonic()
         self._call(slot, slot.actor.generate.options(max_task_retries=0).remote(part.requests), part)

@@ -310,6 +310,10 @@ class DeltaSource:
     def drained(self) -> bool:
         return self._exhausted and self._pending is None
 
+    def latest_version(self) -> int:
+        """The source table's newest version (for the versions-behind gauge)."""
+        return self._table().version()
+
     def assignment(self) -> set[TopicPartition]:
         return {(self.topic, u.version) for u in self._units} | {(self.topic, MARKER)}
 

@@ -155,6 +155,15 @@ class KafkaSource:
                 return False
         return True
 
+    def end_offsets(self) -> dict[TopicPartition, int]:
+        """Fetch high watermark of each assigned partition the consumer has fetched from (for lag)."""
+        out = {}
+        for ktp in self.consumer.assignment():
+            hw = self.consumer.highwater(ktp)
+            if hw is not None:
+                out[(ktp.topic, ktp.partition)] = hw
+        return out
+
     def commit_offsets(self, positions: Mapping[TopicPartition, int]) -> None:
         """Best effort: mirror Delta positions into the consumer group for lag tools."""
         owned = self.assignment()

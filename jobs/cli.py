@@ -181,6 +181,32 @@ def make_tiny(
     typer.echo(f"tiny model written to {path}")
 
 
+@app.command("status")
+def status_cmd(
+    spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as one JSON object.")] = False,
+) -> None:
+    """Where a job stands, read from its tables: positions and lag per partition, last commit,
+    dead letters by stage/class, recent runs. Writes nothing."""
+    import json
+
+    from rich.console import Console
+
+    from jobs.status import collect_status, render_status
+    from schemas.errors import TidegateError
+    from schemas.spec import load_spec
+
+    try:
+        result = collect_status(load_spec(spec))
+    except TidegateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        render_status(result, Console())
+
+
 def main() -> None:
     app()
 

@@ -28,11 +28,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from actors.lineage import LINEAGE_COLUMNS, lineage_columns
 from actors.pool import EnginePool
 from actors.prompts import PromptRenderer, dead_letter_table
 from actors.validation import Validator
 from connectors.delta import DeltaSink
 from connectors.offsets import CommitLedger
+from connectors.runs import RunsTable, commit_totals, span_positions
+from jobs.metrics import JobMetrics, partition_lag, source_versions_behind
 from schemas.errors import PartitionFencedError
 from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA
 from schemas.spec import JobSpec
@@ -123,6 +126,15 @@ class PipelineJob:
         self._open: dict[int, _OpenBatch] = {}
         self._uncommitted = 0  # source rows handed to the ledger and not committed yet
         self._embedders: list = []  # embed functions of semantic_grounding's embedding actors
+        # Monitoring (docs/operations.md): Prometheus metrics through Ray, lineage columns on every
+        # result row, the runs table (informational: written after each results commit).
+        self.metrics = JobMetrics(spec.name, self.run_id, spec.source.kind)
+        self.lineage: dict[str, str | None] = {}
+        self.runs = RunsTable.for_results(spec.sink.results, spec.sink.storage_options)
+        self.started_at = datetime.now(timezone.utc)
+        self._last_commit_at = self.started_at
+        self._committed: dict[TopicPartition, int | None] = {}  # last position committed (or resumed)
+        self._next_lag_check = 0.0
         self.source = None
         # Offsets the dead-letter table already holds above the results position (repair window).
         self._skip: dict[TopicPartition, set[int]] = {}
@@ -139,8 +151,12 @@ class PipelineJob:
         self.source = self.make_source(self._on_assign, self._on_revoke)
         self.source.check_columns(self.renderer.required_fields())  # before any GPU work
         self.pool.start(fixed_cluster=self.fixed_cluster)
+        # The engines hash the model they loaded: the driver may not see the model directory.
+        self.lineage = lineage_columns(self.spec, model_rev=self.pool.model_revision or "unknown")
+        self.metrics.live_actors(len(self.pool.slots))
         self._start_embedders()
         self.stats.engines_ready_s = time.monotonic() - self.stats.started
+        status, error = "failed", None
         try:
             self.source.start()
             log.info("run %s: reading %s %s", self.run_id, self.spec.source.kind, self.source.topic)
@@ -149,14 +165,34 @@ class PipelineJob:
             usage = self.pool.usage()
             if usage:
                 self.stats.engine_busy_fraction = sum(u["busy_s"] for u in usage) / sum(u["up_s"] for u in usage)
+            status = "stopped" if stop.is_set() else "finished"
+        except BaseException as e:
+            error = f"{type(e).__name__}: {e}"[:2000]
+            raise
         finally:
             self.stats.finished = time.monotonic()
             if self.source is not None:
                 self.source.close()
             self.pool.shutdown()
+            self.metrics.live_actors(0)
             for embed in self._embedders:
                 ray.kill(embed.actor)
+            self._record_run(status, error)
         return self.stats
+
+    def _record_run(self, status: str, error: str | None) -> None:
+        st = self.stats
+        try:
+            self.runs.append_run(
+                run_id=self.run_id, job=self.spec.name, started_at=self.started_at, ended_at=datetime.now(timezone.utc),
+                status=status, commits=st.commits, rows_ok=st.ok, rows_flagged=st.flagged, rows_dead=st.dead_lettered,
+                dead_by_class=dict(st.dead_by_class), prompt_tokens=st.prompt_tokens,
+                completion_tokens=st.completion_tokens, retries=st.retried,
+                positions={tp: pos for tp, pos in self._committed.items() if pos is not None},
+                lineage=self.lineage, error=error,
+            )  # fmt: skip
+        except Exception as e:  # informational table: never fail (or mask the failure of) a run over it
+            log.warning("could not append to the runs table %s: %s", self.runs.uri, e)
 
     def _start_embedders(self) -> None:
         from actors.semantic import start_embedding_actor
@@ -183,6 +219,8 @@ class PipelineJob:
                     admitted = True
             for tag, completions in self.pool.collect(0 if admitted else 0.02):
                 self._complete(tag, completions)
+            self.metrics.queue_depth(self.pool.in_flight)
+            self._update_lag()
             drained = until_drained and not self.pool.in_flight and not self._buffered and self.source.drained()
             try:
                 # Once drained there is nothing to batch commits with: commit right away.
@@ -251,10 +289,11 @@ class PipelineJob:
         self.stats.consumed += src.num_rows
         self._uncommitted += src.num_rows
         self.stats.peak_uncommitted = max(self.stats.peak_uncommitted, self._uncommitted + self._buffered)
+        self.metrics.rows_in(src.num_rows)
         rendered = self.renderer.render(src, skip=self._is_done)
         if rendered.requests.num_rows:
             self._open[seq] = _OpenBatch(src, [BatchOutput(RESULTS_SCHEMA.empty_table(), rendered.dead)])
-            self.pool.submit(rendered.requests, (seq, rendered.requests))
+            self.pool.submit(rendered.requests, (seq, rendered.requests, time.monotonic()))
         else:
             self.ledger.complete(seq, BatchOutput(RESULTS_SCHEMA.empty_table(), rendered.dead, src.num_rows))
 
@@ -263,19 +302,24 @@ class PipelineJob:
         return bool(done) and offset in done
 
     def _complete(self, tag, completions: pa.Table) -> None:
-        seq, requests = tag
+        seq, requests, submitted = tag
         batch = self._open.get(seq)
         if batch is None:  # dropped by a fence or a revocation while at the engine
             return
-        self.stats.prompt_tokens += pc.sum(completions.column("prompt_tokens")).as_py() or 0
-        self.stats.completion_tokens += pc.sum(completions.column("completion_tokens")).as_py() or 0
+        self.metrics.batch_latency(time.monotonic() - submitted)
+        prompt_tokens = pc.sum(completions.column("prompt_tokens")).as_py() or 0
+        completion_tokens = pc.sum(completions.column("completion_tokens")).as_py() or 0
+        self.stats.prompt_tokens += prompt_tokens
+        self.stats.completion_tokens += completion_tokens
+        self.metrics.tokens(prompt_tokens, completion_tokens)
         output, retries = self._assemble(batch.src, requests, completions)
         batch.parts.append(output)
         batch.waiting -= 1
         if retries is not None and retries.num_rows:
             self.stats.retried += retries.num_rows
+            self.metrics.retries(retries.num_rows)
             batch.waiting += 1
-            self.pool.submit(retries, (seq, retries))
+            self.pool.submit(retries, (seq, retries, time.monotonic()))
         if not batch.waiting:
             del self._open[seq]
             self.ledger.complete(
@@ -320,6 +364,7 @@ class PipelineJob:
                 "source_offset": keep_req.column("source_offset"),
                 "run_id": pa.array([self.run_id] * n, pa.string()),
                 "processed_at": pa.array([datetime.now(timezone.utc)] * n, RESULTS_SCHEMA.field("processed_at").type),
+                **{name: pa.array([self.lineage.get(name)] * n, pa.string()) for name in LINEAGE_COLUMNS},
             },
             schema=RESULTS_SCHEMA,
         )
@@ -327,6 +372,7 @@ class PipelineJob:
             for r in rr:
                 if not r["passed"]:
                     self.stats.rule_failures[r["rule"]] += 1
+                    self.metrics.validation_failures(r["rule"])
         rows = []
         if n < req.num_rows:
             raw_by_pos = {
@@ -391,6 +437,9 @@ class PipelineJob:
         self._uncommitted -= sum(p.consumed for p in group.payloads)
         self.source.commit_offsets(group.positions)
         self._last_commit = time.monotonic()
+        self.metrics.commit_latency(self._last_commit - t0)
+        self.metrics.committed(results, dead)
+        self._committed.update(positions)
         st = self.stats
         st.commits += 1
         st.ok += results.num_rows
@@ -410,6 +459,36 @@ class PipelineJob:
             "commit %d: %d ok, %d dead, positions %s in %.0f ms",
             st.commits, results.num_rows, dead.num_rows, group.positions, (self._last_commit - t0) * 1e3,
         )  # fmt: skip
+        self._record_commit(results, dead, positions)
+
+    def _record_commit(self, results: pa.Table, dead: pa.Table, positions) -> None:
+        now = datetime.now(timezone.utc)
+        try:
+            self.runs.append_commit(
+                run_id=self.run_id, job=self.spec.name, commit_seq=self.stats.commits, started_at=self._last_commit_at,
+                ended_at=now, positions=span_positions(results, dead, positions), lineage=self.lineage,
+                **commit_totals(results, dead),
+            )  # fmt: skip
+        except Exception as e:  # informational table: never fail a run over it
+            log.warning("could not append to the runs table %s: %s", self.runs.uri, e)
+        self._last_commit_at = now
+
+    def _update_lag(self, every_s: float = 5.0) -> None:
+        """Lag gauges: Kafka end offset - next committed offset per partition; Delta versions behind."""
+        if time.monotonic() < self._next_lag_check:
+            return
+        self._next_lag_check = time.monotonic() + every_s
+        try:
+            if self.spec.source.kind == "kafka":
+                ends = self.source.end_offsets()
+                committed = {tp: self._committed.get(tp) for tp in ends}
+                self.metrics.partition_lags(partition_lag(ends, committed))
+            else:
+                latest = self.source.latest_version()
+                marker = max((p for (t, part), p in self._committed.items() if part == -1 and p is not None), default=None)
+                self.metrics.versions_behind(source_versions_behind(latest, marker))
+        except Exception as e:  # monitoring only
+            log.debug("lag update failed: %s", e)
 
     def _flush_all(self) -> None:
         """Finish every batch in flight and commit it (used before giving partitions away)."""
@@ -422,6 +501,7 @@ class PipelineJob:
 
     def _on_assign(self, tps: list[TopicPartition]) -> dict[TopicPartition, int | None]:
         positions = self.sink.load_positions(tps)
+        self._committed.update(positions)
         for tp in tps:
             window = self.sink.repair_window(tp)
             if window:

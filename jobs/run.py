@@ -47,11 +47,16 @@ def init_ray(spec: JobSpec, address: str | None = None) -> None:
     from jobs.reaper import start_for_current_process
 
     start_for_current_process()
+    extra = {}
+    if spec.ray.metrics_export_port:
+        # Prometheus scrapes a local cluster's metrics here (deploy/prometheus/prometheus.yml).
+        extra["_metrics_export_port"] = spec.ray.metrics_export_port
     ray.init(
         num_cpus=os.cpu_count(),
         object_store_memory=int(os.environ.get("TIDEGATE_OBJECT_STORE_BYTES", 512 * 2**20)),
         _temp_dir=os.environ.get("TIDEGATE_RAY_TEMP_DIR"),
         **common,
+        **extra,
     )
 
 
@@ -89,6 +94,7 @@ def run_job(
     address: str | None = None,
     console: Console | None = None,
     follow: bool = False,
+    run_id: str | None = None,
 ):
     """Run a spec to completion (or until signalled). Returns the job's stats."""
     from connectors.broker import EmbeddedBroker
@@ -141,7 +147,7 @@ def run_job(
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _on_signal)
             signal.signal(signal.SIGINT, _on_signal)
-        job = PipelineJob(spec, make_source, fixed_cluster=not remote, progress=progress)
+        job = PipelineJob(spec, make_source, run_id=run_id, fixed_cluster=not remote, progress=progress)
         stats = job.run(until_drained=until_drained, stop=stop)
         report = getattr(job.source, "report", None)
         if report is not None and report.skipped_change_versions:
@@ -191,11 +197,25 @@ def print_summary(spec: JobSpec, stats, console: Console) -> None:
     console.print(table)
 
 
-def main(spec_path: str, until_drained: bool = False, address: str | None = None, follow: bool = False) -> int:
-    configure_logging()
+def main(
+    spec_path: str,
+    until_drained: bool = False,
+    address: str | None = None,
+    follow: bool = False,
+    log_format: str | None = None,
+) -> int:
+    import uuid
+
+    run_id = uuid.uuid4().hex[:16]
+    if (log_format or os.environ.get("TIDEGATE_LOG_FORMAT", "text")) == "json":
+        from jobs.logs import configure_json_logging
+
+        configure_json_logging(run_id=run_id)  # one JSON object per line, with run_id; secrets redacted
+    else:
+        configure_logging()
     try:
         spec = load_spec(Path(spec_path))
-        run_job(spec, until_drained=until_drained, address=address, follow=follow)
+        run_job(spec, until_drained=until_drained, address=address, follow=follow, run_id=run_id)
     except TidegateError as e:
         print(f"error: {e}", file=sys.stderr)  # one plain line (or block), never wrapped
         return 2
@@ -210,5 +230,6 @@ if __name__ == "__main__":
     parser.add_argument("--until-drained", action="store_true")
     parser.add_argument("--follow", action="store_true", help="Delta incremental sources: keep polling for new versions")
     parser.add_argument("--address", default=None)
+    parser.add_argument("--log-format", choices=["text", "json"], default=None, help="default: TIDEGATE_LOG_FORMAT or text")
     a = parser.parse_args()
-    sys.exit(main(a.spec, a.until_drained, a.address, a.follow))
+    sys.exit(main(a.spec, a.until_drained, a.address, a.follow, a.log_format))

@@ -90,6 +90,12 @@ RESULTS_SCHEMA = pa.schema(
         ("source_offset", pa.int64()),
         ("run_id", pa.string()),
         ("processed_at", TIMESTAMP),
+        # Lineage (actors/lineage.py): what produced the row.
+        ("model_path", pa.string()),
+        ("model_revision", pa.string()),  # sha256 of the model's config, tokenizer and weights files
+        ("prompt_template_hash", pa.string()),
+        ("sampling_params", pa.string()),  # canonical JSON of the spec's sampling section
+        ("spec_hash", pa.string()),  # of the whole spec, secrets excluded
     ]
 )
 

@@ -257,6 +257,9 @@ class SinkSpec(_Strict):
 
 class RaySpec(_Strict):
     address: str | None = Field(default=None, description="Ray cluster; default RAY_ADDRESS or a local one.")
+    metrics_export_port: int | None = Field(
+        default=None, ge=1, le=65535, description="A local cluster's Prometheus metrics port (default: Ray picks one)."
+    )
 
 
 class RunSpec(_Strict):

@@ -193,3 +193,26 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "cond
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def results_table(offsets: list[int], partition: int = 0, topic: str = "t", **columns):
+    """A RESULTS_SCHEMA table for rows at `offsets` (placeholder values; `columns` overrides any)."""
+    from datetime import datetime, timezone
+
+    import pyarrow as pa
+
+    from schemas.records import RESULTS_SCHEMA
+
+    n = len(offsets)
+    cols = {
+        "id": [f"id{o}" for o in offsets], "status": ["ok"] * n, "output_text": ["x"] * n,
+        "output_json": [None] * n, "finish_reason": ["length"] * n, "model": ["m"] * n,
+        "prompt_tokens": [1] * n, "completion_tokens": [2] * n, "latency_ms": [1.0] * n,
+        "attempts": [1] * n, "rule_results": [[]] * n, "source_topic": [topic] * n,
+        "source_partition": [partition] * n, "source_offset": offsets, "run_id": ["r"] * n,
+        "processed_at": [datetime.now(timezone.utc)] * n,
+    }  # fmt: skip
+    cols.update({k: (v if isinstance(v, list) else [v] * n) for k, v in columns.items()})
+    for f in RESULTS_SCHEMA:
+        cols.setdefault(f.name, [None] * n)
+    return pa.table(cols, schema=RESULTS_SCHEMA)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 
 import polars as pl
 import pyarrow as pa
@@ -13,33 +12,13 @@ from actors.prompts import dead_letter_table
 from connectors.delta import DeltaSink, txn_app_id
 from schemas.errors import PartitionFencedError, SinkSchemaError
 from schemas.records import RESULTS_SCHEMA
+from tests.conftest import results_table
 
 TP0, TP1 = ("t", 0), ("t", 1)
 
 
 def results(offsets: list[int], partition: int = 0) -> pa.Table:
-    n = len(offsets)
-    return pa.table(
-        {
-            "id": [f"id{o}" for o in offsets],
-            "status": ["ok"] * n,
-            "output_text": ["x"] * n,
-            "finish_reason": ["length"] * n,
-            "model": ["m"] * n,
-            "prompt_tokens": [1] * n,
-            "completion_tokens": [2] * n,
-            "latency_ms": [1.0] * n,
-            "output_json": [None] * n,
-            "attempts": [1] * n,
-            "rule_results": [[]] * n,
-            "source_topic": ["t"] * n,
-            "source_partition": [partition] * n,
-            "source_offset": offsets,
-            "run_id": ["r"] * n,
-            "processed_at": [datetime.now(timezone.utc)] * n,
-        },
-        schema=RESULTS_SCHEMA,
-    )
+    return results_table(offsets, partition)
 
 
 def dead(offsets: list[int], partition: int = 0) -> pa.Table:

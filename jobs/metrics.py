@@ -1,0 +1,442 @@
+"""Prometheus metrics of a job run, through Ray's metrics API (`ray.util.metrics`).
+
+Ray exports every metric a process records on its node's metrics export port, with a `ray_`
+prefix: `tidegate_rows_in_total` is scraped as `ray_tidegate_rows_in_total`, a histogram
+`tidegate_batch_latency_seconds` as `ray_tidegate_batch_latency_seconds_bucket|_sum|_count`.
+Prometheus finds those ports through Ray's service discovery file (deploy/prometheus/prometheus.yml);
+the Grafana dashboard is deploy/grafana/tidegate.json. docs/operations.md lists every metric.
+
+`JobMetrics` creates the Ray metric objects lazily, on the first record made while Ray is
+initialised. Without Ray (unit tests, a plain script) it is a recorder that only keeps in-memory
+totals, readable with `value()` and `histogram()`; it keeps those totals with Ray too. Recording
+never raises into the job: a failure in Ray's metrics is logged once and ignored.
+
+Pure helpers: `partition_lag` (Kafka lag from end offsets and Delta positions),
+`source_versions_behind` (Delta sources), `e2e_latencies_s` (read -> commit latency of committed
+result rows) and `dashboard_metric_names` (the metric names a Grafana dashboard queries).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TopicPartition = tuple[str, int]
+
+# name -> (kind, description, extra tag keys, histogram boundaries or None). Every metric also has
+# the tags `job` (spec name), `run_id` and `source` (kafka|delta).
+_DEFS: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None]] = {
+    "tidegate_rows_in_total": ("counter", "Source rows (events) handed to the pipeline.", (), None),
+    "tidegate_rows_out_total": ("counter", "Result rows committed to the results table, by status (ok|flagged).", ("status",), None),
+    "tidegate_dead_letters_total": ("counter", "Rows committed to the dead-letter table, by stage and error class.", ("stage", "error_class"), None),
+    "tidegate_validation_failures_total": ("counter", "Failed rule checks of generated outputs (retries included), by rule.", ("rule",), None),
+    "tidegate_prompt_tokens_total": ("counter", "Prompt tokens of every generation, retries included.", (), None),
+    "tidegate_completion_tokens_total": ("counter", "Completion tokens of every generation, retries included.", (), None),
+    "tidegate_retries_total": ("counter", "Generations re-run after a failed rule.", (), None),
+    "tidegate_batch_latency_seconds": (
+        "histogram", "Engine time of a batch: submit to the pool -> completions collected.", (),
+        (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
+    ),
+    "tidegate_e2e_latency_seconds": (
+        "histogram", "Per committed result row: event read by the job -> its Delta commit.", (),
+        (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0),
+    ),
+    "tidegate_commit_latency_seconds": (
+        "histogram", "Duration of one commit (dead-letter table, then results table).", (),
+        (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+    ),
+    "tidegate_engine_queue_depth": ("gauge", "Batches in flight at the engine pool.", (), None),
+    "tidegate_live_actors": ("gauge", "Engine actors alive in the pool.", (), None),
+    "tidegate_partition_lag": (
+        "gauge", "Kafka: partition end offset (fetch high watermark) minus the next offset committed in Delta.",
+        ("topic", "partition"), None,
+    ),
+    "tidegate_source_versions_behind": (
+        "gauge", "Delta sources: latest source table version minus the last processed version.", (), None,
+    ),
+}  # fmt: skip
+
+METRIC_NAMES: tuple[str, ...] = tuple(_DEFS)
+BASE_TAG_KEYS = ("job", "run_id", "source")
+EXPORT_PREFIX = "ray_"  # what Ray puts in front of every application metric it exports
+
+# At most this many e2e latencies go to Ray per call (an evenly spaced sample of the sorted
+# values, which keeps the quantiles); the in-memory totals always take every value.
+E2E_MAX_OBSERVATIONS = 512
+
+
+@dataclass
+class HistogramTotals:
+    boundaries: tuple[float, ...]
+    count: int = 0
+    sum: float = 0.0
+    buckets: list[int] = field(default_factory=list)  # per boundary (non-cumulative) + the +Inf bucket
+
+    def __post_init__(self) -> None:
+        if not self.buckets:
+            self.buckets = [0] * (len(self.boundaries) + 1)
+
+    def observe(self, value: float) -> None:
+        self.count += 1
+        self.sum += value
+        self.buckets[bisect_left(self.boundaries, value)] += 1  # le-buckets: value <= boundary
+
+    def merge(self, other: HistogramTotals) -> None:
+        self.count += other.count
+        self.sum += other.sum
+        self.buckets = [a + b for a, b in zip(self.buckets, other.buckets)]
+
+
+class JobMetrics:
+    """One job run's metrics. Call the recording methods from the driver loop.
+
+    >>> m = JobMetrics("triage", "run1", "kafka")
+    >>> m.rows_in(3); m.rows_out("ok", 2)
+    >>> m.value("tidegate_rows_out_total", status="ok")
+    2.0
+    """
+
+    def __init__(self, job_name: str, run_id: str, source_kind: str):
+        self.job_name = job_name
+        self.run_id = run_id
+        self.source_kind = source_kind
+        self.default_tags = {"job": job_name, "run_id": run_id, "source": source_kind}
+        self._lock = threading.Lock()
+        self._ray_metrics: dict[str, object] | None = None  # name -> ray.util.metrics object
+        self._ray_failed = False
+        # In-memory totals: name -> {frozenset(extra tags): value}
+        self._counters: dict[str, dict[frozenset, float]] = {}
+        self._gauges: dict[str, dict[frozenset, float]] = {}
+        self._histograms: dict[str, dict[frozenset, HistogramTotals]] = {}
+
+    # -- Ray side --------------------------------------------------------------------------------
+
+    @property
+    def exporting(self) -> bool:
+        """True once the metrics exist in Ray (recorded values then reach Prometheus)."""
+        return self._ray() is not None
+
+    def _ray(self) -> dict[str, object] | None:
+        if self._ray_metrics is not None or self._ray_failed:
+            return self._ray_metrics
+        try:
+            self._ray_metrics = _ray_metric_objects()
+        except Exception as e:  # metrics must never break a job
+            self._ray_failed = True
+            log.warning("Prometheus metrics disabled: could not create Ray metrics: %s", e)
+        return self._ray_metrics
+
+    def _send(self, name: str, value: float, tags: dict[str, str]) -> None:
+        metrics = self._ray()
+        if metrics is None:
+            return
+        metric = metrics[name]
+        full = {**self.default_tags, **tags}
+        try:
+            kind = _DEFS[name][0]
+            if kind == "counter":
+                metric.inc(value, tags=full)
+            elif kind == "gauge":
+                metric.set(value, tags=full)
+            else:
+                metric.observe(value, tags=full)
+        except Exception as e:
+            if not self._ray_failed:
+                log.warning("Prometheus metrics disabled: recording %s failed: %s", name, e)
+            self._ray_failed = True
+            self._ray_metrics = None
+
+    # -- generic recording -----------------------------------------------------------------------
+
+    @staticmethod
+    def _tags(name: str, tags: Mapping[str, object]) -> dict[str, str]:
+        keys = _DEFS[name][2]
+        if set(tags) != set(keys):
+            raise ValueError(f"{name} takes tags {keys}, got {sorted(tags)}")
+        return {k: str(v) for k, v in tags.items()}
+
+    def _inc(self, name: str, n: float, **tags) -> None:
+        if n is None or n <= 0:
+            return  # Prometheus counters only go up; nothing to add
+        t = self._tags(name, tags)
+        with self._lock:
+            series = self._counters.setdefault(name, {})
+            key = frozenset(t.items())
+            series[key] = series.get(key, 0.0) + float(n)
+        self._send(name, float(n), t)
+
+    def _set(self, name: str, value: float, **tags) -> None:
+        t = self._tags(name, tags)
+        with self._lock:
+            self._gauges.setdefault(name, {})[frozenset(t.items())] = float(value)
+        self._send(name, float(value), t)
+
+    def _observe(self, name: str, values: Iterable[float], **tags) -> None:
+        t = self._tags(name, tags)
+        vals = [float(v) for v in values]
+        if not vals:
+            return
+        with self._lock:
+            h = self._histograms.setdefault(name, {}).setdefault(frozenset(t.items()), HistogramTotals(_DEFS[name][3]))
+            for v in vals:
+                h.observe(v)
+        for v in _sample_sorted(vals, E2E_MAX_OBSERVATIONS) if len(vals) > E2E_MAX_OBSERVATIONS else vals:
+            self._send(name, v, t)
+
+    # -- the job's recording methods -------------------------------------------------------------
+
+    def rows_in(self, n: int) -> None:
+        self._inc("tidegate_rows_in_total", n)
+
+    def rows_out(self, status: str, n: int) -> None:
+        self._inc("tidegate_rows_out_total", n, status=status)
+
+    def dead_letters(self, stage: str, error_class: str, n: int = 1) -> None:
+        self._inc("tidegate_dead_letters_total", n, stage=stage, error_class=error_class)
+
+    def validation_failures(self, rule: str, n: int = 1) -> None:
+        self._inc("tidegate_validation_failures_total", n, rule=rule)
+
+    def tokens(self, prompt: int, completion: int) -> None:
+        self._inc("tidegate_prompt_tokens_total", prompt)
+        self._inc("tidegate_completion_tokens_total", completion)
+
+    def retries(self, n: int) -> None:
+        self._inc("tidegate_retries_total", n)
+
+    def batch_latency(self, seconds: float) -> None:
+        self._observe("tidegate_batch_latency_seconds", [seconds])
+
+    def e2e_latency(self, values_s: Iterable[float]) -> None:
+        """Read -> commit latencies of the rows of one commit (see `e2e_latencies_s`)."""
+        self._observe("tidegate_e2e_latency_seconds", values_s)
+
+    def commit_latency(self, seconds: float) -> None:
+        self._observe("tidegate_commit_latency_seconds", [seconds])
+
+    def queue_depth(self, n: int) -> None:
+        self._set("tidegate_engine_queue_depth", n)
+
+    def live_actors(self, n: int) -> None:
+        self._set("tidegate_live_actors", n)
+
+    def partition_lag(self, topic: str, partition: int, lag: int) -> None:
+        self._set("tidegate_partition_lag", lag, topic=topic, partition=partition)
+
+    def partition_lags(self, lags: Mapping[TopicPartition, int]) -> None:
+        """Record the output of the module function `partition_lag` for every partition."""
+        for (topic, partition), lag in lags.items():
+            self.partition_lag(topic, partition, lag)
+
+    def versions_behind(self, n: int) -> None:
+        self._set("tidegate_source_versions_behind", n)
+
+    # Convenience: a commit's rows and dead letters from the Arrow tables being committed.
+    def committed(self, results, dead, now: datetime | None = None) -> None:
+        """Count a commit's RESULTS_SCHEMA and DEAD_LETTER_SCHEMA tables (rows_out by status,
+        dead letters by stage/error_class) and record their rows' e2e latencies."""
+        from collections import Counter as _Count
+
+        for status, n in _Count(results.column("status").to_pylist()).items():
+            self.rows_out(status or "unknown", n)
+        pairs = zip(dead.column("stage").to_pylist(), dead.column("error_class").to_pylist())
+        for (stage, cls), n in _Count(pairs).items():
+            self.dead_letters(stage or "unknown", cls or "unknown", n)
+        self.e2e_latency(e2e_latencies_s(results, now))
+
+    # -- in-memory totals (tests, summaries) -----------------------------------------------------
+
+    def value(self, name: str, **tags) -> float:
+        """Counters: the sum over the series matching `tags`; gauges: the sum of the matching
+        series' current values (0 when none); histograms: the number of matching observations."""
+        want = {k: str(v) for k, v in tags.items()}
+        with self._lock:
+            kind = _DEFS[name][0]
+            if kind == "histogram":
+                return float(sum(h.count for k, h in self._histograms.get(name, {}).items() if _matches(k, want)))
+            store = self._counters if kind == "counter" else self._gauges
+            return sum(v for k, v in store.get(name, {}).items() if _matches(k, want))
+
+    def gauge(self, name: str, **tags) -> float | None:
+        """The current value of the one gauge series with exactly these tags, or None."""
+        key = frozenset((k, str(v)) for k, v in tags.items())
+        with self._lock:
+            return self._gauges.get(name, {}).get(key)
+
+    def histogram(self, name: str, **tags) -> HistogramTotals:
+        """Count, sum and buckets of the observations matching `tags`, merged."""
+        want = {k: str(v) for k, v in tags.items()}
+        out = HistogramTotals(_DEFS[name][3])
+        with self._lock:
+            for k, h in self._histograms.get(name, {}).items():
+                if _matches(k, want):
+                    out.merge(h)
+        return out
+
+
+# Ray metric objects are per process (one registration per name), shared by every JobMetrics.
+_RAY_METRICS: dict[str, object] = {}
+_RAY_LOCK = threading.Lock()
+
+
+def _ray_metric_objects() -> dict[str, object] | None:
+    """The process's Ray metric objects, created on first use; None while Ray is not initialised."""
+    if _RAY_METRICS:
+        return _RAY_METRICS
+    ray = sys.modules.get("ray")  # not imported: certainly not initialised (and no import cost)
+    if ray is None or not ray.is_initialized():
+        return None
+    from ray.util.metrics import Counter, Gauge, Histogram
+
+    with _RAY_LOCK:
+        if not _RAY_METRICS:
+            made: dict[str, object] = {}
+            for name, (kind, desc, keys, bounds) in _DEFS.items():
+                tag_keys = BASE_TAG_KEYS + keys
+                if kind == "counter":
+                    made[name] = Counter(name, description=desc, tag_keys=tag_keys)
+                elif kind == "gauge":
+                    made[name] = Gauge(name, description=desc, tag_keys=tag_keys)
+                else:
+                    made[name] = Histogram(name, description=desc, boundaries=list(bounds), tag_keys=tag_keys)
+            _RAY_METRICS.update(made)
+    return _RAY_METRICS
+
+
+def _matches(key: frozenset, want: dict[str, str]) -> bool:
+    have = dict(key)
+    return all(have.get(k) == v for k, v in want.items())
+
+
+def _sample_sorted(values: list[float], k: int) -> list[float]:
+    """k evenly spaced order statistics of `values` (min and max included)."""
+    s = sorted(values)
+    if k <= 1:
+        return [s[len(s) // 2]]
+    return [s[round(i * (len(s) - 1) / (k - 1))] for i in range(k)]
+
+
+# -- pure helpers ----------------------------------------------------------------------------------
+
+
+def partition_lag(
+    end_offsets: Mapping[TopicPartition, int],
+    committed_last: Mapping[TopicPartition, int | None],
+    start_offsets: Mapping[TopicPartition, int] | None = None,
+) -> dict[TopicPartition, int]:
+    """Records still to process per partition, for every partition in `end_offsets`.
+
+    end_offsets: the offset the next produced record will get (the fetch high watermark;
+    not ListOffsets, which tansu answers wrongly). committed_last: the last offset committed in
+    Delta (the results table's txn version), None when nothing is committed. start_offsets: the
+    log start offset per partition, used when nothing is committed (default 0).
+
+        lag = end - (last + 1)       when something is committed
+        lag = end - start            when nothing is
+        never below 0 (an end offset behind the Delta position, e.g. a stale watermark, reads 0)
+    """
+    out: dict[TopicPartition, int] = {}
+    for tp, end in end_offsets.items():
+        last = committed_last.get(tp)
+        nxt = (start_offsets or {}).get(tp, 0) if last is None else last + 1
+        out[tp] = max(0, int(end) - int(nxt))
+    return out
+
+
+def source_versions_behind(latest_version: int, last_processed: int | None) -> int:
+    """Delta sources: versions of the source table not processed yet (latest - last processed;
+    every version 0..latest when nothing was processed)."""
+    if last_processed is None:
+        return latest_version + 1
+    return max(0, latest_version - last_processed)
+
+
+def e2e_latencies_s(results, now: datetime | None = None) -> list[float]:
+    """Read -> commit latency in seconds of each row of a RESULTS_SCHEMA table about to be (or
+    just) committed: `latency_ms` (read -> completion, monotonic clock) plus the time since
+    `processed_at` (completion, wall clock) until `now` (default: the current time)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if results.num_rows == 0:
+        return []
+    now = now or datetime.now(timezone.utc)
+    since = pc.subtract(pa.scalar(now, results.schema.field("processed_at").type), results.column("processed_at"))
+    since_s = pc.divide(since.cast(pa.int64()).cast(pa.float64()), 1e6)  # timestamp("us") durations
+    total = pc.add(pc.divide(pc.fill_null(results.column("latency_ms"), 0.0), 1e3), since_s)
+    return [max(0.0, v) for v in total.to_pylist() if v is not None]
+
+
+# -- dashboard check -------------------------------------------------------------------------------
+
+_PROMQL_KEYWORDS = {
+    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset",
+    "inf", "nan", "atan2",
+}  # fmt: skip
+_HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names a PromQL expression selects (functions, label matchers, ranges, grouping
+    clauses, keywords, strings and numbers removed)."""
+    s = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', " ", expr)  # strings
+    s = re.sub(r"\{[^}]*\}", " ", s)  # label matchers
+    s = re.sub(r"\[[^\]]*\]", " ", s)  # ranges and subqueries
+    s = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)
+    s = re.sub(r"\boffset\s+-?[0-9a-zA-Z$_]+", " ", s)
+    s = re.sub(r"\$\{?[A-Za-z_][A-Za-z0-9_:]*\}?", " ", s)  # Grafana variables
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", s):
+        word = m.group(0)
+        start, end = m.span()
+        if start and (s[start - 1].isdigit() or s[start - 1] == "."):
+            continue  # part of a number such as 1e3 or 0.95
+        if re.match(r"\s*\(", s[end:]) or word.lower() in _PROMQL_KEYWORDS:
+            continue  # a function or aggregation, or a keyword
+        names.add(word)
+    return names
+
+
+def _base_name(name: str) -> str:
+    for suffix in _HISTOGRAM_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def dashboard_exprs(dashboard: dict) -> list[str]:
+    """Every PromQL `expr` of a Grafana dashboard's panels (rows' nested panels included)."""
+    out: list[str] = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            expr = node.get("expr")
+            if isinstance(expr, str) and expr.strip():
+                out.append(expr)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(dashboard.get("panels", []))
+    return out
+
+
+def dashboard_metric_names(path: str | Path) -> set[str]:
+    """The metric names (histogram suffixes stripped) that a Grafana dashboard JSON queries."""
+    dashboard = json.loads(Path(path).read_text())
+    names: set[str] = set()
+    for expr in dashboard_exprs(dashboard):
+        names |= {_base_name(n) for n in promql_metric_names(expr)}
+    return names
