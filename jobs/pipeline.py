@@ -109,14 +109,22 @@ class PipelineJob:
     connectors.delta_source.DeltaSource); it calls resume_positions on (re)assignment.
     """
 
-    def __init__(self, spec: JobSpec, make_source, run_id: str | None = None, fixed_cluster: bool = False, progress=None):
+    def __init__(
+        self,
+        spec: JobSpec,
+        make_source,
+        run_id: str | None = None,
+        fixed_cluster: bool = False,
+        progress=None,
+        sink: DeltaSink | None = None,
+    ):
         self.spec = spec
         self.make_source = make_source
         self.fixed_cluster = fixed_cluster
         self.progress = progress  # optional callable(rows_committed, rows_total) for progress bars
         self.run_id = run_id or uuid.uuid4().hex[:16]
         self.stats = JobStats(self.run_id)
-        self.sink = DeltaSink(
+        self.sink = sink or DeltaSink(
             spec.name, spec.sink.results, spec.sink.dead_letter, spec.sink.storage_options, source_kind=spec.source.kind
         )
         self.renderer = PromptRenderer(spec.prompt, spec.source.max_message_bytes, self.run_id)

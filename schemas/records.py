@@ -114,5 +114,7 @@ DEAD_LETTER_SCHEMA = pa.schema(
         ("output_text", pa.string()),  # stage validate: the rejected output
         ("attempts", pa.int32()),  # stage validate: generations tried
         ("rule_results", RULE_RESULTS_TYPE),  # stage validate: every rule's result
+        ("replayed_by", pa.string()),  # `tidegate dlq replay`: the replay that took this row (its run_id)
+        ("replayed_at", TIMESTAMP),  # ... and when that replay was committed (null while in progress)
     ]
 )

@@ -102,7 +102,12 @@ class JobProcess:
     """`python -m jobs.run SPEC` in its own process group-free child, with its own Ray temp dir."""
 
     def __init__(
-        self, spec_path: Path, until_drained: bool = True, log_path: Path | None = None, extra_args: tuple = ()
+        self,
+        spec_path: Path,
+        until_drained: bool = True,
+        log_path: Path | None = None,
+        extra_args: tuple = (),
+        module: str = "jobs.run",
     ):
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="tgray", dir="/tmp"))  # short: Ray's socket paths
         env = dict(os.environ)
@@ -112,8 +117,8 @@ class JobProcess:
             PYTHONUNBUFFERED="1",
             RAY_DEDUP_LOGS="0",
         )
-        cmd = [sys.executable, "-m", "jobs.run", str(spec_path)]
-        if until_drained:
+        cmd = [sys.executable, "-m", module, str(spec_path)]
+        if until_drained and module == "jobs.run":
             cmd.append("--until-drained")
         cmd += list(extra_args)
         self.log_path = log_path or spec_path.parent / f"job-{uuid.uuid4().hex[:6]}.log"
