@@ -57,6 +57,7 @@ class EngineWorker:
         chat: bool = True,
         system: str | None = None,
         json_schema: dict | None = None,
+        tensor_parallel_size: int = 1,
     ):
         for k, v in engine_env(model).items():
             os.environ.setdefault(k, v)
@@ -70,7 +71,10 @@ class EngineWorker:
             model=model.path,
             dtype=model.dtype,
             seed=model.seed,
-            distributed_executor_backend="uni",
+            # One process per engine, except for tensor parallelism: then vLLM's Ray executor puts
+            # a worker on each GPU of the placement group this actor runs in (actors/pool.py).
+            distributed_executor_backend="uni" if tensor_parallel_size == 1 else "ray",
+            tensor_parallel_size=tensor_parallel_size,
             # CUDA graphs pay off on GPUs; on CPUs eager mode loads in seconds instead of a minute.
             enforce_eager=not on_gpu,
         )

@@ -35,6 +35,8 @@ class _Slot:
     # the head is the one running, since head_since.
     queue: deque = field(default_factory=deque)
     head_since: float = 0.0
+    idle_since: float = field(default_factory=time.monotonic)  # when its queue last emptied
+    pg: Any = None  # its placement group (tensor parallel engines)
 
 
 @dataclass
@@ -72,6 +74,11 @@ class EnginePool:
         self.max_model_len: int | None = None
         self.model_revision: str | None = None
         self._restart_grace_s = 60.0  # set from the measured engine load time in start()
+        self.fixed_cluster = False
+        self._actor_options: dict[str, Any] = {}
+        self._starting: tuple[_Slot, Any, float] | None = None  # an engine being added (scale up)
+        self._backlog_since: float | None = None
+        self._told_full = False
 
     def start(self, fixed_cluster: bool = False) -> None:
         """Start the engine actors and wait until each has loaded its engine.
@@ -80,6 +87,7 @@ class EnginePool:
         no node can ever satisfy fails at once instead of after actor_start_timeout_s.
         """
         pool = self.spec.pool
+        self.fixed_cluster = fixed_cluster
         if fixed_cluster:
             self._check_fits()
         env = engine_env(self.spec.model)
@@ -88,8 +96,8 @@ class EnginePool:
         if pool.engine_threads:
             env["OMP_NUM_THREADS"] = str(pool.engine_threads)
         elif pool.num_gpus == 0 and "OMP_NUM_THREADS" not in env:
-            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // pool.actors))
-        actor_cls = ray.remote(EngineWorker).options(
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // pool.max_engines))
+        options: dict[str, Any] = dict(
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus,
             runtime_env={"env_vars": env},
@@ -100,23 +108,23 @@ class EnginePool:
             max_restarts=-1,
             max_task_retries=1,
         )
-        actors = [
-            actor_cls.remote(
-                self.spec.model, self.spec.sampling, self.spec.prompt.chat, self.spec.prompt.system, self.json_schema
-            )
-            for _ in range(pool.actors)
-        ]
-        self.slots = [_Slot(a) for a in actors]
+        if pool.tensor_parallel_size > 1:
+            # The engine actor holds no GPU itself: vLLM's Ray executor starts one worker per GPU
+            # in the placement group the actor captures (one group per engine, packed on a node).
+            options.update(num_gpus=0, num_cpus=0)
+        self._actor_options = options
+        actors = [self._new_actor() for _ in range(pool.initial_engines)]
+        self.slots = [_Slot(a, pg=pg) for a, pg in actors]
         t0 = time.monotonic()
-        refs = [a.info.remote() for a in actors]
+        refs = [a.info.remote() for a, _ in actors]
         try:
             infos = ray.get(refs, timeout=pool.actor_start_timeout_s)
         except GetTimeoutError:
             self.shutdown()
             raise EngineError(
-                f"{pool.actors} engine actor(s) did not start within pool.actor_start_timeout_s="
-                f"{pool.actor_start_timeout_s:.0f}s; asked for num_cpus={pool.num_cpus}, num_gpus={pool.num_gpus} "
-                f"each; the cluster has {_describe(ray.cluster_resources())}"
+                f"{len(actors)} engine actor(s) did not start within pool.actor_start_timeout_s="
+                f"{pool.actor_start_timeout_s:.0f}s; asked for num_cpus={pool.num_cpus}, num_gpus={pool.num_gpus}"
+                f"{_tp_text(pool)} each; the cluster has {_describe(ray.cluster_resources())}"
             ) from None
         except (RayActorError, RayTaskError) as e:
             self.shutdown()
@@ -124,12 +132,121 @@ class EnginePool:
             raise EngineError(f"engine actor failed to start: {cause}") from None
         self.max_model_len = infos[0]["max_model_len"]
         self.model_revision = infos[0].get("model_revision")
+        self._load_s = max(i["load_s"] for i in infos)
         # After a restart the engine loads again before it runs anything: that time is not a hang.
-        self._restart_grace_s = 30.0 + 3 * max(i["load_s"] for i in infos)
+        self._restart_grace_s = 30.0 + 3 * self._load_s
         log.info(
             "%d engine actor(s) ready in %.1fs (engine load %.1fs, context %d tokens)",
             len(actors), time.monotonic() - t0, infos[0]["load_s"], self.max_model_len,
         )  # fmt: skip
+
+    def _new_actor(self) -> tuple[Any, Any]:
+        """One engine actor (and its placement group when tensor_parallel_size > 1)."""
+        pool = self.spec.pool
+        options = dict(self._actor_options)
+        pg = None
+        if pool.tensor_parallel_size > 1:
+            from ray.util.placement_group import placement_group
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            per_gpu_cpu = max(pool.num_cpus / pool.tensor_parallel_size, 0.001)
+            pg = placement_group([{"GPU": 1, "CPU": per_gpu_cpu}] * pool.tensor_parallel_size, strategy="STRICT_PACK")
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_capture_child_tasks=True
+            )
+        actor = (
+            ray.remote(EngineWorker)
+            .options(**options)
+            .remote(
+                self.spec.model,
+                self.spec.sampling,
+                self.spec.prompt.chat,
+                self.spec.prompt.system,
+                self.json_schema,
+                pool.tensor_parallel_size,
+            )
+        )
+        return actor, pg
+
+    # -- scaling ---------------------------------------------------------------------------------
+
+    def autoscale(self, backlog_rows: int | None) -> None:
+        """Between pool.min_actors and pool.max_actors: add an engine when the source's backlog
+        has exceeded what the engines have queued for scale_up_after_s; remove one that has been
+        idle for scale_down_after_s. Call it from the job loop (cheap; never blocks)."""
+        pool = self.spec.pool
+        now = time.monotonic()
+        self._adopt_started()
+        if pool.min_engines == pool.max_engines:
+            return
+        # More waiting at the source than the engines have queued, for a while: they do not keep up.
+        queued_rows = self.capacity * pool.batch_size
+        if backlog_rows is not None and backlog_rows > queued_rows:
+            self._backlog_since = self._backlog_since or now
+            grow = now - self._backlog_since >= pool.scale_up_after_s
+            if grow and self._starting is None and len(self.slots) < pool.max_engines:
+                self._scale_up()
+                self._backlog_since = None
+        else:
+            self._backlog_since = None
+        if len(self.slots) > pool.min_engines and self._starting is None and not self._suspects:
+            for slot in reversed(self.slots[1:]):  # slot 0 runs quarantined parts: keep it
+                if not slot.queue and now - slot.idle_since >= pool.scale_down_after_s:
+                    self.slots.remove(slot)
+                    self._kill(slot)
+                    log.info("engine pool: idle for %.0fs, down to %d engine(s)", pool.scale_down_after_s, len(self.slots))
+                    break
+
+    def _scale_up(self) -> None:
+        pool = self.spec.pool
+        if self.fixed_cluster:
+            free = ray.available_resources()
+            if free.get("CPU", 0) < pool.num_cpus or free.get("GPU", 0) < pool.num_gpus:
+                if not self._told_full:
+                    log.info("engine pool: backlog, but this fixed cluster has no room for another engine (%s free)",
+                             _describe(free))  # fmt: skip
+                    self._told_full = True
+                return
+        actor, pg = self._new_actor()
+        self._starting = (_Slot(actor, pg=pg), actor.info.remote(), time.monotonic())
+        log.info("engine pool: backlog for %.0fs, starting engine %d of at most %d",
+                 pool.scale_up_after_s, len(self.slots) + 1, pool.max_engines)  # fmt: skip
+
+    def _adopt_started(self) -> None:
+        if self._starting is None:
+            return
+        slot, ref, since = self._starting
+        ready, _ = ray.wait([ref], timeout=0)
+        if ready:
+            try:
+                ray.get(ref)
+            except (RayActorError, RayTaskError) as e:
+                log.warning("engine pool: a new engine failed to start: %s", _first_line(e))
+                self._kill(slot)
+            else:
+                slot.idle_since = time.monotonic()
+                self.slots.append(slot)
+                log.info("engine pool: %d engine(s)", len(self.slots))
+            self._starting = None
+        elif time.monotonic() - since > self.spec.pool.actor_start_timeout_s:
+            log.warning("engine pool: a new engine did not start within %.0fs; giving up on it",
+                        self.spec.pool.actor_start_timeout_s)  # fmt: skip
+            self._kill(slot)
+            self._starting = None
+
+    @staticmethod
+    def _kill(slot: _Slot) -> None:
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except Exception:  # already gone
+            pass
+        if slot.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            try:
+                remove_placement_group(slot.pg)
+            except Exception:
+                pass
 
     def _check_fits(self) -> None:
         pool = self.spec.pool
@@ -138,15 +255,18 @@ class EnginePool:
         if not fits:
             biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
             raise EngineError(
-                f"no node can ever hold an engine actor: pool.num_cpus={pool.num_cpus:g}, pool.num_gpus={pool.num_gpus:g} "
-                f"per actor, but the largest node of this (non-autoscaling) cluster has {_describe(biggest)}"
+                f"no node can ever hold an engine actor: pool.num_cpus={pool.num_cpus:g}, pool.num_gpus={pool.num_gpus:g}"
+                f"{_tp_text(pool)} per actor, but the largest node of this (non-autoscaling) cluster has "
+                f"{_describe(biggest)}"
             )
         total_cpu = sum(n.get("CPU", 0) for n in nodes)
         total_gpu = sum(n.get("GPU", 0) for n in nodes)
-        if pool.actors * pool.num_cpus > total_cpu or pool.actors * pool.num_gpus > total_gpu:
+        n = pool.initial_engines
+        if n * pool.num_cpus > total_cpu or n * pool.num_gpus > total_gpu:
+            what = "pool.actors" if pool.min_actors is None else "pool.min_actors"
             raise EngineError(
-                f"pool.actors={pool.actors} engine actors need CPU={pool.actors * pool.num_cpus:g}, "
-                f"GPU={pool.actors * pool.num_gpus:g} in all; the cluster has CPU={total_cpu:g}, GPU={total_gpu:g}"
+                f"{what}={n} engine actors need CPU={n * pool.num_cpus:g}, "
+                f"GPU={n * pool.num_gpus:g} in all; the cluster has CPU={total_cpu:g}, GPU={total_gpu:g}"
             )
 
     @property
@@ -182,6 +302,8 @@ class EnginePool:
             pass
         if was_head:
             slot.head_since = max(slot.head_since, time.monotonic())
+        if not slot.queue:
+            slot.idle_since = time.monotonic()
 
     def collect(self, timeout_s: float) -> list[tuple[Any, pa.Table]]:
         """Completed batches as (tag, COMPLETION_SCHEMA table, rows in request order).
@@ -288,10 +410,10 @@ class EnginePool:
 
     def shutdown(self) -> None:
         for slot in self.slots:
-            try:
-                ray.kill(slot.actor)
-            except Exception:  # already dead
-                pass
+            self._kill(slot)
+        if self._starting is not None:
+            self._kill(self._starting[0])
+            self._starting = None
         self.slots = []
         self._pending.clear()
         self._suspects.clear()
@@ -315,6 +437,10 @@ def crash_rows(requests: pa.Table, attempts: int, hung: bool = False) -> pa.Tabl
 def _first_line(err: Exception) -> str:
     text = str(err).strip().splitlines()
     return text[0][:300] if text else type(err).__name__
+
+
+def _tp_text(pool) -> str:
+    return f" (tensor_parallel_size={pool.tensor_parallel_size}, one node)" if pool.tensor_parallel_size > 1 else ""
 
 
 def _describe(resources: dict[str, float]) -> str:

@@ -107,6 +107,7 @@ class DeltaSource:
         self._last_planned: int | None = None
         self._next_check = 0.0
         self.total_rows = 0  # rows still to do when the plan was made (for progress)
+        self._handed = 0  # rows handed out since the plan was made
 
     # -- checks and planning ---------------------------------------------------------------------
 
@@ -235,6 +236,7 @@ class DeltaSource:
             if start < u.rows:
                 starts.append((u, start))
         self.total_rows = sum(u.rows - s for u, s in starts)
+        self._handed = 0
         log.info(
             "Delta source %s (%s): %d row(s) to do in version(s) %s",
             self.spec.uri, self.spec.mode, self.total_rows, [u.version for u, _ in starts],
@@ -268,6 +270,7 @@ class DeltaSource:
             parts.append(t)
             n += t.num_rows
         if parts:
+            self._handed += n
             return pa.concat_tables(parts)
         if self.follow:
             self._maybe_extend()
@@ -309,6 +312,10 @@ class DeltaSource:
 
     def drained(self) -> bool:
         return self._exhausted and self._pending is None
+
+    def backlog(self) -> int | None:
+        """Rows of the current plan not handed out yet."""
+        return max(0, self.total_rows - self._handed)
 
     def latest_version(self) -> int:
         """The source table's newest version (for the versions-behind gauge)."""

@@ -164,6 +164,16 @@ class KafkaSource:
                 out[(ktp.topic, ktp.partition)] = hw
         return out
 
+    def backlog(self) -> int | None:
+        """Records in the assigned partitions not read yet (fetch high watermark - position)."""
+        total, known = 0, False
+        for ktp in self.consumer.assignment():
+            hw = self.consumer.highwater(ktp)
+            if hw is not None:
+                known = True
+                total += max(0, hw - self.consumer.position(ktp))
+        return total if known else None
+
     def commit_offsets(self, positions: Mapping[TopicPartition, int]) -> None:
         """Best effort: mirror Delta positions into the consumer group for lag tools."""
         owned = self.assignment()

@@ -92,6 +92,9 @@ class ReplaySource:
     def commit_offsets(self, positions: Mapping[TopicPartition, int]) -> None:
         pass
 
+    def backlog(self) -> int | None:
+        return self.plan.num_rows - self._next
+
     def end_offsets(self) -> dict[TopicPartition, int]:
         return {(self.topic, 0): self.plan.num_rows}
 

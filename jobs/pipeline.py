@@ -78,6 +78,7 @@ class JobStats:
     completion_tokens: int = 0
     commits: int = 0
     peak_uncommitted: int = 0  # most source rows read but not yet committed at any time (bounded)
+    peak_engines: int = 0
     started: float = field(default_factory=time.monotonic)
     first_commit_s: float | None = None
     engines_ready_s: float | None = None
@@ -143,6 +144,7 @@ class PipelineJob:
         self._last_commit_at = self.started_at
         self._committed: dict[TopicPartition, int | None] = {}  # last position committed (or resumed)
         self._next_lag_check = 0.0
+        self._next_scale_check = 0.0
         self.source = None
         # Offsets the dead-letter table already holds above the results position (repair window).
         self._skip: dict[TopicPartition, set[int]] = {}
@@ -162,6 +164,7 @@ class PipelineJob:
         # The engines hash the model they loaded: the driver may not see the model directory.
         self.lineage = lineage_columns(self.spec, model_rev=self.pool.model_revision or "unknown")
         self.metrics.live_actors(len(self.pool.slots))
+        self.stats.peak_engines = len(self.pool.slots)
         self._start_embedders()
         self.stats.engines_ready_s = time.monotonic() - self.stats.started
         status, error = "failed", None
@@ -229,6 +232,7 @@ class PipelineJob:
                 self._complete(tag, completions)
             self.metrics.queue_depth(self.pool.in_flight)
             self._update_lag()
+            self._autoscale()
             drained = until_drained and not self.pool.in_flight and not self._buffered and self.source.drained()
             try:
                 # Once drained there is nothing to batch commits with: commit right away.
@@ -480,6 +484,17 @@ class PipelineJob:
         except Exception as e:  # informational table: never fail a run over it
             log.warning("could not append to the runs table %s: %s", self.runs.uri, e)
         self._last_commit_at = now
+
+    def _autoscale(self, every_s: float = 1.0) -> None:
+        if time.monotonic() < self._next_scale_check:
+            return
+        self._next_scale_check = time.monotonic() + every_s
+        engines = len(self.pool.slots)
+        backlog = self.source.backlog()
+        self.pool.autoscale(None if backlog is None else backlog + self._buffered)
+        if len(self.pool.slots) != engines:
+            self.metrics.live_actors(len(self.pool.slots))
+            self.stats.peak_engines = max(self.stats.peak_engines, len(self.pool.slots))
 
     def _update_lag(self, every_s: float = 5.0) -> None:
         """Lag gauges: Kafka end offset - next committed offset per partition; Delta versions behind."""

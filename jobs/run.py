@@ -186,6 +186,7 @@ def print_summary(spec: JobSpec, stats, console: Console) -> None:
     if stats.engines_ready_s is not None:
         table.add_row("engines ready after", f"{stats.engines_ready_s:.1f} s")
         table.add_row("throughput once ready", f"{stats.rows_per_s_after_start:.1f} rows/s")
+    table.add_row("engines (peak)", f"{stats.peak_engines}")
     if stats.engine_busy_fraction is not None:
         table.add_row("engine busy", f"{stats.engine_busy_fraction:.1%}")
     if stats.first_commit_s is not None:

@@ -221,7 +221,14 @@ SAMPLING_FIELDS = frozenset(
 
 
 class PoolSpec(_Strict):
-    actors: int = Field(default=1, ge=1)
+    actors: int = Field(default=1, ge=1, description="Engine actors (the starting count when min/max_actors are set).")
+    min_actors: int | None = Field(default=None, ge=1, description="Autoscaling: the fewest engines (default: actors).")
+    max_actors: int | None = Field(default=None, ge=1, description="Autoscaling: the most engines (default: actors).")
+    scale_up_after_s: float = Field(default=30.0, ge=0, description="Backlog this long with every engine busy: add one.")
+    scale_down_after_s: float = Field(default=120.0, ge=0, description="An engine idle this long is removed.")
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="GPUs per engine (vLLM tensor parallelism); a placement group per engine."
+    )
     batch_size: int = Field(default=256, ge=1)
     num_cpus: float = Field(default=1.0, gt=0)
     num_gpus: float = Field(default=0.0, ge=0)
@@ -245,6 +252,29 @@ class PoolSpec(_Strict):
         gt=0,
         description="A batch running longer is a hung engine: it is restarted and the batch isolated. null: never.",
     )
+
+    @model_validator(mode="after")
+    def _sizes(self) -> PoolSpec:
+        if self.min_engines > self.max_engines:
+            raise ValueError(f"min_actors ({self.min_engines}) is above max_actors ({self.max_engines})")
+        if self.tensor_parallel_size > 1 and self.num_gpus != self.tensor_parallel_size:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} needs num_gpus={self.tensor_parallel_size} "
+                f"(GPUs per engine), not {self.num_gpus:g}"
+            )
+        return self
+
+    @property
+    def min_engines(self) -> int:
+        return self.min_actors if self.min_actors is not None else min(self.actors, self.max_actors or self.actors)
+
+    @property
+    def max_engines(self) -> int:
+        return self.max_actors if self.max_actors is not None else max(self.actors, self.min_actors or self.actors)
+
+    @property
+    def initial_engines(self) -> int:
+        return min(max(self.actors, self.min_engines), self.max_engines)
 
 
 class SinkSpec(_Strict):

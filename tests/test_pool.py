@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import tempfile
 import time
 
 import polars as pl
@@ -42,6 +44,10 @@ def test_killed_engine_actor_is_replaced_and_nothing_is_lost(tmp_path, broker, t
     "pool,message",
     [
         ({"pool.num_gpus": 1}, "no node can ever hold an engine actor: pool.num_cpus=1, pool.num_gpus=1 per actor"),
+        ({"pool.num_gpus": 2, "pool.tensor_parallel_size": 2},
+         "pool.num_gpus=2 (tensor_parallel_size=2, one node) per actor, but the largest node"),
+        ({"pool.min_actors": os.cpu_count() + 1, "pool.max_actors": os.cpu_count() + 2},
+         f"pool.min_actors={os.cpu_count() + 1} engine actors need CPU={os.cpu_count() + 1}"),
         ({"pool.actors": os.cpu_count() + 1},
          f"pool.actors={os.cpu_count() + 1} engine actors need CPU={os.cpu_count() + 1}, GPU=0 in all; "
          f"the cluster has CPU={os.cpu_count()}"),
@@ -126,3 +132,62 @@ def test_a_slow_sink_slows_consumption_and_bounds_what_is_in_flight(
     bound = (2 + 1) * batch + 2 * 64 + batch + batch
     assert batch <= peak <= bound, (peak, bound)
     assert commits >= n // bound  # the sink, not the source, set the pace
+
+
+def engine_processes(job) -> list[psutil.Process]:
+    return [p for p in job.descendants() if p.name().startswith("ray::EngineWorker") and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_pool_scales_up_under_backlog_and_down_when_idle(tmp_path, broker, topic, tiny_model, job_processes):
+    n = 4000
+    send(broker, topic, (event(i) for i in range(n)))
+    spec = make_spec(
+        tmp_path, broker, topic, tiny_model,
+        **{"pool.min_actors": 1, "pool.max_actors": 2, "pool.scale_up_after_s": 2, "pool.scale_down_after_s": 6,
+           "pool.num_cpus": 0.5, "pool.batch_size": 32, "validation": []},
+    )  # fmt: skip
+    job = job_processes(write_spec(tmp_path, spec), until_drained=False)
+    res_uri = spec["sink"]["results"]
+    wait_for(lambda: table_rows(res_uri) > 0 or job.proc.poll() is not None, 240, what="first commit")
+    assert len(engine_processes(job)) == 1
+    wait_for(lambda: len(engine_processes(job)) == 2 or job.proc.poll() is not None, 120, what="a second engine")
+    assert job.proc.poll() is None, job.log()[-3000:]
+    assert "starting engine 2 of at most 2" in job.log()
+    wait_for(lambda: table_rows(res_uri) == n or job.proc.poll() is not None, 300, what="every row committed")
+    # Idle now: back down to min_actors.
+    wait_for(lambda: len(engine_processes(job)) == 1 or job.proc.poll() is not None, 60, what="scale down")
+    assert "idle for 6s, down to 1 engine(s)" in job.log()
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.wait(120) == 0, job.log()[-3000:]
+    ids = pl.read_delta(res_uri)["id"].to_list()
+    assert len(ids) == len(set(ids)) == n
+    assert re.search(r"engines \(peak\)\s*│\s*2", job.log())
+
+
+def test_tensor_parallel_engines_get_a_packed_placement_group_each(tmp_path):
+    """Placement only (no GPUs here): one STRICT_PACK group of tensor_parallel_size GPU bundles per
+    engine, on a local Ray with logical GPUs; the engine actor itself holds no GPU."""
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    from actors.pool import EnginePool
+    from schemas.spec import parse_spec
+
+    spec = parse_spec(make_spec(tmp_path, None, "t", tmp_path / "no-model",
+                                **{"source": {"kafka": {"topic": "t"}}, "pool.num_gpus": 2, "pool.num_cpus": 1,
+                                   "pool.tensor_parallel_size": 2}))  # fmt: skip
+    ray_tmp = tempfile.mkdtemp(prefix="tgray", dir="/tmp")  # short: Ray's socket paths
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, _temp_dir=ray_tmp, object_store_memory=80 * 2**20)
+    try:
+        pool = EnginePool(spec)
+        pool._actor_options = {"num_cpus": 0, "num_gpus": 0, "max_restarts": 0}
+        actor, pg = pool._new_actor()
+        assert ray.get(pg.ready(), timeout=60)
+        table = placement_group_table(pg)
+        assert table["strategy"] == "STRICT_PACK"
+        assert list(table["bundles"].values()) == [{"GPU": 1.0, "CPU": 0.5}, {"GPU": 1.0, "CPU": 0.5}]
+        EnginePool._kill(type("S", (), {"actor": actor, "pg": pg})())
+        wait_for(lambda: placement_group_table(pg)["state"] == "REMOVED", 30, what="group removed")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
