@@ -28,6 +28,7 @@ from schemas.spec import PromptSpec
 class RenderedBatch:
     requests: pa.Table
     dead: pa.Table
+    carried: dict = None  # encryption.input_fields: (partition, offset) -> {field: text}, plain text
 
 
 class BadEvent(Exception):
@@ -51,8 +52,10 @@ def dead_letter_table(rows: list[dict], run_id: str) -> pa.Table:
 
 
 class PromptRenderer:
-    def __init__(self, spec: PromptSpec, max_message_bytes: int, run_id: str):
+    def __init__(self, spec: PromptSpec, max_message_bytes: int, run_id: str, encryption=None, has_key=None):
         self.spec = spec
+        self.encryption = encryption if encryption is not None and encryption.enabled else None
+        self.has_key = has_key or (lambda tenant: True)
         self.max_message_bytes = max_message_bytes
         self.run_id = run_id
         env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
@@ -146,10 +149,14 @@ class PromptRenderer:
         changes = source.column("source_change").to_pylist()
         req = {name: [] for name in REQUEST_SCHEMA.names}
         dead: list[dict] = []
+        carried: dict = {}
+        enc = self.encryption
+        fallback_tenant = enc.tenant if enc is not None else None
         for topic, partition, offset, value, recv, change in zip(topics, partitions, offsets, values, received, changes):
             if skip is not None and skip(topic, partition, offset):
                 continue
             event_id = None
+            tenant = fallback_tenant
             try:
                 if change is not None:
                     # A source row that changed after it was first read: reported, not re-processed.
@@ -157,9 +164,13 @@ class PromptRenderer:
                     raise BadEvent("source", f"source_{change}", f"row {change}d in the source at version {partition}; "
                                    "changes are reported, not processed", event_id)  # fmt: skip
                 event_id, event = self.decode(value)
+                if enc is not None:
+                    tenant = self.tenant(event_id, event)
                 prompt = self.render_one(event_id, event)
                 context = self.context(event_id, event)
             except BadEvent as e:
+                if e.error_class in ("invalid_tenant", "unknown_tenant"):
+                    tenant = None  # never encrypt one tenant's event under another tenant's key
                 dead.append(
                     dict(
                         id=e.event_id or event_id,
@@ -170,9 +181,12 @@ class PromptRenderer:
                         source_partition=partition,
                         source_offset=offset,
                         raw=value,
+                        tenant=tenant,
                     )
                 )
                 continue
+            if enc is not None and enc.input_fields:
+                carried[(partition, offset)] = {f.name: _as_text(event.get(f.name)) for f in enc.input_fields}
             req["id"].append(event_id)
             req["prompt"].append(prompt)
             req["source_topic"].append(topic)
@@ -182,7 +196,28 @@ class PromptRenderer:
             req["attempt"].append(1)
             req["first_prompt"].append(None)
             req["context"].append(context)
-        return RenderedBatch(pa.table(req, schema=REQUEST_SCHEMA), dead_letter_table(dead, self.run_id))
+            req["tenant"].append(tenant)
+        return RenderedBatch(pa.table(req, schema=REQUEST_SCHEMA), dead_letter_table(dead, self.run_id), carried)
+
+    def tenant(self, event_id: str, event: dict) -> str:
+        """The event's tenant (encryption), one whose key this job holds; else BadEvent."""
+        try:
+            tenant = self.encryption.tenant_of(event)
+        except ValueError as e:
+            raise BadEvent("decode", "invalid_tenant", str(e), event_id) from None
+        if tenant is None:
+            raise BadEvent("decode", "missing_tenant",
+                           f"tenant field {self.encryption.tenant_field!r} is missing and no encryption.tenant is set",
+                           event_id)  # fmt: skip
+        if not self.has_key(tenant):
+            raise BadEvent("decode", "unknown_tenant", "the keyring holds no active key for this event's tenant", event_id)
+        return tenant
+
+
+def _as_text(v: object) -> str | None:
+    if v is None or isinstance(v, str):
+        return v
+    return json.dumps(v, ensure_ascii=False, sort_keys=True)
 
 
 def _json_kind(v: object) -> str:

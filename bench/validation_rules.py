@@ -66,6 +66,7 @@ def batch(texts: list[str]) -> tuple[pa.Table, pa.Table]:
             "attempt": [1] * n,
             "first_prompt": [None] * n,
             "context": [DOCS] * n,
+            "tenant": [None] * n,
         },
         schema=REQUEST_SCHEMA,
     )

@@ -116,6 +116,16 @@ class DeltaSink:
         self._results_pos: dict[TopicPartition, int | None] = {}
         self._dl_pos: dict[TopicPartition, int | None] = {}
 
+    def use_schemas(self, results: pa.Schema, dead_letter: pa.Schema) -> None:
+        """The tables' schemas when the job stores more or other columns (encryption: carried
+        input fields, binary encrypted columns). Call before open()."""
+        self.results.schema = results
+        self.dead_letter.schema = dead_letter
+
+    def prepare(self, results: pa.Table, dead: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """Rows as they will be stored, before the last stages (encryption) see them."""
+        return results, dead
+
     def _app(self, tp: TopicPartition) -> str:
         return txn_app_id(self.job_name, tp, self.source_kind)
 

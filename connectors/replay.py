@@ -131,8 +131,9 @@ class ReplaySink(DeltaSink):
             rows = rows.set_column(rows.schema.get_field_index(name), name, pc.take(values, idx))
         return rows
 
-    def commit(self, results: pa.Table, dead: pa.Table, positions: Mapping[TopicPartition, int]) -> None:
-        super().commit(self._original(results), self._original(dead), positions)
+    def prepare(self, results: pa.Table, dead: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """The rows at the original events' positions (before encryption binds values to them)."""
+        return self._original(results), self._original(dead)
 
     def repair_window(self, tp: TopicPartition) -> set[int]:
         """Plan ordinals this replay already dead-lettered above its committed position."""

@@ -18,11 +18,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from jobs.keys_cli import keys_app
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tidegate: event-driven batch LLM inference.")
 model_app = typer.Typer(no_args_is_help=True, help="Model utilities.")
 app.add_typer(model_app, name="model")
 jobs_app = typer.Typer(no_args_is_help=True, help="Jobs submitted to a Ray cluster (Ray's JobSubmissionClient).")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(keys_app, name="keys")
 
 AddressOption = Annotated[
     str, typer.Option("--address", envvar="RAY_API_SERVER_ADDRESS", help="Ray dashboard address, http://HEAD:8265.")

@@ -30,6 +30,7 @@ import ray
 
 from actors.lineage import LINEAGE_COLUMNS, lineage_columns
 from actors.pool import EnginePool
+from actors.encryption import EncryptionStage, input_column
 from actors.prompts import PromptRenderer, dead_letter_table
 from actors.validation import Validator
 from connectors.delta import DeltaSink
@@ -62,6 +63,7 @@ class _OpenBatch:
     src: pa.Table
     parts: list[BatchOutput]
     waiting: int = 1  # submissions not yet back
+    carried: dict = field(default_factory=dict)  # encryption.input_fields per (partition, offset), plain
 
 
 @dataclass
@@ -125,10 +127,20 @@ class PipelineJob:
         self.progress = progress  # optional callable(rows_committed, rows_total) for progress bars
         self.run_id = run_id or uuid.uuid4().hex[:16]
         self.stats = JobStats(self.run_id)
+        # Encryption (spec `encryption:`): rows are assembled in plain text (with the carried input
+        # fields) and encrypted right before the commit; the tables store the encrypted schema.
+        self.encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
+        self.encryption.check_output_fields(RESULTS_SCHEMA)
+        self.results_schema = self.encryption.plain_results_schema(RESULTS_SCHEMA)
+        stored_results = self.encryption.stored_results_schema(RESULTS_SCHEMA)
+        stored_dead = self.encryption.stored_dead_schema(DEAD_LETTER_SCHEMA)
         self.sink = sink or DeltaSink(
             spec.name, spec.sink.results, spec.sink.dead_letter, spec.sink.storage_options, source_kind=spec.source.kind
         )
-        self.renderer = PromptRenderer(spec.prompt, spec.source.max_message_bytes, self.run_id)
+        self.sink.use_schemas(stored_results, stored_dead)
+        self.renderer = PromptRenderer(
+            spec.prompt, spec.source.max_message_bytes, self.run_id, spec.encryption, self.encryption.has_key
+        )
         self.ledger = CommitLedger()
         self.validator = Validator(spec)  # imports output.schema and custom rules: fails before any work
         self.pool = EnginePool(spec, json_schema=self.validator.json_schema if spec.output.structured else None)
@@ -304,10 +316,12 @@ class PipelineJob:
         self.metrics.rows_in(src.num_rows)
         rendered = self.renderer.render(src, skip=self._is_done)
         if rendered.requests.num_rows:
-            self._open[seq] = _OpenBatch(src, [BatchOutput(RESULTS_SCHEMA.empty_table(), rendered.dead)])
+            self._open[seq] = _OpenBatch(
+                src, [BatchOutput(self.results_schema.empty_table(), rendered.dead)], carried=rendered.carried or {}
+            )
             self.pool.submit(rendered.requests, (seq, rendered.requests, time.monotonic()))
         else:
-            self.ledger.complete(seq, BatchOutput(RESULTS_SCHEMA.empty_table(), rendered.dead, src.num_rows))
+            self.ledger.complete(seq, BatchOutput(self.results_schema.empty_table(), rendered.dead, src.num_rows))
 
     def _is_done(self, topic: str, partition: int, offset: int) -> bool:
         done = self._skip.get((topic, partition))
@@ -324,7 +338,7 @@ class PipelineJob:
         self.stats.prompt_tokens += prompt_tokens
         self.stats.completion_tokens += completion_tokens
         self.metrics.tokens(prompt_tokens, completion_tokens)
-        output, retries = self._assemble(batch.src, requests, completions)
+        output, retries = self._assemble(batch.src, requests, completions, batch.carried)
         batch.parts.append(output)
         batch.waiting -= 1
         if retries is not None and retries.num_rows:
@@ -343,7 +357,9 @@ class PipelineJob:
                 ),
             )
 
-    def _assemble(self, src: pa.Table, req: pa.Table, completions: pa.Table) -> tuple[BatchOutput, pa.Table | None]:
+    def _assemble(
+        self, src: pa.Table, req: pa.Table, completions: pa.Table, carried: dict | None = None
+    ) -> tuple[BatchOutput, pa.Table | None]:
         """Join requests with their completions and validate them: failed rows become dead
         letters, rows a rule sends back are returned as retry requests."""
         failed = completions.column("error_stage").is_valid()
@@ -377,8 +393,10 @@ class PipelineJob:
                 "run_id": pa.array([self.run_id] * n, pa.string()),
                 "processed_at": pa.array([datetime.now(timezone.utc)] * n, RESULTS_SCHEMA.field("processed_at").type),
                 **{name: pa.array([self.lineage.get(name)] * n, pa.string()) for name in LINEAGE_COLUMNS},
+                "tenant": keep_req.column("tenant"),
+                **self._carried_columns(keep_req, carried or {}),
             },
-            schema=RESULTS_SCHEMA,
+            schema=self.results_schema,
         )
         for rr in verdicts.rule_results:
             for r in rr:
@@ -405,6 +423,7 @@ class PipelineJob:
                         source_offset=r["source_offset"],
                         raw=raw_by_pos[(r["source_partition"], r["source_offset"])],
                         attempts=r["attempt"],
+                        tenant=r["tenant"],
                     )
                 )
             for i, r in enumerate(ok_req.to_pylist()):
@@ -423,10 +442,20 @@ class PipelineJob:
                         output_text=verdicts.output_text[i],
                         attempts=r["attempt"],
                         rule_results=verdicts.rule_results[i],
+                        tenant=r["tenant"],
                     )
                 )
         dead = dead_letter_table(rows, self.run_id)
         return BatchOutput(results, dead), verdicts.retries
+
+    def _carried_columns(self, req: pa.Table, carried: dict) -> dict[str, pa.Array]:
+        fields = self.spec.encryption.input_fields
+        if not fields:
+            return {}
+        keys = list(zip(req.column("source_partition").to_pylist(), req.column("source_offset").to_pylist()))
+        return {
+            input_column(f.name): pa.array([carried.get(k, {}).get(f.name) for k in keys], pa.string()) for f in fields
+        }
 
     # -- commits ---------------------------------------------------------------------------------
 
@@ -442,6 +471,14 @@ class PipelineJob:
         positions = {**group.positions, **self.source.extra_positions(group.positions)}
         results = pa.concat_tables([p.results for p in group.payloads])
         dead = pa.concat_tables([p.dead for p in group.payloads]) if group.payloads else DEAD_LETTER_SCHEMA.empty_table()
+        st = self.stats
+        # Counted in plain text; stored encrypted, at the rows' final positions (the sink's prepare).
+        flagged = pc.sum(pc.equal(results.column("status"), "flagged")).as_py() or 0
+        dead_classes = dead.column("error_class").to_pylist()
+        plain_results, plain_dead = results, dead
+        results, dead = self.sink.prepare(results, dead)
+        results = self.encryption.protect_results(results, self.sink.results.schema)
+        dead = self.encryption.protect_dead(dead, self.sink.dead_letter.schema)
         t0 = time.monotonic()
         if _SLOW_COMMIT_S:
             time.sleep(_SLOW_COMMIT_S)
@@ -450,14 +487,13 @@ class PipelineJob:
         self.source.commit_offsets(group.positions)
         self._last_commit = time.monotonic()
         self.metrics.commit_latency(self._last_commit - t0)
-        self.metrics.committed(results, dead)
+        self.metrics.committed(plain_results, plain_dead)
         self._committed.update(positions)
-        st = self.stats
         st.commits += 1
         st.ok += results.num_rows
         st.dead_lettered += dead.num_rows
-        st.flagged += pc.sum(pc.equal(results.column("status"), "flagged")).as_py() or 0
-        for cls in dead.column("error_class").to_pylist():
+        st.flagged += flagged
+        for cls in dead_classes:
             st.dead_by_class[cls] += 1
         if st.first_commit_s is None:
             st.first_commit_s = self._last_commit - st.started
@@ -471,7 +507,7 @@ class PipelineJob:
             "commit %d: %d ok, %d dead, positions %s in %.0f ms",
             st.commits, results.num_rows, dead.num_rows, group.positions, (self._last_commit - t0) * 1e3,
         )  # fmt: skip
-        self._record_commit(results, dead, positions)
+        self._record_commit(plain_results, plain_dead, positions)
 
     def _record_commit(self, results: pa.Table, dead: pa.Table, positions) -> None:
         now = datetime.now(timezone.utc)

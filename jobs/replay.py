@@ -60,6 +60,20 @@ def _plan(dt_uri: str, storage_options, replay_id: str) -> pa.Table:
     return table.select(DEAD_LETTER_SCHEMA.names).cast(DEAD_LETTER_SCHEMA)
 
 
+def _decrypted(spec: JobSpec, plan: pa.Table) -> pa.Table:
+    """The plan with its raw events in clear (in memory only) when dead-letter raw is encrypted."""
+    enc = spec.encryption
+    if not (enc.enabled and enc.encrypt_dead_letter_raw) or not plan.num_rows:
+        return plan
+    from actors.ciphers import decrypt_column, row_ids_from
+    from actors.encryption import EncryptionStage
+
+    stage = EncryptionStage(enc, spec.sink.results, spec.sink.dead_letter)
+    raw = decrypt_column(plan.column("raw"), row_ids_from(plan), table=stage.dead_label, column="raw",
+                         keyring=stage.keyring, on_missing_key="keep")  # fmt: skip
+    return plan.set_column(plan.schema.get_field_index("raw"), "raw", raw.cast(pa.binary()))
+
+
 def _pending(dt_uri: str, storage_options) -> list[str]:
     qb = QueryBuilder().register("dl", DeltaTable(dt_uri, storage_options=storage_options))
     rows = pa.table(qb.execute("SELECT DISTINCT replayed_by FROM dl WHERE replayed_by IS NOT NULL AND replayed_at IS NULL").read_all())
@@ -84,7 +98,7 @@ def replay_dead_letters(spec: JobSpec, where: str | None, fixed_cluster: bool) -
     if marked.get("num_updated_rows", 0):
         todo.append((new_id, False))
     for replay_id, resumed in todo:
-        plan = _plan(dl_uri, opts, replay_id)
+        plan = _decrypted(spec, _plan(dl_uri, opts, replay_id))
         log.info("replay %s: %d dead-lettered row(s)%s", replay_id, plan.num_rows, " (resumed)" if resumed else "")
         sink = ReplaySink(spec.name, spec.sink.results, dl_uri, spec.sink.storage_options, replay_id, plan)
         job = PipelineJob(

@@ -29,3 +29,39 @@ class PartitionFencedError(TidegateError):
 
 class EngineError(TidegateError):
     """The inference engine failed to start or to run (not a per-row failure)."""
+
+
+# -- encryption
+# Messages name the table, column, row id, tenant and key version involved: never a value, never key material.
+
+
+class KeyringError(TidegateError):
+    """The keyring file or the master key cannot be used (missing, malformed, wrong master key, ...)."""
+
+
+class KeyPermissionError(TidegateError):
+    """The caller's keyring holds no key for this tenant (or for this key version of it)."""
+
+    def __init__(self, message: str, tenant: str, version: int | None = None):
+        super().__init__(message)
+        self.tenant = tenant
+        self.version = version
+
+
+class KeyRevokedError(TidegateError):
+    """The key version that encrypted a value was revoked: the value can no longer be decrypted."""
+
+    def __init__(self, message: str, tenant: str, version: int):
+        super().__init__(message)
+        self.tenant = tenant
+        self.version = version
+
+
+class DecryptionError(TidegateError):
+    """A stored value does not decrypt: tampered, truncated, or moved to another row, column or table."""
+
+    def __init__(self, message: str, table: str, column: str, row_id: str | None):
+        super().__init__(message)
+        self.table = table
+        self.column = column
+        self.row_id = row_id

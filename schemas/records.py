@@ -55,6 +55,7 @@ REQUEST_SCHEMA = pa.schema(
         ("attempt", pa.int32()),  # 1 for the first generation, n for the (n-1)th retry
         ("first_prompt", pa.string()),  # null on attempt 1; the original prompt on retries
         ("context", pa.list_(pa.string())),  # context documents (prompt.context_field), or null
+        ("tenant", pa.string()),  # encryption: whose key protects the row's values (null: no encryption)
     ]
 )
 
@@ -90,6 +91,7 @@ RESULTS_SCHEMA = pa.schema(
         ("source_offset", pa.int64()),
         ("run_id", pa.string()),
         ("processed_at", TIMESTAMP),
+        ("tenant", pa.string()),  # encryption: the tenant whose key encrypted the row's values
         # Lineage (actors/lineage.py): what produced the row.
         ("model_path", pa.string()),
         ("model_revision", pa.string()),  # sha256 of the model's config, tokenizer and weights files
@@ -114,6 +116,7 @@ DEAD_LETTER_SCHEMA = pa.schema(
         ("output_text", pa.string()),  # stage validate: the rejected output
         ("attempts", pa.int32()),  # stage validate: generations tried
         ("rule_results", RULE_RESULTS_TYPE),  # stage validate: every rule's result
+        ("tenant", pa.string()),  # encryption: the tenant whose key encrypted `raw` / output_text
         ("replayed_by", pa.string()),  # `tidegate dlq replay`: the replay that took this row (its run_id)
         ("replayed_at", TIMESTAMP),  # ... and when that replay was committed (null while in progress)
     ]

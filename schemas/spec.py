@@ -26,6 +26,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.errors import SpecError
+from schemas.encryption import EncryptionSpec
 from schemas.validation import JsonSchemaRule, OutputSpec, RuleSpec, default_rules
 
 
@@ -310,6 +311,7 @@ class JobSpec(_Strict):
     validation: list[RuleSpec] | None = Field(
         default=None, description="Output rules; absent: the default rules (refusal, pii_leakage: flag); []: none."
     )
+    encryption: EncryptionSpec = Field(default_factory=EncryptionSpec)
 
     @field_validator("name")
     @classmethod

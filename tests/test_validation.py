@@ -327,6 +327,7 @@ def batch(outputs: list[str], attempt: int = 1, prompt: str = "q", context=None)
             "attempt": [attempt] * n,
             "first_prompt": [None if attempt == 1 else "first q"] * n,
             "context": [context] * n,
+            "tenant": [None] * n,
         },
         schema=REQUEST_SCHEMA,
     )

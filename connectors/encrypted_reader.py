@@ -1,0 +1,150 @@
+"""Reading encrypted results in a notebook: a Delta table in, a DataFrame with clear text out.
+
+    from connectors.encrypted_reader import read_results
+    df = read_results("s3://lake/triage/results", keyring="~/.tidegate/acme.json",
+                      storage_options={...})                      # polars DataFrame
+    df = read_results(uri, keyring=kr, backend="pandas", on_missing_key="keep")
+
+Which columns are encrypted is read from the data, not from a side file: a binary column whose
+every non-null value starts with the stored-value header (magic A7 54 47, format 1; see
+actors/ciphers.py) is decrypted, to string if its values were text, else to binary. Then every
+text column holding "[PII:" has its inline PII tokens decrypted in place.
+
+Values are bound to their row id (the `source_topic`, `source_partition`, `source_offset`
+columns, read even when `columns` leaves them out) and to the table's logical name: the Delta
+table's `name` if it has one, else the last part of its URI (`table=` overrides).
+
+A value whose tenant's key the keyring lacks (or whose key version was revoked) raises
+KeyPermissionError / KeyRevokedError naming the tenant; with on_missing_key="keep" it stays
+encrypted: stored bytes in a binary column, `tgenc1:<base64url>` text in a text column, the
+`[PII:...]` token as it was inside text.
+
+The table is read with polars (read_delta), not DeltaTable.to_pyarrow_table, which was seen to
+crash some processes at exit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import pyarrow as pa
+
+from actors.ciphers import (
+    KeySource,
+    OnMissingKey,
+    decrypt_column,
+    is_encrypted,
+    reveal_pii,
+    row_ids_from,
+    table_label,
+)
+from schemas.encryption import ROW_ID_COLUMNS
+
+if TYPE_CHECKING:
+    from connectors.keyring import Keyring
+
+Backend = Literal["polars", "pandas", "arrow"]
+
+
+def open_keyring(keyring: Keyring | KeySource | str | Path | None) -> KeySource:
+    """A keyring object from a Keyring, a path, or None (default path; master key from the environment)."""
+    from connectors.keyring import Keyring
+
+    if keyring is None or isinstance(keyring, (str, Path)):
+        return Keyring.open(Path(keyring).expanduser() if keyring is not None else None)
+    return keyring
+
+
+def decrypt_table(
+    data: pa.Table,
+    keyring: KeySource,
+    *,
+    table: str,
+    columns: Sequence[str] | None = None,
+    on_missing_key: OnMissingKey = "raise",
+    row_id_columns: Sequence[str] = ROW_ID_COLUMNS,
+    pii_columns: Sequence[str] | None = None,
+) -> pa.Table:
+    """Decrypt an Arrow table of a results (or dead-letter) table: pure, no I/O.
+
+    columns      the encrypted columns to decrypt; None: every column that `is_encrypted`
+    pii_columns  the text columns to reveal inline PII tokens in; None: every text column (after decryption)
+    returns the table with those columns replaced (same names and order; types string or binary)
+    """
+    names = data.column_names
+    row_ids = row_ids_from(data, row_id_columns) if all(c in names for c in row_id_columns) else None
+    targets = list(columns) if columns is not None else [c for c in names if is_encrypted(data.column(c))]
+    for c in targets:
+        col = data.column(c)
+        if col.null_count == len(col):
+            continue
+        clear = decrypt_column(col, row_ids, table=table, column=c, keyring=keyring, on_missing_key=on_missing_key)
+        data = data.set_column(names.index(c), pa.field(c, clear.type), clear)
+    text = [f.name for f in data.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    for c in text:
+        if c in row_id_columns or (pii_columns is not None and c not in pii_columns):
+            continue
+        clear = reveal_pii(
+            data.column(c), row_ids, table=table, column=c, keyring=keyring, on_missing_key=on_missing_key
+        )
+        data = data.set_column(names.index(c), pa.field(c, clear.type), clear)
+    return data
+
+
+def read_results(
+    uri: str,
+    keyring: Keyring | KeySource | str | Path | None = None,
+    columns: Sequence[str] | None = None,
+    on_missing_key: OnMissingKey = "raise",
+    backend: Backend = "polars",
+    storage_options: dict[str, str] | None = None,
+    *,
+    version: int | None = None,
+    table: str | None = None,
+    row_id_columns: Sequence[str] = ROW_ID_COLUMNS,
+) -> Any:
+    """Read a Delta results table and decrypt what the keyring opens.
+
+    uri             Delta table URI (local path, s3://, ...)
+    keyring         a Keyring, a keyring file path, or None ($TIDEGATE_KEYRING or .tidegate/keyring.json;
+                    the master key from $TIDEGATE_MASTER_KEY)
+    columns         columns to return (default: all)
+    on_missing_key  "raise" (KeyPermissionError / KeyRevokedError naming the tenant) or "keep" (stay encrypted)
+    backend         "polars" -> polars.DataFrame, "pandas" -> pandas.DataFrame, "arrow" -> pyarrow.Table
+    version         read this table version (default: latest)
+    table           the logical table name values are bound to (default: Delta name, else URI's last part)
+    """
+    import polars as pl
+    from deltalake import DeltaTable
+
+    if backend not in ("polars", "pandas", "arrow"):
+        raise ValueError(f"backend must be polars, pandas or arrow, not {backend!r}")
+    if on_missing_key not in ("raise", "keep"):
+        raise ValueError(f"on_missing_key must be raise or keep, not {on_missing_key!r}")
+    kr = open_keyring(keyring)
+    dt = DeltaTable(uri, version=version, storage_options=storage_options)
+    label = table or table_label(uri, dt.metadata().name)
+    present = [f.name for f in pa.schema(dt.schema().to_arrow())]
+    wanted = list(columns) if columns is not None else present
+    unknown = [c for c in wanted if c not in present]
+    if unknown:
+        raise ValueError(f"no such column(s) in {uri}: {', '.join(unknown)}")
+    read = wanted + [c for c in row_id_columns if c in present and c not in wanted]
+    frame = pl.read_delta(dt, columns=read)
+    data = frame.to_arrow(compat_level=pl.CompatLevel.oldest())
+    encrypted = [c for c in wanted if is_encrypted(data.column(c))]
+    data = decrypt_table(
+        data,
+        kr,
+        table=label,
+        columns=encrypted,
+        on_missing_key=on_missing_key,
+        row_id_columns=row_id_columns,
+    ).select(wanted)
+    if backend == "arrow":
+        return data
+    if backend == "pandas":
+        return data.to_pandas()
+    return pl.from_arrow(data)

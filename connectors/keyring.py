@@ -1,0 +1,464 @@
+"""Keys: per-tenant data keys, wrapped by a master key (envelope encryption), kept in a JSON file.
+
+    master key (env TIDEGATE_MASTER_KEY, or a KMS key)  --wraps-->  data key of (tenant, version)
+    data key  --HKDF-->  AES-256-GCM key and AES-SIV key used by actors.ciphers on each value
+
+The keyring file never holds a key in clear; it is written atomically (temp file + os.replace),
+mode 0600, under an advisory lock (`<file>.lock`) so two `tidegate keys` commands do not lose
+each other's changes:
+
+    {
+      "format": "tidegate-keyring/1",
+      "master_key_id": "local:5f0c9e1a2b3c4d5e",
+      "tenants": {
+        "acme": [
+          {"version": 1, "wrapped_key": "<base64>", "created_at": "2025-05-01T10:00:00Z", "state": "retired"},
+          {"version": 2, "wrapped_key": "<base64>", "created_at": "2025-06-01T10:00:00Z", "state": "active"}
+        ]
+      }
+    }
+
+States: `active` (the current version: new values use the highest active version), `retired`
+(replaced by a rotation; still decrypts), `revoked` (the wrapped key is deleted from the file:
+nothing under that version decrypts again, KeyRevokedError; there is no undo).
+
+Each data key is wrapped with the context {"purpose": "tidegate-data-key", "tenant": T,
+"version": "N"} as associated data, so a wrapped key moved to another tenant or version entry
+does not unwrap (KeyringError).
+
+Access control is which wrapped keys a keyring file holds: `Keyring.export(path, tenants=["a"])`
+writes a keyring with tenant a only (optionally re-wrapped for another master key), and a reader
+holding it opens tenant a's values and gets KeyPermissionError for tenant b's.
+
+Plugging in a KMS. A provider is three members (`KeyProvider`): `key_id`, `wrap`, `unwrap`. A
+provider for a cloud KMS maps them onto the KMS's own calls, passing `context` through as the
+KMS's encryption context / associated data so the KMS enforces and audits the binding:
+
+    class AwsKmsProvider(KeyProvider):            # boto3.client("kms")
+        key_id = "arn:aws:kms:...:key/..."
+        wrap   -> kms.encrypt(KeyId=key_id, Plaintext=key, EncryptionContext=context)["CiphertextBlob"]
+        unwrap -> kms.decrypt(CiphertextBlob=wrapped, KeyId=key_id, EncryptionContext=context)["Plaintext"]
+    GCP KMS:       KeyManagementServiceClient.encrypt/decrypt(name=key_id, plaintext|ciphertext=...,
+                   additional_authenticated_data=canonical_context(context))
+    Vault Transit: POST transit/encrypt/<key> {plaintext: b64(key), context: b64(canonical_context(context))}
+                   and transit/decrypt/<key> (derived keys); the "vault:v1:..." string is the wrapped bytes.
+
+A KMS provider's IAM/policy then decides who may unwrap which tenant (e.g. an AWS key policy
+condition on kms:EncryptionContext:tenant). Nothing here calls a cloud service.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import copy
+import datetime as dt
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from schemas.encryption import MASTER_KEY_ENV, check_tenant, default_keyring_path
+from schemas.errors import KeyPermissionError, KeyRevokedError, KeyringError
+
+FORMAT = "tidegate-keyring/1"
+STATES = ("active", "retired", "revoked")
+KEY_BYTES = 32
+
+
+def canonical_context(context: dict[str, str]) -> bytes:
+    """The bytes a context dict is bound as: sorted-key compact JSON (same on every platform)."""
+    return json.dumps(context, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def key_context(tenant: str, version: int) -> dict[str, str]:
+    return {"purpose": "tidegate-data-key", "tenant": tenant, "version": str(version)}
+
+
+class KeyProvider(ABC):
+    """Wraps and unwraps data keys with a master key the provider holds (or a KMS holds for it)."""
+
+    @property
+    @abstractmethod
+    def key_id(self) -> str:
+        """Names the master key (no secret in it); recorded in the keyring to catch a wrong master key early."""
+
+    @abstractmethod
+    def wrap(self, plaintext_key: bytes, context: dict[str, str]) -> bytes:
+        """Encrypt a data key; `context` is authenticated and must be given again to unwrap."""
+
+    @abstractmethod
+    def unwrap(self, wrapped: bytes, context: dict[str, str]) -> bytes:
+        """Decrypt a wrapped data key; raise KeyringError if it does not open with this key and context."""
+
+
+def _decode_master_key(text: str, env_var: str) -> bytes:
+    # Messages name the variable and what is wrong with it, never its value (not even its length in chars).
+    s = text.strip()
+    if not s:
+        raise KeyringError(f"master key variable {env_var} is empty")
+    key: bytes | None = None
+    if len(s) == 64:
+        with contextlib.suppress(ValueError):
+            key = bytes.fromhex(s)
+    if key is None:
+        try:
+            key = base64.b64decode(s.replace("-", "+").replace("_", "/") + "=" * (-len(s) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            raise KeyringError(f"master key variable {env_var} is neither base64 nor hex") from None
+    if len(key) != KEY_BYTES:
+        raise KeyringError(f"master key variable {env_var} must hold 32 bytes (256 bits), base64 or hex encoded")
+    return key
+
+
+class LocalMasterKeyProvider(KeyProvider):
+    """A 256-bit master key from an environment variable (base64 or 64 hex digits); wraps with AES-256-GCM.
+
+    Wrapped key = nonce (12 bytes) || AES-GCM(master, nonce, data key, aad=canonical_context(context)).
+    Generate a master key with: python -c "import os, base64; print(base64.b64encode(os.urandom(32)).decode())"
+    """
+
+    def __init__(self, env_var: str = MASTER_KEY_ENV, *, key: bytes | None = None):
+        self.env_var = env_var
+        if key is None:
+            text = os.environ.get(env_var)
+            if text is None:
+                raise KeyringError(
+                    f"master key variable {env_var} is not set (a base64 or hex 256-bit key; see docs/encryption.md)"
+                )
+            key = _decode_master_key(text, env_var)
+        elif len(key) != KEY_BYTES:
+            raise KeyringError("a local master key must be 32 bytes")
+        self._aead = AESGCM(key)
+        # A fingerprint, not the key: HMAC of a fixed label, 64 bits. Enough to tell two keys apart.
+        self._key_id = "local:" + hmac.new(key, b"tidegate master key id", hashlib.sha256).hexdigest()[:16]
+
+    @property
+    def key_id(self) -> str:
+        return self._key_id
+
+    def wrap(self, plaintext_key: bytes, context: dict[str, str]) -> bytes:
+        nonce = os.urandom(12)
+        return nonce + self._aead.encrypt(nonce, plaintext_key, canonical_context(context))
+
+    def unwrap(self, wrapped: bytes, context: dict[str, str]) -> bytes:
+        try:
+            return self._aead.decrypt(wrapped[:12], wrapped[12:], canonical_context(context))
+        except (InvalidTag, ValueError):
+            raise KeyringError(
+                f"wrapped key of tenant {context.get('tenant')!r} version {context.get('version')} does not open "
+                f"with master key {self._key_id} (wrong master key, or the entry was moved or altered)"
+            ) from None
+
+
+@dataclass(frozen=True)
+class KeyVersion:
+    """One version of a tenant's key as listed (never the key)."""
+
+    tenant: str
+    version: int
+    state: str
+    created_at: str
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _atomic_write(path: Path, data: bytes, *, exclusive: bool = False) -> None:
+    """Write `data` to `path` via a 0600 temp file in the same folder, then os.replace (or os.link
+    when `exclusive`: fails if `path` exists, with no window where another file could be overwritten)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mkstemp: mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        if exclusive:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise KeyringError(f"keyring {path} already exists; refusing to overwrite it") from None
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+        tmp = ""
+        dirfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
+    finally:
+        if tmp:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+class Keyring:
+    """A keyring file: per-tenant versions of wrapped data keys.
+
+    `data_key(tenant, version)` and `current(tenant)` are what actors.ciphers needs; the
+    provider (master key) is only touched when a key is unwrapped or wrapped, so listing a
+    keyring needs no master key. Data keys are unwrapped once and kept in memory.
+    """
+
+    def __init__(self, path: str | Path, provider: KeyProvider | None = None, *, _doc: dict | None = None):
+        self.path = Path(path)
+        self._provider = provider
+        self._keys: dict[tuple[str, int], bytes] = {}
+        self._doc = _doc if _doc is not None else self._read()
+
+    # -- opening and creating
+
+    @classmethod
+    def open(cls, path: str | Path | None = None, provider: KeyProvider | None = None) -> Keyring:
+        """Open an existing keyring (default: $TIDEGATE_KEYRING or .tidegate/keyring.json)."""
+        return cls(path if path is not None else default_keyring_path(), provider)
+
+    @classmethod
+    def init(cls, path: str | Path | None = None, provider: KeyProvider | None = None) -> Keyring:
+        """Create an empty keyring bound to `provider`'s master key; refuses to overwrite a file."""
+        p = Path(path if path is not None else default_keyring_path())
+        provider = provider if provider is not None else LocalMasterKeyProvider()
+        if p.exists():
+            raise KeyringError(f"keyring {p} already exists; refusing to overwrite it")
+        p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        doc = {"format": FORMAT, "master_key_id": provider.key_id, "tenants": {}}
+        _atomic_write(p, _dump(doc), exclusive=True)
+        return cls(p, provider, _doc=doc)
+
+    @property
+    def provider(self) -> KeyProvider:
+        if self._provider is None:
+            self._provider = LocalMasterKeyProvider()
+        if self._provider.key_id != self._doc["master_key_id"]:
+            raise KeyringError(
+                f"keyring {self.path} is wrapped by master key {self._doc['master_key_id']}, "
+                f"not by the provider's {self._provider.key_id} (wrong master key?)"
+            )
+        return self._provider
+
+    @property
+    def master_key_id(self) -> str:
+        return self._doc["master_key_id"]
+
+    def _read(self) -> dict:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            raise KeyringError(f"keyring {self.path} does not exist (create it with: tidegate keys init)") from None
+        except OSError as e:
+            raise KeyringError(f"cannot read keyring {self.path}: {e.strerror}") from None
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise KeyringError(f"keyring {self.path} is not valid JSON") from None
+        _check_doc(doc, self.path)
+        return doc
+
+    def reload(self) -> None:
+        """Re-read the file (another process rotated or revoked); unwrapped keys of revoked versions are dropped."""
+        self._doc = self._read()
+        self._keys = {k: v for k, v in self._keys.items() if self._state(*k) != "revoked"}
+
+    @contextlib.contextmanager
+    def _update(self) -> Iterator[dict]:
+        # Read-modify-write under an exclusive lock, on the file's latest content.
+        lock = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._doc = self._read()
+            doc = copy.deepcopy(self._doc)
+            yield doc
+            _check_doc(doc, self.path)
+            _atomic_write(self.path, _dump(doc))
+            self._doc = doc
+        finally:
+            os.close(fd)  # releases the lock
+
+    # -- reading
+
+    def tenants(self) -> list[str]:
+        return sorted(self._doc["tenants"])
+
+    def has_tenant(self, tenant: str) -> bool:
+        return tenant in self._doc["tenants"]
+
+    def versions(self, tenant: str) -> list[KeyVersion]:
+        return [KeyVersion(tenant, e["version"], e["state"], e["created_at"]) for e in self._entries(tenant)]
+
+    def _entries(self, tenant: str) -> list[dict]:
+        try:
+            return self._doc["tenants"][tenant]
+        except KeyError:
+            raise KeyPermissionError(f"keyring {self.path} holds no key for tenant {tenant!r}", tenant) from None
+
+    def _entry(self, tenant: str, version: int) -> dict:
+        for e in self._entries(tenant):
+            if e["version"] == version:
+                return e
+        raise KeyPermissionError(
+            f"keyring {self.path} holds no key version {version} for tenant {tenant!r}", tenant, version
+        )
+
+    def _state(self, tenant: str, version: int) -> str | None:
+        for e in self._doc["tenants"].get(tenant, ()):
+            if e["version"] == version:
+                return e["state"]
+        return None
+
+    def current(self, tenant: str) -> int:
+        """The version new values of `tenant` are encrypted with: its highest active version."""
+        active = [e["version"] for e in self._entries(tenant) if e["state"] == "active"]
+        if not active:
+            raise KeyRevokedError(
+                f"tenant {tenant!r} has no active key version (run: tidegate keys rotate {tenant})",
+                tenant,
+                max(e["version"] for e in self._entries(tenant)),
+            )
+        return max(active)
+
+    def data_key(self, tenant: str, version: int) -> bytes:
+        """The 256-bit data key of (tenant, version): KeyPermissionError if absent, KeyRevokedError if revoked."""
+        e = self._entry(tenant, version)
+        if e["state"] == "revoked":
+            self._keys.pop((tenant, version), None)
+            raise KeyRevokedError(f"key version {version} of tenant {tenant!r} is revoked", tenant, version)
+        key = self._keys.get((tenant, version))
+        if key is None:
+            key = self.provider.unwrap(base64.b64decode(e["wrapped_key"]), key_context(tenant, version))
+            if len(key) != KEY_BYTES:
+                raise KeyringError(f"key version {version} of tenant {tenant!r} is not a 256-bit key")
+            self._keys[(tenant, version)] = key
+        return key
+
+    # -- changing
+
+    def _new_entry(self, tenant: str, version: int, provider: KeyProvider) -> dict:
+        key = os.urandom(KEY_BYTES)
+        wrapped = provider.wrap(key, key_context(tenant, version))
+        self._keys[(tenant, version)] = key
+        return {
+            "version": version,
+            "wrapped_key": base64.b64encode(wrapped).decode(),
+            "created_at": _now(),
+            "state": "active",
+        }
+
+    def create_tenant(self, tenant: str) -> int:
+        """Add a tenant with a fresh key, version 1; refuses an existing tenant. Returns 1."""
+        try:
+            check_tenant(tenant)
+        except ValueError as e:
+            raise KeyringError(str(e)) from None
+        provider = self.provider
+        with self._update() as doc:
+            if tenant in doc["tenants"]:
+                raise KeyringError(f"tenant {tenant!r} already exists in keyring {self.path}")
+            doc["tenants"][tenant] = [self._new_entry(tenant, 1, provider)]
+        return 1
+
+    def rotate(self, tenant: str) -> int:
+        """Add a new key version and make it current; earlier active versions become retired (they still
+        decrypt). Returns the new version."""
+        provider = self.provider
+        with self._update() as doc:
+            if tenant not in doc["tenants"]:
+                raise KeyPermissionError(f"keyring {self.path} holds no key for tenant {tenant!r}", tenant)
+            entries = doc["tenants"][tenant]
+            version = max(e["version"] for e in entries) + 1
+            for e in entries:
+                if e["state"] == "active":
+                    e["state"] = "retired"
+            entries.append(self._new_entry(tenant, version, provider))
+        return version
+
+    def revoke(self, tenant: str, version: int) -> None:
+        """Revoke one version: its wrapped key is deleted from the file, so nothing it encrypted decrypts
+        again (KeyRevokedError). Rotate and re-encrypt first if that data is still wanted."""
+        with self._update() as doc:
+            entries = doc["tenants"].get(tenant)
+            if entries is None:
+                raise KeyPermissionError(f"keyring {self.path} holds no key for tenant {tenant!r}", tenant)
+            for e in entries:
+                if e["version"] == version:
+                    e["state"] = "revoked"
+                    e["wrapped_key"] = None
+                    break
+            else:
+                raise KeyPermissionError(
+                    f"keyring {self.path} holds no key version {version} for tenant {tenant!r}", tenant, version
+                )
+        self._keys.pop((tenant, version), None)
+
+    def export(self, path: str | Path, tenants: Iterable[str], provider: KeyProvider | None = None) -> Keyring:
+        """Write a new keyring holding only `tenants` (all their versions), for a user who may read those.
+
+        With `provider`, the data keys are re-wrapped under that master key (the recipient's);
+        otherwise the wrapped keys are copied as they are (same master key). Refuses to overwrite.
+        """
+        wanted = list(dict.fromkeys(tenants))
+        if not wanted:
+            raise KeyringError("export needs at least one tenant")
+        for t in wanted:
+            self._entries(t)  # KeyPermissionError for a tenant this keyring lacks
+        doc = {"format": FORMAT, "master_key_id": self.master_key_id, "tenants": {}}
+        if provider is not None:
+            doc["master_key_id"] = provider.key_id
+        for t in wanted:
+            out = []
+            for e in self._entries(t):
+                e = dict(e)
+                if provider is not None and e["state"] != "revoked":
+                    wrapped = provider.wrap(self.data_key(t, e["version"]), key_context(t, e["version"]))
+                    e["wrapped_key"] = base64.b64encode(wrapped).decode()
+                out.append(e)
+            doc["tenants"][t] = out
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _atomic_write(p, _dump(doc), exclusive=True)
+        return Keyring(p, provider if provider is not None else self._provider, _doc=doc)
+
+
+def _dump(doc: dict) -> bytes:
+    return (json.dumps(doc, indent=2, sort_keys=False) + "\n").encode()
+
+
+def _check_doc(doc: object, path: Path) -> None:
+    def bad(why: str) -> KeyringError:
+        return KeyringError(f"keyring {path} is malformed: {why}")
+
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise bad(f"format is not {FORMAT!r}")
+    if not isinstance(doc.get("master_key_id"), str) or not isinstance(doc.get("tenants"), dict):
+        raise bad("master_key_id or tenants missing")
+    for tenant, entries in doc["tenants"].items():
+        try:
+            check_tenant(tenant)
+        except ValueError as e:
+            raise bad(str(e)) from None
+        if not isinstance(entries, list) or not entries:
+            raise bad(f"tenant {tenant!r} has no versions")
+        seen = set()
+        for e in entries:
+            if not isinstance(e, dict) or not isinstance(e.get("version"), int) or e["version"] < 1:
+                raise bad(f"tenant {tenant!r}: an entry without a positive integer version")
+            if e["version"] in seen:
+                raise bad(f"tenant {tenant!r}: version {e['version']} listed twice")
+            seen.add(e["version"])
+            if e.get("state") not in STATES:
+                raise bad(f"tenant {tenant!r} version {e['version']}: state must be one of {', '.join(STATES)}")
+            if e["state"] != "revoked" and not isinstance(e.get("wrapped_key"), str):
+                raise bad(f"tenant {tenant!r} version {e['version']}: wrapped_key missing")

@@ -1,0 +1,173 @@
+"""Re-encryption after a key rotation: move a Delta table's values to each tenant's current key version.
+
+    tidegate keys rotate acme                                   # new values use version N+1
+    tidegate keys reencrypt --table s3://lake/triage/results    # old values rewritten under N+1
+    tidegate keys revoke acme N                                 # now nothing needs version N
+
+`reencrypt_table` reads the table at one version, and for each encrypted column (given, or every
+column `is_encrypted` finds) rewrites the values whose key version is not their tenant's current
+one, keeping mode (random/deterministic), tenant and row binding; inline PII tokens inside text
+columns (clear or encrypted) are re-sealed the same way. Every other cell is kept byte for byte.
+The result replaces the table in one Delta commit (overwrite from the snapshot read), with the
+table's own schema and partitioning; the log's application transactions (the pipeline's
+exactly-once positions) are table metadata and survive it. Rows another writer appends meanwhile
+are not in the snapshot: an overwrite only removes the files it read, so they are kept (and they
+use the current version already). Nothing is written when nothing is stale.
+
+A value under a revoked version cannot be re-encrypted (KeyRevokedError): rotate and re-encrypt
+before revoking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from actors.ciphers import (
+    KeySource,
+    decrypt_column,
+    encrypt_column,
+    is_encrypted,
+    reseal_pii,
+    row_ids_from,
+    stored_groups,
+    table_label,
+)
+from schemas.encryption import ROW_ID_COLUMNS
+
+if TYPE_CHECKING:
+    from connectors.keyring import Keyring
+
+
+@dataclass
+class ReencryptReport:
+    """What reencrypt_table did: rows rewritten per column, and the table versions before and after."""
+
+    table: str
+    read_version: int
+    written_version: int | None  # None: nothing was stale, nothing written
+    rows_rewritten: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows_rewritten.values())
+
+
+def reencrypt_values(
+    values: pa.Array | pa.ChunkedArray,
+    row_ids: pa.Array | None,
+    *,
+    table: str,
+    column: str,
+    keyring: KeySource,
+) -> tuple[pa.Array, int]:
+    """Rewrite the stale values of one column (pure): returns (new column, rows rewritten).
+
+    values  an encrypted binary column, or a text column that may hold inline PII tokens
+    """
+    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    n = len(values)
+    if not is_encrypted(values):
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            new, changed = reseal_pii(values, row_ids, table=table, column=column, keyring=keyring)
+            return (new.cast(values.type), int(changed.sum())) if changed.any() else (values, 0)
+        return values, 0
+    stale = np.zeros(n, dtype=bool)
+    current: dict[str, int] = {}
+    groups = stored_groups(values)
+    for tenant, version, _, idx in groups:
+        if tenant not in current:
+            current[tenant] = keyring.current(tenant)
+        if version != current[tenant]:
+            stale[idx] = True
+    # text values may hold inline PII tokens: look inside them all (a fresh outer value can wrap stale tokens)
+    clear = decrypt_column(values, row_ids, table=table, column=column, keyring=keyring)
+    if pa.types.is_string(clear.type):
+        resealed, changed = reseal_pii(clear, row_ids, table=table, column=column, keyring=keyring)
+        if changed.any():
+            clear, stale = resealed, stale | changed
+    if not stale.any():
+        return values, 0
+    owner = np.full(n, None, dtype=object)  # each row's tenant, from its stored value
+    det = np.zeros(n, dtype=bool)
+    for tenant, _, deterministic, idx in groups:
+        owner[idx] = tenant
+        det[idx] = deterministic
+    tenants = pa.array(owner, pa.string())
+    replaced = values
+    for mode in (False, True):
+        pick = np.flatnonzero(stale & (det == mode))
+        if not len(pick):
+            continue
+        take = pa.array(pick)
+        fresh = encrypt_column(
+            clear.take(take),
+            row_ids.take(take) if row_ids is not None else None,
+            table=table,
+            column=column,
+            tenants=tenants.take(take),
+            keyring=keyring,
+            deterministic=mode,
+        )
+        replaced = pc.replace_with_mask(replaced, _mask(n, pick), fresh.cast(values.type))
+    return replaced, int(stale.sum())
+
+
+def _mask(n: int, idx: np.ndarray) -> pa.Array:
+    m = np.zeros(n, dtype=bool)
+    m[idx] = True
+    return pa.array(m)
+
+
+def reencrypt_table(
+    uri: str,
+    keyring: Keyring | KeySource,
+    columns: Sequence[str] | None = None,
+    storage_options: dict[str, str] | None = None,
+    *,
+    table: str | None = None,
+    row_id_columns: Sequence[str] = ROW_ID_COLUMNS,
+) -> ReencryptReport:
+    """Rewrite a Delta table's values that use an old key version, in one overwrite commit.
+
+    columns  encrypted columns to look at (and text columns with inline PII); None: every encrypted
+             column and every text column
+    table    the logical name the values are bound to (default: Delta name, else the URI's last part)
+    """
+    import polars as pl
+    from deltalake import DeltaTable, write_deltalake
+
+    dt = DeltaTable(uri, storage_options=storage_options)
+    label = table or table_label(uri, dt.metadata().name)
+    schema = pa.schema(dt.schema().to_arrow())
+    data = pl.read_delta(dt).to_arrow(compat_level=pl.CompatLevel.oldest())
+    names = data.column_names
+    if columns is not None:
+        unknown = [c for c in columns if c not in names]
+        if unknown:
+            raise ValueError(f"no such column(s) in {uri}: {', '.join(unknown)}")
+    targets = list(columns) if columns is not None else [c for c in names if c not in row_id_columns]
+    row_ids = row_ids_from(data, row_id_columns) if all(c in names for c in row_id_columns) else None
+    report = ReencryptReport(table=label, read_version=dt.version(), written_version=None)
+    for c in targets:
+        new, count = reencrypt_values(data.column(c), row_ids, table=label, column=c, keyring=keyring)
+        if count:
+            data = data.set_column(names.index(c), data.schema.field(c), new)
+            report.rows_rewritten[c] = count
+    if not report.total:
+        return report
+    partitions = dt.metadata().partition_columns
+    write_deltalake(
+        dt,
+        data.cast(schema),
+        mode="overwrite",
+        partition_by=partitions or None,
+        storage_options=storage_options,
+    )
+    report.written_version = DeltaTable(uri, storage_options=storage_options).version()
+    return report

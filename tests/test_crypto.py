@@ -1,0 +1,763 @@
+"""Field encryption and keys: spec section, ciphers, keyring, PII tokens, reader, re-encryption, CLI.
+
+Pure logic plus real Delta tables in tmp_path; no Ray, no engine, no broker.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import polars as pl
+import pyarrow as pa
+import pytest
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from actors.ciphers import (
+    ARMOR_PREFIX,
+    MAGIC,
+    armor,
+    decrypt_column,
+    encrypt_column,
+    is_deterministic,
+    is_encrypted,
+    key_versions,
+    protect_pii,
+    reveal_pii,
+    row_ids_from,
+    table_label,
+)
+from connectors.encrypted_reader import decrypt_table, read_results
+from connectors.keyring import Keyring, LocalMasterKeyProvider
+from jobs.reencrypt import reencrypt_table
+from schemas.encryption import EncryptionSpec
+from schemas.errors import DecryptionError, KeyPermissionError, KeyRevokedError, KeyringError, TidegateError
+
+MASTER = bytes(range(32))
+T, C = "results", "output_text"
+
+
+@pytest.fixture
+def provider():
+    return LocalMasterKeyProvider(key=MASTER)
+
+
+@pytest.fixture
+def kr(tmp_path, provider):
+    k = Keyring.init(tmp_path / "keys" / "keyring.json", provider)
+    for t in ("acme", "umbr", "globex"):  # acme and umbr: same id length (header grouping by content)
+        k.create_tenant(t)
+    return k
+
+
+def rids(n, topic="orders"):
+    return pa.array([f"{topic}:0:{i}" for i in range(n)])
+
+
+def enc(values, kr, *, tenants="acme", table=T, column=C, row_ids=None, deterministic=False):
+    values = values if isinstance(values, pa.Array) else pa.array(values)
+    row_ids = rids(len(values)) if row_ids is None else row_ids
+    return encrypt_column(
+        values, row_ids, table=table, column=column, tenants=tenants, keyring=kr, deterministic=deterministic
+    )
+
+
+def dec(values, kr, *, table=T, column=C, row_ids=None, **kw):
+    row_ids = rids(len(values)) if row_ids is None else row_ids
+    return decrypt_column(values, row_ids, table=table, column=column, keyring=kr, **kw)
+
+
+def swap(arr: pa.Array, i: int, j: int) -> pa.Array:
+    vals = arr.to_pylist()
+    vals[i], vals[j] = vals[j], vals[i]
+    return pa.array(vals, arr.type)
+
+
+def flip(arr: pa.Array, row: int, pos: int) -> pa.Array:
+    vals = arr.to_pylist()
+    b = bytearray(vals[row])
+    b[pos] ^= 0x01
+    vals[row] = bytes(b)
+    return pa.array(vals, arr.type)
+
+
+# -- spec section
+
+
+def test_spec_absent_section_means_off_and_defaults(monkeypatch):
+    monkeypatch.delenv("TIDEGATE_KEYRING", raising=False)
+    spec = EncryptionSpec()
+    assert not spec.enabled and not spec.needs_keys
+    assert spec.keyring == ".tidegate/keyring.json"
+    assert spec.pii == "off" and spec.input_fields == [] and spec.output_fields == []
+    monkeypatch.setenv("TIDEGATE_KEYRING", "/secrets/kr.json")
+    assert EncryptionSpec().keyring == "/secrets/kr.json"
+
+
+def test_spec_fields_shorthand_and_dead_letter_default():
+    spec = EncryptionSpec.model_validate(
+        {"tenant_field": "customer", "input_fields": ["email", {"name": "user_id", "deterministic": True}]}
+    )
+    assert [(f.name, f.deterministic) for f in spec.input_fields] == [("email", False), ("user_id", True)]
+    assert spec.encrypt_dead_letter_raw is True  # default follows input_fields
+    assert EncryptionSpec(tenant="a", output_fields=["output_text"]).encrypt_dead_letter_raw is False
+    assert EncryptionSpec(tenant="a", input_fields=["x"], dead_letter_raw=False).encrypt_dead_letter_raw is False
+    assert EncryptionSpec(pii="redact").enabled and not EncryptionSpec(pii="redact").needs_keys
+    assert spec.tenant_of({"customer": "acme"}) == "acme"
+    assert spec.tenant_of({"customer": 42}) == "42"
+    assert spec.tenant_of({}) is None
+    assert EncryptionSpec(tenant="dflt", tenant_field="c", output_fields=["o"]).tenant_of({}) == "dflt"
+    with pytest.raises(ValueError, match="'customer' does not hold a valid tenant id") as e:
+        spec.tenant_of({"customer": "ann@example.com"})
+    assert "ann@example.com" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"tenant": "a", "input_fields": ["email", "email"]}, "listed more than once: email"),
+        ({"tenant": "a", "output_fields": ["o", {"name": "o", "deterministic": True}]}, "listed more than once: o"),
+        ({"tenant": "a", "output_fields": [""]}, "at least 1 character"),
+        ({"tenant": "a", "input_fields": ["  "]}, "must not be blank"),
+        ({"input_fields": ["email"]}, "needs a tenant"),
+        ({"tenant": "a b"}, "invalid tenant id"),
+        ({"tenant": "a", "output_fields": ["source_offset"]}, "row-id columns stay in clear"),
+        ({"tenant": "a", "pii": "mask"}, "pii"),
+        ({"tenant": "a", "colour": "blue"}, "Extra inputs are not permitted"),
+    ],
+)
+def test_spec_rejects(bad, message):
+    with pytest.raises(ValidationError, match=message):
+        EncryptionSpec.model_validate(bad)
+
+
+# -- round trips and the stored format
+
+
+def test_random_round_trip_nulls_and_format(kr):
+    values = pa.array(["hello", None, "", "é€😀 unicode", "\x00zero\x00", "x" * 1000])
+    out = enc(values, kr)
+    assert out.type == pa.binary()
+    assert out.null_count == 1 and out[1].as_py() is None
+    first = out[0].as_py()
+    # magic, format 1, flags 0 (random, text), tenant length + id, version 1 (big-endian), nonce, ct+tag
+    assert first[:3] == MAGIC == b"\xa7TG"
+    assert first[3:10] == b"\x01\x00\x04acme" and first[10:14] == b"\x00\x00\x00\x01"
+    assert len(first) == 14 + 12 + len("hello") + 16
+    assert b"hello" not in first
+    assert dec(out, kr).to_pylist() == values.to_pylist()
+    # fresh nonce per value: same value, same row, twice -> different bytes
+    assert enc(["same"], kr)[0].as_py() != enc(["same"], kr)[0].as_py()
+    assert is_encrypted(out) and not is_deterministic(out)
+    assert key_versions(out) == [("acme", 1), None, ("acme", 1), ("acme", 1), ("acme", 1), ("acme", 1)]
+
+
+def test_round_trip_binary_large_chunked_and_sliced(kr):
+    raw = pa.array([b"\x00\xff", None, b"", os.urandom(300)], pa.binary())
+    out = enc(raw, kr, column="raw")
+    back = dec(out, kr, column="raw")
+    assert back.type == pa.binary() and back.to_pylist() == raw.to_pylist()
+    large = pa.array(["a", "bb", None], pa.large_string())
+    assert dec(enc(large, kr), kr).to_pylist() == ["a", "bb", None]
+    chunked = pa.chunked_array([["x", "y"], ["z"]])
+    assert dec(enc(chunked, kr), kr).to_pylist() == ["x", "y", "z"]
+    sliced = pa.array(["skip", "keep1", None, "keep2"]).slice(1)  # non-zero array offset
+    ids = pa.array(["r1", "r2", "r3"])
+    assert dec(enc(sliced, kr, row_ids=ids), kr, row_ids=ids).to_pylist() == ["keep1", None, "keep2"]
+    ints = pa.array([10, 11, 12])  # integer row ids are cast to text
+    assert dec(enc(["a", "b", "c"], kr, row_ids=ints), kr, row_ids=ints).to_pylist() == ["a", "b", "c"]
+    assert enc(pa.array([], pa.string()), kr, row_ids=pa.array([], pa.string())).to_pylist() == []
+    assert dec(enc([None, None], kr), kr).to_pylist() == [None, None]
+    with pytest.raises(TypeError, match="string or binary"):
+        enc(pa.array([1, 2]), kr)
+
+
+def test_per_row_tenants(kr):
+    values = pa.array(["a0", "u1", None, "g3", "a4", "u5", ""])
+    tenants = pa.array(["acme", "umbr", None, "globex", "acme", "umbr", "globex"])
+    out = enc(values, kr, tenants=tenants)
+    assert [kv and kv[0] for kv in key_versions(out)] == ["acme", "umbr", None, "globex", "acme", "umbr", "globex"]
+    assert dec(out, kr).to_pylist() == values.to_pylist()
+    assert dec(out, kr, tenants=tenants).to_pylist() == values.to_pylist()
+    # a list of tenant ids works too
+    assert dec(enc(["p", "q"], kr, tenants=["umbr", "acme"]), kr).to_pylist() == ["p", "q"]
+    with pytest.raises(ValueError, match="has a value but no tenant"):
+        enc(["a", "b"], kr, tenants=pa.array(["acme", None]))
+    with pytest.raises(KeyPermissionError, match="initech") as e:
+        enc(["a", "b"], kr, tenants=pa.array(["acme", "initech"]))
+    assert e.value.tenant == "initech"
+    with pytest.raises(KeyPermissionError, match="not valid") as e:
+        enc(["a"], kr, tenants=["bob@example.com"])
+    assert "bob@example.com" not in str(e.value)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_round_trip_many_rows_mixed(kr, deterministic, per_row):
+    # several batches (4096 rows per batch and tenant), nulls, per-row tenants, NUL bytes, one value past 100 kB
+    rng = np.random.default_rng(7)
+    n = 26_000
+    vals = [bytes(rng.integers(0, 256, int(rng.integers(0, 60)), dtype=np.uint8)) + b"\x00" for _ in range(n)]
+    vals[17] = os.urandom(150_000)
+    for i in rng.choice(n, 2600, replace=False):
+        vals[i] = None
+    tenants = pa.array(rng.choice(["acme", "umbr", "globex"] if per_row else ["umbr"], n).tolist())
+    values = pa.array(vals, pa.binary())
+    out = enc(values, kr, tenants=tenants, deterministic=deterministic)
+    assert out.null_count == 2600
+    assert dec(out, kr, tenants=tenants).equals(values)
+    assert [kv and kv[0] for kv in key_versions(out)] == [t if v is not None else None
+                                                           for t, v in zip(tenants.to_pylist(), vals)]  # fmt: skip
+
+
+def test_deterministic_tokens(kr):
+    values = pa.array(["alice", "bob", "alice", None, "alice"])
+    out = enc(values, kr, deterministic=True, row_ids=None)
+    toks = out.to_pylist()
+    assert toks[0] == toks[2] == toks[4] and toks[0] != toks[1]
+    assert toks[0][4] == 0x01  # deterministic flag
+    assert len(toks[0]) == 14 + 16 + len("alice")
+    assert is_deterministic(out)
+    assert decrypt_column(out, None, table=T, column=C, keyring=kr).to_pylist() == values.to_pylist()
+    # equal within a column and tenant; different in another column, table or tenant
+    other_col = enc(values, kr, deterministic=True, column="email")
+    other_table = enc(values, kr, deterministic=True, table="dead_letter")
+    other_tenant = enc(values, kr, deterministic=True, tenants="umbr")
+    assert other_col[0].as_py() != toks[0]
+    assert other_table[0].as_py() != toks[0]
+    assert other_tenant[0].as_py() != toks[0]
+    # joinable: a second batch gives the same token for the same value
+    assert enc(["alice"], kr, deterministic=True)[0].as_py() == toks[0]
+    # no row binding by design: moving a token to another row of the column still decrypts
+    moved = swap(out, 0, 1)
+    assert decrypt_column(moved, None, table=T, column=C, keyring=kr).to_pylist()[:2] == ["bob", "alice"]
+    # but not in another column
+    with pytest.raises(DecryptionError) as e:
+        decrypt_column(out, None, table=T, column="email", keyring=kr)
+    assert (e.value.table, e.value.column, e.value.row_id) == (T, "email", "#0")
+
+
+# -- binding, tampering, keys
+
+
+def test_value_moved_to_another_row_column_or_table_fails(kr):
+    secret = ["secret-0", "secret-1", "secret-2"]
+    out = enc(secret, kr)
+    with pytest.raises(DecryptionError) as e:
+        dec(swap(out, 1, 2), kr)
+    assert (e.value.table, e.value.column, e.value.row_id) == (T, C, "orders:0:1")
+    assert "results.output_text row orders:0:1" in str(e.value)
+    assert all(s not in str(e.value) for s in secret)
+    with pytest.raises(DecryptionError, match="row orders:0:0") as e:
+        dec(out, kr, column="summary")
+    assert e.value.column == "summary"
+    with pytest.raises(DecryptionError) as e:
+        dec(out, kr, table="other_job/results")
+    assert e.value.table == "other_job/results"
+    # same column and table, other row ids
+    with pytest.raises(DecryptionError):
+        dec(out, kr, row_ids=rids(3, topic="payments"))
+
+
+def test_flipped_bytes_and_garbage(kr):
+    out = enc(["hello world", "second"], kr)
+    n = len(out[1].as_py())
+    for pos in (30, n - 1, 15, 4):  # ciphertext, tag, nonce, flags (text -> bytes)
+        with pytest.raises(DecryptionError) as e:
+            dec(flip(out, 1, pos), kr)
+        assert e.value.row_id == "orders:0:1" and "hello" not in str(e.value)
+    truncated = pa.array([out[0].as_py()[:20], out[1].as_py()], pa.binary())
+    with pytest.raises(DecryptionError, match="row orders:0:0: not a Tidegate encrypted value"):
+        dec(truncated, kr)
+    with pytest.raises(DecryptionError, match="not a Tidegate"):
+        dec(pa.array([b'{"json": 1}', None], pa.binary()), kr)
+    assert not is_encrypted(pa.array([b'{"json": 1}'], pa.binary()))
+    assert not is_encrypted(pa.array([None], pa.binary())) and not is_encrypted(pa.array(["t"]))
+
+
+def test_tenant_key_never_opens_another_tenant(kr):
+    out = enc(["for umbr only"], kr, tenants="umbr")
+    forged = bytearray(out[0].as_py())
+    assert forged[6:10] == b"umbr"
+    forged[6:10] = b"acme"  # claim acme: acme's key is used, and does not open umbr's value
+    with pytest.raises(DecryptionError):
+        dec(pa.array([bytes(forged)], pa.binary()), kr)
+    with pytest.raises(DecryptionError, match="belongs to another tenant"):
+        dec(out, kr, tenants="acme")
+
+
+def test_keyring_without_tenant_raises_or_keeps(kr, tmp_path):
+    tenants = pa.array(["acme", "globex", "acme"])
+    out = enc(["a", "g", "a2"], kr, tenants=tenants)
+    only_acme = kr.export(tmp_path / "acme.json", ["acme"])
+    assert only_acme.tenants() == ["acme"]
+    with pytest.raises(KeyPermissionError, match="globex") as e:
+        dec(out, only_acme)
+    assert e.value.tenant == "globex" and "acme.json" in str(e.value)
+    kept = dec(out, only_acme, on_missing_key="keep")
+    assert kept.to_pylist()[0] == "a" and kept.to_pylist()[2] == "a2"
+    assert kept[1].as_py() == armor(out[1].as_py()) and kept[1].as_py().startswith(ARMOR_PREFIX)
+    # the kept text form decrypts later with a keyring that has the key (and only in its row)
+    assert dec(kept.slice(1, 1), kr, row_ids=pa.array(["orders:0:1"])).to_pylist() == ["g"]
+    with pytest.raises(DecryptionError, match="row orders:0:0: not a Tidegate"):
+        dec(kept, kr)  # clear text is not taken for a stored value
+    # binary columns keep the stored bytes
+    raw = enc(pa.array([b"r1", b"r2"]), kr, tenants=pa.array(["globex", "acme"]), column="raw")
+    kept_raw = dec(raw, only_acme, column="raw", on_missing_key="keep")
+    assert kept_raw.to_pylist() == [raw[0].as_py(), b"r2"]
+    with pytest.raises(KeyPermissionError):
+        enc(["x"], only_acme, tenants="globex")
+
+
+def test_rotation_and_revocation(kr):
+    old = enc(["before rotation"], kr, row_ids=pa.array(["r-old"]))
+    assert kr.rotate("acme") == 2 and kr.current("acme") == 2
+    new = enc(["after rotation"], kr, row_ids=pa.array(["r-new"]))
+    assert key_versions(old) == [("acme", 1)] and key_versions(new) == [("acme", 2)]
+    assert [(v.version, v.state) for v in kr.versions("acme")] == [(1, "retired"), (2, "active")]
+    assert dec(old, kr, row_ids=pa.array(["r-old"])).to_pylist() == ["before rotation"]
+    assert dec(new, kr, row_ids=pa.array(["r-new"])).to_pylist() == ["after rotation"]
+    kr.revoke("acme", 1)
+    with pytest.raises(KeyRevokedError, match="version 1 of tenant 'acme' is revoked") as e:
+        dec(old, kr, row_ids=pa.array(["r-old"]))
+    assert (e.value.tenant, e.value.version) == ("acme", 1)
+    assert dec(new, kr, row_ids=pa.array(["r-new"])).to_pylist() == ["after rotation"]
+    doc = json.loads(kr.path.read_text())
+    assert doc["tenants"]["acme"][0] == {**doc["tenants"]["acme"][0], "state": "revoked", "wrapped_key": None}
+    # a fresh process (new Keyring object) sees the same
+    again = Keyring.open(kr.path, LocalMasterKeyProvider(key=MASTER))
+    with pytest.raises(KeyRevokedError):
+        again.data_key("acme", 1)
+    # a long-lived keyring object sees another process's changes after reload()
+    other = Keyring.open(kr.path, LocalMasterKeyProvider(key=MASTER))
+    other.rotate("umbr")
+    assert kr.current("umbr") == 1
+    kr.reload()
+    assert kr.current("umbr") == 2
+    # revoking the only active version: nothing can be encrypted until a rotation
+    kr.revoke("acme", 2)
+    with pytest.raises(KeyRevokedError, match="no active key version"):
+        enc(["x"], kr)
+    assert kr.rotate("acme") == 3 and key_versions(enc(["x"], kr)) == [("acme", 3)]
+    with pytest.raises(KeyPermissionError, match="no key version 9"):
+        kr.revoke("acme", 9)
+
+
+# -- keyring file and master key
+
+
+def test_keyring_file_mode_atomic_writes_and_refusal(tmp_path, provider, monkeypatch):
+    path = tmp_path / "kr.json"
+    k = Keyring.init(path, provider)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    k.create_tenant("acme")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    key = k.data_key("acme", 1)
+    text = path.read_text()
+    assert base64.b64encode(key).decode() not in text and key.hex() not in text
+    with pytest.raises(KeyringError, match="already exists"):
+        Keyring.init(path, provider)
+    assert path.read_text() == text
+    with pytest.raises(KeyringError, match="already exists"):
+        k.create_tenant("acme")
+    with pytest.raises(KeyringError, match="invalid tenant id"):
+        k.create_tenant("no spaces")
+    # a write that fails half-way leaves the old file whole and no temp file behind
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(OSError):
+        k.rotate("acme")
+    monkeypatch.undo()
+    assert path.read_text() == text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kr.json", "kr.json.lock"]
+    # the on-disk file is re-read under the lock before a change: two objects do not lose updates
+    k2 = Keyring.open(path, provider)
+    k.rotate("acme")
+    k2.create_tenant("umbr")
+    final = Keyring.open(path, provider)
+    assert final.tenants() == ["acme", "umbr"] and final.current("acme") == 2
+    assert final.data_key("acme", 1) == key
+
+
+def test_keyring_wrong_master_key_moved_entry_and_malformed(tmp_path, provider):
+    k = Keyring.init(tmp_path / "kr.json", provider)
+    k.create_tenant("acme")
+    k.create_tenant("umbr")
+    other = LocalMasterKeyProvider(key=bytes(32))
+    with pytest.raises(KeyringError, match="wrong master key"):
+        Keyring.open(k.path, other).data_key("acme", 1)
+    # listing needs no master key at all
+    assert [v.state for v in Keyring.open(k.path, None).versions("acme")] == ["active"]
+    # a wrapped key moved to another tenant does not unwrap (context binds tenant and version)
+    doc = json.loads(k.path.read_text())
+    a, u = doc["tenants"]["acme"][0], doc["tenants"]["umbr"][0]
+    a["wrapped_key"], u["wrapped_key"] = u["wrapped_key"], a["wrapped_key"]
+    (tmp_path / "moved.json").write_text(json.dumps(doc))
+    with pytest.raises(KeyringError, match="tenant 'acme' version 1 does not open"):
+        Keyring.open(tmp_path / "moved.json", provider).data_key("acme", 1)
+    for bad, why in [("{", "not valid JSON"), ('{"format": "x"}', "format"), ("[]", "format")]:
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(KeyringError, match=why):
+            Keyring.open(tmp_path / "bad.json", provider)
+    doc["tenants"]["acme"][0]["state"] = "paused"
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(KeyringError, match="state must be one of"):
+        Keyring.open(tmp_path / "bad.json", provider)
+    with pytest.raises(KeyringError, match="does not exist"):
+        Keyring.open(tmp_path / "missing.json", provider)
+
+
+def test_master_key_from_environment(monkeypatch):
+    var = "TG_TEST_MASTER"
+    monkeypatch.delenv(var, raising=False)
+    with pytest.raises(KeyringError, match=f"{var} is not set"):
+        LocalMasterKeyProvider(var)
+    secretish = "not-base64-at-all!!"
+    monkeypatch.setenv(var, secretish)
+    with pytest.raises(KeyringError, match=f"{var} is neither base64 nor hex") as e:
+        LocalMasterKeyProvider(var)
+    assert secretish not in str(e.value)
+    monkeypatch.setenv(var, base64.b64encode(b"short").decode())
+    with pytest.raises(KeyringError, match="must hold 32 bytes"):
+        LocalMasterKeyProvider(var)
+    monkeypatch.setenv(var, "")
+    with pytest.raises(KeyringError, match="is empty"):
+        LocalMasterKeyProvider(var)
+    ids = set()
+    for text in (base64.b64encode(MASTER).decode(), MASTER.hex(), base64.urlsafe_b64encode(MASTER).decode()):
+        monkeypatch.setenv(var, text)
+        p = LocalMasterKeyProvider(var)
+        ids.add(p.key_id)
+        assert p.unwrap(p.wrap(b"k" * 32, {"t": "1"}), {"t": "1"}) == b"k" * 32
+        with pytest.raises(KeyringError):
+            p.unwrap(p.wrap(b"k" * 32, {"t": "1"}), {"t": "2"})
+    assert ids == {LocalMasterKeyProvider(key=MASTER).key_id}
+    assert MASTER.hex() not in next(iter(ids))
+    # the default variable name
+    monkeypatch.delenv("TIDEGATE_MASTER_KEY", raising=False)
+    with pytest.raises(KeyringError, match="TIDEGATE_MASTER_KEY is not set"):
+        LocalMasterKeyProvider()
+
+
+def test_export_rewrapped_for_another_master_key(kr, tmp_path):
+    values = enc(["for acme"], kr)
+    recipient = LocalMasterKeyProvider(key=b"\x07" * 32)
+    sub = kr.export(tmp_path / "notebook.json", ["acme"], provider=recipient)
+    assert sub.master_key_id == recipient.key_id != kr.master_key_id
+    reopened = Keyring.open(tmp_path / "notebook.json", recipient)
+    assert dec(values, reopened).to_pylist() == ["for acme"]
+    with pytest.raises(KeyringError, match="wrong master key"):
+        Keyring.open(tmp_path / "notebook.json", LocalMasterKeyProvider(key=MASTER)).data_key("acme", 1)
+    with pytest.raises(KeyringError, match="already exists"):
+        kr.export(tmp_path / "notebook.json", ["acme"])
+    with pytest.raises(KeyPermissionError, match="initech"):
+        kr.export(tmp_path / "x.json", ["initech"])
+
+
+# -- PII inside text
+
+
+@dataclass
+class Span:
+    kind: str
+    start: int
+    end: int
+
+
+def fake_find_pii(text: str) -> list[Span]:
+    spans = [Span("email", m.start(), m.end()) for m in re.finditer(r"[\w.]+@[\w.]+\.\w+", text)]
+    spans += [Span("phone", m.start(), m.end()) for m in re.finditer(r"\+?\d[\d -]{7,}\d", text)]
+    return spans
+
+
+TEXTS = ["mail ann@example.com or +1 555 123 4567 now", None, "nothing here", "", "b@x.io"]
+
+
+def test_pii_redact():
+    out = protect_pii(pa.array(TEXTS), None, fake_find_pii, "redact", table=T, column=C)
+    assert out.to_pylist() == [
+        "mail [REDACTED:email] or [REDACTED:phone] now",
+        None,
+        "nothing here",
+        "",
+        "[REDACTED:email]",
+    ]
+
+    # overlapping spans: the earlier (then longer) one wins; off returns the input
+    def overlapping(text):
+        return [Span("a", 0, 5), Span("b", 3, 8), Span("c", 8, 9)]
+
+    assert protect_pii(pa.array(["0123456789"]), None, overlapping, "redact", table=T, column=C).to_pylist() == [
+        "[REDACTED:a]567[REDACTED:c]9"
+    ]
+    values = pa.array(TEXTS)
+    assert protect_pii(values, None, fake_find_pii, "off", table=T, column=C) is values
+
+
+def test_pii_encrypt_inline_and_reveal(kr, tmp_path):
+    ids = rids(len(TEXTS))
+    out = protect_pii(pa.array(TEXTS), ids, fake_find_pii, "encrypt", table=T, column=C, tenants="acme", keyring=kr)
+    protected = out.to_pylist()
+    assert "ann@example.com" not in protected[0] and "555" not in protected[0]
+    assert re.fullmatch(r"mail \[PII:email:[\w-]+\] or \[PII:phone:[\w-]+\] now", protected[0])
+    assert protected[1:4] == [None, "nothing here", ""]
+    assert reveal_pii(out, ids, table=T, column=C, keyring=kr).to_pylist() == TEXTS
+    # a token moved to another row does not decrypt there
+    moved = pa.array([protected[4], None, None, None, protected[0]])
+    with pytest.raises(DecryptionError, match="row orders:0:0: inline PII"):
+        reveal_pii(moved, ids, table=T, column=C, keyring=kr)
+    # a keyring without the tenant: raise, or keep the tokens
+    only_umbr = kr.export(tmp_path / "umbr.json", ["umbr"])
+    with pytest.raises(KeyPermissionError, match="acme"):
+        reveal_pii(out, ids, table=T, column=C, keyring=only_umbr)
+    assert reveal_pii(out, ids, table=T, column=C, keyring=only_umbr, on_missing_key="keep").to_pylist() == protected
+
+
+def test_pii_literal_tokens_in_text_are_escaped(kr):
+    # text that already holds "[PII:" (e.g. a model repeating a token it was shown) stays literal text
+    earlier = protect_pii(pa.array(["x@y.org"]), ["other:0:9"], fake_find_pii, "encrypt",
+                          table=T, column=C, tenants="acme", keyring=kr)[0].as_py()  # fmt: skip
+    texts = [f"copied {earlier} and [PII::odd] and c@d.net", "[PII:x:notbase64!]"]
+    ids = rids(2)
+    out = protect_pii(pa.array(texts), ids, fake_find_pii, "encrypt", table=T, column=C, tenants="umbr", keyring=kr)
+    assert "[PII::email:" in out[0].as_py()  # the copied token was escaped
+    assert reveal_pii(out, ids, table=T, column=C, keyring=kr).to_pylist() == texts
+
+
+# -- tables: reader and re-encryption
+
+
+def _results(kr: Keyring, n: int = 6, offset: int = 0, table: str = T) -> tuple[pa.Table, dict]:
+    tenants = pa.array([["acme", "globex"][i % 2] for i in range(n)])
+    base = pa.table(
+        {
+            "id": [f"e{offset + i}" for i in range(n)],
+            "status": ["ok"] * n,
+            "source_topic": ["orders"] * n,
+            "source_partition": pa.array([i % 2 for i in range(n)], pa.int32()),
+            "source_offset": pa.array([offset + i for i in range(n)], pa.int64()),
+        }
+    )
+    ids = row_ids_from(base)
+    clear = {
+        "output_text": [f"reply {offset + i} to z{i}@mail.com" if i != 2 else None for i in range(n)],
+        "user_email": [f"user{i % 2}@corp.com" for i in range(n)],
+        "raw": [json.dumps({"n": offset + i}).encode() for i in range(n)],
+    }
+    text = protect_pii(pa.array(clear["output_text"]), ids, fake_find_pii, "encrypt",
+                       table=table, column="output_text", tenants=tenants, keyring=kr)  # fmt: skip
+    cols = {
+        "output_text": encrypt_column(text, ids, table=table, column="output_text", tenants=tenants, keyring=kr),
+        "user_email": encrypt_column(
+            pa.array(clear["user_email"]),
+            ids,
+            table=table,
+            column="user_email",
+            tenants=tenants,
+            keyring=kr,
+            deterministic=True,
+        ),
+        "raw": encrypt_column(
+            pa.array(clear["raw"], pa.binary()), ids, table=table, column="raw", tenants=tenants, keyring=kr
+        ),
+    }
+    for name, col in cols.items():
+        base = base.append_column(name, col)
+    return base, clear
+
+
+def test_table_label_and_row_ids():
+    assert table_label("s3://lake/triage/results/") == "results"
+    assert table_label("/tmp/x/dead_letter", "job1/dead_letter") == "job1/dead_letter"
+    t = pa.table({"source_topic": ["a:b", None], "source_partition": [1, 2], "source_offset": [5, 6]})
+    assert row_ids_from(t).to_pylist() == ["a:b:1:5", None]
+
+
+def test_reader_polars_pandas_arrow(kr, tmp_path):
+    data, clear = _results(kr)
+    uri = str(tmp_path / "lake" / "results")
+    write_deltalake(uri, data)
+    df = read_results(uri, keyring=kr)
+    assert isinstance(df, pl.DataFrame)
+    assert df["output_text"].to_list() == clear["output_text"]
+    assert df["user_email"].to_list() == clear["user_email"]
+    assert df["raw"].to_list() == clear["raw"] and df.schema["raw"] == pl.Binary
+    assert df["id"].to_list() == [f"e{i}" for i in range(6)] and df.columns == data.column_names
+    pdf = read_results(uri, keyring=kr, backend="pandas", columns=["id", "output_text"])
+    assert isinstance(pdf, pd.DataFrame) and list(pdf.columns) == ["id", "output_text"]
+    assert [None if pd.isna(v) else v for v in pdf["output_text"]] == clear["output_text"]
+    arrow = read_results(uri, keyring=kr, backend="arrow", columns=["user_email"])
+    assert arrow.column_names == ["user_email"] and arrow.column(0).to_pylist() == clear["user_email"]
+    # keyring given as a path, master key from the environment
+    os.environ["TIDEGATE_MASTER_KEY"] = base64.b64encode(MASTER).decode()
+    try:
+        assert read_results(uri, keyring=str(kr.path))["user_email"].to_list() == clear["user_email"]
+    finally:
+        del os.environ["TIDEGATE_MASTER_KEY"]
+    # a table read under another logical name does not decrypt
+    with pytest.raises(DecryptionError) as e:
+        read_results(uri, keyring=kr, table="other")
+    assert e.value.table == "other"
+
+
+def test_reader_missing_tenant_raise_or_keep(kr, tmp_path):
+    data, clear = _results(kr)
+    uri = str(tmp_path / "results")
+    write_deltalake(uri, data)
+    only_acme = kr.export(tmp_path / "acme.json", ["acme"])
+    with pytest.raises(KeyPermissionError, match="globex") as e:
+        read_results(uri, keyring=only_acme)
+    assert e.value.tenant == "globex"
+    df = read_results(uri, keyring=only_acme, on_missing_key="keep", backend="pandas")
+    acme = [i for i in range(6) if i % 2 == 0]
+    globex = [i for i in range(6) if i % 2 == 1]
+    assert [df["user_email"][i] for i in acme] == [clear["user_email"][i] for i in acme]
+    assert [df["raw"][i] for i in acme] == [clear["raw"][i] for i in acme]
+    assert df["output_text"][0] == clear["output_text"][0]
+    for i in globex:
+        assert df["user_email"][i].startswith(ARMOR_PREFIX) and "corp.com" not in df["user_email"][i]
+        assert df["raw"][i] == data.column("raw")[i].as_py()  # stored bytes, still encrypted
+        assert "mail.com" not in df["output_text"][i]
+
+
+def test_decrypt_table_on_dead_letter_shape(kr):
+    # a dead-letter-like table: encrypted raw event, no output text
+    t = pa.table({"source_topic": ["t"], "source_partition": [0], "source_offset": [7], "stage": ["decode"]})
+    ids = row_ids_from(t)
+    raw = encrypt_column(pa.array([b"\xff not json"]), ids, table="dead_letter", column="raw",
+                         tenants="acme", keyring=kr)  # fmt: skip
+    out = decrypt_table(t.append_column("raw", raw), kr, table="dead_letter")
+    assert out.column("raw").to_pylist() == [b"\xff not json"] and out.column("stage").to_pylist() == ["decode"]
+
+
+def test_reencrypt_table_after_rotation(kr, tmp_path):
+    uri = str(tmp_path / "results")
+    old, clear_old = _results(kr, n=6)
+    write_deltalake(uri, old, commit_properties=CommitProperties(app_transactions=[Transaction("orders-0", 41)]))
+    kr.rotate("acme")
+    new, clear_new = _results(kr, n=2, offset=100)
+    write_deltalake(uri, new, mode="append")
+    before = DeltaTable(uri).version()
+    versions = key_versions(pl.read_delta(uri)["user_email"].to_arrow())
+    assert ("acme", 1) in versions and ("acme", 2) in versions
+
+    report = reencrypt_table(uri, kr)
+    # acme rows of the first batch: 0, 2, 4 (output_text of row 2 is null); globex was not rotated
+    assert report.rows_rewritten == {"output_text": 2, "user_email": 3, "raw": 3}
+    assert report.read_version == before and report.written_version == before + 1
+    dt = DeltaTable(uri)
+    assert dt.version() == before + 1 and dt.transaction_version("orders-0") == 41
+    after = pl.read_delta(uri).sort("source_offset")
+    for col in ("output_text", "user_email", "raw"):
+        assert {kv for kv in key_versions(after[col].to_arrow()) if kv} == {("acme", 2), ("globex", 1)}
+    # inline PII tokens inside the encrypted text were re-sealed too
+    text = decrypt_column(after["output_text"].to_arrow(), row_ids_from(after.to_arrow()),
+                          table=T, column="output_text", keyring=kr)  # fmt: skip
+    token_versions = {tok[2] for tok in _token_headers(text.to_pylist())}
+    assert token_versions == {("acme", 2), ("globex", 1)}
+    # clear columns untouched, plaintext unchanged, and the old version can now go
+    assert after["id"].to_list() == [f"e{i}" for i in range(6)] + ["e100", "e101"]
+    kr.revoke("acme", 1)
+    df = read_results(uri, keyring=kr).sort("source_offset")
+    assert df["output_text"].to_list() == clear_old["output_text"] + clear_new["output_text"]
+    assert df["user_email"].to_list() == clear_old["user_email"] + clear_new["user_email"]
+    assert df["raw"].to_list() == clear_old["raw"] + clear_new["raw"]
+    # deterministic tokens are equal again within the column once all rows share the version
+    emails = after.filter(pl.col("source_partition") == 0)["user_email"].to_list()
+    assert len(set(emails)) == 1
+    # nothing stale: nothing written
+    again = reencrypt_table(uri, kr)
+    assert again.written_version is None and again.total == 0 and DeltaTable(uri).version() == before + 1
+
+
+def _token_headers(texts):
+    for t in texts:
+        for kind, tok in re.findall(r"\[PII:(\w+):([\w-]+)\]", t or ""):
+            raw = base64.urlsafe_b64decode(tok + "=" * (-len(tok) % 4))
+            n = raw[5]
+            yield kind, raw, (raw[6 : 6 + n].decode(), int.from_bytes(raw[6 + n : 10 + n], "big"))
+
+
+def test_reencrypt_revoked_version_refuses(kr, tmp_path):
+    uri = str(tmp_path / "results")
+    data, _ = _results(kr, n=2)
+    write_deltalake(uri, data)
+    kr.rotate("acme")
+    kr.revoke("acme", 1)
+    with pytest.raises(KeyRevokedError, match="acme"):
+        reencrypt_table(uri, kr)
+    assert DeltaTable(uri).version() == 0
+
+
+# -- CLI
+
+
+def test_cli_keys(tmp_path, monkeypatch):
+    from jobs.cli import app
+
+    runner = CliRunner()
+    path = str(tmp_path / "kr.json")
+    env = {"TIDEGATE_MASTER_KEY": base64.b64encode(MASTER).decode(), "TIDEGATE_KEYRING": path}
+
+    def run(*args, code=0, **kw):
+        r = runner.invoke(app, ["keys", *args], env=kw.pop("env", env), **kw)
+        assert r.exit_code == code, r.output
+        return r.output
+
+    assert "created" in run("init")
+    assert "already exists" in run("init", code=2)
+    assert os.path.exists(path) and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert "version 1" in run("create-tenant", "acme")
+    assert "version 1" in run("create-tenant", "globex", "--keyring", path)
+    assert "version 2 is now current" in run("rotate", "acme")
+    assert "revoked" in run("revoke", "acme", "1", "--yes")
+    assert "Aborted" in run("revoke", "globex", "1", input="n\n", code=1)
+    out = run("list", env={"TIDEGATE_KEYRING": path})  # no master key needed
+    lines = [ln for ln in out.splitlines() if "acme" in ln or "globex" in ln]
+    assert len(lines) == 3
+    assert re.search(r"acme\s+│\s+1\s+│\s+revoked", out) and re.search(r"acme\s+│\s+2\s+│\s+active.*\*", out)
+    assert re.search(r"globex\s+│\s+1\s+│\s+active", out)
+    doc = json.loads(Path(path).read_text())
+    assert doc["tenants"]["acme"][1]["wrapped_key"] not in out
+    sub = str(tmp_path / "acme-only.json")
+    assert "acme" in run("export", "--tenant", "acme", "--out", sub)
+    assert Keyring.open(sub, LocalMasterKeyProvider(key=MASTER)).tenants() == ["acme"]
+    monkeypatch.setenv("TG_NOTEBOOK_KEY", base64.b64encode(b"\x05" * 32).decode())
+    rewrapped = str(tmp_path / "nb.json")
+    run("export", "--tenant", "globex", "--out", rewrapped, "--to-master-key-env", "TG_NOTEBOOK_KEY")
+    assert Keyring.open(rewrapped, LocalMasterKeyProvider("TG_NOTEBOOK_KEY")).data_key("globex", 1)
+    assert "TIDEGATE_MASTER_KEY is not set" in run("rotate", "acme", env={"TIDEGATE_KEYRING": path}, code=2)
+    assert "no key for tenant 'nope'" in run("rotate", "nope", code=2)
+
+
+def test_cli_reencrypt(kr, tmp_path):
+    from jobs.cli import app
+
+    uri = str(tmp_path / "results")
+    data, _ = _results(kr, n=4)
+    write_deltalake(uri, data)
+    kr.rotate("globex")
+    env = {"TIDEGATE_MASTER_KEY": base64.b64encode(MASTER).decode(), "TIDEGATE_KEYRING": str(kr.path)}
+    r = CliRunner().invoke(app, ["keys", "reencrypt", "--table", uri, "--column", "user_email"], env=env)
+    assert r.exit_code == 0, r.output
+    assert "re-encrypted 2 value(s) (user_email: 2)" in r.output
+    after = pl.read_delta(uri)
+    assert {kv for kv in key_versions(after["user_email"].to_arrow())} == {("acme", 1), ("globex", 2)}
+    assert {kv for kv in key_versions(after["raw"].to_arrow())} == {("acme", 1), ("globex", 1)}  # not asked
+    r = CliRunner().invoke(app, ["keys", "reencrypt", "--table", uri, "--column", "user_email"], env=env)
+    assert "nothing to re-encrypt" in r.output
+    r = CliRunner().invoke(app, ["keys", "reencrypt", "--table", uri, "--storage-option", "oops"], env=env)
+    assert r.exit_code == 2 and "KEY=VALUE" in r.output
+
+
+def test_errors_are_tidegate_errors():
+    for cls in (KeyringError, KeyPermissionError, KeyRevokedError, DecryptionError):
+        assert issubclass(cls, TidegateError)

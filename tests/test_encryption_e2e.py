@@ -1,0 +1,138 @@
+"""No plaintext anywhere: a whole job (tansu, Ray, vLLM, Delta) over events carrying canary
+strings in every sensitive field and model outputs forced to contain planted PII. Every byte of
+every file the run produced is scanned for the canaries; then the right keyring finds them all back,
+and one tenant's keyring never opens another tenant's rows."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import uuid
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from connectors.encrypted_reader import read_results
+from connectors.keyring import Keyring, LocalMasterKeyProvider
+from schemas.errors import KeyPermissionError
+from tests.conftest import make_spec, send, write_spec
+
+pytestmark = pytest.mark.slow
+
+TAG = uuid.uuid4().hex[:10]
+OUT_EMAIL = f"canary-out-{TAG}@leak.example"  # generated into every output by the schema's const
+
+
+def reject_marked(candidate) -> bool:
+    """Custom rule: outputs of prompts marked REJECT-ME fail (so validate-stage dead letters carry outputs)."""
+    return "REJECT-ME" not in candidate.prompt
+
+
+def scan(root: Path, canaries: list[str]) -> list[str]:
+    """Every file under root: raw bytes, and for Parquet files every decoded value too."""
+    needles = [c.encode() for c in canaries]
+    hits = []
+    for path in [root] if root.is_file() else root.rglob("*"):
+        if not path.is_file() or path.is_symlink():
+            continue
+        data = path.read_bytes()
+        hits += [f"{path}: {n.decode()}" for n in needles if n in data]
+        if path.suffix == ".parquet":
+            text = json.dumps(pq.read_table(path).to_pylist(), default=repr)
+            hits += [f"{path} (decoded): {c}" for c in canaries if c in text]
+    return hits
+
+
+def test_canaries_never_appear_in_plaintext_and_decrypt_back(tmp_path, broker, topic, tiny_model, job_processes, monkeypatch):
+    master = base64.b64encode(os.urandom(32)).decode()
+    monkeypatch.setenv("TIDEGATE_MASTER_KEY", master)
+    keyring_path = tmp_path / "keys" / "keyring.json"
+    kr = Keyring.init(keyring_path, LocalMasterKeyProvider())
+    kr.create_tenant("acme")
+    kr.create_tenant("globex")
+
+    canaries: list[str] = [OUT_EMAIL]
+    records = []
+    for i in range(24):
+        email, ref = f"canary-{TAG}-{i}@example.com", f"CANARY-REF-{TAG}-{i}"
+        canaries += [email, ref]
+        question = f"order {i} status?" + (" REJECT-ME" if i % 6 == 0 else "")
+        body = {"id": f"e{i:03d}", "tenant": "acme" if i % 2 else "globex", "email": email,
+                "customer_ref": ref, "question": question}  # fmt: skip
+        records.append((body["id"].encode(), json.dumps(body).encode()))
+    # Bad events carrying canaries: a missing template variable, an unknown tenant, invalid JSON.
+    bad = {
+        "missing": {"id": "b1", "tenant": "acme", "email": f"canary-bad1-{TAG}@example.com", "customer_ref": "x"},
+        "unknown_tenant": {"id": "b2", "tenant": "initech", "email": f"canary-bad2-{TAG}@example.com",
+                           "customer_ref": "x", "question": "q"},  # fmt: skip
+    }
+    for body in bad.values():
+        canaries.append(body["email"])
+        records.append((body["id"].encode(), json.dumps(body).encode()))
+    canaries.append(f"CANARY-JSON-{TAG}")
+    records.append((b"b3", f'{{"id": "b3", "email": "CANARY-JSON-{TAG}", '.encode()))
+    send(broker, topic, records)
+
+    spec = make_spec(
+        tmp_path, broker, topic, tiny_model,
+        **{
+            "prompt.template": "Customer {{ email }} ({{ customer_ref }}) asks: {{ question }}",
+            "sampling.max_tokens": 48,
+            "output": {"schema": {"type": "object", "required": ["contact", "note"],
+                                  "properties": {"contact": {"const": OUT_EMAIL},
+                                                 "note": {"type": "string", "maxLength": 12}}}},
+            "validation": [{"rule": "custom", "path": "tests.test_encryption_e2e:reject_marked", "on_fail": "reject"}],
+            "encryption": {
+                "keyring": str(keyring_path), "tenant_field": "tenant", "tenant": "acme",
+                "input_fields": ["email", {"name": "customer_ref", "deterministic": True}],
+                "output_fields": ["output_json"], "pii": "encrypt",
+            },
+        },
+    )  # fmt: skip
+    job = job_processes(write_spec(tmp_path, spec))
+    assert job.wait(300) == 0, job.log()[-4000:]
+
+    # 1. Zero hits in every file the run produced: tables, job log, Ray's session logs.
+    assert scan(tmp_path / "lake", canaries) == []
+    assert scan(job.ray_tmp, canaries) == []
+    assert scan(job.log_path, canaries) == []  # the job's own log (stdout + stderr)
+    assert job.log_path.stat().st_size > 1000 and any(job.ray_tmp.rglob("*.log"))  # the scans saw real logs
+
+    # 2. The right keyring finds every canary back.
+    res = read_results(spec["sink"]["results"], keyring_path).sort("id")
+    kept = [i for i in range(24) if i % 6]
+    assert res["id"].to_list() == [f"e{i:03d}" for i in kept]
+    assert res["input_email"].to_list() == [f"canary-{TAG}-{i}@example.com" for i in kept]
+    assert res["input_customer_ref"].to_list() == [f"CANARY-REF-{TAG}-{i}" for i in kept]
+    assert all(json.loads(j)["contact"] == OUT_EMAIL for j in res["output_json"].to_list())
+    assert all(OUT_EMAIL in t for t in res["output_text"].to_list())  # PII tokens revealed in place
+    assert res["tenant"].to_list() == ["acme" if i % 2 else "globex" for i in kept]
+
+    dead = read_results(spec["sink"]["dead_letter"], keyring_path).sort("id")
+    by_id = {r["id"]: r for r in dead.to_dicts()}
+    for i in range(0, 24, 6):  # rejected by the rule: the raw event and the output, decrypted
+        row = by_id[f"e{i:03d}"]
+        assert row["stage"] == "validate" and f"canary-{TAG}-{i}@example.com".encode() in row["raw"]
+        assert OUT_EMAIL in row["output_text"]
+    assert by_id["b1"]["error_class"] == "missing_variable" and bad["missing"]["email"].encode() in by_id["b1"]["raw"]
+    assert by_id[None]["error_class"] == "invalid_json" and f"CANARY-JSON-{TAG}".encode() in by_id[None]["raw"]
+    # An event of a tenant without a key is never stored under another tenant's key: withheld.
+    assert by_id["b2"]["error_class"] == "unknown_tenant" and by_id["b2"]["raw"] is None
+    assert "raw event withheld" in by_id["b2"]["error"]
+
+    # 3. Tenant isolation: a keyring holding only globex's key never opens acme's rows.
+    globex_only = kr.export(tmp_path / "keys" / "globex.json", ["globex"])
+    with pytest.raises(KeyPermissionError) as e:
+        read_results(spec["sink"]["results"], globex_only)
+    assert "acme" in str(e.value)
+    partial = read_results(spec["sink"]["results"], globex_only, on_missing_key="keep").sort("id")
+    globex = partial.filter(pl.col("tenant") == "globex")
+    acme = partial.filter(pl.col("tenant") == "acme")
+    assert globex["input_email"].to_list() == [f"canary-{TAG}-{i}@example.com" for i in kept if i % 2 == 0]
+    assert not any(f"canary-{TAG}" in str(v) for v in acme["input_email"].to_list())
+    # Deterministic tokens: equal values, equal tokens (joinable); here every ref is distinct.
+    raw_refs = pl.read_delta(spec["sink"]["results"])["input_customer_ref"].to_list()
+    assert len(set(raw_refs)) == len(raw_refs)
