@@ -26,6 +26,8 @@ app.add_typer(model_app, name="model")
 jobs_app = typer.Typer(no_args_is_help=True, help="Jobs submitted to a Ray cluster (Ray's JobSubmissionClient).")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(keys_app, name="keys")
+dlq_app = typer.Typer(no_args_is_help=True, help="The dead-letter table.")
+app.add_typer(dlq_app, name="dlq")
 
 AddressOption = Annotated[
     str, typer.Option("--address", envvar="RAY_API_SERVER_ADDRESS", help="Ray dashboard address, http://HEAD:8265.")
@@ -38,11 +40,43 @@ def run(
     until_drained: Annotated[bool, typer.Option("--until-drained", help="Stop once every partition is consumed and committed.")] = False,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS or a local Ray).")] = None,
     follow: Annotated[bool, typer.Option("--follow", help="Delta incremental sources: keep polling for new versions until SIGTERM.")] = False,
+    log_format: Annotated[Optional[str], typer.Option("--log-format", help="text | json (default: TIDEGATE_LOG_FORMAT or text).")] = None,
 ) -> None:
     """Run a spec: Kafka sources consume until stopped (or drained); Delta sources until committed."""
     from jobs.run import main
 
-    raise typer.Exit(main(str(spec), until_drained, address, follow))
+    raise typer.Exit(main(str(spec), until_drained, address, follow, log_format))
+
+
+@app.command()
+def check(spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")]) -> None:
+    """Validate a spec (every field, output schema, custom rules) and print it, secrets masked."""
+    import yaml
+
+    from actors.validation import Validator
+    from schemas.errors import TidegateError
+    from schemas.spec import load_spec
+
+    try:
+        parsed = load_spec(spec)
+        Validator(parsed)  # imports output.schema and custom rules
+    except TidegateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(yaml.safe_dump(parsed.redacted(), sort_keys=False))
+    typer.echo(f"# rules: {', '.join(f'{r.label} ({r.on_fail})' for r in parsed.rules) or 'none'}")
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    spec: Annotated[Path, typer.Argument(help="Job spec (YAML) of the job whose dead letters to replay.")],
+    where: Annotated[Optional[str], typer.Option(help="SQL predicate over the dead-letter columns.")] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS or a local Ray).")] = None,
+) -> None:
+    """Re-process dead-lettered rows after a fix, exactly once; marks them replayed."""
+    from jobs.replay import main
+
+    raise typer.Exit(main(str(spec), where, address))
 
 
 @app.command()

@@ -254,3 +254,21 @@ def test_printed_spec_masks_secrets():
     assert shown["model"]["engine_args"] == {"hf_token": "***"}
     assert shown["source"]["kafka"]["consumer_config"] == {"client_id": "c", "api_key": "***"}
     assert shown["sampling"]["max_tokens"] == 64  # not a secret, not masked
+
+
+def test_check_command_prints_the_spec_masked_and_fails_on_a_bad_one(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(secure_spec({}, consumer_config={"api_key": "k-SECRET"})))
+    out = CliRunner().invoke(app, ["check", str(good)])
+    assert out.exit_code == 0, out.output
+    assert "-SECRET" not in out.output and "api_key: '***'" in out.output
+    assert "# rules: refusal (flag), pii_leakage (flag)" in out.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**secure_spec({}), "output": {"schema": "nowhere.mod:Model"}}))
+    out = CliRunner().invoke(app, ["check", str(bad)])
+    assert out.exit_code == 2 and "output.schema: cannot import module 'nowhere.mod'" in out.output
