@@ -113,6 +113,11 @@ class EngineWorker:
         self.ready_at = time.monotonic()
         self.busy_s = 0.0  # time spent inside generate(): the rest of the time the engine idles
         self.batches = 0
+        # Idle time between consecutive batches (end of one generate() to the start of the next),
+        # and the span from the first batch's start to the last one's end.
+        self.gaps_s = 0.0
+        self._first_start: float | None = None
+        self._last_end: float | None = None
 
     def info(self) -> dict[str, Any]:
         from actors.lineage import model_revision
@@ -130,7 +135,9 @@ class EngineWorker:
 
     def usage(self) -> dict[str, float]:
         """Busy time and batches since the engine was ready (for idle-fraction reporting)."""
-        return {"busy_s": self.busy_s, "up_s": time.monotonic() - self.ready_at, "batches": self.batches}
+        span = (self._last_end - self._first_start) if self._first_start is not None else 0.0
+        return {"busy_s": self.busy_s, "up_s": time.monotonic() - self.ready_at, "batches": self.batches,
+                "gaps_s": self.gaps_s, "span_s": span}  # fmt: skip
 
     def _token_ids(self, prompts: list[str]) -> list[list[int]]:
         if self.chat:
@@ -146,10 +153,15 @@ class EngineWorker:
 
     def generate(self, requests: pa.Table) -> pa.Table:
         t0 = time.monotonic()
+        if self._first_start is None:
+            self._first_start = t0
+        elif self._last_end is not None:
+            self.gaps_s += t0 - self._last_end
         try:
             return self._generate(requests)
         finally:
-            self.busy_s += time.monotonic() - t0
+            self._last_end = time.monotonic()
+            self.busy_s += self._last_end - t0
             self.batches += 1
 
     def _generate(self, requests: pa.Table) -> pa.Table:

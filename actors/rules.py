@@ -533,23 +533,20 @@ class Custom(Rule):
 # -- construction ----------------------------------------------------------------------------------
 
 
+# Rule kinds whose class takes only its spec.
+_PLAIN_RULES: dict[str, type[Rule]] = {
+    "length": Length, "regex": Regex, "deny_list": DenyList, "refusal": Refusal,
+    "pii_leakage": PiiLeakage, "grounding": Grounding,
+}  # fmt: skip
+
+
 def build_rules(specs: list, output_schema: OutputSchema | None, embedder=None) -> list[Rule]:
     """Rule objects for the job's rule specs (JobSpec.rules), in order."""
     rules: list[Rule] = []
     for i, s in enumerate(specs):
         kind = s.rule
-        if kind == "length":
-            rules.append(Length(s))
-        elif kind == "regex":
-            rules.append(Regex(s))
-        elif kind == "deny_list":
-            rules.append(DenyList(s))
-        elif kind == "refusal":
-            rules.append(Refusal(s))
-        elif kind == "pii_leakage":
-            rules.append(PiiLeakage(s))
-        elif kind == "grounding":
-            rules.append(Grounding(s))
+        if kind in _PLAIN_RULES:
+            rules.append(_PLAIN_RULES[kind](s))
         elif kind == "json_schema":
             assert output_schema is not None  # JobSpec checks output.schema is set
             rules.append(JsonSchema(s, output_schema))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -135,11 +136,20 @@ def run_pipeline(model: Path, events: list[dict], workdir: Path, bootstrap: str,
     rows = sum(t.num_rows for _, t in files)
     first_t, first_rows = files[0][0], files[0][1].num_rows
     span = files[-1][0] - first_t
+    summary = (workdir / "throughput.log").read_text(errors="replace")
+
+    def field(label: str) -> str | None:
+        m = re.search(rf"{label}\s*│\s*([^│\n]+?)\s*│", summary)
+        return m.group(1) if m else None
+
     return {
         "rows": rows,
         "commits": len(files),
         "wall_s_including_startup": wall,
         "steady_rows_per_s": (rows - first_rows) / span if span > 0 else float("nan"),
+        "engine_busy": field("engine busy"),
+        "engine_idle_between_batches": field("engine idle between batches"),
+        "first_commit_after": field("first commit after"),
         "cpu_seconds_by_process": summarize_cpu(cpu),
     }
 

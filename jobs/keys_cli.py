@@ -70,12 +70,7 @@ def create_tenant(
     master_key_env: MasterKeyEnvOption = "TIDEGATE_MASTER_KEY",
 ) -> None:
     """Add a tenant with a fresh data key (version 1)."""
-    from schemas.errors import TidegateError
-
-    try:
-        version = _open(keyring, master_key_env).create_tenant(tenant)
-    except TidegateError as e:
-        raise _fail(e) from None
+    version = _keyring_call(keyring, master_key_env, "create_tenant", tenant)
     typer.echo(f"tenant {tenant} created, key version {version}")
 
 
@@ -84,13 +79,18 @@ def rotate(
     tenant: str, keyring: KeyringOption = None, master_key_env: MasterKeyEnvOption = "TIDEGATE_MASTER_KEY"
 ) -> None:
     """Add a key version for TENANT and make it current; older versions still decrypt."""
+    version = _keyring_call(keyring, master_key_env, "rotate", tenant)
+    typer.echo(f"tenant {tenant}: key version {version} is now current")
+
+
+def _keyring_call(keyring, master_key_env: str, method: str, *args):
+    """Open the keyring and call one of its methods; a Tidegate error exits 2 with its message."""
     from schemas.errors import TidegateError
 
     try:
-        version = _open(keyring, master_key_env).rotate(tenant)
+        return getattr(_open(keyring, master_key_env), method)(*args)
     except TidegateError as e:
         raise _fail(e) from None
-    typer.echo(f"tenant {tenant}: key version {version} is now current")
 
 
 @keys_app.command("revoke")

@@ -85,6 +85,7 @@ class JobStats:
     first_commit_s: float | None = None
     engines_ready_s: float | None = None
     engine_busy_fraction: float | None = None  # time engines spent generating / time they were up
+    engine_idle_between_batches: float | None = None  # gaps between batches / first batch start..last end
     notes: list[str] = field(default_factory=list)
     finished: float | None = None
 
@@ -188,6 +189,9 @@ class PipelineJob:
             usage = self.pool.usage()
             if usage:
                 self.stats.engine_busy_fraction = sum(u["busy_s"] for u in usage) / sum(u["up_s"] for u in usage)
+                span = sum(u.get("span_s", 0.0) for u in usage)
+                if span > 0:
+                    self.stats.engine_idle_between_batches = sum(u.get("gaps_s", 0.0) for u in usage) / span
             status = "stopped" if stop.is_set() else "finished"
         except BaseException as e:
             error = f"{type(e).__name__}: {e}"[:2000]

@@ -189,6 +189,8 @@ def print_summary(spec: JobSpec, stats, console: Console) -> None:
     table.add_row("engines (peak)", f"{stats.peak_engines}")
     if stats.engine_busy_fraction is not None:
         table.add_row("engine busy", f"{stats.engine_busy_fraction:.1%}")
+    if stats.engine_idle_between_batches is not None:
+        table.add_row("engine idle between batches", f"{stats.engine_idle_between_batches:.1%}")
     if stats.first_commit_s is not None:
         table.add_row("first commit after", f"{stats.first_commit_s:.1f} s")
     for note in stats.notes:
