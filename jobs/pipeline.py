@@ -194,7 +194,9 @@ class PipelineJob:
                     self.stats.engine_idle_between_batches = sum(u.get("gaps_s", 0.0) for u in usage) / span
             status = "stopped" if stop.is_set() else "finished"
         except BaseException as e:
-            error = f"{type(e).__name__}: {e}"[:2000]
+            # Tidegate's own errors never hold values; keep the first line only, in case a
+            # library's message carries more (it lands in a plain-text column).
+            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
             raise
         finally:
             self.stats.finished = time.monotonic()
