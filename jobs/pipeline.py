@@ -36,6 +36,7 @@ from actors.validation import Validator
 from connectors.delta import DeltaSink
 from connectors.offsets import CommitLedger
 from connectors.runs import RunsTable, commit_totals, span_positions
+from jobs.logs import log_context
 from jobs.metrics import JobMetrics, partition_lag, source_versions_behind
 from schemas.errors import PartitionFencedError
 from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA
@@ -173,7 +174,13 @@ class PipelineJob:
         self.sink.open()  # fails on an incompatible table before any GPU work
         self.source = self.make_source(self._on_assign, self._on_revoke)
         self.source.check_columns(self.renderer.required_fields())  # before any GPU work
-        self.pool.start(fixed_cluster=self.fixed_cluster)
+        # Connect the source before the engines load: an unreachable broker fails in seconds.
+        self.source.start()
+        try:
+            self.pool.start(fixed_cluster=self.fixed_cluster)
+        except BaseException:
+            self.source.close()
+            raise
         # The engines hash the model they loaded: the driver may not see the model directory.
         self.lineage = lineage_columns(self.spec, model_rev=self.pool.model_revision or "unknown")
         self.metrics.live_actors(len(self.pool.slots))
@@ -182,7 +189,6 @@ class PipelineJob:
         self.stats.engines_ready_s = time.monotonic() - self.stats.started
         status, error = "failed", None
         try:
-            self.source.start()
             log.info("run %s: reading %s %s", self.run_id, self.spec.source.kind, self.source.topic)
             self._loop(until_drained, stop)
             self._shutdown()
@@ -316,6 +322,10 @@ class PipelineJob:
         for (topic, partition), offsets in _group_offsets(src).items():
             spans[(topic, partition)] = (min(offsets), max(offsets))
         seq = self.ledger.open(spans)
+        with log_context(batch_id=seq):
+            self._render_and_submit(seq, src)
+
+    def _render_and_submit(self, seq: int, src: pa.Table) -> None:
         self.stats.consumed += src.num_rows
         self._uncommitted += src.num_rows
         self.stats.peak_uncommitted = max(self.stats.peak_uncommitted, self._uncommitted + self._buffered)
@@ -334,6 +344,10 @@ class PipelineJob:
         return bool(done) and offset in done
 
     def _complete(self, tag, completions: pa.Table) -> None:
+        with log_context(batch_id=tag[0]):  # JSON logs carry the batch (ledger sequence number)
+            self._complete_batch(tag, completions)
+
+    def _complete_batch(self, tag, completions: pa.Table) -> None:
         seq, requests, submitted = tag
         batch = self._open.get(seq)
         if batch is None:  # dropped by a fence or a revocation while at the engine

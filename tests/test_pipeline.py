@@ -183,3 +183,17 @@ def test_missing_model_dir_is_one_clear_error(tmp_path, broker, topic, job_proce
     job = job_processes(write_spec(tmp_path, spec))
     assert job.wait(180) == 2, job.log()[-3000:]
     assert "is not a model directory (no config.json)" in job.log()
+
+
+def test_unreachable_broker_is_one_clear_error_before_the_engines_load(tmp_path, topic, tiny_model, job_processes):
+    from connectors.broker import free_port
+
+    spec = make_spec(tmp_path, None, topic, tiny_model)
+    spec["source"] = {"kafka": {"bootstrap_servers": f"127.0.0.1:{free_port()}", "topic": topic}}
+    started = time.monotonic()
+    job = job_processes(write_spec(tmp_path, spec))
+    assert job.wait(180) == 2, job.log()[-3000:]
+    log = job.log()
+    assert "error: no Kafka broker reachable at 127.0.0.1:" in log and "Traceback" not in log
+    assert "EngineWorker" not in log  # no engine was started for a job that cannot read
+    assert time.monotonic() - started < 90
