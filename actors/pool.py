@@ -4,6 +4,11 @@ Each actor holds one vLLM engine (loaded once) and runs one batch at a time; the
 `batches_in_flight` batches queued per actor so the engine starts the next batch as soon as
 it finishes one. Submission is bounded: `has_capacity()` is False when every actor has its
 queue full, which is how backpressure reaches the Kafka consumer.
+
+Failures: a dead engine is restarted and its batches re-run; a batch that fails twice, or runs
+past pool.batch_timeout_s (a hang), is quarantined and split until the row at fault is alone
+(`engine_crash` / `engine_hang`). Scaling: `autoscale(backlog)` between min_actors and
+max_actors. Tensor parallelism: one STRICT_PACK placement group per engine.
 """
 
 from __future__ import annotations
