@@ -110,7 +110,9 @@ class EncryptionStage:
             return stored.empty_table()
         ids = row_ids_from(dead)
         tenants = dead.column("tenant")  # unreadable events: encryption.tenant (set by the renderer)
-        keyed = pa.array([t is not None and self.has_key(t) for t in tenants.to_pylist()], pa.bool_())
+        names = tenants.to_pylist()
+        usable = {t: self.has_key(t) for t in set(names) if t is not None}  # one keyring lookup per tenant
+        keyed = pa.array([t is not None and usable[t] for t in names], pa.bool_())
         if self.spec.encrypt_dead_letter_raw:
             # Without a tenant key the raw event cannot be stored encrypted: it is not stored.
             withheld = pc.and_(pc.invert(keyed), dead.column("raw").is_valid())

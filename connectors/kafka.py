@@ -166,13 +166,10 @@ class KafkaSource:
 
     def backlog(self) -> int | None:
         """Records in the assigned partitions not read yet (fetch high watermark - position)."""
-        total, known = 0, False
-        for ktp in self.consumer.assignment():
-            hw = self.consumer.highwater(ktp)
-            if hw is not None:
-                known = True
-                total += max(0, hw - self.consumer.position(ktp))
-        return total if known else None
+        ends = self.end_offsets()
+        if not ends:
+            return None
+        return sum(max(0, hw - self.consumer.position(KafkaTP(*tp))) for tp, hw in ends.items())
 
     def commit_offsets(self, positions: Mapping[TopicPartition, int]) -> None:
         """Best effort: mirror Delta positions into the consumer group for lag tools."""
