@@ -283,8 +283,13 @@ class EnginePool:
         """Parts running or waiting (quarantined parts included)."""
         return len(self._pending) + len(self._suspects)
 
-    def has_capacity(self) -> bool:
-        return not self._suspects and len(self._pending) < self.capacity
+    def has_capacity(self, queued_elsewhere: int = 0) -> bool:
+        """Room for another batch; queued_elsewhere: batches on their way here (being rendered)."""
+        return not self._suspects and len(self._pending) + queued_elsewhere < self.capacity
+
+    def waitable(self) -> list:
+        """The calls running now (for a wait shared with other stages)."""
+        return list(self._pending)
 
     def submit(self, requests: pa.Table, tag: Any) -> None:
         batch = _Batch(tag, requests, open_parts=1)

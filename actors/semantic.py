@@ -138,7 +138,21 @@ class SemanticGrounding(Rule):
         return out
 
 
-def start_embedding_actor(model_dir: str | None, timeout_s: float) -> Callable[[list[str]], np.ndarray]:
+class RemoteEmbedder:
+    """The embed function of an EmbeddingWorker actor: picklable, so the stage workers that run
+    the validation rules can call the one embedding actor the job started."""
+
+    def __init__(self, actor, timeout_s: float):
+        self.actor = actor
+        self.timeout_s = timeout_s
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        import ray
+
+        return ray.get(self.actor.embed.remote(texts), timeout=self.timeout_s)
+
+
+def start_embedding_actor(model_dir: str | None, timeout_s: float) -> RemoteEmbedder:
     """Run an EmbeddingWorker as a Ray actor; returns its embed function (blocking, bounded)."""
     import ray
 
@@ -155,9 +169,4 @@ def start_embedding_actor(model_dir: str | None, timeout_s: float) -> Callable[[
     except Exception as e:
         ray.kill(actor)
         raise EngineError(f"semantic_grounding: the embedding model did not start: {e}") from None
-
-    def embed(texts: list[str]) -> np.ndarray:
-        return ray.get(actor.embed.remote(texts), timeout=timeout_s)
-
-    embed.actor = actor  # type: ignore[attr-defined]
-    return embed
+    return RemoteEmbedder(actor, timeout_s)

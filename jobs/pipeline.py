@@ -1,14 +1,15 @@
 """The source -> engine pool -> Delta job loop (Kafka or Delta sources).
 
-One driver thread runs the loop; Ray runs the engines. Per iteration:
+The driver thread only routes and keeps the books; every stage runs in a Ray actor
+(actors/stages.py, actors/pool.py). A source batch's way:
 
-    poll   source.poll_batch          -> SOURCE_SCHEMA table  (only while the pool has capacity)
-    render   PromptRenderer.render      -> requests + dead letters    (CommitLedger.open numbers it)
-    infer    EnginePool.submit/collect  -> COMPLETION_SCHEMA table    (out of order across actors)
-    validate Validator.validate         -> keep / reject / retry per row; retries go back to infer
-    join     _assemble                  -> RESULTS rows + DEAD_LETTER rows (CommitLedger.complete once
-                                           no row of the source batch waits for a retry)
-    commit   DeltaSink.commit           <- the complete prefix, every commit_interval_s
+    poll     source.poll_batch (driver)          -> SOURCE_SCHEMA table (only while there is room)
+    render   StageWorker.render                  -> requests + dead letters   (CommitLedger.open numbers it)
+    infer    EngineWorker.generate (EnginePool)  -> COMPLETION_SCHEMA table   (out of order across actors)
+    validate StageWorker.assemble                -> RESULTS rows + DEAD_LETTER rows + retries (back to infer);
+                                                    CommitLedger.complete once no row waits for a retry
+    commit   CommitWriter.write                  <- the complete prefix, every commit_interval_s:
+                                                    prepare, encrypt, Delta commits, runs-table row
 
 The commit protocol and why it is exactly-once: docs/exactly-once.md.
 """
@@ -28,16 +29,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from actors.lineage import LINEAGE_COLUMNS, lineage_columns
+from actors.assemble import Assembled, BatchOutput
+from actors.encryption import EncryptionStage
+from actors.lineage import lineage_columns
 from actors.pool import EnginePool
-from actors.encryption import EncryptionStage, input_column
-from actors.prompts import PromptRenderer, dead_letter_table
+from actors.prompts import PromptRenderer
+from actors.stages import CommitWriterClient, StagePool, WriterDied, job_schemas
 from actors.validation import Validator
 from connectors.delta import DeltaSink
 from connectors.offsets import CommitLedger
-from connectors.runs import RunsTable, commit_totals, span_positions
-from jobs.logs import log_context
+from connectors.runs import RunsTable
 from jobs.metrics import JobMetrics, partition_lag, source_versions_behind
+from jobs.logs import log_context
 from schemas.errors import PartitionFencedError
 from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA
 from schemas.spec import JobSpec
@@ -51,17 +54,11 @@ _SLOW_COMMIT_S = float(os.environ.get("TIDEGATE_FAULT_SLOW_COMMIT_S", "0") or 0)
 
 
 @dataclass
-class BatchOutput:
-    results: pa.Table
-    dead: pa.Table
-    consumed: int = 0  # source rows the batch covers (for the in-flight bound)
-
-
-@dataclass
 class _OpenBatch:
     """A source batch whose rows are still at the engine (first generation or a retry)."""
 
     src: pa.Table
+    src_ref: ray.ObjectRef  # the same table in the object store, for the stage workers
     parts: list[BatchOutput]
     waiting: int = 1  # submissions not yet back
     carried: dict = field(default_factory=dict)  # encryption.input_fields per (partition, offset), plain
@@ -112,6 +109,8 @@ class PipelineJob:
 
     make_source(resume_positions, on_revoke) builds the source (connectors.kafka.KafkaSource or
     connectors.delta_source.DeltaSource); it calls resume_positions on (re)assignment.
+    `sink` replaces the job's DeltaSink (the dead-letter replay passes its ReplaySink); it is
+    shipped to the commit writer actor, which owns it.
     """
 
     def __init__(
@@ -129,28 +128,30 @@ class PipelineJob:
         self.progress = progress  # optional callable(rows_committed, rows_total) for progress bars
         self.run_id = run_id or uuid.uuid4().hex[:16]
         self.stats = JobStats(self.run_id)
-        # Encryption (spec `encryption:`): rows are assembled in plain text (with the carried input
-        # fields) and encrypted right before the commit; the tables store the encrypted schema.
-        self.encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
-        self.encryption.check_output_fields(RESULTS_SCHEMA)
-        self.results_schema = self.encryption.plain_results_schema(RESULTS_SCHEMA)
-        stored_results = self.encryption.stored_results_schema(RESULTS_SCHEMA)
-        stored_dead = self.encryption.stored_dead_schema(DEAD_LETTER_SCHEMA)
-        self.sink = sink or DeltaSink(
-            spec.name, spec.sink.results, spec.sink.dead_letter, spec.sink.storage_options, source_kind=spec.source.kind
-        )
-        self.sink.use_schemas(stored_results, stored_dead)
+        self._sink = sink
+        # The driver builds every stage once itself, so a bad spec, keyring, output schema or
+        # custom rule fails here, before any actor or GPU work; the stage actors build their own.
+        encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
+        encryption.check_output_fields(RESULTS_SCHEMA)
+        self.results_schema = job_schemas(encryption)[0]
         self.renderer = PromptRenderer(
-            spec.prompt, spec.source.max_message_bytes, self.run_id, spec.encryption, self.encryption.has_key
+            spec.prompt, spec.source.max_message_bytes, self.run_id, spec.encryption, encryption.has_key
         )
+        self.validator = Validator(spec)  # imports output.schema and custom rules
         self.ledger = CommitLedger()
-        self.validator = Validator(spec)  # imports output.schema and custom rules: fails before any work
         self.pool = EnginePool(spec, json_schema=self.validator.json_schema if spec.output.structured else None)
+        self.stages: StagePool | None = None
+        self._engines_started = False
+        self.writer: CommitWriterClient | None = None
         self._open: dict[int, _OpenBatch] = {}
+        self._epoch = 0  # bumped when uncommitted work is dropped: late stage results are ignored
+        self._rendering = 0  # source batches at a stage worker, not yet at the engines
+        self._writing_batches = 0  # batches in the commit at the writer
+        self._listener_error: BaseException | None = None
         self._uncommitted = 0  # source rows handed to the ledger and not committed yet
-        self._embedders: list = []  # embed functions of semantic_grounding's embedding actors
+        self._embedders: list = []  # semantic_grounding's embedding actors
         # Monitoring (docs/operations.md): Prometheus metrics through Ray, lineage columns on every
-        # result row, the runs table (informational: written after each results commit).
+        # result row, the runs table (a row per commit, written by the commit writer, and per run).
         self.metrics = JobMetrics(spec.name, self.run_id, spec.source.kind)
         self.lineage: dict[str, str | None] = {}
         self.runs = RunsTable.for_results(spec.sink.results, spec.sink.storage_options)
@@ -171,33 +172,13 @@ class PipelineJob:
 
     def run(self, until_drained: bool = False, stop: threading.Event | None = None) -> JobStats:
         stop = stop or threading.Event()
-        self.sink.open()  # fails on an incompatible table before any GPU work
-        self.source = self.make_source(self._on_assign, self._on_revoke)
-        self.source.check_columns(self.renderer.required_fields())  # before any GPU work
-        # Connect the source before the engines load: an unreachable broker fails in seconds.
-        self.source.start()
-        try:
-            self.pool.start(fixed_cluster=self.fixed_cluster)
-        except BaseException:
-            self.source.close()
-            raise
-        # The engines hash the model they loaded: the driver may not see the model directory.
-        self.lineage = lineage_columns(self.spec, model_rev=self.pool.model_revision or "unknown")
-        self.metrics.live_actors(len(self.pool.slots))
-        self.stats.peak_engines = len(self.pool.slots)
-        self._start_embedders()
-        self.stats.engines_ready_s = time.monotonic() - self.stats.started
         status, error = "failed", None
         try:
+            self._start()
             log.info("run %s: reading %s %s", self.run_id, self.spec.source.kind, self.source.topic)
             self._loop(until_drained, stop)
             self._shutdown()
-            usage = self.pool.usage()
-            if usage:
-                self.stats.engine_busy_fraction = sum(u["busy_s"] for u in usage) / sum(u["up_s"] for u in usage)
-                span = sum(u.get("span_s", 0.0) for u in usage)
-                if span > 0:
-                    self.stats.engine_idle_between_batches = sum(u.get("gaps_s", 0.0) for u in usage) / span
+            self._engine_usage()
             status = "stopped" if stop.is_set() else "finished"
         except BaseException as e:
             # Tidegate's own errors never hold values; keep the first line only, in case a
@@ -212,8 +193,41 @@ class PipelineJob:
             self.metrics.live_actors(0)
             for embed in self._embedders:
                 ray.kill(embed.actor)
-            self._record_run(status, error)
+            if self.stages is not None:
+                self.stages.shutdown()
+            if self.writer is not None:
+                self.writer.shutdown()
+            if self._engines_started:  # a run that failed before its engines has nothing to record
+                self._record_run(status, error)
         return self.stats
+
+    def _start(self) -> None:
+        # The commit writer opens (or creates) the tables first: an incompatible table fails the
+        # job before any GPU work. The stage workers load while the engines do.
+        self.writer = CommitWriterClient(self.spec, self._sink, _SLOW_COMMIT_S)
+        self.writer.open()
+        self.stages = StagePool(self.spec, self.run_id)
+        self.stages.start()
+        self.source = self.make_source(self._on_assign, self._on_revoke)
+        self.source.check_columns(self.renderer.required_fields())  # before any GPU work
+        # Connect the source before the engines load: an unreachable broker fails in seconds.
+        self.source.start()
+        self.pool.start(fixed_cluster=self.fixed_cluster)
+        self._engines_started = True
+        # The engines hash the model they loaded: the driver may not see the model directory.
+        self.lineage = lineage_columns(self.spec, model_rev=self.pool.model_revision or "unknown")
+        self.metrics.live_actors(len(self.pool.slots))
+        self.stats.peak_engines = len(self.pool.slots)
+        self.stages.configure(self.lineage, self._start_embedders())
+        self.stats.engines_ready_s = time.monotonic() - self.stats.started
+
+    def _engine_usage(self) -> None:
+        usage = self.pool.usage()
+        if usage:
+            self.stats.engine_busy_fraction = sum(u["busy_s"] for u in usage) / sum(u["up_s"] for u in usage)
+            span = sum(u.get("span_s", 0.0) for u in usage)
+            if span > 0:
+                self.stats.engine_idle_between_batches = sum(u.get("gaps_s", 0.0) for u in usage) / span
 
     def _record_run(self, status: str, error: str | None) -> None:
         st = self.stats
@@ -229,7 +243,8 @@ class PipelineJob:
         except Exception as e:  # informational table: never fail (or mask the failure of) a run over it
             log.warning("could not append to the runs table %s: %s", self.runs.uri, e)
 
-    def _start_embedders(self) -> None:
+    def _start_embedders(self) -> dict:
+        """One embedding actor per model that semantic_grounding rules name: {model: embedder}."""
         from actors.semantic import start_embedding_actor
 
         started: dict[str | None, object] = {}
@@ -237,8 +252,8 @@ class PipelineJob:
             model = rule.spec.model
             if model not in started:
                 started[model] = start_embedding_actor(model, self.spec.pool.actor_start_timeout_s)
-            rule.embed = started[model]
         self._embedders = list(started.values())
+        return started
 
     def _loop(self, until_drained: bool, stop: threading.Event) -> None:
         spec = self.spec
@@ -246,27 +261,64 @@ class PipelineJob:
         max_ready = max(spec.sink.commit_max_rows, spec.pool.batch_size) * 2
         while not stop.is_set():
             admitted = False
-            ready_rows = self.ledger.committable_count() * spec.pool.batch_size
-            if self.pool.has_capacity() and ready_rows < max_ready:
+            # Bounded end to end: batches at the engines plus those at a stage worker (rendering or
+            # being validated) fit the pool's capacity; complete batches, the one being written
+            # included, stay under max_ready rows. A slow sink or engine thus slows the source.
+            ready_rows = (self.ledger.committable_count() + self._writing_batches) * spec.pool.batch_size
+            room = self.pool.has_capacity(queued_elsewhere=self.stages.in_flight) and ready_rows < max_ready
+            if room:
                 self._fill_buffer(poll_ms)
                 if self._should_submit():
                     self._admit(self._take_buffer())
                     admitted = True
-            for tag, completions in self.pool.collect(0 if admitted else 0.02):
-                self._complete(tag, completions)
+            # Wait for the next thing to route. With room, the source is polled again soon (records
+            # accumulate into a batch); without, only a finished call or a due commit can change
+            # anything, and the wait ends as soon as a call finishes: fewer wake-ups, same latency.
+            self._pump(0 if admitted else 0.02 if room else self._idle_wait(0.2))
             self.metrics.queue_depth(self.pool.in_flight)
             self._update_lag()
             self._autoscale()
-            drained = until_drained and not self.pool.in_flight and not self._buffered and self.source.drained()
+            drained = until_drained and not self._busy and not self._buffered and self.source.drained()
             try:
+                self._land_commit()
                 # Once drained there is nothing to batch commits with: commit right away.
                 self._maybe_commit(force=drained)
-            except PartitionFencedError as e:
+            except (PartitionFencedError, WriterDied) as e:
                 self._recover_from_fence(e)
                 continue
-            if drained and not self.ledger.open_count:
+            if drained and not self.ledger.open_count and not self.writer.busy:
                 log.info("run %s: every partition is consumed to its end and committed", self.run_id)
                 return
+
+    def _idle_wait(self, longest: float) -> float:
+        """How long the loop may wait for a call to finish: until the next commit is due at most."""
+        if self.ledger.committable_count() and not self.writer.busy:
+            due = self._last_commit + self.spec.sink.commit_interval_s - time.monotonic()
+            return min(longest, max(0.0, due))
+        return longest
+
+    @property
+    def _busy(self) -> bool:
+        """Work at the engines or at a stage worker."""
+        return bool(self.pool.in_flight or self.stages.in_flight)
+
+    def _pump(self, timeout_s: float) -> None:
+        """Route what the stage workers and the engines finished, waiting up to timeout_s for the
+        first of them (or of the commit in flight) to finish."""
+        if timeout_s:
+            refs = self.pool.waitable() + self.stages.waitable() + self.writer.waitable()
+            if refs:
+                ray.wait(refs, num_returns=1, timeout=timeout_s)
+        for tag, result in self.stages.collect(0):
+            with log_context(batch_id=tag[2]):  # JSON logs carry the batch (ledger sequence number)
+                if tag[0] == "render":
+                    self._rendered(tag, result)
+                else:
+                    self._assembled(tag, result)
+        if self.pool.in_flight:
+            for tag, completions in self.pool.collect(0):
+                with log_context(batch_id=tag[1]):
+                    self._generated(tag, completions)
 
     # -- batching --------------------------------------------------------------------------------
     # A poll returns what the consumer has buffered, often less than a batch. The engine's cost per
@@ -277,8 +329,11 @@ class PipelineJob:
         need = self.spec.pool.batch_size - self._buffered
         if need <= 0:
             return
-        # Block in poll only when nothing is in flight or buffered; otherwise keep collecting.
-        src = self.source.poll_batch(need, 0 if (self.pool.in_flight or self._buffered) else poll_ms)
+        # Block in poll only when nothing is in flight, buffered or being committed.
+        src = self.source.poll_batch(need, 0 if (self._busy or self._buffered or self.writer.busy) else poll_ms)
+        if self._listener_error is not None:  # raised in a rebalance callback, which Kafka swallows
+            err, self._listener_error = self._listener_error, None
+            raise err
         if src is not None:
             if not self._buffer:
                 self._buffer_since = time.monotonic()
@@ -288,7 +343,7 @@ class PipelineJob:
     def _should_submit(self) -> bool:
         if not self._buffered:
             return False
-        if self._buffered >= self.spec.pool.batch_size or self.pool.in_flight < len(self.pool.slots):
+        if self._buffered >= self.spec.pool.batch_size or self.pool.in_flight + self._rendering < len(self.pool.slots):
             return True  # a full batch, or an engine with nothing to do
         return (time.monotonic() - self._buffer_since) * 1000 >= self.spec.pool.batch_linger_ms
 
@@ -304,53 +359,52 @@ class PipelineJob:
     def _shutdown(self) -> None:
         """Stop taking batches; finish what is in flight (bounded), commit it, never partially."""
         deadline = time.monotonic() + self.spec.run.shutdown_timeout_s
-        while self.pool.in_flight and time.monotonic() < deadline:
-            for tag, completions in self.pool.collect(min(0.5, max(0.0, deadline - time.monotonic()))):
-                self._complete(tag, completions)
-        if self.pool.in_flight:
-            log.warning("abandoning %d batch(es) still in flight; the next run reads them again", self.pool.in_flight)
-            self.pool.drop_pending()
         try:
-            self._maybe_commit(force=True)
-        except PartitionFencedError as e:
+            while self._busy and time.monotonic() < deadline:
+                self._pump(min(0.5, max(0.0, deadline - time.monotonic())))
+                self._land_commit()
+            if self._busy:
+                log.warning("abandoning %d batch(es) still in flight; the next run reads them again", self.pool.in_flight)
+                self.pool.drop_pending()
+                self.stages.drop_pending()
+            self._commit_all()
+        except (PartitionFencedError, WriterDied) as e:
             log.warning("not committing at shutdown: %s", e)
 
     # -- stages ----------------------------------------------------------------------------------
+    # A source batch goes: _admit -> stage worker (render) -> _rendered -> engine -> _generated ->
+    # stage worker (assemble) -> _assembled -> (retries: engine again) -> ledger. Tags carry the
+    # epoch; results of an epoch that was dropped (fence, revocation) are ignored.
 
     def _admit(self, src: pa.Table) -> None:
-        spans = {}
-        for (topic, partition), offsets in _group_offsets(src).items():
-            spans[(topic, partition)] = (min(offsets), max(offsets))
+        spans = {tp: (min(offsets), max(offsets)) for tp, offsets in _group_offsets(src).items()}
         seq = self.ledger.open(spans)
-        with log_context(batch_id=seq):
-            self._render_and_submit(seq, src)
-
-    def _render_and_submit(self, seq: int, src: pa.Table) -> None:
         self.stats.consumed += src.num_rows
         self._uncommitted += src.num_rows
         self.stats.peak_uncommitted = max(self.stats.peak_uncommitted, self._uncommitted + self._buffered)
         self.metrics.rows_in(src.num_rows)
-        rendered = self.renderer.render(src, skip=self._is_done)
+        skip = {tp: self._skip[tp] for tp in spans if self._skip.get(tp)}
+        self._rendering += 1
+        src_ref = ray.put(src)  # serialized once: render and every assemble of the batch read it
+        self.stages.render(src_ref, skip, ("render", self._epoch, seq, src, src_ref))
+
+    def _rendered(self, tag, rendered) -> None:
+        _, epoch, seq, src, src_ref = tag
+        if epoch != self._epoch:
+            return
+        self._rendering -= 1
         if rendered.requests.num_rows:
             self._open[seq] = _OpenBatch(
-                src, [BatchOutput(self.results_schema.empty_table(), rendered.dead)], carried=rendered.carried or {}
+                src, src_ref, [BatchOutput(self.results_schema.empty_table(), rendered.dead)], carried=rendered.carried or {}
             )
-            self.pool.submit(rendered.requests, (seq, rendered.requests, time.monotonic()))
+            self.pool.submit(rendered.requests, (self._epoch, seq, rendered.requests, time.monotonic()))
         else:
             self.ledger.complete(seq, BatchOutput(self.results_schema.empty_table(), rendered.dead, src.num_rows))
 
-    def _is_done(self, topic: str, partition: int, offset: int) -> bool:
-        done = self._skip.get((topic, partition))
-        return bool(done) and offset in done
-
-    def _complete(self, tag, completions: pa.Table) -> None:
-        with log_context(batch_id=tag[0]):  # JSON logs carry the batch (ledger sequence number)
-            self._complete_batch(tag, completions)
-
-    def _complete_batch(self, tag, completions: pa.Table) -> None:
-        seq, requests, submitted = tag
+    def _generated(self, tag, completions: pa.Table) -> None:
+        epoch, seq, requests, submitted = tag
         batch = self._open.get(seq)
-        if batch is None:  # dropped by a fence or a revocation while at the engine
+        if epoch != self._epoch or batch is None:  # dropped by a fence or a revocation while at the engine
             return
         self.metrics.batch_latency(time.monotonic() - submitted)
         prompt_tokens = pc.sum(completions.column("prompt_tokens")).as_py() or 0
@@ -358,14 +412,24 @@ class PipelineJob:
         self.stats.prompt_tokens += prompt_tokens
         self.stats.completion_tokens += completion_tokens
         self.metrics.tokens(prompt_tokens, completion_tokens)
-        output, retries = self._assemble(batch.src, requests, completions, batch.carried)
-        batch.parts.append(output)
+        self.stages.assemble(batch.src_ref, requests, completions, batch.carried, ("assemble", self._epoch, seq))
+
+    def _assembled(self, tag, assembled: Assembled) -> None:
+        _, epoch, seq = tag
+        batch = self._open.get(seq)
+        if epoch != self._epoch or batch is None:
+            return
+        for rule, n in assembled.rule_failures.items():
+            self.stats.rule_failures[rule] += n
+            self.metrics.validation_failures(rule, n)
+        batch.parts.append(assembled.output)
         batch.waiting -= 1
+        retries = assembled.retries
         if retries is not None and retries.num_rows:
             self.stats.retried += retries.num_rows
             self.metrics.retries(retries.num_rows)
             batch.waiting += 1
-            self.pool.submit(retries, (seq, retries, time.monotonic()))
+            self.pool.submit(retries, (self._epoch, seq, retries, time.monotonic()))
         if not batch.waiting:
             del self._open[seq]
             self.ledger.complete(
@@ -377,109 +441,13 @@ class PipelineJob:
                 ),
             )
 
-    def _assemble(
-        self, src: pa.Table, req: pa.Table, completions: pa.Table, carried: dict | None = None
-    ) -> tuple[BatchOutput, pa.Table | None]:
-        """Join requests with their completions and validate them: failed rows become dead
-        letters, rows a rule sends back are returned as retry requests."""
-        failed = completions.column("error_stage").is_valid()
-        ok_mask = pc.invert(failed)
-        ok_req = req.filter(ok_mask)
-        ok_comp = completions.filter(ok_mask)
-        verdicts = self.validator.validate(ok_req, ok_comp)
-        keep = [a == "keep" for a in verdicts.action]
-        keep_req, keep_comp = ok_req.filter(pa.array(keep, pa.bool_())), ok_comp.filter(pa.array(keep, pa.bool_()))
-        n = keep_req.num_rows
-        now_ns = time.monotonic_ns()
-        latency_ms = pc.divide(
-            pc.subtract(pa.scalar(now_ns, pa.int64()), keep_req.column("received_ns")).cast(pa.float64()), 1e6
-        )
-        results = pa.table(
-            {
-                "id": keep_req.column("id"),
-                "status": pa.array([s for s, k in zip(verdicts.status, keep) if k], pa.string()),
-                "output_text": pa.array([t for t, k in zip(verdicts.output_text, keep) if k], pa.string()),
-                "output_json": pa.array([j for j, k in zip(verdicts.output_json, keep) if k], pa.string()),
-                "finish_reason": keep_comp.column("finish_reason"),
-                "model": pa.array([self.spec.model.label] * n, pa.string()),
-                "prompt_tokens": keep_comp.column("prompt_tokens"),
-                "completion_tokens": keep_comp.column("completion_tokens"),
-                "latency_ms": latency_ms,
-                "attempts": keep_req.column("attempt"),
-                "rule_results": verdicts.rule_results_array(keep),
-                "source_topic": keep_req.column("source_topic"),
-                "source_partition": keep_req.column("source_partition"),
-                "source_offset": keep_req.column("source_offset"),
-                "run_id": pa.array([self.run_id] * n, pa.string()),
-                "processed_at": pa.array([datetime.now(timezone.utc)] * n, RESULTS_SCHEMA.field("processed_at").type),
-                **{name: pa.array([self.lineage.get(name)] * n, pa.string()) for name in LINEAGE_COLUMNS},
-                "tenant": keep_req.column("tenant"),
-                **self._carried_columns(keep_req, carried or {}),
-            },
-            schema=self.results_schema,
-        )
-        for rr in verdicts.rule_results:
-            for r in rr:
-                if not r["passed"]:
-                    self.stats.rule_failures[r["rule"]] += 1
-                    self.metrics.validation_failures(r["rule"])
-        rows = []
-        if n < req.num_rows:
-            raw_by_pos = {
-                (p, o): v
-                for p, o, v in zip(
-                    src.column("partition").to_pylist(), src.column("offset").to_pylist(), src.column("value").to_pylist()
-                )
-            }
-            for r, c in zip(req.filter(failed).to_pylist(), completions.filter(failed).to_pylist()):
-                rows.append(
-                    dict(
-                        id=r["id"],
-                        stage=c["error_stage"],
-                        error_class=c["error_class"],
-                        error=c["error"] if r["attempt"] == 1 else f"on attempt {r['attempt']}: {c['error']}",
-                        source_topic=r["source_topic"],
-                        source_partition=r["source_partition"],
-                        source_offset=r["source_offset"],
-                        raw=raw_by_pos[(r["source_partition"], r["source_offset"])],
-                        attempts=r["attempt"],
-                        tenant=r["tenant"],
-                    )
-                )
-            for i, r in enumerate(ok_req.to_pylist()):
-                if verdicts.action[i] != "reject":
-                    continue
-                rows.append(
-                    dict(
-                        id=r["id"],
-                        stage="validate",
-                        error_class="validation_failed",
-                        error=verdicts.error[i],
-                        source_topic=r["source_topic"],
-                        source_partition=r["source_partition"],
-                        source_offset=r["source_offset"],
-                        raw=raw_by_pos[(r["source_partition"], r["source_offset"])],
-                        output_text=verdicts.output_text[i],
-                        attempts=r["attempt"],
-                        rule_results=verdicts.rule_results[i],
-                        tenant=r["tenant"],
-                    )
-                )
-        dead = dead_letter_table(rows, self.run_id)
-        return BatchOutput(results, dead), verdicts.retries
-
-    def _carried_columns(self, req: pa.Table, carried: dict) -> dict[str, pa.Array]:
-        fields = self.spec.encryption.input_fields
-        if not fields:
-            return {}
-        keys = list(zip(req.column("source_partition").to_pylist(), req.column("source_offset").to_pylist()))
-        return {
-            input_column(f.name): pa.array([carried.get(k, {}).get(f.name) for k in keys], pa.string()) for f in fields
-        }
-
     # -- commits ---------------------------------------------------------------------------------
+    # One commit in flight at the writer; the loop goes on feeding the engines meanwhile. Its
+    # bookkeeping (source offsets mirror, stats, metrics) happens when it has landed.
 
     def _maybe_commit(self, force: bool) -> None:
+        if self.writer.busy:
+            return
         ready = self.ledger.committable_count()
         if not ready:
             return
@@ -491,29 +459,34 @@ class PipelineJob:
         positions = {**group.positions, **self.source.extra_positions(group.positions)}
         results = pa.concat_tables([p.results for p in group.payloads])
         dead = pa.concat_tables([p.dead for p in group.payloads]) if group.payloads else DEAD_LETTER_SCHEMA.empty_table()
+        record = dict(
+            run_id=self.run_id, job=self.spec.name, commit_seq=self.stats.commits + 1,
+            started_at=self._last_commit_at, lineage=self.lineage,
+        )  # fmt: skip
+        self.writer.write(results, dead, positions, record, (group, positions, results, dead))
+        self._writing_batches = len(group.payloads)
+
+    def _land_commit(self, timeout_s: float = 0.0) -> None:
+        """Book the commit in flight once it has landed (raises what the commit raised)."""
+        landed = self.writer.finished(timeout_s)
+        if landed is None:
+            return
+        (group, positions, results, dead), report = landed
+        self._writing_batches = 0
         st = self.stats
-        # Counted in plain text; stored encrypted, at the rows' final positions (the sink's prepare).
-        flagged = pc.sum(pc.equal(results.column("status"), "flagged")).as_py() or 0
-        dead_classes = dead.column("error_class").to_pylist()
-        plain_results, plain_dead = results, dead
-        results, dead = self.sink.prepare(results, dead)
-        results = self.encryption.protect_results(results, self.sink.results.schema)
-        dead = self.encryption.protect_dead(dead, self.sink.dead_letter.schema)
-        t0 = time.monotonic()
-        if _SLOW_COMMIT_S:
-            time.sleep(_SLOW_COMMIT_S)
-        self.sink.commit(results, dead, positions)
         self._uncommitted -= sum(p.consumed for p in group.payloads)
         self.source.commit_offsets(group.positions)
         self._last_commit = time.monotonic()
-        self.metrics.commit_latency(self._last_commit - t0)
-        self.metrics.committed(plain_results, plain_dead)
+        self._last_commit_at = report.ended_at
+        self.writer.append_runs_row()
+        self.metrics.commit_latency(report.commit_s)
+        self.metrics.committed(results, dead)  # counted in plain text; stored encrypted
         self._committed.update(positions)
         st.commits += 1
-        st.ok += results.num_rows
-        st.dead_lettered += dead.num_rows
-        st.flagged += flagged
-        for cls in dead_classes:
+        st.ok += report.results_rows
+        st.dead_lettered += report.dead_rows
+        st.flagged += pc.sum(pc.equal(results.column("status"), "flagged")).as_py() or 0
+        for cls in dead.column("error_class").to_pylist():
             st.dead_by_class[cls] += 1
         if st.first_commit_s is None:
             st.first_commit_s = self._last_commit - st.started
@@ -525,21 +498,17 @@ class PipelineJob:
                 del self._skip[tp]
         log.debug(
             "commit %d: %d ok, %d dead, positions %s in %.0f ms",
-            st.commits, results.num_rows, dead.num_rows, group.positions, (self._last_commit - t0) * 1e3,
+            st.commits, report.results_rows, report.dead_rows, group.positions, report.commit_s * 1e3,
         )  # fmt: skip
-        self._record_commit(plain_results, plain_dead, positions)
 
-    def _record_commit(self, results: pa.Table, dead: pa.Table, positions) -> None:
-        now = datetime.now(timezone.utc)
-        try:
-            self.runs.append_commit(
-                run_id=self.run_id, job=self.spec.name, commit_seq=self.stats.commits, started_at=self._last_commit_at,
-                ended_at=now, positions=span_positions(results, dead, positions), lineage=self.lineage,
-                **commit_totals(results, dead),
-            )  # fmt: skip
-        except Exception as e:  # informational table: never fail a run over it
-            log.warning("could not append to the runs table %s: %s", self.runs.uri, e)
-        self._last_commit_at = now
+    def _commit_all(self) -> None:
+        """Commit everything the ledger can commit, and wait until it has landed."""
+        while True:
+            while self.writer.busy:
+                self._land_commit(1.0)
+            if not self.ledger.committable_count():
+                return
+            self._maybe_commit(force=True)
 
     def _autoscale(self, every_s: float = 1.0) -> None:
         if time.monotonic() < self._next_scale_check:
@@ -571,20 +540,25 @@ class PipelineJob:
 
     def _flush_all(self) -> None:
         """Finish every batch in flight and commit it (used before giving partitions away)."""
-        while self.pool.in_flight:
-            for tag, completions in self.pool.collect(0.5):
-                self._complete(tag, completions)
-        self._maybe_commit(force=True)
+        while self._busy:
+            self._pump(0.5)
+            self._land_commit()
+        self._commit_all()
 
     # -- assignment ------------------------------------------------------------------------------
 
     def _on_assign(self, tps: list[TopicPartition]) -> dict[TopicPartition, int | None]:
-        positions = self.sink.load_positions(tps)
+        try:
+            positions, windows = self.writer.resume(list(tps))
+        except BaseException as e:
+            # Kafka's consumer logs and swallows what a rebalance callback raises (it would then
+            # read from the group's offsets): keep it, raise it once poll returns.
+            self._listener_error = e
+            raise
         self._committed.update(positions)
         for tp in tps:
-            window = self.sink.repair_window(tp)
-            if window:
-                self._skip[tp] = window
+            if windows.get(tp):
+                self._skip[tp] = windows[tp]
             else:
                 self._skip.pop(tp, None)
         return positions
@@ -592,26 +566,34 @@ class PipelineJob:
     def _on_revoke(self, tps: list[TopicPartition]) -> None:
         self._drop_buffer()
         try:
-            self._flush_all()
-        except PartitionFencedError as e:
-            log.warning("on revocation: %s", e)
-            self.pool.drop_pending()
-            self.ledger.reset()
-            self._open.clear()
-            self._uncommitted = 0
-        self.sink.forget(tps)
+            try:
+                self._flush_all()
+            except (PartitionFencedError, WriterDied) as e:
+                log.warning("on revocation: %s", e)
+                self._drop_uncommitted()
+            self.writer.forget(list(tps))
+        except BaseException as e:
+            self._listener_error = e  # see _on_assign
+            raise
         for tp in tps:
             self._skip.pop(tp, None)
 
-    def _recover_from_fence(self, err: PartitionFencedError) -> None:
-        log.warning("%s; dropping uncommitted work and re-reading from the table's positions", err)
+    def _drop_uncommitted(self) -> None:
+        self._epoch += 1
         self.pool.drop_pending()
+        self.stages.drop_pending()
+        self._rendering = 0
+        self._writing_batches = 0
         self.ledger.reset()
         self._open.clear()
         self._uncommitted = 0
         self._drop_buffer()
+
+    def _recover_from_fence(self, err: Exception) -> None:
+        log.warning("%s; dropping uncommitted work and re-reading from the table's positions", err)
+        self._drop_uncommitted()
         assigned = sorted(self.source.assignment())
-        self.sink.forget(assigned)
+        self.writer.forget(assigned)
         self.source.reseek(assigned)
 
 

@@ -26,9 +26,16 @@ class PartitionFencedError(TidegateError):
         super().__init__(message)
         self.partitions = partitions
 
+    def __reduce__(self):  # picklable with its fields: raised in the commit writer actor
+        return type(self), (str(self), self.partitions)
+
 
 class EngineError(TidegateError):
     """The inference engine failed to start or to run (not a per-row failure)."""
+
+
+class StageError(TidegateError):
+    """A CPU stage actor (render, validate, commit writer) failed to start or died repeatedly."""
 
 
 # -- encryption
@@ -47,6 +54,9 @@ class KeyPermissionError(TidegateError):
         self.tenant = tenant
         self.version = version
 
+    def __reduce__(self):  # picklable with its fields: raised in stage actors
+        return type(self), (str(self), self.tenant, self.version)
+
 
 class KeyRevokedError(TidegateError):
     """The key version that encrypted a value was revoked: the value can no longer be decrypted."""
@@ -55,6 +65,9 @@ class KeyRevokedError(TidegateError):
         super().__init__(message)
         self.tenant = tenant
         self.version = version
+
+    def __reduce__(self):
+        return type(self), (str(self), self.tenant, self.version)
 
 
 class DecryptionError(TidegateError):
@@ -65,3 +78,6 @@ class DecryptionError(TidegateError):
         self.table = table
         self.column = column
         self.row_id = row_id
+
+    def __reduce__(self):
+        return type(self), (str(self), self.table, self.column, self.row_id)

@@ -278,6 +278,22 @@ class PoolSpec(_Strict):
         return min(max(self.actors, self.min_engines), self.max_engines)
 
 
+class StagesSpec(_Strict):
+    """The CPU stages around the engines (decode + render, validate + assemble, encrypt + commit)
+    run in their own Ray actors on the driver's node, so the engines never wait on them."""
+
+    actors: int = Field(
+        default=1, ge=1, description="Stage workers (decode/render, validate); the commit writer is one more actor."
+    )
+    num_cpus: float = Field(
+        default=0.0,
+        ge=0,
+        description="Logical CPUs reserved per stage actor. 0: they share the driver node's cores like the driver "
+        "does (a head node often has num_cpus=0).",
+    )
+    start_timeout_s: float = Field(default=120.0, gt=0, description="How long the stage actors may take to start.")
+
+
 class SinkSpec(_Strict):
     results: str = Field(min_length=1, description="Delta table URI for results.")
     dead_letter: str = Field(min_length=1, description="Delta table URI for dead letters.")
@@ -304,6 +320,7 @@ class JobSpec(_Strict):
     model: ModelSpec
     sampling: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": 64, "temperature": 0.0})
     pool: PoolSpec = Field(default_factory=PoolSpec)
+    stages: StagesSpec = Field(default_factory=StagesSpec)
     sink: SinkSpec
     ray: RaySpec = Field(default_factory=RaySpec)
     run: RunSpec = Field(default_factory=RunSpec)

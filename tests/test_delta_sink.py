@@ -119,3 +119,44 @@ def test_table_of_an_older_version_gains_the_new_columns(tmp_path):
     sink.commit(results([1]), dead([]), {TP0: 1})
     got = pl.read_delta(str(tmp_path / "res")).sort("source_offset")
     assert got.height == 2 and got["attempts"].to_list() == [None, 1]
+
+
+def test_a_restarted_commit_writer_refuses_to_commit_until_it_has_read_the_positions(tmp_path):
+    """The commit writer actor (actors/stages.py) as a plain object: Ray re-runs its constructor
+    when it restarts, which forgets the positions its fencing compares against. Say the repair
+    window is open (dead letters committed up to offset 5, results to nothing): a commit from a
+    writer that has not read the positions again could pass the fence and move the dead-letter
+    position back to 3."""
+    from actors.stages import CommitWriter, WriterRestarted
+    from schemas.spec import parse_spec
+
+    spec = parse_spec(
+        {
+            "name": "job",
+            "source": {"kafka": {"topic": "t"}},
+            "prompt": {"template": "{{ q }}", "id_field": "id"},
+            "model": {"path": "m"},
+            "sink": {"results": str(tmp_path / "res"), "dead_letter": str(tmp_path / "dl")},
+        }
+    )
+    first = CommitWriter(spec)
+    first.open()
+    first.resume([TP0])
+    first.sink._append(first.sink.dead_letter, dead([4, 5]), [txn(TP0, 5)], {TP0: 5})  # a crash right after
+
+    restarted = CommitWriter(spec)  # what Ray does after the process died
+    with pytest.raises(WriterRestarted):
+        restarted.write(results([0, 1, 2, 3]), dead([]), {TP0: 3}, None)
+    assert DeltaTable(str(tmp_path / "res")).version() == 0  # nothing written
+
+    positions, windows = restarted.resume([TP0])  # the job's recovery: positions read again
+    assert positions == {TP0: None} and windows == {TP0: {4, 5}}
+    report = restarted.write(results([0, 1, 2, 3]), dead([]), {TP0: 3}, None)
+    assert report.results_rows == 4
+    assert DeltaTable(str(tmp_path / "res")).transaction_version(txn_app_id("job", TP0)) == 3
+
+
+def txn(tp, version):
+    from deltalake import Transaction
+
+    return Transaction(txn_app_id("job", tp), version)

@@ -57,6 +57,9 @@ def test_retry_loop_grounding_and_semantic_grounding(tmp_path, broker, topic, ti
         **{
             "prompt.template": "Context: {{ docs | join(' ') }}\nAnswer for {{ user }}: {{ question }}",
             "prompt.context_field": "docs",
+            # Two stage workers: a batch's retries are validated by either, both call the one
+            # embedding actor.
+            "stages.actors": 2,
             "validation": [
                 # Never satisfiable: every row goes back to the engine until max_attempts, then is flagged.
                 {"rule": "regex", "must_match": ["^IMPOSSIBLE$"], "on_fail": "retry", "max_attempts": 3, "then": "flag"},

@@ -40,6 +40,38 @@ def test_killed_engine_actor_is_replaced_and_nothing_is_lost(tmp_path, broker, t
     assert pl.read_delta(spec["sink"]["dead_letter"]).height == 0
 
 
+@pytest.mark.parametrize("actor", ["StageWorker", "CommitWriter"])
+def test_killed_stage_actor_is_replaced_and_nothing_is_lost(tmp_path, broker, topic, tiny_model, job_processes, actor):
+    """The CPU stages run in their own actors: killing one costs a retry (a stage worker's calls
+    re-run) or a re-read from the table's positions (the commit writer), never a row."""
+    n = 800
+    send(broker, topic, (event(i) for i in range(n)))
+    spec = make_spec(
+        tmp_path, broker, topic, tiny_model,
+        **{"pool.batch_size": 32, "sink.commit_interval_s": 0, "sink.commit_max_rows": 32},
+    )  # fmt: skip
+    job = job_processes(write_spec(tmp_path, spec))
+    res_uri = spec["sink"]["results"]
+    wait_for(lambda: table_rows(res_uri) > 0 or job.proc.poll() is not None, 240, what="first commit")
+    names = [p.name() for p in job.descendants()]
+    # A busy actor's process is titled ray::Class.method.
+    for cls in ("StageWorker", "CommitWriter"):
+        assert [name for name in names if name.startswith(f"ray::{cls}")], names
+    victims = [p for p in job.descendants() if p.name().startswith(f"ray::{actor}")]
+    assert len(victims) == 1, names
+    victims[0].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    assert job.wait(600) == 0, job.log()[-4000:]
+    assert time.monotonic() - killed_at > 1  # the job really lived through it
+
+    ids = pl.read_delta(res_uri)["id"].to_list()
+    assert len(ids) == len(set(ids)) == n
+    assert pl.read_delta(spec["sink"]["dead_letter"]).height == 0
+    if actor == "CommitWriter":
+        # Its positions are re-read from the table: the job dropped what was not committed.
+        assert "re-reading from the table's positions" in job.log(), job.log()[-4000:]
+
+
 @pytest.mark.parametrize(
     "pool,message",
     [
@@ -127,8 +159,9 @@ def test_a_slow_sink_slows_consumption_and_bounds_what_is_in_flight(
     log = job.log()
     peak = int(re.search(r"peak rows read, not committed\s*│\s*([\d,]+)", log).group(1).replace(",", ""))
     commits = int(re.search(r"commits\s*│\s*([\d,]+)", log).group(1).replace(",", ""))
-    # In flight at most: the pool's queued batches (1 actor x 2), one batch waiting behind them,
-    # the ready-to-commit bound (2 x commit_max_rows) plus one batch over it, and the poll buffer.
+    # In flight at most: the batches at the engine or a stage worker (1 actor x 2), one batch
+    # waiting behind them, the ready-to-commit bound (2 x commit_max_rows, the commit being
+    # written included) plus one batch over it, and the poll buffer.
     bound = (2 + 1) * batch + 2 * 64 + batch + batch
     assert batch <= peak <= bound, (peak, bound)
     assert commits >= n // bound  # the sink, not the source, set the pace

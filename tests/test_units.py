@@ -38,6 +38,7 @@ def test_spec_defaults_and_parsing():
     assert spec.source.kafka.bootstrap_servers == ["a:1", "b:2"]
     assert spec.group_id == "tidegate-j1"
     assert spec.pool.actors == 1 and spec.pool.batch_size == 256
+    assert spec.stages.actors == 1 and spec.stages.num_cpus == 0  # no logical CPU taken from the engines
     assert spec.sampling == {"max_tokens": 64, "temperature": 0.0}
 
 
@@ -52,6 +53,8 @@ def test_spec_defaults_and_parsing():
         ("sink.dead_letter", "/r", "sink.results and sink.dead_letter must be different tables"),
         ("name", "bad name!", "name: Value error"),
         ("pool.gpus", 1, "pool.gpus: Extra inputs are not permitted"),
+        ("stages.actors", 0, "stages.actors: Input should be greater than or equal to 1"),
+        ("stages.num_cpus", -0.5, "stages.num_cpus"),
     ],
 )
 def test_bad_spec_names_the_field(path, value, expect):

@@ -422,3 +422,40 @@ def test_rule_results_arrow_column():
     arr = out.rule_results_array()
     assert arr.type == pa.list_(pa.struct([("rule", pa.string()), ("passed", pa.bool_()), ("score", pa.float64()), ("message", pa.string())]))
     assert arr.to_pylist()[1] == [{"rule": "refusal", "passed": False, "score": None, "message": "empty answer"}]
+
+
+def test_assembler_routes_kept_rejected_failed_and_retried_rows():
+    """The stage workers' join (actors/assemble.py), pure: one source batch, one engine call."""
+    from actors.assemble import BatchAssembler
+    from schemas.records import RESULTS_SCHEMA, SOURCE_SCHEMA
+
+    spec = base_spec(validation=POLICY_RULES)
+    outputs = ["Your parcel ships today.", "Mail eve@evil.io please.", "I cannot help with that.", "unused"]
+    req, comp = batch(outputs)
+    # The engine failed on the last row (per-row error): it becomes a dead letter of stage engine.
+    comp = comp.set_column(comp.schema.get_field_index("error_stage"), "error_stage", pa.array([None, None, None, "engine"]))
+    comp = comp.set_column(comp.schema.get_field_index("error_class"), "error_class", pa.array([None] * 3 + ["engine_crash"]))
+    comp = comp.set_column(comp.schema.get_field_index("error"), "error", pa.array([None] * 3 + ["boom"]))
+    src = pa.table(
+        {
+            "topic": ["t"] * 4, "partition": [0] * 4, "offset": list(range(4)), "key": [None] * 4,
+            "value": [f"raw{i}".encode() for i in range(4)], "timestamp_ms": [0] * 4, "received_ns": [0] * 4,
+            "source_change": [None] * 4,
+        },
+        schema=SOURCE_SCHEMA,
+    )  # fmt: skip
+    lineage = {"model_path": "m", "run_id": "ignored"}
+    out = BatchAssembler(spec, Validator(spec), RESULTS_SCHEMA, "run1", lineage).assemble(src, req, comp, {})
+
+    results, dead = out.output.results, out.output.dead
+    assert results.column("id").to_pylist() == ["r0"] and results.column("status").to_pylist() == ["ok"]
+    assert results.column("model_path").to_pylist() == ["m"] and results.column("run_id").to_pylist() == ["run1"]
+    assert results.column("latency_ms")[0].as_py() > 0  # received_ns 0 on this clock: long ago
+    assert dead.select(["id", "stage", "error_class"]).to_pylist() == [
+        {"id": "r3", "stage": "engine", "error_class": "engine_crash"},
+        {"id": "r1", "stage": "validate", "error_class": "validation_failed"},
+    ]
+    assert dead.column("raw").to_pylist() == [b"raw3", b"raw1"]  # the raw event of each, by position
+    assert dead.column("output_text").to_pylist() == [None, "Mail eve@evil.io please."]
+    assert out.retries.column("id").to_pylist() == ["r2"]
+    assert out.rule_failures == {"pii_leakage": 1, "refusal": 1}
