@@ -2,8 +2,8 @@
 
     StageWorker (spec.stages.actors of them)
       render(src, skip)                      SOURCE_SCHEMA -> RenderedBatch (requests + dead letters)
-      assemble(src, requests, completions,   -> Assembled (results, dead letters, retries)
-               carried)
+      assemble(config, src, requests,        -> Assembled (results, dead letters, retries);
+               completions, carried)            config: lineage columns + embedders, one stored object
     CommitWriter (one)
       write(results, dead, positions, ...)   plain rows -> DeltaSink.prepare -> EncryptionStage
                                              -> DeltaSink.commit -> CommitReport
