@@ -895,17 +895,11 @@ def reveal_pii(
     values = _flat(values)
     if not _is_text(values.type):
         raise TypeError(f"{table}.{column}: reveal_pii takes a string column, not {values.type}")
-    if len(values) == 0:
+    found = _rows_with_pii(values, row_ids, f"{table}.{column}", "reveal")
+    if found is None:
         return values
-    hits = pc.match_substring(values, "[PII:").fill_null(False).to_numpy(zero_copy_only=False)
-    if not hits.any():
-        return values
-    what = f"{table}.{column}"
-    rows = _RowIds(row_ids, len(values))
-    if not rows.present:
-        raise ValueError(f"{what}: row_ids are required to reveal inline PII")
-    texts = values.to_pylist()
-    for i in np.flatnonzero(hits).tolist():
+    texts, hits, rows = found
+    for i in hits:
         rid_name = rows.name(i)
 
         def sub(m: re.Match, rid_name: str = rid_name) -> str:
@@ -938,16 +932,11 @@ def reseal_pii(
     values = _flat(values)
     n = len(values)
     changed = np.zeros(n, dtype=bool)
-    if not _is_text(values.type) or n == 0:
+    found = _rows_with_pii(values, row_ids, f"{table}.{column}", "re-encrypt") if _is_text(values.type) else None
+    if found is None:
         return values, changed
-    hits = pc.match_substring(values, "[PII:").fill_null(False).to_numpy(zero_copy_only=False)
-    if not hits.any():
-        return values, changed
-    rows = _RowIds(row_ids, n)
-    if not rows.present:
-        raise ValueError(f"{table}.{column}: row_ids are required to re-encrypt inline PII")
-    texts = values.to_pylist()
-    for i in np.flatnonzero(hits).tolist():
+    texts, hits, rows = found
+    for i in hits:
         rid = rows.name(i)
         row_changed = False
 
@@ -969,6 +958,20 @@ def reseal_pii(
         texts[i] = _PII_TOKEN_RE.sub(sub, texts[i])
         changed[i] = row_changed
     return pa.array(texts, pa.string()), changed
+
+
+def _rows_with_pii(values: pa.Array, row_ids, what: str, action: str) -> tuple[list, list[int], _RowIds] | None:
+    """(texts, indices of the rows holding "[PII:", their row ids) of a text column; None when no
+    row does (so nothing needs row ids)."""
+    if len(values) == 0:
+        return None
+    hits = pc.match_substring(values, "[PII:").fill_null(False).to_numpy(zero_copy_only=False)
+    if not hits.any():
+        return None
+    rows = _RowIds(row_ids, len(values))
+    if not rows.present:
+        raise ValueError(f"{what}: row_ids are required to {action} inline PII")
+    return values.to_pylist(), np.flatnonzero(hits).tolist(), rows
 
 
 def _pii_token(m: re.Match) -> tuple[str, bytes, int, str, int] | None:
