@@ -57,8 +57,8 @@ _SLOW_COMMIT_S = float(os.environ.get("TIDEGATE_FAULT_SLOW_COMMIT_S", "0") or 0)
 class _OpenBatch:
     """A source batch whose rows are still at the engine (first generation or a retry)."""
 
-    src: pa.Table
-    src_ref: ray.ObjectRef  # the same table in the object store, for the stage workers
+    src_ref: ray.ObjectRef  # the SOURCE_SCHEMA table, in the object store for the stage workers
+    rows: int  # source rows it covers
     parts: list[BatchOutput]
     waiting: int = 1  # submissions not yet back
     carried: dict = field(default_factory=dict)  # encryption.input_fields per (partition, offset), plain
@@ -386,20 +386,20 @@ class PipelineJob:
         skip = {tp: self._skip[tp] for tp in spans if self._skip.get(tp)}
         self._rendering += 1
         src_ref = ray.put(src)  # serialized once: render and every assemble of the batch read it
-        self.stages.render(src_ref, skip, ("render", self._epoch, seq, src, src_ref))
+        self.stages.render(src_ref, skip, ("render", self._epoch, seq, src_ref, src.num_rows))
 
     def _rendered(self, tag, rendered) -> None:
-        _, epoch, seq, src, src_ref = tag
+        _, epoch, seq, src_ref, rows = tag
         if epoch != self._epoch:
             return
         self._rendering -= 1
         if rendered.requests.num_rows:
             self._open[seq] = _OpenBatch(
-                src, src_ref, [BatchOutput(self.results_schema.empty_table(), rendered.dead)], carried=rendered.carried or {}
+                src_ref, rows, [BatchOutput(self.results_schema.empty_table(), rendered.dead)], carried=rendered.carried or {}
             )
             self.pool.submit(rendered.requests, (self._epoch, seq, rendered.requests, time.monotonic()))
         else:
-            self.ledger.complete(seq, BatchOutput(self.results_schema.empty_table(), rendered.dead, src.num_rows))
+            self.ledger.complete(seq, BatchOutput(self.results_schema.empty_table(), rendered.dead, rows))
 
     def _generated(self, tag, completions: pa.Table) -> None:
         epoch, seq, requests, submitted = tag
@@ -437,7 +437,7 @@ class PipelineJob:
                 BatchOutput(
                     pa.concat_tables([p.results for p in batch.parts]),
                     pa.concat_tables([p.dead for p in batch.parts]),
-                    batch.src.num_rows,
+                    batch.rows,
                 ),
             )
 
