@@ -6,6 +6,18 @@ from __future__ import annotations
 class TidegateError(Exception):
     """Base class of every error Tidegate raises on purpose."""
 
+    def __reduce__(self):
+        # Raised inside Ray actors and re-raised in the driver: pickled with its fields (tenant,
+        # partitions, ...), whatever the subclass's constructor takes.
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type, args: tuple, state: dict) -> TidegateError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
+
 
 class SpecError(TidegateError):
     """The job spec is invalid; the message names each field path and the reason."""
@@ -25,9 +37,6 @@ class PartitionFencedError(TidegateError):
     def __init__(self, message: str, partitions: list[tuple[str, int]]):
         super().__init__(message)
         self.partitions = partitions
-
-    def __reduce__(self):  # picklable with its fields: raised in the commit writer actor
-        return type(self), (str(self), self.partitions)
 
 
 class EngineError(TidegateError):
@@ -54,9 +63,6 @@ class KeyPermissionError(TidegateError):
         self.tenant = tenant
         self.version = version
 
-    def __reduce__(self):  # picklable with its fields: raised in stage actors
-        return type(self), (str(self), self.tenant, self.version)
-
 
 class KeyRevokedError(TidegateError):
     """The key version that encrypted a value was revoked: the value can no longer be decrypted."""
@@ -65,9 +71,6 @@ class KeyRevokedError(TidegateError):
         super().__init__(message)
         self.tenant = tenant
         self.version = version
-
-    def __reduce__(self):
-        return type(self), (str(self), self.tenant, self.version)
 
 
 class DecryptionError(TidegateError):
@@ -78,6 +81,3 @@ class DecryptionError(TidegateError):
         self.table = table
         self.column = column
         self.row_id = row_id
-
-    def __reduce__(self):
-        return type(self), (str(self), self.table, self.column, self.row_id)
