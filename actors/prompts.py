@@ -165,12 +165,13 @@ class PromptRenderer:
                                    "changes are reported, not processed", event_id)  # fmt: skip
                 event_id, event = self.decode(value)
                 if enc is not None:
+                    # Until the event's own tenant is known to hold a key, none: a tenant error never
+                    # encrypts one tenant's event under another tenant's (the fallback's) key.
+                    tenant = None
                     tenant = self.tenant(event_id, event)
                 prompt = self.render_one(event_id, event)
                 context = self.context(event_id, event)
             except BadEvent as e:
-                if e.error_class in ("invalid_tenant", "unknown_tenant"):
-                    tenant = None  # never encrypt one tenant's event under another tenant's key
                 dead.append(
                     dict(
                         id=e.event_id or event_id,
