@@ -38,7 +38,7 @@ from actors.stages import CommitWriterClient, StagePool, WriterDied, job_schemas
 from actors.validation import Validator
 from connectors.delta import DeltaSink
 from connectors.offsets import CommitLedger
-from connectors.runs import RunsTable
+from connectors.runs import RunsTable, stats_totals
 from jobs.metrics import JobMetrics, partition_lag, source_versions_behind
 from jobs.logs import log_context
 from schemas.errors import PartitionFencedError
@@ -230,13 +230,10 @@ class PipelineJob:
                 self.stats.engine_idle_between_batches = sum(u.get("gaps_s", 0.0) for u in usage) / span
 
     def _record_run(self, status: str, error: str | None) -> None:
-        st = self.stats
         try:
             self.runs.append_run(
                 run_id=self.run_id, job=self.spec.name, started_at=self.started_at, ended_at=datetime.now(timezone.utc),
-                status=status, commits=st.commits, rows_ok=st.ok, rows_flagged=st.flagged, rows_dead=st.dead_lettered,
-                dead_by_class=dict(st.dead_by_class), prompt_tokens=st.prompt_tokens,
-                completion_tokens=st.completion_tokens, retries=st.retried,
+                status=status, **stats_totals(self.stats),
                 positions={tp: pos for tp, pos in self._committed.items() if pos is not None},
                 lineage=self.lineage, error=error,
             )  # fmt: skip
