@@ -120,14 +120,14 @@ class EngineWorker:
         self._last_end: float | None = None
 
     def info(self) -> dict[str, Any]:
+        return {"max_model_len": self.max_model_len, "load_s": self.load_s, "pid": os.getpid()}
+
+    def model_revision(self) -> str:
+        """sha256 of the loaded model's config, tokenizer and weights (lineage). Reads every weights
+        file: the pool asks one engine, not each."""
         from actors.lineage import model_revision
 
-        return {
-            "max_model_len": self.max_model_len,
-            "load_s": self.load_s,
-            "pid": os.getpid(),
-            "model_revision": model_revision(self.model_path),  # hashed once per process
-        }
+        return model_revision(self.model_path)
 
     def ping(self) -> int:
         """Cheap liveness check (the engine is loaded once this answers)."""

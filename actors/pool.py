@@ -124,6 +124,8 @@ class EnginePool:
         refs = [a.info.remote() for a, _ in actors]
         try:
             infos = ray.get(refs, timeout=pool.actor_start_timeout_s)
+            # Every engine loads the same model: one of them hashes it (a read of every weight file).
+            self.model_revision = ray.get(actors[0][0].model_revision.remote(), timeout=pool.actor_start_timeout_s)
         except GetTimeoutError:
             self.shutdown()
             raise EngineError(
@@ -136,10 +138,8 @@ class EnginePool:
             cause = e.cause if isinstance(e, RayTaskError) and e.cause is not None else e
             raise EngineError(f"engine actor failed to start: {cause}") from None
         self.max_model_len = infos[0]["max_model_len"]
-        self.model_revision = infos[0].get("model_revision")
-        self._load_s = max(i["load_s"] for i in infos)
         # After a restart the engine loads again before it runs anything: that time is not a hang.
-        self._restart_grace_s = 30.0 + 3 * self._load_s
+        self._restart_grace_s = 30.0 + 3 * max(i["load_s"] for i in infos)
         log.info(
             "%d engine actor(s) ready in %.1fs (engine load %.1fs, context %d tokens)",
             len(actors), time.monotonic() - t0, infos[0]["load_s"], self.max_model_len,
