@@ -21,8 +21,9 @@ from datetime import datetime, timezone
 
 import polars as pl
 import pyarrow as pa
-from deltalake import DeltaTable, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake import DeltaTable
+
+from connectors.delta import _Table
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,8 @@ class RunsTable:
     def __init__(self, uri: str, storage_options: dict[str, str] | None = None):
         self.uri = uri
         self.storage_options = storage_options or None
+        # Opened (or created) once, then only refreshed: a row per commit must not replay the log.
+        self._table = _Table(uri, RUNS_SCHEMA, storage_options or {}, "runs")
 
     @classmethod
     def for_results(cls, results_uri: str, storage_options: dict[str, str] | None = None) -> RunsTable:
@@ -196,12 +199,7 @@ class RunsTable:
         )  # fmt: skip
 
     def _append(self, row: dict) -> None:
-        table = pa.Table.from_pylist([row], schema=RUNS_SCHEMA)
-        try:
-            dt = DeltaTable(self.uri, storage_options=self.storage_options)
-        except TableNotFoundError:
-            dt = DeltaTable.create(self.uri, schema=RUNS_SCHEMA, mode="ignore", storage_options=self.storage_options)
-        write_deltalake(dt, table, mode="append")
+        self._table.append(pa.Table.from_pylist([row], schema=RUNS_SCHEMA), [])
 
     def append_commit(
         self,
