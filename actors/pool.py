@@ -24,7 +24,8 @@ import pyarrow as pa
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from actors.engine import EngineWorker, engine_env
+from actors.remote import first_line
+from compute.engine import EngineWorker, engine_env
 from schemas.errors import EngineError
 from schemas.records import COMPLETION_SCHEMA
 from schemas.spec import JobSpec
@@ -69,9 +70,12 @@ class EngineHang(Exception):
 
 
 class EnginePool:
-    def __init__(self, spec: JobSpec, json_schema: dict | None = None):
+    """engine_cls: the engine each actor runs (EngineWorker; tests pass a subclass that fails on cue)."""
+
+    def __init__(self, spec: JobSpec, json_schema: dict | None = None, engine_cls: type = EngineWorker):
         self.spec = spec
         self.json_schema = json_schema  # constrain generation to it (structured outputs)
+        self.engine_cls = engine_cls
         self.slots: list[_Slot] = []
         self._pending: dict[ray.ObjectRef, tuple[_Slot, _Part]] = {}
         self._suspects: deque[_Part] = deque()  # quarantined parts, run one at a time
@@ -160,7 +164,7 @@ class EnginePool:
                 placement_group=pg, placement_group_capture_child_tasks=True
             )
         actor = (
-            ray.remote(EngineWorker)
+            ray.remote(self.engine_cls)
             .options(**options)
             .remote(
                 self.spec.model,
@@ -226,7 +230,7 @@ class EnginePool:
             try:
                 ray.get(ref)
             except (RayActorError, RayTaskError) as e:
-                log.warning("engine pool: a new engine failed to start: %s", _first_line(e))
+                log.warning("engine pool: a new engine failed to start: %s", first_line(e))
                 self._kill(slot)
             else:
                 slot.idle_since = time.monotonic()
@@ -375,11 +379,11 @@ class EnginePool:
     def _failed(self, part: _Part, err: Exception) -> None:
         n = part.requests.num_rows
         if not part.alone:
-            log.warning("engine failed twice on a batch of %d row(s), quarantined: %s", n, _first_line(err))
+            log.warning("engine failed twice on a batch of %d row(s), quarantined: %s", n, first_line(err))
             self._suspects.append(part)
             return
         part.attempts += 1
-        log.warning("engine failed on %d quarantined row(s) (attempt %d): %s", n, part.attempts, _first_line(err))
+        log.warning("engine failed on %d quarantined row(s) (attempt %d): %s", n, part.attempts, first_line(err))
         if n > 1:  # split: the half without the culprit succeeds, the other is split again
             half = n // 2
             part.batch.open_parts += 1
@@ -442,11 +446,6 @@ def crash_rows(requests: pa.Table, attempts: int, hung: bool = False) -> pa.Tabl
     cols["error_class"] = ["engine_hang" if hung else "engine_crash"] * n
     cols["error"] = [message] * n
     return pa.table(cols, schema=COMPLETION_SCHEMA)
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:300] if text else type(err).__name__
 
 
 def _tp_text(pool) -> str:

@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
 from rich.console import Console
 from rich.table import Table
 
-from actors.ciphers import decrypt_column, encrypt_column
-from connectors.keyring import Keyring, LocalMasterKeyProvider
+from crypto import decrypt_column, encrypt_column
+from crypto.keyring import Keyring, LocalMasterKeyProvider
 
 
 def _timed(fn) -> tuple[float, float, object]:

@@ -1,7 +1,7 @@
 """Benchmark: peak memory of reading a 1,000,000-row Delta table as a snapshot source.
 
 Writes a 1M-row table (10 appends of 100k rows, ~200-byte questions), then, in a fresh process,
-streams it through the job's read path exactly as `PipelineJob` does (DeltaSource.poll_batch in
+streams it through the job's read path exactly as `PipelineJob` does (DeltaSource.poll in
 batches of `pool.batch_size`, then PromptRenderer.render), and reports the peak RSS next to the
 table's size in memory as one Arrow table. The engine is left out: 1M rows through the tiny model
 on 2 CPU cores would take about an hour, and the engine's memory does not grow with the table.
@@ -47,17 +47,25 @@ def write_table(uri: str, rows: int) -> int:
 
 
 def read_all(uri: str, batch_size: int) -> dict:
-    from actors.prompts import PromptRenderer
+    from compute.prompts import PromptRenderer
     from connectors.delta_source import DeltaSource
+    from connectors.source import SourceContext
     from schemas.spec import DeltaSourceSpec, PromptSpec
 
-    src = DeltaSource(DeltaSourceSpec(uri=uri), lambda tps: {}, chunk_rows=batch_size)
+    class _NoPositions:  # a fresh job: nothing committed yet
+        def resume(self, tps):
+            return {tp: None for tp in tps}
+
+        def release(self, tps, lost=False, within_s=None):
+            pass
+
+    src = DeltaSource(DeltaSourceSpec(uri=uri), SourceContext("bench", _NoPositions(), batch_rows=batch_size))
     renderer = PromptRenderer(PromptSpec(template="Answer {{ user }}: {{ question }}", id_field="id"), 2**31 - 1, "bench")
-    src.check_columns(renderer.required_fields())
+    src.check(renderer.required_fields())
     src.start()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0, rows, prompts = time.monotonic(), 0, 0
-    while (batch := src.poll_batch(batch_size, 0)) is not None:
+    while (batch := src.poll(batch_size, 0)) is not None:
         rows += batch.num_rows
         prompts += renderer.render(batch).requests.num_rows
     seconds = time.monotonic() - t0

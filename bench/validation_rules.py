@@ -24,7 +24,7 @@ import pyarrow as pa
 from rich.console import Console
 from rich.table import Table
 
-from actors.validation import Validator
+from compute.validation import Validator
 from schemas.records import COMPLETION_SCHEMA, REQUEST_SCHEMA
 from schemas.spec import parse_spec
 

@@ -1,6 +1,7 @@
-"""Delta Lake sink: results and dead-letter tables with Kafka positions in the same commits.
+"""Delta Lake sink (`sink.kind: delta`, the default): results and dead-letter tables with the
+source positions in the same commits.
 
-Implements the protocol of docs/exactly-once.md:
+Implements the sink interface (connectors/sink.py) with the protocol of docs/exactly-once.md:
 - `positions(tps)` reads each partition's committed position from the results table's
   application transactions (the resume point);
 - `repair_window(tp)` returns the dead-letter offsets a crash may have left above that point;
@@ -12,13 +13,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any
 
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Field, QueryBuilder, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
+from connectors.sink import register_sink
 from schemas.errors import PartitionFencedError, SinkSchemaError
 from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA
+from schemas.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +103,14 @@ def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
     return norm(a) == norm(b)
 
 
+@register_sink
 class DeltaSink:
+    kind = "delta"
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec) -> DeltaSink:
+        return cls(spec.name, spec.sink.results, spec.sink.dead_letter, spec.sink.storage_options, spec.source.kind)
+
     def __init__(
         self,
         job_name: str,
@@ -203,3 +215,90 @@ class DeltaSink:
             raise PartitionFencedError(
                 f"positions of {moved} moved under this job (another writer took over)", moved
             )
+
+    # -- read only: status, history ----------------------------------------------------------------
+
+    def read_positions(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, tuple[int | None, int | None]]:
+        """(results position, dead-letter position) per partition, without arming the fence."""
+        apps = {tp: self._app(tp) for tp in tps}
+        res = _existing(self.results)
+        dl = _existing(self.dead_letter)
+        return {
+            tp: (res.transaction_version(app) if res else None, dl.transaction_version(app) if dl else None)
+            for tp, app in apps.items()
+        }
+
+    def partitions_seen(self, topic: str) -> set[int]:
+        """Source partitions of `topic` that stored rows come from."""
+        import polars as pl
+
+        found: set[int] = set()
+        for table in (self.results, self.dead_letter):
+            if _existing(table) is None:
+                continue
+            df = (
+                pl.scan_delta(table.uri, storage_options=table.storage_options)
+                .filter(pl.col("source_topic") == topic)
+                .select(pl.col("source_partition").unique())
+                .collect()
+            )
+            found |= set(df.get_column("source_partition").to_list())
+        return found
+
+    def history(self):
+        """The runs table beside the results table (connectors/runs.py)."""
+        from connectors.runs import RunsTable
+
+        return RunsTable.for_results(self.results.uri, self.results.storage_options)
+
+    def describe(self) -> dict[str, Any]:
+        """The tables (uri, exists, version, rows, last commit) and the dead letters by stage and class."""
+        tables = {"results": _table_info(self.results), "dead_letter": _table_info(self.dead_letter)}
+        dead = {"total": 0, "by_stage_class": []}
+        if tables["dead_letter"]["exists"]:
+            dead = _dead_letter_counts(self.dead_letter)
+        return {"tables": tables, "dead_letters": dead}
+
+
+def _existing(table: _Table) -> DeltaTable | None:
+    try:
+        return DeltaTable(table.uri, storage_options=table.storage_options)
+    except TableNotFoundError:
+        return None
+
+
+def _iso(ts: datetime | None) -> str | None:
+    if ts is None:
+        return None
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=timezone.utc)
+    return ts.astimezone(timezone.utc).isoformat()
+
+
+def _table_info(table: _Table) -> dict[str, Any]:
+    import polars as pl
+
+    dt = _existing(table)
+    info: dict[str, Any] = {"uri": table.uri, "exists": dt is not None}
+    if dt is None:
+        return info
+    last = dt.history(1)
+    info["version"] = dt.version()
+    info["last_commit_at"] = _iso(datetime.fromtimestamp(last[0]["timestamp"] / 1000, timezone.utc)) if last else None
+    info["last_operation"] = last[0].get("operation") if last else None
+    info["rows"] = int(pl.scan_delta(table.uri, storage_options=table.storage_options).select(pl.len()).collect().item())
+    return info
+
+
+def _dead_letter_counts(table: _Table) -> dict[str, Any]:
+    import polars as pl
+
+    df = (
+        pl.scan_delta(table.uri, storage_options=table.storage_options)
+        .group_by(["stage", "error_class"])
+        .agg(pl.len().alias("count"))
+        .sort(["count", "stage", "error_class"], descending=[True, False, False])
+        .collect()
+    )
+    rows = [{"stage": r["stage"], "error_class": r["error_class"], "count": int(r["count"])} for r in df.to_dicts()]
+    return {"total": sum(r["count"] for r in rows), "by_stage_class": rows}

@@ -37,7 +37,10 @@ import pyarrow.fs as pafs
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
-from schemas.errors import SourceError
+from connectors.source import (
+    Lag, PartitionStatus, SourceContext, SourceStatus, register_source, source_versions_behind,
+)  # fmt: skip
+from schemas.errors import SourceError, SpecError
 from schemas.records import SOURCE_SCHEMA
 from schemas.spec import DeltaSourceSpec
 
@@ -83,21 +86,20 @@ def _plain_types(table: pa.Table) -> pa.Table:
     return table.cast(pa.schema(fields))
 
 
+@register_source
 class DeltaSource:
     kind = "delta"
+    settings = DeltaSourceSpec
+    bounded = True  # a run ends once the rows are committed, unless it follows new versions
 
-    def __init__(
-        self,
-        spec: DeltaSourceSpec,
-        resume_positions: Callable[[list[TopicPartition]], Mapping[TopicPartition, int | None]],
-        chunk_rows: int = 1024,
-        follow: bool = False,
-    ):
+    def __init__(self, spec: DeltaSourceSpec, ctx: SourceContext):
+        if ctx.follow and spec.mode != "incremental":
+            raise SpecError("--follow needs source.delta.mode: incremental")
         self.spec = spec
         self.topic = spec.uri
-        self.resume_positions = resume_positions
-        self.chunk_rows = chunk_rows
-        self.follow = follow
+        self.resume_positions = ctx.positions.resume
+        self.chunk_rows = ctx.batch_rows
+        self.follow = ctx.follow
         self.report = SourceReport()
         self._storage = spec.storage_options or None
         self._units: list[_Unit] = []
@@ -127,7 +129,7 @@ class DeltaSource:
     def columns(self) -> list[str]:
         return [f.name for f in pa.schema(self._table().schema().to_arrow())]
 
-    def check_columns(self, required: dict[str, str]) -> None:
+    def check(self, required: Mapping[str, str]) -> None:
         """required: column -> why it is needed. Fails naming every missing column."""
         have = set(self.columns())
         missing = [f"{col!r} ({why})" for col, why in required.items() if col not in have]
@@ -254,7 +256,7 @@ class DeltaSource:
 
     # -- the Source interface used by the job loop -----------------------------------------------
 
-    def poll_batch(self, max_records: int, timeout_ms: int) -> pa.Table | None:
+    def poll(self, max_records: int, timeout_ms: int) -> pa.Table | None:
         parts, n = [], 0
         while n < max_records:
             if self._pending is not None:
@@ -317,9 +319,17 @@ class DeltaSource:
         """Rows of the current plan not handed out yet."""
         return max(0, self.total_rows - self._handed)
 
-    def latest_version(self) -> int:
-        """The source table's newest version (for the versions-behind gauge)."""
-        return self._table().version()
+    def lag(self, committed: Mapping[TopicPartition, int | None]) -> Lag:
+        """Source versions behind: the table's newest version against the version marker."""
+        return Lag(versions_behind=source_versions_behind(self._table().version(), committed.get((self.topic, MARKER))))
+
+    def notes(self) -> list[str]:
+        if not self.report.skipped_change_versions:
+            return []
+        return [
+            f"source versions {self.report.skipped_change_versions} rewrote data (update/delete/merge) and the "
+            "table has no change data feed: not processed"
+        ]
 
     def assignment(self) -> set[TopicPartition]:
         return {(self.topic, u.version) for u in self._units} | {(self.topic, MARKER)}
@@ -329,11 +339,51 @@ class DeltaSource:
         versions = [p for (t, p) in positions if t == self.topic and p != MARKER]
         return {(self.topic, MARKER): max(versions)} if versions else {}
 
-    def commit_offsets(self, positions: Mapping[TopicPartition, int]) -> None:
-        pass  # the Delta log is the only place positions live
+    def committed(self, positions: Mapping[TopicPartition, int]) -> None:
+        pass  # the sink's log is the only place positions live
 
     def reseek(self, tps) -> None:
         self._resume()
 
     def close(self) -> None:
         self._rows = None
+
+    # -- status ----------------------------------------------------------------------------------
+
+    MAX_STATUS_VERSIONS = 100  # incremental sources: versions listed at most (the newest ones)
+
+    @classmethod
+    def status(cls, settings: DeltaSourceSpec, job_name: str, stored) -> SourceStatus:
+        """snapshot: the snapshot's version with its row count as the end; incremental: the
+        versions from the marker on (at most MAX_STATUS_VERSIONS), without ends."""
+        uri, so = settings.uri, settings.storage_options or None
+        out = SourceStatus(
+            {"kind": cls.kind, "uri": uri, "mode": settings.mode},
+            summary=f"delta table {uri} ({settings.mode})",
+            unit="source version",
+        )
+        marker = stored.read_positions([(uri, MARKER)]).get((uri, MARKER), (None, None))[0]
+        try:
+            latest = DeltaTable(uri, storage_options=so).version()
+        except TableNotFoundError:
+            out.errors.append(f"source table {uri} does not exist")
+            return out
+        out.versions_behind = source_versions_behind(latest, marker)
+        if settings.mode == "snapshot":
+            version = settings.version if settings.version is not None else (marker if marker is not None else latest)
+            try:  # row counts from the Parquet footers
+                import polars as pl
+
+                total = int(pl.scan_delta(uri, version=version, storage_options=so).select(pl.len()).collect().item())
+            except Exception as e:
+                out.errors.append(f"source table {uri} version {version}: cannot count its rows: {e}")
+                total = None
+            versions, ends = [version], {version: total}
+        else:
+            first = max(0, marker if marker is not None else 0, latest - cls.MAX_STATUS_VERSIONS + 1)
+            versions, ends = list(range(first, latest + 1)), {}
+        positions = stored.read_positions([(uri, v) for v in versions])
+        for v in versions:
+            committed, dead = positions.get((uri, v), (None, None))
+            out.partitions.append(PartitionStatus(uri, v, committed, dead, end=ends.get(v)))
+        return out

@@ -1,22 +1,38 @@
-"""Kafka source: reads request events in batches of Arrow rows (SOURCE_SCHEMA).
+"""Kafka source: a topic's records as SOURCE_SCHEMA batches, read through a consumer group.
 
-Positions come from the sink, not from Kafka: on every assignment the source asks its
-`resume_positions` callback (the Delta sink) where each partition stands and seeks there.
-Kafka's group offsets are written after each Delta commit for lag tooling only.
+Positions come from the sink, not from Kafka: whenever the group gives this consumer partitions
+it asks the job (`SourcePositions.resume`) where each stands and seeks there; before the group
+takes partitions away it lets the job commit or drop its work on them (`release`). Kafka's group
+offsets are written after each commit for lag tooling only (docs/exactly-once.md).
+
+Rebalances (kafka-python 3): the rebalance listener runs on the consumer's IO thread, where no
+blocking consumer call may run (they would wait for the IO thread itself). It is therefore an
+AsyncConsumerRebalanceListener that hands `resume` / `release` (which wait for engines and Delta
+commits) to a worker thread and awaits it, so heartbeats go on meanwhile. While it runs the job's
+own thread is inside `poll`, so the job's state has one user at a time. Group offsets are
+mirrored from the job's thread, in `poll`, never from inside a rebalance.
+
+With no `bootstrap_servers` the source starts the embedded broker (connectors/broker.py) for
+the run and stops it when closed.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import pyarrow as pa
-from kafka import ConsumerRebalanceListener, KafkaConsumer
+from kafka import KafkaConsumer
 from kafka import TopicPartition as KafkaTP
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import KafkaError
+from kafka.future import Future
 from kafka.structs import OffsetAndMetadata
 
+from connectors.source import Lag, PartitionStatus, SourceContext, SourceStatus, partition_lag, register_source
 from schemas.errors import SourceError
 from schemas.records import SOURCE_SCHEMA
 from schemas.spec import KafkaSourceSpec
@@ -24,48 +40,79 @@ from schemas.spec import KafkaSourceSpec
 log = logging.getLogger(__name__)
 
 TopicPartition = tuple[str, int]
-ResumeCallback = Callable[[list[TopicPartition]], Mapping[TopicPartition, int | None]]
-RevokeCallback = Callable[[list[TopicPartition]], None]
 
 
-class _Listener(ConsumerRebalanceListener):
+def client_config(settings: KafkaSourceSpec) -> dict[str, Any]:
+    """kafka-python client settings from the spec: consumer_config, then the security settings
+    (secrets read from the environment now). One order for every client Tidegate makes."""
+    config = dict(settings.consumer_config)
+    config.update(settings.security.client_config())
+    return config
+
+
+class _Listener(AsyncConsumerRebalanceListener):
     def __init__(self, source: KafkaSource):
         self.source = source
 
-    def on_partitions_revoked(self, revoked):
-        if self.source.closing:  # the job committed what it could before closing
-            return
-        tps = sorted((tp.topic, tp.partition) for tp in revoked)
-        if tps:
+    async def on_partitions_revoked(self, revoked):
+        tps = _tps(revoked)
+        if tps and not self.source.closing:  # on close the job committed what it could already
             log.info("partitions revoked: %s", tps)
-            self.source.on_revoke(tps)
+            await self.source.off_loop(self.source.ctx.positions.release, tps, False, self.source.spec.revoke_timeout_s)
 
-    def on_partitions_assigned(self, assigned):
-        tps = sorted((tp.topic, tp.partition) for tp in assigned)
+    async def on_partitions_lost(self, lost):
+        tps = _tps(lost)
+        if tps:
+            log.warning("partitions lost (the group moved on without this consumer): %s", tps)
+            await self.source.off_loop(self.source.ctx.positions.release, tps, True)
+
+    async def on_partitions_assigned(self, assigned):
+        tps = _tps(assigned)
         log.info("partitions assigned: %s", tps)
-        self.source._seek_to_resume(tps)
+        if tps:
+            positions = await self.source.off_loop(self.source.ctx.positions.resume, tps)
+            self.source.seek_to(tps, positions)  # seeks only set state: fine on the IO thread
 
 
+def _tps(ktps) -> list[TopicPartition]:
+    return sorted((tp.topic, tp.partition) for tp in ktps)
+
+
+@register_source
 class KafkaSource:
-    def __init__(
-        self,
-        spec: KafkaSourceSpec,
-        bootstrap_servers: list[str],
-        group_id: str,
-        resume_positions: ResumeCallback,
-        on_revoke: RevokeCallback,
-    ):
-        self.spec = spec
-        self.topic = spec.topic
-        self.bootstrap_servers = bootstrap_servers
-        self.group_id = group_id
-        self.resume_positions = resume_positions
-        self.on_revoke = on_revoke
+    kind = "kafka"
+    settings = KafkaSourceSpec
+    bounded = False
+    total_rows = None  # a topic has no end
+
+    def __init__(self, settings: KafkaSourceSpec, ctx: SourceContext):
+        self.spec = settings
+        self.ctx = ctx
+        self.topic = settings.topic
+        self.group_id = settings.group(ctx.job_name)
         self.consumer: KafkaConsumer | None = None
+        self.broker = None  # the embedded broker this source started, if any
         self.closing = False
+        self._to_mirror: dict[TopicPartition, int] = {}
+        self._listener_error: BaseException | None = None
+
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        if self.spec.bootstrap_servers:
+            return self.spec.bootstrap_servers
+        return [self.broker.bootstrap_servers] if self.broker is not None else []
+
+    def check(self, required: Mapping[str, str]) -> None:
+        pass  # events are checked one by one as they are decoded
 
     def start(self, metadata_timeout_s: float = 30.0) -> None:
-        config = dict(
+        if not self.spec.bootstrap_servers:
+            from connectors.broker import EmbeddedBroker
+
+            self.broker = EmbeddedBroker().start()
+            log.info("embedded Kafka broker listening on %s", self.broker.bootstrap_servers)
+        config = client_config(self.spec)
+        config.update(
             bootstrap_servers=self.bootstrap_servers,
             group_id=self.group_id,
             enable_auto_commit=False,
@@ -76,8 +123,6 @@ class KafkaSource:
             max_partition_fetch_bytes=max(1_048_576, self.spec.max_message_bytes * 2),
             fetch_max_bytes=max(52_428_800, self.spec.max_message_bytes * 4),
         )
-        config.update(self.spec.security.client_config())
-        config.update(self.spec.consumer_config)
         try:
             self.consumer = KafkaConsumer(**config)
         except KafkaError as e:
@@ -90,28 +135,59 @@ class KafkaSource:
             time.sleep(0.2)
         self.consumer.subscribe([self.topic], listener=_Listener(self))
 
-    def _seek_to_resume(self, tps: list[TopicPartition]) -> None:
-        positions = self.resume_positions(tps)
+    # -- rebalances ------------------------------------------------------------------------------
+
+    async def off_loop(self, fn, *args):
+        """Run fn(*args) on a worker thread and await it from the consumer's IO loop."""
+        future = Future()
+
+        def work() -> None:
+            try:
+                future.success(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to poll(), which raises it
+                self._listener_error = self._listener_error or e
+                future.failure(e)
+
+        threading.Thread(target=work, name="tidegate-rebalance", daemon=True).start()
+        return await future
+
+    def seek_to(self, tps: list[TopicPartition], positions: Mapping[TopicPartition, int | None]) -> None:
+        owned = self.consumer.assignment()
         for tp in tps:
             ktp = KafkaTP(*tp)
+            if ktp not in owned:
+                continue
             last = positions.get(tp)
-            if last is None:
-                if self.spec.start_from == "earliest":
-                    self.consumer.seek_to_beginning(ktp)
-                else:
-                    self.consumer.seek_to_end(ktp)
-            else:
+            if last is not None:
                 self.consumer.seek(ktp, last + 1)
+            elif self.spec.start_from == "earliest":
+                self.consumer.seek_to_beginning(ktp)
+            else:
+                self.consumer.seek_to_end(ktp)
         log.info("resuming from Delta positions %s", {f"{t}/{p}": positions.get((t, p)) for t, p in tps})
 
     def reseek(self, tps: Iterable[TopicPartition]) -> None:
         """Seek partitions back to the sink's positions (after a fence or dropped work)."""
-        owned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
-        self._seek_to_resume([tp for tp in tps if tp in owned])
+        owned = self.assignment()
+        tps = [tp for tp in tps if tp in owned]
+        if tps:
+            self.seek_to(tps, self.ctx.positions.resume(tps))
 
-    def poll_batch(self, max_records: int, timeout_ms: int) -> pa.Table | None:
+    # -- reading ---------------------------------------------------------------------------------
+
+    def poll(self, max_records: int, timeout_ms: int) -> pa.Table | None:
         """Up to `max_records` records as a SOURCE_SCHEMA table, or None when nothing arrived."""
-        polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        self._mirror_positions()
+        try:
+            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except KafkaError:
+            if self._listener_error is not None:  # what our rebalance listener raised, as it was
+                err, self._listener_error = self._listener_error, None
+                raise err from None
+            raise
+        if self._listener_error is not None:
+            err, self._listener_error = self._listener_error, None
+            raise err
         if not polled:
             return None
         now = time.monotonic_ns()
@@ -127,15 +203,6 @@ class KafkaSource:
                 cols["received_ns"].append(now)
                 cols["source_change"].append(None)
         return pa.table(cols, schema=SOURCE_SCHEMA)
-
-    # Kafka has no schema to check, no extra positions and no known total: the interface's no-ops.
-    total_rows = None
-
-    def check_columns(self, required: dict[str, str]) -> None:
-        pass
-
-    def extra_positions(self, positions: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
-        return {}
 
     def assignment(self) -> set[TopicPartition]:
         return {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
@@ -171,28 +238,131 @@ class KafkaSource:
             return None
         return sum(max(0, hw - self.consumer.position(KafkaTP(*tp))) for tp, hw in ends.items())
 
-    def commit_offsets(self, positions: Mapping[TopicPartition, int]) -> None:
-        """Best effort: mirror Delta positions into the consumer group for lag tools."""
+    def lag(self, committed: Mapping[TopicPartition, int | None]) -> Lag:
+        ends = self.end_offsets()
+        return Lag(partitions=partition_lag(ends, committed))
+
+    # -- positions -------------------------------------------------------------------------------
+
+    def extra_positions(self, positions: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
+        return {}
+
+    def committed(self, positions: Mapping[TopicPartition, int]) -> None:
+        """Mirror committed positions to the consumer group (for lag tools), from poll."""
+        self._to_mirror.update(positions)
+
+    def _mirror_positions(self, wait: bool = False) -> None:
+        """Best effort (nothing reads these offsets back for correctness): not awaited while the
+        job runs, awaited once when the source closes."""
+        if not self._to_mirror:
+            return
         owned = self.assignment()
-        offsets = {
-            KafkaTP(*tp): OffsetAndMetadata(last + 1, "", -1) for tp, last in positions.items() if tp in owned
-        }
+        offsets = {KafkaTP(*tp): OffsetAndMetadata(last + 1, "", -1) for tp, last in self._to_mirror.items() if tp in owned}
+        self._to_mirror = {}
         if not offsets:
+            return
+        if not wait:
+            self.consumer.commit_async(offsets, callback=_log_mirror_failure)
             return
         try:
             self.consumer.commit(offsets)
         except KafkaError as e:
-            log.warning("could not mirror positions to the consumer group (harmless): %s", e)
+            _log_mirror_failure(offsets, e)
+
+    def notes(self) -> list[str]:
+        return []
 
     def close(self) -> None:
-        if self.consumer is None:
-            return
-        self.closing = True
-        try:
-            self.consumer.close(autocommit=False)
-        except Exception as e:  # closing must never mask the real outcome
-            log.warning("error closing the Kafka consumer: %s", e)
-        self.consumer = None
+        if self.consumer is not None:
+            self.closing = True
+            try:
+                self._mirror_positions(wait=True)
+                self.consumer.close(autocommit=False)
+            except Exception as e:  # closing must never mask the real outcome
+                log.warning("error closing the Kafka consumer: %s", e)
+            self.consumer = None
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+
+    # -- status ----------------------------------------------------------------------------------
+
+    @classmethod
+    def status(cls, settings: KafkaSourceSpec, job_name: str, stored) -> SourceStatus:
+        """Partitions from the topic's metadata (or, without a broker, those the tables hold rows
+        of), their committed positions from the sink, their ends from fetch high watermarks."""
+        brokers = ",".join(settings.bootstrap_servers or ["(embedded)"])
+        out = SourceStatus(
+            {"kind": cls.kind, "topic": settings.topic, "bootstrap_servers": settings.bootstrap_servers},
+            summary=f"kafka topic {settings.topic} @ {brokers}",
+        )
+        ends: dict[TopicPartition, int | None] = {}
+        if not settings.bootstrap_servers:
+            out.errors.append(
+                "source.kafka.bootstrap_servers is empty: the job's embedded broker lives only while the job "
+                "runs, so there are no end offsets (lag) to read"
+            )
+        else:
+            try:
+                ends = dict(kafka_end_offsets(settings.bootstrap_servers, settings.topic, client_config(settings)))
+            except Exception as e:  # an unreachable broker must not hide the sink's side
+                out.errors.append(f"Kafka end offsets unavailable: {e}")
+        tps = sorted(ends) or [(settings.topic, p) for p in sorted(stored.partitions_seen(settings.topic))]
+        positions = stored.read_positions(tps)
+        for tp in tps:
+            committed, dead = positions.get(tp, (None, None))
+            out.partitions.append(PartitionStatus(tp[0], tp[1], committed, dead, end=ends.get(tp)))
+        return out
+
+
+def _log_mirror_failure(offsets, response) -> None:
+    if isinstance(response, Exception):
+        log.warning("could not mirror positions to the consumer group (harmless): %s", response)
+
+
+def kafka_end_offsets(
+    bootstrap: str | list[str],
+    topic: str,
+    consumer_config: Mapping[str, Any] | None = None,
+    timeout_s: float = 10.0,
+) -> dict[TopicPartition, int | None]:
+    """End offset (high watermark) of every partition of `topic`, from topic metadata and fetches.
+
+    Partitions come from the topic's metadata. The high watermark comes from a fetch response:
+    the partitions are assigned (no group), sought to their beginning and polled (a small fetch,
+    at most one record batch each). ListOffsets (`end_offsets`, `seek_to_end` + `position`) is not
+    used: tansu answers it wrongly (measured: 1 for a partition holding 5 records). A partition
+    whose watermark did not arrive within `timeout_s` maps to None.
+    """
+    config = dict(consumer_config or {})
+    config.update(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=100,
+        max_partition_fetch_bytes=1024,  # the broker still returns one whole batch (KIP-74)
+        max_poll_records=1,
+    )
+    try:
+        consumer = KafkaConsumer(**config)
+    except KafkaError as e:
+        raise SourceError(f"no Kafka broker reachable at {bootstrap}: {e}") from None
+    try:
+        deadline = time.monotonic() + timeout_s
+        parts = consumer.partitions_for_topic(topic)
+        while parts is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            parts = consumer.partitions_for_topic(topic)
+        if not parts:  # None: no metadata; empty: a broker that knows no partitions of it
+            raise SourceError(f"Kafka topic {topic!r} does not exist (or no metadata within {timeout_s:.0f}s)")
+        ktps = [KafkaTP(topic, p) for p in sorted(parts)]
+        consumer.assign(ktps)
+        consumer.seek_to_beginning(*ktps)
+        while time.monotonic() < deadline and any(consumer.highwater(k) is None for k in ktps):
+            consumer.poll(timeout_ms=100, max_records=1)
+        return {(topic, k.partition): consumer.highwater(k) for k in ktps}
+    finally:
+        consumer.close(autocommit=False)
 
 
 def create_topic(bootstrap_servers: str | list[str], topic: str, partitions: int) -> None:

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 from deltalake import QueryBuilder
 
 from connectors.delta import DeltaSink
+from connectors.source import Lag, SourceContext, SourceStatus, partition_lag
 from schemas.records import SOURCE_SCHEMA
 
 TopicPartition = tuple[str, int]
@@ -38,22 +39,28 @@ def replay_topic(replay_id: str) -> str:
 
 
 class ReplaySource:
-    """The plan's dead-letter rows as a source with one pseudo partition (same interface as
-    connectors.kafka.KafkaSource / connectors.delta_source.DeltaSource)."""
+    """The plan's dead-letter rows as a source with one pseudo partition (the connectors.source.Source
+    interface; built by the replay job, not named in specs)."""
 
-    def __init__(self, plan: pa.Table, replay_id: str, resume_positions):
+    kind = "replay"
+    bounded = True
+
+    def __init__(self, plan: pa.Table, replay_id: str, ctx: SourceContext):
         self.plan = plan.sort_by(PLAN_ORDER)
         self.topic = replay_topic(replay_id)
-        self.resume_positions = resume_positions
+        self.positions = ctx.positions
         self.total_rows: int | None = self.plan.num_rows
         self._next = 0
 
+    def check(self, required: Mapping[str, str]) -> None:
+        pass  # events are the original messages: decoding checks them row by row
+
     def start(self) -> None:
-        last = self.resume_positions([(self.topic, 0)]).get((self.topic, 0))
+        last = self.positions.resume([(self.topic, 0)]).get((self.topic, 0))
         self._next = 0 if last is None else last + 1
         self.total_rows = max(0, self.plan.num_rows - self._next)
 
-    def poll_batch(self, max_records: int, timeout_ms: int) -> pa.Table | None:
+    def poll(self, max_records: int, timeout_ms: int) -> pa.Table | None:
         if self._next >= self.plan.num_rows:
             return None
         start, n = self._next, min(max_records, self.plan.num_rows - self._next)
@@ -77,29 +84,34 @@ class ReplaySource:
     def drained(self) -> bool:
         return self._next >= self.plan.num_rows
 
+    def backlog(self) -> int | None:
+        return self.plan.num_rows - self._next
+
     def assignment(self) -> set[TopicPartition]:
         return {(self.topic, 0)}
 
     def reseek(self, tps: Iterable[TopicPartition]) -> None:
         self.start()
 
-    def check_columns(self, required: dict[str, str]) -> None:
-        pass  # events are the original messages: decoding checks them row by row
-
     def extra_positions(self, positions: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
         return {}
 
-    def commit_offsets(self, positions: Mapping[TopicPartition, int]) -> None:
+    def committed(self, positions: Mapping[TopicPartition, int]) -> None:
         pass
 
-    def backlog(self) -> int | None:
-        return self.plan.num_rows - self._next
+    def lag(self, committed: Mapping[TopicPartition, int | None]) -> Lag:
+        tp = (self.topic, 0)
+        return Lag(partitions=partition_lag({tp: self.plan.num_rows}, {tp: committed.get(tp)}))
 
-    def end_offsets(self) -> dict[TopicPartition, int]:
-        return {(self.topic, 0): self.plan.num_rows}
+    def notes(self) -> list[str]:
+        return []
 
     def close(self) -> None:
         pass
+
+    @classmethod
+    def status(cls, settings, job_name: str, stored) -> SourceStatus:
+        return SourceStatus({"kind": cls.kind}, summary="dead-letter replay")  # a replay is shown by `tidegate status` of its job
 
 
 class ReplaySink(DeltaSink):

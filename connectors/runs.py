@@ -81,61 +81,6 @@ def default_runs_uri(results_uri: str) -> str:
     return f"{head}/runs"
 
 
-def span_positions(
-    results: pa.Table, dead: pa.Table, positions: Mapping[TopicPartition, int]
-) -> dict[TopicPartition, tuple[int | None, int]]:
-    """(first offset written, committed position) per partition of a commit: the first offset is
-    the smallest source_offset of that partition among the committed results and dead rows
-    (None when the commit wrote none there, e.g. a Delta source's version marker)."""
-    firsts: dict[TopicPartition, int] = {}
-    for table in (results, dead):
-        if not table.num_rows:
-            continue
-        grouped = table.group_by(["source_topic", "source_partition"]).aggregate([("source_offset", "min")])
-        for t, p, o in zip(
-            grouped.column("source_topic").to_pylist(),
-            grouped.column("source_partition").to_pylist(),
-            grouped.column("source_offset_min").to_pylist(),
-        ):
-            tp = (t, p)
-            firsts[tp] = o if tp not in firsts else min(firsts[tp], o)
-    return {tp: (firsts.get(tp), last) for tp, last in positions.items()}
-
-
-def commit_totals(results: pa.Table, dead: pa.Table) -> dict:
-    """The per-commit counts of `RunsTable.append_commit`, from the tables being committed:
-    rows_ok, rows_flagged, rows_dead, dead_by_class, prompt_tokens and completion_tokens (of the
-    committed rows' final generations), retries (generations beyond the first: sum of attempts - 1
-    over results and dead rows)."""
-    dead_by_class: dict[str, int] = {}
-    for cls in dead.column("error_class").to_pylist():
-        dead_by_class[cls or "unknown"] = dead_by_class.get(cls or "unknown", 0) + 1
-    attempts = [a for t in (results, dead) for a in t.column("attempts").to_pylist() if a]
-    return dict(
-        rows_ok=results.num_rows,
-        rows_flagged=sum(1 for s in results.column("status").to_pylist() if s == "flagged"),
-        rows_dead=dead.num_rows,
-        dead_by_class=dead_by_class,
-        prompt_tokens=sum(v or 0 for v in results.column("prompt_tokens").to_pylist()),
-        completion_tokens=sum(v or 0 for v in results.column("completion_tokens").to_pylist()),
-        retries=sum(a - 1 for a in attempts),
-    )
-
-
-def stats_totals(stats) -> dict:
-    """The run totals of `RunsTable.append_run` from a jobs.pipeline.JobStats."""
-    return dict(
-        commits=stats.commits,
-        rows_ok=stats.ok,
-        rows_flagged=stats.flagged,
-        rows_dead=stats.dead_lettered,
-        dead_by_class=dict(stats.dead_by_class),
-        prompt_tokens=stats.prompt_tokens,
-        completion_tokens=stats.completion_tokens,
-        retries=stats.retried,
-    )
-
-
 def _positions_value(positions) -> list[dict] | None:
     if positions is None:
         return None
@@ -221,8 +166,8 @@ class RunsTable:
     ) -> None:
         """One row for one results commit (call it after DeltaSink.commit returned).
 
-        positions: committed position per partition, or (first offset, position) (`span_positions`).
-        lineage: a mapping with model_path, model_revision, spec_hash (actors.lineage.lineage_columns).
+        positions: committed position per partition, or (first offset, position) (compute.totals.span_positions).
+        lineage: a mapping with model_path, model_revision, spec_hash (compute.lineage.lineage_columns).
         """
         row = self._row(
             run_id=run_id, job=job, kind="commit", commit_seq=commit_seq, started_at=started_at,

@@ -53,12 +53,12 @@ def check(spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")]) -> Non
     """Validate a spec (every field, output schema, custom rules) and print it, secrets masked."""
     import yaml
 
-    from actors.validation import Validator
+    from compute.validation import Validator
+    from jobs.run import load_job_spec
     from schemas.errors import TidegateError
-    from schemas.spec import load_spec
 
     try:
-        parsed = load_spec(spec)
+        parsed = load_job_spec(spec)
         Validator(parsed)  # imports output.schema and custom rules
     except TidegateError as e:
         typer.echo(f"error: {e}", err=True)
@@ -229,12 +229,12 @@ def status_cmd(
 
     from rich.console import Console
 
+    from jobs.run import load_job_spec
     from jobs.status import collect_status, render_status
     from schemas.errors import TidegateError
-    from schemas.spec import load_spec
 
     try:
-        result = collect_status(load_spec(spec))
+        result = collect_status(load_job_spec(spec))
     except TidegateError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

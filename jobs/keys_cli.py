@@ -39,13 +39,13 @@ def _fail(e: Exception) -> typer.Exit:
 
 
 def _provider(env_var: str):
-    from connectors.keyring import LocalMasterKeyProvider
+    from crypto.keyring import LocalMasterKeyProvider
 
     return LocalMasterKeyProvider(env_var)
 
 
 def _open(keyring: Path | None, master_key_env: str, *, needs_master_key: bool = True):
-    from connectors.keyring import Keyring
+    from crypto.keyring import Keyring
 
     return Keyring.open(keyring, _provider(master_key_env) if needs_master_key else None)
 
@@ -53,7 +53,7 @@ def _open(keyring: Path | None, master_key_env: str, *, needs_master_key: bool =
 @keys_app.command("init")
 def init(keyring: KeyringOption = None, master_key_env: MasterKeyEnvOption = "TIDEGATE_MASTER_KEY") -> None:
     """Create an empty keyring bound to the master key (refuses to overwrite an existing file)."""
-    from connectors.keyring import Keyring
+    from crypto.keyring import Keyring
     from schemas.errors import TidegateError
 
     try:

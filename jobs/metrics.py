@@ -11,9 +11,8 @@ initialised. Without Ray (unit tests, a plain script) it is a recorder that only
 totals, readable with `value()` and `histogram()`; it keeps those totals with Ray too. Recording
 never raises into the job: a failure in Ray's metrics is logged once and ignored.
 
-Pure helpers: `partition_lag` (Kafka lag from end offsets and Delta positions),
-`source_versions_behind` (Delta sources), `e2e_latencies_s` (read -> commit latency of committed
-result rows) and `dashboard_metric_names` (the metric names a Grafana dashboard queries).
+Pure helper: `dashboard_metric_names` (the metric names a Grafana dashboard queries). Lag is measured by each
+source (`connectors.source.Source.lag`) and recorded with `lag()`.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -234,25 +232,30 @@ class JobMetrics:
         self._set("tidegate_partition_lag", lag, topic=topic, partition=partition)
 
     def partition_lags(self, lags: Mapping[TopicPartition, int]) -> None:
-        """Record the output of the module function `partition_lag` for every partition."""
+        """Record the lag of every partition (connectors.source.partition_lag)."""
         for (topic, partition), lag in lags.items():
             self.partition_lag(topic, partition, lag)
 
     def versions_behind(self, n: int) -> None:
         self._set("tidegate_source_versions_behind", n)
 
-    # Convenience: a commit's rows and dead letters from the Arrow tables being committed.
-    def committed(self, results, dead, now: datetime | None = None) -> None:
-        """Count a commit's RESULTS_SCHEMA and DEAD_LETTER_SCHEMA tables (rows_out by status,
-        dead letters by stage/error_class) and record their rows' e2e latencies."""
-        from collections import Counter as _Count
+    def lag(self, lag) -> None:
+        """A source's connectors.source.Lag: per-partition lag and/or versions behind."""
+        if lag.partitions:
+            self.partition_lags(lag.partitions)
+        if lag.versions_behind is not None:
+            self.versions_behind(lag.versions_behind)
 
-        for status, n in _Count(results.column("status").to_pylist()).items():
-            self.rows_out(status or "unknown", n)
-        pairs = zip(dead.column("stage").to_pylist(), dead.column("error_class").to_pylist())
-        for (stage, cls), n in _Count(pairs).items():
-            self.dead_letters(stage or "unknown", cls or "unknown", n)
-        self.e2e_latency(e2e_latencies_s(results, now))
+    def committed(self, totals) -> None:
+        """Count a commit from its compute.totals.CommitTotals: rows out by status, dead letters
+        by stage and error class, and each result row's read -> commit latency."""
+        if totals.rows_ok - totals.rows_flagged:
+            self.rows_out("ok", totals.rows_ok - totals.rows_flagged)
+        if totals.rows_flagged:
+            self.rows_out("flagged", totals.rows_flagged)
+        for (stage, cls), n in totals.dead_by.items():
+            self.dead_letters(stage, cls, n)
+        self.e2e_latency(totals.e2e_s)
 
     # -- in-memory totals (tests, summaries) -----------------------------------------------------
 
@@ -328,53 +331,6 @@ def _sample_sorted(values: list[float], k: int) -> list[float]:
 
 # -- pure helpers ----------------------------------------------------------------------------------
 
-
-def partition_lag(
-    end_offsets: Mapping[TopicPartition, int],
-    committed_last: Mapping[TopicPartition, int | None],
-    start_offsets: Mapping[TopicPartition, int] | None = None,
-) -> dict[TopicPartition, int]:
-    """Records still to process per partition, for every partition in `end_offsets`.
-
-    end_offsets: the offset the next produced record will get (the fetch high watermark;
-    not ListOffsets, which tansu answers wrongly). committed_last: the last offset committed in
-    Delta (the results table's txn version), None when nothing is committed. start_offsets: the
-    log start offset per partition, used when nothing is committed (default 0).
-
-        lag = end - (last + 1)       when something is committed
-        lag = end - start            when nothing is
-        never below 0 (an end offset behind the Delta position, e.g. a stale watermark, reads 0)
-    """
-    out: dict[TopicPartition, int] = {}
-    for tp, end in end_offsets.items():
-        last = committed_last.get(tp)
-        nxt = (start_offsets or {}).get(tp, 0) if last is None else last + 1
-        out[tp] = max(0, int(end) - int(nxt))
-    return out
-
-
-def source_versions_behind(latest_version: int, last_processed: int | None) -> int:
-    """Delta sources: versions of the source table not processed yet (latest - last processed;
-    every version 0..latest when nothing was processed)."""
-    if last_processed is None:
-        return latest_version + 1
-    return max(0, latest_version - last_processed)
-
-
-def e2e_latencies_s(results, now: datetime | None = None) -> list[float]:
-    """Read -> commit latency in seconds of each row of a RESULTS_SCHEMA table about to be (or
-    just) committed: `latency_ms` (read -> completion, monotonic clock) plus the time since
-    `processed_at` (completion, wall clock) until `now` (default: the current time)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if results.num_rows == 0:
-        return []
-    now = now or datetime.now(timezone.utc)
-    since = pc.subtract(pa.scalar(now, results.schema.field("processed_at").type), results.column("processed_at"))
-    since_s = pc.divide(since.cast(pa.int64()).cast(pa.float64()), 1e6)  # timestamp("us") durations
-    total = pc.add(pc.divide(pc.fill_null(results.column("latency_ms"), 0.0), 1e3), since_s)
-    return [max(0.0, v) for v in total.to_pylist() if v is not None]
 
 
 # -- dashboard check -------------------------------------------------------------------------------

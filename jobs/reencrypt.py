@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from actors.ciphers import (
+from crypto import (
     KeySource,
     decrypt_column,
     encrypt_column,
@@ -41,7 +41,7 @@ from actors.ciphers import (
 from schemas.encryption import ROW_ID_COLUMNS
 
 if TYPE_CHECKING:
-    from connectors.keyring import Keyring
+    from crypto.keyring import Keyring
 
 
 @dataclass

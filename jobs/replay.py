@@ -65,8 +65,8 @@ def _decrypted(spec: JobSpec, plan: pa.Table) -> pa.Table:
     enc = spec.encryption
     if not (enc.enabled and enc.encrypt_dead_letter_raw) or not plan.num_rows:
         return plan
-    from actors.ciphers import decrypt_column, row_ids_from
-    from actors.encryption import EncryptionStage
+    from crypto import decrypt_column, row_ids_from
+    from crypto.stage import EncryptionStage
 
     stage = EncryptionStage(enc, spec.sink.results, spec.sink.dead_letter)
     raw = decrypt_column(plan.column("raw"), row_ids_from(plan), table=stage.dead_label, column="raw",
@@ -82,8 +82,10 @@ def _pending(dt_uri: str, storage_options) -> list[str]:
 
 def replay_dead_letters(spec: JobSpec, where: str | None, fixed_cluster: bool) -> ReplayReport:
     """Run inside a Ray-initialised driver (jobs.run sets that up)."""
-    from jobs.pipeline import PipelineJob
+    from jobs.pipeline import JobComponents, PipelineJob
 
+    if spec.sink.kind != "delta":
+        raise SpecError(f"dlq replay reads and updates a Delta dead-letter table; sink.kind is {spec.sink.kind!r}")
     opts = spec.sink.storage_options or None
     dl_uri = spec.sink.dead_letter
     DeltaSink(spec.name, spec.sink.results, dl_uri, spec.sink.storage_options).open()  # schema upgrade if needed
@@ -101,12 +103,9 @@ def replay_dead_letters(spec: JobSpec, where: str | None, fixed_cluster: bool) -
         plan = _decrypted(spec, _plan(dl_uri, opts, replay_id))
         log.info("replay %s: %d dead-lettered row(s)%s", replay_id, plan.num_rows, " (resumed)" if resumed else "")
         sink = ReplaySink(spec.name, spec.sink.results, dl_uri, spec.sink.storage_options, replay_id, plan)
+        source = lambda ctx, plan=plan, rid=replay_id: ReplaySource(plan, rid, ctx)  # noqa: E731
         job = PipelineJob(
-            spec,
-            lambda resume, revoke, plan=plan, rid=replay_id: ReplaySource(plan, rid, resume),
-            run_id=replay_id,
-            fixed_cluster=fixed_cluster,
-            sink=sink,
+            spec, run_id=replay_id, fixed_cluster=fixed_cluster, components=JobComponents(source=source, sink=sink)
         )
         stats = job.run(until_drained=True)
         _update(
@@ -125,19 +124,17 @@ def main(spec_path: str, where: str | None = None, address: str | None = None) -
     """`tidegate dlq replay` / `python -m jobs.replay`: exit 0 done, 2 a Tidegate error."""
     import os
     import sys
-    from pathlib import Path
 
     from rich.console import Console
     from rich.table import Table
 
-    from jobs.run import configure_logging, init_ray
+    from jobs.run import configure_logging, init_ray, load_job_spec
     from schemas.errors import TidegateError
-    from schemas.spec import load_spec
 
     configure_logging()
     console = Console(stderr=True)
     try:
-        spec = load_spec(Path(spec_path))
+        spec = load_job_spec(spec_path)
         init_ray(spec, address)
         remote = address or spec.ray.address or os.environ.get("RAY_ADDRESS")
         report = replay_dead_letters(spec, where, fixed_cluster=not remote)

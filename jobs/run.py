@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from schemas.errors import EngineError, SpecError, TidegateError
+from schemas.errors import EngineError, TidegateError
 from schemas.spec import JobSpec, load_spec
 
 log = logging.getLogger("tidegate")
@@ -30,6 +30,14 @@ def configure_logging(level: str | None = None) -> None:
     )
     for noisy in ("kafka", "ray", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def load_job_spec(path: str | Path) -> JobSpec:
+    """load_spec with every connector's source kind known: a built-in kind whose settings live in
+    its connector module is loaded when a spec names it (connectors.source installs the loader)."""
+    import connectors.source  # noqa: F401
+
+    return load_spec(path)
 
 
 def init_ray(spec: JobSpec, address: str | None = None) -> None:
@@ -95,9 +103,13 @@ def run_job(
     console: Console | None = None,
     follow: bool = False,
     run_id: str | None = None,
+    components=None,
 ):
-    """Run a spec to completion (or until signalled). Returns the job's stats."""
-    from connectors.broker import EmbeddedBroker
+    """Run a spec to completion (or until signalled). Returns the job's stats.
+
+    A bounded source (a table) ends the run once its rows are committed, unless `follow`;
+    `components` (jobs.pipeline.JobComponents) replaces the spec's engine, source or sink."""
+    from connectors.source import source_class
     from jobs.pipeline import PipelineJob
 
     console = console or Console(stderr=True)
@@ -113,53 +125,20 @@ def run_job(
     if not remote and not (Path(spec.model.path) / "config.json").is_file():
         # On a local cluster the engines see this filesystem: fail before starting anything.
         raise EngineError(f"model.path {spec.model.path!r} is not a model directory (no config.json)")
-
-    broker = None
-    progress = None
-    if spec.source.kind == "kafka":
-        from connectors.kafka import KafkaSource
-
-        servers = spec.source.kafka.bootstrap_servers
-        if not servers:
-            broker = EmbeddedBroker().start()
-            servers = [broker.bootstrap_servers]
-            console.print(f"[bold]embedded Kafka broker[/] listening on {broker.bootstrap_servers}")
-
-        def make_source(resume, revoke):
-            return KafkaSource(spec.source.kafka, servers, spec.group_id, resume_positions=resume, on_revoke=revoke)
-
-    else:
-        from connectors.delta_source import DeltaSource
-
-        if follow and spec.source.delta.mode != "incremental":
-            raise SpecError("--follow needs source.delta.mode: incremental")
-        # A table source has an end: run until it is committed, unless told to follow new versions.
-        until_drained = not follow
-
-        def make_source(resume, revoke):
-            return DeltaSource(spec.source.delta, resume, chunk_rows=spec.pool.batch_size, follow=follow)
-
-        if spec.source.delta.mode == "snapshot":
-            progress = _ProgressBar(console)
+    progress = _ProgressBar(console) if source_class(spec.source.kind).bounded else None
     try:
         init_ray(spec, address)
         # After ray.init: a local Ray installs its own SIGTERM handler (sys.exit) in the driver.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _on_signal)
             signal.signal(signal.SIGINT, _on_signal)
-        job = PipelineJob(spec, make_source, run_id=run_id, fixed_cluster=not remote, progress=progress)
+        job = PipelineJob(
+            spec, run_id=run_id, fixed_cluster=not remote, progress=progress, follow=follow, components=components
+        )
         stats = job.run(until_drained=until_drained, stop=stop)
-        report = getattr(job.source, "report", None)
-        if report is not None and report.skipped_change_versions:
-            stats.notes.append(
-                f"source versions {report.skipped_change_versions} rewrote data (update/delete/merge) and the "
-                "table has no change data feed: not processed"
-            )
     finally:
         if progress is not None:
             progress.close()
-        if broker is not None:
-            broker.stop()
     print_summary(spec, stats, console)
     return stats
 
@@ -206,6 +185,7 @@ def main(
     address: str | None = None,
     follow: bool = False,
     log_format: str | None = None,
+    components=None,
 ) -> int:
     import uuid
 
@@ -217,22 +197,26 @@ def main(
     else:
         configure_logging()
     try:
-        spec = load_spec(Path(spec_path))
-        run_job(spec, until_drained=until_drained, address=address, follow=follow, run_id=run_id)
+        spec = load_job_spec(spec_path)
+        run_job(spec, until_drained=until_drained, address=address, follow=follow, run_id=run_id, components=components)
     except TidegateError as e:
         print(f"error: {e}", file=sys.stderr)  # one plain line (or block), never wrapped
         return 2
     return 0
 
 
-if __name__ == "__main__":
+def arg_parser(prog: str = "python -m jobs.run"):
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m jobs.run", description="Run a Tidegate job spec.")
+    parser = argparse.ArgumentParser(prog=prog, description="Run a Tidegate job spec.")
     parser.add_argument("spec")
     parser.add_argument("--until-drained", action="store_true")
     parser.add_argument("--follow", action="store_true", help="Delta incremental sources: keep polling for new versions")
     parser.add_argument("--address", default=None)
     parser.add_argument("--log-format", choices=["text", "json"], default=None, help="default: TIDEGATE_LOG_FORMAT or text")
-    a = parser.parse_args()
+    return parser
+
+
+if __name__ == "__main__":
+    a = arg_parser().parse_args()
     sys.exit(main(a.spec, a.until_drained, a.address, a.follow, a.log_format))

@@ -1,114 +1,35 @@
 """`tidegate status SPEC.yaml [--json]`: where a job stands, read from its tables (never written).
 
     collect_status(spec)  -> a JSON-serialisable dict:
-        job, collected_at, source, tables (results / dead_letter / runs: uri, exists, version,
-        rows, last_commit_at), last_commit_at,
-        partitions: one entry per Kafka partition (or per Delta source version):
-            topic, partition, committed (last offset in the results table's Delta txn, or null),
-            next, end (Kafka: fetch high watermark; Delta snapshot: the version's row count),
-            lag, dead_letter_position, repair_pending
-        lag_total, versions_behind (Delta sources), dead_letters (total, by stage/error_class),
+        job, collected_at, source (kind and where), tables (results / dead_letter / runs: uri,
+        exists, version, rows, last_commit_at), last_commit_at,
+        partitions: one entry per source partition (Kafka partition, Delta source version):
+            topic, partition, committed (the sink's position, or null), next, end, lag,
+            dead_letter_position, repair_pending
+        lag_total, versions_behind (table sources), dead_letters (total, by stage/error_class),
         runs (last run's throughput and status, recent runs), errors (what could not be read)
     render_status(status, console)  -> rich tables
 
-Positions come from the results table's application transactions (docs/exactly-once.md); Kafka's
-end offsets from a fetch's high watermark (`kafka_end_offsets`): tansu answers ListOffsets (and so
-`seek_to_end` + `position`) wrongly, fetch responses rightly (connectors/kafka.py `drained`).
+The source says where its partitions end (`Source.status`), the sink what it has committed
+(`Sink.read_positions`, `Sink.describe`) and the runs table how the runs went: this module only
+puts the answers together.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
-from typing import Any
 
 import polars as pl
-from deltalake import DeltaTable
-from deltalake.exceptions import TableNotFoundError
 
-from connectors.delta import txn_app_id
-from connectors.runs import RunsTable, dead_by_class_json, default_runs_uri
-from jobs.metrics import partition_lag, source_versions_behind
-from schemas.errors import SourceError
+from connectors.runs import dead_by_class_json
+from connectors.sink import open_sink
+from connectors.source import source_class
 from schemas.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
-TopicPartition = tuple[str, int]
-MARKER = -1  # connectors.delta_source.MARKER: the Delta source's version marker
-MAX_DELTA_VERSIONS = 100  # incremental sources: versions listed at most (the newest ones)
 RECENT_RUNS = 5
-
-EndOffsets = Callable[..., Mapping[TopicPartition, int | None]]
-
-
-# -- Kafka end offsets -----------------------------------------------------------------------------
-
-
-def kafka_end_offsets(
-    bootstrap: str | list[str],
-    topic: str,
-    consumer_config: Mapping[str, Any] | None = None,
-    timeout_s: float = 10.0,
-) -> dict[TopicPartition, int | None]:
-    """End offset (high watermark) of every partition of `topic`, from topic metadata and fetches.
-
-    Partitions come from the topic's metadata. The high watermark comes from a fetch response:
-    the partitions are assigned (no group), sought to their beginning and polled (a small fetch,
-    at most one record batch each). ListOffsets (`end_offsets`, `seek_to_end` + `position`) is not
-    used: tansu answers it wrongly (measured: 1 for a partition holding 5 records). A partition
-    whose watermark did not arrive within `timeout_s` maps to None.
-    """
-    from kafka import KafkaConsumer
-    from kafka import TopicPartition as KafkaTP
-    from kafka.errors import KafkaError
-
-    config = dict(consumer_config or {})
-    config.update(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        fetch_max_wait_ms=100,
-        max_partition_fetch_bytes=1024,  # the broker still returns one whole batch (KIP-74)
-        max_poll_records=1,
-    )
-    try:
-        consumer = KafkaConsumer(**config)
-    except KafkaError as e:
-        raise SourceError(f"no Kafka broker reachable at {bootstrap}: {e}") from None
-    try:
-        deadline = time.monotonic() + timeout_s
-        parts = consumer.partitions_for_topic(topic)
-        while parts is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-            parts = consumer.partitions_for_topic(topic)
-        if not parts:  # None: no metadata; empty: a broker that knows no partitions of it
-            raise SourceError(f"Kafka topic {topic!r} does not exist (or no metadata within {timeout_s:.0f}s)")
-        ktps = [KafkaTP(topic, p) for p in sorted(parts)]
-        consumer.assign(ktps)
-        consumer.seek_to_beginning(*ktps)
-        while time.monotonic() < deadline and any(consumer.highwater(k) is None for k in ktps):
-            consumer.poll(timeout_ms=100, max_records=1)
-        return {(topic, k.partition): consumer.highwater(k) for k in ktps}
-    finally:
-        consumer.close(autocommit=False)
-
-
-def _real_end_offsets(bootstrap, topic, consumer_config=None):
-    # Looked up at call time, so tests may replace the module's `kafka_end_offsets`.
-    return globals()["kafka_end_offsets"](bootstrap, topic, consumer_config=consumer_config)
-
-
-# -- reading the tables ----------------------------------------------------------------------------
-
-
-def _open(uri: str, storage_options: dict[str, str] | None) -> DeltaTable | None:
-    try:
-        return DeltaTable(uri, storage_options=storage_options or None)
-    except TableNotFoundError:
-        return None
 
 
 def _iso(ts: datetime | None) -> str | None:
@@ -117,46 +38,6 @@ def _iso(ts: datetime | None) -> str | None:
     if ts.tzinfo is None:
         ts = ts.replace(tzinfo=timezone.utc)
     return ts.astimezone(timezone.utc).isoformat()
-
-
-def _table_info(dt: DeltaTable | None, uri: str, storage_options) -> dict:
-    info: dict[str, Any] = {"uri": uri, "exists": dt is not None}
-    if dt is None:
-        return info
-    last = dt.history(1)
-    info["version"] = dt.version()
-    info["last_commit_at"] = (
-        _iso(datetime.fromtimestamp(last[0]["timestamp"] / 1000, timezone.utc)) if last else None
-    )
-    info["last_operation"] = last[0].get("operation") if last else None
-    info["rows"] = int(pl.scan_delta(uri, storage_options=storage_options or None).select(pl.len()).collect().item())
-    return info
-
-
-def _partitions_in_tables(uris: list[str], topic: str, storage_options) -> set[int]:
-    """Source partitions that rows of these tables come from (when topic metadata is unavailable)."""
-    found: set[int] = set()
-    for uri in uris:
-        df = (
-            pl.scan_delta(uri, storage_options=storage_options or None)
-            .filter(pl.col("source_topic") == topic)
-            .select(pl.col("source_partition").unique())
-            .collect()
-        )
-        found |= set(df.get_column("source_partition").to_list())
-    return found
-
-
-def _dead_letter_counts(uri: str, storage_options) -> dict:
-    df = (
-        pl.scan_delta(uri, storage_options=storage_options or None)
-        .group_by(["stage", "error_class"])
-        .agg(pl.len().alias("count"))
-        .sort(["count", "stage", "error_class"], descending=[True, False, False])
-        .collect()
-    )
-    rows = [{"stage": r["stage"], "error_class": r["error_class"], "count": int(r["count"])} for r in df.to_dicts()]
-    return {"total": sum(r["count"] for r in rows), "by_stage_class": rows}
 
 
 def _runs_summary(runs: pl.DataFrame) -> dict:
@@ -213,139 +94,33 @@ def _run_summary(rows: pl.DataFrame) -> dict:
     }
 
 
-# -- positions per partition -----------------------------------------------------------------------
-
-
-def _position(dt: DeltaTable | None, app: str) -> int | None:
-    return dt.transaction_version(app) if dt is not None else None
-
-
-def _partition_entry(tp: TopicPartition, committed, dl_pos, end, lag) -> dict:
-    return {
-        "topic": tp[0],
-        "partition": tp[1],
-        "committed": committed,
-        "next": None if committed is None else committed + 1,
-        "end": end,
-        "lag": lag,
-        "dead_letter_position": dl_pos,
-        # A crash between the dead-letter and the results commit: the next run repairs it.
-        "repair_pending": dl_pos is not None and (committed is None or dl_pos > committed),
-    }
-
-
-def _kafka_partitions(spec, results, dead, end_fn, errors, so) -> list[dict]:
-    kafka = spec.source.kafka
-    ends: dict[TopicPartition, int | None] = {}
-    if not kafka.bootstrap_servers:
-        errors.append(
-            "source.kafka.bootstrap_servers is empty: the job's embedded broker lives only while the job "
-            "runs, so there are no end offsets (lag) to read"
-        )
-    else:
-        try:
-            if end_fn is None:
-                config = dict(kafka.consumer_config)
-                security = getattr(kafka, "security", None)  # TLS / SASL settings, secrets from the environment
-                if security is not None:
-                    config.update(security.client_config())
-                ends = dict(_real_end_offsets(kafka.bootstrap_servers, kafka.topic, config))
-            else:
-                ends = dict(end_fn(kafka.bootstrap_servers, kafka.topic))
-        except Exception as e:  # an unreachable broker must not hide the Delta side
-            errors.append(f"Kafka end offsets unavailable: {e}")
-    if ends:
-        tps = sorted(ends)
-    else:  # no topic metadata: the partitions the tables have rows from
-        uris = [u for u, dt in ((spec.sink.results, results), (spec.sink.dead_letter, dead)) if dt is not None]
-        tps = [(kafka.topic, p) for p in sorted(_partitions_in_tables(uris, kafka.topic, so))]
-    out = []
-    for tp in tps:
-        app = txn_app_id(spec.name, tp, "kafka")
-        committed, dl_pos = _position(results, app), _position(dead, app)
-        end = ends.get(tp)
-        lag = partition_lag({tp: end}, {tp: committed})[tp] if end is not None else None
-        out.append(_partition_entry(tp, committed, dl_pos, end, lag))
-    return out
-
-
-def _delta_partitions(spec, results, dead, errors) -> tuple[list[dict], int | None]:
-    src = spec.source.delta
-    uri = src.uri
-
-    def app(v: int) -> str:
-        return txn_app_id(spec.name, (uri, v), "delta")
-
-    marker = _position(results, app(MARKER))
-    try:
-        latest = DeltaTable(uri, storage_options=src.storage_options or None).version()
-    except TableNotFoundError:
-        errors.append(f"source table {uri} does not exist")
-        return [], None
-    behind = source_versions_behind(latest, marker)
-    out = []
-    if src.mode == "snapshot":
-        version = src.version if src.version is not None else (marker if marker is not None else latest)
-        committed = _position(results, app(version))
-        try:
-            total = int(
-                pl.scan_delta(uri, version=version, storage_options=src.storage_options or None)
-                .select(pl.len()).collect().item()
-            )  # row counts from the Parquet footers
-        except Exception as e:
-            errors.append(f"source table {uri} version {version}: cannot count its rows: {e}")
-            total = None
-        done = 0 if committed is None else committed + 1
-        lag = max(0, total - done) if total is not None else None
-        out.append(_partition_entry((uri, version), committed, _position(dead, app(version)), total, lag))
-    else:
-        first = max(0, marker if marker is not None else 0, latest - MAX_DELTA_VERSIONS + 1)
-        for v in range(first, latest + 1):
-            committed = _position(results, app(v))
-            out.append(_partition_entry((uri, v), committed, _position(dead, app(v)), None, None))
-    return out, behind
-
-
 # -- the status ------------------------------------------------------------------------------------
 
 
-def collect_status(spec: JobSpec, kafka_end_offsets: EndOffsets | None = None) -> dict:
-    """A job's status from its tables (read only) and, for Kafka, the topic's end offsets.
-
-    kafka_end_offsets: callable(bootstrap_servers, topic) -> {(topic, partition): end offset or
-    None}; default: this module's `kafka_end_offsets` with the spec's consumer_config.
-    """
-    so = spec.sink.storage_options or None
-    errors: list[str] = []
-    results = _open(spec.sink.results, so)
-    dead = _open(spec.sink.dead_letter, so)
-    runs = RunsTable(default_runs_uri(spec.sink.results), so)
-    tables = {
-        "results": _table_info(results, spec.sink.results, so),
-        "dead_letter": _table_info(dead, spec.sink.dead_letter, so),
-        "runs": {"uri": runs.uri, "exists": runs.exists()},
-    }
-    versions_behind = None
-    if spec.source.kind == "kafka":
-        source = {"kind": "kafka", "topic": spec.source.kafka.topic, "bootstrap_servers": spec.source.kafka.bootstrap_servers}
-        partitions = _kafka_partitions(spec, results, dead, kafka_end_offsets, errors, so)
-    else:
-        source = {"kind": "delta", "uri": spec.source.delta.uri, "mode": spec.source.delta.mode}
-        partitions, versions_behind = _delta_partitions(spec, results, dead, errors)
+def collect_status(spec: JobSpec) -> dict:
+    """A job's status: the source's partitions and ends, the sink's positions and tables, the runs."""
+    sink = open_sink(spec)
+    source = source_class(spec.source.kind).status(spec.source.settings, spec.name, sink)
+    described = sink.describe()
+    tables = described["tables"]
+    runs = sink.history()
+    tables["runs"] = {"uri": runs.uri, "exists": runs.exists()} if runs is not None else {"uri": None, "exists": False}
+    partitions = [p.as_dict() for p in source.partitions]
     lags = [p["lag"] for p in partitions]
-    dl = _dead_letter_counts(spec.sink.dead_letter, so) if dead is not None else {"total": 0, "by_stage_class": []}
     return {
         "job": spec.name,
         "collected_at": _iso(datetime.now(timezone.utc)),
-        "source": source,
+        "source": source.description,
+        "source_summary": source.summary,
+        "partition_unit": source.unit,
         "tables": tables,
         "last_commit_at": tables["results"].get("last_commit_at"),
         "partitions": partitions,
         "lag_total": sum(lags) if lags and all(x is not None for x in lags) else None,
-        "versions_behind": versions_behind,
-        "dead_letters": dl,
+        "versions_behind": source.versions_behind,
+        "dead_letters": described["dead_letters"],
         "runs": _runs_summary(runs.read(job=spec.name)) if tables["runs"]["exists"] else {"last": None, "recent": []},
-        "errors": errors,
+        "errors": source.errors,
     }
 
 
@@ -368,14 +143,11 @@ def render_status(status: dict, console) -> None:
     """Print a status dict (from `collect_status`) as rich tables."""
     from rich.table import Table
 
-    src = status["source"]
     head = Table(title=f"tidegate status: {status['job']}", show_header=False)
     head.add_column("what")
     head.add_column("value")
-    if src["kind"] == "kafka":
-        head.add_row("source", f"kafka topic {src['topic']} @ {','.join(src['bootstrap_servers'] or ['(embedded)'])}")
-    else:
-        head.add_row("source", f"delta table {src['uri']} ({src['mode']})")
+    head.add_row("source", status["source_summary"])
+    if status["versions_behind"] is not None:
         head.add_row("source versions behind", _fmt(status["versions_behind"]))
     for role, info in status["tables"].items():
         state = (f"version {info['version']}, {_fmt(info.get('rows'))} rows" if info.get("version") is not None
@@ -386,8 +158,7 @@ def render_status(status: dict, console) -> None:
     console.print(head)
 
     parts = Table(title="positions (Delta) and lag", show_header=True)
-    unit = "partition" if src["kind"] == "kafka" else "source version"
-    for col in (unit, "committed", "next", "end", "lag", "dead-letter pos", "repair pending"):
+    for col in (status["partition_unit"], "committed", "next", "end", "lag", "dead-letter pos", "repair pending"):
         parts.add_column(col, justify="right")
     for p in status["partitions"]:
         parts.add_row(

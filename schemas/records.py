@@ -2,11 +2,11 @@
 
 Data flows as Arrow record batches:
 
-    SOURCE_SCHEMA      one row per source record, as read      (connectors.kafka|delta_source -> actors.prompts)
+    SOURCE_SCHEMA      one row per source record, as read      (connectors.kafka|delta_source -> compute.prompts)
                        (Delta rows: topic = table URI, partition = table version, offset = row ordinal
                        within that version's rows, value = the row as JSON)
-    REQUEST_SCHEMA     one row per rendered prompt             (actors.prompts   -> actors.engine)
-    COMPLETION_SCHEMA  one row per request, output or error    (actors.engine    -> jobs.pipeline)
+    REQUEST_SCHEMA     one row per rendered prompt             (compute.prompts   -> compute.engine)
+    COMPLETION_SCHEMA  one row per request, output or error    (compute.engine    -> jobs.pipeline)
     RESULTS_SCHEMA     the results Delta table                 (jobs.pipeline    -> connectors.delta)
     DEAD_LETTER_SCHEMA the dead-letter Delta table             (every stage      -> connectors.delta)
 
@@ -19,7 +19,7 @@ import pyarrow as pa
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
-# One entry per rule the output was checked against (actors.rules.RuleResult).
+# One entry per rule the output was checked against (compute.rules.RuleResult).
 RULE_RESULTS_TYPE = pa.list_(
     pa.struct(
         [
@@ -92,7 +92,7 @@ RESULTS_SCHEMA = pa.schema(
         ("run_id", pa.string()),
         ("processed_at", TIMESTAMP),
         ("tenant", pa.string()),  # encryption: the tenant whose key encrypted the row's values
-        # Lineage (actors/lineage.py): what produced the row.
+        # Lineage (compute/lineage.py): what produced the row.
         ("model_path", pa.string()),
         ("model_revision", pa.string()),  # sha256 of the model's config, tokenizer and weights files
         ("prompt_template_hash", pa.string()),

@@ -23,7 +23,9 @@ from typing import Any, Literal
 import yaml
 from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_serializer, model_validator,
+)  # fmt: skip
 
 from schemas.errors import SpecError
 from schemas.encryption import EncryptionSpec
@@ -89,7 +91,14 @@ def _secret_from_env(var: str | None, field_name: str, env) -> str:
     return value
 
 
-class KafkaSourceSpec(_Strict):
+class SourceSettings(_Strict):
+    """Base of a source kind's spec section: `source: {<kind>: {...}}` (one kind per job).
+
+    A source kind is a settings class (here, or in the module that implements the source) and a
+    `connectors.source.Source` registered under the same name (connectors/source.py)."""
+
+
+class KafkaSourceSpec(SourceSettings):
     bootstrap_servers: list[str] | None = Field(
         default=None,
         description="Kafka brokers, 'host:port'. Empty or absent: Tidegate starts an embedded broker.",
@@ -102,6 +111,12 @@ class KafkaSourceSpec(_Strict):
     max_message_bytes: int = Field(default=1_048_576, gt=0, description="Larger values are dead-lettered.")
     poll_timeout_ms: int = Field(default=200, gt=0)
     session_timeout_ms: int = Field(default=6000, ge=1000)
+    revoke_timeout_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="On a rebalance, how long work in flight on revoked partitions may take to finish and be "
+        "committed (the group waits meanwhile); what is not done by then is dropped and read again by the new owner.",
+    )
     heartbeat_interval_ms: int = Field(default=1000, ge=100)
     security: KafkaSecuritySpec = Field(default_factory=KafkaSecuritySpec)
     consumer_config: dict[str, Any] = Field(
@@ -119,6 +134,10 @@ class KafkaSourceSpec(_Strict):
             )
         return v
 
+    def group(self, job_name: str) -> str:
+        """The consumer group: group_id, else 'tidegate-<job name>'."""
+        return self.group_id or f"tidegate-{job_name}"
+
     @field_validator("bootstrap_servers", mode="before")
     @classmethod
     def _split_servers(cls, v: Any) -> Any:
@@ -127,7 +146,7 @@ class KafkaSourceSpec(_Strict):
         return v or None
 
 
-class DeltaSourceSpec(_Strict):
+class DeltaSourceSpec(SourceSettings):
     uri: str = Field(min_length=1, description="Delta table URI (local path or any deltalake URI).")
     mode: Literal["snapshot", "incremental"] = Field(
         default="snapshot",
@@ -144,23 +163,88 @@ class DeltaSourceSpec(_Strict):
         return self
 
 
-class SourceSpec(_Strict):
-    kafka: KafkaSourceSpec | None = None
-    delta: DeltaSourceSpec | None = None
+# Source kinds a spec may name: kind -> its settings class. The connectors register the kinds they
+# implement (connectors.source.register_source); the built-in ones are known here, so a spec can be
+# checked without importing any connector.
+_SOURCE_KINDS: dict[str, type[SourceSettings]] = {"kafka": KafkaSourceSpec, "delta": DeltaSourceSpec}
 
-    @model_validator(mode="after")
-    def _exactly_one(self) -> SourceSpec:
-        if (self.kafka is None) == (self.delta is None):
-            raise ValueError("give exactly one of source.kafka or source.delta")
-        return self
+
+# Called with a kind the spec names that is not registered yet (connectors.source installs one that
+# imports the module implementing it): so schemas never imports a connector itself.
+_kind_loader = None
+
+
+def set_source_kind_loader(loader) -> None:
+    global _kind_loader
+    _kind_loader = loader
+
+
+def register_source_kind(kind: str, settings: type[SourceSettings]) -> None:
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", kind):
+        raise ValueError(f"source kind {kind!r}: use lower-case letters, digits and '_'")
+    known = _SOURCE_KINDS.get(kind)
+    if known is not None and known is not settings:
+        raise ValueError(f"source kind {kind!r} is already registered ({known.__name__})")
+    _SOURCE_KINDS[kind] = settings
+
+
+def source_kinds() -> list[str]:
+    return sorted(_SOURCE_KINDS)
+
+
+class SourceSpec(BaseModel):
+    """`source: {<kind>: {...}}`: exactly one registered kind, validated by that kind's settings
+    class (a discriminated union keyed by the section's name). In code: `kind` and `settings`."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str
+    settings: SerializeAsAny[SourceSettings]
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_kind(cls, data: Any, handler) -> SourceSpec:
+        if isinstance(data, SourceSpec):
+            return data
+        kinds = " or ".join(f"source.{k}" for k in source_kinds())
+        if not isinstance(data, dict) or len(data) != 1:
+            raise ValueError(f"give exactly one of {kinds}")
+        ((kind, body),) = data.items()
+        if kind not in _SOURCE_KINDS and _kind_loader is not None:
+            _kind_loader(kind)
+        settings_cls = _SOURCE_KINDS.get(kind)
+        if settings_cls is None:
+            raise ValueError(f"unknown source kind {kind!r}: give exactly one of {kinds}")
+        try:
+            settings = settings_cls.model_validate(body if body is not None else {})
+        except ValidationError as e:  # keep every error's path, under the kind's name
+            raise ValidationError.from_exception_data(
+                cls.__name__, [_under(kind, err) for err in e.errors(include_url=False)]
+            ) from None
+        return handler({"kind": kind, "settings": settings})
+
+    @model_serializer(mode="wrap")
+    def _as_section(self, handler) -> dict[str, Any]:
+        return {self.kind: handler(self)["settings"]}
 
     @property
-    def kind(self) -> str:
-        return "kafka" if self.kafka is not None else "delta"
+    def kafka(self) -> KafkaSourceSpec | None:
+        return self.settings if self.kind == "kafka" else None  # type: ignore[return-value]
+
+    @property
+    def delta(self) -> DeltaSourceSpec | None:
+        return self.settings if self.kind == "delta" else None  # type: ignore[return-value]
 
     @property
     def max_message_bytes(self) -> int:
-        return self.kafka.max_message_bytes if self.kafka is not None else 2**31 - 1
+        """Larger events are dead-lettered (oversized_message); only message sources set a limit."""
+        return getattr(self.settings, "max_message_bytes", 2**31 - 1)
+
+
+def _under(kind: str, err: dict) -> dict:
+    out = {"type": err["type"], "loc": (kind, *err["loc"]), "input": err.get("input")}
+    if "ctx" in err:
+        out["ctx"] = err["ctx"]
+    return out
 
 
 DEFAULT_REPAIR_TEMPLATE = """{{ prompt }}
@@ -295,6 +379,7 @@ class StagesSpec(_Strict):
 
 
 class SinkSpec(_Strict):
+    kind: str = Field(default="delta", description="The sink implementation (connectors/sink.py registry).")
     results: str = Field(min_length=1, description="Delta table URI for results.")
     dead_letter: str = Field(min_length=1, description="Delta table URI for dead letters.")
     storage_options: dict[str, str] = Field(default_factory=dict)
@@ -380,10 +465,6 @@ class JobSpec(_Strict):
         name says it holds a secret are masked (secrets themselves never live in a spec)."""
         return _mask(self.model_dump(mode="json", by_alias=True, exclude_none=True))
 
-    @property
-    def group_id(self) -> str:
-        kafka = self.source.kafka
-        return (kafka.group_id if kafka else None) or f"tidegate-{self.name}"
 
 
 _SECRET_NAME = re.compile(

@@ -118,7 +118,7 @@ class JobProcess:
             RAY_DEDUP_LOGS="0",
         )
         cmd = [sys.executable, "-m", module, str(spec_path)]
-        if until_drained and module == "jobs.run":
+        if until_drained and module in ("jobs.run", "tests.job_runner"):
             cmd.append("--until-drained")
         cmd += list(extra_args)
         self.log_path = log_path or spec_path.parent / f"job-{uuid.uuid4().hex[:6]}.log"
@@ -221,3 +221,25 @@ def results_table(offsets: list[int], partition: int = 0, topic: str = "t", **co
     for f in RESULTS_SCHEMA:
         cols.setdefault(f.name, [None] * n)
     return pa.table(cols, schema=RESULTS_SCHEMA)
+
+
+class FixedPositions:
+    """A SourcePositions (connectors/source.py) over a dict, for sources tested without a job:
+    resume answers from `positions`, release records what was given away."""
+
+    def __init__(self, positions: dict | None = None):
+        self.positions = dict(positions or {})
+        self.released: list = []
+
+    def resume(self, tps):
+        return {tp: self.positions.get(tp) for tp in tps}
+
+    def release(self, tps, lost: bool = False, within_s: float | None = None):
+        self.released.extend(tps)
+
+
+def source_context(positions: dict | None = None, **kw):
+    from connectors.source import SourceContext
+
+    kw.setdefault("job_name", "job")
+    return SourceContext(positions=FixedPositions(positions), **kw)

@@ -22,7 +22,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from actors.ciphers import (
+from crypto import (
     ARMOR_PREFIX,
     MAGIC,
     armor,
@@ -36,8 +36,8 @@ from actors.ciphers import (
     row_ids_from,
     table_label,
 )
-from connectors.encrypted_reader import decrypt_table, read_results
-from connectors.keyring import Keyring, LocalMasterKeyProvider
+from crypto.reader import decrypt_table, read_results
+from crypto.keyring import Keyring, LocalMasterKeyProvider
 from jobs.reencrypt import reencrypt_table
 from schemas.encryption import EncryptionSpec
 from schemas.errors import DecryptionError, KeyPermissionError, KeyRevokedError, KeyringError, TidegateError

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from actors.prompts import dead_letter_table
+from compute.prompts import dead_letter_table
 from connectors.delta import DeltaSink, txn_app_id
 from schemas.errors import PartitionFencedError, SinkSchemaError
 from schemas.records import RESULTS_SCHEMA
@@ -122,12 +122,12 @@ def test_table_of_an_older_version_gains_the_new_columns(tmp_path):
 
 
 def test_a_restarted_commit_writer_refuses_to_commit_until_it_has_read_the_positions(tmp_path):
-    """The commit writer actor (actors/stages.py) as a plain object: Ray re-runs its constructor
+    """The commit writer actor (actors/writer.py) as a plain object: Ray re-runs its constructor
     when it restarts, which forgets the positions its fencing compares against. Say the repair
     window is open (dead letters committed up to offset 5, results to nothing): a commit from a
     writer that has not read the positions again could pass the fence and move the dead-letter
     position back to 3."""
-    from actors.stages import CommitWriter, WriterRestarted
+    from actors.writer import CommitWriter, WriterRestarted
     from schemas.spec import parse_spec
 
     spec = parse_spec(
@@ -152,7 +152,7 @@ def test_a_restarted_commit_writer_refuses_to_commit_until_it_has_read_the_posit
     positions, windows = restarted.resume([TP0])  # the job's recovery: positions read again
     assert positions == {TP0: None} and windows == {TP0: {4, 5}}
     report = restarted.write(results([0, 1, 2, 3]), dead([]), {TP0: 3}, None)
-    assert report.results_rows == 4
+    assert report.totals.rows_ok == 4
     assert DeltaTable(str(tmp_path / "res")).transaction_version(txn_app_id("job", TP0)) == 3
 
 

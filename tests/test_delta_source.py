@@ -13,7 +13,7 @@ from deltalake import DeltaTable, write_deltalake
 from connectors.delta_source import MARKER, DeltaSource
 from schemas.errors import SourceError
 from schemas.spec import DeltaSourceSpec
-from tests.conftest import make_spec, table_rows, wait_for, write_spec
+from tests.conftest import make_spec, source_context, table_rows, wait_for, write_spec
 
 
 def rows(start: int, n: int, region: str = "eu") -> pa.Table:
@@ -29,7 +29,7 @@ def rows(start: int, n: int, region: str = "eu") -> pa.Table:
 
 def read_all(src: DeltaSource, batch: int = 7) -> pa.Table:
     parts = []
-    while (t := src.poll_batch(batch, 0)) is not None:
+    while (t := src.poll(batch, 0)) is not None:
         parts.append(t)
     assert src.drained()
     return pa.concat_tables(parts) if parts else None
@@ -37,7 +37,7 @@ def read_all(src: DeltaSource, batch: int = 7) -> pa.Table:
 
 def source(uri: str, positions: dict | None = None, **spec) -> DeltaSource:
     positions = positions or {}
-    return DeltaSource(DeltaSourceSpec(uri=uri, **spec), lambda tps: {tp: positions.get(tp) for tp in tps}, chunk_rows=5)
+    return DeltaSource(DeltaSourceSpec(uri=uri, **spec), source_context(positions, batch_rows=5))
 
 
 def test_snapshot_reads_every_row_once_in_a_fixed_order_and_resumes(tmp_path):
@@ -118,7 +118,7 @@ def test_missing_columns_are_named_before_any_work(tmp_path):
     write_deltalake(uri, rows(0, 3))
     src = source(uri)
     with pytest.raises(SourceError) as e:
-        src.check_columns({"ticket_id": "prompt.id_field", "question": "used by prompt.template", "body": "used by prompt.template"})
+        src.check({"ticket_id": "prompt.id_field", "question": "used by prompt.template", "body": "used by prompt.template"})
     assert "lacks column(s) 'ticket_id' (prompt.id_field), 'body' (used by prompt.template)" in str(e.value)
     with pytest.raises(SourceError, match="no Delta table there"):
         source(str(tmp_path / "nothing")).columns()

@@ -15,8 +15,8 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from connectors.encrypted_reader import read_results
-from connectors.keyring import Keyring, LocalMasterKeyProvider
+from crypto.reader import read_results
+from crypto.keyring import Keyring, LocalMasterKeyProvider
 from schemas.errors import KeyPermissionError
 from tests.conftest import make_spec, send, write_spec
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def engine(tiny_model):
-    from actors.engine import EngineWorker
+    from compute.engine import EngineWorker
 
     return EngineWorker(ModelSpec(path=str(tiny_model), dtype="float32"), {"max_tokens": 12, "temperature": 0})
 

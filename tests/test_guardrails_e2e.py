@@ -107,8 +107,8 @@ def _first_prompt_tokens(model, spec, n) -> list[int]:
 
 def test_semantic_similarity_of_the_real_embedding_model():
     """all-MiniLM-L6-v2 through vLLM's pooling runner: a paraphrase scores high, an unrelated text low."""
-    from actors.rules import Candidate
-    from actors.semantic import EmbeddingWorker, SemanticGrounding
+    from compute.rules import Candidate
+    from compute.semantic import EmbeddingWorker, SemanticGrounding
     from schemas.validation import SemanticGroundingRule
 
     worker = EmbeddingWorker()

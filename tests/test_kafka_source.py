@@ -7,21 +7,19 @@ import time
 from connectors.kafka import KafkaSource
 from schemas.records import SOURCE_SCHEMA
 from schemas.spec import KafkaSourceSpec
-from tests.conftest import event, send
+from tests.conftest import event, send, source_context
 
 
-def _source(broker, topic, positions, revoked=None):
-    spec = KafkaSourceSpec(topic=topic, poll_timeout_ms=100)
-    return KafkaSource(
-        spec, [broker.bootstrap_servers], f"g-{topic}", lambda tps: {tp: positions.get(tp) for tp in tps},
-        lambda tps: (revoked or []).extend(tps),
-    )  # fmt: skip
+def _source(broker, topic, positions):
+    spec = KafkaSourceSpec(bootstrap_servers=[broker.bootstrap_servers], topic=topic, poll_timeout_ms=100,
+                           group_id=f"g-{topic}")  # fmt: skip
+    return KafkaSource(spec, source_context(positions))
 
 
 def _read_all(src: KafkaSource, timeout: float = 30.0):
     rows, deadline = [], time.monotonic() + timeout
     while time.monotonic() < deadline:
-        batch = src.poll_batch(50, 200)
+        batch = src.poll(50, 200)
         if batch is not None:
             assert batch.schema == SOURCE_SCHEMA
             rows += batch.to_pylist()

@@ -1,7 +1,7 @@
 """Monitoring, lineage, run history, status and JSON logs: fast tests, no Ray, no broker, no engine.
 
 Delta tables are real (on disk, written by connectors.delta.DeltaSink with its app transactions);
-Kafka end offsets come from a fake callable (the real `kafka_end_offsets` needs a broker).
+Kafka end offsets come from a fake in place of `connectors.kafka.kafka_end_offsets` (the real one needs a broker).
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from rich.console import Console
 from typer.testing import CliRunner
 
-from actors import lineage
-from actors.prompts import dead_letter_table
+from compute import lineage
+from compute.prompts import dead_letter_table
 from connectors.delta import DeltaSink, txn_app_id
-from connectors.runs import RUNS_SCHEMA, RunsTable, commit_totals, default_runs_uri, span_positions, stats_totals
+from compute.totals import CommitTotals, e2e_latencies_s, span_positions
+from connectors.runs import RUNS_SCHEMA, RunsTable, default_runs_uri
+from connectors.source import partition_lag, source_versions_behind
 from jobs import metrics as M
 from jobs.logs import JsonLogFormatter, configure_json_logging, log_context, redact, redact_text, redact_value
 from jobs.status import collect_status, render_status
@@ -139,8 +141,8 @@ def test_committed_counts_rows_and_e2e_latency():
         results_rows([3], status="flagged", processed_at=NOW - timedelta(seconds=10), latency_ms=0.0),
     ])  # fmt: skip
     dead = pa.concat_tables([dead_rows([4, 5]), dead_rows([6], stage="engine", error_class="engine_crash")])
-    assert M.e2e_latencies_s(res, NOW) == [2.5, 2.5, 2.5, 10.0]
-    m.committed(res, dead, NOW)
+    assert e2e_latencies_s(res, NOW) == [2.5, 2.5, 2.5, 10.0]
+    m.committed(CommitTotals.of(res, dead, {TP0: 6}, NOW))
     assert m.value("tidegate_rows_out_total", status="ok") == 3
     assert m.value("tidegate_rows_out_total", status="flagged") == 1
     assert m.value("tidegate_dead_letters_total", stage="decode", error_class="invalid_json") == 2
@@ -148,7 +150,7 @@ def test_committed_counts_rows_and_e2e_latency():
     h = m.histogram("tidegate_e2e_latency_seconds")
     assert h.count == 4 and h.sum == pytest.approx(17.5)
     assert h.buckets[h.boundaries.index(2.5)] == 3 and h.buckets[h.boundaries.index(10.0)] == 1
-    assert M.e2e_latencies_s(RESULTS_SCHEMA.empty_table(), NOW) == []
+    assert e2e_latencies_s(RESULTS_SCHEMA.empty_table(), NOW) == []
 
 
 def test_sampled_observations_keep_the_extremes_and_are_bounded():
@@ -163,19 +165,17 @@ def test_partition_lag_against_known_positions():
     # while its ListOffsets answer is 1); Delta positions are the last offsets committed.
     end = {TP0: 5, TP1: 2, TP2: 0, TP3: 10}
     committed = {TP0: 2, TP1: None, TP3: 12, (T, 9): 4}
-    lag = M.partition_lag(end, committed)
+    lag = partition_lag(end, committed)
     assert lag == {
         TP0: 2,  # offsets 3, 4 to do
         TP1: 2,  # nothing committed: every record from the start (0)
         TP2: 0,  # empty partition, nothing committed
         TP3: 0,  # over-committed (a stale watermark): never negative
     }
-    assert M.partition_lag({TP0: 5}, {TP0: 4}) == {TP0: 0}  # fully caught up
-    assert M.partition_lag({TP1: 7}, {}, start_offsets={TP1: 3}) == {TP1: 4}  # retention moved the start
-    assert M.partition_lag({TP1: 7}, {TP1: 3}, start_offsets={TP1: 5}) == {TP1: 3}  # start ignored once committed
-    assert M.source_versions_behind(7, 5) == 2
-    assert M.source_versions_behind(7, None) == 8
-    assert M.source_versions_behind(3, 3) == 0
+    assert partition_lag({TP0: 5}, {TP0: 4}) == {TP0: 0}  # fully caught up
+    assert source_versions_behind(7, 5) == 2
+    assert source_versions_behind(7, None) == 8
+    assert source_versions_behind(3, 3) == 0
 
 
 # -- dashboard and Prometheus config ---------------------------------------------------------------
@@ -383,16 +383,20 @@ def test_commit_and_run_totals():
     res = res.set_column(res.schema.get_field_index("attempts"), "attempts", pa.array([1, 3, 2], pa.int32()))
     dead = pa.concat_tables([dead_rows([3, 4]), dead_rows([5], stage="validate", error_class="validation_failed")])
     dead = dead.set_column(dead.schema.get_field_index("attempts"), "attempts", pa.array([None, None, 2], pa.int32()))
-    assert commit_totals(res, dead) == dict(
+    totals = CommitTotals.of(res, dead, {TP0: 5}, NOW)
+    assert totals.runs_fields() == dict(
         rows_ok=3, rows_flagged=1, rows_dead=3, dead_by_class={"invalid_json": 2, "validation_failed": 1},
         prompt_tokens=9, completion_tokens=12, retries=4,  # (3-1) + (2-1) + (2-1)
+        positions={TP0: (0, 5)},
     )  # fmt: skip
-    from jobs.pipeline import JobStats
+    assert totals.dead_by == {("decode", "invalid_json"): 2, ("validate", "validation_failed"): 1}
+    from jobs.stats import JobStats
 
-    st = JobStats("r1", ok=7, flagged=2, dead_lettered=3, retried=4, prompt_tokens=50, completion_tokens=20, commits=2)
-    st.dead_by_class["invalid_json"] += 3
-    assert stats_totals(st) == dict(
-        commits=2, rows_ok=7, rows_flagged=2, rows_dead=3, dead_by_class={"invalid_json": 3},
+    st = JobStats("r1", ok=4, flagged=1, dead_lettered=0, retried=4, prompt_tokens=50, completion_tokens=20, commits=1)
+    st.dead_by_class["invalid_json"] += 1
+    st.book(totals)  # the same object the metrics and the runs row take
+    assert st.runs_fields() == dict(
+        commits=2, rows_ok=7, rows_flagged=2, rows_dead=3, dead_by_class={"invalid_json": 3, "validation_failed": 1},
         prompt_tokens=50, completion_tokens=20, retries=4,
     )  # fmt: skip
 
@@ -438,13 +442,22 @@ def fake_end_offsets(calls=None):
     return end_offsets
 
 
-def test_collect_status_from_real_tables(kafka_job, tmp_path):
+def end_offsets_from(monkeypatch, fn) -> None:
+    """The Kafka source's status reads end offsets with connectors.kafka.kafka_end_offsets."""
+    import connectors.kafka
+
+    monkeypatch.setattr(connectors.kafka, "kafka_end_offsets", fn)
+
+
+def test_collect_status_from_real_tables(kafka_job, tmp_path, monkeypatch):
     spec = kafka_job
     versions = {u: DeltaTable(u).version() for u in (spec.sink.results, spec.sink.dead_letter)}
     runs_version = DeltaTable(default_runs_uri(spec.sink.results)).version()
     calls = []
-    st = collect_status(spec, kafka_end_offsets=fake_end_offsets(calls))
-    assert calls == [(["127.0.0.1:1"], T, None)]  # a given callable gets (bootstrap, topic)
+    end_offsets_from(monkeypatch, fake_end_offsets(calls))
+    st = collect_status(spec)
+    # The spec's client settings go with it (here: the security section's protocol).
+    assert calls == [(["127.0.0.1:1"], T, {"security_protocol": "PLAINTEXT"})]
     by_p = {p["partition"]: p for p in st["partitions"]}
     assert sorted(by_p) == [0, 1, 2, 3]  # from the topic's metadata (the end-offsets answer)
     assert by_p[0] == {"topic": T, "partition": 0, "committed": 3, "next": 4, "end": 10, "lag": 6,
@@ -477,21 +490,23 @@ def test_collect_status_from_real_tables(kafka_job, tmp_path):
     assert DeltaTable(default_runs_uri(spec.sink.results)).version() == runs_version
 
 
-def test_collect_status_without_tables_or_broker(tmp_path):
+def test_collect_status_without_tables_or_broker(tmp_path, monkeypatch):
     spec = parse_spec(make_spec(tmp_path))
 
     def unreachable(bootstrap, topic, consumer_config=None):
         raise RuntimeError("no broker")
 
-    st = collect_status(spec, kafka_end_offsets=unreachable)
+    end_offsets_from(monkeypatch, unreachable)
+    st = collect_status(spec)
     assert st["partitions"] == [] and st["lag_total"] is None and st["last_commit_at"] is None
     assert not st["tables"]["results"]["exists"] and not st["tables"]["runs"]["exists"]
     assert st["errors"] == ["Kafka end offsets unavailable: no broker"]
     assert not (tmp_path / "lake").exists()  # nothing created
 
 
-def test_collect_status_falls_back_to_partitions_in_the_tables(kafka_job):
-    st = collect_status(kafka_job.model_copy(update={}), kafka_end_offsets=lambda b, t: {})
+def test_collect_status_falls_back_to_partitions_in_the_tables(kafka_job, monkeypatch):
+    end_offsets_from(monkeypatch, lambda b, t, consumer_config=None: {})
+    st = collect_status(kafka_job)
     assert [(p["partition"], p["committed"], p["lag"]) for p in st["partitions"]] == [(0, 3, None), (1, 1, None), (2, None, None)]
 
 
@@ -525,8 +540,9 @@ def _table_rows(text: str, first_cell: str) -> list[list[str]]:
     return rows
 
 
-def test_render_status_prints_partition_rows(kafka_job):
-    st = collect_status(kafka_job, kafka_end_offsets=fake_end_offsets())
+def test_render_status_prints_partition_rows(kafka_job, monkeypatch):
+    end_offsets_from(monkeypatch, fake_end_offsets())
+    st = collect_status(kafka_job)
     console = Console(record=True, width=200, color_system=None)
     render_status(st, console)
     text = console.export_text()
@@ -541,13 +557,12 @@ def test_render_status_prints_partition_rows(kafka_job):
 
 
 def test_status_cli_json(kafka_job, tmp_path, monkeypatch):
-    from jobs import status as status_mod
     from jobs.cli import app
 
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(kafka_job.model_dump(mode="json", by_alias=True)))
     calls = []
-    monkeypatch.setattr(status_mod, "kafka_end_offsets", fake_end_offsets(calls))
+    end_offsets_from(monkeypatch, fake_end_offsets(calls))
     result = CliRunner().invoke(app, ["status", str(spec_path), "--json"])
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)

@@ -13,7 +13,7 @@ import urllib.request
 import polars as pl
 import pytest
 
-from actors.lineage import model_revision, sampling_json, spec_hash, template_hash
+from compute.lineage import model_revision, sampling_json, spec_hash, template_hash
 from connectors.broker import free_port
 from jobs.metrics import EXPORT_PREFIX, METRIC_NAMES, dashboard_metric_names
 from schemas.spec import parse_spec

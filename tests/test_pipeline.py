@@ -47,7 +47,7 @@ def test_end_to_end_every_id_once(tmp_path, broker, topic, tiny_model, job_proce
     assert read(spec["sink"]["dead_letter"]).height == 0
 
     # Outputs belong to their own rows: the engine run directly on a few events gives the same text.
-    from actors.engine import EngineWorker
+    from compute.engine import EngineWorker
     from schemas.spec import ModelSpec
     from tests.test_engine import requests
 

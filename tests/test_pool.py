@@ -95,16 +95,15 @@ def test_impossible_resources_fail_fast_with_what_was_asked(tmp_path, broker, to
 
 
 def test_a_row_that_keeps_killing_the_engine_is_isolated_and_dead_lettered(
-    tmp_path, broker, topic, tiny_model, job_processes, monkeypatch
+    tmp_path, broker, topic, tiny_model, job_processes
 ):
-    """Fault injection: the engine process exits whenever its batch holds the poison prompt."""
-    monkeypatch.setenv("TIDEGATE_FAULT_CRASH_ON", "POISON-PILL")
+    """Fault injection (tests/job_runner.py): the engine process exits whenever its batch holds the poison prompt."""
     n = 60
     records = [event(i) for i in range(n)]
     records.insert(37, event(999, question="POISON-PILL"))
     send(broker, topic, records)
     spec = make_spec(tmp_path, broker, topic, tiny_model, **{"pool.batch_size": 4, "pool.max_attempts": 2})
-    job = job_processes(write_spec(tmp_path, spec))
+    job = job_processes(write_spec(tmp_path, spec), module="tests.job_runner", extra_args=("--crash-on", "POISON-PILL"))
     assert job.wait(900) == 0, job.log()[-4000:]
 
     res = pl.read_delta(spec["sink"]["results"])
@@ -115,11 +114,8 @@ def test_a_row_that_keeps_killing_the_engine_is_isolated_and_dead_lettered(
     assert "failed on this row 2 times" in dead["error"][0]
 
 
-def test_a_row_that_hangs_the_engine_is_isolated_and_dead_lettered(
-    tmp_path, broker, topic, tiny_model, job_processes, monkeypatch
-):
-    """Fault injection: the engine blocks forever on the poison prompt; pool.batch_timeout_s catches it."""
-    monkeypatch.setenv("TIDEGATE_FAULT_HANG_ON", "STUCK-PILL")
+def test_a_row_that_hangs_the_engine_is_isolated_and_dead_lettered(tmp_path, broker, topic, tiny_model, job_processes):
+    """Fault injection (tests/job_runner.py): the engine blocks forever on the poison prompt; pool.batch_timeout_s catches it."""
     n = 12
     records = [event(i) for i in range(n)]
     records.insert(5, event(777, question="STUCK-PILL"))
@@ -128,7 +124,7 @@ def test_a_row_that_hangs_the_engine_is_isolated_and_dead_lettered(
         tmp_path, broker, topic, tiny_model,
         **{"pool.batch_size": 2, "pool.max_attempts": 2, "pool.batch_timeout_s": 4},
     )  # fmt: skip
-    job = job_processes(write_spec(tmp_path, spec))
+    job = job_processes(write_spec(tmp_path, spec), module="tests.job_runner", extra_args=("--hang-on", "STUCK-PILL"))
     assert job.wait(900) == 0, job.log()[-4000:]
 
     res = pl.read_delta(spec["sink"]["results"])
@@ -140,18 +136,15 @@ def test_a_row_that_hangs_the_engine_is_isolated_and_dead_lettered(
     assert "ran over pool.batch_timeout_s=4s: restarting its engine" in job.log()
 
 
-def test_a_slow_sink_slows_consumption_and_bounds_what_is_in_flight(
-    tmp_path, broker, topic, tiny_model, job_processes, monkeypatch
-):
-    """Backpressure: with every commit taking 1 s, the job reads only as fast as it commits."""
-    monkeypatch.setenv("TIDEGATE_FAULT_SLOW_COMMIT_S", "1.0")
+def test_a_slow_sink_slows_consumption_and_bounds_what_is_in_flight(tmp_path, broker, topic, tiny_model, job_processes):
+    """Backpressure: with every commit taking 1 s (tests/job_runner.py), the job reads only as fast as it commits."""
     n, batch = 600, 32
     send(broker, topic, (event(i) for i in range(n)))
     spec = make_spec(
         tmp_path, broker, topic, tiny_model,
         **{"pool.batch_size": batch, "sink.commit_max_rows": 64, "sink.commit_interval_s": 0},
     )  # fmt: skip
-    job = job_processes(write_spec(tmp_path, spec))
+    job = job_processes(write_spec(tmp_path, spec), module="tests.job_runner", extra_args=("--slow-commit-s", "1.0"))
     assert job.wait(600) == 0, job.log()[-4000:]
 
     ids = pl.read_delta(spec["sink"]["results"])["id"].to_list()

@@ -8,7 +8,7 @@ import random
 import pyarrow as pa
 import pytest
 
-from actors.prompts import PromptRenderer
+from compute.prompts import PromptRenderer
 from connectors.offsets import CommitLedger
 from schemas.errors import SpecError
 from schemas.records import DEAD_LETTER_SCHEMA, REQUEST_SCHEMA, SOURCE_SCHEMA
@@ -36,7 +36,7 @@ def _with(path: str, value):
 def test_spec_defaults_and_parsing():
     spec = parse_spec(GOOD)
     assert spec.source.kafka.bootstrap_servers == ["a:1", "b:2"]
-    assert spec.group_id == "tidegate-j1"
+    assert spec.source.kafka.group(spec.name) == "tidegate-j1"
     assert spec.pool.actors == 1 and spec.pool.batch_size == 256
     assert spec.stages.actors == 1 and spec.stages.num_cpus == 0  # no logical CPU taken from the engines
     assert spec.sampling == {"max_tokens": 64, "temperature": 0.0}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from actors.pii import find_pii, iban_ok, luhn_ok
-from actors.rules import Candidate, OutputSchema, RuleResult, build_rules
-from actors.validation import Validator
+from crypto.pii import find_pii, iban_ok, luhn_ok
+from compute.rules import Candidate, OutputSchema, RuleResult
+from compute.validation import build_rules
+from compute.validation import Validator
 from schemas.errors import SpecError
 from schemas.records import COMPLETION_SCHEMA, REQUEST_SCHEMA
 from schemas.spec import parse_spec
@@ -425,8 +426,8 @@ def test_rule_results_arrow_column():
 
 
 def test_assembler_routes_kept_rejected_failed_and_retried_rows():
-    """The stage workers' join (actors/assemble.py), pure: one source batch, one engine call."""
-    from actors.assemble import BatchAssembler
+    """The stage workers' join (compute/assemble.py), pure: one source batch, one engine call."""
+    from compute.assemble import BatchAssembler
     from schemas.records import RESULTS_SCHEMA, SOURCE_SCHEMA
 
     spec = base_spec(validation=POLICY_RULES)

@@ -24,10 +24,10 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from actors.encryption import input_column
-from actors.lineage import LINEAGE_COLUMNS
-from actors.prompts import dead_letter_table
-from actors.validation import Validator
+from crypto.stage import input_column
+from compute.lineage import LINEAGE_COLUMNS
+from compute.prompts import dead_letter_table
+from compute.validation import Validator
 from schemas.records import RESULTS_SCHEMA
 from schemas.spec import JobSpec
 

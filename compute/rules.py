@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors import pii
+from crypto import pii
 from schemas.errors import SpecError
 from schemas.validation import (
     CustomRule,
@@ -528,35 +528,3 @@ class Custom(Rule):
 
     def fix(self, c: Candidate) -> str:
         return self._fix(c)  # type: ignore[misc]
-
-
-# -- construction ----------------------------------------------------------------------------------
-
-
-# Rule kinds whose class takes only its spec.
-_PLAIN_RULES: dict[str, type[Rule]] = {
-    "length": Length, "regex": Regex, "deny_list": DenyList, "refusal": Refusal,
-    "pii_leakage": PiiLeakage, "grounding": Grounding,
-}  # fmt: skip
-
-
-def build_rules(specs: list, output_schema: OutputSchema | None, embedder=None) -> list[Rule]:
-    """Rule objects for the job's rule specs (JobSpec.rules), in order."""
-    rules: list[Rule] = []
-    for i, s in enumerate(specs):
-        kind = s.rule
-        if kind in _PLAIN_RULES:
-            rules.append(_PLAIN_RULES[kind](s))
-        elif kind == "json_schema":
-            assert output_schema is not None  # JobSpec checks output.schema is set
-            rules.append(JsonSchema(s, output_schema))
-        elif kind == "semantic_grounding":
-            from actors.semantic import SemanticGrounding
-
-            rules.append(SemanticGrounding(s, embedder))
-        elif kind == "custom":
-            rules.append(Custom(s, f"validation.{i}"))
-        else:  # pragma: no cover - the spec's discriminated union lists every kind
-            raise SpecError(f"validation.{i}: unknown rule {kind!r}")
-    return rules
-

@@ -12,7 +12,7 @@
 Runs in the job loop right before the Delta commit, after the sink has put every row at its final
 source position: a value's associated data binds it to (table, column, row id = topic:partition:
 offset, tenant, key version), so it must be computed from the position the row is stored at.
-The formats and the keyring: actors/ciphers.py, connectors/keyring.py, docs/encryption.md.
+The formats and the keyring: crypto/format.py, crypto/keyring.py, docs/encryption.md.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import logging
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from actors import pii
-from actors.ciphers import encrypt_column, protect_pii, row_ids_from, table_label
+from crypto import pii
+from crypto import encrypt_column, protect_pii, row_ids_from, table_label
 from schemas.encryption import EncryptionSpec
 from schemas.errors import KeyPermissionError, KeyRevokedError
 
@@ -42,7 +42,7 @@ class EncryptionStage:
         self.spec = spec
         self.keyring = None
         if spec.needs_keys:
-            from connectors.keyring import Keyring, LocalMasterKeyProvider
+            from crypto.keyring import Keyring, LocalMasterKeyProvider
 
             self.keyring = Keyring.open(spec.keyring, LocalMasterKeyProvider(spec.master_key_env))
         self.results_label = table_label(results_uri)

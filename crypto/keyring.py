@@ -1,7 +1,7 @@
 """Keys: per-tenant data keys, wrapped by a master key (envelope encryption), kept in a JSON file.
 
     master key (env TIDEGATE_MASTER_KEY, or a KMS key)  --wraps-->  data key of (tenant, version)
-    data key  --HKDF-->  AES-256-GCM key and AES-SIV key used by actors.ciphers on each value
+    data key  --HKDF-->  AES-256-GCM key and AES-SIV key used by crypto.columns on each value
 
 The keyring file never holds a key in clear; it is written atomically (temp file + os.replace),
 mode 0600, under an advisory lock (`<file>.lock`) so two `tidegate keys` commands do not lose
@@ -208,7 +208,7 @@ def _atomic_write(path: Path, data: bytes, *, exclusive: bool = False) -> None:
 class Keyring:
     """A keyring file: per-tenant versions of wrapped data keys.
 
-    `data_key(tenant, version)` and `current(tenant)` are what actors.ciphers needs; the
+    `data_key(tenant, version)` and `current(tenant)` are what crypto.columns needs; the
     provider (master key) is only touched when a key is unwrapped or wrapped, so listing a
     keyring needs no master key. Data keys are unwrapped once and kept in memory.
     """

@@ -22,7 +22,12 @@ import pyarrow as pa
 from jinja2 import StrictUndefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from actors.rules import Candidate, OutputSchema, Rule, RuleResult, build_rules
+from compute.rules import (
+    Candidate, Custom, DenyList, Grounding, JsonSchema, Length, OutputSchema, PiiLeakage, Refusal, Regex, Rule,
+    RuleResult,
+)  # fmt: skip
+from compute.semantic import SemanticGrounding
+from schemas.errors import SpecError
 from schemas.records import REQUEST_SCHEMA, RULE_RESULTS_TYPE
 from schemas.spec import JobSpec
 
@@ -51,8 +56,6 @@ class Validator:
 
     def semantic_rules(self) -> list:
         """Rules that need an embedding model (the job starts one worker per model)."""
-        from actors.semantic import SemanticGrounding
-
         return [r for r in self.rules if isinstance(r, SemanticGrounding)]
 
     @property
@@ -139,3 +142,32 @@ def _retry_requests(requests: pa.Table, rows: list[int], prompts: list[str]) -> 
     cols["first_prompt"] = pa.array(first, pa.string())
     cols["attempt"] = pa.array(attempts, pa.int32())
     return pa.table(cols, schema=REQUEST_SCHEMA)
+
+
+# -- construction ----------------------------------------------------------------------------------
+
+
+# Rule kinds whose class takes only its spec.
+_PLAIN_RULES: dict[str, type[Rule]] = {
+    "length": Length, "regex": Regex, "deny_list": DenyList, "refusal": Refusal,
+    "pii_leakage": PiiLeakage, "grounding": Grounding,
+}  # fmt: skip
+
+
+def build_rules(specs: list, output_schema: OutputSchema | None, embedder=None) -> list[Rule]:
+    """Rule objects for the job's rule specs (JobSpec.rules), in order."""
+    rules: list[Rule] = []
+    for i, s in enumerate(specs):
+        kind = s.rule
+        if kind in _PLAIN_RULES:
+            rules.append(_PLAIN_RULES[kind](s))
+        elif kind == "json_schema":
+            assert output_schema is not None  # JobSpec checks output.schema is set
+            rules.append(JsonSchema(s, output_schema))
+        elif kind == "semantic_grounding":
+            rules.append(SemanticGrounding(s, embedder))
+        elif kind == "custom":
+            rules.append(Custom(s, f"validation.{i}"))
+        else:  # pragma: no cover - the spec's discriminated union lists every kind
+            raise SpecError(f"validation.{i}: unknown rule {kind!r}")
+    return rules

@@ -1,13 +1,13 @@
 """Reading encrypted results in a notebook: a Delta table in, a DataFrame with clear text out.
 
-    from connectors.encrypted_reader import read_results
+    from crypto.reader import read_results
     df = read_results("s3://lake/triage/results", keyring="~/.tidegate/acme.json",
                       storage_options={...})                      # polars DataFrame
     df = read_results(uri, keyring=kr, backend="pandas", on_missing_key="keep")
 
 Which columns are encrypted is read from the data, not from a side file: a binary column whose
 every non-null value starts with the stored-value header (magic A7 54 47, format 1; see
-actors/ciphers.py) is decrypted, to string if its values were text, else to binary. Then every
+crypto/format.py) is decrypted, to string if its values were text, else to binary. Then every
 text column holding "[PII:" has its inline PII tokens decrypted in place.
 
 Values are bound to their row id (the `source_topic`, `source_partition`, `source_offset`
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 
-from actors.ciphers import (
+from crypto import (
     KeySource,
     OnMissingKey,
     decrypt_column,
@@ -43,14 +43,14 @@ from actors.ciphers import (
 from schemas.encryption import ROW_ID_COLUMNS
 
 if TYPE_CHECKING:
-    from connectors.keyring import Keyring
+    from crypto.keyring import Keyring
 
 Backend = Literal["polars", "pandas", "arrow"]
 
 
 def open_keyring(keyring: Keyring | KeySource | str | Path | None) -> KeySource:
     """A keyring object from a Keyring, a path, or None (default path; master key from the environment)."""
-    from connectors.keyring import Keyring
+    from crypto.keyring import Keyring
 
     if keyring is None or isinstance(keyring, (str, Path)):
         return Keyring.open(Path(keyring).expanduser() if keyring is not None else None)

@@ -6,7 +6,7 @@
 score = the lowest, over the output's sentences, of the sentence's best cosine similarity to a
 context chunk; the rule passes when score >= threshold. Embeddings come from a real sentence
 embedding model run by vLLM's pooling runner (`EmbeddingWorker`); the job runs that worker as a
-Ray actor next to the engines (jobs.pipeline), tests run it in-process. One embed call per batch:
+Ray actor next to the engines (actors/embedding.py), tests run it in-process. One embed call per batch:
 every sentence and every distinct context chunk of the batch together.
 """
 
@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from actors.engine import ENGINE_ENV
-from actors.rules import Candidate, Rule, RuleResult
+from compute.engine import ENGINE_ENV
+from compute.rules import Candidate, Rule, RuleResult
 from schemas.errors import EngineError
 from schemas.validation import SemanticGroundingRule
 
@@ -136,37 +136,3 @@ class SemanticGrounding(Rule):
             else:
                 out.append(self._ok(f"{n} sentence(s), lowest similarity {score:.2f}", score))
         return out
-
-
-class RemoteEmbedder:
-    """The embed function of an EmbeddingWorker actor: picklable, so the stage workers that run
-    the validation rules can call the one embedding actor the job started."""
-
-    def __init__(self, actor, timeout_s: float):
-        self.actor = actor
-        self.timeout_s = timeout_s
-
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        import ray
-
-        return ray.get(self.actor.embed.remote(texts), timeout=self.timeout_s)
-
-
-def start_embedding_actor(model_dir: str | None, timeout_s: float) -> RemoteEmbedder:
-    """Run an EmbeddingWorker as a Ray actor; returns its embed function (blocking, bounded)."""
-    import ray
-
-    env = {k: v for k, v in os.environ.items() if k in ("VLLM_CACHE_ROOT", "VLLM_LOGGING_LEVEL")}
-    env.update(EMBEDDING_ENV)
-    # A small model beside the engines: a fraction of a CPU so it never blocks their placement.
-    actor = (
-        ray.remote(EmbeddingWorker)
-        .options(num_cpus=0.25, max_restarts=-1, max_task_retries=1, runtime_env={"env_vars": env})
-        .remote(model_dir)
-    )
-    try:
-        ray.get(actor.ready.remote(), timeout=timeout_s)
-    except Exception as e:
-        ray.kill(actor)
-        raise EngineError(f"semantic_grounding: the embedding model did not start: {e}") from None
-    return RemoteEmbedder(actor, timeout_s)

@@ -32,16 +32,11 @@ ENGINE_ENV = {
 }
 
 
-# Fault injection for tests of the pool's crash handling: an engine whose batch holds a prompt
-# containing this variable's value kills its own process, as a segfault or an OOM kill would.
-FAULT_ENV = "TIDEGATE_FAULT_CRASH_ON"
-HANG_ENV = "TIDEGATE_FAULT_HANG_ON"  # ... or hangs, as a stuck kernel would
-
 
 def engine_env(model: ModelSpec) -> dict[str, str]:
     env = dict(ENGINE_ENV)
     env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(model.kv_cache_gib)))
-    for name in ("VLLM_CACHE_ROOT", "VLLM_LOGGING_LEVEL", "HF_HUB_OFFLINE", "OMP_NUM_THREADS", FAULT_ENV, HANG_ENV):
+    for name in ("VLLM_CACHE_ROOT", "VLLM_LOGGING_LEVEL", "HF_HUB_OFFLINE", "OMP_NUM_THREADS"):
         if name in os.environ:
             env[name] = os.environ[name]
     env.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads a model at run time
@@ -125,7 +120,7 @@ class EngineWorker:
     def model_revision(self) -> str:
         """sha256 of the loaded model's config, tokenizer and weights (lineage). Reads every weights
         file: the pool asks one engine, not each."""
-        from actors.lineage import model_revision
+        from compute.lineage import model_revision
 
         return model_revision(self.model_path)
 
@@ -166,12 +161,6 @@ class EngineWorker:
 
     def _generate(self, requests: pa.Table) -> pa.Table:
         n = requests.num_rows
-        poison = os.environ.get(FAULT_ENV)
-        if poison and any(poison in p for p in requests.column("prompt").to_pylist()):
-            os._exit(70)
-        stuck = os.environ.get(HANG_ENV)
-        if stuck and any(stuck in p for p in requests.column("prompt").to_pylist()):
-            time.sleep(3600)
         cols: dict[str, list] = {name: [None] * n for name in COMPLETION_SCHEMA.names}
         cols["source_partition"] = requests.column("source_partition").to_pylist()
         cols["source_offset"] = requests.column("source_offset").to_pylist()

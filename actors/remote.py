@@ -1,0 +1,82 @@
+"""Small helpers every actor module shares: placing stage actors, waiting for calls, reading Ray's errors.
+
+    on_driver_node(spec, **options)   actor options pinning an actor to the driver's node
+    wait_started(refs, spec, what)    ray.get with stages.start_timeout_s and errors in our words
+    wait_any(refs, timeout_s)         block until one of the calls finishes (or the time is up)
+    put(value)                        into the object store once, for several calls to read
+    cause(err) / actor_error(err)     the useful part of a RayTaskError / RayActorError
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from schemas.errors import StageError
+from schemas.spec import JobSpec
+
+
+def on_driver_node(spec: JobSpec, **options) -> dict[str, Any]:
+    """Stage actors run on the driver's node: the keyring file and the master key's environment
+    variable are there, and latency is measured against the driver's monotonic clock."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return dict(
+        num_cpus=spec.stages.num_cpus,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False),
+        **options,
+    )
+
+
+def cause(err: Exception) -> BaseException:
+    """What an actor method raised (a RayTaskError wraps it)."""
+    return err.cause if isinstance(err, RayTaskError) and err.cause is not None else err
+
+
+def actor_error(err: BaseException) -> str:
+    """The useful line of a Ray actor error: the cause's `SomeError: message` line when Ray quotes
+    a traceback (an actor whose constructor raised), else the first line."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception):", line)]
+    return causes[-1] if causes else (lines[0] if lines else type(err).__name__)
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:300] if text else type(err).__name__
+
+
+def wait_started(refs: list, spec: JobSpec, what: str) -> list:
+    try:
+        return ray.get(refs, timeout=spec.stages.start_timeout_s)
+    except GetTimeoutError:
+        raise StageError(
+            f"{what} did not start within stages.start_timeout_s={spec.stages.start_timeout_s:g}s on the driver's "
+            f"node; asked for stages.num_cpus={spec.stages.num_cpus:g} each"
+        ) from None
+    except RayTaskError as e:
+        raise cause(e) from None
+    except RayActorError as e:
+        raise StageError(f"{what} failed to start: {actor_error(e)}") from None
+
+
+def wait_any(refs: list, timeout_s: float) -> None:
+    """Return once one of the calls has finished, or after timeout_s."""
+    if refs and timeout_s > 0:
+        ray.wait(refs, num_returns=1, timeout=timeout_s)
+
+
+def put(value: Any) -> ray.ObjectRef:
+    return ray.put(value)
+
+
+def kill(actor: Any) -> None:
+    """Stop an actor for good; one that is gone already is fine."""
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:
+        pass

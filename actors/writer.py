@@ -1,0 +1,217 @@
+"""The commit writer: the last stages of every commit, in one Ray actor, one commit at a time.
+
+    CommitWriter (actor)
+      open()                                 create or check the sink's tables (fails before any work)
+      resume(tps) -> (positions, windows)    the sink's committed positions and repair windows
+      forget(tps)                            partitions given away
+      write(results, dead, positions, rec)   plain rows -> Sink.prepare -> EncryptionStage -> Sink.commit
+                                             -> CommitReport (with the commit's CommitTotals)
+      append_runs_row()                      the runs-table row of the last commit (after it is booked)
+    CommitWriterClient (in the driver)       blocking calls for positions; at most one write in flight
+
+The sink object lives in this actor (connectors/sink.py: the job's `sink.kind`, or a replay's
+ReplaySink), with its fencing state. A commit is never retried blindly: one whose writer died may
+or may not have landed, so the job treats it like a fence (drop the uncommitted work, re-read the
+positions from the table, read on from there). A writer Ray restarted between commits knows no
+positions: it refuses to write (WriterRestarted) until the job has read them again through it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from actors.remote import actor_error, cause, kill, on_driver_node, wait_started
+from compute.totals import CommitTotals
+from connectors.sink import Sink, open_sink
+from crypto.stage import EncryptionStage
+from schemas.errors import StageError
+from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA
+from schemas.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+TopicPartition = tuple[str, int]
+
+
+class WriterDied(StageError):
+    """The commit writer died during a commit: whether it landed is read back from the table."""
+
+
+class WriterRestarted(WriterDied):
+    """The commit writer was restarted between commits: its positions must be read again."""
+
+
+def job_schemas(encryption: EncryptionStage) -> tuple[pa.Schema, pa.Schema, pa.Schema]:
+    """(plain results, stored results, stored dead letters) for a job's encryption section."""
+    return (
+        encryption.plain_results_schema(RESULTS_SCHEMA),
+        encryption.stored_results_schema(RESULTS_SCHEMA),
+        encryption.stored_dead_schema(DEAD_LETTER_SCHEMA),
+    )
+
+
+@dataclass
+class CommitReport:
+    totals: CommitTotals  # what the commit stored, counted from its plain rows
+    commit_s: float  # prepare, encryption and the commits
+    ended_at: datetime  # when the commit landed (the next commit's start, in the runs table)
+
+
+class CommitWriter:
+    """A plain class: Ray runs it as an actor (tests build it directly over tables on disk)."""
+
+    def __init__(self, spec: JobSpec, sink: Sink | None = None):
+        """sink: the job's sink object (default: the spec's sink.kind, from the registry)."""
+        self.encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
+        _, self.stored_results, self.stored_dead = job_schemas(self.encryption)
+        self.sink = sink if sink is not None else open_sink(spec)
+        self.sink.use_schemas(self.stored_results, self.stored_dead)
+        self.runs = self.sink.history()
+        self._runs_row: dict | None = None
+        # The sink's fencing state lives in this process: after Ray restarted it, no commit until
+        # the job has read the positions again (resume), or one could pass a stale check.
+        self._resumed = False
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def open(self) -> int:
+        self.sink.open()
+        return os.getpid()
+
+    def resume(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int | None], dict]:
+        """Committed positions of these partitions, and the dead-letter offsets above them."""
+        positions = self.sink.load_positions(tps)
+        self._resumed = True
+        return positions, {tp: self.sink.repair_window(tp) for tp in tps}
+
+    def forget(self, tps: list[TopicPartition]) -> None:
+        self.sink.forget(tps)
+
+    def write(self, results: pa.Table, dead: pa.Table, positions: dict, record: dict | None) -> CommitReport:
+        if not self._resumed:
+            raise WriterRestarted("the commit writer was restarted since the positions were read")
+        t0 = time.monotonic()
+        plain_results, plain_dead = results, dead
+        results, dead = self.sink.prepare(results, dead)
+        results = self.encryption.protect_results(results, self.stored_results)
+        dead = self.encryption.protect_dead(dead, self.stored_dead)
+        self.sink.commit(results, dead, positions)
+        ended_at = datetime.now(timezone.utc)
+        totals = CommitTotals.of(plain_results, plain_dead, positions, ended_at)
+        if record is not None and self.runs is not None:
+            # Appended by append_runs_row(): the job books the commit without waiting for the
+            # informational runs table.
+            self._runs_row = dict(**record, ended_at=ended_at, **totals.runs_fields())
+        return CommitReport(totals, time.monotonic() - t0, ended_at)
+
+    def append_runs_row(self) -> None:
+        """The runs-table row of the last commit (informational: a failure is logged, not raised)."""
+        row, self._runs_row = self._runs_row, None
+        if row is None:
+            return
+        try:
+            self.runs.append_commit(**row)
+        except Exception as e:
+            log.warning("could not append to the runs table %s: %s", self.runs.uri, e)
+
+    def append_run_row(self, row: dict) -> None:
+        """The row of a run that ended (informational, like append_runs_row)."""
+        if self.runs is None:
+            return
+        try:
+            self.runs.append_run(**row)
+        except Exception as e:
+            log.warning("could not append to the runs table %s: %s", self.runs.uri, e)
+
+
+class CommitWriterClient:
+    """The job loop's handle on the CommitWriter actor: blocking calls for positions, and at most
+    one commit in flight (commits are ordered; the next is prepared while this one is written)."""
+
+    def __init__(self, spec: JobSpec, sink: Sink):
+        self.spec = spec
+        # Restarted if it dies (its state is re-read from the table), but a call is never re-run:
+        # a commit is not a pure function of its input.
+        options = on_driver_node(spec, max_restarts=-1, max_task_retries=0)
+        self.actor = ray.remote(CommitWriter).options(**options).remote(spec, sink)
+        self.pid: int | None = None
+        self._writing: tuple[ray.ObjectRef, Any] | None = None
+
+    def open(self) -> None:
+        self.pid = wait_started([self._idempotent("open")], self.spec, "the commit writer")[0]
+
+    def resume(self, tps: list[TopicPartition]):
+        return self._get(self._idempotent("resume", list(tps)))
+
+    def forget(self, tps: list[TopicPartition]) -> None:
+        self._get(self._idempotent("forget", list(tps)))
+
+    def append_run_row(self, row: dict, timeout_s: float = 30.0) -> None:
+        try:
+            ray.get(self._idempotent("append_run_row", row), timeout=timeout_s)
+        except Exception as e:  # informational: never fail (or mask the failure of) a run over it
+            log.warning("could not append the run's row to the runs table: %s", actor_error(e))
+
+    def _idempotent(self, method: str, *args) -> ray.ObjectRef:
+        # Safe to run again: sent to a writer that is restarting, they wait for it instead of failing.
+        return getattr(self.actor, method).options(max_task_retries=-1).remote(*args)
+
+    def _get(self, ref):
+        try:
+            return ray.get(ref, timeout=self.spec.stages.start_timeout_s)
+        except RayTaskError as e:
+            raise cause(e) from None
+        except GetTimeoutError:
+            raise StageError(
+                f"the commit writer did not answer within stages.start_timeout_s={self.spec.stages.start_timeout_s:g}s"
+            ) from None
+
+    @property
+    def busy(self) -> bool:
+        return self._writing is not None
+
+    def write(self, results: pa.Table, dead: pa.Table, positions: dict, record: dict | None, tag: Any) -> None:
+        assert self._writing is None, "one commit at a time"
+        self._writing = (self.actor.write.remote(results, dead, positions, record), tag)
+
+    def append_runs_row(self) -> None:
+        """Queue the last commit's runs-table row at the writer (before any later commit)."""
+        self._idempotent("append_runs_row")
+
+    def waitable(self) -> list:
+        return [self._writing[0]] if self._writing is not None else []
+
+    def finished(self, timeout_s: float = 0.0) -> tuple[Any, CommitReport] | None:
+        """(tag, report) once the commit in flight has landed; None while it runs. Raises what
+        the commit raised (PartitionFencedError, ...), or WriterDied."""
+        if self._writing is None:
+            return None
+        ref, tag = self._writing
+        done, _ = ray.wait([ref], timeout=timeout_s)
+        if not done:
+            return None
+        self._writing = None
+        try:
+            return tag, ray.get(ref)
+        except RayActorError as e:
+            raise WriterDied(f"the commit writer died during a commit: {actor_error(e)}") from None
+        except RayTaskError as e:
+            raise cause(e) from None
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Let the calls queued at the writer finish (the last runs-table row), then stop it."""
+        try:
+            ray.get(self.actor.ping.remote(), timeout=timeout_s)
+        except Exception as e:
+            log.warning("the commit writer did not finish its queued calls: %s", actor_error(e))
+        kill(self.actor)

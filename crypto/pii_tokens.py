@@ -1,0 +1,287 @@
+"""Inline PII tokens inside text columns.
+
+    protect_pii(values: string Array, row_ids, find_pii, mode, ...) -> string Array with [REDACTED:kind] or [PII:kind:token]
+    reveal_pii(values: string Array, row_ids, ...)                  -> string Array with the tokens decrypted in place
+    reseal_pii(values, row_ids, ...)                                -> tokens of old key versions re-encrypted
+
+Token: `[PII:<kind>:<base64url, unpadded, of a stored value>]` (crypto/format.py), GCM, with column
+`<column>#pii:<kind>` in the associated data. Text that already contained "[PII:" is escaped to
+"[PII::" when tokens are inserted (and unescaped by reveal_pii), so a token copied into the text by
+a model never passes for one of this row's.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from crypto.arrow import RowIds, flat, is_text, tenant_groups, valid_mask
+from crypto.format import (
+    FORMAT_VERSION, MAGIC, NONCE_BYTES, TAG_BYTES, KeySource, OnMissingKey, b64, derive_keys, header, lp, parse_header,
+)  # fmt: skip
+from schemas.errors import DecryptionError, KeyPermissionError, KeyRevokedError
+
+PiiMode = Literal["encrypt", "redact", "off"]
+
+_PII_KIND_RE = re.compile(r"[A-Za-z0-9_]+")
+# one pass over the text: either an escaped literal "[PII::" or a token
+_PII_TOKEN_RE = re.compile(r"\[PII:(?::|([A-Za-z0-9_]+):([A-Za-z0-9_-]+)\])")
+
+
+
+
+def _pii_aad_column(column: str, kind: str) -> str:
+    return f"{column}#pii:{kind}"
+
+
+def _kind(kind: Any) -> str:
+    k = str(kind)
+    return k if _PII_KIND_RE.fullmatch(k) else re.sub(r"[^A-Za-z0-9_]", "_", k) or "pii"
+
+
+def _spans(text: str, found: Sequence[Any]) -> list[tuple[int, int, str]]:
+    """Detected spans, in order, overlaps dropped (the earlier, then the longer, wins), clipped to the text."""
+    spans = sorted(
+        ((max(0, int(p.start)), min(len(text), int(p.end)), _kind(p.kind)) for p in found),
+        key=lambda s: (s[0], -s[1]),
+    )
+    out, end = [], 0
+    for a, b, k in spans:
+        if a >= end and b > a:
+            out.append((a, b, k))
+            end = b
+    return out
+
+
+
+def protect_pii(
+    values: pa.Array | pa.ChunkedArray,
+    row_ids: pa.Array | pa.ChunkedArray | Sequence | None,
+    find_pii: Callable[[str], Sequence[Any]],
+    mode: PiiMode,
+    *,
+    table: str,
+    column: str,
+    tenants: str | pa.Array | pa.ChunkedArray | Sequence[str] | None = None,
+    keyring: KeySource | None = None,
+) -> pa.Array:
+    """Replace the PII that `find_pii(text) -> [span with .kind, .start, .end]` finds in each text.
+
+    mode "redact":  "mail me at a@b.c" -> "mail me at [REDACTED:email]"
+    mode "encrypt": "mail me at a@b.c" -> "mail me at [PII:email:p0dHAQAEYWNtZQAAAAE...]" (tenants, keyring
+                    and row_ids required; reveal_pii puts the text back)
+    mode "off":     values returned as they are
+    returns a string Array; nulls stay null.
+    """
+    values = flat(values)
+    if mode == "off":
+        return values
+    if mode not in ("redact", "encrypt"):
+        raise ValueError(f"pii mode must be encrypt, redact or off, not {mode!r}")
+    if not is_text(values.type):
+        raise TypeError(f"{table}.{column}: protect_pii takes a string column, not {values.type}")
+    n = len(values)
+    texts = values.to_pylist()
+    what = f"{table}.{column}"
+    out: list[str | None] = list(texts)
+    if mode == "redact":
+        for i, text in enumerate(texts):
+            if text:
+                spans = _spans(text, find_pii(text))
+                if spans:
+                    out[i] = _splice(text, spans, lambda a, b, k: f"[REDACTED:{k}]", escape=False)
+        return pa.array(out, pa.string())
+    if keyring is None or tenants is None:
+        raise ValueError(f"{what}: pii mode 'encrypt' needs tenants and a keyring")
+    rows = RowIds(row_ids, n)
+    valid = valid_mask(values)
+    for tenant, idx in tenant_groups(tenants, n, valid, rows, what):
+        version = keyring.current(tenant)
+        keys = derive_keys(keyring, tenant, version)
+        hdr = header(tenant, version, 0)
+        rids = rows.bytes_of(idx, what)
+        for i, rid in zip(idx.tolist(), rids):
+            text = texts[i]
+            spans = _spans(text, find_pii(text)) if text else []
+            if spans or "[PII:" in text:
+                token = _PiiSealer(keys.gcm, hdr, hdr + lp(table), column, rid, text)
+                out[i] = _splice(text, spans, token, escape=True)
+    return pa.array(out, pa.string())
+
+
+class _PiiSealer:
+    """Encrypts one span of one row's text into an inline token."""
+
+    def __init__(self, gcm: AESGCM, hdr: bytes, aad_prefix: bytes, column: str, rid: bytes, text: str):
+        self.gcm, self.hdr, self.aad_prefix, self.column, self.rid, self.text = gcm, hdr, aad_prefix, column, rid, text
+
+    def __call__(self, a: int, b: int, kind: str) -> str:
+        nonce = os.urandom(NONCE_BYTES)
+        aad = self.aad_prefix + lp(_pii_aad_column(self.column, kind)) + self.rid
+        sealed = self.hdr + nonce + self.gcm.encrypt(nonce, self.text[a:b].encode(), aad)
+        return f"[PII:{kind}:{b64(sealed)}]"
+
+
+def _splice(text: str, spans: list[tuple[int, int, str]], replace: Callable[[int, int, str], str], escape: bool) -> str:
+    pieces, pos = [], 0
+    for a, b, k in spans:
+        gap = text[pos:a]
+        pieces.append(gap.replace("[PII:", "[PII::") if escape else gap)
+        pieces.append(replace(a, b, k))
+        pos = b
+    tail = text[pos:]
+    pieces.append(tail.replace("[PII:", "[PII::") if escape else tail)
+    return "".join(pieces)
+
+
+def reveal_pii(
+    values: pa.Array | pa.ChunkedArray,
+    row_ids: pa.Array | pa.ChunkedArray | Sequence | None,
+    *,
+    table: str,
+    column: str,
+    keyring: KeySource,
+    on_missing_key: OnMissingKey = "raise",
+) -> pa.Array:
+    """Decrypt the inline `[PII:kind:token]` tokens of a text column in place (and unescape "[PII::").
+
+    A token whose tenant key the keyring lacks (or is revoked) raises, or with on_missing_key="keep"
+    stays as it is. A token that does not decrypt here raises DecryptionError. Text without "[PII:"
+    is returned untouched.
+    """
+    values = flat(values)
+    if not is_text(values.type):
+        raise TypeError(f"{table}.{column}: reveal_pii takes a string column, not {values.type}")
+    found = _rows_with_pii(values, row_ids, f"{table}.{column}", "reveal")
+    if found is None:
+        return values
+    texts, hits, rows = found
+    for i in hits:
+        rid_name = rows.name(i)
+
+        def sub(m: re.Match, rid_name: str = rid_name) -> str:
+            if m.group(1) is None:
+                return "[PII:"  # escaped literal
+            parsed = _pii_token(m)
+            if parsed is None:
+                return m.group(0)  # not one of ours: literal text
+            kind, raw, hl, tenant, version = parsed
+            plain = _open_pii(keyring, raw, hl, tenant, version, table, column, kind, rid_name, on_missing_key)
+            return m.group(0) if plain is None else plain
+
+        texts[i] = _PII_TOKEN_RE.sub(sub, texts[i])
+    return pa.array(texts, pa.string())
+
+
+def reseal_pii(
+    values: pa.Array | pa.ChunkedArray,
+    row_ids: pa.Array | pa.ChunkedArray | Sequence | None,
+    *,
+    table: str,
+    column: str,
+    keyring: KeySource,
+) -> tuple[pa.Array, np.ndarray]:
+    """Re-encrypt the inline PII tokens that use a key version other than their tenant's current one.
+
+    returns (values with those tokens replaced, boolean mask of the rows that changed); other text,
+    escapes included, is left byte for byte. Used by re-encryption after a rotation.
+    """
+    values = flat(values)
+    n = len(values)
+    changed = np.zeros(n, dtype=bool)
+    found = _rows_with_pii(values, row_ids, f"{table}.{column}", "re-encrypt") if is_text(values.type) else None
+    if found is None:
+        return values, changed
+    texts, hits, rows = found
+    for i in hits:
+        rid = rows.name(i)
+        row_changed = False
+
+        def sub(m: re.Match, rid: str = rid) -> str:
+            nonlocal row_changed
+            parsed = _pii_token(m)
+            if parsed is None:
+                return m.group(0)
+            kind, raw, hl, tenant, version = parsed
+            current = keyring.current(tenant)
+            if version == current:
+                return m.group(0)
+            plain = _open_pii(keyring, raw, hl, tenant, version, table, column, kind, rid, "raise")
+            keys = derive_keys(keyring, tenant, current)
+            hdr = header(tenant, current, 0)
+            row_changed = True
+            return _PiiSealer(keys.gcm, hdr, hdr + lp(table), column, rid.encode(), plain)(0, len(plain), kind)
+
+        texts[i] = _PII_TOKEN_RE.sub(sub, texts[i])
+        changed[i] = row_changed
+    return pa.array(texts, pa.string()), changed
+
+
+def _rows_with_pii(values: pa.Array, row_ids, what: str, action: str) -> tuple[list, list[int], RowIds] | None:
+    """(texts, indices of the rows holding "[PII:", their row ids) of a text column; None when no
+    row does (so nothing needs row ids)."""
+    if len(values) == 0:
+        return None
+    hits = pc.match_substring(values, "[PII:").fill_null(False).to_numpy(zero_copy_only=False)
+    if not hits.any():
+        return None
+    rows = RowIds(row_ids, len(values))
+    if not rows.present:
+        raise ValueError(f"{what}: row_ids are required to {action} inline PII")
+    return values.to_pylist(), np.flatnonzero(hits).tolist(), rows
+
+
+def _pii_token(m: re.Match) -> tuple[str, bytes, int, str, int] | None:
+    """(kind, stored bytes, header length, tenant, version) of a token match; None for an escape or text
+    that only looks like a token (not base64, or not a stored value of ours)."""
+    if m.group(1) is None:
+        return None
+    kind, token = m.group(1), m.group(2)
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except ValueError:
+        return None
+    if len(raw) < 10 or raw[:3] != MAGIC or raw[3] != FORMAT_VERSION or raw[4] != 0:
+        return None
+    hl = 10 + raw[5]
+    if len(raw) < hl + NONCE_BYTES + TAG_BYTES:
+        return None
+    _, tenant, version = parse_header(raw[:hl])
+    return kind, raw, hl, tenant, version
+
+
+def _open_pii(
+    keyring: KeySource,
+    raw: bytes,
+    hl: int,
+    tenant: str,
+    version: int,
+    table: str,
+    column: str,
+    kind: str,
+    rid: str,
+    on_missing_key: OnMissingKey,
+) -> str | None:
+    """The plaintext of one inline token; None when its key is missing and on_missing_key is "keep"."""
+    try:
+        keys = derive_keys(keyring, tenant, version)
+    except (KeyPermissionError, KeyRevokedError) as e:
+        if on_missing_key == "keep":
+            return None
+        raise type(e)(f"{table}.{column} (inline PII): {e}", tenant, version) from None
+    aad = raw[:hl] + lp(table) + lp(_pii_aad_column(column, kind)) + rid.encode()
+    try:
+        return keys.gcm.decrypt(raw[hl : hl + NONCE_BYTES], raw[hl + NONCE_BYTES :], aad).decode()
+    except InvalidTag:
+        raise DecryptionError(
+            f"{table}.{column} row {rid}: inline PII token does not decrypt here", table, column, rid
+        ) from None

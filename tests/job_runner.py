@@ -1,0 +1,73 @@
+"""Test-only job runner: plugins loaded first, or an engine or sink that fails on cue.
+
+    python -m tests.job_runner SPEC.yaml [--until-drained] [--plugin MODULE ...]
+                               [--crash-on TEXT] [--hang-on TEXT] [--slow-commit-s S]
+
+runs `jobs.run.main` after importing each --plugin module (a toy source or sink registering
+itself, as tests/toy_source.py does), with jobs.pipeline.JobComponents carrying:
+
+    --crash-on TEXT    an engine whose process exits when its batch holds a prompt containing TEXT
+                       (as a segfault or an OOM kill would)
+    --hang-on TEXT     an engine that blocks forever on such a batch (as a stuck kernel would)
+    --slow-commit-s S  a Delta sink whose every commit takes S seconds longer (a slow store)
+
+Production code has no fault hooks: these are subclasses handed to the job like any component.
+The classes are made inside functions, so Ray ships them to the actors by value (the actors do
+not need to import this test package).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+
+from compute.engine import EngineWorker
+from connectors.delta import DeltaSink
+
+
+def failing_engine(crash_on: str | None = None, hang_on: str | None = None) -> type:
+    class FaultyEngine(EngineWorker):
+        def generate(self, requests):
+            prompts = requests.column("prompt").to_pylist()
+            if crash_on and any(crash_on in p for p in prompts):
+                os._exit(70)
+            if hang_on and any(hang_on in p for p in prompts):
+                time.sleep(3600)
+            return super().generate(requests)
+    return FaultyEngine
+
+
+def slow_sink(spec, seconds: float) -> DeltaSink:
+    class SlowDeltaSink(DeltaSink):
+        def commit(self, results, dead, positions):
+            time.sleep(seconds)
+            super().commit(results, dead, positions)
+
+    return SlowDeltaSink.from_spec(spec)
+
+
+def main(argv: list[str]) -> int:
+    from jobs.pipeline import JobComponents
+    from jobs.run import arg_parser, main as run_main
+    from schemas.spec import load_spec
+
+    parser = arg_parser("python -m tests.job_runner")
+    parser.add_argument("--plugin", action="append", default=[], help="module to import before the spec is read")
+    parser.add_argument("--crash-on", default=None)
+    parser.add_argument("--hang-on", default=None)
+    parser.add_argument("--slow-commit-s", type=float, default=0.0)
+    a = parser.parse_args(argv)
+    for module in a.plugin:
+        importlib.import_module(module)
+    components = JobComponents()
+    if a.crash_on or a.hang_on:
+        components.engine = failing_engine(a.crash_on, a.hang_on)
+    if a.slow_commit_s:
+        components.sink = slow_sink(load_spec(a.spec), a.slow_commit_s)
+    return run_main(a.spec, a.until_drained, a.address, a.follow, a.log_format, components=components)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
