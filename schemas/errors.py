@@ -27,6 +27,10 @@ class SourceError(TidegateError):
     """The source cannot be read (broker unreachable, topic missing, ...)."""
 
 
+class SinkError(TidegateError):
+    """The sink's store kept failing a write (after sink.write_attempts tries): the job stops."""
+
+
 class SinkSchemaError(TidegateError):
     """An existing output table has a schema this job cannot write to."""
 

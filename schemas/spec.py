@@ -110,6 +110,9 @@ class KafkaSourceSpec(SourceSettings):
     )
     max_message_bytes: int = Field(default=1_048_576, gt=0, description="Larger values are dead-lettered.")
     poll_timeout_ms: int = Field(default=200, gt=0)
+    connect_timeout_s: float = Field(
+        default=30.0, ge=0, description="At start, how long to keep trying to reach the brokers (with backoff)."
+    )
     session_timeout_ms: int = Field(default=6000, ge=1000)
     revoke_timeout_s: float = Field(
         default=20.0,
@@ -385,6 +388,10 @@ class SinkSpec(_Strict):
     storage_options: dict[str, str] = Field(default_factory=dict)
     commit_interval_s: float = Field(default=1.0, ge=0)
     commit_max_rows: int = Field(default=8192, ge=1)
+    write_attempts: int = Field(
+        default=5, ge=1, description="Tries of one table write on store errors (backoff between); then the job stops."
+    )
+    write_backoff_s: float = Field(default=0.5, ge=0, description="First wait between tries; doubles each time.")
 
 
 class RaySpec(_Strict):

@@ -10,6 +10,10 @@ itself, as tests/toy_source.py does), with jobs.pipeline.JobComponents carrying:
                        (as a segfault or an OOM kill would)
     --hang-on TEXT     an engine that blocks forever on such a batch (as a stuck kernel would)
     --slow-commit-s S  a Delta sink whose every commit takes S seconds longer (a slow store)
+    --flaky-writes K   a Delta sink whose first K table writes fail (every other one lands first,
+                       then fails: the store's answer lost after the commit was made)
+    --broken-store     a Delta sink none of whose writes land (a store that is down for good)
+    --instant-engine   bench/instant_engine.py instead of vLLM (long runs: chaos, soak)
 
 Production code has no fault hooks: these are subclasses handed to the job like any component.
 The classes are made inside functions, so Ray ships them to the actors by value (the actors do
@@ -48,6 +52,25 @@ def slow_sink(spec, seconds: float) -> DeltaSink:
     return SlowDeltaSink.from_spec(spec)
 
 
+def flaky_sink(spec, failures: int | None) -> DeltaSink:
+    """failures=None: every write fails and none lands."""
+
+    class FlakyDeltaSink(DeltaSink):
+        failed = 0
+
+        def _write(self, table, rows, txns):
+            if failures is None:
+                raise OSError("injected store failure (the store is down)")
+            if self.failed < failures:
+                self.failed += 1
+                if self.failed % 2 == 0:
+                    super()._write(table, rows, txns)  # landed, but the answer is lost
+                raise OSError(f"injected store failure {self.failed} of {failures}")
+            super()._write(table, rows, txns)
+
+    return FlakyDeltaSink.from_spec(spec)
+
+
 def main(argv: list[str]) -> int:
     from jobs.pipeline import JobComponents
     from jobs.run import arg_parser, main as run_main
@@ -58,14 +81,23 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--crash-on", default=None)
     parser.add_argument("--hang-on", default=None)
     parser.add_argument("--slow-commit-s", type=float, default=0.0)
+    parser.add_argument("--flaky-writes", type=int, default=0)
+    parser.add_argument("--broken-store", action="store_true")
+    parser.add_argument("--instant-engine", action="store_true")
     a = parser.parse_args(argv)
     for module in a.plugin:
         importlib.import_module(module)
     components = JobComponents()
+    if a.instant_engine:
+        from bench.instant_engine import InstantEngine
+
+        components.engine = InstantEngine
     if a.crash_on or a.hang_on:
         components.engine = failing_engine(a.crash_on, a.hang_on)
     if a.slow_commit_s:
         components.sink = slow_sink(load_spec(a.spec), a.slow_commit_s)
+    if a.flaky_writes or a.broken_store:
+        components.sink = flaky_sink(load_spec(a.spec), None if a.broken_store else a.flaky_writes)
     return run_main(a.spec, a.until_drained, a.address, a.follow, a.log_format, components=components)
 
 

@@ -1,0 +1,72 @@
+"""An instant stand-in for the vLLM engine, for benchmarks and long runs where the model's cost
+would hide everything else (the orchestration ceiling, soak, chaos).
+
+    InstantEngine(model, sampling, ...)   same constructor and methods as compute.engine.EngineWorker
+      generate(REQUEST_SCHEMA table) -> COMPLETION_SCHEMA table, at once
+
+Its output is a fixed phrase of 1..max_tokens words chosen by a hash of the prompt (so outputs
+vary in length, never quote the prompt, and pass the default rules). Nothing is loaded: no vLLM,
+no model directory is read. Used through jobs.pipeline.JobComponents(engine=InstantEngine), never
+by a spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from schemas.records import COMPLETION_SCHEMA
+
+WORDS = ("the", "order", "ships", "soon", "and", "support", "will", "follow", "up", "today")
+
+
+class InstantEngine:
+    def __init__(self, model, sampling: dict[str, Any], chat: bool = True, system=None, json_schema=None,
+                 tensor_parallel_size: int = 1):  # fmt: skip
+        self.max_tokens = int(sampling.get("max_tokens") or 16)
+        self.ready_at = time.monotonic()
+        self.busy_s = 0.0
+        self.batches = 0
+
+    def info(self) -> dict[str, Any]:
+        return {"max_model_len": 4096, "load_s": 0.0, "pid": os.getpid()}
+
+    def model_revision(self) -> str:
+        return "instant-engine"
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def usage(self) -> dict[str, float]:
+        return {"busy_s": self.busy_s, "up_s": time.monotonic() - self.ready_at, "batches": self.batches,
+                "gaps_s": 0.0, "span_s": 0.0}  # fmt: skip
+
+    def generate(self, requests: pa.Table) -> pa.Table:
+        t0 = time.monotonic()
+        prompts = requests.column("prompt").to_pylist()
+        texts, lengths = [], []
+        for p in prompts:
+            k = 1 + hashlib.blake2b(p.encode(), digest_size=2).digest()[0] % self.max_tokens
+            texts.append(" ".join(WORDS[i % len(WORDS)] for i in range(k)) + ".")
+            lengths.append(k)
+        n = requests.num_rows
+        out = pa.table(
+            {
+                "source_partition": requests.column("source_partition"),
+                "source_offset": requests.column("source_offset"),
+                "output_text": pa.array(texts, pa.string()),
+                "finish_reason": pa.array(["stop"] * n, pa.string()),
+                "prompt_tokens": pa.array([max(1, len(p) // 4) for p in prompts], pa.int32()),
+                "completion_tokens": pa.array(lengths, pa.int32()),
+            }
+        )
+        for f in COMPLETION_SCHEMA:
+            if f.name not in out.column_names:
+                out = out.append_column(f.name, pa.nulls(n, f.type))
+        self.busy_s += time.monotonic() - t0
+        self.batches += 1
+        return out.select(COMPLETION_SCHEMA.names).cast(COMPLETION_SCHEMA)

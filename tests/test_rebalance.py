@@ -1,0 +1,132 @@
+"""Replicas of one job sharing a topic through its consumer group, with members joining, leaving,
+killed -9 and timed out mid-stream: after it all, every event is in exactly one table once, and
+each partition's position is at its end (real tansu broker, real jobs, real Delta tables)."""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+
+import polars as pl
+import psutil
+import pytest
+
+from connectors.kafka import create_topic
+from tests.conftest import event, make_spec, send, table_rows, wait_for, write_spec
+
+pytestmark = pytest.mark.slow
+
+PARTITIONS = 8
+
+
+def replica_spec(tmp_path, broker, topic, tiny_model, **over) -> dict:
+    spec = make_spec(
+        tmp_path, broker, topic, tiny_model,
+        **{"sampling.max_tokens": 4, "pool.batch_size": 16, "validation": [], "sink.commit_interval_s": 0.3,
+           "source.kafka.session_timeout_ms": 6000, "source.kafka.heartbeat_interval_ms": 1000},
+    )  # fmt: skip
+    spec["source"]["kafka"]["group_id"] = f"g-{uuid.uuid4().hex[:8]}"
+    for k, v in over.items():
+        spec[k] = v
+    return spec
+
+
+def committed_rows(spec) -> int:
+    return table_rows(spec["sink"]["results"]) + table_rows(spec["sink"]["dead_letter"])
+
+
+def check_exactly_once(spec, n: int, per_partition: dict[int, int]) -> pl.DataFrame:
+    res = pl.read_delta(spec["sink"]["results"])
+    ids = res["id"].to_list()
+    assert len(ids) == len(set(ids)) == n, (len(ids), len(set(ids)), n)
+    assert table_rows(spec["sink"]["dead_letter"]) == 0
+    # Each partition's committed position is its last offset: nothing skipped, nothing left.
+    from deltalake import DeltaTable
+
+    from connectors.delta import txn_app_id
+
+    dt = DeltaTable(spec["sink"]["results"])
+    topic = spec["source"]["kafka"]["topic"]
+    for p, count in per_partition.items():
+        assert dt.transaction_version(txn_app_id(spec["name"], (topic, p))) == count - 1, p
+    return res
+
+
+def produce(broker, n: int) -> tuple[str, dict[int, int]]:
+    topic = f"r-{uuid.uuid4().hex[:10]}"
+    create_topic(broker.bootstrap_servers, topic, partitions=PARTITIONS)
+    # Unkeyed, round robin over the partitions by explicit partition: known counts per partition.
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, acks="all")
+    counts: dict[int, int] = {}
+    for i in range(n):
+        key, value = event(i)
+        p = i % PARTITIONS
+        producer.send(topic, key=key, value=value, partition=p)
+        counts[p] = counts.get(p, 0) + 1
+    producer.flush()
+    producer.close()
+    return topic, counts
+
+
+def stop_all(jobs) -> None:
+    for job in jobs:
+        if job.proc.poll() is None:
+            job.proc.send_signal(signal.SIGTERM)
+    for job in jobs:
+        assert job.wait(180) == 0, job.log()[-4000:]
+
+
+def test_three_replicas_one_killed_one_added_one_leaving(tmp_path, broker, tiny_model, job_processes):
+    """3 replicas on 8 partitions; mid-run one is killed -9, a fourth joins, and one leaves with
+    SIGTERM. Every join and leave is a rebalance that revokes partitions with work in flight."""
+    n = 2400
+    topic, counts = produce(broker, n)
+    spec = replica_spec(tmp_path, broker, topic, tiny_model)
+    path = write_spec(tmp_path, spec)
+    a, b, c = (job_processes(path, until_drained=False) for _ in range(3))
+    wait_for(lambda: committed_rows(spec) >= 200 or any(j.proc.poll() is not None for j in (a, b, c)), 300,
+             what="first commits")  # fmt: skip
+    assert all(j.proc.poll() is None for j in (a, b, c)), a.log()[-3000:]
+    family = [a.pid] + [p.pid for p in a.descendants()]
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait()
+    d = job_processes(path, until_drained=False)  # joins while the group rebalances A's partitions away
+    wait_for(lambda: committed_rows(spec) >= n // 2 or d.proc.poll() is not None, 300, what="half of the events")
+    b.proc.send_signal(signal.SIGTERM)  # leaves cleanly mid-stream: its work in flight is committed
+    assert b.wait(180) == 0, b.log()[-4000:]
+    wait_for(lambda: committed_rows(spec) >= n or c.proc.poll() is not None or d.proc.poll() is not None, 400,
+             what="every event committed")  # fmt: skip
+    stop_all([c, d])
+    check_exactly_once(spec, n, counts)
+    logs = "".join(j.log() for j in (b, c, d))
+    assert "partitions revoked" in logs and "partitions assigned" in logs
+    assert "User rebalance callback throws an error" not in logs and "Cannot block on net.run()" not in logs
+    # No orphans of the killed replica: its local Ray went with it (the reaper).
+    wait_for(lambda: not [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"],
+             60, what="the killed replica's processes to exit")  # fmt: skip
+
+
+def test_a_replica_whose_session_timed_out_rejoins_without_duplicates(tmp_path, broker, tiny_model, job_processes):
+    """Replica A is frozen (SIGSTOP) past the session timeout: the group hands its partitions to B
+    while A still holds work in flight. When A wakes up its partitions are lost: what it had is
+    dropped or fenced, never written twice."""
+    n = 1600
+    topic, counts = produce(broker, n)
+    spec = replica_spec(tmp_path, broker, topic, tiny_model)
+    path = write_spec(tmp_path, spec)
+    a, b = job_processes(path, until_drained=False), job_processes(path, until_drained=False)
+    wait_for(lambda: committed_rows(spec) >= 150 or a.proc.poll() is not None or b.proc.poll() is not None, 300,
+             what="first commits")  # fmt: skip
+    a.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(15)  # 2.5 session timeouts: B owns every partition now
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: committed_rows(spec) >= n or a.proc.poll() is not None or b.proc.poll() is not None, 400,
+             what="every event committed")  # fmt: skip
+    stop_all([a, b])
+    check_exactly_once(spec, n, counts)
+    assert "partitions lost" in a.log() or "moved under this job" in a.log(), a.log()[-4000:]
