@@ -92,6 +92,8 @@ def soak(events: int, partitions: int, sample_s: float, workdir: Path, log=print
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT)
         rss: dict[str, list[tuple[float, float]]] = {}
         started = time.monotonic()
+        first_commit_s = None
+        first_log = Path(spec["sink"]["results"]) / "_delta_log" / f"{1:020d}.json"
         try:
             while proc.poll() is None:
                 now = time.monotonic() - started
@@ -108,6 +110,8 @@ def soak(events: int, partitions: int, sample_s: float, workdir: Path, log=print
                         pass
                 for role, mb in per_role.items():
                     rss.setdefault(role, []).append((now, mb))
+                if first_commit_s is None and first_log.exists():
+                    first_commit_s = now  # steady state from here: imports and start-up are done
                 time.sleep(sample_s)
         finally:
             if proc.poll() is None:
@@ -143,12 +147,16 @@ def soak(events: int, partitions: int, sample_s: float, workdir: Path, log=print
                 "open_ms": round(open_ms, 1),
             },
             "latency_by_tenth": deciles[:10],
+            "first_commit_s": None if first_commit_s is None else round(first_commit_s, 1),
             "rss": {
                 role: {
                     "start_mb": round(pts[0][1], 1),
                     "end_mb": round(pts[-1][1], 1),
                     "peak_mb": round(max(mb for _, mb in pts), 1),
-                    "slope_second_half_mb_per_min": round(slope_mb_per_min(pts[len(pts) // 2 :]), 2),
+                    # the slope once the job is past its start-up (after the first commit), and
+                    # over the second half of that steady part
+                    "slope_steady_mb_per_min": round(slope_mb_per_min(steady := [p for p in pts if p[0] >= (first_commit_s or 0)]), 2),
+                    "slope_second_half_mb_per_min": round(slope_mb_per_min(steady[len(steady) // 2 :]), 2),
                     "samples": len(pts),
                 }
                 for role, pts in sorted(rss.items())
@@ -162,8 +170,7 @@ def soak(events: int, partitions: int, sample_s: float, workdir: Path, log=print
 def _produce(bootstrap: str, topic: str, n: int) -> None:
     from kafka import KafkaProducer
 
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=256 * 1024,
-                             compression_type="lz4")  # fmt: skip
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, batch_size=256 * 1024)
     for i in range(n):
         value = f'{{"id": "s{i:08d}", "user": "user-{i % 97}", "question": "status of order {i}?"}}'.encode()
         producer.send(topic, key=str(i).encode(), value=value)

@@ -167,7 +167,17 @@ class KafkaSource:
                 future.failure(e)
 
         threading.Thread(target=work, name="tidegate-rebalance", daemon=True).start()
-        return await future
+        try:
+            from kafka.net.selector import KernelEvent  # kafka-python 3's own sleep
+        except ImportError:
+            return await future
+        # A Future resolved on another thread wakes its awaiter only at the loop's next tick (1 s):
+        # short sleeps on the loop notice it sooner, and heartbeats run in between.
+        while not future.is_done:
+            await KernelEvent("_sleep", 0.02)
+        if future.exception is not None:
+            raise future.exception
+        return future.value
 
     def seek_to(self, tps: list[TopicPartition], positions: Mapping[TopicPartition, int | None]) -> None:
         owned = self.consumer.assignment()
@@ -335,7 +345,9 @@ class KafkaSource:
 
 def _log_mirror_failure(offsets, response) -> None:
     if isinstance(response, Exception):
-        log.warning("could not mirror positions to the consumer group (harmless): %s", response)
+        # During a rebalance the group refuses commits: expected, and the next commit mirrors again.
+        level = logging.INFO if "Rebalance" in type(response).__name__ else logging.WARNING
+        log.log(level, "could not mirror positions to the consumer group (harmless): %s", type(response).__name__)
 
 
 def kafka_end_offsets(

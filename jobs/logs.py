@@ -174,6 +174,19 @@ def configure_json_logging(level: str | None = None, run_id: str | None = None, 
     handler.setFormatter(JsonLogFormatter(run_id))
     handler.addFilter(redact)
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    quiet_libraries()
+    return handler
+
+
+def quiet_libraries() -> None:
+    """Libraries that talk a lot log warnings and errors only."""
     for noisy in ("kafka", "ray", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return handler
+    logging.getLogger("kafka.coordinator.consumer").addFilter(_quiet_async_listener)
+
+
+def _quiet_async_listener(record: logging.LogRecord) -> bool:
+    """kafka-python warns when a rebalance listener takes over 1 s, assuming it blocks heartbeats.
+    Tidegate's listener is asynchronous (connectors/kafka.py): finishing work in flight may take
+    longer, and heartbeats go on meanwhile. Drop that one warning."""
+    return not str(record.msg).startswith("Rebalance listener %s.%s for group %s took")

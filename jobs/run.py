@@ -28,8 +28,9 @@ def configure_logging(level: str | None = None) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
     )
-    for noisy in ("kafka", "ray", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from jobs.logs import quiet_libraries
+
+    quiet_libraries()
 
 
 def load_job_spec(path: str | Path) -> JobSpec:

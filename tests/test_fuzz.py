@@ -6,7 +6,6 @@ never crashes, every record lands in exactly one table, and no message quotes an
 from __future__ import annotations
 
 import json
-import random
 
 import polars as pl
 import pyarrow as pa

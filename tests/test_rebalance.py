@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from connectors.kafka import create_topic
-from tests.conftest import event, make_spec, send, table_rows, wait_for, write_spec
+from tests.conftest import event, make_spec, table_rows, wait_for, write_spec
 
 pytestmark = pytest.mark.slow
 
