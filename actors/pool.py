@@ -1,13 +1,19 @@
-"""A pool of engine actors on Ray, fed with a bounded number of batches each.
+"""A pool of engine actors on Ray, each with `pool.batches_in_flight` batches inside its engine.
 
-Each actor holds one vLLM engine (loaded once) and runs one batch at a time; the pool keeps
-`batches_in_flight` batches queued per actor so the engine starts the next batch as soon as
-it finishes one. Submission is bounded: `has_capacity()` is False when every actor has its
-queue full, which is how backpressure reaches the Kafka consumer.
+    submit(requests, rows, tag)   requests: a REQUEST_SCHEMA table or an object ref to one
+    collect(timeout_s)            -> [(tag, Completions)]: per batch, an object ref to its
+                                  COMPLETION_SCHEMA table (rows in request order) and its counts
+
+Each actor is async (compute.engine.EngineWorker.run_batch): every batch it holds is inside the
+engine at once, and the engine batches continuously across them. The completions stay in the
+object store (fetched to the driver's node, not into the driver process) for the stage workers.
+Submission is bounded: `has_capacity()` is False when every actor holds its share, which is how
+backpressure reaches the source.
 
 Failures: a dead engine is restarted and its batches re-run; a batch that fails twice, or runs
-past pool.batch_timeout_s (a hang), is quarantined and split until the row at fault is alone
-(`engine_crash` / `engine_hang`). Scaling: `autoscale(backlog)` between min_actors and
+past pool.batch_timeout_s (a hang: the call is cancelled, which aborts its rows in the engine, and
+an engine that stopped answering is restarted), is quarantined and split until the row at fault
+is alone (`engine_crash` / `engine_hang`). Scaling: `autoscale(backlog)` between min_actors and
 max_actors. Tensor parallelism: one STRICT_PACK placement group per engine.
 """
 
@@ -34,14 +40,22 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Completions:
+    """A batch's completions: where they are, and their counts (so the driver never reads them)."""
+
+    ref: Any  # object ref to the COMPLETION_SCHEMA table, rows in request order
+    rows: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
 class _Slot:
     actor: Any
     in_flight: int = 0
-    # Calls in submission order: a (synchronous) actor runs them one at a time in that order, so
-    # the head is the one running, since head_since.
-    queue: deque = field(default_factory=deque)
-    head_since: float = 0.0
-    idle_since: float = field(default_factory=time.monotonic)  # when its queue last emptied
+    idle_since: float = field(default_factory=time.monotonic)  # when its last call finished
+    ready_at: float = 0.0  # restarted: its calls' clocks start once it has loaded again
+    probe: tuple[Any, float] | None = None  # (ping ref, sent at): is a suspected engine still answering?
     pg: Any = None  # its placement group (tensor parallel engines)
 
 
@@ -50,8 +64,8 @@ class _Batch:
     """A batch as the job submitted it; it may run as several parts after a crash."""
 
     tag: Any
-    requests: pa.Table
-    done: dict[int, pa.Table] = field(default_factory=dict)  # first row -> completions of that part
+    requests: Any  # the REQUEST_SCHEMA table, or an object ref to it
+    done: dict[int, tuple[dict, Any]] = field(default_factory=dict)  # first row -> (counts, completions ref)
     open_parts: int = 0
 
 
@@ -59,10 +73,19 @@ class _Batch:
 class _Part:
     batch: _Batch
     start: int  # row of batch.requests where this part begins
-    requests: pa.Table
+    requests: Any  # table or object ref
+    rows: int
     alone: bool = False  # ran with nothing else on the pool: a failure is its own fault
     attempts: int = 0  # failures while alone
     hung: bool = False  # the last failure was a timeout, not a dead process
+
+
+@dataclass
+class _Call:
+    slot: _Slot
+    part: _Part
+    counts: Any  # object ref to the counts dict (the call's first return)
+    sent: float
 
 
 class EngineHang(Exception):
@@ -77,17 +100,19 @@ class EnginePool:
         self.json_schema = json_schema  # constrain generation to it (structured outputs)
         self.engine_cls = engine_cls
         self.slots: list[_Slot] = []
-        self._pending: dict[ray.ObjectRef, tuple[_Slot, _Part]] = {}
+        self._pending: dict[ray.ObjectRef, _Call] = {}  # completions ref -> the call
         self._suspects: deque[_Part] = deque()  # quarantined parts, run one at a time
-        self._finished: list[tuple[Any, pa.Table]] = []
+        self._finished: list[tuple[Any, Completions]] = []
         self.max_model_len: int | None = None
         self.model_revision: str | None = None
         self._restart_grace_s = 60.0  # set from the measured engine load time in start()
+        self.stuck_after_s = 10.0  # a suspected engine that does not answer a ping this long is restarted
         self.fixed_cluster = False
         self._actor_options: dict[str, Any] = {}
         self._starting: tuple[_Slot, Any, float] | None = None  # an engine being added (scale up)
         self._backlog_since: float | None = None
         self._told_full = False
+        self._usage_refs: list | None = None
 
     def start(self, fixed_cluster: bool = False) -> None:
         """Start the engine actors and wait until each has loaded its engine.
@@ -116,6 +141,8 @@ class EnginePool:
             # comes from the commit protocol.
             max_restarts=-1,
             max_task_retries=1,
+            # Async actor: every batch it holds is inside the engine at once (continuous batching).
+            max_concurrency=max(4, 2 * pool.batches_in_flight),
         )
         if pool.tensor_parallel_size > 1:
             # The engine actor holds no GPU itself: vLLM's Ray executor starts one worker per GPU
@@ -200,7 +227,7 @@ class EnginePool:
             self._backlog_since = None
         if len(self.slots) > pool.min_engines and self._starting is None and not self._suspects:
             for slot in reversed(self.slots[1:]):  # slot 0 runs quarantined parts: keep it
-                if not slot.queue and now - slot.idle_since >= pool.scale_down_after_s:
+                if not slot.in_flight and now - slot.idle_since >= pool.scale_down_after_s:
                     self.slots.remove(slot)
                     self._kill(slot)
                     log.info("engine pool: idle for %.0fs, down to %d engine(s)", pool.scale_down_after_s, len(self.slots))
@@ -295,89 +322,111 @@ class EnginePool:
         """The calls running now (for a wait shared with other stages)."""
         return list(self._pending)
 
-    def submit(self, requests: pa.Table, tag: Any) -> None:
+    def submit(self, requests: Any, rows: int, tag: Any) -> None:
+        """requests: a REQUEST_SCHEMA table or an object ref to one (rows: its row count)."""
         batch = _Batch(tag, requests, open_parts=1)
         slot = min(self.slots, key=lambda s: s.in_flight)
-        self._call(slot, slot.actor.generate.remote(requests), _Part(batch, 0, requests))
+        self._call(slot, _Part(batch, 0, requests, rows))
 
-    def _call(self, slot: _Slot, ref: ray.ObjectRef, part: _Part) -> None:
+    def _call(self, slot: _Slot, part: _Part, retries: int | None = None) -> None:
+        method = slot.actor.run_batch.options(num_returns=2)
+        if retries is not None:
+            method = slot.actor.run_batch.options(num_returns=2, max_task_retries=retries)
+        counts, table = method.remote(part.requests)
         slot.in_flight += 1
-        if not slot.queue:
-            slot.head_since = max(slot.head_since, time.monotonic())
-        slot.queue.append(ref)
-        self._pending[ref] = (slot, part)
+        self._pending[table] = _Call(slot, part, counts, time.monotonic())
 
-    def _done(self, slot: _Slot, ref: ray.ObjectRef) -> None:
-        slot.in_flight -= 1
-        was_head = slot.queue and slot.queue[0] == ref
-        try:
-            slot.queue.remove(ref)
-        except ValueError:
-            pass
-        if was_head:
-            slot.head_since = max(slot.head_since, time.monotonic())
-        if not slot.queue:
-            slot.idle_since = time.monotonic()
+    def _done(self, call: _Call) -> None:
+        call.slot.in_flight -= 1
+        if not call.slot.in_flight:
+            call.slot.idle_since = time.monotonic()
 
-    def collect(self, timeout_s: float) -> list[tuple[Any, pa.Table]]:
-        """Completed batches as (tag, COMPLETION_SCHEMA table, rows in request order).
+    def collect(self, timeout_s: float) -> list[tuple[Any, Completions]]:
+        """Completed batches as (tag, Completions), waiting up to timeout_s for one to finish.
 
-        Waits up to timeout_s for something to finish. A batch that failed twice (its engine
-        process died, e.g. on a row that crashes it) goes to quarantine: new work waits, and once
-        nothing else runs, quarantined parts run one at a time, alone, so a failure is their own.
-        A failing part is split in halves down to single rows; a single row that fails alone
-        pool.max_attempts times comes back as an `engine_crash` error row.
+        A batch that failed twice (its engine process died, e.g. on a row that crashes it) goes to
+        quarantine: new work waits, and once nothing else runs, quarantined parts run one at a
+        time, alone, so a failure is their own. A failing part is split in halves down to single
+        rows; a single row that fails alone pool.max_attempts times comes back as an
+        `engine_crash` error row.
         """
-        if not self._pending and self._suspects:
+        self._check_stuck()
+        if not self._pending and self._suspects and self.slots[0].probe is None:
             self._run_alone(self._suspects.popleft())
         if not self._pending:
             return []
+        # fetch_local: the completions are copied to this node's object store (where the stage
+        # workers read them), not into this process; a lost engine node cannot take them along.
         ready, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=timeout_s, fetch_local=True)
         for ref in ready:
-            slot, part = self._pending.pop(ref)
-            self._done(slot, ref)
+            call = self._pending.pop(ref)
+            self._done(call)
             try:
-                self._resolve(part, ray.get(ref))
+                counts = ray.get(call.counts)
             except (RayActorError, RayTaskError) as e:
-                part.hung = False
-                self._failed(part, e)
+                call.part.hung = False
+                self._failed(call.part, e)
+                continue
+            self._resolve(call.part, counts, ref)
         self._check_hangs()
         finished, self._finished = self._finished, []
         return finished
 
+    def _check_stuck(self) -> None:
+        """An engine suspected after a hang that does not answer a ping within stuck_after_s is
+        stuck (a blocked kernel, not a slow row): it is restarted."""
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.probe is None:
+                continue
+            ping, sent = slot.probe
+            if ray.wait([ping], timeout=0)[0]:
+                slot.probe = None
+            elif now - sent > self.stuck_after_s:
+                log.warning("an engine did not answer for %.0fs: restarting it", now - sent)
+                ray.kill(slot.actor, no_restart=False)
+                slot.probe = None
+                slot.ready_at = now + self._restart_grace_s
+
     def _check_hangs(self) -> None:
-        """A call running longer than pool.batch_timeout_s: cancel it (so Ray does not run it
-        again), restart its engine, and treat it as a failed part (quarantine, then isolation)."""
+        """A call running longer than pool.batch_timeout_s is cancelled (the engine aborts its rows
+        and goes on with the others) and treated as a failed part (quarantine, then isolation);
+        the engine is probed (_check_stuck)."""
+        now = time.monotonic()
         limit = self.spec.pool.batch_timeout_s
         if limit is None:
             return
-        now = time.monotonic()
-        for slot in self.slots:
-            if not slot.queue or now - slot.head_since <= limit:
+        for ref, call in list(self._pending.items()):
+            started = max(call.sent, call.slot.ready_at)
+            if now - started <= limit:
                 continue
-            ref = slot.queue[0]
-            _, part = self._pending.pop(ref)
-            self._done(slot, ref)
+            del self._pending[ref]
+            self._done(call)
             log.warning(
-                "a batch of %d row(s) ran over pool.batch_timeout_s=%gs: restarting its engine",
-                part.requests.num_rows, limit,
+                "a batch of %d row(s) ran over pool.batch_timeout_s=%gs: cancelled", call.part.rows, limit
             )  # fmt: skip
-            ray.cancel(ref)  # a cancelled call is not retried on the restarted actor
-            ray.kill(slot.actor, no_restart=False)
-            slot.head_since = now + self._restart_grace_s
-            part.hung = True
-            self._failed(part, EngineHang(f"ran over pool.batch_timeout_s={limit:g}s"))
+            ray.cancel(ref)  # aborts its rows in the engine; a cancelled call is not retried
+            if call.slot.probe is None:
+                call.slot.probe = (call.slot.actor.ping.remote(), now)
+            call.part.hung = True
+            self._failed(call.part, EngineHang(f"ran over pool.batch_timeout_s={limit:g}s"))
 
-    def _resolve(self, part: _Part, completions: pa.Table) -> None:
+    def _resolve(self, part: _Part, counts: dict, ref: Any) -> None:
         batch = part.batch
-        batch.done[part.start] = completions
+        batch.done[part.start] = (counts, ref)
         batch.open_parts -= 1
-        if not batch.open_parts:
-            parts = [batch.done[k] for k in sorted(batch.done)]
-            self._finished.append((batch.tag, parts[0] if len(parts) == 1 else pa.concat_tables(parts)))
+        if batch.open_parts:
+            return
+        parts = [batch.done[k] for k in sorted(batch.done)]
+        if len(parts) == 1:
+            counts, ref = parts[0]
+        else:  # isolated after a failure: the parts' tables, joined in row order (a rare path)
+            ref = ray.put(pa.concat_tables(ray.get([r for _, r in parts])))
+            counts = {k: sum(c[k] for c, _ in parts) for k in ("rows", "prompt_tokens", "completion_tokens")}
+        self._finished.append((batch.tag, Completions(ref, counts["rows"], counts["prompt_tokens"], counts["completion_tokens"])))
 
     def _failed(self, part: _Part, err: Exception) -> None:
-        n = part.requests.num_rows
+        n = part.rows
         if not part.alone:
             log.warning("engine failed twice on a batch of %d row(s), quarantined: %s", n, first_line(err))
             self._suspects.append(part)
@@ -385,12 +434,14 @@ class EnginePool:
         part.attempts += 1
         log.warning("engine failed on %d quarantined row(s) (attempt %d): %s", n, part.attempts, first_line(err))
         if n > 1:  # split: the half without the culprit succeeds, the other is split again
+            requests = _table(part.requests)
             half = n // 2
             part.batch.open_parts += 1
-            self._suspects.appendleft(_Part(part.batch, part.start + half, part.requests.slice(half)))
-            self._suspects.appendleft(_Part(part.batch, part.start, part.requests.slice(0, half)))
+            self._suspects.appendleft(_Part(part.batch, part.start + half, requests.slice(half), n - half))
+            self._suspects.appendleft(_Part(part.batch, part.start, requests.slice(0, half), half))
         elif part.attempts >= self.spec.pool.max_attempts:
-            self._resolve(part, crash_rows(part.requests, part.attempts, hung=part.hung))
+            rows = crash_rows(_table(part.requests), part.attempts, hung=part.hung)
+            self._resolve(part, {"rows": rows.num_rows, "prompt_tokens": 0, "completion_tokens": 0}, ray.put(rows))
         else:
             self._suspects.appendleft(part)
 
@@ -400,13 +451,13 @@ class EnginePool:
         # retry and nothing beside it.
         ray.get(slot.actor.ping.options(max_task_retries=-1).remote(), timeout=self.spec.pool.actor_start_timeout_s)
         part.alone = True
-        slot.head_since = time.monotonic()
-        self._call(slot, slot.actor.generate.options(max_task_retries=0).remote(part.requests), part)
+        slot.ready_at = time.monotonic()
+        self._call(slot, part, retries=0)
 
     def drop_pending(self) -> None:
         """Forget in-flight batches (their results will be ignored; the work is read again)."""
-        for ref, (slot, _) in self._pending.items():
-            self._done(slot, ref)
+        for ref, call in self._pending.items():
+            self._done(call)
             try:
                 ray.cancel(ref)
             except Exception:  # already finished or not cancellable: the result is ignored anyway
@@ -414,8 +465,23 @@ class EnginePool:
         self._pending.clear()
         self._suspects.clear()
 
+    def poll_usage(self) -> list[dict[str, float]] | None:
+        """Non-blocking: the engines' usage once their answers to the last request are in (then a
+        new request goes out on the next call); None meanwhile."""
+        refs = self._usage_refs
+        if refs is None:
+            self._usage_refs = [s.actor.usage.remote() for s in self.slots]
+            return None
+        if len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) < len(refs):
+            return None
+        self._usage_refs = None
+        try:
+            return ray.get(refs)
+        except Exception:  # an engine restarting: next time
+            return None
+
     def usage(self, timeout_s: float = 10.0) -> list[dict[str, float]]:
-        """Per-actor busy/up time; empty if the actors cannot answer in time."""
+        """Per-actor usage (compute.engine.EngineWorker.usage); empty if the actors cannot answer in time."""
         try:
             return ray.get([s.actor.usage.remote() for s in self.slots], timeout=timeout_s)
         except Exception as e:  # reporting only: never fail a run over it
@@ -431,6 +497,10 @@ class EnginePool:
         self.slots = []
         self._pending.clear()
         self._suspects.clear()
+
+
+def _table(requests: Any) -> pa.Table:
+    return requests if isinstance(requests, pa.Table) else ray.get(requests)
 
 
 def crash_rows(requests: pa.Table, attempts: int, hung: bool = False) -> pa.Table:

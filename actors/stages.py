@@ -1,10 +1,14 @@
 """The per-row CPU stages as Ray actors, so the engines never wait on the job loop.
 
     StageWorker (spec.stages.actors of them)
-      render(src, skip)                      SOURCE_SCHEMA -> RenderedBatch (requests + dead letters)
-      assemble(config, src, requests,        -> Assembled (results, dead letters, retries);
+      render(src, skip)                      SOURCE_SCHEMA -> (counts, requests, BatchOutput, carried)
+      assemble(config, src, requests,        -> (counts, BatchOutput, retries or None)
                completions, carried)            config: lineage columns + embedders, one stored object
-    StagePool (in the driver)                calls go to the least busy worker, results come back tagged
+    StagePool (in the driver)                calls go to the least busy worker; (tag, counts, refs) come back
+
+Every call has several returns (Ray's num_returns): small counts the driver reads (rows, rule
+failures, retries) and the tables, which stay in the object store as refs that the driver only
+passes on (to the engines, to assemble, to the commit writer). The driver never reads a table.
 
 The commit writer (encryption and the commits) is actors/writer.py.
 
@@ -35,7 +39,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from actors.remote import actor_error, cause, kill, on_driver_node, wait_started
 from actors.writer import job_schemas
-from compute.assemble import Assembled, BatchAssembler
+from compute.assemble import Assembled, BatchAssembler, BatchOutput
 from compute.prompts import PromptRenderer, RenderedBatch
 from compute.validation import Validator
 from crypto.stage import EncryptionStage
@@ -74,17 +78,22 @@ class StageWorker:
             self.assembler = BatchAssembler(self.spec, self.validator, self.results_schema, self.run_id, config["lineage"])
         return self.assembler
 
-    def render(self, src: pa.Table, skip: dict[TopicPartition, set[int]]) -> RenderedBatch:
+    def render(self, src: pa.Table, skip: dict[TopicPartition, set[int]]) -> tuple[dict, pa.Table, BatchOutput, dict]:
         def done(topic: str, partition: int, offset: int) -> bool:
             offsets = skip.get((topic, partition))
             return bool(offsets) and offset in offsets
 
-        return self.renderer.render(src, skip=done if skip else None)
+        r: RenderedBatch = self.renderer.render(src, skip=done if skip else None)
+        counts = {"requests": r.requests.num_rows, "dead": r.dead.num_rows}
+        return counts, r.requests, BatchOutput(self.results_schema.empty_table(), r.dead), r.carried or {}
 
     def assemble(
         self, config: dict, src: pa.Table, requests: pa.Table, completions: pa.Table, carried: dict
-    ) -> Assembled:
-        return self._configure(config).assemble(src, requests, completions, carried)
+    ) -> tuple[dict, BatchOutput, pa.Table | None]:
+        a: Assembled = self._configure(config).assemble(src, requests, completions, carried)
+        retries = a.retries if a.retries is not None and a.retries.num_rows else None
+        counts = {"rule_failures": a.rule_failures, "retries": 0 if retries is None else retries.num_rows}
+        return counts, a.output, retries
 
 
 class StagePool:
@@ -120,29 +129,31 @@ class StagePool:
     def waitable(self) -> list:
         return list(self._pending)
 
-    def render(self, src: pa.Table, skip: dict, tag: Any) -> None:
-        self._call("render", tag, src, skip)
+    def render(self, src: Any, skip: dict, tag: Any) -> None:
+        """src: the SOURCE_SCHEMA table's ref. Comes back as (tag, counts, [requests, output, carried])."""
+        self._call("render", 4, tag, src, skip)
 
-    def assemble(self, src: pa.Table, requests: pa.Table, completions: pa.Table, carried: dict, tag: Any) -> None:
-        self._call("assemble", tag, self._config, src, requests, completions, carried)
+    def assemble(self, src: Any, requests: Any, completions: Any, carried: Any, tag: Any) -> None:
+        """Refs in; comes back as (tag, counts, [output, retries])."""
+        self._call("assemble", 3, tag, self._config, src, requests, completions, carried)
 
-    def _call(self, method: str, tag: Any, *args) -> None:
+    def _call(self, method: str, returns: int, tag: Any, *args) -> None:
         i = min(range(len(self.workers)), key=self._load.__getitem__)
-        ref = getattr(self.workers[i], method).remote(*args)
+        counts, *refs = getattr(self.workers[i], method).options(num_returns=returns).remote(*args)
         self._load[i] += 1
-        self._pending[ref] = (i, tag)
+        self._pending[counts] = (i, tag, refs)
 
-    def collect(self, timeout_s: float) -> list[tuple[Any, Any]]:
-        """(tag, result) of the calls that finished, waiting up to timeout_s for them."""
+    def collect(self, timeout_s: float) -> list[tuple[Any, dict, list]]:
+        """(tag, counts, refs) of the calls that finished, waiting up to timeout_s for them."""
         if not self._pending:
             return []
         done, _ = ray.wait(list(self._pending), num_returns=len(self._pending), timeout=timeout_s)
         out = []
         for ref in done:
-            i, tag = self._pending.pop(ref)
+            i, tag, refs = self._pending.pop(ref)
             self._load[i] -= 1
             try:
-                out.append((tag, ray.get(ref)))
+                out.append((tag, ray.get(ref), refs))
             except RayTaskError as e:  # first: it may wrap a RayActorError of another actor (embedding)
                 raise cause(e) from None  # a bug in a stage (or a custom rule): the job fails, loudly
             except RayActorError as e:

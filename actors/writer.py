@@ -4,8 +4,9 @@
       open()                                 create or check the sink's tables (fails before any work)
       resume(tps) -> (positions, windows)    the sink's committed positions and repair windows
       forget(tps)                            partitions given away
-      write(results, dead, positions, rec)   plain rows -> Sink.prepare -> EncryptionStage -> Sink.commit
-                                             -> CommitReport (with the commit's CommitTotals)
+      write(outputs, positions, rec)         the batches' BatchOutput refs -> plain rows -> Sink.prepare
+                                             -> EncryptionStage -> Sink.commit -> CommitReport (with the
+                                             commit's CommitTotals)
       append_runs_row()                      the runs-table row of the last commit (after it is booked)
     CommitWriterClient (in the driver)       blocking calls for positions; at most one write in flight
 
@@ -72,7 +73,7 @@ class CommitWriter:
     def __init__(self, spec: JobSpec, sink: Sink | None = None):
         """sink: the job's sink object (default: the spec's sink.kind, from the registry)."""
         self.encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
-        _, self.stored_results, self.stored_dead = job_schemas(self.encryption)
+        self.plain_results, self.stored_results, self.stored_dead = job_schemas(self.encryption)
         self.sink = sink if sink is not None else open_sink(spec)
         self.sink.use_schemas(self.stored_results, self.stored_dead)
         self.runs = self.sink.history()
@@ -97,7 +98,16 @@ class CommitWriter:
     def forget(self, tps: list[TopicPartition]) -> None:
         self.sink.forget(tps)
 
-    def write(self, results: pa.Table, dead: pa.Table, positions: dict, record: dict | None) -> CommitReport:
+    def write(self, outputs: list, positions: dict, record: dict | None) -> CommitReport:
+        """outputs: object refs to the committed batches' BatchOutput objects (the driver only
+        routes them): their rows are joined here."""
+        parts = ray.get(outputs)
+        results = pa.concat_tables([p.results for p in parts]) if parts else self.plain_results.empty_table()
+        dead = pa.concat_tables([p.dead for p in parts]) if parts else DEAD_LETTER_SCHEMA.empty_table()
+        return self.write_tables(results, dead, positions, record)
+
+    def write_tables(self, results: pa.Table, dead: pa.Table, positions: dict, record: dict | None) -> CommitReport:
+        """The commit itself, from plain results and dead-letter tables."""
         if not self._resumed:
             raise WriterRestarted("the commit writer was restarted since the positions were read")
         t0 = time.monotonic()
@@ -153,8 +163,11 @@ class CommitWriterClient:
     def resume(self, tps: list[TopicPartition]):
         return self._get(self._idempotent("resume", list(tps)))
 
-    def forget(self, tps: list[TopicPartition]) -> None:
-        self._get(self._idempotent("forget", list(tps)))
+    def forget(self, tps: list[TopicPartition], wait: bool = True) -> None:
+        """wait=False: queued behind the commit in flight, not awaited."""
+        ref = self._idempotent("forget", list(tps))
+        if wait:
+            self._get(ref)
 
     def append_run_row(self, row: dict, timeout_s: float = 30.0) -> None:
         try:
@@ -180,9 +193,10 @@ class CommitWriterClient:
     def busy(self) -> bool:
         return self._writing is not None
 
-    def write(self, results: pa.Table, dead: pa.Table, positions: dict, record: dict | None, tag: Any) -> None:
+    def write(self, outputs: list, positions: dict, record: dict | None, tag: Any) -> None:
+        """outputs: object refs to BatchOutput objects; the writer reads them, not the driver."""
         assert self._writing is None, "one commit at a time"
-        self._writing = (self.actor.write.remote(results, dead, positions, record), tag)
+        self._writing = (self.actor.write.remote(outputs, positions, record), tag)
 
     def append_runs_row(self) -> None:
         """Queue the last commit's runs-table row at the writer (before any later commit)."""

@@ -19,6 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from compute.engine import completion_counts
 from schemas.records import COMPLETION_SCHEMA
 
 WORDS = ("the", "order", "ships", "soon", "and", "support", "will", "follow", "up", "today")
@@ -33,7 +34,7 @@ class InstantEngine:
         self.batches = 0
 
     def info(self) -> dict[str, Any]:
-        return {"max_model_len": 4096, "load_s": 0.0, "pid": os.getpid()}
+        return {"max_model_len": 4096, "load_s": 0.0, "pid": os.getpid(), "max_num_seqs": 1 << 20, "prefix_caching": False}
 
     def model_revision(self) -> str:
         return "instant-engine"
@@ -42,8 +43,16 @@ class InstantEngine:
         return os.getpid()
 
     def usage(self) -> dict[str, float]:
-        return {"busy_s": self.busy_s, "up_s": time.monotonic() - self.ready_at, "batches": self.batches,
-                "gaps_s": 0.0, "span_s": 0.0}  # fmt: skip
+        up = time.monotonic() - self.ready_at
+        return {"busy_s": self.busy_s, "up_s": up, "idle_s": up - self.busy_s, "span_s": up, "occupancy_s": 0.0,
+                "batches": self.batches, "prompt_tokens": 0, "cached_tokens": 0}  # fmt: skip
+
+    async def run_batch(self, requests: pa.Table) -> tuple[dict, pa.Table]:
+        table = self.generate(requests)
+        return completion_counts(table), table
+
+    async def complete(self, requests: pa.Table) -> pa.Table:
+        return self.generate(requests)
 
     def generate(self, requests: pa.Table) -> pa.Table:
         t0 = time.monotonic()

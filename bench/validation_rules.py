@@ -67,6 +67,7 @@ def batch(texts: list[str]) -> tuple[pa.Table, pa.Table]:
             "first_prompt": [None] * n,
             "context": [DOCS] * n,
             "tenant": [None] * n,
+            "max_tokens": [None] * n,
         },
         schema=REQUEST_SCHEMA,
     )

@@ -1,19 +1,35 @@
-"""The inference engine: one vLLM engine, loaded once, turning prompts into completions.
+"""The inference engine: one vLLM engine, loaded once, batching continuously across batches.
 
-    in : REQUEST_SCHEMA table (id, prompt, source_partition, source_offset, ...)
-    out: COMPLETION_SCHEMA table, one row per request, in the same order:
-         output_text, finish_reason, token counts; or error_stage/error_class/error
+    submit(key, requests, done)  REQUEST_SCHEMA table in; done(COMPLETION_SCHEMA table) once its last
+                                 row finished (or done(exception) if the engine failed)
+    complete(requests)           the same, awaited (the Ray actor's method: several batches at once)
+    generate(requests)           the same, blocking (a process without Ray, tests)
+    abort(key)                   stop a batch's rows (a call that ran past pool.batch_timeout_s)
+    usage()                      busy and idle time, running-set occupancy, prefix-cache hits
 
-`EngineWorker` is a plain class (usable in a process without Ray); `actors.pool` runs it as a
-Ray actor. Rows that cannot run (a prompt longer than the context) or that make the engine fail
-come back as error rows, never as an exception that would fail the whole batch.
+A batch's rows join the engine's running set between two decode steps and leave it one by one as
+they finish, so a batch that ends with a few long outputs does not hold the next one back: the
+rows of the batches behind it keep the running set full (vLLM's scheduler admits waiting rows as
+others finish). One thread steps the engine (`LLMEngine.step`, vLLM's in-process engine: no extra
+process per engine); submissions and aborts reach it through a queue.
+
+Output rows come in the order of the input rows, one each: output_text, finish_reason, token
+counts, or error_stage / error_class / error for a row that cannot run (a prompt longer than the
+context, an invalid per-row budget) without failing the rest of its batch.
+
+`EngineWorker` is a plain class; `actors/pool.py` runs it as a Ray actor (an async one, because of
+`complete`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -31,6 +47,7 @@ ENGINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 
+Done = Callable[[Any], None]  # called with the COMPLETION_SCHEMA table, or with the exception
 
 
 def engine_env(model: ModelSpec) -> dict[str, str]:
@@ -42,6 +59,30 @@ def engine_env(model: ModelSpec) -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads a model at run time
     env.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     return env
+
+
+@dataclass
+class _Batch:
+    key: str
+    cols: dict[str, list]
+    done: Done
+    pending: int = 0  # rows still in the engine
+    request_ids: list[str] = field(default_factory=list)
+
+
+def empty_completions(requests: pa.Table) -> dict[str, list]:
+    """COMPLETION_SCHEMA columns for the request rows, nothing filled in yet."""
+    n = requests.num_rows
+    cols: dict[str, list] = {name: [None] * n for name in COMPLETION_SCHEMA.names}
+    cols["source_partition"] = requests.column("source_partition").to_pylist()
+    cols["source_offset"] = requests.column("source_offset").to_pylist()
+    return cols
+
+
+def fail_row(cols: dict[str, list], i: int, stage: str, error_class: str, message: str) -> None:
+    cols["error_stage"][i] = stage
+    cols["error_class"][i] = error_class
+    cols["error"][i] = message
 
 
 class EngineWorker:
@@ -72,9 +113,15 @@ class EngineWorker:
             tensor_parallel_size=tensor_parallel_size,
             # CUDA graphs pay off on GPUs; on CPUs eager mode loads in seconds instead of a minute.
             enforce_eager=not on_gpu,
+            # A shared system prompt or template prefix is computed once, then reused from the cache.
+            enable_prefix_caching=model.enable_prefix_caching,
         )
         if model.max_model_len:
             kwargs["max_model_len"] = model.max_model_len
+        if model.max_num_seqs:
+            kwargs["max_num_seqs"] = model.max_num_seqs
+        if model.max_num_batched_tokens:
+            kwargs["max_num_batched_tokens"] = model.max_num_batched_tokens
         if on_gpu:
             kwargs["gpu_memory_utilization"] = model.gpu_memory_utilization
         if json_schema is not None:
@@ -92,8 +139,11 @@ class EngineWorker:
         t0 = time.monotonic()
         self.llm = LLM(**kwargs)
         self.load_s = time.monotonic() - t0
+        self.engine = self.llm.llm_engine
         self.tokenizer = self.llm.get_tokenizer()
-        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self.max_model_len = int(self.engine.model_config.max_model_len)
+        self.max_num_seqs = int(self.engine.vllm_config.scheduler_config.max_num_seqs)
+        self.prefix_caching = bool(self.engine.vllm_config.cache_config.enable_prefix_caching)
         params = dict(sampling)
         if json_schema is not None:
             from vllm.sampling_params import StructuredOutputsParams
@@ -105,17 +155,213 @@ class EngineWorker:
             raise EngineError(f"sampling: {e}") from None
         self.chat = chat
         self.system = system
+        self._setup_loop()
+
+    # -- the step loop ---------------------------------------------------------------------------
+
+    def _setup_loop(self) -> None:
         self.ready_at = time.monotonic()
-        self.busy_s = 0.0  # time spent inside generate(): the rest of the time the engine idles
+        self.busy_s = 0.0  # time inside engine steps
+        self.idle_s = 0.0  # time with nothing in the engine, after the first submission
+        self.occupancy_s = 0.0  # sum over steps of (running rows / max_num_seqs) * step time
         self.batches = 0
-        # Idle time between consecutive batches (end of one generate() to the start of the next),
-        # and the span from the first batch's start to the last one's end.
-        self.gaps_s = 0.0
-        self._first_start: float | None = None
-        self._last_end: float | None = None
+        self.prompt_tokens = 0
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache
+        self._first_submit: float | None = None
+        self._idle_since: float | None = None  # the engine emptied at this time (after the first batch)
+        self._cv = threading.Condition()
+        self._commands: list[tuple[str, Any]] = []
+        self._batches: dict[str, _Batch] = {}
+        self._rows: dict[str, tuple[_Batch, int]] = {}  # request id -> (batch, row)
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="engine-steps", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: str, requests: pa.Table, done: Done) -> None:
+        """Queue a batch (thread-safe). Prompts are tokenized here, on the caller's thread, so the
+        step thread only steps."""
+        if self._first_submit is None:
+            self._first_submit = time.monotonic()
+        cols = empty_completions(requests)
+        runnable = self._runnable(requests, cols)
+        batch = _Batch(key, cols, done)
+        if not runnable:
+            self.batches += 1
+            done(pa.table(cols, schema=COMPLETION_SCHEMA))
+            return
+        with self._cv:
+            self._commands.append(("add", (batch, runnable)))
+            self._cv.notify()
+
+    def abort(self, key: str) -> None:
+        """Stop the batch's rows; its done() is not called (the caller gave up on it)."""
+        with self._cv:
+            self._commands.append(("abort", key))
+            self._cv.notify()
+
+    def _runnable(self, requests: pa.Table, cols: dict[str, list]) -> list[tuple[int, list[int], Any]]:
+        """(row, prompt token ids, sampling params) of the rows that can run; the others get an error."""
+        token_ids = self._token_ids(requests.column("prompt").to_pylist())
+        budgets = requests.column("max_tokens").to_pylist() if "max_tokens" in requests.column_names else None
+        out = []
+        for i, ids in enumerate(token_ids):
+            cols["prompt_tokens"][i] = len(ids)
+            if len(ids) + 1 > self.max_model_len:  # room for at least one generated token
+                fail_row(cols, i, "prompt", "prompt_too_long",
+                         f"prompt is {len(ids)} tokens; the model context is {self.max_model_len} tokens")  # fmt: skip
+                continue
+            params = self.sampling
+            if budgets is not None and budgets[i] is not None:
+                params = self.sampling.clone()
+                params.max_tokens = int(budgets[i])
+            out.append((i, ids, params))
+        return out
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._commands and not self._rows and not self._closed:
+                    if self._idle_since is None and self._first_submit is not None:
+                        self._idle_since = time.monotonic()
+                    self._cv.wait()
+                if self._idle_since is not None:
+                    self.idle_s += time.monotonic() - self._idle_since
+                    self._idle_since = None
+                if self._closed:
+                    return
+                commands, self._commands = self._commands, []
+            for kind, arg in commands:
+                self._add(*arg) if kind == "add" else self._abort(arg)
+            if not self._rows:
+                continue
+            running = min(len(self._rows), self.max_num_seqs)
+            t0 = time.monotonic()
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # the engine failed (not a row): every batch in it fails; the pool isolates
+                log.warning("engine step failed: %s: %s", type(e).__name__, e)
+                self._fail_all(e)
+                continue
+            dt = time.monotonic() - t0
+            self.busy_s += dt
+            self.occupancy_s += dt * running / self.max_num_seqs
+            for out in outputs:
+                if out.finished:
+                    self._finished(out)
+
+    def _add(self, batch: _Batch, runnable: list) -> None:
+        self._batches[batch.key] = batch
+        for i, ids, params in runnable:
+            rid = f"{batch.key}/{i}"
+            try:
+                self.engine.add_request(rid, {"prompt_token_ids": ids}, params)
+            except Exception as e:  # this row only (an invalid parameter for this prompt, say)
+                fail_row(batch.cols, i, "engine", "engine_error", f"{type(e).__name__}: {str(e)[:200]}")
+                continue
+            self._rows[rid] = (batch, i)
+            batch.request_ids.append(rid)
+            batch.pending += 1
+        if not batch.pending:
+            self._complete(batch)
+
+    def _finished(self, out) -> None:
+        found = self._rows.pop(out.request_id, None)
+        if found is None:
+            return
+        batch, i = found
+        completion = out.outputs[0]
+        batch.cols["output_text"][i] = completion.text
+        batch.cols["finish_reason"][i] = completion.finish_reason
+        batch.cols["completion_tokens"][i] = len(completion.token_ids)
+        self.prompt_tokens += batch.cols["prompt_tokens"][i] or 0
+        self.cached_tokens += out.num_cached_tokens or 0
+        batch.pending -= 1
+        if not batch.pending:
+            self._complete(batch)
+
+    def _complete(self, batch: _Batch) -> None:
+        self._batches.pop(batch.key, None)
+        self.batches += 1
+        try:
+            table = pa.table(batch.cols, schema=COMPLETION_SCHEMA)
+        except Exception as e:  # noqa: BLE001 - handed to the caller, never lost
+            batch.done(e)
+            return
+        batch.done(table)
+
+    def _abort(self, key: str) -> None:
+        batch = self._batches.pop(key, None)
+        if batch is None:
+            return
+        live = [rid for rid in batch.request_ids if rid in self._rows]
+        for rid in live:
+            self._rows.pop(rid, None)
+        if live:
+            self.engine.abort_request(live)
+
+    def _fail_all(self, err: Exception) -> None:
+        ids = list(self._rows)
+        batches = list(self._batches.values())
+        self._rows.clear()
+        self._batches.clear()
+        try:
+            self.engine.abort_request(ids)
+        except Exception:
+            pass
+        for b in batches:
+            b.done(EngineError(f"the engine failed: {type(err).__name__}: {str(err)[:200]}"))
+
+    # -- calls -----------------------------------------------------------------------------------
+
+    async def complete(self, requests: pa.Table) -> pa.Table:
+        """The completions of a batch, once its last row finished; other batches run meanwhile.
+        Cancelled (pool.batch_timeout_s), it aborts the batch's rows in the engine."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        key = f"b{id(future):x}"
+
+        def done(result) -> None:
+            loop.call_soon_threadsafe(_settle, future, result)
+
+        self.submit(key, requests, done)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self.abort(key)
+            raise
+
+    async def run_batch(self, requests: pa.Table) -> tuple[dict, pa.Table]:
+        """What the engine pool calls (Ray's num_returns=2): the counts the driver books, and the
+        completions, which stay in the object store for the stage workers."""
+        table = await self.complete(requests)
+        return completion_counts(table), table
+
+    def generate(self, requests: pa.Table) -> pa.Table:
+        """complete(), blocking: for a process without Ray."""
+        finished = threading.Event()
+        box: list = []
+
+        def done(result) -> None:
+            box.append(result)
+            finished.set()
+
+        self.submit(f"g{id(box):x}", requests, done)
+        finished.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    # -- information -----------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        return {"max_model_len": self.max_model_len, "load_s": self.load_s, "pid": os.getpid()}
+        return {"max_model_len": self.max_model_len, "load_s": self.load_s, "pid": os.getpid(),
+                "max_num_seqs": self.max_num_seqs, "prefix_caching": self.prefix_caching}  # fmt: skip
 
     def model_revision(self) -> str:
         """sha256 of the loaded model's config, tokenizer and weights (lineage). Reads every weights
@@ -129,10 +375,20 @@ class EngineWorker:
         return os.getpid()
 
     def usage(self) -> dict[str, float]:
-        """Busy time and batches since the engine was ready (for idle-fraction reporting)."""
-        span = (self._last_end - self._first_start) if self._first_start is not None else 0.0
-        return {"busy_s": self.busy_s, "up_s": time.monotonic() - self.ready_at, "batches": self.batches,
-                "gaps_s": self.gaps_s, "span_s": span}  # fmt: skip
+        """Time accounting since the engine was ready:
+        busy_s      inside engine steps (work in the running set)
+        idle_s      nothing in the engine at all, after the first batch arrived
+        occupancy   mean running rows / max_num_seqs over the busy time (how full decode steps ran)
+        prefix hit  prompt tokens served from the prefix cache / prompt tokens"""
+        now = time.monotonic()
+        with self._cv:  # the idle spell in progress counts too
+            idle = self.idle_s + (now - self._idle_since if self._idle_since is not None else 0.0)
+        return {
+            "busy_s": self.busy_s, "up_s": now - self.ready_at, "idle_s": idle,
+            "span_s": (now - self._first_submit) if self._first_submit else 0.0,
+            "occupancy_s": self.occupancy_s, "batches": self.batches,
+            "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
+        }  # fmt: skip
 
     def _token_ids(self, prompts: list[str]) -> list[list[int]]:
         if self.chat:
@@ -146,62 +402,21 @@ class EngineWorker:
             return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
 
-    def generate(self, requests: pa.Table) -> pa.Table:
-        t0 = time.monotonic()
-        if self._first_start is None:
-            self._first_start = t0
-        elif self._last_end is not None:
-            self.gaps_s += t0 - self._last_end
-        try:
-            return self._generate(requests)
-        finally:
-            self._last_end = time.monotonic()
-            self.busy_s += self._last_end - t0
-            self.batches += 1
 
-    def _generate(self, requests: pa.Table) -> pa.Table:
-        n = requests.num_rows
-        cols: dict[str, list] = {name: [None] * n for name in COMPLETION_SCHEMA.names}
-        cols["source_partition"] = requests.column("source_partition").to_pylist()
-        cols["source_offset"] = requests.column("source_offset").to_pylist()
-        if n == 0:
-            return pa.table(cols, schema=COMPLETION_SCHEMA)
-        token_ids = self._token_ids(requests.column("prompt").to_pylist())
-        runnable = []
-        for i, ids in enumerate(token_ids):
-            cols["prompt_tokens"][i] = len(ids)
-            if len(ids) + 1 > self.max_model_len:  # room for at least one generated token
-                self._fail(cols, i, "prompt", "prompt_too_long",
-                           f"prompt is {len(ids)} tokens; the model context is {self.max_model_len} tokens")  # fmt: skip
-            else:
-                runnable.append(i)
-        self._run(cols, runnable, token_ids)
-        return pa.table(cols, schema=COMPLETION_SCHEMA)
+def completion_counts(table: pa.Table) -> dict[str, int]:
+    import pyarrow.compute as pc
 
-    def _run(self, cols: dict[str, list], rows: list[int], token_ids: list[list[int]]) -> None:
-        if not rows:
-            return
-        try:
-            outputs = self.llm.generate(
-                [{"prompt_token_ids": token_ids[i]} for i in rows], self.sampling, use_tqdm=False
-            )
-        except Exception as e:
-            if len(rows) == 1:
-                self._fail(cols, rows[0], "engine", "engine_error", f"{type(e).__name__}: {e}")
-                return
-            # Isolate the row(s) that make the engine fail; the others still get their output.
-            log.warning("engine failed on a batch of %d rows (%s); retrying rows one by one", len(rows), e)
-            for i in rows:
-                self._run(cols, [i], token_ids)
-            return
-        for i, out in zip(rows, outputs):
-            completion = out.outputs[0]
-            cols["output_text"][i] = completion.text
-            cols["finish_reason"][i] = completion.finish_reason
-            cols["completion_tokens"][i] = len(completion.token_ids)
+    return {
+        "rows": table.num_rows,
+        "prompt_tokens": pc.sum(table.column("prompt_tokens")).as_py() or 0,
+        "completion_tokens": pc.sum(table.column("completion_tokens")).as_py() or 0,
+    }
 
-    @staticmethod
-    def _fail(cols: dict[str, list], i: int, stage: str, error_class: str, message: str) -> None:
-        cols["error_stage"][i] = stage
-        cols["error_class"][i] = error_class
-        cols["error"][i] = message
+
+def _settle(future: asyncio.Future, result: Any) -> None:
+    if future.done():  # cancelled meanwhile
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

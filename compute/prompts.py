@@ -95,6 +95,19 @@ class PromptRenderer:
         raise BadEvent("prompt", "invalid_context",
                        f"context field {name!r} is {_json_kind(value)}, expected a string or a list", event_id)  # fmt: skip
 
+    def max_tokens(self, event_id: str, event: dict) -> int | None:
+        """The row's completion budget (prompt.max_tokens_field), None for the job's."""
+        name = self.spec.max_tokens_field
+        if not name or event.get(name) is None:
+            return None
+        value = event[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadEvent("prompt", "invalid_max_tokens",
+                           f"field {name!r} is {_json_kind(value)}, expected a positive integer", event_id)  # fmt: skip
+        if not 0 < value < 2**31:
+            raise BadEvent("prompt", "invalid_max_tokens", f"field {name!r} is out of range (1 to 2^31-1)", event_id)
+        return value
+
     def decode(self, value: bytes | None) -> tuple[str, dict]:
         """Bytes -> (id, event). Raises BadEvent with the reason."""
         if value is None:
@@ -178,6 +191,7 @@ class PromptRenderer:
                     tenant = self.tenant(event_id, event)
                 prompt = self.render_one(event_id, event)
                 context = self.context(event_id, event)
+                budget = self.max_tokens(event_id, event)
                 if enc is not None and enc.input_fields:
                     carried[(partition, offset)] = {f.name: _as_text(event.get(f.name)) for f in enc.input_fields}
             except BadEvent as e:
@@ -205,6 +219,7 @@ class PromptRenderer:
             req["first_prompt"].append(None)
             req["context"].append(context)
             req["tenant"].append(tenant)
+            req["max_tokens"].append(budget)
         return RenderedBatch(pa.table(req, schema=REQUEST_SCHEMA), dead_letter_table(dead, self.run_id), carried)
 
     def tenant(self, event_id: str, event: dict) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Field, QueryBuilder, Transaction, write_deltalake
-from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from connectors.sink import register_sink
 from schemas.errors import PartitionFencedError, SinkError, SinkSchemaError
@@ -111,12 +111,8 @@ class DeltaSink:
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> DeltaSink:
-        sink = cls(spec.name, spec.sink.results, spec.sink.dead_letter, spec.sink.storage_options, spec.source.kind)
-        sink.write_attempts, sink.write_backoff_s = spec.sink.write_attempts, spec.sink.write_backoff_s
-        return sink
-
-    write_attempts = 5
-    write_backoff_s = 0.5
+        return cls(spec.name, spec.sink.results, spec.sink.dead_letter, spec.sink.storage_options, spec.source.kind,
+                   write_attempts=spec.sink.write_attempts, write_backoff_s=spec.sink.write_backoff_s)  # fmt: skip
 
     def __init__(
         self,
@@ -125,11 +121,15 @@ class DeltaSink:
         dead_letter_uri: str,
         storage_options: dict[str, str],
         source_kind: str = "kafka",
+        write_attempts: int = 5,
+        write_backoff_s: float = 0.5,
     ):
         self.job_name = job_name
         self.source_kind = source_kind
         self.results = _Table(results_uri, RESULTS_SCHEMA, storage_options, "results")
         self.dead_letter = _Table(dead_letter_uri, DEAD_LETTER_SCHEMA, storage_options, "dead-letter")
+        self.write_attempts = write_attempts
+        self.write_backoff_s = write_backoff_s
         self._writer_id: str | None = None
         self._writes = 0
         # What this process believes each table holds, to fence off other writers and to keep the
@@ -208,13 +208,33 @@ class DeltaSink:
             self._results_pos[tp] = last
 
     def _append(self, table: _Table, rows: pa.Table, txns: list[Transaction], positions) -> None:
-        """One table's commit, retried on store errors. A try whose answer was lost may have landed:
-        before the next try the table says whether it did (then it is not repeated). The commit
-        carries one more application transaction, unique to this write (`_write_marker`), because
-        the positions alone cannot tell: a dead-letter position may not move in a repair window."""
+        """One table's commit, retried on store errors (OSError, DeltaError) with backoff.
+
+        A try whose answer was lost may have landed, so before each new try the table is read
+        again: the write is over if this write's marker transaction is there (`_write_marker`:
+        the positions alone cannot tell, a dead-letter position may not move in a repair
+        window); the partitions are fenced if their positions moved to anything else (another
+        writer took over while we waited); only otherwise is it written again. A table that
+        cannot be read either is never written blind: after sink.write_attempts the job stops."""
         txns = [*txns, self._write_marker()]
+        expected = self._results_pos if table is self.results else self._dl_pos
         wait = self.write_backoff_s
+        last: BaseException | None = None
         for attempt in range(1, self.write_attempts + 1):
+            if last is not None:  # a try failed: find out what it left behind before trying again
+                log.warning("%s table write failed (try %d of %d), checking it in %.1fs: %s", table.role,
+                            attempt - 1, self.write_attempts, wait, _first_line(last))  # fmt: skip
+                time.sleep(wait)
+                wait *= 2
+                try:
+                    if self._landed_or_fenced(table, txns, expected, positions):
+                        log.warning("%s table write: the answer was lost, but the commit had landed", table.role)
+                        return
+                except PartitionFencedError:
+                    raise
+                except (OSError, DeltaError) as e:  # cannot tell yet: no write until it can
+                    last = e
+                    continue
             try:
                 self._write(table, rows, txns)
                 return
@@ -223,19 +243,12 @@ class DeltaSink:
                 raise PartitionFencedError(
                     f"concurrent commit to the {table.role} table for these partitions: {e}", list(positions)
                 ) from None
-            except Exception as e:  # the store failed (network, throttling, ...): the write may or may not have landed
-                if self._landed(table, txns):
-                    log.warning("%s table write: %s, but the commit had landed", table.role, _first_line(e))
-                    return
-                if attempt == self.write_attempts:
-                    raise SinkError(
-                        f"writing the {table.role} table {table.uri} failed {attempt} times "
-                        f"(sink.write_attempts={self.write_attempts}); last error: {_first_line(e)}"
-                    ) from None
-                log.warning("%s table write failed (try %d of %d), again in %.1fs: %s", table.role, attempt,
-                            self.write_attempts, wait, _first_line(e))  # fmt: skip
-                time.sleep(wait)
-                wait *= 2
+            except (OSError, DeltaError) as e:  # the store failed (network, throttling, ...)
+                last = e
+        raise SinkError(
+            f"writing the {table.role} table {table.uri} failed {self.write_attempts} times "
+            f"(sink.write_attempts={self.write_attempts}); last error: {_first_line(last)}"
+        ) from None
 
     def _write(self, table: _Table, rows: pa.Table, txns: list[Transaction]) -> None:
         table.append(rows, txns)
@@ -247,14 +260,24 @@ class DeltaSink:
         self._writes += 1
         return Transaction(f"tidegate/{self.job_name}/write/{self._writer_id}", self._writes)
 
-    def _landed(self, table: _Table, txns: list[Transaction]) -> bool:
-        """Whether this write's marker is in the table."""
-        marker = txns[-1]
-        try:
-            table._dt = None  # reopen: the cached snapshot may be the failed write's
-            return table.txn_versions([marker.app_id]).get(marker.app_id) == marker.version
-        except Exception:
-            return False
+    def _landed_or_fenced(self, table: _Table, txns: list[Transaction], expected, positions) -> bool:
+        """True if this write (its marker) is in the table; raises PartitionFencedError if a
+        position moved to a value that is neither the one before this write nor this write's;
+        False: not landed, safe to write again. Store errors propagate (cannot tell)."""
+        table._dt = None  # reopen: the cached snapshot may be the failed write's
+        marker, position_txns = txns[-1], txns[:-1]
+        have = table.txn_versions([t.app_id for t in txns])
+        if have.get(marker.app_id) == marker.version:
+            return True
+        moved = [
+            tp for tp, t in zip(positions, position_txns)
+            if have.get(t.app_id) not in (expected.get(tp), t.version)
+        ]  # fmt: skip
+        if moved:
+            raise PartitionFencedError(
+                f"positions of {moved} moved under this job while a {table.role} write was retried", moved
+            )
+        return False
 
     def _fence(self, positions: Mapping[TopicPartition, int]) -> None:
         apps = {tp: self._app(tp) for tp in positions}

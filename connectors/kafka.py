@@ -30,6 +30,7 @@ from kafka import TopicPartition as KafkaTP
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.future import Future
+from kafka.net.selector import KernelEvent  # kafka-python 3's sleep on its IO loop (pinned 3.0.x)
 from kafka.structs import OffsetAndMetadata
 
 from connectors.source import Lag, PartitionStatus, SourceContext, SourceStatus, partition_lag, register_source
@@ -62,7 +63,7 @@ class _Listener(AsyncConsumerRebalanceListener):
 
     async def on_partitions_lost(self, lost):
         tps = _tps(lost)
-        if tps:
+        if tps and not self.source.closing:
             log.warning("partitions lost (the group moved on without this consumer): %s", tps)
             await self.source.off_loop(self.source.ctx.positions.release, tps, True)
 
@@ -167,12 +168,9 @@ class KafkaSource:
                 future.failure(e)
 
         threading.Thread(target=work, name="tidegate-rebalance", daemon=True).start()
-        try:
-            from kafka.net.selector import KernelEvent  # kafka-python 3's own sleep
-        except ImportError:
-            return await future
-        # A Future resolved on another thread wakes its awaiter only at the loop's next tick (1 s):
-        # short sleeps on the loop notice it sooner, and heartbeats run in between.
+        # Not `await future`: a Future resolved on another thread resumes its awaiter through the
+        # loop's (not thread-safe) call_soon, at its next tick. Short sleeps on the loop notice it
+        # within 20 ms, and heartbeats run in between.
         while not future.is_done:
             await KernelEvent("_sleep", 0.02)
         if future.exception is not None:

@@ -117,8 +117,9 @@ class ReplaySource:
 class ReplaySink(DeltaSink):
     """DeltaSink for a replay: pseudo positions in the Delta log, original positions in the rows."""
 
-    def __init__(self, job_name: str, results_uri: str, dead_letter_uri: str, storage_options, replay_id: str, plan):
-        super().__init__(job_name, results_uri, dead_letter_uri, storage_options, source_kind="replay")
+    def __init__(self, job_name: str, results_uri: str, dead_letter_uri: str, storage_options, replay_id: str, plan,
+                 **write_settings):  # fmt: skip
+        super().__init__(job_name, results_uri, dead_letter_uri, storage_options, source_kind="replay", **write_settings)
         self.replay_id = replay_id
         plan = plan.sort_by(PLAN_ORDER)
         self._orig_topic = plan.column("source_topic").combine_chunks()

@@ -62,6 +62,10 @@ RUNS_SCHEMA = pa.schema(
         ("spec_hash", pa.string()),
         ("status", pa.string()),  # run rows: finished | stopped | failed; null on commit rows
         ("error", pa.string()),  # run rows that failed: the error; else null
+        # run rows, measured inside the engines (null on commit rows):
+        ("engine_idle", pa.float64()),  # time with nothing in the engines / time since their first batch
+        ("engine_occupancy", pa.float64()),  # mean running rows / max_num_seqs over the decode steps
+        ("prefix_cache_hit_rate", pa.float64()),  # prompt tokens from the prefix cache / prompt tokens
     ]
 )
 
@@ -128,6 +132,7 @@ class RunsTable:
         lineage: Mapping[str, str | None] | None,
         status: str | None,
         error: str | None,
+        engine: Mapping[str, float | None] | None = None,
     ) -> dict:
         started_at, ended_at = _utc(started_at), _utc(ended_at)
         duration = max(0.0, (ended_at - started_at).total_seconds())
@@ -141,6 +146,8 @@ class RunsTable:
             rows_per_s=(rows_ok + rows_dead) / duration if duration > 0 else None,
             model_path=lineage.get("model_path"), model_revision=lineage.get("model_revision"),
             spec_hash=lineage.get("spec_hash"), status=status, error=error,
+            engine_idle=(engine or {}).get("engine_idle"), engine_occupancy=(engine or {}).get("engine_occupancy"),
+            prefix_cache_hit_rate=(engine or {}).get("prefix_cache_hit_rate"),
         )  # fmt: skip
 
     def _append(self, row: dict) -> None:
@@ -196,6 +203,7 @@ class RunsTable:
         positions: Mapping[TopicPartition, int | tuple[int | None, int]] | None = None,
         lineage: Mapping[str, str | None] | None = None,
         error: str | None = None,
+        engine: Mapping[str, float | None] | None = None,
     ) -> None:
         """One row when a run ends. status: finished (drained / source done), stopped (signal),
         failed (an exception; pass its text as `error`). positions: where the run left each
@@ -206,7 +214,7 @@ class RunsTable:
             run_id=run_id, job=job, kind="run", commit_seq=commits, started_at=started_at, ended_at=ended_at,
             rows_ok=rows_ok, rows_flagged=rows_flagged, rows_dead=rows_dead, dead_by_class=dead_by_class,
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, retries=retries,
-            positions=positions, lineage=lineage, status=status, error=error,
+            positions=positions, lineage=lineage, status=status, error=error, engine=engine,
         )  # fmt: skip
         self._append(row)
 

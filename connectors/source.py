@@ -22,7 +22,7 @@ tests/test_architecture.py adds a toy source that way.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -107,8 +107,14 @@ class SourceStatus:
     errors: list[str] = field(default_factory=list)  # what could not be read, and why
 
 
-# `status` reads committed positions through this: tps -> {tp: (results position, dead-letter position)}
-PositionReader = Callable[[list[TopicPartition]], Mapping[TopicPartition, tuple[int | None, int | None]]]
+class StoredPositions(Protocol):
+    """What `Source.status` reads of the sink (a connectors.sink.Sink is one)."""
+
+    def read_positions(self, tps: list[TopicPartition]) -> Mapping[TopicPartition, tuple[int | None, int | None]]:
+        """(results position, dead-letter position) per partition."""
+
+    def partitions_seen(self, topic: str) -> set[int]:
+        """Partitions of `topic` the stored rows come from."""
 
 
 @runtime_checkable
@@ -159,7 +165,7 @@ class Source(Protocol):
     def close(self) -> None: ...
 
     @classmethod
-    def status(cls, settings: SourceSettings, job_name: str, read_positions: PositionReader) -> SourceStatus:
+    def status(cls, settings: SourceSettings, job_name: str, stored: StoredPositions) -> SourceStatus:
         """Where each partition stands, for `tidegate status` (no job running)."""
 
 

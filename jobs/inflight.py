@@ -14,12 +14,9 @@ what a stage returns for a tag of an older epoch is ignored, since that work is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-
-from compute.assemble import BatchOutput
 from connectors.offsets import CommitLedger, TopicPartition
 
 
@@ -35,7 +32,7 @@ class RenderTag:
 class EngineTag:
     epoch: int
     seq: int
-    requests: pa.Table  # what was submitted: assemble joins the completions with it
+    requests: Any  # ref to what was submitted: assemble joins the completions with it
     submitted: float  # monotonic time of the submission (batch latency)
 
 
@@ -49,11 +46,19 @@ class AssembleTag:
 class OpenBatch:
     """A source batch whose rows are at the engines or being validated."""
 
-    src: Any  # the SOURCE_SCHEMA table, in the object store for the stage workers
+    src: Any  # ref to the SOURCE_SCHEMA table (render and every assemble of the batch read it)
     rows: int  # source rows it covers
-    parts: list[BatchOutput]
-    carried: dict = field(default_factory=dict)  # encryption.input_fields per (partition, offset), plain
+    parts: list[Any]  # refs to its BatchOutput objects: render's dead letters, then each assemble's
+    carried: Any = None  # ref to encryption.input_fields per (partition, offset), plain
     waiting: int = 1  # submissions not back yet
+
+
+@dataclass
+class BatchParts:
+    """A complete batch in the ledger: what the commit writer joins, and the source rows it covers."""
+
+    outputs: list[Any]  # refs to BatchOutput objects
+    consumed: int
 
 
 class InFlight:
@@ -63,6 +68,7 @@ class InFlight:
         self.rendering = 0  # batches at a stage worker, not at the engines yet
         self.open: dict[int, OpenBatch] = {}
         self.writing_batches = 0  # batches in the commit at the writer
+        self.writing_rows = 0  # ... and their source rows
         self.uncommitted_rows = 0  # source rows handed out and not committed yet
 
     def admit(self, spans: dict[TopicPartition, tuple[int, int]], rows: int, src: Any) -> RenderTag:
@@ -74,7 +80,7 @@ class InFlight:
     def stale(self, tag: RenderTag | EngineTag | AssembleTag) -> bool:
         return tag.epoch != self.epoch
 
-    def rendered(self, tag: RenderTag, batch: OpenBatch | None, output: BatchOutput | None) -> None:
+    def rendered(self, tag: RenderTag, batch: OpenBatch | None, output: BatchParts | None) -> None:
         """Rendering is done: the batch goes to the engines (batch) or, with nothing to
         generate, straight to the ledger (output)."""
         self.rendering -= 1
@@ -90,24 +96,20 @@ class InFlight:
     def close(self, seq: int) -> None:
         """Every row of an open batch is kept or dead-lettered: it joins the ledger."""
         batch = self.open.pop(seq)
-        self.ledger.complete(
-            seq,
-            BatchOutput(
-                pa.concat_tables([p.results for p in batch.parts]),
-                pa.concat_tables([p.dead for p in batch.parts]),
-                batch.rows,
-            ),
-        )
+        self.ledger.complete(seq, BatchParts(batch.parts, batch.rows))
+
+    def writing(self, batches: int, rows: int) -> None:
+        self.writing_batches, self.writing_rows = batches, rows
 
     def committed(self, batches: int, rows: int) -> None:
-        self.writing_batches = 0
-        self.uncommitted_rows -= rows
+        self.writing_batches = self.writing_rows = 0
+        self.uncommitted_rows = max(0, self.uncommitted_rows - rows)
 
     def drop(self) -> None:
-        """Forget every uncommitted batch: it will be read again."""
+        """Forget every uncommitted batch: it will be read again. A commit already at the writer
+        stays counted until it lands (or fails)."""
         self.epoch += 1
         self.rendering = 0
-        self.writing_batches = 0
         self.ledger.reset()
         self.open.clear()
-        self.uncommitted_rows = 0
+        self.uncommitted_rows = self.writing_rows

@@ -55,6 +55,11 @@ _DEFS: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None]] = {
     ),
     "tidegate_engine_queue_depth": ("gauge", "Batches in flight at the engine pool.", (), None),
     "tidegate_live_actors": ("gauge", "Engine actors alive in the pool.", (), None),
+    "tidegate_engine_occupancy_ratio": (
+        "gauge", "Mean running rows / max_num_seqs over the engines' decode steps (how full each step ran).", (), None,
+    ),
+    "tidegate_engine_idle_ratio": ("gauge", "Time with nothing in the engines / time since their first batch.", (), None),
+    "tidegate_prefix_cache_hit_ratio": ("gauge", "Prompt tokens served from the engines' prefix cache / prompt tokens.", (), None),
     "tidegate_partition_lag": (
         "gauge", "Kafka: partition end offset (fetch high watermark) minus the next offset committed in Delta.",
         ("topic", "partition"), None,
@@ -238,6 +243,12 @@ class JobMetrics:
 
     def versions_behind(self, n: int) -> None:
         self._set("tidegate_source_versions_behind", n)
+
+    def engine_usage(self, idle: float | None, occupancy: float | None, prefix_hits: float | None) -> None:
+        for name, value in (("tidegate_engine_idle_ratio", idle), ("tidegate_engine_occupancy_ratio", occupancy),
+                            ("tidegate_prefix_cache_hit_ratio", prefix_hits)):  # fmt: skip
+            if value is not None:
+                self._set(name, value)
 
     def lag(self, lag) -> None:
         """A source's connectors.source.Lag: per-partition lag and/or versions behind."""

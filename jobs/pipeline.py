@@ -23,28 +23,25 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from actors.embedding import start_embedding_actor
-from actors.pool import EnginePool
+from actors.pool import Completions, EnginePool
 from actors.remote import kill, put, wait_any
 from actors.stages import StagePool
 from actors.writer import CommitWriterClient, WriterDied, job_schemas
-from compute.assemble import Assembled, BatchOutput
 from compute.engine import EngineWorker
 from compute.lineage import lineage_columns
-from compute.prompts import PromptRenderer, RenderedBatch
+from compute.prompts import PromptRenderer
 from compute.validation import Validator
 from connectors.sink import Sink, open_sink
 from connectors.source import Source, SourceContext, open_source
 from crypto.stage import EncryptionStage
 from jobs.batcher import Batcher
-from jobs.inflight import AssembleTag, EngineTag, InFlight, OpenBatch, RenderTag
+from jobs.inflight import AssembleTag, BatchParts, EngineTag, InFlight, OpenBatch, RenderTag
 from jobs.logs import log_context
 from jobs.metrics import JobMetrics
 from jobs.stats import JobStats
 from schemas.errors import PartitionFencedError
-from schemas.records import DEAD_LETTER_SCHEMA
 from schemas.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -190,12 +187,11 @@ class PipelineJob:
         return started
 
     def _engine_usage(self) -> None:
+        """Engine time accounting, measured inside the engines (compute.engine.EngineWorker.usage)."""
         usage = self.pool.usage()
+        self.stats.__dict__.update(engine_usage_fractions(usage))
         if usage:
-            self.stats.engine_busy_fraction = sum(u["busy_s"] for u in usage) / sum(u["up_s"] for u in usage)
-            span = sum(u.get("span_s", 0.0) for u in usage)
-            if span > 0:
-                self.stats.engine_idle_between_batches = sum(u.get("gaps_s", 0.0) for u in usage) / span
+            self.metrics.engine_usage(self.stats.engine_idle, self.stats.engine_occupancy, self.stats.prefix_cache_hit_rate)
 
     def _record_run(self, status: str, error: str | None) -> None:
         self.writer.append_run_row(
@@ -268,12 +264,12 @@ class PipelineJob:
         """Route what the stage workers and the engines finished, waiting up to timeout_s for the
         first of them (or of the commit in flight) to finish."""
         wait_any(self.pool.waitable() + self.stages.waitable() + self.writer.waitable(), timeout_s)
-        for tag, result in self.stages.collect(0):
+        for tag, counts, refs in self.stages.collect(0):
             with log_context(batch_id=tag.seq):  # JSON logs carry the batch (ledger sequence number)
                 if isinstance(tag, RenderTag):
-                    self._rendered(tag, result)
+                    self._rendered(tag, counts, refs)
                 else:
-                    self._assembled(tag, result)
+                    self._assembled(tag, counts, refs)
         if self.pool.in_flight:
             for tag, completions in self.pool.collect(0):
                 with log_context(batch_id=tag.seq):
@@ -291,7 +287,7 @@ class PipelineJob:
                 log.warning("abandoning %d batch(es) still in flight; they are read again", self.pool.in_flight)
                 self.pool.drop_pending()
                 self.stages.drop_pending()
-            self._commit_all()
+            self._commit_all(deadline)
         except (PartitionFencedError, WriterDied) as e:
             log.warning("not committing the work in flight: %s", e)
 
@@ -309,46 +305,44 @@ class PipelineJob:
         skip = {tp: self._skip[tp] for tp in spans if self._skip.get(tp)}
         self.stages.render(src_ref, skip, tag)
 
-    def _rendered(self, tag: RenderTag, rendered: RenderedBatch) -> None:
+    def _rendered(self, tag: RenderTag, counts: dict, refs: list) -> None:
         if self.flight.stale(tag):
             return
-        if rendered.requests.num_rows:
-            first = BatchOutput(self.results_schema.empty_table(), rendered.dead)
-            self.flight.rendered(tag, OpenBatch(tag.src, tag.rows, [first], carried=rendered.carried or {}), None)
-            self._submit(tag.seq, rendered.requests)
+        requests, output, carried = refs
+        if counts["requests"]:
+            self.flight.rendered(tag, OpenBatch(tag.src, tag.rows, [output], carried=carried), None)
+            self._submit(tag.seq, requests, counts["requests"])
         else:
-            self.flight.rendered(tag, None, BatchOutput(self.results_schema.empty_table(), rendered.dead, tag.rows))
+            self.flight.rendered(tag, None, BatchParts([output], tag.rows))
 
-    def _submit(self, seq: int, requests: pa.Table) -> None:
-        self.pool.submit(requests, EngineTag(self.flight.epoch, seq, requests, time.monotonic()))
+    def _submit(self, seq: int, requests, rows: int) -> None:
+        self.pool.submit(requests, rows, EngineTag(self.flight.epoch, seq, requests, time.monotonic()))
 
-    def _generated(self, tag: EngineTag, completions: pa.Table) -> None:
+    def _generated(self, tag: EngineTag, done: Completions) -> None:
         batch = self.flight.batch(tag)
         if batch is None:  # dropped by a fence or a revocation while at the engine
             return
         self.metrics.batch_latency(time.monotonic() - tag.submitted)
-        prompt_tokens = pc.sum(completions.column("prompt_tokens")).as_py() or 0
-        completion_tokens = pc.sum(completions.column("completion_tokens")).as_py() or 0
-        self.stats.prompt_tokens += prompt_tokens
-        self.stats.completion_tokens += completion_tokens
-        self.metrics.tokens(prompt_tokens, completion_tokens)
-        self.stages.assemble(batch.src, tag.requests, completions, batch.carried, AssembleTag(tag.epoch, tag.seq))
+        self.stats.prompt_tokens += done.prompt_tokens
+        self.stats.completion_tokens += done.completion_tokens
+        self.metrics.tokens(done.prompt_tokens, done.completion_tokens)
+        self.stages.assemble(batch.src, tag.requests, done.ref, batch.carried, AssembleTag(tag.epoch, tag.seq))
 
-    def _assembled(self, tag: AssembleTag, assembled: Assembled) -> None:
+    def _assembled(self, tag: AssembleTag, counts: dict, refs: list) -> None:
         batch = self.flight.batch(tag)
         if batch is None:
             return
-        for rule, n in assembled.rule_failures.items():
+        output, retries = refs
+        for rule, n in counts["rule_failures"].items():
             self.stats.rule_failures[rule] += n
             self.metrics.validation_failures(rule, n)
-        batch.parts.append(assembled.output)
+        batch.parts.append(output)
         batch.waiting -= 1
-        retries = assembled.retries
-        if retries is not None and retries.num_rows:
-            self.stats.retried += retries.num_rows
-            self.metrics.retries(retries.num_rows)
+        if counts["retries"]:
+            self.stats.retried += counts["retries"]
+            self.metrics.retries(counts["retries"])
             batch.waiting += 1
-            self._submit(tag.seq, retries)
+            self._submit(tag.seq, retries, counts["retries"])
         if not batch.waiting:
             self.flight.close(tag.seq)
 
@@ -368,19 +362,22 @@ class PipelineJob:
             return
         group = self.flight.ledger.pop_committable()
         stored = {**group.positions, **self.source.extra_positions(group.positions)}
-        results = pa.concat_tables([p.results for p in group.payloads])
-        dead = pa.concat_tables([p.dead for p in group.payloads]) if group.payloads else DEAD_LETTER_SCHEMA.empty_table()
+        outputs = [ref for batch in group.payloads for ref in batch.outputs]
         record = dict(
             run_id=self.run_id, job=self.spec.name, commit_seq=self.stats.commits + 1,
             started_at=self._last_commit_at, lineage=self.lineage,
         )  # fmt: skip
-        rows = sum(p.consumed for p in group.payloads)
-        self.writer.write(results, dead, stored, record, CommitTag(len(group.payloads), rows, group.positions, stored))
-        self.flight.writing_batches = len(group.payloads)
+        rows = sum(batch.consumed for batch in group.payloads)
+        self.writer.write(outputs, stored, record, CommitTag(len(group.payloads), rows, group.positions, stored))
+        self.flight.writing(len(group.payloads), rows)
 
     def _land_commit(self, timeout_s: float = 0.0) -> None:
         """Book the commit in flight once it has landed (raises what the commit raised)."""
-        landed = self.writer.finished(timeout_s)
+        try:
+            landed = self.writer.finished(timeout_s)
+        except BaseException:
+            self.flight.writing(0, 0)  # it did not land (or is read back from the table)
+            raise
         if landed is None:
             return
         tag, report = landed
@@ -404,10 +401,13 @@ class PipelineJob:
             self.stats.commits, report.totals.rows_ok, report.totals.rows_dead, tag.positions, report.commit_s * 1e3,
         )  # fmt: skip
 
-    def _commit_all(self) -> None:
-        """Commit everything the ledger can commit, and wait until it has landed."""
+    def _commit_all(self, deadline: float | None = None) -> None:
+        """Commit everything the ledger can commit, and wait until it has landed (until the
+        deadline at most: a commit still at the writer then lands later, or is fenced)."""
         while True:
             while self.writer.busy:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return
                 self._land_commit(1.0)
             if not self.flight.ledger.committable_count():
                 return
@@ -427,12 +427,17 @@ class PipelineJob:
             self.stats.peak_engines = max(self.stats.peak_engines, len(self.pool.slots))
 
     def _update_lag(self, every_s: float = 5.0) -> None:
+        """Lag and engine usage gauges (monitoring only: never fails the job)."""
         if time.monotonic() < self._next_lag_check:
             return
         self._next_lag_check = time.monotonic() + every_s
         try:
             self.metrics.lag(self.source.lag(self._committed))
-        except Exception as e:  # monitoring only
+            usage = self.pool.poll_usage()  # asked last time, answered by now
+            if usage:
+                f = engine_usage_fractions(usage)
+                self.metrics.engine_usage(f["engine_idle"], f["engine_occupancy"], f["prefix_cache_hit_rate"])
+        except Exception as e:
             log.debug("lag update failed: %s", e)
 
     # -- positions: the source's SourcePositions -------------------------------------------------
@@ -456,7 +461,7 @@ class PipelineJob:
         if not lost:
             self._finish(within_s)
         self._drop_uncommitted()
-        self.writer.forget(list(tps))
+        self.writer.forget(list(tps), wait=False)  # after a commit still in flight, if any
         for tp in tps:
             self._skip.pop(tp, None)
         # Work of partitions this source keeps was dropped too: read them again.
@@ -490,4 +495,21 @@ def _spans(src: pa.Table) -> dict[TopicPartition, tuple[int, int]]:
     }  # fmt: skip
 
 
-__all__ = ["CommitTag", "JobComponents", "JobStats", "PipelineJob"]
+
+
+def engine_usage_fractions(usage: list[dict[str, float]]) -> dict[str, float | None]:
+    """Pool-wide fractions from the engines' usage counters (None when unknown)."""
+
+    def ratio(a: str, b: str) -> float | None:
+        den = sum(u.get(b, 0.0) for u in usage)
+        return sum(u.get(a, 0.0) for u in usage) / den if den > 0 else None
+
+    return {
+        "engine_busy_fraction": ratio("busy_s", "up_s"),
+        "engine_idle": ratio("idle_s", "span_s"),
+        "engine_occupancy": ratio("occupancy_s", "busy_s"),
+        "prefix_cache_hit_rate": ratio("cached_tokens", "prompt_tokens"),
+    }
+
+
+__all__ = ["CommitTag", "JobComponents", "JobStats", "PipelineJob", "engine_usage_fractions"]

@@ -169,8 +169,12 @@ def print_summary(spec: JobSpec, stats, console: Console) -> None:
     table.add_row("engines (peak)", f"{stats.peak_engines}")
     if stats.engine_busy_fraction is not None:
         table.add_row("engine busy", f"{stats.engine_busy_fraction:.1%}")
-    if stats.engine_idle_between_batches is not None:
-        table.add_row("engine idle between batches", f"{stats.engine_idle_between_batches:.1%}")
+    if stats.engine_idle is not None:
+        table.add_row("engine idle", f"{stats.engine_idle:.1%} (nothing in the engine)")
+    if stats.engine_occupancy is not None:
+        table.add_row("engine running set", f"{stats.engine_occupancy:.1%} of max_num_seqs (mean over decode steps)")
+    if stats.prefix_cache_hit_rate is not None:
+        table.add_row("prefix cache hits", f"{stats.prefix_cache_hit_rate:.1%} of prompt tokens")
     if stats.first_commit_s is not None:
         table.add_row("first commit after", f"{stats.first_commit_s:.1f} s")
     for note in stats.notes:

@@ -27,8 +27,10 @@ class JobStats:
     started: float = field(default_factory=time.monotonic)
     first_commit_s: float | None = None
     engines_ready_s: float | None = None
-    engine_busy_fraction: float | None = None  # time engines spent generating / time they were up
-    engine_idle_between_batches: float | None = None  # gaps between batches / first batch start..last end
+    engine_busy_fraction: float | None = None  # time engines spent in decode steps / time they were up
+    engine_idle: float | None = None  # time with nothing in an engine / time since its first batch
+    engine_occupancy: float | None = None  # mean running rows / max_num_seqs over the decode steps
+    prefix_cache_hit_rate: float | None = None  # prompt tokens served from the prefix cache / prompt tokens
     notes: list[str] = field(default_factory=list)
     finished: float | None = None
 
@@ -49,6 +51,8 @@ class JobStats:
             commits=self.commits, rows_ok=self.ok, rows_flagged=self.flagged, rows_dead=self.dead_lettered,
             dead_by_class=dict(self.dead_by_class), prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens, retries=self.retried,
+            engine={"engine_idle": self.engine_idle, "engine_occupancy": self.engine_occupancy,
+                    "prefix_cache_hit_rate": self.prefix_cache_hit_rate},
         )  # fmt: skip
 
     @property

@@ -56,6 +56,7 @@ REQUEST_SCHEMA = pa.schema(
         ("first_prompt", pa.string()),  # null on attempt 1; the original prompt on retries
         ("context", pa.list_(pa.string())),  # context documents (prompt.context_field), or null
         ("tenant", pa.string()),  # encryption: whose key protects the row's values (null: no encryption)
+        ("max_tokens", pa.int32()),  # prompt.max_tokens_field: this row's budget (null: sampling.max_tokens)
     ]
 )
 

@@ -268,6 +268,10 @@ class PromptSpec(_Strict):
         default=None,
         description="Event field with the context documents (a string or a list of strings) for grounding rules.",
     )
+    max_tokens_field: str | None = Field(
+        default=None,
+        description="Event field with this row's completion budget (a positive integer); absent: sampling.max_tokens.",
+    )
     repair_template: str = Field(
         default=DEFAULT_REPAIR_TEMPLATE,
         description="Prompt for a retry after a failed rule; variables: prompt, output, violations, attempt.",
@@ -290,6 +294,13 @@ class ModelSpec(_Strict):
     dtype: str = "auto"
     kv_cache_gib: float = Field(default=1.0, gt=0, description="KV cache size on CPU engines.")
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    max_num_seqs: int | None = Field(
+        default=None, ge=1, description="Rows decoded together per step (vLLM's running set); default: vLLM's."
+    )
+    max_num_batched_tokens: int | None = Field(default=None, ge=1, description="Tokens per engine step; default: vLLM's.")
+    enable_prefix_caching: bool = Field(
+        default=True, description="Reuse the KV cache of a shared prompt prefix (system prompt, template head)."
+    )
     seed: int = 0
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM arguments.")
 

@@ -33,13 +33,13 @@ from connectors.delta import DeltaSink
 
 def failing_engine(crash_on: str | None = None, hang_on: str | None = None) -> type:
     class FaultyEngine(EngineWorker):
-        def generate(self, requests):
+        async def run_batch(self, requests):
             prompts = requests.column("prompt").to_pylist()
             if crash_on and any(crash_on in p for p in prompts):
                 os._exit(70)
             if hang_on and any(hang_on in p for p in prompts):
-                time.sleep(3600)
-            return super().generate(requests)
+                time.sleep(3600)  # blocks the actor: it stops answering, as a stuck kernel would
+            return await super().run_batch(requests)
     return FaultyEngine
 
 

@@ -146,12 +146,12 @@ def test_a_restarted_commit_writer_refuses_to_commit_until_it_has_read_the_posit
 
     restarted = CommitWriter(spec)  # what Ray does after the process died
     with pytest.raises(WriterRestarted):
-        restarted.write(results([0, 1, 2, 3]), dead([]), {TP0: 3}, None)
+        restarted.write_tables(results([0, 1, 2, 3]), dead([]), {TP0: 3}, None)
     assert DeltaTable(str(tmp_path / "res")).version() == 0  # nothing written
 
     positions, windows = restarted.resume([TP0])  # the job's recovery: positions read again
     assert positions == {TP0: None} and windows == {TP0: {4, 5}}
-    report = restarted.write(results([0, 1, 2, 3]), dead([]), {TP0: 3}, None)
+    report = restarted.write_tables(results([0, 1, 2, 3]), dead([]), {TP0: 3}, None)
     assert report.totals.rows_ok == 4
     assert DeltaTable(str(tmp_path / "res")).transaction_version(txn_app_id("job", TP0)) == 3
 

@@ -127,7 +127,7 @@ def test_metrics_recorder_keeps_totals_without_ray():
 
 
 def test_metric_names_are_valid_and_declared_once():
-    assert len(M.METRIC_NAMES) == len(set(M.METRIC_NAMES)) == 14
+    assert len(M.METRIC_NAMES) == len(set(M.METRIC_NAMES)) == 17
     for name in M.METRIC_NAMES:
         assert re.fullmatch(r"tidegate_[a-z0-9_]+", name), name
     counters = [n for n in M.METRIC_NAMES if M._DEFS[n][0] == "counter"]
@@ -395,9 +395,11 @@ def test_commit_and_run_totals():
     st = JobStats("r1", ok=4, flagged=1, dead_lettered=0, retried=4, prompt_tokens=50, completion_tokens=20, commits=1)
     st.dead_by_class["invalid_json"] += 1
     st.book(totals)  # the same object the metrics and the runs row take
+    st.engine_idle, st.engine_occupancy = 0.25, 0.8
     assert st.runs_fields() == dict(
         commits=2, rows_ok=7, rows_flagged=2, rows_dead=3, dead_by_class={"invalid_json": 3, "validation_failed": 1},
         prompt_tokens=50, completion_tokens=20, retries=4,
+        engine={"engine_idle": 0.25, "engine_occupancy": 0.8, "prefix_cache_hit_rate": None},
     )  # fmt: skip
 
 

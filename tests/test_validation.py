@@ -329,6 +329,7 @@ def batch(outputs: list[str], attempt: int = 1, prompt: str = "q", context=None)
             "first_prompt": [None if attempt == 1 else "first q"] * n,
             "context": [context] * n,
             "tenant": [None] * n,
+            "max_tokens": [None] * n,
         },
         schema=REQUEST_SCHEMA,
     )
