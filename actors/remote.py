@@ -2,7 +2,7 @@
 
     on_driver_node(spec, **options)   actor options pinning an actor to the driver's node
     wait_started(refs, spec, what)    ray.get with stages.start_timeout_s and errors in our words
-    wait_any(refs, timeout_s)         block until one of the calls finishes (or the time is up)
+    wait_ready(refs, timeout_s)       which calls finished, after waiting for the first (or the time)
     put(value)                        into the object store once, for several calls to read
     cause(err) / actor_error(err)     the useful part of a RayTaskError / RayActorError
 """
@@ -64,10 +64,15 @@ def wait_started(refs: list, spec: JobSpec, what: str) -> list:
         raise StageError(f"{what} failed to start: {actor_error(e)}") from None
 
 
-def wait_any(refs: list, timeout_s: float) -> None:
-    """Return once one of the calls has finished, or after timeout_s."""
-    if refs and timeout_s > 0:
+def wait_ready(refs: list, timeout_s: float) -> set:
+    """The calls among `refs` that have finished, waiting up to timeout_s for the first one: one
+    wait for every stage of the job loop (each stage's collect then only looks them up). Fetches
+    the results to this node (not into this process): completions must outlive an engine's node."""
+    if not refs:
+        return set()
+    if timeout_s > 0:
         ray.wait(refs, num_returns=1, timeout=timeout_s)
+    return set(ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=True)[0])
 
 
 def put(value: Any) -> ray.ObjectRef:

@@ -205,14 +205,16 @@ class CommitWriterClient:
     def waitable(self) -> list:
         return [self._writing[0]] if self._writing is not None else []
 
-    def finished(self, timeout_s: float = 0.0) -> tuple[Any, CommitReport] | None:
+    def finished(self, timeout_s: float = 0.0, ready: set | None = None) -> tuple[Any, CommitReport] | None:
         """(tag, report) once the commit in flight has landed; None while it runs. Raises what
         the commit raised (PartitionFencedError, ...), or WriterDied."""
         if self._writing is None:
             return None
         ref, tag = self._writing
-        done, _ = ray.wait([ref], timeout=timeout_s)
-        if not done:
+        if ready is not None and not timeout_s:
+            if ref not in ready:
+                return None
+        elif not ray.wait([ref], timeout=timeout_s)[0]:
             return None
         self._writing = None
         try:

@@ -17,7 +17,6 @@ Run by the stage workers (actors/stages.py); the job loop only counts and routes
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -63,8 +62,12 @@ class BatchAssembler:
         ok_comp = completions.filter(ok_mask)
         verdicts = self.validator.validate(ok_req, ok_comp)
         keep = [a == "keep" for a in verdicts.action]
-        keep_mask = pa.array(keep, pa.bool_())
-        keep_req, keep_comp = ok_req.filter(keep_mask), ok_comp.filter(keep_mask)
+        all_kept = all(keep)
+        if all_kept:  # the usual batch: nothing to filter
+            keep_req, keep_comp = ok_req, ok_comp
+        else:
+            keep_mask = pa.array(keep, pa.bool_())
+            keep_req, keep_comp = ok_req.filter(keep_mask), ok_comp.filter(keep_mask)
         n = keep_req.num_rows
         # received_ns is the driver's monotonic clock: the stage workers run on the driver's node,
         # where CLOCK_MONOTONIC is one clock for every process.
@@ -75,28 +78,28 @@ class BatchAssembler:
         results = pa.table(
             {
                 "id": keep_req.column("id"),
-                "status": pa.array([s for s, k in zip(verdicts.status, keep) if k], pa.string()),
-                "output_text": pa.array([t for t, k in zip(verdicts.output_text, keep) if k], pa.string()),
-                "output_json": pa.array([j for j, k in zip(verdicts.output_json, keep) if k], pa.string()),
+                "status": pa.array(_kept(verdicts.status, keep, all_kept), pa.string()),
+                "output_text": pa.array(_kept(verdicts.output_text, keep, all_kept), pa.string()),
+                "output_json": pa.array(_kept(verdicts.output_json, keep, all_kept), pa.string()),
                 "finish_reason": keep_comp.column("finish_reason"),
-                "model": pa.array([self.spec.model.label] * n, pa.string()),
+                "model": pa.repeat(pa.scalar(self.spec.model.label, pa.string()), n),
                 "prompt_tokens": keep_comp.column("prompt_tokens"),
                 "completion_tokens": keep_comp.column("completion_tokens"),
                 "latency_ms": latency_ms,
                 "attempts": keep_req.column("attempt"),
-                "rule_results": verdicts.rule_results_array(keep),
+                "rule_results": verdicts.rule_results_array(None if all_kept else keep),
                 "source_topic": keep_req.column("source_topic"),
                 "source_partition": keep_req.column("source_partition"),
                 "source_offset": keep_req.column("source_offset"),
-                "run_id": pa.array([self.run_id] * n, pa.string()),
-                "processed_at": pa.array([datetime.now(timezone.utc)] * n, RESULTS_SCHEMA.field("processed_at").type),
-                **{name: pa.array([self.lineage.get(name)] * n, pa.string()) for name in LINEAGE_COLUMNS},
+                "run_id": pa.repeat(pa.scalar(self.run_id, pa.string()), n),
+                "processed_at": pa.repeat(pa.scalar(datetime.now(timezone.utc), RESULTS_SCHEMA.field("processed_at").type), n),
+                **{name: pa.repeat(pa.scalar(self.lineage.get(name), pa.string()), n) for name in LINEAGE_COLUMNS},
                 "tenant": keep_req.column("tenant"),
                 **self._carried_columns(keep_req, carried or {}),
             },
             schema=self.results_schema,
         )
-        rule_failures = Counter(r["rule"] for rr in verdicts.rule_results for r in rr if not r["passed"])
+        rule_failures = verdicts.failures
         rows = []
         if n < req.num_rows:
             raw_by_pos = {
@@ -135,7 +138,7 @@ class BatchAssembler:
                         raw=raw_by_pos[(r["source_partition"], r["source_offset"])],
                         output_text=verdicts.output_text[i],
                         attempts=r["attempt"],
-                        rule_results=verdicts.rule_results[i],
+                        rule_results=verdicts.rule_results[i].as_py(),
                         tenant=r["tenant"],
                     )
                 )
@@ -150,3 +153,7 @@ class BatchAssembler:
         return {
             input_column(f.name): pa.array([carried.get(k, {}).get(f.name) for k in keys], pa.string()) for f in fields
         }
+
+
+def _kept(values: list, keep: list[bool], all_kept: bool) -> list:
+    return values if all_kept else [v for v, k in zip(values, keep) if k]

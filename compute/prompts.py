@@ -18,10 +18,14 @@ from datetime import datetime, timezone
 
 import pyarrow as pa
 from jinja2 import StrictUndefined, TemplateError, UndefinedError, meta
+from jinja2.runtime import new_context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from schemas.records import DEAD_LETTER_SCHEMA, REQUEST_SCHEMA
 from schemas.spec import PromptSpec
+
+
+_JSON = json.JSONDecoder()
 
 
 @dataclass
@@ -60,6 +64,8 @@ class PromptRenderer:
         self.run_id = run_id
         env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
         self.template = env.from_string(spec.template)
+        self._env = env
+        self._globals = dict(self.template.globals)
         self.variables = sorted(meta.find_undeclared_variables(env.parse(spec.template)))
 
     def required_fields(self) -> dict[str, str]:
@@ -125,7 +131,7 @@ class PromptRenderer:
                 "decode", "invalid_utf8", f"value is not UTF-8: byte 0x{value[e.start]:02x} at position {e.start}"
             ) from None
         try:
-            event = json.loads(text)
+            event = _JSON.decode(text)  # what json.loads does, without its argument checks
         except json.JSONDecodeError as e:
             raise BadEvent(
                 "decode", "invalid_json", f"value is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
@@ -152,7 +158,11 @@ class PromptRenderer:
 
     def render_one(self, event_id: str, event: dict) -> str:
         try:
-            return self.template.render(event)  # a mapping, not **event: any field name works ("self")
+            # Template.render without its per-call copies (measured 17.8 -> 2.7 us a row): the
+            # template's globals (range, namespace, ...) then the event's fields, as render() sees
+            # them; a mapping, so any field name works ("self").
+            context = new_context(self._env, self.template.name, self.template.blocks, {**self._globals, **event}, True)
+            return "".join(self.template.root_render_func(context))
         except UndefinedError as e:
             raise BadEvent("prompt", "missing_variable", f"template: {e.message}", event_id) from None
         except TemplateError as e:
@@ -165,24 +175,26 @@ class PromptRenderer:
         partitions = source.column("partition").to_pylist()
         offsets = source.column("offset").to_pylist()
         values = source.column("value").to_pylist()
-        received = source.column("received_ns").to_pylist()
-        changes = source.column("source_change").to_pylist()
-        req = {name: [] for name in REQUEST_SCHEMA.names}
+        changes = source.column("source_change")
+        changes = changes.to_pylist() if changes.null_count < len(changes) else None
+        kept: list[int] = []  # source rows that become requests
+        rendered: list[tuple] = []  # (id, prompt, context, tenant, budget) of each kept row
         dead: list[dict] = []
         carried: dict = {}
         enc = self.encryption
         fallback_tenant = enc.tenant if enc is not None else None
-        for topic, partition, offset, value, recv, change in zip(topics, partitions, offsets, values, received, changes):
-            if skip is not None and skip(topic, partition, offset):
+        carry = enc.input_fields if enc is not None else None
+        for i, value in enumerate(values):
+            if skip is not None and skip(topics[i], partitions[i], offsets[i]):
                 continue
             event_id = None
             tenant = fallback_tenant
             try:
-                if change is not None:
+                if changes is not None and changes[i] is not None:
                     # A source row that changed after it was first read: reported, not re-processed.
                     event_id = self.decode(value)[0]
-                    raise BadEvent("source", f"source_{change}", f"row {change}d in the source at version {partition}; "
-                                   "changes are reported, not processed", event_id)  # fmt: skip
+                    raise BadEvent("source", f"source_{changes[i]}", f"row {changes[i]}d in the source at version "
+                                   f"{partitions[i]}; changes are reported, not processed", event_id)  # fmt: skip
                 event_id, event = self.decode(value)
                 if enc is not None:
                     # Until the event's own tenant is known to hold a key, none: a tenant error never
@@ -192,35 +204,43 @@ class PromptRenderer:
                 prompt = self.render_one(event_id, event)
                 context = self.context(event_id, event)
                 budget = self.max_tokens(event_id, event)
-                if enc is not None and enc.input_fields:
-                    carried[(partition, offset)] = {f.name: _as_text(event.get(f.name)) for f in enc.input_fields}
+                if carry:
+                    carried[(partitions[i], offsets[i])] = {f.name: _as_text(event.get(f.name)) for f in carry}
             except BadEvent as e:
                 dead.append(
                     dict(
-                        id=e.event_id or event_id,
-                        stage=e.stage,
-                        error_class=e.error_class,
-                        error=str(e),
-                        source_topic=topic,
-                        source_partition=partition,
-                        source_offset=offset,
-                        raw=value,
-                        tenant=tenant,
+                        id=e.event_id or event_id, stage=e.stage, error_class=e.error_class, error=str(e),
+                        source_topic=topics[i], source_partition=partitions[i], source_offset=offsets[i],
+                        raw=value, tenant=tenant,
                     )
-                )
+                )  # fmt: skip
                 continue
-            req["id"].append(event_id)
-            req["prompt"].append(prompt)
-            req["source_topic"].append(topic)
-            req["source_partition"].append(partition)
-            req["source_offset"].append(offset)
-            req["received_ns"].append(recv)
-            req["attempt"].append(1)
-            req["first_prompt"].append(None)
-            req["context"].append(context)
-            req["tenant"].append(tenant)
-            req["max_tokens"].append(budget)
-        return RenderedBatch(pa.table(req, schema=REQUEST_SCHEMA), dead_letter_table(dead, self.run_id), carried)
+            kept.append(i)
+            rendered.append((event_id, prompt, context, tenant, budget))
+        return RenderedBatch(self._requests(source, kept, rendered), dead_letter_table(dead, self.run_id), carried)
+
+    @staticmethod
+    def _requests(source: pa.Table, kept: list[int], rendered: list[tuple]) -> pa.Table:
+        """REQUEST_SCHEMA rows: the rendered fields, and the positions taken from the source
+        columns as they are (Arrow take, no Python per value)."""
+        n = len(kept)
+        ids, prompts, contexts, tenants, budgets = zip(*rendered) if rendered else ((),) * 5
+        same = n == source.num_rows
+        idx = None if same else pa.array(kept, pa.int64())
+
+        def col(name: str) -> pa.Array:
+            c = source.column(name)
+            return c if same else c.take(idx)
+
+        return pa.Table.from_arrays(
+            [
+                pa.array(ids, pa.string()), pa.array(prompts, pa.string()), col("topic"), col("partition"),
+                col("offset"), col("received_ns"), pa.repeat(pa.scalar(1, pa.int32()), n), pa.nulls(n, pa.string()),
+                pa.array(contexts, REQUEST_SCHEMA.field("context").type), pa.array(tenants, pa.string()),
+                pa.array(budgets, pa.int32()),
+            ],
+            schema=REQUEST_SCHEMA,
+        )  # fmt: skip
 
     def tenant(self, event_id: str, event: dict) -> str:
         """The event's tenant (encryption), one whose key this job holds; else BadEvent."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import operator
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +77,11 @@ class Rule:
         raise NotImplementedError(f"rule {self.name} has no fix")
 
     def _ok(self, message: str = "", score: float | None = None) -> RuleResult:
+        if not message and score is None:  # the common result: one shared object per rule (never changed:
+            passed = self.__dict__.get("_passed")  # only failed results get a note from a fix)
+            if passed is None:
+                passed = self._passed = RuleResult(self.name, True, None, "")
+            return passed
         return RuleResult(self.name, True, score, message)
 
     def _fail(self, message: str, score: float | None = None) -> RuleResult:
@@ -178,21 +184,25 @@ class Refusal(Rule):
         if len(text) < self.spec.min_chars:
             return self._fail("empty answer" if not text else f"non-answer: {len(text)} non-blank character(s)")
         head = text[:120].casefold().lstrip("\"'*_ ")
-        for p in self.openers:
-            if head.startswith(p):
-                return self._fail(f"starts like a refusal ({p!r})")
+        if head.startswith(self.openers):  # one call for all of them; which one only on a hit
+            p = next(p for p in self.openers if head.startswith(p))
+            return self._fail(f"starts like a refusal ({p!r})")
         words = text.split()
         loop = repeated_ngram(words, self.spec.max_repeats)
         if loop:
             return self._fail(loop)
         # 30 equal characters sit inside one word of at least 30 characters: only those are scanned.
-        if any(len(w) >= 30 and _CHAR_LOOP.search(w) for w in words):
+        if max(map(len, words), default=0) >= 30 and any(len(w) >= 30 and _CHAR_LOOP.search(w) for w in words):
             return self._fail("one character repeats 30 or more times in a row")
         return self._ok()
 
 
 def repeated_ngram(words: list[str], max_repeats: int, max_n: int = 4) -> str | None:
     """A message when some word n-gram (n <= max_n) occurs max_repeats times in a row."""
+    # A repeated n-gram has a word equal to the one n places back: most texts have none at all
+    # within 4 places, which map(eq) finds in C before any Python loop runs.
+    if not any(any(map(operator.eq, words, words[n:])) for n in range(1, max_n + 1)):
+        return None
     for n in range(1, max_n + 1):
         need = (max_repeats - 1) * n  # positions equal to the one n words back
         if len(words) < need + n:

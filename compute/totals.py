@@ -16,7 +16,9 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -33,7 +35,7 @@ class CommitTotals:
     completion_tokens: int = 0
     retries: int = 0
     spans: dict[TopicPartition, tuple[int | None, int]] = field(default_factory=dict)
-    e2e_s: list[float] = field(default_factory=list)
+    e2e_s: Any = field(default_factory=list)  # seconds per result row (a numpy array from `of`)
 
     @property
     def dead_by_class(self) -> dict[str, int]:
@@ -55,7 +57,8 @@ class CommitTotals:
         cls, results: pa.Table, dead: pa.Table, positions: Mapping[TopicPartition, int], now: datetime | None = None
     ) -> CommitTotals:
         pairs = zip(dead.column("stage").to_pylist(), dead.column("error_class").to_pylist())
-        attempts = [a for t in (results, dead) for a in t.column("attempts").to_pylist() if a]
+        # retries: generations beyond the first, over the rows that went to the engine
+        retries = sum((pc.sum(a).as_py() or 0) - (len(a) - a.null_count) for a in (results["attempts"], dead["attempts"]))
         return cls(
             rows_ok=results.num_rows,
             rows_flagged=pc.sum(pc.equal(results.column("status"), "flagged")).as_py() or 0,
@@ -63,9 +66,9 @@ class CommitTotals:
             dead_by={(s or "unknown", c or "unknown"): n for (s, c), n in Counter(pairs).items()},
             prompt_tokens=pc.sum(results.column("prompt_tokens")).as_py() or 0,
             completion_tokens=pc.sum(results.column("completion_tokens")).as_py() or 0,
-            retries=sum(a - 1 for a in attempts),
+            retries=retries,
             spans=span_positions(results, dead, positions),
-            e2e_s=e2e_latencies_s(results, now),
+            e2e_s=_e2e_seconds(results, now),
         )
 
 
@@ -94,10 +97,15 @@ def e2e_latencies_s(results: pa.Table, now: datetime | None = None) -> list[floa
     """Read -> commit latency in seconds of each row of a RESULTS_SCHEMA table about to be (or
     just) committed: `latency_ms` (read -> completion, monotonic clock) plus the time since
     `processed_at` (completion, wall clock) until `now` (default: the current time)."""
+    return _e2e_seconds(results, now).tolist()
+
+
+def _e2e_seconds(results: pa.Table, now: datetime | None = None) -> np.ndarray:
     if results.num_rows == 0:
-        return []
+        return np.zeros(0)
     now = now or datetime.now(timezone.utc)
     since = pc.subtract(pa.scalar(now, results.schema.field("processed_at").type), results.column("processed_at"))
     since_s = pc.divide(since.cast(pa.int64()).cast(pa.float64()), 1e6)  # timestamp("us") durations
     total = pc.add(pc.divide(pc.fill_null(results.column("latency_ms"), 0.0), 1e3), since_s)
-    return [max(0.0, v) for v in total.to_pylist() if v is not None]
+    values = total.to_numpy(zero_copy_only=False)
+    return np.maximum(values[~np.isnan(values)], 0.0)

@@ -16,6 +16,7 @@ rule calls its embedder, which may be a Ray actor).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -38,13 +39,15 @@ class Verdicts:
     status: list[str | None] = field(default_factory=list)  # keep: ok | flagged
     output_text: list[str | None] = field(default_factory=list)  # the final (possibly fixed) output
     output_json: list[str | None] = field(default_factory=list)
-    rule_results: list[list[dict]] = field(default_factory=list)
+    rule_results: pa.Array | None = None  # RULE_RESULTS_TYPE, one list per input row
     error: list[str | None] = field(default_factory=list)  # reject: every failed rule and why
     retries: pa.Table | None = None  # REQUEST_SCHEMA rows for the rows to retry
+    failures: dict[str, int] = field(default_factory=dict)  # rule -> failed checks in this batch
 
     def rule_results_array(self, mask: list[bool] | None = None) -> pa.Array:
-        rows = self.rule_results if mask is None else [r for r, m in zip(self.rule_results, mask) if m]
-        return pa.array(rows, type=RULE_RESULTS_TYPE)
+        if mask is None:
+            return self.rule_results
+        return self.rule_results.filter(pa.array(mask, pa.bool_()))
 
 
 class Validator:
@@ -76,27 +79,31 @@ class Validator:
             for o, p, f, ctx, t, fr in zip(outputs, prompts, first, contexts, tokens, finish)
         ]
         by_rule = [rule.check_batch(cands) for rule in self.rules]
-        v = Verdicts()
+        n = len(cands)
+        # Rows every rule passed are kept as they are; only the others go through the policies.
+        v = Verdicts(["keep"] * n, ["ok"] * n, [c.output for c in cands], [c.output_json for c in cands], None, [None] * n)
+        failures: Counter[str] = Counter()
         retry_rows: list[int] = []
         repair_prompts: list[str] = []
-        for i, cand in enumerate(cands):
+        for i in sorted({i for results in by_rule for i, r in enumerate(results) if not r.passed}):
+            cand = cands[i]
             results = [r[i] for r in by_rule]
             failed = [(rule, res) for rule, res in zip(self.rules, results) if not res.passed]
-            action, status, text, error = "keep", "ok", cand.output, None
-            if failed:
-                attempt = attempts[i] or 1
-                if any(rule.spec.on_fail == "retry" and attempt < rule.spec.max_attempts for rule, _ in failed):
-                    action = "retry"
-                    retry_rows.append(i)
-                    repair_prompts.append(self._repair_prompt(cand, failed, attempt))
-                else:
-                    action, status, text, error = self._apply_policies(cand, failed, results)
-            v.action.append(action)
-            v.status.append(status if action == "keep" else None)
-            v.output_text.append(text)
-            v.output_json.append(cand.output_json if action == "keep" else None)
-            v.rule_results.append([_as_dict(r) for r in results])
-            v.error.append(error)
+            failures.update(res.rule for _, res in failed)
+            attempt = attempts[i] or 1
+            if any(rule.spec.on_fail == "retry" and attempt < rule.spec.max_attempts for rule, _ in failed):
+                action, status, text, error = "retry", None, cand.output, None
+                retry_rows.append(i)
+                repair_prompts.append(self._repair_prompt(cand, failed, attempt))
+            else:
+                action, status, text, error = self._apply_policies(cand, failed, results)
+            v.action[i] = action
+            v.status[i] = status if action == "keep" else None
+            v.output_text[i] = text
+            v.output_json[i] = cand.output_json if action == "keep" else None
+            v.error[i] = error
+        v.rule_results = rule_results_column(by_rule, n)  # after the policies: a fix notes itself in the message
+        v.failures = dict(failures)
         if retry_rows:
             v.retries = _retry_requests(requests, retry_rows, repair_prompts)
         return v
@@ -129,8 +136,18 @@ def _violations(failed) -> str:
     return "; ".join(f"{rule.name}: {res.message}" if res.message else rule.name for rule, res in failed)
 
 
-def _as_dict(r: RuleResult) -> dict:
-    return {"rule": r.rule, "passed": r.passed, "score": r.score, "message": r.message}
+def rule_results_column(by_rule: list[list[RuleResult]], n: int) -> pa.Array:
+    """RULE_RESULTS_TYPE for n rows from each rule's results, built column by column (no per-row
+    dicts: measured ~4 us a row less than pa.array over lists of dicts)."""
+    k = len(by_rule)
+    flat = [results[i] for i in range(n) for results in by_rule]  # row-major: row 0's rules, row 1's, ...
+    item = RULE_RESULTS_TYPE.value_type
+    structs = pa.StructArray.from_arrays(
+        [pa.array([r.rule for r in flat], pa.string()), pa.array([r.passed for r in flat], pa.bool_()),
+         pa.array([r.score for r in flat], pa.float64()), pa.array([r.message for r in flat], pa.string())],
+        fields=list(item),
+    )  # fmt: skip
+    return pa.ListArray.from_arrays(pa.array(range(0, n * k + 1, k), pa.int32()), structs, type=RULE_RESULTS_TYPE)
 
 
 def _retry_requests(requests: pa.Table, rows: list[int], prompts: list[str]) -> pa.Table:

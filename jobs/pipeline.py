@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from actors.embedding import start_embedding_actor
 from actors.pool import Completions, EnginePool
-from actors.remote import kill, put, wait_any
+from actors.remote import kill, put, wait_ready
 from actors.stages import StagePool
 from actors.writer import CommitWriterClient, WriterDied, job_schemas
 from compute.engine import EngineWorker
@@ -116,6 +116,7 @@ class PipelineJob:
         self._skip: dict[TopicPartition, set[int]] = {}
         self._next_lag_check = 0.0
         self._next_scale_check = 0.0
+        self._ready: set | None = None  # calls the last wait found finished
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -263,15 +264,16 @@ class PipelineJob:
     def _pump(self, timeout_s: float) -> None:
         """Route what the stage workers and the engines finished, waiting up to timeout_s for the
         first of them (or of the commit in flight) to finish."""
-        wait_any(self.pool.waitable() + self.stages.waitable() + self.writer.waitable(), timeout_s)
-        for tag, counts, refs in self.stages.collect(0):
+        ready = wait_ready(self.pool.waitable() + self.stages.waitable() + self.writer.waitable(), timeout_s)
+        self._ready = ready  # for _land_commit in this iteration
+        for tag, counts, refs in self.stages.collect(0, ready):
             with log_context(batch_id=tag.seq):  # JSON logs carry the batch (ledger sequence number)
                 if isinstance(tag, RenderTag):
                     self._rendered(tag, counts, refs)
                 else:
                     self._assembled(tag, counts, refs)
         if self.pool.in_flight:
-            for tag, completions in self.pool.collect(0):
+            for tag, completions in self.pool.collect(0, ready):
                 with log_context(batch_id=tag.seq):
                     self._generated(tag, completions)
 
@@ -373,8 +375,9 @@ class PipelineJob:
 
     def _land_commit(self, timeout_s: float = 0.0) -> None:
         """Book the commit in flight once it has landed (raises what the commit raised)."""
+        ready, self._ready = self._ready, None  # what this iteration's wait found (used once)
         try:
-            landed = self.writer.finished(timeout_s)
+            landed = self.writer.finished(timeout_s, ready)
         except BaseException:
             self.flight.writing(0, 0)  # it did not land (or is read back from the table)
             raise

@@ -244,8 +244,8 @@ def test_custom_rules_function_and_class():
     out = v.validate(*batch(["a 1 b c", "a 12"]))
     assert out.action == ["keep", "keep"] and out.status == ["ok", "flagged"]
     assert out.output_text == ["a 1", "a 12"]
-    assert out.rule_results[1][0] == {"rule": "custom", "passed": False, "score": 2.0, "message": "2 digit(s)"}
-    assert out.rule_results[0][1] == {"rule": "words", "passed": False, "score": None, "message": "4 words (fixed)"}
+    assert out.rule_results.to_pylist()[1][0] == {"rule": "custom", "passed": False, "score": 2.0, "message": "2 digit(s)"}
+    assert out.rule_results.to_pylist()[0][1] == {"rule": "words", "passed": False, "score": None, "message": "4 words (fixed)"}
 
 
 def test_custom_rule_errors_are_spec_errors():
@@ -373,7 +373,7 @@ def test_policies_keep_fix_flag_reject_retry():
     assert out.status[:3] == ["ok", "ok", "flagged"]
     assert out.output_text[1] == "Your parcel ships today, and w"
     assert out.error[3] == "pii_leakage: PII not in the input: 1 email"
-    assert [len(r) for r in out.rule_results] == [4] * 6
+    assert [len(r) for r in out.rule_results.to_pylist()] == [4] * 6
     retries = out.retries.to_pylist()
     assert [r["source_offset"] for r in retries] == [4, 5] and all(r["attempt"] == 2 for r in retries)
     assert all(r["first_prompt"] == "q" for r in retries)
