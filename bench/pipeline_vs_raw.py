@@ -1,20 +1,27 @@
-"""Benchmark: the whole pipeline (Kafka -> Ray engine pool -> Delta) against raw `LLM.generate`.
+"""Benchmark: the whole pipeline (Kafka -> Ray engine pool -> Delta) against raw `LLM.generate`,
+and against Ray Data LLM, on two workloads, side by side in one invocation on this machine.
 
-Both sides use the same model, the same rendered prompts (chat template included) and the same
-sampling params, run one after the other in this one invocation on this machine:
+Workloads (same model, same rendered prompts with the chat template, same sampling on every side):
+  fixed    greedy, max_tokens 32: every output the same length (4,000 events)
+  varied   temperature 1, max_tokens 256, logit_bias +4 on the model's end token: outputs from one
+           token to the limit (median ~40), as real traffic ends at EOS (2,000 events)
 
+Sides:
   raw       one process, `LLM.generate(all prompts)` after the engine is loaded (vLLM's best case:
             one call, the engine schedules everything)
   pipeline  `python -m jobs.run SPEC --until-drained` on the same events produced to a tansu topic
             (4 partitions); steady rows/s = rows committed between the first and the last commit
-            divided by that time (Parquet file times), plus the end-to-end wall time incl. start-up
+            divided by that time (Delta file times), plus the wall time incl. start-up
+  raydata   (varied only, --raydata) Ray Data LLM's vLLM processor over the same prompts, no Kafka
+            and no Delta; steady rows/s between its first and last output batch
 
 Then a latency run: events produced at a steady rate (default 50/s) while the job runs;
 event-to-commit latency = time of the Delta file holding the row - time the event was sent.
 
-    python bench/pipeline_vs_raw.py [--events 4000] [--rate 50] [--latency-seconds 60]
+    python bench/pipeline_vs_raw.py [--workloads fixed,varied] [--raydata] [--rate 50] [--latency-seconds 60]
 
-Prints a table and writes bench/results/pipeline_vs_raw.json. Run by hand; not a test.
+Prints a summary and writes bench/results/pipeline_vs_raw-<UTC time>.json (every run is kept).
+Run by hand; not a test.
 """
 
 from __future__ import annotations
@@ -43,7 +50,24 @@ from connectors.broker import EmbeddedBroker  # noqa: E402
 from connectors.kafka import create_topic, produce  # noqa: E402
 
 TEMPLATE = "Answer for {{ user }}: {{ question }}"
-SAMPLING = {"max_tokens": 32, "temperature": 0}
+WORKLOADS = {
+    "fixed": {"events": 4000, "sampling": {"max_tokens": 32, "temperature": 0}},
+    "varied": {"events": 2000, "sampling": {"max_tokens": 256, "temperature": 1.0, "seed": 0}},  # + logit_bias
+}
+
+
+def end_token_id(model: Path) -> int:
+    """The token that ends a generation (the tiny model's <|end|>)."""
+    import json as _json
+
+    return int(_json.loads((model / "config.json").read_text())["eos_token_id"])
+
+
+def sampling_for(workload: str, model: Path) -> dict:
+    s = dict(WORKLOADS[workload]["sampling"])
+    if workload == "varied":
+        s["logit_bias"] = {end_token_id(model): 4.0}  # make EOS likely: lengths from 1 to 256
+    return s
 
 
 def make_event(i: int, sent_at: float | None = None) -> dict:
@@ -66,18 +90,23 @@ t = Template(cfg["template"])
 texts = [tok.apply_chat_template([{"role": "user", "content": t.render(**e)}], add_generation_prompt=True, tokenize=False)
          for e in cfg["events"]]
 
-sp = SamplingParams(**cfg["sampling"])
+sampling = cfg["sampling"]
+if "logit_bias" in sampling:
+    sampling["logit_bias"] = {int(k): v for k, v in sampling["logit_bias"].items()}
+sp = SamplingParams(**sampling)
 llm.generate([{"prompt": texts[0]}], sp, use_tqdm=False)  # warm-up
 t0 = time.monotonic()
 outs = llm.generate([{"prompt": x} for x in texts], sp, use_tqdm=False)  # vLLM tokenizes, as for any user
 dt = time.monotonic() - t0
-print(json.dumps({"rows": len(outs), "seconds": dt, "completion_tokens": sum(len(o.outputs[0].token_ids) for o in outs)}))
+lens = sorted(len(o.outputs[0].token_ids) for o in outs)
+print(json.dumps({"rows": len(outs), "seconds": dt, "completion_tokens": sum(lens),
+                  "output_tokens": {"min": lens[0], "median": lens[len(lens) // 2], "mean": sum(lens) / len(lens), "max": lens[-1]}}))
 """
 
 
-def run_raw(model: Path, events: list[dict], workdir: Path) -> dict:
+def run_raw(model: Path, events: list[dict], workdir: Path, sampling: dict) -> dict:
     cfg = workdir / "raw.json"
-    cfg.write_text(json.dumps({"model": str(model), "template": TEMPLATE, "sampling": SAMPLING, "events": events}))
+    cfg.write_text(json.dumps({"model": str(model), "template": TEMPLATE, "sampling": sampling, "events": events}))
     env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()))
     out = subprocess.run([sys.executable, "-c", RAW_SCRIPT, str(cfg)], capture_output=True, text=True, env=env)
     if out.returncode:
@@ -85,13 +114,13 @@ def run_raw(model: Path, events: list[dict], workdir: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def write_spec(workdir: Path, name: str, bootstrap: str, topic: str, model: Path, batch_size: int) -> Path:
+def write_spec(workdir: Path, name: str, bootstrap: str, topic: str, model: Path, batch_size: int, sampling: dict) -> Path:
     spec = {
         "name": name,
         "source": {"kafka": {"bootstrap_servers": bootstrap, "topic": topic, "group_id": f"bench-{name}"}},
         "prompt": {"template": TEMPLATE, "id_field": "id"},
         "model": {"path": str(model), "dtype": "float32"},
-        "sampling": SAMPLING,
+        "sampling": sampling,
         "pool": {"actors": 1, "batch_size": batch_size, "num_cpus": 1},
         "sink": {"results": str(workdir / name / "results"), "dead_letter": str(workdir / name / "dead_letter")},
     }
@@ -118,11 +147,12 @@ def committed_files(uri: str) -> list[tuple[float, "pq.Table"]]:
     return sorted(out, key=lambda x: x[0])
 
 
-def run_pipeline(model: Path, events: list[dict], workdir: Path, bootstrap: str, batch_size: int) -> dict:
-    topic = "bench-throughput"
+def run_pipeline(model: Path, events: list[dict], workdir: Path, bootstrap: str, batch_size: int, sampling: dict,
+                 name: str) -> dict:  # fmt: skip
+    topic = f"bench-{name}"
     create_topic(bootstrap, topic, 4)
     produce(bootstrap, topic, ((e["id"].encode(), json.dumps(e).encode()) for e in events))
-    spec = write_spec(workdir, "throughput", bootstrap, topic, model, batch_size)
+    spec = write_spec(workdir, name, bootstrap, topic, model, batch_size, sampling)
     t0 = time.monotonic()
     proc = start_job(spec, workdir, until_drained=True)
     cpu = {}
@@ -130,13 +160,13 @@ def run_pipeline(model: Path, events: list[dict], workdir: Path, bootstrap: str,
         cpu.update(cpu_by_process(proc.pid))
         time.sleep(0.5)
     if proc.returncode:
-        raise SystemExit(f"pipeline run failed; see {workdir / 'throughput.log'}")
+        raise SystemExit(f"pipeline run failed; see {workdir / (name + '.log')}")
     wall = time.monotonic() - t0
-    files = committed_files(str(workdir / "throughput" / "results"))
+    files = committed_files(str(workdir / name / "results"))
     rows = sum(t.num_rows for _, t in files)
     first_t, first_rows = files[0][0], files[0][1].num_rows
     span = files[-1][0] - first_t
-    summary = (workdir / "throughput.log").read_text(errors="replace")
+    summary = (workdir / f"{name}.log").read_text(errors="replace")
 
     def field(label: str) -> str | None:
         m = re.search(rf"{label}\s*│\s*([^│\n]+?)\s*│", summary)
@@ -148,9 +178,12 @@ def run_pipeline(model: Path, events: list[dict], workdir: Path, bootstrap: str,
         "wall_s_including_startup": wall,
         "steady_rows_per_s": (rows - first_rows) / span if span > 0 else float("nan"),
         "engine_busy": field("engine busy"),
-        "engine_idle_between_batches": field("engine idle between batches"),
+        "engine_idle": field("engine idle"),
+        "engine_running_set": field("engine running set"),
+        "prefix_cache_hits": field("prefix cache hits"),
         "first_commit_after": field("first commit after"),
-        "cpu_seconds_by_process": summarize_cpu(cpu),
+        "cpu_seconds_by_process": (cpu_s := summarize_cpu(cpu)),
+        "driver_cpu_s_per_10k_rows": round(cpu_s.get("driver", 0.0) / rows * 10_000, 2) if rows else None,
     }
 
 
@@ -182,7 +215,7 @@ def summarize_cpu(cpu: dict[int, tuple[str, float]]) -> dict[str, float]:
 def run_latency(model: Path, workdir: Path, bootstrap: str, rate: float, seconds: float, batch_size: int) -> dict:
     topic = "bench-latency"
     create_topic(bootstrap, topic, 4)
-    spec = write_spec(workdir, "latency", bootstrap, topic, model, batch_size)
+    spec = write_spec(workdir, "latency", bootstrap, topic, model, batch_size, dict(WORKLOADS["fixed"]["sampling"]))
     proc = start_job(spec, workdir, until_drained=False)
     time.sleep(30)  # Ray start + engine load + group join: latency is measured at steady state
     sent: dict[str, float] = {}
@@ -224,10 +257,64 @@ def run_latency(model: Path, workdir: Path, bootstrap: str, rate: float, seconds
     return {"events": len(sent), "committed": len(lat), "rate_per_s": rate, "p50_ms": q[49], "p95_ms": q[94], "max_ms": lat[-1]}
 
 
+RAYDATA_SCRIPT = r"""
+import json, os, sys, time
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+import ray
+from jinja2 import Template
+from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+cfg = json.load(open(sys.argv[1]))
+ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+t = Template(cfg["template"])
+sampling = cfg["sampling"]
+sampling["logit_bias"] = {int(k): v for k, v in sampling.get("logit_bias", {}).items()}
+# As measured to run on the CPU build (../shared stack facts): one CPU bundle for the engine, a
+# quarter of host memory for its KV cache, small CPU shares for the other stages.
+config = vLLMEngineProcessorConfig(
+    model_source=cfg["model"],
+    engine_kwargs={"dtype": "float32", "enforce_eager": True, "distributed_executor_backend": "uni",
+                   "gpu_memory_utilization": 0.25, "seed": 0},
+    placement_group_config={"bundles": [{"CPU": 1}]},
+    batch_size=64, concurrency=1,
+)
+proc = build_processor(config,
+    preprocess=lambda row: {"messages": [{"role": "user", "content": row["prompt"]}], "sampling_params": sampling},
+    postprocess=lambda row: {"id": row["id"], "n": len(row.get("generated_tokens") or [])},
+    preprocess_map_kwargs={"num_cpus": 0.25}, postprocess_map_kwargs={"num_cpus": 0.25})
+ds = ray.data.from_items([{"id": e["id"], "prompt": t.render(**e)} for e in cfg["events"]])
+t0 = time.monotonic()
+times = []
+rows = 0
+for batch in proc(ds).iter_batches(batch_size=None):
+    rows += len(batch["id"])
+    times.append((time.monotonic(), rows))
+first_t, first_rows = times[0]
+span = times[-1][0] - first_t
+print(json.dumps({"rows": rows, "wall_s_including_load": times[-1][0] - t0, "first_output_s": first_t - t0,
+                  "steady_rows_per_s": (rows - first_rows) / span if span > 0 else None}))
+"""
+
+
+def run_raydata(model: Path, events: list[dict], workdir: Path, sampling: dict) -> dict:
+    cfg = workdir / "raydata.json"
+    cfg.write_text(json.dumps({"model": str(model), "template": TEMPLATE, "sampling": sampling, "events": events}))
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    out = subprocess.run([sys.executable, "-c", RAYDATA_SCRIPT, str(cfg)], capture_output=True, text=True, env=env,
+                         cwd=workdir, timeout=3600)  # fmt: skip
+    if out.returncode:
+        return {"error": out.stderr.strip().splitlines()[-1][:300] if out.stderr.strip() else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
+    from datetime import datetime, timezone
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--events", type=int, default=4000)
+    ap.add_argument("--workloads", default="fixed,varied")
+    ap.add_argument("--events", type=int, default=None, help="override each workload's event count")
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--raydata", action="store_true", help="also run Ray Data LLM on the varied workload")
     ap.add_argument("--rate", type=float, default=50.0)
     ap.add_argument("--latency-seconds", type=float, default=60.0)
     ap.add_argument("--model", type=Path, default=REPO / ".cache" / "tiny-model")
@@ -236,24 +323,37 @@ def main() -> None:
         from jobs.tiny_model import build_tiny_model
 
         build_tiny_model(args.model)
-    events = [make_event(i) for i in range(args.events)]
     workdir = Path(tempfile.mkdtemp(prefix="tidegate-bench-"))
-    results: dict = {"events": args.events, "batch_size": args.batch_size, "cpus": os.cpu_count()}
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
+    results: dict = {"measured_at": stamp, "batch_size": args.batch_size, "cpus": os.cpu_count(), "workloads": {}}
     print(f"workdir {workdir}")
-    results["raw"] = raw = run_raw(args.model, events, workdir)
-    raw_rps = raw["rows"] / raw["seconds"]
-    print(f"raw LLM.generate: {raw['rows']} rows in {raw['seconds']:.1f}s = {raw_rps:.1f} rows/s")
     with EmbeddedBroker() as broker:
-        results["pipeline"] = pipe = run_pipeline(args.model, events, workdir, broker.bootstrap_servers, args.batch_size)
-        print(f"pipeline: {pipe}")
+        for workload in args.workloads.split(","):
+            n = args.events or WORKLOADS[workload]["events"]
+            sampling = sampling_for(workload, args.model)
+            events = [make_event(i) for i in range(n)]
+            r = results["workloads"][workload] = {"events": n, "sampling": {k: v for k, v in sampling.items()}}
+            r["raw"] = raw = run_raw(args.model, events, workdir, sampling)
+            raw_rps = raw["rows"] / raw["seconds"]
+            print(f"[{workload}] raw LLM.generate: {raw['rows']} rows in {raw['seconds']:.1f}s = {raw_rps:.1f} rows/s, "
+                  f"output tokens {raw['output_tokens']}")  # fmt: skip
+            r["pipeline"] = pipe = run_pipeline(args.model, events, workdir, broker.bootstrap_servers, args.batch_size,
+                                                sampling, f"throughput-{workload}")  # fmt: skip
+            r["ratio_steady"] = pipe["steady_rows_per_s"] / raw_rps
+            print(f"[{workload}] pipeline: {pipe}")
+            print(f"[{workload}] pipeline/raw (steady): {r['ratio_steady']:.3f}")
+            if args.raydata and workload == "varied":
+                r["raydata"] = rd = run_raydata(args.model, events, workdir, sampling)
+                print(f"[{workload}] Ray Data LLM: {rd}")
+                if rd.get("steady_rows_per_s"):
+                    r["raydata_ratio_steady"] = rd["steady_rows_per_s"] / raw_rps
+                    r["pipeline_over_raydata"] = pipe["steady_rows_per_s"] / rd["steady_rows_per_s"]
         if args.latency_seconds > 0:
             results["latency"] = lat = run_latency(
                 args.model, workdir, broker.bootstrap_servers, args.rate, args.latency_seconds, args.batch_size
             )
             print(f"latency: {lat}")
-    results["ratio_steady"] = pipe["steady_rows_per_s"] / raw_rps
-    print(f"pipeline/raw (steady): {results['ratio_steady']:.3f}")
-    out = REPO / "bench" / "results" / "pipeline_vs_raw.json"
+    out = REPO / "bench" / "results" / f"pipeline_vs_raw-{stamp}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"written {out}")

@@ -147,7 +147,8 @@ def rule_results_column(by_rule: list[list[RuleResult]], n: int) -> pa.Array:
          pa.array([r.score for r in flat], pa.float64()), pa.array([r.message for r in flat], pa.string())],
         fields=list(item),
     )  # fmt: skip
-    return pa.ListArray.from_arrays(pa.array(range(0, n * k + 1, k), pa.int32()), structs, type=RULE_RESULTS_TYPE)
+    offsets = pa.array(range(0, n * k + 1, k) if k else [0] * (n + 1), pa.int32())
+    return pa.ListArray.from_arrays(offsets, structs, type=RULE_RESULTS_TYPE)
 
 
 def _retry_requests(requests: pa.Table, rows: list[int], prompts: list[str]) -> pa.Table:

@@ -122,9 +122,14 @@ class Replica:
 
     def kill(self) -> None:
         self.descendants()
+        self.killed = True
         if self.alive():
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
+
+    def crashed(self) -> bool:
+        """Exited on its own (replicas run until told to stop)."""
+        return not getattr(self, "killed", False) and self.proc.poll() is not None
 
 
 def committed(results: str, dead: str) -> int:
@@ -179,6 +184,11 @@ def run(seed: int, events: int, faults: int, partitions: int, replicas: int, wor
             all_replicas.append(r)
             return r
 
+        def check_no_crash() -> None:
+            for r in all_replicas:
+                if r.crashed():
+                    raise RuntimeError(f"replica pid {r.proc.pid} exited with code {r.proc.returncode}: see {r.log_path}")
+
         live = [start() for _ in range(replicas)]
         step = max(1, events // (faults + 2))
         for i, kind in enumerate(kinds):
@@ -186,6 +196,7 @@ def run(seed: int, events: int, faults: int, partitions: int, replicas: int, wor
             target_rows = min(events - 1, (i + 1) * step)
             deadline = time.monotonic() + 300
             while committed(res_uri, dl_uri) < target_rows and time.monotonic() < deadline:
+                check_no_crash()
                 time.sleep(0.2)
             time.sleep(rng.uniform(0.0, 1.5))
             live = [r for r in live if r.alive()] or [start()]
@@ -225,8 +236,7 @@ def run(seed: int, events: int, faults: int, partitions: int, replicas: int, wor
 
         deadline = time.monotonic() + timeout_s
         while committed(res_uri, dl_uri) < events and time.monotonic() < deadline:
-            if not any(r.alive() for r in live):
-                live.append(start())
+            check_no_crash()
             time.sleep(0.5)
         report.elapsed_s = round(time.monotonic() - started, 2)
         for r in live:
@@ -238,6 +248,7 @@ def run(seed: int, events: int, faults: int, partitions: int, replicas: int, wor
                 r.proc.wait(timeout=120)
             except Exception:
                 r.kill()
+            r.killed = True  # stopped by us
     finally:
         for r in all_replicas:
             r.kill()

@@ -461,3 +461,12 @@ def test_assembler_routes_kept_rejected_failed_and_retried_rows():
     assert dead.column("output_text").to_pylist() == [None, "Mail eve@evil.io please."]
     assert out.retries.column("id").to_pylist() == ["r2"]
     assert out.rule_failures == {"pii_leakage": 1, "refusal": 1}
+
+
+def test_no_rules_keeps_every_output():
+    """validation: [] — every row kept as it is, with an empty rule_results list."""
+    v = Validator(base_spec(validation=[]))
+    req, comp = batch(["a", "b", ""])
+    out = v.validate(req, comp)
+    assert out.action == ["keep"] * 3 and out.status == ["ok"] * 3
+    assert out.rule_results.to_pylist() == [[], [], []] and out.failures == {}
