@@ -425,8 +425,10 @@ class PipelineJob:
         engines = len(self.pool.slots)
         backlog = self.source.backlog()
         self.pool.autoscale(None if backlog is None else backlog + self.batcher.rows)
+        # Set every check, not only on a change: a gauge set once before Ray's metrics agent was
+        # up could be missing from the export until the pool changed.
+        self.metrics.live_actors(len(self.pool.slots))
         if len(self.pool.slots) != engines:
-            self.metrics.live_actors(len(self.pool.slots))
             self.stats.peak_engines = max(self.stats.peak_engines, len(self.pool.slots))
 
     def _update_lag(self, every_s: float = 5.0) -> None:

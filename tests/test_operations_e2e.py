@@ -84,12 +84,21 @@ def test_metrics_status_runs_and_lineage_of_a_real_job(tmp_path, broker, topic, 
     def names_of(s):
         return {n for n, _ in s} | {re.sub(r"_(bucket|sum|count)$", "", n) for n, _ in s}
 
+    seen: dict = {}
+
     def ready():
-        s = scrape(port)
+        s = seen["last"] = scrape(port)
         done = total(s, "ray_tidegate_rows_out_total") == n_ok and kafka_metrics <= names_of(s)
         return s if done and total(s, "ray_tidegate_partition_lag") == 0 else None
 
-    samples = wait_for(ready, 90, interval=2, what="metrics exported")
+    try:
+        samples = wait_for(ready, 90, interval=2, what="metrics exported")
+    except AssertionError:
+        s = seen.get("last", {})
+        raise AssertionError(
+            f"rows out {total(s, 'ray_tidegate_rows_out_total')} of {n_ok}, lag {total(s, 'ray_tidegate_partition_lag')}, "
+            f"missing {sorted(kafka_metrics - names_of(s))}"
+        ) from None
     assert total(samples, "ray_tidegate_rows_in_total") == len(records)
     assert total(samples, "ray_tidegate_rows_out_total", status="flagged") == n_ok
     assert total(samples, "ray_tidegate_dead_letters_total", stage="decode", error_class="invalid_json") == 1

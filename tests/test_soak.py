@@ -18,4 +18,6 @@ def test_soak_short_form(tmp_path):
     assert report["first_commit_s"] is not None and len(report["latency_by_tenth"]) == 10
     # Memory flatness needs the long form's minutes (make soak; docs/reliability.md): a 20 s run
     # is mostly start-up, so only the sampling is checked here.
-    assert all(r["samples"] >= 1 and r["peak_mb"] > 0 for r in report["rss"].values())
+    # (the job's own processes; a helper process Ray reaps meanwhile can be sampled at 0 MB)
+    core = {r: report["rss"][r] for r in ("driver", "ray::StageWorker", "ray::CommitWriter", "ray::InstantEngine")}
+    assert all(r["samples"] >= 1 and r["peak_mb"] > 0 for r in core.values()), report["rss"]
