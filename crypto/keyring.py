@@ -13,12 +13,14 @@ each other's changes:
       "tenants": {
         "acme": [
           {"version": 1, "wrapped_key": "<base64>", "created_at": "2025-05-01T10:00:00Z", "state": "retired"},
-          {"version": 2, "wrapped_key": "<base64>", "created_at": "2025-06-01T10:00:00Z", "state": "active"}
+          {"version": 2, "wrapped_key": "<base64>", "created_at": "2025-06-01T10:00:00Z", "state": "active",
+           "values": 120400}
         ]
       }
     }
 
-States: `active` (the current version: new values use the highest active version), `retired`
+`values` counts what jobs encrypted under a version (record_usage; `encryption.rotate_after_values`
+rotates a tenant whose current version reached it). States: `active` (the current version: new values use the highest active version), `retired`
 (replaced by a rotation; still decrypts), `revoked` (the wrapped key is deleted from the file:
 nothing under that version decrypts again, KeyRevokedError; there is no undo).
 
@@ -217,6 +219,7 @@ class Keyring:
         self.path = Path(path)
         self._provider = provider
         self._keys: dict[tuple[str, int], bytes] = {}
+        self._stamp: tuple | None = None  # (mtime_ns, size, inode) of the file as last read
         self._doc = _doc if _doc is not None else self._read()
 
     # -- opening and creating
@@ -255,6 +258,7 @@ class Keyring:
 
     def _read(self) -> dict:
         try:
+            st = self.path.stat()
             raw = self.path.read_bytes()
         except FileNotFoundError:
             raise KeyringError(f"keyring {self.path} does not exist (create it with: tidegate keys init)") from None
@@ -265,7 +269,20 @@ class Keyring:
         except ValueError:
             raise KeyringError(f"keyring {self.path} is not valid JSON") from None
         _check_doc(doc, self.path)
+        self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         return doc
+
+    def refresh(self) -> bool:
+        """Re-read the file if it changed since it was read (one stat): a running job sees a
+        rotation or a revocation made by `tidegate keys` at its next commit. True if it changed."""
+        try:
+            st = self.path.stat()
+        except OSError:
+            return False  # gone or unreadable for now: keep what we have (the next write fails loudly)
+        if self._stamp == (st.st_mtime_ns, st.st_size, st.st_ino):
+            return False
+        self.reload()
+        return True
 
     def reload(self) -> None:
         """Re-read the file (another process rotated or revoked); unwrapped keys of revoked versions are dropped."""
@@ -385,6 +402,42 @@ class Keyring:
             entries.append(self._new_entry(tenant, version, provider))
         return version
 
+    def record_usage(self, counts: dict[tuple[str, int], int], rotate_after: int | None = None) -> list[tuple[str, int]]:
+        """Add values encrypted per (tenant, version) to the file's counters (`values` of each
+        version); with rotate_after, a tenant whose current version has encrypted that many
+        values is rotated. Returns [(tenant, new version)] of the rotations made.
+
+        Why: with random 96-bit nonces, AES-GCM stays safe for about 2^32 values per key; the
+        counters and the automatic rotation keep every key far below that."""
+        rotated: list[tuple[str, int]] = []
+        if not any(counts.values()):
+            return rotated
+        provider = None
+        with self._update() as doc:
+            for (tenant, version), n in counts.items():
+                for e in doc["tenants"].get(tenant, ()):
+                    if e["version"] == version:
+                        e["values"] = int(e.get("values", 0)) + int(n)
+            if rotate_after is None:
+                return rotated
+            for tenant, entries in doc["tenants"].items():
+                active = [e for e in entries if e["state"] == "active"]
+                if not active:
+                    continue
+                current = max(active, key=lambda e: e["version"])
+                if current.get("values", 0) >= rotate_after:
+                    provider = provider or self.provider
+                    version = max(e["version"] for e in entries) + 1
+                    for e in active:
+                        e["state"] = "retired"
+                    entries.append(self._new_entry(tenant, version, provider))
+                    rotated.append((tenant, version))
+        return rotated
+
+    def usage(self, tenant: str) -> dict[int, int]:
+        """Values encrypted so far per version of a tenant (as recorded by the jobs)."""
+        return {e["version"]: int(e.get("values", 0)) for e in self._entries(tenant)}
+
     def revoke(self, tenant: str, version: int) -> None:
         """Revoke one version: its wrapped key is deleted from the file, so nothing it encrypted decrypts
         again (KeyRevokedError). Rotate and re-encrypt first if that data is still wanted."""
@@ -462,3 +515,5 @@ def _check_doc(doc: object, path: Path) -> None:
                 raise bad(f"tenant {tenant!r} version {e['version']}: state must be one of {', '.join(STATES)}")
             if e["state"] != "revoked" and not isinstance(e.get("wrapped_key"), str):
                 raise bad(f"tenant {tenant!r} version {e['version']}: wrapped_key missing")
+            if not isinstance(e.get("values", 0), int) or e.get("values", 0) < 0:
+                raise bad(f"tenant {tenant!r} version {e['version']}: values must be a count")

@@ -50,21 +50,29 @@ def run(
 
 @app.command()
 def check(spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")]) -> None:
-    """Validate a spec (every field, output schema, custom rules) and print it, secrets masked."""
+    """Validate a spec and print it, secrets masked. Runs none of the code the spec names: says
+    which import paths `run` would load and why the trust policy allows them (README, "A spec is code")."""
     import yaml
 
-    from compute.validation import Validator
+    from compute.validation import check_offline
     from jobs.run import load_job_spec
     from schemas.errors import TidegateError
 
     try:
         parsed = load_job_spec(spec)
-        Validator(parsed)  # imports output.schema and custom rules
+        verdicts = check_offline(parsed)
     except TidegateError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    refused = [v for v in verdicts if not v.allowed]
+    for v in refused:
+        typer.echo(f"error: {v.ref.field}: run would refuse to import {v.ref.path}: {v.why}", err=True)
+    if refused:
+        raise typer.Exit(2)
     typer.echo(yaml.safe_dump(parsed.redacted(), sort_keys=False))
     typer.echo(f"# rules: {', '.join(f'{r.label} ({r.on_fail})' for r in parsed.rules) or 'none'}")
+    for v in verdicts:
+        typer.echo(f"# code: {v.ref.field} = {v.ref.path}: run would import it ({v.why})")
 
 
 @dlq_app.command("replay")

@@ -66,11 +66,15 @@ def _decrypted(spec: JobSpec, plan: pa.Table) -> pa.Table:
     if not (enc.enabled and enc.encrypt_dead_letter_raw) or not plan.num_rows:
         return plan
     from crypto import decrypt_column, row_ids_from
+    from crypto.binding import binding_of
     from crypto.stage import EncryptionStage
 
     stage = EncryptionStage(enc, spec.sink.results, spec.sink.dead_letter)
-    raw = decrypt_column(plan.column("raw"), row_ids_from(plan), table=stage.dead_label, column="raw",
-                         keyring=stage.keyring, on_missing_key="keep")  # fmt: skip
+    dt = DeltaTable(spec.sink.dead_letter, storage_options=spec.sink.storage_options or None)
+    binding = binding_of(dt.metadata(), pa.schema(dt.schema().to_arrow()), spec.sink.dead_letter)
+    raw = decrypt_column(plan.column("raw"), row_ids_from(plan, binding.row_id_columns), table=binding.label,
+                         column="raw", keyring=stage.keyring, tenants=plan.column("tenant"),
+                         on_missing_key="keep")  # fmt: skip
     return plan.set_column(plan.schema.get_field_index("raw"), "raw", raw.cast(pa.binary()))
 
 

@@ -110,6 +110,9 @@ def run_job(
 
     A bounded source (a table) ends the run once its rows are committed, unless `follow`;
     `components` (jobs.pipeline.JobComponents) replaces the spec's engine, source or sink."""
+    from schemas.trusted_code import refuse_untrusted
+
+    refuse_untrusted(spec.code_refs(), spec.allowed_modules)  # before anything starts: exit 2
     from connectors.source import source_class
     from jobs.pipeline import PipelineJob
 
