@@ -90,4 +90,7 @@ def test_security_floors_are_declared_and_met_by_the_locks():
         if name in pinned:
             assert SpecifierSet(spec).contains(pinned[name], prereleases=True), (name, spec, pinned[name])
     assert {"jinja2", "cryptography"} <= set(pinned)
+    # The GPU image installs Tidegate with --no-deps: the floors are named where its dependencies install.
+    dockerfile = (REPO / "deploy" / "Dockerfile.gpu").read_text()
+    assert f'"jinja2{declared["jinja2"]}"' in dockerfile and f'"cryptography{declared["cryptography"]}"' in dockerfile
 
