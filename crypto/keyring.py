@@ -28,9 +28,11 @@ Each data key is wrapped with the context {"purpose": "tidegate-data-key", "tena
 "version": "N"} as associated data, so a wrapped key moved to another tenant or version entry
 does not unwrap (KeyringError).
 
-Access control is which wrapped keys a keyring file holds: `Keyring.export(path, tenants=["a"])`
-writes a keyring with tenant a only (optionally re-wrapped for another master key), and a reader
-holding it opens tenant a's values and gets KeyPermissionError for tenant b's.
+Access control is which wrapped keys a keyring file holds: `Keyring.export(path, ["a"], provider=P)`
+writes a keyring with tenant a only, its keys re-wrapped under the recipient's master key P, and a
+reader holding it opens tenant a's values and gets KeyPermissionError for tenant b's. Copying the
+keys still wrapped by the production master key (whose holder opens every tenant of the production
+keyring) takes an explicit `same_master_key=True`.
 
 Plugging in a KMS. A provider is three members (`KeyProvider`): `key_id`, `wrap`, `unwrap`. A
 provider for a cloud KMS maps them onto the KMS's own calls, passing `context` through as the
@@ -456,15 +458,37 @@ class Keyring:
                 )
         self._keys.pop((tenant, version), None)
 
-    def export(self, path: str | Path, tenants: Iterable[str], provider: KeyProvider | None = None) -> Keyring:
+    def export(
+        self,
+        path: str | Path,
+        tenants: Iterable[str],
+        provider: KeyProvider | None = None,
+        *,
+        same_master_key: bool = False,
+    ) -> Keyring:
         """Write a new keyring holding only `tenants` (all their versions), for a user who may read those.
 
-        With `provider`, the data keys are re-wrapped under that master key (the recipient's);
-        otherwise the wrapped keys are copied as they are (same master key). Refuses to overwrite.
+        `provider` is the recipient's master key: the data keys are re-wrapped under it, so the
+        recipient never holds this keyring's master key (which opens every tenant here). A provider
+        with this keyring's own master key is refused. `same_master_key=True` instead copies the
+        wrapped keys as they are (the reader then needs this keyring's master key); one of the two
+        is required. Refuses to overwrite.
         """
         wanted = list(dict.fromkeys(tenants))
         if not wanted:
             raise KeyringError("export needs at least one tenant")
+        if provider is not None and same_master_key:
+            raise KeyringError("export: give a recipient master key or same_master_key=True, not both")
+        if provider is None and not same_master_key:
+            raise KeyringError(
+                "export re-wraps the keys under the recipient's master key: give one (provider=...), or "
+                "same_master_key=True to knowingly keep this keyring's master key, which opens every tenant here"
+            )
+        if provider is not None and provider.key_id == self.master_key_id:
+            raise KeyringError(
+                f"export: the recipient master key is this keyring's own ({self.master_key_id}); give the recipient's "
+                "key, or same_master_key=True to knowingly keep it"
+            )
         for t in wanted:
             self._entries(t)  # KeyPermissionError for a tenant this keyring lacks
         doc = {"format": FORMAT, "master_key_id": self.master_key_id, "tenants": {}}

@@ -53,3 +53,44 @@ def test_kuberay_rayjob_has_what_kuberay_requires():
     assert parsed.pool.num_gpus == 1
     mounts = head["template"]["spec"]["containers"][0]["volumeMounts"]
     assert any(m["mountPath"] == "/etc/tidegate" for m in mounts)
+
+
+def _declared() -> dict[str, str]:
+    """pyproject's runtime dependencies: normalised name -> specifier string."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    reqs = [Requirement(r) for r in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]]
+    return {canonicalize_name(r.name): str(r.specifier) for r in reqs}
+
+
+def _pinned() -> dict[str, str]:
+    """Every requirements/*.lock pin: normalised name -> version."""
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for lock in sorted((REPO / "requirements").glob("*.lock")):
+        for line in lock.read_text().splitlines():
+            name, sep, version = line.split("#")[0].strip().partition("==")
+            if sep:
+                pins[canonicalize_name(name.split("[")[0])] = version.strip()
+    return pins
+
+
+def test_security_floors_are_declared_and_met_by_the_locks():
+    from packaging.specifiers import SpecifierSet
+
+    declared, pinned = _declared(), _pinned()
+    # Jinja2 < 3.1.6 has sandbox escapes (|attr reaching str.format); prompts render in its sandbox.
+    assert not SpecifierSet(declared["jinja2"]).contains("3.1.5") and SpecifierSet(declared["jinja2"]).contains("3.1.6")
+    assert "cryptography" in declared  # crypto/ imports it directly: declared, not left to a transitive pull
+    for name, spec in declared.items():
+        if name in pinned:
+            assert SpecifierSet(spec).contains(pinned[name], prereleases=True), (name, spec, pinned[name])
+    assert {"jinja2", "cryptography"} <= set(pinned)
+    # The GPU image installs Tidegate with --no-deps: the floors are named where its dependencies install.
+    dockerfile = (REPO / "deploy" / "Dockerfile.gpu").read_text()
+    assert f'"jinja2{declared["jinja2"]}"' in dockerfile and f'"cryptography{declared["cryptography"]}"' in dockerfile
+

@@ -124,7 +124,7 @@ def test_canaries_never_appear_in_plaintext_and_decrypt_back(tmp_path, broker, t
     assert "raw event withheld" in by_id["b2"]["error"]
 
     # 3. Tenant isolation: a keyring holding only globex's key never opens acme's rows.
-    globex_only = kr.export(tmp_path / "keys" / "globex.json", ["globex"])
+    globex_only = kr.export(tmp_path / "keys" / "globex.json", ["globex"], same_master_key=True)
     with pytest.raises(KeyPermissionError) as e:
         read_results(spec["sink"]["results"], globex_only)
     assert "acme" in str(e.value)
