@@ -126,7 +126,7 @@ class CommitWriter:
         try:
             enc.record_usage()  # values per key version; rotates at encryption.rotate_after_values
         except Exception as e:  # the commit landed: a keyring that cannot be written now is noted, not fatal
-            log.warning("could not record key usage in the keyring: %s", e)
+            log.warning("could not record key usage in the keyring (kept for the next try): %s", e)
         totals = CommitTotals.of(plain_results, plain_dead, positions, ended_at)
         if record is not None and self.runs is not None:
             # Appended by append_runs_row(): the job books the commit without waiting for the
@@ -145,7 +145,12 @@ class CommitWriter:
             log.warning("could not append to the runs table %s: %s", self.runs.uri, e)
 
     def append_run_row(self, row: dict) -> None:
-        """The row of a run that ended (informational, like append_runs_row)."""
+        """The row of a run that ended (informational, like append_runs_row); the key usage
+        counted since the last record is written to the keyring first."""
+        try:
+            self.encryption.record_usage(force=True)
+        except Exception as e:
+            log.warning("could not record key usage in the keyring: %s", type(e).__name__)
         if self.runs is None:
             return
         try:

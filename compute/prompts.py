@@ -69,6 +69,12 @@ class PromptRenderer:
         self._env = env
         self._globals = dict(self.template.globals)
         self.variables = sorted(meta.find_undeclared_variables(env.parse(spec.template)))
+        # Field names the spec declares: messages may name these (other keys of an event may be data).
+        enc = self.encryption
+        self.known_fields = frozenset(
+            [*self.variables, spec.id_field, spec.context_field, spec.max_tokens_field,
+             *((enc.tenant_field, *(f.name for f in enc.input_fields)) if enc is not None else ())]
+        ) - {None}  # fmt: skip
 
     def required_fields(self) -> dict[str, str]:
         """Event fields every event needs: field -> why (for schema checks of table sources)."""
@@ -147,7 +153,7 @@ class PromptRenderer:
             raise BadEvent("decode", "invalid_json", "value is not valid JSON: nested too deeply") from None
         except ValueError:  # an integer literal longer than Python converts (sys.get_int_max_str_digits)
             raise BadEvent("decode", "invalid_json", "value is not valid JSON: a number has too many digits") from None
-        if "\\u" in text and (path := _unpaired_surrogate(event)) is not None:
+        if "\\u" in text and (path := _unpaired_surrogate(event, self.known_fields)) is not None:
             # JSON may escape half a UTF-16 pair ("\ud800"): no UTF-8 text holds it, so no table could.
             raise BadEvent("decode", "invalid_unicode", f"{path} holds an unpaired UTF-16 surrogate escape")
         if not isinstance(event, dict):
@@ -302,20 +308,22 @@ def _as_text(v: object) -> str | None:
                        "(nested too deeply)") from None
 
 
-def _unpaired_surrogate(event: object) -> str | None:
+def _unpaired_surrogate(event: object, known: frozenset[str] = frozenset()) -> str | None:
     """Where the first string or key holding a lone surrogate is: the event's top-level field by
-    name (nested keys may be data, so they are not named), or None."""
+    name when the spec names that field (`known`; other keys may be data, so they are not
+    shown), or None."""
     top = event.items() if isinstance(event, dict) else [(None, event)]
     for name, item in top:
         where = "a field name" if name is not None and not _utf8(name) else None
+        label = f"field {name!r}" if name in known else "a field" if name is not None else None
         stack = [item]
         while stack and where is None:
             v = stack.pop()
             if isinstance(v, str):
-                where = None if _utf8(v) else (f"field {name[:64]!r}" if name is not None else "the value")
+                where = None if _utf8(v) else (label or "the value")
             elif isinstance(v, dict):
                 if not all(_utf8(k) for k in v):
-                    where = f"a key inside field {name[:64]!r}" if name is not None else "a key"
+                    where = f"a key inside {label}" if label else "a key"
                 stack.extend(v.values())
             elif isinstance(v, list):
                 stack.extend(v)

@@ -14,8 +14,9 @@ they bind their values in the Delta table itself:
                     dead letters: the same + ":run_id" (a replay that fails again writes a new row
                     at the event's position, under its own run id). (Before binding 2: the position.)
     pii columns     text columns that may hold inline [PII:...] tokens carry the column metadata
-                    {"tidegate.pii": "tokens"}; a reader reveals tokens there only (tables without the
-                    metadata: output_text and output_json, the only columns Tidegate puts tokens in).
+                    {"tidegate.pii": "tokens"}; a reader reveals tokens there only (tables created
+                    before binding 2: output_text and output_json, the only columns Tidegate puts
+                    tokens in). A token in any other column is text, never decrypted.
 
 The binding version and role live in the table description as JSON: {"tidegate": {"binding": 2,
 "role": "results" | "dead_letter"}}.
@@ -42,12 +43,12 @@ ROW_ID_COLUMNS_BY_ROLE = {"results": ROW_ID_COLUMNS, "dead_letter": (*ROW_ID_COL
 class Binding:
     label: str
     row_id_columns: tuple[str, ...] = ROW_ID_COLUMNS
-    pii_columns: tuple[str, ...] | None = None  # None: not recorded (any text column but the row ids)
+    pii_columns: tuple[str, ...] = ("output_text", "output_json")  # text columns that may hold [PII:...] tokens
 
 
 def legacy_binding(uri: str, name: str | None = None) -> Binding:
     """How tables created before binding 2 (or outside Tidegate) bind their values."""
-    return Binding(table_label(uri, name), ROW_ID_COLUMNS, None)
+    return Binding(table_label(uri, name), ROW_ID_COLUMNS, LEGACY_PII_COLUMNS)
 
 
 def new_table_description(role: str) -> str:

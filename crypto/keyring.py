@@ -125,8 +125,23 @@ def _decode_master_key(text: str, env_var: str) -> bytes:
     return key
 
 
+def _read_key_file(path: str, env_var: str) -> str:
+    """The master key from a file (a mounted secret: `<env var>_FILE`). Refused when anyone on the
+    machine may read it: a key file is for the job's user (and group) only."""
+    try:
+        st = os.stat(path)
+        if st.st_mode & 0o004:
+            raise KeyringError(f"{env_var}: {path} can be read by every user (chmod o-r, or a secret "
+                               "volume with defaultMode 0440)")  # fmt: skip
+        with open(path) as f:
+            return f.read()
+    except OSError as e:
+        raise KeyringError(f"{env_var}: cannot read {path}: {e.strerror}") from None
+
+
 class LocalMasterKeyProvider(KeyProvider):
-    """A 256-bit master key from an environment variable (base64 or 64 hex digits); wraps with AES-256-GCM.
+    """A 256-bit master key from an environment variable (base64 or 64 hex digits), or from the file
+    that `<variable>_FILE` names (a secret mounted for one job); wraps with AES-256-GCM.
 
     Wrapped key = nonce (12 bytes) || AES-GCM(master, nonce, data key, aad=canonical_context(context)).
     Generate a master key with: python -c "import os, base64; print(base64.b64encode(os.urandom(32)).decode())"
@@ -136,9 +151,12 @@ class LocalMasterKeyProvider(KeyProvider):
         self.env_var = env_var
         if key is None:
             text = os.environ.get(env_var)
+            if text is None and os.environ.get(env_var + "_FILE"):
+                text = _read_key_file(os.environ[env_var + "_FILE"], env_var + "_FILE")
             if text is None:
                 raise KeyringError(
-                    f"master key variable {env_var} is not set (a base64 or hex 256-bit key; see docs/encryption.md)"
+                    f"master key variable {env_var} is not set, nor {env_var}_FILE (a file holding it): a base64 "
+                    "or hex 256-bit key; see docs/encryption.md"
                 )
             key = _decode_master_key(text, env_var)
         elif len(key) != KEY_BYTES:

@@ -77,16 +77,16 @@ def decrypt_table(
     binding      what the table's values are bound to (crypto/binding.py; read_results takes it from
                  the table); or `table` (the label) with row_id_columns / pii_columns
     columns      the encrypted columns to decrypt; None: every column that `is_encrypted`
-    pii_columns  the text columns to reveal inline PII tokens in; None: the binding's, else (tables
-                 that do not record them) every text column but the row id and tenant columns
+    pii_columns  the text columns to reveal inline PII tokens in; None: the binding's (default
+                 output_text and output_json); a token in any other column is left as text
     tenant_column  each value's tenant must be its row's (DecryptionError naming the row if not)
     returns the table with those columns replaced (same names and order; types string or binary)
     """
     if binding is None:
         if table is None:
             raise ValueError("decrypt_table needs a binding or a table label")
-        binding = Binding(table, tuple(row_id_columns or ROW_ID_COLUMNS), tuple(pii_columns) if pii_columns else None)
-    elif pii_columns is not None:
+        binding = Binding(table, tuple(row_id_columns or ROW_ID_COLUMNS))
+    if pii_columns is not None:
         binding = Binding(binding.label, binding.row_id_columns, tuple(pii_columns))
     names = data.column_names
     rid_cols = binding.row_id_columns
@@ -101,11 +101,7 @@ def decrypt_table(
                                on_missing_key=on_missing_key)  # fmt: skip
         data = data.set_column(names.index(c), pa.field(c, clear.type), clear)
     text = [f.name for f in data.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-    skip = set(rid_cols) | {tenant_column}
-    reveal = [c for c in text if c in binding.pii_columns] if binding.pii_columns is not None else [
-        c for c in text if c not in skip
-    ]  # fmt: skip
-    for c in reveal:
+    for c in [c for c in text if c in binding.pii_columns]:
         clear = reveal_pii(data.column(c), row_ids, table=binding.label, column=c, keyring=keyring,
                            on_missing_key=on_missing_key, tenants=tenants)  # fmt: skip
         data = data.set_column(names.index(c), pa.field(c, clear.type), clear)
@@ -158,7 +154,7 @@ def read_results(
     frame = pl.read_delta(dt, columns=read)
     data = frame.to_arrow(compat_level=pl.CompatLevel.oldest())
     encrypted = [c for c in wanted if is_encrypted(data.column(c))]
-    pii = [c for c in wanted if c in (binding.pii_columns or ())]
+    pii = [c for c in wanted if c in binding.pii_columns]
     data = decrypt_table(
         data, kr, binding=binding, columns=encrypted, on_missing_key=on_missing_key, pii_columns=pii,
     ).select(wanted)  # fmt: skip

@@ -25,6 +25,7 @@ The formats and the keyring: crypto/format.py, crypto/keyring.py, docs/encryptio
 from __future__ import annotations
 
 import logging
+import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -39,6 +40,12 @@ from schemas.errors import KeyPermissionError, KeyRevokedError
 log = logging.getLogger(__name__)
 
 RAW_WITHHELD = "; raw event withheld: no key for its tenant"
+
+
+# Carried input values shorter than this are not looked for in outputs: "no", "42" would match
+# everywhere and say nothing about the value (docs/encryption.md, threat model).
+ECHO_MIN_CHARS = 4
+USAGE_RECORD_S = 10.0  # how often the key usage counters are written to the keyring (at most)
 
 
 def input_column(field: str) -> str:
@@ -63,6 +70,7 @@ class EncryptionStage:
         self.dead = legacy_binding(dead_letter_uri)
         self.output_fields = {f.name: f for f in spec.output_fields}
         self.usage: dict[tuple[str, int], int] = {}  # values encrypted per (tenant, version), not recorded yet
+        self._recorded_at = time.monotonic()
 
     def bind(self, results: Binding, dead: Binding) -> None:
         """How the tables the rows go to bind their values (the sink's, read from the tables)."""
@@ -129,13 +137,28 @@ class EncryptionStage:
         """Re-read the keyring if its file changed (a rotation, a revocation): call before a commit."""
         return self.keyring.refresh() if self.keyring is not None else False
 
-    def record_usage(self) -> list[tuple[str, int]]:
-        """Add what was encrypted since the last call to the keyring's counters; rotates a tenant
-        whose current version reached encryption.rotate_after_values. Returns the rotations."""
+    def record_usage(self, force: bool = False) -> list[tuple[str, int]]:
+        """Add what was encrypted since the last record to the keyring's counters; rotates a tenant
+        whose current version reached encryption.rotate_after_values. Returns the rotations.
+
+        One keyring write (under its lock) at most every USAGE_RECORD_S, sooner when the unrecorded
+        values reach 1% of the limit, or when `force`d: a crash loses at most that much counting,
+        far inside the margin between the limit (default 2^30) and AES-GCM's 2^32. A keyring that
+        cannot be written keeps the counts for the next try."""
         if self.keyring is None or not self.usage:
             return []
+        pending = sum(self.usage.values())
+        due = time.monotonic() - self._recorded_at >= USAGE_RECORD_S or pending >= self.spec.rotate_after_values / 100
+        if not (force or due):
+            return []
         counts, self.usage = self.usage, {}
-        rotated = self.keyring.record_usage(counts, self.spec.rotate_after_values)
+        try:
+            rotated = self.keyring.record_usage(counts, self.spec.rotate_after_values)
+        except BaseException:
+            for k, n in counts.items():
+                self.usage[k] = self.usage.get(k, 0) + n
+            raise
+        self._recorded_at = time.monotonic()
         for tenant, version in rotated:
             log.info("tenant %s: key version %d after %d values (encryption.rotate_after_values)",
                      tenant, version, self.spec.rotate_after_values)  # fmt: skip
@@ -209,9 +232,9 @@ class EncryptionStage:
         return results.cast(stored)
 
     def _echoes(self, results: pa.Table) -> list[list[str]]:
-        """Per row, the carried input values a model may repeat in its output (4+ characters)."""
+        """Per row, the carried input values a model may repeat in its output (ECHO_MIN_CHARS+)."""
         columns = [results.column(input_column(f.name)).to_pylist() for f in self.spec.input_fields]
-        return [[v for v in row if v and len(v) >= 4] for row in zip(*columns)]
+        return [[v for v in row if v and len(v) >= ECHO_MIN_CHARS] for row in zip(*columns)]
 
     def protect_dead(self, dead: pa.Table, stored: pa.Schema) -> pa.Table:
         if not dead.num_rows:

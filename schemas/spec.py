@@ -40,6 +40,13 @@ class _Strict(BaseModel):
 # kafka-python settings that carry secrets: never written in a spec, always read from the environment.
 SECRET_KAFKA_KEYS = frozenset({"sasl_plain_password", "ssl_password", "sasl_oauth_token_provider"})
 MASK = "***"
+# kafka-python settings the job sets itself (after consumer_config), and where they come from.
+JOB_KAFKA_KEYS = {
+    "bootstrap_servers": "source.kafka.bootstrap_servers", "group_id": "source.kafka.group_id",
+    "enable_auto_commit": "the job: positions are committed in Delta", "auto_offset_reset": "source.kafka.start_from",
+    "session_timeout_ms": "source.kafka.session_timeout_ms", "heartbeat_interval_ms": "source.kafka.heartbeat_interval_ms",
+    "key_deserializer": "the job", "value_deserializer": "the job",
+}  # fmt: skip
 
 
 class KafkaSecuritySpec(_Strict):
@@ -136,6 +143,16 @@ class KafkaSourceSpec(SourceSettings):
                 f"{', '.join(inline)}: secrets do not go in a spec; use security.sasl_password_env / "
                 "security.ssl_password_env (the name of an environment variable)"
             )
+        # How the client connects and authenticates is source.kafka.security's alone, and what the
+        # job manages is its own: consumer_config cannot weaken or override either.
+        security = sorted(k for k in v if k == "security_protocol" or k.startswith(("ssl_", "sasl_")))
+        if security:
+            raise ValueError(f"{', '.join(security)}: TLS and SASL settings go in source.kafka.security, "
+                             "not consumer_config")  # fmt: skip
+        managed = sorted(k for k in v if k in JOB_KAFKA_KEYS)
+        if managed:
+            raise ValueError(f"{', '.join(managed)}: set by the job (" + ", ".join(
+                f"{k} from {JOB_KAFKA_KEYS[k]}" for k in managed) + ")")  # fmt: skip
         return v
 
     def group(self, job_name: str) -> str:

@@ -55,6 +55,37 @@ def test_kuberay_rayjob_has_what_kuberay_requires():
     assert any(m["mountPath"] == "/etc/tidegate" for m in mounts)
 
 
+def test_cluster_exposure_token_auth_and_no_master_key_in_the_cluster_environment():
+    """docs/operations.md, "Running on a cluster": token auth on every node, the job API on the
+    head's loopback, the master key never in `ray start`'s environment nor on workers."""
+    text = (REPO / "cluster.yaml").read_text()
+    config = yaml.safe_load(text)
+    head, workers = " ".join(config["head_start_ray_commands"]), " ".join(config["worker_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token ray start --head" in head and "--dashboard-host=127.0.0.1" in head
+    assert "RAY_AUTH_MODE=token ray start --address" in workers and "0.0.0.0" not in head
+    assert "/home/ubuntu/.ray/auth_token" in config["file_mounts"]
+    for commands in ("head_start_ray_commands", "worker_start_ray_commands", "setup_commands", "worker_setup_commands"):
+        assert "TIDEGATE_MASTER_KEY" not in " ".join(config.get(commands, [])), commands
+    assert not any("master-key" in str(v) for v in config["file_mounts"].values())  # file_mounts reach workers too
+
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "kuberay" / "rayjob.yaml").read_text()))
+    job = next(d for d in docs if d["kind"] == "RayJob")["spec"]
+    cluster = job["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    assert yaml.safe_load(job["runtimeEnvYAML"])["env_vars"] == {
+        "TIDEGATE_MASTER_KEY_FILE": "/var/run/secrets/tidegate/master-key"
+    }
+    head_pod = cluster["headGroupSpec"]["template"]["spec"]
+    key_volume = next(v for v in head_pod["volumes"] if v["name"] == "master-key")
+    assert key_volume["secret"]["defaultMode"] & 0o004 == 0  # not world-readable (the provider refuses that)
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        for c in pod["containers"]:
+            assert all(e["name"] != "TIDEGATE_MASTER_KEY" for e in c.get("env", [])), group
+    for group in cluster["workerGroupSpecs"]:
+        assert all(v["name"] != "master-key" for v in group["template"]["spec"].get("volumes", []))
+
+
 def _declared() -> dict[str, str]:
     """pyproject's runtime dependencies: normalised name -> specifier string."""
     import tomllib

@@ -280,7 +280,7 @@ def test_spec_hash_excludes_secrets_and_follows_the_template(tmp_path):
             # (the spec itself refuses sasl_plain_password & co. here; spec_hash drops any key that
             # looks secret, whatever the spec lets through)
             "source.kafka.consumer_config": {"custom_secret": "hunter2", "client_id": "SASL_SSL",
-                                             "ssl_keyfile": "/k.pem", "refresh_token": "tok-9f3"},
+                                             "private_keyfile": "/k.pem", "refresh_token": "tok-9f3"},
             "sink.storage_options": {"AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_REGION": "eu-west-1"},
         },
     )  # fmt: skip
