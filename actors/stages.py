@@ -57,10 +57,10 @@ class StageWorker:
     def __init__(self, spec: JobSpec, run_id: str):
         self.spec = spec
         self.run_id = run_id
-        encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
-        self.results_schema = job_schemas(encryption)[0]
+        self.encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
+        self.results_schema = job_schemas(self.encryption)[0]
         self.renderer = PromptRenderer(
-            spec.prompt, spec.source.max_message_bytes, run_id, spec.encryption, encryption.has_key
+            spec.prompt, spec.source.max_message_bytes, run_id, spec.encryption, self.encryption.has_key
         )
         self.validator = Validator(spec)
         self.assembler: BatchAssembler | None = None
@@ -83,6 +83,7 @@ class StageWorker:
             offsets = skip.get((topic, partition))
             return bool(offsets) and offset in offsets
 
+        self.encryption.refresh()  # tenants whose key was revoked or added since the last batch
         r: RenderedBatch = self.renderer.render(src, skip=done if skip else None)
         counts = {"requests": r.requests.num_rows, "dead": r.dead.num_rows}
         return counts, r.requests, BatchOutput(self.results_schema.empty_table(), r.dead), r.carried or {}

@@ -87,6 +87,7 @@ class CommitWriter:
 
     def open(self) -> int:
         self.sink.open()
+        self.encryption.bind(*self.sink.bindings())  # how the tables bind values (crypto/binding.py)
         return os.getpid()
 
     def resume(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int | None], dict]:
@@ -111,12 +112,21 @@ class CommitWriter:
         if not self._resumed:
             raise WriterRestarted("the commit writer was restarted since the positions were read")
         t0 = time.monotonic()
+        enc = self.encryption
+        enc.refresh()  # a rotation or revocation made since the last commit applies to this one
+        results, unkeyed = enc.split_unkeyed(results, (record or {}).get("run_id", ""))
+        if unkeyed is not None:  # a tenant whose key was revoked meanwhile: dead letters, nothing in clear
+            dead = pa.concat_tables([dead, _as_dead(unkeyed, dead.schema)])
         plain_results, plain_dead = results, dead
         results, dead = self.sink.prepare(results, dead)
-        results = self.encryption.protect_results(results, self.stored_results)
-        dead = self.encryption.protect_dead(dead, self.stored_dead)
+        results = enc.protect_results(results, self.stored_results)
+        dead = enc.protect_dead(dead, self.stored_dead)
         self.sink.commit(results, dead, positions)
         ended_at = datetime.now(timezone.utc)
+        try:
+            enc.record_usage()  # values per key version; rotates at encryption.rotate_after_values
+        except Exception as e:  # the commit landed: a keyring that cannot be written now is noted, not fatal
+            log.warning("could not record key usage in the keyring (kept for the next try): %s", e)
         totals = CommitTotals.of(plain_results, plain_dead, positions, ended_at)
         if record is not None and self.runs is not None:
             # Appended by append_runs_row(): the job books the commit without waiting for the
@@ -135,7 +145,12 @@ class CommitWriter:
             log.warning("could not append to the runs table %s: %s", self.runs.uri, e)
 
     def append_run_row(self, row: dict) -> None:
-        """The row of a run that ended (informational, like append_runs_row)."""
+        """The row of a run that ended (informational, like append_runs_row); the key usage
+        counted since the last record is written to the keyring first."""
+        try:
+            self.encryption.record_usage(force=True)
+        except Exception as e:
+            log.warning("could not record key usage in the keyring: %s", type(e).__name__)
         if self.runs is None:
             return
         try:
@@ -231,3 +246,12 @@ class CommitWriterClient:
         except Exception as e:
             log.warning("the commit writer did not finish its queued calls: %s", actor_error(e))
         kill(self.actor)
+
+
+def _as_dead(rows: pa.Table, schema: pa.Schema) -> pa.Table:
+    """DEAD_LETTER rows with every column of `schema` (the missing ones null)."""
+    n = rows.num_rows
+    return pa.table(
+        {f.name: rows.column(f.name) if f.name in rows.column_names else pa.nulls(n, f.type) for f in schema},
+        schema=schema,
+    )

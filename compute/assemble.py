@@ -23,7 +23,8 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from crypto.stage import input_column
+from crypto.pii_tokens import protect_pii
+from crypto.stage import ECHO_MIN_CHARS, input_column
 from compute.lineage import LINEAGE_COLUMNS
 from compute.prompts import dead_letter_table
 from compute.validation import Validator
@@ -136,7 +137,7 @@ class BatchAssembler:
                         source_partition=r["source_partition"],
                         source_offset=r["source_offset"],
                         raw=raw_by_pos[(r["source_partition"], r["source_offset"])],
-                        output_text=verdicts.output_text[i],
+                        output_text=self._without_echoes(verdicts.output_text[i], r, carried),
                         attempts=r["attempt"],
                         rule_results=verdicts.rule_results[i].as_py(),
                         tenant=r["tenant"],
@@ -144,6 +145,21 @@ class BatchAssembler:
                 )
         dead = dead_letter_table(rows, self.run_id)
         return Assembled(BatchOutput(results, dead), verdicts.retries, dict(rule_failures))
+
+    def _without_echoes(self, text: str | None, req_row: dict, carried: dict | None) -> str | None:
+        """A rejected output as the dead-letter table keeps it: the row's carried input values it
+        repeats redacted ("[REDACTED:echo]"; encryption.protect_echoes). A dead letter carries no
+        input columns, so the values are not kept to encrypt them with; the writer then protects
+        the text's PII as it does for results."""
+        enc = self.spec.encryption
+        if not text or not (enc.enabled and enc.protect_echoes and enc.input_fields):
+            return text
+        values = (carried or {}).get((req_row["source_partition"], req_row["source_offset"]), {})
+        needles = [v for v in values.values() if v and len(v) >= ECHO_MIN_CHARS]
+        if not needles:
+            return text
+        return protect_pii(pa.array([text]), None, lambda _: (), "redact", table="dead_letter", column="output_text",
+                           echoes=[needles])[0].as_py()  # fmt: skip
 
     def _carried_columns(self, req: pa.Table, carried: dict) -> dict[str, pa.Array]:
         fields = self.spec.encryption.input_fields

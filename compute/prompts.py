@@ -12,6 +12,7 @@ positions, never event values.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,6 +27,7 @@ from schemas.spec import PromptSpec
 
 
 _JSON = json.JSONDecoder()
+PARSE_LIMIT_FACTOR = 16  # messages up to 16x max_message_bytes are parsed for their tenant and id
 
 
 @dataclass
@@ -67,6 +69,12 @@ class PromptRenderer:
         self._env = env
         self._globals = dict(self.template.globals)
         self.variables = sorted(meta.find_undeclared_variables(env.parse(spec.template)))
+        # Field names the spec declares: messages may name these (other keys of an event may be data).
+        enc = self.encryption
+        self.known_fields = frozenset(
+            [*self.variables, spec.id_field, spec.context_field, spec.max_tokens_field,
+             *((enc.tenant_field, *(f.name for f in enc.input_fields)) if enc is not None else ())]
+        ) - {None}  # fmt: skip
 
     def required_fields(self) -> dict[str, str]:
         """Event fields every event needs: field -> why (for schema checks of table sources)."""
@@ -116,14 +124,19 @@ class PromptRenderer:
 
     def decode(self, value: bytes | None) -> tuple[str, dict]:
         """Bytes -> (id, event). Raises BadEvent with the reason."""
+        event = self.parse(value)
+        event_id = self.event_id(event)
+        self.check_size(value, event_id)
+        return event_id, event
+
+    def parse(self, value: bytes | None) -> dict:
+        """Bytes -> the event object; BadEvent when they are not one. A message over the size limit
+        is still parsed (up to PARSE_LIMIT_FACTOR x the limit): its tenant and id are read, so its
+        dead letter is encrypted under the right key and names the event (check_size refuses it)."""
         if value is None:
             raise BadEvent("decode", "empty_message", "message has no value (tombstone)")
-        if len(value) > self.max_message_bytes:
-            raise BadEvent(
-                "decode",
-                "oversized_message",
-                f"message is {len(value)} bytes, over source.kafka.max_message_bytes={self.max_message_bytes}",
-            )
+        if len(value) > self.max_message_bytes * PARSE_LIMIT_FACTOR:
+            raise self._oversized(value, None)
         try:
             text = value.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -140,11 +153,14 @@ class PromptRenderer:
             raise BadEvent("decode", "invalid_json", "value is not valid JSON: nested too deeply") from None
         except ValueError:  # an integer literal longer than Python converts (sys.get_int_max_str_digits)
             raise BadEvent("decode", "invalid_json", "value is not valid JSON: a number has too many digits") from None
-        if "\\u" in text and (path := _unpaired_surrogate(event)) is not None:
+        if "\\u" in text and (path := _unpaired_surrogate(event, self.known_fields)) is not None:
             # JSON may escape half a UTF-16 pair ("\ud800"): no UTF-8 text holds it, so no table could.
             raise BadEvent("decode", "invalid_unicode", f"{path} holds an unpaired UTF-16 surrogate escape")
         if not isinstance(event, dict):
             raise BadEvent("decode", "not_an_object", f"JSON value is {_json_kind(event)}, expected an object")
+        return event
+
+    def event_id(self, event: dict) -> str:
         field = self.spec.id_field
         if field not in event or event[field] is None:
             raise BadEvent("decode", "missing_id", f"id field {field!r} is missing")
@@ -154,7 +170,16 @@ class PromptRenderer:
         event_id = str(raw_id).strip()
         if not event_id:
             raise BadEvent("decode", "missing_id", f"id field {field!r} is empty")
-        return event_id, event
+        return event_id
+
+    def check_size(self, value: bytes, event_id: str | None) -> None:
+        if len(value) > self.max_message_bytes:
+            raise self._oversized(value, event_id)
+
+    def _oversized(self, value: bytes, event_id: str | None) -> BadEvent:
+        return BadEvent("decode", "oversized_message",
+                        f"message is {len(value)} bytes, over source.kafka.max_message_bytes={self.max_message_bytes}",
+                        event_id)  # fmt: skip
 
     def render_one(self, event_id: str, event: dict) -> str:
         try:
@@ -164,9 +189,15 @@ class PromptRenderer:
             context = new_context(self._env, self.template.name, self.template.blocks, {**self._globals, **event}, True)
             return "".join(self.template.root_render_func(context))
         except UndefinedError as e:
-            raise BadEvent("prompt", "missing_variable", f"template: {e.message}", event_id) from None
-        except TemplateError as e:
-            raise BadEvent("prompt", "render_error", f"template: {type(e).__name__}: {e.message}", event_id) from None
+            # Jinja names what is undefined: a template variable (a field name, fine to show) or an
+            # attribute / item looked up with a value from the event (never shown).
+            m = re.fullmatch(r"'(\w+)' is undefined", e.message or "")
+            if m and m.group(1) in self.variables:
+                raise BadEvent("prompt", "missing_variable", f"template: {e.message}", event_id) from None
+            raise BadEvent("prompt", "missing_variable", "template: an attribute or item it looks up is undefined",
+                           event_id) from None  # fmt: skip
+        except TemplateError as e:  # the template's own errors (raise_exception, sandbox), never event values
+            raise BadEvent("prompt", "render_error", f"template: {type(e).__name__}", event_id) from None
         except Exception as e:  # a sandbox violation or a value that cannot be formatted
             raise BadEvent("prompt", "render_error", f"template: {type(e).__name__}", event_id) from None
 
@@ -188,19 +219,24 @@ class PromptRenderer:
             if skip is not None and skip(topics[i], partitions[i], offsets[i]):
                 continue
             event_id = None
-            tenant = fallback_tenant
+            tenant = fallback_tenant  # bytes that do not parse are the fallback tenant's
             try:
+                event = self.parse(value)
+                tenant_error = None
+                if enc is not None:
+                    # The event's own tenant whenever the bytes parse, before any other check: its
+                    # dead letter is then encrypted under its key. A tenant that is missing,
+                    # invalid or unknown to the keyring gets the fallback's (or none: raw withheld).
+                    tenant, tenant_error = self.tenant(event)
+                event_id = self.event_id(event)
                 if changes is not None and changes[i] is not None:
                     # A source row that changed after it was first read: reported, not re-processed.
-                    event_id = self.decode(value)[0]
                     raise BadEvent("source", f"source_{changes[i]}", f"row {changes[i]}d in the source at version "
                                    f"{partitions[i]}; changes are reported, not processed", event_id)  # fmt: skip
-                event_id, event = self.decode(value)
-                if enc is not None:
-                    # Until the event's own tenant is known to hold a key, none: a tenant error never
-                    # encrypts one tenant's event under another tenant's (the fallback's) key.
-                    tenant = None
-                    tenant = self.tenant(event_id, event)
+                self.check_size(value, event_id)
+                if tenant_error is not None:
+                    tenant_error.event_id = event_id
+                    raise tenant_error
                 prompt = self.render_one(event_id, event)
                 context = self.context(event_id, event)
                 budget = self.max_tokens(event_id, event)
@@ -242,19 +278,24 @@ class PromptRenderer:
             schema=REQUEST_SCHEMA,
         )  # fmt: skip
 
-    def tenant(self, event_id: str, event: dict) -> str:
-        """The event's tenant (encryption), one whose key this job holds; else BadEvent."""
+    def tenant(self, event: dict) -> tuple[str | None, BadEvent | None]:
+        """(the tenant whose key protects the event's values, the reason it cannot be processed).
+
+        The event's own tenant when the keyring holds an active key for it; else the fallback
+        (encryption.tenant, None if unset) with a BadEvent: missing_tenant, invalid_tenant or
+        unknown_tenant. The message never repeats the value."""
+        fallback = self.encryption.tenant
         try:
             tenant = self.encryption.tenant_of(event)
         except ValueError as e:
-            raise BadEvent("decode", "invalid_tenant", str(e), event_id) from None
+            return fallback, BadEvent("decode", "invalid_tenant", str(e))
         if tenant is None:
-            raise BadEvent("decode", "missing_tenant",
-                           f"tenant field {self.encryption.tenant_field!r} is missing and no encryption.tenant is set",
-                           event_id)  # fmt: skip
+            return None, BadEvent("decode", "missing_tenant", f"tenant field {self.encryption.tenant_field!r} is "
+                                  "missing and no encryption.tenant is set")  # fmt: skip
         if not self.has_key(tenant):
-            raise BadEvent("decode", "unknown_tenant", "the keyring holds no active key for this event's tenant", event_id)
-        return tenant
+            usable = fallback if fallback is not None and fallback != tenant and self.has_key(fallback) else None
+            return usable, BadEvent("decode", "unknown_tenant", "the keyring holds no active key for this event's tenant")
+        return tenant, None
 
 
 def _as_text(v: object) -> str | None:
@@ -267,20 +308,22 @@ def _as_text(v: object) -> str | None:
                        "(nested too deeply)") from None
 
 
-def _unpaired_surrogate(event: object) -> str | None:
+def _unpaired_surrogate(event: object, known: frozenset[str] = frozenset()) -> str | None:
     """Where the first string or key holding a lone surrogate is: the event's top-level field by
-    name (nested keys may be data, so they are not named), or None."""
+    name when the spec names that field (`known`; other keys may be data, so they are not
+    shown), or None."""
     top = event.items() if isinstance(event, dict) else [(None, event)]
     for name, item in top:
         where = "a field name" if name is not None and not _utf8(name) else None
+        label = f"field {name!r}" if name in known else "a field" if name is not None else None
         stack = [item]
         while stack and where is None:
             v = stack.pop()
             if isinstance(v, str):
-                where = None if _utf8(v) else (f"field {name[:64]!r}" if name is not None else "the value")
+                where = None if _utf8(v) else (label or "the value")
             elif isinstance(v, dict):
                 if not all(_utf8(k) for k in v):
-                    where = f"a key inside field {name[:64]!r}" if name is not None else "a key"
+                    where = f"a key inside {label}" if label else "a key"
                 stack.extend(v.values())
             elif isinstance(v, list):
                 stack.extend(v)

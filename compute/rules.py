@@ -27,6 +27,7 @@ from typing import Any
 
 from crypto import pii
 from schemas.errors import SpecError
+from schemas.trusted_code import check_import
 from schemas.validation import (
     CustomRule,
     DenyListRule,
@@ -425,11 +426,11 @@ class OutputSchema:
     (field paths and constraints, never the offending values).
     """
 
-    def __init__(self, schema: str | dict):
+    def __init__(self, schema: str | dict, allowed_modules: list[str] | None = None):
         self.source = schema
         self.model = None
         if isinstance(schema, str):
-            self.model = import_path(schema, "output.schema")
+            self.model = import_path(schema, "output.schema", allowed_modules)
             if not (isinstance(self.model, type) and hasattr(self.model, "model_validate_json")):
                 raise SpecError(f"output.schema: {schema} is not a pydantic model class")
             self.json_schema = self.model.model_json_schema()
@@ -442,6 +443,18 @@ class OutputSchema:
                 raise SpecError(f"output.schema: not a valid JSON Schema: {e.message}") from None
             self.json_schema = schema
             self._validator = jsonschema.Draft202012Validator(schema)
+        self._names = _schema_names(self.json_schema)
+
+    def path(self, parts) -> str:
+        """A failing field's path: field names the schema declares, [i] for positions, <key> for a
+        key the output made up (it is data, not a field name, so it is not shown)."""
+        out = []
+        for p in parts:
+            if isinstance(p, int):
+                out.append(f"[{p}]")
+            else:
+                out.append(("." if out else "") + (p if p in self._names else "<key>"))
+        return "".join(out) or "(root)"
 
     def parse(self, text: str) -> tuple[str, Any]:
         try:
@@ -455,14 +468,36 @@ class OutputSchema:
             try:
                 parsed = self.model.model_validate(obj)
             except ValidationError as e:
-                msgs = [f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in e.errors(include_input=False)]
+                # A validator's own message may quote the value: only pydantic's built-in ones are kept.
+                msgs = [f"{self.path(err['loc'])}: {err['msg'] if err['type'] not in _OWN_MESSAGES else err['type']}"
+                        for err in e.errors(include_input=False, include_context=False)]  # fmt: skip
                 raise ValueError("does not match the schema: " + "; ".join(msgs[:5])) from None
             return parsed.model_dump_json(), parsed
-        errors = sorted(self._validator.iter_errors(obj), key=lambda e: list(e.path))
+        errors = sorted(self._validator.iter_errors(obj), key=lambda e: [str(p) for p in e.path])
         if errors:
-            msgs = [f"{'.'.join(str(p) for p in e.path) or '(root)'}: fails {e.validator!r} {_short(e.validator_value)}" for e in errors[:5]]
+            msgs = [f"{self.path(e.path)}: fails {e.validator!r} {_short(e.validator_value)}" for e in errors[:5]]
             raise ValueError("does not match the schema: " + "; ".join(msgs))
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":")), obj
+
+
+# pydantic error types whose message a model's own validator wrote (it may quote the value)
+_OWN_MESSAGES = {"value_error", "assertion_error"}
+
+
+def _schema_names(schema: Any) -> set[str]:
+    """Every property name a JSON Schema declares, at any depth ($defs included)."""
+    names: set[str] = set()
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            props = node.get("properties")
+            if isinstance(props, dict):
+                names.update(k for k in props if isinstance(k, str))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return names
 
 
 def _short(v: Any) -> str:
@@ -487,8 +522,22 @@ class JsonSchema(Rule):
 
 # -- custom rules ----------------------------------------------------------------------------------
 
+CUSTOM_MESSAGE_CHARS = 200
 
-def import_path(path: str, field_name: str) -> Any:
+
+def _scrubbed(message: str) -> str:
+    """A custom rule's message as stored: PII in it redacted, at most CUSTOM_MESSAGE_CHARS long
+    (a rule may quote the output it judged; the message lands in plain-text columns)."""
+    text = str(message)
+    spans = pii.find_pii(text)
+    if spans:
+        text = pii.redact(text, spans)
+    return text if len(text) <= CUSTOM_MESSAGE_CHARS else text[: CUSTOM_MESSAGE_CHARS - 3] + "..."
+
+
+def import_path(path: str, field_name: str, allowed_modules: list[str] | None = None) -> Any:
+    """The object `module:attr` names, once the trust policy allows importing it (schemas/trusted_code.py)."""
+    check_import(field_name, path, allowed_modules)
     module, _, attr = path.partition(":")
     try:
         mod = importlib.import_module(module)
@@ -503,9 +552,9 @@ def import_path(path: str, field_name: str) -> Any:
 class Custom(Rule):
     spec: CustomRule
 
-    def __init__(self, spec: CustomRule, field_name: str):
+    def __init__(self, spec: CustomRule, field_name: str, allowed_modules: list[str] | None = None):
         super().__init__(spec)
-        target = import_path(spec.path, field_name + ".path")
+        target = import_path(spec.path, field_name + ".path", allowed_modules)
         self._fix: Callable[[Candidate], str] | None = None
         if isinstance(target, type):
             try:
@@ -528,12 +577,12 @@ class Custom(Rule):
     def check(self, c: Candidate) -> RuleResult:
         out = self._check(c)
         if isinstance(out, RuleResult):
-            return RuleResult(self.name, out.passed, out.score, out.message)
+            return RuleResult(self.name, out.passed, out.score, _scrubbed(out.message))
         if isinstance(out, bool):
             return self._ok() if out else self._fail("custom rule failed")
         if isinstance(out, tuple) and out and isinstance(out[0], bool):
             passed, score, message = (*out, None, "")[:3]
-            return RuleResult(self.name, passed, None if score is None else float(score), message or "")
+            return RuleResult(self.name, passed, None if score is None else float(score), _scrubbed(message or ""))
         raise TypeError(f"custom rule {self.name} returned {type(out).__name__}; expected RuleResult, bool or tuple")
 
     def fix(self, c: Candidate) -> str:

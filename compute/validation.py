@@ -52,8 +52,9 @@ class Verdicts:
 
 class Validator:
     def __init__(self, spec: JobSpec, embedder=None):
-        self.output_schema = OutputSchema(spec.output.schema_) if spec.output.schema_ is not None else None
-        self.rules: list[Rule] = build_rules(spec.rules, self.output_schema, embedder)
+        allowed = spec.allowed_modules
+        self.output_schema = OutputSchema(spec.output.schema_, allowed) if spec.output.schema_ is not None else None
+        self.rules: list[Rule] = build_rules(spec.rules, self.output_schema, embedder, allowed)
         env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
         self.repair_template = env.from_string(spec.prompt.repair_template)
 
@@ -166,13 +167,34 @@ def _retry_requests(requests: pa.Table, rows: list[int], prompts: list[str]) -> 
 
 
 # Rule kinds whose class takes only its spec.
+def check_offline(spec: JobSpec) -> list:
+    """What `tidegate check` can verify without running any code the spec names: a JSON Schema
+    given inline, every built-in rule's settings, and the trust policy's verdict on each import
+    path (schemas/trusted_code.py). Returns the verdicts; raises SpecError for a bad rule or schema."""
+    from schemas.trusted_code import judge
+
+    inline = OutputSchema(spec.output.schema_) if isinstance(spec.output.schema_, dict) else None
+    for i, s in enumerate(spec.rules):
+        if s.rule in _PLAIN_RULES:
+            _PLAIN_RULES[s.rule](s)
+        elif s.rule == "json_schema" and inline is not None:
+            JsonSchema(s, inline)
+    env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+    try:
+        env.from_string(spec.prompt.repair_template)
+    except Exception as e:  # noqa: BLE001 - the template's syntax error, by class and line
+        raise SpecError(f"prompt.repair_template: {type(e).__name__} at line {getattr(e, 'lineno', '?')}") from None
+    return [judge(ref, spec.allowed_modules) for ref in spec.code_refs()]
+
+
 _PLAIN_RULES: dict[str, type[Rule]] = {
     "length": Length, "regex": Regex, "deny_list": DenyList, "refusal": Refusal,
     "pii_leakage": PiiLeakage, "grounding": Grounding,
 }  # fmt: skip
 
 
-def build_rules(specs: list, output_schema: OutputSchema | None, embedder=None) -> list[Rule]:
+def build_rules(specs: list, output_schema: OutputSchema | None, embedder=None,
+                allowed_modules: list[str] | None = None) -> list[Rule]:  # fmt: skip
     """Rule objects for the job's rule specs (JobSpec.rules), in order."""
     rules: list[Rule] = []
     for i, s in enumerate(specs):
@@ -185,7 +207,7 @@ def build_rules(specs: list, output_schema: OutputSchema | None, embedder=None) 
         elif kind == "semantic_grounding":
             rules.append(SemanticGrounding(s, embedder))
         elif kind == "custom":
-            rules.append(Custom(s, f"validation.{i}"))
+            rules.append(Custom(s, f"validation.{i}", allowed_modules))
         else:  # pragma: no cover - the spec's discriminated union lists every kind
             raise SpecError(f"validation.{i}: unknown rule {kind!r}")
     return rules

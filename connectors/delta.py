@@ -23,6 +23,7 @@ from deltalake import CommitProperties, DeltaTable, Field, QueryBuilder, Transac
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from connectors.sink import register_sink
+from crypto.binding import Binding, binding_of, new_table_description
 from schemas.errors import PartitionFencedError, SinkError, SinkSchemaError
 from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA
 from schemas.spec import JobSpec
@@ -39,11 +40,13 @@ def txn_app_id(job_name: str, tp: TopicPartition, source_kind: str = "kafka") ->
 class _Table:
     """One Delta table with a fixed schema, created on first use."""
 
-    def __init__(self, uri: str, schema: pa.Schema, storage_options: dict[str, str], role: str):
+    def __init__(self, uri: str, schema: pa.Schema, storage_options: dict[str, str], role: str,
+                 binding_role: str | None = None):  # fmt: skip
         self.uri = uri
         self.schema = schema
         self.storage_options = storage_options or None
         self.role = role
+        self.binding_role = binding_role  # results | dead_letter: tables whose values are bound (crypto/binding.py)
         self._dt: DeltaTable | None = None
 
     def open(self) -> DeltaTable:
@@ -51,9 +54,10 @@ class _Table:
             try:
                 self._dt = DeltaTable(self.uri, storage_options=self.storage_options)
             except TableNotFoundError:
-                self._dt = DeltaTable.create(
-                    self.uri, schema=self.schema, mode="ignore", storage_options=self.storage_options
-                )
+                # A new table records how its values are bound (its Delta id is its label).
+                description = new_table_description(self.binding_role) if self.binding_role else None
+                self._dt = DeltaTable.create(self.uri, schema=self.schema, mode="ignore",
+                                             storage_options=self.storage_options, description=description)  # fmt: skip
             self._check_schema(self._dt)
         else:
             self._dt.update_incremental()
@@ -75,6 +79,16 @@ class _Table:
             log.info("%s table %s: adding column(s) %s", self.role, self.uri, ", ".join(f.name for f in added))
             dt.alter.add_columns([Field.from_arrow(f) for f in added])
             dt.update_incremental()
+        # Columns that may now hold inline PII tokens say so (the reader reveals tokens there only).
+        marked = {f.name: f.metadata for f in pa.schema(dt.schema().to_arrow())}
+        for f in self.schema:
+            if f.metadata and f.metadata.get(b"tidegate.pii") and not (marked.get(f.name) or {}).get(b"tidegate.pii"):
+                dt.alter.set_column_metadata(f.name, {k.decode(): v.decode() for k, v in f.metadata.items()})
+                dt.update_incremental()
+
+    def binding(self) -> Binding:
+        dt = self.open()
+        return binding_of(dt.metadata(), pa.schema(dt.schema().to_arrow()), self.uri)
 
     def txn_versions(self, app_ids: Iterable[str]) -> dict[str, int | None]:
         dt = self.open()  # one refresh of the log for all lookups
@@ -126,8 +140,8 @@ class DeltaSink:
     ):
         self.job_name = job_name
         self.source_kind = source_kind
-        self.results = _Table(results_uri, RESULTS_SCHEMA, storage_options, "results")
-        self.dead_letter = _Table(dead_letter_uri, DEAD_LETTER_SCHEMA, storage_options, "dead-letter")
+        self.results = _Table(results_uri, RESULTS_SCHEMA, storage_options, "results", "results")
+        self.dead_letter = _Table(dead_letter_uri, DEAD_LETTER_SCHEMA, storage_options, "dead-letter", "dead_letter")
         self.write_attempts = write_attempts
         self.write_backoff_s = write_backoff_s
         self._writer_id: str | None = None
@@ -154,6 +168,10 @@ class DeltaSink:
         """Create the tables if needed and check their schemas (fails before any work)."""
         self.results.open()
         self.dead_letter.open()
+
+    def bindings(self) -> tuple[Binding, Binding]:
+        """How the results and dead-letter tables bind encrypted values (crypto/binding.py)."""
+        return self.results.binding(), self.dead_letter.binding()
 
     def load_positions(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
         """Committed positions (last offset covered) per partition, read from the results table."""

@@ -53,6 +53,9 @@ class Sink(Protocol):
     def open(self) -> None:
         """Create or check the tables: an incompatible one fails before any work."""
 
+    def bindings(self) -> tuple[Any, Any]:
+        """(results, dead letters) crypto.binding.Binding: what encrypted values are bound to."""
+
     def load_positions(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]: ...
 
     def repair_window(self, tp: TopicPartition) -> set[int]: ...
@@ -82,7 +85,7 @@ class Sink(Protocol):
 
 _SINKS: dict[str, type] = {}
 
-_SINK_METHODS = ("from_spec", "use_schemas", "open", "load_positions", "repair_window", "forget", "prepare", "commit",
+_SINK_METHODS = ("from_spec", "use_schemas", "open", "bindings", "load_positions", "repair_window", "forget", "prepare", "commit",
                  "read_positions", "partitions_seen", "history", "describe")  # fmt: skip
 
 

@@ -13,12 +13,14 @@ each other's changes:
       "tenants": {
         "acme": [
           {"version": 1, "wrapped_key": "<base64>", "created_at": "2025-05-01T10:00:00Z", "state": "retired"},
-          {"version": 2, "wrapped_key": "<base64>", "created_at": "2025-06-01T10:00:00Z", "state": "active"}
+          {"version": 2, "wrapped_key": "<base64>", "created_at": "2025-06-01T10:00:00Z", "state": "active",
+           "values": 120400}
         ]
       }
     }
 
-States: `active` (the current version: new values use the highest active version), `retired`
+`values` counts what jobs encrypted under a version (record_usage; `encryption.rotate_after_values`
+rotates a tenant whose current version reached it). States: `active` (the current version: new values use the highest active version), `retired`
 (replaced by a rotation; still decrypts), `revoked` (the wrapped key is deleted from the file:
 nothing under that version decrypts again, KeyRevokedError; there is no undo).
 
@@ -26,9 +28,11 @@ Each data key is wrapped with the context {"purpose": "tidegate-data-key", "tena
 "version": "N"} as associated data, so a wrapped key moved to another tenant or version entry
 does not unwrap (KeyringError).
 
-Access control is which wrapped keys a keyring file holds: `Keyring.export(path, tenants=["a"])`
-writes a keyring with tenant a only (optionally re-wrapped for another master key), and a reader
-holding it opens tenant a's values and gets KeyPermissionError for tenant b's.
+Access control is which wrapped keys a keyring file holds: `Keyring.export(path, ["a"], provider=P)`
+writes a keyring with tenant a only, its keys re-wrapped under the recipient's master key P, and a
+reader holding it opens tenant a's values and gets KeyPermissionError for tenant b's. Copying the
+keys still wrapped by the production master key (whose holder opens every tenant of the production
+keyring) takes an explicit `same_master_key=True`.
 
 Plugging in a KMS. A provider is three members (`KeyProvider`): `key_id`, `wrap`, `unwrap`. A
 provider for a cloud KMS maps them onto the KMS's own calls, passing `context` through as the
@@ -121,8 +125,23 @@ def _decode_master_key(text: str, env_var: str) -> bytes:
     return key
 
 
+def _read_key_file(path: str, env_var: str) -> str:
+    """The master key from a file (a mounted secret: `<env var>_FILE`). Refused when anyone on the
+    machine may read it: a key file is for the job's user (and group) only."""
+    try:
+        st = os.stat(path)
+        if st.st_mode & 0o004:
+            raise KeyringError(f"{env_var}: {path} can be read by every user (chmod o-r, or a secret "
+                               "volume with defaultMode 0440)")  # fmt: skip
+        with open(path) as f:
+            return f.read()
+    except OSError as e:
+        raise KeyringError(f"{env_var}: cannot read {path}: {e.strerror}") from None
+
+
 class LocalMasterKeyProvider(KeyProvider):
-    """A 256-bit master key from an environment variable (base64 or 64 hex digits); wraps with AES-256-GCM.
+    """A 256-bit master key from an environment variable (base64 or 64 hex digits), or from the file
+    that `<variable>_FILE` names (a secret mounted for one job); wraps with AES-256-GCM.
 
     Wrapped key = nonce (12 bytes) || AES-GCM(master, nonce, data key, aad=canonical_context(context)).
     Generate a master key with: python -c "import os, base64; print(base64.b64encode(os.urandom(32)).decode())"
@@ -132,9 +151,12 @@ class LocalMasterKeyProvider(KeyProvider):
         self.env_var = env_var
         if key is None:
             text = os.environ.get(env_var)
+            if text is None and os.environ.get(env_var + "_FILE"):
+                text = _read_key_file(os.environ[env_var + "_FILE"], env_var + "_FILE")
             if text is None:
                 raise KeyringError(
-                    f"master key variable {env_var} is not set (a base64 or hex 256-bit key; see docs/encryption.md)"
+                    f"master key variable {env_var} is not set, nor {env_var}_FILE (a file holding it): a base64 "
+                    "or hex 256-bit key; see docs/encryption.md"
                 )
             key = _decode_master_key(text, env_var)
         elif len(key) != KEY_BYTES:
@@ -217,6 +239,7 @@ class Keyring:
         self.path = Path(path)
         self._provider = provider
         self._keys: dict[tuple[str, int], bytes] = {}
+        self._stamp: tuple | None = None  # (mtime_ns, size, inode) of the file as last read
         self._doc = _doc if _doc is not None else self._read()
 
     # -- opening and creating
@@ -255,6 +278,7 @@ class Keyring:
 
     def _read(self) -> dict:
         try:
+            st = self.path.stat()
             raw = self.path.read_bytes()
         except FileNotFoundError:
             raise KeyringError(f"keyring {self.path} does not exist (create it with: tidegate keys init)") from None
@@ -265,7 +289,20 @@ class Keyring:
         except ValueError:
             raise KeyringError(f"keyring {self.path} is not valid JSON") from None
         _check_doc(doc, self.path)
+        self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         return doc
+
+    def refresh(self) -> bool:
+        """Re-read the file if it changed since it was read (one stat): a running job sees a
+        rotation or a revocation made by `tidegate keys` at its next commit. True if it changed."""
+        try:
+            st = self.path.stat()
+        except OSError:
+            return False  # gone or unreadable for now: keep what we have (the next write fails loudly)
+        if self._stamp == (st.st_mtime_ns, st.st_size, st.st_ino):
+            return False
+        self.reload()
+        return True
 
     def reload(self) -> None:
         """Re-read the file (another process rotated or revoked); unwrapped keys of revoked versions are dropped."""
@@ -385,6 +422,42 @@ class Keyring:
             entries.append(self._new_entry(tenant, version, provider))
         return version
 
+    def record_usage(self, counts: dict[tuple[str, int], int], rotate_after: int | None = None) -> list[tuple[str, int]]:
+        """Add values encrypted per (tenant, version) to the file's counters (`values` of each
+        version); with rotate_after, a tenant whose current version has encrypted that many
+        values is rotated. Returns [(tenant, new version)] of the rotations made.
+
+        Why: with random 96-bit nonces, AES-GCM stays safe for about 2^32 values per key; the
+        counters and the automatic rotation keep every key far below that."""
+        rotated: list[tuple[str, int]] = []
+        if not any(counts.values()):
+            return rotated
+        provider = None
+        with self._update() as doc:
+            for (tenant, version), n in counts.items():
+                for e in doc["tenants"].get(tenant, ()):
+                    if e["version"] == version:
+                        e["values"] = int(e.get("values", 0)) + int(n)
+            if rotate_after is None:
+                return rotated
+            for tenant, entries in doc["tenants"].items():
+                active = [e for e in entries if e["state"] == "active"]
+                if not active:
+                    continue
+                current = max(active, key=lambda e: e["version"])
+                if current.get("values", 0) >= rotate_after:
+                    provider = provider or self.provider
+                    version = max(e["version"] for e in entries) + 1
+                    for e in active:
+                        e["state"] = "retired"
+                    entries.append(self._new_entry(tenant, version, provider))
+                    rotated.append((tenant, version))
+        return rotated
+
+    def usage(self, tenant: str) -> dict[int, int]:
+        """Values encrypted so far per version of a tenant (as recorded by the jobs)."""
+        return {e["version"]: int(e.get("values", 0)) for e in self._entries(tenant)}
+
     def revoke(self, tenant: str, version: int) -> None:
         """Revoke one version: its wrapped key is deleted from the file, so nothing it encrypted decrypts
         again (KeyRevokedError). Rotate and re-encrypt first if that data is still wanted."""
@@ -403,15 +476,37 @@ class Keyring:
                 )
         self._keys.pop((tenant, version), None)
 
-    def export(self, path: str | Path, tenants: Iterable[str], provider: KeyProvider | None = None) -> Keyring:
+    def export(
+        self,
+        path: str | Path,
+        tenants: Iterable[str],
+        provider: KeyProvider | None = None,
+        *,
+        same_master_key: bool = False,
+    ) -> Keyring:
         """Write a new keyring holding only `tenants` (all their versions), for a user who may read those.
 
-        With `provider`, the data keys are re-wrapped under that master key (the recipient's);
-        otherwise the wrapped keys are copied as they are (same master key). Refuses to overwrite.
+        `provider` is the recipient's master key: the data keys are re-wrapped under it, so the
+        recipient never holds this keyring's master key (which opens every tenant here). A provider
+        with this keyring's own master key is refused. `same_master_key=True` instead copies the
+        wrapped keys as they are (the reader then needs this keyring's master key); one of the two
+        is required. Refuses to overwrite.
         """
         wanted = list(dict.fromkeys(tenants))
         if not wanted:
             raise KeyringError("export needs at least one tenant")
+        if provider is not None and same_master_key:
+            raise KeyringError("export: give a recipient master key or same_master_key=True, not both")
+        if provider is None and not same_master_key:
+            raise KeyringError(
+                "export re-wraps the keys under the recipient's master key: give one (provider=...), or "
+                "same_master_key=True to knowingly keep this keyring's master key, which opens every tenant here"
+            )
+        if provider is not None and provider.key_id == self.master_key_id:
+            raise KeyringError(
+                f"export: the recipient master key is this keyring's own ({self.master_key_id}); give the recipient's "
+                "key, or same_master_key=True to knowingly keep it"
+            )
         for t in wanted:
             self._entries(t)  # KeyPermissionError for a tenant this keyring lacks
         doc = {"format": FORMAT, "master_key_id": self.master_key_id, "tenants": {}}
@@ -462,3 +557,5 @@ def _check_doc(doc: object, path: Path) -> None:
                 raise bad(f"tenant {tenant!r} version {e['version']}: state must be one of {', '.join(STATES)}")
             if e["state"] != "revoked" and not isinstance(e.get("wrapped_key"), str):
                 raise bad(f"tenant {tenant!r} version {e['version']}: wrapped_key missing")
+            if not isinstance(e.get("values", 0), int) or e.get("values", 0) < 0:
+                raise bad(f"tenant {tenant!r} version {e['version']}: values must be a count")

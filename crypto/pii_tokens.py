@@ -73,8 +73,11 @@ def protect_pii(
     column: str,
     tenants: str | pa.Array | pa.ChunkedArray | Sequence[str] | None = None,
     keyring: KeySource | None = None,
+    echoes: Sequence[Sequence[str]] | None = None,
 ) -> pa.Array:
-    """Replace the PII that `find_pii(text) -> [span with .kind, .start, .end]` finds in each text.
+    """Replace the PII that `find_pii(text) -> [span with .kind, .start, .end]` finds in each text,
+    and (echoes: per row, strings the text must not show, e.g. the row's encrypted input values)
+    every occurrence of those strings, as kind "echo".
 
     mode "redact":  "mail me at a@b.c" -> "mail me at [REDACTED:email]"
     mode "encrypt": "mail me at a@b.c" -> "mail me at [PII:email:p0dHAQAEYWNtZQAAAAE...]" (tenants, keyring
@@ -93,10 +96,23 @@ def protect_pii(
     texts = values.to_pylist()
     what = f"{table}.{column}"
     out: list[str | None] = list(texts)
+    if echoes is not None and len(echoes) != n:
+        raise ValueError(f"{what}: echoes has {len(echoes)} rows, values {n}")
+
+    def found(i: int, text: str) -> list:
+        """What to protect in row i's text: the detectors' spans, and its echoes."""
+        spans = list(find_pii(text))
+        for needle in echoes[i] if echoes is not None else ():
+            start = text.find(needle)
+            while start >= 0:
+                spans.append(_Echo(start, start + len(needle)))
+                start = text.find(needle, start + len(needle))
+        return spans
+
     if mode == "redact":
         for i, text in enumerate(texts):
             if text:
-                spans = _spans(text, find_pii(text))
+                spans = _spans(text, found(i, text))
                 if spans:
                     out[i] = _splice(text, spans, lambda a, b, k: f"[REDACTED:{k}]", escape=False)
         return pa.array(out, pa.string())
@@ -111,11 +127,21 @@ def protect_pii(
         rids = rows.bytes_of(idx, what)
         for i, rid in zip(idx.tolist(), rids):
             text = texts[i]
-            spans = _spans(text, find_pii(text)) if text else []
+            spans = _spans(text, found(i, text)) if text else []
             if spans or "[PII:" in text:
                 token = _PiiSealer(keys.gcm, hdr, hdr + lp(table), column, rid, text)
                 out[i] = _splice(text, spans, token, escape=True)
     return pa.array(out, pa.string())
+
+
+class _Echo:
+    """A span of text repeating a value the row must not show (protect_pii's echoes)."""
+
+    __slots__ = ("start", "end")
+    kind = "echo"
+
+    def __init__(self, start: int, end: int):
+        self.start, self.end = start, end
 
 
 class _PiiSealer:
@@ -151,12 +177,15 @@ def reveal_pii(
     column: str,
     keyring: KeySource,
     on_missing_key: OnMissingKey = "raise",
+    tenants: pa.Array | pa.ChunkedArray | Sequence[str | None] | None = None,
 ) -> pa.Array:
     """Decrypt the inline `[PII:kind:token]` tokens of a text column in place (and unescape "[PII::").
 
-    A token whose tenant key the keyring lacks (or is revoked) raises, or with on_missing_key="keep"
-    stays as it is. A token that does not decrypt here raises DecryptionError. Text without "[PII:"
-    is returned untouched.
+    tenants: the tenant each row belongs to (its clear `tenant` column); a token of another tenant
+    is an error for that row (DecryptionError naming it), not text to decrypt with that tenant's key.
+    A token whose tenant key the keyring lacks (or is revoked), or that does not decrypt here
+    (forged, moved), raises for its row; with on_missing_key="keep" it stays as it is and the other
+    rows and tokens are revealed. Text without "[PII:" is returned untouched.
     """
     values = flat(values)
     if not is_text(values.type):
@@ -165,17 +194,28 @@ def reveal_pii(
     if found is None:
         return values
     texts, hits, rows = found
+    owners = None if tenants is None else flat(tenants if isinstance(tenants, (pa.Array, pa.ChunkedArray))
+                                              else pa.array(list(tenants), pa.string())).to_pylist()  # fmt: skip
     for i in hits:
         rid_name = rows.name(i)
+        owner = owners[i] if owners is not None else None
 
-        def sub(m: re.Match, rid_name: str = rid_name) -> str:
+        def sub(m: re.Match, rid_name: str = rid_name, owner=owner) -> str:
             if m.group(1) is None:
                 return "[PII:"  # escaped literal
             parsed = _pii_token(m)
             if parsed is None:
                 return m.group(0)  # not one of ours: literal text
             kind, raw, hl, tenant, version = parsed
-            plain = _open_pii(keyring, raw, hl, tenant, version, table, column, kind, rid_name, on_missing_key)
+            try:
+                if owners is not None and tenant != owner:
+                    raise DecryptionError(f"{table}.{column} row {rid_name}: inline PII token of another tenant",
+                                          table, column, rid_name)  # fmt: skip
+                plain = _open_pii(keyring, raw, hl, tenant, version, table, column, kind, rid_name, on_missing_key)
+            except DecryptionError:
+                if on_missing_key == "keep":  # this cell's token only: the rest of the read goes on
+                    return m.group(0)
+                raise
             return m.group(0) if plain is None else plain
 
         texts[i] = _PII_TOKEN_RE.sub(sub, texts[i])

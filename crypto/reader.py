@@ -10,14 +10,17 @@ every non-null value starts with the stored-value header (magic A7 54 47, format
 crypto/format.py) is decrypted, to string if its values were text, else to binary. Then every
 text column holding "[PII:" has its inline PII tokens decrypted in place.
 
-Values are bound to their row id (the `source_topic`, `source_partition`, `source_offset`
-columns, read even when `columns` leaves them out) and to the table's logical name: the Delta
-table's `name` if it has one, else the last part of its URI (`table=` overrides).
+Values are bound to their table, column and row (crypto/binding.py): the table records its
+binding (its Delta id as the label, the row id columns, the columns that may hold PII tokens),
+the reader follows it; tables created before binding 2 use the Delta table's `name`, else the
+last part of the URI (`table=` overrides). The row id and `tenant` columns are read even when
+`columns` leaves them out: every value's tenant (in its header) must be its row's tenant.
 
 A value whose tenant's key the keyring lacks (or whose key version was revoked) raises
 KeyPermissionError / KeyRevokedError naming the tenant; with on_missing_key="keep" it stays
 encrypted: stored bytes in a binary column, `tgenc1:<base64url>` text in a text column, the
-`[PII:...]` token as it was inside text.
+`[PII:...]` token as it was inside text (a token that does not decrypt, forged or moved, stays
+too: that cell, not the whole read, is what fails).
 
 The table is read with polars (read_delta), not DeltaTable.to_pyarrow_table, which was seen to
 crash some processes at exit.
@@ -38,8 +41,8 @@ from crypto import (
     is_encrypted,
     reveal_pii,
     row_ids_from,
-    table_label,
 )
+from crypto.binding import Binding, binding_of
 from schemas.encryption import ROW_ID_COLUMNS
 
 if TYPE_CHECKING:
@@ -61,34 +64,46 @@ def decrypt_table(
     data: pa.Table,
     keyring: KeySource,
     *,
-    table: str,
+    table: str | None = None,
+    binding: Binding | None = None,
     columns: Sequence[str] | None = None,
     on_missing_key: OnMissingKey = "raise",
-    row_id_columns: Sequence[str] = ROW_ID_COLUMNS,
+    row_id_columns: Sequence[str] | None = None,
     pii_columns: Sequence[str] | None = None,
+    tenant_column: str | None = "tenant",
 ) -> pa.Table:
     """Decrypt an Arrow table of a results (or dead-letter) table: pure, no I/O.
 
+    binding      what the table's values are bound to (crypto/binding.py; read_results takes it from
+                 the table); or `table` (the label) with row_id_columns / pii_columns
     columns      the encrypted columns to decrypt; None: every column that `is_encrypted`
-    pii_columns  the text columns to reveal inline PII tokens in; None: every text column (after decryption)
+    pii_columns  the text columns to reveal inline PII tokens in; None: the binding's (default
+                 output_text and output_json); a token in any other column is left as text
+    tenant_column  each value's tenant must be its row's (DecryptionError naming the row if not)
     returns the table with those columns replaced (same names and order; types string or binary)
     """
+    if binding is None:
+        if table is None:
+            raise ValueError("decrypt_table needs a binding or a table label")
+        binding = Binding(table, tuple(row_id_columns or ROW_ID_COLUMNS))
+    if pii_columns is not None:
+        binding = Binding(binding.label, binding.row_id_columns, tuple(pii_columns))
     names = data.column_names
-    row_ids = row_ids_from(data, row_id_columns) if all(c in names for c in row_id_columns) else None
+    rid_cols = binding.row_id_columns
+    row_ids = row_ids_from(data, rid_cols) if all(c in names for c in rid_cols) else None
+    tenants = data.column(tenant_column) if tenant_column and tenant_column in names else None
     targets = list(columns) if columns is not None else [c for c in names if is_encrypted(data.column(c))]
     for c in targets:
         col = data.column(c)
         if col.null_count == len(col):
             continue
-        clear = decrypt_column(col, row_ids, table=table, column=c, keyring=keyring, on_missing_key=on_missing_key)
+        clear = decrypt_column(col, row_ids, table=binding.label, column=c, keyring=keyring, tenants=tenants,
+                               on_missing_key=on_missing_key)  # fmt: skip
         data = data.set_column(names.index(c), pa.field(c, clear.type), clear)
     text = [f.name for f in data.schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
-    for c in text:
-        if c in row_id_columns or (pii_columns is not None and c not in pii_columns):
-            continue
-        clear = reveal_pii(
-            data.column(c), row_ids, table=table, column=c, keyring=keyring, on_missing_key=on_missing_key
-        )
+    for c in [c for c in text if c in binding.pii_columns]:
+        clear = reveal_pii(data.column(c), row_ids, table=binding.label, column=c, keyring=keyring,
+                           on_missing_key=on_missing_key, tenants=tenants)  # fmt: skip
         data = data.set_column(names.index(c), pa.field(c, clear.type), clear)
     return data
 
@@ -103,9 +118,9 @@ def read_results(
     *,
     version: int | None = None,
     table: str | None = None,
-    row_id_columns: Sequence[str] = ROW_ID_COLUMNS,
+    row_id_columns: Sequence[str] | None = None,
 ) -> Any:
-    """Read a Delta results table and decrypt what the keyring opens.
+    """Read a Delta results (or dead-letter) table and decrypt what the keyring opens.
 
     uri             Delta table URI (local path, s3://, ...)
     keyring         a Keyring, a keyring file path, or None ($TIDEGATE_KEYRING or .tidegate/keyring.json;
@@ -114,7 +129,7 @@ def read_results(
     on_missing_key  "raise" (KeyPermissionError / KeyRevokedError naming the tenant) or "keep" (stay encrypted)
     backend         "polars" -> polars.DataFrame, "pandas" -> pandas.DataFrame, "arrow" -> pyarrow.Table
     version         read this table version (default: latest)
-    table           the logical table name values are bound to (default: Delta name, else URI's last part)
+    table           the label values are bound to, when the table's own cannot say (a copy of a legacy table)
     """
     import polars as pl
     from deltalake import DeltaTable
@@ -125,24 +140,24 @@ def read_results(
         raise ValueError(f"on_missing_key must be raise or keep, not {on_missing_key!r}")
     kr = open_keyring(keyring)
     dt = DeltaTable(uri, version=version, storage_options=storage_options)
-    label = table or table_label(uri, dt.metadata().name)
-    present = [f.name for f in pa.schema(dt.schema().to_arrow())]
+    schema = pa.schema(dt.schema().to_arrow())
+    binding = binding_of(dt.metadata(), schema, uri)
+    if table is not None or row_id_columns is not None:  # told explicitly (a table copied elsewhere, say)
+        binding = Binding(table or binding.label, tuple(row_id_columns or binding.row_id_columns), binding.pii_columns)
+    present = schema.names
     wanted = list(columns) if columns is not None else present
     unknown = [c for c in wanted if c not in present]
     if unknown:
         raise ValueError(f"no such column(s) in {uri}: {', '.join(unknown)}")
-    read = wanted + [c for c in row_id_columns if c in present and c not in wanted]
+    needed = [*binding.row_id_columns, "tenant"]
+    read = wanted + [c for c in needed if c in present and c not in wanted]
     frame = pl.read_delta(dt, columns=read)
     data = frame.to_arrow(compat_level=pl.CompatLevel.oldest())
     encrypted = [c for c in wanted if is_encrypted(data.column(c))]
+    pii = [c for c in wanted if c in binding.pii_columns]
     data = decrypt_table(
-        data,
-        kr,
-        table=label,
-        columns=encrypted,
-        on_missing_key=on_missing_key,
-        row_id_columns=row_id_columns,
-    ).select(wanted)
+        data, kr, binding=binding, columns=encrypted, on_missing_key=on_missing_key, pii_columns=pii,
+    ).select(wanted)  # fmt: skip
     if backend == "arrow":
         return data
     if backend == "pandas":

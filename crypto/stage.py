@@ -6,24 +6,34 @@
            input_<field>              encrypted (binary) under the row's tenant key
            output_fields              encrypted (binary): output_text, output_json, ...
            PII in output text         encrypted in place ([PII:kind:token]) or redacted (encryption.pii)
+           echoes in output text      a carried input field's value repeated by the model, protected
+                                      like PII ([PII:echo:token]; encryption.protect_echoes)
            dead-letter raw            encrypted (binary) when encryption.dead_letter_raw
            dead-letter output_text    protected like the results' output_text
+    and results rows of a tenant with no usable key left (its current version revoked, its key
+    removed) become dead letters (stage encrypt, error_class key_revoked): nothing is written
+    under a dead key.
 
-Runs in the job loop right before the Delta commit, after the sink has put every row at its final
-source position: a value's associated data binds it to (table, column, row id = topic:partition:
-offset, tenant, key version), so it must be computed from the position the row is stored at.
+Runs in the commit writer right before the commit, after the sink has put every row at its final
+source position: a value's associated data binds it to (table, column, row id, tenant, key
+version; crypto/binding.py), so it must be computed from the position the row is stored at. The
+keyring is re-read when its file changed (a rotation or revocation is seen at the next commit),
+and what was encrypted is counted per key version (record_usage: automatic rotation).
 The formats and the keyring: crypto/format.py, crypto/keyring.py, docs/encryption.md.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from crypto import pii
-from crypto import encrypt_column, protect_pii, row_ids_from, table_label
+from datetime import datetime, timezone
+
+from crypto import encrypt_column, pii, protect_pii, row_ids_from
+from crypto.binding import Binding, legacy_binding, mark_pii
 from schemas.encryption import EncryptionSpec
 from schemas.errors import KeyPermissionError, KeyRevokedError
 
@@ -32,9 +42,18 @@ log = logging.getLogger(__name__)
 RAW_WITHHELD = "; raw event withheld: no key for its tenant"
 
 
+# Carried input values shorter than this are not looked for in outputs: "no", "42" would match
+# everywhere and say nothing about the value (docs/encryption.md, threat model).
+ECHO_MIN_CHARS = 4
+USAGE_RECORD_S = 10.0  # how often the key usage counters are written to the keyring (at most)
+
+
 def input_column(field: str) -> str:
     """Result column of a carried input field."""
     return f"input_{field}"
+
+
+KEY_REVOKED = "key_revoked"
 
 
 class EncryptionStage:
@@ -45,9 +64,36 @@ class EncryptionStage:
             from crypto.keyring import Keyring, LocalMasterKeyProvider
 
             self.keyring = Keyring.open(spec.keyring, LocalMasterKeyProvider(spec.master_key_env))
-        self.results_label = table_label(results_uri)
-        self.dead_label = table_label(dead_letter_uri)
+        # Until the sink says how its tables bind values (bind()), the bindings of tables created
+        # before binding 2. Only the commit writer encrypts; it binds before its first commit.
+        self.results = legacy_binding(results_uri)
+        self.dead = legacy_binding(dead_letter_uri)
         self.output_fields = {f.name: f for f in spec.output_fields}
+        self.usage: dict[tuple[str, int], int] = {}  # values encrypted per (tenant, version), not recorded yet
+        self._recorded_at = time.monotonic()
+
+    def bind(self, results: Binding, dead: Binding) -> None:
+        """How the tables the rows go to bind their values (the sink's, read from the tables)."""
+        self.results, self.dead = results, dead
+
+    @property
+    def results_label(self) -> str:
+        return self.results.label
+
+    @property
+    def dead_label(self) -> str:
+        return self.dead.label
+
+    @property
+    def protects_echoes(self) -> bool:
+        return bool(self.spec.protect_echoes and self.spec.input_fields)
+
+    def pii_mode(self) -> str:
+        """How PII (and echoes) inside text is protected: encryption.pii, or encrypt when only
+        echoes are to be protected."""
+        if self.spec.pii != "off":
+            return self.spec.pii
+        return "encrypt" if self.protects_echoes else "off"
 
     # -- schemas ---------------------------------------------------------------------------------
 
@@ -56,15 +102,17 @@ class EncryptionStage:
         return pa.schema([*base, *(pa.field(input_column(f.name), pa.string()) for f in self.spec.input_fields)])
 
     def stored_results_schema(self, base: pa.Schema) -> pa.Schema:
-        """What the results table holds: encrypted columns are binary."""
+        """What the results table holds: encrypted columns are binary; text columns that may hold
+        inline PII tokens say so in their metadata (the reader reveals tokens there only)."""
         plain = self.plain_results_schema(base)
         encrypted = set(self.output_fields) | {input_column(f.name) for f in self.spec.input_fields}
-        return pa.schema([pa.field(f.name, pa.binary()) if f.name in encrypted else f for f in plain])
+        stored = pa.schema([pa.field(f.name, pa.binary()) if f.name in encrypted else f for f in plain])
+        return mark_pii(stored, {"output_text", "output_json"} - encrypted if self.pii_mode() == "encrypt" else set())
 
     def stored_dead_schema(self, base: pa.Schema) -> pa.Schema:
         if "output_text" in self.output_fields:
             return pa.schema([pa.field(f.name, pa.binary()) if f.name == "output_text" else f for f in base])
-        return base
+        return mark_pii(base, {"output_text"} if self.pii_mode() == "encrypt" else set())
 
     def check_output_fields(self, base: pa.Schema) -> None:
         from schemas.errors import SpecError
@@ -85,30 +133,114 @@ class EncryptionStage:
         except (KeyPermissionError, KeyRevokedError):
             return False
 
+    def refresh(self) -> bool:
+        """Re-read the keyring if its file changed (a rotation, a revocation): call before a commit."""
+        return self.keyring.refresh() if self.keyring is not None else False
+
+    def record_usage(self, force: bool = False) -> list[tuple[str, int]]:
+        """Add what was encrypted since the last record to the keyring's counters; rotates a tenant
+        whose current version reached encryption.rotate_after_values. Returns the rotations.
+
+        One keyring write (under its lock) at most every USAGE_RECORD_S, sooner when the unrecorded
+        values reach 1% of the limit, or when `force`d: a crash loses at most that much counting,
+        far inside the margin between the limit (default 2^30) and AES-GCM's 2^32. A keyring that
+        cannot be written keeps the counts for the next try."""
+        if self.keyring is None or not self.usage:
+            return []
+        pending = sum(self.usage.values())
+        due = time.monotonic() - self._recorded_at >= USAGE_RECORD_S or pending >= self.spec.rotate_after_values / 100
+        if not (force or due):
+            return []
+        counts, self.usage = self.usage, {}
+        try:
+            rotated = self.keyring.record_usage(counts, self.spec.rotate_after_values)
+        except BaseException:
+            for k, n in counts.items():
+                self.usage[k] = self.usage.get(k, 0) + n
+            raise
+        self._recorded_at = time.monotonic()
+        for tenant, version in rotated:
+            log.info("tenant %s: key version %d after %d values (encryption.rotate_after_values)",
+                     tenant, version, self.spec.rotate_after_values)  # fmt: skip
+        return rotated
+
+    def _count(self, values: pa.Array, tenants) -> None:
+        """Values about to be encrypted, per tenant's current version (usage counters)."""
+        if self.keyring is None:
+            return
+        valid = values.is_valid()
+        t = tenants if isinstance(tenants, (pa.Array, pa.ChunkedArray)) else pa.array(tenants)
+        counts = pa.table({"t": t, "v": valid}).filter(pc.field("v")).group_by("t").aggregate([("v", "count")])
+        for tenant, n in zip(counts.column("t").to_pylist(), counts.column("v_count").to_pylist()):
+            if tenant is not None and n:
+                key = (tenant, self.keyring.current(tenant))
+                self.usage[key] = self.usage.get(key, 0) + n
+
+    # -- tenants without a key ------------------------------------------------------------------
+
+    def split_unkeyed(self, results: pa.Table, run_id: str) -> tuple[pa.Table, pa.Table | None]:
+        """(results rows that can be encrypted, DEAD_LETTER rows for the others): rows of a tenant
+        whose key was revoked (or removed) since they were read. Their text is not written: there
+        is no key to protect it with."""
+        if self.keyring is None or not results.num_rows:
+            return results, None
+        tenants = results.column("tenant")
+        usable = {t: self.has_key(t) for t in pc.unique(tenants).to_pylist() if t is not None}
+        if all(usable.values()):
+            return results, None
+        keyed = pa.array([t is not None and usable.get(t, False) for t in tenants.to_pylist()], pa.bool_())
+        lost = results.filter(pc.invert(keyed))
+        n = lost.num_rows
+        dead = {
+            "id": lost.column("id"),
+            "stage": pa.repeat(pa.scalar("encrypt"), n),
+            "error_class": pa.repeat(pa.scalar(KEY_REVOKED), n),
+            "error": pa.repeat(pa.scalar("the tenant's key was revoked while the row was processed; nothing of the "
+                                         "row was written" + RAW_WITHHELD), n),  # fmt: skip
+            "source_topic": lost.column("source_topic"),
+            "source_partition": lost.column("source_partition"),
+            "source_offset": lost.column("source_offset"),
+            "run_id": pa.repeat(pa.scalar(run_id), n),
+            "failed_at": pa.repeat(pa.scalar(datetime.now(timezone.utc), pa.timestamp("us", tz="UTC")), n),
+            "attempts": lost.column("attempts"),
+            "tenant": lost.column("tenant"),
+        }
+        log.warning("%d result row(s) of tenant(s) without a usable key dead-lettered (%s)", n, KEY_REVOKED)
+        return results.filter(keyed), pa.table(dead)
+
     # -- the stage -------------------------------------------------------------------------------
 
     def protect_results(self, results: pa.Table, stored: pa.Schema) -> pa.Table:
         if not results.num_rows:
             return stored.empty_table()
-        ids = row_ids_from(results)
+        ids = row_ids_from(results, self.results.row_id_columns)
         tenants = results.column("tenant")
+        label = self.results.label
+        mode = self.pii_mode()
+        echoes = self._echoes(results) if self.protects_echoes else None
         cols = {}
         for name in ("output_text", "output_json"):
-            if name not in self.output_fields and self.spec.pii != "off":
-                cols[name] = self._pii(results.column(name), ids, self.results_label, name, tenants)
+            if name not in self.output_fields and mode != "off":
+                cols[name] = self._pii(results.column(name), ids, label, name, tenants, mode, echoes)
         for name, f in self.output_fields.items():
-            cols[name] = self._encrypt(results.column(name), ids, self.results_label, name, tenants, f.deterministic)
+            cols[name] = self._encrypt(results.column(name), ids, label, name, tenants, f.deterministic)
         for f in self.spec.input_fields:
             name = input_column(f.name)
-            cols[name] = self._encrypt(results.column(name), ids, self.results_label, name, tenants, f.deterministic)
+            cols[name] = self._encrypt(results.column(name), ids, label, name, tenants, f.deterministic)
         for name, arr in cols.items():
             results = results.set_column(results.schema.get_field_index(name), name, arr)
         return results.cast(stored)
 
+    def _echoes(self, results: pa.Table) -> list[list[str]]:
+        """Per row, the carried input values a model may repeat in its output (ECHO_MIN_CHARS+)."""
+        columns = [results.column(input_column(f.name)).to_pylist() for f in self.spec.input_fields]
+        return [[v for v in row if v and len(v) >= ECHO_MIN_CHARS] for row in zip(*columns)]
+
     def protect_dead(self, dead: pa.Table, stored: pa.Schema) -> pa.Table:
         if not dead.num_rows:
             return stored.empty_table()
-        ids = row_ids_from(dead)
+        ids = row_ids_from(dead, self.dead.row_id_columns)
+        label = self.dead.label
         tenants = dead.column("tenant")  # unreadable events: encryption.tenant (set by the renderer)
         names = tenants.to_pylist()
         usable = {t: self.has_key(t) for t in set(names) if t is not None}  # one keyring lookup per tenant
@@ -117,7 +249,7 @@ class EncryptionStage:
             # Without a tenant key the raw event cannot be stored encrypted: it is not stored.
             withheld = pc.and_(pc.invert(keyed), dead.column("raw").is_valid())
             raw = pc.if_else(keyed, dead.column("raw"), pa.scalar(None, pa.binary()))
-            enc = self._encrypt_where(raw, ids, self.dead_label, "raw", tenants, keyed)
+            enc = self._encrypt_where(raw, ids, label, "raw", tenants, keyed)
             dead = dead.set_column(dead.schema.get_field_index("raw"), "raw", enc)
             if pc.any(withheld).as_py():
                 err = pc.if_else(withheld, pc.binary_join_element_wise(dead.column("error"), RAW_WITHHELD, ""),
@@ -125,10 +257,14 @@ class EncryptionStage:
                 dead = dead.set_column(dead.schema.get_field_index("error"), "error", err)
         if "output_text" in self.output_fields:
             text = pc.if_else(keyed, dead.column("output_text"), pa.scalar(None, pa.string()))
-            enc = self._encrypt_where(text, ids, self.dead_label, "output_text", tenants, keyed)
+            enc = self._encrypt_where(text, ids, label, "output_text", tenants, keyed)
             dead = dead.set_column(dead.schema.get_field_index("output_text"), "output_text", enc)
-        elif self.spec.pii != "off":
-            text = self._pii(dead.column("output_text"), ids, self.dead_label, "output_text", tenants)
+        elif (mode := self.pii_mode()) != "off":
+            if mode == "encrypt":  # no key: the rejected output is not kept either
+                text = pc.if_else(keyed, dead.column("output_text"), pa.scalar(None, pa.string()))
+                text = self._pii_where(text, ids, label, "output_text", tenants, keyed)
+            else:
+                text = self._pii(dead.column("output_text"), ids, label, "output_text", tenants, mode, None)
             dead = dead.set_column(dead.schema.get_field_index("output_text"), "output_text", text)
         return dead.cast(stored)
 
@@ -136,6 +272,7 @@ class EncryptionStage:
         values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
         if not pa.types.is_binary(values.type) and not pa.types.is_string(values.type):
             values = values.cast(pa.string())
+        self._count(values, tenants)
         return encrypt_column(values, ids, table=table, column=column, tenants=tenants, keyring=self.keyring,
                               deterministic=deterministic)  # fmt: skip
 
@@ -151,8 +288,34 @@ class EncryptionStage:
                 out[i] = v
         return pa.array(out, pa.binary())
 
-    def _pii(self, values, ids, table, column, tenants) -> pa.Array:
-        if self.spec.pii == "encrypt":
-            return protect_pii(values, ids, pii.find_pii, "encrypt", table=table, column=column, tenants=tenants,
-                               keyring=self.keyring)  # fmt: skip
-        return protect_pii(values, ids, pii.find_pii, "redact", table=table, column=column)
+    def _pii(self, values, ids, table, column, tenants, mode, echoes) -> pa.Array:
+        if mode == "encrypt":
+            out = protect_pii(values, ids, pii.find_pii, "encrypt", table=table, column=column, tenants=tenants,
+                              keyring=self.keyring, echoes=echoes)  # fmt: skip
+            tokens = pc.subtract(pc.count_substring(out, "[PII:"), pc.count_substring(out, "[PII::"))
+            self._count_tokens(tokens, tenants)
+            return out
+        return protect_pii(values, ids, pii.find_pii, "redact", table=table, column=column, echoes=echoes)
+
+    def _pii_where(self, values, ids, table, column, tenants, mask) -> pa.Array:
+        """_pii (encrypt) of the rows of `mask` (the others are null already)."""
+        if pc.all(mask).as_py():
+            return self._pii(values, ids, table, column, tenants, "encrypt", None)
+        idx = pc.indices_nonzero(mask)
+        out = [None] * len(values)
+        if len(idx):
+            enc = self._pii(pc.take(values, idx), pc.take(ids, idx), table, column, pc.take(tenants, idx), "encrypt", None)
+            for i, v in zip(idx.to_pylist(), enc.to_pylist()):
+                out[i] = v
+        return pa.array(out, pa.string())
+
+    def _count_tokens(self, tokens: pa.Array, tenants) -> None:
+        """Inline PII tokens written, per tenant's current version (each one is a value encrypted)."""
+        if self.keyring is None:
+            return
+        t = tenants if isinstance(tenants, (pa.Array, pa.ChunkedArray)) else pa.array(tenants)
+        sums = pa.table({"t": t, "n": pc.fill_null(tokens, 0)}).group_by("t").aggregate([("n", "sum")])
+        for tenant, n in zip(sums.column("t").to_pylist(), sums.column("n_sum").to_pylist()):
+            if tenant is not None and n:
+                key = (tenant, self.keyring.current(tenant))
+                self.usage[key] = self.usage.get(key, 0) + n

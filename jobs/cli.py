@@ -32,6 +32,20 @@ app.add_typer(dlq_app, name="dlq")
 AddressOption = Annotated[
     str, typer.Option("--address", envvar="RAY_API_SERVER_ADDRESS", help="Ray dashboard address, http://HEAD:8265.")
 ]
+TokenEnvOption = Annotated[
+    str, typer.Option("--token-env", help="Environment variable holding the cluster's Ray auth token.")
+]
+
+
+def _cluster_call(fn):
+    """Run a call to the cluster; a refused token or a bad spec is one 'error:' line, exit 2."""
+    from schemas.errors import TidegateError
+
+    try:
+        return fn()
+    except TidegateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -50,21 +64,29 @@ def run(
 
 @app.command()
 def check(spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")]) -> None:
-    """Validate a spec (every field, output schema, custom rules) and print it, secrets masked."""
+    """Validate a spec and print it, secrets masked. Runs none of the code the spec names: says
+    which import paths `run` would load and why the trust policy allows them (README, "A spec is code")."""
     import yaml
 
-    from compute.validation import Validator
+    from compute.validation import check_offline
     from jobs.run import load_job_spec
     from schemas.errors import TidegateError
 
     try:
         parsed = load_job_spec(spec)
-        Validator(parsed)  # imports output.schema and custom rules
+        verdicts = check_offline(parsed)
     except TidegateError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    refused = [v for v in verdicts if not v.allowed]
+    for v in refused:
+        typer.echo(f"error: {v.ref.field}: run would refuse to import {v.ref.path}: {v.why}", err=True)
+    if refused:
+        raise typer.Exit(2)
     typer.echo(yaml.safe_dump(parsed.redacted(), sort_keys=False))
     typer.echo(f"# rules: {', '.join(f'{r.label} ({r.on_fail})' for r in parsed.rules) or 'none'}")
+    for v in verdicts:
+        typer.echo(f"# code: {v.ref.field} = {v.ref.path}: run would import it ({v.why})")
 
 
 @dlq_app.command("replay")
@@ -87,25 +109,25 @@ def submit(
     wait: Annotated[bool, typer.Option("--wait", help="Block until the job ends; exit 0 only if it succeeded.")] = False,
     submission_id: Annotated[Optional[str], typer.Option(help="Job id to use (default: Ray's).")] = None,
     follow: Annotated[bool, typer.Option("--follow", help="Delta incremental sources: keep polling.")] = False,
+    token_env: TokenEnvOption = "RAY_AUTH_TOKEN",
+    master_key_file: Annotated[Optional[str], typer.Option(
+        "--master-key-file", help="Where the cluster keeps this job's master key (a path on the head node); "
+        "the job alone gets it as <encryption.master_key_env>_FILE.")] = None,  # fmt: skip
 ) -> None:
     """Submit a spec to a Ray cluster with the repo as the job's working_dir."""
     from jobs import submit as sub
-    from schemas.errors import TidegateError
 
-    try:
-        job_id = sub.submit(spec, address, until_drained=until_drained, submission_id=submission_id, follow=follow)
-    except TidegateError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+    job_id = _cluster_call(lambda: sub.submit(spec, address, until_drained=until_drained, submission_id=submission_id,
+                                              follow=follow, token_env=token_env, master_key_file=master_key_file))  # fmt: skip
     typer.echo(job_id)
     if wait:
-        status = sub.wait(address, job_id)
+        status = sub.wait(address, job_id, token_env=token_env)
         typer.echo(f"{job_id}: {status}")
         raise typer.Exit(0 if status == "SUCCEEDED" else 1)
 
 
 @jobs_app.command("list")
-def jobs_list(address: AddressOption) -> None:
+def jobs_list(address: AddressOption, token_env: TokenEnvOption = "RAY_AUTH_TOKEN") -> None:
     """List jobs on the cluster."""
     from rich.console import Console
     from rich.table import Table
@@ -113,34 +135,34 @@ def jobs_list(address: AddressOption) -> None:
     from jobs.submit import client
 
     table = Table("job id", "status", "tidegate job", "entrypoint")
-    for info in sorted(client(address).list_jobs(), key=lambda j: j.start_time or 0):
+    for info in sorted(_cluster_call(lambda: client(address, token_env)).list_jobs(), key=lambda j: j.start_time or 0):
         table.add_row(info.submission_id or info.job_id or "", str(info.status.value),
                       (info.metadata or {}).get("tidegate_job", ""), info.entrypoint)  # fmt: skip
     Console().print(table)
 
 
 @jobs_app.command("status")
-def jobs_status(job_id: str, address: AddressOption) -> None:
+def jobs_status(job_id: str, address: AddressOption, token_env: TokenEnvOption = "RAY_AUTH_TOKEN") -> None:
     """Print a job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
     from jobs.submit import client
 
-    typer.echo(str(client(address).get_job_status(job_id).value))
+    typer.echo(str(_cluster_call(lambda: client(address, token_env)).get_job_status(job_id).value))
 
 
 @jobs_app.command("logs")
-def jobs_logs(job_id: str, address: AddressOption) -> None:
+def jobs_logs(job_id: str, address: AddressOption, token_env: TokenEnvOption = "RAY_AUTH_TOKEN") -> None:
     """Print a job's logs."""
     from jobs.submit import client
 
-    typer.echo(client(address).get_job_logs(job_id), nl=False)
+    typer.echo(_cluster_call(lambda: client(address, token_env)).get_job_logs(job_id), nl=False)
 
 
 @jobs_app.command("stop")
-def jobs_stop(job_id: str, address: AddressOption) -> None:
+def jobs_stop(job_id: str, address: AddressOption, token_env: TokenEnvOption = "RAY_AUTH_TOKEN") -> None:
     """Ask a job to stop (SIGTERM to its driver: in-flight batches are finished and committed)."""
     from jobs.submit import client
 
-    stopped = client(address).stop_job(job_id)
+    stopped = _cluster_call(lambda: client(address, token_env)).stop_job(job_id)
     typer.echo("stop requested" if stopped else "job was not running")
 
 

@@ -5,7 +5,7 @@
     tidegate keys rotate TENANT
     tidegate keys revoke TENANT VERSION [--yes]
     tidegate keys list                                  (tenants, versions, states; never a key)
-    tidegate keys export --tenant A [--tenant B] --out PATH [--to-master-key-env VAR]
+    tidegate keys export --tenant A [--tenant B] --out PATH (--to-master-key-env VAR | --same-master-key)
     tidegate keys reencrypt --table URI [--column C ...] [--storage-option KEY=VALUE ...] [--name NAME]
 
 The keyring is --keyring, else $TIDEGATE_KEYRING, else .tidegate/keyring.json; the master key is
@@ -147,17 +147,40 @@ def export(
     out: Annotated[Path, typer.Option("--out", help="The new keyring file (must not exist).")],
     to_master_key_env: Annotated[
         str | None,
-        typer.Option("--to-master-key-env", help="Re-wrap the keys for the master key in this variable."),
+        typer.Option(
+            "--to-master-key-env", help="Re-wrap the keys for the recipient's master key, held in this variable."
+        ),
     ] = None,
+    same_master_key: Annotated[
+        bool,
+        typer.Option(
+            "--same-master-key",
+            help="Copy the keys still wrapped by the production master key (the reader needs that key, "
+            "which opens every tenant).",
+        ),
+    ] = False,
     keyring: KeyringOption = None,
     master_key_env: MasterKeyEnvOption = "TIDEGATE_MASTER_KEY",
 ) -> None:
-    """Write a keyring holding only some tenants: what a user who may read those tenants gets."""
+    """Write a keyring holding only some tenants, re-wrapped for the recipient's master key."""
     from schemas.errors import TidegateError
 
+    if to_master_key_env and same_master_key:
+        raise _fail(ValueError("--to-master-key-env and --same-master-key exclude each other"))
+    if not to_master_key_env and not same_master_key:
+        raise _fail(
+            ValueError(
+                "keys export re-wraps the keys for the recipient: pass --to-master-key-env VAR (the variable "
+                "holding the recipient's master key), or --same-master-key to knowingly keep the production "
+                "master key (whoever holds it opens every tenant)"
+            )
+        )
     try:
-        kr = _open(keyring, master_key_env, needs_master_key=to_master_key_env is not None)
-        sub = kr.export(out, tenants, _provider(to_master_key_env) if to_master_key_env else None)
+        kr = _open(keyring, master_key_env, needs_master_key=not same_master_key)
+        if same_master_key:
+            sub = kr.export(out, tenants, same_master_key=True)
+        else:
+            sub = kr.export(out, tenants, _provider(to_master_key_env))
     except TidegateError as e:
         raise _fail(e) from None
     typer.echo(f"keyring {sub.path} written with tenant(s) {', '.join(sub.tenants())} (master key {sub.master_key_id})")

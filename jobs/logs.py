@@ -8,10 +8,18 @@ Each line: {"ts": "2026-11-27T03:44:19.398Z", "level": "INFO", "logger": "jobs.p
 "message": "...", "run_id": "...", "batch_id": 7} plus "exc" (the traceback) when there is one and
 any other `extra` fields.
 
-`redact` (a logging.Filter, installed on the handler by configure_json_logging) masks the values
-of secret keys (password, sasl_plain_password, ssl_password, token, secret, api_key, and keys
-containing them) in a record's message and args: `sasl_plain_password=hunter2` logs as
-`sasl_plain_password=***`, a dict argument {"ssl_password": "x"} as {"ssl_password": "***"}.
+`redact` (a logging.Filter, installed on the handler by configure_json_logging and by
+configure_text_logging, which jobs.run.configure_logging uses) masks secrets in a record's message,
+args, `extra` fields, traceback and stack:
+
+    the values of secret keys     password, sasl_plain_password, ssl_password, token, secret, api_key,
+                                  keys containing them, keys ending in master_key
+                                  (`sasl_plain_password=hunter2` -> `sasl_plain_password=***`,
+                                  `TIDEGATE_MASTER_KEY=...` -> `TIDEGATE_MASTER_KEY=***`, a dict
+                                  argument {"ssl_password": "x"} -> {"ssl_password": "***"})
+    URL credentials               s3://user:pass@host -> s3://***@host
+    Authorization credentials     Authorization: Bearer abc -> Authorization: Bearer ***
+                                  (also Basic, Digest, ...; and a bare `Bearer <token>`)
 """
 
 from __future__ import annotations
@@ -55,15 +63,18 @@ def log_context(run_id: str | None = None, batch_id: Any = None) -> Iterator[Non
 # -- secrets ---------------------------------------------------------------------------------------
 
 SECRET_KEYS = ("password", "sasl_plain_password", "ssl_password", "token", "secret", "api_key")
-_SECRET_PARTS = ("password", "passwd", "secret", "api_key", "apikey", "access_key", "account_key", "private_key", "credential")
+_SECRET_PARTS = ("password", "passwd", "secret", "api_key", "apikey", "access_key", "account_key", "private_key", "credential",
+                 "authorization")  # fmt: skip
+_SECRET_ENDS = ("token", "master_key")
 
 
 def is_secret_key(name: str) -> bool:
-    """password, sasl_plain_password, ssl_password, token, secret, api_key, and keys containing
-    password/secret/api_key/access_key/account_key/private_key/credential or ending in "token"
-    (sas_token, access_token; not max_tokens or prompt_tokens)."""
+    """password, sasl_plain_password, ssl_password, token, secret, api_key; keys containing
+    password/secret/api_key/access_key/account_key/private_key/credential/authorization; keys ending
+    in "token" (sas_token, access_token; not max_tokens or prompt_tokens) or in "master_key"
+    (master_key, TIDEGATE_MASTER_KEY; not master_key_id or master_key_env, which name a key)."""
     n = name.lower().replace("-", "_")
-    return n in SECRET_KEYS or any(p in n for p in _SECRET_PARTS) or n.endswith("token")
+    return n in SECRET_KEYS or any(p in n for p in _SECRET_PARTS) or n.endswith(_SECRET_ENDS)
 
 
 # key, a separator (= or :), then a value: quoted, or up to a delimiter.
@@ -73,17 +84,43 @@ _KV = re.compile(
 )
 
 
-def redact_text(text: str) -> str:
-    """Mask the values of secret keys in `key=value`, `key: value`, `"key": "value"` forms."""
+# scheme://userinfo@ : user:password (the password may hold / ? #), or a lone token (https://TOKEN@host).
+_URL_USERINFO = re.compile(
+    r"""(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)"""
+    r"""(?:[^\s:/?#@'"<>]*:[^\s@'"<>]*|[^\s:/?#@'"<>]+)@"""
+)
+# Authorization / Proxy-Authorization header values: `Authorization: Bearer abc`, `"Authorization": "Basic
+# dXM6cHc="`, `authorization=abc` (no scheme). The scheme stays, the credentials go.
+_AUTH_HEADER = re.compile(
+    r"""(?P<head>\b(?:proxy[-_])?authorization["']?\s*[:=]\s*["']?)"""
+    r"""(?P<scheme>(?:bearer|basic|digest|negotiate|token|apikey|aws4-hmac-sha256)\s+)?"""
+    r"""(?P<cred>[^\s"',;)\]}]+)""",
+    re.IGNORECASE,
+)
+# A bare bearer token anywhere (`Bearer eyJhbGciOi...`): the capitalised scheme word and a token68 value.
+_BEARER = re.compile(r"""\bBearer\s+[A-Za-z0-9\-._~+/]{8,}=*""")
 
-    def sub(m: re.Match) -> str:
-        if not is_secret_key(m.group("key")):
-            return m.group(0)
+
+def redact_text(text: str) -> str:
+    """Mask secrets in text: the values of secret keys in `key=value`, `key: value`, `"key": "value"`
+    forms, the userinfo of URLs (`s3://***@host`), and Authorization credentials (`Bearer ***`)."""
+
+    if "://" in text:
+        text = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", text)
+    text = _AUTH_HEADER.sub(lambda m: f"{m.group('head')}{m.group('scheme') or ''}{MASK}", text)
+    if "Bearer" in text:
+        text = _BEARER.sub(f"Bearer {MASK}", text)
+    out, done, at = [], 0, 0
+    while m := _KV.search(text, at):
+        key = m.group("key")
+        if not is_secret_key(key) or "authorization" in key.lower():  # headers: _AUTH_HEADER keeps the scheme
+            at = m.end("sep")  # the value may hold pairs itself: `ValueError: password=x`, `line: token=y`
+            continue
         val = m.group("val")
         quote = val[0] if val[:1] in ("'", '"') else ""
-        return f"{m.group('kq')}{m.group('key')}{m.group('kq')}{m.group('sep')}{quote}{MASK}{quote}"
-
-    return _KV.sub(sub, text)
+        out += [text[done : m.start("val")], quote, MASK, quote]
+        done = at = m.end()
+    return "".join(out) + text[done:] if out else text
 
 
 def redact_value(value: Any) -> Any:
@@ -101,9 +138,25 @@ def redact_value(value: Any) -> Any:
 
 
 class RedactFilter(logging.Filter):
-    """Masks secrets in a record's args, rendered message and `extra` fields; never drops a record."""
+    """Masks secrets in a record's args, rendered message, `extra` fields, traceback and stack; never
+    drops a record.
+
+    A traceback is rendered here, masked, and kept as `exc_text` with `exc_info` cleared, so every
+    formatter (logging's own, JsonLogFormatter, a third party's) prints the masked text and none can
+    render the exception again from the live objects.
+    """
+
+    _formatter = logging.Formatter()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            if not record.exc_text:
+                record.exc_text = self._formatter.formatException(record.exc_info)
+            record.exc_info = None
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact_text(record.stack_info)
         if record.args:
             if isinstance(record.args, dict):
                 record.args = redact_value(record.args)
@@ -154,10 +207,10 @@ class JsonLogFormatter(logging.Formatter):
             "batch_id": getattr(record, "batch_id", None) if getattr(record, "batch_id", None) is not None
             else batch_id_var.get(),
         }
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        elif record.exc_text:
+        if record.exc_text:  # set (and masked) by the redact filter
             out["exc"] = record.exc_text
+        elif record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
         if record.stack_info:
             out["stack"] = self.formatStack(record.stack_info)
         for key, value in vars(record).items():
@@ -172,6 +225,21 @@ def configure_json_logging(level: str | None = None, run_id: str | None = None, 
     level = (level or os.environ.get("TIDEGATE_LOG_LEVEL") or "INFO").upper()
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonLogFormatter(run_id))
+    handler.addFilter(redact)
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    quiet_libraries()
+    return handler
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_text_logging(level: str | None = None, stream=None) -> logging.Handler:
+    """Root logging as text lines (stderr by default), secrets redacted like the JSON lines
+    (TIDEGATE_LOG_LEVEL, noisy libraries at WARNING). Returns the handler."""
+    level = (level or os.environ.get("TIDEGATE_LOG_LEVEL") or "INFO").upper()
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     handler.addFilter(redact)
     logging.basicConfig(level=level, handlers=[handler], force=True)
     quiet_libraries()

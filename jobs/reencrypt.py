@@ -36,9 +36,8 @@ from crypto import (
     reseal_pii,
     row_ids_from,
     stored_groups,
-    table_label,
 )
-from schemas.encryption import ROW_ID_COLUMNS
+from crypto.binding import binding_of
 
 if TYPE_CHECKING:
     from crypto.keyring import Keyring
@@ -131,20 +130,22 @@ def reencrypt_table(
     storage_options: dict[str, str] | None = None,
     *,
     table: str | None = None,
-    row_id_columns: Sequence[str] = ROW_ID_COLUMNS,
+    row_id_columns: Sequence[str] | None = None,
 ) -> ReencryptReport:
     """Rewrite a Delta table's values that use an old key version, in one overwrite commit.
 
     columns  encrypted columns to look at (and text columns with inline PII); None: every encrypted
              column and every text column
-    table    the logical name the values are bound to (default: Delta name, else the URI's last part)
+    table    the label values are bound to, when the table's own binding cannot say (crypto/binding.py)
     """
     import polars as pl
     from deltalake import DeltaTable, write_deltalake
 
     dt = DeltaTable(uri, storage_options=storage_options)
-    label = table or table_label(uri, dt.metadata().name)
     schema = pa.schema(dt.schema().to_arrow())
+    binding = binding_of(dt.metadata(), schema, uri)
+    label = table or binding.label
+    row_id_columns = tuple(row_id_columns or binding.row_id_columns)
     data = pl.read_delta(dt).to_arrow(compat_level=pl.CompatLevel.oldest())
     names = data.column_names
     if columns is not None:

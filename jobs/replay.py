@@ -3,7 +3,8 @@
     1. resume   replays left unfinished by a crash (rows with replayed_by set, replayed_at null):
                 finish them first, under their own id
     2. plan     one Delta UPDATE marks the rows to replay: replayed_by = R (a new run id), for rows
-                not replayed yet that match --where (a SQL predicate over the dead-letter columns)
+                not replayed yet that match --where (a SQL predicate over the dead-letter columns,
+                checked and re-serialised by `where_sql`; see `mark_plan`)
     3. run      the ordinary job loop over the plan (connectors/replay.py): results land in the
                 results table under the events' original positions, rows that fail again land in
                 the dead-letter table as new rows (run_id = R), committed with R's own positions
@@ -24,8 +25,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import pyarrow as pa
+import sqlglot
 from deltalake import DeltaTable, QueryBuilder
 from deltalake.exceptions import CommitFailedError
+from sqlglot import exp
+from sqlglot.errors import ParseError, TokenError
+from sqlglot.tokens import TokenType
 
 from connectors.delta import DeltaSink
 from connectors.replay import ReplaySink, ReplaySource
@@ -53,6 +58,165 @@ def _update(dt_uri: str, storage_options, retries: int = 5, **kwargs) -> dict:
     raise AssertionError("unreachable")
 
 
+# -- --where: a boolean expression over the dead-letter columns, nothing else ----------------------
+
+WHERE_MAX_CHARS = 20_000
+WHERE_DIALECT = "postgres"  # DataFusion's SQL (delta-rs runs the UPDATE predicate with it) is PostgreSQL-like
+WHERE_FUNCTIONS = {exp.Lower: "lower", exp.Upper: "upper"}
+_COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.Like, exp.ILike)
+_SUBQUERY = (exp.Subquery, exp.Select, exp.Exists, exp.Query)
+_ALLOWED = "comparisons, AND/OR/NOT, IN, LIKE, IS [NOT] NULL, BETWEEN, literals, lower(), upper()"
+
+
+def _refuse(why: str, *, hint: bool = True) -> SpecError:
+    return SpecError(f"--where: {why}" + (f" (allowed: {_ALLOWED} over the dead-letter columns)" if hint else ""))
+
+
+def _snippet(node: exp.Expression) -> str:
+    text = node.sql(dialect=WHERE_DIALECT, comments=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_value(node: exp.Expression) -> None:
+    """An operand: a dead-letter column, a literal, NULL, TRUE/FALSE, -number, lower()/upper() of an operand."""
+    if isinstance(node, exp.Paren):
+        _check_value(node.this)
+    elif isinstance(node, exp.Column):
+        if node.args.get("table") or node.args.get("db") or node.args.get("catalog"):
+            raise _refuse(f"column {_snippet(node)} must not name a table")
+        ident = node.this
+        if not isinstance(ident, exp.Identifier):
+            raise _refuse(f"{_snippet(node)} is not a column")
+        name = ident.name if ident.quoted else ident.name.lower()  # unquoted names are case-insensitive
+        if name not in DEAD_LETTER_SCHEMA.names:
+            raise _refuse(f"unknown column {ident.name!r} (dead-letter columns: {', '.join(DEAD_LETTER_SCHEMA.names)})",
+                          hint=False)  # fmt: skip
+        node.set("this", exp.to_identifier(name, quoted=False))  # runs as the canonical column name
+    elif type(node) is exp.Literal or isinstance(node, (exp.Null, exp.Boolean)):
+        pass
+    elif isinstance(node, exp.Neg) and type(node.this) is exp.Literal and not node.this.is_string:
+        pass
+    elif type(node) in WHERE_FUNCTIONS:
+        _check_value(node.this)
+    else:
+        _check_other(node)
+
+
+def _check_bool(node: exp.Expression) -> None:
+    """A condition: what AND/OR/NOT combine and what --where must be."""
+    if isinstance(node, exp.Paren):
+        _check_bool(node.this)
+    elif isinstance(node, (exp.And, exp.Or)):
+        _check_bool(node.this)
+        _check_bool(node.expression)
+    elif isinstance(node, exp.Not):
+        _check_bool(node.this)
+    elif isinstance(node, exp.Boolean):
+        pass
+    elif isinstance(node, _COMPARISONS):
+        _check_value(node.this)
+        _check_value(node.expression)
+    elif isinstance(node, exp.In):
+        if node.args.get("query") or node.args.get("unnest") or node.args.get("field"):
+            raise _refuse(f"IN takes a list of values, not a subquery: {_snippet(node)}")
+        if not node.expressions:
+            raise _refuse("IN () needs at least one value")
+        _check_value(node.this)
+        for value in node.expressions:
+            _check_value(value)
+    elif isinstance(node, exp.Is):
+        if not isinstance(node.expression, (exp.Null, exp.Boolean)):
+            raise _refuse(f"IS takes NULL, TRUE or FALSE: {_snippet(node)}")
+        _check_value(node.this)
+    elif isinstance(node, exp.Between):
+        if node.args.get("symmetric"):
+            raise _refuse("BETWEEN SYMMETRIC is not allowed")
+        for part in (node.this, node.args["low"], node.args["high"]):
+            _check_value(part)
+    elif isinstance(node, (exp.Column, exp.Literal, exp.Null, exp.Neg, exp.Lower, exp.Upper)):
+        raise _refuse(f"{_snippet(node)} is not a condition")
+    else:
+        _check_other(node)
+
+
+def _check_other(node: exp.Expression) -> None:
+    if isinstance(node, _SUBQUERY):
+        raise _refuse("subqueries are not allowed")
+    if isinstance(node, exp.Cast):
+        raise _refuse("casts are not allowed (compare a timestamp column with a string such as '2026-11-01')")
+    if isinstance(node, exp.Func):
+        name = node.sql_name().lower() if not isinstance(node, exp.Anonymous) else str(node.this).lower()
+        raise _refuse(f"function {name}() is not allowed")
+    if isinstance(node, exp.Placeholder):
+        raise _refuse("parameters are not allowed")
+    raise _refuse(f"{_snippet(node)} is not allowed")
+
+
+_ALLOWED_NODES = (exp.Paren, exp.And, exp.Or, exp.Not, exp.Boolean, *_COMPARISONS, exp.In, exp.Is, exp.Between,
+                  exp.Column, exp.Identifier, exp.Literal, exp.Null, exp.Neg, *WHERE_FUNCTIONS)  # fmt: skip
+
+
+def where_sql(where: str) -> str:
+    """`--where` checked and re-serialised: a boolean expression over DEAD_LETTER_SCHEMA's columns with
+    comparisons, AND/OR/NOT, IN (values), LIKE/ILIKE, IS [NOT] NULL/TRUE/FALSE, BETWEEN, literals
+    (strings, numbers, booleans, NULL), lower()/upper() and parentheses. Anything else (subqueries,
+    other functions, unknown or table-qualified columns, several statements, comments, casts,
+    arithmetic, parameters) raises SpecError naming it. What is returned is generated from the
+    parsed tree, so what runs is exactly what was checked."""
+    if not where or not where.strip():
+        raise SpecError("--where is empty (leave it out to replay every row not replayed yet)")
+    if len(where) > WHERE_MAX_CHARS:
+        raise SpecError(f"--where is longer than {WHERE_MAX_CHARS:,} characters")
+    try:
+        tokens = sqlglot.Dialect.get_or_raise(WHERE_DIALECT).tokenize(where)
+    except TokenError:
+        raise SpecError("--where is not a SQL expression: a string is not closed, or a character is not SQL") from None
+    if any(t.token_type == TokenType.SEMICOLON for t in tokens):
+        raise _refuse("';' is not allowed: one expression, not statements")
+    if any(t.comments for t in tokens):
+        raise _refuse("comments are not allowed")
+    try:
+        tree = sqlglot.parse_one(where, read=WHERE_DIALECT, into=exp.Condition)
+    except ParseError as e:
+        at = e.errors[0].get("highlight") if e.errors else None
+        raise SpecError("--where is not one complete SQL expression" + (f" (stopped at {at!r})" if at else "")) from None
+    except RecursionError:
+        raise SpecError("--where is nested too deeply") from None
+    if any(n.comments for n in tree.walk()):
+        raise _refuse("comments are not allowed")
+    _check_bool(tree)
+    stray = next((n for n in tree.walk() if not isinstance(n, _ALLOWED_NODES)), None)
+    if stray is not None:  # an argument the structural check does not look at
+        _check_other(stray)
+    sql = tree.sql(dialect=WHERE_DIALECT, comments=False)
+    if sqlglot.parse_one(sql, read=WHERE_DIALECT, into=exp.Condition) != tree:
+        raise SpecError("--where cannot be re-written faithfully; simplify it")
+    return sql
+
+
+def plan_predicate(where: str | None) -> str:
+    """The UPDATE predicate of a new plan: rows no replay owns, and (checked) `where`. The ownership
+    condition stays outside the user's expression: nothing in --where can reach rows of another replay."""
+    return "replayed_by IS NULL" if where is None else f"replayed_by IS NULL AND ({where_sql(where)})"
+
+
+def mark_plan(dl_uri: str, storage_options, replay_id: str, where: str | None) -> int:
+    """Plan a new replay: one Delta UPDATE sets replayed_by = replay_id on the dead-letter rows no replay
+    owns that match `where`. Returns how many rows it marked. A bad --where raises SpecError; its
+    engine error is not quoted (it can quote stored values)."""
+    predicate = plan_predicate(where)
+    try:
+        marked = _update(dl_uri, storage_options, new_values={"replayed_by": replay_id}, predicate=predicate)
+    except Exception as e:
+        if where is None:
+            raise
+        raise SpecError(
+            f"--where {where!r} does not run on the dead-letter table ({type(e).__name__}; e.g. a value of the "
+            "wrong type for its column: timestamps as 'YYYY-MM-DD ...' strings, numbers unquoted)"
+        ) from None
+    return int(marked.get("num_updated_rows", 0))
+
+
 def _plan(dt_uri: str, storage_options, replay_id: str) -> pa.Table:
     qb = QueryBuilder().register("dl", DeltaTable(dt_uri, storage_options=storage_options))
     sql = "SELECT * FROM dl WHERE replayed_by = '{}'".format(replay_id.replace("'", "''"))
@@ -66,11 +230,15 @@ def _decrypted(spec: JobSpec, plan: pa.Table) -> pa.Table:
     if not (enc.enabled and enc.encrypt_dead_letter_raw) or not plan.num_rows:
         return plan
     from crypto import decrypt_column, row_ids_from
+    from crypto.binding import binding_of
     from crypto.stage import EncryptionStage
 
     stage = EncryptionStage(enc, spec.sink.results, spec.sink.dead_letter)
-    raw = decrypt_column(plan.column("raw"), row_ids_from(plan), table=stage.dead_label, column="raw",
-                         keyring=stage.keyring, on_missing_key="keep")  # fmt: skip
+    dt = DeltaTable(spec.sink.dead_letter, storage_options=spec.sink.storage_options or None)
+    binding = binding_of(dt.metadata(), pa.schema(dt.schema().to_arrow()), spec.sink.dead_letter)
+    raw = decrypt_column(plan.column("raw"), row_ids_from(plan, binding.row_id_columns), table=binding.label,
+                         column="raw", keyring=stage.keyring, tenants=plan.column("tenant"),
+                         on_missing_key="keep")  # fmt: skip
     return plan.set_column(plan.schema.get_field_index("raw"), "raw", raw.cast(pa.binary()))
 
 
@@ -86,18 +254,15 @@ def replay_dead_letters(spec: JobSpec, where: str | None, fixed_cluster: bool) -
 
     if spec.sink.kind != "delta":
         raise SpecError(f"dlq replay reads and updates a Delta dead-letter table; sink.kind is {spec.sink.kind!r}")
+    if where is not None:
+        where_sql(where)  # a bad --where fails before anything is resumed or marked
     opts = spec.sink.storage_options or None
     dl_uri = spec.sink.dead_letter
     DeltaSink(spec.name, spec.sink.results, dl_uri, spec.sink.storage_options).open()  # schema upgrade if needed
     report = ReplayReport()
     todo = [(rid, True) for rid in _pending(dl_uri, opts)]
     new_id = uuid.uuid4().hex[:16]
-    predicate = "replayed_by IS NULL" + (f" AND ({where})" if where else "")
-    try:
-        marked = _update(dl_uri, opts, new_values={"replayed_by": new_id}, predicate=predicate)
-    except Exception as e:  # a bad --where: DataFusion names the problem
-        raise SpecError(f"--where {where!r}: {e}") from None
-    if marked.get("num_updated_rows", 0):
+    if mark_plan(dl_uri, opts, new_id, where):
         todo.append((new_id, False))
     for replay_id, resumed in todo:
         plan = _decrypted(spec, _plan(dl_uri, opts, replay_id))

@@ -24,13 +24,10 @@ log = logging.getLogger("tidegate")
 
 
 def configure_logging(level: str | None = None) -> None:
-    level = (level or os.environ.get("TIDEGATE_LOG_LEVEL") or "INFO").upper()
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
-    )
-    from jobs.logs import quiet_libraries
+    """Text log lines on stderr, secrets redacted (jobs.logs.configure_text_logging)."""
+    from jobs.logs import configure_text_logging
 
-    quiet_libraries()
+    configure_text_logging(level)
 
 
 def load_job_spec(path: str | Path) -> JobSpec:
@@ -110,6 +107,9 @@ def run_job(
 
     A bounded source (a table) ends the run once its rows are committed, unless `follow`;
     `components` (jobs.pipeline.JobComponents) replaces the spec's engine, source or sink."""
+    from schemas.trusted_code import refuse_untrusted
+
+    refuse_untrusted(spec.code_refs(), spec.allowed_modules)  # before anything starts: exit 2
     from connectors.source import source_class
     from jobs.pipeline import PipelineJob
 

@@ -10,17 +10,31 @@ machine travels with the code. The entrypoint is the same one a user would type:
     python -m jobs.run submitted/SPEC.yaml [--until-drained] [--follow]
 
 which is also what plain `ray job submit --working-dir . -- python -m jobs.run SPEC.yaml` runs.
+
+Clusters run with Ray's token authentication (cluster.yaml, deploy/kuberay): every call here sends
+`Authorization: Bearer <token>` with the token read from an environment variable (RAY_AUTH_TOKEN,
+or the one --token-env names). The master key never travels with a job: `--master-key-file PATH`
+only tells the job where the cluster keeps it (a file on the head, e.g. a mounted secret), as
+the environment variable <encryption.master_key_env>_FILE of that job alone (docs/operations.md).
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from schemas.errors import SpecError, TidegateError
 from schemas.spec import load_spec
+
+TOKEN_ENV = "RAY_AUTH_TOKEN"  # Ray's own variable for its token authentication
+
+
+class ClusterAuthError(TidegateError):
+    """The cluster refused the call: no token, or the wrong one (the token is never shown)."""
 
 REPO = Path(__file__).resolve().parent.parent
 # What never travels: environments, outputs, caches, VCS data.
@@ -37,10 +51,39 @@ def stage_working_dir(spec_path: Path) -> tuple[Path, str]:
     return root, f"submitted/{spec_path.name}"
 
 
-def client(address: str):
+def auth_headers(token_env: str = TOKEN_ENV) -> dict[str, str] | None:
+    token = os.environ.get(token_env, "").strip()
+    return {"Authorization": f"Bearer {token}"} if token else None
+
+
+def client(address: str, token_env: str = TOKEN_ENV):
+    """Ray's JobSubmissionClient for the cluster, authenticated with the token in `token_env`."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    try:
+        return JobSubmissionClient(address, headers=auth_headers(token_env))
+    except Exception as e:  # noqa: BLE001 - Ray reports a refused token as a plain error
+        raise _auth_error(e, address, token_env) or e
+
+
+def _auth_error(e: Exception, address: str, token_env: str) -> ClusterAuthError | None:
+    text = str(e)
+    if not any(s in text for s in ("401", "403", "Unauthorized", "Forbidden", "authentication")):
+        return None
+    given = "is set but the cluster refused it" if os.environ.get(token_env) else "is not set"
+    return ClusterAuthError(f"the Ray cluster at {address} requires its token (token authentication); "
+                            f"{token_env} {given}")  # fmt: skip
+
+
+def job_runtime_env(root: Path, spec, master_key_file: str | None) -> dict:
+    """The job's runtime_env: its code, and where the cluster keeps the master key (a path on the
+    cluster; the key itself is never put in a job's settings, which the job API lists)."""
+    env: dict = {"working_dir": str(root)}
+    if master_key_file is not None:
+        if not spec.encryption.needs_keys:
+            raise SpecError("--master-key-file: the spec encrypts nothing (no encryption section)")
+        env["env_vars"] = {f"{spec.encryption.master_key_env}_FILE": master_key_file}
+    return env
 
 
 def submit(
@@ -49,28 +92,33 @@ def submit(
     until_drained: bool = False,
     submission_id: str | None = None,
     follow: bool = False,
+    token_env: str = TOKEN_ENV,
+    master_key_file: str | None = None,
 ) -> str:
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)  # a bad spec fails here, before anything is shipped
+    runtime_env_of = lambda root: job_runtime_env(root, spec, master_key_file)  # noqa: E731
+    runtime_env_of(Path("."))  # its errors too
+    jobs = client(address, token_env)
     root, rel = stage_working_dir(spec_path)
     try:
         entrypoint = f"python -m jobs.run {shlex.quote(rel)}"
         entrypoint += (" --until-drained" if until_drained else "") + (" --follow" if follow else "")
-        return client(address).submit_job(
+        return jobs.submit_job(
             entrypoint=entrypoint,
             submission_id=submission_id,
-            runtime_env={"working_dir": str(root)},
+            runtime_env=runtime_env_of(root),
             metadata={"tidegate_job": spec.name},
         )
     finally:
         shutil.rmtree(root.parent, ignore_errors=True)  # uploaded by now
 
 
-def wait(address: str, job_id: str, timeout_s: float = 3600.0) -> str:
+def wait(address: str, job_id: str, timeout_s: float = 3600.0, token_env: str = TOKEN_ENV) -> str:
     """Block until the job ends; returns its final status name."""
     from ray.job_submission import JobStatus
 
-    c = client(address)
+    c = client(address, token_env)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = c.get_job_status(job_id)

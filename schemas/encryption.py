@@ -110,6 +110,17 @@ class EncryptionSpec(_Strict):
     dead_letter_raw: bool | None = Field(
         default=None, description="Encrypt the raw event of dead-letter rows; default: true when input_fields is set."
     )
+    protect_echoes: bool = Field(
+        default=True,
+        description="A carried input field's value repeated in an output (output_text, output_json) is protected "
+        "like PII: encrypted in place ([PII:echo:...]), or redacted with pii: redact.",
+    )
+    rotate_after_values: int = Field(
+        default=2**30,
+        ge=1,
+        description="Rotate a tenant's key once its current version encrypted this many values (AES-GCM with "
+        "random 96-bit nonces stays safe up to about 2^32 per key).",
+    )
 
     @field_validator("input_fields", "output_fields", mode="before")
     @classmethod

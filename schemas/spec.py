@@ -24,7 +24,8 @@ import yaml
 from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import (
-    BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_serializer, model_validator,
+    BaseModel, ConfigDict, Field, SerializeAsAny, TypeAdapter, ValidationError, field_validator, model_serializer,
+    model_validator,
 )  # fmt: skip
 
 from schemas.errors import SpecError
@@ -39,6 +40,13 @@ class _Strict(BaseModel):
 # kafka-python settings that carry secrets: never written in a spec, always read from the environment.
 SECRET_KAFKA_KEYS = frozenset({"sasl_plain_password", "ssl_password", "sasl_oauth_token_provider"})
 MASK = "***"
+# kafka-python settings the job sets itself (after consumer_config), and where they come from.
+JOB_KAFKA_KEYS = {
+    "bootstrap_servers": "source.kafka.bootstrap_servers", "group_id": "source.kafka.group_id",
+    "enable_auto_commit": "the job: positions are committed in Delta", "auto_offset_reset": "source.kafka.start_from",
+    "session_timeout_ms": "source.kafka.session_timeout_ms", "heartbeat_interval_ms": "source.kafka.heartbeat_interval_ms",
+    "key_deserializer": "the job", "value_deserializer": "the job",
+}  # fmt: skip
 
 
 class KafkaSecuritySpec(_Strict):
@@ -135,6 +143,16 @@ class KafkaSourceSpec(SourceSettings):
                 f"{', '.join(inline)}: secrets do not go in a spec; use security.sasl_password_env / "
                 "security.ssl_password_env (the name of an environment variable)"
             )
+        # How the client connects and authenticates is source.kafka.security's alone, and what the
+        # job manages is its own: consumer_config cannot weaken or override either.
+        security = sorted(k for k in v if k == "security_protocol" or k.startswith(("ssl_", "sasl_")))
+        if security:
+            raise ValueError(f"{', '.join(security)}: TLS and SASL settings go in source.kafka.security, "
+                             "not consumer_config")  # fmt: skip
+        managed = sorted(k for k in v if k in JOB_KAFKA_KEYS)
+        if managed:
+            raise ValueError(f"{', '.join(managed)}: set by the job (" + ", ".join(
+                f"{k} from {JOB_KAFKA_KEYS[k]}" for k in managed) + ")")  # fmt: skip
         return v
 
     def group(self, job_name: str) -> str:
@@ -243,12 +261,15 @@ class SourceSpec(BaseModel):
         return getattr(self.settings, "max_message_bytes", 2**31 - 1)
 
 
-def _under(kind: str, err: dict) -> dict:
-    out = {"type": err["type"], "loc": (kind, *err["loc"]), "input": err.get("input")}
+def _under(kind: str | None, err: dict) -> dict:
+    loc = err["loc"] if kind is None else (kind, *err["loc"])
+    out = {"type": err["type"], "loc": loc, "input": err.get("input")}
     if "ctx" in err:
         out["ctx"] = err["ctx"]
     return out
 
+
+_RULES = TypeAdapter(list[RuleSpec])
 
 DEFAULT_REPAIR_TEMPLATE = """{{ prompt }}
 
@@ -416,6 +437,44 @@ class RunSpec(_Strict):
     shutdown_timeout_s: float = Field(default=60.0, ge=0)
 
 
+class ValidationSection(BaseModel):
+    """`validation:` — a list of rules, or {rules: [...], allowed_modules: [...]} (the trust policy
+    for the code a spec names: schemas/trusted_code.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    rules: list[RuleSpec] | None = None  # None: the default rules
+    allowed_modules: list[str] | None = Field(
+        default=None,
+        description="Modules (and their submodules) custom rules and output.schema may be imported from; "
+        "default: modules inside the job's working directory.",
+    )
+
+    @field_validator("allowed_modules")
+    @classmethod
+    def _module_names(cls, v: list[str] | None) -> list[str] | None:
+        for name in v or []:
+            if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", name):
+                raise ValueError(f"not a module name: {name!r}")
+        return v
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _list_or_section(cls, data: Any, handler) -> ValidationSection:
+        if isinstance(data, list):  # the list form: errors keep their paths (validation.N...)
+            try:
+                return cls.model_construct(rules=_RULES.validate_python(data), allowed_modules=None)
+            except ValidationError as e:
+                raise ValidationError.from_exception_data(
+                    cls.__name__, [_under(None, err) for err in e.errors(include_url=False)]
+                ) from None
+        return handler(data)
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler) -> Any:
+        out = handler(self)
+        return out["rules"] if self.allowed_modules is None else out
+
+
 class JobSpec(_Strict):
     name: str
     source: SourceSpec
@@ -428,8 +487,10 @@ class JobSpec(_Strict):
     ray: RaySpec = Field(default_factory=RaySpec)
     run: RunSpec = Field(default_factory=RunSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
-    validation: list[RuleSpec] | None = Field(
-        default=None, description="Output rules; absent: the default rules (refusal, pii_leakage: flag); []: none."
+    validation: ValidationSection | None = Field(
+        default=None,
+        description="Output rules as a list (absent: the default rules refusal and pii_leakage with flag; []: none), "
+        "or {rules: [...], allowed_modules: [...]}.",
     )
     encryption: EncryptionSpec = Field(default_factory=EncryptionSpec)
 
@@ -458,7 +519,7 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _rules_have_inputs(self) -> JobSpec:
-        for i, r in enumerate(self.validation or []):
+        for i, r in enumerate((self.validation.rules if self.validation is not None else None) or []):
             if r.rule in ("grounding", "semantic_grounding") and not self.prompt.context_field:
                 raise ValueError(f"validation.{i} ({r.rule}) needs prompt.context_field: the event field with the context")
             if r.rule == "json_schema" and self.output.schema_ is None:
@@ -473,10 +534,28 @@ class JobSpec(_Strict):
     def rules(self) -> list:
         """The rules the job runs: the listed ones (or the defaults), plus json_schema when
         output.schema is set and the list does not configure it."""
-        rules = list(default_rules() if self.validation is None else self.validation)
+        listed = self.validation.rules if self.validation is not None else None
+        rules = list(default_rules() if listed is None else listed)
         if self.output.schema_ is not None and not any(r.rule == "json_schema" for r in rules):
             rules.insert(0, JsonSchemaRule(rule="json_schema"))
         return rules
+
+    @property
+    def allowed_modules(self) -> list[str] | None:
+        """validation.allowed_modules: the modules a spec may import code from (schemas/trusted_code.py)."""
+        return self.validation.allowed_modules if self.validation is not None else None
+
+    def code_refs(self) -> list:
+        """Every piece of code the spec names by import path: (field, module:attr)."""
+        from schemas.trusted_code import CodeRef
+
+        refs = []
+        if isinstance(self.output.schema_, str):
+            refs.append(CodeRef("output.schema", self.output.schema_))
+        for i, r in enumerate(self.validation.rules or [] if self.validation is not None else []):
+            if r.rule == "custom":
+                refs.append(CodeRef(f"validation.{i}.path", r.path))
+        return refs
 
     def redacted(self) -> dict[str, Any]:
         """The spec as a plain mapping, safe to print or log: storage options and any setting whose

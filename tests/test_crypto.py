@@ -37,7 +37,7 @@ from crypto import (
     table_label,
 )
 from crypto.reader import decrypt_table, read_results
-from crypto.keyring import Keyring, LocalMasterKeyProvider
+from crypto.keyring import Keyring, LocalMasterKeyProvider, key_context
 from jobs.reencrypt import reencrypt_table
 from schemas.encryption import EncryptionSpec
 from schemas.errors import DecryptionError, KeyPermissionError, KeyRevokedError, KeyringError, TidegateError
@@ -298,7 +298,7 @@ def test_tenant_key_never_opens_another_tenant(kr):
 def test_keyring_without_tenant_raises_or_keeps(kr, tmp_path):
     tenants = pa.array(["acme", "globex", "acme"])
     out = enc(["a", "g", "a2"], kr, tenants=tenants)
-    only_acme = kr.export(tmp_path / "acme.json", ["acme"])
+    only_acme = kr.export(tmp_path / "acme.json", ["acme"], same_master_key=True)
     assert only_acme.tenants() == ["acme"]
     with pytest.raises(KeyPermissionError, match="globex") as e:
         dec(out, only_acme)
@@ -457,9 +457,23 @@ def test_export_rewrapped_for_another_master_key(kr, tmp_path):
     with pytest.raises(KeyringError, match="wrong master key"):
         Keyring.open(tmp_path / "notebook.json", LocalMasterKeyProvider(key=MASTER)).data_key("acme", 1)
     with pytest.raises(KeyringError, match="already exists"):
-        kr.export(tmp_path / "notebook.json", ["acme"])
+        kr.export(tmp_path / "notebook.json", ["acme"], provider=recipient)
     with pytest.raises(KeyPermissionError, match="initech"):
-        kr.export(tmp_path / "x.json", ["initech"])
+        kr.export(tmp_path / "x.json", ["initech"], provider=recipient)
+
+
+def test_export_rewraps_unless_told_to_keep_the_master_key(kr, tmp_path):
+    # No recipient key and no explicit same_master_key: refused, nothing written.
+    with pytest.raises(KeyringError, match="recipient's master key"):
+        kr.export(tmp_path / "a.json", ["acme"])
+    # The production master key given as the "recipient": refused too (it opens every tenant).
+    with pytest.raises(KeyringError, match="this keyring's own"):
+        kr.export(tmp_path / "a.json", ["acme"], provider=LocalMasterKeyProvider(key=MASTER))
+    with pytest.raises(KeyringError, match="not both"):
+        kr.export(tmp_path / "a.json", ["acme"], provider=LocalMasterKeyProvider(key=b"\x07" * 32), same_master_key=True)
+    assert not (tmp_path / "a.json").exists()
+    kept = kr.export(tmp_path / "a.json", ["acme"], same_master_key=True)  # explicit: today's copy
+    assert kept.master_key_id == kr.master_key_id and kept.data_key("acme", 1) == kr.data_key("acme", 1)
 
 
 # -- PII inside text
@@ -515,7 +529,7 @@ def test_pii_encrypt_inline_and_reveal(kr, tmp_path):
     with pytest.raises(DecryptionError, match="row orders:0:0: inline PII"):
         reveal_pii(moved, ids, table=T, column=C, keyring=kr)
     # a keyring without the tenant: raise, or keep the tokens
-    only_umbr = kr.export(tmp_path / "umbr.json", ["umbr"])
+    only_umbr = kr.export(tmp_path / "umbr.json", ["umbr"], same_master_key=True)
     with pytest.raises(KeyPermissionError, match="acme"):
         reveal_pii(out, ids, table=T, column=C, keyring=only_umbr)
     assert reveal_pii(out, ids, table=T, column=C, keyring=only_umbr, on_missing_key="keep").to_pylist() == protected
@@ -612,7 +626,7 @@ def test_reader_missing_tenant_raise_or_keep(kr, tmp_path):
     data, clear = _results(kr)
     uri = str(tmp_path / "results")
     write_deltalake(uri, data)
-    only_acme = kr.export(tmp_path / "acme.json", ["acme"])
+    only_acme = kr.export(tmp_path / "acme.json", ["acme"], same_master_key=True)
     with pytest.raises(KeyPermissionError, match="globex") as e:
         read_results(uri, keyring=only_acme)
     assert e.value.tenant == "globex"
@@ -700,7 +714,7 @@ def test_reencrypt_revoked_version_refuses(kr, tmp_path):
 # -- CLI
 
 
-def test_cli_keys(tmp_path, monkeypatch):
+def test_cli_keys(tmp_path):
     from jobs.cli import app
 
     runner = CliRunner()
@@ -727,13 +741,43 @@ def test_cli_keys(tmp_path, monkeypatch):
     assert re.search(r"globex\s+│\s+1\s+│\s+active", out)
     doc = json.loads(Path(path).read_text())
     assert doc["tenants"]["acme"][1]["wrapped_key"] not in out
+    # export: re-wrapped for the recipient's master key, or refused unless told to keep the production one.
     sub = str(tmp_path / "acme-only.json")
-    assert "acme" in run("export", "--tenant", "acme", "--out", sub)
-    assert Keyring.open(sub, LocalMasterKeyProvider(key=MASTER)).tenants() == ["acme"]
-    monkeypatch.setenv("TG_NOTEBOOK_KEY", base64.b64encode(b"\x05" * 32).decode())
-    rewrapped = str(tmp_path / "nb.json")
-    run("export", "--tenant", "globex", "--out", rewrapped, "--to-master-key-env", "TG_NOTEBOOK_KEY")
-    assert Keyring.open(rewrapped, LocalMasterKeyProvider("TG_NOTEBOOK_KEY")).data_key("globex", 1)
+    refused = run("export", "--tenant", "acme", "--out", sub, code=2)
+    assert "--to-master-key-env" in refused and "--same-master-key" in refused and not os.path.exists(sub)
+    both = run("export", "--tenant", "acme", "--out", sub, "--same-master-key", "--to-master-key-env", "X", code=2)
+    assert "exclude each other" in both and not os.path.exists(sub)
+    assert "keyring's own" in run("export", "--tenant", "acme", "--out", sub, "--to-master-key-env",
+                                  "TIDEGATE_MASTER_KEY", code=2)  # the production key as "recipient"  # fmt: skip
+    assert "TG_NOTEBOOK_KEY is not set" in run("export", "--tenant", "acme", "--out", sub, "--to-master-key-env",
+                                               "TG_NOTEBOOK_KEY", code=2)  # fmt: skip
+    assert not os.path.exists(sub)
+    notebook_key = b"\x05" * 32
+    nb_env = {**env, "TG_NOTEBOOK_KEY": base64.b64encode(notebook_key).decode()}
+    out = run("export", "--tenant", "acme", "--tenant", "globex", "--out", sub, "--to-master-key-env", "TG_NOTEBOOK_KEY",
+              env=nb_env)  # fmt: skip
+    assert "acme, globex" in out and stat.S_IMODE(os.stat(sub).st_mode) == 0o600
+    one = str(tmp_path / "globex-only.json")
+    run("export", "--tenant", "globex", "--out", one, "--to-master-key-env", "TG_NOTEBOOK_KEY", env=nb_env)
+    production, recipient = Keyring.open(path, LocalMasterKeyProvider(key=MASTER)), LocalMasterKeyProvider(key=notebook_key)
+    exported = Keyring.open(one, recipient)
+    assert exported.tenants() == ["globex"] and exported.master_key_id == recipient.key_id
+    assert exported.data_key("globex", 1) == production.data_key("globex", 1)  # the same data key, re-wrapped
+    with pytest.raises(KeyPermissionError, match="acme"):
+        exported.data_key("acme", 2)
+    with pytest.raises(KeyringError, match="wrong master key"):
+        Keyring.open(one, LocalMasterKeyProvider(key=MASTER)).data_key("globex", 1)
+    wrapped = base64.b64decode(json.loads(Path(one).read_text())["tenants"]["globex"][0]["wrapped_key"])
+    with pytest.raises(KeyringError, match="does not open"):  # not merely relabelled: the production key cannot unwrap
+        LocalMasterKeyProvider(key=MASTER).unwrap(wrapped, key_context("globex", 1))
+    both_tenants = Keyring.open(sub, recipient)
+    assert both_tenants.tenants() == ["acme", "globex"] and both_tenants.data_key("acme", 2)
+    with pytest.raises(KeyRevokedError):
+        both_tenants.data_key("acme", 1)  # revoked stays revoked: no key travels
+    # --same-master-key: today's copy, asked for explicitly; the production master key opens it.
+    same = str(tmp_path / "same.json")
+    assert "acme" in run("export", "--tenant", "acme", "--out", same, "--same-master-key")
+    assert Keyring.open(same, LocalMasterKeyProvider(key=MASTER)).tenants() == ["acme"]
     assert "TIDEGATE_MASTER_KEY is not set" in run("rotate", "acme", env={"TIDEGATE_KEYRING": path}, code=2)
     assert "no key for tenant 'nope'" in run("rotate", "nope", code=2)
 

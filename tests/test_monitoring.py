@@ -28,7 +28,15 @@ from compute.totals import CommitTotals, e2e_latencies_s, span_positions
 from connectors.runs import RUNS_SCHEMA, RunsTable, default_runs_uri
 from connectors.source import partition_lag, source_versions_behind
 from jobs import metrics as M
-from jobs.logs import JsonLogFormatter, configure_json_logging, log_context, redact, redact_text, redact_value
+from jobs.logs import (
+    JsonLogFormatter,
+    configure_json_logging,
+    configure_text_logging,
+    log_context,
+    redact,
+    redact_text,
+    redact_value,
+)
 from jobs.status import collect_status, render_status
 from schemas.records import RESULTS_SCHEMA
 from schemas.spec import parse_spec
@@ -272,7 +280,7 @@ def test_spec_hash_excludes_secrets_and_follows_the_template(tmp_path):
             # (the spec itself refuses sasl_plain_password & co. here; spec_hash drops any key that
             # looks secret, whatever the spec lets through)
             "source.kafka.consumer_config": {"custom_secret": "hunter2", "client_id": "SASL_SSL",
-                                             "ssl_keyfile": "/k.pem", "refresh_token": "tok-9f3"},
+                                             "private_keyfile": "/k.pem", "refresh_token": "tok-9f3"},
             "sink.storage_options": {"AWS_SECRET_ACCESS_KEY": "s3cr3t", "AWS_REGION": "eu-west-1"},
         },
     )  # fmt: skip
@@ -597,6 +605,90 @@ def test_redaction_masks_secret_values_only():
     }
 
 
+def test_redaction_of_master_keys_url_credentials_and_authorization():
+    masked = {
+        "export TIDEGATE_MASTER_KEY=q9Xk2b64secret==": "export TIDEGATE_MASTER_KEY=***",
+        "env {'TIDEGATE_MASTER_KEY': 'q9Xk', 'NOTEBOOK_MASTER_KEY': 'n0tebook'}":
+            "env {'TIDEGATE_MASTER_KEY': '***', 'NOTEBOOK_MASTER_KEY': '***'}",
+        "encryption: {master_key: q9Xk}": "encryption: {master_key: ***}",
+        '{"master_key": "q9Xk"}': '{"master_key": "***"}',
+        "reading s3://AKIAEXAMPLE:wJalrXUtn/K7MDENG@minio:9000/lake/results": "reading s3://***@minio:9000/lake/results",
+        "GET https://alice:pa55w0rd@example.com/x failed": "GET https://***@example.com/x failed",
+        "clone https://ghp_tok3n@github.com/o/r": "clone https://***@github.com/o/r",
+        "headers Authorization: Bearer eyJhbGciOi.J9.sig": "headers Authorization: Bearer ***",
+        "{'Authorization': 'Basic dXNlcjpwYXNz', 'Accept': 'json'}": "{'Authorization': 'Basic ***', 'Accept': 'json'}",
+        "proxy-authorization=Basic dXNlcjpwYXNz": "proxy-authorization=Basic ***",
+        "AUTHORIZATION: abc123": "AUTHORIZATION: ***",
+        "retrying with Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig": "retrying with Bearer ***",
+    }
+    for text, want in masked.items():
+        assert redact_text(text) == want, text
+        assert redact_text(want) == want  # masking twice changes nothing
+    assert redact_value({"Authorization": "Bearer short", "tidegate_master_key": "k"}) == {
+        "Authorization": "***", "tidegate_master_key": "***"}  # fmt: skip
+    # Ordinary words, ids and URLs stay as they are.
+    for text in (
+        "max_tokens=64 prompt_tokens: 5 tokens=3",
+        "master_key_id=local:5f0c9e1a2b3c4d5e master_key_env=TIDEGATE_MASTER_KEY",
+        "results s3://lake/triage/results and https://example.com/a?mail=bob@example.com",
+        "kafka bootstrap kafka://broker:9092, user bob@example.com",
+        "Basic validation failed: the bearer of the request",
+        "keys export --to-master-key-env NOTEBOOK_MASTER_KEY",
+    ):
+        assert redact_text(text) == text
+
+
+def _log_a_secret_traceback(log: logging.Logger) -> None:
+    def connect():
+        raise ConnectionError("cannot reach s3://AKIAEXAMPLE:tb-secret-1@minio/lake with password=tb-secret-2")
+
+    try:
+        connect()
+    except ConnectionError:
+        log.exception("commit failed, token=%s", "arg-secret-3")
+
+
+def test_text_logging_redacts_messages_args_and_tracebacks(monkeypatch):
+    from jobs.run import configure_logging
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    stream = io.StringIO()
+    try:
+        configure_logging()  # what `tidegate run` (text mode), `dlq replay` and the demo use
+        assert len(root.handlers) == 1 and redact in root.handlers[0].filters
+        handler = configure_text_logging("DEBUG", stream=stream)
+        assert redact in handler.filters and root.handlers == [handler]
+        log = logging.getLogger("jobs.pipeline")
+        log.info("consumer config %s", {"sasl_plain_password": "hunter2", "bootstrap_servers": "b:9092"})
+        log.warning("env TIDEGATE_MASTER_KEY=%s url %s max_tokens=%d", "mk-secret", "https://u:url-secret@h/x", 64)
+        log.info("headers %s", {"Authorization": "Bearer hdr-secret-123456"}, extra={"api_key": "k9"})
+        _log_a_secret_traceback(log)
+        log.info("where am I", stack_info=True)  # the stack shows this line: token=stack-secret-4
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    out = stream.getvalue()
+    for secret in ("hunter2", "mk-secret", "url-secret", "hdr-secret", "tb-secret-1", "tb-secret-2", "arg-secret-3",
+                   "stack-secret-4"):  # fmt: skip
+        assert secret not in out, secret
+    assert "env TIDEGATE_MASTER_KEY=*** url https://***@h/x max_tokens=64" in out
+    assert "Traceback (most recent call last)" in out and "in connect" in out  # the traceback is still there
+    assert "ConnectionError: cannot reach s3://***@minio/lake with password=***" in out
+    assert "commit failed, token=***" in out and "Stack (most recent call last)" in out
+
+
+def test_redact_filter_leaves_no_live_exception_to_render_again():
+    try:
+        raise RuntimeError("password=live-secret")
+    except RuntimeError:
+        rec = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    assert redact.filter(rec) is True
+    assert rec.exc_info is None and "RuntimeError: password=***" in rec.exc_text
+    for fmt in (logging.Formatter(), JsonLogFormatter()):  # any formatter prints the masked text
+        assert "live-secret" not in fmt.format(rec) and "password=***" in fmt.format(rec)
+
+
 def test_json_log_formatter_and_redaction():
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
@@ -614,15 +706,16 @@ def test_json_log_formatter_and_redaction():
         except ValueError:
             log.exception("commit failed", extra={"batch_id": 8})
         logging.getLogger("kafka.conn").info("suppressed")  # noisy library: WARNING and above only
+        _log_a_secret_traceback(log)
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     out = stream.getvalue()
-    for secret in ("hunter2", "pw1", "tok2", "k9"):
+    for secret in ("hunter2", "pw1", "tok2", "k9", "tb-secret-1", "tb-secret-2", "arg-secret-3"):
         assert secret not in out
     lines = [json.loads(line) for line in out.splitlines()]
-    assert len(lines) == 4
-    a, b, c, d = lines
+    assert len(lines) == 5
+    a, b, c, d, e = lines
     assert set(a) >= {"ts", "level", "logger", "message", "run_id", "batch_id"}
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", a["ts"])
     assert (a["level"], a["logger"], a["run_id"], a["batch_id"]) == ("INFO", "jobs.pipeline", "run-7", None)
@@ -630,6 +723,8 @@ def test_json_log_formatter_and_redaction():
     assert b["message"] == "retry with password=*** token: *** max_tokens=64" and b["level"] == "WARNING"
     assert (c["message"], c["batch_id"], c["rows"], c["api_key"]) == ("batch done", 7, 5, "***")
     assert d["batch_id"] == 8 and d["level"] == "ERROR" and "ValueError: boom" in d["exc"]
+    assert e["message"] == "commit failed, token=***" and "in connect" in e["exc"]
+    assert "ConnectionError: cannot reach s3://***@minio/lake with password=***" in e["exc"]
 
 
 def test_json_formatter_alone_uses_context_and_default_run_id():

@@ -88,7 +88,7 @@ EXPECTED = {
     "missing_id_empty": ("decode", None, "id field 'id' is empty"),
     "missing_variable": ("prompt", "b6", "'user' is undefined"),
     "prompt_too_long": ("prompt", "b7", "the model context is 512 tokens"),
-    "oversized_message": ("decode", None, "over source.kafka.max_message_bytes=4096"),
+    "oversized_message": ("decode", "b8", "over source.kafka.max_message_bytes=4096"),  # parsed for its tenant and id
 }
 
 

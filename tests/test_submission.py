@@ -24,10 +24,14 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head on free ports with its own temp dir; stopped by PID at the end."""
+    """A Ray head on free ports with its own temp dir, with token authentication (as cluster.yaml
+    and deploy/kuberay run it); stopped by PID at the end. Clients get the token in RAY_AUTH_TOKEN."""
+    import secrets
+
     temp = tempfile.mkdtemp(prefix="tghead", dir="/tmp")
     ports = {name: free_port() for name in ("gcs", "dash", "client", "nm", "om", "agent", "agent_grpc", "rtenv", "metrics")}
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+    token = secrets.token_hex(16)
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}:{os.environ.get('PATH', '')}")
     cmd = [
         str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
         "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", f"--port={ports['gcs']}",
@@ -41,8 +45,9 @@ def ray_head():
     address = f"http://127.0.0.1:{ports['dash']}"
 
     def up():
+        request = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
         try:
-            return urllib.request.urlopen(f"{address}/api/version", timeout=2).status == 200
+            return urllib.request.urlopen(request, timeout=2).status == 200
         except OSError:
             return False
 
@@ -85,6 +90,22 @@ def test_tidegate_submit_runs_the_spec_on_the_cluster(tmp_path, broker, topic, t
     assert _tidegate(["jobs", "status", "tg-submit-1", "--address", address], env, 60).stdout.strip() == "SUCCEEDED"
     logs = _tidegate(["jobs", "logs", "tg-submit-1", "--address", address], env, 60).stdout
     assert "every partition is consumed to its end and committed" in logs
+
+
+def test_the_job_api_refuses_calls_without_the_token(ray_head, tmp_path):
+    address, env = ray_head
+    # RAY_AUTH_MODE=disabled: Ray's client would otherwise send a token of its own (~/.ray/auth_token).
+    without = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"} | {"RAY_AUTH_MODE": "disabled"}
+    out = _tidegate(["jobs", "list", "--address", address], without, 60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "requires its token (token authentication); RAY_AUTH_TOKEN is not set" in out.stderr
+    wrong = dict(without, RAY_AUTH_TOKEN="not-the-token")
+    out = _tidegate(["jobs", "list", "--address", address], wrong, 60)
+    assert out.returncode == 2 and "RAY_AUTH_TOKEN is set but the cluster refused it" in out.stderr
+    assert "not-the-token" not in out.stdout + out.stderr
+    named = dict(without, MY_RAY_TOKEN=env["RAY_AUTH_TOKEN"])  # --token-env names another variable
+    out = _tidegate(["jobs", "list", "--address", address, "--token-env", "MY_RAY_TOKEN"], named, 60)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_plain_ray_job_submit_and_stop(tmp_path, broker, topic, tiny_model, ray_head):

@@ -240,6 +240,14 @@ def test_kafka_security_settings_reach_kafka_python(tmp_path):
         ({"protocol": "SASL_SSL"}, {}, "protocol SASL_SSL needs sasl_mechanism, sasl_username and sasl_password_env"),
         ({"sasl_username": "u"}, {}, "sasl_* settings need protocol SASL_PLAINTEXT or SASL_SSL"),
         ({}, {"consumer_config": {"sasl_plain_password": "pw"}}, "sasl_plain_password: secrets do not go in a spec"),
+        # Security is source.kafka.security's alone: consumer_config cannot downgrade it.
+        ({"protocol": "SSL"}, {"consumer_config": {"security_protocol": "PLAINTEXT"}},
+         "security_protocol: TLS and SASL settings go in source.kafka.security"),
+        ({"protocol": "SSL"}, {"consumer_config": {"ssl_check_hostname": False, "ssl_context": None}},
+         "ssl_check_hostname, ssl_context: TLS and SASL settings go in source.kafka.security"),
+        ({}, {"consumer_config": {"sasl_mechanism": "PLAIN"}}, "sasl_mechanism: TLS and SASL settings go in"),
+        ({}, {"consumer_config": {"group_id": "g", "enable_auto_commit": True}},
+         "enable_auto_commit, group_id: set by the job (enable_auto_commit from the job: positions are committed"),
     ],
 )
 def test_kafka_security_errors(security, kafka, message):
@@ -274,4 +282,5 @@ def test_check_command_prints_the_spec_masked_and_fails_on_a_bad_one(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**secure_spec({}), "output": {"schema": "nowhere.mod:Model"}}))
     out = CliRunner().invoke(app, ["check", str(bad)])
-    assert out.exit_code == 2 and "output.schema: cannot import module 'nowhere.mod'" in out.output
+    assert out.exit_code == 2, out.output
+    assert "output.schema: run would refuse to import nowhere.mod:Model: module 'nowhere' not found" in out.output

@@ -205,8 +205,10 @@ def test_json_schema_rule_with_pydantic_and_inline_schemas():
 
 
 def test_output_schema_errors_name_the_field():
-    with pytest.raises(SpecError, match=r"output.schema: cannot import module 'nope.mod'"):
+    with pytest.raises(SpecError, match=r"output.schema: refusing to import nope.mod:Model: module 'nope' not found"):
         OutputSchema("nope.mod:Model")
+    with pytest.raises(SpecError, match=r"output.schema: cannot import module 'nope.mod': ModuleNotFoundError"):
+        OutputSchema("nope.mod:Model", allowed_modules=["nope"])  # allowed, but not there
     with pytest.raises(SpecError, match=r"output.schema: module 'schemas.examples' has no attribute 'Nope'"):
         OutputSchema("schemas.examples:Nope")
     with pytest.raises(SpecError, match=r"output.schema: not a valid JSON Schema"):

@@ -90,6 +90,11 @@ class JsonLinesSink:
         for log in (self.results, self.dead_letter):
             os.makedirs(os.path.dirname(os.path.abspath(log.path)), exist_ok=True)
 
+    def bindings(self):
+        from crypto.binding import legacy_binding
+
+        return legacy_binding(self.results.path), legacy_binding(self.dead_letter.path)
+
     def load_positions(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
         res, dl = self.results.positions(), self.dead_letter.positions()
         for tp in tps:

@@ -1,0 +1,152 @@
+"""The trust policy for code a spec names (schemas/trusted_code.py; README, "A spec is code").
+
+Each test here backs a sentence of that section: `check` imports nothing, `run` refuses a path the
+policy does not allow before it starts anything (exit 2), and `allowed_modules` is the only way to
+widen the default (modules inside the job's working directory)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compute.validation import Validator
+from schemas.errors import SpecError
+from schemas.spec import parse_spec
+from schemas.trusted_code import CodeRef, judge
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def spec_data(validation=None, schema=None) -> dict:
+    data = {
+        "name": "trust",
+        "source": {"kafka": {"topic": "t", "bootstrap_servers": "127.0.0.1:1"}},
+        "prompt": {"template": "{{ q }}", "id_field": "id"},
+        "model": {"path": "m"},
+        "sink": {"results": "r", "dead_letter": "d"},
+    }
+    if validation is not None:
+        data["validation"] = validation
+    if schema is not None:
+        data["output"] = {"schema": schema}
+    return data
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    monkeypatch.chdir(REPO)  # the job's working directory, as Ray job submission ships it
+
+
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [
+        ("subprocess:Popen", "an installed or standard-library module"),
+        ("os:system", "an installed or standard-library module"),
+        ("builtins:eval", "an installed or standard-library module"),
+        ("yaml:load", "an installed or standard-library module"),  # site-packages
+        ("jobs.run:main", "Tidegate's own code"),
+        ("crypto.keyring:Keyring", "Tidegate's own code"),
+        ("tests.test_validation:_private", "'_private' is not a public name"),
+        ("tests.test_validation", "not of the form package.module:Name"),
+        ("nowhere_at_all:x", "module 'nowhere_at_all' not found"),
+    ],
+)
+def test_default_policy_refuses(in_repo, path, why):
+    verdict = judge(CodeRef("validation.0.path", path), None)
+    assert not verdict.allowed and verdict.why.startswith(why), verdict
+
+
+def test_default_policy_allows_the_working_directory_and_the_examples(in_repo):
+    assert judge(CodeRef("f", "tests.test_validation:no_digits"), None).allowed
+    assert judge(CodeRef("f", "schemas.examples:TicketTriage"), None).allowed
+
+
+def test_a_module_outside_the_working_directory_is_refused(tmp_path, monkeypatch):
+    pkg = tmp_path / "elsewhere" / "outside_rules"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("def check(c):\n    return True\n")
+    monkeypatch.syspath_prepend(str(pkg.parent))
+    monkeypatch.chdir(REPO)
+    verdict = judge(CodeRef("f", "outside_rules:check"), None)
+    assert not verdict.allowed and verdict.why.startswith("outside the job's working directory")
+    # allowed_modules names it: allowed (the operator's explicit choice), and only that module.
+    assert judge(CodeRef("f", "outside_rules:check"), ["outside_rules"]).allowed
+    assert not judge(CodeRef("f", "outside_rules_x:check"), ["outside_rules"]).allowed
+
+
+def test_allowed_modules_replaces_the_default(in_repo):
+    assert judge(CodeRef("f", "tests.test_validation:no_digits"), ["tests"]).allowed
+    assert judge(CodeRef("f", "tests.test_validation:no_digits"), ["tests.test_validation"]).allowed
+    refused = judge(CodeRef("f", "tests.test_validation:no_digits"), ["mine"])
+    assert not refused.allowed and refused.why == "not in validation.allowed_modules"
+    # Tidegate's own code stays refused even when listed.
+    assert not judge(CodeRef("f", "jobs.run:main"), ["jobs"]).allowed
+
+
+def test_validator_refuses_before_importing(in_repo, monkeypatch):
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: calls.append(a))
+    spec = parse_spec(spec_data(validation=[{"rule": "custom", "path": "subprocess:Popen", "options": {"args": "id"}}]))
+    with pytest.raises(SpecError, match=r"^validation.0.path: refusing to import subprocess:Popen: an installed"):
+        Validator(spec)
+    with pytest.raises(SpecError, match=r"^output.schema: refusing to import os:system"):
+        Validator(parse_spec(spec_data(schema="os:system")))
+    assert calls == []
+
+
+def test_spec_section_form_round_trips():
+    spec = parse_spec(spec_data(validation={"rules": [{"rule": "refusal"}], "allowed_modules": ["myrules"]}))
+    assert spec.allowed_modules == ["myrules"] and [r.rule for r in spec.rules] == ["refusal"]
+    assert parse_spec(spec.redacted()).allowed_modules == ["myrules"]
+    listed = parse_spec(spec_data(validation=[{"rule": "refusal"}]))
+    assert listed.allowed_modules is None and [r["rule"] for r in listed.redacted()["validation"]] == ["refusal"]
+    with pytest.raises(SpecError, match=r"validation.allowed_modules.*not a module name: 'a b'"):
+        parse_spec(spec_data(validation={"rules": [], "allowed_modules": ["a b"]}))
+    with pytest.raises(SpecError, match=r"validation.1: Input tag .nope."):  # the list form keeps its error paths
+        parse_spec(spec_data(validation=[{"rule": "refusal"}, {"rule": "nope"}]))
+
+
+def test_check_imports_nothing_and_says_what_run_would_load(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from jobs.cli import app
+
+    marker = tmp_path / "imported"
+    pkg = tmp_path / "myrules"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "def no_digits(candidate):\n    return True\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(spec_data(validation=[{"rule": "custom", "path": "myrules:no_digits"}])))
+    out = CliRunner().invoke(app, ["check", str(spec)])
+    assert out.exit_code == 0, out.output
+    assert "# code: validation.0.path = myrules:no_digits: run would import it (in the job's working directory" in out.output
+    assert not marker.exists() and "myrules" not in sys.modules
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec_data(validation=[{"rule": "custom", "path": "subprocess:Popen"}])))
+    out = CliRunner().invoke(app, ["check", str(bad)])
+    assert out.exit_code == 2
+    assert "validation.0.path: run would refuse to import subprocess:Popen: an installed" in out.output
+
+
+def test_run_refuses_before_starting_anything(in_repo, tmp_path, capsys):
+    import ray
+
+    from jobs.run import main
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(spec_data(validation=[{"rule": "custom", "path": "subprocess:Popen"}])))
+    assert main(str(spec)) == 2
+    err = capsys.readouterr().err
+    assert "error: validation.0.path: refusing to import subprocess:Popen" in err
+    assert not ray.is_initialized()
