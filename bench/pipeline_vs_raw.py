@@ -50,9 +50,18 @@ from connectors.broker import EmbeddedBroker  # noqa: E402
 from connectors.kafka import create_topic, produce  # noqa: E402
 
 TEMPLATE = "Answer for {{ user }}: {{ question }}"
+# A shared system prompt, as real jobs have (the prefix vLLM's prefix cache computes once); the
+# same in all three legs. vLLM caches whole KV blocks only (128 tokens on the CPU build, 16 on GPUs):
+# this one is ~150 tokens of the tiny model's tokenizer, so one block of every prompt is a cache hit.
+SYSTEM = ("You are the support assistant of an online shop. Answer the customer's question about "
+          "their order in one or two short sentences, politely, without inventing order details, "
+          "and say so when you do not know the answer. Rules: never promise a delivery date the order "
+          "system has not confirmed; never quote a price, discount or refund amount that is not in the "
+          "order; do not ask for card numbers, passwords or one-time codes.")
 WORKLOADS = {
     "fixed": {"events": 4000, "sampling": {"max_tokens": 32, "temperature": 0}},
-    "varied": {"events": 2000, "sampling": {"max_tokens": 256, "temperature": 1.0, "seed": 0}},  # + logit_bias
+    "varied": {"events": 2000, "sampling": {"max_tokens": 256, "temperature": 1.0}},  # + logit_bias
+    # (no per-request seed: vLLM's CPU build fails sampling with one, "CPU Generator does not use offset")
 }
 
 
@@ -87,7 +96,8 @@ cfg = json.load(open(sys.argv[1]))
 llm = LLM(model=cfg["model"], dtype="float32", distributed_executor_backend="uni", enforce_eager=True, seed=0)
 tok = llm.get_tokenizer()
 t = Template(cfg["template"])
-texts = [tok.apply_chat_template([{"role": "user", "content": t.render(**e)}], add_generation_prompt=True, tokenize=False)
+texts = [tok.apply_chat_template([{"role": "system", "content": cfg["system"]}, {"role": "user", "content": t.render(**e)}],
+                                 add_generation_prompt=True, tokenize=False)
          for e in cfg["events"]]
 
 sampling = cfg["sampling"]
@@ -106,7 +116,8 @@ print(json.dumps({"rows": len(outs), "seconds": dt, "completion_tokens": sum(len
 
 def run_raw(model: Path, events: list[dict], workdir: Path, sampling: dict) -> dict:
     cfg = workdir / "raw.json"
-    cfg.write_text(json.dumps({"model": str(model), "template": TEMPLATE, "sampling": sampling, "events": events}))
+    cfg.write_text(json.dumps({"model": str(model), "template": TEMPLATE, "system": SYSTEM, "sampling": sampling,
+                               "events": events}))  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(os.cpu_count()))
     out = subprocess.run([sys.executable, "-c", RAW_SCRIPT, str(cfg)], capture_output=True, text=True, env=env)
     if out.returncode:
@@ -118,7 +129,7 @@ def write_spec(workdir: Path, name: str, bootstrap: str, topic: str, model: Path
     spec = {
         "name": name,
         "source": {"kafka": {"bootstrap_servers": bootstrap, "topic": topic, "group_id": f"bench-{name}"}},
-        "prompt": {"template": TEMPLATE, "id_field": "id"},
+        "prompt": {"template": TEMPLATE, "id_field": "id", "system": SYSTEM},
         "model": {"path": str(model), "dtype": "float32"},
         "sampling": sampling,
         "pool": {"actors": 1, "batch_size": batch_size, "num_cpus": 1},
@@ -263,9 +274,12 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import ray
 from jinja2 import Template
-from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+from ray.data.llm import (ChatTemplateStageConfig, DetokenizeStageConfig, TokenizerStageConfig,
+                          build_processor, vLLMEngineProcessorConfig)
 cfg = json.load(open(sys.argv[1]))
 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR")
+# An engine stage that cannot be placed is an error after 5 minutes, not a silent wait.
+ray.data.DataContext.get_current().wait_for_min_actors_s = 300
 t = Template(cfg["template"])
 sampling = cfg["sampling"]
 sampling["logit_bias"] = {int(k): v for k, v in sampling.get("logit_bias", {}).items()}
@@ -277,9 +291,15 @@ config = vLLMEngineProcessorConfig(
                    "gpu_memory_utilization": 0.25, "seed": 0},
     placement_group_config={"bundles": [{"CPU": 1}]},
     batch_size=64, concurrency=1,
+    # Its CPU stages default to a whole CPU each: on 2 cores they took both and the engine's
+    # bundle never placed (a silent deadlock). A quarter CPU each, like pre/postprocess.
+    chat_template_stage=ChatTemplateStageConfig(num_cpus=0.25),
+    tokenize_stage=TokenizerStageConfig(num_cpus=0.25),
+    detokenize_stage=DetokenizeStageConfig(num_cpus=0.25),
 )
 proc = build_processor(config,
-    preprocess=lambda row: {"messages": [{"role": "user", "content": row["prompt"]}], "sampling_params": sampling},
+    preprocess=lambda row: {"messages": [{"role": "system", "content": cfg["system"]},
+                                         {"role": "user", "content": row["prompt"]}], "sampling_params": sampling},
     postprocess=lambda row: {"id": row["id"], "n": len(row.get("generated_tokens") or [])},
     preprocess_map_kwargs={"num_cpus": 0.25}, postprocess_map_kwargs={"num_cpus": 0.25})
 ds = ray.data.from_items([{"id": e["id"], "prompt": t.render(**e)} for e in cfg["events"]])
@@ -298,7 +318,8 @@ print(json.dumps({"rows": rows, "wall_s_including_load": times[-1][0] - t0, "fir
 
 def run_raydata(model: Path, events: list[dict], workdir: Path, sampling: dict) -> dict:
     cfg = workdir / "raydata.json"
-    cfg.write_text(json.dumps({"model": str(model), "template": TEMPLATE, "sampling": sampling, "events": events}))
+    cfg.write_text(json.dumps({"model": str(model), "template": TEMPLATE, "system": SYSTEM, "sampling": sampling,
+                               "events": events}))  # fmt: skip
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     out = subprocess.run([sys.executable, "-c", RAYDATA_SCRIPT, str(cfg)], capture_output=True, text=True, env=env,
                          cwd=workdir, timeout=3600)  # fmt: skip
@@ -327,6 +348,12 @@ def main() -> None:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H%M%SZ")
     results: dict = {"measured_at": stamp, "batch_size": args.batch_size, "cpus": os.cpu_count(), "workloads": {}}
     print(f"workdir {workdir}")
+    out = REPO / "bench" / "results" / f"pipeline_vs_raw-{stamp}.json"
+    out.parent.mkdir(exist_ok=True)
+
+    def save() -> None:  # after every leg: a crash late in the run keeps what was measured
+        out.write_text(json.dumps(results, indent=2))
+
     with EmbeddedBroker() as broker:
         for workload in args.workloads.split(","):
             n = args.events or WORKLOADS[workload]["events"]
@@ -342,20 +369,20 @@ def main() -> None:
             r["ratio_steady"] = pipe["steady_rows_per_s"] / raw_rps
             print(f"[{workload}] pipeline: {pipe}")
             print(f"[{workload}] pipeline/raw (steady): {r['ratio_steady']:.3f}")
+            save()
             if args.raydata and workload == "varied":
                 r["raydata"] = rd = run_raydata(args.model, events, workdir, sampling)
                 print(f"[{workload}] Ray Data LLM: {rd}")
                 if rd.get("steady_rows_per_s"):
                     r["raydata_ratio_steady"] = rd["steady_rows_per_s"] / raw_rps
                     r["pipeline_over_raydata"] = pipe["steady_rows_per_s"] / rd["steady_rows_per_s"]
+                save()
         if args.latency_seconds > 0:
             results["latency"] = lat = run_latency(
                 args.model, workdir, broker.bootstrap_servers, args.rate, args.latency_seconds, args.batch_size
             )
             print(f"latency: {lat}")
-    out = REPO / "bench" / "results" / f"pipeline_vs_raw-{stamp}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    save()
     print(f"written {out}")
 
 
