@@ -325,7 +325,11 @@ def run_raydata(model: Path, events: list[dict], workdir: Path, sampling: dict) 
                          cwd=workdir, timeout=3600)  # fmt: skip
     if out.returncode:
         return {"error": out.stderr.strip().splitlines()[-1][:300] if out.stderr.strip() else f"exit {out.returncode}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    # Ray Data prints its own progress and shutdown lines on stdout too: take the script's.
+    lines = [x for x in out.stdout.splitlines() if x.startswith('{"rows"')]
+    if not lines:
+        return {"error": "no result line; stdout ends: " + out.stdout.strip()[-300:]}
+    return json.loads(lines[-1])
 
 
 def main() -> None:

@@ -356,7 +356,7 @@ class PoolSpec(_Strict):
         default=100.0, ge=0, description="How long a partial batch waits for more events while engines are busy."
     )
     batches_in_flight: int = Field(
-        default=2, ge=1, description="Batches queued per engine actor, so it never idles between batches."
+        default=2, ge=1, description="Batches inside each engine at once; the next one's rows join as others finish."
     )
     engine_threads: int | None = Field(
         default=None,
@@ -370,7 +370,7 @@ class PoolSpec(_Strict):
     batch_timeout_s: float | None = Field(
         default=600.0,
         gt=0,
-        description="A batch running longer is a hung engine: it is restarted and the batch isolated. null: never.",
+        description="A batch running longer is a hang: its rows are aborted in the engine, the batch isolated. null: never.",
     )
 
     @model_validator(mode="after")
