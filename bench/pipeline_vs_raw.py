@@ -257,7 +257,7 @@ def run_latency(model: Path, workdir: Path, bootstrap: str, rate: float, seconds
     th = threading.Thread(target=producer)
     th.start()
     th.join()
-    uri = str(workdir / "latency" / "results")
+    uri = str(workdir / name / "results")
     deadline = time.time() + 60
     while time.time() < deadline and DeltaTable(uri).count() < len(sent):
         time.sleep(0.5)
