@@ -10,7 +10,7 @@ costs per row. Each run: events produced first, then `python -m tests.job_runner
 the last commit (Delta log times); CPU seconds per process (driver, stage worker, commit writer,
 engine actor, Ray's own) sampled until the job exits, per 10,000 rows.
 
-Writes bench/results/orchestration-<date>.json (every run, not the best one).
+Writes bench/results/orchestration-<UTC time>-b<batch size>-s<stage actors>.json (every run, not the best one).
 """
 
 from __future__ import annotations
@@ -167,7 +167,8 @@ def main() -> int:
         "stages_actors": a.stages,
         "runs": runs,
     }
-    out = a.out or REPO / "bench" / "results" / f"orchestration-{result['measured_at'][:10]}.json"
+    stamp = result["measured_at"][:19].replace(":", "").replace("-", "")
+    out = a.out or REPO / "bench" / "results" / f"orchestration-{stamp}Z-b{a.batch_size}-s{a.stages}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"written {out}")
