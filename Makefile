@@ -39,7 +39,7 @@ bench: install
 # Long scenarios (a short form of each runs in `make test`).
 SEED ?= 7
 chaos: install
-	$(PY) -m tests.chaos --seed $(SEED) --events 100000 --faults 24 --out bench/results/chaos-seed$(SEED).json
+	$(PY) -m tests.chaos --seed $(SEED) --events 100000 --faults 24 --out bench/results/chaos-seed$(SEED)-$$(date -u +%Y%m%dT%H%M%SZ).json
 
 soak: install
 	$(PY) bench/soak.py --events 1000000

@@ -1,6 +1,6 @@
 """Soak: a long run of the whole job (Kafka in, Delta out) with the instant engine, watching memory.
 
-    python bench/soak.py [--events 1000000] [--partitions 8] [--out bench/results/soak-<date>.json]
+    python bench/soak.py [--events 1000000] [--partitions 8] [--out bench/results/soak-<UTC time>-<events>.json]
     make soak
 
 What it does: starts the embedded broker, produces `--events` events to a topic, runs one job
@@ -188,7 +188,8 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tidegate-soak-"))
     report = soak(a.events, a.partitions, a.sample_s, workdir)
     report["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    out = a.out or REPO / "bench" / "results" / f"soak-{report['measured_at'][:10]}.json"
+    stamp = report["measured_at"][:19].replace(":", "").replace("-", "")
+    out = a.out or REPO / "bench" / "results" / f"soak-{stamp}Z-{a.events}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

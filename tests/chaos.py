@@ -44,7 +44,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 FAULTS = ("kill_driver", "kill_replica", "kill_engine", "kill_stage_worker", "kill_writer", "restart_broker")
-ACTOR_OF = {"kill_engine": "ray::EngineWorker", "kill_stage_worker": "ray::StageWorker", "kill_writer": "ray::CommitWriter"}
+# Process titles of the actors (Ray names an actor's process after its class). The replicas run the
+# instant engine, so the engine actor is `ray::InstantEngine`, not `ray::EngineWorker`.
+ACTOR_OF = {"kill_engine": "ray::InstantEngine", "kill_stage_worker": "ray::StageWorker", "kill_writer": "ray::CommitWriter"}
 
 
 @dataclass
@@ -114,7 +116,9 @@ class Replica:
     def actor(self, prefix: str) -> psutil.Process | None:
         for p in self.descendants():
             try:
-                if p.name().startswith(prefix) and p.status() != psutil.STATUS_ZOMBIE:
+                # comm is cut at 15 characters ("ray::InstantEng"); psutil restores the full name
+                # only sometimes, so compare what both forms share.
+                if p.name().startswith(prefix[:15]) and p.status() != psutil.STATUS_ZOMBIE:
                     return p
             except psutil.NoSuchProcess:
                 pass
@@ -216,8 +220,12 @@ def run(seed: int, events: int, faults: int, partitions: int, replicas: int, wor
                 live.append(start())
             elif kind in ACTOR_OF:
                 proc = None
-                for _ in range(100):  # the replica may still be starting its actors
-                    proc = victim.actor(ACTOR_OF[kind])
+                for _ in range(300):  # a replica may still be starting its actors: any live one will do
+                    for r in [victim] + [r for r in live if r is not victim]:
+                        proc = r.actor(ACTOR_OF[kind])
+                        if proc is not None:
+                            victim = r
+                            break
                     if proc is not None:
                         break
                     time.sleep(0.2)

@@ -12,8 +12,8 @@ def test_chaos_short_form(tmp_path):
 
     report = run(seed=3, events=6000, faults=len(FAULTS), partitions=4, replicas=2, workdir=tmp_path, timeout_s=600)
     assert sorted(f["kind"] for f in report.faults) == sorted(FAULTS)  # every kind struck once
-    struck = [f for f in report.faults if "skipped" not in f["target"]]
-    assert len(struck) >= len(FAULTS) - 1, report.faults
+    skipped = [f for f in report.faults if "skipped" in f["target"]]
+    assert not skipped, skipped  # a fault that found nothing to strike would prove nothing
     assert report.lost == 0 and report.duplicated == 0, report
     assert report.poison > 0 and report.poison_dead_lettered_once, report
     assert report.unexpected_dead_letters == 0 and report.orphans == [], report
