@@ -357,7 +357,8 @@ def _existing(table: _Table) -> DeltaTable | None:
         return None
 
 
-def _iso(ts: datetime | None) -> str | None:
+def iso_utc(ts: datetime | None) -> str | None:
+    """A timestamp as ISO 8601 in UTC (a naive one is taken as UTC); None stays None."""
     if ts is None:
         return None
     if ts.tzinfo is None:
@@ -374,7 +375,7 @@ def _table_info(table: _Table) -> dict[str, Any]:
         return info
     last = dt.history(1)
     info["version"] = dt.version()
-    info["last_commit_at"] = _iso(datetime.fromtimestamp(last[0]["timestamp"] / 1000, timezone.utc)) if last else None
+    info["last_commit_at"] = iso_utc(datetime.fromtimestamp(last[0]["timestamp"] / 1000, timezone.utc)) if last else None
     info["last_operation"] = last[0].get("operation") if last else None
     info["rows"] = int(pl.scan_delta(table.uri, storage_options=table.storage_options).select(pl.len()).collect().item())
     return info

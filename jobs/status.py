@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 
 import polars as pl
 
+from connectors.delta import iso_utc
 from connectors.runs import dead_by_class_json
 from connectors.sink import open_sink
 from connectors.source import source_class
@@ -30,14 +31,6 @@ from schemas.spec import JobSpec
 log = logging.getLogger(__name__)
 
 RECENT_RUNS = 5
-
-
-def _iso(ts: datetime | None) -> str | None:
-    if ts is None:
-        return None
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=timezone.utc)
-    return ts.astimezone(timezone.utc).isoformat()
 
 
 def _runs_summary(runs: pl.DataFrame) -> dict:
@@ -82,8 +75,8 @@ def _run_summary(rows: pl.DataFrame) -> dict:
         "run_id": first["run_id"],
         "status": status,
         "error": error,
-        "started_at": _iso(started),
-        "ended_at": _iso(ended),
+        "started_at": iso_utc(started),
+        "ended_at": iso_utc(ended),
         "commits": n_commits,
         **totals,
         "dead_by_class": dead_by_class_json(dead_by_class),
@@ -109,7 +102,7 @@ def collect_status(spec: JobSpec) -> dict:
     lags = [p["lag"] for p in partitions]
     return {
         "job": spec.name,
-        "collected_at": _iso(datetime.now(timezone.utc)),
+        "collected_at": iso_utc(datetime.now(timezone.utc)),
         "source": source.description,
         "source_summary": source.summary,
         "partition_unit": source.unit,
