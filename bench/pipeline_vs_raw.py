@@ -15,10 +15,12 @@ Sides:
   raydata   (varied only, --raydata) Ray Data LLM's vLLM processor over the same prompts, no Kafka
             and no Delta; steady rows/s between its first and last output batch
 
-Then a latency run: events produced at a steady rate (default 50/s) while the job runs;
-event-to-commit latency = time of the Delta file holding the row - time the event was sent.
+Then a latency run for each `--commit-intervals` value (sink.commit_interval_s; default 1.0):
+events produced at a steady rate (default 50/s) while the job runs; event-to-commit latency =
+time of the Delta file holding the row - time the event was sent.
 
     python bench/pipeline_vs_raw.py [--workloads fixed,varied] [--raydata] [--rate 50] [--latency-seconds 60]
+                                    [--commit-intervals 1.0,0.25]
 
 Prints a summary and writes bench/results/pipeline_vs_raw-<UTC time>.json (every run is kept).
 Run by hand; not a test.
