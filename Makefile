@@ -38,11 +38,12 @@ bench: install
 
 # Long scenarios (a short form of each runs in `make test`).
 SEED ?= 7
+EVENTS ?= 1000000
 chaos: install
 	$(PY) -m tests.chaos --seed $(SEED) --events 100000 --faults 24 --out bench/results/chaos-seed$(SEED)-$$(date -u +%Y%m%dT%H%M%SZ).json
 
 soak: install
-	$(PY) bench/soak.py --events 1000000
+	$(PY) bench/soak.py --events $(EVENTS)
 
 clean:
 	rm -rf $(VENV) .cache lake
