@@ -160,3 +160,18 @@ def txn(tp, version):
     from deltalake import Transaction
 
     return Transaction(txn_app_id("job", tp), version)
+
+
+def test_the_table_handle_is_reopened_every_so_many_commits(sink, tmp_path, monkeypatch):
+    # A handle kept forever grows with each incremental update (the soak's commit writer did);
+    # a fresh one loads from the last checkpoint. Positions and rows are unaffected.
+    import connectors.delta as delta
+
+    monkeypatch.setattr(delta, "REOPEN_AFTER_COMMITS", 3)
+    handles = []
+    for offset in range(7):
+        sink.commit(results([offset]), dead([]), {TP0: offset})
+        handles.append(sink.results.open())  # kept alive, so ids are not reused
+    assert len({id(h) for h in handles}) >= 3  # reopened at least twice in 7 commits
+    assert sink.load_positions([TP0]) == {TP0: 6}
+    assert pl.read_delta(str(tmp_path / "res")).height == 7
