@@ -43,7 +43,7 @@ ROW_ID_COLUMNS_BY_ROLE = {"results": ROW_ID_COLUMNS, "dead_letter": (*ROW_ID_COL
 class Binding:
     label: str
     row_id_columns: tuple[str, ...] = ROW_ID_COLUMNS
-    pii_columns: tuple[str, ...] = ("output_text", "output_json")  # text columns that may hold [PII:...] tokens
+    pii_columns: tuple[str, ...] = LEGACY_PII_COLUMNS  # text columns that may hold [PII:...] tokens
 
 
 def legacy_binding(uri: str, name: str | None = None) -> Binding:

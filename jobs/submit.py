@@ -75,14 +75,21 @@ def _auth_error(e: Exception, address: str, token_env: str) -> ClusterAuthError 
                             f"{token_env} {given}")  # fmt: skip
 
 
+def job_env_vars(spec, master_key_file: str | None) -> dict[str, str]:
+    """Where the cluster keeps the master key (a path on the cluster; the key itself is never put
+    in a job's settings, which the job API lists), as the job's <master_key_env>_FILE."""
+    if master_key_file is None:
+        return {}
+    if not spec.encryption.needs_keys:
+        raise SpecError("--master-key-file: the spec encrypts nothing (no encryption section)")
+    return {f"{spec.encryption.master_key_env}_FILE": master_key_file}
+
+
 def job_runtime_env(root: Path, spec, master_key_file: str | None) -> dict:
-    """The job's runtime_env: its code, and where the cluster keeps the master key (a path on the
-    cluster; the key itself is never put in a job's settings, which the job API lists)."""
+    """The job's runtime_env: its code, and job_env_vars."""
     env: dict = {"working_dir": str(root)}
-    if master_key_file is not None:
-        if not spec.encryption.needs_keys:
-            raise SpecError("--master-key-file: the spec encrypts nothing (no encryption section)")
-        env["env_vars"] = {f"{spec.encryption.master_key_env}_FILE": master_key_file}
+    if env_vars := job_env_vars(spec, master_key_file):
+        env["env_vars"] = env_vars
     return env
 
 
@@ -97,8 +104,7 @@ def submit(
 ) -> str:
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)  # a bad spec fails here, before anything is shipped
-    runtime_env_of = lambda root: job_runtime_env(root, spec, master_key_file)  # noqa: E731
-    runtime_env_of(Path("."))  # its errors too
+    job_env_vars(spec, master_key_file)  # so does a --master-key-file the spec has no use for
     jobs = client(address, token_env)
     root, rel = stage_working_dir(spec_path)
     try:
@@ -107,7 +113,7 @@ def submit(
         return jobs.submit_job(
             entrypoint=entrypoint,
             submission_id=submission_id,
-            runtime_env=runtime_env_of(root),
+            runtime_env=job_runtime_env(root, spec, master_key_file),
             metadata={"tidegate_job": spec.name},
         )
     finally:
