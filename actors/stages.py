@@ -40,8 +40,11 @@ from ray.exceptions import RayActorError, RayTaskError
 from actors.remote import actor_error, cause, kill, on_driver_node, wait_started
 from actors.writer import job_schemas
 from compute.assemble import Assembled, BatchAssembler, BatchOutput
+from compute.event_contract import EventContract
+from compute.event_formats import event_decoder
 from compute.prompts import PromptRenderer, RenderedBatch
 from compute.validation import Validator
+from connectors.schema_registry import open_registry
 from crypto.stage import EncryptionStage
 from schemas.errors import StageError
 from schemas.spec import JobSpec
@@ -49,6 +52,15 @@ from schemas.spec import JobSpec
 log = logging.getLogger(__name__)
 
 TopicPartition = tuple[str, int]
+
+
+def job_renderer(spec: JobSpec, run_id: str, encryption: EncryptionStage) -> PromptRenderer:
+    """The job's decode + render stage: its message format (JSON, Avro, the Confluent wire format
+    with the spec's schema registry) and, with source.event_schema, its event contract."""
+    decoder = event_decoder(spec.source.kafka, open_registry)
+    contract = EventContract(spec) if spec.source.event_schema is not None else None
+    return PromptRenderer(spec.prompt, spec.source.max_message_bytes, run_id, spec.encryption, encryption.has_key,
+                          decoder=decoder, contract=contract)  # fmt: skip
 
 
 class StageWorker:
@@ -59,9 +71,7 @@ class StageWorker:
         self.run_id = run_id
         self.encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
         self.results_schema = job_schemas(self.encryption)[0]
-        self.renderer = PromptRenderer(
-            spec.prompt, spec.source.max_message_bytes, run_id, spec.encryption, self.encryption.has_key
-        )
+        self.renderer = job_renderer(spec, run_id, self.encryption)
         self.validator = Validator(spec)
         self.assembler: BatchAssembler | None = None
 

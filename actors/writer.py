@@ -32,9 +32,10 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.remote import actor_error, cause, kill, on_driver_node, wait_started
 from compute.totals import CommitTotals
+from connectors.results_topic import ResultsTopic
 from connectors.sink import Sink, open_sink
 from crypto.stage import EncryptionStage
-from schemas.errors import StageError
+from schemas.errors import SpecError, StageError
 from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA
 from schemas.spec import JobSpec
 
@@ -70,8 +71,9 @@ class CommitReport:
 class CommitWriter:
     """A plain class: Ray runs it as an actor (tests build it directly over tables on disk)."""
 
-    def __init__(self, spec: JobSpec, sink: Sink | None = None):
-        """sink: the job's sink object (default: the spec's sink.kind, from the registry)."""
+    def __init__(self, spec: JobSpec, sink: Sink | None = None, publisher: ResultsTopic | None = None):
+        """sink: the job's sink object (default: the spec's sink.kind, from the registry);
+        publisher: sink.topic's (default: a ResultsTopic when the spec has sink.topic)."""
         self.encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
         self.plain_results, self.stored_results, self.stored_dead = job_schemas(self.encryption)
         self.sink = sink if sink is not None else open_sink(spec)
@@ -81,6 +83,16 @@ class CommitWriter:
         # The sink's fencing state lives in this process: after Ray restarted it, no commit until
         # the job has read the positions again (resume), or one could pass a stale check.
         self._resumed = False
+        # sink.topic: rows are published after their commit; the marks of what was published ride
+        # on the next commit (connectors/results_topic.py). A replay's sink does not publish.
+        self.topic = None
+        self._marks: dict[TopicPartition, dict[str, int]] = {}
+        if spec.sink.topic is not None and getattr(self.sink, "publishes", True):
+            missing = [m for m in ("stage_marks", "read_marks", "rows_above") if not callable(getattr(self.sink, m, None))]
+            if missing:
+                raise SpecError(f"sink.topic: sink.kind {spec.sink.kind!r} cannot record what was published "
+                                f"(it lacks {', '.join(missing)})")  # fmt: skip
+            self.topic = publisher or ResultsTopic(spec, self.stored_results, self.stored_dead)
 
     def ping(self) -> int:
         return os.getpid()
@@ -88,16 +100,30 @@ class CommitWriter:
     def open(self) -> int:
         self.sink.open()
         self.encryption.bind(*self.sink.bindings())  # how the tables bind values (crypto/binding.py)
+        if self.topic is not None:
+            self.topic.open()
         return os.getpid()
 
     def resume(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int | None], dict]:
-        """Committed positions of these partitions, and the dead-letter offsets above them."""
+        """Committed positions of these partitions, and the dead-letter offsets above them. With
+        sink.topic, committed rows the topic lacks (a crash between commit and publish) are sent first."""
         positions = self.sink.load_positions(tps)
         self._resumed = True
+        if self.topic is not None:
+            sent, marks = self.topic.resume(self.sink, positions)
+            self._keep_marks(marks)
+            if sent:
+                log.warning("sink.topic %s: published %d committed row(s) a previous run had not", self.topic.topic, sent)
         return positions, {tp: self.sink.repair_window(tp) for tp in tps}
+
+    def _keep_marks(self, marks: dict[TopicPartition, dict[str, int]]) -> None:
+        for tp, named in marks.items():
+            self._marks.setdefault(tp, {}).update(named)
 
     def forget(self, tps: list[TopicPartition]) -> None:
         self.sink.forget(tps)
+        for tp in tps:
+            self._marks.pop(tuple(tp), None)
 
     def write(self, outputs: list, positions: dict, record: dict | None) -> CommitReport:
         """outputs: object refs to the committed batches' BatchOutput objects (the driver only
@@ -121,8 +147,13 @@ class CommitWriter:
         results, dead = self.sink.prepare(results, dead)
         results = enc.protect_results(results, self.stored_results)
         dead = enc.protect_dead(dead, self.stored_dead)
+        if self._marks and positions:
+            self.sink.stage_marks({name: v for marks in self._marks.values() for name, v in marks.items()})
+            self._marks = {}
         self.sink.commit(results, dead, positions)
         ended_at = datetime.now(timezone.utc)
+        if self.topic is not None and positions:  # after the commit: what a consumer reads is in the table
+            self._keep_marks(self.topic.publish(results, dead, positions))
         try:
             enc.record_usage()  # values per key version; rotates at encryption.rotate_after_values
         except Exception as e:  # the commit landed: a keyring that cannot be written now is noted, not fatal

@@ -22,6 +22,8 @@ from jinja2 import StrictUndefined, TemplateError, UndefinedError, meta
 from jinja2.runtime import new_context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from compute.event_contract import EventContract
+from compute.event_formats import DecodeError
 from schemas.records import DEAD_LETTER_SCHEMA, REQUEST_SCHEMA
 from schemas.spec import PromptSpec
 
@@ -58,8 +60,13 @@ def dead_letter_table(rows: list[dict], run_id: str) -> pa.Table:
 
 
 class PromptRenderer:
-    def __init__(self, spec: PromptSpec, max_message_bytes: int, run_id: str, encryption=None, has_key=None):
+    def __init__(self, spec: PromptSpec, max_message_bytes: int, run_id: str, encryption=None, has_key=None,
+                 decoder: Callable[[bytes], object] | None = None, contract: EventContract | None = None):  # fmt: skip
+        """decoder: bytes -> event for non-JSON formats (compute/event_formats.py; None: JSON);
+        contract: checked on every event when the spec declares source.event_schema."""
         self.spec = spec
+        self.decoder = decoder
+        self.contract = contract if contract is not None and contract.enforced else None
         self.encryption = encryption if encryption is not None and encryption.enabled else None
         self.has_key = has_key or (lambda tenant: True)
         self.max_message_bytes = max_message_bytes
@@ -127,7 +134,14 @@ class PromptRenderer:
         event = self.parse(value)
         event_id = self.event_id(event)
         self.check_size(value, event_id)
+        self.check_contract(event, event_id)
         return event_id, event
+
+    def check_contract(self, event: dict, event_id: str | None) -> None:
+        if self.contract is not None:
+            violations = self.contract.violations(event)
+            if violations:
+                raise BadEvent("decode", "schema_violation", "; ".join(violations), event_id)
 
     def parse(self, value: bytes | None) -> dict:
         """Bytes -> the event object; BadEvent when they are not one. A message over the size limit
@@ -137,6 +151,14 @@ class PromptRenderer:
             raise BadEvent("decode", "empty_message", "message has no value (tombstone)")
         if len(value) > self.max_message_bytes * PARSE_LIMIT_FACTOR:
             raise self._oversized(value, None)
+        if self.decoder is not None:
+            try:
+                event = self.decoder(value)
+            except DecodeError as e:
+                raise BadEvent("decode", e.error_class, str(e)) from None
+            if not isinstance(event, dict):
+                raise BadEvent("decode", "not_an_object", f"Avro value is {_json_kind(event)}, expected a record")
+            return event
         try:
             text = value.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -237,6 +259,7 @@ class PromptRenderer:
                 if tenant_error is not None:
                     tenant_error.event_id = event_id
                     raise tenant_error
+                self.check_contract(event, event_id)
                 prompt = self.render_one(event_id, event)
                 context = self.context(event_id, event)
                 budget = self.max_tokens(event_id, event)
@@ -302,10 +325,19 @@ def _as_text(v: object) -> str | None:
     if v is None or isinstance(v, str):
         return v
     try:
-        return json.dumps(v, ensure_ascii=False, sort_keys=True)
-    except (RecursionError, ValueError):
+        return json.dumps(v, ensure_ascii=False, sort_keys=True, default=_not_json)
+    except (RecursionError, ValueError, TypeError):
         raise BadEvent("prompt", "invalid_input_field", "an encryption.input_fields value cannot be carried "
                        "(nested too deeply)") from None
+
+
+def _not_json(v: object) -> object:
+    """Avro values JSON has no type for: bytes as base64, timestamps and decimals as text."""
+    if isinstance(v, (bytes, bytearray)):
+        import base64
+
+        return base64.b64encode(v).decode("ascii")
+    return str(v)
 
 
 def _unpaired_surrogate(event: object, known: frozenset[str] = frozenset()) -> str | None:

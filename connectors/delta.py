@@ -161,6 +161,7 @@ class DeltaSink:
         # dead-letter positions monotonic.
         self._results_pos: dict[TopicPartition, int | None] = {}
         self._dl_pos: dict[TopicPartition, int | None] = {}
+        self._marks: dict[str, int] = {}  # sink.topic's publish marks, for the next results commit
 
     def use_schemas(self, results: pa.Schema, dead_letter: pa.Schema) -> None:
         """The tables' schemas when the job stores more or other columns (encryption: carried
@@ -232,6 +233,8 @@ class DeltaSink:
             for txn, tp in zip(dl_txns, positions):
                 self._dl_pos[tp] = txn.version
         res_txns = [Transaction(self._app(tp), last) for tp, last in positions.items()]
+        marks, self._marks = self._marks, {}
+        res_txns += [Transaction(app, version) for app, version in marks.items()]
         self._append(self.results, results, res_txns, positions)
         for tp, last in positions.items():
             self._results_pos[tp] = last
@@ -316,6 +319,25 @@ class DeltaSink:
             raise PartitionFencedError(
                 f"positions of {moved} moved under this job (another writer took over)", moved
             )
+
+    # -- sink.topic (connectors/results_topic.py) ---------------------------------------------------
+
+    def stage_marks(self, marks: Mapping[str, int]) -> None:
+        """Application transactions to record with the next results commit (sink.topic's marks)."""
+        self._marks.update(marks)
+
+    def read_marks(self, names: Iterable[str]) -> dict[str, int | None]:
+        return self.results.txn_versions(names)
+
+    def rows_above(self, tp: TopicPartition, low: int, high: int) -> tuple[pa.Table, pa.Table]:
+        """(results, dead letters) stored for source partition tp with low < offset <= high."""
+        where = "source_topic = '{}' AND source_partition = {} AND source_offset > {} AND source_offset <= {}".format(
+            tp[0].replace("'", "''"), int(tp[1]), int(low), int(high))  # fmt: skip
+        out = []
+        for table in (self.results, self.dead_letter):
+            rows = pa.table(QueryBuilder().register("t", table.open()).execute(f"SELECT * FROM t WHERE {where}").read_all())
+            out.append(rows.select(table.schema.names).cast(table.schema) if rows.num_rows else table.schema.empty_table())
+        return out[0], out[1]
 
     # -- read only: status, history ----------------------------------------------------------------
 

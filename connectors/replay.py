@@ -117,6 +117,10 @@ class ReplaySource:
 class ReplaySink(DeltaSink):
     """DeltaSink for a replay: pseudo positions in the Delta log, original positions in the rows."""
 
+    # Replayed rows carry their original source positions, which sink.topic's marks cannot key:
+    # a replay stores its results in Delta only (docs/exactly-once.md, "Results to Kafka").
+    publishes = False
+
     def __init__(self, job_name: str, results_uri: str, dead_letter_uri: str, storage_options, replay_id: str, plan,
                  **write_settings):  # fmt: skip
         super().__init__(job_name, results_uri, dead_letter_uri, storage_options, source_kind="replay", **write_settings)

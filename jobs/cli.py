@@ -5,7 +5,8 @@
     tidegate jobs list|status|logs|stop [JOB_ID] --address http://HEAD:8265
     tidegate demo [--events N]
     tidegate broker [--port PORT]
-    tidegate produce --bootstrap HOST:PORT --topic T FILE.jsonl
+    tidegate produce FILE.jsonl (--spec SPEC | --bootstrap HOST:PORT --topic T)
+    tidegate schema SPEC [--format json-schema|avro]
     tidegate model make-tiny DIR [--seed N]
 """
 
@@ -198,34 +199,77 @@ def broker(
 @app.command()
 def produce(
     file: Annotated[Path, typer.Argument(help="JSON Lines file, one event per line ('-' for stdin).")],
-    bootstrap: Annotated[str, typer.Option(help="Kafka bootstrap servers.")],
-    topic: Annotated[str, typer.Option(help="Topic to send to.")],
-    key_field: Annotated[Optional[str], typer.Option(help="Event field to use as the message key.")] = None,
+    spec: Annotated[Optional[Path], typer.Option(help="Job spec: its topic, brokers, event contract and format.")] = None,
+    bootstrap: Annotated[Optional[str], typer.Option(help="Kafka bootstrap servers (default: the spec's).")] = None,
+    topic: Annotated[Optional[str], typer.Option(help="Topic to send to (default: the spec's).")] = None,
+    key_field: Annotated[Optional[str], typer.Option(help="Without --spec: the event field with the id, the message key (default: id).")] = None,
     partitions: Annotated[int, typer.Option(help="Partitions if the topic must be created.")] = 4,
 ) -> None:
-    """Send events from a JSON Lines file (each line as is, no re-encoding)."""
+    """Send events from a JSON Lines file through the producer SDK (tidegate.producer): every event is
+    checked first (a bad line is named and nothing is sent), keyed by its id, sent with acks=all."""
     import json
 
-    from connectors.kafka import create_topic, produce as send
+    from connectors.kafka import create_topic
+    from schemas.errors import EventContractError, TidegateError
+    from tidegate.producer import EventProducer
 
     stream = sys.stdin.buffer if str(file) == "-" else open(file, "rb")
+    events, lines = [], []
+    for n, line in enumerate(stream, 1):
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError as e:
+            typer.echo(f"error: line {n}: not valid JSON ({type(e).__name__}); nothing was sent", err=True)
+            raise typer.Exit(2)
+        events.append(event)
+        lines.append(n)
+    try:
+        if spec is not None:
+            producer = EventProducer.from_spec(spec, bootstrap_servers=bootstrap, topic=topic)
+        elif bootstrap and topic:
+            producer = EventProducer(bootstrap, topic, key_field or "id")
+        else:
+            typer.echo("error: give --spec, or --bootstrap and --topic", err=True)
+            raise typer.Exit(2)
+        with producer:
+            create_topic(producer.bootstrap_servers, producer.topic, partitions)
+            try:
+                sent = producer.send_many(events)
+            except EventContractError as e:
+                where = f"line {lines[e.record]}: " if e.record is not None else ""
+                typer.echo(f"error: {where}{str(e).split(': ', 1)[-1]}; nothing was sent", err=True)
+                raise typer.Exit(2)
+    except TidegateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"sent {len(sent)} event(s) to {producer.topic}")
 
-    def records():
-        for line in stream:
-            line = line.rstrip(b"\r\n")
-            if not line:
-                continue
-            key = None
-            if key_field:
-                try:
-                    key = str(json.loads(line).get(key_field, "")).encode() or None
-                except (ValueError, AttributeError):
-                    key = None
-            yield key, line
 
-    create_topic(bootstrap, topic, partitions)
-    n = send(bootstrap, topic, records())
-    typer.echo(f"sent {n} event(s) to {topic}")
+@app.command()
+def schema(
+    spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
+    format: Annotated[str, typer.Option("--format", help="json-schema | avro")] = "json-schema",
+) -> None:
+    """Print the contract of the events the job accepts: what its template and fields need, with
+    source.event_schema's overrides (compute/event_contract.py)."""
+    import json
+
+    from compute.event_contract import EventContract
+    from schemas.errors import TidegateError
+    from schemas.spec import load_spec
+
+    if format not in ("json-schema", "avro"):
+        typer.echo(f"error: --format {format!r}: use json-schema or avro", err=True)
+        raise typer.Exit(2)
+    try:
+        contract = EventContract(load_spec(spec))
+        out = contract.json_schema if format == "json-schema" else contract.avro_schema()
+    except TidegateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps(out, indent=2))
 
 
 @model_app.command("make-tiny")

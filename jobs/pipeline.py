@@ -27,11 +27,10 @@ import pyarrow as pa
 from actors.embedding import start_embedding_actor
 from actors.pool import Completions, EnginePool
 from actors.remote import kill, put, wait_ready
-from actors.stages import StagePool
+from actors.stages import StagePool, job_renderer
 from actors.writer import CommitWriterClient, WriterDied, job_schemas
 from compute.engine import EngineWorker
 from compute.lineage import lineage_columns
-from compute.prompts import PromptRenderer
 from compute.validation import Validator
 from connectors.sink import Sink, open_sink
 from connectors.source import Source, SourceContext, open_source
@@ -91,9 +90,7 @@ class PipelineJob:
         encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
         encryption.check_output_fields(job_schemas(encryption)[0])
         self.results_schema = job_schemas(encryption)[0]
-        self.renderer = PromptRenderer(
-            spec.prompt, spec.source.max_message_bytes, self.run_id, spec.encryption, encryption.has_key
-        )
+        self.renderer = job_renderer(spec, self.run_id, encryption)
         self.validator = Validator(spec)  # imports output.schema and custom rules
         json_schema = self.validator.json_schema if spec.output.structured else None
         self.pool = EnginePool(spec, json_schema=json_schema, engine_cls=self.components.engine)

@@ -85,3 +85,17 @@ class DecryptionError(TidegateError):
         self.table = table
         self.column = column
         self.row_id = row_id
+
+
+class EventContractError(TidegateError, ValueError):
+    """An event breaks the job's event contract (compute/event_contract.py). The message names the
+    failing field paths and constraints, never a value; `record` is the event's position in the
+    call that was refused (EventProducer.send_many), when there is one."""
+
+    def __init__(self, message: str, record: int | None = None):
+        super().__init__(message if record is None else f"event #{record}: {message}")
+        self.record = record
+
+
+class ProduceError(TidegateError):
+    """The broker did not take an event (EventProducer): the message names the topic and the error class."""

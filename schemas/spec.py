@@ -133,6 +133,29 @@ class KafkaSourceSpec(SourceSettings):
     consumer_config: dict[str, Any] = Field(
         default_factory=dict, description="Extra kafka-python KafkaConsumer arguments (no secrets: see security)."
     )
+    format: Literal["json", "avro"] = Field(
+        default="json", description="Message values: JSON objects, or Avro records (schema below)."
+    )
+    avro_schema: str | dict[str, Any] | None = Field(
+        default=None,
+        description="format avro without a registry: the writer schema of every message (an Avro schema mapping, "
+        "or the path of an .avsc file); values are plain Avro binary, no framing.",
+    )
+    schema_registry: str | None = Field(
+        default=None,
+        description="format avro: values in the Confluent wire format (magic byte 0, 4-byte schema id, Avro body); "
+        "ids are resolved from this Schema Registry URL (http[s]://...) or a local file mapping {id: schema}.",
+    )
+
+    @model_validator(mode="after")
+    def _format_settings(self) -> KafkaSourceSpec:
+        if self.format == "json" and (self.avro_schema is not None or self.schema_registry is not None):
+            raise ValueError("avro_schema and schema_registry are for format: avro")
+        if self.format == "avro" and self.avro_schema is None and self.schema_registry is None:
+            raise ValueError("format avro needs avro_schema (plain Avro) or schema_registry (Confluent wire format)")
+        if self.avro_schema is not None and self.schema_registry is not None:
+            raise ValueError("give avro_schema (plain Avro) or schema_registry (Confluent wire format), not both")
+        return self
 
     @field_validator("consumer_config")
     @classmethod
@@ -220,6 +243,22 @@ class SourceSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: str
     settings: SerializeAsAny[SourceSettings]
+    event_schema: str | dict[str, Any] | None = Field(
+        default=None,
+        description="The events' contract, checked at decode (a violation is a dead letter schema_violation): an "
+        "inline JSON Schema, a .json/.yaml file holding one, or a pydantic model 'pkg.module:Model'. Its fields "
+        "override the types inferred from the prompt (`tidegate schema SPEC` prints the result).",
+    )
+
+    @field_validator("event_schema")
+    @classmethod
+    def _event_schema_form(cls, v: Any) -> Any:
+        if isinstance(v, str) and not (re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v)
+                                       or v.endswith((".json", ".yaml", ".yml"))):  # fmt: skip
+            raise ValueError("give an inline JSON Schema, a .json/.yaml file, or a pydantic model 'pkg.module:Model'")
+        if isinstance(v, dict) and not v:
+            raise ValueError("the inline JSON Schema is empty")
+        return v
 
     @model_validator(mode="wrap")
     @classmethod
@@ -227,6 +266,10 @@ class SourceSpec(BaseModel):
         if isinstance(data, SourceSpec):
             return data
         kinds = " or ".join(f"source.{k}" for k in source_kinds())
+        extra = {}
+        if isinstance(data, dict) and "event_schema" in data:  # a setting of every source kind
+            data = dict(data)
+            extra["event_schema"] = data.pop("event_schema")
         if not isinstance(data, dict) or len(data) != 1:
             raise ValueError(f"give exactly one of {kinds}")
         ((kind, body),) = data.items()
@@ -241,11 +284,15 @@ class SourceSpec(BaseModel):
             raise ValidationError.from_exception_data(
                 cls.__name__, [_under(kind, err) for err in e.errors(include_url=False)]
             ) from None
-        return handler({"kind": kind, "settings": settings})
+        return handler({"kind": kind, "settings": settings, **extra})
 
     @model_serializer(mode="wrap")
     def _as_section(self, handler) -> dict[str, Any]:
-        return {self.kind: handler(self)["settings"]}
+        out = handler(self)
+        section = {self.kind: out["settings"]}
+        if out.get("event_schema") is not None:
+            section["event_schema"] = out["event_schema"]
+        return section
 
     @property
     def kafka(self) -> KafkaSourceSpec | None:
@@ -413,6 +460,53 @@ class StagesSpec(_Strict):
     start_timeout_s: float = Field(default=120.0, gt=0, description="How long the stage actors may take to start.")
 
 
+class TopicSinkSpec(_Strict):
+    """`sink.topic`: every committed result and dead letter is also published to a Kafka topic, after
+    its Delta commit, exactly once (docs/exactly-once.md, "Results to Kafka")."""
+
+    name: str = Field(min_length=1, description="The topic (created with `partitions` if missing).")
+    format: Literal["json", "avro"] = Field(
+        default="json", description="json: one JSON object per row; avro: Confluent wire format (needs schema_registry)."
+    )
+    include: list[str] | None = Field(
+        default=None, description="Columns to publish (default: all). Encrypted columns stay encrypted (base64 in JSON)."
+    )
+    bootstrap_servers: list[str] | None = Field(
+        default=None, description="Brokers of the topic; default: the Kafka source's (its security settings too)."
+    )
+    security: KafkaSecuritySpec | None = Field(
+        default=None, description="TLS/SASL for bootstrap_servers; default: the Kafka source's settings."
+    )
+    schema_registry: str | None = Field(
+        default=None,
+        description="format avro: a Schema Registry URL (the rows' schema is registered under '<name>-value') or a "
+        "local {id: schema} file that holds it.",
+    )
+    partitions: int = Field(default=4, ge=1, description="Partitions when the topic has to be created.")
+    transactional: bool = Field(
+        default=False,
+        description="Publish each commit's rows in one Kafka transaction (brokers that support transactions); "
+        "exactly once holds either way (docs/exactly-once.md).",
+    )
+    scan_idle_ms: int = Field(
+        default=1500, ge=100,
+        description="On restart, reading back the topic's tail ends after this long without a record.",
+    )  # fmt: skip
+
+    @field_validator("bootstrap_servers", mode="before")
+    @classmethod
+    def _split_servers(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [s.strip() for s in v.split(",") if s.strip()]
+        return v or None
+
+    @model_validator(mode="after")
+    def _registry_for_avro(self) -> TopicSinkSpec:
+        if self.format == "avro" and self.schema_registry is None:
+            raise ValueError("format avro needs schema_registry (the Confluent wire format carries a schema id)")
+        return self
+
+
 class SinkSpec(_Strict):
     kind: str = Field(default="delta", description="The sink implementation (connectors/sink.py registry).")
     results: str = Field(min_length=1, description="Delta table URI for results.")
@@ -424,6 +518,9 @@ class SinkSpec(_Strict):
         default=5, ge=1, description="Tries of one table write on store errors (backoff between); then the job stops."
     )
     write_backoff_s: float = Field(default=0.5, ge=0, description="First wait between tries; doubles each time.")
+    topic: TopicSinkSpec | None = Field(
+        default=None, description="Also publish every committed row to a Kafka topic (exactly once, after the commit)."
+    )
 
 
 class RaySpec(_Strict):
@@ -518,6 +615,24 @@ class JobSpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _topic_has_brokers(self) -> JobSpec:
+        topic, kafka = self.sink.topic, self.source.kafka
+        if topic is None:
+            return self
+        if not topic.bootstrap_servers and not (kafka is not None and kafka.bootstrap_servers):
+            raise ValueError("sink.topic.bootstrap_servers: needed unless the source is Kafka with bootstrap_servers")
+        if kafka is not None and topic.name == kafka.topic and not topic.bootstrap_servers:
+            raise ValueError("sink.topic.name: the source's own topic; results go to another topic")
+        return self
+
+    def topic_client_settings(self) -> tuple[list[str], KafkaSecuritySpec]:
+        """(brokers, security) of sink.topic: its own, else the Kafka source's."""
+        topic, kafka = self.sink.topic, self.source.kafka
+        brokers = topic.bootstrap_servers or (kafka.bootstrap_servers if kafka is not None else None) or []
+        security = topic.security or (kafka.security if kafka is not None and not topic.bootstrap_servers else None)
+        return brokers, security or KafkaSecuritySpec()
+
+    @model_validator(mode="after")
     def _rules_have_inputs(self) -> JobSpec:
         for i, r in enumerate((self.validation.rules if self.validation is not None else None) or []):
             if r.rule in ("grounding", "semantic_grounding") and not self.prompt.context_field:
@@ -550,6 +665,8 @@ class JobSpec(_Strict):
         from schemas.trusted_code import CodeRef
 
         refs = []
+        if isinstance(self.source.event_schema, str) and ":" in self.source.event_schema:
+            refs.append(CodeRef("source.event_schema", self.source.event_schema))
         if isinstance(self.output.schema_, str):
             refs.append(CodeRef("output.schema", self.output.schema_))
         for i, r in enumerate(self.validation.rules or [] if self.validation is not None else []):

@@ -44,6 +44,15 @@ def broker(tmp_path_factory):
 
 
 @pytest.fixture
+def schema_registry():
+    from tests.registry import SchemaRegistryServer
+
+    server = SchemaRegistryServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def topic(broker) -> str:
     name = f"t-{uuid.uuid4().hex[:10]}"
     create_topic(broker.bootstrap_servers, name, partitions=4)

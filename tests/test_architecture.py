@@ -19,13 +19,14 @@ LAYERS: dict[str, set[str]] = {
     "crypto": {"schemas"},
     "connectors": {"schemas", "crypto"},
     "compute": {"schemas", "crypto"},
+    "tidegate": {"schemas", "crypto", "compute", "connectors"},  # the client SDK: no Ray, no job internals
     "actors": {"schemas", "crypto", "compute", "connectors"},
-    "jobs": {"schemas", "crypto", "compute", "connectors", "actors"},
+    "jobs": {"schemas", "crypto", "compute", "connectors", "actors", "tidegate"},
 }
 OURS = set(LAYERS) | {"tests", "bench"}
 # Ray appears where parallelism does: the actors, and the process-level entry points of jobs/
 # (ray.init, job submission, Ray's metrics API). The job loop routes through actors/.
-NO_RAY = {"schemas", "crypto", "connectors", "compute"}
+NO_RAY = {"schemas", "crypto", "connectors", "compute", "tidegate"}
 NO_RAY_MODULES = {"jobs/pipeline.py", "jobs/inflight.py", "jobs/batcher.py", "jobs/stats.py", "jobs/status.py"}
 
 

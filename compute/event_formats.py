@@ -1,0 +1,146 @@
+"""Message formats of events and published rows: JSON, plain Avro, and the Confluent wire format.
+
+    decode: bytes -> the event object (a dict for a record)   raises DecodeError(error_class, message)
+    encode: the event object -> bytes                          raises EventContractError (producer side)
+
+The Confluent wire format is one magic byte 0, the schema id (4 bytes, big-endian) and the Avro
+body. Schema ids are resolved through a `SchemaLookup` (connectors/schema_registry.py: a registry
+URL or a local {id: schema} file); a lookup answers None for an id it does not know, which makes
+the message a dead letter `unknown_schema_id` (never a crash). JSON decoding stays in
+compute/prompts.py, the fast path. Error messages name schema ids and byte positions, never values.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import fastavro
+from fastavro.schema import to_parsing_canonical_form
+
+from schemas.errors import EventContractError, SpecError
+
+MAGIC = 0
+_HEADER = struct.Struct(">bI")
+
+
+class DecodeError(Exception):
+    def __init__(self, error_class: str, message: str):
+        super().__init__(message)
+        self.error_class = error_class
+
+
+class SchemaLookup(Protocol):
+    def schema(self, schema_id: int) -> dict[str, Any] | None:
+        """The Avro schema registered under this id, or None if there is none."""
+
+    def id_of(self, subject: str, schema: dict[str, Any]) -> int:
+        """The id of this schema (registering it under `subject` where the registry allows)."""
+
+
+def parse_avro(schema: Any, where: str) -> Any:
+    """A parsed Avro schema, or SpecError naming where it came from."""
+    try:
+        return fastavro.parse_schema(schema)
+    except Exception as e:  # fastavro raises several kinds (SchemaParseException, UnknownType, ...)
+        raise SpecError(f"{where}: not a valid Avro schema: {type(e).__name__}: {e}") from None
+
+
+def load_avro_schema(ref: str | dict[str, Any], where: str) -> Any:
+    """An Avro schema given inline or as the path of an .avsc (JSON) file, parsed."""
+    if isinstance(ref, str):
+        try:
+            ref = json.loads(Path(ref).read_text())
+        except OSError as e:
+            raise SpecError(f"{where}: cannot read {ref}: {e.strerror}") from None
+        except ValueError:
+            raise SpecError(f"{where}: {ref} is not JSON (an .avsc file is)") from None
+    return parse_avro(ref, where)
+
+
+def canonical(schema: Any) -> str:
+    """Avro's Parsing Canonical Form: two schemas that read the same bytes the same way are equal."""
+    return to_parsing_canonical_form(fastavro.parse_schema(schema))
+
+
+class AvroDecoder:
+    """Plain Avro with one writer schema, or the Confluent wire format with ids from `lookup`."""
+
+    def __init__(self, writer_schema: Any = None, lookup: SchemaLookup | None = None):
+        if (writer_schema is None) == (lookup is None):
+            raise ValueError("give a writer schema (plain Avro) or a schema lookup (Confluent wire format)")
+        self.writer = writer_schema
+        self.lookup = lookup
+        self._by_id: dict[int, Any] = {}  # ids are immutable in a registry: cached for the run
+
+    def _schema(self, schema_id: int) -> Any:
+        parsed = self._by_id.get(schema_id)
+        if parsed is None:
+            found = self.lookup.schema(schema_id)
+            if found is None:
+                raise DecodeError("unknown_schema_id", f"schema id {schema_id} is not in the schema registry")
+            try:
+                parsed = fastavro.parse_schema(found)
+            except Exception as e:
+                raise DecodeError("invalid_schema", f"schema id {schema_id} is not a usable Avro schema: "
+                                  f"{type(e).__name__}") from None  # fmt: skip
+            self._by_id[schema_id] = parsed
+        return parsed
+
+    def __call__(self, value: bytes) -> Any:
+        if self.lookup is not None:
+            if len(value) < _HEADER.size or value[0] != MAGIC:
+                raise DecodeError("invalid_framing", "value is not in the Confluent wire format "
+                                  "(magic byte 0, then a 4-byte schema id)")  # fmt: skip
+            schema_id = _HEADER.unpack_from(value)[1]
+            schema, body, label = self._schema(schema_id), memoryview(value)[_HEADER.size:], f"schema id {schema_id}"
+        else:
+            schema, body, label = self.writer, memoryview(value), "source.kafka.avro_schema"
+        buf = io.BytesIO(body)
+        try:
+            event = fastavro.schemaless_reader(buf, schema, None)
+        except Exception as e:  # truncated or corrupt bodies raise EOFError, ValueError, IndexError, ...
+            raise DecodeError("invalid_avro", f"value is not valid Avro for {label}: {type(e).__name__}") from None
+        if buf.tell() != len(body):
+            raise DecodeError("invalid_avro", f"value is not valid Avro for {label}: "
+                              f"{len(body) - buf.tell()} bytes left after the record")  # fmt: skip
+        return event
+
+
+class AvroEncoder:
+    """Event -> Avro bytes (plain, or framed with `schema_id`). A value the schema cannot hold
+    raises EventContractError naming the schema, never the value."""
+
+    def __init__(self, schema: Any, schema_id: int | None = None):
+        self.schema = fastavro.parse_schema(schema)
+        self.header = _HEADER.pack(MAGIC, schema_id) if schema_id is not None else b""
+
+    def __call__(self, event: Any) -> bytes:
+        buf = io.BytesIO()
+        buf.write(self.header)
+        try:
+            fastavro.schemaless_writer(buf, self.schema, event, strict_allow_default=True)
+        except Exception as e:  # fastavro's messages quote the datum: only the class and field names
+            fields = [f["name"] for f in self.schema.get("fields", []) if isinstance(event, dict) and f["name"] not in event]
+            extra = f" (missing: {', '.join(fields)})" if fields else ""
+            raise EventContractError(f"does not fit the Avro schema {self.schema.get('name', '')}: "
+                                     f"{type(e).__name__}{extra}") from None  # fmt: skip
+        return buf.getvalue()
+
+
+def encode_json(event: Any) -> bytes:
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8")
+
+
+def event_decoder(kafka_settings: Any, lookup_for: Callable[[str], SchemaLookup]) -> Callable[[bytes], Any] | None:
+    """The decoder of a Kafka source's `format` (None: JSON, PromptRenderer's own fast path).
+    lookup_for(ref) opens source.kafka.schema_registry."""
+    if kafka_settings is None or getattr(kafka_settings, "format", "json") == "json":
+        return None
+    if kafka_settings.schema_registry is not None:
+        return AvroDecoder(lookup=lookup_for(kafka_settings.schema_registry))
+    return AvroDecoder(writer_schema=load_avro_schema(kafka_settings.avro_schema, "source.kafka.avro_schema"))

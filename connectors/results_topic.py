@@ -1,0 +1,287 @@
+"""Results to Kafka (`sink.topic`): every committed result and dead letter, published once, after its commit.
+
+    publish(results, dead, positions)    after the sink committed these rows (stored form: encrypted
+                                         columns stay encrypted): one message per row, flushed
+                                         (acks=all); returns the marks for the next commit
+    resume(sink, committed)              after a (re)start: rows committed but not known published
+                                         are looked up in the topic and only the missing ones sent
+
+Exactly once (docs/exactly-once.md, "Results to Kafka"), without trusting the broker's
+transactions: every message carries its row's source position in headers, and the writer records
+two marks per source partition in the Delta log, riding on its next commit like the source
+positions themselves:
+
+    tidegate/<job>/topic/<name>/<source topic>/<p>/published   the source offset published through
+    tidegate/<job>/topic/<name>/<source topic>/<p>/scan_from   the topic offset after which this
+                                                               partition's unrecorded messages lie
+
+The rows of source partition p go to topic partition p mod N (keyed by id), so one offset bounds
+that partition's messages. On resume, rows above `published` are candidates; the topic partition
+is read from `scan_from` to its end (read_committed) and the candidates whose positions are there
+are not sent again. A kill between the commit and the publish, or in the middle of one, therefore
+neither loses nor repeats a row. With `transactional: true` each publish is one Kafka transaction
+too, so read_committed consumers never see a half-published commit on brokers that implement them.
+
+Messages: key = id (UTF-8); value = the row (JSON object, or Avro in the Confluent wire format:
+a union of the result and dead-letter records); headers run_id, status ("ok" | "flagged" |
+"dead_letter"), error_class, and tidegate.source_topic / .source_partition / .source_offset.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import date, datetime
+from typing import Any
+
+import pyarrow as pa
+
+from connectors.schema_registry import open_registry
+from schemas.errors import SinkError
+from schemas.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+TopicPartition = tuple[str, int]
+H_TOPIC, H_PARTITION, H_OFFSET = "tidegate.source_topic", "tidegate.source_partition", "tidegate.source_offset"
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, (bytes, bytearray)):
+        return base64.b64encode(v).decode("ascii")  # encrypted columns and raw bytes: as stored
+    if isinstance(v, (datetime, date)):
+        return v.isoformat()
+    return str(v)
+
+
+class ResultsTopic:
+    """The publisher of sink.topic; lives in the commit writer next to the sink (actors/writer.py)."""
+
+    def __init__(self, spec: JobSpec, results_schema: pa.Schema, dead_schema: pa.Schema):
+        self.settings = spec.sink.topic
+        assert self.settings is not None
+        self.job = spec.name
+        self.topic = self.settings.name
+        self.brokers, self.security = spec.topic_client_settings()
+        include = self.settings.include
+        known = set(results_schema.names) | set(dead_schema.names)
+        if include is not None:
+            unknown = sorted(set(include) - known)
+            if unknown:
+                raise SinkError(f"sink.topic.include: no such column: {', '.join(unknown)}")
+        self.results_columns = [c for c in results_schema.names if include is None or c in include]
+        self.dead_columns = [c for c in dead_schema.names if include is None or c in include]
+        self.results_schema, self.dead_schema = results_schema, dead_schema
+        self._encode_result = self._encode_dead = None
+        self.producer = None
+        self.partitions = 0
+        self._next_offset: dict[int, int] = {}  # topic partition -> after the last message we delivered there
+
+    # -- setup -------------------------------------------------------------------------------------
+
+    def _client_config(self) -> dict[str, Any]:
+        config = self.security.client_config()
+        config["bootstrap_servers"] = self.brokers
+        return config
+
+    def open(self) -> None:
+        from kafka import KafkaProducer
+
+        from connectors.kafka import create_topic
+
+        create_topic(self.brokers, self.topic, self.settings.partitions)
+        config = self._client_config()
+        config.update(acks="all", enable_idempotence=True, linger_ms=5, max_request_size=16 * 2**20)
+        if self.settings.transactional:
+            # One id per job and topic: a restarted writer fences the old one and aborts what it left open.
+            config["transactional_id"] = f"tidegate-{self.job}-{self.topic}"
+        self.producer = KafkaProducer(**config)
+        if self.settings.transactional:
+            self.producer.init_transactions()
+        deadline = time.monotonic() + 30
+        parts = self.producer.partitions_for(self.topic)
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.2)
+            parts = self.producer.partitions_for(self.topic)
+        if not parts:
+            raise SinkError(f"sink.topic {self.topic!r}: no partitions known (metadata)")
+        self.partitions = len(parts)
+        self._encoders()
+
+    def _encoders(self) -> None:
+        if self.settings.format == "json":
+            def encoder(columns: list[str]):
+                def encode(row: dict) -> bytes:
+                    return json.dumps({c: row.get(c) for c in columns}, ensure_ascii=False,
+                                      separators=(",", ":"), default=_json_value).encode("utf-8")  # fmt: skip
+                return encode
+
+            self._encode_result = encoder(self.results_columns)
+            self._encode_dead = encoder(self.dead_columns)
+            return
+        import fastavro
+
+        from connectors.avro_rows import avro_record, confluent_encoder
+
+        result = avro_record("Result", self.results_schema, self.results_columns)
+        dead = avro_record("DeadLetter", self.dead_schema, self.dead_columns)
+        schema = [result, dead]
+        namespace = "tidegate." + "".join(ch if ch.isalnum() else "_" for ch in self.job)
+        schema = [{**s, "namespace": namespace} for s in schema]
+        schema_id = open_registry(self.settings.schema_registry).id_of(f"{self.topic}-value", schema)
+        parsed = fastavro.parse_schema(schema)
+        self._encode_result = confluent_encoder(parsed, schema_id, f"{namespace}.Result", self.results_columns)
+        self._encode_dead = confluent_encoder(parsed, schema_id, f"{namespace}.DeadLetter", self.dead_columns)
+
+    def close(self) -> None:
+        if self.producer is not None:
+            self.producer.close(timeout=10)
+            self.producer = None
+
+    # -- marks -------------------------------------------------------------------------------------
+
+    def mark_names(self, tp: TopicPartition) -> tuple[str, str]:
+        base = f"tidegate/{self.job}/topic/{self.topic}/{tp[0]}/{tp[1]}"
+        return f"{base}/published", f"{base}/scan_from"
+
+    def route(self, tp: TopicPartition) -> int:
+        return tp[1] % self.partitions
+
+    # -- publish -----------------------------------------------------------------------------------
+
+    def _messages(self, results: pa.Table, dead: pa.Table, keep: Mapping[TopicPartition, set[int]] | None = None):
+        """(tp, source offset, key, value, headers) per row, in source-offset order per partition."""
+        out = []
+        for table, encode, is_dead in ((results, self._encode_result, False), (dead, self._encode_dead, True)):
+            if table.num_rows == 0:
+                continue
+            for row in table.to_pylist():
+                tp = (row["source_topic"], row["source_partition"])
+                if keep is not None and row["source_offset"] not in keep.get(tp, ()):
+                    continue
+                status = "dead_letter" if is_dead else (row.get("status") or "ok")
+                headers = [("run_id", (row.get("run_id") or "").encode()), ("status", status.encode()),
+                           ("error_class", (row.get("error_class") or "").encode() if is_dead else b""),
+                           (H_TOPIC, tp[0].encode()), (H_PARTITION, str(tp[1]).encode()),
+                           (H_OFFSET, str(row["source_offset"]).encode())]  # fmt: skip
+                key = row["id"].encode("utf-8") if row.get("id") is not None else None
+                out.append((tp, row["source_offset"], key, encode(row), headers))
+        out.sort(key=lambda m: (m[0], m[1]))
+        return out
+
+    def publish(self, results: pa.Table, dead: pa.Table, positions: Mapping[TopicPartition, int],
+                keep: Mapping[TopicPartition, set[int]] | None = None) -> dict[TopicPartition, dict[str, int]]:  # fmt: skip
+        """Send these committed rows (all of them, or only the `keep` offsets) and wait for the
+        broker; returns the marks to record with the next commit. Raises SinkError if the broker
+        does not take them (the job stops; the restart publishes what is missing)."""
+        from kafka.errors import KafkaError
+
+        messages = self._messages(results, dead, keep)
+        tx = self.settings.transactional and bool(messages)
+        try:
+            if tx:
+                self.producer.begin_transaction()
+            futures = [
+                (self.route(tp), self.producer.send(self.topic, key=key, value=value, headers=headers,
+                                                    partition=self.route(tp)))
+                for tp, _, key, value, headers in messages
+            ]  # fmt: skip
+            self.producer.flush()
+            for k, fut in futures:
+                md = fut.get(timeout=60)
+                self._next_offset[k] = max(self._next_offset.get(k, 0), md.offset + 1)
+            if tx:
+                self.producer.commit_transaction()
+        except KafkaError as e:
+            raise SinkError(f"publishing to topic {self.topic!r} failed: {type(e).__name__}: {e}") from None
+        marks: dict[TopicPartition, dict[str, int]] = {}
+        for tp, last in positions.items():
+            published, scan_from = self.mark_names(tp)
+            marks[tp] = {published: last}
+            nxt = self._next_offset.get(self.route(tp))
+            if nxt is not None:
+                marks[tp][scan_from] = nxt
+        return marks
+
+    # -- resume ------------------------------------------------------------------------------------
+
+    def resume(self, sink: Any, committed: Mapping[TopicPartition, int | None]
+               ) -> tuple[int, dict[TopicPartition, dict[str, int]]]:  # fmt: skip
+        """Publish the committed rows of these partitions that the topic does not hold yet.
+        Returns (rows sent, marks for the next commit)."""
+        names = {tp: self.mark_names(tp) for tp, c in committed.items() if c is not None}
+        recorded = sink.read_marks([n for pair in names.values() for n in pair]) if names else {}
+        todo: dict[TopicPartition, tuple[pa.Table, pa.Table, set[int]]] = {}
+        scans: dict[int, int] = {}  # topic partition -> offset to read from
+        for tp, (published_name, scan_name) in names.items():
+            low = recorded.get(published_name)
+            low = -1 if low is None else low
+            if committed[tp] <= low:
+                continue
+            results, dead = sink.rows_above(tp, low, committed[tp])
+            want = set(results.column("source_offset").to_pylist()) | set(dead.column("source_offset").to_pylist())
+            todo[tp] = (results, dead, want)
+            if want:
+                k = self.route(tp)
+                scans[k] = min(scans.get(k, 1 << 62), recorded.get(scan_name) or 0)
+        seen = self._published_offsets(scans, set(todo)) if scans else {}
+        sent, marks = 0, {}
+        for tp, (results, dead, want) in todo.items():
+            missing = want - seen.get(tp, set())
+            if want:
+                log.info("topic %s, source partition %s: %d committed row(s) above the publish mark, %d already "
+                         "in the topic, %d to send", self.topic, tp, len(want), len(want) - len(missing), len(missing))  # fmt: skip
+            marks.update(self.publish(results, dead, {tp: committed[tp]}, keep={tp: missing}))
+            sent += len(missing)
+        return sent, marks
+
+    def _published_offsets(self, scans: Mapping[int, int], tps: set[TopicPartition]) -> dict[TopicPartition, set[int]]:
+        """Source offsets of `tps` found in the topic partitions `scans` names, each read from its
+        offset to the end: where reading stays idle for sink.topic.scan_idle_ms past the reported end
+        offset (brokers such as tansu report wrong end offsets: idleness is what counts)."""
+        from kafka import KafkaConsumer, TopicPartition as KTP
+
+        config = self._client_config()
+        config.update(enable_auto_commit=False, group_id=None, isolation_level="read_committed",
+                      client_id=f"tidegate-scan-{uuid.uuid4().hex[:8]}")  # fmt: skip
+        consumer = KafkaConsumer(**config)
+        ktps = [KTP(self.topic, k) for k in sorted(scans)]
+        wanted = {(tp[0].encode(), str(tp[1]).encode()): tp for tp in tps}
+        seen: dict[TopicPartition, set[int]] = {}
+        try:
+            consumer.assign(ktps)
+            for ktp in ktps:
+                consumer.seek(ktp, scans[ktp.partition])
+            try:
+                ends = consumer.end_offsets(ktps)
+            except Exception:  # noqa: BLE001 - end offsets are only a hint here
+                ends = {}
+            idle_since = time.monotonic()
+            while True:
+                batch = consumer.poll(timeout_ms=200)
+                if any(batch.values()):
+                    idle_since = time.monotonic()
+                for ktp, records in batch.items():
+                    for r in records:
+                        h = dict(r.headers or [])
+                        tp = wanted.get((h.get(H_TOPIC), h.get(H_PARTITION)))
+                        if tp is not None:
+                            seen.setdefault(tp, set()).add(int(h[H_OFFSET]))
+                        self._next_offset[ktp.partition] = max(self._next_offset.get(ktp.partition, 0), r.offset + 1)
+                idle = time.monotonic() - idle_since
+                behind = [k for k in ktps if consumer.position(k) < (ends.get(k) or 0)]
+                if idle * 1000 >= self.settings.scan_idle_ms and not behind:
+                    break
+                if idle > 120:
+                    raise SinkError(f"sink.topic {self.topic!r}: could not read partitions {[k.partition for k in behind]} "
+                                    "back to their reported end offsets")  # fmt: skip
+        finally:
+            consumer.close()
+        return seen
+
+    def forget(self, tps: Iterable[TopicPartition]) -> None:
+        pass  # marks ride on commits of owned partitions only (the writer drops staged ones)

@@ -1,0 +1,156 @@
+"""Kafka producers and consumers around a job: the producer SDK (tidegate.producer), the
+`tidegate produce` / `tidegate schema` verbs, and a job that reads Avro in the Confluent wire
+format from librdkafka's client and publishes its results to a topic. Real broker (tansu), a real
+HTTP schema registry endpoint (tests/registry.py), real Delta tables, a real Ray + vLLM job."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import uuid
+from collections import Counter
+
+import fastavro
+import pandas as pd
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from compute.event_formats import AvroDecoder
+from connectors.schema_registry import HttpSchemaRegistry
+from jobs.cli import app
+from schemas.errors import EventContractError
+from tests.conftest import make_spec, table_rows, write_spec
+from tests.test_results_topic import consume_all
+
+SECRET = "canary-ecosystem-7731"
+
+
+def producer_spec(tmp_path, broker, topic: str, **kafka) -> dict:
+    return {
+        "name": "producer-job",
+        "source": {"kafka": {"topic": topic, "bootstrap_servers": broker.bootstrap_servers, **kafka},
+                   "event_schema": {"properties": {"priority": {"type": "integer", "minimum": 1, "maximum": 5}},
+                                    "required": ["priority"]}},
+        "prompt": {"template": "Ticket for {{ user }}: {{ question }}", "id_field": "id"},
+        "model": {"path": "/m"},
+        "sink": {"results": str(tmp_path / "r"), "dead_letter": str(tmp_path / "d")},
+    }  # fmt: skip
+
+
+def ev(i: int, **kw) -> dict:
+    return {"id": f"p{i:04d}", "user": f"u{i % 3}", "question": f"where is order {i}?", "priority": 1 + i % 5, **kw}
+
+
+def test_the_producer_checks_every_event_first_keys_by_id_and_reports_deliveries(tmp_path, broker, topic):
+    from tidegate.producer import EventProducer
+
+    spec_path = write_spec(tmp_path, producer_spec(tmp_path, broker, topic))
+    with EventProducer.from_spec(spec_path) as producer:
+        first = producer.send(ev(0))
+        assert first.id == "p0000" and first.topic == topic and first.offset >= 0
+        with pytest.raises(EventContractError) as e:
+            producer.send_many([ev(1), ev(2, priority=SECRET), ev(3)])
+        assert str(e.value) == "event #1: priority: fails 'type' \"integer\"" and e.value.record == 1
+        with pytest.raises(EventContractError, match="event #0: question: required field missing"):
+            producer.send_many([{"id": "x", "user": "u", "priority": 1}])
+        frames = producer.send_many(pl.DataFrame([ev(i) for i in range(10, 15)]))
+        frames += producer.send_many(pd.DataFrame([ev(i) for i in range(20, 23)]))
+    assert [d.id for d in frames] == [f"p{i:04d}" for i in [*range(10, 15), *range(20, 23)]]
+    msgs = consume_all(broker.bootstrap_servers, topic, idle_s=2)
+    got = {m.key().decode(): json.loads(m.value()) for m in msgs}
+    assert sorted(got) == sorted(["p0000", *(d.id for d in frames)])  # nothing of the refused calls
+    assert got["p0021"] == ev(21)
+    by_id = {m.key().decode(): m.partition() for m in msgs}
+    assert all(by_id[d.id] == d.partition for d in frames)
+
+
+def test_the_producer_registers_the_contract_and_sends_the_confluent_wire_format(tmp_path, broker, topic,
+                                                                                   schema_registry):  # fmt: skip
+    from tidegate.producer import EventProducer
+
+    spec = producer_spec(tmp_path, broker, topic, format="avro", schema_registry=schema_registry.url)
+    with EventProducer.from_spec(write_spec(tmp_path, spec)) as producer:
+        producer.send_many([ev(i) for i in range(6)])
+    (subject, (schema_id, schema)), = schema_registry.subjects.items()
+    assert subject == f"{topic}-value" and {f["name"] for f in schema["fields"]} >= {"id", "user", "question", "priority"}
+    decode = AvroDecoder(lookup=HttpSchemaRegistry(schema_registry.url))
+    msgs = consume_all(broker.bootstrap_servers, topic, idle_s=2)
+    assert sorted(decode(m.value())["id"] for m in msgs) == [f"p{i:04d}" for i in range(6)]
+    assert {struct.unpack(">bI", m.value()[:5]) for m in msgs} == {(0, schema_id)}
+
+
+def test_cli_schema_and_produce(tmp_path, broker, topic):
+    spec_path = write_spec(tmp_path, producer_spec(tmp_path, broker, topic))
+    runner = CliRunner()
+    out = runner.invoke(app, ["schema", str(spec_path)])
+    assert out.exit_code == 0, out.output
+    schema = json.loads(out.output)
+    assert schema["required"] == ["id", "question", "user", "priority"]
+    avro = runner.invoke(app, ["schema", str(spec_path), "--format", "avro"])
+    assert avro.exit_code == 0 and fastavro.parse_schema(json.loads(avro.output))["type"] == "record"
+    assert runner.invoke(app, ["schema", str(spec_path), "--format", "xml"]).exit_code == 2
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(json.dumps(e) for e in [ev(1), ev(2), ev(3, priority=9, question=SECRET)]) + "\n")
+    res = runner.invoke(app, ["produce", str(bad), "--spec", str(spec_path)])
+    assert res.exit_code == 2 and "line 3: priority: fails 'maximum' 5; nothing was sent" in res.output
+    assert SECRET not in res.output
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps(ev(i)) for i in range(4)) + "\n\n")
+    res = runner.invoke(app, ["produce", str(good), "--spec", str(spec_path)])
+    assert res.exit_code == 0 and f"sent 4 event(s) to {topic}" in res.output, res.output
+    assert len(consume_all(broker.bootstrap_servers, topic, idle_s=2)) == 4
+
+
+@pytest.mark.slow
+def test_a_job_reads_librdkafka_avro_and_publishes_each_committed_row_to_kafka_once(
+    tmp_path, broker, topic, tiny_model, job_processes, schema_registry
+):
+    from confluent_kafka import Producer
+
+    spec = make_spec(tmp_path, broker, topic, tiny_model)
+    contract_spec = producer_spec(tmp_path, broker, topic)
+    spec["source"]["kafka"].update(format="avro", schema_registry=schema_registry.url)
+    spec["source"]["event_schema"] = contract_spec["source"]["event_schema"]
+    spec["prompt"] = contract_spec["prompt"]
+    out_topic = f"results-{uuid.uuid4().hex[:8]}"
+    spec["sink"]["topic"] = {"name": out_topic, "partitions": 2, "scan_idle_ms": 500}
+    # the writer's schema, registered the way a Confluent serializer does (POST /subjects/.../versions)
+    schema = {"type": "record", "name": "Ticket", "namespace": "acme", "fields": [
+        {"name": "id", "type": "string"}, {"name": "user", "type": "string"},
+        {"name": "question", "type": "string"}, {"name": "priority", "type": "int"}]}  # fmt: skip
+    schema_id = schema_registry.register(f"{topic}-value", schema)
+
+    def framed(event: dict, sid: int = schema_id) -> bytes:
+        buf = io.BytesIO()
+        buf.write(struct.pack(">bI", 0, sid))
+        fastavro.schemaless_writer(buf, fastavro.parse_schema(schema), event)
+        return buf.getvalue()
+
+    p = Producer({"bootstrap.servers": broker.bootstrap_servers, "enable.idempotence": True, "acks": "all"})
+    for i in range(30):
+        p.produce(topic, key=f"p{i:04d}", value=framed(ev(i)))
+    p.produce(topic, key="unknown", value=framed(ev(100), sid=schema_id + 1000))  # no such schema id
+    p.produce(topic, key="p0101", value=framed(ev(101, priority=7, question=SECRET)))  # breaks the contract
+    p.produce(topic, key="json", value=json.dumps(ev(102)).encode())  # not the wire format
+    assert p.flush(30) == 0
+
+    job = job_processes(write_spec(tmp_path, spec))
+    assert job.wait(300) == 0, job.log()[-4000:]
+    results = pl.read_delta(spec["sink"]["results"])
+    dead = pl.read_delta(spec["sink"]["dead_letter"])
+    assert results.height == 30 and sorted(results["id"]) == [f"p{i:04d}" for i in range(30)]
+    assert Counter(dead["error_class"]) == Counter({"unknown_schema_id": 1, "schema_violation": 1, "invalid_framing": 1})
+    violation = dead.filter(pl.col("error_class") == "schema_violation").row(0, named=True)
+    assert violation["id"] == "p0101" and violation["error"] == "priority: fails 'maximum' 5"
+
+    msgs = consume_all(broker.bootstrap_servers, out_topic)
+    by_position = Counter((int(dict(m.headers())["tidegate.source_partition"]),
+                           int(dict(m.headers())["tidegate.source_offset"])) for m in msgs)  # fmt: skip
+    assert len(by_position) == 33 and set(by_position.values()) == {1}  # every committed row, once
+    statuses = Counter(dict(m.headers())["status"] for m in msgs)
+    assert statuses[b"dead_letter"] == 3 and sum(statuses.values()) == 33
+    assert {json.loads(m.value())["id"] for m in msgs if dict(m.headers())["status"] != b"dead_letter"} == set(results["id"])
+    assert table_rows(spec["sink"]["results"]) == 30
