@@ -485,8 +485,9 @@ class TopicSinkSpec(_Strict):
     partitions: int = Field(default=4, ge=1, description="Partitions when the topic has to be created.")
     transactional: bool = Field(
         default=False,
-        description="Publish each commit's rows in one Kafka transaction (brokers that support transactions); "
-        "exactly once holds either way (docs/exactly-once.md).",
+        description="Publish each commit's rows in one Kafka transaction (brokers that support transactions; a job "
+        "run as one replica: the transactional id is per job and topic); exactly once holds either way "
+        "(docs/exactly-once.md).",
     )
     scan_idle_ms: int = Field(
         default=1500, ge=100,

@@ -214,3 +214,13 @@ def test_file_registry_finds_ids_by_canonical_form_and_decoder_caches(tmp_path):
     with pytest.raises(DecodeError) as e:
         dec(AvroEncoder(AVRO, 4)(_event(1)))
     assert e.value.error_class == "unknown_schema_id"
+
+
+def test_a_registry_that_cannot_be_reached_is_an_error_not_a_dead_letter():
+    from connectors.broker import free_port
+    from connectors.schema_registry import HttpSchemaRegistry
+    from schemas.errors import SourceError
+
+    registry = HttpSchemaRegistry(f"http://127.0.0.1:{free_port()}", attempts=2, timeout_s=1)
+    with pytest.raises(SourceError, match="schema registry .* failed: URLError"):
+        AvroDecoder(lookup=registry)(AvroEncoder(AVRO, 5)(_event(1)))

@@ -17,7 +17,6 @@ import pytest
 from deltalake import DeltaTable
 
 from actors.writer import CommitWriter
-from connectors.kafka import create_topic
 from schemas.errors import SpecError
 from schemas.spec import parse_spec
 from tests.conftest import REPO
@@ -171,3 +170,44 @@ def test_topic_settings_are_checked(tmp_path, broker):
     unknown = parse_spec(spec_dict(tmp_path, broker, "out", include=["id", "nope"]))
     with pytest.raises(Exception, match="no such column: nope"):
         CommitWriter(unknown)
+
+
+def test_encrypted_columns_stay_encrypted_on_the_topic(tmp_path, broker, monkeypatch):
+    import os
+
+    from crypto.keyring import Keyring, LocalMasterKeyProvider
+    from tests.conftest import results_table
+
+    monkeypatch.setenv("TIDEGATE_MASTER_KEY", base64.b64encode(os.urandom(32)).decode())
+    keyring = tmp_path / "keys" / "keyring.json"
+    Keyring.init(keyring, LocalMasterKeyProvider()).create_tenant("acme")
+    canary = f"canary-topic-{uuid.uuid4().hex[:8]}@example.com"
+    out = f"out-{uuid.uuid4().hex[:8]}"
+    spec = spec_dict(tmp_path, broker, out)
+    spec["encryption"] = {"keyring": str(keyring), "tenant": "acme", "output_fields": ["output_text"]}
+    writer = CommitWriter(parse_spec(spec))
+    writer.open()
+    writer.resume(TPS)
+    rows = results_table([0, 1, 2], 0, output_text=f"reply to {canary}", tenant="acme")
+    writer.write_tables(rows, commit_rows(0, 0)[1].slice(0, 0), {TPS[0]: 2}, None)
+    writer.topic.close()
+    msgs = consume_all(broker.bootstrap_servers, out)
+    assert len(msgs) == 3
+    for m in msgs:
+        assert canary.encode() not in m.value()
+        stored = base64.b64decode(json.loads(m.value())["output_text"])  # the ciphertext as the table holds it
+        assert canary.encode() not in stored and len(stored) > len(canary)
+    # A consumer with the keyring decrypts what it read from the topic, bound to the results table.
+    import pyarrow as pa
+
+    from crypto.binding import binding_of
+    from crypto.reader import decrypt_table, open_keyring
+    from schemas.encryption import ROW_ID_COLUMNS
+
+    dt = DeltaTable(spec["sink"]["results"])
+    binding = binding_of(dt.metadata(), pa.schema(dt.schema().to_arrow()), spec["sink"]["results"])
+    rows = [json.loads(m.value()) for m in msgs]
+    table = pa.table({"output_text": [base64.b64decode(r["output_text"]) for r in rows],
+                      "tenant": [r["tenant"] for r in rows], **{c: [r[c] for r in rows] for c in ROW_ID_COLUMNS}})  # fmt: skip
+    clear = decrypt_table(table, open_keyring(str(keyring)), binding=binding, columns=["output_text"])
+    assert set(clear.column("output_text").to_pylist()) == {f"reply to {canary}"}
