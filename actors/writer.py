@@ -87,6 +87,8 @@ class CommitWriter:
         # on the next commit (connectors/results_topic.py). A replay's sink does not publish.
         self.topic = None
         self._marks: dict[TopicPartition, dict[str, int]] = {}
+        self.maintenance = spec.sink.maintenance
+        self._commits = 0
         if spec.sink.topic is not None and getattr(self.sink, "publishes", True):
             missing = [m for m in ("stage_marks", "read_marks", "rows_above") if not callable(getattr(self.sink, m, None))]
             if missing:
@@ -154,6 +156,7 @@ class CommitWriter:
         ended_at = datetime.now(timezone.utc)
         if self.topic is not None and positions:  # after the commit: what a consumer reads is in the table
             self._keep_marks(self.topic.publish(results, dead, positions))
+        self._maintain_if_due()
         try:
             enc.record_usage()  # values per key version; rotates at encryption.rotate_after_values
         except Exception as e:  # the commit landed: a keyring that cannot be written now is noted, not fatal
@@ -164,6 +167,21 @@ class CommitWriter:
             # informational runs table.
             self._runs_row = dict(**record, ended_at=ended_at, **totals.runs_fields())
         return CommitReport(totals, time.monotonic() - t0, ended_at)
+
+    def _maintain_if_due(self) -> None:
+        """sink.maintenance: compact, checkpoint and vacuum every compact_every_commits commits, here
+        between two commits of this writer (never racing itself). Failures are logged, never raised."""
+        every = self.maintenance.compact_every_commits
+        maintain = getattr(self.sink, "maintain", None)
+        self._commits += 1
+        if every is None or maintain is None or self._commits % every:
+            return
+        try:
+            report = maintain()
+            log.info("table maintenance after %d commits: %s", self._commits, {
+                role: (r["before"]["files"], r["after"]["files"], r["report"]["seconds"]) for role, r in report.items()})  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - maintenance must never stop the job
+            log.warning("table maintenance failed (the next round tries again): %s", type(e).__name__)
 
     def append_runs_row(self) -> None:
         """The runs-table row of the last commit (informational: a failure is logged, not raised)."""

@@ -26,7 +26,7 @@ from connectors.sink import register_sink
 from crypto.binding import Binding, binding_of, new_table_description
 from schemas.errors import PartitionFencedError, SinkError, SinkSchemaError
 from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA
-from schemas.spec import JobSpec
+from schemas.spec import JobSpec, MaintenanceSpec
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class _Table:
         self.binding_role = binding_role  # results | dead_letter: tables whose values are bound (crypto/binding.py)
         self._dt: DeltaTable | None = None
         self._commits = 0  # appends through the current handle
+        self.configuration: dict[str, str] = {}  # table properties a new table is created with
 
     def open(self) -> DeltaTable:
         if self._commits >= REOPEN_AFTER_COMMITS:
@@ -67,7 +68,8 @@ class _Table:
                 # A new table records how its values are bound (its Delta id is its label).
                 description = new_table_description(self.binding_role) if self.binding_role else None
                 self._dt = DeltaTable.create(self.uri, schema=self.schema, mode="ignore",
-                                             storage_options=self.storage_options, description=description)  # fmt: skip
+                                             storage_options=self.storage_options, description=description,
+                                             configuration=self.configuration or None)  # fmt: skip
             self._check_schema(self._dt)
         else:
             self._dt.update_incremental()
@@ -137,7 +139,8 @@ class DeltaSink:
     @classmethod
     def from_spec(cls, spec: JobSpec) -> DeltaSink:
         return cls(spec.name, spec.sink.results, spec.sink.dead_letter, spec.sink.storage_options, spec.source.kind,
-                   write_attempts=spec.sink.write_attempts, write_backoff_s=spec.sink.write_backoff_s)  # fmt: skip
+                   write_attempts=spec.sink.write_attempts, write_backoff_s=spec.sink.write_backoff_s,
+                   maintenance=spec.sink.maintenance)  # fmt: skip
 
     def __init__(
         self,
@@ -148,8 +151,10 @@ class DeltaSink:
         source_kind: str = "kafka",
         write_attempts: int = 5,
         write_backoff_s: float = 0.5,
+        maintenance: MaintenanceSpec | None = None,
     ):
         self.job_name = job_name
+        self.maintenance = maintenance or MaintenanceSpec()
         self.source_kind = source_kind
         self.results = _Table(results_uri, RESULTS_SCHEMA, storage_options, "results", "results")
         self.dead_letter = _Table(dead_letter_uri, DEAD_LETTER_SCHEMA, storage_options, "dead-letter", "dead_letter")
@@ -178,8 +183,31 @@ class DeltaSink:
 
     def open(self) -> None:
         """Create the tables if needed and check their schemas (fails before any work)."""
-        self.results.open()
-        self.dead_letter.open()
+        config = self.maintenance.table_properties()
+        for table in (self.results, self.dead_letter):
+            table.configuration = config
+            dt = table.open()
+            if any(dt.metadata().configuration.get(k) != v for k, v in config.items()):  # an older table
+                dt.alter.set_table_properties(config)
+                dt.update_incremental()
+
+    def maintain(self, compact: bool = True, checkpoint: bool = True, vacuum: bool = True) -> dict[str, Any]:
+        """sink.maintenance's steps on the results, dead-letter and runs tables (connectors/maintenance.py):
+        role -> {before, after: TableHealth, report: MaintenanceReport}."""
+        from dataclasses import asdict
+
+        from connectors.maintenance import maintain_table, table_health
+
+        handles = {"results": self.results.open(), "dead_letter": self.dead_letter.open()}
+        runs = self.history()
+        if runs is not None and runs.exists():
+            handles["runs"] = DeltaTable(runs.uri, storage_options=runs.storage_options)
+        out = {}
+        for role, dt in handles.items():
+            before = table_health(dt)
+            report = maintain_table(dt, self.maintenance, compact=compact, checkpoint=checkpoint, vacuum=vacuum)
+            out[role] = {"before": before.as_dict(), "after": table_health(dt).as_dict(), "report": asdict(report)}
+        return out
 
     def bindings(self) -> tuple[Binding, Binding]:
         """How the results and dead-letter tables bind encrypted values (crypto/binding.py)."""

@@ -7,6 +7,7 @@
     tidegate broker [--port PORT]
     tidegate produce FILE.jsonl (--spec SPEC | --bootstrap HOST:PORT --topic T)
     tidegate schema SPEC [--format json-schema|avro]
+    tidegate maintain SPEC [--optimize] [--vacuum] [--checkpoint]
     tidegate model make-tiny DIR [--seed N]
 """
 
@@ -270,6 +271,51 @@ def schema(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     typer.echo(json.dumps(out, indent=2))
+
+
+@app.command()
+def maintain(
+    spec: Annotated[Path, typer.Argument(help="Job spec (YAML): its sink's tables and sink.maintenance.")],
+    optimize: Annotated[bool, typer.Option("--optimize", help="Compact small files (target sink.maintenance.target_file_mb).")] = False,
+    vacuum: Annotated[bool, typer.Option("--vacuum", help="Delete files unreferenced for vacuum_retention_hours.")] = False,
+    checkpoint: Annotated[bool, typer.Option("--checkpoint", help="Write a checkpoint and clean up expired log files.")] = False,
+) -> None:
+    """Maintain the job's Delta tables (none of the flags: all three). Safe while the job runs:
+    positions survive, a compaction that races a commit is retried."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from connectors.sink import open_sink
+    from schemas.errors import TidegateError
+    from schemas.spec import load_spec
+
+    if not (optimize or vacuum or checkpoint):
+        optimize = vacuum = checkpoint = True
+    try:
+        job = load_spec(spec)
+        sink = open_sink(job)
+        if not callable(getattr(sink, "maintain", None)):
+            raise TidegateError(f"sink.kind {job.sink.kind!r} has no table maintenance")
+        sink.open()
+        report = sink.maintain(compact=optimize, checkpoint=checkpoint, vacuum=vacuum)
+    except TidegateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    table = Table(title=f"{job.name}: table maintenance")
+    for col in ("table", "version", "files", "MB", "log files", "log MB", "seconds", "note"):
+        table.add_column(col)
+    mb = lambda b: "-" if b is None else f"{b / 2**20:.1f}"  # noqa: E731
+    failed = False
+    for role, r in report.items():
+        b, a, rep = r["before"], r["after"], r["report"]
+        failed |= rep["error"] is not None
+        table.add_row(role, f"{b['version']} -> {a['version']}", f"{b['files']} -> {a['files']}",
+                      f"{mb(b['data_bytes'])} -> {mb(a['data_bytes'])}",
+                      f"{b['log_files'] if b['log_files'] is not None else '-'} -> {a['log_files'] if a['log_files'] is not None else '-'}",
+                      f"{mb(b['log_bytes'])} -> {mb(a['log_bytes'])}", f"{rep['seconds']:.1f}",
+                      rep["error"] or (f"vacuumed {rep['vacuumed_files']}" if rep["vacuumed_files"] else ""))  # fmt: skip
+    Console().print(table)
+    raise typer.Exit(1 if failed else 0)
 
 
 @model_app.command("make-tiny")

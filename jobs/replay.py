@@ -268,7 +268,8 @@ def replay_dead_letters(spec: JobSpec, where: str | None, fixed_cluster: bool) -
         plan = _decrypted(spec, _plan(dl_uri, opts, replay_id))
         log.info("replay %s: %d dead-lettered row(s)%s", replay_id, plan.num_rows, " (resumed)" if resumed else "")
         sink = ReplaySink(spec.name, spec.sink.results, dl_uri, spec.sink.storage_options, replay_id, plan,
-                          write_attempts=spec.sink.write_attempts, write_backoff_s=spec.sink.write_backoff_s)  # fmt: skip
+                          write_attempts=spec.sink.write_attempts, write_backoff_s=spec.sink.write_backoff_s,
+                          maintenance=spec.sink.maintenance)  # fmt: skip
         source = lambda ctx, plan=plan, rid=replay_id: ReplaySource(plan, rid, ctx)  # noqa: E731
         job = PipelineJob(
             spec, run_id=replay_id, fixed_cluster=fixed_cluster, components=JobComponents(source=source, sink=sink)

@@ -508,6 +508,32 @@ class TopicSinkSpec(_Strict):
         return self
 
 
+class MaintenanceSpec(_Strict):
+    """`sink.maintenance`: what the commit writer does to the job's tables between commits
+    (connectors/maintenance.py); `tidegate maintain SPEC` runs the same steps by hand."""
+
+    compact_every_commits: int | None = Field(
+        default=600, ge=1, description="Compact, checkpoint and vacuum after this many commits (null: never in the job)."
+    )
+    target_file_mb: int = Field(default=128, ge=1, description="Compaction's target file size.")
+    vacuum_retention_hours: float | None = Field(
+        default=168.0, ge=1,
+        description="Vacuum files unreferenced for this long (readers' time travel window); null: never vacuum.",
+    )  # fmt: skip
+    checkpoint_interval: int = Field(
+        default=100, ge=1, description="delta.checkpointInterval of the tables: a checkpoint every this many commits."
+    )
+    log_retention_hours: int = Field(
+        default=720, ge=1,
+        description="delta.logRetentionDuration: log files older than this (and before a checkpoint) are deleted "
+        "at checkpoints; also the limit of time travel by version.",
+    )  # fmt: skip
+
+    def table_properties(self) -> dict[str, str]:
+        return {"delta.checkpointInterval": str(self.checkpoint_interval),
+                "delta.logRetentionDuration": f"interval {self.log_retention_hours} hours"}  # fmt: skip
+
+
 class SinkSpec(_Strict):
     kind: str = Field(default="delta", description="The sink implementation (connectors/sink.py registry).")
     results: str = Field(min_length=1, description="Delta table URI for results.")
@@ -522,6 +548,7 @@ class SinkSpec(_Strict):
     topic: TopicSinkSpec | None = Field(
         default=None, description="Also publish every committed row to a Kafka topic (exactly once, after the commit)."
     )
+    maintenance: MaintenanceSpec = Field(default_factory=MaintenanceSpec)
 
 
 class RaySpec(_Strict):

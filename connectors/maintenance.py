@@ -1,0 +1,103 @@
+"""Delta table maintenance: compaction, checkpoints and log cleanup, vacuum; and a table's health.
+
+    maintain_table(dt, policy, compact=, checkpoint=, vacuum=) -> MaintenanceReport
+    table_health(dt) -> TableHealth (version, data files and bytes, log files and bytes)
+
+Used by the commit writer every `sink.maintenance.compact_every_commits` commits (between two of
+its own commits, so it never races itself) and by `tidegate maintain SPEC`.
+
+Exactly once is untouched: compaction (OPTIMIZE) rewrites files with dataChange=false and keeps
+every application transaction (the positions and publish marks) in the log and its checkpoints;
+a Delta source skips OPTIMIZE versions. A compaction that loses a race with another writer's
+commit (CommitFailedError) is retried on a fresh snapshot, up to `attempts` times, then left for
+the next round: it never removes a row (the other writer's files are not among those it read).
+Vacuum deletes only files no version younger than `vacuum_retention_hours` references; the
+default (168 h, Delta's own) keeps a week of time travel for readers and pinned snapshots.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from deltalake import DeltaTable
+from deltalake.exceptions import CommitFailedError, DeltaError
+
+from schemas.spec import MaintenanceSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TableHealth:
+    version: int
+    files: int  # data files of the current version
+    data_bytes: int
+    log_files: int | None  # files under _delta_log (local tables; None where the store is not a local path)
+    log_bytes: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class MaintenanceReport:
+    compacted: dict[str, Any] | None = None  # files removed / added, or None if not run
+    checkpoint_version: int | None = None
+    vacuumed_files: int | None = None
+    seconds: float = 0.0
+    error: str | None = None  # a step that failed (logged; the next round tries again)
+
+
+def table_health(dt: DeltaTable) -> TableHealth:
+    actions = dt.get_add_actions(flatten=True)
+    sizes = actions.column("size_bytes").to_pylist() if actions.num_rows else []
+    log_files = log_bytes = None
+    uri = dt.table_uri
+    local = uri[len("file://"):] if uri.startswith("file://") else uri if "://" not in uri else None
+    if local is not None:
+        log_dir = os.path.join(local, "_delta_log")
+        entries = [e for e in os.scandir(log_dir) if e.is_file()]
+        log_files, log_bytes = len(entries), sum(e.stat().st_size for e in entries)
+    return TableHealth(dt.version(), len(sizes), int(sum(sizes)), log_files, log_bytes)
+
+
+def maintain_table(
+    dt: DeltaTable, policy: MaintenanceSpec, *, compact: bool = True, checkpoint: bool = True, vacuum: bool = True,
+    attempts: int = 3,
+) -> MaintenanceReport:  # fmt: skip
+    """Run the chosen steps on one table (its handle is left up to date)."""
+    t0 = time.monotonic()
+    report = MaintenanceReport()
+    try:
+        if compact:
+            for attempt in range(1, attempts + 1):
+                try:
+                    metrics = dt.optimize.compact(target_size=policy.target_file_mb * 2**20)
+                    report.compacted = {"files_removed": metrics.get("numFilesRemoved", 0),
+                                        "files_added": metrics.get("numFilesAdded", 0)}  # fmt: skip
+                    break
+                except CommitFailedError as e:  # another writer committed meanwhile: a fresh snapshot, again
+                    log.info("compaction of %s lost a race (try %d of %d): %s", dt.table_uri, attempt, attempts, e)
+                    dt.update_incremental()
+            else:
+                log.warning("compaction of %s gave up after %d conflicts; the next round tries again",
+                            dt.table_uri, attempts)  # fmt: skip
+        if checkpoint:
+            dt.update_incremental()
+            dt.create_checkpoint()
+            dt.cleanup_metadata()  # log files older than delta.logRetentionDuration, before the checkpoint
+            report.checkpoint_version = dt.version()
+        if vacuum and policy.vacuum_retention_hours is not None:
+            removed = dt.vacuum(retention_hours=int(policy.vacuum_retention_hours), dry_run=False,
+                                enforce_retention_duration=False)  # the spec's retention is the policy  # fmt: skip
+            report.vacuumed_files = len(removed)
+        dt.update_incremental()
+    except (OSError, DeltaError) as e:
+        report.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        log.warning("maintenance of %s stopped: %s (the next round tries again)", dt.table_uri, report.error)
+    report.seconds = round(time.monotonic() - t0, 3)
+    return report

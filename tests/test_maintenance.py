@@ -1,0 +1,122 @@
+"""Table maintenance (connectors/maintenance.py, `tidegate maintain`, sink.maintenance in the job):
+compaction, checkpoints and vacuum keep every row and every position, also while commits race it."""
+
+from __future__ import annotations
+
+import threading
+
+import polars as pl
+from deltalake import DeltaTable
+from typer.testing import CliRunner
+
+from actors.writer import CommitWriter
+from connectors.delta import DeltaSink, txn_app_id
+from connectors.maintenance import maintain_table, table_health
+from jobs.cli import app
+from schemas.spec import MaintenanceSpec, parse_spec
+from tests.conftest import write_spec
+from tests.test_delta_sink import TP0, TP1, dead, results
+
+
+def commit_many(sink: DeltaSink, first_commit: int, commits: int, per_commit: int = 3) -> None:
+    for c in range(first_commit, first_commit + commits):
+        offsets = list(range(c * per_commit, (c + 1) * per_commit))
+        sink.commit(results(offsets[:-1]), dead(offsets[-1:]), {TP0: offsets[-1]})
+
+
+def test_compaction_checkpoint_and_vacuum_keep_every_row_and_position(tmp_path):
+    sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {},
+                     maintenance=MaintenanceSpec(vacuum_retention_hours=1))  # fmt: skip
+    sink.open()
+    sink.load_positions([TP0])
+    commit_many(sink, 0, 40)
+    res = DeltaTable(str(tmp_path / "res"))
+    assert res.metadata().configuration["delta.checkpointInterval"] == "100"
+    assert res.metadata().configuration["delta.logRetentionDuration"] == "interval 720 hours"
+    before_rows = pl.read_delta(str(tmp_path / "res")).sort("source_offset")
+    before = table_health(res)
+    assert before.files == 40
+
+    report = maintain_table(res, MaintenanceSpec(vacuum_retention_hours=1), vacuum=False)
+    assert report.error is None and report.compacted == {"files_removed": 40, "files_added": 1}
+    after = table_health(res)
+    assert after.files == 1 and after.version == before.version + 1
+    assert pl.read_delta(str(tmp_path / "res")).sort("source_offset").equals(before_rows)
+    assert res.transaction_version(txn_app_id("job", TP0)) == 119  # the position survives
+    # a fresh sink resumes from the same position; the Delta log holds a checkpoint now
+    again = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {})
+    assert again.load_positions([TP0]) == {TP0: 119}
+    assert any(p.name.endswith(".checkpoint.parquet") for p in (tmp_path / "res" / "_delta_log").iterdir())
+
+    # vacuum with a zero retention (tests only: the spec's minimum is an hour) deletes the 40 old files
+    zero = MaintenanceSpec.model_construct(**{**MaintenanceSpec().model_dump(), "vacuum_retention_hours": 0})
+    assert maintain_table(res, zero, compact=False, checkpoint=False).vacuumed_files == 40
+    assert pl.read_delta(str(tmp_path / "res")).sort("source_offset").equals(before_rows)
+
+
+def test_a_compaction_racing_commits_loses_nothing(tmp_path):
+    sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {})
+    sink.open()
+    sink.load_positions([TP0, TP1])
+    commit_many(sink, 0, 10)
+    errors: list[BaseException] = []
+
+    def writer():
+        try:
+            for c in range(10, 70):
+                offsets = list(range(c * 3, (c + 1) * 3))
+                sink.commit(results(offsets), dead([]), {TP0: offsets[-1]})
+                sink.commit(results([c], partition=1), dead([]), {TP1: c})
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    other = DeltaTable(str(tmp_path / "res"))  # a separate handle, as `tidegate maintain` has
+    rounds = 0
+    while thread.is_alive():
+        other.update_incremental()
+        assert maintain_table(other, MaintenanceSpec(), vacuum=False).error is None
+        rounds += 1
+    thread.join()
+    assert not errors, errors
+    assert rounds >= 2
+    rows = pl.read_delta(str(tmp_path / "res"))
+    p0 = rows.filter(pl.col("source_partition") == 0)["source_offset"]
+    assert p0.n_unique() == p0.len() == 10 * 2 + 60 * 3  # every row once (first 10 commits: 2 results each)
+    assert rows.filter(pl.col("source_partition") == 1).height == 60
+    assert DeltaTable(str(tmp_path / "res")).transaction_version(txn_app_id("job", TP1)) == 69
+
+
+def _spec(tmp_path, **maintenance) -> dict:
+    return {
+        "name": "job",
+        "source": {"kafka": {"topic": "t"}},
+        "prompt": {"template": "{{ q }}", "id_field": "id"},
+        "model": {"path": "m"},
+        "sink": {"results": str(tmp_path / "res"), "dead_letter": str(tmp_path / "dl"), "maintenance": maintenance},
+    }
+
+
+def test_the_job_compacts_every_so_many_commits(tmp_path):
+    writer = CommitWriter(parse_spec(_spec(tmp_path, compact_every_commits=5)))
+    writer.open()
+    writer.resume([TP0])
+    for c in range(12):
+        writer.write_tables(results([c]), dead([]), {TP0: c}, None)
+    health = table_health(DeltaTable(str(tmp_path / "res")))
+    assert health.files == 3  # compacted to one after commits 5 and 10, then two more
+    assert DeltaTable(str(tmp_path / "res")).transaction_version(txn_app_id("job", TP0)) == 11
+    assert pl.read_delta(str(tmp_path / "res"))["source_offset"].sort().to_list() == list(range(12))
+
+
+def test_tidegate_maintain_reports_before_and_after(tmp_path):
+    spec = _spec(tmp_path)
+    sink = DeltaSink("job", spec["sink"]["results"], spec["sink"]["dead_letter"], {})
+    sink.open()
+    sink.load_positions([TP0])
+    commit_many(sink, 0, 8)
+    out = CliRunner().invoke(app, ["maintain", str(write_spec(tmp_path, spec)), "--optimize"], terminal_width=200)
+    assert out.exit_code == 0, out.output
+    assert "results" in out.output and "8 -> 1" in out.output
+    assert table_health(DeltaTable(spec["sink"]["dead_letter"])).files == 1
