@@ -19,14 +19,17 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
-from deltalake import CommitProperties, DeltaTable, Field, QueryBuilder, Transaction, write_deltalake
+import pyarrow.compute as pc
+from deltalake import (
+    ColumnProperties, CommitProperties, DeltaTable, Field, QueryBuilder, Transaction, WriterProperties, write_deltalake,
+)  # fmt: skip
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from connectors.sink import register_sink
 from crypto.binding import Binding, binding_of, new_table_description
 from schemas.errors import PartitionFencedError, SinkError, SinkSchemaError
-from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA
-from schemas.spec import JobSpec, MaintenanceSpec
+from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA, STATS_SAFE_COLUMNS
+from schemas.spec import JobSpec, MaintenanceSpec, ParquetSpec
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ class _Table:
         self._dt: DeltaTable | None = None
         self._commits = 0  # appends through the current handle
         self.configuration: dict[str, str] = {}  # table properties a new table is created with
+        self.partition_by: list[str] = []
+        self.writer_properties: WriterProperties | None = None
 
     def open(self) -> DeltaTable:
         if self._commits >= REOPEN_AFTER_COMMITS:
@@ -69,7 +74,12 @@ class _Table:
                 description = new_table_description(self.binding_role) if self.binding_role else None
                 self._dt = DeltaTable.create(self.uri, schema=self.schema, mode="ignore",
                                              storage_options=self.storage_options, description=description,
-                                             configuration=self.configuration or None)  # fmt: skip
+                                             configuration=self.configuration or None,
+                                             partition_by=self.partition_by or None)  # fmt: skip
+            have = list(self._dt.metadata().partition_columns)
+            if have != self.partition_by:
+                raise SinkSchemaError(f"{self.role} table {self.uri} is partitioned by {have or 'nothing'}, the spec "
+                                      f"says {self.partition_by or 'nothing'} (partitioning is fixed at creation)")  # fmt: skip
             self._check_schema(self._dt)
         else:
             self._dt.update_incremental()
@@ -107,13 +117,28 @@ class _Table:
         return {app: dt.transaction_version(app) for app in app_ids}
 
     def append(self, rows: pa.Table, txns: list[Transaction]) -> None:
+        if "processed_date" in self.schema.names and "processed_date" not in rows.column_names:
+            rows = rows.append_column("processed_date", pc.cast(rows.column("processed_at"), pa.date32()))
         write_deltalake(
             self.open(),
             rows.select(self.schema.names).cast(self.schema),
             mode="append",
             commit_properties=CommitProperties(app_transactions=txns),
+            writer_properties=self.writer_properties,
         )
         self._commits += 1
+
+
+def writer_properties(parquet: ParquetSpec, stats_columns: list[str]) -> WriterProperties:
+    """sink.parquet as delta-rs writer properties: statistics only on `stats_columns` (see
+    schemas/records.py STATS_SAFE_COLUMNS), none on text, ids, raw bytes or encrypted columns."""
+    codec = "UNCOMPRESSED" if parquet.compression == "none" else parquet.compression.upper()
+    level = parquet.compression_level if parquet.compression in ("zstd", "gzip") else None
+    return WriterProperties(
+        compression=codec, compression_level=level, max_row_group_size=parquet.max_row_group_rows,
+        default_column_properties=ColumnProperties(statistics_enabled="NONE"),
+        column_properties={c: ColumnProperties(statistics_enabled="CHUNK") for c in stats_columns},
+    )  # fmt: skip
 
 
 def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
@@ -140,7 +165,8 @@ class DeltaSink:
     def from_spec(cls, spec: JobSpec) -> DeltaSink:
         return cls(spec.name, spec.sink.results, spec.sink.dead_letter, spec.sink.storage_options, spec.source.kind,
                    write_attempts=spec.sink.write_attempts, write_backoff_s=spec.sink.write_backoff_s,
-                   maintenance=spec.sink.maintenance)  # fmt: skip
+                   maintenance=spec.sink.maintenance, partition_by=spec.sink.partition_by,
+                   parquet=spec.sink.parquet)  # fmt: skip
 
     def __init__(
         self,
@@ -152,9 +178,13 @@ class DeltaSink:
         write_attempts: int = 5,
         write_backoff_s: float = 0.5,
         maintenance: MaintenanceSpec | None = None,
+        partition_by: list[str] | None = None,
+        parquet: ParquetSpec | None = None,
     ):
         self.job_name = job_name
         self.maintenance = maintenance or MaintenanceSpec()
+        self.partition_by = list(partition_by or [])
+        self.parquet = parquet or ParquetSpec()
         self.source_kind = source_kind
         self.results = _Table(results_uri, RESULTS_SCHEMA, storage_options, "results", "results")
         self.dead_letter = _Table(dead_letter_uri, DEAD_LETTER_SCHEMA, storage_options, "dead-letter", "dead_letter")
@@ -183,9 +213,14 @@ class DeltaSink:
 
     def open(self) -> None:
         """Create the tables if needed and check their schemas (fails before any work)."""
-        config = self.maintenance.table_properties()
+        if "processed_date" in self.partition_by and "processed_date" not in self.results.schema.names:
+            self.results.schema = self.results.schema.append(pa.field("processed_date", pa.date32()))
+        self.results.partition_by = self.partition_by
         for table in (self.results, self.dead_letter):
+            safe = [c for c in table.schema.names if c in STATS_SAFE_COLUMNS]
+            config = {**self.maintenance.table_properties(), "delta.dataSkippingStatsColumns": ",".join(safe)}
             table.configuration = config
+            table.writer_properties = writer_properties(self.parquet, safe)
             dt = table.open()
             if any(dt.metadata().configuration.get(k) != v for k, v in config.items()):  # an older table
                 dt.alter.set_table_properties(config)
@@ -205,7 +240,9 @@ class DeltaSink:
         out = {}
         for role, dt in handles.items():
             before = table_health(dt)
-            report = maintain_table(dt, self.maintenance, compact=compact, checkpoint=checkpoint, vacuum=vacuum)
+            props = {"results": self.results, "dead_letter": self.dead_letter}.get(role)
+            report = maintain_table(dt, self.maintenance, compact=compact, checkpoint=checkpoint, vacuum=vacuum,
+                                    writer_properties=props.writer_properties if props is not None else None)  # fmt: skip
             out[role] = {"before": before.as_dict(), "after": table_health(dt).as_dict(), "report": asdict(report)}
         return out
 

@@ -67,7 +67,7 @@ def table_health(dt: DeltaTable) -> TableHealth:
 
 def maintain_table(
     dt: DeltaTable, policy: MaintenanceSpec, *, compact: bool = True, checkpoint: bool = True, vacuum: bool = True,
-    attempts: int = 3,
+    attempts: int = 3, writer_properties: Any = None,
 ) -> MaintenanceReport:  # fmt: skip
     """Run the chosen steps on one table (its handle is left up to date)."""
     t0 = time.monotonic()
@@ -76,7 +76,8 @@ def maintain_table(
         if compact:
             for attempt in range(1, attempts + 1):
                 try:
-                    metrics = dt.optimize.compact(target_size=policy.target_file_mb * 2**20)
+                    metrics = dt.optimize.compact(target_size=policy.target_file_mb * 2**20,
+                                                  writer_properties=writer_properties)
                     report.compacted = {"files_removed": metrics.get("numFilesRemoved", 0),
                                         "files_added": metrics.get("numFilesAdded", 0)}  # fmt: skip
                     break

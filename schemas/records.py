@@ -122,3 +122,15 @@ DEAD_LETTER_SCHEMA = pa.schema(
         ("replayed_at", TIMESTAMP),  # ... and when that replay was committed (null while in progress)
     ]
 )
+
+
+# Columns whose Parquet and Delta-log statistics (min/max) are kept: positions, times, counts,
+# labels. Free text, ids, raw bytes and encrypted columns get none, so no prefix of a value is
+# copied into file footers or the _delta_log (read by catalogs and tools that never see the data).
+STATS_SAFE_COLUMNS = frozenset(
+    """status finish_reason model prompt_tokens completion_tokens latency_ms attempts source_topic
+    source_partition source_offset run_id processed_at processed_date tenant model_path model_revision
+    prompt_template_hash spec_hash stage error_class failed_at replayed_by replayed_at""".split()
+)
+# sink.partition_by may name these (processed_date is derived from processed_at, UTC).
+PARTITION_COLUMNS = ("processed_date", "tenant", "status", "model", "source_topic")

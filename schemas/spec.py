@@ -30,6 +30,7 @@ from pydantic import (
 
 from schemas.errors import SpecError
 from schemas.encryption import EncryptionSpec
+from schemas.records import PARTITION_COLUMNS
 from schemas.validation import JsonSchemaRule, OutputSpec, RuleSpec, default_rules
 
 
@@ -534,6 +535,14 @@ class MaintenanceSpec(_Strict):
                 "delta.logRetentionDuration": f"interval {self.log_retention_hours} hours"}  # fmt: skip
 
 
+class ParquetSpec(_Strict):
+    """`sink.parquet`: how data files are written (appends and compaction alike)."""
+
+    compression: Literal["zstd", "snappy", "lz4", "gzip", "none"] = "zstd"
+    compression_level: int | None = Field(default=3, description="zstd / gzip level (null: the codec's default).")
+    max_row_group_rows: int = Field(default=131_072, ge=1024, description="Rows per Parquet row group.")
+
+
 class SinkSpec(_Strict):
     kind: str = Field(default="delta", description="The sink implementation (connectors/sink.py registry).")
     results: str = Field(min_length=1, description="Delta table URI for results.")
@@ -549,6 +558,22 @@ class SinkSpec(_Strict):
         default=None, description="Also publish every committed row to a Kafka topic (exactly once, after the commit)."
     )
     maintenance: MaintenanceSpec = Field(default_factory=MaintenanceSpec)
+    partition_by: list[str] = Field(
+        default_factory=list,
+        description="Partition columns of the results table: processed_date (UTC date of processed_at), tenant, "
+        "status, model, source_topic. Fixed when the table is created.",
+    )
+    parquet: ParquetSpec = Field(default_factory=ParquetSpec)
+
+    @field_validator("partition_by")
+    @classmethod
+    def _partition_columns(cls, v: list[str]) -> list[str]:
+        bad = [c for c in v if c not in PARTITION_COLUMNS]
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: partition by one of {', '.join(PARTITION_COLUMNS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("a column is named twice")
+        return v
 
 
 class RaySpec(_Strict):
