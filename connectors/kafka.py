@@ -13,7 +13,7 @@ own thread is inside `poll`, so the job's state has one user at a time. Group of
 mirrored from the job's thread, in `poll`, never from inside a rebalance.
 
 With no `bootstrap_servers` the source starts the embedded broker (connectors/broker.py) for
-the run and stops it when closed.
+the run and stops it when closed (in memory, or durable in `embedded_data_dir`).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class KafkaSource:
         if not self.spec.bootstrap_servers:
             from connectors.broker import EmbeddedBroker
 
-            self.broker = EmbeddedBroker().start()
+            self.broker = EmbeddedBroker(data_dir=self.spec.embedded_data_dir).start()
             log.info("embedded Kafka broker listening on %s", self.broker.bootstrap_servers)
         config = client_config(self.spec)
         config.update(

@@ -4,7 +4,7 @@
     tidegate submit SPEC.yaml --address http://HEAD:8265 [--until-drained] [--wait]
     tidegate jobs list|status|logs|stop [JOB_ID] --address http://HEAD:8265
     tidegate demo [--events N]
-    tidegate broker [--port PORT]
+    tidegate broker [--port PORT] [--data DIR]
     tidegate produce FILE.jsonl (--spec SPEC | --bootstrap HOST:PORT --topic T)
     tidegate schema SPEC [--format json-schema|avro]
     tidegate maintain SPEC [--optimize] [--vacuum] [--checkpoint]
@@ -182,11 +182,12 @@ def demo(
 @app.command()
 def broker(
     port: Annotated[int, typer.Option(help="Port to listen on (0: a free one).")] = 0,
+    data: Annotated[Optional[Path], typer.Option(help="Keep topics in this folder (they survive a restart); default: in memory.")] = None,
 ) -> None:
-    """Run the embedded Kafka-protocol broker (tansu, in-memory) in the foreground."""
+    """Run the embedded Kafka-protocol broker (tansu) in the foreground."""
     from connectors.broker import EmbeddedBroker
 
-    b = EmbeddedBroker(port=port or None).start()
+    b = EmbeddedBroker(port=port or None, data_dir=data).start()
     typer.echo(f"bootstrap_servers: {b.bootstrap_servers}  (pid {b.process.pid}; Ctrl-C stops it)")
     try:
         while b.process.poll() is None:

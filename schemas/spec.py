@@ -134,6 +134,11 @@ class KafkaSourceSpec(SourceSettings):
     consumer_config: dict[str, Any] = Field(
         default_factory=dict, description="Extra kafka-python KafkaConsumer arguments (no secrets: see security)."
     )
+    embedded_data_dir: str | None = Field(
+        default=None,
+        description="No bootstrap_servers: the embedded broker keeps its topics in this folder, so they survive a "
+        "restart (demos); absent: in memory.",
+    )
     format: Literal["json", "avro"] = Field(
         default="json", description="Message values: JSON objects, or Avro records (schema below)."
     )

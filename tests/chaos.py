@@ -146,7 +146,7 @@ def run(seed: int, events: int, faults: int, partitions: int, replicas: int, wor
         timeout_s: float = 1800.0, log=print) -> Report:  # fmt: skip
     from connectors.broker import EmbeddedBroker, free_port
     from connectors.kafka import create_topic, produce
-    from tests.s3 import LocalS3
+    from connectors.broker import LocalObjectStore
 
     rng = random.Random(seed)
     kinds = schedule(rng, faults)
@@ -154,7 +154,7 @@ def run(seed: int, events: int, faults: int, partitions: int, replicas: int, wor
     report = Report(seed, events, len(poison), partitions, replicas, kinds)
     log(f"chaos seed {seed}: {events} events ({len(poison)} poison) on {partitions} partitions, {replicas} replicas")
     log(f"fault schedule: {', '.join(kinds)}")
-    s3 = LocalS3(workdir / "s3").start()
+    s3 = LocalObjectStore(workdir / "s3").start()
     s3.bucket("tansu")
     broker = EmbeddedBroker(port=free_port(), storage="s3://tansu/", env=s3.env(), log_path=workdir / "broker.log")
     broker.start()

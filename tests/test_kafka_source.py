@@ -50,3 +50,21 @@ def test_resumes_after_the_sink_positions_and_detects_drained(broker, topic):
         again.close()
     expected = sorted((p, o) for p, offs in by_partition.items() for o in offs if o > positions[(topic, p)])
     assert sorted((r["partition"], r["offset"]) for r in rest) == expected
+
+
+def test_the_durable_embedded_broker_keeps_its_topics_across_a_kill(tmp_path):
+    from connectors.broker import EmbeddedBroker
+    from connectors.kafka import create_topic, produce
+    from tests.test_results_topic import consume_all
+
+    broker = EmbeddedBroker(data_dir=tmp_path / "data").start()
+    try:
+        create_topic(broker.bootstrap_servers, "kept", 2)
+        produce(broker.bootstrap_servers, "kept", ((f"k{i}".encode(), f"v{i}".encode()) for i in range(50)))
+        broker.kill()  # SIGKILL: nothing flushed on the way out
+        broker.start()  # same port, same folder
+        values = sorted(m.value() for m in consume_all(broker.bootstrap_servers, "kept", idle_s=2))
+        assert values == sorted(f"v{i}".encode() for i in range(50))
+    finally:
+        broker.stop()
+    assert broker.store.process is None  # stop() stopped its object store too

@@ -17,7 +17,7 @@ from connectors.maintenance import maintain_table, table_health
 from schemas.errors import PartitionFencedError
 from schemas.spec import MaintenanceSpec
 from tests.conftest import event, make_spec, send, wait_for, write_spec
-from tests.s3 import LocalS3
+from connectors.broker import LocalObjectStore
 from tests.test_delta_sink import TP0, dead, results
 
 SECRET_KEY = f"s3-secret-{uuid.uuid4().hex[:12]}"
@@ -29,12 +29,12 @@ def s3(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "tidegate")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     monkeypatch.setenv("AWS_REGION", "us-east-1")
-    with LocalS3(tmp_path / "s3") as server:
+    with LocalObjectStore(tmp_path / "s3") as server:
         server.bucket("lake")
         yield server
 
 
-def options(server: LocalS3) -> dict[str, str]:
+def options(server: LocalObjectStore) -> dict[str, str]:
     return {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ALLOW_HTTP": "true", "conditional_put": "etag"}
 
 

@@ -13,7 +13,6 @@ import pytest
 from connectors.broker import EmbeddedBroker, free_port
 from connectors.kafka import create_topic
 from tests.conftest import event, make_spec, send, table_rows, wait_for, write_spec
-from tests.s3 import LocalS3
 
 pytestmark = pytest.mark.slow
 
@@ -71,26 +70,25 @@ def test_a_broker_lost_mid_run_is_waited_for_without_spinning(tmp_path, tiny_mod
     """The broker (durable storage on a local S3 server) dies mid-run and comes back 10 s later on
     the same port: the job neither dies nor spins while it waits, then finishes exactly once."""
     n = 4000
-    with LocalS3(tmp_path / "s3") as s3:
-        s3.bucket("tansu")
-        broker = EmbeddedBroker(port=free_port(), storage="s3://tansu/", env=s3.env(), log_path=tmp_path / "b.log")
+    # the durable embedded broker: topics in a local folder (connectors/broker.py data_dir)
+    broker = EmbeddedBroker(port=free_port(), data_dir=tmp_path / "broker-data", log_path=tmp_path / "b.log")
+    broker.start()
+    try:
+        create_topic(broker.bootstrap_servers, "lost", 4)
+        send(broker, "lost", (event(i) for i in range(n)))
+        spec = make_spec(tmp_path, broker, "lost", tiny_model, **{"pool.batch_size": 64, "sink.commit_max_rows": 64})
+        job = job_processes(write_spec(tmp_path, spec), module=RUNNER, extra_args=("--instant-engine", "--slow-commit-s", "0.2"))
+        res = spec["sink"]["results"]
+        wait_for(lambda: table_rows(res) > 0 or job.proc.poll() is not None, 120, what="first commit")
+        broker.kill()
+        driver = psutil.Process(job.pid)
+        cpu0, t0 = sum(driver.cpu_times()[:2]), time.monotonic()
+        time.sleep(10)
+        cpu = (sum(driver.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
+        assert job.proc.poll() is None, job.log()[-4000:]  # still waiting, not dead
         broker.start()
-        try:
-            create_topic(broker.bootstrap_servers, "lost", 4)
-            send(broker, "lost", (event(i) for i in range(n)))
-            spec = make_spec(tmp_path, broker, "lost", tiny_model, **{"pool.batch_size": 64, "sink.commit_max_rows": 64})
-            job = job_processes(write_spec(tmp_path, spec), module=RUNNER, extra_args=("--instant-engine", "--slow-commit-s", "0.2"))
-            res = spec["sink"]["results"]
-            wait_for(lambda: table_rows(res) > 0 or job.proc.poll() is not None, 120, what="first commit")
-            broker.kill()
-            driver = psutil.Process(job.pid)
-            cpu0, t0 = sum(driver.cpu_times()[:2]), time.monotonic()
-            time.sleep(10)
-            cpu = (sum(driver.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0)
-            assert job.proc.poll() is None, job.log()[-4000:]  # still waiting, not dead
-            broker.start()
-            assert job.wait(300) == 0, job.log()[-4000:]
-        finally:
-            broker.stop()
+        assert job.wait(300) == 0, job.log()[-4000:]
+    finally:
+        broker.stop()
     ids_once(spec["sink"]["results"], n)
     assert cpu < 0.6, f"the driver used {cpu:.0%} of a core while the broker was away"
