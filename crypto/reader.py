@@ -119,8 +119,13 @@ def read_results(
     version: int | None = None,
     table: str | None = None,
     row_id_columns: Sequence[str] | None = None,
+    where: Any = None,
 ) -> Any:
     """Read a Delta results (or dead-letter) table and decrypt what the keyring opens.
+
+    Lazy: the table is scanned with polars (`scan_delta`), `where` and the columns are applied
+    before anything is read (partition pruning, file statistics), and only the selected columns of
+    the selected rows are decrypted: a row filtered out never needs its tenant's key.
 
     uri             Delta table URI (local path, s3://, ...)
     keyring         a Keyring, a keyring file path, or None ($TIDEGATE_KEYRING or .tidegate/keyring.json;
@@ -130,6 +135,8 @@ def read_results(
     backend         "polars" -> polars.DataFrame, "pandas" -> pandas.DataFrame, "arrow" -> pyarrow.Table
     version         read this table version (default: latest)
     table           the label values are bound to, when the table's own cannot say (a copy of a legacy table)
+    where           a polars expression over plain columns, e.g. pl.col("tenant") == "acme" (filters on
+                    encrypted columns see ciphertext)
     """
     import polars as pl
     from deltalake import DeltaTable
@@ -151,7 +158,10 @@ def read_results(
         raise ValueError(f"no such column(s) in {uri}: {', '.join(unknown)}")
     needed = [*binding.row_id_columns, "tenant"]
     read = wanted + [c for c in needed if c in present and c not in wanted]
-    frame = pl.read_delta(dt, columns=read)
+    lazy = pl.scan_delta(dt)
+    if where is not None:
+        lazy = lazy.filter(where)
+    frame = lazy.select(read).collect()
     data = frame.to_arrow(compat_level=pl.CompatLevel.oldest())
     encrypted = [c for c in wanted if is_encrypted(data.column(c))]
     pii = [c for c in wanted if c in binding.pii_columns]
