@@ -26,7 +26,7 @@ import yaml
 from jinja2 import meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from compute.rules import _schema_names, _short, import_path
+from compute.rules import _schema_names, _short, import_path, json_schema_validator, schema_path
 from schemas.errors import EventContractError, SpecError
 from schemas.spec import JobSpec
 
@@ -176,24 +176,12 @@ class EventContract:
     def _use(self, name: str, schema: dict[str, Any], enforced: bool) -> None:
         self.name = name
         self.enforced = enforced
-        import jsonschema
-
-        try:
-            jsonschema.Draft202012Validator.check_schema(schema)
-        except jsonschema.SchemaError as e:
-            raise SpecError(f"source.event_schema: not a valid JSON Schema: {e.message}") from None
         self.json_schema = schema
-        self._validator = jsonschema.Draft202012Validator(schema)
+        self._validator = json_schema_validator(schema, "source.event_schema")
         self._names = _schema_names(schema)
 
     def path(self, parts) -> str:
-        out = []
-        for p in parts:
-            if isinstance(p, int):
-                out.append(f"[{p}]")
-            else:
-                out.append(("." if out else "") + (p if p in self._names else "<key>"))
-        return "".join(out) or "(root)"
+        return schema_path(parts, self._names)
 
     def violations(self, event: Any) -> list[str]:
         """What breaks the contract, as field paths and constraints (never values); [] if none."""

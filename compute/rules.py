@@ -435,26 +435,12 @@ class OutputSchema:
                 raise SpecError(f"output.schema: {schema} is not a pydantic model class")
             self.json_schema = self.model.model_json_schema()
         else:
-            import jsonschema
-
-            try:
-                jsonschema.Draft202012Validator.check_schema(schema)
-            except jsonschema.SchemaError as e:
-                raise SpecError(f"output.schema: not a valid JSON Schema: {e.message}") from None
             self.json_schema = schema
-            self._validator = jsonschema.Draft202012Validator(schema)
+            self._validator = json_schema_validator(schema, "output.schema")
         self._names = _schema_names(self.json_schema)
 
     def path(self, parts) -> str:
-        """A failing field's path: field names the schema declares, [i] for positions, <key> for a
-        key the output made up (it is data, not a field name, so it is not shown)."""
-        out = []
-        for p in parts:
-            if isinstance(p, int):
-                out.append(f"[{p}]")
-            else:
-                out.append(("." if out else "") + (p if p in self._names else "<key>"))
-        return "".join(out) or "(root)"
+        return schema_path(parts, self._names)
 
     def parse(self, text: str) -> tuple[str, Any]:
         try:
@@ -482,6 +468,29 @@ class OutputSchema:
 
 # pydantic error types whose message a model's own validator wrote (it may quote the value)
 _OWN_MESSAGES = {"value_error", "assertion_error"}
+
+
+def json_schema_validator(schema: dict[str, Any], field_name: str):
+    """A draft 2020-12 validator for `schema`, or SpecError naming the spec field that gave it."""
+    import jsonschema
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise SpecError(f"{field_name}: not a valid JSON Schema: {e.message}") from None
+    return jsonschema.Draft202012Validator(schema)
+
+
+def schema_path(parts, names: set[str]) -> str:
+    """A failing field's path: field names the schema declares, [i] for positions, <key> for a
+    key the data made up (it is data, not a field name, so it is not shown)."""
+    out = []
+    for p in parts:
+        if isinstance(p, int):
+            out.append(f"[{p}]")
+        else:
+            out.append(("." if out else "") + (p if p in names else "<key>"))
+    return "".join(out) or "(root)"
 
 
 def _schema_names(schema: Any) -> set[str]:

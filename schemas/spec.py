@@ -93,6 +93,13 @@ class KafkaSecuritySpec(_Strict):
         return cfg
 
 
+def _server_list(v: Any) -> Any:
+    """bootstrap_servers as written: "a:1,b:2" or a list; empty means none."""
+    if isinstance(v, str):
+        v = [s.strip() for s in v.split(",") if s.strip()]
+    return v or None
+
+
 def _secret_from_env(var: str | None, field_name: str, env) -> str:
     value = env.get(var or "")
     if not value:
@@ -191,9 +198,7 @@ class KafkaSourceSpec(SourceSettings):
     @field_validator("bootstrap_servers", mode="before")
     @classmethod
     def _split_servers(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = [s.strip() for s in v.split(",") if s.strip()]
-        return v or None
+        return _server_list(v)
 
 
 class DeltaSourceSpec(SourceSettings):
@@ -503,9 +508,7 @@ class TopicSinkSpec(_Strict):
     @field_validator("bootstrap_servers", mode="before")
     @classmethod
     def _split_servers(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = [s.strip() for s in v.split(",") if s.strip()]
-        return v or None
+        return _server_list(v)
 
     @model_validator(mode="after")
     def _registry_for_avro(self) -> TopicSinkSpec:
