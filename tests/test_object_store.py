@@ -107,3 +107,26 @@ def test_a_job_killed_mid_run_writes_every_input_once_to_s3(tmp_path, broker, to
     assert res.height == n and res["id"].n_unique() == n and res["run_id"].n_unique() == 2
     for log in (job.log(), final.log()):
         assert SECRET_KEY not in log
+
+
+def test_a_delta_source_on_s3_reads_every_row_once_and_resumes(s3):
+    from deltalake import write_deltalake
+
+    from tests.test_delta_source import read_all, rows, source_context
+    from connectors.delta_source import MARKER, DeltaSource
+    from schemas.spec import DeltaSourceSpec
+
+    opts = options(s3)
+    uri = "s3://lake/src"
+    write_deltalake(uri, rows(0, 20, "eu"), partition_by=["region"], storage_options=opts)
+    write_deltalake(uri, rows(20, 13, "us"), mode="append", partition_by=["region"], storage_options=opts)
+
+    def source(positions=None):
+        src = DeltaSource(DeltaSourceSpec(uri=uri, storage_options=opts), source_context(positions or {}, batch_rows=5))
+        src.start()
+        return src
+
+    out = read_all(source())
+    assert out.column("offset").to_pylist() == list(range(33))
+    rest = read_all(source({(uri, MARKER): 1, (uri, 1): 16}))
+    assert rest.column("value").to_pylist() == out.column("value").to_pylist()[17:]
