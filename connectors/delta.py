@@ -223,7 +223,11 @@ class DeltaSink:
             table.writer_properties = writer_properties(self.parquet, safe)
             dt = table.open()
             if any(dt.metadata().configuration.get(k) != v for k, v in config.items()):  # an older table
-                dt.alter.set_table_properties(config)
+                try:
+                    dt.alter.set_table_properties(config)
+                except (CommitFailedError, DeltaError) as e:  # another writer committed meanwhile: not needed for correctness
+                    log.warning("%s table %s: table properties not updated now (%s)", table.role, table.uri,
+                                type(e).__name__)  # fmt: skip
                 dt.update_incremental()
 
     def maintain(self, compact: bool = True, checkpoint: bool = True, vacuum: bool = True) -> dict[str, Any]:
