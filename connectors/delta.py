@@ -116,6 +116,13 @@ class _Table:
         dt = self.open()  # one refresh of the log for all lookups
         return {app: dt.transaction_version(app) for app in app_ids}
 
+    def rows_between(self, tp: TopicPartition, low: int, high: int, columns: str = "*") -> pa.Table:
+        """Rows of source partition tp with low < source_offset <= high (the query holds only the
+        topic name, quotes doubled, and integers)."""
+        where = "source_topic = '{}' AND source_partition = {} AND source_offset > {} AND source_offset <= {}".format(
+            tp[0].replace("'", "''"), int(tp[1]), int(low), int(high))  # fmt: skip
+        return pa.table(QueryBuilder().register("t", self.open()).execute(f"SELECT {columns} FROM t WHERE {where}").read_all())
+
     def append(self, rows: pa.Table, txns: list[Transaction]) -> None:
         if "processed_date" in self.schema.names and "processed_date" not in rows.column_names:
             rows = rows.append_column("processed_date", pc.cast(rows.column("processed_at"), pa.date32()))
@@ -273,12 +280,7 @@ class DeltaSink:
         if dl is None or (res is not None and dl <= res):
             return set()
         low = -1 if res is None else res
-        qb = QueryBuilder().register("dl", self.dead_letter.open())
-        reader = qb.execute(
-            "SELECT source_offset FROM dl WHERE source_topic = '{}' AND source_partition = {} "
-            "AND source_offset > {} AND source_offset <= {}".format(tp[0].replace("'", "''"), int(tp[1]), low, dl)
-        )
-        table = pa.table(reader.read_all())
+        table = self.dead_letter.rows_between(tp, low, dl, "source_offset")
         offsets = set(table.column("source_offset").to_pylist()) if table.num_rows else set()
         log.info("partition %s: %d dead-lettered offsets above the results position %s", tp, len(offsets), res)
         return offsets
@@ -400,11 +402,9 @@ class DeltaSink:
 
     def rows_above(self, tp: TopicPartition, low: int, high: int) -> tuple[pa.Table, pa.Table]:
         """(results, dead letters) stored for source partition tp with low < offset <= high."""
-        where = "source_topic = '{}' AND source_partition = {} AND source_offset > {} AND source_offset <= {}".format(
-            tp[0].replace("'", "''"), int(tp[1]), int(low), int(high))  # fmt: skip
         out = []
         for table in (self.results, self.dead_letter):
-            rows = pa.table(QueryBuilder().register("t", table.open()).execute(f"SELECT * FROM t WHERE {where}").read_all())
+            rows = table.rows_between(tp, low, high)
             out.append(rows.select(table.schema.names).cast(table.schema) if rows.num_rows else table.schema.empty_table())
         return out[0], out[1]
 
