@@ -71,9 +71,8 @@ class CommitReport:
 class CommitWriter:
     """A plain class: Ray runs it as an actor (tests build it directly over tables on disk)."""
 
-    def __init__(self, spec: JobSpec, sink: Sink | None = None, publisher: ResultsTopic | None = None):
-        """sink: the job's sink object (default: the spec's sink.kind, from the registry);
-        publisher: sink.topic's (default: a ResultsTopic when the spec has sink.topic)."""
+    def __init__(self, spec: JobSpec, sink: Sink | None = None):
+        """sink: the job's sink object (default: the spec's sink.kind, from the registry)."""
         self.encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
         self.plain_results, self.stored_results, self.stored_dead = job_schemas(self.encryption)
         self.sink = sink if sink is not None else open_sink(spec)
@@ -94,7 +93,7 @@ class CommitWriter:
             if missing:
                 raise SpecError(f"sink.topic: sink.kind {spec.sink.kind!r} cannot record what was published "
                                 f"(it lacks {', '.join(missing)})")  # fmt: skip
-            self.topic = publisher or ResultsTopic(spec, self.stored_results, self.stored_dead)
+            self.topic = ResultsTopic(spec, self.stored_results, self.stored_dead)
 
     def ping(self) -> int:
         return os.getpid()

@@ -410,6 +410,16 @@ def create_topic(bootstrap_servers: str | list[str], topic: str, partitions: int
         admin.close()
 
 
+def try_create_topic(bootstrap_servers: str | list[str], topic: str, partitions: int) -> str | None:
+    """create_topic, best effort: None once the topic exists, else the error's class name. The
+    admin call is plaintext: on secured clusters creating topics is the operator's job."""
+    try:
+        create_topic(bootstrap_servers, topic, partitions)
+        return None
+    except Exception as e:  # noqa: BLE001 - the caller's next call says whether the topic is usable
+        return type(e).__name__
+
+
 def produce(bootstrap_servers: str | list[str], topic: str, records: Iterable[tuple[bytes | None, bytes]]) -> int:
     """Send (key, value) records with acks=all; returns how many were sent."""
     from kafka import KafkaProducer

@@ -211,7 +211,7 @@ def produce(
     checked first (a bad line is named and nothing is sent), keyed by its id, sent with acks=all."""
     import json
 
-    from connectors.kafka import create_topic
+    from connectors.kafka import try_create_topic
     from schemas.errors import EventContractError, TidegateError
     from tidegate.producer import EventProducer
 
@@ -236,10 +236,9 @@ def produce(
             typer.echo("error: give --spec, or --bootstrap and --topic", err=True)
             raise typer.Exit(2)
         with producer:
-            try:  # a plaintext admin call: on secured clusters the topic is the operator's to create
-                create_topic(producer.bootstrap_servers, producer.topic, partitions)
-            except Exception as e:  # noqa: BLE001 - sending below says whether the topic is usable
-                typer.echo(f"note: could not create topic {producer.topic!r} ({type(e).__name__}); sending anyway", err=True)
+            failed = try_create_topic(producer.bootstrap_servers, producer.topic, partitions)
+            if failed:  # sending below says whether the topic is usable
+                typer.echo(f"note: could not create topic {producer.topic!r} ({failed}); sending anyway", err=True)
             try:
                 sent = producer.send_many(events)
             except EventContractError as e:
