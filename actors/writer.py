@@ -36,7 +36,7 @@ from connectors.results_topic import ResultsTopic
 from connectors.sink import Sink, open_sink
 from crypto.stage import EncryptionStage
 from schemas.errors import SpecError, StageError
-from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA
+from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA, with_columns_of
 from schemas.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class CommitWriter:
         enc.refresh()  # a rotation or revocation made since the last commit applies to this one
         results, unkeyed = enc.split_unkeyed(results, (record or {}).get("run_id", ""))
         if unkeyed is not None:  # a tenant whose key was revoked meanwhile: dead letters, nothing in clear
-            dead = pa.concat_tables([dead, _as_dead(unkeyed, dead.schema)])
+            dead = pa.concat_tables([dead, with_columns_of(unkeyed, dead.schema)])
         plain_results, plain_dead = results, dead
         results, dead = self.sink.prepare(results, dead)
         results = enc.protect_results(results, self.stored_results)
@@ -296,10 +296,3 @@ class CommitWriterClient:
         kill(self.actor)
 
 
-def _as_dead(rows: pa.Table, schema: pa.Schema) -> pa.Table:
-    """DEAD_LETTER rows with every column of `schema` (the missing ones null)."""
-    n = rows.num_rows
-    return pa.table(
-        {f.name: rows.column(f.name) if f.name in rows.column_names else pa.nulls(n, f.type) for f in schema},
-        schema=schema,
-    )

@@ -24,6 +24,7 @@ context, an invalid per-row budget) without failing the rest of its batch.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -201,7 +202,9 @@ class EngineWorker:
 
     def _runnable(self, requests: pa.Table, cols: dict[str, list]) -> list[tuple[int, list[int], Any]]:
         """(row, prompt token ids, sampling params) of the rows that can run; the others get an error."""
-        token_ids = self._token_ids(requests.column("prompt").to_pylist())
+        # "messages" (optional, not in REQUEST_SCHEMA): a whole chat as JSON, from the online endpoint
+        messages = requests.column("messages").to_pylist() if "messages" in requests.column_names else None
+        token_ids = self._token_ids(requests.column("prompt").to_pylist(), messages)
         budgets = requests.column("max_tokens").to_pylist() if "max_tokens" in requests.column_names else None
         out = []
         for i, ids in enumerate(token_ids):
@@ -390,12 +393,15 @@ class EngineWorker:
             "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
         }  # fmt: skip
 
-    def _token_ids(self, prompts: list[str]) -> list[list[int]]:
-        if self.chat:
+    def _token_ids(self, prompts: list[str], chats: list[str | None] | None = None) -> list[list[int]]:
+        if self.chat or chats is not None:
             texts = []
-            for p in prompts:
-                messages = [{"role": "user", "content": p}]
-                if self.system:
+            for i, p in enumerate(prompts):
+                if chats is not None and chats[i] is not None:
+                    messages = json.loads(chats[i])
+                else:
+                    messages = [{"role": "user", "content": p}]
+                if self.system and messages[0]["role"] != "system":
                     messages.insert(0, {"role": "system", "content": self.system})
                 texts.append(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
             # The chat template already placed the special tokens.

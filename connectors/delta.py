@@ -310,6 +310,14 @@ class DeltaSink:
         for tp, last in positions.items():
             self._results_pos[tp] = last
 
+    def append_unpositioned(self, results: pa.Table, dead: pa.Table) -> None:
+        """Append rows that no source position covers (the online endpoint's audit rows): each
+        table's write is retried like a commit's (its marker tells whether a lost answer landed)."""
+        if dead.num_rows:
+            self._append(self.dead_letter, dead, [], {})
+        if results.num_rows:
+            self._append(self.results, results, [], {})
+
     def _append(self, table: _Table, rows: pa.Table, txns: list[Transaction], positions) -> None:
         """One table's commit, retried on store errors (OSError, DeltaError) with backoff.
 

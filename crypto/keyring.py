@@ -476,6 +476,38 @@ class Keyring:
                 )
         self._keys.pop((tenant, version), None)
 
+    # -- API keys of the online endpoint (crypto/api_keys.py)
+
+    def api_keys(self) -> dict[str, dict]:
+        """key id -> record (tenant, scrypt hash, state); never a token."""
+        return self._doc.get("api_keys", {})
+
+    def create_api_key(self, tenant: str) -> tuple[str, str]:
+        """(key id, token) of a new key for tenant. The token is returned once and stored only hashed."""
+        from crypto.api_keys import new_api_key
+
+        try:
+            check_tenant(tenant)
+        except ValueError as e:
+            raise KeyringError(str(e)) from None
+        key_id, token, record = new_api_key(tenant, _now())
+        with self._update() as doc:
+            doc.setdefault("api_keys", {})[key_id] = record
+        return key_id, token
+
+    def revoke_api_keys(self, tenant: str, key_id: str | None = None) -> list[str]:
+        """Revoke every active key of tenant (or the one key_id of it); returns the key ids revoked."""
+        with self._update() as doc:
+            revoked = []
+            for kid, rec in doc.get("api_keys", {}).items():
+                if rec["tenant"] == tenant and rec["state"] == "active" and key_id in (None, kid):
+                    rec.update(state="revoked", salt=None, hash=None, revoked_at=_now())
+                    revoked.append(kid)
+            if not revoked:
+                raise KeyringError(f"keyring {self.path} holds no active API key "
+                                   f"{'for tenant ' + repr(tenant) if key_id is None else repr(key_id) + ' of ' + repr(tenant)}")  # fmt: skip
+        return revoked
+
     def export(
         self,
         path: str | Path,
@@ -559,3 +591,11 @@ def _check_doc(doc: object, path: Path) -> None:
                 raise bad(f"tenant {tenant!r} version {e['version']}: wrapped_key missing")
             if not isinstance(e.get("values", 0), int) or e.get("values", 0) < 0:
                 raise bad(f"tenant {tenant!r} version {e['version']}: values must be a count")
+    if not isinstance(doc.get("api_keys", {}), dict):
+        raise bad("api_keys is not an object")
+    from crypto.api_keys import check_record
+
+    for key_id, record in doc.get("api_keys", {}).items():
+        why = check_record(key_id, record)
+        if why:
+            raise bad(why)

@@ -9,6 +9,7 @@
     tidegate schema SPEC [--format json-schema|avro]
     tidegate maintain SPEC [--optimize] [--vacuum] [--checkpoint]
     tidegate model make-tiny DIR [--seed N]
+    tidegate serve SPEC [--address ADDR] [--blocking] | serve status --address ADDR | serve stop NAME --address ADDR
 """
 
 from __future__ import annotations
@@ -357,6 +358,46 @@ def status_cmd(
         typer.echo(json.dumps(result, indent=2))
     else:
         render_status(result, Console())
+
+
+@app.command("serve")
+def serve_cmd(
+    target: Annotated[list[str], typer.Argument(help="SPEC.yaml to deploy; or `status`; or `stop NAME`.")],
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS or a local Ray).")] = None,
+    blocking: Annotated[bool, typer.Option("--blocking", help="Serve until Ctrl-C, then delete the application (always so on a local Ray).")] = False,
+) -> None:
+    """The spec's online endpoint on Ray Serve: OpenAI-compatible routes, /v1/jobs/NAME/invoke and
+    /events, with the job's guards, tenants and audit tables (docs/serving.md)."""
+    verb = target[0]
+    if verb in ("status", "stop"):
+        import os
+
+        import ray
+        from ray import serve
+
+        if len(target) != (2 if verb == "stop" else 1):
+            typer.echo("usage: tidegate serve status | tidegate serve stop NAME", err=True)
+            raise typer.Exit(2)
+        addr = address or os.environ.get("RAY_ADDRESS")
+        if not addr:
+            typer.echo("error: give --address (or RAY_ADDRESS): the cluster the application runs on", err=True)
+            raise typer.Exit(2)
+        ray.init(address=addr, include_dashboard=False, logging_level="WARNING")
+        if verb == "stop":
+            serve.delete(target[1])
+            typer.echo(f"{target[1]}: deleted")
+            return
+        for name, app_status in serve.status().applications.items():
+            typer.echo(f"{name}: {app_status.status}")
+            for dname, d in app_status.deployments.items():
+                typer.echo(f"  {dname}: {d.status} replicas {dict(d.replica_states)}")
+        return
+    if len(target) != 1:
+        typer.echo("usage: tidegate serve SPEC.yaml [--address ADDR] [--blocking]", err=True)
+        raise typer.Exit(2)
+    from jobs.serve import main as serve_main
+
+    raise typer.Exit(serve_main(target[0], address, blocking))
 
 
 def main() -> None:

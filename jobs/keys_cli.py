@@ -6,6 +6,9 @@
     tidegate keys revoke TENANT VERSION [--yes]
     tidegate keys list                                  (tenants, versions, states; never a key)
     tidegate keys export --tenant A [--tenant B] --out PATH (--to-master-key-env VAR | --same-master-key)
+    tidegate keys api-key create TENANT                 (the online endpoint's API keys; the key is shown once)
+    tidegate keys api-key revoke TENANT [--key-id ID]
+    tidegate keys api-key list
     tidegate keys reencrypt --table URI [--column C ...] [--storage-option KEY=VALUE ...] [--name NAME]
 
 The keyring is --keyring, else $TIDEGATE_KEYRING, else .tidegate/keyring.json; the master key is
@@ -16,7 +19,7 @@ read from the variable --master-key-env names (default TIDEGATE_MASTER_KEY). Hea
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -139,6 +142,49 @@ def list_keys(keyring: KeyringOption = None) -> None:
     Console(width=120).print(table)
     if not rows:
         typer.echo("no tenants (add one with: tidegate keys create-tenant TENANT)")
+
+
+api_key_app = typer.Typer(no_args_is_help=True, help="API keys of the online endpoint (tidegate serve), hashed in the keyring.")
+keys_app.add_typer(api_key_app, name="api-key")
+
+
+@api_key_app.command("create")
+def api_key_create(tenant: str, keyring: KeyringOption = None) -> None:
+    """A new API key for TENANT. Printed once, on stdout alone; only its scrypt hash is stored."""
+    key_id, token = _keyring_call_plain(keyring, "create_api_key", tenant)
+    typer.echo(f"API key {key_id} created for tenant {tenant}; it is shown once, keep it now:", err=True)
+    typer.echo(token)
+
+
+@api_key_app.command("revoke")
+def api_key_revoke(
+    tenant: str,
+    key_id: Annotated[Optional[str], typer.Option("--key-id", help="Only this key (default: all of the tenant's).")] = None,
+    keyring: KeyringOption = None,
+) -> None:
+    """Revoke TENANT's API keys; a running endpoint refuses them from its next request."""
+    revoked = _keyring_call_plain(keyring, "revoke_api_keys", tenant, key_id)
+    typer.echo(f"tenant {tenant}: API key(s) {', '.join(revoked)} revoked")
+
+
+@api_key_app.command("list")
+def api_key_list(keyring: KeyringOption = None) -> None:
+    """Key ids, tenants and states (never a key or its hash)."""
+    kr = _keyring_call_plain(keyring, "api_keys")
+    for key_id, rec in sorted(kr.items(), key=lambda kv: (kv[1]["tenant"], kv[1].get("created_at", ""))):
+        typer.echo(f"{key_id}  {rec['tenant']:<24} {rec['state']:<8} {rec.get('created_at', '')}")
+    if not kr:
+        typer.echo("no API keys (add one with: tidegate keys api-key create TENANT)")
+
+
+def _keyring_call_plain(keyring, method: str, *args):
+    """A keyring call that needs no master key (API keys are hashed, not wrapped)."""
+    from schemas.errors import TidegateError
+
+    try:
+        return getattr(_open(keyring, "", needs_master_key=False), method)(*args)
+    except TidegateError as e:
+        raise _fail(e) from None
 
 
 @keys_app.command("export")

@@ -99,3 +99,15 @@ class EventContractError(TidegateError, ValueError):
 
 class ProduceError(TidegateError):
     """The broker did not take an event (EventProducer): the message names the topic and the error class."""
+
+
+class AuthError(TidegateError):
+    """An API key is missing, malformed, unknown or revoked (the online endpoint answers 401)."""
+
+
+class LimitExceededError(TidegateError):
+    """A tenant's request or token budget (serve.limits) is spent for now; retry_after_s says when to come back."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -124,6 +124,15 @@ DEAD_LETTER_SCHEMA = pa.schema(
 )
 
 
+def with_columns_of(rows: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`rows` with exactly the columns of `schema`, in its order (the missing ones null)."""
+    n = rows.num_rows
+    return pa.table(
+        {f.name: rows.column(f.name) if f.name in rows.column_names else pa.nulls(n, f.type) for f in schema},
+        schema=schema,
+    )
+
+
 # Columns whose Parquet and Delta-log statistics (min/max) are kept: positions, times, counts,
 # labels. Free text, ids, raw bytes and encrypted columns get none, so no prefix of a value is
 # copied into file footers or the _delta_log (read by catalogs and tools that never see the data).

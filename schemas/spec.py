@@ -633,6 +633,50 @@ class ValidationSection(BaseModel):
         return out["rules"] if self.allowed_modules is None else out
 
 
+class ServeLimitsSpec(_Strict):
+    """Per-tenant budgets of the online endpoint, per replica (a tenant's share of each)."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1, description="Requests a tenant may start per minute.")
+    tokens_per_minute: int | None = Field(
+        default=None, ge=1, description="Prompt + completion tokens a tenant may spend per minute."
+    )
+
+
+class ServeSpec(_Strict):
+    """`serve:` — the job's online twin on Ray Serve (docs/serving.md)."""
+
+    host: str = Field(default="127.0.0.1", description="Address the HTTP proxy listens on (0.0.0.0: every interface).")
+    port: int = Field(default=8000, ge=1, le=65535)
+    route_prefix: str = Field(default="/", pattern=r"^/", description="Where the application's routes start.")
+    min_replicas: int = Field(default=1, ge=1, description="Autoscaling: the fewest replicas (each loads an engine).")
+    max_replicas: int = Field(default=1, ge=1, description="Autoscaling: the most replicas.")
+    target_ongoing_requests: float = Field(default=16, gt=0, description="Autoscaling target per replica.")
+    max_ongoing_requests: int = Field(default=64, ge=1, description="Requests one replica works on at once.")
+    max_queued_requests: int = Field(
+        default=128, ge=1, description="Requests waiting for a replica; beyond it the answer is 503 at once."
+    )
+    num_cpus: float | None = Field(default=None, ge=0, description="Per replica; default pool.num_cpus.")
+    num_gpus: float | None = Field(default=None, ge=0, description="Per replica; default pool.num_gpus.")
+    auth: bool = Field(
+        default=True, description="Every request needs a tenant's API key (`tidegate keys api-key create`)."
+    )
+    api_keys: str | None = Field(default=None, description="Keyring file holding the API keys; default encryption.keyring.")
+    limits: ServeLimitsSpec = Field(default_factory=ServeLimitsSpec)
+    ack: Literal["durable", "buffered"] = Field(
+        default="durable",
+        description="durable: answer once the request's audit rows are committed; buffered: answer at once, "
+        "audit rows committed every sink.commit_interval_s (a replica killed meanwhile loses them).",
+    )
+    request_timeout_s: float = Field(default=120.0, gt=0, description="Generation time a request may take (504 after).")
+    idempotency_cache: int = Field(default=10_000, ge=0, description="Answers kept in memory per replica for Idempotency-Key.")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ServeSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas is above max_replicas")
+        return self
+
+
 class JobSpec(_Strict):
     name: str
     source: SourceSpec
@@ -651,6 +695,7 @@ class JobSpec(_Strict):
         "or {rules: [...], allowed_modules: [...]}.",
     )
     encryption: EncryptionSpec = Field(default_factory=EncryptionSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec, description="The online endpoint (`tidegate serve`).")
 
     @field_validator("name")
     @classmethod

@@ -147,6 +147,21 @@ class EventProducer:
         prepared = [self._prepare(e, i) for i, e in enumerate(_rows(events))]
         return self._send(prepared)
 
+    def send_each(self, events: Iterable[Mapping[str, Any]]) -> list[Delivery | EventContractError]:
+        """Check every event on its own: the good ones are sent (one flush), each bad one comes back
+        in its place as its EventContractError (`.record` = its position) instead of raising."""
+        out: list[Delivery | EventContractError] = []
+        good: list[tuple[int, tuple[bytes, bytes, str]]] = []
+        for i, event in enumerate(events):
+            try:
+                good.append((i, self._prepare(event, i)))
+                out.append(None)  # type: ignore[arg-type]
+            except EventContractError as e:
+                out.append(e)
+        for (i, _), delivery in zip(good, self._send([p for _, p in good]) if good else []):
+            out[i] = delivery
+        return out
+
     def _send(self, prepared: list[tuple[bytes, bytes, str]]) -> list[Delivery]:
         from kafka.errors import KafkaError
 

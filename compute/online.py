@@ -1,0 +1,131 @@
+"""The batch stages' code, one request at a time: what the online endpoint runs (jobs/serve.py).
+
+    OnlineGuards(spec, run_id, engine, lineage, encryption)
+      event_source(event bytes, route, position)        -> SOURCE_SCHEMA row (the request as a source record)
+      chat_request(body bytes, prompt, messages, ...)   -> (SOURCE_SCHEMA row, REQUEST_SCHEMA row + messages)
+      await run(src, requests=None)                     -> Outcome
+
+`run` is the batch path for one source row: render (compute/prompts.py, with the event contract
+when source.event_schema is set), generate (`engine.complete`, compute/engine.py: concurrent requests
+share the engine's running set), validate and assemble (compute/assemble.py), and the retries the
+rules ask for, inside the request, until no row waits for one. It returns the plain rows: the
+result row, or the dead-letter row with its reason; encryption happens where they are stored
+(the audit log), as in batch.
+
+A request's position is (source_topic "serve:<route>", source_partition 0, source_offset =
+its request number, a 63-bit integer from the request id or the Idempotency-Key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from compute.assemble import BatchAssembler
+from compute.event_contract import EventContract
+from compute.prompts import PromptRenderer
+from compute.validation import Validator
+from crypto.stage import EncryptionStage
+from schemas.records import REQUEST_SCHEMA, RESULTS_SCHEMA, SOURCE_SCHEMA
+from schemas.spec import JobSpec
+
+
+def request_offset(*parts: str) -> int:
+    """The request's position in the audit tables: a 63-bit number from its id parts (tenant and
+    Idempotency-Key, or a fresh request id), so a retried request finds its first answer by it."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+@dataclass
+class Outcome:
+    """The plain rows of one request: results (0 or 1 row) and dead letters (0 or 1 row)."""
+
+    results: pa.Table
+    dead: pa.Table
+    rule_failures: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.results.num_rows > 0
+
+    def tokens(self) -> int:
+        if not self.ok:
+            return 0
+        r = self.results.slice(0, 1).to_pylist()[0]
+        return (r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
+
+
+class OnlineGuards:
+    def __init__(self, spec: JobSpec, run_id: str, engine, lineage: dict, encryption: EncryptionStage):
+        self.spec = spec
+        self.run_id = run_id
+        self.engine = engine
+        self.encryption = encryption
+        self.results_schema = encryption.plain_results_schema(RESULTS_SCHEMA)
+        contract = EventContract(spec) if spec.source.event_schema is not None else None
+        # Online events are JSON bodies whatever the Kafka topic's format is.
+        self.renderer = PromptRenderer(spec.prompt, spec.source.max_message_bytes, run_id, spec.encryption,
+                                       encryption.has_key, contract=contract)  # fmt: skip
+        self.validator = Validator(spec)
+        self.assembler = BatchAssembler(spec, self.validator, self.results_schema, run_id, lineage)
+
+    def semantic_rules(self) -> list:
+        return self.validator.semantic_rules()
+
+    @staticmethod
+    def event_source(value: bytes, route: str, offset: int) -> pa.Table:
+        """One SOURCE_SCHEMA row holding the request's bytes."""
+        return pa.table(
+            {
+                "topic": [f"serve:{route}"], "partition": [0], "offset": [offset], "key": [None], "value": [value],
+                "timestamp_ms": [int(time.time() * 1000)], "received_ns": [time.monotonic_ns()], "source_change": [None],
+            },
+            schema=SOURCE_SCHEMA,
+        )  # fmt: skip
+
+    def chat_request(self, body: bytes, route: str, offset: int, request_id: str, prompt: str,
+                     messages: list[dict] | None, tenant: str | None, max_tokens: int | None) -> tuple[pa.Table, pa.Table]:  # fmt: skip
+        """An OpenAI-style request as a source row (its body, for a dead letter's `raw`) and a
+        request row: `prompt` is the text the rules and a repair prompt see, `messages` (JSON) what
+        the engine's chat template renders on the first attempt."""
+        src = self.event_source(body, route, offset)
+        req = pa.table(
+            {
+                "id": [request_id], "prompt": [prompt], "source_topic": [f"serve:{route}"], "source_partition": [0],
+                "source_offset": [offset], "received_ns": src.column("received_ns"), "attempt": [1],
+                "first_prompt": [None], "context": [None], "tenant": [tenant], "max_tokens": [max_tokens],
+            },
+            schema=REQUEST_SCHEMA,
+        )  # fmt: skip
+        if messages is not None:
+            req = req.append_column("messages", pa.array([json.dumps(messages)], pa.string()))
+        return src, req
+
+    async def run(self, src: pa.Table, requests: pa.Table | None = None) -> Outcome:
+        carried: dict = {}
+        if requests is None:
+            self.encryption.refresh()
+            rendered = self.renderer.render(src)
+            if rendered.dead.num_rows:
+                return Outcome(self.results_schema.empty_table(), rendered.dead)
+            requests, carried = rendered.requests, rendered.carried or {}
+        results, dead, failures = [], [], {}
+        while requests is not None and requests.num_rows:
+            completions = await self.engine.complete(requests)
+            a = self.assembler.assemble(src, requests, completions, carried)
+            results.append(a.output.results)
+            dead.append(a.output.dead)
+            for rule, n in a.rule_failures.items():
+                failures[rule] = failures.get(rule, 0) + n
+            requests = a.retries if a.retries is not None and a.retries.num_rows else None
+        return Outcome(pa.concat_tables(results), pa.concat_tables(dead), failures)
+
+    def pii_rules(self) -> set[str]:
+        """Labels of the rules that look for personal data: a rejection they caused answers
+        without the output text."""
+        return {r.label for r in self.spec.rules if getattr(r, "rule", None) == "pii_leakage"}

@@ -1,0 +1,113 @@
+"""API keys of the online endpoint: one or more per tenant, stored hashed with scrypt in the keyring file.
+
+    token  "tg_<key id>_<secret>"   shown once, at creation; the key id (12 hex digits) finds the
+                                    record, the secret (32 random bytes, base64url) proves it
+    record {"tenant": T, "salt": b64, "hash": b64, "n": 16384, "r": 8, "p": 1,
+            "created_at": ISO, "state": "active" | "revoked"}   under "api_keys" by key id
+
+scrypt costs ~50 ms of CPU a check by design, so `ApiKeyVerifier` remembers the tokens it verified
+(by their SHA-256, never the token) until the keyring file changes: a revocation takes effect at
+the next request after the file is written (one stat per request).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+from schemas.errors import AuthError
+
+PREFIX = "tg_"
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
+_TOKEN = re.compile(r"tg_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
+
+
+def _b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+def _scrypt(secret: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return Scrypt(salt=salt, length=32, n=n, r=r, p=p).derive(secret.encode())
+
+
+def new_api_key(tenant: str, created_at: str) -> tuple[str, str, dict]:
+    """(key id, token, record to store). The token is not stored anywhere."""
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    salt = secrets.token_bytes(16)
+    record = {
+        "tenant": tenant, "salt": _b64(salt), "hash": _b64(_scrypt(secret, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)),
+        "n": SCRYPT_N, "r": SCRYPT_R, "p": SCRYPT_P, "created_at": created_at, "state": "active",
+    }  # fmt: skip
+    return key_id, f"{PREFIX}{key_id}_{secret}", record
+
+
+def parse_token(token: str) -> tuple[str, str]:
+    """(key id, secret); AuthError for anything that is not a Tidegate API key (never quoted)."""
+    m = _TOKEN.fullmatch(token.strip())
+    if m is None:
+        raise AuthError("not a Tidegate API key")
+    return m.group(1), m.group(2)
+
+
+def check_record(key_id: str, record: object) -> str | None:
+    """What is wrong with a stored record, or None (the keyring's file check)."""
+    if not re.fullmatch(r"[0-9a-f]{12}", key_id):
+        return "an API key id that is not 12 hex digits"
+    if not isinstance(record, dict) or not isinstance(record.get("tenant"), str):
+        return f"API key {key_id}: tenant missing"
+    if record.get("state") not in ("active", "revoked"):
+        return f"API key {key_id}: state must be active or revoked"
+    if record["state"] == "active" and not all(isinstance(record.get(k), str) for k in ("salt", "hash")):
+        return f"API key {key_id}: salt or hash missing"
+    return None
+
+
+def verify_record(secret: str, record: dict) -> bool:
+    try:
+        salt, want = base64.b64decode(record["salt"]), base64.b64decode(record["hash"])
+        got = _scrypt(secret, salt, int(record["n"]), int(record["r"]), int(record["p"]))
+    except (KeyError, ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, want)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request runs as."""
+
+    tenant: str
+    key_id: str
+
+
+class ApiKeyVerifier:
+    """token -> Principal, against the keyring's api_keys (a `crypto.keyring.Keyring`)."""
+
+    def __init__(self, keyring):
+        self.keyring = keyring
+        self._verified: dict[bytes, Principal] = {}
+
+    def verify(self, token: str) -> Principal:
+        """The token's tenant; AuthError (unknown, revoked or wrong secret: one message for all,
+        so an answer tells a caller nothing about which keys exist)."""
+        if self.keyring.refresh():  # a key was created or revoked since: verify again
+            self._verified.clear()
+        digest = hashlib.sha256(token.encode()).digest()
+        hit = self._verified.get(digest)
+        if hit is not None:
+            return hit
+        key_id, secret = parse_token(token)
+        record = self.keyring.api_keys().get(key_id)
+        if record is None or record.get("state") != "active" or not verify_record(secret, record):
+            raise AuthError("unknown or revoked API key")
+        principal = Principal(record["tenant"], key_id)
+        if len(self._verified) > 10_000:
+            self._verified.clear()
+        self._verified[digest] = principal
+        return principal

@@ -1,0 +1,634 @@
+"""`tidegate serve`: a job spec's online twin, a Ray Serve application (docs/serving.md).
+
+    build_app(spec, engine_cls)     -> the Serve application (one deployment, TidegateEndpoint)
+    deploy(spec, address, ...)      serve.run it (local Ray, or a cluster's)
+    TidegateEndpoint (replica)      FastAPI routes; holds one engine, the guards, the audit log
+
+Routes (the HTTP contract):
+    POST /v1/chat/completions, /v1/completions   OpenAI-compatible (stream: true answers SSE)
+    GET  /v1/models
+    POST /v1/jobs/{name}/invoke                  one event, as the Kafka job would consume it
+    POST /v1/jobs/{name}/events                  a batch of events -> the job's Kafka topic
+    GET  /healthz, /readyz
+
+Every route but the health checks needs `Authorization: Bearer <API key>` (serve.auth): the key's
+tenant is the request's tenant (its encryption key, its budget). A request runs the batch
+stages' code (compute/online.py), and its rows are stored in the job's results and dead-letter
+tables by the audit log (connectors/audit.py), several requests per append; with serve.ack
+durable (default) a request is answered once its rows are committed.
+
+Answers: 200 with the result; 400 the event or request could not be used (dead letter of stage
+decode/prompt); 401 no or unknown API key; 403 the event names another tenant, or the tenant
+has no encryption key; 404 unknown job or model; 422 the rules rejected the output (no output
+text when a pii_leakage rule failed); 429 serve.limits (Retry-After); 502 the engine failed the
+row; 503 the audit store failed (durable ack) or Serve's queue is full; 504 serve.request_timeout_s.
+No answer or log line quotes a value of the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any
+
+import pyarrow as pa
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from schemas.errors import AuthError, LimitExceededError, TidegateError
+from schemas.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+api = FastAPI(title="Tidegate online endpoint", docs_url=None, redoc_url=None)
+
+
+class _Refused(Exception):
+    """An answer other than 200, decided before any work (auth, limits, bad request)."""
+
+    def __init__(self, code: int, kind: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.code, self.kind, self.headers = code, kind, headers
+
+
+def _error(code: int, kind: str, message: str, **extra) -> dict:
+    return {"error": {"message": message, "type": kind, "code": code, **extra}}
+
+
+class _AuditBuffer:
+    """Rows waiting for the audit log; one append per group. durable: a request awaits its
+    group's commit (group commit: the next append starts as soon as the previous one ended);
+    buffered: an append every sink.commit_interval_s, nobody waits."""
+
+    def __init__(self, audit, durable: bool, interval_s: float):
+        self.audit = audit
+        self.durable = durable
+        self.interval_s = interval_s
+        self.lock = threading.Lock()  # the audit's Delta handles are used by one thread at a time
+        self._pending: list[tuple[pa.Table, pa.Table, asyncio.Future | None]] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    def _write(self, results: pa.Table, dead: pa.Table) -> None:
+        with self.lock:
+            self.audit.write(results, dead)
+
+    async def add(self, results: pa.Table, dead: pa.Table) -> None:
+        loop = asyncio.get_running_loop()
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._run())
+        fut = loop.create_future() if self.durable else None
+        self._pending.append((results, dead, fut))
+        self._wake.set()
+        if fut is not None:
+            await fut
+
+    async def _run(self) -> None:
+        while True:
+            if self.durable:
+                await self._wake.wait()
+            else:
+                await asyncio.sleep(self.interval_s)
+            self._wake.clear()
+            group, self._pending = self._pending, []
+            if not group:
+                continue
+            try:
+                await asyncio.to_thread(self._write, pa.concat_tables([g[0] for g in group], promote_options="default"),
+                                        pa.concat_tables([g[1] for g in group], promote_options="default"))  # fmt: skip
+            except Exception as e:  # noqa: BLE001 - the store failed after its retries
+                log.error("audit append failed (%s): %d request(s)", type(e).__name__, len(group))
+                if not self.durable:  # nobody was told it failed: keep the rows for the next append
+                    self._pending = group + self._pending
+                for _, _, fut in group:
+                    if fut is not None and not fut.done():
+                        fut.set_exception(e)
+                continue
+            for _, _, fut in group:
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+
+    async def drain(self) -> None:
+        """Write what waits now (shutdown)."""
+        group, self._pending = self._pending, []
+        if group:
+            await asyncio.to_thread(self._write, pa.concat_tables([g[0] for g in group], promote_options="default"),
+                                    pa.concat_tables([g[1] for g in group], promote_options="default"))  # fmt: skip
+
+
+def _with_tenant(table: pa.Table, tenant: str) -> pa.Table:
+    i = table.column_names.index("tenant")
+    return table.set_column(i, table.schema.field(i), pa.repeat(pa.scalar(tenant, pa.string()), table.num_rows))
+
+
+def _usage(row: dict) -> dict:
+    p, c = row["prompt_tokens"] or 0, row["completion_tokens"] or 0
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def _ok_body(route: str, rid: str, row: dict, model: str) -> dict:
+    guard = {"status": row["status"], "attempts": row["attempts"], "rule_results": row["rule_results"] or []}
+    created = int(time.time())
+    finish = row["finish_reason"] or "stop"
+    if route == "chat/completions":
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": row["output_text"]},
+                             "finish_reason": finish}],
+                "usage": _usage(row), "tidegate": guard}  # fmt: skip
+    if route == "completions":
+        return {"id": rid, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": row["output_text"], "finish_reason": finish, "logprobs": None}],
+                "usage": _usage(row), "tidegate": guard}  # fmt: skip
+    output_json = json.loads(row["output_json"]) if row.get("output_json") else None
+    return {"id": row["id"], "output": row["output_text"], "output_json": output_json, "finish_reason": finish,
+            "usage": _usage(row), **guard}  # fmt: skip
+
+
+async def _sse(route: str, body: dict):
+    """A validated answer as OpenAI stream chunks. The rules need the whole output, so nothing is
+    sent before it passed them: streaming changes the framing, not when the first token is known."""
+    chat = route == "chat/completions"
+    text = body["choices"][0]["message"]["content"] if chat else body["choices"][0]["text"]
+    base = {"id": body["id"], "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": body["created"], "model": body["model"]}  # fmt: skip
+
+    def chunk(piece: str | None, finish: str | None, role: bool = False) -> str:
+        if chat:
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if piece is not None:
+                delta["content"] = piece
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
+        return f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
+
+    if chat:
+        yield chunk(None, None, role=True)
+    words = (text or "").split(" ")
+    for i, w in enumerate(words):
+        yield chunk(w if i == 0 else " " + w, None)
+    final = json.loads(chunk(None, body["choices"][0]["finish_reason"])[6:])
+    final["usage"] = body["usage"]
+    yield f"data: {json.dumps(final)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+class _ServeMetrics:
+    """tidegate_serve_requests_total{job, route, code} and tidegate_serve_latency_seconds{job, route}
+    through Ray's metrics export (no value of a request in a label)."""
+
+    def __init__(self, job: str):
+        self.job = job
+        try:
+            from ray.util.metrics import Counter, Histogram
+
+            self.requests = Counter("tidegate_serve_requests_total", "Online requests by route and HTTP status.",
+                                    tag_keys=("job", "route", "code"))  # fmt: skip
+            self.latency = Histogram("tidegate_serve_latency_seconds", "Online request latency by route.",
+                                     boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+                                     tag_keys=("job", "route"))  # fmt: skip
+        except Exception:  # noqa: BLE001 - metrics are never fatal
+            self.requests = self.latency = None
+
+    def record(self, route: str, code: int, t0: float) -> None:
+        if self.requests is None:
+            return
+        try:
+            self.requests.inc(1, {"job": self.job, "route": route, "code": str(code)})
+            self.latency.observe(time.monotonic() - t0, {"job": self.job, "route": route})
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# The deployment comes after every helper it uses: Serve serialises the class when it is decorated.
+@serve.deployment(name="tidegate")
+@serve.ingress(api)
+class TidegateEndpoint:
+    def __init__(self, spec: JobSpec, engine_cls: type | None = None):
+        from compute.engine import EngineWorker
+        from compute.lineage import lineage_columns
+        from compute.limits import TenantLimits
+        from compute.online import OnlineGuards
+        from compute.validation import Validator
+        from connectors.audit import AuditLog
+        from crypto.stage import EncryptionStage
+
+        logging.basicConfig(level=logging.INFO)
+        self.spec = spec
+        self.run_id = f"serve-{uuid.uuid4().hex[:12]}"
+        self.model_label = spec.model.label
+        engine_cls = engine_cls or EngineWorker
+        self.engine = engine_cls(spec.model, spec.sampling, chat=spec.prompt.chat, system=spec.prompt.system,
+                                 json_schema=Validator(spec).json_schema)  # fmt: skip
+        self.encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
+        self.guards = OnlineGuards(spec, self.run_id, self.engine, lineage_columns(spec, self.engine.model_revision()),
+                                   self.encryption)  # fmt: skip
+        embedders: dict[str, Any] = {}
+        for rule in self.guards.semantic_rules():
+            if rule.spec.model not in embedders:
+                from compute.semantic import EmbeddingWorker
+
+                embedders[rule.spec.model] = EmbeddingWorker(rule.spec.model).embed
+            rule.embed = embedders[rule.spec.model]
+        self.audit = AuditLog(spec, self.encryption, self.run_id)
+        self.audit.open()
+        self.buffer = _AuditBuffer(self.audit, spec.serve.ack == "durable", spec.sink.commit_interval_s)
+        self.verifier = None
+        if spec.serve.auth:
+            from crypto.api_keys import ApiKeyVerifier
+            from crypto.keyring import Keyring
+
+            self.verifier = ApiKeyVerifier(Keyring.open(spec.serve.api_keys or spec.encryption.keyring))
+        self.limits = TenantLimits(spec.serve.limits)
+        self.pii_rules = self.guards.pii_rules()
+        self._answers: OrderedDict[int, tuple[int, dict]] = OrderedDict()  # Idempotency-Key answers
+        self._in_flight: dict[int, asyncio.Future] = {}
+        self._producer = None
+        self._metrics = _ServeMetrics(spec.name)
+        log.info("tidegate serve %s: replica ready (run %s)", spec.name, self.run_id)
+
+    # -- health ----------------------------------------------------------------------------------
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz(self) -> dict:
+        return {"status": "ready", "job": self.spec.name, "model": self.model_label, "run_id": self.run_id,
+                "pid": os.getpid()}  # fmt: skip
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        try:
+            self._principal(request)
+        except _Refused as r:
+            return self._refusal(r, "models")
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.model_label, "object": "model", "created": 0, "owned_by": "tidegate"},
+            {"id": self.spec.name, "object": "model", "created": 0, "owned_by": "tidegate"},
+        ]})  # fmt: skip
+
+    # -- the job's own routes --------------------------------------------------------------------
+
+    @api.post("/v1/jobs/{name}/invoke")
+    async def invoke(self, name: str, request: Request) -> JSONResponse:
+        route = "invoke"
+        try:
+            principal = self._principal(request)
+            self._job(name)
+            body = self._event_for(await request.body(), principal)
+            self._admit(principal, len(body) // 4 + self._budget(None))
+        except _Refused as r:
+            return self._refusal(r, route)
+        return await self._answer(request, principal, route, lambda offset: self.guards.run(
+            self.guards.event_source(body, route, offset)))  # fmt: skip
+
+    @api.post("/v1/jobs/{name}/events")
+    async def events(self, name: str, request: Request) -> JSONResponse:
+        t0 = time.monotonic()
+        try:
+            principal = self._principal(request)
+            self._job(name)
+            try:
+                events = json.loads(await request.body())
+            except ValueError:
+                raise _Refused(400, "invalid_json", "the body is not JSON") from None
+            if isinstance(events, dict):
+                events = events.get("events")
+            if not isinstance(events, list):
+                raise _Refused(400, "invalid_request", "the body is a JSON list of events (or {\"events\": [...]})")
+            events = [self._tenant_event(e, principal) if isinstance(e, dict) else e for e in events]
+            self._admit(principal, 0)
+            producer = self._kafka()
+        except _Refused as r:
+            return self._refusal(r, "events")
+        try:
+            outcomes = await asyncio.to_thread(producer.send_each, events)
+        except TidegateError as e:
+            self._metrics.record("events", 503, t0)
+            return JSONResponse(_error(503, "kafka_unavailable", str(e)), status_code=503)
+        out = []
+        for i, o in enumerate(outcomes):
+            if isinstance(o, Exception):
+                out.append({"index": i, "accepted": False, "error": str(o)})
+            else:
+                out.append({"index": i, "accepted": True, "id": o.id, "topic": o.topic, "partition": o.partition,
+                            "offset": o.offset})  # fmt: skip
+        accepted = sum(1 for o in out if o["accepted"])
+        self._metrics.record("events", 200, t0)
+        return JSONResponse({"accepted": accepted, "rejected": len(out) - accepted, "events": out})
+
+    # -- OpenAI-compatible -----------------------------------------------------------------------
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._openai(request, "chat/completions")
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._openai(request, "completions")
+
+    async def _openai(self, request: Request, route: str):
+        try:
+            principal = self._principal(request)
+            raw = await request.body()
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                raise _Refused(400, "invalid_json", "the body is not JSON") from None
+            if not isinstance(body, dict):
+                raise _Refused(400, "invalid_request", "the body is a JSON object")
+            if body.get("model") not in (self.model_label, self.spec.name):
+                raise _Refused(404, "model_not_found", f"this endpoint serves model {self.model_label!r} "
+                               f"(or the job name {self.spec.name!r})")  # fmt: skip
+            prompt, messages = self._prompt_of(route, body)
+            max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+            if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+                raise _Refused(400, "invalid_request", "max_tokens must be a positive integer")
+            tenant = self._tenant_of(principal)
+            budget = self._budget(max_tokens)
+            self._admit(principal, len(raw) // 4 + budget)
+        except _Refused as r:
+            return self._refusal(r, route)
+        request_id = f"{'chatcmpl' if route.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
+
+        def work(offset: int):
+            src, req = self.guards.chat_request(raw, route, offset, request_id, prompt, messages, tenant, budget)
+            return self.guards.run(src, req)
+
+        answer = await self._answer(request, principal, route, work, request_id=request_id)
+        if body.get("stream") and answer.status_code == 200:
+            return StreamingResponse(_sse(route, json.loads(answer.body)), media_type="text/event-stream")
+        return answer
+
+    def _prompt_of(self, route: str, body: dict) -> tuple[str, list[dict] | None]:
+        if route == "completions":
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1:
+                prompt = prompt[0]
+            if not isinstance(prompt, str) or not prompt:
+                raise _Refused(400, "invalid_request", "prompt must be one non-empty string")
+            return prompt, None
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _Refused(400, "invalid_request", "messages must be a non-empty list")
+        clean = []
+        for i, m in enumerate(messages):
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, list):  # content parts: the text ones
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(content, str):
+                raise _Refused(400, "invalid_request", f"messages[{i}]: needs a role (system|user|assistant) and text content")
+            clean.append({"role": m["role"], "content": content})
+        users = [m["content"] for m in clean if m["role"] == "user"]
+        if not users:
+            raise _Refused(400, "invalid_request", "messages: no user message")
+        return users[-1], clean
+
+    # -- the shared path -------------------------------------------------------------------------
+
+    async def _answer(self, request: Request, principal, route: str, work, request_id: str | None = None) -> JSONResponse:
+        """Run (or find) the request; store its rows; answer. With an Idempotency-Key, a request
+        seen before (this replica's memory, or the audit tables) gets the first answer again."""
+        from compute.online import request_offset
+
+        t0 = time.monotonic()
+        key = request.headers.get("idempotency-key")
+        tenant = principal.tenant if principal is not None else ""
+        if key:
+            offset = request_offset("idem", tenant, route, key)
+            code_body = self._answers.get(offset)
+            if code_body is None and offset in self._in_flight:
+                code_body = await asyncio.shield(self._in_flight[offset])
+            if code_body is None:
+                code_body = await self._stored_answer(route, offset)
+            if code_body is not None:
+                self._metrics.record(route, code_body[0], t0)
+                return JSONResponse(code_body[1], status_code=code_body[0], headers={"Idempotent-Replayed": "true"})
+        else:
+            offset = request_offset("req", uuid.uuid4().hex)
+        fut = asyncio.get_running_loop().create_future()
+        self._in_flight[offset] = fut
+        try:
+            code, body = await self._run_and_store(route, offset, work, principal, request_id)
+            if key and code < 500:
+                self._answers[offset] = (code, body)
+                while len(self._answers) > self.spec.serve.idempotency_cache:
+                    self._answers.popitem(last=False)
+            fut.set_result((code, body) if code < 500 else None)
+        except BaseException:
+            fut.set_result(None)
+            raise
+        finally:
+            self._in_flight.pop(offset, None)
+        self._metrics.record(route, code, t0)
+        return JSONResponse(body, status_code=code)
+
+    async def _run_and_store(self, route: str, offset: int, work, principal, request_id) -> tuple[int, dict]:
+        from compute.online import Outcome
+        from compute.prompts import dead_letter_table
+
+        try:
+            outcome: Outcome = await asyncio.wait_for(work(offset), self.spec.serve.request_timeout_s)
+        except asyncio.TimeoutError:
+            dead = dead_letter_table([dict(id=request_id, stage="engine", error_class="timeout",
+                                           error=f"no answer within serve.request_timeout_s={self.spec.serve.request_timeout_s}",
+                                           source_topic=f"serve:{route}", source_partition=0, source_offset=offset,
+                                           tenant=self._tenant_of(principal))], self.run_id)  # fmt: skip
+            outcome = Outcome(self.guards.results_schema.empty_table(), dead)
+        results, dead = outcome.results, outcome.dead
+        if principal is not None and not self.spec.encryption.enabled:  # who asked, for the audit
+            results, dead = _with_tenant(results, principal.tenant), _with_tenant(dead, principal.tenant)
+        if principal is not None:
+            self.limits.spend(principal.tenant, outcome.tokens())
+        try:
+            await self.buffer.add(results, dead)
+        except Exception as e:  # noqa: BLE001 - durable ack: not stored, so not answered
+            return 503, _error(503, "audit_unavailable", f"the request's audit rows could not be stored ({type(e).__name__}); retry")
+        return self._render(route, results, dead, request_id)
+
+    async def _stored_answer(self, route: str, offset: int) -> tuple[int, dict] | None:
+        def find():
+            with self.buffer.lock:
+                return self.audit.find(route, offset)
+
+        results, dead = await asyncio.to_thread(find)
+        if not results.num_rows and not dead.num_rows:
+            return None
+        code, body = self._render(route, results, dead, None)  # the first answer's id
+        # A first try that failed on our side (timeout, engine) is not an answer to repeat: run it again.
+        return (code, body) if code < 500 else None
+
+    def _render(self, route: str, results: pa.Table, dead: pa.Table, request_id: str | None) -> tuple[int, dict]:
+        if results.num_rows:
+            row = results.slice(0, 1).to_pylist()[0]
+            rid = request_id or row["id"]
+            return 200, _ok_body(route, rid, row, self.model_label)
+        d = dead.slice(0, 1).to_pylist()[0]
+        stage, kind = d["stage"], d["error_class"]
+        code = {"decode": 400, "prompt": 400, "source": 400, "validate": 422, "encrypt": 403}.get(stage, 502)
+        if kind == "timeout":
+            code = 504
+        extra: dict[str, Any] = {"stage": stage}
+        if stage == "validate":
+            rules = d.get("rule_results") or []
+            extra["rule_results"] = rules
+            if not any(r["rule"] in self.pii_rules and not r["passed"] for r in rules):
+                extra["output"] = d.get("output_text")
+        return code, _error(code, kind, d["error"] or kind, **extra)
+
+    # -- checks before any work ------------------------------------------------------------------
+
+    def _principal(self, request: Request):
+        if self.verifier is None:
+            return None
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise _Refused(401, "unauthorized", "an API key is needed: Authorization: Bearer <key>",
+                           {"WWW-Authenticate": "Bearer"})  # fmt: skip
+        try:
+            return self.verifier.verify(token)
+        except AuthError as e:
+            raise _Refused(401, "unauthorized", str(e), {"WWW-Authenticate": "Bearer"}) from None
+
+    def _job(self, name: str) -> None:
+        if name != self.spec.name:
+            raise _Refused(404, "job_not_found", f"this endpoint serves job {self.spec.name!r}")
+
+    def _tenant_of(self, principal) -> str | None:
+        enc = self.spec.encryption
+        if principal is None:
+            return enc.tenant if enc.enabled else None
+        if enc.enabled:
+            if enc.tenant_field is None and enc.tenant != principal.tenant:
+                raise _Refused(403, "forbidden", "this job encrypts for one fixed tenant; the API key is another's")
+            if not self.encryption.has_key(principal.tenant):
+                raise _Refused(403, "forbidden", "the API key's tenant has no encryption key in the keyring")
+        return principal.tenant
+
+    def _tenant_event(self, event: dict, principal) -> dict:
+        """The event as the principal's: its tenant field filled in, or refused if it names another."""
+        enc = self.spec.encryption
+        if principal is None or not enc.enabled:
+            return event
+        self._tenant_of(principal)
+        field = enc.tenant_field
+        if field is None:
+            return event
+        have = event.get(field)
+        if have is None:
+            return {**event, field: principal.tenant}
+        if have != principal.tenant:
+            raise _Refused(403, "forbidden", f"the event's {field} is not the API key's tenant")
+        return event
+
+    def _event_for(self, body: bytes, principal) -> bytes:
+        try:
+            event = json.loads(body)
+        except ValueError:
+            return body  # not JSON: the renderer dead-letters it (invalid_json), as in batch
+        if not isinstance(event, dict):
+            return body
+        fixed = self._tenant_event(event, principal)
+        return body if fixed is event else json.dumps(fixed).encode()
+
+    def _budget(self, max_tokens: int | None) -> int:
+        spec_max = int(self.spec.sampling.get("max_tokens") or 16)
+        return min(max_tokens, spec_max) if max_tokens else spec_max
+
+    def _admit(self, principal, tokens: int) -> None:
+        if principal is None:
+            return
+        try:
+            self.limits.admit(principal.tenant, tokens)
+        except LimitExceededError as e:
+            raise _Refused(429, "rate_limited", str(e), {"Retry-After": str(max(1, round(e.retry_after_s + 0.5)))}) from None
+
+    def _kafka(self):
+        if self._producer is None:
+            from tidegate.producer import EventProducer
+
+            if self.spec.source.kafka is None:
+                raise _Refused(404, "no_topic", f"job {self.spec.name!r} reads {self.spec.source.kind}, not Kafka")
+            try:
+                self._producer = EventProducer.from_spec(self.spec)
+            except TidegateError as e:
+                raise _Refused(503, "kafka_unavailable", str(e)) from None
+        return self._producer
+
+    def _refusal(self, r: _Refused, route: str) -> JSONResponse:
+        self._metrics.record(route, r.code, time.monotonic())
+        return JSONResponse(_error(r.code, r.kind, str(r)), status_code=r.code, headers=r.headers)
+
+
+# -- deployment ------------------------------------------------------------------------------------
+
+
+def build_app(spec: JobSpec, engine_cls: type | None = None):
+    """The Serve application of a spec: serve.* sizes the deployment (replicas, autoscaling,
+    queue), pool.* the engine's resources unless serve.num_cpus / num_gpus say otherwise."""
+    s = spec.serve
+    options: dict[str, Any] = dict(
+        max_ongoing_requests=s.max_ongoing_requests,
+        max_queued_requests=s.max_queued_requests,
+        ray_actor_options={
+            "num_cpus": s.num_cpus if s.num_cpus is not None else spec.pool.num_cpus,
+            "num_gpus": s.num_gpus if s.num_gpus is not None else spec.pool.num_gpus,
+        },
+    )
+    if s.min_replicas == s.max_replicas:
+        options["num_replicas"] = s.min_replicas
+    else:
+        options["autoscaling_config"] = {"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
+                                         "target_ongoing_requests": s.target_ongoing_requests}  # fmt: skip
+    return TidegateEndpoint.options(**options).bind(spec, engine_cls)
+
+
+def deploy(spec: JobSpec, engine_cls: type | None = None, blocking: bool = False) -> str:
+    """serve.run the spec's application on the Ray this process is connected to; returns its URL."""
+    serve.start(http_options={"host": spec.serve.host, "port": spec.serve.port})
+    serve.run(build_app(spec, engine_cls), name=spec.name, route_prefix=spec.serve.route_prefix, blocking=False)
+    host = "127.0.0.1" if spec.serve.host in ("0.0.0.0", "::") else spec.serve.host
+    return f"http://{host}:{spec.serve.port}{spec.serve.route_prefix.rstrip('/')}"
+
+
+def main(spec_path: str, address: str | None, blocking: bool) -> int:
+    """`tidegate serve SPEC`: deploy; with a local Ray (no --address) or --blocking, serve until
+    SIGINT/SIGTERM, then delete the application."""
+    import ray
+
+    from jobs.run import configure_logging, init_ray, load_job_spec
+
+    configure_logging()
+    try:
+        spec = load_job_spec(spec_path)
+    except TidegateError as e:
+        print(f"error: {e}")
+        return 2
+    init_ray(spec, address)
+    remote = bool(address or spec.ray.address or os.environ.get("RAY_ADDRESS"))
+    url = deploy(spec)
+    print(f"tidegate serve: {spec.name} at {url} (OpenAI base URL {url}/v1)", flush=True)
+    if remote and not blocking:
+        return 0
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print(f"tidegate serve: stopping {spec.name}", flush=True)
+    serve.delete(spec.name)
+    if not remote:
+        serve.shutdown()
+        ray.shutdown()
+    return 0

@@ -1,0 +1,42 @@
+"""A test engine for the online endpoint: answers each prompt with the prompt's text itself (plus an
+e-mail address that is not in the prompt when it says "leak"), so a
+test decides what the guards see by what it sends (a PII value, a denied word). Same interface
+as compute.engine.EngineWorker (bench/instant_engine.py's)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pyarrow as pa
+
+from bench.instant_engine import InstantEngine
+from schemas.records import COMPLETION_SCHEMA
+
+
+LEAKED_EMAIL = "zq.canary.7731@example.org"  # added to the output of a prompt that says "leak"
+
+
+class EchoEngine(InstantEngine):
+
+    def generate(self, requests: pa.Table) -> pa.Table:
+        prompts = [p + f" write to {LEAKED_EMAIL}" if "leak" in p else p for p in requests.column("prompt").to_pylist()]
+        words = [len(p.split()) for p in prompts]
+        out = pa.table(
+            {
+                "source_partition": requests.column("source_partition"),
+                "source_offset": requests.column("source_offset"),
+                "output_text": pa.array(prompts, pa.string()),
+                "finish_reason": pa.array(["stop"] * len(prompts), pa.string()),
+                "prompt_tokens": pa.array(words, pa.int32()),
+                "completion_tokens": pa.array(words, pa.int32()),
+            }
+        )
+        for f in COMPLETION_SCHEMA:
+            if f.name not in out.column_names:
+                out = out.append_column(f.name, pa.nulls(out.num_rows, f.type))
+        return out.select(COMPLETION_SCHEMA.names).cast(COMPLETION_SCHEMA)
+
+    async def complete(self, requests: pa.Table) -> pa.Table:
+        if "hang" in " ".join(requests.column("prompt").to_pylist()):
+            await asyncio.sleep(3600)
+        return self.generate(requests)

@@ -1,0 +1,295 @@
+"""The online endpoint (jobs/serve.py) on a real Ray Serve, over real HTTP: the official openai
+client, the job's invoke and events routes, API keys, 401/403/404/422/429/503/504, the audit rows
+in the job's Delta tables (encrypted, exactly one per Idempotency-Key), and no value of a request
+in an answer. The engine is tests/serve_engines.EchoEngine (it answers with the prompt, so a test
+chooses what the rules see); test_serve_vllm.py runs the real engine."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import json
+import os
+import secrets
+import tempfile
+import time
+import uuid
+
+import httpx
+import polars as pl
+import pytest
+
+from connectors.broker import free_port
+from tests.conftest import make_spec
+
+pytestmark = pytest.mark.slow
+
+from tests.serve_engines import LEAKED_EMAIL
+
+CANARY_EMAIL = "yx.canary.4410@example.org"  # sent in requests: never in an answer
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory, broker):
+    import ray
+    from ray import serve
+
+    from crypto.keyring import Keyring, LocalMasterKeyProvider
+    from jobs.serve import deploy
+    from schemas.spec import parse_spec
+    from tests.serve_engines import EchoEngine
+
+    tmp = tmp_path_factory.mktemp("serve")
+    os.environ["TIDEGATE_MASTER_KEY"] = base64.b64encode(secrets.token_bytes(32)).decode()
+    keyring_path = tmp / "keyring.json"
+    os.environ["TIDEGATE_KEYRING"] = str(keyring_path)
+    kr = Keyring.init(keyring_path, LocalMasterKeyProvider())
+    for tenant in ("acme", "globex", "burst"):
+        kr.create_tenant(tenant)
+    keys = {t: kr.create_api_key(t)[1] for t in ("acme", "globex", "burst")}
+    keys["nokey"] = kr.create_api_key("nokey")[1]  # an API key whose tenant has no encryption key
+    topic = f"serve-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    spec_dict = make_spec(tmp, broker, topic, tmp / "no-model", **{
+        "name": "support",
+        "encryption": {"keyring": str(keyring_path), "tenant_field": "customer", "output_fields": ["output_text"]},
+        "validation": [{"rule": "deny_list", "phrases": ["forbidden"], "on_fail": "reject"},
+                       {"rule": "pii_leakage", "on_fail": "reject"}],
+        "serve": {"port": port, "num_cpus": 0.25, "limits": {"tokens_per_minute": 8000},
+                  "request_timeout_s": 3, "idempotency_cache": 0},
+        "sink.commit_interval_s": 0.2,
+    })  # fmt: skip
+    spec = parse_spec(spec_dict)
+    small = parse_spec({**spec_dict, "name": "small", "sink": {**spec_dict["sink"],
+                        "results": str(tmp / "small" / "results"), "dead_letter": str(tmp / "small" / "dead")},
+                        "serve": {"port": port, "num_cpus": 0.25, "auth": False, "route_prefix": "/small",
+                                  "max_ongoing_requests": 1, "max_queued_requests": 1, "request_timeout_s": 4},
+                        "encryption": {}})  # fmt: skip
+    metrics_port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="tgray", dir="/tmp"),
+             object_store_memory=200 * 2**20, _metrics_export_port=metrics_port)  # fmt: skip
+    try:
+        url = deploy(spec, engine_cls=EchoEngine)
+        small_url = deploy(small, engine_cls=EchoEngine)
+        yield {"url": url, "small_url": small_url, "keys": keys, "spec": spec, "keyring": keyring_path, "topic": topic,
+               "metrics_port": metrics_port}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _post(ep, path: str, body, tenant: str | None = "acme", headers: dict | None = None, url: str | None = None):
+    h = {"Authorization": f"Bearer {ep['keys'][tenant]}"} if tenant else {}
+    h.update(headers or {})
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return httpx.post((url or ep["url"]) + path, content=data, headers=h, timeout=60)
+
+
+def _event(question: str, **extra) -> dict:
+    return {"id": f"ev-{uuid.uuid4().hex[:8]}", "user": "dana", "question": question, **extra}
+
+
+def _rows(uri: str, where, keyring=None):
+    from crypto.reader import read_results
+
+    return read_results(uri, keyring=keyring or os.environ["TIDEGATE_KEYRING"], backend="arrow", where=where).to_pylist()
+
+
+def test_openai_client_chat_completion_stream_and_models(endpoint):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=endpoint["url"] + "/v1", api_key=endpoint["keys"]["acme"])
+    label = endpoint["spec"].model.label
+    assert label in [m.id for m in client.models.list().data]
+    chat = client.chat.completions.create(model=label, messages=[
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "where is my parcel"}])  # fmt: skip
+    assert chat.choices[0].message.content == "where is my parcel"  # the echo engine: the guarded output
+    assert chat.usage.total_tokens > 0 and chat.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model=label, stream=True,
+                                                 messages=[{"role": "user", "content": "stream this answer please"}]))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "stream this answer please"
+    done = client.completions.create(model=label, prompt="complete me")
+    assert done.choices[0].text == "complete me"
+    # Each request is an audit row of its route, under the tenant's key.
+    rows = _rows(endpoint["spec"].sink.results, pl.col("id") == chat.id)
+    assert len(rows) == 1 and rows[0]["source_topic"] == "serve:chat/completions" and rows[0]["tenant"] == "acme"
+    assert rows[0]["output_text"] == "where is my parcel"
+
+
+def test_invoke_answers_the_result_row_and_stores_it_encrypted(endpoint):
+    from deltalake import DeltaTable
+
+    ev = _event("what is the status of order 7?")
+    r = _post(endpoint, "/v1/jobs/support/invoke", ev)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"] == ev["id"] and body["status"] == "ok"
+    assert body["output"] == "Answer for dana: what is the status of order 7?"
+    assert {x["rule"] for x in body["rule_results"]} == {"deny_list", "pii_leakage"}
+    # Durable ack: the row is in the table when the answer arrives; encrypted at rest.
+    raw = DeltaTable(endpoint["spec"].sink.results).to_pyarrow_table().to_pylist()
+    stored = [x for x in raw if x["id"] == ev["id"]]
+    assert len(stored) == 1 and stored[0]["source_topic"] == "serve:invoke" and stored[0]["tenant"] == "acme"
+    assert isinstance(stored[0]["output_text"], bytes) and b"order 7" not in stored[0]["output_text"]
+    assert _rows(endpoint["spec"].sink.results, pl.col("id") == ev['id'])[0]["output_text"] == body["output"]
+
+
+def test_auth_and_tenants(endpoint):
+    from crypto.keyring import Keyring
+
+    ev = _event("hello")
+    assert _post(endpoint, "/v1/jobs/support/invoke", ev, tenant=None).status_code == 401
+    bad = _post(endpoint, "/v1/jobs/support/invoke", ev, tenant=None, headers={"Authorization": "Bearer tg_000000000000_" + "A" * 43})
+    assert bad.status_code == 401 and bad.headers["www-authenticate"] == "Bearer"
+    # The event names another tenant than the key's: refused, nothing run.
+    assert _post(endpoint, "/v1/jobs/support/invoke", _event("hi", customer="globex")).status_code == 403
+    # A key whose tenant has no encryption key cannot have rows stored for it.
+    assert _post(endpoint, "/v1/jobs/support/invoke", _event("hi"), tenant="nokey").status_code == 403
+    assert _post(endpoint, "/v1/jobs/other/invoke", ev).status_code == 404
+    # Revocation takes effect at the next request.
+    kr = Keyring.open(endpoint["keyring"])
+    key_id, token = kr.create_api_key("globex")
+    endpoint["keys"]["globex2"] = token
+    assert _post(endpoint, "/v1/jobs/support/invoke", _event("before"), tenant="globex2").status_code == 200
+    kr.revoke_api_keys("globex", key_id)
+    assert _post(endpoint, "/v1/jobs/support/invoke", _event("after"), tenant="globex2").status_code == 401
+    assert _post(endpoint, "/v1/jobs/support/invoke", _event("other key"), tenant="globex").status_code == 200
+
+
+def test_rejections_answer_422_and_land_in_the_dead_letter_table(endpoint):
+    denied = _event("this is forbidden")
+    r = _post(endpoint, "/v1/jobs/support/invoke", denied)
+    assert r.status_code == 422
+    err = r.json()["error"]
+    assert err["type"] == "validation_failed" and err["stage"] == "validate"
+    assert err["output"] == "Answer for dana: this is forbidden"
+    assert [x["rule"] for x in err["rule_results"] if not x["passed"]] == ["deny_list"]
+    pii = _event("please leak something")
+    r = _post(endpoint, "/v1/jobs/support/invoke", pii)
+    assert r.status_code == 422 and "output" not in r.json()["error"]
+    assert LEAKED_EMAIL not in r.text and "canary" not in r.text
+    dead = _rows(endpoint["spec"].sink.dead_letter, pl.col("id") == pii['id'])
+    assert len(dead) == 1 and dead[0]["stage"] == "validate" and dead[0]["source_topic"] == "serve:invoke"
+    # Bad events: 400 naming the problem, never the value, and a dead letter each.
+    r = _post(endpoint, "/v1/jobs/support/invoke", b"{not json " + CANARY_EMAIL.encode())
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_json" and CANARY_EMAIL not in r.text
+    r = _post(endpoint, "/v1/jobs/support/invoke", {"user": "x", "question": CANARY_EMAIL})
+    assert r.status_code == 400 and "id" in r.json()["error"]["message"] and CANARY_EMAIL not in r.text
+    r = _post(endpoint, "/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404
+
+
+def test_idempotency_key_returns_the_first_answer_and_writes_one_row(endpoint):
+    ev = _event("idempotent question")
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    first = _post(endpoint, "/v1/jobs/support/invoke", ev, headers=key)
+    # serve.idempotency_cache is 0 here: the replay is read back from the (encrypted) audit table.
+    again = _post(endpoint, "/v1/jobs/support/invoke", {**ev, "question": "changed"}, headers=key)
+    assert first.status_code == again.status_code == 200
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert again.json()["output"] == first.json()["output"] == "Answer for dana: idempotent question"
+    assert len(_rows(endpoint["spec"].sink.results, pl.col("id") == ev['id'])) == 1
+    # Another tenant's same key is another request.
+    other = _post(endpoint, "/v1/jobs/support/invoke", {**ev, "id": ev["id"] + "-g"}, tenant="globex", headers=key)
+    assert other.status_code == 200 and "idempotent-replayed" not in other.headers
+
+
+def test_token_budget_answers_429_with_retry_after(endpoint):
+    label = endpoint["spec"].model.label
+    big = {"model": label, "messages": [{"role": "user", "content": "word " * 4000}]}
+    first = _post(endpoint, "/v1/chat/completions", big, tenant="burst")
+    assert first.status_code == 200 and first.json()["usage"]["total_tokens"] >= 8000  # the budget is spent
+    limited = _post(endpoint, "/v1/chat/completions", {**big, "messages": [{"role": "user", "content": "small"}]},
+                    tenant="burst")  # fmt: skip
+    assert limited.status_code == 429 and limited.json()["error"]["type"] == "rate_limited"
+    assert int(limited.headers["retry-after"]) >= 1
+    # Other tenants are not affected.
+    assert _post(endpoint, "/v1/jobs/support/invoke", _event("still fine")).status_code == 200
+
+
+def test_timeout_answers_504_and_a_dead_letter(endpoint):
+    ev = _event("please hang")
+    r = _post(endpoint, "/v1/jobs/support/invoke", ev)
+    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+    dead = _rows(endpoint["spec"].sink.dead_letter, pl.col("error_class") == "timeout")
+    assert dead and all(d["source_topic"] == "serve:invoke" for d in dead)
+
+
+def test_a_full_queue_answers_503_at_once(endpoint):
+    # The "small" app: one request at a time, one waiting, no auth; "hang" requests hold it.
+    def call(i):
+        t0 = time.monotonic()
+        r = httpx.post(endpoint["small_url"] + "/v1/jobs/small/invoke", json=_event(f"hang {i}"), timeout=60)
+        return r.status_code, time.monotonic() - t0
+
+    with cf.ThreadPoolExecutor(6) as pool:
+        out = list(pool.map(call, range(6)))
+    codes = sorted(c for c, _ in out)
+    assert 503 in codes, codes
+    assert all(s < 30 for c, s in out if c == 503)  # refused, not hung
+    assert set(codes) <= {503, 504}
+
+
+def test_events_route_checks_each_event_and_produces_the_good_ones(endpoint, broker):
+    from kafka import KafkaConsumer
+
+    good = _event("via http")
+    r = _post(endpoint, "/v1/jobs/support/events", {"events": [good, {"user": "no id", "question": CANARY_EMAIL}]})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["accepted"] == 1 and out["rejected"] == 1
+    assert out["events"][0]["accepted"] and out["events"][0]["id"] == good["id"]
+    assert not out["events"][1]["accepted"] and "id" in out["events"][1]["error"] and CANARY_EMAIL not in r.text
+    consumer = KafkaConsumer(endpoint["topic"], bootstrap_servers=broker.bootstrap_servers, auto_offset_reset="earliest",
+                             consumer_timeout_ms=5000)  # fmt: skip
+    got = [json.loads(m.value) for m in consumer]
+    consumer.close()
+    assert [g["id"] for g in got] == [good["id"]] and got[0]["customer"] == "acme"  # the key's tenant filled in
+
+
+def test_health_and_metrics(endpoint):
+    from tests.conftest import wait_for
+
+    assert httpx.get(endpoint["url"] + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(endpoint["url"] + "/readyz").json()
+    assert ready["status"] == "ready" and ready["job"] == "support"
+    _post(endpoint, "/v1/jobs/support/invoke", _event(f"metrics {CANARY_EMAIL}"))
+
+    def scraped():
+        text = httpx.get(f"http://127.0.0.1:{endpoint['metrics_port']}/metrics", timeout=10).text
+        return text if 'ray_tidegate_serve_requests_total{' in text and 'route="invoke"' in text else None
+
+    text = wait_for(scraped, 60, interval=2, what="serve metrics exported")
+    lines = [x for x in text.splitlines() if x.startswith("ray_tidegate_serve_")]
+    assert any('code="200"' in x and 'job="support"' in x for x in lines)
+    assert any(x.startswith("ray_tidegate_serve_latency_seconds_bucket") for x in lines)
+    assert not any("canary" in x or "acme" in x for x in lines)  # no value, no tenant in a label
+
+
+def test_kill_9_of_a_replica_loses_no_acknowledged_audit_row(endpoint):
+    """serve.ack durable: an answered request's rows were committed before the answer, so a
+    replica killed with SIGKILL mid-load loses none of them (it is last: the replica restarts)."""
+    import psutil
+
+    pid = httpx.get(endpoint["url"] + "/readyz").json()["pid"]
+    codes: list[int] = []
+
+    def call(i):
+        ev = _event(f"load {i}")
+        try:
+            r = _post(endpoint, "/v1/jobs/support/invoke", ev, tenant="globex")
+        except httpx.HTTPError:
+            return ev["id"], 0
+        return ev["id"], r.status_code
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(call, i) for i in range(120)]
+        time.sleep(1.0)
+        psutil.Process(pid).kill()  # the replica this test module started (by PID)
+        outcomes = [f.result() for f in futures]
+    answered = [rid for rid, code in outcomes if code == 200]
+    codes = [code for _, code in outcomes if code != 200]
+    assert answered and codes and 429 not in codes, codes  # the kill landed mid-load
+    stored = {r["id"] for r in _rows(endpoint["spec"].sink.results, pl.col("id").is_in(answered))}
+    assert set(answered) <= stored, f"{len(set(answered) - stored)} acknowledged request(s) without a row"

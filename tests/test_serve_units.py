@@ -1,0 +1,47 @@
+"""Pure parts of the online endpoint: per-tenant budgets (compute/limits.py) and API keys
+(crypto/api_keys.py, stored hashed in the keyring)."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+
+
+def test_limits_are_token_buckets():
+    from compute.limits import TenantLimits
+    from schemas.errors import LimitExceededError
+    from schemas.spec import ServeLimitsSpec
+
+    now = [0.0]
+    lim = TenantLimits(ServeLimitsSpec(requests_per_minute=2, tokens_per_minute=100), clock=lambda: now[0])
+    lim.admit("a", 10)
+    lim.admit("a", 10)
+    with pytest.raises(LimitExceededError) as e:
+        lim.admit("a", 10)
+    assert e.value.retry_after_s == pytest.approx(30.0)
+    lim.admit("b", 10)  # per tenant
+    now[0] = 30.0
+    lim.admit("a", 10)
+    lim.spend("a", 150)
+    now[0] = 60.0
+    with pytest.raises(LimitExceededError, match="token budget"):
+        lim.admit("a", 10)
+
+
+def test_api_keys_are_stored_hashed(tmp_path):
+    from crypto.api_keys import ApiKeyVerifier
+    from crypto.keyring import Keyring, LocalMasterKeyProvider
+    from schemas.errors import AuthError
+
+    kr = Keyring.init(tmp_path / "k.json", LocalMasterKeyProvider(key=secrets.token_bytes(32)))
+    key_id, token = kr.create_api_key("acme")
+    text = (tmp_path / "k.json").read_text()
+    assert token not in text and token.split("_")[-1] not in text and key_id in text
+    v = ApiKeyVerifier(Keyring.open(tmp_path / "k.json"))
+    assert v.verify(token).tenant == "acme"
+    with pytest.raises(AuthError):
+        v.verify(token[:-1] + ("A" if token[-1] != "A" else "B"))
+    kr.revoke_api_keys("acme")
+    with pytest.raises(AuthError):
+        v.verify(token)
