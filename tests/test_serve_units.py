@@ -45,3 +45,21 @@ def test_api_keys_are_stored_hashed(tmp_path):
     kr.revoke_api_keys("acme")
     with pytest.raises(AuthError):
         v.verify(token)
+
+
+def test_the_example_serve_spec_parses_and_sizes_the_deployment():
+    from pathlib import Path
+
+    from jobs.serve import build_app
+    from schemas.errors import SpecError
+    from schemas.spec import load_spec, parse_spec
+
+    spec = load_spec(Path(__file__).resolve().parent.parent / "examples" / "serve.yaml")
+    assert spec.serve.max_replicas == 2 and spec.serve.ack == "durable" and spec.serve.auth
+    deployment = build_app(spec)._bound_deployment
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 2
+    assert deployment._deployment_config.max_queued_requests == 128
+    bad = spec.model_dump(mode="json")
+    bad["serve"] = {"min_replicas": 3, "max_replicas": 2}
+    with pytest.raises(SpecError, match="min_replicas is above max_replicas"):
+        parse_spec(bad)
