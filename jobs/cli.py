@@ -387,10 +387,17 @@ def serve_cmd(
             serve.delete(target[1])
             typer.echo(f"{target[1]}: deleted")
             return
-        for name, app_status in serve.status().applications.items():
-            typer.echo(f"{name}: {app_status.status}")
+        def plain(v) -> str:
+            return str(getattr(v, "value", v))
+
+        apps = serve.status().applications
+        for name, app_status in apps.items():
+            typer.echo(f"{name}: {plain(app_status.status)}")
             for dname, d in app_status.deployments.items():
-                typer.echo(f"  {dname}: {d.status} replicas {dict(d.replica_states)}")
+                replicas = ", ".join(f"{n} {plain(state)}" for state, n in d.replica_states.items())
+                typer.echo(f"  {dname}: {plain(d.status)} (replicas: {replicas or 'none'})")
+        if not apps:
+            typer.echo("no Serve applications")
         return
     if len(target) != 1:
         typer.echo("usage: tidegate serve SPEC.yaml [--address ADDR] [--blocking]", err=True)

@@ -31,8 +31,8 @@ from compute.engine import EngineWorker
 from connectors.delta import DeltaSink
 
 
-def failing_engine(crash_on: str | None = None, hang_on: str | None = None) -> type:
-    class FaultyEngine(EngineWorker):
+def failing_engine(crash_on: str | None = None, hang_on: str | None = None, base: type = EngineWorker) -> type:
+    class FaultyEngine(base):
         async def run_batch(self, requests):
             prompts = requests.column("prompt").to_pylist()
             if crash_on and any(crash_on in p for p in prompts):
@@ -92,8 +92,8 @@ def main(argv: list[str]) -> int:
         from bench.instant_engine import InstantEngine
 
         components.engine = InstantEngine
-    if a.crash_on or a.hang_on:
-        components.engine = failing_engine(a.crash_on, a.hang_on)
+    if a.crash_on or a.hang_on:  # on vLLM, or with --instant-engine on the instant engine
+        components.engine = failing_engine(a.crash_on, a.hang_on, components.engine or EngineWorker)
     if a.slow_commit_s:
         components.sink = slow_sink(load_spec(a.spec), a.slow_commit_s)
     if a.flaky_writes or a.broken_store:

@@ -97,13 +97,15 @@ def test_impossible_resources_fail_fast_with_what_was_asked(tmp_path, broker, to
 def test_a_row_that_keeps_killing_the_engine_is_isolated_and_dead_lettered(
     tmp_path, broker, topic, tiny_model, job_processes
 ):
-    """Fault injection (tests/job_runner.py): the engine process exits whenever its batch holds the poison prompt."""
+    """Fault injection (tests/job_runner.py): the engine process exits whenever its batch holds the
+    poison prompt. The instant engine: what is tested is the pool's isolation, and each of the
+    restarts would otherwise reload vLLM (test_killed_engine_actor_... restarts the real one)."""
     n = 60
     records = [event(i) for i in range(n)]
     records.insert(37, event(999, question="POISON-PILL"))
     send(broker, topic, records)
     spec = make_spec(tmp_path, broker, topic, tiny_model, **{"pool.batch_size": 4, "pool.max_attempts": 2})
-    job = job_processes(write_spec(tmp_path, spec), module="tests.job_runner", extra_args=("--crash-on", "POISON-PILL"))
+    job = job_processes(write_spec(tmp_path, spec), module="tests.job_runner", extra_args=("--crash-on", "POISON-PILL", "--instant-engine"))
     assert job.wait(900) == 0, job.log()[-4000:]
 
     res = pl.read_delta(spec["sink"]["results"])
@@ -115,7 +117,8 @@ def test_a_row_that_keeps_killing_the_engine_is_isolated_and_dead_lettered(
 
 
 def test_a_row_that_hangs_the_engine_is_isolated_and_dead_lettered(tmp_path, broker, topic, tiny_model, job_processes):
-    """Fault injection (tests/job_runner.py): the engine blocks forever on the poison prompt; pool.batch_timeout_s catches it."""
+    """Fault injection (tests/job_runner.py): the engine blocks forever on the poison prompt;
+    pool.batch_timeout_s catches it. The instant engine, as in the test above."""
     n = 12
     records = [event(i) for i in range(n)]
     records.insert(5, event(777, question="STUCK-PILL"))
@@ -124,7 +127,7 @@ def test_a_row_that_hangs_the_engine_is_isolated_and_dead_lettered(tmp_path, bro
         tmp_path, broker, topic, tiny_model,
         **{"pool.batch_size": 2, "pool.max_attempts": 2, "pool.batch_timeout_s": 4},
     )  # fmt: skip
-    job = job_processes(write_spec(tmp_path, spec), module="tests.job_runner", extra_args=("--hang-on", "STUCK-PILL"))
+    job = job_processes(write_spec(tmp_path, spec), module="tests.job_runner", extra_args=("--hang-on", "STUCK-PILL", "--instant-engine"))
     assert job.wait(900) == 0, job.log()[-4000:]
 
     res = pl.read_delta(spec["sink"]["results"])

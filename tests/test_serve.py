@@ -267,6 +267,27 @@ def test_health_and_metrics(endpoint):
     assert not any("canary" in x or "acme" in x for x in lines)  # no value, no tenant in a label
 
 
+def test_serve_status_and_stop_from_the_cli(endpoint):
+    """`tidegate serve status|stop --address` against the running cluster (the "small" app is
+    deleted; "support" keeps serving)."""
+    import subprocess
+    import sys
+
+    import ray
+
+    from tests.conftest import REPO
+
+    address = ray.get_runtime_context().gcs_address
+    cli = [sys.executable, "-m", "jobs.cli", "serve"]
+    status = subprocess.run([*cli, "status", "--address", address], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert "support: RUNNING" in status.stdout and "small: RUNNING" in status.stdout
+    stop = subprocess.run([*cli, "stop", "small", "--address", address], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0 and "small: deleted" in stop.stdout, stop.stderr[-2000:]
+    assert httpx.post(endpoint["small_url"] + "/v1/jobs/small/invoke", json=_event("x"), timeout=30).status_code == 404
+    assert _post(endpoint, "/v1/jobs/support/invoke", _event("still here")).status_code == 200
+
+
 def test_kill_9_of_a_replica_loses_no_acknowledged_audit_row(endpoint):
     """serve.ack durable: an answered request's rows were committed before the answer, so a
     replica killed with SIGKILL mid-load loses none of them (it is last: the replica restarts)."""
