@@ -20,6 +20,7 @@ args, `extra` fields, traceback and stack:
     URL credentials               s3://user:pass@host -> s3://***@host
     Authorization credentials     Authorization: Bearer abc -> Authorization: Bearer ***
                                   (also Basic, Digest, ...; and a bare `Bearer <token>`)
+    Tidegate API keys             tg_<key id>_<secret> -> tg_<key id>_***
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ _AUTH_HEADER = re.compile(
 )
 # A bare bearer token anywhere (`Bearer eyJhbGciOi...`): the capitalised scheme word and a token68 value.
 _BEARER = re.compile(r"""\bBearer\s+[A-Za-z0-9\-._~+/]{8,}=*""")
+# A Tidegate API key (crypto/api_keys.py) anywhere: its key id stays (it names the key), the secret goes.
+_API_KEY = re.compile(r"""\b(tg_[0-9a-f]{12}_)[A-Za-z0-9_-]{43}""")
 
 
 def redact_text(text: str) -> str:
@@ -110,6 +113,8 @@ def redact_text(text: str) -> str:
     text = _AUTH_HEADER.sub(lambda m: f"{m.group('head')}{m.group('scheme') or ''}{MASK}", text)
     if "Bearer" in text:
         text = _BEARER.sub(f"Bearer {MASK}", text)
+    if "tg_" in text:
+        text = _API_KEY.sub(lambda m: m.group(1) + MASK, text)
     out, done, at = [], 0, 0
     while m := _KV.search(text, at):
         key = m.group("key")

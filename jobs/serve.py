@@ -118,11 +118,15 @@ class _AuditBuffer:
                     fut.set_result(None)
 
     async def drain(self) -> None:
-        """Write what waits now (shutdown)."""
+        """Write what waits now (replica shutdown)."""
         group, self._pending = self._pending, []
-        if group:
-            await asyncio.to_thread(self._write, pa.concat_tables([g[0] for g in group], promote_options="default"),
-                                    pa.concat_tables([g[1] for g in group], promote_options="default"))  # fmt: skip
+        if not group:
+            return
+        await asyncio.to_thread(self._write, pa.concat_tables([g[0] for g in group], promote_options="default"),
+                                pa.concat_tables([g[1] for g in group], promote_options="default"))  # fmt: skip
+        for _, _, fut in group:
+            if fut is not None and not fut.done():
+                fut.set_result(None)
 
 
 def _with_tenant(table: pa.Table, tenant: str) -> pa.Table:
@@ -221,8 +225,9 @@ class TidegateEndpoint:
         from compute.validation import Validator
         from connectors.audit import AuditLog
         from crypto.stage import EncryptionStage
+        from jobs.run import configure_logging
 
-        logging.basicConfig(level=logging.INFO)
+        configure_logging()  # the job's log format, secrets masked (jobs/logs.py)
         self.spec = spec
         self.run_id = f"serve-{uuid.uuid4().hex[:12]}"
         self.model_label = spec.model.label
@@ -255,6 +260,17 @@ class TidegateEndpoint:
         self._producer = None
         self._metrics = _ServeMetrics(spec.name)
         log.info("tidegate serve %s: replica ready (run %s)", spec.name, self.run_id)
+
+    async def __del__(self):
+        """Replica shutdown (serve stop, a scale-down, SIGTERM of `tidegate serve`): the audit rows
+        still buffered (serve.ack buffered) are written before the replica goes."""
+        buffer = getattr(self, "buffer", None)
+        if buffer is None:
+            return
+        try:
+            await buffer.drain()
+        except Exception as e:  # noqa: BLE001 - the store failed: say so, the process ends anyway
+            log.error("audit rows not written at shutdown (%s)", type(e).__name__)
 
     # -- health ----------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import polars as pl
 import pytest
 
 from connectors.broker import free_port
-from tests.conftest import make_spec
+from tests.conftest import make_spec, table_rows
 
 pytestmark = pytest.mark.slow
 
@@ -61,8 +61,9 @@ def endpoint(tmp_path_factory, broker):
     })  # fmt: skip
     spec = parse_spec(spec_dict)
     small = parse_spec({**spec_dict, "name": "small", "sink": {**spec_dict["sink"],
-                        "results": str(tmp / "small" / "results"), "dead_letter": str(tmp / "small" / "dead")},
-                        "serve": {"port": port, "num_cpus": 0.25, "auth": False, "route_prefix": "/small",
+                        "results": str(tmp / "small" / "results"), "dead_letter": str(tmp / "small" / "dead"),
+                        "commit_interval_s": 600},  # with ack buffered: nothing is written before the app stops
+                        "serve": {"port": port, "num_cpus": 0.25, "auth": False, "route_prefix": "/small", "ack": "buffered",
                                   "max_ongoing_requests": 1, "max_queued_requests": 1, "request_timeout_s": 4},
                         "encryption": {}})  # fmt: skip
     metrics_port = free_port()
@@ -71,7 +72,7 @@ def endpoint(tmp_path_factory, broker):
     try:
         url = deploy(spec, engine_cls=EchoEngine)
         small_url = deploy(small, engine_cls=EchoEngine)
-        yield {"url": url, "small_url": small_url, "keys": keys, "spec": spec, "keyring": keyring_path, "topic": topic,
+        yield {"url": url, "small_url": small_url, "small_spec": small, "small_timeouts": [0], "keys": keys, "spec": spec, "keyring": keyring_path, "topic": topic,
                "metrics_port": metrics_port}
     finally:
         serve.shutdown()
@@ -226,6 +227,7 @@ def test_a_full_queue_answers_503_at_once(endpoint):
     with cf.ThreadPoolExecutor(6) as pool:
         out = list(pool.map(call, range(6)))
     codes = sorted(c for c, _ in out)
+    endpoint["small_timeouts"][0] = codes.count(504)
     assert 503 in codes, codes
     assert all(s < 30 for c, s in out if c == 503)  # refused, not hung
     assert set(codes) <= {503, 504}
@@ -282,8 +284,12 @@ def test_serve_status_and_stop_from_the_cli(endpoint):
     status = subprocess.run([*cli, "status", "--address", address], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr[-2000:]
     assert "support: RUNNING" in status.stdout and "small: RUNNING" in status.stdout
+    small = endpoint["small_spec"].sink.dead_letter
+    assert table_rows(small) == 0  # serve.ack buffered, a 600 s interval: the 504s' rows still wait
     stop = subprocess.run([*cli, "stop", "small", "--address", address], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0 and "small: deleted" in stop.stdout, stop.stderr[-2000:]
+    # The replica's shutdown wrote them: one dead letter per request that timed out.
+    assert table_rows(small) == endpoint["small_timeouts"][0] > 0
     assert httpx.post(endpoint["small_url"] + "/v1/jobs/small/invoke", json=_event("x"), timeout=30).status_code == 404
     assert _post(endpoint, "/v1/jobs/support/invoke", _event("still here")).status_code == 200
 

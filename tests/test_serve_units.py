@@ -63,3 +63,12 @@ def test_the_example_serve_spec_parses_and_sizes_the_deployment():
     bad["serve"] = {"min_replicas": 3, "max_replicas": 2}
     with pytest.raises(SpecError, match="min_replicas is above max_replicas"):
         parse_spec(bad)
+
+
+def test_an_api_key_in_a_log_line_is_masked():
+    from crypto.api_keys import new_api_key
+    from jobs.logs import redact_text
+
+    key_id, token, _ = new_api_key("acme", "2026-12-03T00:00:00Z")
+    masked = redact_text(f"a client sent {token} in a query string")
+    assert token.split("_")[-1] not in masked and f"tg_{key_id}_***" in masked
