@@ -634,13 +634,15 @@ def main(spec_path: str, address: str | None, blocking: bool) -> int:
         return 2
     init_ray(spec, address)
     remote = bool(address or spec.ray.address or os.environ.get("RAY_ADDRESS"))
+    # Ours right after ray.init (a local Ray installs its own SIGTERM handler, which exits at once):
+    # the replica may answer before serve.run returns, so a SIGTERM can come while we deploy.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     url = deploy(spec)
     print(f"tidegate serve: {spec.name} at {url} (OpenAI base URL {url}/v1)", flush=True)
     if remote and not blocking:
         return 0
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     print(f"tidegate serve: stopping {spec.name}", flush=True)
     serve.delete(spec.name)
