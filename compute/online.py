@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -47,14 +47,9 @@ class Outcome:
 
     results: pa.Table
     dead: pa.Table
-    rule_failures: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.results.num_rows > 0
 
     def tokens(self) -> int:
-        if not self.ok:
+        if not self.results.num_rows:
             return 0
         r = self.results.slice(0, 1).to_pylist()[0]
         return (r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
@@ -114,16 +109,14 @@ class OnlineGuards:
             if rendered.dead.num_rows:
                 return Outcome(self.results_schema.empty_table(), rendered.dead)
             requests, carried = rendered.requests, rendered.carried or {}
-        results, dead, failures = [], [], {}
+        results, dead = [], []
         while requests is not None and requests.num_rows:
             completions = await self.engine.complete(requests)
             a = self.assembler.assemble(src, requests, completions, carried)
             results.append(a.output.results)
             dead.append(a.output.dead)
-            for rule, n in a.rule_failures.items():
-                failures[rule] = failures.get(rule, 0) + n
             requests = a.retries if a.retries is not None and a.retries.num_rows else None
-        return Outcome(pa.concat_tables(results), pa.concat_tables(dead), failures)
+        return Outcome(pa.concat_tables(results), pa.concat_tables(dead))
 
     def pii_rules(self) -> set[str]:
         """Labels of the rules that look for personal data: a rejection they caused answers

@@ -92,6 +92,14 @@ class _AuditBuffer:
         if fut is not None:
             await fut
 
+    async def _write_group(self, group: list) -> None:
+        """One append for a group's rows; its waiting requests are released once it landed."""
+        await asyncio.to_thread(self._write, pa.concat_tables([g[0] for g in group], promote_options="default"),
+                                pa.concat_tables([g[1] for g in group], promote_options="default"))  # fmt: skip
+        for _, _, fut in group:
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
     async def _run(self) -> None:
         while True:
             if self.durable:
@@ -103,8 +111,7 @@ class _AuditBuffer:
             if not group:
                 continue
             try:
-                await asyncio.to_thread(self._write, pa.concat_tables([g[0] for g in group], promote_options="default"),
-                                        pa.concat_tables([g[1] for g in group], promote_options="default"))  # fmt: skip
+                await self._write_group(group)
             except Exception as e:  # noqa: BLE001 - the store failed after its retries
                 log.error("audit append failed (%s): %d request(s)", type(e).__name__, len(group))
                 if not self.durable:  # nobody was told it failed: keep the rows for the next append
@@ -112,21 +119,12 @@ class _AuditBuffer:
                 for _, _, fut in group:
                     if fut is not None and not fut.done():
                         fut.set_exception(e)
-                continue
-            for _, _, fut in group:
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
 
     async def drain(self) -> None:
         """Write what waits now (replica shutdown)."""
         group, self._pending = self._pending, []
-        if not group:
-            return
-        await asyncio.to_thread(self._write, pa.concat_tables([g[0] for g in group], promote_options="default"),
-                                pa.concat_tables([g[1] for g in group], promote_options="default"))  # fmt: skip
-        for _, _, fut in group:
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+        if group:
+            await self._write_group(group)
 
 
 def _with_tenant(table: pa.Table, tenant: str) -> pa.Table:
@@ -432,12 +430,15 @@ class TidegateEndpoint:
                 self._metrics.record(route, code_body[0], t0)
                 return JSONResponse(code_body[1], status_code=code_body[0], headers={"Idempotent-Replayed": "true"})
         else:
-            offset = request_offset("req", uuid.uuid4().hex)
-        fut = asyncio.get_running_loop().create_future()
+            code, body = await self._run_and_store(route, request_offset("req", uuid.uuid4().hex), work, principal,
+                                                   request_id)  # fmt: skip
+            self._metrics.record(route, code, t0)
+            return JSONResponse(body, status_code=code)
+        fut = asyncio.get_running_loop().create_future()  # a second request with this key waits on it
         self._in_flight[offset] = fut
         try:
             code, body = await self._run_and_store(route, offset, work, principal, request_id)
-            if key and code < 500:
+            if code < 500:
                 self._answers[offset] = (code, body)
                 while len(self._answers) > self.spec.serve.idempotency_cache:
                     self._answers.popitem(last=False)
