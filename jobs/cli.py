@@ -7,6 +7,7 @@
     tidegate broker [--port PORT] [--data DIR]
     tidegate produce FILE.jsonl (--spec SPEC | --bootstrap HOST:PORT --topic T)
     tidegate schema SPEC [--format json-schema|avro]
+    tidegate status SPEC [--json] | tidegate usage SPEC [--by run|day|tenant] [--json]
     tidegate maintain SPEC [--optimize] [--vacuum] [--checkpoint]
     tidegate model make-tiny DIR [--seed N]
     tidegate serve SPEC [--address ADDR] [--blocking] | serve status --address ADDR | serve stop NAME --address ADDR
@@ -214,7 +215,7 @@ def produce(
 
     from connectors.kafka import try_create_topic
     from schemas.errors import EventContractError, TidegateError
-    from tidegate.producer import EventProducer
+    from jobs.producer import EventProducer
 
     stream = sys.stdin.buffer if str(file) == "-" else open(file, "rb")
     events, lines = [], []
@@ -358,6 +359,47 @@ def status_cmd(
         typer.echo(json.dumps(result, indent=2))
     else:
         render_status(result, Console())
+
+
+@app.command("usage")
+def usage_cmd(
+    spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
+    by: Annotated[str, typer.Option("--by", help="run | day | tenant")] = "run",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line instead of a table.")] = False,
+) -> None:
+    """Tokens and cost of a job, per run, UTC day or tenant (model.pricing prices them). Writes nothing."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from jobs.run import load_job_spec
+    from jobs.usage import usage_frame
+    from schemas.errors import TidegateError
+
+    try:
+        frame = usage_frame(load_job_spec(spec), by)
+    except TidegateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if as_json:
+        for row in frame.to_dicts():
+            typer.echo(json.dumps(row, default=str))
+        return
+    table = Table(title=f"usage by {by}")
+    for name in frame.columns:
+        table.add_column(name, justify="right" if frame[name].dtype.is_numeric() else "left")
+
+    def cell(v) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:,.4f}"
+        return f"{v:,}" if isinstance(v, int) else str(v)
+
+    for row in frame.iter_rows():
+        table.add_row(*(cell(v) for v in row))
+    Console().print(table)
 
 
 @app.command("serve")

@@ -102,11 +102,20 @@ def run_job(
     follow: bool = False,
     run_id: str | None = None,
     components=None,
+    *,
+    stop: threading.Event | None = None,
+    handle_signals: bool = True,
+    progress=None,
+    on_job=None,
+    summary: bool = True,
 ):
     """Run a spec to completion (or until signalled). Returns the job's stats.
 
     A bounded source (a table) ends the run once its rows are committed, unless `follow`;
-    `components` (jobs.pipeline.JobComponents) replaces the spec's engine, source or sink."""
+    `components` (jobs.pipeline.JobComponents) replaces the spec's engine, source or sink.
+    Embedding it (the `tidegate.Job` API): `stop` ends the run when set; `handle_signals=False`
+    leaves the process's signal handlers alone; `progress(done, total)` replaces the console
+    bar; `on_job(PipelineJob)` is called once the job is built (its live `stats`)."""
     from schemas.trusted_code import refuse_untrusted
 
     refuse_untrusted(spec.code_refs(), spec.allowed_modules)  # before anything starts: exit 2
@@ -114,7 +123,7 @@ def run_job(
     from jobs.pipeline import PipelineJob
 
     console = console or Console(stderr=True)
-    stop = threading.Event()
+    stop = stop if stop is not None else threading.Event()
 
     def _on_signal(signum, _frame):
         if stop.is_set():
@@ -126,21 +135,25 @@ def run_job(
     if not remote and not (Path(spec.model.path) / "config.json").is_file():
         # On a local cluster the engines see this filesystem: fail before starting anything.
         raise EngineError(f"model.path {spec.model.path!r} is not a model directory (no config.json)")
-    progress = _ProgressBar(console) if source_class(spec.source.kind).bounded else None
+    bar = _ProgressBar(console) if progress is None and source_class(spec.source.kind).bounded else None
     try:
         init_ray(spec, address)
         # After ray.init: a local Ray installs its own SIGTERM handler (sys.exit) in the driver.
-        if threading.current_thread() is threading.main_thread():
+        if handle_signals and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _on_signal)
             signal.signal(signal.SIGINT, _on_signal)
         job = PipelineJob(
-            spec, run_id=run_id, fixed_cluster=not remote, progress=progress, follow=follow, components=components
-        )
+            spec, run_id=run_id, fixed_cluster=not remote, progress=progress or bar, follow=follow,
+            components=components,
+        )  # fmt: skip
+        if on_job is not None:
+            on_job(job)
         stats = job.run(until_drained=until_drained, stop=stop)
     finally:
-        if progress is not None:
-            progress.close()
-    print_summary(spec, stats, console)
+        if bar is not None:
+            bar.close()
+    if summary:
+        print_summary(spec, stats, console)
     return stats
 
 
@@ -159,6 +172,11 @@ def print_summary(spec: JobSpec, stats, console: Console) -> None:
     table.add_row("retried generations", f"{stats.retried:,}")
     table.add_row("prompt tokens", f"{stats.prompt_tokens:,}")
     table.add_row("completion tokens", f"{stats.completion_tokens:,}")
+    if spec.model.pricing is not None:
+        from compute.pricing import token_cost
+
+        cost = token_cost(spec.model.pricing, stats.prompt_tokens, stats.completion_tokens)
+        table.add_row("cost", f"{cost:,.4f} {spec.model.pricing.currency} (model.pricing)")
     table.add_row("commits", f"{stats.commits:,}")
     table.add_row("peak rows read, not committed", f"{stats.peak_uncommitted:,}")
     table.add_row("elapsed", f"{stats.elapsed_s:.1f} s")

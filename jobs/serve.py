@@ -574,7 +574,7 @@ class TidegateEndpoint:
 
     def _kafka(self):
         if self._producer is None:
-            from tidegate.producer import EventProducer
+            from jobs.producer import EventProducer
 
             if self.spec.source.kafka is None:
                 raise _Refused(404, "no_topic", f"job {self.spec.name!r} reads {self.spec.source.kind}, not Kafka")

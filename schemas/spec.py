@@ -24,7 +24,7 @@ import yaml
 from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import (
-    BaseModel, ConfigDict, Field, SerializeAsAny, TypeAdapter, ValidationError, field_validator, model_serializer,
+    BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, TypeAdapter, ValidationError, field_validator, model_serializer,
     model_validator,
 )  # fmt: skip
 
@@ -366,6 +366,14 @@ class PromptSpec(_Strict):
         return v
 
 
+class PricingSpec(_Strict):
+    """What the model's tokens cost: every runs-table row and run summary gets a cost from it."""
+
+    prompt_per_1k: float = Field(ge=0, description="Price of 1,000 prompt tokens.")
+    completion_per_1k: float = Field(ge=0, description="Price of 1,000 completion tokens.")
+    currency: str = Field(default="USD", pattern=r"^[A-Z]{3}$", description="ISO 4217 code, e.g. USD, EUR.")
+
+
 class ModelSpec(_Strict):
     path: str = Field(min_length=1, description="Local model directory (config.json, weights, tokenizer).")
     name: str | None = Field(default=None, description="Value of the results' `model` column; default: path.")
@@ -382,6 +390,7 @@ class ModelSpec(_Strict):
     )
     seed: int = 0
     engine_args: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM arguments.")
+    pricing: PricingSpec | None = Field(default=None, description="Token prices: a cost on every runs-table row.")
 
     @property
     def label(self) -> str:
@@ -696,6 +705,12 @@ class JobSpec(_Strict):
     )
     encryption: EncryptionSpec = Field(default_factory=EncryptionSpec)
     serve: ServeSpec = Field(default_factory=ServeSpec, description="The online endpoint (`tidegate serve`).")
+    # The file load_spec read (None for a spec built from a mapping): `tidegate.submit` ships it.
+    _source_path: str | None = PrivateAttr(default=None)
+
+    @property
+    def source_path(self) -> str | None:
+        return self._source_path
 
     @field_validator("name")
     @classmethod
@@ -834,4 +849,6 @@ def load_spec(path: str | Path) -> JobSpec:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SpecError(f"invalid job spec {p}: not valid YAML: {e}") from None
-    return parse_spec(data, str(p))
+    spec = parse_spec(data, str(p))
+    spec._source_path = str(p)
+    return spec

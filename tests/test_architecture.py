@@ -19,15 +19,17 @@ LAYERS: dict[str, set[str]] = {
     "crypto": {"schemas"},
     "connectors": {"schemas", "crypto"},
     "compute": {"schemas", "crypto"},
-    "tidegate": {"schemas", "crypto", "compute", "connectors"},  # the client SDK: no Ray, no job internals
     "actors": {"schemas", "crypto", "compute", "connectors"},
-    "jobs": {"schemas", "crypto", "compute", "connectors", "actors", "tidegate"},
+    "jobs": {"schemas", "crypto", "compute", "connectors", "actors"},
+    # The public API on top: it re-exports and delegates (it imports no Ray itself, see NO_RAY).
+    "tidegate": {"schemas", "crypto", "compute", "connectors", "actors", "jobs"},
 }
 OURS = set(LAYERS) | {"tests", "bench"}
 # Ray appears where parallelism does: the actors, and the process-level entry points of jobs/
 # (ray.init, job submission, Ray's metrics API). The job loop routes through actors/.
 NO_RAY = {"schemas", "crypto", "connectors", "compute", "tidegate"}
-NO_RAY_MODULES = {"jobs/pipeline.py", "jobs/inflight.py", "jobs/batcher.py", "jobs/stats.py", "jobs/status.py"}
+NO_RAY_MODULES = {"jobs/pipeline.py", "jobs/inflight.py", "jobs/batcher.py", "jobs/stats.py", "jobs/status.py",
+                  "jobs/usage.py"}
 
 
 def _modules(package: str) -> list[Path]:
@@ -79,6 +81,22 @@ def test_compute_modules_are_plain_python():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_import_tidegate_is_cheap_and_lazy():
+    """`import tidegate` loads no Ray and no job code; each exported name resolves on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tidegate\n"
+        "print([m for m in sys.modules if m == 'ray' or m.startswith(('ray.', 'jobs', 'actors', 'vllm', 'torch'))])\n"
+        "missing = [n for n in tidegate.__all__ if getattr(tidegate, n, None) is None]\n"
+        "print(missing)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:2] == ["[]", "[]"], out.stdout
 
 
 def test_no_fault_hooks_in_production_code():

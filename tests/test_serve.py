@@ -314,9 +314,15 @@ def test_kill_9_of_a_replica_loses_no_acknowledged_audit_row(endpoint):
         futures = [pool.submit(call, i) for i in range(600)]  # several seconds of load: the kill lands inside it
         time.sleep(1.0)
         psutil.Process(pid).kill()  # the replica this test module started (by PID)
+        done_at_kill = sum(f.done() for f in futures)
         outcomes = [f.result() for f in futures]
+    # The kill landed mid-load: some requests were answered before it and some after. Whether the
+    # ones in flight on the killed replica fail or are retried by Serve's proxy on the new replica
+    # depends on timing, so the test does not require failures; it requires no 429 and no lost row.
+    assert 0 < done_at_kill < len(futures), done_at_kill
     answered = [rid for rid, code in outcomes if code == 200]
     codes = [code for _, code in outcomes if code != 200]
-    assert answered and codes and 429 not in codes, codes  # the kill landed mid-load
+    assert answered and 429 not in codes, codes
+    assert httpx.get(endpoint["url"] + "/readyz", timeout=30).json()["pid"] != pid  # a new replica answers
     stored = {r["id"] for r in _rows(endpoint["spec"].sink.results, pl.col("id").is_in(answered))}
     assert set(answered) <= stored, f"{len(set(answered) - stored)} acknowledged request(s) without a row"

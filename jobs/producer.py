@@ -1,0 +1,210 @@
+"""Send events to a Tidegate job: checked against the job's contract, in the job's format.
+
+    from tidegate.producer import EventProducer
+
+    with EventProducer.from_spec("jobs/triage.yaml") as producer:
+        producer.send({"ticket_id": "T-1", "text": "My card was charged twice"})
+        deliveries = producer.send_many(frame)   # list of dicts, a polars or pandas DataFrame
+    # deliveries: [Delivery(id="T-1", topic="requests", partition=2, offset=41), ...]
+
+Every event is checked against the event contract (compute/event_contract.py: what the spec's
+template and fields need, plus source.event_schema) and serialised before anything is sent: a bad
+event raises EventContractError naming the field path (never the value) and, in send_many, its
+position; nothing of that call is sent. Messages are keyed by the event id (one id, one
+partition: its events stay in order), sent idempotently with acks=all, batched by the client,
+and each call returns where its events landed once the broker has them.
+
+Formats follow the job's source.kafka: JSON; plain Avro with source.kafka.avro_schema; or the
+Confluent wire format with source.kafka.schema_registry (the contract's Avro schema is registered
+under the subject '<topic>-value', or looked up in a local {id: schema} file).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compute.event_contract import EventContract
+from compute.event_formats import AvroEncoder, encode_json, load_avro_schema
+from connectors.schema_registry import open_registry
+from schemas.errors import EventContractError, ProduceError, SpecError
+from schemas.spec import JobSpec, KafkaSecuritySpec, load_spec
+
+__all__ = ["Delivery", "EventProducer", "EventContractError", "ProduceError"]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: str
+    topic: str
+    partition: int
+    offset: int
+
+
+class EventProducer:
+    def __init__(
+        self,
+        bootstrap_servers: str | list[str],
+        topic: str,
+        id_field: str,
+        *,
+        contract: EventContract | None = None,
+        json_schema: dict[str, Any] | None = None,
+        format: str = "json",
+        avro_schema: dict[str, Any] | str | None = None,
+        schema_registry: str | None = None,
+        security: KafkaSecuritySpec | None = None,
+        producer_config: Mapping[str, Any] | None = None,
+    ):
+        """A producer for `topic`. The contract: `contract` (from a spec) or `json_schema` (a JSON
+        Schema of the events; None and no contract: only the id is required). format avro needs
+        avro_schema (plain Avro), schema_registry (Confluent framing), or both (the schema to
+        register; default: the contract's Avro form)."""
+        from kafka import KafkaProducer
+
+        self.topic = topic
+        self.id_field = id_field
+        self.bootstrap_servers = bootstrap_servers
+        if contract is None:
+            schema = json_schema or {"type": "object", "required": [id_field]}
+            contract = EventContract.from_json_schema(schema, name=topic)
+        self.contract = contract
+        self.encode = self._encoder(format, avro_schema, schema_registry)
+        config = dict(producer_config or {})
+        config.update((security or KafkaSecuritySpec()).client_config())
+        config.update(
+            bootstrap_servers=bootstrap_servers,
+            acks="all",
+            enable_idempotence=True,  # a retried send is not written twice
+            max_in_flight_requests_per_connection=5,
+            linger_ms=config.get("linger_ms", 10),
+        )
+        try:
+            self._producer = KafkaProducer(**config)
+        except Exception as e:  # NoBrokersAvailable, bad settings: one named error
+            raise ProduceError(f"cannot connect to Kafka at {bootstrap_servers}: {type(e).__name__}") from None
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec | str | Path, bootstrap_servers: str | list[str] | None = None,
+                  topic: str | None = None, **kw) -> EventProducer:  # fmt: skip
+        """A producer for the job's source topic, contract and format (a Kafka source's spec)."""
+        if not isinstance(spec, JobSpec):
+            spec = load_spec(spec)
+        kafka = spec.source.kafka
+        if kafka is None:
+            raise SpecError(f"{spec.name}: the source is {spec.source.kind}, not Kafka: there is no topic to produce to")
+        brokers = bootstrap_servers or kafka.bootstrap_servers
+        if not brokers:
+            raise SpecError(f"{spec.name}: source.kafka.bootstrap_servers is not set: give bootstrap_servers")
+        kw.setdefault("security", kafka.security)
+        return cls(brokers, topic or kafka.topic, spec.prompt.id_field, contract=EventContract(spec),
+                   format=kafka.format, avro_schema=kafka.avro_schema, schema_registry=kafka.schema_registry, **kw)  # fmt: skip
+
+    def _encoder(self, fmt: str, avro_schema, schema_registry):
+        if fmt == "json":
+            if avro_schema is not None or schema_registry is not None:
+                raise SpecError("avro_schema and schema_registry are for format avro")
+            return encode_json
+        if fmt != "avro":
+            raise SpecError(f"format {fmt!r}: use json or avro")
+        if schema_registry is None:
+            if avro_schema is None:
+                raise SpecError("format avro needs avro_schema or schema_registry")
+            return AvroEncoder(load_avro_schema(avro_schema, "avro_schema"))
+        schema = avro_schema if isinstance(avro_schema, dict) else (
+            load_avro_schema(avro_schema, "avro_schema") if avro_schema else self.contract.avro_schema())  # fmt: skip
+        schema_id = open_registry(schema_registry).id_of(f"{self.topic}-value", _plain(schema))
+        return AvroEncoder(schema, schema_id)
+
+    def _prepare(self, event: Any, record: int | None) -> tuple[bytes, bytes, str]:
+        if not isinstance(event, Mapping):
+            raise EventContractError(f"an event is a mapping of fields, not {type(event).__name__}", record)
+        event = dict(event)
+        msgs = self.contract.violations(event)
+        if msgs:
+            raise EventContractError("; ".join(msgs), record)
+        event_id = str(event[self.id_field]).strip()
+        if not event_id:
+            raise EventContractError(f"{self.id_field}: the id is empty", record)
+        try:
+            value = self.encode(event)
+        except EventContractError as e:
+            raise EventContractError(str(e), record) from None
+        except (TypeError, ValueError) as e:
+            raise EventContractError(f"cannot be serialised: {type(e).__name__}", record) from None
+        return event_id.encode("utf-8"), value, event_id
+
+    def send(self, event: Mapping[str, Any]) -> Delivery:
+        """Check, serialise and send one event; returns where it landed (waits for the broker)."""
+        return self._send([self._prepare(event, None)])[0]
+
+    def send_many(self, events: Iterable[Mapping[str, Any]] | Any) -> list[Delivery]:
+        """Check and serialise every event first (a bad one raises naming its position and field:
+        nothing is sent), then send them all and wait for the broker. Accepts an iterable of
+        mappings or a polars / pandas DataFrame."""
+        prepared = [self._prepare(e, i) for i, e in enumerate(_rows(events))]
+        return self._send(prepared)
+
+    def send_each(self, events: Iterable[Mapping[str, Any]]) -> list[Delivery | EventContractError]:
+        """Check every event on its own: the good ones are sent (one flush), each bad one comes back
+        in its place as its EventContractError (`.record` = its position) instead of raising."""
+        out: list[Delivery | EventContractError] = []
+        good: list[tuple[int, tuple[bytes, bytes, str]]] = []
+        for i, event in enumerate(events):
+            try:
+                good.append((i, self._prepare(event, i)))
+                out.append(None)  # type: ignore[arg-type]
+            except EventContractError as e:
+                out.append(e)
+        for (i, _), delivery in zip(good, self._send([p for _, p in good]) if good else []):
+            out[i] = delivery
+        return out
+
+    def _send(self, prepared: list[tuple[bytes, bytes, str]]) -> list[Delivery]:
+        from kafka.errors import KafkaError
+
+        futures = [(eid, self._producer.send(self.topic, key=key, value=value)) for key, value, eid in prepared]
+        self._producer.flush()
+        out = []
+        for eid, fut in futures:
+            try:
+                md = fut.get(timeout=60)
+            except KafkaError as e:
+                raise ProduceError(f"topic {self.topic!r}: the broker did not take event {len(out)}: "
+                                   f"{type(e).__name__}") from None  # fmt: skip
+            out.append(Delivery(eid, md.topic, md.partition, md.offset))
+        return out
+
+    def close(self) -> None:
+        self._producer.close()
+
+    def __enter__(self) -> EventProducer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _rows(events: Any) -> Iterable[Any]:
+    """Rows of a polars or pandas DataFrame as dicts of plain values; anything else as it is."""
+    module = type(events).__module__
+    if module.startswith("polars"):
+        return events.to_dicts()
+    if module.startswith("pandas"):
+        import json
+
+        # pandas' own JSON writer turns NaN into null and timestamps into ISO text (numpy scalars
+        # are not JSON): the rows a JSON consumer would see.
+        return json.loads(events.to_json(orient="records", date_format="iso"))
+    return events
+
+
+def _plain(schema: Any) -> Any:
+    """A schema as written (fastavro's parsed form carries private keys a registry should not see)."""
+    if isinstance(schema, dict):
+        return {k: _plain(v) for k, v in schema.items() if not str(k).startswith("__")}
+    if isinstance(schema, list):
+        return [_plain(v) for v in schema]
+    return schema
