@@ -60,6 +60,27 @@ def open_keyring(keyring: Keyring | KeySource | str | Path | None) -> KeySource:
     return keyring
 
 
+class _KeyringOnFirstUse:
+    """A KeySource opened when a value first needs a key: a table with nothing encrypted (or a
+    selection of plain columns) is read without any keyring, and a missing one is an error only
+    where a key is needed."""
+
+    def __init__(self, keyring: Keyring | KeySource | str | Path | None):
+        self._given = keyring
+        self._opened: KeySource | None = None
+
+    def _source(self) -> KeySource:
+        if self._opened is None:
+            self._opened = open_keyring(self._given)
+        return self._opened
+
+    def current(self, tenant: str) -> int:
+        return self._source().current(tenant)
+
+    def data_key(self, tenant: str, version: int) -> bytes:
+        return self._source().data_key(tenant, version)
+
+
 def decrypt_table(
     data: pa.Table,
     keyring: KeySource,
@@ -145,7 +166,7 @@ def read_results(
         raise ValueError(f"backend must be polars, pandas or arrow, not {backend!r}")
     if on_missing_key not in ("raise", "keep"):
         raise ValueError(f"on_missing_key must be raise or keep, not {on_missing_key!r}")
-    kr = open_keyring(keyring)
+    kr = _KeyringOnFirstUse(keyring)
     dt = DeltaTable(uri, version=version, storage_options=storage_options)
     schema = pa.schema(dt.schema().to_arrow())
     binding = binding_of(dt.metadata(), schema, uri)

@@ -198,7 +198,8 @@ class Job:
 
         init_ray(self.spec, self.address)
         handle = RunHandle(self.spec, run_id or uuid.uuid4().hex[:16])
-        console = Console(file=handle.summary, width=120) if quiet else Console(stderr=True)
+        # force_jupyter=False: in a notebook rich would otherwise display it rather than write the file
+        console = Console(file=handle.summary, width=120, force_jupyter=False) if quiet else Console(stderr=True)
 
         def _run() -> None:
             stats, error = None, None
