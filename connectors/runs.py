@@ -66,7 +66,7 @@ RUNS_SCHEMA = pa.schema(
         ("engine_idle", pa.float64()),  # time with nothing in the engines / time since their first batch
         ("engine_occupancy", pa.float64()),  # mean running rows / max_num_seqs over the decode steps
         ("prefix_cache_hit_rate", pa.float64()),  # prompt tokens from the prefix cache / prompt tokens
-        # model.pricing (compute/pricing.py): the price of the row's tokens, retries included; null without it
+        # model.pricing (compute/pricing.py) applied to the row's tokens when it was written; null without it
         ("cost", pa.float64()),
         ("currency", pa.string()),
     ]

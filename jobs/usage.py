@@ -1,12 +1,13 @@
 """Token usage and cost of a job (`tidegate usage SPEC --by tenant|day|run`, `tidegate.usage`).
 
-    by run     one row per run:  the runs table's commit rows of the job, summed per run_id
-    by day     one row per UTC day on which commits landed (commit rows, by ended_at)
+    by run     one row per run: its run row (every generation, retried and rejected ones included);
+               a run without one (killed, or still running) sums its commit rows (counted_from)
+    by day     one row per UTC day on which commits landed: commit rows, by ended_at
     by tenant  one row per tenant: the result rows' tokens (the tenant column; null: "-")
 
-Runs and days count every generation of the committed rows, retries included (the runs table);
-tenants count the tokens of the stored result rows (the accepted generation of each row): the two
-differ by the retried and dead-lettered generations. Cost is the runs table's recorded cost where
+Commit rows and result rows count the final generation of each stored row (docs/operations.md,
+the runs table): days and tenants leave out retried and rejected generations, runs with a run row
+do not. Cost is the runs table's recorded cost where
 there is one (priced when incurred); otherwise, and per tenant, the tokens priced with the spec's
 model.pricing now, row by row (column `priced`: recorded | current_prices | mixed; none, with a
 null cost, when a row has neither).
@@ -90,20 +91,22 @@ def usage_frame(spec: JobSpec, by: str = "run") -> pl.DataFrame:
         return _one_currency(frame).select("tenant", *COLUMNS)
 
     runs = RunsTable.for_results(spec.sink.results, spec.sink.storage_options or None).read(job=spec.name)
+    if "cost" not in runs.columns:  # a runs table written before the cost columns
+        runs = runs.with_columns(cost=pl.lit(None, pl.Float64), currency=pl.lit(None, pl.String))
+    runs = runs.with_columns(_row_cost(spec, recorded=True))
     commits = runs.filter(pl.col("kind") == "commit")
-    if "cost" not in commits.columns:  # a runs table written before the cost columns
-        commits = commits.with_columns(cost=pl.lit(None, pl.Float64), currency=pl.lit(None, pl.String))
-    key = (
-        [pl.col("run_id")] if by == "run"
-        else [pl.col("ended_at").dt.convert_time_zone("UTC").dt.date().alias("day")]
-    )  # fmt: skip
-    aggs = [
+    totals = [
         (pl.col("rows_ok").sum() + pl.col("rows_dead").sum()).alias("rows"),
         pl.col("prompt_tokens").sum(), pl.col("completion_tokens").sum(), *_COST_AGGS,
     ]  # fmt: skip
-    if by == "run":
-        aggs += [pl.col("started_at").min().alias("started_at"), pl.col("ended_at").max().alias("ended_at")]
-    frame = _one_currency(commits.with_columns(_row_cost(spec, recorded=True)).group_by(key).agg(aggs))
-    if by == "run":
-        return frame.sort("started_at").select("run_id", "started_at", "ended_at", *COLUMNS)
-    return frame.sort("day").select("day", *COLUMNS)
+    if by == "day":
+        day = pl.col("ended_at").dt.convert_time_zone("UTC").dt.date().alias("day")
+        return _one_currency(commits.group_by(day).agg(totals)).sort("day").select("day", *COLUMNS)
+    # by run: the run row (every generation) where the run wrote one; else its commit rows summed
+    # (a run killed before its end, or still running).
+    span = [pl.col("started_at").min(), pl.col("ended_at").max()]
+    ended = runs.filter(pl.col("kind") == "run").group_by("run_id").agg(*totals, *span, pl.lit("run").alias("counted_from"))
+    unended = (commits.filter(~pl.col("run_id").is_in(ended["run_id"].implode()))
+               .group_by("run_id").agg(*totals, *span, pl.lit("commits").alias("counted_from")))  # fmt: skip
+    frame = _one_currency(pl.concat([ended, unended], how="vertical_relaxed"))
+    return frame.sort("started_at").select("run_id", "started_at", "ended_at", *COLUMNS, "counted_from")

@@ -64,22 +64,30 @@ def test_usage_by_run_and_day_from_recorded_and_current_prices(tmp_path):
     runs.append_commit(run_id="b", job=spec.name, commit_seq=1, started_at=day1 + timedelta(days=1),
                        ended_at=day1 + timedelta(days=1, minutes=5), rows_ok=4, prompt_tokens=2000,
                        completion_tokens=1000)  # fmt: skip
+    # run d ended: its run row (every generation, 10% more tokens here) counts, not its commits
+    runs.append_commit(run_id="d", job=spec.name, commit_seq=1, started_at=day1 + timedelta(days=2),
+                       ended_at=day1 + timedelta(days=2, minutes=1), rows_ok=3, prompt_tokens=1000,
+                       completion_tokens=0, cost=0.5, currency="EUR")  # fmt: skip
+    runs.append_run(run_id="d", job=spec.name, started_at=day1 + timedelta(days=2), status="finished", commits=1,
+                    ended_at=day1 + timedelta(days=2, minutes=2), rows_ok=3, prompt_tokens=1100, completion_tokens=0,
+                    cost=0.55, currency="EUR")  # fmt: skip
     runs.append_commit(run_id="c", job="another-job", commit_seq=1, started_at=day1, ended_at=day1,
                        rows_ok=99, prompt_tokens=99, completion_tokens=99, cost=9.9, currency="EUR")  # fmt: skip
 
     by_run = usage_frame(spec, "run")
-    assert by_run.select("run_id", "rows", "prompt_tokens", "cost", "currency", "priced").rows() == [
-        ("a", 16, 1500, 1.5, "EUR", "recorded"),
-        ("b", 4, 2000, 2.5, "EUR", "current_prices"),
+    assert by_run.select("run_id", "rows", "prompt_tokens", "cost", "currency", "priced", "counted_from").rows() == [
+        ("a", 16, 1500, 1.5, "EUR", "recorded", "commits"),
+        ("b", 4, 2000, 2.5, "EUR", "current_prices", "commits"),
+        ("d", 3, 1100, 0.55, "EUR", "recorded", "run"),
     ]
     by_day = usage_frame(spec, "day")
     assert [(str(d), r, c) for d, r, c in by_day.select("day", "rows", "cost").rows()] == [
-        ("2026-12-01", 10, 1.0), ("2026-12-02", 6 + 4, 0.5 + 2.5)]  # day 2: one recorded, one priced now
-    assert by_day["priced"].to_list() == ["recorded", "mixed"]
+        ("2026-12-01", 10, 1.0), ("2026-12-02", 6 + 4, 0.5 + 2.5), ("2026-12-03", 3, 0.5)]  # day 2: one recorded, one priced now
+    assert by_day["priced"].to_list() == ["recorded", "mixed", "recorded"]
     # Without model.pricing, an unpriced row makes its group's cost unknown (null), not partial.
     unpriced = tidegate.parse_spec({**_spec_dict(tmp_path, NO_BROKER, "t", tmp_path), "name": spec.name,
                                     "model": {"path": str(tmp_path)}})  # fmt: skip
-    assert usage_frame(unpriced, "run").select("cost", "priced").rows() == [(1.5, "recorded"), (None, "none")]
+    assert usage_frame(unpriced, "run").select("cost", "priced").rows() == [(1.5, "recorded"), (None, "none"), (0.55, "recorded")]
     with pytest.raises(tidegate.SpecError, match="by must be one of run, day, tenant"):
         usage_frame(spec, "week")
     # No table yet: empty frames with the columns.
@@ -170,7 +178,8 @@ def test_a_job_from_the_api_in_the_background_then_read_back(tmp_path, broker, t
 
     by_run = tidegate.usage(spec, by="run")
     assert by_run.height == 3 and by_run["rows"].sum() == 332 and set(by_run["priced"]) == {"recorded"}
-    assert by_run["cost"].sum() == pytest.approx(tidegate.read_runs(spec, kind="commit")["cost"].sum())
+    assert set(by_run["counted_from"]) == {"run"}  # each run wrote its run row
+    assert by_run["cost"].sum() == pytest.approx(tidegate.read_runs(spec, kind="run")["cost"].sum())
     by_tenant = tidegate.usage(spec, by="tenant")
     counts = dict(zip(by_tenant["tenant"], by_tenant["rows"]))
     assert counts == {"acme": 20 + 300, "globex": 10}
