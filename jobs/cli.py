@@ -8,6 +8,7 @@
     tidegate produce FILE.jsonl (--spec SPEC | --bootstrap HOST:PORT --topic T)
     tidegate schema SPEC [--format json-schema|avro]
     tidegate status SPEC [--json] | tidegate usage SPEC [--by run|day|tenant] [--json]
+    tidegate report SPEC [--out report.html]
     tidegate maintain SPEC [--optimize] [--vacuum] [--checkpoint]
     tidegate model make-tiny DIR [--seed N]
     tidegate serve SPEC [--address ADDR] [--blocking] | serve status --address ADDR | serve stop NAME --address ADDR
@@ -400,6 +401,25 @@ def usage_cmd(
     for row in frame.iter_rows():
         table.add_row(*(cell(v) for v in row))
     Console().print(table)
+
+
+@app.command("report")
+def report_cmd(
+    spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")],
+    out: Annotated[Path, typer.Option("--out", help="The HTML file to write.")] = Path("report.html"),
+) -> None:
+    """One self-contained HTML page about a job (runs, throughput, latency, dead letters, rules,
+    groundedness, cost per tenant), charts inlined: it opens offline. Reads the tables, writes only --out."""
+    from jobs.report import write_report
+    from jobs.run import load_job_spec
+    from schemas.errors import TidegateError
+
+    try:
+        path = write_report(load_job_spec(spec), out)
+    except TidegateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"wrote {path} ({path.stat().st_size:,} bytes)")
 
 
 @app.command("serve")

@@ -28,7 +28,7 @@ OURS = set(LAYERS) | {"tests", "bench"}
 # Ray appears where parallelism does: the actors, and the process-level entry points of jobs/
 # (ray.init, job submission, Ray's metrics API). The job loop routes through actors/.
 NO_RAY = {"schemas", "crypto", "connectors", "compute", "tidegate"}
-NO_RAY_MODULES = {"jobs/pipeline.py", "jobs/inflight.py", "jobs/batcher.py", "jobs/stats.py", "jobs/status.py",
+NO_RAY_MODULES = {"jobs/pipeline.py", "jobs/inflight.py", "jobs/batcher.py", "jobs/stats.py", "jobs/status.py", "jobs/report.py",
                   "jobs/usage.py"}
 
 

@@ -13,7 +13,7 @@ imported on first use, so `import tidegate` is cheap and starts nothing (no Ray)
 
 Specs:      load_spec, parse_spec, Spec
 Jobs:       Job, RunHandle, RunProgress (a local run); submit, SubmittedJob (a Ray cluster's job)
-Tables:     read_results, read_dead_letters, read_runs, status, usage
+Tables:     read_results, read_dead_letters, read_runs, status, usage, report (an HTML page)
 Producing:  EventProducer, Delivery (tidegate.producer); EmbeddedBroker (a laptop's Kafka)
 Models:     make_tiny_model (the offline test model)
 Errors:     TidegateError and its subclasses (schemas/errors.py), e.g. SpecError, KeyPermissionError
@@ -38,6 +38,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "read_runs": ("tidegate.api", "read_runs"),
     "status": ("tidegate.api", "status"),
     "usage": ("tidegate.api", "usage"),
+    "report": ("tidegate.api", "report"),
     "EventProducer": ("jobs.producer", "EventProducer"),
     "Delivery": ("jobs.producer", "Delivery"),
     "EmbeddedBroker": ("connectors.broker", "EmbeddedBroker"),
@@ -77,5 +78,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from schemas.spec import JobSpec as Spec
     from tidegate.api import (
         Job, RunHandle, RunProgress, SubmittedJob, load_spec, parse_spec, read_dead_letters, read_results,
-        read_runs, status, submit, usage,
+        read_runs, report, status, submit, usage,
     )  # fmt: skip

@@ -360,3 +360,10 @@ def usage(spec: SpecLike, by: Literal["run", "day", "tenant"] = "run") -> pl.Dat
     from jobs.usage import usage_frame
 
     return usage_frame(_spec(spec), by)
+
+
+def report(spec: SpecLike, out: str | Path = "report.html") -> Path:
+    """Write the job's self-contained HTML report (`tidegate report`, jobs/report.py); its path."""
+    from jobs.report import write_report
+
+    return write_report(_spec(spec), out)
