@@ -62,6 +62,37 @@ def engine_env(model: ModelSpec) -> dict[str, str]:
     return env
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_dtype_advice(model: ModelSpec, cpuinfo: str | None = None) -> str | None:
+    """The one dtype warning that matters on CPU engines, in our words, or None.
+
+    bf16 weights on a CPU without bf16 instructions are emulated: several times slower than
+    float32. `auto` means the model's own dtype (config.json torch_dtype / dtype)."""
+    dtype = model.dtype.lower()
+    if dtype == "auto":
+        try:
+            with open(os.path.join(model.path, "config.json")) as f:
+                config = json.load(f)
+            dtype = str(config.get("torch_dtype") or config.get("dtype") or "").lower()
+        except (OSError, ValueError):
+            return None
+    if dtype not in ("bfloat16", "bf16"):
+        return None
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    if any(flag in cpuinfo.split() for flag in BF16_CPU_FLAGS):
+        return None
+    how = "model.dtype: auto picks the model's bfloat16" if model.dtype.lower() == "auto" else f"model.dtype is {model.dtype}"
+    return (f"{how}, and this machine's CPUs have no bf16 instructions ({' / '.join(BF16_CPU_FLAGS)}): the CPU "
+            "engines emulate it, several times slower than float32. Set model.dtype: float32.")  # fmt: skip
+
+
 @dataclass
 class _Batch:
     key: str

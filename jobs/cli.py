@@ -37,6 +37,18 @@ app.add_typer(dlq_app, name="dlq")
 AddressOption = Annotated[
     str, typer.Option("--address", envvar="RAY_API_SERVER_ADDRESS", help="Ray dashboard address, http://HEAD:8265.")
 ]
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", help="Show the engines' and Ray's own logs here (default: in Ray's log folder).")
+]
+
+
+def _verbose(on: bool) -> None:
+    import os
+
+    if on:
+        os.environ["TIDEGATE_VERBOSE"] = "1"  # read by jobs.run.init_ray (and inherited by children)
+
+
 TokenEnvOption = Annotated[
     str, typer.Option("--token-env", help="Environment variable holding the cluster's Ray auth token.")
 ]
@@ -60,10 +72,12 @@ def run(
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS or a local Ray).")] = None,
     follow: Annotated[bool, typer.Option("--follow", help="Delta incremental sources: keep polling for new versions until SIGTERM.")] = False,
     log_format: Annotated[Optional[str], typer.Option("--log-format", help="text | json (default: TIDEGATE_LOG_FORMAT or text).")] = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Run a spec: Kafka sources consume until stopped (or drained); Delta sources until committed."""
     from jobs.run import main
 
+    _verbose(verbose)
     raise typer.Exit(main(str(spec), until_drained, address, follow, log_format))
 
 
@@ -99,10 +113,12 @@ def dlq_replay(
     spec: Annotated[Path, typer.Argument(help="Job spec (YAML) of the job whose dead letters to replay.")],
     where: Annotated[Optional[str], typer.Option(help="SQL predicate over the dead-letter columns.")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS or a local Ray).")] = None,
+    verbose: VerboseOption = False,
 ) -> None:
     """Re-process dead-lettered rows after a fix, exactly once; marks them replayed."""
     from jobs.replay import main
 
+    _verbose(verbose)
     raise typer.Exit(main(str(spec), where, address))
 
 
@@ -175,10 +191,12 @@ def jobs_stop(job_id: str, address: AddressOption, token_env: TokenEnvOption = "
 def demo(
     events: Annotated[int, typer.Option(help="Valid request events to produce.")] = 300,
     lake: Annotated[Path, typer.Option(help="Folder for the demo's tables (emptied first).")] = Path("lake/demo"),
+    verbose: VerboseOption = False,
 ) -> None:
     """Start a broker, produce sample events, run the demo job until drained, show the output."""
     from jobs.demo import run_demo
 
+    _verbose(verbose)
     raise typer.Exit(run_demo(events=events, lake=lake))
 
 
@@ -427,9 +445,11 @@ def serve_cmd(
     target: Annotated[list[str], typer.Argument(help="SPEC.yaml to deploy; or `status`; or `stop NAME`.")],
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS or a local Ray).")] = None,
     blocking: Annotated[bool, typer.Option("--blocking", help="Serve until Ctrl-C, then delete the application (always so on a local Ray).")] = False,
+    verbose: VerboseOption = False,
 ) -> None:
     """The spec's online endpoint on Ray Serve: OpenAI-compatible routes, /v1/jobs/NAME/invoke and
     /events, with the job's guards, tenants and audit tables (docs/serving.md)."""
+    _verbose(verbose)
     verb = target[0]
     if verb in ("status", "stop"):
         import os

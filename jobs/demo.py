@@ -91,7 +91,9 @@ def run_demo(events: int = 300, lake: Path = Path("lake/demo")) -> int:
         f"    results = pl.read_delta({spec.sink.results!r})\n"
         f"    dead    = pl.read_delta({spec.sink.dead_letter!r})\n"
     )
-    with pl.Config(tbl_cols=6, fmt_str_lengths=40, tbl_width_chars=140):
+    # The tables fit the terminal (rich knows its width; 80 when it cannot tell).
+    width = max(60, console.width)
+    with pl.Config(tbl_cols=6, fmt_str_lengths=max(20, width // 4), tbl_width_chars=width):
         console.print(results.select("id", "status", "output_json", "attempts", "latency_ms").sort("id").head(5))
         console.print(results.group_by("status").len().sort("status"))
         console.print(dead.select("id", "stage", "error_class", "error").sort("error_class"))

@@ -434,7 +434,10 @@ class PipelineJob:
             return
         self._next_lag_check = time.monotonic() + every_s
         try:
-            self.metrics.lag(self.source.lag(self._committed))
+            lag = self.source.lag(self._committed)
+            self.metrics.lag(lag)
+            if lag.partitions is not None:  # the run's live backlog (its progress line)
+                self.stats.backlog = sum(lag.partitions.values())
             usage = self.pool.poll_usage()  # asked last time, answered by now
             if usage:
                 f = engine_usage_fractions(usage)

@@ -38,16 +38,25 @@ def load_job_spec(path: str | Path) -> JobSpec:
     return load_spec(path)
 
 
-def init_ray(spec: JobSpec, address: str | None = None) -> None:
+def verbose() -> bool:
+    """TIDEGATE_VERBOSE=1 (`--verbose`): engine and Ray logs in the terminal, not only in files."""
+    return os.environ.get("TIDEGATE_VERBOSE", "").strip() not in ("", "0", "false")
+
+
+def init_ray(spec: JobSpec, address: str | None = None) -> str | None:
+    """Connect to the spec's Ray cluster, or start a local one. Returns, for a local cluster
+    started quietly, the folder of its logs (the engines' and Ray's own output goes there, not
+    to this terminal, unless `verbose()`); else None."""
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     address = address or spec.ray.address or os.environ.get("RAY_ADDRESS")
     common = dict(include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
     if address:
+        # A cluster's driver logs are what `ray job logs` shows: the workers' output stays in them.
         ray.init(address=address, **common)
-        return
+        return None
     # A local cluster started by this process. Ray's raylet and GCS die with us (parent-death
     # signal) but some of their children do not: the reaper cleans those up after a `kill -9`.
     from jobs.reaper import start_for_current_process
@@ -57,13 +66,28 @@ def init_ray(spec: JobSpec, address: str | None = None) -> None:
     if spec.ray.metrics_export_port:
         # Prometheus scrapes a local cluster's metrics here (deploy/prometheus/prometheus.yml).
         extra["_metrics_export_port"] = spec.ray.metrics_export_port
-    ray.init(
-        num_cpus=os.cpu_count(),
-        object_store_memory=int(os.environ.get("TIDEGATE_OBJECT_STORE_BYTES", 512 * 2**20)),
-        _temp_dir=os.environ.get("TIDEGATE_RAY_TEMP_DIR"),
-        **common,
-        **extra,
-    )
+    loud = verbose()
+    # Ray announces at every local start that token auth is on (it stays on): said in its docs.
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = notice.level
+    if not loud:
+        notice.setLevel(logging.ERROR)
+    try:
+        context = ray.init(
+            num_cpus=os.cpu_count(),
+            object_store_memory=int(os.environ.get("TIDEGATE_OBJECT_STORE_BYTES", 512 * 2**20)),
+            _temp_dir=os.environ.get("TIDEGATE_RAY_TEMP_DIR"),
+            log_to_driver=loud,
+            **common,
+            **extra,
+        )
+    finally:
+        notice.setLevel(level)
+    if loud:
+        return None
+    logs = str(Path(context.address_info["session_dir"]) / "logs")
+    log.info("engine and Ray logs: %s (--verbose shows them here)", logs)
+    return logs
 
 
 class _ProgressBar:
@@ -92,6 +116,37 @@ class _ProgressBar:
     def close(self) -> None:
         if self._task is not None:
             self._progress.stop()
+
+
+class _StreamStatus:
+    """One live line for a stream (Kafka) run on a terminal: consumed, committed, dead letters,
+    backlog (the lag, measured every few seconds) and rows/s since the run started (rich)."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.job = None
+        self._live = None
+
+    def attach(self, job) -> None:
+        from rich.live import Live
+
+        self.job = job
+        self._live = Live(get_renderable=self._line, console=self.console, refresh_per_second=2, transient=True)
+        self._live.start()
+
+    def _line(self):
+        from rich.text import Text
+
+        s = self.job.stats
+        done = s.ok + s.dead_lettered
+        backlog = "?" if s.backlog is None else f"{s.backlog:,}"
+        return Text(f"consumed {s.consumed:,} · committed {done:,} ({s.dead_lettered:,} dead letters) · "
+                    f"backlog {backlog} · {done / max(s.elapsed_s, 1e-6):,.1f} rows/s · {s.commits:,} commits",
+                    style="bold")  # fmt: skip
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.stop()
 
 
 def run_job(
@@ -135,9 +190,18 @@ def run_job(
     if not remote and not (Path(spec.model.path) / "config.json").is_file():
         # On a local cluster the engines see this filesystem: fail before starting anything.
         raise EngineError(f"model.path {spec.model.path!r} is not a model directory (no config.json)")
-    bar = _ProgressBar(console) if progress is None and source_class(spec.source.kind).bounded else None
+    if not remote and not spec.pool.num_gpus:
+        from compute.engine import cpu_dtype_advice
+
+        advice = cpu_dtype_advice(spec.model)
+        if advice:
+            log.warning(advice)
+    bounded = source_class(spec.source.kind).bounded
+    bar = _ProgressBar(console) if progress is None and bounded else None
+    # A stream's live line, on a terminal only (a log file gets the summary, not a redrawn line).
+    live = _StreamStatus(console) if progress is None and not bounded and console.is_terminal else None
     try:
-        init_ray(spec, address)
+        ray_logs = init_ray(spec, address)
         # After ray.init: a local Ray installs its own SIGTERM handler (sys.exit) in the driver.
         if handle_signals and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _on_signal)
@@ -148,10 +212,16 @@ def run_job(
         )  # fmt: skip
         if on_job is not None:
             on_job(job)
+        if live is not None:
+            live.attach(job)
         stats = job.run(until_drained=until_drained, stop=stop)
     finally:
         if bar is not None:
             bar.close()
+        if live is not None:
+            live.close()
+    if ray_logs:
+        stats.notes.append(f"engine and Ray logs: {ray_logs} (--verbose shows them here)")
     if summary:
         print_summary(spec, stats, console)
     return stats
@@ -237,9 +307,12 @@ def arg_parser(prog: str = "python -m jobs.run"):
     parser.add_argument("--follow", action="store_true", help="Delta incremental sources: keep polling for new versions")
     parser.add_argument("--address", default=None)
     parser.add_argument("--log-format", choices=["text", "json"], default=None, help="default: TIDEGATE_LOG_FORMAT or text")
+    parser.add_argument("--verbose", action="store_true", help="engine and Ray logs here too (TIDEGATE_VERBOSE=1)")
     return parser
 
 
 if __name__ == "__main__":
     a = arg_parser().parse_args()
+    if a.verbose:
+        os.environ["TIDEGATE_VERBOSE"] = "1"
     sys.exit(main(a.spec, a.until_drained, a.address, a.follow, a.log_format))

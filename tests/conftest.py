@@ -117,15 +117,19 @@ class JobProcess:
         log_path: Path | None = None,
         extra_args: tuple = (),
         module: str = "jobs.run",
+        env_overrides: dict[str, str] | None = None,
     ):
         self.ray_tmp = Path(tempfile.mkdtemp(prefix="tgray", dir="/tmp"))  # short: Ray's socket paths
         env = dict(os.environ)
         env.update(
             TIDEGATE_RAY_TEMP_DIR=str(self.ray_tmp),
             TIDEGATE_LOG_LEVEL="INFO",
+            # The engines' and Ray's output in the job's log too (security tests scan it for values).
+            TIDEGATE_VERBOSE="1",
             PYTHONUNBUFFERED="1",
             RAY_DEDUP_LOGS="0",
         )
+        env.update(env_overrides or {})
         cmd = [sys.executable, "-m", module, str(spec_path)]
         if until_drained and module in ("jobs.run", "tests.job_runner"):
             cmd.append("--until-drained")

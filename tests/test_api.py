@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from types import SimpleNamespace
 
 import polars as pl
@@ -169,7 +170,9 @@ def test_a_job_from_the_api_in_the_background_then_read_back(tmp_path, broker, t
     # A second run, not drained: stopped from the API mid-stream, then a third drains the rest.
     send(broker, topic, [event(i, tenant="acme") for i in range(100, 400)])
     run2 = tidegate.Job(spec).run(until_drained=False)
-    wait_for(lambda: run2.progress.commits >= 1, timeout=300, what="a commit of the second run")
+    wait_for(lambda: run2.progress.commits >= 1 and run2.progress.backlog is not None, timeout=300,
+             what="a commit and a backlog measure of the second run")  # fmt: skip
+    assert 0 <= run2.progress.backlog <= 300
     run2.stop(timeout=300)
     assert run2.state == "stopped"
     tidegate.Job(spec).run(until_drained=True, wait=True).wait()
@@ -196,6 +199,55 @@ def test_a_job_from_the_api_in_the_background_then_read_back(tmp_path, broker, t
     table = subprocess.run([sys.executable, "-m", "jobs.cli", "usage", str(spec_path)], cwd=REPO, capture_output=True,
                            text=True, timeout=120)  # fmt: skip
     assert table.returncode == 0 and "usage by run" in table.stdout and "EUR" in table.stdout
+
+
+def test_stream_status_line_says_where_a_kafka_run_is():
+    """The live line `tidegate run` shows on a terminal for a Kafka source (pure: a stats object)."""
+    import io
+
+    from rich.console import Console
+
+    from jobs.run import _StreamStatus
+    from jobs.stats import JobStats
+
+    stats = JobStats("r1", consumed=1500, ok=1180, dead_lettered=20, commits=7, backlog=300)
+    stats.started -= 10.0  # ten seconds in
+    line = _StreamStatus(Console(file=io.StringIO()))
+    line.job = SimpleNamespace(stats=stats)
+    text = line._line().plain
+    assert text.startswith("consumed 1,500 · committed 1,200 (20 dead letters) · backlog 300 · 120.0 rows/s"), text
+    stats.backlog = None
+    assert "backlog ? ·" in line._line().plain
+
+
+@pytest.mark.slow
+def test_tidegate_run_keeps_engine_and_ray_logs_in_their_files_by_default(tmp_path, broker, topic, tiny_model,
+                                                                          job_processes):  # fmt: skip
+    """A quiet terminal: the engines' warnings (vLLM's seed, eager mode, Triton, ...) and Ray's
+    token-auth notice are in Ray's log folder, which the summary names; the dtype advice is said
+    once in our words (a bf16 model on CPUs without bf16 instructions)."""
+    import re
+    import shutil as _shutil
+
+    from compute.engine import BF16_CPU_FLAGS
+
+    bf16_model = tmp_path / "bf16-model"
+    _shutil.copytree(tiny_model, bf16_model)
+    config = json.loads((bf16_model / "config.json").read_text())
+    config["torch_dtype"] = "bfloat16"  # the weights stay float32; vLLM casts them (dtype: auto)
+    (bf16_model / "config.json").write_text(json.dumps(config))
+    send(broker, topic, [event(i) for i in range(10)])
+    spec = write_spec(tmp_path, make_spec(tmp_path, broker, topic, bf16_model, **{"model.dtype": "auto"}))
+    job = job_processes(spec, env_overrides={"TIDEGATE_VERBOSE": "0"})
+    assert job.wait(300) == 0, job.log()[-4000:]
+    out = job.log()
+    assert "EngineWorker" not in out and "Enforce eager" not in out and "Token authentication" not in out, out[-3000:]
+    m = re.search(r"engine and Ray logs: (\S+) \(--verbose shows them here\)", out)  # the log line
+    assert m, out[-3000:]
+    logs = "".join(p.read_text(errors="replace") for p in Path(m.group(1)).glob("worker-*"))
+    assert "Enforce eager" in logs  # vLLM's own warnings are kept, in Ray's worker logs
+    cpu_has_bf16 = any(f in Path("/proc/cpuinfo").read_text().split() for f in BF16_CPU_FLAGS)
+    assert out.count("this machine's CPUs have no bf16 instructions") == (0 if cpu_has_bf16 else 1), out[-3000:]
 
 
 def test_submit_needs_a_spec_file(tmp_path):

@@ -70,6 +70,7 @@ class RunProgress:
     commits: int
     elapsed_s: float
     rows_per_s: float
+    backlog: int | None = None  # Kafka: rows not committed yet, measured every ~5 s (None: not yet)
 
     @property
     def fraction(self) -> float | None:
@@ -138,7 +139,7 @@ class RunHandle:
             state=self.state, consumed=stats.consumed if stats else 0, written=ok, dead_lettered=dead,
             rows_committed=done if total is not None else ok + dead, rows_total=total,
             commits=stats.commits if stats else 0, elapsed_s=elapsed,
-            rows_per_s=(ok + dead) / elapsed if elapsed > 0 else 0.0,
+            rows_per_s=(ok + dead) / elapsed if elapsed > 0 else 0.0, backlog=stats.backlog if stats else None,
         )  # fmt: skip
 
     def stop(self, wait: bool = True, timeout: float | None = None) -> JobStats | None:
