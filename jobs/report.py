@@ -71,7 +71,7 @@ def _svg(fig) -> str:
     return text[text.index("<svg"):]  # drop the XML prolog and DOCTYPE: inline in HTML
 
 
-def _figure(width: float = 6.4, height: float = 3.0):
+def _figure(height: float = 3.0, width: float = 6.4):
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -106,27 +106,36 @@ def _elapsed(times: pl.Series, start) -> tuple[list[float], str]:
     return [x / size for x in seconds], unit
 
 
+def _chart(title: str, missing: str | None, draw, height: float = 3.0) -> str:
+    """One chart as SVG: `draw(fig, ax)`, or a "no ... yet" note when `missing` names what is absent."""
+    fig, ax = _figure(height=height)
+    if missing:
+        _empty(ax, missing)
+    else:
+        draw(fig, ax)
+    ax.set_title(title)
+    return _svg(fig)
+
+
 def chart_throughput(runs: pl.DataFrame) -> str:
     commits = runs.filter(pl.col("kind") == "commit").sort("ended_at")
-    fig, ax = _figure()
-    if commits.is_empty():
-        _empty(ax, "commits")
-    else:
-        start = commits["started_at"].min()
-        x, unit = _elapsed(commits["ended_at"], start)
+
+    def draw(fig, ax):
+        x, unit = _elapsed(commits["ended_at"], commits["started_at"].min())
         rows = (commits["rows_ok"] + commits["rows_dead"]).cum_sum().to_list()
         ax.step([0.0, *x], [0, *rows], where="post", color=PALETTE["main"], marker="o", ms=3)
         ax.set(xlabel=f"{unit} since the first commit's start", ylabel="rows committed (cumulative)")
         ax.set_ylim(bottom=0)
-    ax.set_title("rows committed over time")
-    return _svg(fig)
+
+    return _chart("rows committed over time", "commits" if commits.is_empty() else None, draw)
+
+
+def _no_results(results: pl.DataFrame | None) -> str | None:
+    return "results" if results is None or results.is_empty() else None
 
 
 def chart_latency_over_time(results: pl.DataFrame | None) -> str:
-    fig, ax = _figure()
-    if results is None or results.is_empty():
-        _empty(ax, "results")
-    else:
+    def draw(fig, ax):
         frame = results.select("processed_at", "latency_ms").drop_nulls().sort("processed_at")
         span = (frame["processed_at"].max() - frame["processed_at"].min()).total_seconds()
         per = frame.group_by_dynamic("processed_at", every=_bucket(span)).agg(
@@ -135,35 +144,30 @@ def chart_latency_over_time(results: pl.DataFrame | None) -> str:
         ax.plot(x, per["p50"].to_list(), marker="o", ms=3, color=PALETTE["main"], label="p50")
         ax.plot(x, per["p95"].to_list(), marker="o", ms=3, color=PALETTE["bad"], label="p95")
         ax.set(xlabel=f"{unit} since the first result ({_bucket(span)} buckets)", ylabel="ms (event read to result)")
-        ax.set_xlim(left=min(x) - 0.5 if len(x) == 1 else None, right=max(x) + 0.5 if len(x) == 1 else None)
+        if len(x) == 1:
+            ax.set_xlim(x[0] - 0.5, x[0] + 0.5)
         ax.set_ylim(bottom=0)
         ax.legend()
-    ax.set_title("latency over time")
-    return _svg(fig)
+
+    return _chart("latency over time", _no_results(results), draw)
 
 
 def chart_latency_histogram(results: pl.DataFrame | None) -> str:
-    fig, ax = _figure()
-    if results is None or results.is_empty():
-        _empty(ax, "results")
-    else:
+    def draw(fig, ax):
         ax.hist(results["latency_ms"].drop_nulls().to_list(), bins=30, color=PALETTE["main"])
         ax.set(xlabel="ms", ylabel="rows")
-    ax.set_title("latency distribution")
-    return _svg(fig)
+
+    return _chart("latency distribution", _no_results(results), draw)
 
 
 def _bars(pairs: list[tuple[str, float]], title: str, xlabel: str, color: str, what: str) -> str:
-    fig, ax = _figure(height=min(6.0, max(2.2, 0.35 * len(pairs) + 1)))
-    if not pairs:
-        _empty(ax, what)
-    else:
+    def draw(fig, ax):
         labels, values = zip(*pairs)
         ax.barh(list(labels), list(values), color=color, height=0.6)
         ax.invert_yaxis()
         ax.set_xlabel(xlabel)
-    ax.set_title(title)
-    return _svg(fig)
+
+    return _chart(title, None if pairs else what, draw, height=min(6.0, max(2.2, 0.35 * len(pairs) + 1)))
 
 
 def chart_dead_letters(dead: pl.DataFrame | None) -> str:
@@ -182,14 +186,13 @@ def chart_rule_failures(rules: pl.DataFrame) -> str:
 
 def chart_groundedness(rules: pl.DataFrame) -> str:
     scores = rules.filter(pl.col("rule").is_in(GROUNDING_RULES))["score"].drop_nulls()
-    fig, ax = _figure()
-    if scores.is_empty():
-        _empty(ax, "grounding scores (no grounding rule, or no output made a claim)")
-    else:
+
+    def draw(fig, ax):
         ax.hist(scores.to_list(), bins=20, range=(0, 1), color=PALETTE["main"])
         ax.set(xlabel="groundedness score", ylabel="outputs")
-    ax.set_title("groundedness scores")
-    return _svg(fig)
+
+    missing = "grounding scores (no grounding rule, or no output made a claim)" if scores.is_empty() else None
+    return _chart("groundedness scores", missing, draw)
 
 
 def chart_cost_per_tenant(by_tenant: pl.DataFrame) -> str:

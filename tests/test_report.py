@@ -95,3 +95,12 @@ def test_report_of_a_real_job_renders_offline_in_chromium(tmp_path, broker, topi
     # Charts drew something: a good share of the page is not background.
     ink = sum(1 for px in image.getdata() if px < 200) / (image.size[0] * image.size[1])
     assert ink > 0.01, ink
+
+
+def test_report_of_a_job_that_has_not_run_yet(tmp_path):
+    """No tables yet: the page still renders, each chart saying what it lacks."""
+    spec = tidegate.parse_spec(make_spec(tmp_path, type("B", (), {"bootstrap_servers": "127.0.0.1:9"})(), "t", tmp_path))
+    page = tidegate.report(spec, tmp_path / "r.html").read_text()
+    assert page.count("<svg") == 7 and "no run has ended yet" in page
+    for what in ("no commits yet", "no results yet", "no dead letters yet", "no validated outputs yet", "no priced rows yet"):
+        assert what in page, what
