@@ -129,6 +129,26 @@ def test_plain_ray_job_submit_and_stop(tmp_path, broker, topic, tiny_model, ray_
     assert table_rows(spec["sink"]["results"]) == 30
 
 
+def test_the_python_api_submits_watches_and_stops_a_cluster_job(tmp_path, broker, topic, tiny_model, ray_head,
+                                                                 monkeypatch):  # fmt: skip
+    """`tidegate.submit` from a notebook: a handle with status, logs, stop and wait."""
+    import tidegate
+
+    address, env = ray_head
+    monkeypatch.setenv("RAY_AUTH_TOKEN", env["RAY_AUTH_TOKEN"])
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    send(broker, topic, (event(i) for i in range(20)))
+    spec = make_spec(tmp_path, broker, topic, tiny_model)
+    job = tidegate.submit(tidegate.load_spec(write_spec(tmp_path, spec)), address=address, submission_id="tg-api-1")
+    assert job.job_id == "tg-api-1" and "tg-api-1" in repr(job)
+    wait_for(lambda: table_rows(spec["sink"]["results"]) == 20, 300, interval=1, what="the submitted job's results")
+    assert job.status() == "RUNNING"  # a Kafka consumer without --until-drained: it goes on
+    assert job.stop() is True
+    assert job.wait(timeout_s=120) in ("STOPPED", "SUCCEEDED")
+    assert f"reading kafka {topic}" in job.logs()  # the driver's own log lines, through the handle
+    assert table_rows(spec["sink"]["results"]) == 20
+
+
 def test_submit_rejects_a_bad_spec_before_shipping(tmp_path, broker, topic, tiny_model):
     spec = make_spec(tmp_path, broker, topic, tiny_model, **{"pool.actors": 0})
     out = _tidegate(["submit", str(write_spec(tmp_path, spec)), "--address", "http://127.0.0.1:9"], dict(os.environ), 60)
