@@ -257,10 +257,22 @@ def reencrypt(
         if not sep or not key:
             raise _fail(ValueError("--storage-option wants KEY=VALUE"))  # no echo: values can be secrets
         options[key] = value
-    try:
-        report = reencrypt_table(table, _open(keyring, master_key_env), columns or None, options or None, table=name)
-    except TidegateError as e:
-        raise _fail(e) from None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    # Steps: read the table, each column, the overwrite commit (column names only: never values).
+    with Progress(TextColumn("[bold]re-encrypt"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), transient=True) as bar:  # fmt: skip
+        task = bar.add_task("read", total=None)
+
+        def progress(step: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, description=step)
+
+        try:
+            report = reencrypt_table(table, _open(keyring, master_key_env), columns or None, options or None,
+                                     table=name, progress=progress)  # fmt: skip
+        except TidegateError as e:
+            raise _fail(e) from None
     if report.written_version is None:
         typer.echo(f"{table}: nothing to re-encrypt (version {report.read_version})")
         return

@@ -20,7 +20,7 @@ before revoking.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -131,13 +131,19 @@ def reencrypt_table(
     *,
     table: str | None = None,
     row_id_columns: Sequence[str] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> ReencryptReport:
     """Rewrite a Delta table's values that use an old key version, in one overwrite commit.
 
     columns  encrypted columns to look at (and text columns with inline PII); None: every encrypted
              column and every text column
     table    the label values are bound to, when the table's own binding cannot say (crypto/binding.py)
+    progress progress(step, done, total) after each step: "read", each column's name, "write"
     """
+    def step(name: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(name, done, total)
+
     import polars as pl
     from deltalake import DeltaTable, write_deltalake
 
@@ -155,12 +161,16 @@ def reencrypt_table(
     targets = list(columns) if columns is not None else [c for c in names if c not in row_id_columns]
     row_ids = row_ids_from(data, row_id_columns) if all(c in names for c in row_id_columns) else None
     report = ReencryptReport(table=label, read_version=dt.version(), written_version=None)
-    for c in targets:
+    steps = len(targets) + 2  # read, each column, write
+    step("read", 1, steps)
+    for i, c in enumerate(targets, start=2):
         new, count = reencrypt_values(data.column(c), row_ids, table=label, column=c, keyring=keyring)
         if count:
             data = data.set_column(names.index(c), data.schema.field(c), new)
             report.rows_rewritten[c] = count
+        step(c, i, steps)
     if not report.total:
+        step("write (nothing stale)", steps, steps)
         return report
     partitions = dt.metadata().partition_columns
     write_deltalake(
@@ -171,4 +181,5 @@ def reencrypt_table(
         storage_options=storage_options,
     )
     report.written_version = DeltaTable(uri, storage_options=storage_options).version()
+    step("write", steps, steps)
     return report

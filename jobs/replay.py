@@ -248,8 +248,9 @@ def _pending(dt_uri: str, storage_options) -> list[str]:
     return sorted(rows.column("replayed_by").to_pylist()) if rows.num_rows else []
 
 
-def replay_dead_letters(spec: JobSpec, where: str | None, fixed_cluster: bool) -> ReplayReport:
-    """Run inside a Ray-initialised driver (jobs.run sets that up)."""
+def replay_dead_letters(spec: JobSpec, where: str | None, fixed_cluster: bool, progress=None) -> ReplayReport:
+    """Run inside a Ray-initialised driver (jobs.run sets that up). progress(done, total): rows of
+    the replay in flight whose results are committed (a bar, in `main`)."""
     from jobs.pipeline import JobComponents, PipelineJob
 
     if spec.sink.kind != "delta":
@@ -272,8 +273,9 @@ def replay_dead_letters(spec: JobSpec, where: str | None, fixed_cluster: bool) -
                           maintenance=spec.sink.maintenance)  # fmt: skip
         source = lambda ctx, plan=plan, rid=replay_id: ReplaySource(plan, rid, ctx)  # noqa: E731
         job = PipelineJob(
-            spec, run_id=replay_id, fixed_cluster=fixed_cluster, components=JobComponents(source=source, sink=sink)
-        )
+            spec, run_id=replay_id, fixed_cluster=fixed_cluster, components=JobComponents(source=source, sink=sink),
+            progress=progress,
+        )  # fmt: skip
         stats = job.run(until_drained=True)
         _update(
             dl_uri, opts,
@@ -295,19 +297,22 @@ def main(spec_path: str, where: str | None = None, address: str | None = None) -
     from rich.console import Console
     from rich.table import Table
 
-    from jobs.run import configure_logging, init_ray, load_job_spec
+    from jobs.run import _ProgressBar, configure_logging, init_ray, load_job_spec
     from schemas.errors import TidegateError
 
     configure_logging()
     console = Console(stderr=True)
+    bar = _ProgressBar(console, "replayed rows")
     try:
         spec = load_job_spec(spec_path)
         init_ray(spec, address)
         remote = address or spec.ray.address or os.environ.get("RAY_ADDRESS")
-        report = replay_dead_letters(spec, where, fixed_cluster=not remote)
+        report = replay_dead_letters(spec, where, fixed_cluster=not remote, progress=bar)
     except TidegateError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        bar.close()
     table = Table(title=f"dead-letter replay ({spec.name})")
     for col in ("replay (run_id)", "rows", "ok", "dead-lettered again", "resumed"):
         table.add_column(col)

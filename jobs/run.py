@@ -93,11 +93,11 @@ def init_ray(spec: JobSpec, address: str | None = None) -> str | None:
 class _ProgressBar:
     """rows committed / total, rows/s and ETA for table sources (rich)."""
 
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, label: str = "rows"):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._progress = Progress(
-            TextColumn("[bold]rows"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
             TimeRemainingColumn(), console=console, transient=False,
         )  # fmt: skip
         self._task = None

@@ -7,17 +7,16 @@
 
 Commit rows and result rows count the final generation of each stored row (docs/operations.md,
 the runs table): days and tenants leave out retried and rejected generations, runs with a run row
-do not. Cost is the runs table's recorded cost where
-there is one (priced when incurred); otherwise, and per tenant, the tokens priced with the spec's
-model.pricing now, row by row (column `priced`: recorded | current_prices | mixed; none, with a
-null cost, when a row has neither).
+do not. Cost is the runs table's recorded cost where there is one (priced when incurred);
+otherwise, and per tenant, the tokens priced with the spec's model.pricing now, row by row (the
+same sum as compute.pricing.token_cost; column `priced`: recorded | current_prices | mixed; none,
+with a null cost, when a row has neither).
 """
 
 from __future__ import annotations
 
 import polars as pl
 
-from compute.pricing import token_cost
 from schemas.errors import SpecError
 from schemas.spec import JobSpec
 

@@ -663,7 +663,12 @@ def test_reencrypt_table_after_rotation(kr, tmp_path):
     versions = key_versions(pl.read_delta(uri)["user_email"].to_arrow())
     assert ("acme", 1) in versions and ("acme", 2) in versions
 
-    report = reencrypt_table(uri, kr)
+    steps: list[tuple[str, int, int]] = []
+    report = reencrypt_table(uri, kr, progress=lambda *step: steps.append(step))
+    n = len(pl.read_delta(uri).columns)  # every column but the row ids, plus read and write
+    assert steps[0][:2] == ("read", 1) and steps[-1] == ("write", steps[-1][2], steps[-1][2])
+    assert [d for _, d, _ in steps] == list(range(1, len(steps) + 1)) and "user_email" in [s for s, _, _ in steps]
+    assert len(steps) < n + 2
     # acme rows of the first batch: 0, 2, 4 (output_text of row 2 is null); globex was not rotated
     assert report.rows_rewritten == {"output_text": 2, "user_email": 3, "raw": 3}
     assert report.read_version == before and report.written_version == before + 1
