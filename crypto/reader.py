@@ -28,7 +28,7 @@ crash some processes at exit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -60,18 +60,20 @@ def open_keyring(keyring: Keyring | KeySource | str | Path | None) -> KeySource:
     return keyring
 
 
-class _KeyringOnFirstUse:
+class KeyringOnFirstUse:
     """A KeySource opened when a value first needs a key: a table with nothing encrypted (or a
     selection of plain columns) is read without any keyring, and a missing one is an error only
-    where a key is needed."""
+    where a key is needed. `keyring`: what open_keyring takes, or a function that opens one."""
 
-    def __init__(self, keyring: Keyring | KeySource | str | Path | None):
+    def __init__(self, keyring: Keyring | KeySource | str | Path | Callable[[], KeySource] | None):
         self._given = keyring
         self._opened: KeySource | None = None
 
     def _source(self) -> KeySource:
         if self._opened is None:
-            self._opened = open_keyring(self._given)
+            given = self._given
+            opener = given if callable(given) and not hasattr(given, "data_key") else None
+            self._opened = opener() if opener is not None else open_keyring(given)
         return self._opened
 
     def current(self, tenant: str) -> int:
@@ -166,7 +168,7 @@ def read_results(
         raise ValueError(f"backend must be polars, pandas or arrow, not {backend!r}")
     if on_missing_key not in ("raise", "keep"):
         raise ValueError(f"on_missing_key must be raise or keep, not {on_missing_key!r}")
-    kr = _KeyringOnFirstUse(keyring)
+    kr = keyring if isinstance(keyring, KeyringOnFirstUse) else KeyringOnFirstUse(keyring)
     dt = DeltaTable(uri, version=version, storage_options=storage_options)
     schema = pa.schema(dt.schema().to_arrow())
     binding = binding_of(dt.metadata(), schema, uri)

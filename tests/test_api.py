@@ -154,6 +154,12 @@ def test_a_job_from_the_api_in_the_background_then_read_back(tmp_path, broker, t
     assert sorted(mine["id"].to_list()) == sorted(i for i, t in tenants.items() if t == "globex")
     with pytest.raises(tidegate.KeyPermissionError, match="acme"):
         tidegate.read_results(spec, keyring=globex_only)
+    # Plain columns need no key: read even where the keyring file is not (an analyst's machine).
+    keyring_path.rename(keyring_path.with_suffix(".away"))
+    assert tidegate.read_results(spec, columns=["id", "status"]).height == 30
+    with pytest.raises(tidegate.KeyringError, match="does not exist"):
+        tidegate.read_results(spec, columns=["id", "input_question"])
+    keyring_path.with_suffix(".away").rename(keyring_path)
     dead = tidegate.read_dead_letters(spec, columns=["stage", "error_class"])
     assert dead.height == 2 and set(dead["error_class"]) == {"missing_id"}
 

@@ -285,12 +285,15 @@ def submit(spec: SpecLike, address: str, *, until_drained: bool = False, follow:
 
 
 def _keyring(spec: JobSpec, keyring):
-    """The reader's keyring: the one given, else the spec's (its master key from the spec's variable)."""
+    """The reader's keyring: the one given, else the spec's (its master key from the spec's
+    variable), opened only once a value needs a key (plain columns read without any)."""
     if keyring is not None or not spec.encryption.needs_keys:
         return keyring
     from crypto.keyring import Keyring, LocalMasterKeyProvider
+    from crypto.reader import KeyringOnFirstUse
 
-    return Keyring.open(spec.encryption.keyring, LocalMasterKeyProvider(spec.encryption.master_key_env))
+    enc = spec.encryption
+    return KeyringOnFirstUse(lambda: Keyring.open(enc.keyring, LocalMasterKeyProvider(enc.master_key_env)))
 
 
 def _read(spec: JobSpec, uri: str, keyring, where, columns, backend, on_missing_key, version):
