@@ -162,7 +162,6 @@ def run_job(
     handle_signals: bool = True,
     progress=None,
     on_job=None,
-    summary: bool = True,
 ):
     """Run a spec to completion (or until signalled). Returns the job's stats.
 
@@ -222,8 +221,7 @@ def run_job(
             live.close()
     if ray_logs:
         stats.notes.append(f"engine and Ray logs: {ray_logs} (--verbose shows them here)")
-    if summary:
-        print_summary(spec, stats, console)
+    print_summary(spec, stats, console)
     return stats
 
 
