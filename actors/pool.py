@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +115,23 @@ class EnginePool:
         self._backlog_since: float | None = None
         self._told_full = False
         self._usage_refs: list | None = None
+        self.on_hashing: Callable[[int, int], None] | None = None  # (bytes hashed, total): the model's hash
+
+    def _hash_model(self, actor, timeout_s: float) -> str:
+        """The model's revision from one engine; with `on_hashing`, its progress polled meanwhile
+        (an engine class without hash_model/hashing_progress is asked model_revision, silently)."""
+        if self.on_hashing is None or not hasattr(self.engine_cls, "hashing_progress"):
+            return ray.get(actor.model_revision.remote(), timeout=timeout_s)
+        ref = actor.hash_model.remote()
+        deadline = time.monotonic() + timeout_s
+        while not ray.wait([ref], timeout=0.5)[0]:
+            if time.monotonic() >= deadline:
+                raise GetTimeoutError(f"hashing the model took over {timeout_s:.0f}s")
+            self.on_hashing(*ray.get(actor.hashing_progress.remote(), timeout=timeout_s))
+        revision = ray.get(ref)
+        _, total = ray.get(actor.hashing_progress.remote(), timeout=timeout_s)
+        self.on_hashing(total, total)
+        return revision
 
     def start(self, fixed_cluster: bool = False) -> None:
         """Start the engine actors and wait until each has loaded its engine.
@@ -157,7 +175,7 @@ class EnginePool:
         try:
             infos = ray.get(refs, timeout=pool.actor_start_timeout_s)
             # Every engine loads the same model: one of them hashes it (a read of every weight file).
-            self.model_revision = ray.get(actors[0][0].model_revision.remote(), timeout=pool.actor_start_timeout_s)
+            self.model_revision = self._hash_model(actors[0][0], pool.actor_start_timeout_s)
         except GetTimeoutError:
             self.shutdown()
             raise EngineError(

@@ -404,6 +404,20 @@ class EngineWorker:
 
         return model_revision(self.model_path)
 
+    async def hash_model(self) -> str:
+        """model_revision in a thread, so that `hashing_progress` answers meanwhile: the pool
+        shows how far the hashing is (gigabytes of weights take a while)."""
+        from compute.lineage import model_revision
+
+        def progress(done: int, total: int) -> None:
+            self._hashing = (done, total)
+
+        return await asyncio.to_thread(model_revision, self.model_path, progress)
+
+    def hashing_progress(self) -> tuple[int, int]:
+        """(bytes hashed, bytes to hash) of the hash_model call in progress."""
+        return getattr(self, "_hashing", (0, 0))
+
     def ping(self) -> int:
         """Cheap liveness check (the engine is loaded once this answers)."""
         return os.getpid()

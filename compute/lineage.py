@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -76,14 +76,17 @@ def model_files(model_dir: str | Path) -> list[Path]:
     return sorted(out, key=lambda p: p.name)
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's contents, read in chunks; cached by (path, size, mtime)."""
+def file_digest(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    """sha256 of a file's contents, read in chunks; cached by (path, size, mtime). on_bytes(n):
+    called with each chunk's size (a cached file counts as read at once)."""
     global hashed_bytes
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     with _LOCK:
         cached = _FILE_DIGESTS.get(key)
     if cached is not None:
+        if on_bytes is not None:
+            on_bytes(st.st_size)
         return cached
     h = hashlib.sha256()
     n = 0
@@ -91,6 +94,8 @@ def file_digest(path: Path) -> str:
         while chunk := f.read(CHUNK_BYTES):
             h.update(chunk)
             n += len(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
     digest = h.hexdigest()
     with _LOCK:
         _FILE_DIGESTS[key] = digest
@@ -98,17 +103,29 @@ def file_digest(path: Path) -> str:
     return digest
 
 
-def model_revision(model_dir: str | Path) -> str:
+def model_revision(model_dir: str | Path, progress: Callable[[int, int], None] | None = None) -> str:
     """"sha256:<16 hex>" identifying a model directory's contents (see `model_files`).
 
     Combines each file's name and content digest, so renaming, adding, removing or changing a
     file changes it. Raises FileNotFoundError when `model_dir` has no config.json.
+    progress(bytes_done, bytes_total): after each chunk read (a model's weights are gigabytes).
     """
+    files = model_files(model_dir)
+    total = sum(p.stat().st_size for p in files)
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(done, total)
+
+    if progress is not None:
+        progress(0, total)
     h = hashlib.sha256()
-    for p in model_files(model_dir):
+    for p in files:
         h.update(p.name.encode())
         h.update(b"\0")
-        h.update(file_digest(p).encode())
+        h.update(file_digest(p, advance if progress is not None else None).encode())
         h.update(b"\n")
     return _short(h)
 

@@ -77,7 +77,10 @@ class PipelineJob:
         progress: Callable[[int, int | None], None] | None = None,
         follow: bool = False,
         components: JobComponents | None = None,
+        hashing: Callable[[int, int], None] | None = None,
     ):
+        """progress(rows_committed, rows_total): after each commit; hashing(bytes_done, bytes_total):
+        while an engine hashes the model's files for lineage (at start)."""
         self.spec = spec
         self.components = components or JobComponents()
         self.fixed_cluster = fixed_cluster
@@ -94,6 +97,7 @@ class PipelineJob:
         self.validator = Validator(spec)  # imports output.schema and custom rules
         json_schema = self.validator.json_schema if spec.output.structured else None
         self.pool = EnginePool(spec, json_schema=json_schema, engine_cls=self.components.engine)
+        self.pool.on_hashing = hashing
         self.batcher = Batcher(spec.pool.batch_size, spec.pool.batch_linger_ms)
         self.flight = InFlight()
         self.source: Source | None = None

@@ -118,6 +118,32 @@ class _ProgressBar:
             self._progress.stop()
 
 
+class _HashingBar:
+    """Bytes of the model's files hashed for lineage (model_revision), at start (rich)."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self._progress = None
+        self._task = None
+
+    def __call__(self, done: int, total: int) -> None:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+        if self._progress is None:
+            self._progress = Progress(TextColumn("[bold]hashing the model's files (lineage)"), BarColumn(),
+                                      DownloadColumn(), TransferSpeedColumn(), console=self.console, transient=True)  # fmt: skip
+            self._progress.start()
+            self._task = self._progress.add_task("hash", total=total or None)
+        self._progress.update(self._task, completed=done, total=total or None)
+        if total and done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
 class _StreamStatus:
     """One live line for a stream (Kafka) run on a terminal: consumed, committed, dead letters,
     backlog (the lag, measured every few seconds) and rows/s since the run started (rich)."""
@@ -162,14 +188,16 @@ def run_job(
     handle_signals: bool = True,
     progress=None,
     on_job=None,
+    hashing=None,
 ):
     """Run a spec to completion (or until signalled). Returns the job's stats.
 
     A bounded source (a table) ends the run once its rows are committed, unless `follow`;
     `components` (jobs.pipeline.JobComponents) replaces the spec's engine, source or sink.
     Embedding it (the `tidegate.Job` API): `stop` ends the run when set; `handle_signals=False`
-    leaves the process's signal handlers alone; `progress(done, total)` replaces the console
-    bar; `on_job(PipelineJob)` is called once the job is built (its live `stats`)."""
+    leaves the process's signal handlers alone; `progress(done, total)` and `hashing(bytes_done,
+    bytes_total)` replace the console's bars; `on_job(PipelineJob)` is called once the job is
+    built (its live `stats`)."""
     from schemas.trusted_code import refuse_untrusted
 
     refuse_untrusted(spec.code_refs(), spec.allowed_modules)  # before anything starts: exit 2
@@ -197,6 +225,7 @@ def run_job(
             log.warning(advice)
     bounded = source_class(spec.source.kind).bounded
     bar = _ProgressBar(console) if progress is None and bounded else None
+    hashing_bar = _HashingBar(console) if hashing is None and console.is_terminal else None  # redrawn: terminals only
     # A stream's live line, on a terminal only (a log file gets the summary, not a redrawn line).
     live = _StreamStatus(console) if progress is None and not bounded and console.is_terminal else None
     try:
@@ -207,7 +236,7 @@ def run_job(
             signal.signal(signal.SIGINT, _on_signal)
         job = PipelineJob(
             spec, run_id=run_id, fixed_cluster=not remote, progress=progress or bar, follow=follow,
-            components=components,
+            components=components, hashing=hashing or hashing_bar,
         )  # fmt: skip
         if on_job is not None:
             on_job(job)
@@ -215,10 +244,9 @@ def run_job(
             live.attach(job)
         stats = job.run(until_drained=until_drained, stop=stop)
     finally:
-        if bar is not None:
-            bar.close()
-        if live is not None:
-            live.close()
+        for display in (bar, hashing_bar, live):
+            if display is not None:
+                display.close()
     if ray_logs:
         stats.notes.append(f"engine and Ray logs: {ray_logs} (--verbose shows them here)")
     print_summary(spec, stats, console)

@@ -144,6 +144,10 @@ def test_a_job_from_the_api_in_the_background_then_read_back(tmp_path, broker, t
     progress = run.progress
     assert (progress.written, progress.dead_lettered, progress.rows_committed) == (30, 2, 32) and progress.commits >= 1
     assert "finished" in repr(run) and "rows written" in run.summary.getvalue()  # quiet: the summary is kept
+    from compute.lineage import model_files
+
+    weights = sum(p.stat().st_size for p in model_files(tiny_model))
+    assert progress.model_hashed == (weights, weights)  # the engine hashed the model; the handle saw it end
 
     # Results: decrypted with the spec's own keyring (its master key variable), filtered lazily.
     results = tidegate.read_results(spec)

@@ -284,3 +284,20 @@ def test_check_command_prints_the_spec_masked_and_fails_on_a_bad_one(tmp_path):
     out = CliRunner().invoke(app, ["check", str(bad)])
     assert out.exit_code == 2, out.output
     assert "output.schema: run would refuse to import nowhere.mod:Model: module 'nowhere' not found" in out.output
+
+
+def test_model_revision_reports_its_progress(tmp_path):
+    from compute import lineage
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"w" * (lineage.CHUNK_BYTES + 10))
+    seen: list[tuple[int, int]] = []
+    plain = lineage.model_revision(tmp_path)
+    lineage._FILE_DIGESTS.clear()
+    assert lineage.model_revision(tmp_path, progress=lambda d, t: seen.append((d, t))) == plain
+    total = lineage.CHUNK_BYTES + 12
+    assert seen[0] == (0, total) and seen[-1] == (total, total)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen) and len(seen) >= 4  # config, then two chunks
+    seen.clear()
+    lineage.model_revision(tmp_path, progress=lambda d, t: seen.append((d, t)))  # cached digests count at once
+    assert seen[-1] == (total, total)

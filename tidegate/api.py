@@ -71,6 +71,7 @@ class RunProgress:
     elapsed_s: float
     rows_per_s: float
     backlog: int | None = None  # Kafka: rows not committed yet, measured every ~5 s (None: not yet)
+    model_hashed: tuple[int, int] | None = None  # at start: (bytes, of total) of the model's files hashed for lineage
 
     @property
     def fraction(self) -> float | None:
@@ -95,6 +96,7 @@ class RunHandle:
         self._stats: JobStats | None = None
         self._error: BaseException | None = None
         self._progress: tuple[int, int | None] = (0, None)
+        self._hashed: tuple[int, int] | None = None
         self._started = time.monotonic()
         self._thread: threading.Thread | None = None
         self.summary = io.StringIO()  # the run's summary table, as `tidegate run` prints it
@@ -105,6 +107,9 @@ class RunHandle:
 
     def _on_progress(self, done: int, total: int | None) -> None:
         self._progress = (done, total)
+
+    def _on_hashing(self, done: int, total: int) -> None:
+        self._hashed = (done, total)
 
     def _finished(self, stats, error: BaseException | None) -> None:
         self._stats, self._error = stats, error
@@ -140,6 +145,7 @@ class RunHandle:
             rows_committed=done if total is not None else ok + dead, rows_total=total,
             commits=stats.commits if stats else 0, elapsed_s=elapsed,
             rows_per_s=(ok + dead) / elapsed if elapsed > 0 else 0.0, backlog=stats.backlog if stats else None,
+            model_hashed=self._hashed,
         )  # fmt: skip
 
     def stop(self, wait: bool = True, timeout: float | None = None) -> JobStats | None:
@@ -208,7 +214,7 @@ class Job:
                 stats = run_job(
                     self.spec, until_drained=until_drained, address=self.address, console=console, follow=follow,
                     run_id=handle.run_id, components=self.components, stop=handle._stop, handle_signals=False,
-                    progress=handle._on_progress, on_job=handle._on_job,
+                    progress=handle._on_progress, on_job=handle._on_job, hashing=handle._on_hashing,
                 )  # fmt: skip
             except BaseException as e:  # handed to wait(): the thread itself never raises
                 error = e
