@@ -309,22 +309,26 @@ class JobMetrics:
         return out
 
 
-# Ray metric objects are per process (one registration per name), shared by every JobMetrics.
+# Ray metric objects are per Ray session of this process (one registration per name), shared by
+# every JobMetrics; made again when the process joins another session (a notebook's ray.shutdown()
+# then a new run): objects of a session that ended must not be used, nor make a job think it exports.
 _RAY_METRICS: dict[str, object] = {}
+_RAY_SESSION: str | None = None
 _RAY_LOCK = threading.Lock()
 
 
 def _ray_metric_objects() -> dict[str, object] | None:
     """The process's Ray metric objects, created on first use; None while Ray is not initialised."""
-    if _RAY_METRICS:
-        return _RAY_METRICS
+    global _RAY_SESSION
     ray = sys.modules.get("ray")  # not imported: certainly not initialised (and no import cost)
     if ray is None or not ray.is_initialized():
         return None
+    context = ray.get_runtime_context()
+    session = f"{context.get_node_id()}/{context.get_job_id()}"
     from ray.util.metrics import Counter, Gauge, Histogram
 
     with _RAY_LOCK:
-        if not _RAY_METRICS:
+        if _RAY_SESSION != session:
             made: dict[str, object] = {}
             for name, (kind, desc, keys, bounds) in _DEFS.items():
                 tag_keys = BASE_TAG_KEYS + keys
@@ -334,7 +338,9 @@ def _ray_metric_objects() -> dict[str, object] | None:
                     made[name] = Gauge(name, description=desc, tag_keys=tag_keys)
                 else:
                     made[name] = Histogram(name, description=desc, boundaries=list(bounds), tag_keys=tag_keys)
+            _RAY_METRICS.clear()
             _RAY_METRICS.update(made)
+            _RAY_SESSION = session
     return _RAY_METRICS
 
 

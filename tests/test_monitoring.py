@@ -735,3 +735,31 @@ def test_json_formatter_alone_uses_context_and_default_run_id():
         line = json.loads(fmt.format(rec))
     assert (line["message"], line["run_id"], line["batch_id"]) == ("hello you", "ctx-run", "b1")
     assert json.loads(fmt.format(rec))["batch_id"] is None  # the context ended
+
+
+@pytest.mark.slow
+def test_metric_objects_belong_to_one_ray_session():
+    """A process that shuts Ray down and starts it again (a notebook between two runs) gets new
+    metric objects, and between the two no job believes it exports (a real local Ray, twice)."""
+    import tempfile
+
+    import ray
+
+    def start():
+        ray.init(num_cpus=1, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="tgray", dir="/tmp"))
+
+    start()
+    try:
+        assert M.JobMetrics("job", "run1", "kafka").exporting
+        first = M._ray_metric_objects()["tidegate_rows_in_total"]
+    finally:
+        ray.shutdown()
+    assert not M.JobMetrics("job", "run2", "kafka").exporting
+    start()
+    try:
+        m = M.JobMetrics("job", "run3", "kafka")
+        assert m.exporting and M._ray_metric_objects()["tidegate_rows_in_total"] is not first
+        m.rows_in(3)  # records through the new session's objects
+        assert m.value("tidegate_rows_in_total") == 3
+    finally:
+        ray.shutdown()
