@@ -20,6 +20,7 @@ from pathlib import Path
 import polars as pl
 
 from connectors.runs import RunsTable
+from jobs.logs import redact_text  # a table URI with credentials in it is shown masked
 from jobs.usage import usage_frame
 from schemas.spec import JobSpec
 
@@ -290,7 +291,8 @@ def render(spec: JobSpec, data: dict | None = None) -> str:
     }
     page = Environment(autoescape=True).from_string(_PAGE)
     return page.render(
-        job=spec.name, generated=_fmt(datetime.now(timezone.utc)), results_uri=spec.sink.results, totals=totals,
+        job=spec.name, generated=_fmt(datetime.now(timezone.utc)), results_uri=redact_text(spec.sink.results),
+        totals=totals,
         run_headers=[{"label": label, "n": numeric} for _, label, numeric in _RUN_COLUMNS],
         runs=[[(_fmt(r.get(col)), numeric) for col, _, numeric in _RUN_COLUMNS] for r in run_rows.to_dicts()],
         charts=charts, by_day=[{k: _fmt(v) for k, v in d.items()} for d in data["by_day"].to_dicts()],

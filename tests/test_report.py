@@ -102,5 +102,11 @@ def test_report_of_a_job_that_has_not_run_yet(tmp_path):
     spec = tidegate.parse_spec(make_spec(tmp_path, type("B", (), {"bootstrap_servers": "127.0.0.1:9"})(), "t", tmp_path))
     page = tidegate.report(spec, tmp_path / "r.html").read_text()
     assert page.count("<svg") == 7 and "no run has ended yet" in page
+    from jobs.report import collect, render
+
+    data = collect(spec)
+    spec.sink.results = "s3://reader:hunter2@minio.local/lake/results"  # credentials in a URI: masked
+    page = render(spec, data)
+    assert "hunter2" not in page and "s3://***@minio.local/lake/results" in page
     for what in ("no commits yet", "no results yet", "no dead letters yet", "no validated outputs yet", "no priced rows yet"):
         assert what in page, what
