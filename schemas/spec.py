@@ -542,14 +542,20 @@ class MaintenanceSpec(_Strict):
         default=100, ge=1, description="delta.checkpointInterval of the tables: a checkpoint every this many commits."
     )
     log_retention_hours: int = Field(
-        default=720, ge=1,
+        default=24, ge=1,
         description="delta.logRetentionDuration: log files older than this (and before a checkpoint) are deleted "
-        "at checkpoints; also the limit of time travel by version.",
+        "at checkpoints; also the limit of time travel by version. On a local disk each commit lists the whole "
+        "log folder (docs/lakehouse.md): with 1 s commits keep it short.",
     )  # fmt: skip
 
     def table_properties(self) -> dict[str, str]:
-        return {"delta.checkpointInterval": str(self.checkpoint_interval),
-                "delta.logRetentionDuration": f"interval {self.log_retention_hours} hours"}  # fmt: skip
+        props = {"delta.checkpointInterval": str(self.checkpoint_interval),
+                 "delta.logRetentionDuration": f"interval {self.log_retention_hours} hours"}  # fmt: skip
+        if self.vacuum_retention_hours is not None:
+            # Tombstones of removed files (every checkpoint carries them) live as long as vacuum
+            # needs them, not Delta's default week: compaction removes a file a commit.
+            props["delta.deletedFileRetentionDuration"] = f"interval {round(self.vacuum_retention_hours * 3600)} seconds"
+        return props
 
 
 class ParquetSpec(_Strict):

@@ -32,7 +32,9 @@ def test_compaction_checkpoint_and_vacuum_keep_every_row_and_position(tmp_path):
     commit_many(sink, 0, 40)
     res = DeltaTable(str(tmp_path / "res"))
     assert res.metadata().configuration["delta.checkpointInterval"] == "100"
-    assert res.metadata().configuration["delta.logRetentionDuration"] == "interval 720 hours"
+    assert res.metadata().configuration["delta.logRetentionDuration"] == "interval 24 hours"
+    # tombstones (removed files, in every checkpoint) are kept as long as vacuum needs them
+    assert res.metadata().configuration["delta.deletedFileRetentionDuration"] == "interval 3600 seconds"
     before_rows = pl.read_delta(str(tmp_path / "res")).sort("source_offset")
     before = table_health(res)
     assert before.files == 40
