@@ -22,28 +22,35 @@ import polars as pl
 from connectors.runs import RunsTable
 from jobs.logs import redact_text  # a table URI with credentials in it is shown masked
 from jobs.usage import usage_frame
+from schemas.errors import SinkError
 from schemas.spec import JobSpec
 
 GROUNDING_RULES = ("grounding", "semantic_grounding")
 PALETTE = {"main": "#3b7dd8", "bad": "#d8503b", "good": "#4caf7d", "muted": "#8a8f98"}
 
 
-def _scan(uri: str, storage_options: dict | None, columns: list[str]) -> pl.DataFrame | None:
+def _scan(uri: str, storage_options: dict | None, columns: list[str], role: str) -> pl.DataFrame | None:
     from deltalake import DeltaTable
 
-    if not DeltaTable.is_deltatable(uri, storage_options=storage_options):
-        return None
-    lazy = pl.scan_delta(uri, storage_options=storage_options)
-    present = lazy.collect_schema().names()
-    return lazy.select([c for c in columns if c in present]).collect()
+    try:
+        if not DeltaTable.is_deltatable(uri, storage_options=storage_options):
+            return None
+        lazy = pl.scan_delta(uri, storage_options=storage_options)
+        present = lazy.collect_schema().names()
+        return lazy.select([c for c in columns if c in present]).collect()
+    except Exception as e:  # noqa: BLE001 - a store's or reader's own message can quote paths and stored values
+        raise SinkError(f"cannot read the {role} table {redact_text(uri)} ({type(e).__name__})") from None
 
 
 def collect(spec: JobSpec) -> dict:
     """The report's data: plain frames of aggregates and identifiers."""
     opts = spec.sink.storage_options or None
-    results = _scan(spec.sink.results, opts, ["status", "latency_ms", "processed_at", "rule_results", "tenant"])
-    dead = _scan(spec.sink.dead_letter, opts, ["stage", "error_class", "failed_at", "rule_results"])
-    runs = RunsTable.for_results(spec.sink.results, opts).read(job=spec.name)
+    results = _scan(spec.sink.results, opts, ["status", "latency_ms", "processed_at", "rule_results", "tenant"], "results")
+    dead = _scan(spec.sink.dead_letter, opts, ["stage", "error_class", "failed_at", "rule_results"], "dead-letter")
+    try:
+        runs = RunsTable.for_results(spec.sink.results, opts).read(job=spec.name)
+    except Exception as e:  # noqa: BLE001 - as in _scan
+        raise SinkError(f"cannot read the runs table beside {redact_text(spec.sink.results)} ({type(e).__name__})") from None
     checked = []  # every validated output's rule results: kept rows and validate-stage dead letters
     if results is not None and results.height:
         checked.append(results.select("rule_results"))

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +111,17 @@ def test_report_of_a_job_that_has_not_run_yet(tmp_path):
     assert "hunter2" not in page and "s3://***@minio.local/lake/results" in page
     for what in ("no commits yet", "no results yet", "no dead letters yet", "no validated outputs yet", "no priced rows yet"):
         assert what in page, what
+
+
+def test_report_of_an_unreadable_table_is_one_error_line(tmp_path):
+    """A results table the reader cannot read: `tidegate report` says which table, exits 2, writes nothing."""
+    spec = make_spec(tmp_path, type("B", (), {"bootstrap_servers": "127.0.0.1:9"})(), "t", tmp_path)
+    log = Path(spec["sink"]["results"]) / "_delta_log"
+    log.mkdir(parents=True)
+    (log / "00000000000000000000.json").write_text('{"commitInfo": {"secret-canary-4711": 1}}\nnot json\n')
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "report", str(write_spec(tmp_path, spec)), "--out",
+                          str(tmp_path / "r.html")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines == [f"error: cannot read the results table {spec['sink']['results']} ({lines[0].rsplit('(', 1)[1]}"], lines
+    assert "secret-canary" not in out.stderr and not (tmp_path / "r.html").exists()
