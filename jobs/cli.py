@@ -409,15 +409,10 @@ def usage_cmd(
     for name in frame.columns:
         table.add_column(name, justify="right" if frame[name].dtype.is_numeric() else "left")
 
-    def cell(v) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:,.4f}"
-        return f"{v:,}" if isinstance(v, int) else str(v)
+    from jobs.formatting import format_value
 
     for row in frame.iter_rows():
-        table.add_row(*(cell(v) for v in row))
+        table.add_row(*(format_value(v, decimals=4) for v in row))
     Console().print(table)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import polars as pl
 
 from connectors.runs import RunsTable
+from jobs.formatting import format_value
 from jobs.logs import redact_text  # a table URI with credentials in it is shown masked
 from jobs.usage import usage_frame
 from schemas.errors import SinkError
@@ -259,15 +260,8 @@ _RUN_COLUMNS = [
 
 
 def _fmt(value) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:,.4f}" if abs(value) < 10 else f"{value:,.1f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, datetime):
-        return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-    return str(value)
+    small = isinstance(value, float) and abs(value) < 10  # costs per 1k tokens, ratios: 4 places
+    return format_value(value, decimals=4 if small else 1, none="–")
 
 
 def render(spec: JobSpec, data: dict | None = None) -> str:

@@ -26,6 +26,7 @@ from connectors.delta import iso_utc
 from connectors.runs import dead_by_class_json
 from connectors.sink import open_sink
 from connectors.source import source_class
+from jobs.formatting import format_value
 from schemas.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -121,15 +122,7 @@ def collect_status(spec: JobSpec) -> dict:
 
 
 def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:,.1f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
+    return format_value(v)
 
 
 def render_status(status: dict, console) -> None:

@@ -301,3 +301,23 @@ def test_model_revision_reports_its_progress(tmp_path):
     seen.clear()
     lineage.model_revision(tmp_path, progress=lambda d, t: seen.append((d, t)))  # cached digests count at once
     assert seen[-1] == (total, total)
+
+
+def test_cpu_dtype_advice_warns_only_for_bf16_on_a_cpu_without_bf16(tmp_path):
+    import json
+
+    from compute.engine import cpu_dtype_advice
+    from schemas.spec import ModelSpec
+
+    no_bf16 = "flags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
+    with_bf16 = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_bf16\n"
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "bfloat16"}))
+    auto = ModelSpec(path=str(tmp_path))
+    advice = cpu_dtype_advice(auto, no_bf16)
+    assert advice is not None and "auto picks the model's bfloat16" in advice and "model.dtype: float32" in advice
+    assert cpu_dtype_advice(auto, with_bf16) is None
+    assert "model.dtype is bf16" in cpu_dtype_advice(ModelSpec(path=str(tmp_path), dtype="bf16"), no_bf16)
+    assert cpu_dtype_advice(ModelSpec(path=str(tmp_path), dtype="float32"), no_bf16) is None
+    (tmp_path / "config.json").write_text(json.dumps({"dtype": "float16"}))  # newer configs name it `dtype`
+    assert cpu_dtype_advice(auto, no_bf16) is None
+    assert cpu_dtype_advice(ModelSpec(path=str(tmp_path / "missing")), no_bf16) is None  # no config: no advice
