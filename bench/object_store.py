@@ -1,5 +1,6 @@
-"""Benchmark: the Delta sink's commits/s and rows/s on local disk and on S3 (a local S3-compatible
-server, localbucket, on loopback), side by side in one run.
+"""Benchmark: the Delta sink's commits/s and rows/s on local disk, on S3 (a local S3-compatible
+server, localbucket, on loopback) and on Azure Blob (Azurite, when `make azurite` installed it),
+side by side in one run.
 
 Two workloads per store, through DeltaSink.commit (positions in each commit, as a job writes):
   small: `--small-commits` commits of 10 rows (the commit rate: what a 1 s commit interval needs)
@@ -7,8 +8,9 @@ Two workloads per store, through DeltaSink.commit (positions in each commit, as 
 
     python bench/object_store.py [--small-commits 300] [--large-commits 20] [--large-rows 8192]
 
-The emulator is a Python process on the same 2 cores, so S3 numbers here measure the protocol's
-round trips (conditional put, listing) more than a real store's latency; the ratio is what counts.
+The emulators are processes on the same 2 cores (localbucket in Python, Azurite in Node.js), so
+their numbers measure the protocol's round trips (conditional put, listing) more than a real
+store's latency; the ratio is what counts.
 Result: bench/results/object_store-<time>.json.
 """
 
@@ -57,21 +59,33 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="tg-os-"))
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
     result = {"bench": "object_store", "started": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"), "runs": {}}
-    with LocalObjectStore(root / "s3") as s3:
+    from contextlib import ExitStack
+
+    from tests.azurite import Azurite, azurite_binary
+
+    with ExitStack() as stack:
+        s3 = stack.enter_context(LocalObjectStore(root / "s3"))
         s3.bucket("lake")
         opts = {"AWS_ENDPOINT_URL": s3.endpoint, "AWS_ALLOW_HTTP": "true", "conditional_put": "etag"}
-        for name, uri, o in (("local", str(root / "local"), {}), ("s3", "s3://lake/bench", opts)):
+        legs = [("local", str(root / "local"), {}), ("s3", "s3://lake/bench", opts)]
+        if azurite_binary() is not None:
+            az = stack.enter_context(Azurite(root / "azurite"))
+            os.environ.update(az.env())
+            az.container("lake")
+            legs.append(("azure", "az://lake/bench", az.storage_options()))
+        for name, uri, o in legs:
             result["runs"][name] = {
                 "small": run(uri + "-small", o, args.small_commits, 10),
                 "large": run(uri + "-large", o, args.large_commits, args.large_rows),
             }
             print(name, json.dumps(result["runs"][name]), flush=True)
-    for kind in ("small", "large"):
-        result[f"s3_over_local_{kind}"] = round(
-            result["runs"]["s3"][kind]["seconds"] and result["runs"]["local"][kind]["seconds"] / result["runs"]["s3"][kind]["seconds"], 3)  # fmt: skip
+    for store in [name for name in result["runs"] if name != "local"]:
+        for kind in ("small", "large"):
+            result[f"{store}_over_local_{kind}"] = round(
+                result["runs"]["local"][kind]["seconds"] / result["runs"][store][kind]["seconds"], 3)  # fmt: skip
     out = REPO / "bench" / "results" / f"object_store-{result['started']}.json"
     out.write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k.startswith("s3_over")}), f"-> {out.relative_to(REPO)}")
+    print(json.dumps({k: v for k, v in result.items() if "_over_local_" in k}), f"-> {out.relative_to(REPO)}")
 
 
 if __name__ == "__main__":
