@@ -18,7 +18,7 @@ import urllib.request
 from email.utils import formatdate
 from pathlib import Path
 
-from connectors.broker import _stop, free_port
+from connectors.broker import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 ACCOUNT = "devstoreaccount1"
@@ -89,8 +89,11 @@ class Azurite:
         raise RuntimeError("azurite-blob did not listen in time")
 
     def stop(self) -> None:
+        # SIGKILL at once: the emulator's graceful close waits ~10 s and its data is a temp dir.
         p, self.process = self.process, None
-        _stop(p)
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait(10)
 
     def __enter__(self) -> Azurite:
         return self.start()
