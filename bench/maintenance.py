@@ -12,9 +12,9 @@ that the rows and the position are unchanged.
     python bench/maintenance.py --job-policy     # the day as a job lives it, sink.maintenance defaults on
 
 With `--job-policy` the table lives the day as a job's does: the default `sink.maintenance`
-(compact + checkpoint + vacuum every 600 commits, vacuum retention 168 h, log retention 720 h),
+(compact + checkpoint + vacuum every 600 commits, and the retentions of docs/lakehouse.md),
 run between commits exactly as the commit writer runs it (`DeltaSink.maintain`). Nothing expires
-within one simulated day under those retentions, so the snapshots also count the data files and
+within one simulated day under retentions of a day or more, so the snapshots also count the data files and
 log files on disk (what a week of retention keeps), not only the live ones. No final round.
 
 The result JSON (bench/results/maintenance-<time>.json) is rewritten after every snapshot, so a

@@ -544,8 +544,8 @@ class MaintenanceSpec(_Strict):
     log_retention_hours: int = Field(
         default=24, ge=1,
         description="delta.logRetentionDuration: log files older than this (and before a checkpoint) are deleted "
-        "at checkpoints; also the limit of time travel by version. On a local disk each commit lists the whole "
-        "log folder (docs/lakehouse.md): with 1 s commits keep it short.",
+        "at checkpoints; also the limit of time travel by version. A commit's cost grows with the log's file "
+        "count (measured on a local disk, docs/lakehouse.md): with 1 s commits keep it short.",
     )  # fmt: skip
 
     def table_properties(self) -> dict[str, str]:
@@ -553,7 +553,8 @@ class MaintenanceSpec(_Strict):
                  "delta.logRetentionDuration": f"interval {self.log_retention_hours} hours"}  # fmt: skip
         if self.vacuum_retention_hours is not None:
             # Tombstones of removed files (every checkpoint carries them) live as long as vacuum
-            # needs them, not Delta's default week: compaction removes a file a commit.
+            # needs them; Delta's own default is a week whatever vacuum keeps, and compaction
+            # removes about one file per commit.
             props["delta.deletedFileRetentionDuration"] = f"interval {round(self.vacuum_retention_hours * 3600)} seconds"
         return props
 
