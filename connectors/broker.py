@@ -60,6 +60,23 @@ def _stop(p: subprocess.Popen | None) -> None:
         p.wait()
 
 
+def spawn_listening(cmd: list[str], port: int, what: str, timeout_s: float, host: str = "127.0.0.1") -> subprocess.Popen:
+    """Start a server child process (output discarded) and return it once it accepts connections on
+    host:port; SourceError naming `what` if it exits or does not listen in time (then it is stopped)."""
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SourceError(f"{what} exited with code {process.returncode}")
+        try:
+            socket.create_connection((host, port), timeout=0.2).close()
+            return process
+        except OSError:
+            time.sleep(0.05)
+    _stop(process)
+    raise SourceError(f"{what} did not listen in time")
+
+
 class LocalObjectStore:
     """An S3-compatible server (localbucket) on a loopback port, storing buckets as folders under
     `root`: durable storage for the embedded broker, and the object store of tests."""
@@ -87,18 +104,8 @@ class LocalObjectStore:
 
         self.root.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "localbucket", str(self.root), "--host", "127.0.0.1", "--port", str(self.port)]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SourceError(f"the local object store (localbucket) exited with code {self.process.returncode}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise SourceError("the local object store (localbucket) did not listen in time")
+        self.process = spawn_listening(cmd, self.port, "the local object store (localbucket)", timeout_s)
+        return self
 
     def stop(self) -> None:
         p, self.process = self.process, None

@@ -11,14 +11,12 @@ import base64
 import hashlib
 import hmac
 import shutil
-import socket
 import subprocess
-import time
 import urllib.request
 from email.utils import formatdate
 from pathlib import Path
 
-from connectors.broker import free_port
+from connectors.broker import free_port, spawn_listening
 
 REPO = Path(__file__).resolve().parent.parent
 ACCOUNT = "devstoreaccount1"
@@ -75,18 +73,8 @@ class Azurite:
         self.root.mkdir(parents=True, exist_ok=True)
         cmd = [binary, "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location", str(self.root),
                "--skipApiVersionCheck", "--silent"]  # fmt: skip
-        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"azurite-blob exited with code {self.process.returncode}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("azurite-blob did not listen in time")
+        self.process = spawn_listening(cmd, self.port, "azurite-blob", timeout_s)
+        return self
 
     def stop(self) -> None:
         # SIGKILL at once: the emulator's graceful close waits ~10 s and its data is a temp dir.

@@ -7,12 +7,10 @@ Started as a child process and stopped by PID."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import time
 
-from connectors.broker import _stop, free_port
+from connectors.broker import _stop, free_port, spawn_listening
 
 
 class MotoS3:
@@ -40,18 +38,8 @@ class MotoS3:
 
     def start(self, timeout_s: float = 30.0) -> MotoS3:
         cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"moto's S3 server exited with code {self.process.returncode}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return self
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("moto's S3 server did not listen in time")
+        self.process = spawn_listening(cmd, self.port, "moto's S3 server", timeout_s)
+        return self
 
     def stop(self) -> None:
         p, self.process = self.process, None

@@ -59,6 +59,14 @@ def azurite(tmp_path, monkeypatch):
         yield server
 
 
+def table_count(uri: str, opts: dict) -> int:
+    """Rows in a Delta table on a store; 0 while it does not exist yet."""
+    try:
+        return DeltaTable(uri, storage_options=opts).count()
+    except Exception:  # noqa: BLE001 - not created yet
+        return 0
+
+
 def final_run_id(log: str) -> str:
     m = re.search(r"run ([0-9a-f]{16}): reading", log)
     assert m is not None, log[-2000:]
@@ -69,23 +77,30 @@ def options(server: LocalObjectStore | MotoS3) -> dict[str, str]:
     return {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ALLOW_HTTP": "true", "conditional_put": "etag"}
 
 
-def test_commits_positions_fencing_and_maintenance_on_s3(s3):
-    opts = options(s3)
-    res, dl = "s3://lake/job/results", "s3://lake/job/dead_letter"
-    sink = DeltaSink("job", res, dl, opts)
+def commits_and_a_fenced_stale_writer(res: str, dl: str, opts: dict, **sink_kw) -> pl.DataFrame:
+    """Seven commits of one job; between the last two a second writer with the same job name (a
+    stale replica) loads the positions, and its commit of the same offsets is fenced. Returns the
+    results rows, checked: each offset once."""
+    sink = DeltaSink("job", res, dl, opts, **sink_kw)
     sink.open()
     assert sink.load_positions([TP0]) == {TP0: None}
     for c in range(6):
         sink.commit(results([3 * c, 3 * c + 1]), dead([3 * c + 2]), {TP0: 3 * c + 2})
-    # a second writer with the same job name (a stale replica) is fenced: nothing duplicated
     stale = DeltaSink("job", res, dl, opts)
     stale.open()
     stale.load_positions([TP0])
     sink.commit(results([18]), dead([]), {TP0: 18})
     with pytest.raises(PartitionFencedError):
         stale.commit(results([18]), dead([]), {TP0: 18})
-    rows = pl.read_delta(res, storage_options=opts)
-    assert sorted(rows["source_offset"]) == [o for o in range(19) if o % 3 != 2]
+    rows = pl.read_delta(res, storage_options=opts).sort("source_offset")
+    assert rows["source_offset"].to_list() == [o for o in range(19) if o % 3 != 2]
+    return rows
+
+
+def test_commits_positions_fencing_and_maintenance_on_s3(s3):
+    opts = options(s3)
+    res, dl = "s3://lake/job/results", "s3://lake/job/dead_letter"
+    rows = commits_and_a_fenced_stale_writer(res, dl, opts)
     assert DeltaTable(res, storage_options=opts).transaction_version(txn_app_id("job", TP0)) == 18
 
     dt = DeltaTable(res, storage_options=opts)
@@ -151,21 +166,9 @@ def test_commits_fencing_and_maintenance_on_azure_blob(azurite):
     opts = Azurite.storage_options()
     res, dl = "az://lake/job/results", "az://lake/job/dead_letter"
     zero = MaintenanceSpec.model_construct(**{**MaintenanceSpec().model_dump(), "vacuum_retention_hours": 0})
-    sink = DeltaSink("job", res, dl, opts, maintenance=zero)
-    sink.open()
-    assert sink.load_positions([TP0]) == {TP0: None}
-    for c in range(6):
-        sink.commit(results([3 * c, 3 * c + 1]), dead([3 * c + 2]), {TP0: 3 * c + 2})
-    stale = DeltaSink("job", res, dl, opts)
-    stale.open()
-    stale.load_positions([TP0])
-    sink.commit(results([18]), dead([]), {TP0: 18})
-    with pytest.raises(PartitionFencedError):
-        stale.commit(results([18]), dead([]), {TP0: 18})
-    rows = pl.read_delta(res, storage_options=opts).sort("source_offset")
-    assert rows["source_offset"].to_list() == [o for o in range(19) if o % 3 != 2]
+    rows = commits_and_a_fenced_stale_writer(res, dl, opts, maintenance=zero)
 
-    report = sink.maintain()
+    report = DeltaSink("job", res, dl, opts, maintenance=zero).maintain()
     assert report["results"]["report"]["error"] is None, report
     assert report["results"]["report"]["compacted"] == {"files_removed": 7, "files_added": 1}
     assert report["results"]["report"]["vacuumed_files"] == 7
@@ -198,10 +201,7 @@ def test_a_job_killed_mid_run_writes_every_input_once_to_the_object_store(
     path = write_spec(tmp_path, spec)
 
     def committed() -> int:
-        try:
-            return DeltaTable(spec["sink"]["results"], storage_options=opts).count()
-        except Exception:  # noqa: BLE001 - not created yet
-            return 0
+        return table_count(spec["sink"]["results"], opts)
 
     # The engine plays no part in what this checks: the instant stand-in (bench/instant_engine.py).
     instant = {"module": "tests.job_runner", "extra_args": ("--instant-engine",)}
@@ -265,10 +265,7 @@ def test_two_job_processes_on_one_s3_table_write_every_event_once(tmp_path, brok
     path = write_spec(tmp_path, spec)
 
     def committed() -> int:
-        try:
-            return DeltaTable(spec["sink"]["results"], storage_options=opts).count()
-        except Exception:  # noqa: BLE001 - not created yet
-            return 0
+        return table_count(spec["sink"]["results"], opts)
 
     instant = {"module": "tests.job_runner", "extra_args": ("--instant-engine",), "until_drained": False}
     a = job_processes(path, **instant)
