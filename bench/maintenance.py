@@ -10,6 +10,7 @@ that the rows and the position are unchanged.
 
     python bench/maintenance.py [--commits 86400] [--rows-per-commit 5] [--snapshot-every 10800]
     python bench/maintenance.py --job-policy     # the day as a job lives it, sink.maintenance defaults on
+    python bench/maintenance.py --job-policy --log-retention-hours 0   # ... with the log expiring at once
 
 With `--job-policy` the table lives the day as a job's does: the default `sink.maintenance`
 (compact + checkpoint + vacuum every 600 commits, and the retentions of docs/lakehouse.md),
@@ -60,6 +61,9 @@ def main() -> None:
     ap.add_argument("--snapshot-every", type=int, default=10_800)
     ap.add_argument("--dir", default=None, help="Where to put the table (default: a temp dir).")
     ap.add_argument("--job-policy", action="store_true", help="sink.maintenance defaults on, as in a job.")
+    ap.add_argument("--log-retention-hours", type=int, default=None,
+                    help="With --job-policy: this log retention instead of the default (0: the simulated "
+                         "day's log counts as expired at each checkpoint, as if the retention were short).")  # fmt: skip
     args = ap.parse_args()
 
     from connectors.delta import DeltaSink, txn_app_id
@@ -75,12 +79,16 @@ def main() -> None:
                                                 "log_retention_hours": 0})  # fmt: skip
     if args.job_policy:
         policy = MaintenanceSpec()
+        if args.log_retention_hours is not None:  # 0 is below what a spec may set: model_construct
+            policy = MaintenanceSpec.model_construct(**{**policy.model_dump(), "log_retention_hours": args.log_retention_hours})
     every = policy.compact_every_commits
     sink = DeltaSink("bench", uri, str(root / "dead_letter"), {}, maintenance=policy)
     sink.open()
     sink.load_positions([("t", 0)])
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     suffix = "-job-policy" if args.job_policy else ""
+    if args.job_policy and args.log_retention_hours is not None:
+        suffix += f"-log{args.log_retention_hours}h"
     out_path = REPO / "bench" / "results" / f"maintenance-{stamp}{suffix}.json"
     result = {"bench": "maintenance", "started": stamp, "commits_planned": args.commits,
               "rows_per_commit": args.rows_per_commit, "policy": policy.model_dump(), "snapshots": []}  # fmt: skip
