@@ -1,7 +1,8 @@
 """Benchmark: what a long Delta log costs each commit and each read on a local disk.
 
 Takes a results table written by `bench/maintenance.py --job-policy --dir D` (many 1 s commits
-with the log kept: log retention not yet expired) and measures, on two copies side by side:
+with the log kept: log retention not yet expired) and measures, on fresh copies one after the
+other in one run (as is, cleaned, as is again):
 
 - as is:       the log folder as the job left it (one JSON file per commit since the start,
                a checkpoint every 100);
@@ -9,8 +10,9 @@ with the log kept: log retention not yet expired) and measures, on two copies si
                checkpoint (delta-rs's own cleanup_metadata with a zero retention);
 
 for each: milliseconds per commit of `--commits` more commits through the job's DeltaSink
-(positions included), and a polars full read. delta-rs on a local disk lists the whole
-`_delta_log` folder when it loads or updates a table; object stores list from an offset.
+(positions included), and a polars full read. Local disk only; why a long log costs each commit
+is not established here (listing the log folder, which a local disk does in full, is the likely
+reading).
 
     python bench/commit_cost.py --table /tmp/tgm-day [--commits 150]
 """
