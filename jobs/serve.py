@@ -251,7 +251,12 @@ class TidegateEndpoint:
             from crypto.keyring import Keyring
 
             self.verifier = ApiKeyVerifier(Keyring.open(spec.serve.api_keys or spec.encryption.keyring))
-        self.limits = TenantLimits(spec.serve.limits)
+        self.limits = TenantLimits(spec.serve.limits)  # scope replica: this replica's own buckets
+        self._shared_limits = None
+        if spec.serve.limits.enabled and spec.serve.limits.scope == "application":
+            from actors.limiter import shared_limits
+
+            self._shared_limits = shared_limits(spec.name, spec.serve.limits)
         self.pii_rules = self.guards.pii_rules()
         self._answers: OrderedDict[int, tuple[int, dict]] = OrderedDict()  # Idempotency-Key answers
         self._in_flight: dict[int, asyncio.Future] = {}
@@ -301,7 +306,7 @@ class TidegateEndpoint:
             principal = self._principal(request)
             self._job(name)
             body = self._event_for(await request.body(), principal)
-            self._admit(principal, len(body) // 4 + self._budget(None))
+            await self._admit(principal, len(body) // 4 + self._budget(None))
         except _Refused as r:
             return self._refusal(r, route)
         return await self._answer(request, principal, route, lambda offset: self.guards.run(
@@ -322,7 +327,7 @@ class TidegateEndpoint:
             if not isinstance(events, list):
                 raise _Refused(400, "invalid_request", "the body is a JSON list of events (or {\"events\": [...]})")
             events = [self._tenant_event(e, principal) if isinstance(e, dict) else e for e in events]
-            self._admit(principal, 0)
+            await self._admit(principal, 0)
             producer = self._kafka()
         except _Refused as r:
             return self._refusal(r, "events")
@@ -371,7 +376,7 @@ class TidegateEndpoint:
                 raise _Refused(400, "invalid_request", "max_tokens must be a positive integer")
             tenant = self._tenant_of(principal)
             budget = self._budget(max_tokens)
-            self._admit(principal, len(raw) // 4 + budget)
+            await self._admit(principal, len(raw) // 4 + budget)
         except _Refused as r:
             return self._refusal(r, route)
         request_id = f"{'chatcmpl' if route.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
@@ -466,8 +471,11 @@ class TidegateEndpoint:
         results, dead = outcome.results, outcome.dead
         if principal is not None and not self.spec.encryption.enabled:  # who asked, for the audit
             results, dead = _with_tenant(results, principal.tenant), _with_tenant(dead, principal.tenant)
-        if principal is not None:
-            self.limits.spend(principal.tenant, outcome.tokens())
+        if principal is not None and self.spec.serve.limits.enabled:
+            if self._shared_limits is None:
+                self.limits.spend(principal.tenant, outcome.tokens())
+            else:  # not awaited: the answer does not wait for the bookkeeping
+                self._shared_limits.spend.remote(principal.tenant, outcome.tokens())
         try:
             await self.buffer.add(results, dead)
         except Exception as e:  # noqa: BLE001 - durable ack: not stored, so not answered
@@ -564,11 +572,22 @@ class TidegateEndpoint:
         spec_max = int(self.spec.sampling.get("max_tokens") or 16)
         return min(max_tokens, spec_max) if max_tokens else spec_max
 
-    def _admit(self, principal, tokens: int) -> None:
-        if principal is None:
+    async def _admit(self, principal, tokens: int) -> None:
+        if principal is None or not self.spec.serve.limits.enabled:
             return
         try:
-            self.limits.admit(principal.tenant, tokens)
+            if self._shared_limits is None:
+                self.limits.admit(principal.tenant, tokens)
+            else:
+                from ray.exceptions import RayActorError
+
+                try:
+                    refused = await self._shared_limits.admit.remote(principal.tenant, tokens)
+                except RayActorError:
+                    raise _Refused(503, "limits_unavailable", "the application's limiter is restarting; retry",
+                                   {"Retry-After": "1"}) from None  # fmt: skip
+                if refused is not None:
+                    raise LimitExceededError(*refused)
         except LimitExceededError as e:
             raise _Refused(429, "rate_limited", str(e), {"Retry-After": str(max(1, round(e.retry_after_s + 0.5)))}) from None
 
@@ -625,6 +644,7 @@ def main(spec_path: str, address: str | None, blocking: bool) -> int:
     SIGINT/SIGTERM, then delete the application."""
     import ray
 
+    from actors.limiter import delete_shared_limits
     from jobs.run import configure_logging, init_ray, load_job_spec
 
     configure_logging()
@@ -647,6 +667,7 @@ def main(spec_path: str, address: str | None, blocking: bool) -> int:
     stop.wait()
     print(f"tidegate serve: stopping {spec.name}", flush=True)
     serve.delete(spec.name)
+    delete_shared_limits(spec.name)
     if not remote:
         serve.shutdown()
         ray.shutdown()

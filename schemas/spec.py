@@ -650,12 +650,22 @@ class ValidationSection(BaseModel):
 
 
 class ServeLimitsSpec(_Strict):
-    """Per-tenant budgets of the online endpoint, per replica (a tenant's share of each)."""
+    """Per-tenant budgets of the online endpoint (token buckets, compute/limits.py)."""
 
     requests_per_minute: int | None = Field(default=None, ge=1, description="Requests a tenant may start per minute.")
     tokens_per_minute: int | None = Field(
         default=None, ge=1, description="Prompt + completion tokens a tenant may spend per minute."
     )
+    scope: Literal["application", "replica"] = Field(
+        default="application",
+        description="application: one budget per tenant shared by every replica (one Ray actor, "
+        "actors/limiter.py); replica: each replica enforces the budget on what it sees (no shared "
+        "actor; with N replicas a tenant gets up to N times it).",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.requests_per_minute is not None or self.tokens_per_minute is not None
 
 
 class ServeSpec(_Strict):

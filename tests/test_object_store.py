@@ -253,7 +253,7 @@ def test_two_job_processes_on_one_s3_table_write_every_event_once(tmp_path, brok
     second joins while the first has work in flight, so partitions move with commits racing on S3:
     every event lands once and every partition's position ends at its last offset."""
     from connectors.delta import txn_app_id
-    from tests.test_rebalance import owns_partitions, produce, replica_spec, stop_all
+    from tests.test_rebalance import PARTITIONS, owns_partitions, produce, replica_spec, stop_all
 
     opts = options(s3)
     n = 2000
@@ -280,6 +280,10 @@ def test_two_job_processes_on_one_s3_table_write_every_event_once(tmp_path, brok
             produce(broker, 500, topic=topic, start=n, counts=counts)
             n += 500
         time.sleep(0.5)
+    # A may have drained its backlog before the move; events produced now land on every partition,
+    # B's included, so B commits rows of its own whatever the timing was.
+    produce(broker, 2 * PARTITIONS, topic=topic, start=n, counts=counts)
+    n += 2 * PARTITIONS
     wait_for(lambda: committed() >= n or a.proc.poll() is not None or b.proc.poll() is not None, 400,
              what="every event committed")  # fmt: skip
     stop_all([a, b])

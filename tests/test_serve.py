@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 from tests.serve_engines import LEAKED_EMAIL
 
 CANARY_EMAIL = "yx.canary.4410@example.org"  # sent in requests: never in an answer
+PAIR_RPM = 6  # the "pair" app's requests_per_minute
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +45,9 @@ def endpoint(tmp_path_factory, broker):
     keyring_path = tmp / "keyring.json"
     os.environ["TIDEGATE_KEYRING"] = str(keyring_path)
     kr = Keyring.init(keyring_path, LocalMasterKeyProvider())
-    for tenant in ("acme", "globex", "burst"):
+    for tenant in ("acme", "globex", "burst", "metered"):
         kr.create_tenant(tenant)
-    keys = {t: kr.create_api_key(t)[1] for t in ("acme", "globex", "burst")}
+    keys = {t: kr.create_api_key(t)[1] for t in ("acme", "globex", "burst", "metered")}
     keys["nokey"] = kr.create_api_key("nokey")[1]  # an API key whose tenant has no encryption key
     topic = f"serve-{uuid.uuid4().hex[:8]}"
     port = free_port()
@@ -66,13 +67,19 @@ def endpoint(tmp_path_factory, broker):
                         "serve": {"port": port, "num_cpus": 0.25, "auth": False, "route_prefix": "/small", "ack": "buffered",
                                   "max_ongoing_requests": 1, "max_queued_requests": 1, "request_timeout_s": 4},
                         "encryption": {}})  # fmt: skip
+    # Two replicas with one request budget: the tenant's budget is the application's (serve.limits.scope).
+    pair = parse_spec({**spec_dict, "name": "pair", "sink": {**spec_dict["sink"],
+                       "results": str(tmp / "pair" / "results"), "dead_letter": str(tmp / "pair" / "dead")},
+                       "serve": {"port": port, "num_cpus": 0.1, "route_prefix": "/pair", "min_replicas": 2,
+                                 "max_replicas": 2, "limits": {"requests_per_minute": PAIR_RPM}}})  # fmt: skip
     metrics_port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="tgray", dir="/tmp"),
              object_store_memory=200 * 2**20, _metrics_export_port=metrics_port)  # fmt: skip
     try:
         url = deploy(spec, engine_cls=EchoEngine)
         small_url = deploy(small, engine_cls=EchoEngine)
-        yield {"url": url, "small_url": small_url, "small_spec": small, "small_timeouts": [0], "keys": keys, "spec": spec, "keyring": keyring_path, "topic": topic,
+        pair_url = deploy(pair, engine_cls=EchoEngine)
+        yield {"url": url, "small_url": small_url, "pair_url": pair_url, "small_spec": small, "small_timeouts": [0], "keys": keys, "spec": spec, "keyring": keyring_path, "topic": topic,
                "metrics_port": metrics_port}
     finally:
         serve.shutdown()
@@ -209,6 +216,29 @@ def test_token_budget_answers_429_with_retry_after(endpoint):
     assert _post(endpoint, "/v1/jobs/support/invoke", _event("still fine")).status_code == 200
 
 
+def test_a_tenants_request_budget_is_shared_by_the_replicas(endpoint):
+    """serve.limits.scope application (the default): the "pair" app has two replicas and a budget
+    of PAIR_RPM requests a minute. Serve spreads requests over both replicas, so buckets per replica
+    would admit up to twice the budget; the shared limiter admits the budget once."""
+    import ray
+    from ray import serve
+
+    from actors.limiter import NAMESPACE, limiter_name
+
+    replicas = serve.status().applications["pair"].deployments["tidegate"].replica_states
+    assert sum(n for state, n in replicas.items() if str(getattr(state, "value", state)) == "RUNNING") == 2
+    t0 = time.monotonic()
+    codes = [_post(endpoint, "/v1/jobs/pair/invoke", _event(f"metered {i}"), tenant="metered",
+                   url=endpoint["pair_url"]).status_code for i in range(3 * PAIR_RPM)]  # fmt: skip
+    refilled = int((time.monotonic() - t0) * PAIR_RPM / 60)  # the bucket refills while we ask
+    assert set(codes) <= {200, 429}, codes
+    assert PAIR_RPM <= codes.count(200) <= PAIR_RPM + refilled, codes
+    assert codes[:PAIR_RPM] == [200] * PAIR_RPM  # the budget is spent by the first requests, in order
+    assert ray.get_actor(limiter_name("pair"), namespace=NAMESPACE)  # one actor, named for the application
+    # Another tenant on the same application has its own budget.
+    assert _post(endpoint, "/v1/jobs/pair/invoke", _event("other"), tenant="globex", url=endpoint["pair_url"]).status_code == 200
+
+
 def test_timeout_answers_504_and_a_dead_letter(endpoint):
     ev = _event("please hang")
     r = _post(endpoint, "/v1/jobs/support/invoke", ev)
@@ -291,6 +321,13 @@ def test_serve_status_and_stop_from_the_cli(endpoint):
     # The replica's shutdown wrote them: one dead letter per request that timed out.
     assert table_rows(small) == endpoint["small_timeouts"][0] > 0
     assert httpx.post(endpoint["small_url"] + "/v1/jobs/small/invoke", json=_event("x"), timeout=30).status_code == 404
+    # An application with a shared limiter: stop takes the limiter's actor with it.
+    from actors.limiter import NAMESPACE, limiter_name
+
+    stop = subprocess.run([*cli, "stop", "pair", "--address", address], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0 and "pair: deleted" in stop.stdout, stop.stderr[-2000:]
+    with pytest.raises(ValueError):
+        ray.get_actor(limiter_name("pair"), namespace=NAMESPACE)
     assert _post(endpoint, "/v1/jobs/support/invoke", _event("still here")).status_code == 200
 
 
