@@ -172,7 +172,8 @@ def test_a_job_runs_through_a_toy_source_and_a_toy_sink(tmp_path, tiny_model, jo
     positions = _Log(str(out / "results.jsonl")).positions()
     assert positions == {f"counter/{spec['name']}|{p}": n // 3 - 1 for p in range(3)}
 
-    again = job_processes(path, module="tests.job_runner", extra_args=args)
+    # The rerun reads nothing: the instant engine spares loading vLLM for no work.
+    again = job_processes(path, module="tests.job_runner", extra_args=(*args, "--instant-engine"))
     assert again.wait(300) == 0, again.log()[-4000:]
     assert len(_Log(str(out / "results.jsonl")).rows()) == n  # nothing twice
     assert re.search(r"events consumed\s*│\s*0\b", again.log()), again.log()[-3000:]

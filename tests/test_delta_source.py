@@ -160,7 +160,8 @@ def test_snapshot_job_exactly_once_across_kill_and_rerun(tmp_path, tiny_model, j
 
     # A rerun of a finished snapshot has nothing to do, even after the table moved on.
     write_deltalake(src_uri, rows(n, 10, "eu"), mode="append", partition_by=["region"])
-    third = job_processes(spec_path, until_drained=False)
+    third = job_processes(spec_path, until_drained=False, module="tests.job_runner",
+                          extra_args=("--instant-engine",))  # reads nothing: no vLLM to load for it
     assert third.wait(300) == 0, third.log()[-3000:]
     assert table_rows(res_uri) == n
 

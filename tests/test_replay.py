@@ -24,7 +24,8 @@ def test_replay_after_a_fix_exactly_once_through_a_crash(tmp_path, broker, topic
     records += [(b"bad", b'{"id": "broken", ')]  # invalid JSON: no fix helps it
     send(broker, topic, records)
     spec = make_spec(tmp_path, broker, topic, tiny_model, validation=[], **{"pool.batch_size": 16})
-    job = job_processes(write_spec(tmp_path, spec))
+    # This run only fills the dead-letter table: the instant engine; the replays run vLLM.
+    job = job_processes(write_spec(tmp_path, spec), module="tests.job_runner", extra_args=("--instant-engine",))
     assert job.wait(300) == 0, job.log()[-3000:]
     res_uri, dl_uri = spec["sink"]["results"], spec["sink"]["dead_letter"]
     dead = pl.read_delta(dl_uri)
