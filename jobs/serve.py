@@ -21,7 +21,8 @@ Answers: 200 with the result; 400 the event or request could not be used (dead l
 decode/prompt); 401 no or unknown API key; 403 the event names another tenant, or the tenant
 has no encryption key; 404 unknown job or model; 422 the rules rejected the output (no output
 text when a pii_leakage rule failed); 429 serve.limits (Retry-After); 502 the engine failed the
-row; 503 the audit store failed (durable ack) or Serve's queue is full; 504 serve.request_timeout_s.
+row; 413 an OpenAI route's body over the job's max_message_bytes; 503 the audit store failed
+(durable ack) or Serve's queue is full; 504 serve.request_timeout_s.
 No answer or log line quotes a value of the request.
 """
 
@@ -361,6 +362,10 @@ class TidegateEndpoint:
         try:
             principal = self._principal(request)
             raw = await request.body()
+            limit = self.spec.source.max_message_bytes  # as for an event (invoke dead-letters those)
+            if len(raw) > limit:
+                raise _Refused(413, "request_too_large",
+                               f"the body is {len(raw)} bytes, over the job's max_message_bytes={limit}")  # fmt: skip
             try:
                 body = json.loads(raw)
             except ValueError:

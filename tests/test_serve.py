@@ -59,6 +59,7 @@ def endpoint(tmp_path_factory, broker):
         "serve": {"port": port, "num_cpus": 0.25, "limits": {"tokens_per_minute": 30000},
                   "request_timeout_s": 3, "idempotency_cache": 0},
         "sink.commit_interval_s": 0.2,
+        "source.kafka.max_message_bytes": 2**17,  # room for the token-budget test's long prompt
     })  # fmt: skip
     spec = parse_spec(spec_dict)
     small = parse_spec({**spec_dict, "name": "small", "sink": {**spec_dict["sink"],
@@ -214,6 +215,15 @@ def test_token_budget_answers_429_with_retry_after(endpoint):
     assert int(limited.headers["retry-after"]) >= 1
     # Other tenants are not affected.
     assert _post(endpoint, "/v1/jobs/support/invoke", _event("still fine")).status_code == 200
+
+
+def test_an_openai_request_over_max_message_bytes_answers_413(endpoint):
+    label = endpoint["spec"].model.label
+    limit = endpoint["spec"].source.max_message_bytes
+    big = {"model": label, "messages": [{"role": "user", "content": "x" * (limit + 1)}]}
+    r = _post(endpoint, "/v1/chat/completions", big, tenant="globex")
+    assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+    assert f"max_message_bytes={limit}" in r.json()["error"]["message"] and "xxxx" not in r.text
 
 
 def test_a_tenants_request_budget_is_shared_by_the_replicas(endpoint):
