@@ -10,8 +10,8 @@ The buckets are compute/limits.py's; this actor only puts them where every repli
 tenant's budget is the application's whatever the replica count. One named, detached actor per
 application, found by name: a replica that starts or restarts finds the existing one; if the actor
 itself dies, Ray restarts it with full buckets (a budget is at most refilled, never lost work).
-Each admit is one actor call (a fraction of a millisecond here); it runs calls one at a time, so
-it is the ceiling for a whole application's request rate (docs/serving.md).
+Each admit is one actor call (1-3 ms here, bench/limiter.py); the actor runs calls one at a time,
+so it is the ceiling for a whole application's request rate (docs/serving.md).
 """
 
 from __future__ import annotations
