@@ -4,6 +4,8 @@
     wait_started(refs, spec, what)    ray.get with stages.start_timeout_s and errors in our words
     wait_ready(refs, timeout_s)       which calls finished, after waiting for the first (or the time)
     put(value)                        into the object store once, for several calls to read
+    app_actor(cls, kind, app, *args)  the named, detached actor `kind` of a Serve application
+    delete_app_actors(app)            kill them (`tidegate serve stop`, the end of `tidegate serve`)
     cause(err) / actor_error(err)     the useful part of a RayTaskError / RayActorError
 """
 
@@ -85,3 +87,33 @@ def kill(actor: Any) -> None:
         ray.kill(actor, no_restart=True)
     except Exception:
         pass
+
+
+# -- state shared by the replicas of one Serve application (jobs/serve.py) -----------------------
+
+SERVE_NAMESPACE = "tidegate"
+APP_ACTOR_KINDS = ("limits", "idempotency")  # actors/limiter.py, actors/idempotency.py
+
+
+def app_actor_name(kind: str, app: str) -> str:
+    return f"tidegate-{kind}:{app}"
+
+
+def app_actor(cls: Any, kind: str, app: str, *args) -> Any:
+    """The application's actor `kind`, created by the first replica that asks (the others find it by
+    name). Detached: it outlives the replica that created it, until delete_app_actors."""
+    return cls.options(name=app_actor_name(kind, app), namespace=SERVE_NAMESPACE, lifetime="detached",
+                       get_if_exists=True).remote(*args)  # fmt: skip
+
+
+def delete_app_actors(app: str) -> list[str]:
+    """Kill the application's shared actors; the kinds it had."""
+    gone = []
+    for kind in APP_ACTOR_KINDS:
+        try:
+            handle = ray.get_actor(app_actor_name(kind, app), namespace=SERVE_NAMESPACE)
+        except ValueError:
+            continue
+        kill(handle)
+        gone.append(kind)
+    return gone

@@ -461,10 +461,10 @@ def serve_cmd(
             raise typer.Exit(2)
         ray.init(address=addr, include_dashboard=False, logging_level="WARNING")
         if verb == "stop":
-            from actors.limiter import delete_shared_limits
+            from actors.remote import delete_app_actors
 
             serve.delete(target[1])
-            delete_shared_limits(target[1])  # the application's serve.limits actor, if it has one
+            delete_app_actors(target[1])  # its shared limiter and idempotency claims, if it has them
             typer.echo(f"{target[1]}: deleted")
             return
         def plain(v) -> str:

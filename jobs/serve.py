@@ -258,6 +258,11 @@ class TidegateEndpoint:
             from actors.limiter import shared_limits
 
             self._shared_limits = shared_limits(spec.name, spec.serve.limits)
+        self._claims = None  # Idempotency-Key across replicas: only when there can be several
+        if spec.serve.max_replicas > 1:
+            from actors.idempotency import shared_claims
+
+            self._claims = shared_claims(spec.name, spec.serve.idempotency_cache)
         self.pii_rules = self.guards.pii_rules()
         self._answers: OrderedDict[int, tuple[int, dict]] = OrderedDict()  # Idempotency-Key answers
         self._in_flight: dict[int, asyncio.Future] = {}
@@ -423,43 +428,54 @@ class TidegateEndpoint:
 
     async def _answer(self, request: Request, principal, route: str, work, request_id: str | None = None) -> JSONResponse:
         """Run (or find) the request; store its rows; answer. With an Idempotency-Key, a request
-        seen before (this replica's memory, or the audit tables) gets the first answer again."""
+        seen before (this replica's memory, the audit tables, or, with several replicas, the
+        application's claims: actors/idempotency.py) gets the first answer again."""
         from compute.online import request_offset
 
         t0 = time.monotonic()
         key = request.headers.get("idempotency-key")
         tenant = principal.tenant if principal is not None else ""
-        if key:
-            offset = request_offset("idem", tenant, route, key)
-            code_body = self._answers.get(offset)
-            if code_body is None and offset in self._in_flight:
-                code_body = await asyncio.shield(self._in_flight[offset])
-            if code_body is None:
-                code_body = await self._stored_answer(route, offset)
-            if code_body is not None:
-                self._metrics.record(route, code_body[0], t0)
-                return JSONResponse(code_body[1], status_code=code_body[0], headers={"Idempotent-Replayed": "true"})
-        else:
+        if not key:
             code, body = await self._run_and_store(route, request_offset("req", uuid.uuid4().hex), work, principal,
                                                    request_id)  # fmt: skip
             self._metrics.record(route, code, t0)
             return JSONResponse(body, status_code=code)
-        fut = asyncio.get_running_loop().create_future()  # a second request with this key waits on it
-        self._in_flight[offset] = fut
-        try:
-            code, body = await self._run_and_store(route, offset, work, principal, request_id)
-            if code < 500:
-                self._answers[offset] = (code, body)
-                while len(self._answers) > self.spec.serve.idempotency_cache:
-                    self._answers.popitem(last=False)
-            fut.set_result((code, body) if code < 500 else None)
-        except BaseException:
-            fut.set_result(None)
-            raise
-        finally:
-            self._in_flight.pop(offset, None)
-        self._metrics.record(route, code, t0)
-        return JSONResponse(body, status_code=code)
+        offset = request_offset("idem", tenant, route, key)
+        code_body = self._answers.get(offset)
+        while code_body is None and offset in self._in_flight:  # this replica runs it: wait for that
+            code_body = await asyncio.shield(self._in_flight[offset])
+            code_body = code_body or self._answers.get(offset)
+        holder = None
+        if code_body is None:
+            # Registered before the first await: from here this replica's other requests with the key
+            # wait on this one (None if it fails on our side: then the next of them runs it).
+            fut = asyncio.get_running_loop().create_future()
+            self._in_flight[offset] = fut
+            code = 500
+            try:
+                code_body = await self._stored_answer(route, offset)
+                if code_body is None and self._claims is not None:  # another replica may be running it
+                    holder = uuid.uuid4().hex
+                    code_body = await self._claim(offset, holder)
+                if code_body is None:
+                    code, body = await self._run_and_store(route, offset, work, principal, request_id)
+                    if code < 500:
+                        self._answers[offset] = (code, body)
+                        while len(self._answers) > self.spec.serve.idempotency_cache:
+                            self._answers.popitem(last=False)
+            except _Refused as r:
+                return self._refusal(r, route)
+            finally:
+                answer = code_body if code_body is not None else ((code, body) if code < 500 else None)
+                fut.set_result(answer)
+                self._in_flight.pop(offset, None)
+                if holder is not None and code_body is None:
+                    self._finish_claim(offset, holder, answer)
+            if code_body is None:
+                self._metrics.record(route, code, t0)
+                return JSONResponse(body, status_code=code)
+        self._metrics.record(route, code_body[0], t0)
+        return JSONResponse(code_body[1], status_code=code_body[0], headers={"Idempotent-Replayed": "true"})
 
     async def _run_and_store(self, route: str, offset: int, work, principal, request_id) -> tuple[int, dict]:
         from compute.online import Outcome
@@ -486,6 +502,21 @@ class TidegateEndpoint:
         except Exception as e:  # noqa: BLE001 - durable ack: not stored, so not answered
             return 503, _error(503, "audit_unavailable", f"the request's audit rows could not be stored ({type(e).__name__}); retry")
         return self._render(route, results, dead, request_id)
+
+    async def _claim(self, offset: int, holder: str) -> tuple[int, dict] | None:
+        """None: this request holds the key; else the answer of the request that held it."""
+        from ray.exceptions import RayActorError
+
+        lease_s = self.spec.serve.request_timeout_s + 60  # the generation, then the audit commit
+        try:
+            return await self._claims.claim.remote(offset, holder, lease_s)
+        except RayActorError:
+            raise _Refused(503, "idempotency_unavailable", "the application's idempotency record is restarting; retry",
+                           {"Retry-After": "1"}) from None  # fmt: skip
+
+    def _finish_claim(self, offset: int, holder: str, answer: tuple[int, dict] | None) -> None:
+        """Not awaited: the answer does not wait for it (the claim's waiters do)."""
+        self._claims.finish.remote(offset, holder, answer)
 
     async def _stored_answer(self, route: str, offset: int) -> tuple[int, dict] | None:
         def find():
@@ -649,7 +680,7 @@ def main(spec_path: str, address: str | None, blocking: bool) -> int:
     SIGINT/SIGTERM, then delete the application."""
     import ray
 
-    from actors.limiter import delete_shared_limits
+    from actors.remote import delete_app_actors
     from jobs.run import configure_logging, init_ray, load_job_spec
 
     configure_logging()
@@ -672,7 +703,7 @@ def main(spec_path: str, address: str | None, blocking: bool) -> int:
     stop.wait()
     print(f"tidegate serve: stopping {spec.name}", flush=True)
     serve.delete(spec.name)
-    delete_shared_limits(spec.name)
+    delete_app_actors(spec.name)
     if not remote:
         serve.shutdown()
         ray.shutdown()

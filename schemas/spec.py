@@ -694,7 +694,10 @@ class ServeSpec(_Strict):
         "audit rows committed every sink.commit_interval_s (a replica killed meanwhile loses them).",
     )
     request_timeout_s: float = Field(default=120.0, gt=0, description="Generation time a request may take (504 after).")
-    idempotency_cache: int = Field(default=10_000, ge=0, description="Answers kept in memory per replica for Idempotency-Key.")
+    idempotency_cache: int = Field(
+        default=10_000, ge=0,
+        description="Answers kept in memory per replica (and by the application's claims actor) for Idempotency-Key.",
+    )
 
     @model_validator(mode="after")
     def _replicas(self) -> ServeSpec:

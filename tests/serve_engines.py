@@ -37,6 +37,9 @@ class EchoEngine(InstantEngine):
         return out.select(COMPLETION_SCHEMA.names).cast(COMPLETION_SCHEMA)
 
     async def complete(self, requests: pa.Table) -> pa.Table:
-        if "hang" in " ".join(requests.column("prompt").to_pylist()):
+        prompts = " ".join(requests.column("prompt").to_pylist())
+        if "hang" in prompts:
             await asyncio.sleep(3600)
+        if "slow" in prompts:  # a request still running when its duplicate arrives
+            await asyncio.sleep(1.5)
         return self.generate(requests)

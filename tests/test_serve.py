@@ -80,7 +80,7 @@ def endpoint(tmp_path_factory, broker):
         url = deploy(spec, engine_cls=EchoEngine)
         small_url = deploy(small, engine_cls=EchoEngine)
         pair_url = deploy(pair, engine_cls=EchoEngine)
-        yield {"url": url, "small_url": small_url, "pair_url": pair_url, "small_spec": small, "small_timeouts": [0], "keys": keys, "spec": spec, "keyring": keyring_path, "topic": topic,
+        yield {"url": url, "small_url": small_url, "pair_url": pair_url, "pair_spec": pair, "small_spec": small, "small_timeouts": [0], "keys": keys, "spec": spec, "keyring": keyring_path, "topic": topic,
                "metrics_port": metrics_port}
     finally:
         serve.shutdown()
@@ -202,13 +202,22 @@ def test_idempotency_key_returns_the_first_answer_and_writes_one_row(endpoint):
     # Another tenant's same key is another request.
     other = _post(endpoint, "/v1/jobs/support/invoke", {**ev, "id": ev["id"] + "-g"}, tenant="globex", headers=key)
     assert other.status_code == 200 and "idempotent-replayed" not in other.headers
+    # One key four times at once on one replica, the first still running (slow): one run among them.
+    slow, key = _event("slow idempotent question"), {"Idempotency-Key": uuid.uuid4().hex}
+    with cf.ThreadPoolExecutor(4) as pool:
+        out = list(pool.map(lambda _: _post(endpoint, "/v1/jobs/support/invoke", slow, headers=key), range(4)))
+    assert [r.status_code for r in out] == [200] * 4
+    assert sum(r.headers.get("idempotent-replayed") == "true" for r in out) == 3
+    assert len(_rows(endpoint["spec"].sink.results, pl.col("id") == slow["id"])) == 1
 
 
 def test_token_budget_answers_429_with_retry_after(endpoint):
     label = endpoint["spec"].model.label
-    big = {"model": label, "messages": [{"role": "user", "content": "word " * 15000}]}
+    # ~40,000 tokens used against 30,000 a minute: the bucket is 10,000 below zero, 20 s from
+    # covering the next request (an overshoot of a few tokens would refill in milliseconds).
+    big = {"model": label, "messages": [{"role": "user", "content": "word " * 20000}]}
     first = _post(endpoint, "/v1/chat/completions", big, tenant="burst")
-    assert first.status_code == 200 and first.json()["usage"]["total_tokens"] >= 30000  # the budget is spent
+    assert first.status_code == 200 and first.json()["usage"]["total_tokens"] >= 40000  # the budget is spent
     limited = _post(endpoint, "/v1/chat/completions", {**big, "messages": [{"role": "user", "content": "small"}]},
                     tenant="burst")  # fmt: skip
     assert limited.status_code == 429 and limited.json()["error"]["type"] == "rate_limited"
@@ -233,7 +242,7 @@ def test_a_tenants_request_budget_is_shared_by_the_replicas(endpoint):
     import ray
     from ray import serve
 
-    from actors.limiter import NAMESPACE, limiter_name
+    from actors.remote import SERVE_NAMESPACE, app_actor_name
 
     replicas = serve.status().applications["pair"].deployments["tidegate"].replica_states
     assert sum(n for state, n in replicas.items() if str(getattr(state, "value", state)) == "RUNNING") == 2
@@ -244,9 +253,28 @@ def test_a_tenants_request_budget_is_shared_by_the_replicas(endpoint):
     assert set(codes) <= {200, 429}, codes
     assert PAIR_RPM <= codes.count(200) <= PAIR_RPM + refilled, codes
     assert codes[:PAIR_RPM] == [200] * PAIR_RPM  # the budget is spent by the first requests, in order
-    assert ray.get_actor(limiter_name("pair"), namespace=NAMESPACE)  # one actor, named for the application
+    assert ray.get_actor(app_actor_name("limits", "pair"), namespace=SERVE_NAMESPACE)  # one, named for the app
     # Another tenant on the same application has its own budget.
     assert _post(endpoint, "/v1/jobs/pair/invoke", _event("other"), tenant="globex", url=endpoint["pair_url"]).status_code == 200
+
+
+def test_one_idempotency_key_on_two_replicas_at_once_runs_once(endpoint):
+    """The "pair" app's two replicas get one Idempotency-Key at the same time, while the first
+    request still runs (a slow one): Serve sends concurrent requests to the less busy replica, so
+    both replicas get some. One run, one row, the first answer to every request."""
+    ev = _event("slow question")
+    key = {"Idempotency-Key": f"k-{uuid.uuid4().hex}"}
+
+    def call(_):
+        r = _post(endpoint, "/v1/jobs/pair/invoke", ev, tenant="acme", headers=key, url=endpoint["pair_url"])
+        return r.status_code, r.json(), r.headers.get("idempotent-replayed") == "true"
+
+    with cf.ThreadPoolExecutor(5) as pool:
+        out = list(pool.map(call, range(5)))
+    assert [code for code, _, _ in out] == [200] * 5, out
+    assert sum(replayed for _, _, replayed in out) == 4  # one ran, four got its answer
+    assert len({json.dumps(body, sort_keys=True) for _, body, _ in out}) == 1
+    assert len(_rows(endpoint["pair_spec"].sink.results, pl.col("id") == ev["id"])) == 1
 
 
 def test_timeout_answers_504_and_a_dead_letter(endpoint):
@@ -331,13 +359,16 @@ def test_serve_status_and_stop_from_the_cli(endpoint):
     # The replica's shutdown wrote them: one dead letter per request that timed out.
     assert table_rows(small) == endpoint["small_timeouts"][0] > 0
     assert httpx.post(endpoint["small_url"] + "/v1/jobs/small/invoke", json=_event("x"), timeout=30).status_code == 404
-    # An application with a shared limiter: stop takes the limiter's actor with it.
-    from actors.limiter import NAMESPACE, limiter_name
+    # An application with shared state (limiter, idempotency claims): stop takes those actors with it.
+    from actors.remote import APP_ACTOR_KINDS, SERVE_NAMESPACE, app_actor_name
 
+    for kind in APP_ACTOR_KINDS:
+        assert ray.get_actor(app_actor_name(kind, "pair"), namespace=SERVE_NAMESPACE)
     stop = subprocess.run([*cli, "stop", "pair", "--address", address], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0 and "pair: deleted" in stop.stdout, stop.stderr[-2000:]
-    with pytest.raises(ValueError):
-        ray.get_actor(limiter_name("pair"), namespace=NAMESPACE)
+    for kind in APP_ACTOR_KINDS:
+        with pytest.raises(ValueError):
+            ray.get_actor(app_actor_name(kind, "pair"), namespace=SERVE_NAMESPACE)
     assert _post(endpoint, "/v1/jobs/support/invoke", _event("still here")).status_code == 200
 
 

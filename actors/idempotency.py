@@ -1,0 +1,71 @@
+"""Idempotency-Key claims shared by the replicas of one online endpoint (serve.max_replicas > 1).
+
+    shared_claims(app, keep)        -> the application's IdempotencyClaims actor (created on first use)
+    IdempotencyClaims
+      claim(key, holder, lease_s)   -> None: the caller holds the key and runs the request;
+                                       else the first answer, (status code, body)
+      finish(key, holder, answer)   the holder's answer; None when it failed on our side (a timeout,
+                                       the engine, the audit store): the next claim runs it again
+
+A request with a key asks before it runs, so a second request with the same key on another
+replica waits for the first one's answer instead of running (and writing its row) again. A claim
+lapses after lease_s (its replica died mid-request): the next request with the key runs it.
+Answers of the last `keep` keys stay here; older ones, and all of them after this actor restarts,
+are found in the audit tables (jobs/serve.py looks there first). Keys are the 63-bit request
+offsets (compute/online.py request_offset), so no key text is held. One replica's own duplicates
+never get here (it shares one run among them first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import ray
+
+from actors.remote import app_actor
+
+
+@dataclass
+class _Claim:
+    holder: str
+    expires: float
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=2)
+class IdempotencyClaims:
+    def __init__(self, keep: int):
+        self.keep = keep
+        self._answers: OrderedDict[int, tuple[int, dict]] = OrderedDict()
+        self._claims: dict[int, _Claim] = {}
+
+    async def claim(self, key: int, holder: str, lease_s: float) -> tuple[int, dict] | None:
+        while True:
+            if key in self._answers:
+                return self._answers[key]
+            now = time.monotonic()
+            c = self._claims.get(key)
+            if c is None or c.expires <= now or c.holder == holder:
+                self._claims[key] = _Claim(holder, now + lease_s)
+                return None
+            try:  # the first request is running: wait for its answer (or its lease to lapse)
+                await asyncio.wait_for(c.done.wait(), c.expires - now)
+            except asyncio.TimeoutError:
+                pass
+
+    async def finish(self, key: int, holder: str, answer: tuple[int, dict] | None) -> None:
+        if answer is not None and key not in self._answers:
+            self._answers[key] = answer
+            while len(self._answers) > self.keep:
+                self._answers.popitem(last=False)
+        c = self._claims.get(key)
+        if c is not None and c.holder == holder:
+            del self._claims[key]
+            c.done.set()
+
+
+def shared_claims(app: str, keep: int):
+    return app_actor(IdempotencyClaims, "idempotency", app, keep)
