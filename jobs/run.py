@@ -55,10 +55,12 @@ def init_ray(spec: JobSpec, address: str | None = None) -> str | None:
     common = dict(include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
     if address:
         # A cluster's driver logs are what `ray job logs` shows: the workers' output stays in them.
+        # (The workers' log redaction comes with the submission's runtime_env, jobs/submit.py.)
         ray.init(address=address, **common)
         return None
     # A local cluster started by this process. Ray's raylet and GCS die with us (parent-death
     # signal) but some of their children do not: the reaper cleans those up after a `kill -9`.
+    from jobs.logs import WORKER_SETUP_HOOK
     from jobs.reaper import start_for_current_process
 
     start_for_current_process()
@@ -78,6 +80,8 @@ def init_ray(spec: JobSpec, address: str | None = None) -> str | None:
             object_store_memory=int(os.environ.get("TIDEGATE_OBJECT_STORE_BYTES", 512 * 2**20)),
             _temp_dir=os.environ.get("TIDEGATE_RAY_TEMP_DIR"),
             log_to_driver=loud,
+            # Every worker's log records redacted like the driver's (jobs/logs.py).
+            runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK},
             **common,
             **extra,
         )

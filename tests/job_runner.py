@@ -14,6 +14,7 @@ itself, as tests/toy_source.py does), with jobs.pipeline.JobComponents carrying:
                        then fails: the store's answer lost after the commit was made)
     --broken-store     a Delta sink none of whose writes land (a store that is down for good)
     --instant-engine   bench/instant_engine.py instead of vLLM (long runs: chaos, soak)
+    --engine-logs LINE an engine whose process logs LINE when it starts (worker log redaction)
 
 Production code has no fault hooks: these are subclasses handed to the job like any component.
 The classes are made inside functions, so Ray ships them to the actors by value (the actors do
@@ -41,6 +42,19 @@ def failing_engine(crash_on: str | None = None, hang_on: str | None = None, base
                 time.sleep(3600)  # blocks the actor: it stops answering, as a stuck kernel would
             return await super().run_batch(requests)
     return FaultyEngine
+
+
+def talkative_engine(line: str, base: type = EngineWorker) -> type:
+    """An engine whose process logs `line` (a test puts secrets in it) once it has started."""
+
+    class TalkativeEngine(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            import logging
+
+            logging.getLogger("compute.engine").warning("engine settings: %s", line)
+
+    return TalkativeEngine
 
 
 def slow_sink(spec, seconds: float) -> DeltaSink:
@@ -84,6 +98,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--flaky-writes", type=int, default=0)
     parser.add_argument("--broken-store", action="store_true")
     parser.add_argument("--instant-engine", action="store_true")
+    parser.add_argument("--engine-logs", default=None, help="a line the engine process logs when it starts")
     a = parser.parse_args(argv)
     for module in a.plugin:
         importlib.import_module(module)
@@ -94,6 +109,8 @@ def main(argv: list[str]) -> int:
         components.engine = InstantEngine
     if a.crash_on or a.hang_on:  # on vLLM, or with --instant-engine on the instant engine
         components.engine = failing_engine(a.crash_on, a.hang_on, components.engine or EngineWorker)
+    if a.engine_logs:
+        components.engine = talkative_engine(a.engine_logs, components.engine or EngineWorker)
     if a.slow_commit_s:
         components.sink = slow_sink(load_spec(a.spec), a.slow_commit_s)
     if a.flaky_writes or a.broken_store:

@@ -135,3 +135,28 @@ def test_metrics_status_runs_and_lineage_of_a_real_job(tmp_path, broker, topic, 
     assert (res["prompt_template_hash"] == template_hash(parsed.prompt.template)).all()
     assert (res["sampling_params"] == sampling_json(parsed)).all()
     assert (res["spec_hash"] == spec_hash(parsed)).all() and (res["spec_hash"] == run["spec_hash"][0]).all()
+
+
+def test_worker_processes_log_through_the_same_redaction(tmp_path, broker, topic, tiny_model, job_processes):
+    """A line with secrets logged inside an engine actor's process (tests/job_runner.py
+    --engine-logs) is masked in the worker's own log file under the job's Ray folder and in what
+    Ray forwards to the job's output: the workers run jobs/logs.py's hook (worker_process_setup_hook)."""
+    from pathlib import Path
+
+    secrets = ("hunter2-canary-771", "canarysecret993", "canarypass55")
+    line = (f"sasl_plain_password={secrets[0]} Authorization: Bearer tg_k1_{secrets[1]} "
+            f"source=s3://AKIAUSER:{secrets[2]}@lake.example/bucket")  # fmt: skip
+    send(broker, topic, [event(i) for i in range(10)])
+    spec = make_spec(tmp_path, broker, topic, tiny_model)
+    job = job_processes(write_spec(tmp_path, spec), module="tests.job_runner",
+                        extra_args=("--instant-engine", "--engine-logs", line))  # fmt: skip
+    assert job.wait(300) == 0, job.log()[-3000:]
+    assert "engine settings: sasl_plain_password=***" in job.log()  # the line came through, masked
+    seen_in_a_worker_file = False
+    for f in Path(job.ray_tmp).rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            text = f.read_bytes()
+            assert not any(s.encode() in text for s in secrets), f
+            seen_in_a_worker_file |= f.name.startswith("worker-") and b"engine settings: sasl_plain_password=***" in text
+    assert seen_in_a_worker_file
+    assert not any(s in job.log() for s in secrets)
