@@ -109,14 +109,16 @@ def test_the_job_api_refuses_calls_without_the_token(ray_head, tmp_path):
 
 
 def test_plain_ray_job_submit_and_stop(tmp_path, broker, topic, tiny_model, ray_head):
-    """`ray job submit --working-dir . -- python -m jobs.run SPEC` works; `tidegate jobs stop` stops it cleanly."""
+    """`ray job submit --working-dir . --runtime-env-json '{"worker_process_setup_hook": ...}' -- python -m
+    jobs.run SPEC` (README) works; `tidegate jobs stop` stops it cleanly."""
     address, env = ray_head
     send(broker, topic, (event(i) for i in range(30)))
     spec = make_spec(tmp_path, broker, topic, tiny_model)
     spec_path = write_spec(tmp_path, spec)
     out = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "tg-plain-1", "--no-wait",
-         "--working-dir", ".", "--", "python", "-m", "jobs.run", str(spec_path)],
+         "--working-dir", ".", "--runtime-env-json", '{"worker_process_setup_hook": "jobs.logs.configure_worker_logging"}',
+         "--", "python", "-m", "jobs.run", str(spec_path)],  # as README shows it
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
