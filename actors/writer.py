@@ -67,6 +67,7 @@ class CommitReport:
     totals: CommitTotals  # what the commit stored, counted from its plain rows
     commit_s: float  # prepare, encryption and the commits
     ended_at: datetime  # when the commit landed (the next commit's start, in the runs table)
+    published: int = 0  # messages sent to sink.topic with it (and a restart's catch-up before it)
 
 
 class CommitWriter:
@@ -88,6 +89,7 @@ class CommitWriter:
         # on the next commit (connectors/results_topic.py). A replay's sink does not publish.
         self.topic = None
         self._marks: dict[TopicPartition, dict[str, int]] = {}
+        self._published = 0  # sent by resume(), not yet reported
         self.maintenance = spec.sink.maintenance
         self._commits = 0
         if spec.sink.topic is not None and getattr(self.sink, "publishes", True):
@@ -115,6 +117,7 @@ class CommitWriter:
         if self.topic is not None:
             sent, marks = self.topic.resume(self.sink, positions)
             self._keep_marks(marks)
+            self._published += sent  # reported with the next commit
             if sent:
                 log.warning("sink.topic %s: published %d committed row(s) a previous run had not", self.topic.topic, sent)
         return positions, {tp: self.sink.repair_window(tp) for tp in tps}
@@ -155,8 +158,11 @@ class CommitWriter:
             self._marks = {}
         self.sink.commit(results, dead, positions)
         ended_at = datetime.now(timezone.utc)
+        published, self._published = self._published, 0
         if self.topic is not None and positions:  # after the commit: what a consumer reads is in the table
-            self._keep_marks(self.topic.publish(results, dead, positions))
+            sent, marks = self.topic.publish(results, dead, positions)
+            self._keep_marks(marks)
+            published += sent
         self._maintain_if_due()
         try:
             enc.record_usage()  # values per key version; rotates at encryption.rotate_after_values
@@ -167,7 +173,7 @@ class CommitWriter:
             # Appended by append_runs_row(): the job books the commit without waiting for the
             # informational runs table.
             self._runs_row = dict(**record, ended_at=ended_at, **totals.runs_fields())
-        return CommitReport(totals, time.monotonic() - t0, ended_at)
+        return CommitReport(totals, time.monotonic() - t0, ended_at, published)
 
     def _maintain_if_due(self) -> None:
         """sink.maintenance: compact, checkpoint and vacuum every compact_every_commits commits, here

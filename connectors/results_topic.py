@@ -176,10 +176,11 @@ class ResultsTopic:
         return out
 
     def publish(self, results: pa.Table, dead: pa.Table, positions: Mapping[TopicPartition, int],
-                keep: Mapping[TopicPartition, set[int]] | None = None) -> dict[TopicPartition, dict[str, int]]:  # fmt: skip
+                keep: Mapping[TopicPartition, set[int]] | None = None
+                ) -> tuple[int, dict[TopicPartition, dict[str, int]]]:  # fmt: skip
         """Send these committed rows (all of them, or only the `keep` offsets) and wait for the
-        broker; returns the marks to record with the next commit. Raises SinkError if the broker
-        does not take them (the job stops; the restart publishes what is missing)."""
+        broker; returns (messages sent, the marks to record with the next commit). Raises SinkError
+        if the broker does not take them (the job stops; the restart publishes what is missing)."""
         from kafka.errors import KafkaError
 
         messages = self._messages(results, dead, keep)
@@ -207,7 +208,7 @@ class ResultsTopic:
             nxt = self._next_offset.get(self.route(tp))
             if nxt is not None:
                 marks[tp][scan_from] = nxt
-        return marks
+        return len(messages), marks
 
     # -- resume ------------------------------------------------------------------------------------
 
@@ -237,8 +238,9 @@ class ResultsTopic:
             if want:
                 log.info("topic %s, source partition %s: %d committed row(s) above the publish mark, %d already "
                          "in the topic, %d to send", self.topic, tp, len(want), len(want) - len(missing), len(missing))  # fmt: skip
-            marks.update(self.publish(results, dead, {tp: committed[tp]}, keep={tp: missing}))
-            sent += len(missing)
+            n, tp_marks = self.publish(results, dead, {tp: committed[tp]}, keep={tp: missing})
+            marks.update(tp_marks)
+            sent += n
         return sent, marks
 
     def _published_offsets(self, scans: Mapping[int, int], tps: set[TopicPartition]) -> dict[TopicPartition, set[int]]:

@@ -41,6 +41,10 @@ _DEFS: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None]] = {
     "tidegate_prompt_tokens_total": ("counter", "Prompt tokens of every generation, retries included.", (), None),
     "tidegate_completion_tokens_total": ("counter", "Completion tokens of every generation, retries included.", (), None),
     "tidegate_retries_total": ("counter", "Generations re-run after a failed rule.", (), None),
+    "tidegate_published_rows_total": (
+        "counter", "sink.topic: committed rows (results and dead letters) sent to the results topic, a restart's catch-up included.",
+        (), None,
+    ),
     "tidegate_batch_latency_seconds": (
         "histogram", "Engine time of a batch: submit to the pool -> completions collected.", (),
         (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0),
@@ -227,6 +231,9 @@ class JobMetrics:
 
     def retries(self, n: int) -> None:
         self._inc("tidegate_retries_total", n)
+
+    def published(self, n: int) -> None:
+        self._inc("tidegate_published_rows_total", n)
 
     def batch_latency(self, seconds: float) -> None:
         self._observe("tidegate_batch_latency_seconds", [seconds])

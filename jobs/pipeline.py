@@ -392,6 +392,9 @@ class PipelineJob:
         self.writer.append_runs_row()
         self.metrics.commit_latency(report.commit_s)
         self.metrics.committed(report.totals)  # counted in plain text; stored encrypted
+        if report.published:
+            self.metrics.published(report.published)
+            self.stats.published += report.published
         self._committed.update(tag.stored)
         self.stats.book(report.totals)
         if self.progress is not None:

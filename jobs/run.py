@@ -278,6 +278,8 @@ def print_summary(spec: JobSpec, stats, console: Console) -> None:
         cost = token_cost(spec.model.pricing, stats.prompt_tokens, stats.completion_tokens)
         table.add_row("cost", f"{cost:,.4f} {spec.model.pricing.currency} (model.pricing)")
     table.add_row("commits", f"{stats.commits:,}")
+    if spec.sink.topic is not None:
+        table.add_row(f"rows published to {spec.sink.topic.name}", f"{stats.published:,}")
     table.add_row("peak rows read, not committed", f"{stats.peak_uncommitted:,}")
     table.add_row("elapsed", f"{stats.elapsed_s:.1f} s")
     table.add_row("throughput", f"{stats.rows_per_s:.1f} rows/s")

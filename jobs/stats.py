@@ -22,6 +22,7 @@ class JobStats:
     prompt_tokens: int = 0  # every generation, retries included
     completion_tokens: int = 0
     commits: int = 0
+    published: int = 0  # sink.topic: committed rows sent to the results topic
     peak_uncommitted: int = 0  # most source rows read but not yet committed at any time (bounded)
     peak_engines: int = 0
     started: float = field(default_factory=time.monotonic)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 import uuid
 from collections import Counter
@@ -150,6 +151,8 @@ def test_a_job_reads_librdkafka_avro_and_publishes_each_committed_row_to_kafka_o
     by_position = Counter((int(dict(m.headers())["tidegate.source_partition"]),
                            int(dict(m.headers())["tidegate.source_offset"])) for m in msgs)  # fmt: skip
     assert len(by_position) == 33 and set(by_position.values()) == {1}  # every committed row, once
+    # ... and counted: the run summary (tidegate_published_rows_total counts the same, jobs/pipeline.py)
+    assert re.search(rf"rows published to {out_topic}\s*│\s*33\b", job.log()), job.log()[-3000:]
     statuses = Counter(dict(m.headers())["status"] for m in msgs)
     assert statuses[b"dead_letter"] == 3 and sum(statuses.values()) == 33
     assert {json.loads(m.value())["id"] for m in msgs if dict(m.headers())["status"] != b"dead_letter"} == set(results["id"])

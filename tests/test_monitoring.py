@@ -135,7 +135,7 @@ def test_metrics_recorder_keeps_totals_without_ray():
 
 
 def test_metric_names_are_valid_and_declared_once():
-    assert len(M.METRIC_NAMES) == len(set(M.METRIC_NAMES)) == 17
+    assert len(M.METRIC_NAMES) == len(set(M.METRIC_NAMES)) == 18
     for name in M.METRIC_NAMES:
         assert re.fullmatch(r"tidegate_[a-z0-9_]+", name), name
     counters = [n for n in M.METRIC_NAMES if M._DEFS[n][0] == "counter"]
