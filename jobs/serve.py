@@ -43,6 +43,7 @@ import pyarrow as pa
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 
 from schemas.errors import AuthError, LimitExceededError, TidegateError
 from schemas.spec import JobSpec
@@ -505,8 +506,6 @@ class TidegateEndpoint:
 
     async def _claim(self, offset: int, holder: str) -> tuple[int, dict] | None:
         """None: this request holds the key; else the answer of the request that held it."""
-        from ray.exceptions import RayActorError
-
         lease_s = self.spec.serve.request_timeout_s + 60  # the generation, then the audit commit
         try:
             return await self._claims.claim.remote(offset, holder, lease_s)
@@ -615,8 +614,6 @@ class TidegateEndpoint:
             if self._shared_limits is None:
                 self.limits.admit(principal.tenant, tokens)
             else:
-                from ray.exceptions import RayActorError
-
                 try:
                     refused = await self._shared_limits.admit.remote(principal.tenant, tokens)
                 except RayActorError:
