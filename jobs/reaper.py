@@ -5,16 +5,19 @@ but the raylet's own children (the dashboard and runtime-env agents) were measur
 (still running 30 s later, re-parented to init). This process, started by the job when it starts a
 local Ray, records the job's process tree every `interval` seconds while the job lives, and when
 the job is gone kills exactly those processes (matched by PID *and* start time, so a reused PID is
-never hit), then exits. It never touches processes the job did not start.
+never hit). A process started less than `interval` before the kill is not in that record: the
+agents rename themselves and clear their environment, so they are found by what is left, every
+one of: in the job's process group, named `ray::`, started while the job lived, and orphaned (its
+parent is no longer a raylet). Then it exits. It never touches processes the job did not start.
 
-    python -m jobs.reaper JOB_PID
+    python -m jobs.reaper JOB_PID [--interval SECONDS]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
-import sys
 import time
 
 import psutil
@@ -34,10 +37,43 @@ def _tree(root: psutil.Process) -> dict[int, float]:
     return out
 
 
+def _kill(pid: int, created: float) -> bool:
+    try:
+        p = psutil.Process(pid)
+        if abs(p.create_time() - created) < 0.01:
+            p.send_signal(signal.SIGKILL)
+            return True
+    except psutil.Error:
+        pass
+    return False
+
+
+def _orphaned_ray_processes(pgid: int, born: float, died: float) -> tuple[dict[int, float], int]:
+    """Ray processes of the job's process group started while it lived whose raylet is gone, and
+    how many such processes still have a raylet (another job's, or ours still exiting)."""
+    out, under_a_raylet = {}, 0
+    for p in psutil.process_iter(["pid", "name", "create_time"]):
+        try:
+            if p.pid == os.getpid() or not (p.info["name"] or "").startswith("ray::"):
+                continue
+            if not (born <= p.info["create_time"] <= died) or os.getpgid(p.pid) != pgid:
+                continue
+            parent = p.parent()
+            if parent is not None and parent.name() == "raylet":
+                under_a_raylet += 1
+                continue
+            out[p.pid] = p.info["create_time"]
+        except (psutil.Error, OSError):
+            pass
+    return out, under_a_raylet
+
+
 def watch(job_pid: int, interval: float = 0.5) -> int:
+    """Wait for the job to end, then kill what it left behind. Returns how many were killed."""
     try:
         job = psutil.Process(job_pid)
-    except psutil.NoSuchProcess:
+        born, pgid = job.create_time(), os.getpgid(job_pid)
+    except (psutil.Error, OSError):
         return 0
     seen: dict[int, float] = {}
     while True:
@@ -46,22 +82,26 @@ def watch(job_pid: int, interval: float = 0.5) -> int:
         seen.update(_tree(job))
         # Forget processes that ended on their own, so the list stays small.
         seen = {pid: ct for pid, ct in seen.items() if psutil.pid_exists(pid)}
-        time.sleep(interval)
-    killed = 0
-    for pid, created in seen.items():
-        try:
-            p = psutil.Process(pid)
-            if abs(p.create_time() - created) < 0.01:
-                p.send_signal(signal.SIGKILL)
-                killed += 1
-        except psutil.Error:
-            pass
-    return killed
+        _, alive = psutil.wait_procs([job], timeout=interval)
+        if not alive:
+            break
+    died = time.time()
+    killed = sum(_kill(pid, created) for pid, created in seen.items())
+    # The agents are re-parented only once their raylet has exited (its parent-death signal, or
+    # the kill above): look again for a few seconds while some still hang under a raylet.
+    deadline = time.monotonic() + 5.0
+    while True:
+        orphans, under_a_raylet = _orphaned_ray_processes(pgid, born, died)
+        killed += sum(_kill(pid, created) for pid, created in orphans.items())
+        if not under_a_raylet or time.monotonic() > deadline:
+            return killed
+        time.sleep(0.2)
 
 
 def start_for_current_process() -> None:
     """Spawn the reaper for this process; it outlives us by design (own session)."""
     import subprocess
+    import sys
 
     subprocess.Popen(
         [sys.executable, "-m", "jobs.reaper", str(os.getpid())],
@@ -73,5 +113,14 @@ def start_for_current_process() -> None:
     )
 
 
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.reaper", description=__doc__.split("\n\n")[0])
+    p.add_argument("job_pid", type=int)
+    p.add_argument("--interval", type=float, default=0.5, help="seconds between records of the job's process tree")
+    args = p.parse_args(argv)
+    watch(args.job_pid, args.interval)
+    return 0
+
+
 if __name__ == "__main__":
-    watch(int(sys.argv[1]))
+    raise SystemExit(main())
