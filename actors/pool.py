@@ -108,7 +108,6 @@ class EnginePool:
         self.max_model_len: int | None = None
         self.model_revision: str | None = None
         self._restart_grace_s = 60.0  # set from the measured engine load time in start()
-        self.stuck_after_s = 10.0  # a suspected engine that does not answer a ping this long is restarted
         self.fixed_cluster = False
         self._actor_options: dict[str, Any] = {}
         self._starting: tuple[_Slot, Any, float] | None = None  # an engine being added (scale up)
@@ -397,7 +396,7 @@ class EnginePool:
         return finished
 
     def _check_stuck(self) -> None:
-        """An engine suspected after a hang that does not answer a ping within stuck_after_s is
+        """An engine suspected after a hang that does not answer a ping within pool.stuck_after_s is
         stuck (a blocked kernel, not a slow row): it is restarted."""
         now = time.monotonic()
         for slot in self.slots:
@@ -406,7 +405,7 @@ class EnginePool:
             ping, sent = slot.probe
             if ray.wait([ping], timeout=0)[0]:
                 slot.probe = None
-            elif now - sent > self.stuck_after_s:
+            elif now - sent > self.spec.pool.stuck_after_s:
                 log.warning("an engine did not answer for %.0fs: restarting it", now - sent)
                 ray.kill(slot.actor, no_restart=False)
                 slot.probe = None

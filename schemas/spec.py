@@ -439,6 +439,12 @@ class PoolSpec(_Strict):
         gt=0,
         description="A batch running longer is a hang: its rows are aborted in the engine, the batch isolated. null: never.",
     )
+    stuck_after_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="After a hang, an engine that does not answer a ping this long is stuck (a blocked kernel, "
+        "not a slow row) and is restarted.",
+    )
 
     @model_validator(mode="after")
     def _sizes(self) -> PoolSpec:

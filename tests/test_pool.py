@@ -125,7 +125,7 @@ def test_a_row_that_hangs_the_engine_is_isolated_and_dead_lettered(tmp_path, bro
     send(broker, topic, records)
     spec = make_spec(
         tmp_path, broker, topic, tiny_model,
-        **{"pool.batch_size": 2, "pool.max_attempts": 2, "pool.batch_timeout_s": 4},
+        **{"pool.batch_size": 2, "pool.max_attempts": 2, "pool.batch_timeout_s": 4, "pool.stuck_after_s": 3},
     )  # fmt: skip
     job = job_processes(write_spec(tmp_path, spec), module="tests.job_runner", extra_args=("--hang-on", "STUCK-PILL", "--instant-engine"))
     assert job.wait(900) == 0, job.log()[-4000:]
