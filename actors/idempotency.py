@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import ray
 
 from actors.remote import app_actor
+from compute.idempotency import RecentAnswers
 
 
 @dataclass
@@ -38,14 +38,14 @@ class _Claim:
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=2)
 class IdempotencyClaims:
     def __init__(self, keep: int):
-        self.keep = keep
-        self._answers: OrderedDict[int, tuple[int, dict]] = OrderedDict()
+        self._answers = RecentAnswers(keep)
         self._claims: dict[int, _Claim] = {}
 
     async def claim(self, key: int, holder: str, lease_s: float) -> tuple[int, dict] | None:
         while True:
-            if key in self._answers:
-                return self._answers[key]
+            answer = self._answers.get(key)
+            if answer is not None:
+                return answer
             now = time.monotonic()
             c = self._claims.get(key)
             if c is None or c.expires <= now or c.holder == holder:
@@ -57,10 +57,8 @@ class IdempotencyClaims:
                 pass
 
     async def finish(self, key: int, holder: str, answer: tuple[int, dict] | None) -> None:
-        if answer is not None and key not in self._answers:
-            self._answers[key] = answer
-            while len(self._answers) > self.keep:
-                self._answers.popitem(last=False)
+        if answer is not None:
+            self._answers.put(key, answer)
         c = self._claims.get(key)
         if c is not None and c.holder == holder:
             del self._claims[key]

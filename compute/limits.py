@@ -7,9 +7,9 @@
       spend(tenant, tokens)   after it: the tokens it really used (prompt + completion)
 
 A bucket holds a minute's budget and refills continuously, so a tenant may burst up to its
-per-minute budget and then runs at the budget's rate. Buckets are per replica (each replica of the
-endpoint enforces the budget on what it sees; docs/serving.md). Plain Python, no clock of its own
-(tests pass one).
+per-minute budget and then runs at the budget's rate. One instance holds every tenant's buckets;
+where it lives is serve.limits.scope (in each replica, or in the application's actor,
+actors/limiter.py; docs/serving.md). Plain Python, no clock of its own (tests pass one).
 """
 
 from __future__ import annotations

@@ -36,7 +36,6 @@ import signal
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from typing import Any
 
 import pyarrow as pa
@@ -45,6 +44,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 
+from compute.idempotency import RecentAnswers
+from compute.limits import TenantLimits
 from schemas.errors import AuthError, LimitExceededError, TidegateError
 from schemas.spec import JobSpec
 
@@ -220,7 +221,6 @@ class TidegateEndpoint:
     def __init__(self, spec: JobSpec, engine_cls: type | None = None):
         from compute.engine import EngineWorker
         from compute.lineage import lineage_columns
-        from compute.limits import TenantLimits
         from compute.online import OnlineGuards
         from compute.validation import Validator
         from connectors.audit import AuditLog
@@ -253,19 +253,21 @@ class TidegateEndpoint:
             from crypto.keyring import Keyring
 
             self.verifier = ApiKeyVerifier(Keyring.open(spec.serve.api_keys or spec.encryption.keyring))
-        self.limits = TenantLimits(spec.serve.limits)  # scope replica: this replica's own buckets
-        self._shared_limits = None
+        # serve.limits: this replica's own buckets (scope replica) or the application's actor.
+        self._limits: TenantLimits | Any = None  # Any: the actor's handle
         if spec.serve.limits.enabled and spec.serve.limits.scope == "application":
             from actors.limiter import shared_limits
 
-            self._shared_limits = shared_limits(spec.name, spec.serve.limits)
+            self._limits = shared_limits(spec.name, spec.serve.limits)
+        elif spec.serve.limits.enabled:
+            self._limits = TenantLimits(spec.serve.limits)
         self._claims = None  # Idempotency-Key across replicas: only when there can be several
         if spec.serve.max_replicas > 1:
             from actors.idempotency import shared_claims
 
             self._claims = shared_claims(spec.name, spec.serve.idempotency_cache)
         self.pii_rules = self.guards.pii_rules()
-        self._answers: OrderedDict[int, tuple[int, dict]] = OrderedDict()  # Idempotency-Key answers
+        self._answers = RecentAnswers(spec.serve.idempotency_cache)  # this replica's Idempotency-Key answers
         self._in_flight: dict[int, asyncio.Future] = {}
         self._producer = None
         self._metrics = _ServeMetrics(spec.name)
@@ -461,9 +463,7 @@ class TidegateEndpoint:
                 if code_body is None:
                     code, body = await self._run_and_store(route, offset, work, principal, request_id)
                     if code < 500:
-                        self._answers[offset] = (code, body)
-                        while len(self._answers) > self.spec.serve.idempotency_cache:
-                            self._answers.popitem(last=False)
+                        self._answers.put(offset, (code, body))
             except _Refused as r:
                 return self._refusal(r, route)
             finally:
@@ -493,11 +493,10 @@ class TidegateEndpoint:
         results, dead = outcome.results, outcome.dead
         if principal is not None and not self.spec.encryption.enabled:  # who asked, for the audit
             results, dead = _with_tenant(results, principal.tenant), _with_tenant(dead, principal.tenant)
-        if principal is not None and self.spec.serve.limits.enabled:
-            if self._shared_limits is None:
-                self.limits.spend(principal.tenant, outcome.tokens())
-            else:  # not awaited: the answer does not wait for the bookkeeping
-                self._shared_limits.spend.remote(principal.tenant, outcome.tokens())
+        if principal is not None and isinstance(self._limits, TenantLimits):
+            self._limits.spend(principal.tenant, outcome.tokens())
+        elif principal is not None and self._limits is not None:  # not awaited: the answer does not wait for it
+            self._limits.spend.remote(principal.tenant, outcome.tokens())
         try:
             await self.buffer.add(results, dead)
         except Exception as e:  # noqa: BLE001 - durable ack: not stored, so not answered
@@ -608,14 +607,14 @@ class TidegateEndpoint:
         return min(max_tokens, spec_max) if max_tokens else spec_max
 
     async def _admit(self, principal, tokens: int) -> None:
-        if principal is None or not self.spec.serve.limits.enabled:
+        if principal is None or self._limits is None:
             return
         try:
-            if self._shared_limits is None:
-                self.limits.admit(principal.tenant, tokens)
+            if isinstance(self._limits, TenantLimits):
+                self._limits.admit(principal.tenant, tokens)
             else:
                 try:
-                    refused = await self._shared_limits.admit.remote(principal.tenant, tokens)
+                    refused = await self._limits.admit.remote(principal.tenant, tokens)
                 except RayActorError:
                     raise _Refused(503, "limits_unavailable", "the application's limiter is restarting; retry",
                                    {"Retry-After": "1"}) from None  # fmt: skip

@@ -72,3 +72,20 @@ def test_an_api_key_in_a_log_line_is_masked():
     key_id, token, _ = new_api_key("acme", "2026-12-03T00:00:00Z")
     masked = redact_text(f"a client sent {token} in a query string")
     assert token.split("_")[-1] not in masked and f"tg_{key_id}_***" in masked
+
+
+def test_recent_answers_keep_the_first_answer_and_drop_the_oldest_key():
+    from compute.idempotency import RecentAnswers
+
+    answers = RecentAnswers(keep=2)
+    answers.put(1, (200, {"n": 1}))
+    answers.put(1, (500, {"n": "again"}))  # a key's first answer is its answer
+    answers.put(2, (200, {"n": 2}))
+    answers.put(3, (429, {"n": 3}))
+    assert answers.get(1) is None and answers.get(2) == (200, {"n": 2}) and answers.get(3) == (429, {"n": 3})
+    assert len(answers) == 2
+    none_kept = RecentAnswers(keep=0)
+    none_kept.put(1, (200, {}))
+    assert none_kept.get(1) is None and len(none_kept) == 0
+    with pytest.raises(ValueError, match="keep"):
+        RecentAnswers(keep=-1)
