@@ -8,7 +8,9 @@ the job is gone kills exactly those processes (matched by PID *and* start time, 
 never hit). A process started less than `interval` before the kill is not in that record: the
 agents rename themselves and clear their environment, so they are found by what is left, every
 one of: in the job's process group, named `ray::`, started while the job lived, and orphaned (its
-parent is no longer a raylet). Then it exits. It never touches processes the job did not start.
+parent is no longer a raylet). Then it exits. It never touches a live job's processes: the one
+process it could take that the job did not start is an orphaned agent of another driver in the
+same group that died in the same window, which that driver's own reaper kills as well.
 
     python -m jobs.reaper JOB_PID [--interval SECONDS]
 """

@@ -265,7 +265,7 @@ def run(seed: int, events: int, faults: int, partitions: int, replicas: int, wor
 
     import polars as pl
 
-    from tests.conftest import table_rows
+    from tests.conftest import living, table_rows
 
     res = pl.read_delta(res_uri) if table_rows(res_uri) else pl.DataFrame({"id": []})
     dead = pl.read_delta(dl_uri) if table_rows(dl_uri) else pl.DataFrame({"raw": [], "id": []})
@@ -277,10 +277,7 @@ def run(seed: int, events: int, faults: int, partitions: int, replicas: int, wor
     report.poison_dead_lettered_once = all(raw.get(p) == 1 for p in poison)
     report.unexpected_dead_letters = sum(c for v, c in raw.items() if v not in poison)
     time.sleep(2)
-    report.orphans = sorted(
-        pid for r in all_replicas for pid in r.family
-        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    )  # fmt: skip
+    report.orphans = living(pid for r in all_replicas for pid in r.family)
     report.replica_runs = len(all_replicas)
     report.rows_per_s = round(events / report.elapsed_s, 1) if report.elapsed_s else 0.0
     report.ok = (report.lost == 0 and report.duplicated == 0 and report.poison_dead_lettered_once

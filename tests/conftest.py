@@ -207,6 +207,18 @@ def table_rows(uri: str) -> int:
         return 0
 
 
+def living(pids) -> list[int]:
+    """The PIDs of `pids` still running (a zombie has exited: it only waits for its parent)."""
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return sorted(out)
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

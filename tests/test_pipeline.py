@@ -8,11 +8,10 @@ import signal
 import time
 
 import polars as pl
-import psutil
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from tests.conftest import event, make_spec, send, table_rows, wait_for, write_spec
+from tests.conftest import event, living, make_spec, send, table_rows, wait_for, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -150,8 +149,7 @@ def test_kill_and_restart_keeps_every_input_exactly_once(tmp_path, broker, topic
         else:
             job.proc.wait()
         # No orphans: every process of that run (Ray's raylet, GCS, workers, the engine) is gone.
-        wait_for(lambda: not [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"],
-                 60, what=f"processes of run {attempt} to exit")  # fmt: skip
+        wait_for(lambda: not living(family), 60, what=f"processes of run {attempt} to exit")  # fmt: skip
 
     final = job_processes(spec_path, until_drained=True)
     assert final.wait(600) == 0, final.log()[-4000:]

@@ -13,6 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import living
+
 REPO = Path(__file__).resolve().parents[1]
 
 DRIVER = """
@@ -21,17 +23,6 @@ ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[1])
 print("up", flush=True)
 time.sleep(600)
 """
-
-
-def living(pids: set[int]) -> list[int]:
-    out = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return sorted(out)
 
 
 def names(pids) -> list[str]:

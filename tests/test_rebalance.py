@@ -10,11 +10,10 @@ import time
 import uuid
 
 import polars as pl
-import psutil
 import pytest
 
 from connectors.kafka import create_topic
-from tests.conftest import event, make_spec, table_rows, wait_for, write_spec
+from tests.conftest import event, living, make_spec, table_rows, wait_for, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -151,8 +150,7 @@ def test_three_replicas_one_killed_one_added_one_leaving(tmp_path, broker, tiny_
     assert "partitions revoked" in logs and "partitions assigned" in logs
     assert "User rebalance callback throws an error" not in logs and "Cannot block on net.run()" not in logs
     # No orphans of the killed replica: its local Ray went with it (the reaper).
-    wait_for(lambda: not [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"],
-             60, what="the killed replica's processes to exit")  # fmt: skip
+    wait_for(lambda: not living(family), 60, what="the killed replica's processes to exit")  # fmt: skip
 
 
 def test_a_replica_whose_session_timed_out_rejoins_without_duplicates(tmp_path, broker, tiny_model, job_processes):
