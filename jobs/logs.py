@@ -251,12 +251,9 @@ def configure_text_logging(level: str | None = None, stream=None) -> logging.Han
     return handler
 
 
-WORKER_SETUP_HOOK = "jobs.logs.configure_worker_logging"  # Ray's runtime_env worker_process_setup_hook
-
-
 def configure_worker_logging() -> None:
     """Every Ray worker process of a job (stage actors, engines, the commit writer, Serve replicas)
-    runs this first (jobs/run.py init_ray and jobs/submit.py put it in the runtime_env): its log
+    runs this first (through jobs/worker.py's hook; it also works as a hook on its own): its log
     records go through the same redaction as the driver's, in the worker's log file and in what
     Ray forwards to the driver."""
     configure_text_logging()

@@ -28,6 +28,7 @@ from actors.embedding import start_embedding_actor
 from actors.pool import Completions, EnginePool
 from actors.remote import kill, put, wait_ready
 from actors.stages import StagePool, job_renderer
+from actors.transport import use_table_transport
 from actors.writer import CommitWriterClient, WriterDied, job_schemas
 from compute.engine import EngineWorker
 from compute.lineage import lineage_columns
@@ -158,6 +159,7 @@ class PipelineJob:
         # job before any GPU work. The stage workers load while the engines do.
         # The sink is built here, from the registry, and shipped to the writer actor (which imports
         # its module): a sink plugin needs registering in the driver only.
+        use_table_transport()  # the driver's tables (source batches) sent like the workers' (actors/transport.py)
         sink = self.components.sink if self.components.sink is not None else open_sink(self.spec)
         self.writer = CommitWriterClient(self.spec, sink)
         self.writer.open()

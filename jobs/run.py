@@ -60,7 +60,7 @@ def init_ray(spec: JobSpec, address: str | None = None) -> str | None:
         return None
     # A local cluster started by this process. Ray's raylet and GCS die with us (parent-death
     # signal) but some of their children do not: the reaper cleans those up after a `kill -9`.
-    from jobs.logs import WORKER_SETUP_HOOK
+    from jobs.worker import WORKER_SETUP_HOOK
     from jobs.reaper import start_for_current_process
 
     start_for_current_process()
@@ -80,7 +80,7 @@ def init_ray(spec: JobSpec, address: str | None = None) -> str | None:
             object_store_memory=int(os.environ.get("TIDEGATE_OBJECT_STORE_BYTES", 512 * 2**20)),
             _temp_dir=os.environ.get("TIDEGATE_RAY_TEMP_DIR"),
             log_to_driver=loud,
-            # Every worker's log records redacted like the driver's (jobs/logs.py).
+            # Every worker's log records redacted like the driver's, its tables sent our way (jobs/worker.py).
             runtime_env={"worker_process_setup_hook": WORKER_SETUP_HOOK},
             **common,
             **extra,

@@ -86,8 +86,8 @@ def job_env_vars(spec, master_key_file: str | None) -> dict[str, str]:
 
 
 def job_runtime_env(root: Path, spec, master_key_file: str | None) -> dict:
-    """The job's runtime_env: its code, job_env_vars, and its workers' log redaction (jobs/logs.py)."""
-    from jobs.logs import WORKER_SETUP_HOOK
+    """The job's runtime_env: its code, job_env_vars, and its workers' setup hook (jobs/worker.py)."""
+    from jobs.worker import WORKER_SETUP_HOOK
 
     env: dict = {"working_dir": str(root), "worker_process_setup_hook": WORKER_SETUP_HOOK}
     if env_vars := job_env_vars(spec, master_key_file):

@@ -405,7 +405,7 @@ def test_a_submitted_job_is_told_where_the_key_is_never_the_key(tmp_path, monkey
     }  # fmt: skip
     enc = parse_spec({**data, "encryption": {"tenant": "acme", "pii": "encrypt", "master_key_env": "ACME_KEY"}})
     env = job_runtime_env(tmp_path, enc, "/var/run/secrets/tidegate/master-key")
-    hook = {"worker_process_setup_hook": "jobs.logs.configure_worker_logging"}  # workers' log redaction
+    hook = {"worker_process_setup_hook": "jobs.worker.setup_worker"}  # workers' log redaction, table transport
     assert env == {"working_dir": str(tmp_path), **hook, "env_vars": {"ACME_KEY_FILE": "/var/run/secrets/tidegate/master-key"}}
     assert job_runtime_env(tmp_path, enc, None) == {"working_dir": str(tmp_path), **hook}
     assert MASTER.hex() not in json.dumps(env)

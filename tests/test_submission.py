@@ -117,7 +117,7 @@ def test_plain_ray_job_submit_and_stop(tmp_path, broker, topic, tiny_model, ray_
     spec_path = write_spec(tmp_path, spec)
     out = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", "tg-plain-1", "--no-wait",
-         "--working-dir", ".", "--runtime-env-json", '{"worker_process_setup_hook": "jobs.logs.configure_worker_logging"}',
+         "--working-dir", ".", "--runtime-env-json", '{"worker_process_setup_hook": "jobs.worker.setup_worker"}',
          "--", "python", "-m", "jobs.run", str(spec_path)],  # as README shows it
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -1,0 +1,107 @@
+"""actors/transport.py: how tables go between the job's processes.
+
+Pure: every kind of table the job sends comes back equal; a slice goes as IPC and carries only its
+rows; a fresh table goes as its columns. With Ray (a local cluster started the way jobs start one,
+jobs/run.py init_ray): the driver and every worker, an engine-like actor with its own env_vars
+included, send tables with this reducer, and tables cross actors intact."""
+
+from __future__ import annotations
+
+import pickle
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pytest
+
+from actors.transport import table_from_parts, table_to_parts
+
+
+def _tables() -> dict[str, pa.Table]:
+    n = 3000
+    t = pa.table({
+        "i": pa.array([1, None, 3] * (n // 3)),
+        "s": pa.array(["x", None, "yyy"] * (n // 3)),
+        "b": pa.array([b"\x00z"] * n, pa.binary()),
+        "l": pa.array([[1, 2], [3]] * (n // 2)),
+        "st": pa.array([{"x": 1, "y": "a"}] * n),
+        "d": pa.array(["a", "b", "c"] * (n // 3)).dictionary_encode(),
+        "n": pa.nulls(n, pa.string()),
+    }).replace_schema_metadata({b"k": b"v"})  # fmt: skip
+    return {
+        "fresh": t,
+        "slice": t.slice(1000, 10),
+        "head": t.slice(0, 10),
+        "tail": t.slice(2990),
+        "chunked": pa.concat_tables([t, t.slice(5, 7)]),
+        "empty": t.schema.empty_table(),
+        "taken": t.take([0, 4, 2999]),
+        "no columns": pa.table({"x": [1, 2]}).drop(["x"]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_tables()))
+def test_every_kind_of_table_comes_back_equal(name):
+    t = _tables()[name]
+    back = table_from_parts(pickle.loads(pickle.dumps(table_to_parts(t), protocol=5)))
+    assert back.equals(t) and back.schema.equals(t.schema, check_metadata=True)
+    assert back.num_rows == t.num_rows
+
+
+def test_a_slice_carries_its_rows_only_and_a_fresh_table_goes_as_columns():
+    big = pa.table({"s": [f"row {i}" for i in range(1_000_000)], "i": list(range(1_000_000))})
+    whole = len(pickle.dumps(table_to_parts(big), protocol=5))
+    assert table_to_parts(big)[0] == "columns"
+    for part in (big.slice(500_000, 100), big.slice(0, 100)):
+        parts = table_to_parts(part)
+        assert parts[0] == "ipc"
+        assert len(pickle.dumps(parts, protocol=5)) < 10_000 < whole // 100  # not the parent's buffers
+    # Sanity of the premise: pyarrow's own pickle of the same slice carries the parent's buffers.
+    assert len(pickle.dumps(big.slice(0, 100), protocol=5)) > whole // 2
+
+
+@pytest.mark.slow
+def test_the_driver_and_every_worker_send_tables_with_it(tmp_path, monkeypatch):
+    import tempfile
+
+    import ray
+
+    from actors.transport import use_table_transport
+    from jobs.run import init_ray
+
+    monkeypatch.setenv("TIDEGATE_RAY_TEMP_DIR", tempfile.mkdtemp(prefix="tgray", dir="/tmp"))
+    spec = SimpleNamespace(ray=SimpleNamespace(address=None, metrics_export_port=None))
+    init_ray(spec)
+    try:
+
+        def reducer_here() -> str:
+            import pyarrow as pa
+            from ray import cloudpickle
+
+            reducer = cloudpickle.CloudPickler.dispatch.get(pa.Table)  # set when Ray's context is made
+            if reducer is None:
+                return "none yet"
+            deserializer = reducer(pa.table({"a": [1]}))[0]
+            return f"{deserializer.__module__}.{deserializer.__qualname__}"
+
+        @ray.remote(num_cpus=0)
+        class Probe:
+            def reducer(self) -> str:
+                return reducer_here()
+
+            def echo(self, t: pa.Table) -> pa.Table:
+                return t
+
+        ours = "actors.transport.table_from_parts"
+        # The driver: Ray's own until the job registers (jobs/pipeline.py does at start).
+        ray.get(ray.put(pa.table({"a": [1]})))
+        assert reducer_here() not in (ours, "none yet")
+        use_table_transport()
+        assert reducer_here() == ours
+        plain = Probe.remote()
+        with_env = Probe.options(runtime_env={"env_vars": {"TG_PROBE": "1"}}).remote()  # like the engines
+        assert ray.get([plain.reducer.remote(), with_env.reducer.remote()]) == [ours, ours]
+        for name, t in _tables().items():
+            back = ray.get(with_env.echo.remote(plain.echo.remote(t)))
+            assert back.equals(t), name
+    finally:
+        ray.shutdown()
