@@ -9,7 +9,7 @@ Why not Ray's own: Ray replaces pyarrow's pickling of a table (ray/_private/arro
 with a reducer that rebuilds every column in Python, copying string offsets with Arrow compute
 calls, so that a *slice* carries only its rows (pyarrow's pickle sends a sliced array's whole
 buffers: ARROW-10739, still so in pyarrow 26). Almost every table the job sends is fresh (built by
-a stage, not sliced), and for those that rebuilding was ~a quarter of a stage worker's CPU per row
+a stage, not sliced), and for those that rebuilding was ~a fifth of a stage worker's profile
 (docs/performance.md, "Orchestration ceiling"). Here a table whose chunks reference about as many
 bytes as they hold goes with pyarrow's own pickling (its buffers out of band, no copy); a table that
 references much more than its rows (a slice, e.g. a Delta file's chunk or a bisected batch) goes as
