@@ -59,18 +59,18 @@ def test_a_slice_carries_its_rows_only_and_a_fresh_table_goes_as_columns():
     assert len(pickle.dumps(big.slice(0, 100), protocol=5)) > whole // 2
 
 
-@pytest.mark.slow
-def test_the_driver_and_every_worker_send_tables_with_it(tmp_path, monkeypatch):
-    import tempfile
+def _in_a_local_ray() -> None:
+    """The Ray half of the test, in a process of its own (run by the test below): the pytest
+    process hosts no Ray session of this test's."""
+    import json
+    import sys
 
     import ray
 
     from actors.transport import use_table_transport
     from jobs.run import init_ray
 
-    monkeypatch.setenv("TIDEGATE_RAY_TEMP_DIR", tempfile.mkdtemp(prefix="tgray", dir="/tmp"))
-    spec = SimpleNamespace(ray=SimpleNamespace(address=None, metrics_export_port=None))
-    init_ray(spec)
+    init_ray(SimpleNamespace(ray=SimpleNamespace(address=None, metrics_export_port=None)))
     try:
 
         def reducer_here() -> str:
@@ -91,17 +91,39 @@ def test_the_driver_and_every_worker_send_tables_with_it(tmp_path, monkeypatch):
             def echo(self, t: pa.Table) -> pa.Table:
                 return t
 
-        ours = "actors.transport.table_from_parts"
-        # The driver: Ray's own until the job registers (jobs/pipeline.py does at start).
+        out: dict = {}
         ray.get(ray.put(pa.table({"a": [1]})))
-        assert reducer_here() not in (ours, "none yet")
-        use_table_transport()
-        assert reducer_here() == ours
+        out["driver_before"] = reducer_here()
+        use_table_transport()  # what jobs/pipeline.py does at the job's start
+        out["driver_after"] = reducer_here()
         plain = Probe.remote()
         with_env = Probe.options(runtime_env={"env_vars": {"TG_PROBE": "1"}}).remote()  # like the engines
-        assert ray.get([plain.reducer.remote(), with_env.reducer.remote()]) == [ours, ours]
-        for name, t in _tables().items():
-            back = ray.get(with_env.echo.remote(plain.echo.remote(t)))
-            assert back.equals(t), name
+        out["workers"] = ray.get([plain.reducer.remote(), with_env.reducer.remote()])
+        out["unequal"] = [name for name, t in _tables().items()
+                          if not ray.get(with_env.echo.remote(plain.echo.remote(t))).equals(t)]  # fmt: skip
+        sys.stdout.write(json.dumps(out) + "\n")
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_the_driver_and_every_worker_send_tables_with_it(tmp_path):
+    """A local Ray started the way jobs start one (jobs/run.py init_ray, with the worker hook)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from tests.conftest import REPO
+
+    env = dict(os.environ, TIDEGATE_RAY_TEMP_DIR=tempfile.mkdtemp(prefix="tgray", dir="/tmp"))
+    code = "from tests.test_transport import _in_a_local_ray; _in_a_local_ray()"
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    ours = "actors.transport.table_from_parts"
+    assert out["driver_before"] not in (ours, "none yet")  # Ray's own until the job registers
+    assert out["driver_after"] == ours
+    assert out["workers"] == [ours, ours]
+    assert out["unequal"] == []
