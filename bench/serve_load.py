@@ -5,7 +5,8 @@ Servers (one at a time, each on the whole machine):
   vllm      python -m vllm.entrypoints.openai.api_server --model MODEL (what `vllm serve` runs)
   tidegate  python -m jobs.cli serve SPEC on its own local Ray: API key auth, the default rules
             (refusal, pii_leakage), output_text encrypted under the tenant's key, every request an
-            audit row committed before its answer (serve.ack durable)
+            audit row committed before its answer (serve.ack durable; --ack journal: fsync'd in the
+            replica's journal before its answer, committed every second)
 
 Phases, for each server, in rounds alternating vllm, tidegate (the machine's drift hits both):
   load      --clients concurrent clients (asyncio, one connection each) for --seconds: POST
@@ -16,6 +17,8 @@ Phases, for each server, in rounds alternating vllm, tidegate (the machine's dri
             Serve's proxy and the audit commit add to a request
 
     python bench/serve_load.py [--clients 32] [--seconds 60] [--rounds 2] [--overhead-requests 200]
+        [--ack durable|journal|buffered] [--engine-process separate|inline]
+        [--sides vllm,tidegate:inline:durable,tidegate:separate:journal,...]
 
 Prints a summary and writes bench/results/serve_load-<UTC time>.json (every run is kept).
 Run by hand; not a test.
@@ -141,8 +144,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--overhead-requests", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--sides", default="vllm,tidegate", help="which servers, in each round's order")
-    ap.add_argument("--ack", default="durable", choices=["durable", "buffered"], help="tidegate's serve.ack")
+    ap.add_argument("--sides", default="vllm,tidegate",
+                    help="which servers, in each round's order; a tidegate side may set serve.engine_process "
+                         "and serve.ack: tidegate:inline, tidegate:separate:durable, ...")  # fmt: skip
+    ap.add_argument("--engine-process", default="separate", choices=["separate", "inline"],
+                    help="tidegate's serve.engine_process where a side does not say")
+    ap.add_argument("--ack", default="durable", choices=["durable", "journal", "buffered"],
+                    help="tidegate's serve.ack")
     a = ap.parse_args()
 
     from crypto.keyring import Keyring, LocalMasterKeyProvider
@@ -168,7 +176,8 @@ def main() -> None:
         "sink": {"results": str(work / "lake" / "results"), "dead_letter": str(work / "lake" / "dead"),
                  "commit_interval_s": 1.0},
         "encryption": {"keyring": str(work / "keyring.json"), "tenant": "acme", "output_fields": ["output_text"]},
-        "serve": {"num_cpus": 1, "max_ongoing_requests": 256, "max_queued_requests": 1024, "ack": a.ack},
+        "serve": {"num_cpus": 1, "max_ongoing_requests": 256, "max_queued_requests": 1024, "ack": a.ack,
+                  "journal_dir": str(work / "journals")},
     }  # fmt: skip
 
     def body(max_tokens: int, bias: bool):
@@ -185,14 +194,17 @@ def main() -> None:
     for rnd in range(1, a.rounds + 1):
         for side in a.sides.split(","):
             port = free_port()
-            log = work / f"{side}-{rnd}.log"
+            log = work / f"{side.replace(':', '-')}-{rnd}.log"
             if side == "vllm":
                 cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--port",
                        str(port), "--dtype", "float32", "--enforce-eager"]  # fmt: skip
                 headers = {}
                 ready = f"http://127.0.0.1:{port}/v1/models"
             else:
-                s = {**spec, "serve": {**spec["serve"], "port": port}}
+                opts = side.split(":")[1:]  # e.g. tidegate:inline:durable
+                engine_process = next((o for o in opts if o in ("inline", "separate")), a.engine_process)
+                ack = next((o for o in opts if o in ("durable", "journal", "buffered")), a.ack)
+                s = {**spec, "serve": {**spec["serve"], "port": port, "engine_process": engine_process, "ack": ack}}
                 path = work / f"spec-{rnd}.yaml"
                 path.write_text(yaml.safe_dump(s))
                 cmd = [sys.executable, "-m", "jobs.cli", "serve", str(path)]
@@ -210,28 +222,25 @@ def main() -> None:
                 stop(proc)
             run = {"round": rnd, "side": side, "start_s": round(start_s, 1), "load": load, "overhead": over}
             runs.append(run)
-            print(f"round {rnd} {side:8s} load {load['requests_per_s']:7.2f} req/s {load['output_tokens_per_s']:8.1f} tok/s "
+            print(f"round {rnd} {side:17s} load {load['requests_per_s']:7.2f} req/s {load['output_tokens_per_s']:8.1f} tok/s "
                   f"p50/p95/p99 {load['latency_ms']['p50']}/{load['latency_ms']['p95']}/{load['latency_ms']['p99']} ms "
                   f"errors {load['errors']} | 1-token p50/p95 {over['latency_ms']['p50']}/{over['latency_ms']['p95']} ms",
                   flush=True)  # fmt: skip
 
-    def by(side: str, key) -> list[float]:
-        return [key(r) for r in runs if r["side"] == side]
-
-    ratios = [t["load"]["requests_per_s"] / v["load"]["requests_per_s"]
-              for v, t in zip([r for r in runs if r["side"] == "vllm"], [r for r in runs if r["side"] == "tidegate"])]  # fmt: skip
-    token_ratios = [t["load"]["output_tokens_per_s"] / v["load"]["output_tokens_per_s"]
-                    for v, t in zip([r for r in runs if r["side"] == "vllm"], [r for r in runs if r["side"] == "tidegate"])]  # fmt: skip
-    overhead = [t["overhead"]["latency_ms"]["p95"] - v["overhead"]["latency_ms"]["p95"]
-                for v, t in zip([r for r in runs if r["side"] == "vllm"], [r for r in runs if r["side"] == "tidegate"])]  # fmt: skip
-    summary = {
-        "throughput_ratio_requests": [round(x, 3) for x in ratios],
-        "throughput_ratio_tokens": [round(x, 3) for x in token_ratios],
-        "overhead_p95_ms": [round(x, 1) for x in overhead],
-        "vllm_requests_per_s": by("vllm", lambda r: r["load"]["requests_per_s"]),
-        "tidegate_requests_per_s": by("tidegate", lambda r: r["load"]["requests_per_s"]),
-        "median_ratio_requests": round(statistics.median(ratios), 3) if ratios else None,
-    }
+    summary: dict = {"vllm_requests_per_s": [r["load"]["requests_per_s"] for r in runs if r["side"] == "vllm"]}
+    for side in [x for x in a.sides.split(",") if x != "vllm"]:
+        pairs = [(v, t) for v in runs for t in runs
+                 if v["side"] == "vllm" and t["side"] == side and v["round"] == t["round"]]  # fmt: skip
+        ratios = [t["load"]["requests_per_s"] / v["load"]["requests_per_s"] for v, t in pairs]
+        summary[side] = {
+            "requests_per_s": [t["load"]["requests_per_s"] for _, t in pairs],
+            "throughput_ratio_requests": [round(x, 3) for x in ratios],
+            "throughput_ratio_tokens": [round(t["load"]["output_tokens_per_s"] / v["load"]["output_tokens_per_s"], 3)
+                                        for v, t in pairs],
+            "overhead_p95_ms": [round(t["overhead"]["latency_ms"]["p95"] - v["overhead"]["latency_ms"]["p95"], 1)
+                                for v, t in pairs],
+            "median_ratio_requests": round(statistics.median(ratios), 3) if ratios else None,
+        }  # fmt: skip
     out = {
         "bench": "serve_load", "at": datetime.now(timezone.utc).isoformat(), "machine": {"cpus": os.cpu_count()},
         "args": vars(a), "sampling": {**sampling, "logit_bias_end_token": 4.0}, "runs": runs, "summary": summary,

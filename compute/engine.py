@@ -11,7 +11,8 @@ A batch's rows join the engine's running set between two decode steps and leave 
 they finish, so a batch that ends with a few long outputs does not hold the next one back: the
 rows of the batches behind it keep the running set full (vLLM's scheduler admits waiting rows as
 others finish). One thread steps the engine (`LLMEngine.step`, vLLM's in-process engine: no extra
-process per engine); submissions and aborts reach it through a queue.
+process per engine, unless `separate_process`: then the engine core runs in a child process and
+`step` waits on it); submissions and aborts reach it through a queue.
 
 Output rows come in the order of the input rows, one each: output_text, finish_reason, token
 counts, or error_stage / error_class / error for a row that cannot run (a prompt longer than the
@@ -126,9 +127,15 @@ class EngineWorker:
         system: str | None = None,
         json_schema: dict | None = None,
         tensor_parallel_size: int = 1,
+        separate_process: bool = False,
     ):
         for k, v in engine_env(model).items():
             os.environ.setdefault(k, v)
+        if separate_process:
+            # vLLM's engine core (scheduler, model) in a child process of this one, which keeps
+            # tokenising, detokenising and whatever else this process does (an online replica's
+            # HTTP handling and guards) off the GIL the steps need. The child ends with this process.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
         if not os.path.isfile(os.path.join(model.path, "config.json")):
             raise EngineError(f"model.path {model.path!r} is not a model directory (no config.json)")
         import torch

@@ -5,7 +5,12 @@ request number: compute/online.py).
     AuditLog(spec, encryption)
       open()                           create or check the tables; bind the encryption to them
       write(results, dead)             plain rows -> encrypted like a batch commit -> one append per table
+      protect(results, dead)           plain rows -> the rows as stored (write = protect + append)
+      append(results, dead, txn)       stored rows -> one append per table, with a journal's transaction
+      replay(records, app_id)          a dead replica's journal (connectors/journal.py): the groups each
+                                       table has not recorded yet
       find(route, offset)              -> (results, dead) already stored for that request, decrypted
+      find_in(results, dead, route, offset)  the same, among stored rows not committed yet
 
 A group of requests is one append (jobs/serve.py batches them). Appends from several replicas
 are plain Delta appends (delta-rs retries them on conflict); a retried append whose answer was
@@ -15,6 +20,7 @@ lost is recognised by its write marker (connectors/delta.py), so a row is never 
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from connectors.delta import DeltaSink
 from crypto.reader import decrypt_table
@@ -37,21 +43,61 @@ class AuditLog:
         self.encryption.bind(*self.sink.bindings())
 
     def write(self, results: pa.Table, dead: pa.Table) -> None:
-        """Store plain rows: a tenant whose key was revoked meanwhile gets a dead letter (nothing
-        of its row in clear), the rest encrypted as the spec says."""
+        self.append(*self.protect(results, dead))
+
+    def protect(self, results: pa.Table, dead: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """Plain rows as they are stored: a tenant whose key was revoked meanwhile gets a dead
+        letter (nothing of its row in clear), the rest encrypted as the spec says."""
         enc = self.encryption
         enc.refresh()
         results, unkeyed = enc.split_unkeyed(results, self.run_id)
         dead = with_columns_of(dead, DEAD_LETTER_SCHEMA)
         if unkeyed is not None:
             dead = pa.concat_tables([dead, with_columns_of(unkeyed, DEAD_LETTER_SCHEMA)])
-        self.sink.append_unpositioned(enc.protect_results(results, self.stored_results), enc.protect_dead(dead, self.stored_dead))
+        out = enc.protect_results(results, self.stored_results), enc.protect_dead(dead, self.stored_dead)
         enc.record_usage()
+        return out
+
+    def append(self, results: pa.Table, dead: pa.Table, txn: tuple[str, int] | None = None) -> None:
+        """Stored rows, one append per table that has rows; `txn` (a journal's app id, its last
+        group's seq) is recorded in each of those commits."""
+        self.sink.append_unpositioned(results, dead, txn=txn)
+
+    def replay(self, records: list, app_id: str) -> int:
+        """Append the groups of a journal (connectors/journal.py JournalRecord, in seq order) that a
+        table has not recorded yet: each table's transaction `app_id` says up to which seq it
+        holds them (a table without a group's rows needs no record of it). Also the live commit
+        of a replica's own pending groups: a commit that failed half-way is finished, not
+        repeated. Returns the number of rows appended."""
+        if not records:
+            return 0
+        last = records[-1].seq
+        have_results, have_dead = self.sink.audit_versions(app_id)
+        results = [r.results for r in records if r.seq > (have_results or 0)]
+        dead = [r.dead for r in records if r.seq > (have_dead or 0)]
+        r = pa.concat_tables(results) if results else self.stored_results.empty_table()
+        d = pa.concat_tables(dead) if dead else self.stored_dead.empty_table()
+        self.sink.append_unpositioned(r, d, txn=(app_id, last))
+        return r.num_rows + d.num_rows
 
     def find(self, route: str, offset: int) -> tuple[pa.Table, pa.Table]:
         """The rows stored for request `offset` of `route` (an Idempotency-Key seen before),
         decrypted with the endpoint's keyring."""
         results, dead = self.sink.rows_above((f"serve:{route}", 0), offset - 1, offset)
+        return self._decrypted(results, dead)
+
+    def find_in(self, results: pa.Table, dead: pa.Table, route: str, offset: int) -> tuple[pa.Table, pa.Table]:
+        """find() among stored rows that are not in the tables yet (a journal's pending groups)."""
+
+        def rows(t: pa.Table) -> pa.Table:
+            if not t.num_rows:
+                return t
+            mask = pc.and_(pc.equal(t.column("source_topic"), f"serve:{route}"), pc.equal(t.column("source_offset"), offset))
+            return t.filter(mask)
+
+        return self._decrypted(rows(results), rows(dead))
+
+    def _decrypted(self, results: pa.Table, dead: pa.Table) -> tuple[pa.Table, pa.Table]:
         keyring = self.encryption.keyring
         if keyring is not None:
             if results.num_rows:

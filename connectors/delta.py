@@ -310,13 +310,24 @@ class DeltaSink:
         for tp, last in positions.items():
             self._results_pos[tp] = last
 
-    def append_unpositioned(self, results: pa.Table, dead: pa.Table) -> None:
+    def append_unpositioned(self, results: pa.Table, dead: pa.Table, txn: tuple[str, int] | None = None) -> None:
         """Append rows that no source position covers (the online endpoint's audit rows): each
-        table's write is retried like a commit's (its marker tells whether a lost answer landed)."""
+        table's write is retried like a commit's (its marker tells whether a lost answer landed).
+        `txn` (app id, version): recorded with each table's rows (an audit journal's progress)."""
+        txns = [Transaction(*txn)] if txn is not None else []
         if dead.num_rows:
-            self._append(self.dead_letter, dead, [], {})
+            self._append(self.dead_letter, dead, txns, {})
         if results.num_rows:
-            self._append(self.results, results, [], {})
+            self._append(self.results, results, txns, {})
+
+    def audit_versions(self, app_id: str) -> tuple[int | None, int | None]:
+        """(results, dead letters) version of application transaction `app_id`, as the tables are now."""
+        out = []
+        for table in (self.results, self.dead_letter):
+            dt = table.open()
+            dt.update_incremental()
+            out.append(dt.transaction_version(app_id))
+        return out[0], out[1]
 
     def _append(self, table: _Table, rows: pa.Table, txns: list[Transaction], positions) -> None:
         """One table's commit, retried on store errors (OSError, DeltaError) with backoff.

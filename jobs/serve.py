@@ -15,7 +15,9 @@ Every route but the health checks needs `Authorization: Bearer <API key>` (serve
 tenant is the request's tenant (its encryption key, its budget). A request runs the batch
 stages' code (compute/online.py), and its rows are stored in the job's results and dead-letter
 tables by the audit log (connectors/audit.py), several requests per append; with serve.ack
-durable (default) a request is answered once its rows are committed.
+durable (default) a request is answered once its rows are committed, with journal once they are
+fsync'd in the replica's journal (connectors/journal.py; the journals of dead replicas are replayed
+by the next replica before it answers).
 
 Answers: 200 with the result; 400 the event or request could not be used (dead letter of stage
 decode/prompt); 401 no or unknown API key; 403 the event names another tenant, or the tenant
@@ -67,28 +69,71 @@ def _error(code: int, kind: str, message: str, **extra) -> dict:
 
 
 class _AuditBuffer:
-    """Rows waiting for the audit log; one append per group. durable: a request awaits its
-    group's commit (group commit: the next append starts as soon as the previous one ended);
-    buffered: an append every sink.commit_interval_s, nobody waits."""
+    """Rows waiting for the audit; one write per group. durable: a request awaits its group's
+    commit to the tables (group commit: the next append starts as soon as the previous one
+    ended); journal: its group's fsync in the replica's journal (connectors/journal.py), the
+    journaled groups committed every sink.commit_interval_s; buffered: an append every
+    sink.commit_interval_s, nobody waits."""
 
-    def __init__(self, audit, durable: bool, interval_s: float):
+    def __init__(self, audit, ack: str, interval_s: float, journal=None, journal_app: str | None = None):
         self.audit = audit
-        self.durable = durable
+        self.durable = ack in ("durable", "journal")  # the request waits for its group's write
+        self.journal, self.journal_app = journal, journal_app
         self.interval_s = interval_s
         self.lock = threading.Lock()  # the audit's Delta handles are used by one thread at a time
+        self.journal_lock = threading.Lock()  # the journal file and the list of its uncommitted groups
         self._pending: list[tuple[pa.Table, pa.Table, asyncio.Future | None]] = []
+        self._journaled: list = []  # JournalRecord: stored rows in the journal, not yet in the tables
+        self._seq = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._commit_task: asyncio.Task | None = None
 
     def _write(self, results: pa.Table, dead: pa.Table) -> None:
+        if self.journal is None:
+            with self.lock:
+                self.audit.write(results, dead)
+            return
+        from connectors.journal import JournalRecord
+
+        with self.journal_lock:
+            stored = self.audit.protect(results, dead)
+            self._seq += 1
+            self.journal.append(self._seq, *stored)
+            self._journaled.append(JournalRecord(self._seq, *stored))
+
+    def commit_journaled(self) -> int:
+        """Commit the journal's groups to the tables; once none is left uncommitted the journal
+        starts again (truncated). Returns the rows committed."""
+        with self.journal_lock:
+            records = list(self._journaled)
+        if not records:
+            return 0
         with self.lock:
-            self.audit.write(results, dead)
+            n = self.audit.replay(records, self.journal_app)
+        with self.journal_lock:
+            last = records[-1].seq
+            self._journaled = [r for r in self._journaled if r.seq > last]
+            if not self._journaled:
+                self.journal.truncate()
+        return n
+
+    def journaled(self) -> tuple[pa.Table, pa.Table] | None:
+        """The stored rows in the journal and not in the tables yet (an Idempotency-Key lookup)."""
+        with self.journal_lock:
+            records = list(self._journaled)
+        if not records:
+            return None
+        return (pa.concat_tables([r.results for r in records], promote_options="default"),
+                pa.concat_tables([r.dead for r in records], promote_options="default"))  # fmt: skip
 
     async def add(self, results: pa.Table, dead: pa.Table) -> None:
         loop = asyncio.get_running_loop()
         if self._task is None:
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._run())
+            if self.journal is not None:
+                self._commit_task = loop.create_task(self._commit_loop())
         fut = loop.create_future() if self.durable else None
         self._pending.append((results, dead, fut))
         self._wake.set()
@@ -96,7 +141,7 @@ class _AuditBuffer:
             await fut
 
     async def _write_group(self, group: list) -> None:
-        """One append for a group's rows; its waiting requests are released once it landed."""
+        """One write for a group's rows; its waiting requests are released once it landed."""
         await asyncio.to_thread(self._write, pa.concat_tables([g[0] for g in group], promote_options="default"),
                                 pa.concat_tables([g[1] for g in group], promote_options="default"))  # fmt: skip
         for _, _, fut in group:
@@ -123,11 +168,24 @@ class _AuditBuffer:
                     if fut is not None and not fut.done():
                         fut.set_exception(e)
 
+    async def _commit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await asyncio.to_thread(self.commit_journaled)
+            except Exception as e:  # noqa: BLE001 - the groups stay journaled: the next round retries
+                log.error("audit commit of journaled requests failed (%s); retrying in %.1fs", type(e).__name__,
+                          self.interval_s)  # fmt: skip
+
     async def drain(self) -> None:
-        """Write what waits now (replica shutdown)."""
+        """Write what waits now (replica shutdown); a journal's groups are committed and the
+        journal removed (kept, for the next replica to replay, if the commit fails)."""
         group, self._pending = self._pending, []
         if group:
             await self._write_group(group)
+        if self.journal is not None:
+            await asyncio.to_thread(self.commit_journaled)
+            self.journal.close(remove=True)
 
 
 def _with_tenant(table: pa.Table, tenant: str) -> pa.Table:
@@ -214,6 +272,28 @@ class _ServeMetrics:
             pass
 
 
+def journal_directory(spec: JobSpec) -> str:
+    """serve.ack journal: this job's journals, <serve.journal_dir or ~/.tidegate/journal>/<job name>."""
+    base = spec.serve.journal_dir or os.path.join(os.path.expanduser("~"), ".tidegate", "journal")
+    return os.path.join(base, spec.name)
+
+
+def replay_orphans(audit, job: str, directory: str) -> int:
+    """Commit what the journals of dead replicas in `directory` hold and the tables do not
+    (connectors/journal.py), then remove them. Returns the rows appended."""
+    from connectors.journal import app_id, orphans, read_records
+
+    total = 0
+    for journal in orphans(directory):
+        records = read_records(journal.path)
+        n = audit.replay(records, app_id(job, journal.name))
+        log.info("audit journal of replica %s: %d group(s), %d row(s) were not in the tables and are now",
+                 journal.name, len(records), n)  # fmt: skip
+        journal.close(remove=True)
+        total += n
+    return total
+
+
 # The deployment comes after every helper it uses: Serve serialises the class when it is decorated.
 @serve.deployment(name="tidegate")
 @serve.ingress(api)
@@ -233,7 +313,8 @@ class TidegateEndpoint:
         self.model_label = spec.model.label
         engine_cls = engine_cls or EngineWorker
         self.engine = engine_cls(spec.model, spec.sampling, chat=spec.prompt.chat, system=spec.prompt.system,
-                                 json_schema=Validator(spec).json_schema)  # fmt: skip
+                                 json_schema=Validator(spec).json_schema,
+                                 separate_process=spec.serve.engine_process == "separate")  # fmt: skip
         self.encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
         self.guards = OnlineGuards(spec, self.run_id, self.engine, lineage_columns(spec, self.engine.model_revision()),
                                    self.encryption)  # fmt: skip
@@ -246,7 +327,15 @@ class TidegateEndpoint:
             rule.embed = embedders[rule.spec.model]
         self.audit = AuditLog(spec, self.encryption, self.run_id)
         self.audit.open()
-        self.buffer = _AuditBuffer(self.audit, spec.serve.ack == "durable", spec.sink.commit_interval_s)
+        journal = journal_app = None
+        if spec.serve.ack == "journal":
+            from connectors.journal import AuditJournal, app_id
+
+            journal_dir = journal_directory(spec)
+            replay_orphans(self.audit, spec.name, journal_dir)  # before this replica answers anything
+            journal = AuditJournal.create(journal_dir, self.run_id)
+            journal_app = app_id(spec.name, self.run_id)
+        self.buffer = _AuditBuffer(self.audit, spec.serve.ack, spec.sink.commit_interval_s, journal, journal_app)
         self.verifier = None
         if spec.serve.auth:
             from crypto.api_keys import ApiKeyVerifier
@@ -518,6 +607,11 @@ class TidegateEndpoint:
 
     async def _stored_answer(self, route: str, offset: int) -> tuple[int, dict] | None:
         def find():
+            journaled = self.buffer.journaled()  # first: a group leaves this list only once committed
+            if journaled is not None:
+                results, dead = self.audit.find_in(*journaled, route, offset)
+                if results.num_rows or dead.num_rows:
+                    return results, dead
             with self.buffer.lock:
                 return self.audit.find(route, offset)
 

@@ -694,10 +694,24 @@ class ServeSpec(_Strict):
     )
     api_keys: str | None = Field(default=None, description="Keyring file holding the API keys; default encryption.keyring.")
     limits: ServeLimitsSpec = Field(default_factory=ServeLimitsSpec)
-    ack: Literal["durable", "buffered"] = Field(
+    ack: Literal["durable", "journal", "buffered"] = Field(
         default="durable",
-        description="durable: answer once the request's audit rows are committed; buffered: answer at once, "
-        "audit rows committed every sink.commit_interval_s (a replica killed meanwhile loses them).",
+        description="durable: answer once the request's audit rows are committed to the tables; journal: once "
+        "they are fsync'd in the replica's journal on its node's disk (serve.journal_dir), committed every "
+        "sink.commit_interval_s, replayed by the next replica started there after a crash; buffered: answer at "
+        "once, rows committed every sink.commit_interval_s (a replica killed meanwhile loses them).",
+    )
+    journal_dir: str | None = Field(
+        default=None,
+        description="ack journal: where replicas keep their journals (a local path; <journal_dir>/<job name>/). "
+        "Default ~/.tidegate/journal. A persistent volume, or one that a replica restarted on another node "
+        "also mounts, keeps the unreplayed window of a lost node.",
+    )
+    engine_process: Literal["separate", "inline"] = Field(
+        default="separate",
+        description="separate: vLLM's engine core runs in a child process of the replica (as in vLLM's own "
+        "server), so HTTP handling and guards do not share a GIL with the engine steps; inline: in the replica's "
+        "process (one process less; what batch engines do).",
     )
     request_timeout_s: float = Field(default=120.0, gt=0, description="Generation time a request may take (504 after).")
     idempotency_cache: int = Field(

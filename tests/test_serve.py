@@ -73,6 +73,12 @@ def endpoint(tmp_path_factory, broker):
                        "results": str(tmp / "pair" / "results"), "dead_letter": str(tmp / "pair" / "dead")},
                        "serve": {"port": port, "num_cpus": 0.1, "route_prefix": "/pair", "min_replicas": 2,
                                  "max_replicas": 2, "limits": {"requests_per_minute": PAIR_RPM}}})  # fmt: skip
+    # serve.ack journal, a 600 s commit interval: while its replica lives, rows are in its journal only.
+    journaled = parse_spec({**spec_dict, "name": "journaled", "sink": {**spec_dict["sink"],
+                            "results": str(tmp / "journaled" / "results"), "dead_letter": str(tmp / "journaled" / "dead"),
+                            "commit_interval_s": 600},
+                            "serve": {"port": port, "num_cpus": 0.1, "route_prefix": "/journaled", "ack": "journal",
+                                      "journal_dir": str(tmp / "journals"), "idempotency_cache": 0}})  # fmt: skip
     metrics_port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="tgray", dir="/tmp"),
              object_store_memory=200 * 2**20, _metrics_export_port=metrics_port)  # fmt: skip
@@ -80,7 +86,8 @@ def endpoint(tmp_path_factory, broker):
         url = deploy(spec, engine_cls=EchoEngine)
         small_url = deploy(small, engine_cls=EchoEngine)
         pair_url = deploy(pair, engine_cls=EchoEngine)
-        yield {"url": url, "small_url": small_url, "pair_url": pair_url, "pair_spec": pair, "small_spec": small, "small_timeouts": [0], "keys": keys, "spec": spec, "keyring": keyring_path, "topic": topic,
+        journaled_url = deploy(journaled, engine_cls=EchoEngine)
+        yield {"url": url, "journaled_url": journaled_url, "journaled_spec": journaled, "small_url": small_url, "pair_url": pair_url, "pair_spec": pair, "small_spec": small, "small_timeouts": [0], "keys": keys, "spec": spec, "keyring": keyring_path, "topic": topic,
                "metrics_port": metrics_port}
     finally:
         serve.shutdown()
@@ -370,6 +377,62 @@ def test_serve_status_and_stop_from_the_cli(endpoint):
         with pytest.raises(ValueError):
             ray.get_actor(app_actor_name(kind, "pair"), namespace=SERVE_NAMESPACE)
     assert _post(endpoint, "/v1/jobs/support/invoke", _event("still here")).status_code == 200
+
+
+def test_journal_ack_answers_from_the_journal_and_a_killed_replicas_rows_are_replayed(endpoint):
+    """serve.ack journal: an answer waits for its rows' fsync in the replica's journal, not for a
+    Delta commit (the interval here is 600 s, so none happens while the replica lives). An
+    Idempotency-Key retry finds the first answer there; a replica killed with SIGKILL mid-load
+    leaves its journal, which the next replica commits before it answers; the last replica's
+    shutdown commits its own."""
+    import psutil
+
+    spec = endpoint["journaled_spec"]
+    url = endpoint["journaled_url"]
+    journals = os.path.join(spec.serve.journal_dir, "journaled")
+    ev, key = _event("journaled question"), {"Idempotency-Key": uuid.uuid4().hex}
+    first = _post(endpoint, "/v1/jobs/journaled/invoke", ev, headers=key, url=url)
+    again = _post(endpoint, "/v1/jobs/journaled/invoke", {**ev, "question": "changed"}, headers=key, url=url)
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert again.json()["output"] == first.json()["output"] == "Answer for dana: journaled question"
+    assert table_rows(spec.sink.results) == 0  # in the journal only
+    assert len(os.listdir(journals)) == 1
+
+    pid = httpx.get(url + "/readyz").json()["pid"]
+
+    def call(i):
+        e = _event(f"journaled load {i}")
+        try:
+            r = _post(endpoint, "/v1/jobs/journaled/invoke", e, tenant="globex", url=url)
+        except httpx.HTTPError:
+            return e["id"], 0
+        return e["id"], r.status_code
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(call, i) for i in range(400)]
+        time.sleep(1.0)
+        psutil.Process(pid).kill()  # the replica this test module started (by PID)
+        done_at_kill = sum(f.done() for f in futures)
+        outcomes = [f.result() for f in futures]
+    assert 0 < done_at_kill < len(futures), done_at_kill
+    answered = [rid for rid, code in outcomes if code == 200] + [ev["id"]]
+    assert httpx.get(url + "/readyz", timeout=30).json()["pid"] != pid  # a new replica answers
+    # The new replica replayed the dead one's journal before it answered: every request answered
+    # before the kill is in the tables now, once, and that journal is gone (the new one's is there).
+    stored = _rows(spec.sink.results, pl.col("id").is_in(answered))
+    before_kill = {rid for rid, code in outcomes[:done_at_kill] if code == 200} | {ev["id"]}
+    assert before_kill <= {r["id"] for r in stored}, f"{len(before_kill - {r['id'] for r in stored})} lost"
+    assert len(stored) == len({r["id"] for r in stored})
+    assert len(os.listdir(journals)) == 1
+    # The last replica's shutdown commits what its journal holds and removes it: then every answer
+    # has its row, exactly once.
+    from ray import serve
+
+    serve.delete("journaled")
+    stored = _rows(spec.sink.results, pl.col("id").is_in(answered))
+    assert sorted(r["id"] for r in stored) == sorted(set(answered))
+    assert os.listdir(journals) == []
 
 
 def test_kill_9_of_a_replica_loses_no_acknowledged_audit_row(endpoint):

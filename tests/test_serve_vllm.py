@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from connectors.broker import free_port
-from tests.conftest import REPO, kill_all, make_spec, write_spec
+from tests.conftest import REPO, kill_all, living, make_spec, wait_for, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -74,8 +74,19 @@ def test_tidegate_serve_with_the_real_engine(tmp_path, tiny_model, broker):
                             where=pl.col("id") == chat.id).to_pylist()  # fmt: skip
         assert len(rows) == 1 and rows[0]["tenant"] == "acme" and rows[0]["source_topic"] == "serve:chat/completions"
         assert rows[0]["model_revision"] and rows[0]["completion_tokens"] == chat.usage.completion_tokens
+        # serve.engine_process separate (the default): vLLM's engine core runs in a child of the
+        # replica, and goes with it when the application stops.
+        names = {}
+        for p in started.children(recursive=True):
+            try:
+                names[p.pid] = " ".join(p.cmdline())
+            except psutil.Error:
+                pass
+        engine = [pid for pid, cmd in names.items() if cmd.startswith("VLLM::")]  # EngineCore, its Worker
+        assert any(names[pid].startswith("VLLM::EngineCore") for pid in engine), sorted(names.values())
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0, log_path.read_text()[-4000:]
+        wait_for(lambda: not living(engine), 30, what="the engine core's processes to end")
     finally:
         leftovers = started.children(recursive=True) if proc.poll() is None else []
         if proc.poll() is None:

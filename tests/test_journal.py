@@ -1,0 +1,187 @@
+"""serve.ack journal: the audit journal file (connectors/journal.py) and its replay into real Delta
+tables on disk (connectors/audit.py), exactly once whatever point a replica died at."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import secrets
+import uuid
+
+import pyarrow as pa
+import pytest
+
+from connectors.journal import AuditJournal, app_id, orphans, read_records
+from tests.conftest import make_spec
+
+
+QUESTION_CANARY = "kz-canary-5521"  # in every question: never in the journal in clear
+
+
+def _table(n: int, tag: str) -> pa.Table:
+    return pa.table({"id": [f"{tag}-{i}" for i in range(n)], "value": pa.array(range(n), pa.int64())})
+
+
+def test_records_round_trip_and_a_torn_tail_is_left_out(tmp_path):
+    j = AuditJournal.create(tmp_path, "r1")
+    j.append(1, _table(3, "a"), _table(0, "x"))
+    j.append(2, _table(1, "b"), _table(2, "d"))
+    size = j.path.stat().st_size
+    j.append(3, _table(5, "c"), _table(1, "e"))
+    recs = read_records(j.path)
+    assert [r.seq for r in recs] == [1, 2, 3]
+    assert recs[1].results.column("id").to_pylist() == ["b-0"] and recs[1].dead.num_rows == 2
+    full = j.path.read_bytes()
+    # A crash inside the third write: its request was never answered, the first two stand.
+    for cut in (size + 10, len(full) - 1):
+        j.path.write_bytes(full[:cut])
+        assert [r.seq for r in read_records(j.path)] == [1, 2]
+    # A flipped bit in the last record's body (a write that reached the disk only in part).
+    bad = bytearray(full)
+    bad[-5] ^= 0xFF
+    j.path.write_bytes(bytes(bad))
+    assert [r.seq for r in read_records(j.path)] == [1, 2]
+    j.truncate()
+    assert read_records(j.path) == []
+    j.close()
+
+
+def test_a_failed_write_leaves_no_torn_record_before_the_next_ones(tmp_path, monkeypatch):
+    """A full disk in the middle of a record: the part written is cut off, so the records that
+    follow (answered requests) are still read back."""
+    import errno
+
+    import connectors.journal as journal_module
+
+    j = AuditJournal.create(tmp_path, "r1")
+    j.append(1, _table(2, "a"), _table(0, "x"))
+    real_write = os.write
+
+    def half_then_full(fd, data):
+        real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(journal_module.os, "write", half_then_full)
+    with pytest.raises(OSError):
+        j.append(2, _table(3, "b"), _table(1, "y"))
+    monkeypatch.setattr(journal_module.os, "write", real_write)
+    j.append(3, _table(1, "c"), _table(0, "z"))
+    assert [r.seq for r in read_records(j.path)] == [1, 3]
+    j.close(remove=True)
+
+
+def test_orphans_are_the_journals_nobody_holds(tmp_path):
+    live = AuditJournal.create(tmp_path, "alive")
+    dead = AuditJournal.create(tmp_path, "dead")
+    dead.append(1, _table(1, "a"), _table(0, "x"))
+    os.close(dead.fd)  # its process is gone: the lock with it, the file stays
+    found = list(orphans(tmp_path))
+    assert [o.name for o in found] == ["dead"]
+    assert list(orphans(tmp_path)) == []  # held by us while we replay it
+    found[0].close(remove=True)
+    assert not (tmp_path / "dead.journal").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["alive.journal"]
+    assert oct(live.path.stat().st_mode & 0o777) == "0o600"
+    live.close(remove=True)
+    assert list(orphans(tmp_path / "missing")) == []
+
+
+@pytest.fixture
+def audit_env(tmp_path, monkeypatch):
+    """A job with field encryption, its AuditLog on real Delta tables and its online guards."""
+    from compute.lineage import lineage_columns
+    from compute.online import OnlineGuards
+    from connectors.audit import AuditLog
+    from crypto.keyring import Keyring, LocalMasterKeyProvider
+    from crypto.stage import EncryptionStage
+    from schemas.spec import parse_spec
+    from tests.serve_engines import EchoEngine
+
+    monkeypatch.setenv("TIDEGATE_MASTER_KEY", base64.b64encode(secrets.token_bytes(32)).decode())
+    kr = Keyring.init(tmp_path / "keyring.json", LocalMasterKeyProvider())
+    kr.create_tenant("acme")
+    spec = parse_spec(make_spec(tmp_path, None, "t", tmp_path / "no-model", **{
+        "source": {"kafka": {"topic": "t", "bootstrap_servers": ["127.0.0.1:9"]}},
+        "encryption": {"keyring": str(tmp_path / "keyring.json"), "tenant": "acme", "output_fields": ["output_text"],
+                       "dead_letter_raw": True},
+        "validation": [{"rule": "deny_list", "phrases": ["forbidden"], "on_fail": "reject"}],
+        "serve": {"ack": "journal", "journal_dir": str(tmp_path / "journals")},
+    }))  # fmt: skip
+    run_id = f"serve-{uuid.uuid4().hex[:12]}"
+
+    def new_audit():
+        enc = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
+        audit = AuditLog(spec, enc, run_id)
+        audit.open()
+        return audit, enc
+
+    audit, enc = new_audit()
+    engine = EchoEngine(spec.model, spec.sampling)
+    guards = OnlineGuards(spec, run_id, engine, lineage_columns(spec, engine.model_revision()), enc)
+
+    def group(*questions: str) -> tuple[pa.Table, pa.Table]:
+        """Plain rows of one group of invoke requests (a forbidden one is a dead letter)."""
+        results, dead = [], []
+        for q in questions:
+            body = json.dumps({"id": q.split()[0], "user": "dana", "question": f"{q} {QUESTION_CANARY}"}).encode()
+            src = guards.event_source(body, "invoke", int.from_bytes(q.encode()[:7], "big"))
+            out = asyncio.run(guards.run(src))
+            results.append(out.results)
+            dead.append(out.dead)
+        return pa.concat_tables(results), pa.concat_tables(dead)
+
+    return {"spec": spec, "audit": audit, "new_audit": new_audit, "group": group, "keyring": tmp_path / "keyring.json"}
+
+
+def _ids(uri: str, keyring) -> list[str]:
+    from crypto.reader import read_results
+
+    return sorted(read_results(uri, keyring=str(keyring), backend="arrow").column("id").to_pylist())
+
+
+def test_replay_appends_each_group_once_whatever_point_the_replica_died_at(audit_env, tmp_path):
+    env = audit_env
+    spec, audit = env["spec"], env["audit"]
+    journal = AuditJournal.create(tmp_path / "journals", "replica-a")
+    app = app_id(spec.name, "replica-a")
+    groups = [env["group"]("q1", "q2"), env["group"]("q3 forbidden", "q4"), env["group"]("q5", "q6 forbidden")]
+    for seq, (results, dead) in enumerate(groups, start=1):
+        stored = audit.protect(results, dead)
+        journal.append(seq, *stored)
+    records = read_records(journal.path)
+    # The journal holds stored rows: the output (it echoes the question) and a dead letter's raw
+    # event are encrypted there as in the tables; the id, a field the spec does not protect, is not.
+    data = journal.path.read_bytes()
+    assert b"q1" in data and QUESTION_CANARY.encode() not in data and b"Answer for" not in data
+    assert records[0].results.schema.field("output_text").type == pa.binary()
+    # The replica committed the first two groups, then died before it truncated its journal.
+    audit.replay(records[:2], app)
+    assert _ids(spec.sink.results, env["keyring"]) == ["q1", "q2", "q4"]
+    # ... and a replica died between the dead-letter commit and the results commit of group 3:
+    audit.sink.append_unpositioned(records[2].results.slice(0, 0), records[2].dead, txn=(app, 3))
+    os.close(journal.fd)
+    # The next replica replays the orphan: only what each table lacks.
+    fresh, _ = env["new_audit"]()
+    from jobs.serve import replay_orphans
+
+    assert replay_orphans(fresh, spec.name, str(tmp_path / "journals")) == 1  # q5's result row
+    assert _ids(spec.sink.results, env["keyring"]) == ["q1", "q2", "q4", "q5"]
+    assert _ids(spec.sink.dead_letter, env["keyring"]) == ["q3", "q6"]
+    assert not journal.path.exists()
+    # Replaying the same records again (a second replayer that opened the file before its removal).
+    assert fresh.replay(records, app) == 0
+    assert _ids(spec.sink.results, env["keyring"]) == ["q1", "q2", "q4", "q5"]
+
+
+def test_pending_rows_are_found_for_an_idempotency_key(audit_env):
+    env = audit_env
+    audit = env["audit"]
+    results, dead = env["group"]("q7", "q8 forbidden")
+    stored_r, stored_d = audit.protect(results, dead)
+    offset = results.column("source_offset")[0].as_py()
+    r, d = audit.find_in(stored_r, stored_d, "invoke", offset)
+    assert r.column("id").to_pylist() == ["q7"]  # decrypted and r.column("output_text")[0].as_py().startswith("Answer for dana")
+    assert d.num_rows == 0
+    assert audit.find_in(stored_r, stored_d, "chat/completions", offset)[0].num_rows == 0
