@@ -74,14 +74,18 @@ class AuditJournal:
     @classmethod
     def create(cls, directory: str | os.PathLike, name: str) -> AuditJournal:
         d = Path(directory)
+        path = d / f"{name}{SUFFIX}"
+        # Locked under a name orphans() does not look at, then renamed: a replica replaying
+        # orphans never finds this journal unlocked (and removes it) between creation and lock.
+        new = d / f"{name}{SUFFIX}.new"
         try:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-            path = d / f"{name}{SUFFIX}"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(new, path)
+            _fsync_dir(d)
         except OSError as e:
             raise SinkError(f"serve.journal_dir {str(d)!r}: cannot create the journal ({e.strerror})") from None
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours: a new name, nobody else holds it
-        _fsync_dir(d)
         return cls(path, fd)
 
     def append(self, seq: int, results: pa.Table, dead: pa.Table) -> None:

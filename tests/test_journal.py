@@ -88,6 +88,32 @@ def test_orphans_are_the_journals_nobody_holds(tmp_path):
     assert list(orphans(tmp_path / "missing")) == []
 
 
+def test_a_journal_is_never_an_orphan_between_its_creation_and_its_lock(tmp_path, monkeypatch):
+    """A replica replaying orphans while another creates its journal: the new journal is locked
+    before it has the name orphans() looks for, so it is not taken (and removed) as an orphan."""
+    import fcntl as real_fcntl
+
+    import connectors.journal as journal_module
+
+    seen = []
+    real_flock = real_fcntl.flock
+
+    def flock_after_a_replay(fd, op):  # another replica replays orphans just before our lock
+        monkeypatch.setattr(journal_module.fcntl, "flock", real_flock)  # once
+        for o in orphans(tmp_path):
+            seen.append(o.name)
+            o.close(remove=True)  # what a replay does with an orphan
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(journal_module.fcntl, "flock", flock_after_a_replay)
+    j = AuditJournal.create(tmp_path, "fresh")
+    assert seen == [] and j.path.exists()
+    assert list(orphans(tmp_path)) == []  # held
+    j.append(1, _table(1, "a"), _table(0, "x"))
+    assert [r.seq for r in read_records(j.path)] == [1]
+    j.close(remove=True)
+
+
 @pytest.fixture
 def audit_env(tmp_path, monkeypatch):
     """A job with field encryption, its AuditLog on real Delta tables and its online guards."""
