@@ -5,9 +5,8 @@ request number: compute/online.py).
     AuditLog(spec, encryption)
       open()                           create or check the tables; bind the encryption to them
       write(results, dead)             plain rows -> encrypted like a batch commit -> one append per table
-      protect(results, dead)           plain rows -> the rows as stored (write = protect + append)
-      append(results, dead, txn)       stored rows -> one append per table, with a journal's transaction
-      replay(records, app_id)          a dead replica's journal (connectors/journal.py): the groups each
+      protect(results, dead)           plain rows -> the rows as stored (write = protect, then append)
+      replay(records, journal_name)    a replica's journal (connectors/journal.py): the groups each
                                        table has not recorded yet
       find(route, offset)              -> (results, dead) already stored for that request, decrypted
       find_in(results, dead, route, offset)  the same, among stored rows not committed yet
@@ -23,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.delta import DeltaSink
+from connectors.journal import app_id
 from crypto.reader import decrypt_table
 from crypto.stage import EncryptionStage
 from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA, with_columns_of
@@ -32,6 +32,7 @@ from schemas.spec import JobSpec
 class AuditLog:
     def __init__(self, spec: JobSpec, encryption: EncryptionStage, run_id: str):
         self.encryption = encryption
+        self.job = spec.name
         self.run_id = run_id
         self.stored_results = encryption.stored_results_schema(RESULTS_SCHEMA)
         self.stored_dead = encryption.stored_dead_schema(DEAD_LETTER_SCHEMA)
@@ -43,7 +44,7 @@ class AuditLog:
         self.encryption.bind(*self.sink.bindings())
 
     def write(self, results: pa.Table, dead: pa.Table) -> None:
-        self.append(*self.protect(results, dead))
+        self.sink.append_unpositioned(*self.protect(results, dead))
 
     def protect(self, results: pa.Table, dead: pa.Table) -> tuple[pa.Table, pa.Table]:
         """Plain rows as they are stored: a tenant whose key was revoked meanwhile gets a dead
@@ -58,26 +59,22 @@ class AuditLog:
         enc.record_usage()
         return out
 
-    def append(self, results: pa.Table, dead: pa.Table, txn: tuple[str, int] | None = None) -> None:
-        """Stored rows, one append per table that has rows; `txn` (a journal's app id, its last
-        group's seq) is recorded in each of those commits."""
-        self.sink.append_unpositioned(results, dead, txn=txn)
-
-    def replay(self, records: list, app_id: str) -> int:
+    def replay(self, records: list, journal_name: str) -> int:
         """Append the groups of a journal (connectors/journal.py JournalRecord, in seq order) that a
-        table has not recorded yet: each table's transaction `app_id` says up to which seq it
+        table has not recorded yet: each table's transaction for the journal says up to which seq it
         holds them (a table without a group's rows needs no record of it). Also the live commit
         of a replica's own pending groups: a commit that failed half-way is finished, not
         repeated. Returns the number of rows appended."""
         if not records:
             return 0
         last = records[-1].seq
-        have_results, have_dead = self.sink.audit_versions(app_id)
+        app = app_id(self.job, journal_name)
+        have_results, have_dead = self.sink.audit_versions(app)
         results = [r.results for r in records if r.seq > (have_results or 0)]
         dead = [r.dead for r in records if r.seq > (have_dead or 0)]
         r = pa.concat_tables(results) if results else self.stored_results.empty_table()
         d = pa.concat_tables(dead) if dead else self.stored_dead.empty_table()
-        self.sink.append_unpositioned(r, d, txn=(app_id, last))
+        self.sink.append_unpositioned(r, d, txn=(app, last))
         return r.num_rows + d.num_rows
 
     def find(self, route: str, offset: int) -> tuple[pa.Table, pa.Table]:

@@ -75,10 +75,10 @@ class _AuditBuffer:
     journaled groups committed every sink.commit_interval_s; buffered: an append every
     sink.commit_interval_s, nobody waits."""
 
-    def __init__(self, audit, ack: str, interval_s: float, journal=None, journal_app: str | None = None):
+    def __init__(self, audit, ack: str, interval_s: float, journal=None):
         self.audit = audit
         self.durable = ack in ("durable", "journal")  # the request waits for its group's write
-        self.journal, self.journal_app = journal, journal_app
+        self.journal = journal
         self.interval_s = interval_s
         self.lock = threading.Lock()  # the audit's Delta handles are used by one thread at a time
         self.journal_lock = threading.Lock()  # the journal file and the list of its uncommitted groups
@@ -110,7 +110,7 @@ class _AuditBuffer:
         if not records:
             return 0
         with self.lock:
-            n = self.audit.replay(records, self.journal_app)
+            n = self.audit.replay(records, self.journal.name)
         with self.journal_lock:
             last = records[-1].seq
             self._journaled = [r for r in self._journaled if r.seq > last]
@@ -278,15 +278,15 @@ def journal_directory(spec: JobSpec) -> str:
     return os.path.join(base, spec.name)
 
 
-def replay_orphans(audit, job: str, directory: str) -> int:
+def replay_orphans(audit, directory: str) -> int:
     """Commit what the journals of dead replicas in `directory` hold and the tables do not
     (connectors/journal.py), then remove them. Returns the rows appended."""
-    from connectors.journal import app_id, orphans, read_records
+    from connectors.journal import orphans, read_records
 
     total = 0
     for journal in orphans(directory):
         records = read_records(journal.path)
-        n = audit.replay(records, app_id(job, journal.name))
+        n = audit.replay(records, journal.name)
         log.info("audit journal of replica %s: %d group(s), %d row(s) were not in the tables and are now",
                  journal.name, len(records), n)  # fmt: skip
         journal.close(remove=True)
@@ -327,15 +327,14 @@ class TidegateEndpoint:
             rule.embed = embedders[rule.spec.model]
         self.audit = AuditLog(spec, self.encryption, self.run_id)
         self.audit.open()
-        journal = journal_app = None
+        journal = None
         if spec.serve.ack == "journal":
-            from connectors.journal import AuditJournal, app_id
+            from connectors.journal import AuditJournal
 
             journal_dir = journal_directory(spec)
-            replay_orphans(self.audit, spec.name, journal_dir)  # before this replica answers anything
+            replay_orphans(self.audit, journal_dir)  # before this replica answers anything
             journal = AuditJournal.create(journal_dir, self.run_id)
-            journal_app = app_id(spec.name, self.run_id)
-        self.buffer = _AuditBuffer(self.audit, spec.serve.ack, spec.sink.commit_interval_s, journal, journal_app)
+        self.buffer = _AuditBuffer(self.audit, spec.serve.ack, spec.sink.commit_interval_s, journal)
         self.verifier = None
         if spec.serve.auth:
             from crypto.api_keys import ApiKeyVerifier

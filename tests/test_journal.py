@@ -183,7 +183,7 @@ def test_replay_appends_each_group_once_whatever_point_the_replica_died_at(audit
     assert b"q1" in data and QUESTION_CANARY.encode() not in data and b"Answer for" not in data
     assert records[0].results.schema.field("output_text").type == pa.binary()
     # The replica committed the first two groups, then died before it truncated its journal.
-    audit.replay(records[:2], app)
+    audit.replay(records[:2], "replica-a")
     assert _ids(spec.sink.results, env["keyring"]) == ["q1", "q2", "q4"]
     # ... and a replica died between the dead-letter commit and the results commit of group 3:
     audit.sink.append_unpositioned(records[2].results.slice(0, 0), records[2].dead, txn=(app, 3))
@@ -192,12 +192,12 @@ def test_replay_appends_each_group_once_whatever_point_the_replica_died_at(audit
     fresh, _ = env["new_audit"]()
     from jobs.serve import replay_orphans
 
-    assert replay_orphans(fresh, spec.name, str(tmp_path / "journals")) == 1  # q5's result row
+    assert replay_orphans(fresh, str(tmp_path / "journals")) == 1  # q5's result row
     assert _ids(spec.sink.results, env["keyring"]) == ["q1", "q2", "q4", "q5"]
     assert _ids(spec.sink.dead_letter, env["keyring"]) == ["q3", "q6"]
     assert not journal.path.exists()
     # Replaying the same records again (a second replayer that opened the file before its removal).
-    assert fresh.replay(records, app) == 0
+    assert fresh.replay(records, "replica-a") == 0
     assert _ids(spec.sink.results, env["keyring"]) == ["q1", "q2", "q4", "q5"]
 
 
