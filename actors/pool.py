@@ -1,4 +1,5 @@
-"""A pool of engine actors on Ray, each with `pool.batches_in_flight` batches inside its engine.
+"""A pool of engine actors on Ray, each with `pool.batches_in_flight` batches inside its engine
+(up to `pool.max_batches_in_flight` while long outputs keep the earlier ones inside).
 
     submit(requests, rows, tag)   requests: a REQUEST_SCHEMA table or an object ref to one
     collect(timeout_s)            -> [(tag, Completions)]: per batch, an object ref to its
@@ -8,7 +9,10 @@ Each actor is async (compute.engine.EngineWorker.run_batch): every batch it hold
 engine at once, and the engine batches continuously across them. The completions stay in the
 object store (fetched to the driver's node, not into the driver process) for the stage workers.
 Submission is bounded: `has_capacity()` is False when every actor holds its share, which is how
-backpressure reaches the source.
+backpressure reaches the source. An actor's share is batches_in_flight, plus one each time its
+engine says it has room (EngineWorker.room: its unfinished rows fit the running set while it
+still holds that many batches, i.e. their last rows are long outputs), up to
+max_batches_in_flight; each batch that finishes takes one such extra place back.
 
 Failures: a dead engine is restarted and its batches re-run; a batch that fails twice, or runs
 past pool.batch_timeout_s (a hang: the call is cancelled, which aborts its rows in the engine, and
@@ -59,6 +63,8 @@ class _Slot:
     probe: tuple[Any, float] | None = None  # (ping ref, sent at): is a suspected engine still answering?
     pg: Any = None  # its placement group (tensor parallel engines)
     run_batch: Any = None  # the actor's run_batch with num_returns=2
+    extra: int = 0  # batches beyond batches_in_flight its engine had room for
+    room: Any = None  # the room() call waiting on its engine, if any
 
 
 @dataclass
@@ -114,6 +120,8 @@ class EnginePool:
         self._backlog_since: float | None = None
         self._told_full = False
         self._usage_refs: list | None = None
+        self._rooms: dict[ray.ObjectRef, _Slot] = {}  # room() calls waiting -> their slot
+        self._room = hasattr(engine_cls, "room") and spec.pool.batches_cap > spec.pool.batches_in_flight
         self.on_hashing: Callable[[int, int], None] | None = None  # (bytes hashed, total): the model's hash
 
     def _hash_model(self, actor, timeout_s: float) -> str:
@@ -159,8 +167,9 @@ class EnginePool:
             # comes from the commit protocol.
             max_restarts=-1,
             max_task_retries=1,
-            # Async actor: every batch it holds is inside the engine at once (continuous batching).
-            max_concurrency=max(4, 2 * pool.batches_in_flight),
+            # Async actor: every batch it holds is inside the engine at once (continuous batching),
+            # beside a room() call, usage and ping.
+            max_concurrency=max(4, pool.batches_cap + 4),
         )
         if pool.tensor_parallel_size > 1:
             # The engine actor holds no GPU itself: vLLM's Ray executor starts one worker per GPU
@@ -247,6 +256,7 @@ class EnginePool:
             for slot in reversed(self.slots[1:]):  # slot 0 runs quarantined parts: keep it
                 if not slot.in_flight and now - slot.idle_since >= pool.scale_down_after_s:
                     self.slots.remove(slot)
+                    self._forget_rooms([slot])
                     self._kill(slot)
                     log.info("engine pool: idle for %.0fs, down to %d engine(s)", pool.scale_down_after_s, len(self.slots))
                     break
@@ -323,9 +333,12 @@ class EnginePool:
                 f"GPU={n * pool.num_gpus:g} in all; the cluster has CPU={total_cpu:g}, GPU={total_gpu:g}"
             )
 
+    def _limit(self, slot: _Slot) -> int:
+        return self.spec.pool.batches_in_flight + slot.extra
+
     @property
     def capacity(self) -> int:
-        return len(self.slots) * self.spec.pool.batches_in_flight
+        return sum(self._limit(s) for s in self.slots)
 
     @property
     def in_flight(self) -> int:
@@ -338,13 +351,45 @@ class EnginePool:
 
     def waitable(self) -> list:
         """The calls running now (for a wait shared with other stages)."""
-        return list(self._pending)
+        return [*self._pending, *self._rooms]
 
     def submit(self, requests: Any, rows: int, tag: Any) -> None:
         """requests: a REQUEST_SCHEMA table or an object ref to one (rows: its row count)."""
         batch = _Batch(tag, requests, open_parts=1)
-        slot = min(self.slots, key=lambda s: s.in_flight)
+        slot = min(self.slots, key=lambda s: s.in_flight - self._limit(s))
         self._call(slot, _Part(batch, 0, requests, rows))
+        self._ask_room(slot)
+
+    def _ask_room(self, slot: _Slot) -> None:
+        """A slot at its limit, below max_batches_in_flight, asks its engine to say when it has room."""
+        if (not self._room or slot.room is not None or self._suspects or slot.probe is not None
+                or slot.in_flight < self._limit(slot) or self._limit(slot) >= self.spec.pool.batches_cap):  # fmt: skip
+            return
+        slot.room = slot.actor.room.remote(slot.in_flight)
+        self._rooms[slot.room] = slot
+
+    def _roomed(self, ready) -> None:
+        """Room the engines reported: a slot still at its limit gets one more place."""
+        for ref in [r for r in self._rooms if r in ready]:
+            slot = self._rooms.pop(ref)
+            slot.room = None
+            try:
+                ray.get(ref)
+            except Exception:  # the engine restarted or the call was cancelled: no room then
+                continue
+            if slot in self.slots and slot.in_flight >= self._limit(slot) and self._limit(slot) < self.spec.pool.batches_cap:
+                slot.extra += 1
+
+    def _forget_rooms(self, slots: list[_Slot]) -> None:
+        for slot in slots:
+            if slot.room is not None:
+                self._rooms.pop(slot.room, None)
+                try:
+                    ray.cancel(slot.room)
+                except Exception:
+                    pass
+                slot.room = None
+            slot.extra = 0
 
     def _call(self, slot: _Slot, part: _Part, retries: int | None = None) -> None:
         if retries is not None:
@@ -357,6 +402,7 @@ class EnginePool:
 
     def _done(self, call: _Call) -> None:
         call.slot.in_flight -= 1
+        call.slot.extra = max(0, call.slot.extra - 1)  # a finished batch gives an extra place back
         if not call.slot.in_flight:
             call.slot.idle_since = time.monotonic()
 
@@ -370,6 +416,8 @@ class EnginePool:
         `engine_crash` error row.
         """
         self._check_stuck()
+        if self._suspects and self._rooms:
+            self._forget_rooms(self.slots)
         if not self._pending and self._suspects and self.slots[0].probe is None:
             self._run_alone(self._suspects.popleft())
         if not self._pending:
@@ -391,6 +439,13 @@ class EnginePool:
                 self._failed(call.part, e)
                 continue
             self._resolve(call.part, counts, ref)
+        if self._room:  # after the completions: a batch that finished meanwhile took its place back
+            if self._rooms:
+                if ready is None:
+                    ready = set(ray.wait(list(self._rooms), num_returns=len(self._rooms), timeout=0)[0])
+                self._roomed(ready)
+            for slot in self.slots:
+                self._ask_room(slot)
         self._check_hangs()
         finished, self._finished = self._finished, []
         return finished
@@ -487,6 +542,7 @@ class EnginePool:
                 pass
         self._pending.clear()
         self._suspects.clear()
+        self._forget_rooms(self.slots)
 
     def poll_usage(self) -> list[dict[str, float]] | None:
         """Non-blocking: the engines' usage once their answers to the last request are in (then a
@@ -520,6 +576,7 @@ class EnginePool:
         self.slots = []
         self._pending.clear()
         self._suspects.clear()
+        self._rooms.clear()
 
 
 def _table(requests: Any) -> pa.Table:

@@ -128,7 +128,8 @@ def run_raw(model: Path, events: list[dict], workdir: Path, sampling: dict) -> d
 
 
 def write_spec(workdir: Path, name: str, bootstrap: str, topic: str, model: Path, batch_size: int, sampling: dict,
-               commit_interval_s: float = 1.0, batches_in_flight: int | None = None) -> Path:
+               commit_interval_s: float = 1.0, batches_in_flight: int | None = None,
+               max_batches_in_flight: int | None = None) -> Path:
     spec = {
         "name": name,
         "source": {"kafka": {"bootstrap_servers": bootstrap, "topic": topic, "group_id": f"bench-{name}"}},
@@ -136,7 +137,8 @@ def write_spec(workdir: Path, name: str, bootstrap: str, topic: str, model: Path
         "model": {"path": str(model), "dtype": "float32"},
         "sampling": sampling,
         "pool": {"actors": 1, "batch_size": batch_size, "num_cpus": 1,
-                 **({"batches_in_flight": batches_in_flight} if batches_in_flight else {})},
+                 **({"batches_in_flight": batches_in_flight} if batches_in_flight else {}),
+                 **({"max_batches_in_flight": max_batches_in_flight} if max_batches_in_flight else {})},
         "sink": {"results": str(workdir / name / "results"), "dead_letter": str(workdir / name / "dead_letter"),
                  "commit_interval_s": commit_interval_s},
     }
@@ -164,11 +166,12 @@ def committed_files(uri: str) -> list[tuple[float, "pq.Table"]]:
 
 
 def run_pipeline(model: Path, events: list[dict], workdir: Path, bootstrap: str, batch_size: int, sampling: dict,
-                 name: str, batches_in_flight: int | None = None) -> dict:  # fmt: skip
+                 name: str, batches_in_flight: int | None = None, max_batches_in_flight: int | None = None) -> dict:  # fmt: skip
     topic = f"bench-{name}"
     create_topic(bootstrap, topic, 4)
     produce(bootstrap, topic, ((e["id"].encode(), json.dumps(e).encode()) for e in events))
-    spec = write_spec(workdir, name, bootstrap, topic, model, batch_size, sampling, batches_in_flight=batches_in_flight)
+    spec = write_spec(workdir, name, bootstrap, topic, model, batch_size, sampling, batches_in_flight=batches_in_flight,
+                      max_batches_in_flight=max_batches_in_flight)
     t0 = time.monotonic()
     proc = start_job(spec, workdir, until_drained=True)
     cpu = {}
@@ -196,6 +199,7 @@ def run_pipeline(model: Path, events: list[dict], workdir: Path, bootstrap: str,
         "engine_busy": field("engine busy"),
         "engine_idle": field("engine idle"),
         "engine_running_set": field("engine running set"),
+        "engine_batches_at_once": field("engine batches at once"),
         "prefix_cache_hits": field("prefix cache hits"),
         "first_commit_after": field("first commit after"),
         "cpu_seconds_by_process": (cpu_s := summarize_cpu(cpu)),
@@ -348,7 +352,8 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=None, help="override each workload's event count")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--batches-in-flight", default="",
-                    help="pool.batches_in_flight values, comma-separated: one pipeline run each (default: the spec's)")
+                    help="pool.batches_in_flight values, comma-separated, each optionally B:M with "
+                    "M the pool.max_batches_in_flight: one pipeline run each (default: the spec's)")
     ap.add_argument("--raydata", action="store_true", help="also run Ray Data LLM on the varied workload")
     ap.add_argument("--rate", type=float, default=50.0)
     ap.add_argument("--latency-seconds", type=float, default=60.0)
@@ -380,15 +385,19 @@ def main() -> None:
             raw_rps = raw["rows"] / raw["seconds"]
             print(f"[{workload}] raw LLM.generate: {raw['rows']} rows in {raw['seconds']:.1f}s = {raw_rps:.1f} rows/s, "
                   f"output tokens {raw['output_tokens']}")  # fmt: skip
-            for k, bif in enumerate([int(x) for x in args.batches_in_flight.split(",") if x] or [None]):
+            for k, pool in enumerate([x for x in args.batches_in_flight.split(",") if x] or [None]):
+                bif, _, cap = (pool or "").partition(":")
+                bif, cap = int(bif) if bif else None, int(cap) if cap else None
                 pipe = run_pipeline(args.model, events, workdir, broker.bootstrap_servers, args.batch_size, sampling,
-                                    f"throughput-{workload}-{k}-{bif or 'default'}", batches_in_flight=bif)  # fmt: skip
+                                    f"throughput-{workload}-{k}-{bif or 'default'}-{cap or 'default'}",
+                                    batches_in_flight=bif, max_batches_in_flight=cap)  # fmt: skip
                 ratio = pipe["steady_rows_per_s"] / raw_rps
                 if k == 0:  # the first value's, under the keys earlier results used
                     r["pipeline"], r["ratio_steady"] = pipe, ratio
                 r.setdefault("pipeline_runs", []).append({"batches_in_flight": bif or "default", "pipeline": pipe,
+                                                          "max_batches_in_flight": cap or "default",
                                                           "ratio_steady": ratio})  # fmt: skip
-                label = f" batches_in_flight {bif}" if bif else ""
+                label = (f" batches_in_flight {bif}" if bif else "") + (f" max_batches_in_flight {cap}" if cap else "")
                 print(f"[{workload}] pipeline{label}: {pipe}")
                 print(f"[{workload}] pipeline{label}/raw (steady): {ratio:.3f}")
                 save()

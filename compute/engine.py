@@ -5,6 +5,8 @@
     complete(requests)           the same, awaited (the Ray actor's method: several batches at once)
     generate(requests)           the same, blocking (a process without Ray, tests)
     abort(key)                   stop a batch's rows (a call that ran past pool.batch_timeout_s)
+    room(batches)                returns once the engine holds >= `batches` batches but no more unfinished
+                                 rows than its running set (max_num_seqs): time to send one more
     usage()                      busy and idle time, running-set occupancy, prefix-cache hits
 
 A batch's rows join the engine's running set between two decode steps and leave it one by one as
@@ -204,6 +206,7 @@ class EngineWorker:
         self.idle_s = 0.0  # time with nothing in the engine, after the first submission
         self.occupancy_s = 0.0  # sum over steps of (running rows / max_num_seqs) * step time
         self.batches = 0
+        self.peak_batches = 0  # most batches inside the engine at once
         self.prompt_tokens = 0
         self.cached_tokens = 0  # prompt tokens served from the prefix cache
         self._first_submit: float | None = None
@@ -212,6 +215,7 @@ class EngineWorker:
         self._commands: list[tuple[str, Any]] = []
         self._batches: dict[str, _Batch] = {}
         self._rows: dict[str, tuple[_Batch, int]] = {}  # request id -> (batch, row)
+        self._room_waiters: list[tuple[int, Callable[[], None]]] = []  # (batches, wake): see room()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="engine-steps", daemon=True)
         self._thread.start()
@@ -289,9 +293,12 @@ class EngineWorker:
             for out in outputs:
                 if out.finished:
                     self._finished(out)
+            if self._room_waiters:
+                self._wake_room_waiters()
 
     def _add(self, batch: _Batch, runnable: list) -> None:
         self._batches[batch.key] = batch
+        self.peak_batches = max(self.peak_batches, len(self._batches))
         for i, ids, params in runnable:
             rid = f"{batch.key}/{i}"
             try:
@@ -329,6 +336,18 @@ class EngineWorker:
             batch.done(e)
             return
         batch.done(table)
+
+    def _wake_room_waiters(self) -> None:
+        with self._cv:
+            queued = [arg for kind, arg in self._commands if kind == "add"]  # submitted, not added yet
+            unfinished = len(self._rows) + sum(len(runnable) for _, runnable in queued)
+            if unfinished > self.max_num_seqs:
+                return
+            batches = len(self._batches) + len(queued)
+            woken = [w for w in self._room_waiters if w[0] <= batches]
+            self._room_waiters = [w for w in self._room_waiters if w[0] > batches]
+        for _, wake in woken:
+            wake()
 
     def _abort(self, key: str) -> None:
         batch = self._batches.pop(key, None)
@@ -370,6 +389,24 @@ class EngineWorker:
         except asyncio.CancelledError:
             self.abort(key)
             raise
+
+    async def room(self, batches: int) -> bool:
+        """Returns (True) once the engine holds at least `batches` batches and no more unfinished rows
+        (running or waiting) than max_num_seqs: its running set is about to run short while those
+        batches' last rows (long outputs) keep them inside. The pool then sends one batch more
+        (pool.max_batches_in_flight); on outputs of one length, rows run short only as a whole
+        batch finishes, and the room comes with that batch's place."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        waiter = (batches, lambda: loop.call_soon_threadsafe(_settle, future, True))
+        with self._cv:
+            self._room_waiters.append(waiter)
+        try:
+            return await future
+        finally:
+            with self._cv:
+                if waiter in self._room_waiters:
+                    self._room_waiters.remove(waiter)
 
     async def run_batch(self, requests: pa.Table) -> tuple[dict, pa.Table]:
         """What the engine pool calls (Ray's num_returns=2): the counts the driver books, and the
@@ -434,6 +471,7 @@ class EngineWorker:
         busy_s      inside engine steps (work in the running set)
         idle_s      nothing in the engine at all, after the first batch arrived
         occupancy   mean running rows / max_num_seqs over the busy time (how full decode steps ran)
+        peak        most batches inside the engine at once
         prefix hit  prompt tokens served from the prefix cache / prompt tokens"""
         now = time.monotonic()
         with self._cv:  # the idle spell in progress counts too
@@ -441,7 +479,7 @@ class EngineWorker:
         return {
             "busy_s": self.busy_s, "up_s": now - self.ready_at, "idle_s": idle,
             "span_s": (now - self._first_submit) if self._first_submit else 0.0,
-            "occupancy_s": self.occupancy_s, "batches": self.batches,
+            "occupancy_s": self.occupancy_s, "batches": self.batches, "peak_batches": self.peak_batches,
             "prompt_tokens": self.prompt_tokens, "cached_tokens": self.cached_tokens,
         }  # fmt: skip
 

@@ -523,6 +523,7 @@ def engine_usage_fractions(usage: list[dict[str, float]]) -> dict[str, float | N
         "engine_idle": ratio("idle_s", "span_s"),
         "engine_occupancy": ratio("occupancy_s", "busy_s"),
         "prefix_cache_hit_rate": ratio("cached_tokens", "prompt_tokens"),
+        "engine_peak_batches": max((int(u["peak_batches"]) for u in usage if "peak_batches" in u), default=None),
     }
 
 

@@ -293,6 +293,9 @@ def print_summary(spec: JobSpec, stats, console: Console) -> None:
         table.add_row("engine idle", f"{stats.engine_idle:.1%} (nothing in the engine)")
     if stats.engine_occupancy is not None:
         table.add_row("engine running set", f"{stats.engine_occupancy:.1%} of max_num_seqs (mean over decode steps)")
+    if stats.engine_peak_batches is not None:
+        table.add_row("engine batches at once", f"at most {stats.engine_peak_batches} (pool.batches_in_flight "
+                      f"{spec.pool.batches_in_flight}, up to {spec.pool.batches_cap} while long outputs finish)")  # fmt: skip
     if stats.prefix_cache_hit_rate is not None:
         table.add_row("prefix cache hits", f"{stats.prefix_cache_hit_rate:.1%} of prompt tokens")
     if stats.first_commit_s is not None:

@@ -32,6 +32,7 @@ class JobStats:
     engine_idle: float | None = None  # time with nothing in an engine / time since its first batch
     engine_occupancy: float | None = None  # mean running rows / max_num_seqs over the decode steps
     prefix_cache_hit_rate: float | None = None  # prompt tokens served from the prefix cache / prompt tokens
+    engine_peak_batches: int | None = None  # most batches inside one engine at once
     backlog: int | None = None  # source rows not committed yet (Kafka lag), as last measured (every ~5 s)
     notes: list[str] = field(default_factory=list)
     finished: float | None = None

@@ -425,6 +425,13 @@ class PoolSpec(_Strict):
     batches_in_flight: int = Field(
         default=2, ge=1, description="Batches inside each engine at once; the next one's rows join as others finish."
     )
+    max_batches_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        description="The most batches inside one engine: beyond batches_in_flight, one more is sent whenever the "
+        "engine holds no more unfinished rows than its running set (max_num_seqs), which is when long outputs' "
+        "tails hold their batches' places. Default: 2 x batches_in_flight; equal to it: never more.",
+    )
     engine_threads: int | None = Field(
         default=None,
         ge=1,
@@ -450,6 +457,10 @@ class PoolSpec(_Strict):
     def _sizes(self) -> PoolSpec:
         if self.min_engines > self.max_engines:
             raise ValueError(f"min_actors ({self.min_engines}) is above max_actors ({self.max_engines})")
+        if self.max_batches_in_flight is not None and self.max_batches_in_flight < self.batches_in_flight:
+            raise ValueError(
+                f"max_batches_in_flight ({self.max_batches_in_flight}) is below batches_in_flight ({self.batches_in_flight})"
+            )
         if self.tensor_parallel_size > 1 and self.num_gpus != self.tensor_parallel_size:
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} needs num_gpus={self.tensor_parallel_size} "
@@ -468,6 +479,11 @@ class PoolSpec(_Strict):
     @property
     def initial_engines(self) -> int:
         return min(max(self.actors, self.min_engines), self.max_engines)
+
+    @property
+    def batches_cap(self) -> int:
+        """The most batches one engine holds (max_batches_in_flight, or its default)."""
+        return self.max_batches_in_flight if self.max_batches_in_flight is not None else 2 * self.batches_in_flight
 
 
 class StagesSpec(_Strict):

@@ -195,3 +195,34 @@ def test_unreachable_broker_is_one_clear_error_before_the_engines_load(tmp_path,
     assert "error: no Kafka broker reachable at 127.0.0.1:" in log and "Traceback" not in log
     assert "EngineWorker" not in log  # no engine was started for a job that cannot read
     assert time.monotonic() - started < 90
+
+
+def test_long_outputs_let_one_engine_hold_more_batches_up_to_max_batches_in_flight(tmp_path, broker, topic, tiny_model, job_processes):
+    """One row in four decodes 96 tokens, the rest 2 (per-row budgets, EOS ignored): the short rows
+    leave the engine's running set (max_num_seqs 8) at once, the long ones keep their batches of 8
+    inside, and the engine says it has room: the pool sends more batches than batches_in_flight, up
+    to max_batches_in_flight. Capped at batches_in_flight, it never does. Every event once, either way."""
+    import re
+
+    n = 96
+    send(broker, topic, (event(i, budget=96 if i % 4 == 0 else 2) for i in range(n)))
+    peaks = {}
+    for name, cap in (("default", None), ("capped", 2)):
+        (tmp_path / name).mkdir()
+        spec = make_spec(tmp_path / name, broker, topic, tiny_model, **{
+            "prompt.max_tokens_field": "budget", "model.max_num_seqs": 8,
+            "sampling": {"max_tokens": 16, "temperature": 0, "ignore_eos": True},
+            "pool.batch_size": 8, "pool.batches_in_flight": 2, "pool.max_batches_in_flight": cap,
+        })  # fmt: skip
+        job = job_processes(write_spec(tmp_path / name, spec))
+        assert job.wait(300) == 0, job.log()[-4000:]
+        res = read(spec["sink"]["results"])
+        assert sorted(res["id"].to_list()) == [f"e{i:06d}" for i in range(n)]
+        budgets = res.select((pl.col("id").str.slice(1).cast(pl.Int64) % 4 == 0).alias("long"), "completion_tokens")
+        assert budgets.filter("long")["completion_tokens"].unique().to_list() == [96]
+        assert budgets.filter(~pl.col("long"))["completion_tokens"].unique().to_list() == [2]
+        found = re.search(r"engine batches at once\W+at most (\d+)", job.log())
+        assert found, job.log()[-3000:]
+        peaks[name] = int(found.group(1))
+    assert peaks["default"] > 2 and peaks["default"] <= 4, peaks  # default max_batches_in_flight: 2 x 2
+    assert peaks["capped"] <= 2, peaks

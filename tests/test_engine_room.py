@@ -1,0 +1,132 @@
+"""The engine's step loop and its room() signal, on a scripted stand-in for vLLM's LLMEngine (pure
+scheduling logic; the real engine is in test_engine.py and the pool's use of it in test_pipeline.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+from types import SimpleNamespace
+
+import pyarrow as pa
+
+from compute.engine import EngineWorker
+
+
+class ScriptedEngine:
+    """What the step loop uses of vLLM's LLMEngine: a request finishes after max_tokens steps, and
+    each step waits for the test to release it."""
+
+    def __init__(self):
+        self.left: dict[str, int] = {}
+        self.go = threading.Semaphore(0)
+
+    def add_request(self, rid, prompt, params):
+        self.left[rid] = params.max_tokens
+
+    def abort_request(self, ids):
+        for rid in ids:
+            self.left.pop(rid, None)
+
+    def step(self):
+        self.go.acquire()
+        out = []
+        for rid in list(self.left):
+            self.left[rid] -= 1
+            if not self.left[rid]:
+                del self.left[rid]
+                done = SimpleNamespace(text="x", finish_reason="length", token_ids=[0])
+                out.append(SimpleNamespace(request_id=rid, finished=True, num_cached_tokens=0, outputs=[done]))
+        return out
+
+
+class Params:
+    max_tokens = 16
+
+    def clone(self):
+        return copy.copy(self)
+
+
+def worker(max_num_seqs: int) -> EngineWorker:
+    w = EngineWorker.__new__(EngineWorker)  # no vLLM: the step loop around a scripted engine
+    w.engine = ScriptedEngine()
+    w.tokenizer = lambda prompts, add_special_tokens: {"input_ids": [[1, 2, 3] for _ in prompts]}
+    w.chat, w.system, w.sampling = False, None, Params()
+    w.max_model_len, w.max_num_seqs = 100, max_num_seqs
+    w._setup_loop()
+    return w
+
+
+def batch(budgets: list[int]) -> pa.Table:
+    n = len(budgets)
+    return pa.table({"prompt": ["q"] * n, "source_partition": pa.array([0] * n, pa.int32()),
+                     "source_offset": pa.array(range(n), pa.int64()), "max_tokens": budgets})  # fmt: skip
+
+
+async def steps(w: EngineWorker, n: int) -> None:
+    for _ in range(n):
+        w.engine.go.release()
+    await asyncio.sleep(0.05)
+
+
+def test_room_comes_when_long_rows_hold_their_batches_and_the_running_set_runs_short():
+    async def scenario():
+        w = worker(max_num_seqs=4)
+        a = asyncio.create_task(w.complete(batch([20, 1, 1, 1])))
+        b = asyncio.create_task(w.complete(batch([20, 1, 1, 1])))
+        room2, room3 = asyncio.create_task(w.room(2)), asyncio.create_task(w.room(3))
+        await asyncio.sleep(0.05)
+        assert not room2.done()  # 8 unfinished rows, the running set holds 4
+        await steps(w, 1)  # the short rows finish: 2 unfinished, both batches inside
+        assert room2.done() and room2.result() is True
+        assert not a.done() and not b.done()
+        assert not room3.done()  # only 2 batches inside
+        await steps(w, 19)
+        assert (await a).num_rows == 4 and (await b).num_rows == 4
+        assert not room3.done()
+        room3.cancel()
+        await asyncio.sleep(0.01)
+        assert w._room_waiters == []  # a cancelled room() leaves nothing behind
+        assert w.usage()["peak_batches"] == 2
+        w.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_no_room_when_rows_run_short_only_because_a_batch_finished():
+    """Outputs of one length: the running set empties as a whole batch leaves, and that batch's
+    place in the pool is the room; room() must not add one more."""
+
+    async def scenario():
+        w = worker(max_num_seqs=4)
+        a = asyncio.create_task(w.complete(batch([2, 2, 2, 2])))
+        b = asyncio.create_task(w.complete(batch([4, 4, 4, 4])))
+        room2 = asyncio.create_task(w.room(2))
+        await asyncio.sleep(0.05)
+        await steps(w, 2)  # a finishes: 4 unfinished rows (b's), one batch inside
+        assert a.done() and not b.done()
+        assert not room2.done()
+        await steps(w, 2)
+        assert b.done() and not room2.done()
+        room2.cancel()
+        w.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_rows_submitted_but_not_yet_in_the_engine_count():
+    w = worker(max_num_seqs=4)
+    woke: list[bool] = []
+    with w._cv:  # as if submit() queued a batch of 5 rows the step thread has not added yet
+        w._commands.append(("add", (SimpleNamespace(key="q"), [(0, [1], Params())] * 5)))
+        w._room_waiters.append((1, lambda: woke.append(True)))
+    w._wake_room_waiters()
+    assert woke == []  # 5 rows on their way: more than the running set
+    with w._cv:
+        w._commands[0] = ("add", (SimpleNamespace(key="q"), [(0, [1], Params())] * 3))
+    w._wake_room_waiters()
+    assert woke == [True]  # 3 rows, one batch (queued): room for one more
+    assert w._room_waiters == []
+    with w._cv:
+        w._commands.clear()
+    w.close()
