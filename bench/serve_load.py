@@ -145,12 +145,14 @@ def main() -> None:
     ap.add_argument("--overhead-requests", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--sides", default="vllm,tidegate",
-                    help="which servers, in each round's order; a tidegate side may set serve.engine_process "
-                         "and serve.ack: tidegate:inline, tidegate:separate:durable, ...")  # fmt: skip
+                    help="which servers, in each round's order; a tidegate side may set serve.engine_process, "
+                         "serve.ack and serve.ingress: tidegate:inline, tidegate:separate:durable, tidegate:proxy, ...")  # fmt: skip
     ap.add_argument("--engine-process", default="separate", choices=["separate", "inline"],
                     help="tidegate's serve.engine_process where a side does not say")
     ap.add_argument("--ack", default="durable", choices=["durable", "journal", "buffered"],
                     help="tidegate's serve.ack")
+    ap.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"],
+                    help="tidegate's serve.ingress where a side does not say")
     a = ap.parse_args()
 
     from crypto.keyring import Keyring, LocalMasterKeyProvider
@@ -204,7 +206,9 @@ def main() -> None:
                 opts = side.split(":")[1:]  # e.g. tidegate:inline:durable
                 engine_process = next((o for o in opts if o in ("inline", "separate")), a.engine_process)
                 ack = next((o for o in opts if o in ("durable", "journal", "buffered")), a.ack)
-                s = {**spec, "serve": {**spec["serve"], "port": port, "engine_process": engine_process, "ack": ack}}
+                ingress = next((o for o in opts if o in ("haproxy", "proxy")), a.ingress)
+                s = {**spec, "serve": {**spec["serve"], "port": port, "engine_process": engine_process, "ack": ack,
+                                       "ingress": ingress}}  # fmt: skip
                 path = work / f"spec-{rnd}.yaml"
                 path.write_text(yaml.safe_dump(s))
                 cmd = [sys.executable, "-m", "jobs.cli", "serve", str(path)]

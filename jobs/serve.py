@@ -2,6 +2,7 @@
 
     build_app(spec, engine_cls)     -> the Serve application (one deployment, TidegateEndpoint)
     deploy(spec, address, ...)      serve.run it (local Ray, or a cluster's)
+    ingress_env(spec)               the environment a local Ray needs for serve.ingress
     TidegateEndpoint (replica)      FastAPI routes; holds one engine, the guards, the audit log
 
 Routes (the HTTP contract):
@@ -756,6 +757,23 @@ def build_app(spec: JobSpec, engine_cls: type | None = None):
     return TidegateEndpoint.options(**options).bind(spec, engine_cls)
 
 
+def ingress_env(spec: JobSpec) -> dict[str, str]:
+    """Environment for the Ray processes `tidegate serve` starts (read by Serve when they start:
+    a cluster's nodes have their own, cluster.yaml). haproxy: Ray Serve's HAProxy ingress in front
+    of replicas that answer HTTP themselves, with Serve's throughput-optimized settings (user code
+    on the replica's event loop, gRPC between Serve's processes): no Python proxy, no actor call
+    per request (docs/performance.md measures it).
+
+    A stopping replica behind HAProxy stays reachable for a deregistration window, then refuses
+    connections (HAProxy retries them on another replica): Ray's default window, 30 s, is made for
+    load balancers outside the cluster; this HAProxy is told at once, so 5 s unless the
+    environment says otherwise (`tidegate serve` stops in seconds, not half a minute)."""
+    on = "1" if spec.serve.ingress == "haproxy" else "0"
+    drain = os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
+    return {"RAY_SERVE_ENABLE_HA_PROXY": on, "RAY_SERVE_THROUGHPUT_OPTIMIZED": on,
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": drain}  # fmt: skip
+
+
 def deploy(spec: JobSpec, engine_cls: type | None = None, blocking: bool = False) -> str:
     """serve.run the spec's application on the Ray this process is connected to; returns its URL."""
     serve.start(http_options={"host": spec.serve.host, "port": spec.serve.port})
@@ -778,8 +796,10 @@ def main(spec_path: str, address: str | None, blocking: bool) -> int:
     except TidegateError as e:
         print(f"error: {e}")
         return 2
-    init_ray(spec, address)
     remote = bool(address or spec.ray.address or os.environ.get("RAY_ADDRESS"))
+    if not remote:  # a cluster's Serve runs with its nodes' environment (cluster.yaml)
+        os.environ.update(ingress_env(spec))
+    init_ray(spec, address)
     # Ours right after ray.init (a local Ray installs its own SIGTERM handler, which exits at once):
     # the replica may answer before serve.run returns, so a SIGTERM can come while we deploy.
     stop = threading.Event()

@@ -695,6 +695,13 @@ class ServeSpec(_Strict):
 
     host: str = Field(default="127.0.0.1", description="Address the HTTP proxy listens on (0.0.0.0: every interface).")
     port: int = Field(default=8000, ge=1, le=65535)
+    ingress: Literal["haproxy", "proxy"] = Field(
+        default="haproxy",
+        description="What takes the HTTP requests on a Ray that `tidegate serve` starts itself: haproxy: Ray Serve's "
+        "HAProxy ingress with its throughput-optimized data plane (each replica answers HTTP itself; "
+        "RAY_SERVE_ENABLE_HA_PROXY, RAY_SERVE_THROUGHPUT_OPTIMIZED); proxy: Serve's Python proxy actor. On a cluster "
+        "its nodes' environment decides (cluster.yaml sets both).",
+    )
     route_prefix: str = Field(default="/", pattern=r"^/", description="Where the application's routes start.")
     min_replicas: int = Field(default=1, ge=1, description="Autoscaling: the fewest replicas (each loads an engine).")
     max_replicas: int = Field(default=1, ge=1, description="Autoscaling: the most replicas.")

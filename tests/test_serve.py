@@ -36,7 +36,7 @@ def endpoint(tmp_path_factory, broker):
     from ray import serve
 
     from crypto.keyring import Keyring, LocalMasterKeyProvider
-    from jobs.serve import deploy
+    from jobs.serve import deploy, ingress_env
     from schemas.spec import parse_spec
     from tests.serve_engines import EchoEngine
 
@@ -80,6 +80,10 @@ def endpoint(tmp_path_factory, broker):
                             "serve": {"port": port, "num_cpus": 0.1, "route_prefix": "/journaled", "ack": "journal",
                                       "journal_dir": str(tmp / "journals"), "idempotency_cache": 0}})  # fmt: skip
     metrics_port = free_port()
+    # What `tidegate serve` does before it starts a local Ray: serve.ingress (default haproxy).
+    ingress = ingress_env(spec)
+    saved = {k: os.environ.get(k) for k in ingress}
+    os.environ.update(ingress)
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="tgray", dir="/tmp"),
              object_store_memory=200 * 2**20, _metrics_export_port=metrics_port)  # fmt: skip
     try:
@@ -92,6 +96,8 @@ def endpoint(tmp_path_factory, broker):
     finally:
         serve.shutdown()
         ray.shutdown()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def _post(ep, path: str, body, tenant: str | None = "acme", headers: dict | None = None, url: str | None = None):
@@ -323,6 +329,20 @@ def test_events_route_checks_each_event_and_produces_the_good_ones(endpoint, bro
     got = [json.loads(m.value) for m in consumer]
     consumer.close()
     assert [g["id"] for g in got] == [good["id"]] and got[0]["customer"] == "acme"  # the key's tenant filled in
+
+
+def test_the_default_ingress_is_haproxy_in_front_of_the_replicas(endpoint):
+    """serve.ingress haproxy: Serve's HAProxy manager, not its Python proxy, takes the requests."""
+    import psutil
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    configs = [arg for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "haproxy"
+               for arg in p.info["cmdline"] or [] if node in arg and arg.endswith(".cfg")]  # fmt: skip
+    assert configs, "no HAProxy process serves this Ray node"
+    with open(configs[0]) as f:
+        assert f":{endpoint['spec'].serve.port}" in f.read()  # it listens on serve.port
+    assert httpx.get(f"{endpoint['url']}/healthz", timeout=10).status_code == 200
 
 
 def test_health_and_metrics(endpoint):
