@@ -63,6 +63,8 @@ def test_cluster_exposure_token_auth_and_no_master_key_in_the_cluster_environmen
     head, workers = " ".join(config["head_start_ray_commands"]), " ".join(config["worker_start_ray_commands"])
     assert "RAY_AUTH_MODE=token ray start --head" in head and "--dashboard-host=127.0.0.1" in head
     assert "RAY_AUTH_MODE=token ray start --address" in workers and "0.0.0.0" not in head
+    for start in (head, workers):  # serve.ingress haproxy on a cluster (docs/serving.md)
+        assert "RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in start
     assert "/home/ubuntu/.ray/auth_token" in config["file_mounts"]
     for commands in ("head_start_ray_commands", "worker_start_ray_commands", "setup_commands", "worker_setup_commands"):
         assert "TIDEGATE_MASTER_KEY" not in " ".join(config.get(commands, [])), commands
