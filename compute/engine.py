@@ -65,6 +65,17 @@ def engine_env(model: ModelSpec) -> dict[str, str]:
     return env
 
 
+def engine_threads(explicit: int | None, num_gpus: float, engines: int) -> str | None:
+    """OMP_NUM_THREADS for an engine's process, or None to leave it be. Ray sets it to an actor's
+    num_cpus (often 1); a CPU engine is the only heavy consumer on its node, so it gets the node's
+    cores shared among the most engines there may be (measured: 1.7x faster with 2 threads than 1)."""
+    if explicit:
+        return str(explicit)
+    if num_gpus == 0 and "OMP_NUM_THREADS" not in os.environ:
+        return str(max(1, (os.cpu_count() or 1) // max(1, engines)))
+    return None
+
+
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 

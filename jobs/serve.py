@@ -47,6 +47,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 
+from compute.engine import engine_threads
 from compute.idempotency import RecentAnswers
 from compute.limits import TenantLimits
 from schemas.errors import AuthError, LimitExceededError, TidegateError
@@ -749,6 +750,10 @@ def build_app(spec: JobSpec, engine_cls: type | None = None):
             "num_gpus": s.num_gpus if s.num_gpus is not None else spec.pool.num_gpus,
         },
     )
+    # The replica's engine (and its engine core's process) gets the node's cores, as batch engines do.
+    threads = engine_threads(spec.pool.engine_threads, options["ray_actor_options"]["num_gpus"], s.max_replicas)
+    if threads:
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": threads}}
     if s.min_replicas == s.max_replicas:
         options["num_replicas"] = s.min_replicas
     else:
