@@ -14,7 +14,8 @@ they finish, so a batch that ends with a few long outputs does not hold the next
 rows of the batches behind it keep the running set full (vLLM's scheduler admits waiting rows as
 others finish). One thread steps the engine (`LLMEngine.step`, vLLM's in-process engine: no extra
 process per engine, unless `separate_process`: then the engine core runs in a child process and
-`step` waits on it); submissions and aborts reach it through a queue.
+`step` waits on it, and on CPUs this process keeps off the cores of vLLM's worker:
+`keep_off_worker_cores`); submissions and aborts reach it through a queue.
 
 Output rows come in the order of the input rows, one each: output_text, finish_reason, token
 counts, or error_stage / error_class / error for a row that cannot run (a prompt longer than the
@@ -207,6 +208,9 @@ class EngineWorker:
             raise EngineError(f"sampling: {e}") from None
         self.chat = chat
         self.system = system
+        self.worker_cores: set[int] = set()
+        if separate_process and not on_gpu:
+            self.worker_cores = keep_off_worker_cores()
         self._setup_loop()
 
     # -- the step loop ---------------------------------------------------------------------------
@@ -450,7 +454,8 @@ class EngineWorker:
 
     def info(self) -> dict[str, Any]:
         return {"max_model_len": self.max_model_len, "load_s": self.load_s, "pid": os.getpid(),
-                "max_num_seqs": self.max_num_seqs, "prefix_caching": self.prefix_caching}  # fmt: skip
+                "max_num_seqs": self.max_num_seqs, "prefix_caching": self.prefix_caching,
+                "worker_cores": sorted(self.worker_cores)}  # fmt: skip
 
     def model_revision(self) -> str:
         """sha256 of the loaded model's config, tokenizer and weights (lineage). Reads every weights
@@ -508,6 +513,32 @@ class EngineWorker:
             # The chat template already placed the special tokens.
             return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+
+
+def keep_off_worker_cores() -> set[int]:
+    """A CPU engine in a child process: vLLM binds its worker's threads to all cores but the one it
+    keeps for the engine core's loop. This process (an online replica: HTTP, guards, audit) is
+    moved off the worker's cores, onto the engine core's, every thread of it (threads started
+    later inherit it), so that it no longer takes the model's cores from it (measured: 45.5 ->
+    62.7 req/s on 2 cores, docs/performance.md). Returns the worker's cores (empty: nothing moved,
+    e.g. no bound worker found, or it has every core)."""
+    import psutil
+
+    try:
+        workers = [c for c in psutil.Process().children(recursive=True) if c.name().startswith("VLLM::Worker")]
+        cores = set().union(*(c.cpu_affinity() for c in workers)) if workers else set()
+        rest = set(os.sched_getaffinity(0)) - cores
+    except (psutil.Error, OSError, AttributeError):  # AttributeError: no affinity on this platform
+        return set()
+    if not cores or not rest:
+        return set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), rest)
+        except OSError:  # a thread that ended meanwhile
+            pass
+    log.info("engine worker on cores %s; this process's threads on %s", sorted(cores), sorted(rest))
+    return cores
 
 
 def completion_counts(table: pa.Table) -> dict[str, int]:

@@ -84,6 +84,19 @@ def test_tidegate_serve_with_the_real_engine(tmp_path, tiny_model, broker):
                 pass
         engine = [pid for pid, cmd in names.items() if cmd.startswith("VLLM::")]  # EngineCore, its Worker
         assert any(names[pid].startswith("VLLM::EngineCore") for pid in engine), sorted(names.values())
+        # On CPUs vLLM binds its worker to all cores but one; every thread of the replica keeps off them.
+        worker_cores = set().union(*(psutil.Process(p).cpu_affinity() for p in engine if names[p].startswith("VLLM::Worker")))
+        replica = next(pid for pid, cmd in names.items() if "ServeReplica" in cmd)
+        replica_cores: set[int] = set()
+        for tid in os.listdir(f"/proc/{replica}/task"):
+            try:
+                replica_cores |= os.sched_getaffinity(int(tid))
+            except OSError:  # a thread that ended meanwhile
+                pass
+        if worker_cores and worker_cores != set(range(os.cpu_count())):
+            assert not replica_cores & worker_cores, (replica_cores, worker_cores)
+        else:  # a one-core machine: nothing to keep off
+            assert replica_cores == set(range(os.cpu_count()))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=90) == 0, log_path.read_text()[-4000:]
         wait_for(lambda: not living(engine), 30, what="the engine core's processes to end")
