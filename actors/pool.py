@@ -356,10 +356,13 @@ class EnginePool:
         self._call(slot, _Part(batch, 0, requests, rows))
         self._ask_room(slot)
 
+    def _may_grow(self, slot: _Slot) -> bool:
+        """At its limit, and the limit below max_batches_in_flight."""
+        return slot.in_flight >= self._limit(slot) and self._limit(slot) < self.spec.pool.batches_cap
+
     def _ask_room(self, slot: _Slot) -> None:
-        """A slot at its limit, below max_batches_in_flight, asks its engine to say when it has room."""
-        if (not self._room or slot.room is not None or self._suspects or slot.probe is not None
-                or slot.in_flight < self._limit(slot) or self._limit(slot) >= self.spec.pool.batches_cap):  # fmt: skip
+        """A slot that may grow asks its engine to say when it has room."""
+        if not self._room or slot.room is not None or self._suspects or slot.probe is not None or not self._may_grow(slot):
             return
         slot.room = slot.actor.room.remote(slot.in_flight)
         self._rooms[slot.room] = slot
@@ -373,7 +376,7 @@ class EnginePool:
                 ray.get(ref)
             except Exception:  # the engine restarted or the call was cancelled: no room then
                 continue
-            if slot in self.slots and slot.in_flight >= self._limit(slot) and self._limit(slot) < self.spec.pool.batches_cap:
+            if slot in self.slots and self._may_grow(slot):
                 slot.extra += 1
 
     def _forget_rooms(self, slots: list[_Slot]) -> None:
