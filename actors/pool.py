@@ -19,6 +19,9 @@ past pool.batch_timeout_s (a hang: the call is cancelled, which aborts its rows 
 an engine that stopped answering is restarted), is quarantined and split until the row at fault
 is alone (`engine_crash` / `engine_hang`). Scaling: `autoscale(backlog)` between min_actors and
 max_actors. Tensor parallelism: one STRICT_PACK placement group per engine.
+
+pool.backend serve: the actors are clients of a running Serve application's engines
+(actors/serve_engine.py), one per pool.actors, with the same interface; nothing else changes.
 """
 
 from __future__ import annotations
@@ -105,6 +108,11 @@ class EnginePool:
     def __init__(self, spec: JobSpec, json_schema: dict | None = None, engine_cls: type = EngineWorker):
         self.spec = spec
         self.json_schema = json_schema  # constrain generation to it (structured outputs)
+        self.serve_app = (spec.pool.serve_app or spec.name) if spec.pool.backend == "serve" else None
+        if self.serve_app is not None:
+            from actors.serve_engine import ServeEngine
+
+            engine_cls = ServeEngine
         self.engine_cls = engine_cls
         self.slots: list[_Slot] = []
         self._pending: dict[ray.ObjectRef, _Call] = {}  # completions ref -> the call
@@ -147,7 +155,7 @@ class EnginePool:
         """
         pool = self.spec.pool
         self.fixed_cluster = fixed_cluster
-        if fixed_cluster:
+        if fixed_cluster and self.serve_app is None:
             self._check_fits()
         env = engine_env(self.spec.model)
         threads = engine_threads(pool.engine_threads, pool.num_gpus, pool.max_engines)
@@ -167,7 +175,9 @@ class EnginePool:
             # beside a room() call, usage and ping.
             max_concurrency=max(4, pool.batches_cap + 4),
         )
-        if pool.tensor_parallel_size > 1:
+        if self.serve_app is not None:  # a client of the application's replicas: they hold the resources
+            options.update(num_cpus=0, num_gpus=0, runtime_env={})
+        elif pool.tensor_parallel_size > 1:
             # The engine actor holds no GPU itself: vLLM's Ray executor starts one worker per GPU
             # in the placement group the actor captures (one group per engine, packed on a node).
             options.update(num_gpus=0, num_cpus=0)
@@ -194,6 +204,10 @@ class EnginePool:
         self.max_model_len = infos[0]["max_model_len"]
         # After a restart the engine loads again before it runs anything: that time is not a hang.
         self._restart_grace_s = 30.0 + 3 * max(i["load_s"] for i in infos)
+        if self.serve_app is not None:
+            log.info("engines: the Serve application %r's (%d client(s), context %d tokens)",
+                     self.serve_app, len(actors), self.max_model_len)  # fmt: skip
+            return
         log.info(
             "%d engine actor(s) ready in %.1fs (engine load %.1fs, context %d tokens)",
             len(actors), time.monotonic() - t0, infos[0]["load_s"], self.max_model_len,
@@ -204,6 +218,12 @@ class EnginePool:
         pool = self.spec.pool
         options = dict(self._actor_options)
         pg = None
+        if self.serve_app is not None:
+            actor = ray.remote(self.engine_cls).options(**options).remote(
+                self.serve_app, self.spec.model, self.spec.sampling, self.spec.prompt.chat, self.spec.prompt.system,
+                self.json_schema,
+            )
+            return actor, None
         if pool.tensor_parallel_size > 1:
             from ray.util.placement_group import placement_group
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

@@ -27,7 +27,8 @@ WORDS = ("the", "order", "ships", "soon", "and", "support", "will", "follow", "u
 
 class InstantEngine:
     def __init__(self, model, sampling: dict[str, Any], chat: bool = True, system=None, json_schema=None,
-                 tensor_parallel_size: int = 1, separate_process: bool = False):  # fmt: skip
+                 tensor_parallel_size: int = 1, separate_process: bool = False,
+                 priority_scheduling: bool = False):  # fmt: skip
         self.max_tokens = int(sampling.get("max_tokens") or 16)
         self._texts = pa.array([" ".join(WORDS[i % len(WORDS)] for i in range(k)) + "." for k in range(1, self.max_tokens + 1)])
         self.ready_at = time.monotonic()
@@ -48,11 +49,11 @@ class InstantEngine:
         return {"busy_s": self.busy_s, "up_s": up, "idle_s": up - self.busy_s, "span_s": up, "occupancy_s": 0.0,
                 "batches": self.batches, "prompt_tokens": 0, "cached_tokens": 0}  # fmt: skip
 
-    async def run_batch(self, requests: pa.Table) -> tuple[dict, pa.Table]:
+    async def run_batch(self, requests: pa.Table, priority: int = 0) -> tuple[dict, pa.Table]:
         table = self.generate(requests)
         return completion_counts(table), table
 
-    async def complete(self, requests: pa.Table) -> pa.Table:
+    async def complete(self, requests: pa.Table, priority: int = 0) -> pa.Table:
         return self.generate(requests)
 
     def generate(self, requests: pa.Table) -> pa.Table:

@@ -113,6 +113,7 @@ class _Batch:
     key: str
     cols: dict[str, list]
     done: Done
+    priority: int = 0  # vLLM's request priority (lower runs first); 0 unless the engine schedules by priority
     pending: int = 0  # rows still in the engine
     request_ids: list[str] = field(default_factory=list)
 
@@ -142,6 +143,7 @@ class EngineWorker:
         json_schema: dict | None = None,
         tensor_parallel_size: int = 1,
         separate_process: bool = False,
+        priority_scheduling: bool = False,
     ):
         for k, v in engine_env(model).items():
             os.environ.setdefault(k, v)
@@ -169,6 +171,10 @@ class EngineWorker:
             # A shared system prompt or template prefix is computed once, then reused from the cache.
             enable_prefix_caching=model.enable_prefix_caching,
         )
+        if priority_scheduling:
+            # Waiting rows start in priority order (lower first), then arrival: an online replica's
+            # requests go ahead of the rows a batch job sends it (pool.backend: serve).
+            kwargs["scheduling_policy"] = "priority"
         if model.max_model_len:
             kwargs["max_model_len"] = model.max_model_len
         if model.max_num_seqs:
@@ -197,6 +203,8 @@ class EngineWorker:
         self.max_model_len = int(self.engine.model_config.max_model_len)
         self.max_num_seqs = int(self.engine.vllm_config.scheduler_config.max_num_seqs)
         self.prefix_caching = bool(self.engine.vllm_config.cache_config.enable_prefix_caching)
+        # model.engine_args may say otherwise (scheduling_policy: fcfs): then priorities are not sent.
+        self.priority_scheduling = str(self.engine.vllm_config.scheduler_config.policy) == "priority"
         params = dict(sampling)
         if json_schema is not None:
             from vllm.sampling_params import StructuredOutputsParams
@@ -235,14 +243,15 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._loop, name="engine-steps", daemon=True)
         self._thread.start()
 
-    def submit(self, key: str, requests: pa.Table, done: Done) -> None:
+    def submit(self, key: str, requests: pa.Table, done: Done, priority: int = 0) -> None:
         """Queue a batch (thread-safe). Prompts are tokenized here, on the caller's thread, so the
-        step thread only steps."""
+        step thread only steps. priority: its rows' vLLM priority (an engine built with
+        priority_scheduling; lower starts first)."""
         if self._first_submit is None:
             self._first_submit = time.monotonic()
         cols = empty_completions(requests)
         runnable = self._runnable(requests, cols)
-        batch = _Batch(key, cols, done)
+        batch = _Batch(key, cols, done, priority if self.priority_scheduling else 0)
         if not runnable:
             self.batches += 1
             done(pa.table(cols, schema=COMPLETION_SCHEMA))
@@ -317,7 +326,10 @@ class EngineWorker:
         for i, ids, params in runnable:
             rid = f"{batch.key}/{i}"
             try:
-                self.engine.add_request(rid, {"prompt_token_ids": ids}, params)
+                if batch.priority:
+                    self.engine.add_request(rid, {"prompt_token_ids": ids}, params, priority=batch.priority)
+                else:
+                    self.engine.add_request(rid, {"prompt_token_ids": ids}, params)
             except Exception as e:  # this row only (an invalid parameter for this prompt, say)
                 fail_row(batch.cols, i, "engine", "engine_error", f"{type(e).__name__}: {str(e)[:200]}")
                 continue
@@ -388,7 +400,7 @@ class EngineWorker:
 
     # -- calls -----------------------------------------------------------------------------------
 
-    async def complete(self, requests: pa.Table) -> pa.Table:
+    async def complete(self, requests: pa.Table, priority: int = 0) -> pa.Table:
         """The completions of a batch, once its last row finished; other batches run meanwhile.
         Cancelled (pool.batch_timeout_s), it aborts the batch's rows in the engine."""
         loop = asyncio.get_running_loop()
@@ -398,7 +410,7 @@ class EngineWorker:
         def done(result) -> None:
             loop.call_soon_threadsafe(_settle, future, result)
 
-        self.submit(key, requests, done)
+        self.submit(key, requests, done, priority)
         try:
             return await future
         except asyncio.CancelledError:
@@ -423,10 +435,10 @@ class EngineWorker:
                 if waiter in self._room_waiters:
                     self._room_waiters.remove(waiter)
 
-    async def run_batch(self, requests: pa.Table) -> tuple[dict, pa.Table]:
+    async def run_batch(self, requests: pa.Table, priority: int = 0) -> tuple[dict, pa.Table]:
         """What the engine pool calls (Ray's num_returns=2): the counts the driver books, and the
         completions, which stay in the object store for the stage workers."""
-        table = await self.complete(requests)
+        table = await self.complete(requests, priority)
         return completion_counts(table), table
 
     def generate(self, requests: pa.Table) -> pa.Table:

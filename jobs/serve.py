@@ -12,6 +12,10 @@ Routes (the HTTP contract):
     POST /v1/jobs/{name}/events                  a batch of events -> the job's Kafka topic
     GET  /healthz, /readyz
 
+Handle methods (Ray calls from inside the cluster, no HTTP): engine_info, engine_usage and run_batch,
+the engine of a batch job with pool.backend serve (actors/serve_engine.py); its rows run at vLLM
+priority BATCH_PRIORITY, behind the online requests.
+
 Every route but the health checks needs `Authorization: Bearer <API key>` (serve.auth): the key's
 tenant is the request's tenant (its encryption key, its budget). A request runs the batch
 stages' code (compute/online.py), and its rows are stored in the job's results and dead-letter
@@ -51,7 +55,7 @@ from compute.engine import engine_threads
 from compute.idempotency import RecentAnswers
 from compute.limits import TenantLimits
 from schemas.errors import AuthError, LimitExceededError, TidegateError
-from schemas.spec import JobSpec
+from schemas.spec import BATCH_PRIORITY, SERVE_DEPLOYMENT, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +301,7 @@ def replay_orphans(audit, directory: str) -> int:
 
 
 # The deployment comes after every helper it uses: Serve serialises the class when it is decorated.
-@serve.deployment(name="tidegate")
+@serve.deployment(name=SERVE_DEPLOYMENT)
 @serve.ingress(api)
 class TidegateEndpoint:
     def __init__(self, spec: JobSpec, engine_cls: type | None = None):
@@ -314,11 +318,14 @@ class TidegateEndpoint:
         self.run_id = f"serve-{uuid.uuid4().hex[:12]}"
         self.model_label = spec.model.label
         engine_cls = engine_cls or EngineWorker
+        self.json_schema = Validator(spec).json_schema
+        # priority_scheduling: a batch job's rows (pool.backend serve, run_batch) wait behind online requests.
         self.engine = engine_cls(spec.model, spec.sampling, chat=spec.prompt.chat, system=spec.prompt.system,
-                                 json_schema=Validator(spec).json_schema,
+                                 json_schema=self.json_schema, priority_scheduling=True,
                                  separate_process=spec.serve.engine_process == "separate")  # fmt: skip
         self.encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
-        self.guards = OnlineGuards(spec, self.run_id, self.engine, lineage_columns(spec, self.engine.model_revision()),
+        self.model_revision = self.engine.model_revision()
+        self.guards = OnlineGuards(spec, self.run_id, self.engine, lineage_columns(spec, self.model_revision),
                                    self.encryption)  # fmt: skip
         embedders: dict[str, Any] = {}
         for rule in self.guards.semantic_rules():
@@ -384,6 +391,23 @@ class TidegateEndpoint:
     async def readyz(self) -> dict:
         return {"status": "ready", "job": self.spec.name, "model": self.model_label, "run_id": self.run_id,
                 "pid": os.getpid()}  # fmt: skip
+
+    # -- a batch job's engine (pool.backend serve; handle calls, not routes) ----------------------
+
+    def engine_info(self) -> dict:
+        """What a batch job checks before it sends this engine its batches: the engine's sizes, and
+        what the engine generates with (its model, sampling, prompt chat/system, output schema)."""
+        return {**self.engine.info(), "model": self.model_label, "model_revision": self.model_revision,
+                "sampling": self.spec.sampling, "chat": self.spec.prompt.chat, "system": self.spec.prompt.system,
+                "json_schema": self.json_schema}  # fmt: skip
+
+    def engine_usage(self) -> dict:
+        return self.engine.usage()
+
+    async def run_batch(self, requests: pa.Table) -> tuple[dict, pa.Table]:
+        """A batch job's batch (REQUEST_SCHEMA) -> (counts, COMPLETION_SCHEMA table); its rows run
+        behind this replica's online requests. Cancelled, it aborts the rows in the engine."""
+        return await self.engine.run_batch(requests, priority=BATCH_PRIORITY)
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:

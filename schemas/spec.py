@@ -407,7 +407,23 @@ SAMPLING_FIELDS = frozenset(
 )
 
 
+SERVE_DEPLOYMENT = "tidegate"  # the deployment in a spec's Serve application (jobs/serve.py)
+BATCH_PRIORITY = 1  # vLLM priority of a batch job's rows in a Serve replica's engine (online requests: 0)
+
+
 class PoolSpec(_Strict):
+    backend: Literal["engines", "serve"] = Field(
+        default="engines",
+        description="engines: the job starts its own engine actors. serve: the job's batches run on the engines of "
+        "a running Serve application (`tidegate serve`, pool.serve_app), so online and batch share GPUs; its rows wait "
+        "behind online requests (vLLM priority scheduling). pool.actors then counts the job's clients of it, each "
+        "with batches_in_flight batches; the application's replicas scale with serve.*.",
+    )
+    serve_app: str | None = Field(
+        default=None,
+        description="pool.backend serve: the Serve application (default: the job's name, i.e. `tidegate serve` of "
+        "this spec). It must run the same model, sampling, prompt chat/system and output schema as this spec.",
+    )
     actors: int = Field(default=1, ge=1, description="Engine actors (the starting count when min/max_actors are set).")
     min_actors: int | None = Field(default=None, ge=1, description="Autoscaling: the fewest engines (default: actors).")
     max_actors: int | None = Field(default=None, ge=1, description="Autoscaling: the most engines (default: actors).")
@@ -461,6 +477,13 @@ class PoolSpec(_Strict):
             raise ValueError(
                 f"max_batches_in_flight ({self.max_batches_in_flight}) is below batches_in_flight ({self.batches_in_flight})"
             )
+        if self.backend == "serve":
+            engine_keys = [k for k in ("min_actors", "max_actors", "tensor_parallel_size") if k in self.model_fields_set]
+            if engine_keys:
+                raise ValueError(
+                    f"{', '.join(engine_keys)}: size the engines a job starts; with backend: serve the application's "
+                    "replicas are the engines (serve.min_replicas, serve.max_replicas)"
+                )
         if self.tensor_parallel_size > 1 and self.num_gpus != self.tensor_parallel_size:
             raise ValueError(
                 f"tensor_parallel_size={self.tensor_parallel_size} needs num_gpus={self.tensor_parallel_size} "

@@ -6,6 +6,7 @@ temp dir. Nothing here talks to anything outside this machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,8 +15,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 import pytest
@@ -23,10 +26,11 @@ import yaml
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
-from connectors.broker import EmbeddedBroker
+from connectors.broker import EmbeddedBroker, free_port
 from connectors.kafka import create_topic, produce
 
 REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
@@ -272,3 +276,60 @@ def source_context(positions: dict | None = None, **kw):
 
     kw.setdefault("job_name", "job")
     return SourceContext(positions=FixedPositions(positions), **kw)
+
+
+class RayHead(NamedTuple):
+    dashboard: str  # http://127.0.0.1:PORT: the job API (tidegate submit, jobs)
+    gcs: str  # 127.0.0.1:PORT: what drivers connect to (--address)
+    env: dict  # the environment a client needs (RAY_AUTH_TOKEN)
+
+
+@contextlib.contextmanager
+def started_ray_head(**extra_env: str):
+    """A Ray head on free ports with its own temp dir, with token authentication (as cluster.yaml
+    and deploy/kuberay run it); stopped by PID at the end. Clients get the token in RAY_AUTH_TOKEN.
+    extra_env: the head's node environment (cluster.yaml's start commands set Serve's ingress)."""
+    import secrets
+
+    temp = tempfile.mkdtemp(prefix="tghead", dir="/tmp")
+    ports = {name: free_port() for name in ("gcs", "dash", "client", "nm", "om", "agent", "agent_grpc", "rtenv", "metrics")}
+    token = secrets.token_hex(16)
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}:{os.environ.get('PATH', '')}",
+               **extra_env)  # fmt: skip
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", f"--port={ports['gcs']}",
+        f"--dashboard-port={ports['dash']}", f"--ray-client-server-port={ports['client']}",
+        f"--node-manager-port={ports['nm']}", f"--object-manager-port={ports['om']}",
+        f"--dashboard-agent-listen-port={ports['agent']}", f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
+        f"--runtime-env-agent-port={ports['rtenv']}", f"--metrics-export-port={ports['metrics']}",
+    ]  # fmt: skip
+    log = open(Path(temp) / "head.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{ports['dash']}"
+
+    def up():
+        request = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
+        try:
+            return urllib.request.urlopen(request, timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, 120, interval=1, what="the Ray head's job API")
+        yield RayHead(address, f"127.0.0.1:{ports['gcs']}", env)
+    finally:
+        family = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        kill_all(family)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    with started_ray_head() as head:
+        yield head

@@ -10,6 +10,7 @@ import asyncio
 import pyarrow as pa
 
 from bench.instant_engine import InstantEngine
+from compute.engine import completion_counts
 from schemas.records import COMPLETION_SCHEMA
 
 
@@ -17,6 +18,7 @@ LEAKED_EMAIL = "zq.canary.7731@example.org"  # added to the output of a prompt t
 
 
 class EchoEngine(InstantEngine):
+    cancelled = 0  # batch calls cancelled while they hung (see run_batch)
 
     def generate(self, requests: pa.Table) -> pa.Table:
         prompts = [p + f" write to {LEAKED_EMAIL}" if "leak" in p else p for p in requests.column("prompt").to_pylist()]
@@ -36,10 +38,23 @@ class EchoEngine(InstantEngine):
                 out = out.append_column(f.name, pa.nulls(out.num_rows, f.type))
         return out.select(COMPLETION_SCHEMA.names).cast(COMPLETION_SCHEMA)
 
-    async def complete(self, requests: pa.Table) -> pa.Table:
+    async def complete(self, requests: pa.Table, priority: int = 0) -> pa.Table:
         prompts = " ".join(requests.column("prompt").to_pylist())
         if "hang" in prompts:
             await asyncio.sleep(3600)
         if "slow" in prompts:  # a request still running when its duplicate arrives
             await asyncio.sleep(1.5)
         return self.generate(requests)
+
+    async def run_batch(self, requests: pa.Table, priority: int = 0) -> tuple[dict, pa.Table]:
+        """A batch job's batch (pool.backend serve): hangs as complete() does; counts the calls
+        cancelled while they hung (engine_usage), so a test sees the cancellation reach the replica."""
+        try:
+            table = await self.complete(requests, priority)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return completion_counts(table), table
+
+    def usage(self) -> dict[str, float]:
+        return {**super().usage(), "cancelled": self.cancelled}

@@ -1,5 +1,6 @@
-"""The engine's step loop and its room() signal, on a scripted stand-in for vLLM's LLMEngine (pure
-scheduling logic; the real engine is in test_engine.py and the pool's use of it in test_pipeline.py)."""
+"""The engine's step loop, its room() signal and request priorities, on a scripted stand-in for
+vLLM's LLMEngine (pure scheduling logic; the real engine is in test_engine.py and the pool's use of
+it in test_pipeline.py)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,12 @@ class ScriptedEngine:
 
     def __init__(self):
         self.left: dict[str, int] = {}
+        self.priority: dict[str, int] = {}
         self.go = threading.Semaphore(0)
 
-    def add_request(self, rid, prompt, params):
+    def add_request(self, rid, prompt, params, priority=0):
         self.left[rid] = params.max_tokens
+        self.priority[rid] = priority
 
     def abort_request(self, ids):
         for rid in ids:
@@ -52,7 +55,7 @@ def worker(max_num_seqs: int) -> EngineWorker:
     w.engine = ScriptedEngine()
     w.tokenizer = lambda prompts, add_special_tokens: {"input_ids": [[1, 2, 3] for _ in prompts]}
     w.chat, w.system, w.sampling = False, None, Params()
-    w.max_model_len, w.max_num_seqs = 100, max_num_seqs
+    w.max_model_len, w.max_num_seqs, w.priority_scheduling = 100, max_num_seqs, True
     w._setup_loop()
     return w
 
@@ -130,3 +133,25 @@ def test_rows_submitted_but_not_yet_in_the_engine_count():
     with w._cv:
         w._commands.clear()
     w.close()
+
+
+def test_a_batchs_priority_reaches_the_engine_with_each_of_its_rows():
+    """pool.backend serve: a batch job's rows go to an online replica's engine at a lower priority
+    (vLLM's priority scheduling starts waiting rows by it); online requests keep priority 0."""
+
+    async def scenario():
+        w = worker(max_num_seqs=4)
+        online = asyncio.create_task(w.complete(batch([1, 1])))
+        batched = asyncio.create_task(w.run_batch(batch([1, 1, 1]), priority=1))
+        await asyncio.sleep(0.05)
+        await steps(w, 1)
+        assert (await online).num_rows == 2
+        counts, table = await batched
+        assert counts["rows"] == 3 and table.num_rows == 3
+        assert sorted(w.engine.priority.values()) == [0, 0, 1, 1, 1]
+        w.priority_scheduling = False  # an engine that schedules first come, first served gets none
+        await asyncio.gather(w.run_batch(batch([1]), priority=1), steps(w, 1))
+        assert sorted(w.engine.priority.values()) == [0, 0, 0, 1, 1, 1]
+        w.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))

@@ -345,6 +345,79 @@ def test_the_default_ingress_is_haproxy_in_front_of_the_replicas(endpoint):
     assert httpx.get(f"{endpoint['url']}/healthz", timeout=10).status_code == 200
 
 
+def test_a_batch_pool_on_the_application_isolates_a_row_that_hangs_its_engine(endpoint):
+    """pool.backend serve through the pool's own machinery (handle calls over gRPC, as Serve's
+    throughput-optimized mode makes them): a row that hangs the application's engine runs past
+    pool.batch_timeout_s, the pool's cancel reaches the replica, the row ends as engine_hang and
+    the rest of its batch completes."""
+    import pyarrow as pa
+    import ray
+
+    from actors.pool import EnginePool
+    from compute.validation import Validator
+    from schemas.records import REQUEST_SCHEMA
+
+    spec = endpoint["spec"]
+    pool_spec = spec.pool.model_copy(update={"backend": "serve", "batch_timeout_s": 1.5, "max_attempts": 1})
+    pool = EnginePool(spec.model_copy(update={"pool": pool_spec}), json_schema=Validator(spec).json_schema)
+    pool.start()
+    try:
+        prompts = ["first", "second", "please hang", "fourth"]
+        n = len(prompts)
+        requests = pa.table({"id": [f"r{i}" for i in range(n)], "prompt": prompts, "source_topic": ["t"] * n,
+                             "source_partition": [0] * n, "source_offset": list(range(n)), "received_ns": [0] * n,
+                             "attempt": [1] * n, "first_prompt": [None] * n, "context": [None] * n,
+                             "tenant": [None] * n, "max_tokens": [None] * n}, schema=REQUEST_SCHEMA)  # fmt: skip
+        pool.submit(requests, n, "batch-1")
+        finished = []
+        deadline = time.monotonic() + 90
+        while not finished:
+            assert time.monotonic() < deadline, "the batch never came back"
+            finished = pool.collect(0.5)
+        (tag, completions), = finished
+        rows = ray.get(completions.ref).to_pylist()
+        assert tag == "batch-1" and [r["error_class"] for r in rows] == [None, None, "engine_hang", None]
+        assert [r["output_text"] for r in rows if r["error_class"] is None] == ["first", "second", "fourth"]
+        # The hanging row ran past the timeout on its own part, alone, twice: each call was cancelled in the replica.
+        assert pool.usage()[0]["cancelled"] >= 2
+    finally:
+        pool.shutdown()
+
+
+def test_a_batch_pool_waits_out_a_full_application_queue(endpoint, caplog):
+    """The "small" application takes one request and queues one (serve.max_ongoing_requests,
+    max_queued_requests): a batch pool with four batches at once is refused by Serve for two of
+    them, and sends them again, instead of failing them into quarantine."""
+    import pyarrow as pa
+    import ray
+
+    from actors.pool import EnginePool
+    from compute.validation import Validator
+    from schemas.records import REQUEST_SCHEMA
+
+    spec = endpoint["small_spec"]
+    pool_spec = spec.pool.model_copy(update={"backend": "serve", "batches_in_flight": 4})
+    pool = EnginePool(spec.model_copy(update={"pool": pool_spec}), json_schema=Validator(spec).json_schema)
+    pool.start()
+    try:
+        for b in range(4):
+            requests = pa.table({"id": [f"q{b}"], "prompt": [f"slow batch {b}"], "source_topic": ["t"],
+                                 "source_partition": [0], "source_offset": [b], "received_ns": [0], "attempt": [1],
+                                 "first_prompt": [None], "context": [None], "tenant": [None], "max_tokens": [None]},
+                                schema=REQUEST_SCHEMA)  # fmt: skip
+            pool.submit(requests, 1, b)
+        finished = []
+        deadline = time.monotonic() + 60
+        while len(finished) < 4:
+            assert time.monotonic() < deadline, f"{len(finished)} of 4 batches came back"
+            finished += pool.collect(0.5)
+        outputs = {tag: ray.get(c.ref).column("output_text").to_pylist() for tag, c in finished}
+        assert outputs == {b: [f"slow batch {b}"] for b in range(4)}
+        assert "quarantined" not in caplog.text
+    finally:
+        pool.shutdown()
+
+
 def test_health_and_metrics(endpoint):
     from tests.conftest import wait_for
 

@@ -3,66 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
-import sys
-import tempfile
-import urllib.request
-from pathlib import Path
 
 import polars as pl
-import psutil
 import pytest
 
-from connectors.broker import free_port
-from tests.conftest import REPO, event, kill_all, make_spec, send, table_rows, wait_for, write_spec
+from tests.conftest import BIN, REPO, event, make_spec, send, table_rows, wait_for, write_spec
 
 pytestmark = pytest.mark.slow
-
-BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    """A Ray head on free ports with its own temp dir, with token authentication (as cluster.yaml
-    and deploy/kuberay run it); stopped by PID at the end. Clients get the token in RAY_AUTH_TOKEN."""
-    import secrets
-
-    temp = tempfile.mkdtemp(prefix="tghead", dir="/tmp")
-    ports = {name: free_port() for name in ("gcs", "dash", "client", "nm", "om", "agent", "agent_grpc", "rtenv", "metrics")}
-    token = secrets.token_hex(16)
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, PATH=f"{BIN}:{os.environ.get('PATH', '')}")
-    cmd = [
-        str(BIN / "ray"), "start", "--head", "--block", "--num-cpus=2", "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1", f"--temp-dir={temp}", f"--port={ports['gcs']}",
-        f"--dashboard-port={ports['dash']}", f"--ray-client-server-port={ports['client']}",
-        f"--node-manager-port={ports['nm']}", f"--object-manager-port={ports['om']}",
-        f"--dashboard-agent-listen-port={ports['agent']}", f"--dashboard-agent-grpc-port={ports['agent_grpc']}",
-        f"--runtime-env-agent-port={ports['rtenv']}", f"--metrics-export-port={ports['metrics']}",
-    ]  # fmt: skip
-    log = open(Path(temp) / "head.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{ports['dash']}"
-
-    def up():
-        request = urllib.request.Request(f"{address}/api/version", headers={"Authorization": f"Bearer {token}"})
-        try:
-            return urllib.request.urlopen(request, timeout=2).status == 200
-        except OSError:
-            return False
-
-    try:
-        wait_for(up, 120, interval=1, what="the Ray head's job API")
-        yield address, env
-    finally:
-        family = psutil.Process(proc.pid).children(recursive=True)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        kill_all(family)
-        log.close()
 
 
 def _tidegate(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -72,7 +20,7 @@ def _tidegate(args: list[str], env: dict, timeout: float = 600) -> subprocess.Co
 
 
 def test_tidegate_submit_runs_the_spec_on_the_cluster(tmp_path, broker, topic, tiny_model, ray_head):
-    address, env = ray_head
+    address, env = ray_head.dashboard, ray_head.env
     send(broker, topic, (event(i) for i in range(50)))
     spec = make_spec(tmp_path, broker, topic, tiny_model)
     spec_path = write_spec(tmp_path, spec)  # outside the repo: it must travel with the job
@@ -93,7 +41,7 @@ def test_tidegate_submit_runs_the_spec_on_the_cluster(tmp_path, broker, topic, t
 
 
 def test_the_job_api_refuses_calls_without_the_token(ray_head, tmp_path):
-    address, env = ray_head
+    address, env = ray_head.dashboard, ray_head.env
     # RAY_AUTH_MODE=disabled: Ray's client would otherwise send a token of its own (~/.ray/auth_token).
     without = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"} | {"RAY_AUTH_MODE": "disabled"}
     out = _tidegate(["jobs", "list", "--address", address], without, 60)
@@ -111,7 +59,7 @@ def test_the_job_api_refuses_calls_without_the_token(ray_head, tmp_path):
 def test_plain_ray_job_submit_and_stop(tmp_path, broker, topic, tiny_model, ray_head):
     """`ray job submit --working-dir . --runtime-env-json '{"worker_process_setup_hook": ...}' -- python -m
     jobs.run SPEC` (README) works; `tidegate jobs stop` stops it cleanly."""
-    address, env = ray_head
+    address, env = ray_head.dashboard, ray_head.env
     send(broker, topic, (event(i) for i in range(30)))
     spec = make_spec(tmp_path, broker, topic, tiny_model)
     spec_path = write_spec(tmp_path, spec)
@@ -136,7 +84,7 @@ def test_the_python_api_submits_watches_and_stops_a_cluster_job(tmp_path, broker
     """`tidegate.submit` from a notebook: a handle with status, logs, stop and wait."""
     import tidegate
 
-    address, env = ray_head
+    address, env = ray_head.dashboard, ray_head.env
     monkeypatch.setenv("RAY_AUTH_TOKEN", env["RAY_AUTH_TOKEN"])
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     send(broker, topic, (event(i) for i in range(20)))

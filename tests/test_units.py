@@ -55,6 +55,9 @@ def test_spec_defaults_and_parsing():
         ("pool.gpus", 1, "pool.gpus: Extra inputs are not permitted"),
         ("stages.actors", 0, "stages.actors: Input should be greater than or equal to 1"),
         ("stages.num_cpus", -0.5, "stages.num_cpus"),
+        ("pool.backend", "remote", "pool.backend: Input should be 'engines' or 'serve'"),
+        ("pool", {"backend": "serve", "max_actors": 2, "tensor_parallel_size": 2, "num_gpus": 2},
+         "pool: Value error, max_actors, tensor_parallel_size: size the engines a job starts; with backend: serve"),
     ],
 )
 def test_bad_spec_names_the_field(path, value, expect):
