@@ -58,7 +58,8 @@ class ServeEngine:
                 why = str(e) if isinstance(e, LookupError) else type(e).__name__
                 raise EngineError(
                     f"pool.backend serve: the Serve application {self.app!r} does not answer on this Ray cluster "
-                    f"({why}); start it first with `tidegate serve SPEC --address ...`"
+                    f"({why}); deploy it first on the Ray cluster this job runs on (`tidegate serve SPEC --address "
+                    "ADDR`, and the job with the same --address)"
                 ) from None
             differ = [k for k, v in self.expected.items() if info.get(k) != v]
             if differ:

@@ -326,10 +326,7 @@ class EngineWorker:
         for i, ids, params in runnable:
             rid = f"{batch.key}/{i}"
             try:
-                if batch.priority:
-                    self.engine.add_request(rid, {"prompt_token_ids": ids}, params, priority=batch.priority)
-                else:
-                    self.engine.add_request(rid, {"prompt_token_ids": ids}, params)
+                self.engine.add_request(rid, {"prompt_token_ids": ids}, params, priority=batch.priority)
             except Exception as e:  # this row only (an invalid parameter for this prompt, say)
                 fail_row(batch.cols, i, "engine", "engine_error", f"{type(e).__name__}: {str(e)[:200]}")
                 continue

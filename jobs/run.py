@@ -287,6 +287,10 @@ def print_summary(spec: JobSpec, stats, console: Console) -> None:
         table.add_row("engines ready after", f"{stats.engines_ready_s:.1f} s")
         table.add_row("throughput once ready", f"{stats.rows_per_s_after_start:.1f} rows/s")
     table.add_row("engines (peak)", f"{stats.peak_engines}")
+    shared = spec.pool.backend == "serve"
+    if shared:
+        table.add_row("engines of", f"Serve application {spec.pool.serve_app or spec.name!r}")
+        table.add_row("note", "pool.backend serve: the engine figures below are one replica's, online requests included")
     if stats.engine_busy_fraction is not None:
         table.add_row("engine busy", f"{stats.engine_busy_fraction:.1%}")
     if stats.engine_idle is not None:
@@ -294,8 +298,9 @@ def print_summary(spec: JobSpec, stats, console: Console) -> None:
     if stats.engine_occupancy is not None:
         table.add_row("engine running set", f"{stats.engine_occupancy:.1%} of max_num_seqs (mean over decode steps)")
     if stats.engine_peak_batches is not None:
+        growth = "" if shared else f", up to {spec.pool.batches_cap} while long outputs finish"
         table.add_row("engine batches at once", f"at most {stats.engine_peak_batches} (pool.batches_in_flight "
-                      f"{spec.pool.batches_in_flight}, up to {spec.pool.batches_cap} while long outputs finish)")  # fmt: skip
+                      f"{spec.pool.batches_in_flight}{growth})")  # fmt: skip
     if stats.prefix_cache_hit_rate is not None:
         table.add_row("prefix cache hits", f"{stats.prefix_cache_hit_rate:.1%} of prompt tokens")
     if stats.first_commit_s is not None:

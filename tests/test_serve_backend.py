@@ -45,6 +45,7 @@ def test_a_batch_job_runs_on_a_serve_applications_engines(tmp_path, broker, topi
         log = job.log()
         assert f"engines: the Serve application '{name}''s (2 client(s)" in log
         assert "engine actor(s) ready" not in log  # the job started no engine of its own
+        assert f"Serve application '{name}'" in log.split("engines of")[1]  # the run summary says whose
         res = pl.read_delta(spec["sink"]["results"])
         assert sorted(res["id"].to_list()) == [f"e{i:06d}" for i in range(60)]
         assert set(res["model_revision"].to_list()) != {None} and res["completion_tokens"].min() >= 1
