@@ -19,7 +19,6 @@ Serve's to replace; a batch it failed goes to the pool's quarantine as with any 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from typing import Any
 
@@ -27,8 +26,6 @@ import pyarrow as pa
 
 from schemas.errors import EngineError
 from schemas.spec import SERVE_DEPLOYMENT, ModelSpec
-
-log = logging.getLogger(__name__)
 
 BACKPRESSURE_WAIT_S = 0.5  # the replicas' queues are full (serve.max_queued_requests): try again after this
 

@@ -113,6 +113,15 @@ async def _load(url: str, headers: dict, body_of, clients: int, seconds: float |
     }  # fmt: skip
 
 
+def write_result(out: dict, summary: dict) -> Path:
+    """bench/results/<out["bench"]>-<UTC time>.json (every run is kept); prints the summary."""
+    dest = REPO / "bench" / "results" / f"{out['bench']}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+    dest.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    print(f"written {dest}")
+    return dest
+
+
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -249,10 +258,7 @@ def main() -> None:
         "bench": "serve_load", "at": datetime.now(timezone.utc).isoformat(), "machine": {"cpus": os.cpu_count()},
         "args": vars(a), "sampling": {**sampling, "logit_bias_end_token": 4.0}, "runs": runs, "summary": summary,
     }  # fmt: skip
-    dest = REPO / "bench" / "results" / f"serve_load-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
-    dest.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    print(f"written {dest}")
+    write_result(out, summary)
 
 
 if __name__ == "__main__":

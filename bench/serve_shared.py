@@ -41,7 +41,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.serve_load import PROMPTS, _load, free_port  # noqa: E402
+from bench.serve_load import PROMPTS, _load, free_port, write_result  # noqa: E402
 
 
 def batch_rows(results: str, topic: str) -> int:
@@ -164,10 +164,7 @@ def main() -> None:
         }  # fmt: skip
     out = {"bench": "serve_shared", "at": datetime.now(timezone.utc).isoformat(), "machine": {"cpus": os.cpu_count()},
            "args": vars(a), "runs": runs, "summary": summary}  # fmt: skip
-    dest = REPO / "bench" / "results" / f"serve_shared-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
-    dest.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    print(f"written {dest}")
+    write_result(out, summary)
 
 
 if __name__ == "__main__":

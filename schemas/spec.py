@@ -477,6 +477,8 @@ class PoolSpec(_Strict):
             raise ValueError(
                 f"max_batches_in_flight ({self.max_batches_in_flight}) is below batches_in_flight ({self.batches_in_flight})"
             )
+        if self.serve_app is not None and self.backend != "serve":
+            raise ValueError("serve_app is only read with backend: serve")
         if self.backend == "serve":
             engine_keys = [k for k in ("min_actors", "max_actors", "tensor_parallel_size") if k in self.model_fields_set]
             if engine_keys:

@@ -56,6 +56,7 @@ def test_spec_defaults_and_parsing():
         ("stages.actors", 0, "stages.actors: Input should be greater than or equal to 1"),
         ("stages.num_cpus", -0.5, "stages.num_cpus"),
         ("pool.backend", "remote", "pool.backend: Input should be 'engines' or 'serve'"),
+        ("pool.serve_app", "online", "pool: Value error, serve_app is only read with backend: serve"),
         ("pool", {"backend": "serve", "max_actors": 2, "tensor_parallel_size": 2, "num_gpus": 2},
          "pool: Value error, max_actors, tensor_parallel_size: size the engines a job starts; with backend: serve"),
     ],
