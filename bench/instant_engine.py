@@ -28,7 +28,7 @@ WORDS = ("the", "order", "ships", "soon", "and", "support", "will", "follow", "u
 class InstantEngine:
     def __init__(self, model, sampling: dict[str, Any], chat: bool = True, system=None, json_schema=None,
                  tensor_parallel_size: int = 1, separate_process: bool = False,
-                 priority_scheduling: bool = False):  # fmt: skip
+                 priority_scheduling: bool = False, batch_share: float = 1.0):  # fmt: skip
         self.max_tokens = int(sampling.get("max_tokens") or 16)
         self._texts = pa.array([" ".join(WORDS[i % len(WORDS)] for i in range(k)) + "." for k in range(1, self.max_tokens + 1)])
         self.ready_at = time.monotonic()

@@ -2,6 +2,9 @@
 replica's engine scheduling by priority (the default: batch rows wait behind online requests) and
 first come, first served (`model.engine_args: {scheduling_policy: fcfs}`), side by side.
 
+Sides: priority (the default), fcfs, share:X (priority and serve.batch_share X: batch rows hold at
+most that share of the running set, the rest kept for online requests).
+
 One local Ray (this process) with Serve's HAProxy ingress, one tansu broker. For each side, in
 rounds alternating the sides (the machine's drift hits both):
   deploy    the spec's application (serve.auth off, no encryption: the engine's queue is measured)
@@ -16,6 +19,7 @@ running set (where priorities matter: vLLM starts waiting requests by priority, 
 preempt running ones for it unless the KV cache runs out).
 
     python bench/serve_shared.py [--clients 4] [--seconds 40] [--rounds 2] [--events 6000]
+        [--sides priority,fcfs,share:0.75]
 
 Prints a summary and writes bench/results/serve_shared-<UTC time>.json (every run is kept).
 Run by hand; not a test.
@@ -104,7 +108,7 @@ def main() -> None:
 
         for rnd in range(1, a.rounds + 1):
             for side in a.sides.split(","):
-                topic = f"shared-{rnd}-{side}"
+                topic = f"shared-{rnd}-{side.replace(':', '-').replace('.', '')}"
                 create_topic(broker.bootstrap_servers, topic, 4)
                 events = ({"id": f"{topic}-{i}", "q": PROMPTS[i % len(PROMPTS)]} for i in range(a.events))
                 produce(broker.bootstrap_servers, topic, ((e["id"].encode(), json.dumps(e).encode()) for e in events))
@@ -112,14 +116,16 @@ def main() -> None:
                 spec["source"]["kafka"]["topic"] = topic
                 if side == "fcfs":
                     spec["model"]["engine_args"] = {"scheduling_policy": "fcfs"}
-                path = work / f"spec-{rnd}-{side}.yaml"
+                elif side.startswith("share:"):  # share:0.75 -> serve.batch_share 0.75
+                    spec["serve"]["batch_share"] = float(side.split(":")[1])
+                path = work / f"spec-{rnd}-{side.replace(':', '-')}.yaml"
                 path.write_text(yaml.safe_dump(spec))
                 t0 = time.monotonic()
                 deploy(parse_spec(spec))
                 deploy_s = time.monotonic() - t0
                 asyncio.run(_load(url, {}, body(4), 2, None, 20))  # warm-up
                 alone = asyncio.run(_load(url, {}, body(64), a.clients, a.seconds, None))
-                log = work / f"job-{rnd}-{side}.log"
+                log = work / f"job-{rnd}-{side.replace(':', '-')}.log"
                 with open(log, "wb") as fh:
                     job = subprocess.Popen([sys.executable, "-m", "jobs.run", str(path), "--address", gcs], cwd=REPO,
                                            stdout=fh, stderr=subprocess.STDOUT)  # fmt: skip

@@ -33,6 +33,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,6 +145,7 @@ class EngineWorker:
         tensor_parallel_size: int = 1,
         separate_process: bool = False,
         priority_scheduling: bool = False,
+        batch_share: float = 1.0,
     ):
         for k, v in engine_env(model).items():
             os.environ.setdefault(k, v)
@@ -205,6 +207,10 @@ class EngineWorker:
         self.prefix_caching = bool(self.engine.vllm_config.cache_config.enable_prefix_caching)
         # model.engine_args may say otherwise (scheduling_policy: fcfs): then priorities are not sent.
         self.priority_scheduling = str(self.engine.vllm_config.scheduler_config.policy) == "priority"
+        # batch_share < 1: rows of priority > 0 (a batch job's) hold at most this share of the running
+        # set; the others wait in this process, so online requests find a place without waiting for
+        # batch rows to finish (vLLM does not preempt running requests for priority).
+        self.low_priority_cap = max(1, int(self.max_num_seqs * batch_share)) if batch_share < 1 else None
         params = dict(sampling)
         if json_schema is not None:
             from vllm.sampling_params import StructuredOutputsParams
@@ -238,6 +244,8 @@ class EngineWorker:
         self._commands: list[tuple[str, Any]] = []
         self._batches: dict[str, _Batch] = {}
         self._rows: dict[str, tuple[_Batch, int]] = {}  # request id -> (batch, row)
+        self._held: deque[tuple[_Batch, int, list[int], Any]] = deque()  # priority > 0 rows over low_priority_cap
+        self._low_in_engine = 0  # rows of priority > 0 inside vLLM
         self._room_waiters: list[tuple[int, Callable[[], None]]] = []  # (batches, wake): see room()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="engine-steps", daemon=True)
@@ -301,6 +309,8 @@ class EngineWorker:
                 commands, self._commands = self._commands, []
             for kind, arg in commands:
                 self._add(*arg) if kind == "add" else self._abort(arg)
+            if self._held:
+                self._release_held()
             if not self._rows:
                 continue
             running = min(len(self._rows), self.max_num_seqs)
@@ -317,30 +327,56 @@ class EngineWorker:
             for out in outputs:
                 if out.finished:
                     self._finished(out)
+            if self._held:
+                self._release_held()
             if self._room_waiters:
                 self._wake_room_waiters()
 
     def _add(self, batch: _Batch, runnable: list) -> None:
         self._batches[batch.key] = batch
         self.peak_batches = max(self.peak_batches, len(self._batches))
+        cap = self.low_priority_cap if batch.priority > 0 else None
         for i, ids, params in runnable:
-            rid = f"{batch.key}/{i}"
-            try:
-                self.engine.add_request(rid, {"prompt_token_ids": ids}, params, priority=batch.priority)
-            except Exception as e:  # this row only (an invalid parameter for this prompt, say)
-                fail_row(batch.cols, i, "engine", "engine_error", f"{type(e).__name__}: {str(e)[:200]}")
-                continue
-            self._rows[rid] = (batch, i)
-            batch.request_ids.append(rid)
-            batch.pending += 1
+            if cap is not None and self._low_in_engine >= cap:
+                self._held.append((batch, i, ids, params))
+                batch.pending += 1
+            elif self._engine_add(batch, i, ids, params):
+                batch.pending += 1
         if not batch.pending:
             self._complete(batch)
+
+    def _engine_add(self, batch: _Batch, i: int, ids: list[int], params: Any) -> bool:
+        """One row into vLLM; False (and the row's error set) if vLLM refused it."""
+        rid = f"{batch.key}/{i}"
+        try:
+            self.engine.add_request(rid, {"prompt_token_ids": ids}, params, priority=batch.priority)
+        except Exception as e:  # this row only (an invalid parameter for this prompt, say)
+            fail_row(batch.cols, i, "engine", "engine_error", f"{type(e).__name__}: {str(e)[:200]}")
+            return False
+        self._rows[rid] = (batch, i)
+        batch.request_ids.append(rid)
+        if batch.priority > 0:
+            self._low_in_engine += 1
+        return True
+
+    def _release_held(self) -> None:
+        """Held rows into vLLM while rows of priority > 0 are below low_priority_cap."""
+        while self._held and self._low_in_engine < (self.low_priority_cap or 0):
+            batch, i, ids, params = self._held.popleft()
+            if batch.key not in self._batches:  # aborted meanwhile
+                continue
+            if not self._engine_add(batch, i, ids, params):
+                batch.pending -= 1
+                if not batch.pending:
+                    self._complete(batch)
 
     def _finished(self, out) -> None:
         found = self._rows.pop(out.request_id, None)
         if found is None:
             return
         batch, i = found
+        if batch.priority > 0:
+            self._low_in_engine -= 1
         completion = out.outputs[0]
         batch.cols["output_text"][i] = completion.text
         batch.cols["finish_reason"][i] = completion.finish_reason
@@ -364,7 +400,7 @@ class EngineWorker:
     def _wake_room_waiters(self) -> None:
         with self._cv:
             queued = [arg for kind, arg in self._commands if kind == "add"]  # submitted, not added yet
-            unfinished = len(self._rows) + sum(len(runnable) for _, runnable in queued)
+            unfinished = len(self._rows) + len(self._held) + sum(len(runnable) for _, runnable in queued)
             if unfinished > self.max_num_seqs:
                 return
             batches = len(self._batches) + len(queued)
@@ -380,6 +416,9 @@ class EngineWorker:
         live = [rid for rid in batch.request_ids if rid in self._rows]
         for rid in live:
             self._rows.pop(rid, None)
+        if batch.priority > 0:
+            self._low_in_engine -= len(live)
+            self._held = deque(h for h in self._held if h[0] is not batch)
         if live:
             self.engine.abort_request(live)
 
@@ -388,6 +427,8 @@ class EngineWorker:
         batches = list(self._batches.values())
         self._rows.clear()
         self._batches.clear()
+        self._held.clear()
+        self._low_in_engine = 0
         try:
             self.engine.abort_request(ids)
         except Exception:

@@ -322,6 +322,7 @@ class TidegateEndpoint:
         # priority_scheduling: a batch job's rows (pool.backend serve, run_batch) wait behind online requests.
         self.engine = engine_cls(spec.model, spec.sampling, chat=spec.prompt.chat, system=spec.prompt.system,
                                  json_schema=self.json_schema, priority_scheduling=True,
+                                 batch_share=spec.serve.batch_share,
                                  separate_process=spec.serve.engine_process == "separate")  # fmt: skip
         self.encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
         self.model_revision = self.engine.model_revision()

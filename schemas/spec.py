@@ -755,6 +755,14 @@ class ServeSpec(_Strict):
         "Default ~/.tidegate/journal. A persistent volume, or one that a replica restarted on another node "
         "also mounts, keeps the unreplayed window of a lost node.",
     )
+    batch_share: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="The share of each replica engine's running set (model.max_num_seqs) that a batch job's rows "
+        "(pool.backend serve) may hold at once; the rest is kept for online requests, which then need not wait for "
+        "batch rows to finish. 1: no place kept (batch rows still start after waiting online requests).",
+    )
     engine_process: Literal["separate", "inline"] = Field(
         default="separate",
         description="separate: vLLM's engine core runs in a child process of the replica (as in vLLM's own "

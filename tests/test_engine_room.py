@@ -26,6 +26,8 @@ class ScriptedEngine:
     def add_request(self, rid, prompt, params, priority=0):
         self.left[rid] = params.max_tokens
         self.priority[rid] = priority
+        low = sum(1 for r in self.left if self.priority[r] > 0)
+        self.peak_low = max(getattr(self, "peak_low", 0), low)
 
     def abort_request(self, ids):
         for rid in ids:
@@ -56,6 +58,7 @@ def worker(max_num_seqs: int) -> EngineWorker:
     w.tokenizer = lambda prompts, add_special_tokens: {"input_ids": [[1, 2, 3] for _ in prompts]}
     w.chat, w.system, w.sampling = False, None, Params()
     w.max_model_len, w.max_num_seqs, w.priority_scheduling = 100, max_num_seqs, True
+    w.low_priority_cap = None
     w._setup_loop()
     return w
 
@@ -152,6 +155,40 @@ def test_a_batchs_priority_reaches_the_engine_with_each_of_its_rows():
         w.priority_scheduling = False  # an engine that schedules first come, first served gets none
         await asyncio.gather(w.run_batch(batch([1]), priority=1), steps(w, 1))
         assert sorted(w.engine.priority.values()) == [0, 0, 0, 1, 1, 1]
+        w.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_batch_share_keeps_places_in_the_running_set_for_online_requests():
+    """serve.batch_share 0.5 of 4 places: a batch job's rows (priority 1) hold at most 2 at once,
+    the rest wait in the worker; an online request goes in at once beside them; every row ends,
+    and an aborted batch's held rows never reach the engine."""
+
+    async def scenario():
+        w = worker(max_num_seqs=4)
+        w.low_priority_cap = 2
+        batched = asyncio.create_task(w.run_batch(batch([2] * 6), priority=1))
+        await asyncio.sleep(0.05)
+        assert len(w.engine.left) == 2 and len(w._held) == 4
+        online = asyncio.create_task(w.complete(batch([1])))
+        await asyncio.sleep(0.05)  # submitted while the step thread is inside a step
+        await steps(w, 1)  # the step in progress ends; the online row goes in beside the 2 batch rows
+        assert len(w.engine.left) == 3 and len(w._held) == 4
+        await steps(w, 1)
+        assert (await online).num_rows == 1
+        await steps(w, 8)
+        counts, table = await batched
+        assert counts["rows"] == 6 and table.column("output_text").to_pylist() == ["x"] * 6
+        assert w.engine.peak_low == 2 and w._low_in_engine == 0 and not w._held
+
+        aborted = asyncio.create_task(w.complete(batch([50] * 5), priority=1))
+        await asyncio.sleep(0.05)
+        assert len(w._held) == 3
+        aborted.cancel()
+        await asyncio.sleep(0.05)
+        await steps(w, 1)
+        assert not w._held and w._low_in_engine == 0 and not w.engine.left
         w.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
