@@ -108,7 +108,7 @@ class EnginePool:
     def __init__(self, spec: JobSpec, json_schema: dict | None = None, engine_cls: type = EngineWorker):
         self.spec = spec
         self.json_schema = json_schema  # constrain generation to it (structured outputs)
-        self.serve_app = (spec.pool.serve_app or spec.name) if spec.pool.backend == "serve" else None
+        self.serve_app = spec.engines_app
         if self.serve_app is not None:
             from actors.serve_engine import ServeEngine
 

@@ -362,9 +362,7 @@ class EngineWorker:
     def _release_held(self) -> None:
         """Held rows into vLLM while rows of priority > 0 are below low_priority_cap."""
         while self._held and self._low_in_engine < (self.low_priority_cap or 0):
-            batch, i, ids, params = self._held.popleft()
-            if batch.key not in self._batches:  # aborted meanwhile
-                continue
+            batch, i, ids, params = self._held.popleft()  # (an aborted batch's held rows went with it: _abort)
             if not self._engine_add(batch, i, ids, params):
                 batch.pending -= 1
                 if not batch.pending:

@@ -287,9 +287,9 @@ def print_summary(spec: JobSpec, stats, console: Console) -> None:
         table.add_row("engines ready after", f"{stats.engines_ready_s:.1f} s")
         table.add_row("throughput once ready", f"{stats.rows_per_s_after_start:.1f} rows/s")
     table.add_row("engines (peak)", f"{stats.peak_engines}")
-    shared = spec.pool.backend == "serve"
+    shared = spec.engines_app is not None
     if shared:
-        table.add_row("engines of", f"Serve application {spec.pool.serve_app or spec.name!r}")
+        table.add_row("engines of", f"Serve application {spec.engines_app!r}")
         table.add_row("note", "pool.backend serve: the engine figures below are one replica's, online requests included")
     if stats.engine_busy_fraction is not None:
         table.add_row("engine busy", f"{stats.engine_busy_fraction:.1%}")

@@ -873,6 +873,12 @@ class JobSpec(_Strict):
         return rules
 
     @property
+    def engines_app(self) -> str | None:
+        """pool.backend serve: the Serve application whose engines run the job (pool.serve_app, or
+        the job's name); None when the job starts its own engines."""
+        return (self.pool.serve_app or self.name) if self.pool.backend == "serve" else None
+
+    @property
     def allowed_modules(self) -> list[str] | None:
         """validation.allowed_modules: the modules a spec may import code from (schemas/trusted_code.py)."""
         return self.validation.allowed_modules if self.validation is not None else None

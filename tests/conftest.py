@@ -278,6 +278,12 @@ def source_context(positions: dict | None = None, **kw):
     return SourceContext(positions=FixedPositions(positions), **kw)
 
 
+def tidegate_cli(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The installed `tidegate` command, run from the repository with `env`."""
+    return subprocess.run([str(BIN / "tidegate"), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
 class RayHead(NamedTuple):
     dashboard: str  # http://127.0.0.1:PORT: the job API (tidegate submit, jobs)
     gcs: str  # 127.0.0.1:PORT: what drivers connect to (--address)

@@ -5,14 +5,12 @@ vLLM engine, Kafka and Delta."""
 
 from __future__ import annotations
 
-import subprocess
-
 import httpx
 import polars as pl
 import pytest
 
 from connectors.broker import free_port
-from tests.conftest import BIN, REPO, event, make_spec, send, started_ray_head, write_spec
+from tests.conftest import event, make_spec, send, started_ray_head, tidegate_cli, write_spec
 
 pytestmark = pytest.mark.slow
 
@@ -23,11 +21,6 @@ def ray_head():
         yield head
 
 
-def _tidegate(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "tidegate"), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
-
-
 def test_a_batch_job_runs_on_a_serve_applications_engines(tmp_path, broker, topic, tiny_model, ray_head, job_processes):
     port = free_port()
     overrides = {"serve.port": port, "serve.num_cpus": 1, "serve.auth": False, "pool.backend": "serve",
@@ -35,7 +28,7 @@ def test_a_batch_job_runs_on_a_serve_applications_engines(tmp_path, broker, topi
     spec = make_spec(tmp_path, broker, topic, tiny_model, **overrides)
     spec_path = write_spec(tmp_path, spec)
     name = spec["name"]
-    deployed = _tidegate(["serve", str(spec_path), "--address", ray_head.gcs], ray_head.env)
+    deployed = tidegate_cli(["serve", str(spec_path), "--address", ray_head.gcs], ray_head.env)
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
     try:
         send(broker, topic, (event(i) for i in range(60)))
@@ -76,4 +69,4 @@ def test_a_batch_job_runs_on_a_serve_applications_engines(tmp_path, broker, topi
         assert missing.wait(300) != 0
         assert "the Serve application 'no-such-app' does not answer on this Ray cluster" in missing.log()
     finally:
-        _tidegate(["serve", "stop", name, "--address", ray_head.gcs], ray_head.env, 120)  # the head goes next anyway
+        tidegate_cli(["serve", "stop", name, "--address", ray_head.gcs], ray_head.env, 120)  # the head goes next anyway

@@ -8,15 +8,9 @@ import subprocess
 import polars as pl
 import pytest
 
-from tests.conftest import BIN, REPO, event, make_spec, send, table_rows, wait_for, write_spec
+from tests.conftest import BIN, REPO, event, make_spec, send, table_rows, tidegate_cli, wait_for, write_spec
 
 pytestmark = pytest.mark.slow
-
-
-def _tidegate(args: list[str], env: dict, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "tidegate"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
 
 
 def test_tidegate_submit_runs_the_spec_on_the_cluster(tmp_path, broker, topic, tiny_model, ray_head):
@@ -25,18 +19,18 @@ def test_tidegate_submit_runs_the_spec_on_the_cluster(tmp_path, broker, topic, t
     spec = make_spec(tmp_path, broker, topic, tiny_model)
     spec_path = write_spec(tmp_path, spec)  # outside the repo: it must travel with the job
 
-    out = _tidegate(["submit", str(spec_path), "--address", address, "--until-drained", "--wait",
-                     "--submission-id", "tg-submit-1"], env)  # fmt: skip
+    out = tidegate_cli(["submit", str(spec_path), "--address", address, "--until-drained", "--wait",
+                        "--submission-id", "tg-submit-1"], env)  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert "tg-submit-1: SUCCEEDED" in out.stdout
 
     res = pl.read_delta(spec["sink"]["results"])
     assert sorted(res["id"].to_list()) == [f"e{i:06d}" for i in range(50)]
 
-    listing = _tidegate(["jobs", "list", "--address", address], env, 60)
+    listing = tidegate_cli(["jobs", "list", "--address", address], env, 60)
     assert "tg-submit-1" in listing.stdout and "SUCCEEDED" in listing.stdout
-    assert _tidegate(["jobs", "status", "tg-submit-1", "--address", address], env, 60).stdout.strip() == "SUCCEEDED"
-    logs = _tidegate(["jobs", "logs", "tg-submit-1", "--address", address], env, 60).stdout
+    assert tidegate_cli(["jobs", "status", "tg-submit-1", "--address", address], env, 60).stdout.strip() == "SUCCEEDED"
+    logs = tidegate_cli(["jobs", "logs", "tg-submit-1", "--address", address], env, 60).stdout
     assert "every partition is consumed to its end and committed" in logs
 
 
@@ -44,15 +38,15 @@ def test_the_job_api_refuses_calls_without_the_token(ray_head, tmp_path):
     address, env = ray_head.dashboard, ray_head.env
     # RAY_AUTH_MODE=disabled: Ray's client would otherwise send a token of its own (~/.ray/auth_token).
     without = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"} | {"RAY_AUTH_MODE": "disabled"}
-    out = _tidegate(["jobs", "list", "--address", address], without, 60)
+    out = tidegate_cli(["jobs", "list", "--address", address], without, 60)
     assert out.returncode == 2, out.stdout + out.stderr
     assert "requires its token (token authentication); RAY_AUTH_TOKEN is not set" in out.stderr
     wrong = dict(without, RAY_AUTH_TOKEN="not-the-token")
-    out = _tidegate(["jobs", "list", "--address", address], wrong, 60)
+    out = tidegate_cli(["jobs", "list", "--address", address], wrong, 60)
     assert out.returncode == 2 and "RAY_AUTH_TOKEN is set but the cluster refused it" in out.stderr
     assert "not-the-token" not in out.stdout + out.stderr
     named = dict(without, MY_RAY_TOKEN=env["RAY_AUTH_TOKEN"])  # --token-env names another variable
-    out = _tidegate(["jobs", "list", "--address", address, "--token-env", "MY_RAY_TOKEN"], named, 60)
+    out = tidegate_cli(["jobs", "list", "--address", address, "--token-env", "MY_RAY_TOKEN"], named, 60)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -72,9 +66,9 @@ def test_plain_ray_job_submit_and_stop(tmp_path, broker, topic, tiny_model, ray_
     assert out.returncode == 0, out.stdout + out.stderr
     # A long-running consumer: wait until it has committed everything, then stop it.
     wait_for(lambda: table_rows(spec["sink"]["results"]) == 30, 300, interval=1, what="the submitted job's results")
-    stop = _tidegate(["jobs", "stop", "tg-plain-1", "--address", address], env, 60)
+    stop = tidegate_cli(["jobs", "stop", "tg-plain-1", "--address", address], env, 60)
     assert stop.returncode == 0 and "stop requested" in stop.stdout
-    wait_for(lambda: _tidegate(["jobs", "status", "tg-plain-1", "--address", address], env, 60).stdout.strip()
+    wait_for(lambda: tidegate_cli(["jobs", "status", "tg-plain-1", "--address", address], env, 60).stdout.strip()
              in ("STOPPED", "SUCCEEDED"), 120, interval=1, what="the job to stop")  # fmt: skip
     assert table_rows(spec["sink"]["results"]) == 30
 
@@ -101,6 +95,6 @@ def test_the_python_api_submits_watches_and_stops_a_cluster_job(tmp_path, broker
 
 def test_submit_rejects_a_bad_spec_before_shipping(tmp_path, broker, topic, tiny_model):
     spec = make_spec(tmp_path, broker, topic, tiny_model, **{"pool.actors": 0})
-    out = _tidegate(["submit", str(write_spec(tmp_path, spec)), "--address", "http://127.0.0.1:9"], dict(os.environ), 60)
+    out = tidegate_cli(["submit", str(write_spec(tmp_path, spec)), "--address", "http://127.0.0.1:9"], dict(os.environ), 60)
     assert out.returncode == 2
     assert "pool.actors: Input should be greater than or equal to 1" in out.stderr
