@@ -33,6 +33,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from actors.remote import actor_error, cause, kill, on_driver_node, wait_started
 from compute.pricing import cost_fields
 from compute.totals import CommitTotals
+from connectors.maintenance import maintenance_round
 from connectors.results_topic import ResultsTopic
 from connectors.sink import Sink, open_sink
 from crypto.stage import EncryptionStage
@@ -183,12 +184,7 @@ class CommitWriter:
         self._commits += 1
         if every is None or maintain is None or self._commits % every:
             return
-        try:
-            report = maintain()
-            log.info("table maintenance after %d commits: %s", self._commits, {
-                role: (r["before"]["files"], r["after"]["files"], r["report"]["seconds"]) for role, r in report.items()})  # fmt: skip
-        except Exception as e:  # noqa: BLE001 - maintenance must never stop the job
-            log.warning("table maintenance failed (the next round tries again): %s", type(e).__name__)
+        maintenance_round(maintain, self._commits, "commit writer")
 
     def append_runs_row(self) -> None:
         """The runs-table row of the last commit (informational: a failure is logged, not raised)."""

@@ -10,6 +10,8 @@ request number: compute/online.py).
                                        table has not recorded yet
       find(route, offset)              -> (results, dead) already stored for that request, decrypted
       find_in(results, dead, route, offset)  the same, among stored rows not committed yet
+      maintain(commits)                one sink.maintenance round on the tables, with handles of its
+                                       own (it runs beside the appends, not between them)
 
 A group of requests is one append (jobs/serve.py batches them). Appends from several replicas
 are plain Delta appends (delta-rs retries them on conflict); a retried append whose answer was
@@ -23,6 +25,7 @@ import pyarrow.compute as pc
 
 from connectors.delta import DeltaSink
 from connectors.journal import app_id
+from connectors.maintenance import maintenance_round
 from crypto.reader import decrypt_table
 from crypto.stage import EncryptionStage
 from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA, with_columns_of
@@ -36,6 +39,7 @@ class AuditLog:
         self.run_id = run_id
         self.stored_results = encryption.stored_results_schema(RESULTS_SCHEMA)
         self.stored_dead = encryption.stored_dead_schema(DEAD_LETTER_SCHEMA)
+        self.spec = spec
         self.sink = DeltaSink.from_spec(spec)
         self.sink.use_schemas(self.stored_results, self.stored_dead)
 
@@ -76,6 +80,19 @@ class AuditLog:
         d = pa.concat_tables(dead) if dead else self.stored_dead.empty_table()
         self.sink.append_unpositioned(r, d, txn=(app, last))
         return r.num_rows + d.num_rows
+
+    def maintain(self, commits: int) -> dict | None:
+        """Compact, checkpoint and vacuum the tables (sink.maintenance; connectors/maintenance.py)
+        through a sink of its own, so the appends' handles are not held for the seconds a round
+        takes: a compaction that races an append is retried on a fresh snapshot and never drops a
+        row. Returns the round's report (None: it failed, logged)."""
+        def maintain() -> dict:
+            sink = DeltaSink.from_spec(self.spec)
+            sink.use_schemas(self.stored_results, self.stored_dead)
+            sink.open()
+            return sink.maintain()
+
+        return maintenance_round(maintain, commits, f"audit of {self.run_id}")
 
     def find(self, route: str, offset: int) -> tuple[pa.Table, pa.Table]:
         """The rows stored for request `offset` of `route` (an Idempotency-Key seen before),

@@ -3,8 +3,11 @@
     maintain_table(dt, policy, compact=, checkpoint=, vacuum=) -> MaintenanceReport
     table_health(dt) -> TableHealth (version, data files and bytes, log files and bytes)
 
+    maintenance_round(maintain, commits, writer)  one logged round of a sink's maintain(); never raises
+
 Used by the commit writer every `sink.maintenance.compact_every_commits` commits (between two of
-its own commits, so it never races itself) and by `tidegate maintain SPEC`.
+its own commits, so it never races itself), by each online endpoint replica every as many audit
+commits (beside its appends, on its own table handles: jobs/serve.py) and by `tidegate maintain SPEC`.
 
 Exactly once is untouched: compaction (OPTIMIZE) rewrites files with dataChange=false and keeps
 every application transaction (the positions and publish marks) in the log and its checkpoints;
@@ -101,4 +104,18 @@ def maintain_table(
         report.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         log.warning("maintenance of %s stopped: %s (the next round tries again)", dt.table_uri, report.error)
     report.seconds = round(time.monotonic() - t0, 3)
+    return report
+
+
+def maintenance_round(maintain, commits: int, writer: str) -> dict[str, Any] | None:
+    """One round of a sink's `maintain()` (DeltaSink.maintain: role -> before/after/report), logged
+    with each table's data files before and after; a failure is logged by its class and returns
+    None: maintenance never stops the writer that runs it (the next round tries again)."""
+    try:
+        report = maintain()
+    except Exception as e:  # noqa: BLE001 - maintenance must never stop a job or a replica
+        log.warning("%s: table maintenance failed (the next round tries again): %s", writer, type(e).__name__)
+        return None
+    log.info("%s: table maintenance after %d commits: %s", writer, commits, {
+        role: (r["before"]["files"], r["after"]["files"], r["report"]["seconds"]) for role, r in report.items()})  # fmt: skip
     return report

@@ -79,10 +79,16 @@ class _AuditBuffer:
     commit to the tables (group commit: the next append starts as soon as the previous one
     ended); journal: its group's fsync in the replica's journal (connectors/journal.py), the
     journaled groups committed every sink.commit_interval_s; buffered: an append every
-    sink.commit_interval_s, nobody waits."""
+    sink.commit_interval_s, nobody waits. Every sink.maintenance.compact_every_commits commits
+    to the tables, a maintenance round runs beside the appends (one at a time; a round still
+    running when the next is due skips that one): an endpoint that runs for days keeps its
+    tables' file count bounded as a batch job does."""
 
-    def __init__(self, audit, ack: str, interval_s: float, journal=None):
+    def __init__(self, audit, ack: str, interval_s: float, journal=None, compact_every_commits: int | None = None):
         self.audit = audit
+        self.compact_every_commits = compact_every_commits
+        self.commits = 0  # appends to the tables (a group, or a round of journaled groups)
+        self._maintaining: asyncio.Future | None = None
         self.durable = ack in ("durable", "journal")  # the request waits for its group's write
         self.journal = journal
         self.interval_s = interval_s
@@ -150,6 +156,8 @@ class _AuditBuffer:
         """One write for a group's rows; its waiting requests are released once it landed."""
         await asyncio.to_thread(self._write, pa.concat_tables([g[0] for g in group], promote_options="default"),
                                 pa.concat_tables([g[1] for g in group], promote_options="default"))  # fmt: skip
+        if self.journal is None:
+            self._committed()
         for _, _, fut in group:
             if fut is not None and not fut.done():
                 fut.set_result(None)
@@ -178,10 +186,21 @@ class _AuditBuffer:
         while True:
             await asyncio.sleep(self.interval_s)
             try:
-                await asyncio.to_thread(self.commit_journaled)
+                if await asyncio.to_thread(self.commit_journaled):
+                    self._committed()
             except Exception as e:  # noqa: BLE001 - the groups stay journaled: the next round retries
                 log.error("audit commit of journaled requests failed (%s); retrying in %.1fs", type(e).__name__,
                           self.interval_s)  # fmt: skip
+
+    def _committed(self) -> None:
+        """Count a commit to the tables; start a maintenance round when one is due."""
+        self.commits += 1
+        every = self.compact_every_commits
+        if every is None or self.commits % every:
+            return
+        if self._maintaining is not None and not self._maintaining.done():
+            return  # the last round still runs: this one is skipped, the next is due in `every`
+        self._maintaining = asyncio.ensure_future(asyncio.to_thread(self.audit.maintain, self.commits))
 
     async def drain(self) -> None:
         """Write what waits now (replica shutdown); a journal's groups are committed and the
@@ -344,7 +363,8 @@ class TidegateEndpoint:
             journal_dir = journal_directory(spec)
             replay_orphans(self.audit, journal_dir)  # before this replica answers anything
             journal = AuditJournal.create(journal_dir, self.run_id)
-        self.buffer = _AuditBuffer(self.audit, spec.serve.ack, spec.sink.commit_interval_s, journal)
+        self.buffer = _AuditBuffer(self.audit, spec.serve.ack, spec.sink.commit_interval_s, journal,
+                                   spec.sink.maintenance.compact_every_commits)  # fmt: skip
         self.verifier = None
         if spec.serve.auth:
             from crypto.api_keys import ApiKeyVerifier

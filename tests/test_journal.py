@@ -211,3 +211,35 @@ def test_pending_rows_are_found_for_an_idempotency_key(audit_env):
     assert r.column("id").to_pylist() == ["q7"]  # decrypted and r.column("output_text")[0].as_py().startswith("Answer for dana")
     assert d.num_rows == 0
     assert audit.find_in(stored_r, stored_d, "chat/completions", offset)[0].num_rows == 0
+
+
+@pytest.mark.parametrize("ack", ["durable", "journal"])
+def test_an_endpoints_audit_compacts_its_tables_beside_its_appends(audit_env, tmp_path, ack):
+    """sink.maintenance on the online path: every compact_every_commits commits to the tables the
+    replica's audit buffer (jobs/serve.py) starts a maintenance round beside its appends; the file
+    count stays bounded and every row is there once (the rounds raced the appends that followed)."""
+    from deltalake import DeltaTable
+
+    from jobs.serve import _AuditBuffer
+
+    env = audit_env
+    spec, audit = env["spec"], env["audit"]
+    journal = AuditJournal.create(tmp_path / "journals", "replica-m") if ack == "journal" else None
+    buffer = _AuditBuffer(audit, ack, 0.05, journal, compact_every_commits=3)
+    groups = [env["group"](f"m{i}a", f"m{i}b", f"m{i}c forbidden") for i in range(9)]
+
+    async def load():
+        for results, dead in groups:
+            await buffer.add(results, dead)
+            await asyncio.sleep(0.3 if journal else 0)  # journal: each group its own commit round
+        while buffer._maintaining is not None and not buffer._maintaining.done():
+            await asyncio.sleep(0.05)
+        await buffer.drain()
+
+    asyncio.run(load())
+    assert buffer.commits >= 6, buffer.commits
+    dt = DeltaTable(spec.sink.results)
+    assert "OPTIMIZE" in [h["operation"] for h in dt.history()]
+    assert len(dt.file_uris()) < buffer.commits
+    assert _ids(spec.sink.results, env["keyring"]) == sorted(f"m{i}{x}" for i in range(9) for x in "ab")
+    assert _ids(spec.sink.dead_letter, env["keyring"]) == sorted(f"m{i}c" for i in range(9))

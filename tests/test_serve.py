@@ -59,6 +59,7 @@ def endpoint(tmp_path_factory, broker):
         "serve": {"port": port, "num_cpus": 0.25, "limits": {"tokens_per_minute": 30000},
                   "request_timeout_s": 3, "idempotency_cache": 0},
         "sink.commit_interval_s": 0.2,
+        "sink.maintenance.compact_every_commits": 25,  # rounds beside the kill test's appends
         "source.kafka.max_message_bytes": 2**17,  # room for the token-budget test's long prompt
     })  # fmt: skip
     spec = parse_spec(spec_dict)
@@ -530,7 +531,8 @@ def test_journal_ack_answers_from_the_journal_and_a_killed_replicas_rows_are_rep
 
 def test_kill_9_of_a_replica_loses_no_acknowledged_audit_row(endpoint):
     """serve.ack durable: an answered request's rows were committed before the answer, so a
-    replica killed with SIGKILL mid-load loses none of them (it is last: the replica restarts)."""
+    replica killed with SIGKILL mid-load loses none of them (it is last: the replica restarts).
+    The replicas' table maintenance (a round every 25 commits) runs beside these appends."""
     import psutil
 
     pid = httpx.get(endpoint["url"] + "/readyz").json()["pid"]
@@ -558,5 +560,10 @@ def test_kill_9_of_a_replica_loses_no_acknowledged_audit_row(endpoint):
     codes = [code for _, code in outcomes if code != 200]
     assert answered and 429 not in codes, codes
     assert httpx.get(endpoint["url"] + "/readyz", timeout=30).json()["pid"] != pid  # a new replica answers
-    stored = {r["id"] for r in _rows(endpoint["spec"].sink.results, pl.col("id").is_in(answered))}
-    assert set(answered) <= stored, f"{len(set(answered) - stored)} acknowledged request(s) without a row"
+    stored = [r["id"] for r in _rows(endpoint["spec"].sink.results, pl.col("id").is_in(answered))]
+    assert set(answered) <= set(stored), f"{len(set(answered) - set(stored))} acknowledged request(s) without a row"
+    assert len(stored) == len(set(stored))
+    # The replicas compacted the tables beside these appends (sink.maintenance, every 25 commits).
+    from deltalake import DeltaTable
+
+    assert "OPTIMIZE" in [h["operation"] for h in DeltaTable(endpoint["spec"].sink.results).history()]
