@@ -13,12 +13,15 @@ application whose model, sampling, prompt chat/system or output schema differ fr
 
 Not here: room() (the replicas' engines also hold online traffic, and a handle call may reach any
 replica, so pool.max_batches_in_flight does not apply), and restarts (a stuck or dead replica is
-Serve's to replace; a batch it failed goes to the pool's quarantine as with any engine).
+Serve's to replace). A batch whose replica died under it is sent once more (Serve routes it to a
+living or replacement replica), as Ray retries an engine actor's call once; a second failure goes
+to the pool's quarantine as with any engine (a row that kills whatever runs it is isolated there).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Any
 
@@ -26,6 +29,8 @@ import pyarrow as pa
 
 from schemas.errors import EngineError
 from schemas.spec import SERVE_DEPLOYMENT, ModelSpec
+
+log = logging.getLogger(__name__)
 
 BACKPRESSURE_WAIT_S = 0.5  # the replicas' queues are full (serve.max_queued_requests): try again after this
 
@@ -43,6 +48,7 @@ class ServeEngine:
         except Exception:  # noqa: BLE001 - no such application (Serve raises KeyError): info() says so
             self.handle = None
         self._info: dict[str, Any] | None = None
+        self.batches_resent = 0  # batches sent again after their replica died (usage())
 
     async def info(self) -> dict[str, Any]:
         """The application's engine sizes, once it is checked to generate as this job's spec says."""
@@ -73,17 +79,28 @@ class ServeEngine:
     async def run_batch(self, requests: pa.Table) -> tuple[dict, pa.Table]:
         """One batch on the application's engines. Cancelled (pool.batch_timeout_s), the replica's
         call is cancelled too, which aborts the batch's rows in its engine."""
+        from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError
 
+        resent = False
         while True:
             try:  # a cancelled await cancels the call in the replica (Serve; tests/test_serve.py checks it)
                 return await self.handle.run_batch.remote(requests)
             except BackPressureError:  # the replicas' queues are full of online requests: wait, not fail
                 await asyncio.sleep(BACKPRESSURE_WAIT_S)
+            except RayActorError as e:  # the replica died (or is gone) while it held the batch
+                if resent:
+                    raise
+                resent = True
+                self.batches_resent += 1
+                log.warning("pool.backend serve: the replica running a batch of %d row(s) of application %r "
+                            "died (%s); sending the batch once more", requests.num_rows, self.app,
+                            type(e).__name__)  # fmt: skip
 
     def ping(self) -> int:
         return os.getpid()
 
     async def usage(self) -> dict[str, float]:
-        """One replica's engine usage (its online requests included)."""
-        return await self.handle.engine_usage.remote()
+        """One replica's engine usage (its online requests included), and this client's batches
+        sent again after their replica died."""
+        return {**await self.handle.engine_usage.remote(), "batches_resent": self.batches_resent}

@@ -18,7 +18,10 @@ Phases, for each server, in rounds alternating vllm, tidegate (the machine's dri
 
     python bench/serve_load.py [--clients 32] [--seconds 60] [--rounds 2] [--overhead-requests 200]
         [--ack durable|journal|buffered] [--engine-process separate|inline]
-        [--sides vllm,tidegate:inline:durable,tidegate:separate:journal,...]
+        [--sides vllm,tidegate:inline:durable,tidegate:separate:journal,tidegate:durable:gc0,...]
+
+Each tidegate run writes tables of its own (a table's log length costs each commit); the run's
+record has the results table's version after it (~ the audit's commits).
 
 Prints a summary and writes bench/results/serve_load-<UTC time>.json (every run is kept).
 Run by hand; not a test.
@@ -155,7 +158,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--sides", default="vllm,tidegate",
                     help="which servers, in each round's order; a tidegate side may set serve.engine_process, "
-                         "serve.ack and serve.ingress: tidegate:inline, tidegate:separate:durable, tidegate:proxy, ...")  # fmt: skip
+                         "serve.ack, serve.ingress and serve.group_commit_ms (gcN): tidegate:inline, tidegate:separate:durable, "
+                         "tidegate:proxy, tidegate:durable:gc0, ...")  # fmt: skip
     ap.add_argument("--engine-process", default="separate", choices=["separate", "inline"],
                     help="tidegate's serve.engine_process where a side does not say")
     ap.add_argument("--ack", default="durable", choices=["durable", "journal", "buffered"],
@@ -216,8 +220,12 @@ def main() -> None:
                 engine_process = next((o for o in opts if o in ("inline", "separate")), a.engine_process)
                 ack = next((o for o in opts if o in ("durable", "journal", "buffered")), a.ack)
                 ingress = next((o for o in opts if o in ("haproxy", "proxy")), a.ingress)
+                lake = work / f"lake-{side.replace(':', '-')}-{rnd}"  # each run its own tables (a log's length costs each commit)
+                group_ms = next((float(o[2:]) for o in opts if o.startswith("gc")), None)  # e.g. gc100
+                serve_keys = {} if group_ms is None else {"group_commit_ms": group_ms}
                 s = {**spec, "serve": {**spec["serve"], "port": port, "engine_process": engine_process, "ack": ack,
-                                       "ingress": ingress}}  # fmt: skip
+                                       "ingress": ingress, **serve_keys},
+                     "sink": {**spec["sink"], "results": str(lake / "results"), "dead_letter": str(lake / "dead")}}  # fmt: skip
                 path = work / f"spec-{rnd}.yaml"
                 path.write_text(yaml.safe_dump(s))
                 cmd = [sys.executable, "-m", "jobs.cli", "serve", str(path)]
@@ -234,6 +242,10 @@ def main() -> None:
             finally:
                 stop(proc)
             run = {"round": rnd, "side": side, "start_s": round(start_s, 1), "load": load, "overhead": over}
+            if side != "vllm":  # the results table version after the run: ~ the audit's commits (and maintenance rounds)
+                from deltalake import DeltaTable
+
+                run["results_table_version"] = DeltaTable(str(lake / "results")).version()
             runs.append(run)
             print(f"round {rnd} {side:17s} load {load['requests_per_s']:7.2f} req/s {load['output_tokens_per_s']:8.1f} tok/s "
                   f"p50/p95/p99 {load['latency_ms']['p50']}/{load['latency_ms']['p95']}/{load['latency_ms']['p99']} ms "

@@ -77,15 +77,19 @@ def _error(code: int, kind: str, message: str, **extra) -> dict:
 class _AuditBuffer:
     """Rows waiting for the audit; one write per group. durable: a request awaits its group's
     commit to the tables (group commit: the next append starts as soon as the previous one
-    ended); journal: its group's fsync in the replica's journal (connectors/journal.py), the
+    ended, or serve.group_commit_ms later if requests came in while it ran); journal: its group's fsync in the replica's journal (connectors/journal.py), the
     journaled groups committed every sink.commit_interval_s; buffered: an append every
     sink.commit_interval_s, nobody waits. Every sink.maintenance.compact_every_commits commits
     to the tables, a maintenance round runs beside the appends (one at a time; a round still
     running when the next is due skips that one): an endpoint that runs for days keeps its
     tables' file count bounded as a batch job does."""
 
-    def __init__(self, audit, ack: str, interval_s: float, journal=None, compact_every_commits: int | None = None):
+    def __init__(self, audit, ack: str, interval_s: float, journal=None, compact_every_commits: int | None = None,
+                 group_commit_s: float = 0.0):  # fmt: skip
         self.audit = audit
+        # ack durable: the wait before a commit when requests came in while the last one ran
+        self.group_commit_s = group_commit_s if ack == "durable" else 0.0
+        self._loaded = False  # requests reached the buffer while the last write ran
         self.compact_every_commits = compact_every_commits
         self.commits = 0  # appends to the tables (a group, or a round of journaled groups)
         self._maintaining: asyncio.Future | None = None
@@ -166,6 +170,8 @@ class _AuditBuffer:
         while True:
             if self.durable:
                 await self._wake.wait()
+                if self._loaded and self.group_commit_s:  # under load: let more requests join this commit
+                    await asyncio.sleep(self.group_commit_s)
             else:
                 await asyncio.sleep(self.interval_s)
             self._wake.clear()
@@ -174,6 +180,7 @@ class _AuditBuffer:
                 continue
             try:
                 await self._write_group(group)
+                self._loaded = bool(self._pending)
             except Exception as e:  # noqa: BLE001 - the store failed after its retries
                 log.error("audit append failed (%s): %d request(s)", type(e).__name__, len(group))
                 if not self.durable:  # nobody was told it failed: keep the rows for the next append
@@ -364,7 +371,8 @@ class TidegateEndpoint:
             replay_orphans(self.audit, journal_dir)  # before this replica answers anything
             journal = AuditJournal.create(journal_dir, self.run_id)
         self.buffer = _AuditBuffer(self.audit, spec.serve.ack, spec.sink.commit_interval_s, journal,
-                                   spec.sink.maintenance.compact_every_commits)  # fmt: skip
+                                   spec.sink.maintenance.compact_every_commits,
+                                   spec.serve.group_commit_ms / 1000)  # fmt: skip
         self.verifier = None
         if spec.serve.auth:
             from crypto.api_keys import ApiKeyVerifier

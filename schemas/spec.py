@@ -749,6 +749,13 @@ class ServeSpec(_Strict):
         "sink.commit_interval_s, replayed by the next replica started there after a crash; buffered: answer at "
         "once, rows committed every sink.commit_interval_s (a replica killed meanwhile loses them).",
     )
+    group_commit_ms: float = Field(
+        default=100, ge=0, le=10_000,
+        description="ack durable: when requests reached the audit while its last commit ran (the replica is "
+        "under load), the next commit waits this long for more to join it: fewer, larger commits (each costs "
+        "the replica tens of ms of CPU and the tables a file and a log entry); a request of a replica that is "
+        "not under load never waits for it. 0: each commit starts as soon as the previous one ended.",
+    )  # fmt: skip
     journal_dir: str | None = Field(
         default=None,
         description="ack journal: where replicas keep their journals (a local path; <journal_dir>/<job name>/). "

@@ -419,6 +419,53 @@ def test_a_batch_pool_waits_out_a_full_application_queue(endpoint, caplog):
         pool.shutdown()
 
 
+def test_a_batch_pool_sends_a_batch_again_when_its_replica_dies(endpoint, caplog):
+    """A replica of the "pair" application is killed (SIGKILL, by PID) while it runs a batch
+    pool's batch: the batch is sent once more, to the other or a new replica, and comes back
+    whole, without the pool's quarantine (as Ray retries a dead engine actor's call once)."""
+    import psutil
+    import pyarrow as pa
+    import ray
+
+    from actors.pool import EnginePool
+    from compute.validation import Validator
+    from schemas.records import REQUEST_SCHEMA
+
+    spec = endpoint["pair_spec"]
+    pids: set[int] = set()
+    deadline = time.monotonic() + 30
+    while len(pids) < 2:  # both replicas' PIDs (a readyz reaches either)
+        assert time.monotonic() < deadline, pids
+        pids.add(httpx.get(endpoint["pair_url"] + "/readyz", timeout=10).json()["pid"])
+    pool_spec = spec.pool.model_copy(update={"backend": "serve", "batches_in_flight": 1})
+    pool = EnginePool(spec.model_copy(update={"pool": pool_spec}), json_schema=Validator(spec).json_schema)
+    pool.start()
+    try:
+        n = 3
+        requests = pa.table({"id": [f"d{i}" for i in range(n)], "prompt": [f"slow row {i}" for i in range(n)],
+                             "source_topic": ["t"] * n, "source_partition": [0] * n, "source_offset": list(range(n)),
+                             "received_ns": [0] * n, "attempt": [1] * n, "first_prompt": [None] * n,
+                             "context": [None] * n, "tenant": [None] * n, "max_tokens": [None] * n},
+                            schema=REQUEST_SCHEMA)  # fmt: skip
+        pool.submit(requests, n, "batch-d")
+        time.sleep(0.7)  # inside the replica's 1.5 s "slow" answer
+        for pid in pids:
+            psutil.Process(pid).kill()  # the replicas this test module started (by PID)
+        finished = []
+        deadline = time.monotonic() + 90
+        while not finished:
+            assert time.monotonic() < deadline, "the batch never came back"
+            finished = pool.collect(0.5)
+        (tag, completions), = finished
+        rows = ray.get(completions.ref).to_pylist()
+        assert [r["output_text"] for r in rows] == [f"slow row {i}" for i in range(n)]
+        assert pool.usage()[0]["batches_resent"] == 1  # the kill landed while the replica held the batch
+        assert "quarantined" not in caplog.text
+    finally:
+        pool.shutdown()
+    assert httpx.get(endpoint["pair_url"] + "/readyz", timeout=30).json()["pid"] not in pids  # replaced
+
+
 def test_health_and_metrics(endpoint):
     from tests.conftest import wait_for
 
