@@ -122,3 +122,34 @@ def test_tidegate_maintain_reports_before_and_after(tmp_path):
     assert out.exit_code == 0, out.output
     assert "results" in out.output and "8 -> 1" in out.output
     assert table_health(DeltaTable(spec["sink"]["dead_letter"])).files == 1
+
+
+def test_a_log_retention_of_a_fraction_of_an_hour_is_what_delta_rs_cleans_by(tmp_path):
+    """sink.maintenance.log_retention_hours below an hour is written in seconds, a form delta-rs
+    parses (an interval it could not parse would leave the log to Delta's 30 days): with two
+    seconds (below what a spec may set, as bench/maintenance.py does), the log files before an
+    expired checkpoint are gone after the next round, the positions and rows stay."""
+    import os
+    import time
+
+    import pytest
+    from pydantic import ValidationError
+
+    assert MaintenanceSpec(log_retention_hours=0.25).table_properties()["delta.logRetentionDuration"] == "interval 900 seconds"
+    assert MaintenanceSpec(log_retention_hours=2).table_properties()["delta.logRetentionDuration"] == "interval 2 hours"
+    with pytest.raises(ValidationError, match="log_retention_hours"):
+        MaintenanceSpec(log_retention_hours=0.01)
+    policy = MaintenanceSpec.model_construct(**{**MaintenanceSpec().model_dump(), "log_retention_hours": 2 / 3600})
+    sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}, maintenance=policy)
+    sink.open()
+    sink.load_positions([TP0])
+    assert DeltaTable(str(tmp_path / "res")).metadata().configuration["delta.logRetentionDuration"] == "interval 2 seconds"
+    commit_many(sink, 0, 20)
+    sink.maintain(compact=False, vacuum=False)  # a checkpoint at version 20
+    time.sleep(3)  # ... which expires
+    commit_many(sink, 20, 5)
+    sink.maintain(compact=False, vacuum=False)
+    log_dir = tmp_path / "res" / "_delta_log"
+    assert sorted(f for f in os.listdir(log_dir) if f.endswith(".json"))[0] >= f"{20:020d}.json"
+    assert pl.read_delta(str(tmp_path / "res")).height == 25 * 2
+    assert DeltaTable(str(tmp_path / "res")).transaction_version(txn_app_id("job", TP0)) == 25 * 3 - 1
