@@ -77,9 +77,10 @@ def _error(code: int, kind: str, message: str, **extra) -> dict:
 class _AuditBuffer:
     """Rows waiting for the audit; one write per group. durable: a request awaits its group's
     commit to the tables (group commit: the next append starts as soon as the previous one
-    ended, or serve.group_commit_ms later if requests came in while it ran); journal: its group's fsync in the replica's journal (connectors/journal.py), the
-    journaled groups committed every sink.commit_interval_s; buffered: an append every
-    sink.commit_interval_s, nobody waits. Every sink.maintenance.compact_every_commits commits
+    ended, or serve.group_commit_ms later if requests came in while it ran); journal: its
+    group's fsync in the replica's journal (connectors/journal.py), the journaled groups
+    committed every sink.commit_interval_s; buffered: an append every sink.commit_interval_s,
+    nobody waits. Every sink.maintenance.compact_every_commits commits
     to the tables, a maintenance round runs beside the appends (one at a time; a round still
     running when the next is due skips that one): an endpoint that runs for days keeps its
     tables' file count bounded as a batch job does."""
