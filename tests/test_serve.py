@@ -346,37 +346,47 @@ def test_the_default_ingress_is_haproxy_in_front_of_the_replicas(endpoint):
     assert httpx.get(f"{endpoint['url']}/healthz", timeout=10).status_code == 200
 
 
+def _batch(prompts: list[str], id_prefix: str, first_offset: int = 0):
+    """A batch pool's input (REQUEST_SCHEMA) of these prompts."""
+    import pyarrow as pa
+
+    from schemas.records import REQUEST_SCHEMA
+
+    n = len(prompts)
+    return pa.table({"id": [f"{id_prefix}{i}" for i in range(n)], "prompt": prompts, "source_topic": ["t"] * n,
+                     "source_partition": [0] * n, "source_offset": list(range(first_offset, first_offset + n)),
+                     "received_ns": [0] * n, "attempt": [1] * n, "first_prompt": [None] * n, "context": [None] * n,
+                     "tenant": [None] * n, "max_tokens": [None] * n}, schema=REQUEST_SCHEMA)  # fmt: skip
+
+
+def _one_batch_back(pool, timeout_s: float = 90) -> tuple:
+    """(tag, completion rows) of the one batch a pool was given."""
+    import ray
+
+    finished = []
+    deadline = time.monotonic() + timeout_s
+    while not finished:
+        assert time.monotonic() < deadline, "the batch never came back"
+        finished = pool.collect(0.5)
+    (tag, completions), = finished
+    return tag, ray.get(completions.ref).to_pylist()
+
+
 def test_a_batch_pool_on_the_application_isolates_a_row_that_hangs_its_engine(endpoint):
     """pool.backend serve through the pool's own machinery (handle calls over gRPC, as Serve's
     throughput-optimized mode makes them): a row that hangs the application's engine runs past
     pool.batch_timeout_s, the pool's cancel reaches the replica, the row ends as engine_hang and
     the rest of its batch completes."""
-    import pyarrow as pa
-    import ray
-
     from actors.pool import EnginePool
     from compute.validation import Validator
-    from schemas.records import REQUEST_SCHEMA
 
     spec = endpoint["spec"]
     pool_spec = spec.pool.model_copy(update={"backend": "serve", "batch_timeout_s": 1.5, "max_attempts": 1})
     pool = EnginePool(spec.model_copy(update={"pool": pool_spec}), json_schema=Validator(spec).json_schema)
     pool.start()
     try:
-        prompts = ["first", "second", "please hang", "fourth"]
-        n = len(prompts)
-        requests = pa.table({"id": [f"r{i}" for i in range(n)], "prompt": prompts, "source_topic": ["t"] * n,
-                             "source_partition": [0] * n, "source_offset": list(range(n)), "received_ns": [0] * n,
-                             "attempt": [1] * n, "first_prompt": [None] * n, "context": [None] * n,
-                             "tenant": [None] * n, "max_tokens": [None] * n}, schema=REQUEST_SCHEMA)  # fmt: skip
-        pool.submit(requests, n, "batch-1")
-        finished = []
-        deadline = time.monotonic() + 90
-        while not finished:
-            assert time.monotonic() < deadline, "the batch never came back"
-            finished = pool.collect(0.5)
-        (tag, completions), = finished
-        rows = ray.get(completions.ref).to_pylist()
+        pool.submit(_batch(["first", "second", "please hang", "fourth"], "r"), 4, "batch-1")
+        tag, rows = _one_batch_back(pool)
         assert tag == "batch-1" and [r["error_class"] for r in rows] == [None, None, "engine_hang", None]
         assert [r["output_text"] for r in rows if r["error_class"] is None] == ["first", "second", "fourth"]
         # The hanging row ran past the timeout on its own part, alone, twice: each call was cancelled in the replica.
@@ -389,12 +399,10 @@ def test_a_batch_pool_waits_out_a_full_application_queue(endpoint, caplog):
     """The "small" application takes one request and queues one (serve.max_ongoing_requests,
     max_queued_requests): a batch pool with four batches at once is refused by Serve for two of
     them, and sends them again, instead of failing them into quarantine."""
-    import pyarrow as pa
     import ray
 
     from actors.pool import EnginePool
     from compute.validation import Validator
-    from schemas.records import REQUEST_SCHEMA
 
     spec = endpoint["small_spec"]
     pool_spec = spec.pool.model_copy(update={"backend": "serve", "batches_in_flight": 4})
@@ -402,11 +410,7 @@ def test_a_batch_pool_waits_out_a_full_application_queue(endpoint, caplog):
     pool.start()
     try:
         for b in range(4):
-            requests = pa.table({"id": [f"q{b}"], "prompt": [f"slow batch {b}"], "source_topic": ["t"],
-                                 "source_partition": [0], "source_offset": [b], "received_ns": [0], "attempt": [1],
-                                 "first_prompt": [None], "context": [None], "tenant": [None], "max_tokens": [None]},
-                                schema=REQUEST_SCHEMA)  # fmt: skip
-            pool.submit(requests, 1, b)
+            pool.submit(_batch([f"slow batch {b}"], f"q{b}-", first_offset=b), 1, b)
         finished = []
         deadline = time.monotonic() + 60
         while len(finished) < 4:
@@ -424,12 +428,9 @@ def test_a_batch_pool_sends_a_batch_again_when_its_replica_dies(endpoint, caplog
     pool's batch: the batch is sent once more, to the other or a new replica, and comes back
     whole, without the pool's quarantine (as Ray retries a dead engine actor's call once)."""
     import psutil
-    import pyarrow as pa
-    import ray
 
     from actors.pool import EnginePool
     from compute.validation import Validator
-    from schemas.records import REQUEST_SCHEMA
 
     spec = endpoint["pair_spec"]
     pids: set[int] = set()
@@ -442,22 +443,12 @@ def test_a_batch_pool_sends_a_batch_again_when_its_replica_dies(endpoint, caplog
     pool.start()
     try:
         n = 3
-        requests = pa.table({"id": [f"d{i}" for i in range(n)], "prompt": [f"slow row {i}" for i in range(n)],
-                             "source_topic": ["t"] * n, "source_partition": [0] * n, "source_offset": list(range(n)),
-                             "received_ns": [0] * n, "attempt": [1] * n, "first_prompt": [None] * n,
-                             "context": [None] * n, "tenant": [None] * n, "max_tokens": [None] * n},
-                            schema=REQUEST_SCHEMA)  # fmt: skip
+        requests = _batch([f"slow row {i}" for i in range(n)], "d")
         pool.submit(requests, n, "batch-d")
         time.sleep(0.7)  # inside the replica's 1.5 s "slow" answer
         for pid in pids:
             psutil.Process(pid).kill()  # the replicas this test module started (by PID)
-        finished = []
-        deadline = time.monotonic() + 90
-        while not finished:
-            assert time.monotonic() < deadline, "the batch never came back"
-            finished = pool.collect(0.5)
-        (tag, completions), = finished
-        rows = ray.get(completions.ref).to_pylist()
+        _, rows = _one_batch_back(pool)
         assert [r["output_text"] for r in rows] == [f"slow row {i}" for i in range(n)]
         assert pool.usage()[0]["batches_resent"] == 1  # the kill landed while the replica held the batch
         assert "quarantined" not in caplog.text
