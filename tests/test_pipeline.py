@@ -198,14 +198,16 @@ def test_unreachable_broker_is_one_clear_error_before_the_engines_load(tmp_path,
 
 
 def test_long_outputs_let_one_engine_hold_more_batches_up_to_max_batches_in_flight(tmp_path, broker, topic, tiny_model, job_processes):
-    """One row in four decodes 96 tokens, the rest 2 (per-row budgets, EOS ignored): the short rows
+    """One row in four decodes 320 tokens, the rest 2 (per-row budgets, EOS ignored): the short rows
     leave the engine's running set (max_num_seqs 8) at once, the long ones keep their batches of 8
     inside, and the engine says it has room: the pool sends more batches than batches_in_flight, up
-    to max_batches_in_flight. Capped at batches_in_flight, it never does. Every event once, either way."""
+    to max_batches_in_flight. Capped at batches_in_flight, it never does. Every event once, either way.
+    (The long rows' length is the window in which the driver sees the room before their batches end:
+    with 96 tokens a loaded machine once missed it.)"""
     import re
 
-    n = 96
-    send(broker, topic, (event(i, budget=96 if i % 4 == 0 else 2) for i in range(n)))
+    n, long_tokens = 96, 320
+    send(broker, topic, (event(i, budget=long_tokens if i % 4 == 0 else 2) for i in range(n)))
     peaks = {}
     for name, cap in (("default", None), ("capped", 2)):
         (tmp_path / name).mkdir()
@@ -219,7 +221,7 @@ def test_long_outputs_let_one_engine_hold_more_batches_up_to_max_batches_in_flig
         res = read(spec["sink"]["results"])
         assert sorted(res["id"].to_list()) == [f"e{i:06d}" for i in range(n)]
         budgets = res.select((pl.col("id").str.slice(1).cast(pl.Int64) % 4 == 0).alias("long"), "completion_tokens")
-        assert budgets.filter("long")["completion_tokens"].unique().to_list() == [96]
+        assert budgets.filter("long")["completion_tokens"].unique().to_list() == [long_tokens]
         assert budgets.filter(~pl.col("long"))["completion_tokens"].unique().to_list() == [2]
         found = re.search(r"engine batches at once\W+at most (\d+)", job.log())
         assert found, job.log()[-3000:]
