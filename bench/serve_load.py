@@ -168,6 +168,8 @@ def main() -> None:
                     help="tidegate's serve.ingress where a side does not say")
     a = ap.parse_args()
 
+    from deltalake import DeltaTable
+
     from crypto.keyring import Keyring, LocalMasterKeyProvider
     from jobs.tiny_model import build_tiny_model
 
@@ -243,8 +245,6 @@ def main() -> None:
                 stop(proc)
             run = {"round": rnd, "side": side, "start_s": round(start_s, 1), "load": load, "overhead": over}
             if side != "vllm":  # the results table version after the run: ~ the audit's commits (and maintenance rounds)
-                from deltalake import DeltaTable
-
                 run["results_table_version"] = DeltaTable(str(lake / "results")).version()
             runs.append(run)
             print(f"round {rnd} {side:17s} load {load['requests_per_s']:7.2f} req/s {load['output_tokens_per_s']:8.1f} tok/s "

@@ -80,10 +80,10 @@ class _AuditBuffer:
     ended, or serve.group_commit_ms later if requests came in while it ran); journal: its
     group's fsync in the replica's journal (connectors/journal.py), the journaled groups
     committed every sink.commit_interval_s; buffered: an append every sink.commit_interval_s,
-    nobody waits. Every sink.maintenance.compact_every_commits commits
-    to the tables, a maintenance round runs beside the appends (one at a time; a round still
-    running when the next is due skips that one): an endpoint that runs for days keeps its
-    tables' file count bounded as a batch job does."""
+    nobody waits. Every sink.maintenance.compact_every_commits commits to the tables, a
+    maintenance round runs beside the appends (one at a time; a round still running when the
+    next is due skips that one): an endpoint that runs for days keeps its tables' file count
+    bounded as a batch job does."""
 
     def __init__(self, audit, ack: str, interval_s: float, journal=None, compact_every_commits: int | None = None,
                  group_commit_s: float = 0.0):  # fmt: skip
