@@ -21,7 +21,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import (
-    ColumnProperties, CommitProperties, DeltaTable, Field, QueryBuilder, Transaction, WriterProperties, write_deltalake,
+    ColumnProperties, CommitProperties, DeltaTable, Field, PostCommitHookProperties, QueryBuilder, Transaction,
+    WriterProperties, write_deltalake,
 )  # fmt: skip
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
@@ -46,6 +47,16 @@ def txn_app_id(job_name: str, tp: TopicPartition, source_kind: str = "kafka") ->
 # (30-80 ms) per this many commits.
 REOPEN_AFTER_COMMITS = 100
 
+# delta-rs's post-commit hook, left to its default, cleans up expired log files after *every*
+# commit, and to find them it lists the whole `_delta_log` (on a local disk: a stat of every file
+# in it). Measured (docs/performance.md, bench/delta_commits.py): a 10-row append to a table of
+# 2,000 versions cost ~2x what it did at 100 versions with it, and stayed flat without it. Delta's
+# own writers clean up after a checkpoint (every 100 commits by default); an append here asks for
+# the cleanup on its table's first commit in this process and every this many after, and the
+# table's own properties (delta.logRetentionDuration, delta.enableExpiredLogCleanup) still decide
+# what goes. A maintenance round (connectors/maintenance.py) cleans up after its checkpoint too.
+LOG_CLEANUP_EVERY_COMMITS = 100
+
 
 class _Table:
     """One Delta table with a fixed schema, created on first use."""
@@ -59,11 +70,15 @@ class _Table:
         self.binding_role = binding_role  # results | dead_letter: tables whose values are bound (crypto/binding.py)
         self._dt: DeltaTable | None = None
         self._commits = 0  # appends through the current handle
+        self._appends = 0  # appends through this object, every handle (for the log cleanup)
         self.configuration: dict[str, str] = {}  # table properties a new table is created with
         self.partition_by: list[str] = []
         self.writer_properties: WriterProperties | None = None
 
-    def open(self) -> DeltaTable:
+    def open(self, refresh: bool = True) -> DeltaTable:
+        """The table's handle, brought up to its latest version unless `refresh` is False (an append
+        that needs no newer view of the table: delta-rs checks a commit against every commit it
+        did not see, as it would those landing during the write)."""
         if self._commits >= REOPEN_AFTER_COMMITS:
             self._dt, self._commits = None, 0
         if self._dt is None:
@@ -81,7 +96,7 @@ class _Table:
                 raise SinkSchemaError(f"{self.role} table {self.uri} is partitioned by {have or 'nothing'}, the spec "
                                       f"says {self.partition_by or 'nothing'} (partitioning is fixed at creation)")  # fmt: skip
             self._check_schema(self._dt)
-        else:
+        elif refresh:
             self._dt.update_incremental()
         return self._dt
 
@@ -123,17 +138,25 @@ class _Table:
             tp[0].replace("'", "''"), int(tp[1]), int(low), int(high))  # fmt: skip
         return pa.table(QueryBuilder().register("t", self.open()).execute(f"SELECT {columns} FROM t WHERE {where}").read_all())
 
-    def append(self, rows: pa.Table, txns: list[Transaction]) -> None:
+    def append(self, rows: pa.Table, txns: list[Transaction], refresh: bool = True) -> None:
+        """One commit of `rows`. `refresh=False`: a blind append (rows no source position covers),
+        written on the handle as it is; a commit it did not see still fails a conflicting one."""
         if "processed_date" in self.schema.names and "processed_date" not in rows.column_names:
             rows = rows.append_column("processed_date", pc.cast(rows.column("processed_at"), pa.date32()))
+        clean_log = self._appends % LOG_CLEANUP_EVERY_COMMITS == 0
         write_deltalake(
-            self.open(),
+            self.open(refresh=refresh),
             rows.select(self.schema.names).cast(self.schema),
             mode="append",
             commit_properties=CommitProperties(app_transactions=txns),
             writer_properties=self.writer_properties,
+            # None: the table's delta.enableExpiredLogCleanup decides (delta-rs's default)
+            post_commithook_properties=PostCommitHookProperties(
+                create_checkpoint=True, cleanup_expired_logs=None if clean_log else False
+            ),
         )
         self._commits += 1
+        self._appends += 1
 
 
 def writer_properties(parquet: ParquetSpec, stats_columns: list[str]) -> WriterProperties:
@@ -306,7 +329,8 @@ class DeltaSink:
         res_txns = [Transaction(self._app(tp), last) for tp, last in positions.items()]
         marks, self._marks = self._marks, {}
         res_txns += [Transaction(app, version) for app, version in marks.items()]
-        self._append(self.results, results, res_txns, positions)
+        # The fence has just read the results table: the commit's own check covers what lands after.
+        self._append(self.results, results, res_txns, positions, refresh=False)
         for tp, last in positions.items():
             self._results_pos[tp] = last
 
@@ -316,9 +340,9 @@ class DeltaSink:
         `txn` (app id, version): recorded with each table's rows (an audit journal's progress)."""
         txns = [Transaction(*txn)] if txn is not None else []
         if dead.num_rows:
-            self._append(self.dead_letter, dead, txns, {})
+            self._append(self.dead_letter, dead, txns, {}, refresh=False)
         if results.num_rows:
-            self._append(self.results, results, txns, {})
+            self._append(self.results, results, txns, {}, refresh=False)
 
     def audit_versions(self, app_id: str) -> tuple[int | None, int | None]:
         """(results, dead letters) version of application transaction `app_id`, as the tables are now."""
@@ -329,7 +353,7 @@ class DeltaSink:
             out.append(dt.transaction_version(app_id))
         return out[0], out[1]
 
-    def _append(self, table: _Table, rows: pa.Table, txns: list[Transaction], positions) -> None:
+    def _append(self, table: _Table, rows: pa.Table, txns: list[Transaction], positions, refresh: bool = True) -> None:
         """One table's commit, retried on store errors (OSError, DeltaError) with backoff.
 
         A try whose answer was lost may have landed, so before each new try the table is read
@@ -358,7 +382,7 @@ class DeltaSink:
                     last = e
                     continue
             try:
-                self._write(table, rows, txns)
+                self._write(table, rows, txns, refresh)
                 return
             except CommitFailedError as e:
                 # A concurrent commit of the same application transaction: someone else owns it now.
@@ -372,8 +396,8 @@ class DeltaSink:
             f"(sink.write_attempts={self.write_attempts}); last error: {_first_line(last)}"
         ) from None
 
-    def _write(self, table: _Table, rows: pa.Table, txns: list[Transaction]) -> None:
-        table.append(rows, txns)
+    def _write(self, table: _Table, rows: pa.Table, txns: list[Transaction], refresh: bool = True) -> None:
+        table.append(rows, txns, refresh)
 
     def _write_marker(self) -> Transaction:
         """appId tidegate/<job>/write/<id of this writer process's sink>, version = its write count."""

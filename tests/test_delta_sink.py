@@ -175,3 +175,65 @@ def test_the_table_handle_is_reopened_every_so_many_commits(sink, tmp_path, monk
     assert len({id(h) for h in handles}) >= 3  # reopened at least twice in 7 commits
     assert sink.load_positions([TP0]) == {TP0: 6}
     assert pl.read_delta(str(tmp_path / "res")).height == 7
+
+
+def _log_versions(table_dir) -> list[int]:
+    import os
+
+    return sorted(int(f.split(".")[0]) for f in os.listdir(table_dir / "_delta_log") if f.endswith(".json"))
+
+
+def test_expired_log_files_go_every_so_many_appends_not_after_each(tmp_path, monkeypatch):
+    """delta-rs's default post-commit hook lists the whole log after every commit to clean it up;
+    an append asks for the cleanup on its first commit and every LOG_CLEANUP_EVERY_COMMITS after
+    (docs/lakehouse.md). The table's retention still decides what goes: here 1 second, with a
+    checkpoint every 5 versions (a table's properties, set as an operator would)."""
+    import time
+
+    import connectors.delta as delta
+
+    monkeypatch.setattr(delta, "LOG_CLEANUP_EVERY_COMMITS", 10)
+    sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {})
+    sink.results.configuration = {"delta.logRetentionDuration": "interval 1 seconds", "delta.checkpointInterval": "5"}
+    sink.results.open()  # version 0
+    res = tmp_path / "res"
+
+    def appends(first: int, n: int) -> None:
+        for o in range(first, first + n):
+            sink.append_unpositioned(results([o]), dead([]))
+
+    appends(0, 10)  # versions 1-10, checkpoints at 4 and 9; the first append's cleanup found nothing expired
+    assert _log_versions(res)[0] == 0
+    time.sleep(1.5)
+    appends(10, 4)  # the 11th append cleans up to the last checkpoint (9); the next three do not
+    assert _log_versions(res)[0] == 9
+    time.sleep(1.5)  # versions 9-14 expire, a checkpoint was made at 14
+    appends(14, 5)  # appends 15-19 (versions 15-19, a checkpoint at 19): no cleanup
+    assert _log_versions(res)[0] == 9
+    time.sleep(1.5)
+    appends(19, 2)  # the 21st cleans again, to the checkpoint at 19
+    assert _log_versions(res)[0] == 19
+    assert sorted(pl.read_delta(str(res))["source_offset"].to_list()) == list(range(21))
+
+
+def test_blind_appends_of_two_writers_on_stale_handles_land_every_row_once(tmp_path):
+    """The online endpoint's audit (append_unpositioned) writes on its handle as it is, without
+    reading the log first: another replica's commits in between are checked at commit time, as
+    commits landing during the write would be. Both writers' rows land once each, and a commit
+    carrying an application transaction another writer committed meanwhile still fails."""
+    a = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {})
+    b = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {})
+    a.open()
+    b.open()
+    for i in range(6):  # a writes 3 in a row, then b (3 versions behind), ...
+        writer = a if (i // 3) % 2 == 0 else b
+        for j in range(3):
+            o = i * 3 + j
+            writer.append_unpositioned(results([o]), dead([o + 1000]))
+    got = pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list()
+    assert sorted(got) == list(range(18))
+    assert sorted(pl.read_delta(str(tmp_path / "dl"))["source_offset"].to_list()) == [o + 1000 for o in range(18)]
+    a.append_unpositioned(results([100]), dead([]), txn=("tidegate/job/journal/x", 1))
+    with pytest.raises(PartitionFencedError):  # b has not seen a's transaction; its commit's check has
+        b.append_unpositioned(results([101]), dead([]), txn=("tidegate/job/journal/x", 2))
+    assert 101 not in pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list()
