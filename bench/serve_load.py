@@ -19,6 +19,7 @@ Phases, for each server, in rounds alternating vllm, tidegate (the machine's dri
     python bench/serve_load.py [--clients 32] [--seconds 60] [--rounds 2] [--overhead-requests 200]
         [--ack durable|journal|buffered] [--engine-process separate|inline]
         [--sides vllm,tidegate:inline:durable,tidegate:separate:journal,tidegate:durable:gc0,...]
+        [--code before=/path/to/checkout --sides vllm,tidegate:durable@before,tidegate:durable]
 
 Each tidegate run writes tables of its own (a table's log length costs each commit); the run's
 record has the results table's version after it (~ the audit's commits).
@@ -116,6 +117,14 @@ async def _load(url: str, headers: dict, body_of, clients: int, seconds: float |
     }  # fmt: skip
 
 
+def _head(path: str) -> dict:
+    """The commit a checkout is at, and whether its tracked files differ from it."""
+    git = ["git", "-C", path]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return {"path": path, "commit": head, "uncommitted_changes": bool(dirty.stdout.strip())}
+
+
 def write_result(out: dict, summary: dict) -> Path:
     """bench/results/<out["bench"]>-<UTC time>.json (every run is kept); prints the summary."""
     dest = REPO / "bench" / "results" / f"{out['bench']}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
@@ -166,7 +175,11 @@ def main() -> None:
                     help="tidegate's serve.ack")
     ap.add_argument("--ingress", default="haproxy", choices=["haproxy", "proxy"],
                     help="tidegate's serve.ingress where a side does not say")
+    ap.add_argument("--code", default="",
+                    help="NAME=PATH,...: other Tidegate checkouts a tidegate side may run from (@NAME), "
+                         "e.g. --code before=/tmp/base --sides vllm,tidegate:durable@before,tidegate:durable")  # fmt: skip
     a = ap.parse_args()
+    codes = {name: str(Path(path).resolve()) for name, path in (item.split("=", 1) for item in a.code.split(",") if item)}
 
     from deltalake import DeltaTable
 
@@ -217,8 +230,10 @@ def main() -> None:
                        str(port), "--dtype", "float32", "--enforce-eager"]  # fmt: skip
                 headers = {}
                 ready = f"http://127.0.0.1:{port}/v1/models"
+                cwd = str(REPO)
             else:
-                opts = side.split(":")[1:]  # e.g. tidegate:inline:durable
+                side_name, _, code_name = side.partition("@")  # e.g. tidegate:durable@before
+                opts = side_name.split(":")[1:]  # e.g. tidegate:inline:durable
                 engine_process = next((o for o in opts if o in ("inline", "separate")), a.engine_process)
                 ack = next((o for o in opts if o in ("durable", "journal", "buffered")), a.ack)
                 ingress = next((o for o in opts if o in ("haproxy", "proxy")), a.ingress)
@@ -231,10 +246,11 @@ def main() -> None:
                 path = work / f"spec-{rnd}.yaml"
                 path.write_text(yaml.safe_dump(s))
                 cmd = [sys.executable, "-m", "jobs.cli", "serve", str(path)]
+                cwd = codes[code_name] if code_name else str(REPO)  # its jobs/ and every module its Ray workers import
                 headers = {"Authorization": f"Bearer {token}"}
                 ready = f"http://127.0.0.1:{port}/readyz"
             with open(log, "wb") as fh:
-                proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
             try:
                 start_s = wait_ready(ready, proc, log)
                 url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -268,7 +284,8 @@ def main() -> None:
         }  # fmt: skip
     out = {
         "bench": "serve_load", "at": datetime.now(timezone.utc).isoformat(), "machine": {"cpus": os.cpu_count()},
-        "args": vars(a), "sampling": {**sampling, "logit_bias_end_token": 4.0}, "runs": runs, "summary": summary,
+        "args": vars(a), "code": {name: _head(path) for name, path in {"this tree": str(REPO), **codes}.items()},
+        "sampling": {**sampling, "logit_bias_end_token": 4.0}, "runs": runs, "summary": summary,
     }  # fmt: skip
     write_result(out, summary)
 
