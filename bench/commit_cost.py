@@ -10,9 +10,9 @@ other in one run (as is, cleaned, as is again):
                checkpoint (delta-rs's own cleanup_metadata with a zero retention);
 
 for each: milliseconds per commit of `--commits` more commits through the job's DeltaSink
-(positions included), and a polars full read. Local disk only; why a long log costs each commit
-is not established here (listing the log folder, which a local disk does in full, is the likely
-reading).
+(positions included), and a polars full read. Local disk only. Why a long log costs each commit
+(every commit lists the log folder, which a local disk does in full) and what that costs per log
+file, code against code: bench/delta_commits.py.
 
     python bench/commit_cost.py --table /tmp/tgm-day [--commits 150]
 """
