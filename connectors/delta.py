@@ -47,14 +47,14 @@ def txn_app_id(job_name: str, tp: TopicPartition, source_kind: str = "kafka") ->
 # (30-80 ms) per this many commits.
 REOPEN_AFTER_COMMITS = 100
 
-# delta-rs's post-commit hook, left to its default, cleans up expired log files after *every*
-# commit, and to find them it lists the whole `_delta_log` (on a local disk: a stat of every file
-# in it). Measured (docs/performance.md, bench/delta_commits.py): a 10-row append to a table of
-# 2,000 versions cost ~2x what it did at 100 versions with it, and stayed flat without it. Delta's
-# own writers clean up after a checkpoint (every 100 commits by default); an append here asks for
-# the cleanup on its table's first commit in this process and every this many after, and the
-# table's own properties (delta.logRetentionDuration, delta.enableExpiredLogCleanup) still decide
-# what goes. A maintenance round (connectors/maintenance.py) cleans up after its checkpoint too.
+# delta-rs's post-commit hook, left to its default, searches the log for expired files after *every*
+# commit, listing the whole `_delta_log` (on a local disk: a stat of every file in it) even when
+# nothing can expire. Delta's own writers clean up after checkpoints; an append here asks for the
+# cleanup on its table's first commit in this process and every this many after, and the table's
+# properties (delta.logRetentionDuration, delta.enableExpiredLogCleanup) still decide what goes;
+# a maintenance round (connectors/maintenance.py) cleans up after its checkpoint too. With the
+# handle refresh a blind append no longer makes, each log file costs a commit half what it did
+# (bench/delta_commits.py, docs/performance.md).
 LOG_CLEANUP_EVERY_COMMITS = 100
 
 
