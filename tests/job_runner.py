@@ -72,15 +72,15 @@ def flaky_sink(spec, failures: int | None) -> DeltaSink:
     class FlakyDeltaSink(DeltaSink):
         failed = 0
 
-        def _write(self, table, rows, txns):
+        def _write(self, table, rows, txns, refresh=True):
             if failures is None:
                 raise OSError("injected store failure (the store is down)")
             if self.failed < failures:
                 self.failed += 1
                 if self.failed % 2 == 0:
-                    super()._write(table, rows, txns)  # landed, but the answer is lost
+                    super()._write(table, rows, txns, refresh)  # landed, but the answer is lost
                 raise OSError(f"injected store failure {self.failed} of {failures}")
-            super()._write(table, rows, txns)
+            super()._write(table, rows, txns, refresh)
 
     return FlakyDeltaSink.from_spec(spec)
 
