@@ -92,12 +92,14 @@ class ApiKeyVerifier:
     def __init__(self, keyring):
         self.keyring = keyring
         self._verified: dict[bytes, Principal] = {}
+        self._records = keyring.api_keys()  # the records the verified tokens were checked against
 
     def verify(self, token: str) -> Principal:
         """The token's tenant; AuthError (unknown, revoked or wrong secret: one message for all,
         so an answer tells a caller nothing about which keys exist)."""
-        if self.keyring.refresh():  # a key was created or revoked since: verify again
-            self._verified.clear()
+        self.keyring.refresh()  # one stat; a re-read file gives new records
+        if self.keyring.api_keys() is not self._records:
+            self._forget_changed_keys()
         digest = hashlib.sha256(token.encode()).digest()
         hit = self._verified.get(digest)
         if hit is not None:
@@ -111,3 +113,13 @@ class ApiKeyVerifier:
             self._verified.clear()
         self._verified[digest] = principal
         return principal
+
+    def _forget_changed_keys(self) -> None:
+        """The keyring file changed: a token stays verified only while its key's record (tenant,
+        salt, hash, state) is what it was checked against. Most writes leave the API keys alone
+        (the encryption's usage counters rewrite a shared keyring every few seconds, a rotation
+        adds a tenant key): those cost no key its verification, which is an scrypt (tens of ms
+        of CPU) on the request's path."""
+        before, self._records = self._records, self.keyring.api_keys()
+        self._verified = {digest: p for digest, p in self._verified.items()
+                          if self._records.get(p.key_id) == before.get(p.key_id)}  # fmt: skip

@@ -47,6 +47,40 @@ def test_api_keys_are_stored_hashed(tmp_path):
         v.verify(token)
 
 
+def test_a_verified_key_stays_verified_through_keyring_writes_that_leave_it_alone(tmp_path, monkeypatch):
+    """The encryption's usage counters and its rotations rewrite a keyring the API keys share;
+    a verified token is checked again (an scrypt on the request's path) only when its own key's
+    record changed. Revocation still takes effect at the next request."""
+    import crypto.api_keys as api_keys
+    from crypto.keyring import Keyring, LocalMasterKeyProvider
+    from schemas.errors import AuthError
+
+    kr = Keyring.init(tmp_path / "k.json", LocalMasterKeyProvider(key=secrets.token_bytes(32)))
+    kr.create_tenant("acme")
+    _, acme = kr.create_api_key("acme")
+    _, globex = kr.create_api_key("globex")
+    derivations = []  # scrypt runs of the verifier
+    real = api_keys.verify_record
+    monkeypatch.setattr(api_keys, "verify_record", lambda *a: derivations.append(1) or real(*a))
+    v = api_keys.ApiKeyVerifier(Keyring.open(tmp_path / "k.json"))
+    assert (v.verify(acme).tenant, v.verify(globex).tenant) == ("acme", "globex")
+    assert len(derivations) == 2
+    kr.record_usage({("acme", 1): 5})  # what a replica's encryption writes every few seconds
+    kr.rotate("acme")
+    _, later = kr.create_api_key("acme")  # another key: the two verified ones are unchanged
+    assert (v.verify(acme).tenant, v.verify(globex).tenant) == ("acme", "globex")
+    assert len(derivations) == 2
+    kr.revoke_api_keys("acme")  # both of acme's keys
+    with pytest.raises(AuthError):
+        v.verify(acme)
+    with pytest.raises(AuthError):
+        v.verify(later)
+    assert v.verify(globex).tenant == "globex" and len(derivations) == 2
+    kr.revoke_api_keys("globex")
+    with pytest.raises(AuthError):
+        v.verify(globex)
+
+
 def test_the_example_serve_spec_parses_and_sizes_the_deployment():
     from pathlib import Path
 

@@ -1,0 +1,104 @@
+"""Benchmark: what an online replica's API key check costs after keyring writes, code against code.
+
+A replica verifies a request's `Authorization: Bearer` key with scrypt once and then remembers it
+(crypto/api_keys.py). The keyring file it reads is, by default, the encryption's keyring too, which
+the replica itself rewrites: usage counters at most every 10 s under traffic (crypto/stage.py),
+a rotation when a key reaches its limit. Each leg, in a child process importing that checkout's
+`crypto`, makes a keyring with `--keys` API keys (one tenant each), verifies them all, then
+`--rounds-per-leg` times: writes usage counters (nothing about API keys changes) and verifies every
+key again, timing that pass (the CPU a replica's event loop spends before those requests go on).
+Also timed: the same pass after a new API key is created (the verified keys are unchanged), and
+one remembered verify.
+
+    python bench/api_key_verify.py --code before=/path/to/checkout,now=. [--keys 10]
+
+Prints a line per leg and writes bench/results/api_key_verify-<UTC time>.json. Run by hand; not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def leg(code: Path, keys: int, passes: int) -> dict:
+    sys.path.insert(0, str(code))
+    from crypto.api_keys import ApiKeyVerifier
+    from crypto.keyring import Keyring, LocalMasterKeyProvider
+
+    path = Path(tempfile.mkdtemp(prefix="tg-api-keys-")) / "keyring.json"
+    kr = Keyring.init(path, LocalMasterKeyProvider(key=secrets.token_bytes(32)))
+    kr.create_tenant("acme")
+    tokens = [kr.create_api_key(f"tenant{i}")[1] for i in range(keys)]
+    verifier = ApiKeyVerifier(Keyring.open(path))
+
+    def verify_all() -> float:
+        t0 = time.perf_counter()
+        for token in tokens:
+            verifier.verify(token)
+        return (time.perf_counter() - t0) * 1e3
+
+    first = verify_all()
+    after_usage = []
+    for _ in range(passes):
+        kr.record_usage({("acme", 1): 5})  # what the replica's encryption writes
+        after_usage.append(verify_all())
+    kr.create_api_key("newcomer")
+    after_new_key = verify_all()
+    remembered = []
+    for _ in range(200):
+        t0 = time.perf_counter()
+        verifier.verify(tokens[0])
+        remembered.append((time.perf_counter() - t0) * 1e6)
+    return {"keys": keys, "first_pass_ms": round(first, 2), "after_usage_write_ms": [round(x, 2) for x in after_usage],
+            "after_new_key_ms": round(after_new_key, 2), "remembered_verify_us_median": round(statistics.median(remembered), 1)}  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--code", default="now=.", help="NAME=PATH,... checkouts to compare (PATH: a Tidegate repo root)")
+    ap.add_argument("--keys", type=int, default=10)
+    ap.add_argument("--passes", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--leg", metavar="PATH", help=argparse.SUPPRESS)  # the child's side
+    args = ap.parse_args()
+    if args.leg:
+        print(json.dumps(leg(Path(args.leg).resolve(), args.keys, args.passes)))
+        return 0
+
+    codes = dict(item.split("=", 1) for item in args.code.split(","))
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    result = {"bench": "api_key_verify", "started": stamp, "codes": {}, "legs": []}
+    for name, path in codes.items():
+        head = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", path, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()  # fmt: skip
+        result["codes"][name] = {"path": str(Path(path).resolve()), "commit": head.stdout.strip(),
+                                 "uncommitted_changes": bool(dirty)}  # fmt: skip
+    out = REPO / "bench" / "results" / f"api_key_verify-{stamp}.json"
+    for rnd in range(1, args.rounds + 1):
+        for name, path in codes.items():
+            cmd = [sys.executable, __file__, "--leg", path, "--keys", str(args.keys), "--passes", str(args.passes)]
+            got = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            got.update(round=rnd, code=name)
+            result["legs"].append(got)
+            out.write_text(json.dumps(result, indent=2))
+            print(f"round {rnd} {name:8} {got['keys']} keys: first pass {got['first_pass_ms']} ms; after a usage write "
+                  f"{got['after_usage_write_ms']} ms; after a new key {got['after_new_key_ms']} ms; a remembered "
+                  f"verify {got['remembered_verify_us_median']} us", flush=True)  # fmt: skip
+    print(f"wrote {out.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
