@@ -21,7 +21,6 @@ import argparse
 import json
 import secrets
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -76,23 +75,18 @@ def main() -> int:
         print(json.dumps(leg(Path(args.leg).resolve(), args.keys, args.passes)))
         return 0
 
-    codes = dict(item.split("=", 1) for item in args.code.split(","))
+    sys.path.insert(0, str(REPO))
+    from bench.checkouts import commit_of, parse_codes, run_leg
+
+    codes = parse_codes(args.code)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    result = {"bench": "api_key_verify", "started": stamp, "codes": {}, "legs": []}
-    for name, path in codes.items():
-        head = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", path, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()  # fmt: skip
-        result["codes"][name] = {"path": str(Path(path).resolve()), "commit": head.stdout.strip(),
-                                 "uncommitted_changes": bool(dirty)}  # fmt: skip
+    result = {"bench": "api_key_verify", "started": stamp,
+              "codes": {name: commit_of(path) for name, path in codes.items()}, "legs": []}  # fmt: skip
     out = REPO / "bench" / "results" / f"api_key_verify-{stamp}.json"
     for rnd in range(1, args.rounds + 1):
         for name, path in codes.items():
             cmd = [sys.executable, __file__, "--leg", path, "--keys", str(args.keys), "--passes", str(args.passes)]
-            got = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-            got.update(round=rnd, code=name)
-            result["legs"].append(got)
-            out.write_text(json.dumps(result, indent=2))
+            got = run_leg(cmd, result, out, round=rnd, code=name)
             print(f"round {rnd} {name:8} {got['keys']} keys: first pass {got['first_pass_ms']} ms; after a usage write "
                   f"{got['after_usage_write_ms']} ms; after a new key {got['after_new_key_ms']} ms; a remembered "
                   f"verify {got['remembered_verify_us_median']} us", flush=True)  # fmt: skip

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -90,26 +89,20 @@ def main() -> int:
         print(json.dumps(leg(Path(args.leg[0]).resolve(), args.leg[1], args.commits, args.window)))
         return 0
 
-    codes = dict(item.split("=", 1) for item in args.code.split(","))
+    sys.path.insert(0, str(REPO))
+    from bench.checkouts import commit_of, parse_codes, run_leg
+
+    codes = parse_codes(args.code)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    result = {"bench": "delta_commits", "started": stamp, "codes": {}, "commits": args.commits,
-              "window": args.window, "legs": []}  # fmt: skip
-    for name, path in codes.items():
-        head = subprocess.run(["git", "-C", path, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", path, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()  # fmt: skip
-        result["codes"][name] = {"path": str(Path(path).resolve()), "commit": head.stdout.strip(),
-                                 "uncommitted_changes": bool(dirty)}  # fmt: skip
+    result = {"bench": "delta_commits", "started": stamp, "codes": {name: commit_of(path) for name, path in codes.items()},
+              "commits": args.commits, "window": args.window, "legs": []}  # fmt: skip
     out = REPO / "bench" / "results" / f"delta_commits-{stamp}.json"
     for rnd in range(1, args.rounds + 1):
         for mode in args.modes.split(","):
             for name, path in codes.items():
                 cmd = [sys.executable, __file__, "--leg", path, mode, "--commits", str(args.commits),
                        "--window", str(args.window)]  # fmt: skip
-                got = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-                got.update(round=rnd, code=name)
-                result["legs"].append(got)
-                out.write_text(json.dumps(result, indent=2))  # after every leg
+                got = run_leg(cmd, result, out, round=rnd, code=name)
                 first, last = got["windows"][0], got["windows"][-1]
                 print(f"round {rnd} {mode:5} {name:8} mean {got['wall_ms_mean']:6.2f} ms (cpu {got['cpu_ms_mean']:6.2f}); "
                       f"commits {first['commits']}: {first['wall_ms_mean']:6.2f} ms, {last['commits']}: "

@@ -51,6 +51,8 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.checkouts import commit_of, parse_codes  # noqa: E402
+
 PROMPTS = [
     "Summarise the customer's complaint about a late parcel in two sentences.",
     "Write a short, polite reply to a customer asking for a refund.",
@@ -117,14 +119,6 @@ async def _load(url: str, headers: dict, body_of, clients: int, seconds: float |
     }  # fmt: skip
 
 
-def _head(path: str) -> dict:
-    """The commit a checkout is at, and whether its tracked files differ from it."""
-    git = ["git", "-C", path]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-    return {"path": path, "commit": head, "uncommitted_changes": bool(dirty.stdout.strip())}
-
-
 def write_result(out: dict, summary: dict) -> Path:
     """bench/results/<out["bench"]>-<UTC time>.json (every run is kept); prints the summary."""
     dest = REPO / "bench" / "results" / f"{out['bench']}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
@@ -179,7 +173,7 @@ def main() -> None:
                     help="NAME=PATH,...: other Tidegate checkouts a tidegate side may run from (@NAME), "
                          "e.g. --code before=/tmp/base --sides vllm,tidegate:durable@before,tidegate:durable")  # fmt: skip
     a = ap.parse_args()
-    codes = {name: str(Path(path).resolve()) for name, path in (item.split("=", 1) for item in a.code.split(",") if item)}
+    codes = {name: str(Path(path).resolve()) for name, path in parse_codes(a.code).items()}
 
     from deltalake import DeltaTable
 
@@ -284,7 +278,7 @@ def main() -> None:
         }  # fmt: skip
     out = {
         "bench": "serve_load", "at": datetime.now(timezone.utc).isoformat(), "machine": {"cpus": os.cpu_count()},
-        "args": vars(a), "code": {name: _head(path) for name, path in {"this tree": str(REPO), **codes}.items()},
+        "args": vars(a), "code": {name: commit_of(path) for name, path in {"this tree": str(REPO), **codes}.items()},
         "sampling": {**sampling, "logit_bias_end_token": 4.0}, "runs": runs, "summary": summary,
     }  # fmt: skip
     write_result(out, summary)
