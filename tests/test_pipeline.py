@@ -198,15 +198,16 @@ def test_unreachable_broker_is_one_clear_error_before_the_engines_load(tmp_path,
 
 
 def test_long_outputs_let_one_engine_hold_more_batches_up_to_max_batches_in_flight(tmp_path, broker, topic, tiny_model, job_processes):
-    """One row in four decodes 320 tokens, the rest 2 (per-row budgets, EOS ignored): the short rows
+    """One row in four decodes 448 tokens, the rest 2 (per-row budgets, EOS ignored): the short rows
     leave the engine's running set (max_num_seqs 8) at once, the long ones keep their batches of 8
     inside, and the engine says it has room: the pool sends more batches than batches_in_flight, up
     to max_batches_in_flight. Capped at batches_in_flight, it never does. Every event once, either way.
-    (The long rows' length is the window in which the driver sees the room before their batches end:
-    with 96 tokens a loaded machine once missed it.)"""
+    (The long rows' length is the window in which the driver must see the room, render a batch and
+    send it before their batches end: with 96 and then 320 tokens a loaded CI machine missed it, once
+    each, with a peak of 2; 448 is about all the tiny model's 512-token context leaves a row.)"""
     import re
 
-    n, long_tokens = 96, 320
+    n, long_tokens = 64, 448
     send(broker, topic, (event(i, budget=long_tokens if i % 4 == 0 else 2) for i in range(n)))
     peaks = {}
     for name, cap in (("default", None), ("capped", 2)):
