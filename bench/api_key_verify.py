@@ -5,7 +5,7 @@ A replica verifies a request's `Authorization: Bearer` key with scrypt once and 
 the replica itself rewrites: usage counters at most every 10 s under traffic (crypto/stage.py),
 a rotation when a key reaches its limit. Each leg, in a child process importing that checkout's
 `crypto`, makes a keyring with `--keys` API keys (one tenant each), verifies them all, then
-`--rounds-per-leg` times: writes usage counters (nothing about API keys changes) and verifies every
+`--passes` times: writes usage counters (nothing about API keys changes) and verifies every
 key again, timing that pass (the CPU a replica's event loop spends before those requests go on).
 Also timed: the same pass after a new API key is created (the verified keys are unchanged), and
 one remembered verify.

@@ -117,7 +117,7 @@ class ApiKeyVerifier:
     def _forget_changed_keys(self) -> None:
         """The keyring file changed: a token stays verified only while its key's record (tenant,
         salt, hash, state) is what it was checked against. Most writes leave the API keys alone
-        (the encryption's usage counters rewrite a shared keyring every few seconds, a rotation
+        (the encryption's usage counters rewrite a shared keyring at most every 10 s, a rotation
         adds a tenant key): those cost no key its verification, which is an scrypt (tens of ms
         of CPU) on the request's path."""
         before, self._records = self._records, self.keyring.api_keys()
