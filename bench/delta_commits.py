@@ -10,12 +10,14 @@ to a fresh table on a local disk, the way Tidegate's writers do:
   `serve.ack: durable`, docs/serving.md).
 
 The tables get the sink's default policy (`log_retention_hours` 24: nothing expires during a run,
-as on a table's first day) and no maintenance round runs. Reported per window of `--window`
+as on a table's first day; `--checkpoint-intervals 100,20`: legs with each
+`sink.maintenance.checkpoint_interval`) and no maintenance round runs. Reported per window of `--window`
 commits: wall ms per commit (mean, p95) and the child's CPU ms per commit (every thread of it,
 delta-rs's included), and the log's file count at the end. Legs alternate the codes, `--rounds`
 times; the JSON under bench/results/ keeps every leg.
 
     python bench/delta_commits.py --code before=/tmp/base,now=. [--commits 3000] [--rounds 2]
+        [--checkpoint-intervals 100,20]
 """
 
 from __future__ import annotations
@@ -34,15 +36,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def leg(code: Path, mode: str, commits: int, window: int) -> dict:
+def leg(code: Path, mode: str, commits: int, window: int, checkpoint_interval: int | None = None) -> dict:
     """One leg, in this (child) process: `code`'s sink, a fresh table, `commits` commits."""
     sys.path.insert(0, str(code))
     from connectors.delta import DeltaSink
     from schemas.records import DEAD_LETTER_SCHEMA
+    from schemas.spec import MaintenanceSpec
     from tests.conftest import results_table
 
     root = Path(tempfile.mkdtemp(prefix="tg-delta-commits-"))
-    sink = DeltaSink("bench", str(root / "results"), str(root / "dead_letter"), {})
+    maintenance = MaintenanceSpec(checkpoint_interval=checkpoint_interval) if checkpoint_interval else None
+    sink = DeltaSink("bench", str(root / "results"), str(root / "dead_letter"), {}, maintenance=maintenance)
     sink.open()
     tp = ("t", 0)
     sink.load_positions([tp])
@@ -71,7 +75,7 @@ def leg(code: Path, mode: str, commits: int, window: int) -> dict:
         })  # fmt: skip
     log_files = len(os.listdir(root / "results" / "_delta_log"))
     shutil.rmtree(root)
-    return {"mode": mode, "commits": commits, "wall_ms_mean": round(statistics.fmean(walls) * 1e3, 2),
+    return {"mode": mode, "commits": commits, "checkpoint_interval": sink.maintenance.checkpoint_interval, "wall_ms_mean": round(statistics.fmean(walls) * 1e3, 2),
             "cpu_ms_mean": round(statistics.fmean(cpus) * 1e3, 2), "log_files_at_end": log_files,
             "windows": windows}  # fmt: skip
 
@@ -83,10 +87,13 @@ def main() -> int:
     ap.add_argument("--commits", type=int, default=3000)
     ap.add_argument("--window", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--checkpoint-intervals", default="",
+                    help="N,...: legs with each sink.maintenance.checkpoint_interval (default: the sink's)")
     ap.add_argument("--leg", nargs=2, metavar=("PATH", "MODE"), help=argparse.SUPPRESS)  # the child's side
     args = ap.parse_args()
     if args.leg:
-        print(json.dumps(leg(Path(args.leg[0]).resolve(), args.leg[1], args.commits, args.window)))
+        ck = int(args.checkpoint_intervals) if args.checkpoint_intervals else None
+        print(json.dumps(leg(Path(args.leg[0]).resolve(), args.leg[1], args.commits, args.window, ck)))
         return 0
 
     sys.path.insert(0, str(REPO))
@@ -100,13 +107,15 @@ def main() -> int:
     for rnd in range(1, args.rounds + 1):
         for mode in args.modes.split(","):
             for name, path in codes.items():
-                cmd = [sys.executable, __file__, "--leg", path, mode, "--commits", str(args.commits),
-                       "--window", str(args.window)]  # fmt: skip
-                got = run_leg(cmd, result, out, round=rnd, code=name)
-                first, last = got["windows"][0], got["windows"][-1]
-                print(f"round {rnd} {mode:5} {name:8} mean {got['wall_ms_mean']:6.2f} ms (cpu {got['cpu_ms_mean']:6.2f}); "
-                      f"commits {first['commits']}: {first['wall_ms_mean']:6.2f} ms, {last['commits']}: "
-                      f"{last['wall_ms_mean']:6.2f} ms; log files {got['log_files_at_end']}", flush=True)  # fmt: skip
+                for ck in args.checkpoint_intervals.split(",") if args.checkpoint_intervals else [""]:
+                    cmd = [sys.executable, __file__, "--leg", path, mode, "--commits", str(args.commits),
+                           "--window", str(args.window), "--checkpoint-intervals", ck]  # fmt: skip
+                    got = run_leg(cmd, result, out, round=rnd, code=name)
+                    first, last = got["windows"][0], got["windows"][-1]
+                    print(f"round {rnd} {mode:5} {name:8} checkpoint every {got['checkpoint_interval']:4} "
+                          f"mean {got['wall_ms_mean']:6.2f} ms (cpu {got['cpu_ms_mean']:6.2f}); "
+                          f"commits {first['commits']}: {first['wall_ms_mean']:6.2f} ms, {last['commits']}: "
+                          f"{last['wall_ms_mean']:6.2f} ms; log files {got['log_files_at_end']}", flush=True)  # fmt: skip
     print(f"wrote {out.relative_to(REPO)}")
     return 0
 

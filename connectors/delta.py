@@ -41,10 +41,14 @@ def txn_app_id(job_name: str, tp: TopicPartition, source_kind: str = "kafka") ->
     return f"tidegate/{job_name}/{source_kind}/{tp[0]}/{tp[1]}"
 
 
-# A DeltaTable handle kept across commits grows with every update_incremental (~0.1 MB per commit
-# of a small table, checkpoints notwithstanding: measured in the soak, where the commit writer grew
-# ~16 MB/min); a fresh handle loads from the last checkpoint. Reopening costs one table open
-# (30-80 ms) per this many commits.
+# A DeltaTable handle kept across commits carries every commit it made or read since it was loaded,
+# and each commit on it costs more for them (~0.15 ms of CPU per commit carried, on a local disk:
+# a commit 100 commits after the handle's load costs ~3x one right after it; the handle's memory
+# grew too, ~0.1 MB per commit in the soak); a fresh handle loads from the last checkpoint in a
+# few ms (~6 ms for the results table right after one, more for each commit after it it must
+# replay). So a handle is replaced once the table has a checkpoint newer than the handle's load
+# (every delta.checkpointInterval commits: sink.maintenance.checkpoint_interval), or after this
+# many commits through it when checkpoints are rarer (bench/delta_commits.py, docs/performance.md).
 REOPEN_AFTER_COMMITS = 100
 
 # delta-rs's post-commit hook, left to its default, searches the log for expired files after *every*
@@ -70,6 +74,8 @@ class _Table:
         self.binding_role = binding_role  # results | dead_letter: tables whose values are bound (crypto/binding.py)
         self._dt: DeltaTable | None = None
         self._commits = 0  # appends through the current handle
+        self._loaded_version = 0  # the table version the current handle was loaded at
+        self._checkpoint_every = 100  # the table's delta.checkpointInterval, read at each load
         self._appends = 0  # appends through this object, every handle (for the log cleanup)
         self.configuration: dict[str, str] = {}  # table properties a new table is created with
         self.partition_by: list[str] = []
@@ -79,8 +85,12 @@ class _Table:
         """The table's handle, brought up to its latest version unless `refresh` is False (an append
         that needs no newer view of the table: delta-rs checks a commit against every commit it
         did not see, as it would those landing during the write)."""
-        if self._commits >= REOPEN_AFTER_COMMITS:
-            self._dt, self._commits = None, 0
+        if self._dt is not None and refresh:
+            self._dt.update_incremental()
+        if self._dt is not None and self._worn():
+            # Dropped at an open, never between a refreshed read and the append after it (that
+            # append's open has refresh False, and nothing moved the handle since the read).
+            self._dt = None
         if self._dt is None:
             try:
                 self._dt = DeltaTable(self.uri, storage_options=self.storage_options)
@@ -96,9 +106,15 @@ class _Table:
                 raise SinkSchemaError(f"{self.role} table {self.uri} is partitioned by {have or 'nothing'}, the spec "
                                       f"says {self.partition_by or 'nothing'} (partitioning is fixed at creation)")  # fmt: skip
             self._check_schema(self._dt)
-        elif refresh:
-            self._dt.update_incremental()
+            self._commits, self._loaded_version = 0, self._dt.version()
+            self._checkpoint_every = int(self._dt.metadata().configuration.get("delta.checkpointInterval") or 100)
         return self._dt
+
+    def _worn(self) -> bool:
+        """The handle has passed a checkpoint since its load (a fresh one starts from it), or has
+        made REOPEN_AFTER_COMMITS commits."""
+        every = max(self._checkpoint_every, 1)
+        return self._dt.version() // every > self._loaded_version // every or self._commits >= REOPEN_AFTER_COMMITS
 
     def _check_schema(self, dt: DeltaTable) -> None:
         have = {f.name: f.type for f in pa.schema(dt.schema().to_arrow())}
@@ -258,7 +274,7 @@ class DeltaSink:
                 except (CommitFailedError, DeltaError) as e:  # another writer committed meanwhile: not needed for correctness
                     log.warning("%s table %s: table properties not updated now (%s)", table.role, table.uri,
                                 type(e).__name__)  # fmt: skip
-                dt.update_incremental()
+                table._dt = None  # loaded again at the next use, with the table's properties as they are now
 
     def maintain(self, compact: bool = True, checkpoint: bool = True, vacuum: bool = True) -> dict[str, Any]:
         """sink.maintenance's steps on the results, dead-letter and runs tables (connectors/maintenance.py):

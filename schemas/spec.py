@@ -586,8 +586,12 @@ class MaintenanceSpec(_Strict):
         description="Vacuum files unreferenced for this long (readers' time travel window); null: never vacuum.",
     )  # fmt: skip
     checkpoint_interval: int = Field(
-        default=100, ge=1, description="delta.checkpointInterval of the tables: a checkpoint every this many commits."
-    )
+        default=100, ge=1,
+        description="delta.checkpointInterval of the tables: a checkpoint every this many commits. A writer's "
+        "table handle is loaded again from each new checkpoint, and a commit costs more the more commits its "
+        "handle carries since: fewer (20) makes small commits cheaper while the checkpoints are small, more "
+        "makes fewer checkpoints to write, each one carrying every live file and tombstone (docs/lakehouse.md).",
+    )  # fmt: skip
     log_retention_hours: float = Field(
         default=24, ge=0.1,
         description="delta.logRetentionDuration: log files older than this (and before a checkpoint) are deleted "

@@ -177,6 +177,41 @@ def test_the_table_handle_is_reopened_every_so_many_commits(sink, tmp_path, monk
     assert pl.read_delta(str(tmp_path / "res")).height == 7
 
 
+def test_the_table_handle_is_loaded_again_from_each_new_checkpoint(tmp_path, monkeypatch):
+    """A handle's commits cost more the more commits it carries; a fresh one starts from the last
+    checkpoint. With a checkpoint every 4 versions the writer's results handle is replaced once
+    per checkpoint, loaded at or right after it; a writer that took the partition over meanwhile
+    still fences this one, rows and positions are unaffected."""
+    import connectors.delta as delta
+    from schemas.spec import MaintenanceSpec
+
+    monkeypatch.setattr(delta, "REOPEN_AFTER_COMMITS", 1000)  # only the checkpoints decide here
+    sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {},
+                     maintenance=MaintenanceSpec(checkpoint_interval=4))  # fmt: skip
+    sink.open()
+    sink.load_positions([TP0])
+    loads: dict[int, int] = {}  # id of a handle -> the version it was loaded at
+    handles = []
+    for offset in range(13):  # results versions 1-13: checkpoints at 4, 8 and 12
+        sink.commit(results([offset]), dead([]), {TP0: offset})
+        h = sink.results.open(refresh=False)
+        handles.append(h)  # kept alive, so ids are not reused
+        loads.setdefault(id(h), sink.results._loaded_version)
+    assert sorted(loads.values()) == [0, 4, 8, 12]  # each loaded at the first open after a checkpoint
+    assert sink.load_positions([TP0]) == {TP0: 12}
+    other = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {},
+                      maintenance=MaintenanceSpec(checkpoint_interval=4))  # fmt: skip
+    other.load_positions([TP0])
+    for offset in (13, 14, 15):  # versions 14-16: a checkpoint at 16
+        other.commit(results([offset]), dead([]), {TP0: offset})
+    stale = sink.results.open(refresh=False)
+    with pytest.raises(PartitionFencedError):  # its fence read passes the checkpoint at 16: a fresh handle, still fenced
+        sink.commit(results([13]), dead([]), {TP0: 13})
+    assert sink.results.open(refresh=False) is not stale and sink.results._loaded_version == 16
+    got = pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list()
+    assert sorted(got) == list(range(16))
+
+
 def _log_versions(table_dir) -> list[int]:
     import os
 
