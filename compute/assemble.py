@@ -55,12 +55,19 @@ class BatchAssembler:
         self.results_schema = results_schema
         self.run_id = run_id
         self.lineage = lineage
+        # The columns every row of the job has the same value in, as Arrow scalars once.
+        self._constants = {"model": pa.scalar(spec.model.label, pa.string()), "run_id": pa.scalar(run_id, pa.string()),
+                           **{name: pa.scalar(lineage.get(name), pa.string()) for name in LINEAGE_COLUMNS}}  # fmt: skip
 
     def assemble(self, src: pa.Table, req: pa.Table, completions: pa.Table, carried: dict | None = None) -> Assembled:
-        failed = completions.column("error_stage").is_valid()
-        ok_mask = pc.invert(failed)
-        ok_req = req.filter(ok_mask)
-        ok_comp = completions.filter(ok_mask)
+        errors = completions.column("error_stage")
+        failed = None  # rows the engine failed (a mask), when there are any
+        if errors.null_count == completions.num_rows:  # the usual batch: no engine error
+            ok_req, ok_comp = req, completions
+        else:
+            failed = errors.is_valid()
+            ok_mask = pc.invert(failed)
+            ok_req, ok_comp = req.filter(ok_mask), completions.filter(ok_mask)
         verdicts = self.validator.validate(ok_req, ok_comp)
         keep = [a == "keep" for a in verdicts.action]
         all_kept = all(keep)
@@ -73,9 +80,7 @@ class BatchAssembler:
         # received_ns is the driver's monotonic clock: the stage workers run on the driver's node,
         # where CLOCK_MONOTONIC is one clock for every process.
         now_ns = time.monotonic_ns()
-        latency_ms = pc.divide(
-            pc.subtract(pa.scalar(now_ns, pa.int64()), keep_req.column("received_ns")).cast(pa.float64()), 1e6
-        )
+        latency_ms = pc.divide(pc.subtract(pa.scalar(now_ns, pa.int64()), keep_req.column("received_ns")), 1e6)  # float64
         results = pa.table(
             {
                 "id": keep_req.column("id"),
@@ -83,7 +88,7 @@ class BatchAssembler:
                 "output_text": pa.array(_kept(verdicts.output_text, keep, all_kept), pa.string()),
                 "output_json": pa.array(_kept(verdicts.output_json, keep, all_kept), pa.string()),
                 "finish_reason": keep_comp.column("finish_reason"),
-                "model": pa.repeat(pa.scalar(self.spec.model.label, pa.string()), n),
+                "model": pa.repeat(self._constants["model"], n),
                 "prompt_tokens": keep_comp.column("prompt_tokens"),
                 "completion_tokens": keep_comp.column("completion_tokens"),
                 "latency_ms": latency_ms,
@@ -92,9 +97,9 @@ class BatchAssembler:
                 "source_topic": keep_req.column("source_topic"),
                 "source_partition": keep_req.column("source_partition"),
                 "source_offset": keep_req.column("source_offset"),
-                "run_id": pa.repeat(pa.scalar(self.run_id, pa.string()), n),
+                "run_id": pa.repeat(self._constants["run_id"], n),
                 "processed_at": pa.repeat(pa.scalar(datetime.now(timezone.utc), RESULTS_SCHEMA.field("processed_at").type), n),
-                **{name: pa.repeat(pa.scalar(self.lineage.get(name), pa.string()), n) for name in LINEAGE_COLUMNS},
+                **{name: pa.repeat(self._constants[name], n) for name in LINEAGE_COLUMNS},
                 "tenant": keep_req.column("tenant"),
                 **self._carried_columns(keep_req, carried or {}),
             },
@@ -109,7 +114,8 @@ class BatchAssembler:
                     src.column("partition").to_pylist(), src.column("offset").to_pylist(), src.column("value").to_pylist()
                 )
             }
-            for r, c in zip(req.filter(failed).to_pylist(), completions.filter(failed).to_pylist()):
+            engine_failed = zip(req.filter(failed).to_pylist(), completions.filter(failed).to_pylist()) if failed is not None else ()
+            for r, c in engine_failed:
                 rows.append(
                     dict(
                         id=r["id"],

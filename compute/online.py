@@ -30,7 +30,7 @@ from compute.event_contract import EventContract
 from compute.prompts import PromptRenderer
 from compute.validation import Validator
 from crypto.stage import EncryptionStage
-from schemas.records import REQUEST_SCHEMA, RESULTS_SCHEMA, SOURCE_SCHEMA
+from schemas.records import REQUEST_SCHEMA, RESULTS_SCHEMA, SOURCE_SCHEMA, empty_table
 from schemas.spec import JobSpec
 
 
@@ -51,8 +51,8 @@ class Outcome:
     def tokens(self) -> int:
         if not self.results.num_rows:
             return 0
-        r = self.results.slice(0, 1).to_pylist()[0]
-        return (r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0)
+        prompt, completion = self.results.column("prompt_tokens")[0].as_py(), self.results.column("completion_tokens")[0].as_py()
+        return (prompt or 0) + (completion or 0)
 
 
 class OnlineGuards:
@@ -107,7 +107,7 @@ class OnlineGuards:
             self.encryption.refresh()
             rendered = self.renderer.render(src)
             if rendered.dead.num_rows:
-                return Outcome(self.results_schema.empty_table(), rendered.dead)
+                return Outcome(empty_table(self.results_schema), rendered.dead)
             requests, carried = rendered.requests, rendered.carried or {}
         results, dead = [], []
         while requests is not None and requests.num_rows:
@@ -116,6 +116,8 @@ class OnlineGuards:
             results.append(a.output.results)
             dead.append(a.output.dead)
             requests = a.retries if a.retries is not None and a.retries.num_rows else None
+        if len(results) == 1:  # no retry: the tables as they are
+            return Outcome(results[0], dead[0])
         return Outcome(pa.concat_tables(results), pa.concat_tables(dead))
 
     def pii_rules(self) -> set[str]:

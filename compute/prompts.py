@@ -24,7 +24,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from compute.event_contract import EventContract
 from compute.event_formats import DecodeError
-from schemas.records import DEAD_LETTER_SCHEMA, REQUEST_SCHEMA
+from schemas.records import DEAD_LETTER_SCHEMA, REQUEST_SCHEMA, empty_table
 from schemas.spec import PromptSpec
 
 
@@ -49,6 +49,8 @@ class BadEvent(Exception):
 
 def dead_letter_table(rows: list[dict], run_id: str) -> pa.Table:
     """Build a DEAD_LETTER_SCHEMA table from dicts holding the per-row columns."""
+    if not rows:  # most batches, and nearly every online request: no dead letter to build
+        return empty_table(DEAD_LETTER_SCHEMA)
     now = datetime.now(timezone.utc)
     cols = {name: [] for name in DEAD_LETTER_SCHEMA.names}
     for r in rows:

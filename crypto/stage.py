@@ -36,6 +36,7 @@ from crypto import encrypt_column, pii, protect_pii, row_ids_from
 from crypto.binding import Binding, legacy_binding, mark_pii
 from schemas.encryption import EncryptionSpec
 from schemas.errors import KeyPermissionError, KeyRevokedError
+from schemas.records import empty_table
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ class EncryptionStage:
 
     def protect_results(self, results: pa.Table, stored: pa.Schema) -> pa.Table:
         if not results.num_rows:
-            return stored.empty_table()
+            return empty_table(stored)
         ids = row_ids_from(results, self.results.row_id_columns)
         tenants = results.column("tenant")
         label = self.results.label
@@ -230,7 +231,7 @@ class EncryptionStage:
             cols[name] = self._encrypt(results.column(name), ids, label, name, tenants, f.deterministic)
         for name, arr in cols.items():
             results = results.set_column(results.schema.get_field_index(name), name, arr)
-        return results.cast(stored)
+        return results if results.schema.equals(stored, check_metadata=True) else results.cast(stored)
 
     def _echoes(self, results: pa.Table) -> list[list[str]]:
         """Per row, the carried input values a model may repeat in its output (ECHO_MIN_CHARS+)."""
@@ -239,7 +240,7 @@ class EncryptionStage:
 
     def protect_dead(self, dead: pa.Table, stored: pa.Schema) -> pa.Table:
         if not dead.num_rows:
-            return stored.empty_table()
+            return empty_table(stored)
         ids = row_ids_from(dead, self.dead.row_id_columns)
         label = self.dead.label
         tenants = dead.column("tenant")  # unreadable events: encryption.tenant (set by the renderer)

@@ -625,6 +625,7 @@ class TidegateEndpoint:
     async def _run_and_store(self, route: str, offset: int, work, principal, request_id) -> tuple[int, dict]:
         from compute.online import Outcome
         from compute.prompts import dead_letter_table
+        from schemas.records import empty_table
 
         try:
             outcome: Outcome = await asyncio.wait_for(work(offset), self.spec.serve.request_timeout_s)
@@ -633,7 +634,7 @@ class TidegateEndpoint:
                                            error=f"no answer within serve.request_timeout_s={self.spec.serve.request_timeout_s}",
                                            source_topic=f"serve:{route}", source_partition=0, source_offset=offset,
                                            tenant=self._tenant_of(principal))], self.run_id)  # fmt: skip
-            outcome = Outcome(self.guards.results_schema.empty_table(), dead)
+            outcome = Outcome(empty_table(self.guards.results_schema), dead)
         results, dead = outcome.results, outcome.dead
         if principal is not None and not self.spec.encryption.enabled:  # who asked, for the audit
             results, dead = _with_tenant(results, principal.tenant), _with_tenant(dead, principal.tenant)

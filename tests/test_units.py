@@ -142,6 +142,22 @@ def test_skip_drops_rows_already_dead_lettered():
     assert out.requests.num_rows == 2 and out.dead.num_rows == 0
 
 
+def test_empty_tables_are_built_once_per_schema_and_rows_keep_their_columns():
+    from schemas.records import RESULTS_SCHEMA, empty_table, with_columns_of
+
+    a = empty_table(DEAD_LETTER_SCHEMA)
+    assert a.num_rows == 0 and a.schema.equals(DEAD_LETTER_SCHEMA, check_metadata=True)
+    assert empty_table(DEAD_LETTER_SCHEMA) is a and empty_table(pa.schema(list(DEAD_LETTER_SCHEMA))) is a
+    assert empty_table(RESULTS_SCHEMA).schema.equals(RESULTS_SCHEMA) and empty_table(RESULTS_SCHEMA) is not a
+    marked = DEAD_LETTER_SCHEMA.with_metadata({"x": "1"})  # another schema by its metadata
+    assert empty_table(marked).schema.metadata == {b"x": b"1"}
+    rows = pa.table({"error": ["e"], "id": ["r1"]})
+    full = with_columns_of(rows, DEAD_LETTER_SCHEMA)
+    assert full.schema.equals(DEAD_LETTER_SCHEMA) and full.select(["id", "error", "stage"]).to_pylist() == [
+        {"id": "r1", "error": "e", "stage": None}]
+    assert with_columns_of(full, DEAD_LETTER_SCHEMA) is full  # already in shape: as it is
+
+
 def test_ledger_releases_only_contiguous_prefix():
     ledger = CommitLedger()
     a = ledger.open({("t", 0): (0, 9), ("t", 1): (0, 4)})

@@ -465,6 +465,34 @@ def test_assembler_routes_kept_rejected_failed_and_retried_rows():
     assert out.rule_failures == {"pii_leakage": 1, "refusal": 1}
 
 
+def test_assembler_without_engine_errors_dead_letters_only_the_rejected_rows():
+    """The usual batch (no engine error: the assembler skips the error mask) still routes a
+    rejection to the dead letters and a retry back, and builds every results column."""
+    from compute.assemble import BatchAssembler
+    from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA, SOURCE_SCHEMA
+
+    spec = base_spec(validation=POLICY_RULES)
+    req, comp = batch(["Your parcel ships today.", "Mail eve@evil.io please.", "I cannot help with that."])
+    src = pa.table({"topic": ["t"] * 3, "partition": [0] * 3, "offset": [0, 1, 2], "key": [None] * 3,
+                    "value": [b"raw0", b"raw1", b"raw2"], "timestamp_ms": [0] * 3, "received_ns": [0] * 3,
+                    "source_change": [None] * 3}, schema=SOURCE_SCHEMA)  # fmt: skip
+    lineage = {"model_path": "m", "spec_hash": "h"}
+    assembler = BatchAssembler(spec, Validator(spec), RESULTS_SCHEMA, "run1", lineage)
+    out = assembler.assemble(src, req, comp, {})
+    results, dead = out.output.results, out.output.dead
+    assert results.schema.equals(RESULTS_SCHEMA) and dead.schema.equals(DEAD_LETTER_SCHEMA)
+    assert results.column("id").to_pylist() == ["r0"]
+    assert results.select(["model", "run_id", "model_path", "spec_hash", "model_revision"]).to_pylist() == [
+        {"model": spec.model.label, "run_id": "run1", "model_path": "m", "spec_hash": "h", "model_revision": None}]
+    assert results.column("latency_ms").type == pa.float64() and results.column("latency_ms")[0].as_py() > 0
+    assert dead.select(["id", "stage", "raw"]).to_pylist() == [{"id": "r1", "stage": "validate", "raw": b"raw1"}]
+    assert out.retries.column("id").to_pylist() == ["r2"]
+    # all kept: no dead letters, the same empty table every time
+    ok_req, ok_comp = batch(["Your parcel ships today."])
+    a, b = (assembler.assemble(src.slice(0, 1), ok_req, ok_comp, {}).output.dead for _ in range(2))
+    assert a.num_rows == 0 and a.schema.equals(DEAD_LETTER_SCHEMA) and a is b
+
+
 def test_no_rules_keeps_every_output():
     """validation: [] — every row kept as it is, with an empty rule_results list."""
     v = Validator(base_spec(validation=[]))
