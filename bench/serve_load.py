@@ -18,7 +18,7 @@ Phases, for each server, in rounds alternating vllm, tidegate (the machine's dri
 
     python bench/serve_load.py [--clients 32] [--seconds 60] [--rounds 2] [--overhead-requests 200]
         [--ack durable|journal|buffered] [--engine-process separate|inline]
-        [--sides vllm,tidegate:inline:durable,tidegate:separate:journal,tidegate:durable:gc0,...]
+        [--sides vllm,tidegate:inline:durable,tidegate:separate:journal,tidegate:durable:gc0,tidegate:durable:ck20,...]
         [--code before=/path/to/checkout --sides vllm,tidegate:durable@before,tidegate:durable]
 
 Each tidegate run writes tables of its own (a table's log length costs each commit); the run's
@@ -161,8 +161,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--sides", default="vllm,tidegate",
                     help="which servers, in each round's order; a tidegate side may set serve.engine_process, "
-                         "serve.ack, serve.ingress and serve.group_commit_ms (gcN): tidegate:inline, tidegate:separate:durable, "
-                         "tidegate:proxy, tidegate:durable:gc0, ...")  # fmt: skip
+                         "serve.ack, serve.ingress, serve.group_commit_ms (gcN) and sink.maintenance.checkpoint_interval (ckN): "
+                         "tidegate:inline, tidegate:separate:durable, tidegate:proxy, tidegate:durable:gc0, "
+                         "tidegate:durable:ck20, ...")  # fmt: skip
     ap.add_argument("--engine-process", default="separate", choices=["separate", "inline"],
                     help="tidegate's serve.engine_process where a side does not say")
     ap.add_argument("--ack", default="durable", choices=["durable", "journal", "buffered"],
@@ -234,9 +235,12 @@ def main() -> None:
                 lake = work / f"lake-{side.replace(':', '-')}-{rnd}"  # each run its own tables (a log's length costs each commit)
                 group_ms = next((float(o[2:]) for o in opts if o.startswith("gc")), None)  # e.g. gc100
                 serve_keys = {} if group_ms is None else {"group_commit_ms": group_ms}
+                checkpoints = next((int(o[2:]) for o in opts if o.startswith("ck")), None)  # e.g. ck20
+                sink_keys = {} if checkpoints is None else {"maintenance": {"checkpoint_interval": checkpoints}}
                 s = {**spec, "serve": {**spec["serve"], "port": port, "engine_process": engine_process, "ack": ack,
                                        "ingress": ingress, **serve_keys},
-                     "sink": {**spec["sink"], "results": str(lake / "results"), "dead_letter": str(lake / "dead")}}  # fmt: skip
+                     "sink": {**spec["sink"], "results": str(lake / "results"), "dead_letter": str(lake / "dead"),
+                              **sink_keys}}  # fmt: skip
                 path = work / f"spec-{rnd}.yaml"
                 path.write_text(yaml.safe_dump(s))
                 cmd = [sys.executable, "-m", "jobs.cli", "serve", str(path)]
