@@ -85,9 +85,9 @@ class _Table:
         """The table's handle, brought up to its latest version unless `refresh` is False (an append
         that needs no newer view of the table: delta-rs checks a commit against every commit it
         did not see, as it would those landing during the write)."""
-        if self._dt is not None and refresh:
+        if self._dt is not None and refresh and not self._worn():  # a worn handle is replaced by the latest anyway
             self._dt.update_incremental()
-        if self._dt is not None and self._worn():
+        if self._dt is not None and self._worn():  # worn already, or other writers' commits passed a checkpoint
             # Dropped at an open, never between a refreshed read and the append after it (that
             # append's open has refresh False, and nothing moved the handle since the read).
             self._dt = None
