@@ -8,6 +8,7 @@ request number: compute/online.py).
       protect(results, dead)           plain rows -> the rows as stored (write = protect, then append)
       replay(records, journal_name)    a replica's journal (connectors/journal.py): the groups each
                                        table has not recorded yet
+      checkpoint()                     the checkpoints the appends made due (they never write one)
       find(route, offset)              -> (results, dead) already stored for that request, decrypted
       find_in(results, dead, route, offset)  the same, among stored rows not committed yet
       maintain(commits)                one sink.maintenance round on the tables, with handles of its
@@ -42,6 +43,7 @@ class AuditLog:
         self.spec = spec
         self.sink = DeltaSink.from_spec(spec)
         self.sink.use_schemas(self.stored_results, self.stored_dead)
+        self.sink.defer_checkpoints()  # written by checkpoint(), after the answers (jobs/serve.py)
 
     def open(self) -> None:
         self.sink.open()
@@ -49,6 +51,11 @@ class AuditLog:
 
     def write(self, results: pa.Table, dead: pa.Table) -> None:
         self.sink.append_unpositioned(*self.protect(results, dead))
+
+    def checkpoint(self) -> dict[str, int]:
+        """The tables' checkpoints that appends since the last call made due (role -> version): a
+        request's answer does not wait for one."""
+        return self.sink.write_checkpoints() if self.sink.checkpoints_due() else {}
 
     def protect(self, results: pa.Table, dead: pa.Table) -> tuple[pa.Table, pa.Table]:
         """Plain rows as they are stored: a tenant whose key was revoked meanwhile gets a dead

@@ -80,6 +80,10 @@ class _Table:
         self.configuration: dict[str, str] = {}  # table properties a new table is created with
         self.partition_by: list[str] = []
         self.writer_properties: WriterProperties | None = None
+        # True: an append never writes the table's checkpoint, it marks it due (write_checkpoint)
+        self.defer_checkpoints = False
+        self.checkpoint_due = False
+        self._cleaned_at: int | None = None  # self._appends at write_checkpoint's last log cleanup
 
     def open(self, refresh: bool = True) -> DeltaTable:
         """The table's handle, brought up to its latest version unless `refresh` is False (an append
@@ -113,8 +117,9 @@ class _Table:
     def _worn(self) -> bool:
         """The handle has passed a checkpoint since its load (a fresh one starts from it), or has
         made REOPEN_AFTER_COMMITS commits."""
-        every = max(self._checkpoint_every, 1)
-        return self._dt.version() // every > self._loaded_version // every or self._commits >= REOPEN_AFTER_COMMITS
+        return _checkpoints_between(self._loaded_version, self._dt.version(), self._checkpoint_every) or (
+            self._commits >= REOPEN_AFTER_COMMITS
+        )
 
     def _check_schema(self, dt: DeltaTable) -> None:
         have = {f.name: f.type for f in pa.schema(dt.schema().to_arrow())}
@@ -160,19 +165,49 @@ class _Table:
         if "processed_date" in self.schema.names and "processed_date" not in rows.column_names:
             rows = rows.append_column("processed_date", pc.cast(rows.column("processed_at"), pa.date32()))
         clean_log = self._appends % LOG_CLEANUP_EVERY_COMMITS == 0
+        dt = self.open(refresh=refresh)
+        before = dt.version()
         write_deltalake(
-            self.open(refresh=refresh),
+            dt,
             rows.select(self.schema.names).cast(self.schema),
             mode="append",
             commit_properties=CommitProperties(app_transactions=txns),
             writer_properties=self.writer_properties,
             # None: the table's delta.enableExpiredLogCleanup decides (delta-rs's default)
+            # deferred checkpoints: write_checkpoint cleans up after them
             post_commithook_properties=PostCommitHookProperties(
-                create_checkpoint=True, cleanup_expired_logs=None if clean_log else False
+                create_checkpoint=not self.defer_checkpoints,
+                cleanup_expired_logs=None if clean_log and not self.defer_checkpoints else False,
             ),
         )
         self._commits += 1
         self._appends += 1
+        if self.defer_checkpoints and _checkpoints_between(before, dt.version(), self._checkpoint_every):
+            self.checkpoint_due = True
+
+    def write_checkpoint(self) -> int | None:
+        """The checkpoint an append marked due (defer_checkpoints), at the handle's version, then
+        (on the first and then every LOG_CLEANUP_EVERY_COMMITS appends, as appends ask delta-rs
+        for it) the log files it lets go: the table's delta.enableExpiredLogCleanup and
+        delta.logRetentionDuration decide. Returns the checkpoint's version, None if none was
+        due. The next open loads a handle from it."""
+        if not self.checkpoint_due or self._dt is None:
+            return None
+        self.checkpoint_due = False  # a failed one is not retried: the next interval's is
+        dt = self._dt
+        dt.create_checkpoint()
+        if self._cleaned_at is None or self._appends - self._cleaned_at >= LOG_CLEANUP_EVERY_COMMITS:
+            self._cleaned_at = self._appends
+            if dt.metadata().configuration.get("delta.enableExpiredLogCleanup", "true").lower() != "false":
+                dt.cleanup_metadata()
+        return dt.version()
+
+
+def _checkpoints_between(low: int, high: int, every: int) -> bool:
+    """Whether a version in (low, high] is one delta-rs checkpoints at: (version + 1) divisible by
+    the table's delta.checkpointInterval (versions 99, 199, ... at the default 100)."""
+    every = max(every, 1)
+    return (high + 1) // every > (low + 1) // every
 
 
 def writer_properties(parquet: ParquetSpec, stats_columns: list[str]) -> WriterProperties:
@@ -243,6 +278,31 @@ class DeltaSink:
         self._results_pos: dict[TopicPartition, int | None] = {}
         self._dl_pos: dict[TopicPartition, int | None] = {}
         self._marks: dict[str, int] = {}  # sink.topic's publish marks, for the next results commit
+
+    def defer_checkpoints(self) -> None:
+        """Appends stop writing checkpoints themselves; the writer calls write_checkpoints() when it
+        is out of a caller's way (the online audit: after the requests it committed are answered).
+        A checkpoint costs its commit more the larger the table (~20 ms for a few hundred files)."""
+        for table in (self.results, self.dead_letter):
+            table.defer_checkpoints = True
+
+    def checkpoints_due(self) -> bool:
+        return self.results.checkpoint_due or self.dead_letter.checkpoint_due
+
+    def write_checkpoints(self) -> dict[str, int]:
+        """The checkpoints appends marked due (defer_checkpoints): role -> checkpoint version. A
+        failed one is logged (its type only) and left to the next interval or maintenance round:
+        a checkpoint only makes later reads and commits cheaper."""
+        written = {}
+        for table in (self.results, self.dead_letter):
+            try:
+                version = table.write_checkpoint()
+            except (OSError, DeltaError) as e:
+                log.warning("%s table: checkpoint not written now (%s)", table.role, type(e).__name__)
+                continue
+            if version is not None:
+                written[table.role] = version
+        return written
 
     def use_schemas(self, results: pa.Schema, dead_letter: pa.Schema) -> None:
         """The tables' schemas when the job stores more or other columns (encryption: carried

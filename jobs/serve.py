@@ -128,6 +128,7 @@ class _AuditBuffer:
             return 0
         with self.lock:
             n = self.audit.replay(records, self.journal.name)
+        self._checkpoint_now()  # nobody waits for a journaled group's commit
         with self.journal_lock:
             last = records[-1].seq
             self._journaled = [r for r in self._journaled if r.seq > last]
@@ -167,6 +168,19 @@ class _AuditBuffer:
             if fut is not None and not fut.done():
                 fut.set_result(None)
 
+    async def _checkpoint(self) -> None:
+        """A checkpoint the last write made due (the audit's appends never write one): after its
+        requests have their answers, before the next group's write."""
+        if self.journal is None:  # a journal's commits (commit_journaled) write their own
+            await asyncio.to_thread(self._checkpoint_now)
+
+    def _checkpoint_now(self) -> None:
+        try:
+            with self.lock:
+                self.audit.checkpoint()
+        except Exception as e:  # noqa: BLE001 - rows and answers are unaffected; the next interval's is written
+            log.warning("audit checkpoint not written (%s)", type(e).__name__)
+
     async def _run(self) -> None:
         while True:
             if self.durable:
@@ -181,7 +195,7 @@ class _AuditBuffer:
                 continue
             try:
                 await self._write_group(group)
-                self._loaded = bool(self._pending)
+                self._loaded = bool(self._pending)  # arrived during the write, not the checkpoint
             except Exception as e:  # noqa: BLE001 - the store failed after its retries
                 log.error("audit append failed (%s): %d request(s)", type(e).__name__, len(group))
                 if not self.durable:  # nobody was told it failed: keep the rows for the next append
@@ -189,6 +203,8 @@ class _AuditBuffer:
                 for _, _, fut in group:
                     if fut is not None and not fut.done():
                         fut.set_exception(e)
+                continue
+            await self._checkpoint()
 
     async def _commit_loop(self) -> None:
         while True:
@@ -216,6 +232,7 @@ class _AuditBuffer:
         group, self._pending = self._pending, []
         if group:
             await self._write_group(group)
+            await self._checkpoint()
         if self.journal is not None:
             await asyncio.to_thread(self.commit_journaled)
             self.journal.close(remove=True)
@@ -324,6 +341,7 @@ def replay_orphans(audit, directory: str) -> int:
                  journal.name, len(records), n)  # fmt: skip
         journal.close(remove=True)
         total += n
+    audit.checkpoint()
     return total
 
 

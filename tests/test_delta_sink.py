@@ -179,9 +179,9 @@ def test_the_table_handle_is_reopened_every_so_many_commits(sink, tmp_path, monk
 
 def test_the_table_handle_is_loaded_again_from_each_new_checkpoint(tmp_path, monkeypatch):
     """A handle's commits cost more the more commits it carries; a fresh one starts from the last
-    checkpoint. With a checkpoint every 4 versions the writer's results handle is replaced once
-    per checkpoint, loaded at or right after it; a writer that took the partition over meanwhile
-    still fences this one, rows and positions are unaffected."""
+    checkpoint. With a checkpoint every 4 versions (delta-rs writes them at versions 3, 7, 11, ...)
+    the writer's results handle is replaced once per checkpoint, loaded at it; a writer that took
+    the partition over meanwhile still fences this one, rows and positions are unaffected."""
     import connectors.delta as delta
     from schemas.spec import MaintenanceSpec
 
@@ -192,24 +192,61 @@ def test_the_table_handle_is_loaded_again_from_each_new_checkpoint(tmp_path, mon
     sink.load_positions([TP0])
     loads: dict[int, int] = {}  # id of a handle -> the version it was loaded at
     handles = []
-    for offset in range(13):  # results versions 1-13: checkpoints at 4, 8 and 12
+    for offset in range(13):  # results versions 1-13: checkpoints at 3, 7 and 11
         sink.commit(results([offset]), dead([]), {TP0: offset})
         h = sink.results.open(refresh=False)
         handles.append(h)  # kept alive, so ids are not reused
         loads.setdefault(id(h), sink.results._loaded_version)
-    assert sorted(loads.values()) == [0, 4, 8, 12]  # each loaded at the first open after a checkpoint
+    assert _checkpoint_versions(tmp_path / "res") == [3, 7, 11]
+    assert sorted(loads.values()) == [0, 3, 7, 11]  # each loaded at the first open after a checkpoint, from it
     assert sink.load_positions([TP0]) == {TP0: 12}
     other = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {},
                       maintenance=MaintenanceSpec(checkpoint_interval=4))  # fmt: skip
     other.load_positions([TP0])
-    for offset in (13, 14, 15):  # versions 14-16: a checkpoint at 16
+    for offset in (13, 14, 15):  # versions 14-16: a checkpoint at 15
         other.commit(results([offset]), dead([]), {TP0: offset})
     stale = sink.results.open(refresh=False)
-    with pytest.raises(PartitionFencedError):  # its fence read passes the checkpoint at 16: a fresh handle, still fenced
+    with pytest.raises(PartitionFencedError):  # its fence read passes the checkpoint at 15: a fresh handle, still fenced
         sink.commit(results([13]), dead([]), {TP0: 13})
     assert sink.results.open(refresh=False) is not stale and sink.results._loaded_version == 16
     got = pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list()
     assert sorted(got) == list(range(16))
+
+
+def test_deferred_checkpoints_are_written_when_the_writer_asks(tmp_path):
+    """defer_checkpoints (the online audit): an append that reaches a checkpoint version commits
+    without writing it and marks it due; write_checkpoints() writes it at that version, and the
+    next append's handle is loaded from it. Without the deferral the append writes it itself."""
+    from schemas.spec import MaintenanceSpec
+
+    deferred = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {},
+                         maintenance=MaintenanceSpec(checkpoint_interval=4))  # fmt: skip
+    deferred.defer_checkpoints()
+    deferred.open()
+    for offset in range(3):  # results versions 1-3: 3 is a checkpoint version
+        assert not deferred.checkpoints_due()
+        deferred.append_unpositioned(results([offset]), dead([]))
+    assert _checkpoint_versions(tmp_path / "res") == [] and deferred.checkpoints_due()
+    assert deferred.write_checkpoints() == {"results": 3}
+    assert _checkpoint_versions(tmp_path / "res") == [3] and not deferred.checkpoints_due()
+    assert deferred.write_checkpoints() == {}  # nothing due: nothing written
+    deferred.append_unpositioned(results([3]), dead([]))  # version 4
+    assert deferred.results._loaded_version == 3 and deferred.results._commits == 1
+    assert sorted(pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list()) == [0, 1, 2, 3]
+
+    inline = DeltaSink("job", str(tmp_path / "res2"), str(tmp_path / "dl2"), {},
+                       maintenance=MaintenanceSpec(checkpoint_interval=4))  # fmt: skip
+    inline.open()
+    for offset in range(3):
+        inline.append_unpositioned(results([offset]), dead([]))
+    assert _checkpoint_versions(tmp_path / "res2") == [3] and not inline.checkpoints_due()
+    assert inline.write_checkpoints() == {}
+
+
+def _checkpoint_versions(table_dir) -> list[int]:
+    import os
+
+    return sorted(int(f.split(".")[0]) for f in os.listdir(table_dir / "_delta_log") if f.endswith(".checkpoint.parquet"))
 
 
 def _log_versions(table_dir) -> list[int]:

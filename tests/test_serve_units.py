@@ -138,6 +138,9 @@ class _TimedAudit:
         self.writes += 1
         self.rows += results.num_rows
 
+    def checkpoint(self) -> dict:
+        return {}
+
 
 def _steady_load(group_commit_s: float, requests: int = 60, every_s: float = 0.01) -> _TimedAudit:
     """`requests` durable adds, one every `every_s`, each awaited by its own task (concurrent requests)."""
@@ -190,3 +193,40 @@ def test_group_commit_never_holds_a_request_of_an_idle_replica():
 
     asyncio.run(asyncio.wait_for(one_at_a_time(), 10))
     assert audit.writes == 5
+
+
+def test_a_durable_answer_does_not_wait_for_the_checkpoint_its_commit_made_due():
+    """The audit's appends leave checkpoints to the buffer (connectors/delta.py defer_checkpoints):
+    it writes one after releasing the requests of the group whose commit made it due, before the
+    next group's write. The stand-in's checkpoint waits (up to 5 s) for the request to have its
+    answer: were it written before the answer, it would record that it had to give up."""
+    import asyncio
+    import threading
+
+    import pyarrow as pa
+
+    from jobs.serve import _AuditBuffer
+
+    answered = threading.Event()
+    order: list[str] = []
+
+    class CheckpointingAudit(_TimedAudit):
+        def write(self, results, dead) -> None:
+            super().write(results, dead)
+            order.append("write")
+
+        def checkpoint(self) -> dict:
+            order.append("checkpoint after the answer" if answered.wait(5) else "checkpoint before the answer")
+            return {"results": 3}
+
+    audit = CheckpointingAudit(0.0)
+    buffer = _AuditBuffer(audit, "durable", 1.0)
+    row = pa.table({"id": ["r"]})
+
+    async def requests():
+        await buffer.add(row, row.slice(0, 0))
+        answered.set()
+        await buffer.add(row, row.slice(0, 0))  # its write comes after the first group's checkpoint
+
+    asyncio.run(asyncio.wait_for(requests(), 20))
+    assert order[:3] == ["write", "checkpoint after the answer", "write"], order
