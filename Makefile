@@ -44,11 +44,13 @@ $(AZURITE): tests/emulators/package-lock.json
 	cd tests/emulators && npm ci --no-audit --no-fund --loglevel=error
 	touch $(AZURITE)
 
+# PYTHONFAULTHANDLER: a native crash (in a test, or at the interpreter's exit after the summary,
+# seen once in CI) prints every thread's Python stack instead of a bare "Segmentation fault".
 test: install browser azurite
-	$(VENV)/bin/pytest tests
+	PYTHONFAULTHANDLER=1 $(VENV)/bin/pytest tests
 
 test-fast: install azurite
-	$(VENV)/bin/pytest tests -m "not slow"
+	PYTHONFAULTHANDLER=1 $(VENV)/bin/pytest tests -m "not slow"
 
 bench: install
 	$(PY) bench/pipeline_vs_raw.py

@@ -11,8 +11,9 @@ request number: compute/online.py).
       checkpoint()                     the checkpoints the appends made due (they never write one)
       find(route, offset)              -> (results, dead) already stored for that request, decrypted
       find_in(results, dead, route, offset)  the same, among stored rows not committed yet
-      maintain(commits)                one sink.maintenance round on the tables, with handles of its
-                                       own (it runs beside the appends, not between them)
+      maintain(commits, runner=None)   one sink.maintenance round on the tables, with handles of its
+                                       own (it runs beside the appends, not between them); runner:
+                                       where maintain_tables runs (default: this thread)
 
 A group of requests is one append (jobs/serve.py batches them). Appends from several replicas
 are plain Delta appends (delta-rs retries them on conflict); a retried append whose answer was
@@ -88,18 +89,16 @@ class AuditLog:
         self.sink.append_unpositioned(r, d, txn=(app, last))
         return r.num_rows + d.num_rows
 
-    def maintain(self, commits: int) -> dict | None:
+    def maintain(self, commits: int, runner=None) -> dict | None:
         """Compact, checkpoint and vacuum the tables (sink.maintenance; connectors/maintenance.py)
         through a sink of its own, so the appends' handles are not held for the seconds a round
         takes: a compaction that races an append is retried on a fresh snapshot and never drops a
-        row. Returns the round's report (None: it failed, logged)."""
-        def maintain() -> dict:
-            sink = DeltaSink.from_spec(self.spec)
-            sink.use_schemas(self.stored_results, self.stored_dead)
-            sink.open()
-            return sink.maintain()
-
-        return maintenance_round(maintain, commits, f"audit of {self.run_id}")
+        row. `runner(spec, results schema, dead-letter schema)` runs maintain_tables elsewhere (an
+        online replica: a low-priority process, actors/maintainer.py); None: in this thread.
+        Returns the round's report (None: it failed, logged)."""
+        run = runner or maintain_tables
+        return maintenance_round(lambda: run(self.spec, self.stored_results, self.stored_dead), commits,
+                                 f"audit of {self.run_id}")  # fmt: skip
 
     def find(self, route: str, offset: int) -> tuple[pa.Table, pa.Table]:
         """The rows stored for request `offset` of `route` (an Idempotency-Key seen before),
@@ -126,3 +125,12 @@ class AuditLog:
             if dead.num_rows:
                 dead = decrypt_table(dead, keyring, binding=self.encryption.dead)
         return results, dead
+
+
+def maintain_tables(spec: JobSpec, results_schema: pa.Schema, dead_schema: pa.Schema) -> dict:
+    """One sink.maintenance round on the job's results and dead-letter tables (rows stored with
+    these schemas), through a sink of its own: DeltaSink.maintain's report."""
+    sink = DeltaSink.from_spec(spec)
+    sink.use_schemas(results_schema, dead_schema)
+    sink.open()
+    return sink.maintain()

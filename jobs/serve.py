@@ -82,12 +82,14 @@ class _AuditBuffer:
     committed every sink.commit_interval_s; buffered: an append every sink.commit_interval_s,
     nobody waits. Every sink.maintenance.compact_every_commits commits to the tables, a
     maintenance round runs beside the appends (one at a time; a round still running when the
-    next is due skips that one): an endpoint that runs for days keeps its tables' file count
-    bounded as a batch job does."""
+    next is due skips that one), in the replica's low-priority maintenance process
+    (actors/maintainer.py): an endpoint that runs for days keeps its tables' file count bounded
+    as a batch job does. A checkpoint an append made due is written after that group's answers."""
 
     def __init__(self, audit, ack: str, interval_s: float, journal=None, compact_every_commits: int | None = None,
-                 group_commit_s: float = 0.0):  # fmt: skip
+                 group_commit_s: float = 0.0, maintenance_runner=None):  # fmt: skip
         self.audit = audit
+        self.maintenance_runner = maintenance_runner  # where a round runs (AuditLog.maintain); None: a thread here
         # ack durable: the wait before a commit when requests came in while the last one ran
         self.group_commit_s = group_commit_s if ack == "durable" else 0.0
         self._loaded = False  # requests reached the buffer while the last write ran
@@ -224,7 +226,8 @@ class _AuditBuffer:
             return
         if self._maintaining is not None and not self._maintaining.done():
             return  # the last round still runs: this one is skipped, the next is due in `every`
-        self._maintaining = asyncio.ensure_future(asyncio.to_thread(self.audit.maintain, self.commits))
+        self._maintaining = asyncio.ensure_future(asyncio.to_thread(self.audit.maintain, self.commits,
+                                                                    self.maintenance_runner))  # fmt: skip
 
     async def drain(self) -> None:
         """Write what waits now (replica shutdown); a journal's groups are committed and the
@@ -389,9 +392,12 @@ class TidegateEndpoint:
             journal_dir = journal_directory(spec)
             replay_orphans(self.audit, journal_dir)  # before this replica answers anything
             journal = AuditJournal.create(journal_dir, self.run_id)
+        # A round in a thread here would share the GIL and delta-rs's threads with the answers' appends.
+        from actors.maintainer import LowPriorityRounds
+
         self.buffer = _AuditBuffer(self.audit, spec.serve.ack, spec.sink.commit_interval_s, journal,
                                    spec.sink.maintenance.compact_every_commits,
-                                   spec.serve.group_commit_ms / 1000)  # fmt: skip
+                                   spec.serve.group_commit_ms / 1000, LowPriorityRounds())  # fmt: skip
         self.verifier = None
         if spec.serve.auth:
             from crypto.api_keys import ApiKeyVerifier
