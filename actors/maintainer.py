@@ -3,8 +3,8 @@
     TableMaintainer (Ray actor, on the replica's node)
       maintain(spec, results_schema, dead_schema) -> the round's report (connectors/audit.py maintain_tables)
       priorities()                 -> {thread id: nice value} of its process (what it runs at)
-    LowPriorityRounds(nice)        a runner for AuditLog.maintain: the first round starts the actor,
-                                   a round whose actor died starts a new one
+    LowPriorityRounds(nice)        a runner for AuditLog.maintain: start() starts the actor (else the
+                                   first round does), a round whose actor died starts a new one
 
 Why a process: a round in a thread of the replica (compaction of ~600 one-commit files, a
 checkpoint, vacuum) shares the replica's GIL and delta-rs's runtime threads with the appends that
@@ -69,8 +69,8 @@ class TableMaintainer:
 
 
 class LowPriorityRounds:
-    """Runs AuditLog.maintain's rounds in a TableMaintainer on this node (started at the first round,
-    again after one died). Called from a worker thread (it blocks for the round)."""
+    """Runs AuditLog.maintain's rounds in a TableMaintainer on this node (started by start() or the
+    first round, again after one died). Called from a worker thread (it blocks for the round)."""
 
     def __init__(self, nice: int = NICE):
         self.nice = nice

@@ -21,6 +21,12 @@ time of the Delta file holding the row - time the event was sent.
 
     python bench/pipeline_vs_raw.py [--workloads fixed,varied] [--raydata] [--rate 50] [--latency-seconds 60]
                                     [--commit-intervals 1.0,0.25] [--batches-in-flight 2,4]
+                                    [--worker-niceness 15,0]
+
+`--worker-niceness`: one pipeline leg per value (times each --batches-in-flight value), with
+RAY_worker_niceness set for the job's local Ray (Ray starts its workers' main threads, and what
+they start, at niceness 15 by default); each leg records the niceness of every thread of the job's
+processes.
 
 Prints a summary and writes bench/results/pipeline_vs_raw-<UTC time>.json (every run is kept).
 Run by hand; not a test.
@@ -147,8 +153,9 @@ def write_spec(workdir: Path, name: str, bootstrap: str, topic: str, model: Path
     return path
 
 
-def start_job(spec: Path, workdir: Path, until_drained: bool) -> subprocess.Popen:
-    env = dict(os.environ, TIDEGATE_RAY_TEMP_DIR=tempfile.mkdtemp(prefix="tgbench", dir="/tmp"), TIDEGATE_LOG_LEVEL="WARNING")
+def start_job(spec: Path, workdir: Path, until_drained: bool, extra_env: dict | None = None) -> subprocess.Popen:
+    env = dict(os.environ, TIDEGATE_RAY_TEMP_DIR=tempfile.mkdtemp(prefix="tgbench", dir="/tmp"), TIDEGATE_LOG_LEVEL="WARNING",
+               **(extra_env or {}))  # fmt: skip
     cmd = [sys.executable, "-m", "jobs.run", str(spec)] + (["--until-drained"] if until_drained else [])
     log = open(workdir / (spec.stem + ".log"), "wb")
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -166,17 +173,23 @@ def committed_files(uri: str) -> list[tuple[float, "pq.Table"]]:
 
 
 def run_pipeline(model: Path, events: list[dict], workdir: Path, bootstrap: str, batch_size: int, sampling: dict,
-                 name: str, batches_in_flight: int | None = None, max_batches_in_flight: int | None = None) -> dict:  # fmt: skip
+                 name: str, batches_in_flight: int | None = None, max_batches_in_flight: int | None = None,
+                 worker_niceness: int | None = None) -> dict:  # fmt: skip
     topic = f"bench-{name}"
     create_topic(bootstrap, topic, 4)
     produce(bootstrap, topic, ((e["id"].encode(), json.dumps(e).encode()) for e in events))
     spec = write_spec(workdir, name, bootstrap, topic, model, batch_size, sampling, batches_in_flight=batches_in_flight,
                       max_batches_in_flight=max_batches_in_flight)
     t0 = time.monotonic()
-    proc = start_job(spec, workdir, until_drained=True)
+    # RAY_worker_niceness: the local Ray's niceness for its worker processes (Ray's default 15)
+    extra_env = {"RAY_worker_niceness": str(worker_niceness)} if worker_niceness is not None else None
+    proc = start_job(spec, workdir, until_drained=True, extra_env=extra_env)
     cpu = {}
+    nice: dict[str, set[int]] = {}
     while proc.poll() is None:  # CPU seconds per process of the job's tree (last sample wins)
         cpu.update(cpu_by_process(proc.pid))
+        for name, values in niceness_by_process(proc.pid).items():
+            nice.setdefault(name, set()).update(values)
         time.sleep(0.5)
     if proc.returncode:
         raise SystemExit(f"pipeline run failed; see {workdir / (name + '.log')}")
@@ -204,7 +217,28 @@ def run_pipeline(model: Path, events: list[dict], workdir: Path, bootstrap: str,
         "first_commit_after": field("first commit after"),
         "cpu_seconds_by_process": (cpu_s := summarize_cpu(cpu)),
         "driver_cpu_s_per_10k_rows": round(cpu_s.get("driver", 0.0) / rows * 10_000, 2) if rows else None,
+        "worker_niceness": worker_niceness,
+        "thread_niceness_by_process": {k: sorted(v) for k, v in sorted(nice.items())},
     }
+
+
+def niceness_by_process(pid: int) -> dict[str, set[int]]:
+    """The niceness values of each process's threads in the job's tree (Linux: per thread)."""
+    import psutil
+
+    out: dict[str, set[int]] = {}
+    try:
+        root = psutil.Process(pid)
+        for p in [root] + root.children(recursive=True):
+            name = "driver" if p.pid == pid else p.name()
+            for t in os.listdir(f"/proc/{p.pid}/task"):
+                try:
+                    out.setdefault(name, set()).add(int(open(f"/proc/{p.pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[16]))
+                except (OSError, ValueError, IndexError):
+                    pass
+    except (psutil.Error, OSError):
+        pass
+    return out
 
 
 def cpu_by_process(pid: int) -> dict[int, tuple[str, float]]:
@@ -354,6 +388,9 @@ def main() -> None:
     ap.add_argument("--batches-in-flight", default="",
                     help="pool.batches_in_flight values, comma-separated, each optionally B:M with "
                     "M the pool.max_batches_in_flight: one pipeline run each (default: the spec's)")
+    ap.add_argument("--worker-niceness", default="",
+                    help="RAY_worker_niceness values for the pipeline legs, comma-separated (one leg each; "
+                         "empty: Ray's default, 15)")
     ap.add_argument("--raydata", action="store_true", help="also run Ray Data LLM on the varied workload")
     ap.add_argument("--rate", type=float, default=50.0)
     ap.add_argument("--latency-seconds", type=float, default=60.0)
@@ -385,19 +422,25 @@ def main() -> None:
             raw_rps = raw["rows"] / raw["seconds"]
             print(f"[{workload}] raw LLM.generate: {raw['rows']} rows in {raw['seconds']:.1f}s = {raw_rps:.1f} rows/s, "
                   f"output tokens {raw['output_tokens']}")  # fmt: skip
-            for k, pool in enumerate([x for x in args.batches_in_flight.split(",") if x] or [None]):
+            pools = [x for x in args.batches_in_flight.split(",") if x] or [None]
+            nices = [int(x) for x in args.worker_niceness.split(",") if x] or [None]
+            legs = [(p, nv) for p in pools for nv in nices]
+            for k, (pool, niceness) in enumerate(legs):
                 bif, _, cap = (pool or "").partition(":")
                 bif, cap = int(bif) if bif else None, int(cap) if cap else None
                 pipe = run_pipeline(args.model, events, workdir, broker.bootstrap_servers, args.batch_size, sampling,
                                     f"throughput-{workload}-{k}-{bif or 'default'}-{cap or 'default'}",
-                                    batches_in_flight=bif, max_batches_in_flight=cap)  # fmt: skip
+                                    batches_in_flight=bif, max_batches_in_flight=cap,
+                                    worker_niceness=niceness)  # fmt: skip
                 ratio = pipe["steady_rows_per_s"] / raw_rps
                 if k == 0:  # the first value's, under the keys earlier results used
                     r["pipeline"], r["ratio_steady"] = pipe, ratio
                 r.setdefault("pipeline_runs", []).append({"batches_in_flight": bif or "default", "pipeline": pipe,
                                                           "max_batches_in_flight": cap or "default",
+                                                          "worker_niceness": "default" if niceness is None else niceness,
                                                           "ratio_steady": ratio})  # fmt: skip
                 label = (f" batches_in_flight {bif}" if bif else "") + (f" max_batches_in_flight {cap}" if cap else "")
+                label += f" RAY_worker_niceness {niceness}" if niceness is not None else ""
                 print(f"[{workload}] pipeline{label}: {pipe}")
                 print(f"[{workload}] pipeline{label}/raw (steady): {ratio:.3f}")
                 save()

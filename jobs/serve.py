@@ -393,11 +393,16 @@ class TidegateEndpoint:
             replay_orphans(self.audit, journal_dir)  # before this replica answers anything
             journal = AuditJournal.create(journal_dir, self.run_id)
         # A round in a thread here would share the GIL and delta-rs's threads with the answers' appends.
+        # Its process starts now, beside the engine's load: started at the first round, under load,
+        # its start-up took the CPU from the answers of that moment.
         from actors.maintainer import LowPriorityRounds
 
+        rounds = LowPriorityRounds()
+        if spec.sink.maintenance.compact_every_commits:
+            rounds.start()
         self.buffer = _AuditBuffer(self.audit, spec.serve.ack, spec.sink.commit_interval_s, journal,
                                    spec.sink.maintenance.compact_every_commits,
-                                   spec.serve.group_commit_ms / 1000, LowPriorityRounds())  # fmt: skip
+                                   spec.serve.group_commit_ms / 1000, rounds)  # fmt: skip
         self.verifier = None
         if spec.serve.auth:
             from crypto.api_keys import ApiKeyVerifier
