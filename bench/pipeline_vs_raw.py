@@ -188,8 +188,8 @@ def run_pipeline(model: Path, events: list[dict], workdir: Path, bootstrap: str,
     nice: dict[str, set[int]] = {}
     while proc.poll() is None:  # CPU seconds per process of the job's tree (last sample wins)
         cpu.update(cpu_by_process(proc.pid))
-        for name, values in niceness_by_process(proc.pid).items():
-            nice.setdefault(name, set()).update(values)
+        for process, values in niceness_by_process(proc.pid).items():
+            nice.setdefault(process, set()).update(values)
         time.sleep(0.5)
     if proc.returncode:
         raise SystemExit(f"pipeline run failed; see {workdir / (name + '.log')}")
