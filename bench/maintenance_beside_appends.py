@@ -24,7 +24,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -119,7 +118,7 @@ def main() -> int:
         return 0
 
     sys.path.insert(0, str(REPO))
-    from bench.checkouts import commit_of
+    from bench.checkouts import commit_of, run_leg
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = REPO / "bench" / "results" / f"maintenance_beside_appends-{stamp}.json"
@@ -129,12 +128,9 @@ def main() -> int:
     for rnd in range(1, args.rounds + 1):
         for mode in args.modes.split(","):
             cmd = [sys.executable, __file__, "--leg", mode, "--files", str(args.files), "--none-s", str(none_s)]
-            got = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-            got["round"] = rnd
+            got = run_leg(cmd, result, out, round=rnd)
             if mode == "thread":
                 none_s = got["round_s"]  # the next `none` leg appends as long as this round took
-            result["legs"].append(got)
-            out.write_text(json.dumps(result, indent=1) + "\n")
             d = got["appends_during"]
             print(f"round {rnd} {mode:7} round {got['round_s']:5.2f} s; appends during it: n={d['n']:3} "
                   f"p50 {d['p50_ms']:6.1f} p95 {d['p95_ms']:6.1f} max {d['max_ms']:6.1f} ms "
