@@ -183,7 +183,8 @@ class _Table:
         self._appends += 1
         # The commit of the version delta-rs would have checkpointed, as delta-rs decides it: of
         # several writers (replicas) only the one that made that version writes it.
-        if self.defer_checkpoints and (dt.version() + 1) % max(self._checkpoint_every, 1) == 0:
+        version = dt.version()
+        if self.defer_checkpoints and _checkpoints_between(version - 1, version, self._checkpoint_every):
             self.checkpoint_due = True
 
     def write_checkpoint(self) -> int | None:

@@ -244,15 +244,13 @@ def test_deferred_checkpoints_are_written_when_the_writer_asks(tmp_path):
 
 
 def _checkpoint_versions(table_dir) -> list[int]:
+    return _log_versions(table_dir, ".checkpoint.parquet")
+
+
+def _log_versions(table_dir, suffix: str = ".json") -> list[int]:
     import os
 
-    return sorted(int(f.split(".")[0]) for f in os.listdir(table_dir / "_delta_log") if f.endswith(".checkpoint.parquet"))
-
-
-def _log_versions(table_dir) -> list[int]:
-    import os
-
-    return sorted(int(f.split(".")[0]) for f in os.listdir(table_dir / "_delta_log") if f.endswith(".json"))
+    return sorted(int(f.split(".")[0]) for f in os.listdir(table_dir / "_delta_log") if f.endswith(suffix))
 
 
 def test_expired_log_files_go_every_so_many_appends_not_after_each(tmp_path, monkeypatch):
