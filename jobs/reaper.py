@@ -5,12 +5,20 @@ but the raylet's own children (the dashboard and runtime-env agents) were measur
 (still running 30 s later, re-parented to init). This process, started by the job when it starts a
 local Ray, records the job's process tree every `interval` seconds while the job lives, and when
 the job is gone kills exactly those processes (matched by PID *and* start time, so a reused PID is
-never hit). A process started less than `interval` before the kill is not in that record: the
-agents rename themselves and clear their environment, so they are found by what is left, every
-one of: in the job's process group, named `ray::`, started while the job lived, and orphaned (its
-parent is no longer a raylet). Then it exits. It never touches a live job's processes: the one
-process it could take that the job did not start is an orphaned agent of another driver in the
-same group that died in the same window, which that driver's own reaper kills as well.
+never hit). A process started less than `interval` before the kill is not in that record, and is
+found by a sweep instead, by one of two marks:
+
+- a Ray worker still starting up (not yet renamed `ray::...`, in a process group of its own,
+  measured to live on for tens of seconds once its raylet is gone) carries its Ray session's name
+  in its arguments, `--session-name=session_<date>_<PID of the process that started Ray>`: any
+  process started since the job that names a session ending in the job's PID is the job's;
+- an agent renames itself and clears its arguments and environment, so it is found by what is
+  left, every one of: in the job's process group, named `ray::`, started while the job lived, and
+  orphaned (its parent is no longer a raylet).
+
+Then it exits. It never touches a live job's processes: the one process it could take that the job
+did not start is an orphaned agent of another driver in the same group that died in the same
+window, which that driver's own reaper kills as well.
 
     python -m jobs.reaper JOB_PID [--interval SECONDS]
 """
@@ -36,6 +44,28 @@ def _tree(root: psutil.Process) -> dict[int, float]:
     except psutil.Error:
         pass
     out.pop(os.getpid(), None)
+    return out
+
+
+SESSION_FLAG = "--session-name="
+
+
+def _processes_of_its_ray(job_pid: int, born: float) -> dict[int, float]:
+    """Processes started since the job whose arguments name a Ray session the job started: Ray
+    names a session it starts `session_<date>_<PID of the starting process>` (ray/_private/node.py)."""
+    suffix = f"_{job_pid}"
+    out = {}
+    for p in psutil.process_iter(["pid", "cmdline", "create_time"]):
+        try:
+            if p.pid == os.getpid() or p.info["create_time"] < born:
+                continue
+            for arg in p.info["cmdline"] or ():
+                if arg.startswith(SESSION_FLAG):
+                    if arg.endswith(suffix):
+                        out[p.pid] = p.info["create_time"]
+                    break
+        except (psutil.Error, OSError):
+            pass
     return out
 
 
@@ -94,6 +124,7 @@ def watch(job_pid: int, interval: float = 0.5) -> int:
     deadline = time.monotonic() + 5.0
     while True:
         orphans, under_a_raylet = _orphaned_ray_processes(pgid, born, died)
+        orphans.update(_processes_of_its_ray(job_pid, born))
         killed += sum(_kill(pid, created) for pid, created in orphans.items())
         if not under_a_raylet or time.monotonic() > deadline:
             return killed

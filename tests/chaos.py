@@ -63,6 +63,7 @@ class Report:
     poison_dead_lettered_once: bool = False
     unexpected_dead_letters: int = -1
     orphans: list[int] = field(default_factory=list)
+    orphan_names: list[str] = field(default_factory=list)  # "PID name (ppid P, born Ns after replica R started)"
     replica_runs: int = 0
     elapsed_s: float = 0.0
     rows_per_s: float = 0.0
@@ -101,6 +102,7 @@ class Replica:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         self.family: set[int] = {self.proc.pid}
+        self.started = time.time()
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -134,6 +136,20 @@ class Replica:
     def crashed(self) -> bool:
         """Exited on its own (replicas run until told to stop)."""
         return not getattr(self, "killed", False) and self.proc.poll() is not None
+
+
+ORPHAN_GRACE_S = 30.0
+
+
+def describe(pid: int, replicas: list[Replica]) -> str:
+    """What a process is (a process name and its parent, never an argument: it could hold a value)."""
+    owner = next((i for i, r in enumerate(replicas) if pid in r.family), None)
+    try:
+        p = psutil.Process(pid)
+        born = f"{p.create_time() - replicas[owner].started:.1f}s" if owner is not None else "?"
+        return f"{pid} {p.name()} (ppid {p.ppid()}, born {born} after replica {owner} started)"
+    except psutil.Error:
+        return f"{pid} (gone)"
 
 
 def committed(results: str, dead: str) -> int:
@@ -276,15 +292,21 @@ def run(seed: int, events: int, faults: int, partitions: int, replicas: int, wor
     raw = Counter(bytes(v) for v in dead["raw"].to_list())
     report.poison_dead_lettered_once = all(raw.get(p) == 1 for p in poison)
     report.unexpected_dead_letters = sum(c for v, c in raw.items() if v not in poison)
-    time.sleep(2)
-    report.orphans = living(pid for r in all_replicas for pid in r.family)
+    # A process still exiting (a worker that has yet to notice its raylet is gone, a reaper on its
+    # last sweep) is not an orphan: an orphan is one that outlives its replica, so allow them time.
+    family = {pid for r in all_replicas for pid in r.family}
+    deadline = time.monotonic() + ORPHAN_GRACE_S
+    while living(family) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    report.orphans = living(family)
+    report.orphan_names = [describe(pid, all_replicas) for pid in report.orphans]
     report.replica_runs = len(all_replicas)
     report.rows_per_s = round(events / report.elapsed_s, 1) if report.elapsed_s else 0.0
     report.ok = (report.lost == 0 and report.duplicated == 0 and report.poison_dead_lettered_once
                  and report.unexpected_dead_letters == 0 and not report.orphans)  # fmt: skip
     log(f"chaos seed {seed}: lost {report.lost}, duplicated {report.duplicated}, poison dead-lettered once: "
         f"{report.poison_dead_lettered_once}, unexpected dead letters {report.unexpected_dead_letters}, "
-        f"orphans {len(report.orphans)}, {report.elapsed_s}s, {report.replica_runs} replica runs")  # fmt: skip
+        f"orphans {len(report.orphans)} {report.orphan_names}, {report.elapsed_s}s, {report.replica_runs} replica runs")  # fmt: skip
     return report
 
 

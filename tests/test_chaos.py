@@ -16,4 +16,5 @@ def test_chaos_short_form(tmp_path):
     assert not skipped, skipped  # a fault that found nothing to strike would prove nothing
     assert report.lost == 0 and report.duplicated == 0, report
     assert report.poison > 0 and report.poison_dead_lettered_once, report
-    assert report.unexpected_dead_letters == 0 and report.orphans == [], report
+    assert report.unexpected_dead_letters == 0, report
+    assert report.orphans == [], report.orphan_names  # each: name, parent, born when

@@ -18,8 +18,14 @@ from tests.conftest import living
 REPO = Path(__file__).resolve().parents[1]
 
 DRIVER = """
-import sys, time, ray
+import subprocess, sys, time, ray
 ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[1])
+# A stand-in for a Ray worker still starting up when its driver is killed: named `python`, in a
+# process group of its own, its session in its arguments (measured: such a worker lives on for
+# tens of seconds after its raylet is gone). It never exits on its own: only the reaper ends it.
+session = ray._private.worker._global_node.session_name
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "--session-name=" + session],
+                 start_new_session=True)
 print("up", flush=True)
 time.sleep(600)
 """
@@ -81,8 +87,9 @@ def wait_gone(pids: set[int]) -> list[int]:
 def test_processes_started_after_the_reapers_last_look_die_with_a_killed_driver():
     """A's reaper records A's tree every `interval`; that interval is longer than the test, so its
     only record was taken before Ray started and every Ray process must be found by the orphan
-    sweep (without it the dashboard and runtime-env agents outlive the driver). B runs in the same
-    process group, with its agents started while A lived: A's reaper must leave them alone."""
+    sweep (without it the dashboard and runtime-env agents, and the worker stand-in, outlive the
+    driver). B runs in the same process group, with its agents and its stand-in started while A
+    lived: A's reaper must leave them alone."""
     a = Driver(interval=600)
     b = None
     try:
