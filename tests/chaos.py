@@ -138,7 +138,7 @@ class Replica:
         return not getattr(self, "killed", False) and self.proc.poll() is not None
 
 
-ORPHAN_GRACE_S = 30.0
+ORPHAN_GRACE_S = 10.0
 
 
 def describe(pid: int, replicas: list[Replica]) -> str:
@@ -293,7 +293,8 @@ def run(seed: int, events: int, faults: int, partitions: int, replicas: int, wor
     report.poison_dead_lettered_once = all(raw.get(p) == 1 for p in poison)
     report.unexpected_dead_letters = sum(c for v, c in raw.items() if v not in poison)
     # A process still exiting (a worker that has yet to notice its raylet is gone, a reaper on its
-    # last sweep) is not an orphan: an orphan is one that outlives its replica, so allow them time.
+    # last sweep) is not an orphan: an orphan outlives its replica. The grace is short on purpose:
+    # a worker the reaper missed lives on for tens of seconds, and must still be caught here.
     family = {pid for r in all_replicas for pid in r.family}
     deadline = time.monotonic() + ORPHAN_GRACE_S
     while living(family) and time.monotonic() < deadline:
