@@ -140,8 +140,11 @@ class KafkaSource:
         wait, tries = 0.5, 0
         while True:
             tries += 1
+            # One try lasts at most 5 s and never past the deadline: kafka-python's own bootstrap
+            # would otherwise wait 30 s in a try, whatever the spec says, and say nothing meanwhile.
+            try_ms = max(100, int(min(5.0, deadline - time.monotonic()) * 1000))
             try:
-                return KafkaConsumer(**config)
+                return KafkaConsumer(**{**config, "bootstrap_timeout_ms": try_ms})
             except KafkaError as e:
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -68,3 +68,19 @@ def test_the_durable_embedded_broker_keeps_its_topics_across_a_kill(tmp_path):
     finally:
         broker.stop()
     assert broker.store.process is None  # stop() stopped its object store too
+
+
+def test_an_unreachable_broker_is_given_up_on_after_connect_timeout_s():
+    """connect_timeout_s bounds the whole wait: kafka-python's own bootstrap would otherwise wait 30 s
+    in its first try whatever the spec says (a 3 s timeout took ~36 s before this was mended)."""
+    import pytest
+
+    from connectors.broker import free_port
+    from schemas.errors import SourceError
+
+    spec = KafkaSourceSpec(bootstrap_servers=[f"127.0.0.1:{free_port()}"], topic="t", connect_timeout_s=1)
+    src = KafkaSource(spec, source_context({}))
+    started = time.monotonic()
+    with pytest.raises(SourceError, match="no Kafka broker reachable at 127.0.0.1:.*connect_timeout_s=1s"):
+        src.start()
+    assert time.monotonic() - started < 15  # 1 s and a try's wind-down; the old wait was 30 s or more

@@ -187,7 +187,8 @@ def test_unreachable_broker_is_one_clear_error_before_the_engines_load(tmp_path,
     from connectors.broker import free_port
 
     spec = make_spec(tmp_path, None, topic, tiny_model)
-    spec["source"] = {"kafka": {"bootstrap_servers": f"127.0.0.1:{free_port()}", "topic": topic}}
+    # Tried for 3 s, not the default 30: the error, not the wait, is what this test is about.
+    spec["source"] = {"kafka": {"bootstrap_servers": f"127.0.0.1:{free_port()}", "topic": topic, "connect_timeout_s": 3}}
     started = time.monotonic()
     job = job_processes(write_spec(tmp_path, spec))
     assert job.wait(180) == 2, job.log()[-3000:]
