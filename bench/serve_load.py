@@ -17,7 +17,7 @@ Phases, for each server, in rounds alternating vllm, tidegate (the machine's dri
             Serve's proxy and the audit commit add to a request
 
     python bench/serve_load.py [--clients 32] [--seconds 60] [--rounds 2] [--overhead-requests 200]
-        [--ack durable|journal|buffered] [--engine-process separate|inline]
+        [--ack durable|journal|buffered] [--engine-process separate|inline] [--alternate]
         [--sides vllm,tidegate:inline:durable,tidegate:separate:journal,tidegate:durable:gc0,tidegate:durable:ck20,...]
         [--code before=/path/to/checkout --sides vllm,tidegate:durable@before,tidegate:durable]
 
@@ -164,6 +164,9 @@ def main() -> None:
                          "serve.ack, serve.ingress, serve.group_commit_ms (gcN) and sink.maintenance.checkpoint_interval (ckN): "
                          "tidegate:inline, tidegate:separate:durable, tidegate:proxy, tidegate:durable:gc0, "
                          "tidegate:durable:ck20, ...")  # fmt: skip
+    ap.add_argument("--alternate", action="store_true",
+                    help="run the sides in reverse order in every second round (the machine's drift within a "
+                         "round then favours no side)")
     ap.add_argument("--engine-process", default="separate", choices=["separate", "inline"],
                     help="tidegate's serve.engine_process where a side does not say")
     ap.add_argument("--ack", default="durable", choices=["durable", "journal", "buffered"],
@@ -217,7 +220,8 @@ def main() -> None:
 
     runs = []
     for rnd in range(1, a.rounds + 1):
-        for side in a.sides.split(","):
+        order = a.sides.split(",")
+        for side in (order[::-1] if a.alternate and rnd % 2 == 0 else order):
             port = free_port()
             log = work / f"{side.replace(':', '-')}-{rnd}.log"
             if side == "vllm":
