@@ -48,8 +48,9 @@ $(AZURITE): tests/emulators/package-lock.json
 # seen once in CI) prints every thread's Python stack instead of a bare "Segmentation fault".
 # TEST_WORKERS: tests run that many at a time (pytest-xdist). The end-to-end tests mostly wait (on
 # a broker, a job's start, a commit): one at a time they kept 2 cores ~60 % busy, and two at a time
-# took the suite from 46-50 to ~32 minutes on this project's 2-core machines. Each test still has its
-# own broker, Ray cluster, ports and temp dirs; each worker ~4 GB at most. TEST_WORKERS=0: one at a time.
+# took the suite from 46-50 to 31-37 minutes on this project's 2-core machines (~8 GB of memory in use
+# at the busiest point seen). Each test still has its own broker, Ray cluster, ports and temp dirs.
+# TEST_WORKERS=0: one at a time.
 TEST_WORKERS ?= 2
 test: install browser azurite
 	PYTHONFAULTHANDLER=1 $(VENV)/bin/pytest tests -n $(TEST_WORKERS)
