@@ -49,7 +49,7 @@ $(AZURITE): tests/emulators/package-lock.json
 # TEST_WORKERS: tests run that many at a time (pytest-xdist). The end-to-end tests mostly wait (on
 # a broker, a job's start, a commit): one at a time they kept 2 cores ~60 % busy, and two at a time
 # took the suite from 46-50 to 31-37 minutes on this project's 2-core machines (~8 GB of memory in use
-# at the busiest point seen). Each test still has its own broker, Ray cluster, ports and temp dirs.
+# at a mid-run sample). Each test still has its own broker, Ray cluster, ports and temp dirs.
 # TEST_WORKERS=0: one at a time.
 TEST_WORKERS ?= 2
 test: install browser azurite
