@@ -17,6 +17,7 @@ dead-letter rows, which must not carry sensitive values outside the encrypted co
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import operator
@@ -454,8 +455,10 @@ class OutputSchema:
             try:
                 parsed = self.model.model_validate(obj)
             except ValidationError as e:
-                # A validator's own message may quote the value: only pydantic's built-in ones are kept.
-                msgs = [f"{self.path(err['loc'])}: {err['msg'] if err['type'] not in _OWN_MESSAGES else err['type']}"
+                # A message may quote the value (a validator's own, a parser's words, a union's tag):
+                # pydantic's words only where they say what the schema expects, else the error type.
+                kept = _schema_only_messages()
+                msgs = [f"{self.path(err['loc'])}: {err['msg'] if err['type'] in kept else err['type']}"
                         for err in e.errors(include_input=False, include_context=False)]  # fmt: skip
                 raise ValueError("does not match the schema: " + "; ".join(msgs[:5])) from None
             return parsed.model_dump_json(), parsed
@@ -466,8 +469,41 @@ class OutputSchema:
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":")), obj
 
 
-# pydantic error types whose message a model's own validator wrote (it may quote the value)
-_OWN_MESSAGES = {"value_error", "assertion_error"}
+# Placeholders of pydantic's message templates filled from the input: a parser's own words about it
+# ("Input should be a valid UUID, invalid character: expected ... found `j` at 1"), its tag.
+_INPUT_PLACEHOLDERS = {"error", "tag", "encoding_error"}
+
+
+@functools.cache
+def _schema_only_messages() -> frozenset[str]:
+    """pydantic's built-in error types whose message says only what the schema expects (from its
+    template: "String should have at most {max_length} characters"). Not in it, so given by type
+    name alone: a model's own validators' (value_error, assertion_error, a PydanticCustomError's
+    type), those with an input placeholder, and any type whose template cannot be read here."""
+    import typing
+
+    from pydantic_core import PydanticKnownError, core_schema
+
+    context = {"max_length": 1, "min_length": 1, "max_digits": 1, "decimal_places": 1, "whole_digits": 1,
+               "expected_version": 1, "actual_length": 1}  # fmt: skip
+    kept = set()
+    for error_type in typing.get_args(core_schema.ErrorType):
+        template = None
+        for ctx in (None, {**dict.fromkeys(_CONTEXT_NAMES, "x"), **context}):
+            try:
+                template = PydanticKnownError(error_type, ctx).message_template
+                break
+            except (KeyError, TypeError, ValueError):
+                continue
+        if template is not None and not set(re.findall(r"\{(\w+)\}", template)) & _INPUT_PLACEHOLDERS:
+            kept.add(error_type)
+    return frozenset(kept - {"value_error", "assertion_error"})
+
+
+# names pydantic's templates take from their context (what the schema says), to read the templates
+_CONTEXT_NAMES = ("attribute", "method_name", "class", "expected_schemes", "expected", "class_name", "discriminator",
+                  "expected_tags", "pattern", "ge", "gt", "le", "lt", "field_type", "multiple_of", "timezone",
+                  "expected_length", "error", "tag", "context", "reason")  # fmt: skip
 
 
 def json_schema_validator(schema: dict[str, Any], field_name: str):

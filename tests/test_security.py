@@ -5,10 +5,13 @@ reader reveals and what each value is bound to. End to end: tests/test_encryptio
 from __future__ import annotations
 
 import json
+import uuid
+from typing import Annotated, Literal, Union
 
 import pyarrow as pa
 import pytest
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from compute.prompts import PromptRenderer
 from compute.rules import Candidate, OutputSchema
@@ -158,6 +161,43 @@ def test_pydantic_messages_name_declared_fields_only(monkeypatch):
     with pytest.raises(ValueError) as e:
         schema.parse(json.dumps({"scores": {}, "email": SECRET}))
     assert "jane" not in str(e.value) and "email: value_error" in str(e.value)
+
+
+class Refund(BaseModel):
+    kind: Literal["refund"]
+
+
+class Ship(BaseModel):
+    kind: Literal["ship"]
+
+
+class TaggedModel(BaseModel):
+    """Messages of pydantic's own that quote the input (a union's tag, a parser's words) and a
+    validator's own error type (PydanticCustomError fills its message from the value)."""
+
+    action: Annotated[Union[Refund, Ship], Field(discriminator="kind")]
+    ref: uuid.UUID
+    owner: str
+    note: str = Field(max_length=5)
+
+    @field_validator("owner")
+    @classmethod
+    def _ours(cls, v: str) -> str:
+        if not v.endswith("@ours.example"):
+            raise PydanticCustomError("not_ours", "{v} is not ours", {"v": v})
+        return v
+
+
+def test_pydantic_messages_that_quote_the_input_give_their_type_only(monkeypatch):
+    monkeypatch.chdir(__import__("pathlib").Path(__file__).resolve().parents[1])
+    schema = OutputSchema("tests.test_security:TaggedModel")
+    with pytest.raises(ValueError) as e:
+        schema.parse(json.dumps({"action": {"kind": SECRET}, "ref": SECRET, "owner": SECRET, "note": "x" * 9}))
+    text = str(e.value)
+    assert "jane" not in text and "j`" not in text, text
+    assert "action: union_tag_invalid" in text and "ref: uuid_parsing" in text and "owner: not_ours" in text
+    # pydantic's words where they say only what the schema expects
+    assert "note: String should have at most 5 characters" in text
 
 
 def quoting_rule(candidate):
