@@ -396,6 +396,40 @@ class ModelSpec(_Strict):
     def label(self) -> str:
         return self.name or self.path
 
+    @field_validator("engine_args")
+    @classmethod
+    def _no_remote_code(cls, args: dict[str, Any]) -> dict[str, Any]:
+        if args.get("trust_remote_code"):
+            raise ValueError("trust_remote_code runs the model directory's own Python, which the code policy "
+                             "(README, \"A spec is code\") cannot check: not allowed in a spec")  # fmt: skip
+        return args
+
+    def engine_code(self) -> list[tuple[str, str]]:
+        """(field, module:Name) of each class engine_args make vLLM import by name (worker_cls,
+        worker_extension_cls, logits_processors, a distributed_executor_backend that is not one of
+        vLLM's own, kv_transfer_config's connector module): the code policy judges them as it
+        judges output.schema and custom rules."""
+        args, named = self.engine_args, []
+        for key in ("worker_cls", "worker_extension_cls"):
+            if isinstance(args.get(key), str) and args[key] not in ("", "auto"):
+                named.append((f"model.engine_args.{key}", args[key]))
+        backend = args.get("distributed_executor_backend")
+        if isinstance(backend, str) and backend not in _EXECUTOR_BACKENDS:
+            named.append(("model.engine_args.distributed_executor_backend", backend))
+        processors = args.get("logits_processors") or []
+        for i, name in enumerate(processors if isinstance(processors, list) else [processors]):
+            named.append((f"model.engine_args.logits_processors.{i}", str(name)))
+        kv = args.get("kv_transfer_config")
+        if isinstance(kv, dict) and kv.get("kv_connector_module_path"):
+            named.append(("model.engine_args.kv_transfer_config.kv_connector_module_path",
+                          f"{kv['kv_connector_module_path']}.{kv.get('kv_connector') or '?'}"))  # fmt: skip
+        # vLLM names a class "pkg.module.Name"; the policy's form is "pkg.module:Name"
+        return [(field, dotted if ":" in dotted else ":".join(dotted.rsplit(".", 1))) for field, dotted in named]
+
+
+# distributed_executor_backend values that are vLLM's own executors (any other string is a class path)
+_EXECUTOR_BACKENDS = {"mp", "ray", "uni", "external_launcher"}
+
 
 # Field names of vllm.SamplingParams (0.32) that a job may set. Checked here so a typo fails
 # before any work, without importing vLLM (7-11 s) in the driver.
@@ -909,6 +943,7 @@ class JobSpec(_Strict):
         for i, r in enumerate(self.validation.rules or [] if self.validation is not None else []):
             if r.rule == "custom":
                 refs.append(CodeRef(f"validation.{i}.path", r.path))
+        refs += [CodeRef(field, path) for field, path in self.model.engine_code()]
         return refs
 
     def redacted(self) -> dict[str, Any]:

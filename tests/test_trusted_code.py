@@ -150,3 +150,45 @@ def test_run_refuses_before_starting_anything(in_repo, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: validation.0.path: refusing to import subprocess:Popen" in err
     assert not ray.is_initialized()
+
+
+def test_engine_args_that_name_code_are_judged_like_rules(in_repo):
+    """vLLM imports the classes some of its arguments name (a worker, a worker extension, logits
+    processors, an executor, a KV connector): a spec's model.engine_args pass the same policy, and
+    trust_remote_code (the model directory's own Python, which no policy can judge) is refused."""
+    from schemas.trusted_code import refuse_untrusted
+
+    data = spec_data()
+    data["model"]["engine_args"] = {
+        "worker_extension_cls": "os.system", "logits_processors": ["tests.test_validation.no_digits"],
+        "distributed_executor_backend": "mp", "worker_cls": "auto", "scheduling_policy": "fcfs",
+        "kv_transfer_config": {"kv_connector": "Evil", "kv_connector_module_path": "subprocess"},
+    }  # fmt: skip
+    spec = parse_spec(data)
+    assert [(r.field, r.path) for r in spec.code_refs()] == [
+        ("model.engine_args.worker_extension_cls", "os:system"),
+        ("model.engine_args.logits_processors.0", "tests.test_validation:no_digits"),
+        ("model.engine_args.kv_transfer_config.kv_connector_module_path", "subprocess:Evil"),
+    ]
+    with pytest.raises(SpecError) as e:
+        refuse_untrusted(spec.code_refs(), spec.allowed_modules)
+    assert "model.engine_args.worker_extension_cls: refusing to import os:system" in str(e.value)
+    assert "kv_connector_module_path: refusing to import subprocess:Evil" in str(e.value)
+    assert "logits_processors" not in str(e.value)  # in the working directory: allowed, as a rule would be
+    data["model"]["engine_args"] = {"distributed_executor_backend": "mypkg.executors.Mine"}
+    assert [r.path for r in parse_spec(data).code_refs()] == ["mypkg.executors:Mine"]
+    data["model"]["engine_args"] = {"trust_remote_code": True}
+    with pytest.raises(SpecError, match="model.engine_args: .*trust_remote_code runs the model directory's own Python"):
+        parse_spec(data)
+
+
+def test_serve_refuses_untrusted_engine_args_before_deploying(in_repo, tmp_path, capsys):
+    """`tidegate serve` judges the spec's code before it starts Ray or deploys anything (exit 2)."""
+    from jobs.serve import main as serve_main
+
+    data = spec_data()
+    data["model"]["engine_args"] = {"worker_extension_cls": "os.system"}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert serve_main(str(path), None, False) == 2
+    assert "model.engine_args.worker_extension_cls: refusing to import os:system" in capsys.readouterr().out
