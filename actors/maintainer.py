@@ -31,6 +31,9 @@ from schemas.spec import JobSpec
 # thread at 10 gets about a tenth of what one at 0 gets of a core both want). Ray starts a worker's
 # main thread at 15 and its other threads at 0, so this is a floor, not an increment.
 NICE = 10
+# A round still running after this long is given up (its process killed; the next round starts a
+# new one): one stuck round would otherwise hold every later round back (each skipped while it runs).
+ROUND_TIMEOUT_S = 3600.0
 
 
 def _lower_priority(to: int) -> None:
@@ -86,7 +89,11 @@ class LowPriorityRounds:
     def __call__(self, spec: JobSpec, results_schema: pa.Schema, dead_schema: pa.Schema) -> dict[str, Any]:
         actor = self.actor or self.start()
         try:
-            return ray.get(actor.maintain.remote(spec, results_schema, dead_schema))
+            return ray.get(actor.maintain.remote(spec, results_schema, dead_schema), timeout=ROUND_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(actor)
+            self.actor = None
+            raise
         except ray.exceptions.RayActorError:
             self.actor = None  # the next round starts a new one; this one failed (logged by the caller)
             raise

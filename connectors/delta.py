@@ -84,6 +84,7 @@ class _Table:
         self.defer_checkpoints = False
         self.checkpoint_due = False
         self._cleaned_at: int | None = None  # self._appends at write_checkpoint's last log cleanup
+        self._version_before_write = 0  # the handle's version when the last append began
 
     def open(self, refresh: bool = True) -> DeltaTable:
         """The table's handle, brought up to its latest version unless `refresh` is False (an append
@@ -93,7 +94,15 @@ class _Table:
             self._dt.update_incremental()
         if self._dt is not None and self._worn():  # worn already, or other writers' commits passed a checkpoint
             # Dropped at an open, never between a refreshed read and the append after it (that
-            # append's open has refresh False, and nothing moved the handle since the read).
+            # append's open has refresh False, and nothing moved the handle since the read). A
+            # checkpoint this handle's append made due is written first (a read, such as an
+            # Idempotency-Key lookup, may come before the writer's own write_checkpoint): a fresh
+            # handle then loads from it, not from the one before.
+            if self.checkpoint_due:
+                try:
+                    self.write_checkpoint()
+                except Exception as e:  # noqa: BLE001 - rows are unaffected; the next interval's is written
+                    log.warning("%s table: checkpoint not written (%s)", self.role, type(e).__name__)
             self._dt = None
         if self._dt is None:
             try:
@@ -166,6 +175,7 @@ class _Table:
             rows = rows.append_column("processed_date", pc.cast(rows.column("processed_at"), pa.date32()))
         clean_log = self._appends % LOG_CLEANUP_EVERY_COMMITS == 0
         dt = self.open(refresh=refresh)
+        self._version_before_write = dt.version()
         write_deltalake(
             dt,
             rows.select(self.schema.names).cast(self.schema),
@@ -185,6 +195,18 @@ class _Table:
         # several writers (replicas) only the one that made that version writes it.
         version = dt.version()
         if self.defer_checkpoints and _checkpoints_between(version - 1, version, self._checkpoint_every):
+            self.checkpoint_due = True
+
+    def landed(self) -> None:
+        """The last append landed though its answer was lost (found by its marker, on a handle
+        loaded again): counted as append counts it, and with deferred checkpoints, one is due if a
+        checkpoint version passed since that append began (append would have marked it; at worst
+        this writes one more checkpoint than delta-rs would)."""
+        self._commits += 1
+        self._appends += 1
+        if self.defer_checkpoints and self._dt is not None and _checkpoints_between(
+            self._version_before_write, self._dt.version(), self._checkpoint_every
+        ):
             self.checkpoint_due = True
 
     def write_checkpoint(self) -> int | None:
@@ -453,6 +475,7 @@ class DeltaSink:
                 try:
                     if self._landed_or_fenced(table, txns, expected, positions):
                         log.warning("%s table write: the answer was lost, but the commit had landed", table.role)
+                        table.landed()
                         return
                 except PartitionFencedError:
                     raise

@@ -4,6 +4,7 @@ rows are on the replica's disk, fsync'd; the Delta commit follows every sink.com
     AuditJournal.create(directory, name)  a replica's own journal file, held (an exclusive flock)
       append(seq, results, dead)          one group of stored rows (already encrypted), fsync'd
       truncate()                          every group in it is committed: start the file again
+      rewrite(records)                    only these groups (the uncommitted ones) are left in it
       close(remove)
     orphans(directory)                    journals whose replica is gone (their flock is free), held
     read_records(path)                    -> [JournalRecord]; a torn last record (a write the crash
@@ -90,6 +91,9 @@ class AuditJournal:
 
     def append(self, seq: int, results: pa.Table, dead: pa.Table) -> None:
         """Raises OSError if the record is not durable (its request is then not answered 200)."""
+        self._write(seq, results, dead, sync=True)
+
+    def _write(self, seq: int, results: pa.Table, dead: pa.Table, sync: bool) -> None:
         if self.broken:
             raise OSError(f"journal {self.path.name} is unusable after a failed write")
         r, d = _ipc(results), _ipc(dead)
@@ -99,7 +103,8 @@ class AuditJournal:
             view = memoryview(record)
             while view:  # O_APPEND: at the end; a short write (a full disk) goes on or raises
                 view = view[os.write(self.fd, view):]
-            os.fsync(self.fd)
+            if sync:
+                os.fsync(self.fd)
         except OSError:
             # A part of the record may be in the file: cut it off, or a replay would stop at it and
             # miss the records after it. If even that fails, no record goes after it.
@@ -112,6 +117,32 @@ class AuditJournal:
     def truncate(self) -> None:
         os.ftruncate(self.fd, 0)
         os.fsync(self.fd)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def rewrite(self, records: list[JournalRecord]) -> None:
+        """The journal with only `records` (the groups not committed yet): a journal that never
+        empties (requests arrive during every commit) does not grow for ever. Written to a new
+        file, locked before it takes the journal's name (orphans() never finds it unlocked), and
+        renamed over the old one: a crash at any point leaves one complete journal under the name.
+        Raises OSError with the old journal in place."""
+        new = self.path.with_name(self.path.name + ".new")
+        fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            replacement = AuditJournal(new, fd)
+            for r in records:
+                replacement._write(r.seq, r.results, r.dead, sync=False)
+            os.fsync(fd)
+            os.rename(new, self.path)
+            _fsync_dir(self.path.parent)
+        except OSError:
+            os.close(fd)
+            new.unlink(missing_ok=True)
+            raise
+        os.close(self.fd)
+        self.fd = fd
 
     def close(self, remove: bool = False) -> None:
         if self.fd < 0:

@@ -6,12 +6,16 @@
             "created_at": ISO, "state": "active" | "revoked"}   under "api_keys" by key id
 
 scrypt costs ~50 ms of CPU a check by design, so `ApiKeyVerifier` remembers the tokens it verified
-(by their SHA-256, never the token) until the keyring file changes: a revocation takes effect at
-the next request after the file is written (one stat per request).
+(by their SHA-256, never the token) while their key's record is unchanged: a revocation takes
+effect at the next request after the file is written (one stat per request). On a server's event
+loop `verify_async` runs the scrypt in a worker thread (cryptography releases the GIL for it), so
+a key's first request, or a wrong secret for a known key id, does not stop the loop's other
+requests for that long; at most VERIFY_THREADS checks run at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -26,6 +30,9 @@ from schemas.errors import AuthError
 PREFIX = "tg_"
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 1 << 14, 8, 1
 _TOKEN = re.compile(r"tg_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
+# scrypt checks of one verifier at once in verify_async: each takes a core for ~50-70 ms, and the
+# event loop's own threads (the audit's writes use asyncio.to_thread too) keep the executor's rest.
+VERIFY_THREADS = 2
 
 
 def _b64(b: bytes) -> str:
@@ -78,6 +85,9 @@ def verify_record(secret: str, record: dict) -> bool:
     return hmac.compare_digest(got, want)
 
 
+_REFUSED = "unknown or revoked API key"
+
+
 @dataclass(frozen=True)
 class Principal:
     """Who a request runs as."""
@@ -93,25 +103,60 @@ class ApiKeyVerifier:
         self.keyring = keyring
         self._verified: dict[bytes, Principal] = {}
         self._records = keyring.api_keys()  # the records the verified tokens were checked against
+        self._checks: asyncio.Semaphore | None = None  # verify_async's scrypt threads
 
     def verify(self, token: str) -> Principal:
         """The token's tenant; AuthError (unknown, revoked or wrong secret: one message for all,
         so an answer tells a caller nothing about which keys exist)."""
+        hit = self.remembered(token)
+        if hit is not None:
+            return hit
+        key_id, secret, record = self._record_for(token)
+        if not verify_record(secret, record):
+            raise AuthError(_REFUSED)
+        return self._remember(token, key_id, record)
+
+    async def verify_async(self, token: str) -> Principal:
+        """verify, for an event loop: a token not remembered is checked in a worker thread (at most
+        VERIFY_THREADS at once), and the loop serves other requests meanwhile."""
+        hit = self.remembered(token)
+        if hit is not None:
+            return hit
+        key_id, secret, record = self._record_for(token)
+        if self._checks is None:  # made here: an asyncio primitive belongs to the loop that uses it
+            self._checks = asyncio.Semaphore(VERIFY_THREADS)
+        async with self._checks:
+            ok = await asyncio.to_thread(verify_record, secret, record)
+        if not ok:
+            raise AuthError(_REFUSED)
+        # The keyring may have been written during the check (a revocation): what was checked must
+        # still be the key's record, or the token is refused as that record would have it.
+        self.remembered(token)
+        if self._records.get(key_id) != record:
+            raise AuthError(_REFUSED)
+        return self._remember(token, key_id, record)
+
+    def remembered(self, token: str) -> Principal | None:
+        """The token's principal if it was verified against its key's current record; one stat of
+        the keyring file, no scrypt."""
         self.keyring.refresh()  # one stat; a re-read file gives new records
         if self.keyring.api_keys() is not self._records:
             self._forget_changed_keys()
-        digest = hashlib.sha256(token.encode()).digest()
-        hit = self._verified.get(digest)
-        if hit is not None:
-            return hit
+        return self._verified.get(hashlib.sha256(token.encode()).digest())
+
+    def _record_for(self, token: str) -> tuple[str, str, dict]:
+        """(key id, secret, its active record), or AuthError: no scrypt for an unknown or revoked key."""
         key_id, secret = parse_token(token)
-        record = self.keyring.api_keys().get(key_id)
-        if record is None or record.get("state") != "active" or not verify_record(secret, record):
-            raise AuthError("unknown or revoked API key")
+        record = self._records.get(key_id)
+        if record is None or record.get("state") != "active":
+            raise AuthError(_REFUSED)
+        return key_id, secret, record
+
+    def _remember(self, token: str, key_id: str, record: dict) -> Principal:
         principal = Principal(record["tenant"], key_id)
         if len(self._verified) > 10_000:
             self._verified.clear()
-        self._verified[digest] = principal
+        self._verified[hashlib.sha256(token.encode()).digest()] = principal
         return principal
 
     def _forget_changed_keys(self) -> None:

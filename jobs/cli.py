@@ -11,7 +11,7 @@
     tidegate report SPEC [--out report.html]
     tidegate maintain SPEC [--optimize] [--vacuum] [--checkpoint]
     tidegate model make-tiny DIR [--seed N]
-    tidegate serve SPEC [--address ADDR] [--blocking] | serve status --address ADDR | serve stop NAME --address ADDR
+    tidegate serve SPEC [--address ADDR] [--blocking] [--master-key-file PATH] | serve status --address ADDR | serve stop NAME --address ADDR
 """
 
 from __future__ import annotations
@@ -440,6 +440,9 @@ def serve_cmd(
     target: Annotated[list[str], typer.Argument(help="SPEC.yaml to deploy; or `status`; or `stop NAME`.")],
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: RAY_ADDRESS or a local Ray).")] = None,
     blocking: Annotated[bool, typer.Option("--blocking", help="Serve until Ctrl-C, then delete the application (always so on a local Ray).")] = False,
+    master_key_file: Annotated[Optional[str], typer.Option(
+        "--master-key-file", help="Where the replicas' nodes keep the master key (a path there); the replicas "
+        "alone get it as <encryption.master_key_env>_FILE.")] = None,  # fmt: skip
     verbose: VerboseOption = False,
 ) -> None:
     """The spec's online endpoint on Ray Serve: OpenAI-compatible routes, /v1/jobs/NAME/invoke and
@@ -480,11 +483,11 @@ def serve_cmd(
             typer.echo("no Serve applications")
         return
     if len(target) != 1:
-        typer.echo("usage: tidegate serve SPEC.yaml [--address ADDR] [--blocking]", err=True)
+        typer.echo("usage: tidegate serve SPEC.yaml [--address ADDR] [--blocking] [--master-key-file PATH]", err=True)
         raise typer.Exit(2)
     from jobs.serve import main as serve_main
 
-    raise typer.Exit(serve_main(target[0], address, blocking))
+    raise typer.Exit(serve_main(target[0], address, blocking, master_key_file))
 
 
 def main() -> None:

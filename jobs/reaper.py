@@ -50,14 +50,17 @@ def _tree(root: psutil.Process) -> dict[int, float]:
 SESSION_FLAG = "--session-name="
 
 
-def _processes_of_its_ray(job_pid: int, born: float) -> dict[int, float]:
-    """Processes started since the job whose arguments name a Ray session the job started: Ray
-    names a session it starts `session_<date>_<PID of the starting process>` (ray/_private/node.py)."""
+def _processes_of_its_ray(job_pid: int, born: float, died: float) -> dict[int, float]:
+    """Processes started while the job lived whose arguments name a Ray session the job started:
+    Ray names a session it starts `session_<date>_<PID of the starting process>`
+    (ray/_private/node.py). Not one started after it (its raylet, which starts workers, dies with
+    the job; a second of grace for that): a new process that reused the job's PID and started a
+    Ray of its own would name a session ending the same way."""
     suffix = f"_{job_pid}"
     out = {}
     for p in psutil.process_iter(["pid", "cmdline", "create_time"]):
         try:
-            if p.pid == os.getpid() or p.info["create_time"] < born:
+            if p.pid == os.getpid() or not (born <= p.info["create_time"] <= died + 1.0):
                 continue
             for arg in p.info["cmdline"] or ():
                 if arg.startswith(SESSION_FLAG):
@@ -109,7 +112,10 @@ def watch(job_pid: int, interval: float = 0.5) -> int:
         return 0
     seen: dict[int, float] = {}
     while True:
-        if not job.is_running() or job.status() == psutil.STATUS_ZOMBIE:
+        try:
+            if not job.is_running() or job.status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.Error:  # gone between the two questions
             break
         seen.update(_tree(job))
         # Forget processes that ended on their own, so the list stays small.
@@ -124,7 +130,7 @@ def watch(job_pid: int, interval: float = 0.5) -> int:
     deadline = time.monotonic() + 5.0
     while True:
         orphans, under_a_raylet = _orphaned_ray_processes(pgid, born, died)
-        orphans.update(_processes_of_its_ray(job_pid, born))
+        orphans.update(_processes_of_its_ray(job_pid, born, died))
         killed += sum(_kill(pid, created) for pid, created in orphans.items())
         if not under_a_raylet or time.monotonic() > deadline:
             return killed

@@ -54,7 +54,7 @@ from ray.exceptions import RayActorError
 from compute.engine import engine_threads
 from compute.idempotency import RecentAnswers
 from compute.limits import TenantLimits
-from schemas.errors import AuthError, LimitExceededError, TidegateError
+from schemas.errors import AuthError, LimitExceededError, SinkError, TidegateError
 from schemas.spec import BATCH_PRIORITY, SERVE_DEPLOYMENT, JobSpec
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,10 @@ def _error(code: int, kind: str, message: str, **extra) -> dict:
     return {"error": {"message": message, "type": kind, "code": code, **extra}}
 
 
+# A journal that has not emptied is rewritten with its uncommitted groups once it is this large.
+JOURNAL_REWRITE_BYTES = 4 * 2**20
+
+
 class _AuditBuffer:
     """Rows waiting for the audit; one write per group. durable: a request awaits its group's
     commit to the tables (group commit: the next append starts as soon as the previous one
@@ -84,7 +88,12 @@ class _AuditBuffer:
     maintenance round runs beside the appends (one at a time; a round still running when the
     next is due skips that one), in the replica's low-priority maintenance process
     (actors/maintainer.py): an endpoint that runs for days keeps its tables' file count bounded
-    as a batch job does. A checkpoint an append made due is written after that group's answers."""
+    as a batch job does. A checkpoint an append made due is written after that group's answers.
+
+    journal and buffered store a group's rows (encrypted) once, as a numbered record kept until
+    both tables hold it; each table's transaction for `records_name` says up to which record
+    (AuditLog.replay), so a commit that failed half-way (its dead letters in, its results not) is
+    finished by the next one, never repeated."""
 
     def __init__(self, audit, ack: str, interval_s: float, journal=None, compact_every_commits: int | None = None,
                  group_commit_s: float = 0.0, maintenance_runner=None):  # fmt: skip
@@ -94,22 +103,30 @@ class _AuditBuffer:
         self.group_commit_s = group_commit_s if ack == "durable" else 0.0
         self._loaded = False  # requests reached the buffer while the last write ran
         self.compact_every_commits = compact_every_commits
-        self.commits = 0  # appends to the tables (a group, or a round of journaled groups)
+        self.commits = 0  # appends to the tables (a group, or a round of stored records)
         self._maintaining: asyncio.Future | None = None
         self.durable = ack in ("durable", "journal")  # the request waits for its group's write
         self.journal = journal
+        self.records_name = journal.name if journal is not None else f"{audit.run_id}-buffer" if ack == "buffered" else None
         self.interval_s = interval_s
         self.lock = threading.Lock()  # the audit's Delta handles are used by one thread at a time
         self.journal_lock = threading.Lock()  # the journal file and the list of its uncommitted groups
         self._pending: list[tuple[pa.Table, pa.Table, asyncio.Future | None]] = []
-        self._journaled: list = []  # JournalRecord: stored rows in the journal, not yet in the tables
+        self._journaled: list = []  # JournalRecord: stored rows (journal, buffered), not yet in both tables
         self._seq = 0
         self._wake: asyncio.Event | None = None
+        self._step: asyncio.Lock | None = None  # held while a group is written: drain waits for it
         self._task: asyncio.Task | None = None
         self._commit_task: asyncio.Task | None = None
+        self._committing: asyncio.Future | None = None  # the journal commit round's thread
+
+    @property
+    def _direct(self) -> bool:
+        """durable: each group is appended to the tables as it is (no records)."""
+        return self.journal is None and self.durable
 
     def _write(self, results: pa.Table, dead: pa.Table) -> None:
-        if self.journal is None:
+        if self._direct:
             with self.lock:
                 self.audit.write(results, dead)
             return
@@ -118,28 +135,35 @@ class _AuditBuffer:
         with self.journal_lock:
             stored = self.audit.protect(results, dead)
             self._seq += 1
-            self.journal.append(self._seq, *stored)
+            if self.journal is not None:
+                self.journal.append(self._seq, *stored)
             self._journaled.append(JournalRecord(self._seq, *stored))
 
     def commit_journaled(self) -> int:
-        """Commit the journal's groups to the tables; once none is left uncommitted the journal
+        """Commit the stored records to the tables; once none is left uncommitted a journal
         starts again (truncated). Returns the rows committed."""
         with self.journal_lock:
             records = list(self._journaled)
         if not records:
             return 0
         with self.lock:
-            n = self.audit.replay(records, self.journal.name)
-        self._checkpoint_now()  # nobody waits for a journaled group's commit
+            n = self.audit.replay(records, self.records_name)
+        self._checkpoint_now()  # nobody waits for a stored record's commit
         with self.journal_lock:
             last = records[-1].seq
             self._journaled = [r for r in self._journaled if r.seq > last]
-            if not self._journaled:
+            if self.journal is not None and not self._journaled:
                 self.journal.truncate()
+            elif self.journal is not None and self.journal.size() > JOURNAL_REWRITE_BYTES:
+                # Under steady load groups arrive during every commit and the file never empties.
+                try:
+                    self.journal.rewrite(self._journaled)
+                except OSError as e:  # the old journal stays, complete: replay skips what is committed
+                    log.warning("audit journal not rewritten (%s); kept as it is", type(e).__name__)
         return n
 
     def journaled(self) -> tuple[pa.Table, pa.Table] | None:
-        """The stored rows in the journal and not in the tables yet (an Idempotency-Key lookup)."""
+        """The stored rows not in the tables yet (an Idempotency-Key lookup)."""
         with self.journal_lock:
             records = list(self._journaled)
         if not records:
@@ -149,11 +173,13 @@ class _AuditBuffer:
 
     async def add(self, results: pa.Table, dead: pa.Table) -> None:
         loop = asyncio.get_running_loop()
-        if self._task is None:
-            self._wake = asyncio.Event()
+        if self._task is None or self._task.done():  # done: ended by something no handler took (logged)
+            self._wake, self._step = self._wake or asyncio.Event(), self._step or asyncio.Lock()
             self._task = loop.create_task(self._run())
-            if self.journal is not None:
-                self._commit_task = loop.create_task(self._commit_loop())
+            self._task.add_done_callback(_log_end("audit writer"))
+        if self.journal is not None and (self._commit_task is None or self._commit_task.done()):
+            self._commit_task = loop.create_task(self._commit_loop())
+            self._commit_task.add_done_callback(_log_end("audit commits"))
         fut = loop.create_future() if self.durable else None
         self._pending.append((results, dead, fut))
         self._wake.set()
@@ -164,7 +190,7 @@ class _AuditBuffer:
         """One write for a group's rows; its waiting requests are released once it landed."""
         await asyncio.to_thread(self._write, pa.concat_tables([g[0] for g in group], promote_options="default"),
                                 pa.concat_tables([g[1] for g in group], promote_options="default"))  # fmt: skip
-        if self.journal is None:
+        if self._direct:
             self._committed()
         for _, _, fut in group:
             if fut is not None and not fut.done():
@@ -173,14 +199,16 @@ class _AuditBuffer:
     async def _checkpoint(self) -> None:
         """A checkpoint the last write made due (the audit's appends never write one): after its
         requests have their answers, before the next group's write."""
-        if self.journal is None:  # a journal's commits (commit_journaled) write their own
+        if self._direct:  # stored records' commits (commit_journaled) write their own
             await asyncio.to_thread(self._checkpoint_now)
 
     def _checkpoint_now(self) -> None:
         try:
             with self.lock:
                 self.audit.checkpoint()
-        except Exception as e:  # noqa: BLE001 - rows and answers are unaffected; the next interval's is written
+        except BaseException as e:  # rows and answers are unaffected; the next interval's is written
+            if not _store_failure(e):
+                raise
             log.warning("audit checkpoint not written (%s)", type(e).__name__)
 
     async def _run(self) -> None:
@@ -191,30 +219,48 @@ class _AuditBuffer:
                     await asyncio.sleep(self.group_commit_s)
             else:
                 await asyncio.sleep(self.interval_s)
-            self._wake.clear()
-            group, self._pending = self._pending, []
-            if not group:
-                continue
+            async with self._step:
+                self._wake.clear()
+                group, self._pending = self._pending, []
+                await self._step_once(group)
+
+    async def _step_once(self, group: list) -> None:
+        if group:
             try:
                 await self._write_group(group)
                 self._loaded = bool(self._pending)  # arrived during the write, not the checkpoint
-            except Exception as e:  # noqa: BLE001 - the store failed after its retries
+            except BaseException as e:  # the store failed after its retries (a Rust panic too)
+                if not _store_failure(e):
+                    raise
                 log.error("audit append failed (%s): %d request(s)", type(e).__name__, len(group))
-                if not self.durable:  # nobody was told it failed: keep the rows for the next append
+                if not self.durable:  # not stored, and nobody was told: keep the rows for the next append
                     self._pending = group + self._pending
                 for _, _, fut in group:
                     if fut is not None and not fut.done():
-                        fut.set_exception(e)
-                continue
+                        fut.set_exception(e if isinstance(e, Exception) else SinkError(type(e).__name__))
+                return
             await self._checkpoint()
+        if not self.durable:  # buffered: the stored records, this group's and any a failed commit left
+            try:
+                if await asyncio.to_thread(self.commit_journaled):
+                    self._committed()
+            except BaseException as e:  # the records stay: the next interval finishes their commit
+                if not _store_failure(e):
+                    raise
+                log.error("audit append failed (%s); its rows are kept for the next append", type(e).__name__)
 
     async def _commit_loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
+            # Shielded: cancelling this loop (drain) leaves the round's thread to finish, and drain
+            # waits for it before its own commit and the journal's close.
+            self._committing = asyncio.get_running_loop().run_in_executor(None, self.commit_journaled)
             try:
-                if await asyncio.to_thread(self.commit_journaled):
+                if await asyncio.shield(self._committing):
                     self._committed()
-            except Exception as e:  # noqa: BLE001 - the groups stay journaled: the next round retries
+            except BaseException as e:  # the groups stay journaled: the next round retries
+                if not _store_failure(e):
+                    raise
                 log.error("audit commit of journaled requests failed (%s); retrying in %.1fs", type(e).__name__,
                           self.interval_s)  # fmt: skip
 
@@ -225,20 +271,46 @@ class _AuditBuffer:
         if every is None or self.commits % every:
             return
         if self._maintaining is not None and not self._maintaining.done():
-            return  # the last round still runs: this one is skipped, the next is due in `every`
+            log.info("audit maintenance round at commit %d skipped: the last one still runs", self.commits)
+            return  # the next is due in `every`
         self._maintaining = asyncio.ensure_future(asyncio.to_thread(self.audit.maintain, self.commits,
                                                                     self.maintenance_runner))  # fmt: skip
 
     async def drain(self) -> None:
-        """Write what waits now (replica shutdown); a journal's groups are committed and the
-        journal removed (kept, for the next replica to replay, if the commit fails)."""
-        group, self._pending = self._pending, []
-        if group:
-            await self._write_group(group)
-            await self._checkpoint()
-        if self.journal is not None:
-            await asyncio.to_thread(self.commit_journaled)
-            self.journal.close(remove=True)
+        """Write what waits now (replica shutdown), after the group being written, if any; then
+        the stored records are committed and a journal removed (kept, for the next replica to
+        replay, if the commit fails)."""
+        step = self._step or asyncio.Lock()
+        async with step:  # the writer is between groups: stopped there, it leaves nothing half-done
+            for task in (self._task, self._commit_task):
+                if task is not None:
+                    task.cancel()
+            if self._committing is not None:  # a journal commit round's thread, if one runs
+                await asyncio.gather(self._committing, return_exceptions=True)
+            group, self._pending = self._pending, []
+            if group:
+                await self._write_group(group)
+                await self._checkpoint()
+            if not self._direct:
+                await asyncio.to_thread(self.commit_journaled)
+            if self.journal is not None:
+                self.journal.close(remove=True)
+
+
+def _store_failure(e: BaseException) -> bool:
+    """What the audit's loops survive and log: an Exception (the store's errors, after their
+    retries) or a Rust panic, which delta-rs raises as pyo3's PanicException, a BaseException
+    (its class is not importable before the first panic). Cancellation and the process's own exit
+    end a loop; one that ends anyway is started again by the next request (_AuditBuffer.add)."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+
+
+def _log_end(what: str):
+    def done(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s stopped (%s); the next request starts it again", what, type(task.exception()).__name__)
+
+    return done
 
 
 def _with_tenant(table: pa.Table, tenant: str) -> pa.Table:
@@ -360,8 +432,10 @@ class TidegateEndpoint:
         from connectors.audit import AuditLog
         from crypto.stage import EncryptionStage
         from jobs.run import configure_logging
+        from schemas.trusted_code import refuse_untrusted
 
         configure_logging()  # the job's log format, secrets masked (jobs/logs.py)
+        refuse_untrusted(spec.code_refs(), spec.allowed_modules)  # as `run` does, before anything starts
         self.spec = spec
         self.run_id = f"serve-{uuid.uuid4().hex[:12]}"
         self.model_label = spec.model.label
@@ -471,7 +545,7 @@ class TidegateEndpoint:
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         try:
-            self._principal(request)
+            await self._principal(request)
         except _Refused as r:
             return self._refusal(r, "models")
         return JSONResponse({"object": "list", "data": [
@@ -485,7 +559,7 @@ class TidegateEndpoint:
     async def invoke(self, name: str, request: Request) -> JSONResponse:
         route = "invoke"
         try:
-            principal = self._principal(request)
+            principal = await self._principal(request)
             self._job(name)
             body = self._event_for(await request.body(), principal)
             await self._admit(principal, len(body) // 4 + self._budget(None))
@@ -498,7 +572,7 @@ class TidegateEndpoint:
     async def events(self, name: str, request: Request) -> JSONResponse:
         t0 = time.monotonic()
         try:
-            principal = self._principal(request)
+            principal = await self._principal(request)
             self._job(name)
             try:
                 events = json.loads(await request.body())
@@ -541,7 +615,7 @@ class TidegateEndpoint:
 
     async def _openai(self, request: Request, route: str):
         try:
-            principal = self._principal(request)
+            principal = await self._principal(request)
             raw = await request.body()
             limit = self.spec.source.max_message_bytes  # as for an event (invoke dead-letters those)
             if len(raw) > limit:
@@ -727,7 +801,7 @@ class TidegateEndpoint:
 
     # -- checks before any work ------------------------------------------------------------------
 
-    def _principal(self, request: Request):
+    async def _principal(self, request: Request):
         if self.verifier is None:
             return None
         header = request.headers.get("authorization", "")
@@ -736,7 +810,7 @@ class TidegateEndpoint:
             raise _Refused(401, "unauthorized", "an API key is needed: Authorization: Bearer <key>",
                            {"WWW-Authenticate": "Bearer"})  # fmt: skip
         try:
-            return self.verifier.verify(token)
+            return await self.verifier.verify_async(token)
         except AuthError as e:
             raise _Refused(401, "unauthorized", str(e), {"WWW-Authenticate": "Bearer"}) from None
 
@@ -822,9 +896,14 @@ class TidegateEndpoint:
 # -- deployment ------------------------------------------------------------------------------------
 
 
-def build_app(spec: JobSpec, engine_cls: type | None = None):
+def build_app(spec: JobSpec, engine_cls: type | None = None, master_key_file: str | None = None):
     """The Serve application of a spec: serve.* sizes the deployment (replicas, autoscaling,
-    queue), pool.* the engine's resources unless serve.num_cpus / num_gpus say otherwise."""
+    queue), pool.* the engine's resources unless serve.num_cpus / num_gpus say otherwise.
+    `master_key_file`: where the replicas' nodes keep the master key, given to the replicas alone
+    as <encryption.master_key_env>_FILE (as `tidegate submit --master-key-file` gives it to a job)."""
+    from jobs.submit import job_env_vars
+
+    key_env = job_env_vars(spec, master_key_file)  # SpecError for a spec that encrypts nothing
     s = spec.serve
     options: dict[str, Any] = dict(
         max_ongoing_requests=s.max_ongoing_requests,
@@ -836,8 +915,9 @@ def build_app(spec: JobSpec, engine_cls: type | None = None):
     )
     # The replica's engine (and its engine core's process) gets the node's cores, as batch engines do.
     threads = engine_threads(spec.pool.engine_threads, options["ray_actor_options"]["num_gpus"], s.max_replicas)
-    if threads:
-        options["ray_actor_options"]["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": threads}}
+    env_vars = {**({"OMP_NUM_THREADS": threads} if threads else {}), **key_env}
+    if env_vars:
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": env_vars}
     if s.min_replicas == s.max_replicas:
         options["num_replicas"] = s.min_replicas
     else:
@@ -856,32 +936,49 @@ def ingress_env(spec: JobSpec) -> dict[str, str]:
     A stopping replica behind HAProxy stays reachable for a deregistration window, then refuses
     connections (HAProxy retries them on another replica): Ray's default window, 30 s, is made for
     load balancers outside the cluster; this HAProxy is told at once, so 5 s unless the
-    environment says otherwise (`tidegate serve` stops in seconds, not half a minute)."""
+    environment says otherwise (`tidegate serve` stops in seconds, not half a minute).
+
+    HAProxy's own stats page and metrics listen on fixed ports by Ray's default (8404, 9101): a
+    second local endpoint on the same machine (another spec; a test beside another) would find
+    them taken and its HAProxy would not start. Each local Ray's HAProxy gets free ones unless the
+    environment names them (RAY_SERVE_HAPROXY_STATS_PORT, RAY_SERVE_HAPROXY_METRICS_PORT)."""
+    from connectors.broker import free_port
+
     on = "1" if spec.serve.ingress == "haproxy" else "0"
     drain = os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
-    return {"RAY_SERVE_ENABLE_HA_PROXY": on, "RAY_SERVE_THROUGHPUT_OPTIMIZED": on,
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": drain}  # fmt: skip
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": on, "RAY_SERVE_THROUGHPUT_OPTIMIZED": on,
+           "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": drain}  # fmt: skip
+    if on == "1":
+        for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+            env[var] = os.environ.get(var) or str(free_port())
+    return env
 
 
-def deploy(spec: JobSpec, engine_cls: type | None = None, blocking: bool = False) -> str:
+def deploy(spec: JobSpec, engine_cls: type | None = None, blocking: bool = False,
+           master_key_file: str | None = None) -> str:  # fmt: skip
     """serve.run the spec's application on the Ray this process is connected to; returns its URL."""
     serve.start(http_options={"host": spec.serve.host, "port": spec.serve.port})
-    serve.run(build_app(spec, engine_cls), name=spec.name, route_prefix=spec.serve.route_prefix, blocking=False)
+    serve.run(build_app(spec, engine_cls, master_key_file), name=spec.name, route_prefix=spec.serve.route_prefix,
+              blocking=False)  # fmt: skip
     host = "127.0.0.1" if spec.serve.host in ("0.0.0.0", "::") else spec.serve.host
     return f"http://{host}:{spec.serve.port}{spec.serve.route_prefix.rstrip('/')}"
 
 
-def main(spec_path: str, address: str | None, blocking: bool) -> int:
+def main(spec_path: str, address: str | None, blocking: bool, master_key_file: str | None = None) -> int:
     """`tidegate serve SPEC`: deploy; with a local Ray (no --address) or --blocking, serve until
     SIGINT/SIGTERM, then delete the application."""
     import ray
 
     from actors.remote import delete_app_actors
     from jobs.run import configure_logging, init_ray, load_job_spec
+    from jobs.submit import job_env_vars
+    from schemas.trusted_code import refuse_untrusted
 
     configure_logging()
     try:
         spec = load_job_spec(spec_path)
+        job_env_vars(spec, master_key_file)  # a --master-key-file the spec has no use for fails here
+        refuse_untrusted(spec.code_refs(), spec.allowed_modules)  # before anything is deployed
     except TidegateError as e:
         print(f"error: {e}")
         return 2
@@ -894,7 +991,7 @@ def main(spec_path: str, address: str | None, blocking: bool) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    url = deploy(spec)
+    url = deploy(spec, master_key_file=master_key_file)
     print(f"tidegate serve: {spec.name} at {url} (OpenAI base URL {url}/v1)", flush=True)
     if remote and not blocking:
         return 0

@@ -243,6 +243,55 @@ def test_deferred_checkpoints_are_written_when_the_writer_asks(tmp_path):
     assert inline.write_checkpoints() == {}
 
 
+def test_a_read_before_the_deferred_checkpoint_writes_it_first(tmp_path):
+    """A read (the endpoint's Idempotency-Key lookup) may open the table between the append that
+    made a checkpoint due and the writer's write_checkpoints(): the worn handle writes it before
+    it goes, so the new handle loads from it (not from the one before, carrying a whole interval)."""
+    from schemas.spec import MaintenanceSpec
+
+    sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {},
+                     maintenance=MaintenanceSpec(checkpoint_interval=4))  # fmt: skip
+    sink.defer_checkpoints()
+    sink.open()
+    for offset in range(3):  # results version 3 is a checkpoint version
+        sink.append_unpositioned(results([offset]), dead([]))
+    assert sink.checkpoints_due() and _checkpoint_versions(tmp_path / "res") == []
+    sink.results.open()  # the read
+    assert _checkpoint_versions(tmp_path / "res") == [3] and not sink.checkpoints_due()
+    assert sink.results._loaded_version == 3
+    assert sink.write_checkpoints() == {}
+
+
+def test_a_landed_append_whose_answer_was_lost_still_makes_its_checkpoint_due(tmp_path, monkeypatch):
+    """The store's answer to the append of a checkpoint version is lost (delta-rs raises after the
+    commit landed): the retry finds its marker and does not write again, and the deferred
+    checkpoint is still due."""
+    import connectors.delta as delta
+    from schemas.spec import MaintenanceSpec
+
+    real, lose = delta.write_deltalake, []
+
+    def write_deltalake(*a, **kw):
+        real(*a, **kw)
+        if lose:
+            lose.pop()
+            raise OSError("injected: the store's answer was lost")
+
+    monkeypatch.setattr(delta, "write_deltalake", write_deltalake)
+    sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}, write_backoff_s=0.01,
+                     maintenance=MaintenanceSpec(checkpoint_interval=4))  # fmt: skip
+    sink.defer_checkpoints()
+    sink.open()
+    for offset in range(2):
+        sink.append_unpositioned(results([offset]), dead([]))
+    lose.append(1)
+    sink.append_unpositioned(results([2]), dead([]))  # version 3, a checkpoint version
+    assert sorted(pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list()) == [0, 1, 2]
+    assert sink.checkpoints_due()
+    assert sink.write_checkpoints() == {"results": 3}
+    assert _checkpoint_versions(tmp_path / "res") == [3]
+
+
 def _checkpoint_versions(table_dir) -> list[int]:
     return _log_versions(table_dir, ".checkpoint.parquet")
 

@@ -48,6 +48,51 @@ def test_records_round_trip_and_a_torn_tail_is_left_out(tmp_path):
     j.close()
 
 
+def test_a_rewrite_keeps_only_the_uncommitted_records_and_the_lock(tmp_path):
+    j = AuditJournal.create(tmp_path, "r1")
+    for seq in (1, 2, 3):
+        j.append(seq, _table(seq, f"g{seq}"), _table(0, "x"))
+    third = read_records(j.path)[2]
+    j.rewrite([third])
+    assert [r.seq for r in read_records(j.path)] == [3]
+    assert list(orphans(tmp_path)) == []  # still held: no replica replays a live journal
+    j.append(4, _table(1, "g4"), _table(1, "d4"))
+    assert [r.seq for r in read_records(j.path)] == [3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r1.journal"]
+    j.close()
+    assert [o.name for o in orphans(tmp_path)] == ["r1"]
+
+
+def test_a_journal_that_never_empties_is_rewritten_after_a_commit(audit_env, tmp_path, monkeypatch):
+    """Under steady load a group arrives during every commit, so the journal is never empty when
+    a commit ends: past JOURNAL_REWRITE_BYTES it is rewritten with the groups not committed yet."""
+    import jobs.serve as serve_module
+    from jobs.serve import _AuditBuffer
+
+    env = audit_env
+    spec, audit = env["spec"], env["audit"]
+    monkeypatch.setattr(serve_module, "JOURNAL_REWRITE_BYTES", 0)
+    journal = AuditJournal.create(tmp_path / "journals", "replica-r")
+    buffer = _AuditBuffer(audit, "journal", 60.0, journal)
+    for i in range(3):
+        buffer._write(*env["group"](f"w{i}"))
+    late = env["group"]("w3")
+    real_replay = audit.replay
+
+    def replay_while_a_request_arrives(records, name):
+        buffer._write(*late)  # journaled during the commit: not in it
+        return real_replay(records, name)
+
+    audit.replay = replay_while_a_request_arrives
+    assert buffer.commit_journaled() == 3
+    assert [r.seq for r in read_records(journal.path)] == [4]
+    audit.replay = real_replay
+    assert buffer.commit_journaled() == 1
+    assert read_records(journal.path) == []
+    assert _ids(spec.sink.results, env["keyring"]) == ["w0", "w1", "w2", "w3"]
+    journal.close(remove=True)
+
+
 def test_a_failed_write_leaves_no_torn_record_before_the_next_ones(tmp_path, monkeypatch):
     """A full disk in the middle of a record: the part written is cut off, so the records that
     follow (answered requests) are still read back."""
@@ -243,3 +288,72 @@ def test_an_endpoints_audit_compacts_its_tables_beside_its_appends(audit_env, tm
     assert len(dt.file_uris()) < buffer.commits
     assert _ids(spec.sink.results, env["keyring"]) == sorted(f"m{i}{x}" for i in range(9) for x in "ab")
     assert _ids(spec.sink.dead_letter, env["keyring"]) == sorted(f"m{i}c" for i in range(9))
+
+
+def test_a_buffered_append_that_failed_half_way_is_finished_not_repeated(audit_env, monkeypatch):
+    """serve.ack buffered: a group's rows are stored once as a record; a commit whose dead letters
+    landed but whose results failed (after the sink's retries) is finished by the next interval,
+    and the dead letters are not written again."""
+    from connectors.delta import DeltaSink
+    from jobs.serve import _AuditBuffer
+    from schemas.errors import SinkError
+
+    env = audit_env
+    spec, audit = env["spec"], env["audit"]
+    failures = {"results": 2}  # the results table's next two appends fail, as after their retries
+    real = DeltaSink._append
+
+    def flaky(self, table, rows, txns, positions, refresh=True):
+        if table.role == "results" and failures["results"]:
+            failures["results"] -= 1
+            raise SinkError("results table write failed (injected)")
+        return real(self, table, rows, txns, positions, refresh)
+
+    monkeypatch.setattr(DeltaSink, "_append", flaky)
+    buffer = _AuditBuffer(audit, "buffered", 0.05)
+    results, dead = env["group"]("h1", "h2 forbidden", "h3")
+
+    async def load():
+        await buffer.add(results, dead)
+        while failures["results"] or buffer.journaled() is not None:
+            await asyncio.sleep(0.05)
+        await buffer.drain()
+
+    asyncio.run(asyncio.wait_for(load(), 60))
+    assert _ids(spec.sink.results, env["keyring"]) == ["h1", "h3"]
+    assert _ids(spec.sink.dead_letter, env["keyring"]) == ["h2"]  # once, though its commit was retried twice
+
+
+def test_the_audit_writer_outlives_a_rust_panic(audit_env):
+    """delta-rs raises a Rust panic as pyo3's PanicException, a BaseException: the durable
+    request whose commit panicked is answered with the error, and the next requests are written
+    (before, the writer's task ended and every later durable request waited for ever)."""
+    from jobs.serve import _AuditBuffer
+
+    env = audit_env
+    spec, audit = env["spec"], env["audit"]
+
+    class PanicException(BaseException):  # what pyo3 raises: not an Exception
+        pass
+
+    real, panics = audit.write, [1]
+
+    def write(results, dead):
+        if panics:
+            panics.pop()
+            raise PanicException("called `Option::unwrap()` on a `None` value")
+        real(results, dead)
+
+    audit.write = write
+    buffer = _AuditBuffer(audit, "durable", 1.0)
+    first, second = env["group"]("p1"), env["group"]("p2")
+
+    async def requests():
+        with pytest.raises(Exception) as e:
+            await asyncio.wait_for(buffer.add(*first), 30)
+        assert type(e.value).__name__ == "SinkError"
+        await asyncio.wait_for(buffer.add(*second), 30)
+        await buffer.drain()
+
+    asyncio.run(requests())
+    assert _ids(spec.sink.results, env["keyring"]) == ["p2"]

@@ -25,7 +25,7 @@ def local_ray():
     ray.shutdown()
 
 
-def test_a_round_runs_in_a_low_priority_process_and_compacts_the_tables(local_ray, tmp_path):
+def test_a_round_runs_in_a_low_priority_process_and_compacts_the_tables(local_ray, tmp_path, monkeypatch):
     from actors.maintainer import NICE, LowPriorityRounds
     from schemas.spec import parse_spec
 
@@ -48,4 +48,16 @@ def test_a_round_runs_in_a_low_priority_process_and_compacts_the_tables(local_ra
         rounds(spec, RESULTS_SCHEMA, DEAD_LETTER_SCHEMA)
     report = rounds(spec, RESULTS_SCHEMA, DEAD_LETTER_SCHEMA)
     assert report["results"]["after"]["files"] == 1
+    # A round past ROUND_TIMEOUT_S is given up and its process killed; the next starts a new one.
+    import actors.maintainer as maintainer
+
+    stuck = rounds.actor
+    monkeypatch.setattr(maintainer, "ROUND_TIMEOUT_S", 0.001)
+    with pytest.raises(ray.exceptions.GetTimeoutError):
+        rounds(spec, RESULTS_SCHEMA, DEAD_LETTER_SCHEMA)
+    assert rounds.actor is None
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(stuck.priorities.remote())
+    monkeypatch.undo()
+    assert rounds(spec, RESULTS_SCHEMA, DEAD_LETTER_SCHEMA)["results"]["after"]["files"] == 1
     rounds.stop()

@@ -491,6 +491,10 @@ def test_serve_status_and_stop_from_the_cli(endpoint):
     status = subprocess.run([*cli, "status", "--address", address], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr[-2000:]
     assert "support: RUNNING" in status.stdout and "small: RUNNING" in status.stdout
+    if not endpoint["small_timeouts"][0]:  # the full-queue test ran in another process (pytest-xdist): one here
+        hung = httpx.post(endpoint["small_url"] + "/v1/jobs/small/invoke", json=_event("hang 0"), timeout=60)
+        assert hung.status_code == 504, hung.text
+        endpoint["small_timeouts"][0] = 1
     small = endpoint["small_spec"].sink.dead_letter
     assert table_rows(small) == 0  # serve.ack buffered, a 600 s interval: the 504s' rows still wait
     stop = subprocess.run([*cli, "stop", "small", "--address", address], cwd=REPO, capture_output=True, text=True, timeout=120)

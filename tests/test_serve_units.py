@@ -85,6 +85,71 @@ def test_a_verified_key_stays_verified_through_keyring_writes_that_leave_it_alon
         v.verify(globex)
 
 
+def test_an_api_key_check_leaves_the_event_loop_free(tmp_path, monkeypatch):
+    """A key's first request (an scrypt, ~50-70 ms of CPU) runs its check in a worker thread: the
+    replica's event loop goes on serving meanwhile. With the check on the loop (verify) the ticker
+    below would not tick at all until it returned. A wrong secret and a key revoked while its
+    check ran are refused, and a checked key is remembered (no second scrypt)."""
+    import asyncio
+    import time
+
+    import crypto.api_keys as api_keys
+    from crypto.keyring import Keyring, LocalMasterKeyProvider
+    from schemas.errors import AuthError
+
+    kr = Keyring.init(tmp_path / "k.json", LocalMasterKeyProvider(key=secrets.token_bytes(32)))
+    _, acme = kr.create_api_key("acme")
+    _, globex = kr.create_api_key("globex")
+    derivations = []
+    real = api_keys.verify_record
+    monkeypatch.setattr(api_keys, "verify_record", lambda *a: derivations.append(1) or real(*a))
+    v = api_keys.ApiKeyVerifier(Keyring.open(tmp_path / "k.json"))
+
+    async def ticks_during(check) -> tuple[int, object]:
+        ticks, done = 0, False
+
+        async def ticker():
+            nonlocal ticks
+            while not done:
+                await asyncio.sleep(0.002)
+                ticks += 1
+
+        t = asyncio.ensure_future(ticker())
+        try:
+            got = await check
+        except AuthError as e:
+            got = e
+        done = True
+        await t
+        return ticks, got
+
+    async def scenario():
+        t0 = time.perf_counter()
+        ticks, got = await ticks_during(v.verify_async(acme))
+        took = time.perf_counter() - t0
+        assert got.tenant == "acme" and len(derivations) == 1
+        # ~one tick per 2 ms while the check ran (tens of them); none if it held the loop
+        assert ticks >= 3, (ticks, took)
+        ticks, got = await ticks_during(v.verify_async(acme))  # remembered: no scrypt
+        assert got.tenant == "acme" and len(derivations) == 1
+        _, got = await ticks_during(v.verify_async(globex[:-1] + ("A" if globex[-1] != "A" else "B")))
+        assert isinstance(got, AuthError) and len(derivations) == 2
+        # Revoked while its check is in the thread: refused, not remembered.
+        def slow_check(*a):
+            derivations.append(1)
+            ok = real(*a)
+            kr.revoke_api_keys("globex")
+            return ok
+
+        monkeypatch.setattr(api_keys, "verify_record", slow_check)
+        _, got = await ticks_during(v.verify_async(globex))
+        assert isinstance(got, AuthError), got
+        with pytest.raises(AuthError):
+            v.verify(globex)
+
+    asyncio.run(scenario())
+
+
 def test_the_example_serve_spec_parses_and_sizes_the_deployment():
     from pathlib import Path
 
@@ -97,6 +162,14 @@ def test_the_example_serve_spec_parses_and_sizes_the_deployment():
     deployment = build_app(spec)._bound_deployment
     assert deployment._deployment_config.autoscaling_config.max_replicas == 2
     assert deployment._deployment_config.max_queued_requests == 128
+    # --master-key-file: the replicas are told where their node keeps the key, never the key
+    env = build_app(spec, master_key_file="/run/secrets/master-key")._bound_deployment.ray_actor_options["runtime_env"]
+    assert env["env_vars"][f"{spec.encryption.master_key_env}_FILE"] == "/run/secrets/master-key"
+    assert spec.encryption.master_key_env not in env["env_vars"]
+    plain = spec.model_dump(mode="json")
+    plain.pop("encryption")
+    with pytest.raises(SpecError, match="--master-key-file: the spec encrypts nothing"):
+        build_app(parse_spec(plain), master_key_file="/k")
     bad = spec.model_dump(mode="json")
     bad["serve"] = {"min_replicas": 3, "max_replicas": 2}
     with pytest.raises(SpecError, match="min_replicas is above max_replicas"):
@@ -234,3 +307,22 @@ def test_a_durable_answer_does_not_wait_for_the_checkpoint_its_commit_made_due()
 
     asyncio.run(asyncio.wait_for(requests(), 20))
     assert order[:3] == ["write", "checkpoint after the answer", "write"], order
+
+
+def test_each_local_haproxy_gets_its_own_stats_and_metrics_ports(monkeypatch):
+    """Ray's defaults (8404, 9101) are fixed: a second local endpoint's HAProxy would not start.
+    Free ones each time, unless the environment names them; none for the Python proxy."""
+    from pathlib import Path
+
+    from jobs.serve import ingress_env
+    from schemas.spec import load_spec
+
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_STATS_PORT", raising=False)
+    monkeypatch.delenv("RAY_SERVE_HAPROXY_METRICS_PORT", raising=False)
+    spec = load_spec(Path(__file__).resolve().parent.parent / "examples" / "serve.yaml")
+    env = ingress_env(spec)
+    assert env["RAY_SERVE_HAPROXY_STATS_PORT"] != "8404" and env["RAY_SERVE_HAPROXY_METRICS_PORT"] != "9101"
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
+    assert ingress_env(spec)["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+    proxy = ingress_env(spec.model_copy(update={"serve": spec.serve.model_copy(update={"ingress": "proxy"})}))
+    assert "RAY_SERVE_HAPROXY_STATS_PORT" not in proxy
