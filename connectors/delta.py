@@ -448,8 +448,7 @@ class DeltaSink:
         """(results, dead letters) version of application transaction `app_id`, as the tables are now."""
         out = []
         for table in (self.results, self.dead_letter):
-            dt = table.open()
-            dt.update_incremental()
+            dt = table.open()  # brought up to the table's latest version (one listing of its log)
             out.append(dt.transaction_version(app_id))
         return out[0], out[1]
 
