@@ -136,13 +136,13 @@ class AuditJournal:
                 replacement._write(r.seq, r.results, r.dead, sync=False)
             os.fsync(fd)
             os.rename(new, self.path)
-            _fsync_dir(self.path.parent)
         except OSError:
             os.close(fd)
             new.unlink(missing_ok=True)
             raise
-        os.close(self.fd)
+        os.close(self.fd)  # the old file, nameless now
         self.fd = fd
+        _fsync_dir(self.path.parent)  # if this raises, the new file is the journal all the same
 
     def close(self, remove: bool = False) -> None:
         if self.fd < 0:
