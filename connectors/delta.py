@@ -189,24 +189,24 @@ class _Table:
                 cleanup_expired_logs=None if clean_log and not self.defer_checkpoints else False,
             ),
         )
-        self._commits += 1
-        self._appends += 1
         # The commit of the version delta-rs would have checkpointed, as delta-rs decides it: of
         # several writers (replicas) only the one that made that version writes it.
         version = dt.version()
-        if self.defer_checkpoints and _checkpoints_between(version - 1, version, self._checkpoint_every):
-            self.checkpoint_due = True
+        self._counted(version - 1, version)
 
     def landed(self) -> None:
         """The last append landed though its answer was lost (found by its marker, on a handle
         loaded again): counted as append counts it, and with deferred checkpoints, one is due if a
         checkpoint version passed since that append began (append would have marked it; at worst
         this writes one more checkpoint than delta-rs would)."""
+        self._counted(self._version_before_write, self._dt.version() if self._dt is not None else 0)
+
+    def _counted(self, low: int, high: int) -> None:
+        """An append of ours landed at a version in (low, high]: counted, and with deferred
+        checkpoints marked due if a checkpoint version is among them."""
         self._commits += 1
         self._appends += 1
-        if self.defer_checkpoints and self._dt is not None and _checkpoints_between(
-            self._version_before_write, self._dt.version(), self._checkpoint_every
-        ):
+        if self.defer_checkpoints and _checkpoints_between(low, high, self._checkpoint_every):
             self.checkpoint_due = True
 
     def write_checkpoint(self) -> int | None:

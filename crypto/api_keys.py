@@ -131,18 +131,23 @@ class ApiKeyVerifier:
             raise AuthError(_REFUSED)
         # The keyring may have been written during the check (a revocation): what was checked must
         # still be the key's record, or the token is refused as that record would have it.
-        self.remembered(token)
-        if self._records.get(key_id) != record:
+        if self._current_records().get(key_id) != record:
             raise AuthError(_REFUSED)
         return self._remember(token, key_id, record)
 
     def remembered(self, token: str) -> Principal | None:
         """The token's principal if it was verified against its key's current record; one stat of
         the keyring file, no scrypt."""
-        self.keyring.refresh()  # one stat; a re-read file gives new records
+        self._current_records()
+        return self._verified.get(hashlib.sha256(token.encode()).digest())
+
+    def _current_records(self) -> dict[str, dict]:
+        """The keyring's API key records as the file holds them now (one stat; a re-read file gives
+        new records, and the tokens verified against changed ones are forgotten)."""
+        self.keyring.refresh()
         if self.keyring.api_keys() is not self._records:
             self._forget_changed_keys()
-        return self._verified.get(hashlib.sha256(token.encode()).digest())
+        return self._records
 
     def _record_for(self, token: str) -> tuple[str, str, dict]:
         """(key id, secret, its active record), or AuthError: no scrypt for an unknown or revoked key."""
