@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -93,10 +94,19 @@ class _AuditBuffer:
     journal and buffered store a group's rows (encrypted) once, as a numbered record kept until
     both tables hold it; each table's transaction for `records_name` says up to which record
     (AuditLog.replay), so a commit that failed half-way (its dead letters in, its results not) is
-    finished by the next one, never repeated."""
+    finished by the next one, never repeated.
+
+    The backlog (journal, buffered): rows held for the tables and not in them yet, stored records
+    and buffered rows waiting for their interval. It grows while the store is down or slower than
+    the requests; `full()` past backlog_max_bytes, and the endpoint then refuses new requests
+    (503 audit_backlog_full) instead of holding more in memory (and in the journal) without bound.
+    durable has none: its requests wait for their own commit."""
 
     def __init__(self, audit, ack: str, interval_s: float, journal=None, compact_every_commits: int | None = None,
-                 group_commit_s: float = 0.0, maintenance_runner=None):  # fmt: skip
+                 group_commit_s: float = 0.0, maintenance_runner=None, backlog_max_bytes: int | None = None):  # fmt: skip
+        self.backlog_max_bytes = backlog_max_bytes
+        self._stored_bytes = 0  # the stored records' (journal_lock)
+        self._pending_bytes = 0  # buffered: rows added, not stored yet (the event loop's)
         self.audit = audit
         self.maintenance_runner = maintenance_runner  # where a round runs (AuditLog.maintain); None: a thread here
         # ack durable: the wait before a commit when requests came in while the last one ran
@@ -138,6 +148,7 @@ class _AuditBuffer:
             if self.journal is not None:
                 self.journal.append(self._seq, *stored)
             self._journaled.append(JournalRecord(self._seq, *stored))
+            self._stored_bytes += _nbytes(stored)
 
     def commit_journaled(self) -> int:
         """Commit the stored records to the tables; once none is left uncommitted a journal
@@ -152,6 +163,7 @@ class _AuditBuffer:
         with self.journal_lock:
             last = records[-1].seq
             self._journaled = [r for r in self._journaled if r.seq > last]
+            self._stored_bytes -= sum(_nbytes((r.results, r.dead)) for r in records)
             if self.journal is not None and not self._journaled:
                 self.journal.truncate()
             elif self.journal is not None and self.journal.size() > JOURNAL_REWRITE_BYTES:
@@ -161,6 +173,13 @@ class _AuditBuffer:
                 except OSError as e:  # the old journal stays, complete: replay skips what is committed
                     log.warning("audit journal not rewritten (%s); kept as it is", type(e).__name__)
         return n
+
+    def backlog_bytes(self) -> int:
+        """Arrow bytes of the rows held for the tables and not in them yet (journal, buffered)."""
+        return self._stored_bytes + self._pending_bytes
+
+    def full(self) -> bool:
+        return self.backlog_max_bytes is not None and self.backlog_bytes() >= self.backlog_max_bytes
 
     def journaled(self) -> tuple[pa.Table, pa.Table] | None:
         """The stored rows not in the tables yet (an Idempotency-Key lookup)."""
@@ -182,6 +201,8 @@ class _AuditBuffer:
             self._commit_task.add_done_callback(_log_end("audit commits"))
         fut = loop.create_future() if self.durable else None
         self._pending.append((results, dead, fut))
+        if not self.durable:
+            self._pending_bytes += _nbytes((results, dead))
         self._wake.set()
         if fut is not None:
             await fut
@@ -221,8 +242,13 @@ class _AuditBuffer:
                 await asyncio.sleep(self.interval_s)
             async with self._step:
                 self._wake.clear()
-                group, self._pending = self._pending, []
+                group, self._pending = self._take_pending()
                 await self._step_once(group)
+
+    def _take_pending(self) -> tuple[list, list]:
+        """(the rows waiting now, an empty list for the next ones)."""
+        self._pending_bytes = 0
+        return self._pending, []
 
     async def _step_once(self, group: list) -> None:
         if group:
@@ -235,6 +261,7 @@ class _AuditBuffer:
                 log.error("audit append failed (%s): %d request(s)", type(e).__name__, len(group))
                 if not self.durable:  # not stored, and nobody was told: keep the rows for the next append
                     self._pending = group + self._pending
+                    self._pending_bytes += sum(_nbytes(g[:2]) for g in group)
                 for _, _, fut in group:
                     if fut is not None and not fut.done():
                         fut.set_exception(e if isinstance(e, Exception) else SinkError(type(e).__name__))
@@ -287,7 +314,7 @@ class _AuditBuffer:
                     task.cancel()
             if self._committing is not None:  # a journal commit round's thread, if one runs
                 await asyncio.gather(self._committing, return_exceptions=True)
-            group, self._pending = self._pending, []
+            group, self._pending = self._take_pending()
             if group:
                 await self._write_group(group)
                 await self._checkpoint()
@@ -295,6 +322,10 @@ class _AuditBuffer:
                 await asyncio.to_thread(self.commit_journaled)
             if self.journal is not None:
                 self.journal.close(remove=True)
+
+
+def _nbytes(tables) -> int:
+    return sum(t.nbytes for t in tables)
 
 
 def _store_failure(e: BaseException) -> bool:
@@ -377,15 +408,25 @@ class _ServeMetrics:
     def __init__(self, job: str):
         self.job = job
         try:
-            from ray.util.metrics import Counter, Histogram
+            from ray.util.metrics import Counter, Gauge, Histogram
 
             self.requests = Counter("tidegate_serve_requests_total", "Online requests by route and HTTP status.",
                                     tag_keys=("job", "route", "code"))  # fmt: skip
             self.latency = Histogram("tidegate_serve_latency_seconds", "Online request latency by route.",
                                      boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
                                      tag_keys=("job", "route"))  # fmt: skip
+            self.audit_backlog = Gauge("tidegate_serve_audit_backlog_bytes", "Audit rows a replica holds that are "
+                                       "not in the tables yet (serve.ack journal, buffered).", tag_keys=("job",))  # fmt: skip
         except Exception:  # noqa: BLE001 - metrics are never fatal
-            self.requests = self.latency = None
+            self.requests = self.latency = self.audit_backlog = None
+
+    def backlog(self, n: int) -> None:
+        if self.audit_backlog is None:
+            return
+        try:
+            self.audit_backlog.set(n, {"job": self.job})
+        except Exception:  # noqa: BLE001
+            pass
 
     def record(self, route: str, code: int, t0: float) -> None:
         if self.requests is None:
@@ -476,7 +517,8 @@ class TidegateEndpoint:
             rounds.start()
         self.buffer = _AuditBuffer(self.audit, spec.serve.ack, spec.sink.commit_interval_s, journal,
                                    spec.sink.maintenance.compact_every_commits,
-                                   spec.serve.group_commit_ms / 1000, rounds)  # fmt: skip
+                                   spec.serve.group_commit_ms / 1000, rounds,
+                                   int(spec.serve.audit_backlog_max_mb * 2**20))  # fmt: skip
         self.verifier = None
         if spec.serve.auth:
             from crypto.api_keys import ApiKeyVerifier
@@ -521,9 +563,13 @@ class TidegateEndpoint:
         return {"status": "ok"}
 
     @api.get("/readyz")
-    async def readyz(self) -> dict:
-        return {"status": "ready", "job": self.spec.name, "model": self.model_label, "run_id": self.run_id,
-                "pid": os.getpid()}  # fmt: skip
+    async def readyz(self) -> JSONResponse:
+        """503 while the audit backlog is full: this replica refuses audited requests until its
+        commits catch up (a load balancer that checks /readyz sends them elsewhere meanwhile)."""
+        full = self.buffer.full()
+        return JSONResponse({"status": "audit_backlog_full" if full else "ready", "job": self.spec.name,
+                             "model": self.model_label, "run_id": self.run_id, "pid": os.getpid(),
+                             "audit_backlog_bytes": self.buffer.backlog_bytes()}, status_code=503 if full else 200)  # fmt: skip
 
     # -- a batch job's engine (pool.backend serve; handle calls, not routes) ----------------------
 
@@ -562,6 +608,7 @@ class TidegateEndpoint:
             principal = await self._principal(request)
             self._job(name)
             body = self._event_for(await request.body(), principal)
+            self._audit_room()
             await self._admit(principal, len(body) // 4 + self._budget(None))
         except _Refused as r:
             return self._refusal(r, route)
@@ -636,6 +683,7 @@ class TidegateEndpoint:
                 raise _Refused(400, "invalid_request", "max_tokens must be a positive integer")
             tenant = self._tenant_of(principal)
             budget = self._budget(max_tokens)
+            self._audit_room()
             await self._admit(principal, len(raw) // 4 + budget)
         except _Refused as r:
             return self._refusal(r, route)
@@ -859,6 +907,17 @@ class TidegateEndpoint:
         spec_max = int(self.spec.sampling.get("max_tokens") or 16)
         return min(max_tokens, spec_max) if max_tokens else spec_max
 
+    def _audit_room(self) -> None:
+        """Refuse a request whose audit rows would go past serve.audit_backlog_max_mb (before its
+        budget is charged or its engine time spent); Retry-After: the next commit."""
+        backlog = self.buffer.backlog_bytes()
+        self._metrics.backlog(backlog)
+        if self.buffer.full():
+            raise _Refused(503, "audit_backlog_full",
+                           f"this replica holds {backlog / 2**20:.1f} MiB of audit rows not in the tables yet "
+                           f"(serve.audit_backlog_max_mb={self.spec.serve.audit_backlog_max_mb:g}); retry",
+                           {"Retry-After": str(max(1, math.ceil(self.spec.sink.commit_interval_s)))})  # fmt: skip
+
     async def _admit(self, principal, tokens: int) -> None:
         if principal is None or self._limits is None:
             return
@@ -938,20 +997,111 @@ def ingress_env(spec: JobSpec) -> dict[str, str]:
     load balancers outside the cluster; this HAProxy is told at once, so 5 s unless the
     environment says otherwise (`tidegate serve` stops in seconds, not half a minute).
 
-    HAProxy's own stats page and metrics listen on fixed ports by Ray's default (8404, 9101): a
-    second local endpoint on the same machine (another spec; a test beside another) would find
-    them taken and its HAProxy would not start. Each local Ray's HAProxy gets free ones unless the
-    environment names them (RAY_SERVE_HAPROXY_STATS_PORT, RAY_SERVE_HAPROXY_METRICS_PORT)."""
-    from connectors.broker import free_port
-
+    Two local endpoints on one machine must not share ports either: see local_ingress_ports."""
     on = "1" if spec.serve.ingress == "haproxy" else "0"
     drain = os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
     env = {"RAY_SERVE_ENABLE_HA_PROXY": on, "RAY_SERVE_THROUGHPUT_OPTIMIZED": on,
            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": drain}  # fmt: skip
     if on == "1":
-        for var in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-            env[var] = os.environ.get(var) or str(free_port())
+        env.update(local_ingress_ports())
     return env
+
+
+# The ports of local Rays' Serve ingress: blocks below Linux's ephemeral range (32768 up) and above
+# Ray's worker ports (10002-19999), one block per process that starts a local Ray (claim_port_block).
+PORT_BLOCK_SIZE = 200
+PORT_BLOCKS = range(20000, 30000, PORT_BLOCK_SIZE)
+# The replicas' port ranges, [min, max) as Ray's controller reads them: set together or not at all.
+_RANGE_PORTS = {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": 0, "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": 96,
+                "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": 100, "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": 196}  # fmt: skip
+# One port each, from the block's tail (offsets 196-199).
+_SINGLE_PORTS = {"RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 196, "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 197,
+                 "RAY_SERVE_HAPROXY_STATS_PORT": 198, "RAY_SERVE_HAPROXY_METRICS_PORT": 199}  # fmt: skip
+_claimed_block: tuple[int, Any] | None = None  # (first port, the open lock file), for this process's life
+
+
+def local_ingress_ports() -> dict[str, str]:
+    """The ports one local Ray's Serve ingress (HAProxy) uses, none of them another local Ray's.
+    Ray's defaults are the same for every Ray on a machine, and two local endpoints (two specs,
+    a test beside another) would share them:
+
+    - the fallback Serve proxy, HAProxy's backup server for an application none of whose
+      replicas is up (one starting, or restarting), listens on 8500 (gRPC 9500), bound with
+      SO_REUSEPORT: the second Ray's binds too, and the kernel splits connections between the two.
+      A request to one endpoint could be answered, and audited, by the other spec's application
+      (seen: a valid API key refused 401 by the other application's keyring).
+    - the replicas' HTTP and gRPC ports come from 30000-31000 and 40000-41000, lowest first; each
+      controller quarantines a released port from its own replicas only, so one endpoint's
+      HAProxy could still send to a port the other's replica had just taken.
+    - HAProxy's stats page and metrics (8404, 9101): the second HAProxy would not start.
+
+    Each gets ports of a block no other process on the machine holds (claim_port_block).
+    Variables the environment names are kept (the four range bounds together or not at all)."""
+    env = {var: os.environ[var] for var in (*_RANGE_PORTS, *_SINGLE_PORTS) if os.environ.get(var)}
+    own_range = not any(var in env for var in _RANGE_PORTS)
+    if all(var in env for var in _SINGLE_PORTS) and not own_range:
+        return env
+    first = claim_port_block()
+    for var, offset in (*(_RANGE_PORTS.items() if own_range else ()), *_SINGLE_PORTS.items()):
+        env.setdefault(var, str(first + offset))
+    return env
+
+
+def _port_in_use(host: str, port: int) -> str | None:
+    """Why (host, port) cannot be listened on now, or None. Serve's Python proxy binds its port
+    with SO_REUSEPORT, so a second local endpoint on the same port would not fail: the kernel would
+    split the connections between the two applications. Checked without it, before Ray starts."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed endpoint's TIME_WAIT is no owner
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            return os.strerror(e.errno) if e.errno else type(e).__name__
+    return None
+
+
+def claim_port_block() -> int:
+    """The first port of a block of PORT_BLOCKS that no other process on this machine has claimed
+    and none of whose ports is in use now. The claim is an exclusive lock on a file in the
+    machine's temp folder, held until this process exits: a local Ray lives as long as the process
+    that started it, and later local Rays of the same process reuse the block."""
+    import fcntl
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    global _claimed_block
+    if _claimed_block is not None:
+        return _claimed_block[0]
+    folder = Path(tempfile.gettempdir()) / "tidegate-serve-ports"
+    folder.mkdir(mode=0o700, exist_ok=True)
+
+    def in_use(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                return True
+        return False
+
+    for first in PORT_BLOCKS:
+        lock = open(folder / f"{first}.lock", "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another process's block
+            lock.close()
+            continue
+        if any(in_use(port) for port in range(first, first + PORT_BLOCK_SIZE)):
+            lock.close()  # some other program's ports: not a block to share
+            continue
+        _claimed_block = (first, lock)
+        return first
+    raise TidegateError(f"no free block of {PORT_BLOCK_SIZE} ports in {PORT_BLOCKS.start}-{PORT_BLOCKS.stop - 1} "
+                        "for this endpoint's replicas; set RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT and "
+                        "RAY_SERVE_DIRECT_INGRESS_MIN/MAX_GRPC_PORT")  # fmt: skip
 
 
 def deploy(spec: JobSpec, engine_cls: type | None = None, blocking: bool = False,
@@ -984,6 +1134,11 @@ def main(spec_path: str, address: str | None, blocking: bool, master_key_file: s
         return 2
     remote = bool(address or spec.ray.address or os.environ.get("RAY_ADDRESS"))
     if not remote:  # a cluster's Serve runs with its nodes' environment (cluster.yaml)
+        busy = _port_in_use(spec.serve.host, spec.serve.port)
+        if busy:
+            print(f"error: serve.port {spec.serve.port} on {spec.serve.host} is in use on this machine ({busy}): "
+                  "another endpoint, or another program; choose another serve.port")  # fmt: skip
+            return 2
         os.environ.update(ingress_env(spec))
     init_ray(spec, address)
     # Ours right after ray.init (a local Ray installs its own SIGTERM handler, which exits at once):

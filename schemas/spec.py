@@ -790,6 +790,14 @@ class ServeSpec(_Strict):
         "sink.commit_interval_s, replayed by the next replica started there after a crash; buffered: answer at "
         "once, rows committed every sink.commit_interval_s (a replica killed meanwhile loses them).",
     )
+    audit_backlog_max_mb: float = Field(
+        default=256, gt=0,
+        description="ack journal, buffered: the audit rows a replica holds that are not in the tables yet (its "
+        "journal's records and buffered rows, measured as Arrow bytes) may reach this many MiB; then, while the "
+        "store is down or slower than the requests, the replica answers new requests 503 audit_backlog_full "
+        "(Retry-After) until its commits bring the backlog back under, instead of growing its memory and journal "
+        "without bound. ack durable holds no backlog (each request waits for its own commit).",
+    )  # fmt: skip
     group_commit_ms: float = Field(
         default=100, ge=0, le=10_000,
         description="ack durable: when requests reached the audit while its last commit ran (the replica is "

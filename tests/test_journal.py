@@ -357,3 +357,52 @@ def test_the_audit_writer_outlives_a_rust_panic(audit_env):
 
     asyncio.run(requests())
     assert _ids(spec.sink.results, env["keyring"]) == ["p2"]
+
+
+@pytest.mark.parametrize("ack", ["buffered", "journal"])
+def test_a_full_audit_backlog_refuses_until_the_commits_catch_up(audit_env, tmp_path, monkeypatch, ack):
+    """While the store is down the rows held for it (buffered rows, stored records) grow; at the
+    bound `full()` says so (the endpoint answers 503 audit_backlog_full), and once the store is
+    back the commits empty the backlog and every held row is in the tables once."""
+    from connectors.delta import DeltaSink
+    from connectors.journal import AuditJournal
+    from jobs.serve import _AuditBuffer
+    from schemas.errors import SinkError
+
+    env = audit_env
+    spec, audit = env["spec"], env["audit"]
+    down = {"now": True}
+    real = DeltaSink._append
+
+    def outage(self, table, rows, txns, positions, refresh=True):
+        if down["now"]:
+            raise SinkError("store unreachable (injected)")
+        return real(self, table, rows, txns, positions, refresh)
+
+    monkeypatch.setattr(DeltaSink, "_append", outage)
+    groups = [env["group"](f"b{i}", f"b{i}x forbidden") for i in range(12)]
+    one = sum(t.nbytes for t in groups[0])
+    journal = AuditJournal.create(tmp_path / "journals", "replica-b") if ack == "journal" else None
+    buffer = _AuditBuffer(audit, ack, 0.05, journal, backlog_max_bytes=4 * one)
+    added = []
+
+    async def load():
+        for i, (results, dead) in enumerate(groups):
+            if buffer.full():
+                break
+            await buffer.add(results, dead)
+            added.append(f"b{i}")
+            await asyncio.sleep(0.08)  # an interval: buffered rows become stored records
+        assert buffer.full() and buffer.backlog_bytes() >= 4 * one
+        down["now"] = False
+        deadline = asyncio.get_running_loop().time() + 30
+        while buffer.backlog_bytes():
+            assert asyncio.get_running_loop().time() < deadline, buffer.backlog_bytes()
+            await asyncio.sleep(0.05)
+        assert not buffer.full()
+        await buffer.drain()
+
+    asyncio.run(asyncio.wait_for(load(), 60))
+    assert 3 <= len(added) < len(groups)  # refused before the outage's rows had no bound
+    assert _ids(spec.sink.results, env["keyring"]) == sorted(added)
+    assert _ids(spec.sink.dead_letter, env["keyring"]) == sorted(f"{i}x" for i in added)

@@ -80,6 +80,12 @@ def endpoint(tmp_path_factory, broker):
                             "commit_interval_s": 600},
                             "serve": {"port": port, "num_cpus": 0.1, "route_prefix": "/journaled", "ack": "journal",
                                       "journal_dir": str(tmp / "journals"), "idempotency_cache": 0}})  # fmt: skip
+    # serve.ack buffered, a 600 s interval and a ~4 KiB audit backlog: full after a few requests.
+    backlog = parse_spec({**spec_dict, "name": "backlog", "sink": {**spec_dict["sink"],
+                          "results": str(tmp / "backlog" / "results"), "dead_letter": str(tmp / "backlog" / "dead"),
+                          "commit_interval_s": 600},
+                          "serve": {"port": port, "num_cpus": 0.1, "route_prefix": "/backlog", "ack": "buffered",
+                                    "audit_backlog_max_mb": 0.004}})  # fmt: skip
     metrics_port = free_port()
     # What `tidegate serve` does before it starts a local Ray: serve.ingress (default haproxy).
     ingress = ingress_env(spec)
@@ -92,7 +98,8 @@ def endpoint(tmp_path_factory, broker):
         small_url = deploy(small, engine_cls=EchoEngine)
         pair_url = deploy(pair, engine_cls=EchoEngine)
         journaled_url = deploy(journaled, engine_cls=EchoEngine)
-        yield {"url": url, "journaled_url": journaled_url, "journaled_spec": journaled, "small_url": small_url, "pair_url": pair_url, "pair_spec": pair, "small_spec": small, "small_timeouts": [0], "keys": keys, "spec": spec, "keyring": keyring_path, "topic": topic,
+        backlog_url = deploy(backlog, engine_cls=EchoEngine)
+        yield {"url": url, "backlog_url": backlog_url, "backlog_spec": backlog, "journaled_url": journaled_url, "journaled_spec": journaled, "small_url": small_url, "pair_url": pair_url, "pair_spec": pair, "small_spec": small, "small_timeouts": [0], "keys": keys, "spec": spec, "keyring": keyring_path, "topic": topic,
                "metrics_port": metrics_port}
     finally:
         serve.shutdown()
@@ -569,6 +576,39 @@ def test_journal_ack_answers_from_the_journal_and_a_killed_replicas_rows_are_rep
     stored = _rows(spec.sink.results, pl.col("id").is_in(answered))
     assert sorted(r["id"] for r in stored) == sorted(set(answered))
     assert os.listdir(journals) == []
+
+
+def test_a_full_audit_backlog_answers_503_and_loses_no_admitted_row(endpoint):
+    """serve.ack buffered with nothing committed while the replica lives (600 s interval): its
+    audit backlog reaches serve.audit_backlog_max_mb after a few requests; then a request is
+    refused 503 audit_backlog_full with Retry-After, before the engine runs (no row of it), and
+    /readyz says so. At shutdown every admitted request's row is committed, once."""
+    from ray import serve
+
+    spec, url = endpoint["backlog_spec"], endpoint["backlog_url"]
+    admitted, refused = [], None
+    for i in range(60):
+        ev = _event(f"backlog {i}")
+        r = _post(endpoint, "/v1/jobs/backlog/invoke", ev, url=url)
+        if r.status_code == 503:
+            refused = (ev["id"], r)
+            break
+        assert r.status_code == 200, r.text
+        admitted.append(ev["id"])
+    assert refused is not None and len(admitted) >= 3, len(admitted)
+    rid, r = refused
+    assert r.json()["error"]["type"] == "audit_backlog_full" and r.headers["retry-after"] == "600", r.text
+    ready = httpx.get(url + "/readyz", timeout=30)
+    assert ready.status_code == 503 and ready.json()["status"] == "audit_backlog_full"
+    assert ready.json()["audit_backlog_bytes"] >= 0.004 * 2**20
+    chat = _post(endpoint, "/v1/chat/completions", {"model": "backlog", "messages": [{"role": "user", "content": "hi"}]},
+                 url=url)  # fmt: skip
+    assert chat.status_code == 503 and chat.json()["error"]["type"] == "audit_backlog_full", chat.text
+    assert table_rows(spec.sink.results) == 0
+    serve.delete("backlog")  # the replica's shutdown commits what it holds
+    stored = _rows(spec.sink.results, pl.col("id").is_in([*admitted, rid]), endpoint["keyring"])
+    assert sorted(r["id"] for r in stored) == sorted(admitted)
+    assert table_rows(spec.sink.dead_letter) == 0
 
 
 def test_kill_9_of_a_replica_loses_no_acknowledged_audit_row(endpoint):

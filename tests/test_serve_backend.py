@@ -17,10 +17,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ray_head():
-    # HAProxy's stats and metrics ports: free ones, as `tidegate serve` gives a local Ray (jobs.serve.ingress_env).
+    from jobs.serve import local_ingress_ports
+
+    # HAProxy's and the replicas' ports: ones no other local Ray has, as `tidegate serve` gives a local Ray.
     with started_ray_head(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1",
-                          RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
-                          RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port())) as head:  # fmt: skip
+                          **local_ingress_ports()) as head:  # fmt: skip
         yield head
 
 

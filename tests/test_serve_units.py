@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 
 import pytest
+
+from tests.conftest import REPO
 
 
 def test_limits_are_token_buckets():
@@ -326,3 +329,91 @@ def test_each_local_haproxy_gets_its_own_stats_and_metrics_ports(monkeypatch):
     assert ingress_env(spec)["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
     proxy = ingress_env(spec.model_copy(update={"serve": spec.serve.model_copy(update={"ingress": "proxy"})}))
     assert "RAY_SERVE_HAPROXY_STATS_PORT" not in proxy
+
+
+_INGRESS_PORT_VARS = ("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT",
+                      "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT",
+                      "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+                      "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")  # fmt: skip
+
+
+def _ingress_ports(env: dict) -> set[int]:
+    """Every port a local Ray's Serve ingress may listen on with these settings."""
+    http = range(int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]), int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]))
+    grpc = range(int(env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"]), int(env["RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT"]))
+    assert len(http) == len(grpc) == 96 and not set(http) & set(grpc)
+    singles = {int(env[v]) for v in _INGRESS_PORT_VARS[4:]}
+    assert len(singles) == 4 and not singles & (set(http) | set(grpc))
+    return set(http) | set(grpc) | singles
+
+
+def test_two_local_endpoints_get_ingress_ports_of_their_own(monkeypatch):
+    """Ray's Serve ports are the same for every local Ray: the fallback proxy's 8500 (bound with
+    SO_REUSEPORT, so a second Ray's shares it and the kernel splits the connections), the replicas'
+    30000-31000 and 40000-41000, HAProxy's 8404 and 9101. Each process that starts a local Ray
+    claims a block of its own (a lock held for its life); another process gets another block."""
+    import json
+    import subprocess
+    import sys
+
+    from jobs.serve import local_ingress_ports
+
+    for var in _INGRESS_PORT_VARS:
+        monkeypatch.delenv(var, raising=False)
+    env = local_ingress_ports()
+    ours = _ingress_ports(env)
+    assert int(env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]) != 8500
+    assert min(ours) >= 20000 and max(ours) < 30000  # not Ray's worker ports, not the ephemeral range
+    assert local_ingress_ports() == env  # the same block for this process's next local Ray
+    child = subprocess.run([sys.executable, "-c", "import json; from jobs.serve import local_ingress_ports; "
+                            "print(json.dumps(local_ingress_ports()))"], cwd=REPO, capture_output=True, text=True,
+                           check=True, env={k: v for k, v in os.environ.items() if k not in _INGRESS_PORT_VARS})  # fmt: skip
+    assert not ours & _ingress_ports(json.loads(child.stdout))
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "31000")  # the environment's own choice stays,
+    monkeypatch.setenv("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "8600")
+    mine = local_ingress_ports()
+    assert mine["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "31000" and mine["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "8600"
+    assert "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT" not in mine  # a range is the environment's or ours, not half each
+
+
+def test_serve_refuses_a_serve_port_in_use_before_starting_ray(tmp_path, capsys, monkeypatch):
+    """Serve's Python proxy binds serve.port with SO_REUSEPORT: a second local endpoint on a port
+    the first one holds would share it silently. `tidegate serve` refuses it (exit 2), Ray unstarted."""
+    import socket
+
+    import yaml
+
+    from jobs.serve import main as serve_main
+    from tests.conftest import make_spec
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as Serve's proxy binds it
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        spec = make_spec(tmp_path, None, "t", tmp_path / "no-model", **{
+            "source": {"kafka": {"topic": "t", "bootstrap_servers": ["127.0.0.1:9"]}}, "serve": {"port": port, "auth": False}})  # fmt: skip
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        assert serve_main(str(path), None, False) == 2
+    assert f"serve.port {port} on 127.0.0.1 is in use on this machine" in capsys.readouterr().out
+
+
+def test_a_port_block_with_a_port_in_use_is_passed_over(monkeypatch):
+    import socket
+
+    import jobs.serve as serve_module
+
+    monkeypatch.setattr(serve_module, "_claimed_block", None)  # as a process that has claimed nothing yet
+    with socket.socket() as busy:
+        for port in range(25003, 29000, 7):  # some port another program holds; off the 200-port grid
+            try:
+                busy.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                continue
+        busy.listen()
+        monkeypatch.setattr(serve_module, "PORT_BLOCKS", range(port - 3, port - 3 + 2 * 200, 200))
+        first = serve_module.claim_port_block()
+    assert first == port - 3 + 200
