@@ -342,19 +342,21 @@ class Grounding(Rule):
         self._cache = (key, ctx)
         return ctx
 
-    def claims(self, c: Candidate) -> tuple[list[tuple[str, bool]], list[int]]:
-        """(kind, found) per claim in the output, and citation numbers naming no document."""
+    def claims(self, c: Candidate) -> tuple[list[tuple[str, bool]], set[str]]:
+        """(kind, found) per claim in the output, and the citations naming no document (as the
+        output wrote them: counted in the message, never quoted, as they are the model's digits)."""
         ctx = self._context(c.context)
         text = c.output
         checks = self.checks
         claims: list[tuple[str, bool]] = []
-        bad_citations = []
+        bad_citations: set[str] = set()
         for m in _CLAIM.finditer(text):
             kind = m.lastgroup
             if kind == "cite":
-                n = int(m.group("doc"))
-                if "citations" in checks and not 1 <= n <= len(c.context):
-                    bad_citations.append(n)
+                digits = m.group("doc").lstrip("0")
+                # Length first: int() of thousands of digits raises (Python's int_max_str_digits).
+                if "citations" in checks and not (0 < len(digits) <= 6 and int(digits) <= len(c.context)):
+                    bad_citations.add(digits)
             elif kind == "date":
                 if "dates" in checks:
                     claims.append(("date", _date_key(m) in ctx.dates or _squash(m.group()) in ctx.text))
@@ -390,7 +392,7 @@ class Grounding(Rule):
         score = found / len(claims) if claims else 1.0
         problems = []
         if bad:
-            problems.append(f"cites missing document(s) {sorted(set(bad))} of {len(c.context)}")
+            problems.append(f"cites {len(bad)} missing document(s) ({len(c.context)} given)")
         if score < self.spec.threshold:
             missing: dict[str, int] = {}
             for kind, ok in claims:
@@ -444,6 +446,14 @@ class OutputSchema:
         return schema_path(parts, self._names)
 
     def parse(self, text: str) -> tuple[str, Any]:
+        """(output_json, parsed) for an output that is JSON matching the schema; ValueError (the
+        rule's failure message, no value quoted) for one that is not."""
+        try:
+            return self._parse(text)
+        except RecursionError:  # a degenerate output ("[[[[..."): json.loads or the check ran out of stack
+            raise ValueError("not valid JSON: nested too deeply") from None
+
+    def _parse(self, text: str) -> tuple[str, Any]:
         try:
             # strict=False: some grammar backends emit raw control characters inside strings.
             obj = json.loads(text, strict=False)

@@ -179,7 +179,11 @@ def test_grounding_fails_on_invented_facts():
 
 def test_grounding_citations_must_name_a_document():
     r = check(GroundingRule(rule="grounding"), "Order 4411 shipped [doc:1][doc:3].", context=CONTEXT)
-    assert not r.passed and r.message == "cites missing document(s) [3] of 2"
+    assert not r.passed and r.message == "cites 1 missing document(s) (2 given)"
+    # The citation's digits are the model's (a card number, say): counted, never quoted; any length.
+    card = "4111111111111111"
+    r = check(GroundingRule(rule="grounding"), f"Paid [doc: {card}] [doc:{'9' * 5000}] [doc:0].", context=CONTEXT)
+    assert not r.passed and r.message == "cites 3 missing document(s) (2 given)" and card not in r.message
     r = check(GroundingRule(rule="grounding", check=["numbers"]), "Order 4411 [doc:3].", context=CONTEXT)
     assert r.passed  # citations not checked
 
@@ -202,6 +206,19 @@ def test_json_schema_rule_with_pydantic_and_inline_schemas():
     assert r.check(Candidate('{"n": 2}')).passed
     assert r.check(Candidate('{"n": 7}')).message == "does not match the schema: n: fails 'maximum' 3"
     assert r.check(Candidate("{}")).message == "does not match the schema: (root): fails 'required' [\"n\"]"
+
+
+@pytest.mark.parametrize("schema", ["schemas.examples:TicketTriage", {"type": "array", "items": {"type": "array"}}])
+def test_a_degenerate_deeply_nested_output_fails_the_rule_not_the_job(schema):
+    """A model can emit "[[[[..." for hundreds of tokens: json.loads (or the schema check of what
+    it parsed) runs out of stack with a RecursionError, which no rule catches; it is the rule's
+    failure instead, so the row is retried or dead-lettered and the job goes on."""
+    from schemas.validation import JsonSchemaRule
+
+    r = build_rules([JsonSchemaRule(rule="json_schema")], OutputSchema(schema))[0]
+    deep = r.check(Candidate("[" * 5000 + "]" * 5000))  # past json.loads's limit
+    assert not deep.passed and deep.message == "not valid JSON: nested too deeply"
+    r.check(Candidate("[" * 900 + "]" * 900))  # within it, deep for the schema's check: an answer either way
 
 
 def test_output_schema_errors_name_the_field():
