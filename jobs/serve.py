@@ -44,6 +44,7 @@ import signal
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -105,8 +106,9 @@ class _AuditBuffer:
     def __init__(self, audit, ack: str, interval_s: float, journal=None, compact_every_commits: int | None = None,
                  group_commit_s: float = 0.0, maintenance_runner=None, backlog_max_bytes: int | None = None):  # fmt: skip
         self.backlog_max_bytes = backlog_max_bytes
+        self.on_backlog = None  # called with backlog_bytes() after each commit of stored records (a gauge)
         self._stored_bytes = 0  # the stored records' (journal_lock)
-        self._pending_bytes = 0  # buffered: rows added, not stored yet (the event loop's)
+        self._pending_bytes = 0  # buffered: rows added, not stored yet (the event loop's), until their write
         self.audit = audit
         self.maintenance_runner = maintenance_runner  # where a round runs (AuditLog.maintain); None: a thread here
         # ack durable: the wait before a commit when requests came in while the last one ran
@@ -172,6 +174,8 @@ class _AuditBuffer:
                     self.journal.rewrite(self._journaled)
                 except OSError as e:  # the old journal stays, complete: replay skips what is committed
                     log.warning("audit journal not rewritten (%s); kept as it is", type(e).__name__)
+        if self.on_backlog is not None:
+            self.on_backlog(self.backlog_bytes())
         return n
 
     def backlog_bytes(self) -> int:
@@ -211,6 +215,8 @@ class _AuditBuffer:
         """One write for a group's rows; its waiting requests are released once it landed."""
         await asyncio.to_thread(self._write, pa.concat_tables([g[0] for g in group], promote_options="default"),
                                 pa.concat_tables([g[1] for g in group], promote_options="default"))  # fmt: skip
+        if not self.durable:  # buffered: counted as stored records now (_write), no longer as waiting rows
+            self._pending_bytes -= sum(_nbytes(g[:2]) for g in group)
         if self._direct:
             self._committed()
         for _, _, fut in group:
@@ -242,13 +248,8 @@ class _AuditBuffer:
                 await asyncio.sleep(self.interval_s)
             async with self._step:
                 self._wake.clear()
-                group, self._pending = self._take_pending()
+                group, self._pending = self._pending, []
                 await self._step_once(group)
-
-    def _take_pending(self) -> tuple[list, list]:
-        """(the rows waiting now, an empty list for the next ones)."""
-        self._pending_bytes = 0
-        return self._pending, []
 
     async def _step_once(self, group: list) -> None:
         if group:
@@ -260,8 +261,7 @@ class _AuditBuffer:
                     raise
                 log.error("audit append failed (%s): %d request(s)", type(e).__name__, len(group))
                 if not self.durable:  # not stored, and nobody was told: keep the rows for the next append
-                    self._pending = group + self._pending
-                    self._pending_bytes += sum(_nbytes(g[:2]) for g in group)
+                    self._pending = group + self._pending  # (their bytes stay counted)
                 for _, _, fut in group:
                     if fut is not None and not fut.done():
                         fut.set_exception(e if isinstance(e, Exception) else SinkError(type(e).__name__))
@@ -314,7 +314,7 @@ class _AuditBuffer:
                     task.cancel()
             if self._committing is not None:  # a journal commit round's thread, if one runs
                 await asyncio.gather(self._committing, return_exceptions=True)
-            group, self._pending = self._take_pending()
+            group, self._pending = self._pending, []
             if group:
                 await self._write_group(group)
                 await self._checkpoint()
@@ -518,7 +518,7 @@ class TidegateEndpoint:
         self.buffer = _AuditBuffer(self.audit, spec.serve.ack, spec.sink.commit_interval_s, journal,
                                    spec.sink.maintenance.compact_every_commits,
                                    spec.serve.group_commit_ms / 1000, rounds,
-                                   int(spec.serve.audit_backlog_max_mb * 2**20))  # fmt: skip
+                                   max(1, int(spec.serve.audit_backlog_max_mb * 2**20)))  # fmt: skip
         self.verifier = None
         if spec.serve.auth:
             from crypto.api_keys import ApiKeyVerifier
@@ -543,6 +543,7 @@ class TidegateEndpoint:
         self._in_flight: dict[int, asyncio.Future] = {}
         self._producer = None
         self._metrics = _ServeMetrics(spec.name)
+        self.buffer.on_backlog = self._metrics.backlog  # the gauge falls as commits empty the backlog
         log.info("tidegate serve %s: replica ready (run %s)", spec.name, self.run_id)
 
     async def __del__(self):
@@ -1003,7 +1004,7 @@ def ingress_env(spec: JobSpec) -> dict[str, str]:
     env = {"RAY_SERVE_ENABLE_HA_PROXY": on, "RAY_SERVE_THROUGHPUT_OPTIMIZED": on,
            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": drain}  # fmt: skip
     if on == "1":
-        env.update(local_ingress_ports())
+        env.update(local_ingress_ports(spec.serve.port))
     return env
 
 
@@ -1017,10 +1018,11 @@ _RANGE_PORTS = {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": 0, "RAY_SERVE_DIRECT_I
 # One port each, from the block's tail (offsets 196-199).
 _SINGLE_PORTS = {"RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 196, "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": 197,
                  "RAY_SERVE_HAPROXY_STATS_PORT": 198, "RAY_SERVE_HAPROXY_METRICS_PORT": 199}  # fmt: skip
-_claimed_block: tuple[int, Any] | None = None  # (first port, the open lock file), for this process's life
+# (first port, the lock file's descriptor, the process that claimed it), for that process's life
+_claimed_block: tuple[int, int, int] | None = None
 
 
-def local_ingress_ports() -> dict[str, str]:
+def local_ingress_ports(avoid: int | None = None) -> dict[str, str]:
     """The ports one local Ray's Serve ingress (HAProxy) uses, none of them another local Ray's.
     Ray's defaults are the same for every Ray on a machine, and two local endpoints (two specs,
     a test beside another) would share them:
@@ -1035,13 +1037,18 @@ def local_ingress_ports() -> dict[str, str]:
       HAProxy could still send to a port the other's replica had just taken.
     - HAProxy's stats page and metrics (8404, 9101): the second HAProxy would not start.
 
-    Each gets ports of a block no other process on the machine holds (claim_port_block).
-    Variables the environment names are kept (the four range bounds together or not at all)."""
+    Each gets ports of a block no other process on the machine holds and that does not hold
+    `avoid` (the spec's serve.port) (claim_port_block). Variables the environment names are kept;
+    the four range bounds are named together or not at all (TidegateError)."""
     env = {var: os.environ[var] for var in (*_RANGE_PORTS, *_SINGLE_PORTS) if os.environ.get(var)}
-    own_range = not any(var in env for var in _RANGE_PORTS)
+    named = [var for var in _RANGE_PORTS if var in env]
+    if 0 < len(named) < len(_RANGE_PORTS):  # Ray would take the rest from its shared defaults
+        raise TidegateError(f"{', '.join(named)} set without {', '.join(v for v in _RANGE_PORTS if v not in env)}: "
+                            "set the four replica port range bounds together, or none")  # fmt: skip
+    own_range = not named
     if all(var in env for var in _SINGLE_PORTS) and not own_range:
         return env
-    first = claim_port_block()
+    first = claim_port_block(avoid)
     for var, offset in (*(_RANGE_PORTS.items() if own_range else ()), *_SINGLE_PORTS.items()):
         env.setdefault(var, str(first + offset))
     return env
@@ -1063,21 +1070,30 @@ def _port_in_use(host: str, port: int) -> str | None:
     return None
 
 
-def claim_port_block() -> int:
-    """The first port of a block of PORT_BLOCKS that no other process on this machine has claimed
-    and none of whose ports is in use now. The claim is an exclusive lock on a file in the
-    machine's temp folder, held until this process exits: a local Ray lives as long as the process
-    that started it, and later local Rays of the same process reuse the block."""
+PORT_LOCKS = Path("/tmp/tidegate-serve-ports")  # machine-wide, as ports are (not $TMPDIR, which differs by user)
+
+
+def claim_port_block(avoid: int | None = None) -> int:
+    """The first port of a block of PORT_BLOCKS that no other process on this machine has claimed,
+    none of whose ports is in use now, and that does not hold `avoid` (the spec's serve.port).
+    The claim is an exclusive lock on a file in PORT_LOCKS, held until this process exits (a local
+    Ray lives as long as the process that started it); later local Rays of the same process reuse
+    the block. The folder is shared by every user, as /tmp is (sticky); a lock file another user
+    made and this one cannot open is that user's block."""
     import fcntl
     import socket
-    import tempfile
-    from pathlib import Path
 
     global _claimed_block
-    if _claimed_block is not None:
+    if _claimed_block is not None and _claimed_block[2] != os.getpid():
+        _claimed_block = None  # a forked child's: its parent's block, not one to start a second Ray on
+    if _claimed_block is not None and (avoid is None or not 0 <= avoid - _claimed_block[0] < PORT_BLOCK_SIZE):
         return _claimed_block[0]
-    folder = Path(tempfile.gettempdir()) / "tidegate-serve-ports"
-    folder.mkdir(mode=0o700, exist_ok=True)
+    try:
+        PORT_LOCKS.mkdir(exist_ok=True)
+        if PORT_LOCKS.stat().st_uid == os.getuid():
+            PORT_LOCKS.chmod(0o1777)
+    except OSError as e:
+        raise TidegateError(f"cannot use {PORT_LOCKS} for the endpoint's port claims ({e.strerror})") from None
 
     def in_use(port: int) -> bool:
         with socket.socket() as s:
@@ -1088,20 +1104,26 @@ def claim_port_block() -> int:
         return False
 
     for first in PORT_BLOCKS:
-        lock = open(folder / f"{first}.lock", "a")
+        if avoid is not None and 0 <= avoid - first < PORT_BLOCK_SIZE:
+            continue
+        try:  # read-only is enough for flock, and lets every user open a file one of them made
+            fd = os.open(PORT_LOCKS / f"{first}.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+        except OSError:  # another user's
+            continue
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:  # another process's block
-            lock.close()
+            os.close(fd)
             continue
         if any(in_use(port) for port in range(first, first + PORT_BLOCK_SIZE)):
-            lock.close()  # some other program's ports: not a block to share
+            os.close(fd)  # some other program's ports: not a block to share
             continue
-        _claimed_block = (first, lock)
+        if _claimed_block is not None:
+            os.close(_claimed_block[1])
+        _claimed_block = (first, fd, os.getpid())
         return first
     raise TidegateError(f"no free block of {PORT_BLOCK_SIZE} ports in {PORT_BLOCKS.start}-{PORT_BLOCKS.stop - 1} "
-                        "for this endpoint's replicas; set RAY_SERVE_DIRECT_INGRESS_MIN/MAX_HTTP_PORT and "
-                        "RAY_SERVE_DIRECT_INGRESS_MIN/MAX_GRPC_PORT")  # fmt: skip
+                        "for this endpoint's Serve ingress; set " + ", ".join((*_RANGE_PORTS, *_SINGLE_PORTS)))  # fmt: skip
 
 
 def deploy(spec: JobSpec, engine_cls: type | None = None, blocking: bool = False,
@@ -1136,10 +1158,14 @@ def main(spec_path: str, address: str | None, blocking: bool, master_key_file: s
     if not remote:  # a cluster's Serve runs with its nodes' environment (cluster.yaml)
         busy = _port_in_use(spec.serve.host, spec.serve.port)
         if busy:
-            print(f"error: serve.port {spec.serve.port} on {spec.serve.host} is in use on this machine ({busy}): "
-                  "another endpoint, or another program; choose another serve.port")  # fmt: skip
+            print(f"error: serve.port {spec.serve.port} on {spec.serve.host} cannot be listened on ({busy}); "
+                  "in use: another endpoint, or another program")  # fmt: skip
             return 2
-        os.environ.update(ingress_env(spec))
+        try:
+            os.environ.update(ingress_env(spec))
+        except TidegateError as e:
+            print(f"error: {e}")
+            return 2
     init_ray(spec, address)
     # Ours right after ray.init (a local Ray installs its own SIGTERM handler, which exits at once):
     # the replica may answer before serve.run returns, so a SIGTERM can come while we deploy.

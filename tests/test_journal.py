@@ -384,6 +384,8 @@ def test_a_full_audit_backlog_refuses_until_the_commits_catch_up(audit_env, tmp_
     one = sum(t.nbytes for t in groups[0])
     journal = AuditJournal.create(tmp_path / "journals", "replica-b") if ack == "journal" else None
     buffer = _AuditBuffer(audit, ack, 0.05, journal, backlog_max_bytes=4 * one)
+    gauge = []  # what the replica's backlog gauge is set to after each commit
+    buffer.on_backlog = gauge.append
     added = []
 
     async def load():
@@ -399,7 +401,7 @@ def test_a_full_audit_backlog_refuses_until_the_commits_catch_up(audit_env, tmp_
         while buffer.backlog_bytes():
             assert asyncio.get_running_loop().time() < deadline, buffer.backlog_bytes()
             await asyncio.sleep(0.05)
-        assert not buffer.full()
+        assert not buffer.full() and gauge[-1] == 0
         await buffer.drain()
 
     asyncio.run(asyncio.wait_for(load(), 60))

@@ -99,7 +99,7 @@ def endpoint(tmp_path_factory, broker):
         pair_url = deploy(pair, engine_cls=EchoEngine)
         journaled_url = deploy(journaled, engine_cls=EchoEngine)
         backlog_url = deploy(backlog, engine_cls=EchoEngine)
-        yield {"url": url, "backlog_url": backlog_url, "backlog_spec": backlog, "journaled_url": journaled_url, "journaled_spec": journaled, "small_url": small_url, "pair_url": pair_url, "pair_spec": pair, "small_spec": small, "small_timeouts": [0], "keys": keys, "spec": spec, "keyring": keyring_path, "topic": topic,
+        yield {"url": url, "ingress": ingress, "backlog_url": backlog_url, "backlog_spec": backlog, "journaled_url": journaled_url, "journaled_spec": journaled, "small_url": small_url, "pair_url": pair_url, "pair_spec": pair, "small_spec": small, "small_timeouts": [0], "keys": keys, "spec": spec, "keyring": keyring_path, "topic": topic,
                "metrics_port": metrics_port}
     finally:
         serve.shutdown()
@@ -576,6 +576,21 @@ def test_journal_ack_answers_from_the_journal_and_a_killed_replicas_rows_are_rep
     stored = _rows(spec.sink.results, pl.col("id").is_in(answered))
     assert sorted(r["id"] for r in stored) == sorted(set(answered))
     assert os.listdir(journals) == []
+
+
+def test_the_endpoints_ingress_listens_on_ports_of_its_own(endpoint):
+    """What local_ingress_ports sets reaches Ray's Serve: the fallback proxy (HAProxy's backup
+    server) answers on the claimed block's port, not on 8500, which every local Ray shares through
+    SO_REUSEPORT by default; the replica listens in the block's HTTP range."""
+    import psutil
+
+    env = endpoint["ingress"]
+    fallback = int(env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"])
+    assert fallback != 8500 and httpx.get(f"http://127.0.0.1:{fallback}/-/healthz", timeout=10).status_code == 200
+    pid = httpx.get(endpoint["url"] + "/readyz", timeout=30).json()["pid"]
+    listening = {c.laddr.port for c in psutil.Process(pid).net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+    http = range(int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]), int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]))
+    assert listening & set(http), (listening, http)
 
 
 def test_a_full_audit_backlog_answers_503_and_loses_no_admitted_row(endpoint):

@@ -357,6 +357,7 @@ def test_two_local_endpoints_get_ingress_ports_of_their_own(monkeypatch):
     import sys
 
     from jobs.serve import local_ingress_ports
+    from schemas.errors import TidegateError
 
     for var in _INGRESS_PORT_VARS:
         monkeypatch.delenv(var, raising=False)
@@ -369,11 +370,16 @@ def test_two_local_endpoints_get_ingress_ports_of_their_own(monkeypatch):
                             "print(json.dumps(local_ingress_ports()))"], cwd=REPO, capture_output=True, text=True,
                            check=True, env={k: v for k, v in os.environ.items() if k not in _INGRESS_PORT_VARS})  # fmt: skip
     assert not ours & _ingress_ports(json.loads(child.stdout))
-    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "31000")  # the environment's own choice stays,
-    monkeypatch.setenv("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "8600")
+    ranges = {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "31000", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "31100",
+              "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": "41000", "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": "41100"}  # fmt: skip
+    for var, value in {**ranges, "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "8600"}.items():
+        monkeypatch.setenv(var, value)  # the environment's own choices stay
     mine = local_ingress_ports()
-    assert mine["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "31000" and mine["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "8600"
-    assert "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT" not in mine  # a range is the environment's or ours, not half each
+    assert {v: mine[v] for v in ranges} == ranges and mine["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] == "8600"
+    assert mine["RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"] == env["RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"]
+    monkeypatch.delenv("RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT")  # Ray would take it from its shared default
+    with pytest.raises(TidegateError, match="RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT: set the four"):
+        local_ingress_ports()
 
 
 def test_serve_refuses_a_serve_port_in_use_before_starting_ray(tmp_path, capsys, monkeypatch):
@@ -383,6 +389,7 @@ def test_serve_refuses_a_serve_port_in_use_before_starting_ray(tmp_path, capsys,
 
     import yaml
 
+    from jobs.serve import _port_in_use
     from jobs.serve import main as serve_main
     from tests.conftest import make_spec
 
@@ -397,7 +404,17 @@ def test_serve_refuses_a_serve_port_in_use_before_starting_ray(tmp_path, capsys,
         path = tmp_path / "spec.yaml"
         path.write_text(yaml.safe_dump(spec))
         assert serve_main(str(path), None, False) == 2
-    assert f"serve.port {port} on 127.0.0.1 is in use on this machine" in capsys.readouterr().out
+    assert f"serve.port {port} on 127.0.0.1 cannot be listened on (Address already in use)" in capsys.readouterr().out
+    assert _port_in_use("127.0.0.1", port) is None  # closed: free again
+
+
+def test_a_port_block_never_holds_the_spec_serve_port(monkeypatch):
+    import jobs.serve as serve_module
+
+    monkeypatch.setattr(serve_module, "_claimed_block", None)
+    first = serve_module.claim_port_block()
+    assert serve_module.claim_port_block(avoid=first + 196) not in (first, None)  # e.g. the fallback proxy's
+    os.close(serve_module._claimed_block[1])  # this test's claim (the process's own is put back)
 
 
 def test_a_port_block_with_a_port_in_use_is_passed_over(monkeypatch):
@@ -407,7 +424,7 @@ def test_a_port_block_with_a_port_in_use_is_passed_over(monkeypatch):
 
     monkeypatch.setattr(serve_module, "_claimed_block", None)  # as a process that has claimed nothing yet
     with socket.socket() as busy:
-        for port in range(25003, 29000, 7):  # some port another program holds; off the 200-port grid
+        for port in range(25013, 29000, 7):  # some port another program holds; blocks off the 200-port grid
             try:
                 busy.bind(("127.0.0.1", port))
                 break
@@ -416,4 +433,5 @@ def test_a_port_block_with_a_port_in_use_is_passed_over(monkeypatch):
         busy.listen()
         monkeypatch.setattr(serve_module, "PORT_BLOCKS", range(port - 3, port - 3 + 2 * 200, 200))
         first = serve_module.claim_port_block()
+    os.close(serve_module._claimed_block[1])
     assert first == port - 3 + 200
