@@ -165,7 +165,7 @@ class PromptRenderer:
             text = value.decode("utf-8")
         except UnicodeDecodeError as e:
             raise BadEvent(
-                "decode", "invalid_utf8", f"value is not UTF-8: byte 0x{value[e.start]:02x} at position {e.start}"
+                "decode", "invalid_utf8", f"value is not UTF-8: an invalid byte at position {e.start}"  # not its value
             ) from None
         try:
             event = _JSON.decode(text)  # what json.loads does, without its argument checks

@@ -323,6 +323,9 @@ class DeltaSource:
         """Source versions behind: the table's newest version against the version marker."""
         return Lag(versions_behind=source_versions_behind(self._table().version(), committed.get((self.topic, MARKER))))
 
+    def keepalive(self) -> None:
+        pass  # a table holds no membership between reads
+
     def notes(self) -> list[str]:
         if not self.report.skipped_change_versions:
             return []

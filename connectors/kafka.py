@@ -79,6 +79,10 @@ def _tps(ktps) -> list[TopicPartition]:
     return sorted((tp.topic, tp.partition) for tp in ktps)
 
 
+# A poll at least this often while the job reads nothing (KafkaSource.keepalive).
+KEEPALIVE_S = 5.0
+
+
 @register_source
 class KafkaSource:
     kind = "kafka"
@@ -96,6 +100,7 @@ class KafkaSource:
         self.closing = False
         self._to_mirror: dict[TopicPartition, int] = {}
         self._listener_error: BaseException | None = None
+        self._last_poll = time.monotonic()  # of the consumer: kafka-python's max_poll_interval_ms clock
 
     @property
     def bootstrap_servers(self) -> list[str]:
@@ -207,16 +212,7 @@ class KafkaSource:
     def poll(self, max_records: int, timeout_ms: int) -> pa.Table | None:
         """Up to `max_records` records as a SOURCE_SCHEMA table, or None when nothing arrived."""
         self._mirror_positions()
-        try:
-            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
-        except KafkaError:
-            if self._listener_error is not None:  # what our rebalance listener raised, as it was
-                err, self._listener_error = self._listener_error, None
-                raise err from None
-            raise
-        if self._listener_error is not None:
-            err, self._listener_error = self._listener_error, None
-            raise err
+        polled = self._consumer_poll(timeout_ms, max_records)
         if not polled:
             return None
         now = time.monotonic_ns()
@@ -235,6 +231,45 @@ class KafkaSource:
              pa.repeat(pa.scalar(now, pa.int64()), n), pa.nulls(n, pa.string())],
             schema=SOURCE_SCHEMA,
         )  # fmt: skip
+
+    def _consumer_poll(self, timeout_ms: int, max_records: int) -> dict:
+        try:
+            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except KafkaError:
+            if self._listener_error is not None:  # what our rebalance listener raised, as it was
+                err, self._listener_error = self._listener_error, None
+                raise err from None
+            raise
+        finally:
+            self._last_poll = time.monotonic()
+        if self._listener_error is not None:
+            err, self._listener_error = self._listener_error, None
+            raise err
+        return polled
+
+    def keepalive(self) -> None:
+        """Keep this consumer in its group while the job reads nothing (its engines or its sink
+        have no room for more rows). kafka-python's heartbeat thread leaves the group when poll()
+        is not called within max_poll_interval_ms (default 300 s): the partitions would be lost,
+        the work in flight dropped and read again, and whatever holds the engines that long (a
+        row that hangs one, isolated alone for up to pool.batch_timeout_s, 600 s by default) would
+        do it again, forever. Every few seconds without a poll, a poll with every partition paused:
+        the group's business (heartbeats, a rebalance's callbacks) and no record, no position moved
+        (kafka-python keeps records fetched for a paused partition until it is resumed)."""
+        if self.consumer is None:
+            return
+        every = min(KEEPALIVE_S, self.consumer.config["max_poll_interval_ms"] / 4000)
+        if time.monotonic() - self._last_poll < every:
+            return
+        paused = self.consumer.assignment()
+        self.consumer.pause(*paused)
+        try:
+            # A partition assigned during this poll is not paused: what it returned is read again.
+            for ktp, records in self._consumer_poll(0, 1).items():
+                self.consumer.seek(ktp, records[0].offset)
+        finally:
+            owned = self.consumer.assignment()
+            self.consumer.resume(*(tp for tp in paused if tp in owned))
 
     def assignment(self) -> set[TopicPartition]:
         return {(tp.topic, tp.partition) for tp in self.consumer.assignment()}

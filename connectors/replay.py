@@ -93,6 +93,9 @@ class ReplaySource:
     def reseek(self, tps: Iterable[TopicPartition]) -> None:
         self.start()
 
+    def keepalive(self) -> None:
+        pass  # nothing held between polls
+
     def extra_positions(self, positions: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
         return {}
 

@@ -150,6 +150,10 @@ class Source(Protocol):
     def reseek(self, tps: list[TopicPartition]) -> None:
         """Read these partitions again from their committed positions (positions.resume)."""
 
+    def keepalive(self) -> None:
+        """Called on every turn of the job loop, reading or not: keep what the source holds (a
+        consumer group's membership) while the job has no room for rows. Cheap when not due."""
+
     def extra_positions(self, positions: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
         """Positions committed along with a batch's own (a table source's version marker)."""
 

@@ -226,6 +226,7 @@ class PipelineJob:
                 if self.batcher.ready(idle_engine):
                     self._admit(self.batcher.take())
                     admitted = True
+            self.source.keepalive()  # without room, or with the batcher full, nothing else polls
             # Wait for the next thing to route. With room, the source is polled again soon (records
             # accumulate into a batch); without, only a finished call or a due commit can change
             # anything, and the wait ends as soon as a call finishes: fewer wake-ups, same latency.

@@ -81,7 +81,7 @@ def bad_events(max_bytes: int) -> dict[str, bytes]:
 
 EXPECTED = {
     "invalid_json": ("decode", None, "not valid JSON"),
-    "invalid_utf8": ("decode", None, "not UTF-8: byte 0xc3 at position 22"),
+    "invalid_utf8": ("decode", None, "not UTF-8: an invalid byte at position 22"),
     "not_an_object": ("decode", None, "JSON value is an array, expected an object"),
     "missing_id": ("decode", None, "id field 'id' is missing"),
     "missing_id_empty": ("decode", None, "id field 'id' is empty"),

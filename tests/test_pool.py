@@ -167,6 +167,31 @@ def test_a_slow_sink_slows_consumption_and_bounds_what_is_in_flight(tmp_path, br
     assert commits >= n // bound  # the sink, not the source, set the pace
 
 
+def test_a_consumer_that_cannot_read_for_long_stays_in_its_group(tmp_path, broker, topic, tiny_model, job_processes):
+    """Each commit takes 8 s (a slow store) and the job has no room for rows meanwhile; kafka-python
+    leaves the group when poll() is not called within max_poll_interval_ms (here 6 s, default
+    300 s, against pool.batch_timeout_s's 600 s for a hanging row). The source's keepalive (a poll
+    with its partitions paused) keeps the membership: no partition is lost, no work dropped and
+    read again, every event once."""
+    n, batch = 160, 32
+    send(broker, topic, (event(i) for i in range(n)))
+    spec = make_spec(
+        tmp_path, broker, topic, tiny_model,
+        **{"pool.batch_size": batch, "sink.commit_max_rows": 64, "sink.commit_interval_s": 0,
+           "source.kafka.consumer_config": {"max_poll_interval_ms": 6000}},
+    )  # fmt: skip
+    job = job_processes(write_spec(tmp_path, spec), module="tests.job_runner",
+                        extra_args=("--slow-commit-s", "8.0", "--instant-engine"))  # fmt: skip
+    assert job.wait(600) == 0, job.log()[-4000:]
+    ids = pl.read_delta(spec["sink"]["results"])["id"].to_list()
+    assert len(ids) == len(set(ids)) == n
+    log = job.log()
+    # kafka-python's heartbeat thread says so when it leaves the group (seen without the keepalive).
+    assert "Consumer poll timeout has expired" not in log, log[-3000:]
+    assert "partitions lost" not in log and "partitions revoked" not in log, log[-3000:]
+    assert "resuming from Delta positions" in log and log.count("partitions assigned") == 1
+
+
 def engine_processes(job) -> list[psutil.Process]:
     return [p for p in job.descendants() if p.name().startswith("ray::EngineWorker") and p.status() != psutil.STATUS_ZOMBIE]
 

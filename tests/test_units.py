@@ -94,7 +94,7 @@ def _source(values: list[bytes | None], partition: int = 0) -> pa.Table:
 
 BAD_CASES = [
     (b'{"id": "a", "q": ', "decode", "invalid_json", "not valid JSON: Expecting value at line 1 column 18"),
-    (b'{"id": "a", "q": "\xff"}', "decode", "invalid_utf8", "byte 0xff at position 18"),
+    (b'{"id": "a", "q": "\xff"}', "decode", "invalid_utf8", "an invalid byte at position 18"),
     (b"[1, 2]", "decode", "not_an_object", "JSON value is an array, expected an object"),
     (b'"just a string"', "decode", "not_an_object", "is a string"),
     (b'{"q": "x"}', "decode", "missing_id", "id field 'id' is missing"),

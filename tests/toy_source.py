@@ -78,6 +78,9 @@ class CounterSource:
     def drained(self) -> bool:
         return all(o >= self._size(p) for p, o in self._next.items())
 
+    def keepalive(self) -> None:
+        pass  # nothing held between polls
+
     def backlog(self) -> int | None:
         return sum(self._size(p) - o for p, o in self._next.items())
 
