@@ -402,6 +402,10 @@ class ModelSpec(_Strict):
         if args.get("trust_remote_code"):
             raise ValueError("trust_remote_code runs the model directory's own Python, which the code policy "
                              "(README, \"A spec is code\") cannot check: not allowed in a spec")  # fmt: skip
+        for field, value in _strings(args, "engine_args"):
+            if value.strip().endswith(".py"):  # e.g. reasoning_parser_plugin: vLLM runs the file
+                raise ValueError(f"{field} names a Python file, which the code policy (README, \"A spec is code\") "
+                                 "cannot check: not allowed in a spec")  # fmt: skip
         return args
 
     def engine_code(self) -> list[tuple[str, str]]:
@@ -423,12 +427,39 @@ class ModelSpec(_Strict):
         if isinstance(kv, dict) and kv.get("kv_connector_module_path"):
             named.append(("model.engine_args.kv_transfer_config.kv_connector_module_path",
                           f"{kv['kv_connector_module_path']}.{kv.get('kv_connector') or '?'}"))  # fmt: skip
+        compilation = args.get("compilation_config")
+        if isinstance(compilation, dict) and "." in str(compilation.get("backend") or ""):  # else a torch backend's name
+            named.append(("model.engine_args.compilation_config.backend", str(compilation["backend"])))
+        speculative = args.get("speculative_config")
+        if isinstance(speculative, dict) and speculative.get("method") == "custom_class" and speculative.get("model"):
+            named.append(("model.engine_args.speculative_config.model", str(speculative["model"])))
+        # Any other argument vLLM resolves by name follows its naming (scheduler_cls,
+        # encoder_cache_manager_cls, kv_connector_extra_config.spec_module_path, ...): judged too.
+        seen = {field for field, _ in named} | {"model.engine_args.kv_transfer_config.kv_connector_module_path"}
+        for field, value in _strings(args, "model.engine_args"):
+            key = next(part for part in reversed(field.split(".")) if not part.isdigit())
+            if field not in seen and _CODE_KEY.search(key) and value not in ("", "auto"):
+                named.append((field, value))
         # vLLM names a class "pkg.module.Name"; the policy's form is "pkg.module:Name"
         return [(field, dotted if ":" in dotted else ":".join(dotted.rsplit(".", 1))) for field, dotted in named]
 
 
 # distributed_executor_backend values that are vLLM's own executors (any other string is a class path)
 _EXECUTOR_BACKENDS = {"mp", "ray", "uni", "external_launcher"}
+# Names of engine arguments whose value vLLM imports (a class, a module, a plugin).
+_CODE_KEY = re.compile(r"(_cls|_class|_module_path|_module|_plugin|_processors?)$")
+
+
+def _strings(value: Any, path: str):
+    """(dotted field, string) for every string inside nested dicts and lists."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(v, f"{path}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _strings(v, f"{path}.{i}")
 
 
 # Field names of vllm.SamplingParams (0.32) that a job may set. Checked here so a typo fails
@@ -885,6 +916,15 @@ class JobSpec(_Strict):
     def _distinct_tables(self) -> JobSpec:
         if self.sink.results.rstrip("/") == self.sink.dead_letter.rstrip("/"):
             raise ValueError("sink.results and sink.dead_letter must be different tables")
+        return self
+
+    @model_validator(mode="after")
+    def _id_is_not_sensitive(self) -> JobSpec:
+        # The id is stored in clear (both tables, the results topic's message key): a field that
+        # must be encrypted cannot be it.
+        if any(f.name == self.prompt.id_field for f in self.encryption.input_fields):
+            raise ValueError(f"encryption.input_fields: {self.prompt.id_field!r} is prompt.id_field, stored in clear "
+                             "as every row's id; give the rows another id field")  # fmt: skip
         return self
 
     @model_validator(mode="after")

@@ -140,6 +140,22 @@ def test_spec_rejects(bad, message):
         EncryptionSpec.model_validate(bad)
 
 
+def test_the_id_field_cannot_be_an_encrypted_input(tmp_path):
+    """The id is stored in clear in both tables and keys the results topic's messages: a job
+    naming its id field among the fields to encrypt is refused, not half-protected."""
+    from schemas.errors import SpecError
+    from schemas.spec import parse_spec
+    from tests.conftest import make_spec
+
+    data = make_spec(tmp_path, None, "t", tmp_path / "no-model", **{
+        "source": {"kafka": {"topic": "t", "bootstrap_servers": ["127.0.0.1:9"]}},
+        "encryption": {"tenant": "a", "input_fields": ["email", "id"]}})  # fmt: skip
+    with pytest.raises(SpecError, match="encryption.input_fields: 'id' is prompt.id_field, stored in clear"):
+        parse_spec(data)
+    data["encryption"]["input_fields"] = ["email"]
+    assert parse_spec(data).prompt.id_field == "id"
+
+
 # -- round trips and the stored format
 
 

@@ -175,6 +175,24 @@ def test_engine_args_that_name_code_are_judged_like_rules(in_repo):
     assert "model.engine_args.worker_extension_cls: refusing to import os:system" in str(e.value)
     assert "kv_connector_module_path: refusing to import subprocess:Evil" in str(e.value)
     assert "logits_processors" not in str(e.value)  # in the working directory: allowed, as a rule would be
+    # What else vLLM imports by name, nested too: judged the same; a Python file cannot be judged.
+    data["model"]["engine_args"] = {
+        "scheduler_cls": "os.system", "compilation_config": {"backend": "subprocess.Popen", "mode": 1},
+        "speculative_config": {"method": "custom_class", "model": "pty.spawn", "num_speculative_tokens": 1},
+        "kv_transfer_config": {"kv_connector_extra_config": {"spec_module_path": "shutil.rmtree"}},
+        "ec_transfer_config": {"encoder_cache_manager_cls": "tests.test_validation.MaxWords"},
+        "compilation_config_plain": {"backend": "inductor"}, "tokenizer_mode": "auto",
+    }  # fmt: skip
+    assert [(r.field, r.path) for r in parse_spec(data).code_refs()] == [
+        ("model.engine_args.compilation_config.backend", "subprocess:Popen"),
+        ("model.engine_args.speculative_config.model", "pty:spawn"),
+        ("model.engine_args.scheduler_cls", "os:system"),
+        ("model.engine_args.kv_transfer_config.kv_connector_extra_config.spec_module_path", "shutil:rmtree"),
+        ("model.engine_args.ec_transfer_config.encoder_cache_manager_cls", "tests.test_validation:MaxWords"),
+    ]
+    data["model"]["engine_args"] = {"reasoning_parser_plugin": "/tmp/evil.py"}
+    with pytest.raises(SpecError, match=r"engine_args.reasoning_parser_plugin names a Python file"):
+        parse_spec(data)
     data["model"]["engine_args"] = {"distributed_executor_backend": "mypkg.executors.Mine"}
     assert [r.path for r in parse_spec(data).code_refs()] == ["mypkg.executors:Mine"]
     data["model"]["engine_args"] = {"trust_remote_code": True}
