@@ -526,13 +526,22 @@ class DeltaSink:
         return False
 
     def _fence(self, positions: Mapping[TopicPartition, int]) -> None:
+        """PartitionFencedError unless both tables' positions are what this writer last knew.
+        The dead-letter table too: a writer that lost its partitions (a rebalance past
+        revoke_timeout_s, a frozen member) may still land the dead-letter half of a commit after
+        the new owner resumed. The new owner's next commit, dead letters or not, is then fenced;
+        it reads the positions again, and those dead letters are its repair window, not rows it
+        writes a second time. (What lands between this read and the append is not seen: the
+        window is this commit's, not the old owner's whole delay.)"""
         apps = {tp: self._app(tp) for tp in positions}
-        actual = self.results.txn_versions(apps.values())
-        moved = [tp for tp, app in apps.items() if actual[app] != self._results_pos.get(tp)]
-        if moved:
-            raise PartitionFencedError(
-                f"positions of {moved} moved under this job (another writer took over)", moved
-            )
+        for table, known in ((self.results, self._results_pos), (self.dead_letter, self._dl_pos)):
+            actual = table.txn_versions(apps.values())
+            moved = [tp for tp, app in apps.items() if actual[app] != known.get(tp)]
+            if moved:
+                raise PartitionFencedError(
+                    f"positions of {moved} moved under this job in the {table.role} table (another writer took "
+                    "over)", moved
+                )  # fmt: skip
 
     # -- sink.topic (connectors/results_topic.py) ---------------------------------------------------
 

@@ -85,9 +85,35 @@ def test_repair_window_after_a_crash_between_the_two_commits(sink, tmp_path):
 
 def test_dead_letter_position_never_goes_down(sink, tmp_path):
     sink.load_positions([TP0])
-    sink._dl_pos[TP0] = 20  # as after a crash that left the dead-letter table ahead
-    sink.commit(results([0]), dead([1]), {TP0: 5})
+    # A crash left the dead-letter table ahead: its commit up to 20 landed, the results' did not.
+    sink.results.append = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed"))
+    with pytest.raises(RuntimeError):
+        sink.commit(results([]), dead([12]), {TP0: 20})
+    restarted = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {})
+    restarted.load_positions([TP0])
+    restarted.commit(results([0]), dead([1]), {TP0: 5})
     assert DeltaTable(str(tmp_path / "dl")).transaction_version(txn_app_id("job", TP0)) == 20
+
+
+def test_a_late_dead_letter_commit_of_the_old_owner_fences_the_new_one(sink, tmp_path):
+    """A writer that lost its partitions lands the dead-letter half of a commit after the new
+    owner resumed (then its results half is fenced). The new owner's next commit, even one with no
+    dead letters, is fenced; reading the positions again, it finds those dead letters in its
+    repair window and skips them: every offset once in the two tables together."""
+    sink.load_positions([TP0])
+    sink.commit(results([0, 1]), dead([]), {TP0: 1})
+    new_owner = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {})
+    assert new_owner.load_positions([TP0]) == {TP0: 1}
+    sink.results.append = lambda *a, **k: (_ for _ in ()).throw(PartitionFencedError("fenced", [TP0]))
+    with pytest.raises(PartitionFencedError):
+        sink.commit(results([2, 4]), dead([3]), {TP0: 4})  # the old owner's late commit: only its dead letters land
+    with pytest.raises(PartitionFencedError, match="in the dead-letter table"):
+        new_owner.commit(results([2, 3, 4]), dead([]), {TP0: 4})
+    assert new_owner.load_positions([TP0]) == {TP0: 1} and new_owner.repair_window(TP0) == {3}
+    new_owner.commit(results([2, 4]), dead([]), {TP0: 4})  # 3 skipped: it is in the window
+    res = pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list()
+    dl = pl.read_delta(str(tmp_path / "dl"))["source_offset"].to_list()
+    assert sorted(res + dl) == [0, 1, 2, 3, 4]
 
 
 def test_another_writer_fences_this_one(sink, tmp_path):
