@@ -237,6 +237,12 @@ class DeltaSource:
             start = 0 if last is None else last + 1
             if start < u.rows:
                 starts.append((u, start))
+        if self.spec.mode == "incremental":  # versions whose rows are all committed need no plan any more
+            self._units = [u for u, _ in starts]
+        self._begin(starts)
+
+    def _begin(self, starts: list[tuple[_Unit, int]]) -> None:
+        """Read these units from these row ordinals on."""
         self.total_rows = sum(u.rows - s for u, s in starts)
         self._handed = 0
         log.info(
@@ -308,9 +314,15 @@ class DeltaSource:
         self._next_check = time.monotonic() + self.spec.poll_interval_s
         latest = self._table().version()
         if self._last_planned is not None and latest > self._last_planned:
-            self._units = self._incremental_units(self._last_planned + 1, latest)
+            new = self._incremental_units(self._last_planned + 1, latest)
             self._last_planned = latest
-            self._resume()
+            # The earlier versions stay planned: rows of theirs may still be in flight, and if that
+            # work is dropped (a fence, the commit writer lost) reseek reads them again from their
+            # positions; dropped from the plan, they would be skipped for good once a commit of the
+            # new versions moved the MARKER past them. Now only the new ones are read, from their
+            # first row (none of it was handed out).
+            self._units = self._units + new
+            self._begin([(u, 0) for u in new])
 
     def drained(self) -> bool:
         return self._exhausted and self._pending is None

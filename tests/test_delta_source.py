@@ -100,6 +100,35 @@ def test_incremental_reads_appended_versions_and_reports_rewrites(tmp_path):
     assert later.report.skipped_change_versions == [2]
 
 
+def test_follow_keeps_earlier_versions_planned_for_work_dropped_in_flight(tmp_path):
+    """--follow: version 0's rows are handed out (at the engines, not committed) when version 1
+    appears. If that work is then dropped (a fence, the commit writer lost), reseek must read
+    version 0 again from its positions, not only version 1: a commit of version 1 would move the
+    MARKER past version 0 and a restart would skip its rows for good."""
+    uri = str(tmp_path / "src")
+    write_deltalake(uri, rows(0, 6))
+    src = DeltaSource(DeltaSourceSpec(uri=uri, mode="incremental", poll_interval_s=0.01),
+                      source_context({}, batch_rows=5, follow=True))  # fmt: skip
+    src.start()
+    handed = []
+    while (t := src.poll(4, 0)) is not None:
+        handed += t.column("partition").to_pylist()
+    assert handed == [0] * 6  # all of version 0 handed out; nothing committed
+    write_deltalake(uri, rows(6, 3), mode="append")  # version 1
+    for _ in range(50):
+        t = src.poll(4, 0)
+        if t is not None:
+            handed += t.column("partition").to_pylist()
+        if handed.count(1) == 3:
+            break
+    assert handed == [0] * 6 + [1] * 3  # only the new version was read on
+    src.reseek(sorted(src.assignment()))  # the work in flight was dropped
+    again = []
+    while (t := src.poll(4, 0)) is not None:
+        again += [(p, json.loads(v)["id"]) for p, v in zip(t.column("partition").to_pylist(), t.column("value").to_pylist())]
+    assert again == [(0, f"r{i:06d}") for i in range(6)] + [(1, f"r{i:06d}") for i in range(6, 9)]
+
+
 def test_incremental_with_change_data_feed_reports_updates_and_deletes_row_by_row(tmp_path):
     uri = str(tmp_path / "src")
     write_deltalake(uri, rows(0, 5), configuration={"delta.enableChangeDataFeed": "true"})
