@@ -630,7 +630,12 @@ class Custom(Rule):
             raise SpecError(f"{field_name}: on_fail fix needs a rule class with a fix(candidate) method")
 
     def check(self, c: Candidate) -> RuleResult:
-        out = self._check(c)
+        try:
+            out = self._check(c)
+        except Exception as e:  # noqa: BLE001 - a row the rule cannot judge fails it; the job goes on
+            # By type only: the message may quote the output. A rule that raises on every row
+            # fails every row (its rule_results say so), which the failure counters show at once.
+            return self._fail(f"custom rule raised {type(e).__name__}")
         if isinstance(out, RuleResult):
             return RuleResult(self.name, out.passed, out.score, _scrubbed(out.message))
         if isinstance(out, bool):

@@ -41,7 +41,7 @@ from jobs.inflight import AssembleTag, BatchParts, EngineTag, InFlight, OpenBatc
 from jobs.logs import log_context
 from jobs.metrics import JobMetrics
 from jobs.stats import JobStats
-from schemas.errors import PartitionFencedError
+from schemas.errors import PartitionFencedError, TidegateError
 from schemas.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,16 @@ class CommitTag:
     rows: int  # source rows it covers
     positions: dict[TopicPartition, int]  # the batches' own positions
     stored: dict[TopicPartition, int]  # ... plus the source's extra positions (all that was committed)
+
+
+def run_error(e: BaseException) -> str:
+    """The runs table's `error` for a run that failed with `e`. The column is plain text:
+    Tidegate's own errors (which never hold values) by their first line; any other's message may
+    quote data (a library's, a custom rule's or output schema's code): its type only, the message
+    stays in the job's log."""
+    if isinstance(e, TidegateError):
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+    return f"{type(e).__name__} (its message is in the job's log)"
 
 
 class PipelineJob:
@@ -134,9 +144,7 @@ class PipelineJob:
             self.stats.notes.extend(self.source.notes())
             status = "stopped" if stop.is_set() else "finished"
         except BaseException as e:
-            # Tidegate's own errors never hold values; keep the first line only, in case a
-            # library's message carries more (it lands in a plain-text column).
-            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+            error = run_error(e)
             raise
         finally:
             self.stats.finished = time.monotonic()

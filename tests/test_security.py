@@ -455,3 +455,15 @@ def test_a_submitted_job_is_told_where_the_key_is_never_the_key(tmp_path, monkey
     assert auth_headers() == {"Authorization": "Bearer tok-123"}
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     assert auth_headers() is None
+
+
+def test_the_runs_table_keeps_a_foreign_errors_type_not_its_message():
+    """A failed run's `error` (a plain-text column): Tidegate's own errors by their first line,
+    any other exception (a library's, user code's: its text may quote an event or an output) by
+    its type only."""
+    from jobs.pipeline import run_error
+    from schemas.errors import SinkError
+
+    assert run_error(SinkError("writing the results table failed 5 times\nmore")) == (
+        "SinkError: writing the results table failed 5 times")
+    assert run_error(KeyError("jane.doe@corp.example")) == "KeyError (its message is in the job's log)"

@@ -267,6 +267,23 @@ def test_custom_rules_function_and_class():
     assert out.rule_results.to_pylist()[0][1] == {"rule": "words", "passed": False, "score": None, "message": "4 words (fixed)"}
 
 
+def picky(candidate):
+    """A rule with a bug on some outputs: a KeyError that quotes the output."""
+    if "boom" in candidate.output:
+        raise KeyError(candidate.output)
+    return True
+
+
+def test_a_custom_rule_that_raises_fails_the_row_not_the_job():
+    """The rule's on_fail applies to a row its check raised on (reject: a dead letter); the
+    other rows pass; the stored message names the exception's type, never its text."""
+    spec = base_spec(validation=[{"rule": "custom", "path": "tests.test_validation:picky", "on_fail": "reject"}])
+    out = Validator(spec).validate(*batch(["fine", "boom secret-4711"]))
+    assert out.action == ["keep", "reject"]
+    assert out.rule_results.to_pylist()[1][0]["message"] == "custom rule raised KeyError"
+    assert "secret-4711" not in out.error[1] and "KeyError" in out.error[1]
+
+
 def test_custom_rule_errors_are_spec_errors():
     with pytest.raises(SpecError, match=r"validation.0.path: module 'tests.test_validation' has no attribute 'nope'"):
         Validator(base_spec(validation=[{"rule": "custom", "path": "tests.test_validation:nope"}]))
