@@ -13,6 +13,7 @@ a model never passes for one of this row's.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -102,11 +103,12 @@ def protect_pii(
     def found(i: int, text: str) -> list:
         """What to protect in row i's text: the detectors' spans, and its echoes."""
         spans = list(find_pii(text))
-        for needle in echoes[i] if echoes is not None else ():
-            start = text.find(needle)
-            while start >= 0:
-                spans.append(_Echo(start, start + len(needle)))
-                start = text.find(needle, start + len(needle))
+        for value in echoes[i] if echoes is not None else ():
+            for needle in _as_written(value):
+                start = text.find(needle)
+                while start >= 0:
+                    spans.append(_Echo(start, start + len(needle)))
+                    start = text.find(needle, start + len(needle))
         return spans
 
     if mode == "redact":
@@ -132,6 +134,13 @@ def protect_pii(
                 token = _PiiSealer(keys.gcm, hdr, hdr + lp(table), column, rid, text)
                 out[i] = _splice(text, spans, token, escape=True)
     return pa.array(out, pa.string())
+
+
+def _as_written(value: str) -> set[str]:
+    """The forms an echoed value takes in an output: as it is, and inside a JSON string (a
+    structured output escapes its quotes, backslashes and control characters, and may write
+    non-ASCII letters as \\uXXXX)."""
+    return {value, json.dumps(value, ensure_ascii=False)[1:-1], json.dumps(value)[1:-1]}
 
 
 class _Echo:

@@ -290,6 +290,13 @@ def test_an_echoed_input_value_is_protected_in_the_output(keyring):
     assert text[1] == "no echo here"
     back = decrypt_table(out, keyring, binding=stage.results)
     assert back.column("output_text").to_pylist() == ["ticket REF-77812 is closed", "no echo here"]
+    # A structured output escapes the value inside its JSON strings: protected in that form too.
+    name = 'Zoë "Z" Smith'
+    escaped = [json.dumps({"who": name}), json.dumps({"who": name}, ensure_ascii=False)]
+    out = stage.protect_results(results_rows(["acme", "acme"], escaped, input_ref=[name, name]), stored)
+    for stored_text in out.column("output_text").to_pylist():
+        assert "Zo" not in stored_text and "Smith" not in stored_text and "[PII:echo:" in stored_text, stored_text
+    assert decrypt_table(out, keyring, binding=stage.results).column("output_text").to_pylist() == escaped
     off = EncryptionStage(spec.model_copy(update={"protect_echoes": False}), "/lake/results", "/lake/dead_letter")
     assert "REF-77812" in off.protect_results(plain, off.stored_results_schema(RESULTS_SCHEMA)).column("output_text")[0].as_py()
 
