@@ -121,6 +121,13 @@ class EncryptionStage:
         unknown = sorted(set(self.output_fields) - set(base.names))
         if unknown:
             raise SpecError(f"encryption.output_fields: no such result column(s): {', '.join(unknown)}")
+        named = {"output_text", "output_json"} & set(self.output_fields)
+        if len(named) == 1:
+            (one,) = named
+            (other,) = {"output_text", "output_json"} - named
+            log.warning("encryption.output_fields names %s but not %s: both hold the model's output (its text, its "
+                        "parsed JSON), and %s is protected only by encryption.pii and echo protection; name both to "
+                        "encrypt the output", one, other, other)  # fmt: skip
 
     # -- tenants ---------------------------------------------------------------------------------
 

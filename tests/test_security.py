@@ -474,3 +474,16 @@ def test_the_runs_table_keeps_a_foreign_errors_type_not_its_message():
     assert run_error(SinkError("writing the results table failed 5 times\nmore")) == (
         "SinkError: writing the results table failed 5 times")
     assert run_error(KeyError("jane.doe@corp.example")) == "KeyError (its message is in the job's log)"
+
+
+def test_naming_one_of_the_two_output_columns_is_warned_about(keyring, caplog):
+    """output_text and output_json hold the same output: a spec encrypting only one leaves the
+    other in clear but for PII and echoes; the job says so at start (no value in the line)."""
+    import logging
+
+    for named, warned in ((["output_json"], True), (["output_text", "output_json"], False), (["output_text"], True)):
+        caplog.clear()
+        spec = EncryptionSpec(keyring=str(keyring.path), tenant_field="customer", output_fields=named)
+        with caplog.at_level(logging.WARNING, logger="crypto.stage"):
+            EncryptionStage(spec, "/lake/results", "/lake/dead_letter").check_output_fields(RESULTS_SCHEMA)
+        assert ("name both to encrypt the output" in caplog.text) is warned, (named, caplog.text)
