@@ -116,7 +116,10 @@ class Validator:
         text = cand.output
         for rule, res in failed:
             if policies[rule.name] == "fix":
-                text = rule.fix(Candidate(text, cand.prompt, cand.context, cand.completion_tokens, cand.finish_reason))
+                try:
+                    text = rule.fix(Candidate(text, cand.prompt, cand.context, cand.completion_tokens, cand.finish_reason))
+                except Exception as e:  # noqa: BLE001 - a custom fix that cannot repair this output: rejected
+                    return "reject", None, cand.output, f"{_violations(failed)}; {rule.name}: its fix raised {type(e).__name__}"
                 res.message = f"{res.message} (fixed)" if res.message else "fixed"
         if text != cand.output and self.output_schema is not None:
             # A repair must not produce an output_json that violates the schema.

@@ -321,7 +321,7 @@ class DeltaSource:
             # positions; dropped from the plan, they would be skipped for good once a commit of the
             # new versions moved the MARKER past them. Now only the new ones are read, from their
             # first row (none of it was handed out).
-            self._units = self._units + new
+            self._units = self._units + [u for u in new if u.rows]
             self._begin([(u, 0) for u in new])
 
     def drained(self) -> bool:
@@ -355,7 +355,11 @@ class DeltaSource:
         return {(self.topic, MARKER): max(versions)} if versions else {}
 
     def committed(self, positions: Mapping[TopicPartition, int]) -> None:
-        pass  # the sink's log is the only place positions live
+        """A version whose last row is committed leaves the plan (with --follow the plan would
+        otherwise grow by every version the run sees, change tables included)."""
+        done = {p for (t, p), last in positions.items() if t == self.topic and p != MARKER}
+        if done:
+            self._units = [u for u in self._units if not (u.version in done and positions[(self.topic, u.version)] >= u.rows - 1)]
 
     def reseek(self, tps) -> None:
         self._resume()

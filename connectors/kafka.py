@@ -258,7 +258,10 @@ class KafkaSource:
         (kafka-python keeps records fetched for a paused partition until it is resumed)."""
         if self.consumer is None:
             return
-        every = min(KEEPALIVE_S, self.consumer.config["max_poll_interval_ms"] / 4000)
+        # Also well within the session: after a rebalance in the background, heartbeats start
+        # again only once a poll has seen the join end.
+        config = self.consumer.config
+        every = min(KEEPALIVE_S, config["max_poll_interval_ms"] / 4000, config["session_timeout_ms"] / 3000)
         if time.monotonic() - self._last_poll < every:
             return
         paused = self.consumer.assignment()

@@ -431,14 +431,23 @@ class ModelSpec(_Strict):
         if isinstance(compilation, dict) and "." in str(compilation.get("backend") or ""):  # else a torch backend's name
             named.append(("model.engine_args.compilation_config.backend", str(compilation["backend"])))
         speculative = args.get("speculative_config")
-        if isinstance(speculative, dict) and speculative.get("method") == "custom_class" and speculative.get("model"):
+        if isinstance(speculative, dict) and speculative.get("model") and (
+            speculative.get("method") == "custom_class"
+            or (speculative.get("method") is None and _DOTTED.fullmatch(str(speculative["model"])))
+        ):  # vLLM takes a dotted model with no method for a custom proposer class, and imports it
             named.append(("model.engine_args.speculative_config.model", str(speculative["model"])))
+        passes = compilation.get("inductor_passes") if isinstance(compilation, dict) else None
+        for name, target in (passes.items() if isinstance(passes, dict) else ()):  # imported by qualified name
+            named.append((f"model.engine_args.compilation_config.inductor_passes.{name}", str(target)))
         # Any other argument vLLM resolves by name follows its naming (scheduler_cls,
         # encoder_cache_manager_cls, kv_connector_extra_config.spec_module_path, ...): judged too.
         seen = {field for field, _ in named} | {"model.engine_args.kv_transfer_config.kv_connector_module_path"}
         for field, value in _strings(args, "model.engine_args"):
             key = next(part for part in reversed(field.split(".")) if not part.isdigit())
-            if field not in seen and _CODE_KEY.search(key) and value not in ("", "auto"):
+            in_kv = field.startswith("model.engine_args.kv_transfer_config.") and key != "kv_connector"
+            if field not in seen and value not in ("", "auto") and (
+                _CODE_KEY.search(key) or (in_kv and _DOTTED.fullmatch(value))
+            ):
                 named.append((field, value))
         # vLLM names a class "pkg.module.Name"; the policy's form is "pkg.module:Name"
         return [(field, dotted if ":" in dotted else ":".join(dotted.rsplit(".", 1))) for field, dotted in named]
@@ -446,8 +455,10 @@ class ModelSpec(_Strict):
 
 # distributed_executor_backend values that are vLLM's own executors (any other string is a class path)
 _EXECUTOR_BACKENDS = {"mp", "ray", "uni", "external_launcher"}
-# Names of engine arguments whose value vLLM imports (a class, a module, a plugin).
-_CODE_KEY = re.compile(r"(_cls|_class|_module_path|_module|_plugin|_processors?)$")
+# Names of engine arguments whose value vLLM imports (a class, a module, a plugin), and, inside a
+# KV transfer config (connectors and offloading tiers, named by the user), any dotted name.
+_CODE_KEY = re.compile(r"(_cls|_class|(^|_)module_path|_module|_plugin|_processors?)$")
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
 
 def _strings(value: Any, path: str):

@@ -127,6 +127,8 @@ def test_follow_keeps_earlier_versions_planned_for_work_dropped_in_flight(tmp_pa
     while (t := src.poll(4, 0)) is not None:
         again += [(p, json.loads(v)["id"]) for p, v in zip(t.column("partition").to_pylist(), t.column("value").to_pylist())]
     assert again == [(0, f"r{i:06d}") for i in range(6)] + [(1, f"r{i:06d}") for i in range(6, 9)]
+    src.committed({(uri, 0): 5, (uri, 1): 1, (uri, MARKER): 1})  # version 0 done, version 1 not
+    assert sorted(src.assignment()) == [(uri, MARKER), (uri, 1)]  # a finished version leaves the plan
 
 
 def test_incremental_with_change_data_feed_reports_updates_and_deletes_row_by_row(tmp_path):

@@ -190,6 +190,20 @@ def test_engine_args_that_name_code_are_judged_like_rules(in_repo):
         ("model.engine_args.kv_transfer_config.kv_connector_extra_config.spec_module_path", "shutil:rmtree"),
         ("model.engine_args.ec_transfer_config.encoder_cache_manager_cls", "tests.test_validation:MaxWords"),
     ]
+    data["model"]["engine_args"] = {  # named by vLLM's own inference or by the user's keys
+        "speculative_config": {"model": "evilpkg.Proposer", "num_speculative_tokens": 3},
+        "compilation_config": {"inductor_passes": {"my_pass": "os.system"}},
+        "kv_transfer_config": {"kv_connector": "OffloadingConnector", "kv_connector_extra_config": {
+            "secondary_tiers": [{"module_path": "shutil", "policy": "pty.spawn", "host": "10.0.0.1"}]}},
+    }  # fmt: skip
+    assert [(r.field, r.path) for r in parse_spec(data).code_refs()] == [
+        ("model.engine_args.speculative_config.model", "evilpkg:Proposer"),
+        ("model.engine_args.compilation_config.inductor_passes.my_pass", "os:system"),
+        ("model.engine_args.kv_transfer_config.kv_connector_extra_config.secondary_tiers.0.module_path", "shutil"),
+        ("model.engine_args.kv_transfer_config.kv_connector_extra_config.secondary_tiers.0.policy", "pty:spawn"),
+    ]
+    data["model"]["engine_args"] = {"speculative_config": {"model": "org/draft-model", "num_speculative_tokens": 3}}
+    assert not [r for r in parse_spec(data).code_refs() if r.field.startswith("model.")]  # a model, not code
     data["model"]["engine_args"] = {"reasoning_parser_plugin": "/tmp/evil.py"}
     with pytest.raises(SpecError, match=r"engine_args.reasoning_parser_plugin names a Python file"):
         parse_spec(data)

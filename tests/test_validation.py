@@ -284,6 +284,25 @@ def test_a_custom_rule_that_raises_fails_the_row_not_the_job():
     assert "secret-4711" not in out.error[1] and "KeyError" in out.error[1]
 
 
+class Brittle:
+    """A rule whose check and fix both raise on some outputs (quoting them)."""
+
+    def check(self, candidate):
+        if "boom" in candidate.output:
+            raise ValueError(candidate.output)
+        return True
+
+    def fix(self, candidate):
+        raise ValueError(candidate.output)
+
+
+def test_a_custom_fix_that_raises_rejects_the_row_not_the_job():
+    spec = base_spec(validation=[{"rule": "custom", "path": "tests.test_validation:Brittle", "on_fail": "fix"}])
+    out = Validator(spec).validate(*batch(["fine", "boom secret-4711"]))
+    assert out.action == ["keep", "reject"]
+    assert out.error[1].endswith("custom: its fix raised ValueError") and "secret-4711" not in out.error[1]
+
+
 def test_custom_rule_errors_are_spec_errors():
     with pytest.raises(SpecError, match=r"validation.0.path: module 'tests.test_validation' has no attribute 'nope'"):
         Validator(base_spec(validation=[{"rule": "custom", "path": "tests.test_validation:nope"}]))
