@@ -139,7 +139,7 @@ class PipelineJob:
             self._start()
             log.info("run %s: reading %s %s", self.run_id, self.spec.source.kind, self.source.topic)
             self._loop(until_drained or (self.source.bounded and not self.follow), stop)
-            self._finish(self.spec.run.shutdown_timeout_s)
+            self._finish(self.spec.run.shutdown_timeout_s, keep_membership=True)
             self._engine_usage()
             self.stats.notes.extend(self.source.notes())
             status = "stopped" if stop.is_set() else "finished"
@@ -289,14 +289,18 @@ class PipelineJob:
                 with log_context(batch_id=tag.seq):
                     self._generated(tag, completions)
 
-    def _finish(self, within_s: float | None) -> None:
+    def _finish(self, within_s: float | None, keep_membership: bool = False) -> None:
         """Finish the work in flight (for at most within_s) and commit it, never partially; work
-        not finished by then is dropped (it is read again)."""
+        not finished by then is dropped (it is read again). keep_membership: the source's
+        keepalive meanwhile (at shutdown; not inside a rebalance's callback, which runs within a
+        poll and is itself what the group waits for)."""
         deadline = None if within_s is None else time.monotonic() + within_s
         try:
             while self._busy and (deadline is None or time.monotonic() < deadline):
                 self._pump(0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic())))
                 self._land_commit()
+                if keep_membership:
+                    self.source.keepalive()
             if self._busy:
                 log.warning("abandoning %d batch(es) still in flight; they are read again", self.pool.in_flight)
                 self.pool.drop_pending()
