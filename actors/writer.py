@@ -77,8 +77,11 @@ class CommitWriter:
     def __init__(self, spec: JobSpec, sink: Sink | None = None):
         """sink: the job's sink object (default: the spec's sink.kind, from the registry)."""
         self.encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
-        self.plain_results, self.stored_results, self.stored_dead = job_schemas(self.encryption)
         self.sink = sink if sink is not None else open_sink(spec)
+        stored = getattr(self.sink, "stored_results_schema", None)  # optional: a sink that can say what it holds
+        if callable(stored) and self.encryption.twin is not None:
+            self.encryption.keep_twin_as_stored(stored())
+        self.plain_results, self.stored_results, self.stored_dead = job_schemas(self.encryption)
         self.sink.use_schemas(self.stored_results, self.stored_dead)
         self.runs = self.sink.history()
         self.pricing = spec.model.pricing  # a cost on each runs-table row (compute/pricing.py)

@@ -39,10 +39,12 @@ class AuditLog:
         self.encryption = encryption
         self.job = spec.name
         self.run_id = run_id
-        self.stored_results = encryption.stored_results_schema(RESULTS_SCHEMA)
-        self.stored_dead = encryption.stored_dead_schema(DEAD_LETTER_SCHEMA)
         self.spec = spec
         self.sink = DeltaSink.from_spec(spec)
+        if encryption.twin is not None:
+            encryption.keep_twin_as_stored(self.sink.stored_results_schema())
+        self.stored_results = encryption.stored_results_schema(RESULTS_SCHEMA)
+        self.stored_dead = encryption.stored_dead_schema(DEAD_LETTER_SCHEMA)
         self.sink.use_schemas(self.stored_results, self.stored_dead)
         self.sink.defer_checkpoints()  # written by checkpoint(), after the answers (jobs/serve.py)
 

@@ -328,6 +328,15 @@ class DeltaSink:
                 written[table.role] = version
         return written
 
+    def stored_results_schema(self) -> pa.Schema | None:
+        """The results table's schema as it is stored now; None while the table does not exist. Read
+        only (EncryptionStage.keep_twin_as_stored asks it before the stored schemas are taken)."""
+        try:
+            dt = DeltaTable(self.results.uri, storage_options=self.results.storage_options)
+        except TableNotFoundError:
+            return None
+        return pa.schema(dt.schema().to_arrow())
+
     def use_schemas(self, results: pa.Schema, dead_letter: pa.Schema) -> None:
         """The tables' schemas when the job stores more or other columns (encryption: carried
         input fields, binary encrypted columns). Call before open()."""

@@ -4,7 +4,8 @@
          the events) and dead-letter rows (DEAD_LETTER_SCHEMA), each with its row's `tenant`
     out: the same rows with
            input_<field>              encrypted (binary) under the row's tenant key
-           output_fields              encrypted (binary): output_text, output_json, ...
+           output_fields              encrypted (binary): output_text, output_json, ... (naming
+                                      one of those two encrypts both: they hold the same output)
            PII in output text         encrypted in place ([PII:kind:token]) or redacted (encryption.pii)
            echoes in output text      a carried input field's value repeated by the model, protected
                                       like PII ([PII:echo:token]; encryption.protect_echoes)
@@ -42,6 +43,10 @@ log = logging.getLogger(__name__)
 
 RAW_WITHHELD = "; raw event withheld: no key for its tenant"
 
+# The model's output, twice: its text and (with an output schema) its parsed JSON. Encrypting one
+# of them encrypts the other (the output is one value stored in two forms).
+OUTPUT_COLUMNS = ("output_text", "output_json")
+
 
 # Carried input values shorter than this are not looked for in outputs: "no", "42" would match
 # everywhere and say nothing about the value (docs/encryption.md, threat model).
@@ -70,6 +75,12 @@ class EncryptionStage:
         self.results = legacy_binding(results_uri)
         self.dead = legacy_binding(dead_letter_uri)
         self.output_fields = {f.name: f for f in spec.output_fields}
+        named = [c for c in OUTPUT_COLUMNS if c in self.output_fields]
+        # The twin an output_fields naming one of the two encrypts too (None: both or neither named).
+        self.twin: str | None = None
+        if len(named) == 1:
+            self.twin = next(c for c in OUTPUT_COLUMNS if c not in self.output_fields)
+            self.output_fields[self.twin] = self.output_fields[named[0]].model_copy(update={"name": self.twin})
         self.usage: dict[tuple[str, int], int] = {}  # values encrypted per (tenant, version), not recorded yet
         self._recorded_at = time.monotonic()
 
@@ -121,13 +132,22 @@ class EncryptionStage:
         unknown = sorted(set(self.output_fields) - set(base.names))
         if unknown:
             raise SpecError(f"encryption.output_fields: no such result column(s): {', '.join(unknown)}")
-        named = {"output_text", "output_json"} & set(self.output_fields)
-        if len(named) == 1:
-            (one,) = named
-            (other,) = {"output_text", "output_json"} - named
-            log.warning("encryption.output_fields names %s but not %s: both hold the model's output (its text, its "
-                        "parsed JSON), and %s is protected only by encryption.pii and echo protection; name both to "
-                        "encrypt the output", one, other, other)  # fmt: skip
+
+    def keep_twin_as_stored(self, results: pa.Schema | None) -> None:
+        """A results table that exists and stores the twin in clear text (written by a Tidegate that
+        encrypted only the output column a spec named) keeps it so: its rows stay readable and the
+        job starts, with a warning. Call with the table's schema (None: no table yet) before the
+        stored schemas are taken. A new table gets both columns encrypted."""
+        if self.twin is None or results is None or self.twin not in results.names:
+            return
+        if pa.types.is_binary(results.field(self.twin).type):
+            return
+        named = next(c for c in OUTPUT_COLUMNS if c != self.twin)
+        del self.output_fields[self.twin]
+        log.warning("encryption.output_fields names %s, which encrypts %s too, but the results table stores %s in "
+                    "clear text (created before both were encrypted): it stays so, protected only by encryption.pii "
+                    "and echo protection. Write to a new results table to encrypt it", named, self.twin, self.twin)  # fmt: skip
+        self.twin = None
 
     # -- tenants ---------------------------------------------------------------------------------
 

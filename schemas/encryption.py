@@ -102,7 +102,9 @@ class EncryptionSpec(_Strict):
         default_factory=list, description="Sensitive event fields carried into the results table, encrypted."
     )
     output_fields: list[EncryptedField] = Field(
-        default_factory=list, description="Result columns to encrypt (e.g. output_text)."
+        default_factory=list,
+        description="Result columns to encrypt (e.g. output_text); naming output_text or output_json encrypts "
+        "both (they hold the same output).",
     )
     pii: Literal["encrypt", "redact", "off"] = Field(
         default="off", description="PII found in outputs: encrypted in place, replaced by [REDACTED:<kind>], or kept."

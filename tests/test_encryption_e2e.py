@@ -102,7 +102,9 @@ def test_canaries_never_appear_in_plaintext_and_decrypt_back(tmp_path, broker, t
             "encryption": {
                 "keyring": str(keyring_path), "tenant_field": "tenant", "tenant": "acme",
                 "input_fields": ["email", {"name": "customer_ref", "deterministic": True}],
-                "output_fields": ["output_json"], "pii": "encrypt",
+                # The output stays text: its PII and the echo are protected in place. (Naming
+                # output_text or output_json here would encrypt the whole output, both columns.)
+                "pii": "encrypt",
             },
         },
     )  # fmt: skip

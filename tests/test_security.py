@@ -476,14 +476,63 @@ def test_the_runs_table_keeps_a_foreign_errors_type_not_its_message():
     assert run_error(KeyError("jane.doe@corp.example")) == "KeyError (its message is in the job's log)"
 
 
-def test_naming_one_of_the_two_output_columns_is_warned_about(keyring, caplog):
-    """output_text and output_json hold the same output: a spec encrypting only one leaves the
-    other in clear but for PII and echoes; the job says so at start (no value in the line)."""
+def test_naming_one_of_the_two_output_columns_encrypts_both(keyring):
+    """output_text and output_json hold the same output (its text, its parsed JSON): naming one
+    encrypts both, with the named one's mode, in the results and in the dead letters."""
+    for named in (["output_json"], ["output_text"], ["output_text", "output_json"]):
+        stage = EncryptionStage(EncryptionSpec(keyring=str(keyring.path), tenant_field="customer", output_fields=named),
+                                "/lake/results", "/lake/dead_letter")  # fmt: skip
+        stored = stage.stored_results_schema(RESULTS_SCHEMA)
+        assert stored.field("output_text").type == stored.field("output_json").type == pa.binary(), named
+        assert stage.stored_dead_schema(DEAD_LETTER_SCHEMA).field("output_text").type == pa.binary(), named
+        rows = results_rows(["acme", "globex"], texts=[f'{{"mail": "{SECRET}"}}'] * 2)
+        rows = rows.set_column(rows.schema.get_field_index("output_json"), "output_json",
+                               pa.array([f'{{"mail": "{SECRET}"}}', None]))  # fmt: skip
+        out = stage.protect_results(rows, stored)
+        assert SECRET.encode() not in b"".join(v for c in ("output_text", "output_json")
+                                               for v in out.column(c).to_pylist() if v)  # fmt: skip
+        assert out.column("output_json")[1].as_py() is None  # no output JSON: nothing to encrypt
+    siv = EncryptionSpec(keyring=str(keyring.path), tenant_field="customer",
+                         output_fields=[{"name": "output_json", "deterministic": True}])  # fmt: skip
+    assert EncryptionStage(siv, "/lake/results", "/lake/dead_letter").output_fields["output_text"].deterministic
+
+
+def test_a_table_storing_the_twin_in_clear_keeps_it_so_with_a_warning(keyring, tmp_path, caplog):
+    """A results table created when output_fields encrypted only the column it named stores the
+    other as text: the job still starts and writes into it (its schema is fixed), says so, and a
+    new table encrypts both."""
     import logging
 
-    for named, warned in ((["output_json"], True), (["output_text", "output_json"], False), (["output_text"], True)):
+    from actors.writer import CommitWriter
+    from tests.conftest import results_table
+    from tests.test_delta_sink import TP0, dead
+
+    def spec(results: str) -> dict:
+        return parse_spec({
+            "name": "twins", "source": {"kafka": {"topic": "t"}}, "prompt": {"template": "{{ q }}", "id_field": "id"},
+            "model": {"path": "m"}, "sink": {"results": results, "dead_letter": str(tmp_path / "dl" / results[-3:])},
+            "encryption": {"keyring": str(keyring.path), "tenant": "acme", "output_fields": ["output_json"]},
+        })  # fmt: skip
+
+    from deltalake import DeltaTable
+
+    old = str(tmp_path / "old")  # as an earlier Tidegate created it: output_json binary, output_text text
+    before = EncryptionStage(spec(old).encryption, old, str(tmp_path / "dl" / "old"))
+    before.output_fields.pop("output_text")
+    DeltaTable.create(old, schema=before.stored_results_schema(RESULTS_SCHEMA))
+    for uri, clear in ((old, True), (str(tmp_path / "new"), False)):
         caplog.clear()
-        spec = EncryptionSpec(keyring=str(keyring.path), tenant_field="customer", output_fields=named)
         with caplog.at_level(logging.WARNING, logger="crypto.stage"):
-            EncryptionStage(spec, "/lake/results", "/lake/dead_letter").check_output_fields(RESULTS_SCHEMA)
-        assert ("name both to encrypt the output" in caplog.text) is warned, (named, caplog.text)
+            writer = CommitWriter(spec(uri))
+            writer.open()
+            writer.resume([TP0])
+            rows = results_table([0, 1], output_text=[f"to {SECRET}"] * 2, tenant=["acme"] * 2)
+            writer.write_tables(rows, dead([]).slice(0, 0), {TP0: 1}, None)
+        stored = pa.schema(DeltaTable(uri).schema().to_arrow())
+        assert pa.types.is_binary(stored.field("output_json").type)
+        assert pa.types.is_binary(stored.field("output_text").type) is not clear, uri
+        assert ("stores output_text in clear text" in caplog.text) is clear, caplog.text
+        assert SECRET not in caplog.text
+        text = DeltaTable(uri).to_pyarrow_table(columns=["output_text"]).column(0).to_pylist()
+        assert all((SECRET in str(v)) is clear for v in text), uri  # the old table: as before (pii off here)
+        assert read_results(uri, keyring, backend="arrow").column("output_text").to_pylist() == [f"to {SECRET}"] * 2
