@@ -3,7 +3,7 @@
     shared_limits(app, spec)       -> the application's SharedTenantLimits actor (created on first use)
     SharedTenantLimits
       admit(tenant, tokens)        -> None, or (message, retry_after_s) when the budget is spent
-      spend(tenant, tokens)        charge what a request used
+      spend(tenant, tokens)        settle a request: what it used beyond its reservation
 
 The buckets are compute/limits.py's; this actor only puts them where every replica sees them, so a
 tenant's budget is the application's whatever the replica count. One named, detached actor per

@@ -3,8 +3,13 @@
     TenantLimits(spec.serve.limits, clock)
       admit(tenant, tokens)   before a request: raises LimitExceededError(retry_after_s) if the
                               tenant's request bucket is empty or its token bucket cannot cover
-                              `tokens` (the request's prompt estimate + its max_tokens)
-      spend(tenant, tokens)   after it: the tokens it really used (prompt + completion)
+                              `tokens` (the request's prompt estimate + its max_tokens); else
+                              takes one request and reserves those tokens
+      spend(tenant, tokens)   after it: the tokens it used beyond its reservation (every attempt's
+                              prompt + completion, minus the reservation; negative: a refund)
+
+The reservation is what keeps concurrent requests within the budget: admitted together, each takes
+its estimate before any of them has run, so 64 requests at once cannot each see the whole minute.
 
 A bucket holds a minute's budget and refills continuously, so a tenant may burst up to its
 per-minute budget and then runs at the budget's rate. One instance holds every tenant's buckets;
@@ -65,9 +70,12 @@ class TenantLimits:
                 raise LimitExceededError("token budget (serve.limits.tokens_per_minute) spent", tok.wait_for(tokens))
         if req is not None:
             req.level -= 1
+        if tok is not None:
+            tok.level -= tokens
 
     def spend(self, tenant: str, tokens: int) -> None:
-        """Charge what a request used; the bucket may go below zero (the next requests wait)."""
-        if self.spec.tokens_per_minute is not None:
+        """Charge what a request used beyond its reservation (negative: give back what it did not
+        use). The bucket may go below zero (the next requests wait); never above its capacity."""
+        if self.spec.tokens_per_minute is not None and tokens:
             b = self._bucket(self._tokens, tenant, self.spec.tokens_per_minute, self.clock())
-            b.level -= tokens
+            b.level = min(b.capacity, b.level - tokens)

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from compute.assemble import BatchAssembler
 from compute.event_contract import EventContract
@@ -43,16 +44,19 @@ def request_offset(*parts: str) -> int:
 
 @dataclass
 class Outcome:
-    """The plain rows of one request: results (0 or 1 row) and dead letters (0 or 1 row)."""
+    """The plain rows of one request: results (0 or 1 row) and dead letters (0 or 1 row), and the
+    tokens its generations used: every attempt's prompt and completion, a rejected one's too."""
 
     results: pa.Table
     dead: pa.Table
+    used_tokens: int = 0
 
     def tokens(self) -> int:
-        if not self.results.num_rows:
-            return 0
-        prompt, completion = self.results.column("prompt_tokens")[0].as_py(), self.results.column("completion_tokens")[0].as_py()
-        return (prompt or 0) + (completion or 0)
+        return self.used_tokens
+
+
+def _tokens_of(completions: pa.Table) -> int:
+    return sum(pc.sum(completions.column(c)).as_py() or 0 for c in ("prompt_tokens", "completion_tokens"))
 
 
 class OnlineGuards:
@@ -60,6 +64,9 @@ class OnlineGuards:
         self.spec = spec
         self.run_id = run_id
         self.engine = engine
+        # An online request's completion budget is at most this (sampling.max_tokens): admission
+        # reserved tokens for it, whatever an event's prompt.max_tokens_field asks.
+        self.max_tokens = int(spec.sampling.get("max_tokens") or 16)
         self.encryption = encryption
         self.results_schema = encryption.plain_results_schema(RESULTS_SCHEMA)
         contract = EventContract(spec) if spec.source.event_schema is not None else None
@@ -109,16 +116,22 @@ class OnlineGuards:
             if rendered.dead.num_rows:
                 return Outcome(empty_table(self.results_schema), rendered.dead)
             requests, carried = rendered.requests, rendered.carried or {}
+            if self.spec.prompt.max_tokens_field is not None:  # an event's own budget: at most the spec's
+                i = requests.schema.get_field_index("max_tokens")
+                capped = pc.min_element_wise(requests.column(i), pa.scalar(self.max_tokens, pa.int32()), skip_nulls=False)
+                requests = requests.set_column(i, requests.schema.field(i), capped)
         results, dead = [], []
+        used = 0
         while requests is not None and requests.num_rows:
             completions = await self.engine.complete(requests)
+            used += _tokens_of(completions)
             a = self.assembler.assemble(src, requests, completions, carried)
             results.append(a.output.results)
             dead.append(a.output.dead)
             requests = a.retries if a.retries is not None and a.retries.num_rows else None
         if len(results) == 1:  # no retry: the tables as they are
-            return Outcome(results[0], dead[0])
-        return Outcome(pa.concat_tables(results), pa.concat_tables(dead))
+            return Outcome(results[0], dead[0], used)
+        return Outcome(pa.concat_tables(results), pa.concat_tables(dead), used)
 
     def pii_rules(self) -> set[str]:
         """Labels of the rules that look for personal data: a rejection they caused answers

@@ -169,7 +169,14 @@ def orphans(directory: str | os.PathLike) -> Iterator[AuditJournal]:
         except BlockingIOError:
             os.close(fd)
             continue
-        if not path.exists():  # removed between our open and our lock: already replayed
+        # The name must still be the file we locked. Removed between our open and our lock: already
+        # replayed. Another file under it: its replica's rewrite() renamed a new journal (locked,
+        # live) over the one we opened, then closed the old one, which let our lock through.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if not same:
             os.close(fd)
             continue
         yield AuditJournal(path, fd)

@@ -344,6 +344,24 @@ def _log_end(what: str):
     return done
 
 
+def _dead_code(row: dict) -> int:
+    """The HTTP status a request's dead-letter row answers."""
+    if row["error_class"] == "timeout":
+        return 504
+    return {"decode": 400, "prompt": 400, "source": 400, "validate": 422, "encrypt": 403}.get(row["stage"], 502)
+
+
+def _is_template_error(e: BaseException) -> bool:
+    from jinja2 import TemplateError
+
+    return isinstance(e, TemplateError)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a request's answer failed (%s)", type(task.exception()).__name__)
+
+
 def _with_tenant(table: pa.Table, tenant: str) -> pa.Table:
     i = table.column_names.index("tenant")
     return table.set_column(i, table.schema.field(i), pa.repeat(pa.scalar(tenant, pa.string()), table.num_rows))
@@ -608,13 +626,15 @@ class TidegateEndpoint:
         try:
             principal = await self._principal(request)
             self._job(name)
-            body = self._event_for(await request.body(), principal)
+            self._tenant_of(principal)  # whatever the body is: a key of no usable tenant is refused first
+            body, event_id = self._event_for(await request.body(), principal)
             self._audit_room()
-            await self._admit(principal, len(body) // 4 + self._budget(None))
+            estimate = len(body) // 4 + self._budget(None)
+            await self._admit(principal, estimate)
         except _Refused as r:
             return self._refusal(r, route)
         return await self._answer(request, principal, route, lambda offset: self.guards.run(
-            self.guards.event_source(body, route, offset)))  # fmt: skip
+            self.guards.event_source(body, route, offset)), request_id=event_id, estimate=estimate)  # fmt: skip
 
     @api.post("/v1/jobs/{name}/events")
     async def events(self, name: str, request: Request) -> JSONResponse:
@@ -624,8 +644,8 @@ class TidegateEndpoint:
             self._job(name)
             try:
                 events = json.loads(await request.body())
-            except ValueError:
-                raise _Refused(400, "invalid_json", "the body is not JSON") from None
+            except (ValueError, RecursionError):
+                raise _Refused(400, "invalid_json", "the body is not JSON (or nested too deeply)") from None
             if isinstance(events, dict):
                 events = events.get("events")
             if not isinstance(events, list):
@@ -671,8 +691,8 @@ class TidegateEndpoint:
                                f"the body is {len(raw)} bytes, over the job's max_message_bytes={limit}")  # fmt: skip
             try:
                 body = json.loads(raw)
-            except ValueError:
-                raise _Refused(400, "invalid_json", "the body is not JSON") from None
+            except (ValueError, RecursionError):
+                raise _Refused(400, "invalid_json", "the body is not JSON (or nested too deeply)") from None
             if not isinstance(body, dict):
                 raise _Refused(400, "invalid_request", "the body is a JSON object")
             if body.get("model") not in (self.model_label, self.spec.name):
@@ -685,7 +705,8 @@ class TidegateEndpoint:
             tenant = self._tenant_of(principal)
             budget = self._budget(max_tokens)
             self._audit_room()
-            await self._admit(principal, len(raw) // 4 + budget)
+            estimate = len(raw) // 4 + budget
+            await self._admit(principal, estimate)
         except _Refused as r:
             return self._refusal(r, route)
         request_id = f"{'chatcmpl' if route.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"
@@ -694,7 +715,7 @@ class TidegateEndpoint:
             src, req = self.guards.chat_request(raw, route, offset, request_id, prompt, messages, tenant, budget)
             return self.guards.run(src, req)
 
-        answer = await self._answer(request, principal, route, work, request_id=request_id)
+        answer = await self._answer(request, principal, route, work, request_id=request_id, estimate=estimate)
         if body.get("stream") and answer.status_code == 200:
             return StreamingResponse(_sse(route, json.loads(answer.body)), media_type="text/event-stream")
         return answer
@@ -725,10 +746,23 @@ class TidegateEndpoint:
 
     # -- the shared path -------------------------------------------------------------------------
 
-    async def _answer(self, request: Request, principal, route: str, work, request_id: str | None = None) -> JSONResponse:
+    async def _answer(self, request: Request, principal, route: str, work, request_id: str | None = None,
+                      estimate: int = 0) -> JSONResponse:  # fmt: skip
         """Run (or find) the request; store its rows; answer. With an Idempotency-Key, a request
         seen before (this replica's memory, the audit tables, or, with several replicas, the
-        application's claims: actors/idempotency.py) gets the first answer again."""
+        application's claims: actors/idempotency.py) gets the first answer again. `estimate`: the
+        tokens admission reserved (settled against what the generations used).
+
+        Shielded from the handler's cancellation (Serve cancels it when the client disconnects):
+        once admitted, a request runs to its stored rows and its answer is kept, whoever is still
+        listening. Cancelled halfway, its rows could be written while the key's other waiters, told
+        it failed, ran it again (two rows at one offset), or a generation's row never be written."""
+        task = asyncio.ensure_future(self._answer_now(request, principal, route, work, request_id, estimate))
+        task.add_done_callback(_retrieve)  # a failure after the client left is logged, not lost
+        return await asyncio.shield(task)
+
+    async def _answer_now(self, request: Request, principal, route: str, work, request_id: str | None,
+                          estimate: int) -> JSONResponse:  # fmt: skip
         from compute.online import request_offset
 
         t0 = time.monotonic()
@@ -736,7 +770,7 @@ class TidegateEndpoint:
         tenant = principal.tenant if principal is not None else ""
         if not key:
             code, body = await self._run_and_store(route, request_offset("req", uuid.uuid4().hex), work, principal,
-                                                   request_id)  # fmt: skip
+                                                   request_id, estimate)  # fmt: skip
             self._metrics.record(route, code, t0)
             return JSONResponse(body, status_code=code)
         offset = request_offset("idem", tenant, route, key)
@@ -757,10 +791,11 @@ class TidegateEndpoint:
                     holder = uuid.uuid4().hex
                     code_body = await self._claim(offset, holder)
                 if code_body is None:
-                    code, body = await self._run_and_store(route, offset, work, principal, request_id)
+                    code, body = await self._run_and_store(route, offset, work, principal, request_id, estimate)
                     if code < 500:
                         self._answers.put(offset, (code, body))
             except _Refused as r:
+                self._settle(principal, -estimate)  # nothing ran
                 return self._refusal(r, route)
             finally:
                 answer = code_body if code_body is not None else ((code, body) if code < 500 else None)
@@ -771,34 +806,51 @@ class TidegateEndpoint:
             if code_body is None:
                 self._metrics.record(route, code, t0)
                 return JSONResponse(body, status_code=code)
+        self._settle(principal, -estimate)  # the first answer again: no generation
         self._metrics.record(route, code_body[0], t0)
         return JSONResponse(code_body[1], status_code=code_body[0], headers={"Idempotent-Replayed": "true"})
 
-    async def _run_and_store(self, route: str, offset: int, work, principal, request_id) -> tuple[int, dict]:
+    async def _run_and_store(self, route: str, offset: int, work, principal, request_id,
+                             estimate: int) -> tuple[int, dict]:  # fmt: skip
         from compute.online import Outcome
         from compute.prompts import dead_letter_table
         from schemas.records import empty_table
 
+        def failed(stage: str, kind: str, error: str) -> Outcome:
+            dead = dead_letter_table([dict(id=request_id, stage=stage, error_class=kind, error=error,
+                                           source_topic=f"serve:{route}", source_partition=0, source_offset=offset,
+                                           tenant=self._tenant_of(principal))], self.run_id)  # fmt: skip
+            return Outcome(empty_table(self.guards.results_schema), dead, estimate)  # its cost is not known: the reservation
+
         try:
             outcome: Outcome = await asyncio.wait_for(work(offset), self.spec.serve.request_timeout_s)
         except asyncio.TimeoutError:
-            dead = dead_letter_table([dict(id=request_id, stage="engine", error_class="timeout",
-                                           error=f"no answer within serve.request_timeout_s={self.spec.serve.request_timeout_s}",
-                                           source_topic=f"serve:{route}", source_partition=0, source_offset=offset,
-                                           tenant=self._tenant_of(principal))], self.run_id)  # fmt: skip
-            outcome = Outcome(empty_table(self.guards.results_schema), dead)
+            outcome = failed("engine", "timeout", f"no answer within serve.request_timeout_s={self.spec.serve.request_timeout_s}")
+        except Exception as e:  # noqa: BLE001 - the request fails, audited; the replica goes on
+            # Its type only: a chat template's or the engine's message may quote the request.
+            if _is_template_error(e):  # a chat template refusing the messages (e.g. roles out of order)
+                outcome = failed("prompt", "render_error", f"the chat template refused the messages ({type(e).__name__})")
+            else:
+                log.warning("request on %s failed in the engine (%s)", route, type(e).__name__)
+                outcome = failed("engine", "engine_error", f"the engine failed ({type(e).__name__})")
         results, dead = outcome.results, outcome.dead
-        if principal is not None and not self.spec.encryption.enabled:  # who asked, for the audit
+        if principal is not None:  # who asked, for the audit: a body that does not parse is the key's tenant's too
             results, dead = _with_tenant(results, principal.tenant), _with_tenant(dead, principal.tenant)
-        if principal is not None and isinstance(self._limits, TenantLimits):
-            self._limits.spend(principal.tenant, outcome.tokens())
-        elif principal is not None and self._limits is not None:  # not awaited: the answer does not wait for it
-            self._limits.spend.remote(principal.tenant, outcome.tokens())
+        self._settle(principal, outcome.tokens() - estimate)
         try:
             await self.buffer.add(results, dead)
         except Exception as e:  # noqa: BLE001 - durable ack: not stored, so not answered
             return 503, _error(503, "audit_unavailable", f"the request's audit rows could not be stored ({type(e).__name__}); retry")
         return self._render(route, results, dead, request_id)
+
+    def _settle(self, principal, tokens: int) -> None:
+        """Settle a request's token reservation: what it used beyond it (negative: a refund)."""
+        if principal is None or self._limits is None or not tokens:
+            return
+        if isinstance(self._limits, TenantLimits):
+            self._limits.spend(principal.tenant, tokens)
+        else:  # not awaited: the answer does not wait for it
+            self._limits.spend.remote(principal.tenant, tokens)
 
     async def _claim(self, offset: int, holder: str) -> tuple[int, dict] | None:
         """None: this request holds the key; else the answer of the request that held it."""
@@ -835,11 +887,12 @@ class TidegateEndpoint:
             row = results.slice(0, 1).to_pylist()[0]
             rid = request_id or row["id"]
             return 200, _ok_body(route, rid, row, self.model_label)
-        d = dead.slice(0, 1).to_pylist()[0]
+        # Several rows at one offset: a first try that failed on our side (5xx) and its rerun. The
+        # rerun's answer is the one to repeat (the tables' order is not the writes').
+        rows = dead.to_pylist()
+        d = next((r for r in rows if _dead_code(r) < 500), rows[0])
         stage, kind = d["stage"], d["error_class"]
-        code = {"decode": 400, "prompt": 400, "source": 400, "validate": 422, "encrypt": 403}.get(stage, 502)
-        if kind == "timeout":
-            code = 504
+        code = _dead_code(d)
         extra: dict[str, Any] = {"stage": stage}
         if stage == "validate":
             rules = d.get("rule_results") or []
@@ -894,15 +947,23 @@ class TidegateEndpoint:
             raise _Refused(403, "forbidden", f"the event's {field} is not the API key's tenant")
         return event
 
-    def _event_for(self, body: bytes, principal) -> bytes:
+    def _event_for(self, body: bytes, principal) -> tuple[bytes, str | None]:
+        """The event's bytes as the principal's (its tenant field filled in), and its id if it has
+        one (a dead letter the request gets before its renderer ran, such as an engine failure's)."""
+        from compute.prompts import PARSE_LIMIT_FACTOR
+
+        if len(body) > self.spec.source.max_message_bytes * PARSE_LIMIT_FACTOR:
+            return body, None  # not parsed on the event loop: the renderer dead-letters it (oversized_message)
         try:
             event = json.loads(body)
-        except ValueError:
-            return body  # not JSON: the renderer dead-letters it (invalid_json), as in batch
+        except (ValueError, RecursionError):
+            return body, None  # not JSON: the renderer dead-letters it (invalid_json), as in batch
         if not isinstance(event, dict):
-            return body
+            return body, None
+        event_id = event.get(self.spec.prompt.id_field)
+        event_id = event_id if isinstance(event_id, str) else None
         fixed = self._tenant_event(event, principal)
-        return body if fixed is event else json.dumps(fixed).encode()
+        return (body if fixed is event else json.dumps(fixed).encode()), event_id
 
     def _budget(self, max_tokens: int | None) -> int:
         spec_max = int(self.spec.sampling.get("max_tokens") or 16)

@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from bench.instant_engine import InstantEngine
 from compute.engine import completion_counts
+from schemas.errors import EngineError
 from schemas.records import COMPLETION_SCHEMA
 
 
@@ -42,6 +43,8 @@ class EchoEngine(InstantEngine):
         prompts = " ".join(requests.column("prompt").to_pylist())
         if "hang" in prompts:
             await asyncio.sleep(3600)
+        if "explode" in prompts:  # an engine failure whose message quotes the request (as vLLM's may)
+            raise EngineError(f"engine step failed on {prompts!r}")
         if "slow" in prompts:  # a request still running when its duplicate arrives
             await asyncio.sleep(1.5)
         return self.generate(requests)

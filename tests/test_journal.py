@@ -133,6 +133,31 @@ def test_orphans_are_the_journals_nobody_holds(tmp_path):
     assert list(orphans(tmp_path / "missing")) == []
 
 
+def test_a_live_journal_rewritten_under_a_replay_is_not_taken_for_an_orphan(tmp_path, monkeypatch):
+    """A starting replica opens a live replica's journal just before that replica's rewrite()
+    renames a new file over it and closes the old one: the replay's lock then goes through on the
+    old, nameless file. It must not replay (nor remove) the live journal under the name."""
+    import connectors.journal as journal_module
+
+    live = AuditJournal.create(tmp_path, "live")
+    live.append(1, _table(1, "a"), _table(0, "x"))
+    real_open = os.open
+
+    def open_then_rewrite(path, flags, *mode):  # the replay's open, then the live replica's rewrite
+        fd = real_open(path, flags, *mode)
+        if str(path).endswith("live.journal"):
+            monkeypatch.setattr(journal_module.os, "open", real_open)
+            live.rewrite(read_records(live.path))
+        return fd
+
+    monkeypatch.setattr(journal_module.os, "open", open_then_rewrite)
+    assert [o.name for o in orphans(tmp_path)] == []
+    assert live.path.exists() and [r.seq for r in read_records(live.path)] == [1]
+    live.append(2, _table(1, "b"), _table(0, "x"))  # still its journal, under its name
+    assert [r.seq for r in read_records(live.path)] == [1, 2]
+    live.close(remove=True)
+
+
 def test_a_journal_is_never_an_orphan_between_its_creation_and_its_lock(tmp_path, monkeypatch):
     """A replica replaying orphans while another creates its journal: the new journal is locked
     before it has the name orphans() looks for, so it is not taken (and removed) as an orphan."""

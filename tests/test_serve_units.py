@@ -435,3 +435,110 @@ def test_a_port_block_with_a_port_in_use_is_passed_over(monkeypatch):
         first = serve_module.claim_port_block()
     os.close(serve_module._claimed_block[1])
     assert first == port - 3 + 200
+
+
+def test_admission_reserves_tokens_and_settling_refunds_what_was_not_used():
+    """Requests admitted together each take their estimate at admission: the second of two that
+    together pass the minute's budget waits, before either has run. A request that used less
+    gives the rest back; the bucket never goes above its budget."""
+    from compute.limits import TenantLimits
+    from schemas.errors import LimitExceededError
+    from schemas.spec import ServeLimitsSpec
+
+    lim = TenantLimits(ServeLimitsSpec(tokens_per_minute=100), clock=lambda: 0.0)
+    lim.admit("a", 60)
+    with pytest.raises(LimitExceededError, match="token budget"):
+        lim.admit("a", 60)  # 40 left: the first one's 60 are reserved
+    lim.spend("a", 10 - 60)  # it used 10: 50 come back
+    lim.admit("a", 60)
+    lim.spend("a", -500)  # a refund never lifts the bucket past its budget
+    assert lim._tokens["a"].level == 100
+
+
+def _guards(tmp_path, monkeypatch, **spec_extra):
+    import base64
+
+    from compute.lineage import lineage_columns
+    from compute.online import OnlineGuards
+    from crypto.keyring import Keyring, LocalMasterKeyProvider
+    from crypto.stage import EncryptionStage
+    from schemas.spec import parse_spec
+    from tests.serve_engines import EchoEngine
+
+    monkeypatch.setenv("TIDEGATE_MASTER_KEY", base64.b64encode(secrets.token_bytes(32)).decode())
+    Keyring.init(tmp_path / "k.json", LocalMasterKeyProvider()).create_tenant("acme")
+    spec = parse_spec({
+        "name": "units", "source": {"kafka": {"topic": "t"}}, "model": {"path": str(tmp_path)},
+        "prompt": {"template": "{{ q }}", "id_field": "id"}, "sampling": {"max_tokens": 32},
+        "sink": {"results": str(tmp_path / "r"), "dead_letter": str(tmp_path / "d")},
+        "encryption": {"keyring": str(tmp_path / "k.json"), "tenant": "acme"}, **spec_extra,
+    })  # fmt: skip
+
+    class Recording(EchoEngine):
+        seen: list = []
+
+        async def complete(self, requests, priority: int = 0):
+            self.seen.append(requests)
+            return await super().complete(requests, priority)
+
+    engine = Recording(spec.model, spec.sampling)
+    enc = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
+    return OnlineGuards(spec, "run-1", engine, lineage_columns(spec, "rev"), enc), engine
+
+
+def test_an_online_events_own_budget_is_capped_at_the_specs_max_tokens(tmp_path, monkeypatch):
+    """prompt.max_tokens_field on /invoke: admission reserved sampling.max_tokens for the
+    completion, so an event asking for more gets that (below it: its own)."""
+    import asyncio
+    import json
+
+    guards, engine = _guards(tmp_path, monkeypatch, **{"prompt": {"template": "{{ q }}", "id_field": "id",
+                                                                  "max_tokens_field": "budget"}})  # fmt: skip
+    for asked, got in ((100000, 32), (5, 5), (None, None)):
+        event = {"id": "e", "q": "hello", **({"budget": asked} if asked else {})}
+        out = asyncio.run(guards.run(guards.event_source(json.dumps(event).encode(), "invoke", 7)))
+        assert out.results.num_rows == 1
+        assert engine.seen[-1].column("max_tokens").to_pylist() == [got]
+
+
+def test_a_rejected_requests_tokens_count_every_attempt(tmp_path, monkeypatch):
+    """A rule that retries and then rejects: the request used every attempt's tokens, and that is
+    what its tenant's budget is charged, not 0 (an answer of 422 generated them all)."""
+    import asyncio
+    import json
+
+    guards, engine = _guards(tmp_path, monkeypatch, validation=[
+        {"rule": "deny_list", "phrases": ["forbidden"], "on_fail": "retry", "max_attempts": 3}])  # fmt: skip
+    out = asyncio.run(guards.run(guards.event_source(json.dumps({"id": "e", "q": "forbidden words"}).encode(), "invoke", 9)))
+    assert out.results.num_rows == 0 and out.dead.num_rows == 1 and len(engine.seen) == 3
+    used = sum(len(p.split()) * 2 for r in engine.seen for p in r.column("prompt").to_pylist())  # EchoEngine's counts
+    assert out.tokens() == used > 0
+
+
+def test_a_cancelled_handler_leaves_its_request_running_to_its_stored_answer():
+    """Serve cancels a handler whose client disconnects. The request's run-and-store is shielded:
+    it finishes (its row stored, the key's waiters answered) whatever happens to the handler, or
+    a row could be written while the key's other requests, told it failed, ran it again."""
+    import asyncio
+
+    from jobs.serve import TidegateEndpoint
+
+    endpoint_cls = getattr(TidegateEndpoint, "func_or_class", TidegateEndpoint)
+    finished = []
+
+    class Stub:
+        async def _answer_now(self, request, principal, route, work, request_id, estimate):
+            await asyncio.sleep(0.2)  # generating, then storing
+            finished.append(route)
+            return "answer"
+
+    async def scenario():
+        handler = asyncio.ensure_future(endpoint_cls._answer(Stub(), None, None, "invoke", None))
+        await asyncio.sleep(0.05)
+        handler.cancel()  # the client left
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        await asyncio.sleep(0.3)
+
+    asyncio.run(scenario())
+    assert finished == ["invoke"]
