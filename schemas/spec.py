@@ -685,7 +685,8 @@ class MaintenanceSpec(_Strict):
             # Tombstones of removed files (every checkpoint carries them) live as long as vacuum
             # needs them; Delta's own default is a week whatever vacuum keeps, and compaction
             # removes about one file per commit.
-            props["delta.deletedFileRetentionDuration"] = f"interval {round(self.vacuum_retention_hours * 3600)} seconds"
+            hours = self.vacuum_retention_hours
+            props["delta.deletedFileRetentionDuration"] = f"interval {round(hours * 3600)} seconds"
         return props
 
 
@@ -880,12 +881,19 @@ class ServeSpec(_Strict):
         return self
 
 
+DEFAULT_SAMPLING = {"max_tokens": 64, "temperature": 0.0}
+
+
 class JobSpec(_Strict):
     name: str
     source: SourceSpec
     prompt: PromptSpec
     model: ModelSpec
-    sampling: dict[str, Any] = Field(default_factory=lambda: {"max_tokens": 64, "temperature": 0.0})
+    sampling: dict[str, Any] = Field(
+        default_factory=lambda: dict(DEFAULT_SAMPLING),
+        description="vllm.SamplingParams fields; the ones not given keep Tidegate's defaults (max_tokens 64, "
+        "temperature 0), not vLLM's.",
+    )
     pool: PoolSpec = Field(default_factory=PoolSpec)
     stages: StagesSpec = Field(default_factory=StagesSpec)
     sink: SinkSpec
@@ -921,7 +929,8 @@ class JobSpec(_Strict):
             raise ValueError(f"unknown SamplingParams field(s): {', '.join(unknown)}")
         if v.get("n", 1) != 1:
             raise ValueError("n must be 1: one completion per event")
-        return v
+        # Merged, not replaced: `sampling: {temperature: 0.7}` keeps max_tokens 64 (vLLM's own is 16).
+        return {**DEFAULT_SAMPLING, **v}
 
     @model_validator(mode="after")
     def _distinct_tables(self) -> JobSpec:

@@ -37,8 +37,9 @@ from schemas.errors import SpecError
 
 PATH_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 ALWAYS_ALLOWED = ("schemas.examples",)  # Tidegate's own example output schemas
-# Tidegate's own packages ship in the working directory too; nothing in them is a rule or schema.
-INTERNAL = ("jobs", "actors", "schemas", "connectors", "compute", "crypto")
+# Tidegate's own packages ship in the working directory too; nothing in them is a rule or schema
+# (tidegate: the Python API, which submits jobs; bench: the benchmarks, which start clusters).
+INTERNAL = ("jobs", "actors", "schemas", "connectors", "compute", "crypto", "tidegate", "bench")
 
 
 @dataclass(frozen=True)

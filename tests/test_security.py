@@ -536,3 +536,24 @@ def test_a_table_storing_the_twin_in_clear_keeps_it_so_with_a_warning(keyring, t
         text = DeltaTable(uri).to_pyarrow_table(columns=["output_text"]).column(0).to_pylist()
         assert all((SECRET in str(v)) is clear for v in text), uri  # the old table: as before (pii off here)
         assert read_results(uri, keyring, backend="arrow").column("output_text").to_pylist() == [f"to {SECRET}"] * 2
+
+
+def test_switching_encryption_on_for_a_plain_tables_column_fails_at_start_naming_it(keyring, tmp_path):
+    """docs/encryption.md: a results table whose output column is text cannot take the job's
+    encrypted (binary) values: the sink refuses before any work, naming the column, and the table
+    is left as it was."""
+    from deltalake import DeltaTable
+
+    from schemas.errors import SinkSchemaError
+
+    plain = DeltaSink("j", str(tmp_path / "results"), str(tmp_path / "dead_letter"), {})
+    plain.open()  # a job without encryption created the tables
+    version = DeltaTable(str(tmp_path / "results")).version()
+    stage = EncryptionStage(EncryptionSpec(keyring=str(keyring.path), tenant="acme", output_fields=["output_text"]),
+                            str(tmp_path / "results"), str(tmp_path / "dead_letter"))  # fmt: skip
+    sink = DeltaSink("j", str(tmp_path / "results"), str(tmp_path / "dead_letter"), {})
+    stage.keep_twin_as_stored(sink.stored_results_schema())  # output_json stays text there, output_text cannot
+    sink.use_schemas(stage.stored_results_schema(RESULTS_SCHEMA), stage.stored_dead_schema(DEAD_LETTER_SCHEMA))
+    with pytest.raises(SinkSchemaError, match="column 'output_text' is string, expected binary"):
+        sink.open()
+    assert DeltaTable(str(tmp_path / "results")).version() == version

@@ -49,6 +49,9 @@ def in_repo(monkeypatch):
         ("yaml:load", "an installed or standard-library module"),  # site-packages
         ("jobs.run:main", "Tidegate's own code"),
         ("crypto.keyring:Keyring", "Tidegate's own code"),
+        ("tidegate:submit", "Tidegate's own code"),  # the Python API: a rule must not submit jobs
+        ("tidegate.api:read_results", "Tidegate's own code"),
+        ("bench.soak:main", "Tidegate's own code"),
         ("tests.test_validation:_private", "'_private' is not a public name"),
         ("tests.test_validation", "not of the form package.module:Name"),
         ("nowhere_at_all:x", "module 'nowhere_at_all' not found"),

@@ -193,7 +193,7 @@ class Job:
 
         until_drained  Kafka sources stop once every partition is consumed and committed (table
                        sources always end once their rows are committed, unless follow)
-        quiet          keep the summary table off the output (it is in `handle.summary` either way)
+        quiet          keep the summary table off the output: it goes to `handle.summary` instead (quiet=False: to stderr)
 
         No signal handler is installed (a notebook's kernel keeps its own): stop with
         `handle.stop()`. Ray is started (or joined) here, in the calling thread, before the run
