@@ -35,7 +35,7 @@ from compute.pricing import cost_fields
 from compute.totals import CommitTotals
 from connectors.maintenance import maintenance_round
 from connectors.results_topic import ResultsTopic
-from connectors.sink import Sink, open_sink
+from connectors.sink import Sink, adopt_stored_twin, open_sink
 from crypto.stage import EncryptionStage
 from schemas.errors import SpecError, StageError
 from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA, with_columns_of
@@ -78,9 +78,7 @@ class CommitWriter:
         """sink: the job's sink object (default: the spec's sink.kind, from the registry)."""
         self.encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
         self.sink = sink if sink is not None else open_sink(spec)
-        stored = getattr(self.sink, "stored_results_schema", None)  # optional: a sink that can say what it holds
-        if callable(stored) and self.encryption.twin is not None:
-            self.encryption.keep_twin_as_stored(stored())
+        adopt_stored_twin(self.encryption, self.sink)
         self.plain_results, self.stored_results, self.stored_dead = job_schemas(self.encryption)
         self.sink.use_schemas(self.stored_results, self.stored_dead)
         self.runs = self.sink.history()

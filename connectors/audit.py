@@ -29,6 +29,7 @@ from connectors.delta import DeltaSink
 from connectors.journal import app_id
 from connectors.maintenance import maintenance_round
 from crypto.reader import decrypt_table
+from connectors.sink import adopt_stored_twin
 from crypto.stage import EncryptionStage
 from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA, with_columns_of
 from schemas.spec import JobSpec
@@ -41,8 +42,7 @@ class AuditLog:
         self.run_id = run_id
         self.spec = spec
         self.sink = DeltaSink.from_spec(spec)
-        if encryption.twin is not None:
-            encryption.keep_twin_as_stored(self.sink.stored_results_schema())
+        adopt_stored_twin(encryption, self.sink)
         self.stored_results = encryption.stored_results_schema(RESULTS_SCHEMA)
         self.stored_dead = encryption.stored_dead_schema(DEAD_LETTER_SCHEMA)
         self.sink.use_schemas(self.stored_results, self.stored_dead)

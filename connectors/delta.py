@@ -369,7 +369,8 @@ class DeltaSink:
                                 type(e).__name__)  # fmt: skip
                 table._dt = None  # loaded again at the next use, with the table's properties as they are now
 
-    def maintain(self, compact: bool = True, checkpoint: bool = True, vacuum: bool = True) -> dict[str, Any]:
+    def maintain(self, compact: bool = True, checkpoint: bool = True, vacuum: bool = True,
+                 full_vacuum: bool = False) -> dict[str, Any]:  # fmt: skip
         """sink.maintenance's steps on the results, dead-letter and runs tables (connectors/maintenance.py):
         role -> {before, after: TableHealth, report: MaintenanceReport}."""
         from dataclasses import asdict
@@ -385,6 +386,7 @@ class DeltaSink:
             before = table_health(dt)
             props = {"results": self.results, "dead_letter": self.dead_letter}.get(role)
             report = maintain_table(dt, self.maintenance, compact=compact, checkpoint=checkpoint, vacuum=vacuum,
+                                    full_vacuum=full_vacuum,
                                     writer_properties=props.writer_properties if props is not None else None)  # fmt: skip
             out[role] = {"before": before.as_dict(), "after": table_health(dt).as_dict(), "report": asdict(report)}
         return out

@@ -70,9 +70,11 @@ def table_health(dt: DeltaTable) -> TableHealth:
 
 def maintain_table(
     dt: DeltaTable, policy: MaintenanceSpec, *, compact: bool = True, checkpoint: bool = True, vacuum: bool = True,
-    attempts: int = 3, writer_properties: Any = None,
+    attempts: int = 3, writer_properties: Any = None, full_vacuum: bool = False,
 ) -> MaintenanceReport:  # fmt: skip
-    """Run the chosen steps on one table (its handle is left up to date)."""
+    """Run the chosen steps on one table (its handle is left up to date). full_vacuum: list the
+    table's directory for files no version references, not only those the log's tombstones name
+    (files whose tombstones expired before a vacuum saw them; `tidegate maintain` does this)."""
     t0 = time.monotonic()
     report = MaintenanceReport()
     try:
@@ -93,11 +95,14 @@ def maintain_table(
         if checkpoint:
             dt.update_incremental()
             dt.create_checkpoint()
-            dt.cleanup_metadata()  # log files older than delta.logRetentionDuration, before the checkpoint
+            # Log files older than delta.logRetentionDuration, before the checkpoint: as the table says
+            # (delta.enableExpiredLogCleanup false keeps them, as the sink's own cleanup does).
+            if dt.metadata().configuration.get("delta.enableExpiredLogCleanup", "true").lower() != "false":
+                dt.cleanup_metadata()
             report.checkpoint_version = dt.version()
         if vacuum and policy.vacuum_retention_hours is not None:
             removed = dt.vacuum(retention_hours=int(policy.vacuum_retention_hours), dry_run=False,
-                                enforce_retention_duration=False)  # the spec's retention is the policy  # fmt: skip
+                                enforce_retention_duration=False, full=full_vacuum)  # the spec's retention is the policy  # fmt: skip
             report.vacuumed_files = len(removed)
         dt.update_incremental()
     except (OSError, DeltaError) as e:

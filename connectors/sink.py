@@ -110,3 +110,22 @@ def sink_class(kind: str) -> type:
 def open_sink(spec: JobSpec) -> Sink:
     """The spec's sink, not opened yet."""
     return sink_class(spec.sink.kind).from_spec(spec)
+
+
+def adopt_stored_twin(encryption, sink: Sink) -> None:
+    """An output column the results table already stores in clear stays so (crypto.stage
+    EncryptionStage.keep_twin_as_stored); asked of sinks that can say what they store."""
+    stored = getattr(sink, "stored_results_schema", None)
+    if callable(stored) and encryption.twin is not None:
+        encryption.keep_twin_as_stored(stored())
+
+
+def stored_schemas(spec: JobSpec, sink: Sink) -> tuple[pa.Schema, pa.Schema]:
+    """(results, dead letters) as the spec's commit writer stores them into `sink`'s tables, for a
+    sink opened by something else (maintenance, a replay's table check): no key is needed."""
+    from crypto.stage import EncryptionStage
+    from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA
+
+    encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter, keys=False)
+    adopt_stored_twin(encryption, sink)
+    return encryption.stored_results_schema(RESULTS_SCHEMA), encryption.stored_dead_schema(DEAD_LETTER_SCHEMA)

@@ -63,10 +63,12 @@ KEY_REVOKED = "key_revoked"
 
 
 class EncryptionStage:
-    def __init__(self, spec: EncryptionSpec, results_uri: str, dead_letter_uri: str):
+    def __init__(self, spec: EncryptionSpec, results_uri: str, dead_letter_uri: str, keys: bool = True):
+        """keys False: the schemas only (a maintenance round, a replay's table check): no keyring
+        is opened, nothing can be encrypted."""
         self.spec = spec
         self.keyring = None
-        if spec.needs_keys:
+        if spec.needs_keys and keys:
             from crypto.keyring import Keyring, LocalMasterKeyProvider
 
             self.keyring = Keyring.open(spec.keyring, LocalMasterKeyProvider(spec.master_key_env))

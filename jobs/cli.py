@@ -309,7 +309,7 @@ def maintain(
     from rich.console import Console
     from rich.table import Table
 
-    from connectors.sink import open_sink
+    from connectors.sink import open_sink, stored_schemas
     from schemas.errors import TidegateError
     from schemas.spec import load_spec
 
@@ -320,8 +320,11 @@ def maintain(
         sink = open_sink(job)
         if not callable(getattr(sink, "maintain", None)):
             raise TidegateError(f"sink.kind {job.sink.kind!r} has no table maintenance")
+        sink.use_schemas(*stored_schemas(job, sink))  # encrypted columns are binary there
         sink.open()
-        report = sink.maintain(compact=optimize, checkpoint=checkpoint, vacuum=vacuum)
+        # By hand the vacuum lists the tables' directories too: it also finds files whose tombstones
+        # expired before a job's round saw them (the rounds read the log only).
+        report = sink.maintain(compact=optimize, checkpoint=checkpoint, vacuum=vacuum, full_vacuum=True)
     except TidegateError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

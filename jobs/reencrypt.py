@@ -12,7 +12,12 @@ The result replaces the table in one Delta commit (overwrite from the snapshot r
 table's own schema and partitioning; the log's application transactions (the pipeline's
 exactly-once positions) are table metadata and survive it. Rows another writer appends meanwhile
 are not in the snapshot: an overwrite only removes the files it read, so they are kept (and they
-use the current version already). Nothing is written when nothing is stale.
+use the current version already). Any other commit meanwhile (a compaction, a replay's update)
+rewrote rows the snapshot holds: delta-rs does not take it for a conflict, and the overwrite would
+keep the rewritten files beside the snapshot's rows (every compacted row twice), so the write is
+refused (ReencryptConflict: run it again; pausing maintenance avoids it). The check is made just
+before the commit, so a rewrite landing in between (milliseconds) is not seen. Nothing is written
+when nothing is stale.
 
 A value under a revoked version cannot be re-encrypted (KeyRevokedError): rotate and re-encrypt
 before revoking.
@@ -38,9 +43,14 @@ from crypto import (
     stored_groups,
 )
 from crypto.binding import binding_of
+from schemas.errors import TidegateError
 
 if TYPE_CHECKING:
     from crypto.keyring import Keyring
+
+
+class ReencryptConflict(TidegateError):
+    """A commit that rewrote rows landed while the table was being re-encrypted: nothing written."""
 
 
 @dataclass
@@ -172,14 +182,34 @@ def reencrypt_table(
     if not report.total:
         step("write (nothing stale)", steps, steps)
         return report
+    from connectors.delta import writer_properties
+    from schemas.records import STATS_SAFE_COLUMNS
+    from schemas.spec import ParquetSpec
+
     partitions = dt.metadata().partition_columns
+    _no_rewrite_since(DeltaTable(uri, storage_options=storage_options), report.read_version, uri)
     write_deltalake(
         dt,
         data.cast(schema),
         mode="overwrite",
         partition_by=partitions or None,
         storage_options=storage_options,
+        # As the sink writes: statistics on the safe columns only (none on ids, text, raw bytes).
+        writer_properties=writer_properties(ParquetSpec(), [c for c in names if c in STATS_SAFE_COLUMNS]),
     )
     report.written_version = DeltaTable(uri, storage_options=storage_options).version()
     step("write", steps, steps)
     return report
+
+
+def _no_rewrite_since(latest, read_version: int, uri: str) -> None:
+    """Raise ReencryptConflict if a commit after read_version did more than append rows."""
+    newer = latest.version() - read_version
+    if newer <= 0:
+        return
+    for commit in latest.history(newer):
+        if commit.get("operation") != "WRITE" or (commit.get("operationParameters") or {}).get("mode") != "Append":
+            raise ReencryptConflict(
+                f"{uri}: version {commit.get('version')} ({commit.get('operation')}) rewrote rows while the table was "
+                "being re-encrypted; nothing was written. Run it again (pause the table's maintenance to avoid this)"
+            )

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import sqlglot
 from deltalake import DeltaTable, QueryBuilder
 from deltalake.exceptions import CommitFailedError
@@ -34,7 +35,8 @@ from sqlglot.tokens import TokenType
 
 from connectors.delta import DeltaSink
 from connectors.replay import ReplaySink, ReplaySource
-from schemas.errors import SpecError
+from connectors.sink import stored_schemas
+from schemas.errors import SinkError, SpecError
 from schemas.records import DEAD_LETTER_SCHEMA
 from schemas.spec import JobSpec
 
@@ -47,10 +49,17 @@ class ReplayReport:
 
 
 def _update(dt_uri: str, storage_options, retries: int = 5, **kwargs) -> dict:
-    """A Delta UPDATE on the dead-letter table, retried when a running job's append races it."""
+    """A Delta UPDATE on the dead-letter table, retried when a running job's append races it. The
+    files it rewrites are written as the sink writes them: statistics on the safe columns only."""
+    from connectors.delta import writer_properties
+    from schemas.records import STATS_SAFE_COLUMNS
+    from schemas.spec import ParquetSpec
+
+    props = writer_properties(kwargs.pop("parquet", None) or ParquetSpec(),
+                              [c for c in DEAD_LETTER_SCHEMA.names if c in STATS_SAFE_COLUMNS])  # fmt: skip
     for attempt in range(retries):
         try:
-            return DeltaTable(dt_uri, storage_options=storage_options).update(**kwargs)
+            return DeltaTable(dt_uri, storage_options=storage_options).update(writer_properties=props, **kwargs)
         except CommitFailedError:
             if attempt == retries - 1:
                 raise
@@ -200,13 +209,17 @@ def plan_predicate(where: str | None) -> str:
     return "replayed_by IS NULL" if where is None else f"replayed_by IS NULL AND ({where_sql(where)})"
 
 
-def mark_plan(dl_uri: str, storage_options, replay_id: str, where: str | None) -> int:
+def mark_plan(dl_uri: str, storage_options, replay_id: str, where: str | None, parquet=None) -> int:
     """Plan a new replay: one Delta UPDATE sets replayed_by = replay_id on the dead-letter rows no replay
     owns that match `where`. Returns how many rows it marked. A bad --where raises SpecError; its
     engine error is not quoted (it can quote stored values)."""
     predicate = plan_predicate(where)
     try:
-        marked = _update(dl_uri, storage_options, new_values={"replayed_by": replay_id}, predicate=predicate)
+        marked = _update(dl_uri, storage_options, new_values={"replayed_by": replay_id}, predicate=predicate,
+                         parquet=parquet)  # fmt: skip
+    except CommitFailedError:  # not the expression: a running job's appends won every try
+        raise SinkError("the dead-letter table kept changing under the replay's plan (a running job's commits "
+                        "won every try); run the replay again") from None  # fmt: skip
     except Exception as e:
         if where is None:
             raise
@@ -217,11 +230,13 @@ def mark_plan(dl_uri: str, storage_options, replay_id: str, where: str | None) -
     return int(marked.get("num_updated_rows", 0))
 
 
-def _plan(dt_uri: str, storage_options, replay_id: str) -> pa.Table:
+def _plan(dt_uri: str, storage_options, replay_id: str, stored: pa.Schema = DEAD_LETTER_SCHEMA) -> pa.Table:
+    """The replay's rows, as the table stores them (`stored`: encrypted columns are binary)."""
     qb = QueryBuilder().register("dl", DeltaTable(dt_uri, storage_options=storage_options))
     sql = "SELECT * FROM dl WHERE replayed_by = '{}'".format(replay_id.replace("'", "''"))
     table = pa.table(qb.execute(sql).read_all())  # string_view / binary_view columns: cast to ours
-    return table.select(DEAD_LETTER_SCHEMA.names).cast(DEAD_LETTER_SCHEMA)
+    names = DEAD_LETTER_SCHEMA.names
+    return table.select(names).cast(pa.schema([stored.field(n) for n in names]))
 
 
 def _decrypted(spec: JobSpec, plan: pa.Table) -> pa.Table:
@@ -242,6 +257,30 @@ def _decrypted(spec: JobSpec, plan: pa.Table) -> pa.Table:
     return plan.set_column(plan.schema.get_field_index("raw"), "raw", raw.cast(pa.binary()))
 
 
+def _undecryptable(before: pa.Table, after: pa.Table) -> pa.Array:
+    """Rows whose raw event stayed encrypted (no key for its tenant or version in this keyring):
+    replayed, the ciphertext would be taken for the event (boolean mask over the plan)."""
+    if not before.num_rows:
+        return pa.array([], pa.bool_())
+    raw_in, raw_out = before.column("raw").cast(pa.binary()), after.column("raw")
+    return pc.fill_null(pc.and_(raw_in.is_valid(), pc.equal(raw_in, raw_out)), False)
+
+
+def _release(dl_uri: str, storage_options, replay_id: str, rows: pa.Table, parquet) -> None:
+    """Give rows of a plan back (replayed_by null again): a later replay, with a keyring that can
+    read them, plans them anew. Only the plan's own rows carry replayed_by = replay_id."""
+    quoted = lambda v: "'{}'".format(str(v).replace("'", "''"))  # noqa: E731
+    groups: dict[tuple[str, int], list[int]] = {}
+    for t, p, o in zip(*(rows.column(c).to_pylist() for c in ("source_topic", "source_partition", "source_offset"))):
+        groups.setdefault((t, p), []).append(o)
+    for (t, p), offsets in groups.items():
+        for i in range(0, len(offsets), 1000):  # predicates of a bounded size
+            chunk = ", ".join(str(int(o)) for o in offsets[i : i + 1000])
+            _update(dl_uri, storage_options, updates={"replayed_by": "NULL"}, parquet=parquet,
+                    predicate=f"replayed_by = {quoted(replay_id)} AND source_topic = {quoted(t)} "
+                              f"AND source_partition = {int(p)} AND source_offset IN ({chunk})")  # fmt: skip
+
+
 def _pending(dt_uri: str, storage_options) -> list[str]:
     qb = QueryBuilder().register("dl", DeltaTable(dt_uri, storage_options=storage_options))
     rows = pa.table(qb.execute("SELECT DISTINCT replayed_by FROM dl WHERE replayed_by IS NOT NULL AND replayed_at IS NULL").read_all())
@@ -259,18 +298,31 @@ def replay_dead_letters(spec: JobSpec, where: str | None, fixed_cluster: bool, p
         where_sql(where)  # a bad --where fails before anything is resumed or marked
     opts = spec.sink.storage_options or None
     dl_uri = spec.sink.dead_letter
-    DeltaSink(spec.name, spec.sink.results, dl_uri, spec.sink.storage_options).open()  # schema upgrade if needed
+    tables = DeltaSink.from_spec(spec)  # the job's partitioning, table properties and stored (encrypted) schemas
+    stored_results, stored_dead = stored_schemas(spec, tables)
+    tables.use_schemas(stored_results, stored_dead)
+    tables.open()  # schema upgrade if needed
     report = ReplayReport()
     todo = [(rid, True) for rid in _pending(dl_uri, opts)]
     new_id = uuid.uuid4().hex[:16]
-    if mark_plan(dl_uri, opts, new_id, where):
+    if mark_plan(dl_uri, opts, new_id, where, spec.sink.parquet):
         todo.append((new_id, False))
     for replay_id, resumed in todo:
-        plan = _decrypted(spec, _plan(dl_uri, opts, replay_id))
+        planned = _plan(dl_uri, opts, replay_id, stored_dead)
+        plan = _decrypted(spec, planned)
+        if plan is not planned:
+            locked = _undecryptable(planned, plan)
+            if pc.any(locked).as_py():
+                _release(dl_uri, opts, replay_id, planned.filter(locked), spec.sink.parquet)
+                plan = plan.filter(pc.invert(locked))
+                log.warning("replay %s: %d row(s) left out and given back: their raw events do not decrypt with this "
+                            "keyring (a tenant or key version it lacks, or revoked)", replay_id,
+                            pc.sum(locked.cast(pa.int64())).as_py())  # fmt: skip
         log.info("replay %s: %d dead-lettered row(s)%s", replay_id, plan.num_rows, " (resumed)" if resumed else "")
         sink = ReplaySink(spec.name, spec.sink.results, dl_uri, spec.sink.storage_options, replay_id, plan,
                           write_attempts=spec.sink.write_attempts, write_backoff_s=spec.sink.write_backoff_s,
-                          maintenance=spec.sink.maintenance)  # fmt: skip
+                          maintenance=spec.sink.maintenance, partition_by=spec.sink.partition_by,
+                          parquet=spec.sink.parquet)  # fmt: skip
         source = lambda ctx, plan=plan, rid=replay_id: ReplaySource(plan, rid, ctx)  # noqa: E731
         job = PipelineJob(
             spec, run_id=replay_id, fixed_cluster=fixed_cluster, components=JobComponents(source=source, sink=sink),
@@ -281,6 +333,7 @@ def replay_dead_letters(spec: JobSpec, where: str | None, fixed_cluster: bool, p
             dl_uri, opts,
             new_values={"replayed_at": datetime.now(timezone.utc)},
             predicate="replayed_by = '{}' AND replayed_at IS NULL".format(replay_id.replace("'", "''")),
+            parquet=spec.sink.parquet,
         )  # fmt: skip
         report.replays.append(
             {"replay_id": replay_id, "rows": plan.num_rows, "ok": stats.ok, "dead_lettered": stats.dead_lettered,

@@ -682,10 +682,13 @@ class MaintenanceSpec(_Strict):
         props = {"delta.checkpointInterval": str(self.checkpoint_interval),
                  "delta.logRetentionDuration": retention}  # fmt: skip
         if self.vacuum_retention_hours is not None:
-            # Tombstones of removed files (every checkpoint carries them) live as long as vacuum
-            # needs them; Delta's own default is a week whatever vacuum keeps, and compaction
-            # removes about one file per commit.
-            hours = self.vacuum_retention_hours
+            # Tombstones of removed files (every checkpoint carries them) live past vacuum's window,
+            # by as much again (at most a day): a vacuum reads the log only, so it deletes a file
+            # only while its tombstone is still there and older than vacuum_retention_hours. Equal
+            # to the window, a tombstone left the next checkpoint as it came due, and most files
+            # compaction replaced were never deleted. Delta's own default is a week whatever vacuum
+            # keeps, and compaction removes about one file per commit.
+            hours = self.vacuum_retention_hours + min(self.vacuum_retention_hours, 24.0)
             props["delta.deletedFileRetentionDuration"] = f"interval {round(hours * 3600)} seconds"
         return props
 

@@ -3,7 +3,9 @@ compaction, checkpoints and vacuum keep every row and every position, also while
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 import polars as pl
 from deltalake import DeltaTable
@@ -33,8 +35,8 @@ def test_compaction_checkpoint_and_vacuum_keep_every_row_and_position(tmp_path):
     res = DeltaTable(str(tmp_path / "res"))
     assert res.metadata().configuration["delta.checkpointInterval"] == "100"
     assert res.metadata().configuration["delta.logRetentionDuration"] == "interval 24 hours"
-    # tombstones (removed files, in every checkpoint) are kept as long as vacuum needs them
-    assert res.metadata().configuration["delta.deletedFileRetentionDuration"] == "interval 3600 seconds"
+    # tombstones (removed files, in every checkpoint) outlive vacuum's window (by as much again here)
+    assert res.metadata().configuration["delta.deletedFileRetentionDuration"] == "interval 7200 seconds"
     before_rows = pl.read_delta(str(tmp_path / "res")).sort("source_offset")
     before = table_health(res)
     assert before.files == 40
@@ -54,6 +56,42 @@ def test_compaction_checkpoint_and_vacuum_keep_every_row_and_position(tmp_path):
     zero = MaintenanceSpec.model_construct(**{**MaintenanceSpec().model_dump(), "vacuum_retention_hours": 0})
     assert maintain_table(res, zero, compact=False, checkpoint=False).vacuumed_files == 40
     assert pl.read_delta(str(tmp_path / "res")).sort("source_offset").equals(before_rows)
+
+
+def test_a_replaced_files_tombstone_outlives_the_vacuum_window(tmp_path):
+    """A round's vacuum reads the log only: it deletes a file compaction replaced while the file's
+    tombstone is still there once the vacuum window has passed. Tombstones kept exactly as long as
+    the window left the next checkpoint as they came due, so those files were never deleted."""
+    window_s = 2.0
+    policy = MaintenanceSpec.model_construct(**{**MaintenanceSpec().model_dump(), "vacuum_retention_hours": window_s / 3600})
+    sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}, maintenance=policy)
+    sink.open()
+    sink.load_positions([TP0])
+    commit_many(sink, 0, 12)
+    res = DeltaTable(str(tmp_path / "res"))
+    assert maintain_table(res, policy, checkpoint=False, vacuum=False).compacted["files_removed"] == 12
+    time.sleep(window_s + 0.5)  # the replaced files are past the window: due for the vacuum
+    maintain_table(res, policy, compact=False, vacuum=False)  # the round's checkpoint
+    fresh = DeltaTable(str(tmp_path / "res"))  # loaded from that checkpoint, as the next round's handle
+    assert len(fresh.vacuum(retention_hours=0, dry_run=True, enforce_retention_duration=False)) == 12
+
+
+def test_maintain_by_hand_also_deletes_files_whose_tombstones_are_gone(tmp_path):
+    """Tables written before the margin: their replaced files' tombstones expired unseen. The full
+    vacuum `tidegate maintain` runs lists the directory and finds them."""
+    policy = MaintenanceSpec(vacuum_retention_hours=1)
+    sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}, maintenance=policy)
+    sink.open()
+    sink.load_positions([TP0])
+    commit_many(sink, 0, 6)
+    orphan = tmp_path / "res" / "part-00000-orphaned-by-an-expired-tombstone.parquet"
+    orphan.write_bytes(next((tmp_path / "res").glob("*.parquet")).read_bytes())
+    old = time.time() - 3 * 3600
+    os.utime(orphan, (old, old))
+    res = DeltaTable(str(tmp_path / "res"))
+    assert maintain_table(res, policy, compact=False, checkpoint=False).vacuumed_files == 0  # the log's view
+    assert maintain_table(res, policy, compact=False, checkpoint=False, full_vacuum=True).vacuumed_files == 1
+    assert not orphan.exists() and pl.read_delta(str(tmp_path / "res")).height == 12
 
 
 def test_a_compaction_racing_commits_loses_nothing(tmp_path):
@@ -122,6 +160,35 @@ def test_tidegate_maintain_reports_before_and_after(tmp_path):
     assert out.exit_code == 0, out.output
     assert "results" in out.output and "8 -> 1" in out.output
     assert table_health(DeltaTable(spec["sink"]["dead_letter"])).files == 1
+
+
+def test_maintain_by_hand_opens_encrypted_partitioned_tables_without_the_master_key(tmp_path, monkeypatch):
+    """`tidegate maintain` on a job whose tables hold encrypted (binary) columns and are
+    partitioned: it opens them with the job's stored schemas (no SinkSchemaError) and needs no
+    key, and it leaves the tables' properties as the job set them."""
+    import base64
+    import os as _os
+
+    from crypto.keyring import Keyring, LocalMasterKeyProvider
+
+    monkeypatch.setenv("TIDEGATE_MASTER_KEY", base64.b64encode(_os.urandom(32)).decode())
+    Keyring.init(tmp_path / "k.json", LocalMasterKeyProvider()).create_tenant("acme")
+    spec = _spec(tmp_path, checkpoint_interval=20)
+    spec["sink"]["partition_by"] = ["tenant"]
+    spec["encryption"] = {"keyring": str(tmp_path / "k.json"), "tenant": "acme", "output_fields": ["output_text"]}
+    writer = CommitWriter(parse_spec(spec))
+    writer.open()
+    writer.resume([TP0])
+    from tests.conftest import results_table
+
+    for c in range(4):
+        writer.write_tables(results_table([c], output_text=[f"answer {c}"], tenant=["acme"]), dead([]), {TP0: c}, None)
+    monkeypatch.delenv("TIDEGATE_MASTER_KEY")
+    out = CliRunner().invoke(app, ["maintain", str(write_spec(tmp_path, spec)), "--optimize"], terminal_width=200)
+    assert out.exit_code == 0, out.output
+    res = DeltaTable(spec["sink"]["results"])
+    assert res.metadata().configuration["delta.checkpointInterval"] == "20"
+    assert pl.read_delta(spec["sink"]["results"]).height == 4
 
 
 def test_a_log_retention_of_a_fraction_of_an_hour_is_what_delta_rs_cleans_by(tmp_path):

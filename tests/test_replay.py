@@ -81,3 +81,56 @@ def test_replay_after_a_fix_exactly_once_through_a_crash(tmp_path, broker, topic
     assert third.wait(300) == 0, third.log()[-3000:]
     assert "nothing to replay" in third.log()
     assert pl.read_delta(res_uri).height == n_good + n_fixable
+
+
+def test_replay_into_partitioned_tables_with_encrypted_columns(tmp_path, broker, topic, tiny_model, job_processes,
+                                                               monkeypatch):  # fmt: skip
+    """A replay opens the job's tables as the job does: partitioned (sink.partition_by), with the
+    encrypted columns binary (the dead letters' output_text and raw as stored) and the job's table
+    properties; each fixed row lands once, encrypted, and decrypts. Rows whose raw event the
+    keyring cannot open are left out and given back, not replayed as ciphertext."""
+    import base64
+    import os
+
+    from crypto.keyring import Keyring, LocalMasterKeyProvider
+    from crypto.reader import read_results
+
+    monkeypatch.setenv("TIDEGATE_MASTER_KEY", base64.b64encode(os.urandom(32)).decode())
+    keyring = tmp_path / "keyring.json"
+    kr = Keyring.init(keyring, LocalMasterKeyProvider())
+    kr.create_tenant("acme")
+    kr.create_tenant("globex")
+    records = [(f"f{i}".encode(), json.dumps({"id": f"f{i:03d}", "question": f"q{i}", "email": f"u{i}@x.example",
+                                              "customer": "globex" if i >= 10 else "acme"}).encode())
+               for i in range(12)]  # fmt: skip
+    send(broker, topic, records)
+    spec = make_spec(tmp_path, broker, topic, tiny_model, validation=[], **{
+        "pool.batch_size": 8, "sink.partition_by": ["tenant"], "sink.maintenance.checkpoint_interval": 20,
+        "encryption": {"keyring": str(keyring), "tenant": "acme", "tenant_field": "customer",
+                       "input_fields": ["email"], "output_fields": ["output_text"]},
+    })  # fmt: skip
+    job = job_processes(write_spec(tmp_path, spec), module="tests.job_runner", extra_args=("--instant-engine",))
+    assert job.wait(300) == 0, job.log()[-3000:]
+    res_uri, dl_uri = spec["sink"]["results"], spec["sink"]["dead_letter"]
+    assert pl.read_delta(dl_uri).height == 12  # no `user`: missing_variable, every one
+
+    # globex's key is revoked: its two rows' raw events cannot be read back. The replay leaves
+    # them out and gives them back (a later replay, with a key that opens them, plans them).
+    kr.rotate("globex")
+    kr.revoke("globex", 1)
+    spec["prompt"]["template"] = "Answer for {{ user | default('anonymous') }}: {{ question }}"
+    replay = job_processes(write_spec(tmp_path, spec), module="jobs.replay")
+    assert replay.wait(300) == 0, replay.log()[-3000:]
+    assert "2 row(s) left out and given back" in replay.log(), replay.log()[-3000:]
+    res = read_results(res_uri, keyring, backend="arrow")
+    assert sorted(res.column("id").to_pylist()) == [f"f{i:03d}" for i in range(10)]
+    dl = pl.read_delta(dl_uri)
+    assert dl.filter(pl.col("tenant") == "globex")["replayed_by"].null_count() == 2
+    assert dl.filter(pl.col("tenant") == "acme")["replayed_at"].null_count() == 0
+    assert res.column("input_email").to_pylist().count("u3@x.example") == 1
+    from deltalake import DeltaTable
+
+    dt = DeltaTable(res_uri)
+    assert dt.metadata().partition_columns == ["tenant"]
+    assert dt.metadata().configuration["delta.checkpointInterval"] == "20"
+    assert pl.read_delta(res_uri)["output_text"].dtype == pl.Binary
