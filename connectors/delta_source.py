@@ -117,7 +117,32 @@ class DeltaSource:
         try:
             return DeltaTable(self.spec.uri, version=version, storage_options=self._storage)
         except TableNotFoundError:
+            if version is not None and self._loadable(None):
+                raise SourceError(
+                    f"source.delta.uri {self.spec.uri!r}: version {version} can no longer be read (its log is past "
+                    f"the table's delta.logRetentionDuration); the oldest version that can is "
+                    f"{self._oldest_loadable(version)}"
+                ) from None
             raise SourceError(f"source.delta.uri {self.spec.uri!r}: no Delta table there") from None
+
+    def _loadable(self, version: int | None) -> bool:
+        try:
+            DeltaTable(self.spec.uri, version=version, storage_options=self._storage)
+        except TableNotFoundError:
+            return False
+        return True
+
+    def _oldest_loadable(self, low: int) -> int:
+        """The oldest version from `low` on whose log is still there (the log is cleaned from the
+        oldest end, so loadability is monotone: a binary search, a few loads)."""
+        high = DeltaTable(self.spec.uri, storage_options=self._storage).version()
+        while low < high:
+            mid = (low + high) // 2
+            if self._loadable(mid):
+                high = mid
+            else:
+                low = mid + 1
+        return low
 
     def _filesystem(self):
         # An explicit filesystem for local tables: reading through delta-rs's default one made
@@ -149,7 +174,17 @@ class DeltaSource:
             self._last_planned = version
         else:
             first = 0 if marker is None else marker
-            self._units = self._incremental_units(first, latest)
+            oldest = first if self._loadable(max(first - 1, 0)) else self._oldest_loadable(first)
+            if marker is None and oldest > 0:
+                # A first run on a table whose early log is cleaned: the rows of the oldest version
+                # it can read (its snapshot: every row added up to it and not removed), then each
+                # version after it. A restart's marker never gets this: rows it has not read would
+                # be skipped, so that stops (SourceError, from _table) instead.
+                log.warning("source.delta.uri %s: versions 0-%d are past the table's log retention: the first run "
+                            "reads version %d's snapshot, then the versions after it", self.spec.uri, oldest - 1, oldest)  # fmt: skip
+                self._units = [self._snapshot_unit(oldest), *self._incremental_units(oldest + 1, latest)]
+            else:
+                self._units = self._incremental_units(first, latest)
             self._last_planned = latest
         self._resume()
 
