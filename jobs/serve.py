@@ -519,11 +519,13 @@ class TidegateEndpoint:
         self.audit = AuditLog(spec, self.encryption, self.run_id)
         self.audit.open()
         journal = None
+        journal_dir = journal_directory(spec)
+        # Before this replica answers anything, whatever its ack: a spec moved off `journal` still
+        # has the acknowledged rows of replicas that died under it to commit.
+        replay_orphans(self.audit, journal_dir)
         if spec.serve.ack == "journal":
             from connectors.journal import AuditJournal
 
-            journal_dir = journal_directory(spec)
-            replay_orphans(self.audit, journal_dir)  # before this replica answers anything
             journal = AuditJournal.create(journal_dir, self.run_id)
         # A round in a thread here would share the GIL and delta-rs's threads with the answers' appends.
         # Its process starts now, beside the engine's load: started at the first round, under load,
