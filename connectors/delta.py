@@ -328,14 +328,18 @@ class DeltaSink:
                 written[table.role] = version
         return written
 
-    def stored_results_schema(self) -> pa.Schema | None:
-        """The results table's schema as it is stored now; None while the table does not exist. Read
-        only (EncryptionStage.keep_twin_as_stored asks it before the stored schemas are taken)."""
-        try:
-            dt = DeltaTable(self.results.uri, storage_options=self.results.storage_options)
-        except TableNotFoundError:
-            return None
-        return pa.schema(dt.schema().to_arrow())
+    def stored_table_schemas(self) -> tuple[pa.Schema | None, pa.Schema | None]:
+        """(results, dead letters) as the tables store them now; None for one that does not exist.
+        Read only (EncryptionStage.keep_twin_as_stored asks before the stored schemas are taken)."""
+
+        def schema(table: _Table) -> pa.Schema | None:
+            try:
+                dt = DeltaTable(table.uri, storage_options=table.storage_options)
+            except TableNotFoundError:
+                return None
+            return pa.schema(dt.schema().to_arrow())
+
+        return schema(self.results), schema(self.dead_letter)
 
     def use_schemas(self, results: pa.Schema, dead_letter: pa.Schema) -> None:
         """The tables' schemas when the job stores more or other columns (encryption: carried

@@ -174,17 +174,10 @@ class DeltaSource:
             self._last_planned = version
         else:
             first = 0 if marker is None else marker
-            oldest = first if self._loadable(max(first - 1, 0)) else self._oldest_loadable(first)
-            if marker is None and oldest > 0:
-                # A first run on a table whose early log is cleaned: the rows of the oldest version
-                # it can read (its snapshot: every row added up to it and not removed), then each
-                # version after it. A restart's marker never gets this: rows it has not read would
-                # be skipped, so that stops (SourceError, from _table) instead.
-                log.warning("source.delta.uri %s: versions 0-%d are past the table's log retention: the first run "
-                            "reads version %d's snapshot, then the versions after it", self.spec.uri, oldest - 1, oldest)  # fmt: skip
-                self._units = [self._snapshot_unit(oldest), *self._incremental_units(oldest + 1, latest)]
-            else:
-                self._units = self._incremental_units(first, latest)
+            # A version past the table's log retention cannot be read: _table stops, naming the
+            # oldest version that can be (reading that one's snapshot instead would give its rows
+            # ordinals a restart could not plan again, without a record of having done so).
+            self._units = self._incremental_units(first, latest)
             self._last_planned = latest
         self._resume()
 

@@ -101,8 +101,16 @@ def maintain_table(
                 dt.cleanup_metadata()
             report.checkpoint_version = dt.version()
         if vacuum and policy.vacuum_retention_hours is not None:
-            removed = dt.vacuum(retention_hours=int(policy.vacuum_retention_hours), dry_run=False,
-                                enforce_retention_duration=False, full=full_vacuum)  # the spec's retention is the policy  # fmt: skip
+            hours = int(policy.vacuum_retention_hours)  # the spec's retention is the policy
+            if full_vacuum:
+                # A full vacuum takes every file under the table's folder that no version names: a
+                # table nested in it (its data and its _delta_log) would go too. Looked at first.
+                nested = [p for p in dt.vacuum(retention_hours=hours, dry_run=True, enforce_retention_duration=False,
+                                               full=True) if "_delta_log" in p.replace("\\", "/").split("/")]  # fmt: skip
+                if nested:
+                    raise DeltaError(f"full vacuum refused: another table's log is inside this table's folder "
+                                     f"({len(nested)} file(s) of it, e.g. {nested[0]})")  # fmt: skip
+            removed = dt.vacuum(retention_hours=hours, dry_run=False, enforce_retention_duration=False, full=full_vacuum)
             report.vacuumed_files = len(removed)
         dt.update_incremental()
     except (OSError, DeltaError) as e:

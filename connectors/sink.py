@@ -115,9 +115,9 @@ def open_sink(spec: JobSpec) -> Sink:
 def adopt_stored_twin(encryption, sink: Sink) -> None:
     """An output column the results table already stores in clear stays so (crypto.stage
     EncryptionStage.keep_twin_as_stored); asked of sinks that can say what they store."""
-    stored = getattr(sink, "stored_results_schema", None)
+    stored = getattr(sink, "stored_table_schemas", None)
     if callable(stored) and encryption.twin is not None:
-        encryption.keep_twin_as_stored(stored())
+        encryption.keep_twin_as_stored(*stored())
 
 
 def stored_schemas(spec: JobSpec, sink: Sink) -> tuple[pa.Schema, pa.Schema]:

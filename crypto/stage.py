@@ -80,6 +80,7 @@ class EncryptionStage:
         named = [c for c in OUTPUT_COLUMNS if c in self.output_fields]
         # The twin an output_fields naming one of the two encrypts too (None: both or neither named).
         self.twin: str | None = None
+        self.dead_text_clear = False  # the dead-letter table stores output_text, the twin, in clear (keep_twin_as_stored)
         if len(named) == 1:
             self.twin = next(c for c in OUTPUT_COLUMNS if c not in self.output_fields)
             self.output_fields[self.twin] = self.output_fields[named[0]].model_copy(update={"name": self.twin})
@@ -124,7 +125,7 @@ class EncryptionStage:
         return mark_pii(stored, {"output_text", "output_json"} - encrypted if self.pii_mode() == "encrypt" else set())
 
     def stored_dead_schema(self, base: pa.Schema) -> pa.Schema:
-        if "output_text" in self.output_fields:
+        if self.encrypts_dead_text:
             return pa.schema([pa.field(f.name, pa.binary()) if f.name == "output_text" else f for f in base])
         return mark_pii(base, {"output_text"} if self.pii_mode() == "encrypt" else set())
 
@@ -135,21 +136,37 @@ class EncryptionStage:
         if unknown:
             raise SpecError(f"encryption.output_fields: no such result column(s): {', '.join(unknown)}")
 
-    def keep_twin_as_stored(self, results: pa.Schema | None) -> None:
-        """A results table that exists and stores the twin in clear text (written by a Tidegate that
-        encrypted only the output column a spec named) keeps it so: its rows stay readable and the
-        job starts, with a warning. Call with the table's schema (None: no table yet) before the
-        stored schemas are taken. A new table gets both columns encrypted."""
-        if self.twin is None or results is None or self.twin not in results.names:
-            return
-        if pa.types.is_binary(results.field(self.twin).type):
+    def keep_twin_as_stored(self, results: pa.Schema | None, dead: pa.Schema | None = None) -> None:
+        """Tables that exist and store the twin in clear text (written by a Tidegate that encrypted
+        only the output column a spec named) keep it so: their rows stay readable and the job
+        starts, with a warning. `results`, `dead`: the tables' schemas (None: no table yet), given
+        before the stored schemas are taken. New tables get both columns encrypted. The dead
+        letters hold output_text only, so theirs matters when the twin is output_text."""
+        if self.twin is None:
             return
         named = next(c for c in OUTPUT_COLUMNS if c != self.twin)
-        del self.output_fields[self.twin]
-        log.warning("encryption.output_fields names %s, which encrypts %s too, but the results table stores %s in "
-                    "clear text (created before both were encrypted): it stays so, protected only by encryption.pii "
-                    "and echo protection. Write to a new results table to encrypt it", named, self.twin, self.twin)  # fmt: skip
-        self.twin = None
+
+        def clear_in(schema: pa.Schema | None) -> bool:
+            return schema is not None and self.twin in schema.names and not pa.types.is_binary(schema.field(self.twin).type)
+
+        if self.twin == "output_text" and clear_in(dead):
+            self.dead_text_clear = True
+            log.warning("encryption.output_fields names %s, which encrypts output_text too, but the dead-letter table "
+                        "stores output_text in clear text (created before both were encrypted): it stays so there, "
+                        "protected only by encryption.pii and echo protection. Write to new results and dead-letter "
+                        "tables to encrypt it", named)  # fmt: skip
+        if clear_in(results):
+            del self.output_fields[self.twin]
+            log.warning("encryption.output_fields names %s, which encrypts %s too, but the results table stores %s in "
+                        "clear text (created before both were encrypted): it stays so, protected only by encryption.pii "
+                        "and echo protection. Write to new results and dead-letter tables to encrypt it", named,
+                        self.twin, self.twin)  # fmt: skip
+            self.twin = None
+
+    @property
+    def encrypts_dead_text(self) -> bool:
+        """Whether the dead letters' output_text is stored encrypted (an output_fields column)."""
+        return "output_text" in self.output_fields and not self.dead_text_clear
 
     # -- tenants ---------------------------------------------------------------------------------
 
@@ -286,7 +303,7 @@ class EncryptionStage:
                 err = pc.if_else(withheld, pc.binary_join_element_wise(dead.column("error"), RAW_WITHHELD, ""),
                                  dead.column("error"))  # fmt: skip
                 dead = dead.set_column(dead.schema.get_field_index("error"), "error", err)
-        if "output_text" in self.output_fields:
+        if self.encrypts_dead_text:
             text = pc.if_else(keyed, dead.column("output_text"), pa.scalar(None, pa.string()))
             enc = self._encrypt_where(text, ids, label, "output_text", tenants, keyed)
             dead = dead.set_column(dead.schema.get_field_index("output_text"), "output_text", enc)

@@ -303,6 +303,8 @@ def maintain(
     optimize: Annotated[bool, typer.Option("--optimize", help="Compact small files (target sink.maintenance.target_file_mb).")] = False,
     vacuum: Annotated[bool, typer.Option("--vacuum", help="Delete files unreferenced for vacuum_retention_hours.")] = False,
     checkpoint: Annotated[bool, typer.Option("--checkpoint", help="Write a checkpoint and clean up expired log files.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Vacuum: also delete files under the tables' folders that no version names "
+                                       "(e.g. replaced files whose tombstones expired unseen); refused if another table is nested there.")] = False,
 ) -> None:
     """Maintain the job's Delta tables (none of the flags: all three). Safe while the job runs:
     positions survive, a compaction that races a commit is retried."""
@@ -322,9 +324,9 @@ def maintain(
             raise TidegateError(f"sink.kind {job.sink.kind!r} has no table maintenance")
         sink.use_schemas(*stored_schemas(job, sink))  # encrypted columns are binary there
         sink.open()
-        # By hand the vacuum lists the tables' directories too: it also finds files whose tombstones
-        # expired before a job's round saw them (the rounds read the log only).
-        report = sink.maintain(compact=optimize, checkpoint=checkpoint, vacuum=vacuum, full_vacuum=True)
+        # --full: the vacuum lists the tables' folders too, so it also finds files whose tombstones
+        # expired before a round saw them (the rounds read the log only).
+        report = sink.maintain(compact=optimize, checkpoint=checkpoint, vacuum=vacuum, full_vacuum=full)
     except TidegateError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)

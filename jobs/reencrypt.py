@@ -182,24 +182,36 @@ def reencrypt_table(
     if not report.total:
         step("write (nothing stale)", steps, steps)
         return report
+    from deltalake.exceptions import CommitFailedError
+
     from connectors.delta import writer_properties
     from schemas.records import STATS_SAFE_COLUMNS
     from schemas.spec import ParquetSpec
 
     partitions = dt.metadata().partition_columns
     _no_rewrite_since(DeltaTable(uri, storage_options=storage_options), report.read_version, uri)
-    write_deltalake(
-        dt,
-        data.cast(schema),
-        mode="overwrite",
-        partition_by=partitions or None,
-        storage_options=storage_options,
-        # As the sink writes: statistics on the safe columns only (none on ids, text, raw bytes).
-        writer_properties=writer_properties(ParquetSpec(), [c for c in names if c in STATS_SAFE_COLUMNS]),
-    )
+    try:
+        write_deltalake(
+            dt,
+            data.cast(schema),
+            mode="overwrite",
+            partition_by=partitions or None,
+            storage_options=storage_options,
+            # As the sink writes: statistics on the safe columns only (none on ids, text, raw bytes).
+            writer_properties=writer_properties(ParquetSpec(), [c for c in names if c in STATS_SAFE_COLUMNS]),
+        )
+    except CommitFailedError as e:  # delta-rs's own conflict check (a metadata change, say): nothing written
+        raise ReencryptConflict(f"{uri}: a commit since version {report.read_version} conflicts with the re-encryption "
+                                f"({str(e).splitlines()[0][:200]}); nothing was written. Run it again") from None
     report.written_version = DeltaTable(uri, storage_options=storage_options).version()
     step("write", steps, steps)
     return report
+
+
+# Commits that change no row the snapshot holds: appends, and table metadata or housekeeping.
+# Anything else (OPTIMIZE, UPDATE, DELETE, MERGE, an overwrite, an unknown operation) refuses.
+_LEAVES_ROWS = {"VACUUM START", "VACUUM END", "SET TBLPROPERTIES", "ADD COLUMN", "CHANGE COLUMN",
+                "UPDATE FIELD METADATA", "ADD CONSTRAINT", "DROP CONSTRAINT", "CREATE TABLE"}  # fmt: skip
 
 
 def _no_rewrite_since(latest, read_version: int, uri: str) -> None:
@@ -208,7 +220,9 @@ def _no_rewrite_since(latest, read_version: int, uri: str) -> None:
     if newer <= 0:
         return
     for commit in latest.history(newer):
-        if commit.get("operation") != "WRITE" or (commit.get("operationParameters") or {}).get("mode") != "Append":
+        op = commit.get("operation")
+        append = op == "WRITE" and (commit.get("operationParameters") or {}).get("mode") == "Append"
+        if not append and op not in _LEAVES_ROWS:
             raise ReencryptConflict(
                 f"{uri}: version {commit.get('version')} ({commit.get('operation')}) rewrote rows while the table was "
                 "being re-encrypted; nothing was written. Run it again (pause the table's maintenance to avoid this)"

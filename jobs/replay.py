@@ -270,15 +270,19 @@ def _release(dl_uri: str, storage_options, replay_id: str, rows: pa.Table, parqu
     """Give rows of a plan back (replayed_by null again): a later replay, with a keyring that can
     read them, plans them anew. Only the plan's own rows carry replayed_by = replay_id."""
     quoted = lambda v: "'{}'".format(str(v).replace("'", "''"))  # noqa: E731
-    groups: dict[tuple[str, int], list[int]] = {}
-    for t, p, o in zip(*(rows.column(c).to_pylist() for c in ("source_topic", "source_partition", "source_offset"))):
-        groups.setdefault((t, p), []).append(o)
-    for (t, p), offsets in groups.items():
+    groups: dict[tuple[str, int, str | None], list[int]] = {}
+    columns = ("source_topic", "source_partition", "source_offset", "run_id")
+    for t, p, o, run in zip(*(rows.column(c).to_pylist() for c in columns)):
+        if t is None or p is None or o is None:  # no position to find it by: it stays in the plan's hands
+            continue
+        groups.setdefault((t, p, run), []).append(o)
+    for (t, p, run), offsets in groups.items():
+        same_run = "run_id IS NULL" if run is None else f"run_id = {quoted(run)}"
         for i in range(0, len(offsets), 1000):  # predicates of a bounded size
             chunk = ", ".join(str(int(o)) for o in offsets[i : i + 1000])
             _update(dl_uri, storage_options, updates={"replayed_by": "NULL"}, parquet=parquet,
                     predicate=f"replayed_by = {quoted(replay_id)} AND source_topic = {quoted(t)} "
-                              f"AND source_partition = {int(p)} AND source_offset IN ({chunk})")  # fmt: skip
+                              f"AND source_partition = {int(p)} AND {same_run} AND source_offset IN ({chunk})")  # fmt: skip
 
 
 def _pending(dt_uri: str, storage_options) -> list[str]:
@@ -312,6 +316,12 @@ def replay_dead_letters(spec: JobSpec, where: str | None, fixed_cluster: bool, p
         plan = _decrypted(spec, planned)
         if plan is not planned:
             locked = _undecryptable(planned, plan)
+            if pc.any(locked).as_py() and resumed:
+                # Its positions are ordinals in the plan as it was made: leaving rows out now would
+                # shift them (rows skipped, or run twice). It finishes with a keyring that opens them.
+                raise SpecError(f"replay {replay_id} is in progress and {pc.sum(locked.cast(pa.int64())).as_py()} of its "
+                                "rows' raw events do not decrypt with this keyring (a tenant or key version it lacks, "
+                                "or revoked since): finish it with the keyring it started with")  # fmt: skip
             if pc.any(locked).as_py():
                 _release(dl_uri, opts, replay_id, planned.filter(locked), spec.sink.parquet)
                 plan = plan.filter(pc.invert(locked))

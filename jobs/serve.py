@@ -631,7 +631,9 @@ class TidegateEndpoint:
             self._tenant_of(principal)  # whatever the body is: a key of no usable tenant is refused first
             body, event_id = self._event_for(await request.body(), principal)
             self._audit_room()
-            estimate = len(body) // 4 + self._budget(None)
+            # A body over max_message_bytes never reaches the engine (oversized_message): its bytes
+            # are not reserved, or one legal-looking request could hold the tenant's budget at once.
+            estimate = min(len(body), self.spec.source.max_message_bytes) // 4 + self._budget(None)
             await self._admit(principal, estimate)
         except _Refused as r:
             return self._refusal(r, route)
@@ -787,18 +789,25 @@ class TidegateEndpoint:
             fut = asyncio.get_running_loop().create_future()
             self._in_flight[offset] = fut
             code = 500
+            ran = False  # _run_and_store settles the reservation itself
             try:
                 code_body = await self._stored_answer(route, offset)
                 if code_body is None and self._claims is not None:  # another replica may be running it
                     holder = uuid.uuid4().hex
                     code_body = await self._claim(offset, holder)
                 if code_body is None:
+                    ran = True
                     code, body = await self._run_and_store(route, offset, work, principal, request_id, estimate)
                     if code < 500:
                         self._answers.put(offset, (code, body))
             except _Refused as r:
-                self._settle(principal, -estimate)  # nothing ran
+                if not ran:
+                    self._settle(principal, -estimate)  # nothing ran
                 return self._refusal(r, route)
+            except Exception:
+                if not ran:  # the lookup failed (a store error): nothing ran either
+                    self._settle(principal, -estimate)
+                raise
             finally:
                 answer = code_body if code_body is not None else ((code, body) if code < 500 else None)
                 fut.set_result(answer)
@@ -821,7 +830,8 @@ class TidegateEndpoint:
         def failed(stage: str, kind: str, error: str) -> Outcome:
             dead = dead_letter_table([dict(id=request_id, stage=stage, error_class=kind, error=error,
                                            source_topic=f"serve:{route}", source_partition=0, source_offset=offset,
-                                           tenant=self._tenant_of(principal))], self.run_id)  # fmt: skip
+                                           tenant=principal.tenant if principal is not None else self._tenant_of(None))],
+                                     self.run_id)  # fmt: skip
             return Outcome(empty_table(self.guards.results_schema), dead, estimate)  # its cost is not known: the reservation
 
         try:

@@ -894,8 +894,8 @@ class JobSpec(_Strict):
     model: ModelSpec
     sampling: dict[str, Any] = Field(
         default_factory=lambda: dict(DEFAULT_SAMPLING),
-        description="vllm.SamplingParams fields; the ones not given keep Tidegate's defaults (max_tokens 64, "
-        "temperature 0), not vLLM's.",
+        description="vllm.SamplingParams fields (absent: max_tokens 64, temperature 0). A section given keeps "
+        "max_tokens 64 unless it sets it; its other fields not given are vLLM's defaults (temperature 1).",
     )
     pool: PoolSpec = Field(default_factory=PoolSpec)
     stages: StagesSpec = Field(default_factory=StagesSpec)
@@ -932,8 +932,10 @@ class JobSpec(_Strict):
             raise ValueError(f"unknown SamplingParams field(s): {', '.join(unknown)}")
         if v.get("n", 1) != 1:
             raise ValueError("n must be 1: one completion per event")
-        # Merged, not replaced: `sampling: {temperature: 0.7}` keeps max_tokens 64 (vLLM's own is 16).
-        return {**DEFAULT_SAMPLING, **v}
+        # max_tokens only: `sampling: {temperature: 0.7}` keeps 64 (vLLM's own is 16, which cut most
+        # answers short). The temperature is not filled in: a section with top_p but no temperature
+        # has always sampled at vLLM's 1.0, and greedy would make its top_p do nothing.
+        return {"max_tokens": DEFAULT_SAMPLING["max_tokens"], **v}
 
     @model_validator(mode="after")
     def _distinct_tables(self) -> JobSpec:

@@ -736,10 +736,23 @@ def test_reencrypt_refuses_to_overwrite_a_compaction_that_landed_meanwhile(kr, t
     with pytest.raises(ReencryptConflict, match="OPTIMIZE"):
         reencrypt_table(uri, kr, progress=compact_during_the_read)
     assert pl.read_delta(uri).height == before
-    report = reencrypt_table(uri, kr)
-    assert report.total and pl.read_delta(uri).height == before
+
+    appended: set[str] = set()
+
+    def append_during_the_read(step, done, total):  # a running job's commit: kept, not refused
+        if step == "read":
+            files = set(DeltaTable(uri).file_uris())
+            more, _ = _results(kr, n=2, offset=100)
+            write_deltalake(uri, more, mode="append")
+            appended.update(set(DeltaTable(uri).file_uris()) - files)
+
+    report = reencrypt_table(uri, kr, progress=append_during_the_read)
+    assert report.total and pl.read_delta(uri).height == before + 2
+    before += 2
     dt = DeltaTable(uri)
-    for path in dt.file_uris():
+    rewritten = set(dt.file_uris()) - appended  # the test's own append wrote its file with default statistics
+    assert rewritten and len(appended) == 1
+    for path in rewritten:
         meta = pq.ParquetFile(path).metadata
         for rg in range(meta.num_row_groups):
             for c in range(meta.num_columns):

@@ -94,6 +94,22 @@ def test_maintain_by_hand_also_deletes_files_whose_tombstones_are_gone(tmp_path)
     assert not orphan.exists() and pl.read_delta(str(tmp_path / "res")).height == 12
 
 
+def test_a_full_vacuum_is_refused_over_a_table_nested_in_the_folder(tmp_path):
+    """A full vacuum deletes every file under the folder that no version names: a table nested
+    there (its data and its log) would go. It is refused, the nested table intact."""
+    policy = MaintenanceSpec(vacuum_retention_hours=1)
+    sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "res" / "dl"), {}, maintenance=policy)
+    sink.open()
+    sink.load_positions([TP0])
+    commit_many(sink, 0, 3)  # dead letters land in res/dl, inside the results table's folder
+    old = time.time() - 3 * 3600
+    for p in (tmp_path / "res" / "dl").rglob("*"):
+        os.utime(p, (old, old))
+    report = maintain_table(DeltaTable(str(tmp_path / "res")), policy, compact=False, checkpoint=False, full_vacuum=True)
+    assert report.error is not None and "another table's log is inside" in report.error
+    assert pl.read_delta(str(tmp_path / "res" / "dl")).height == 3
+
+
 def test_a_compaction_racing_commits_loses_nothing(tmp_path):
     sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {})
     sink.open()

@@ -520,6 +520,12 @@ def test_a_table_storing_the_twin_in_clear_keeps_it_so_with_a_warning(keyring, t
     before = EncryptionStage(spec(old).encryption, old, str(tmp_path / "dl" / "old"))
     before.output_fields.pop("output_text")
     DeltaTable.create(old, schema=before.stored_results_schema(RESULTS_SCHEMA))
+    # A new results table beside the old dead-letter table, whose output_text is text: that one
+    # stays so (a warning), the new results table encrypts both.
+    mixed = EncryptionStage(spec(old).encryption, old, str(tmp_path / "dl" / "old"))
+    mixed.keep_twin_as_stored(None, pa.schema([pa.field("output_text", pa.string())]))
+    assert mixed.stored_dead_schema(DEAD_LETTER_SCHEMA).field("output_text").type == pa.string()
+    assert mixed.stored_results_schema(RESULTS_SCHEMA).field("output_text").type == pa.binary()
     for uri, clear in ((old, True), (str(tmp_path / "new"), False)):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="crypto.stage"):
@@ -552,7 +558,7 @@ def test_switching_encryption_on_for_a_plain_tables_column_fails_at_start_naming
     stage = EncryptionStage(EncryptionSpec(keyring=str(keyring.path), tenant="acme", output_fields=["output_text"]),
                             str(tmp_path / "results"), str(tmp_path / "dead_letter"))  # fmt: skip
     sink = DeltaSink("j", str(tmp_path / "results"), str(tmp_path / "dead_letter"), {})
-    stage.keep_twin_as_stored(sink.stored_results_schema())  # output_json stays text there, output_text cannot
+    stage.keep_twin_as_stored(*sink.stored_table_schemas())  # output_json stays text there, output_text cannot
     sink.use_schemas(stage.stored_results_schema(RESULTS_SCHEMA), stage.stored_dead_schema(DEAD_LETTER_SCHEMA))
     with pytest.raises(SinkSchemaError, match="column 'output_text' is string, expected binary"):
         sink.open()

@@ -344,14 +344,15 @@ def test_cpu_dtype_advice_warns_only_for_bf16_on_a_cpu_without_bf16(tmp_path):
 
 
 def test_sampling_keys_not_given_keep_tidegates_defaults():
-    """README: sampling defaults to max_tokens 64, temperature 0; a section naming other keys keeps
-    them (replaced whole, vLLM's own max_tokens of 16 applied and temperature 1)."""
+    """README: an absent sampling section is max_tokens 64, temperature 0; a section given keeps
+    max_tokens 64 unless it sets it (replaced whole, vLLM's 16 cut answers short), and its other
+    fields are vLLM's (a top_p without a temperature samples at 1.0, as it always did)."""
     from schemas.spec import parse_spec
 
     base = {"name": "s", "source": {"kafka": {"topic": "t"}}, "prompt": {"template": "{{ q }}", "id_field": "id"},
             "model": {"path": "m"}, "sink": {"results": "/tmp/r", "dead_letter": "/tmp/d"}}  # fmt: skip
     assert parse_spec(base).sampling == {"max_tokens": 64, "temperature": 0.0}
     spec = parse_spec({**base, "sampling": {"top_p": 0.9}})
-    assert spec.sampling == {"max_tokens": 64, "temperature": 0.0, "top_p": 0.9}
+    assert spec.sampling == {"max_tokens": 64, "top_p": 0.9}
     assert parse_spec({**base, "sampling": {"max_tokens": 8, "temperature": 0.7}}).sampling == {"max_tokens": 8, "temperature": 0.7}
     assert parse_spec(spec.model_dump()).sampling == spec.sampling  # a dumped spec reads back the same
