@@ -266,6 +266,16 @@ def _undecryptable(before: pa.Table, after: pa.Table) -> pa.Array:
     return pc.fill_null(pc.and_(raw_in.is_valid(), pc.equal(raw_in, raw_out)), False)
 
 
+def _committed_any(spec: JobSpec, replay_id: str) -> bool:
+    """Whether the replay has committed anything (its plan ordinals are then in use): a replay
+    stopped before its first commit, while it was giving rows back say, may still leave rows out."""
+    from connectors.replay import replay_topic
+
+    sink = DeltaSink(spec.name, spec.sink.results, spec.sink.dead_letter, spec.sink.storage_options, source_kind="replay")
+    tp = (replay_topic(replay_id), 0)
+    return any(v is not None for v in sink.read_positions([tp])[tp])
+
+
 def _release(dl_uri: str, storage_options, replay_id: str, rows: pa.Table, parquet) -> None:
     """Give rows of a plan back (replayed_by null again): a later replay, with a keyring that can
     read them, plans them anew. Only the plan's own rows carry replayed_by = replay_id."""
@@ -316,7 +326,7 @@ def replay_dead_letters(spec: JobSpec, where: str | None, fixed_cluster: bool, p
         plan = _decrypted(spec, planned)
         if plan is not planned:
             locked = _undecryptable(planned, plan)
-            if pc.any(locked).as_py() and resumed:
+            if pc.any(locked).as_py() and resumed and _committed_any(spec, replay_id):
                 # Its positions are ordinals in the plan as it was made: leaving rows out now would
                 # shift them (rows skipped, or run twice). It finishes with a keyring that opens them.
                 raise SpecError(f"replay {replay_id} is in progress and {pc.sum(locked.cast(pa.int64())).as_py()} of its "
