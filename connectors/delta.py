@@ -246,6 +246,12 @@ def writer_properties(parquet: ParquetSpec, stats_columns: list[str]) -> WriterP
     )  # fmt: skip
 
 
+def safe_writer_properties(parquet: ParquetSpec, names: Iterable[str]) -> WriterProperties:
+    """writer_properties with statistics on those of `names` that are STATS_SAFE_COLUMNS: how every
+    file of a job's tables is written (appends, compaction, a replay's updates, re-encryption)."""
+    return writer_properties(parquet, [c for c in names if c in STATS_SAFE_COLUMNS])
+
+
 def _same_type(a: pa.DataType, b: pa.DataType) -> bool:
     # Delta stores strings/binaries without Arrow's size variants; compare the logical type.
     def norm(t: pa.DataType) -> str:

@@ -184,8 +184,7 @@ def reencrypt_table(
         return report
     from deltalake.exceptions import CommitFailedError
 
-    from connectors.delta import writer_properties
-    from schemas.records import STATS_SAFE_COLUMNS
+    from connectors.delta import safe_writer_properties
     from schemas.spec import ParquetSpec
 
     partitions = dt.metadata().partition_columns
@@ -198,7 +197,7 @@ def reencrypt_table(
             partition_by=partitions or None,
             storage_options=storage_options,
             # As the sink writes: statistics on the safe columns only (none on ids, text, raw bytes).
-            writer_properties=writer_properties(ParquetSpec(), [c for c in names if c in STATS_SAFE_COLUMNS]),
+            writer_properties=safe_writer_properties(ParquetSpec(), names),
         )
     except CommitFailedError as e:  # delta-rs's own conflict check (a metadata change, say): nothing written
         raise ReencryptConflict(f"{uri}: a commit since version {report.read_version} conflicts with the re-encryption "

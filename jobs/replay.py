@@ -51,12 +51,10 @@ class ReplayReport:
 def _update(dt_uri: str, storage_options, retries: int = 5, **kwargs) -> dict:
     """A Delta UPDATE on the dead-letter table, retried when a running job's append races it. The
     files it rewrites are written as the sink writes them: statistics on the safe columns only."""
-    from connectors.delta import writer_properties
-    from schemas.records import STATS_SAFE_COLUMNS
+    from connectors.delta import safe_writer_properties
     from schemas.spec import ParquetSpec
 
-    props = writer_properties(kwargs.pop("parquet", None) or ParquetSpec(),
-                              [c for c in DEAD_LETTER_SCHEMA.names if c in STATS_SAFE_COLUMNS])  # fmt: skip
+    props = safe_writer_properties(kwargs.pop("parquet", None) or ParquetSpec(), DEAD_LETTER_SCHEMA.names)
     for attempt in range(retries):
         try:
             return DeltaTable(dt_uri, storage_options=storage_options).update(writer_properties=props, **kwargs)

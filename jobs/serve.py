@@ -762,8 +762,11 @@ class TidegateEndpoint:
         listening. Cancelled halfway, its rows could be written while the key's other waiters, told
         it failed, ran it again (two rows at one offset), or a generation's row never be written."""
         task = asyncio.ensure_future(self._answer_now(request, principal, route, work, request_id, estimate))
-        task.add_done_callback(_retrieve)  # a failure after the client left is logged, not lost
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_retrieve)  # nobody awaits it now: a failure of it is logged, not lost
+            raise
 
     async def _answer_now(self, request: Request, principal, route: str, work, request_id: str | None,
                           estimate: int) -> JSONResponse:  # fmt: skip
@@ -978,7 +981,7 @@ class TidegateEndpoint:
         return (body if fixed is event else json.dumps(fixed).encode()), event_id
 
     def _budget(self, max_tokens: int | None) -> int:
-        spec_max = int(self.spec.sampling.get("max_tokens") or 16)
+        spec_max = self.guards.max_tokens
         return min(max_tokens, spec_max) if max_tokens else spec_max
 
     def _audit_room(self) -> None:
