@@ -536,7 +536,9 @@ def test_pii_encrypt_inline_and_reveal(kr, tmp_path):
     ids = rids(len(TEXTS))
     out = protect_pii(pa.array(TEXTS), ids, fake_find_pii, "encrypt", table=T, column=C, tenants="acme", keyring=kr)
     protected = out.to_pylist()
-    assert "ann@example.com" not in protected[0] and "555" not in protected[0]
+    # outside the tokens: a token's random base64 may hold "555" by chance
+    outside = re.sub(r"\[PII:[a-z]+:[\w-]+\]", "", protected[0])
+    assert "ann@example.com" not in outside and "555" not in outside
     assert re.fullmatch(r"mail \[PII:email:[\w-]+\] or \[PII:phone:[\w-]+\] now", protected[0])
     assert protected[1:4] == [None, "nothing here", ""]
     assert reveal_pii(out, ids, table=T, column=C, keyring=kr).to_pylist() == TEXTS
