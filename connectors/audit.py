@@ -11,6 +11,7 @@ request number: compute/online.py).
       checkpoint()                     the checkpoints the appends made due (they never write one)
       find(route, offset)              -> (results, dead) already stored for that request, decrypted
       find_in(results, dead, route, offset)  the same, among stored rows not committed yet
+      rows_of(results, dead, route, offset)  that request's rows among these, as they are
       maintain(commits, runner=None)   one sink.maintenance round on the tables, with handles of its
                                        own (it runs beside the appends, not between them); runner:
                                        where maintain_tables runs (default: this thread)
@@ -110,6 +111,11 @@ class AuditLog:
 
     def find_in(self, results: pa.Table, dead: pa.Table, route: str, offset: int) -> tuple[pa.Table, pa.Table]:
         """find() among stored rows that are not in the tables yet (a journal's pending groups)."""
+        return self._decrypted(*self.rows_of(results, dead, route, offset))
+
+    @staticmethod
+    def rows_of(results: pa.Table, dead: pa.Table, route: str, offset: int) -> tuple[pa.Table, pa.Table]:
+        """The rows of request `offset` of `route` among these (as they are: stored or plain)."""
 
         def rows(t: pa.Table) -> pa.Table:
             if not t.num_rows:
@@ -117,7 +123,7 @@ class AuditLog:
             mask = pc.and_(pc.equal(t.column("source_topic"), f"serve:{route}"), pc.equal(t.column("source_offset"), offset))
             return t.filter(mask)
 
-        return self._decrypted(rows(results), rows(dead))
+        return rows(results), rows(dead)
 
     def _decrypted(self, results: pa.Table, dead: pa.Table) -> tuple[pa.Table, pa.Table]:
         keyring = self.encryption.keyring

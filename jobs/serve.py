@@ -124,6 +124,7 @@ class _AuditBuffer:
         self.lock = threading.Lock()  # the audit's Delta handles are used by one thread at a time
         self.journal_lock = threading.Lock()  # the journal file and the list of its uncommitted groups
         self._pending: list[tuple[pa.Table, pa.Table, asyncio.Future | None]] = []
+        self._writing: list[tuple[pa.Table, pa.Table, asyncio.Future | None]] = []  # the group being written
         self._journaled: list = []  # JournalRecord: stored rows (journal, buffered), not yet in both tables
         self._seq = 0
         self._wake: asyncio.Event | None = None
@@ -185,6 +186,16 @@ class _AuditBuffer:
     def full(self) -> bool:
         return self.backlog_max_bytes is not None and self.backlog_bytes() >= self.backlog_max_bytes
 
+    def waiting(self) -> list[tuple[pa.Table, pa.Table]]:
+        """buffered: the rows of answered requests not stored yet, in plain (an Idempotency-Key
+        lookup; durable's are their requests', which have not answered). Call it on the event
+        loop: only the loop moves rows into and out of these lists, on their way to the stored
+        records (journaled()) and then the tables, so a lookup of this, then those, then the
+        tables, in that order, cannot miss a row moving between them."""
+        if self.durable:
+            return []
+        return [(results, dead) for results, dead, _ in self._writing + self._pending]
+
     def journaled(self) -> tuple[pa.Table, pa.Table] | None:
         """The stored rows not in the tables yet (an Idempotency-Key lookup)."""
         with self.journal_lock:
@@ -213,8 +224,12 @@ class _AuditBuffer:
 
     async def _write_group(self, group: list) -> None:
         """One write for a group's rows; its waiting requests are released once it landed."""
-        await asyncio.to_thread(self._write, pa.concat_tables([g[0] for g in group], promote_options="default"),
-                                pa.concat_tables([g[1] for g in group], promote_options="default"))  # fmt: skip
+        self._writing = group  # (until _write has them among the stored records: waiting() finds them)
+        try:
+            await asyncio.to_thread(self._write, pa.concat_tables([g[0] for g in group], promote_options="default"),
+                                    pa.concat_tables([g[1] for g in group], promote_options="default"))  # fmt: skip
+        finally:
+            self._writing = []
         if not self.durable:  # buffered: counted as stored records now (_write), no longer as waiting rows
             self._pending_bytes -= sum(_nbytes(g[:2]) for g in group)
         if self._direct:
@@ -881,8 +896,16 @@ class TidegateEndpoint:
         self._claims.finish.remote(offset, holder, answer)
 
     async def _stored_answer(self, route: str, offset: int) -> tuple[int, dict] | None:
+        waiting = self.buffer.waiting()  # here, on the event loop (_AuditBuffer.waiting says why)
+
         def find():
-            journaled = self.buffer.journaled()  # first: a group leaves this list only once committed
+            if waiting:  # buffered, answered and not stored yet: in plain
+                results, dead = self.audit.rows_of(pa.concat_tables([w[0] for w in waiting], promote_options="default"),
+                                                   pa.concat_tables([w[1] for w in waiting], promote_options="default"),
+                                                   route, offset)  # fmt: skip
+                if results.num_rows or dead.num_rows:
+                    return results, dead
+            journaled = self.buffer.journaled()  # then: a group leaves this list only once committed
             if journaled is not None:
                 results, dead = self.audit.find_in(*journaled, route, offset)
                 if results.num_rows or dead.num_rows:

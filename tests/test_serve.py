@@ -67,7 +67,8 @@ def endpoint(tmp_path_factory, broker):
                         "results": str(tmp / "small" / "results"), "dead_letter": str(tmp / "small" / "dead"),
                         "commit_interval_s": 600},  # with ack buffered: nothing is written before the app stops
                         "serve": {"port": port, "num_cpus": 0.25, "auth": False, "route_prefix": "/small", "ack": "buffered",
-                                  "max_ongoing_requests": 1, "max_queued_requests": 1, "request_timeout_s": 4},
+                                  "max_ongoing_requests": 1, "max_queued_requests": 1, "request_timeout_s": 4,
+                                  "idempotency_cache": 0},
                         "encryption": {}})  # fmt: skip
     # Two replicas with one request budget: the tenant's budget is the application's (serve.limits.scope).
     pair = parse_spec({**spec_dict, "name": "pair", "sink": {**spec_dict["sink"],
@@ -230,6 +231,19 @@ def test_idempotency_key_returns_the_first_answer_and_writes_one_row(endpoint):
     assert [r.status_code for r in out] == [200] * 4
     assert sum(r.headers.get("idempotent-replayed") == "true" for r in out) == 3
     assert len(_rows(endpoint["spec"].sink.results, pl.col("id") == slow["id"])) == 1
+
+
+def test_a_buffered_answer_is_found_for_its_key_before_its_rows_are_stored(endpoint):
+    """serve.ack buffered with no answers kept in memory (the "small" app: idempotency_cache 0, a
+    600 s interval): the first answer's rows wait in the replica's buffer, in neither the stored
+    records nor the tables. A retry with its key finds them there instead of running again."""
+    url, ev = endpoint["small_url"] + "/v1/jobs/small/invoke", _event("buffered idempotent question")
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    first = httpx.post(url, json=ev, headers=key, timeout=60)
+    again = httpx.post(url, json={**ev, "question": "changed"}, headers=key, timeout=60)
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert "idempotent-replayed" not in first.headers and again.headers.get("idempotent-replayed") == "true"
+    assert again.json() == first.json() and again.json()["output"] == "Answer for dana: buffered idempotent question"
 
 
 def test_token_budget_answers_429_with_retry_after(endpoint):
