@@ -2,7 +2,8 @@
 
     CommitWriter (actor)
       open()                                 create or check the sink's tables (fails before any work)
-      resume(tps) -> (positions, windows)    the sink's committed positions and repair windows
+      resume(tps) -> (positions, windows)    the sink's committed positions and repair windows (opens
+                                             the tables first in a writer Ray restarted)
       forget(tps)                            partitions given away
       write(outputs, positions, rec)         the batches' BatchOutput refs -> plain rows -> Sink.prepare
                                              -> EncryptionStage -> Sink.commit -> CommitReport (with the
@@ -87,6 +88,10 @@ class CommitWriter:
         # The sink's fencing state lives in this process: after Ray restarted it, no commit until
         # the job has read the positions again (resume), or one could pass a stale check.
         self._resumed = False
+        # Ray re-runs only the constructor: a restarted writer opens its tables again in resume()
+        # (the sink's partitioning and writer properties, the encryption's binding to the tables'
+        # ids, the results topic's producer), or its values would be bound to the wrong tables.
+        self._opened = False
         # sink.topic: rows are published after their commit; the marks of what was published ride
         # on the next commit (connectors/results_topic.py). A replay's sink does not publish.
         self.topic = None
@@ -105,15 +110,18 @@ class CommitWriter:
         return os.getpid()
 
     def open(self) -> int:
-        self.sink.open()
-        self.encryption.bind(*self.sink.bindings())  # how the tables bind values (crypto/binding.py)
-        if self.topic is not None:
-            self.topic.open()
+        if not self._opened:
+            self.sink.open()
+            self.encryption.bind(*self.sink.bindings())  # how the tables bind values (crypto/binding.py)
+            if self.topic is not None:
+                self.topic.open()
+            self._opened = True
         return os.getpid()
 
     def resume(self, tps: list[TopicPartition]) -> tuple[dict[TopicPartition, int | None], dict]:
         """Committed positions of these partitions, and the dead-letter offsets above them. With
         sink.topic, committed rows the topic lacks (a crash between commit and publish) are sent first."""
+        self.open()  # a writer Ray restarted has not (the driver opened the first one only)
         positions = self.sink.load_positions(tps)
         self._resumed = True
         if self.topic is not None:

@@ -547,6 +547,42 @@ def test_a_table_storing_the_twin_in_clear_keeps_it_so_with_a_warning(keyring, t
         assert read_results(uri, keyring, backend="arrow").column("output_text").to_pylist() == [f"to {SECRET}"] * 2
 
 
+@pytest.mark.parametrize("partition_by", [[], ["processed_date"]])
+def test_a_commit_writer_ray_restarted_opens_its_tables_again_before_writing(keyring, tmp_path, partition_by):
+    """Ray re-runs only the commit writer's constructor; the job's recovery then calls resume(),
+    never open(). The restarted writer must open the tables itself: unopened, it bound its values
+    to the wrong tables (rows nobody could decrypt), lost sink.partition_by and wrote Parquet
+    statistics on every column."""
+    from deltalake import DeltaTable
+
+    from actors.writer import CommitWriter
+    from tests.conftest import results_table
+    from tests.test_delta_sink import TP0, dead
+
+    res, dl = str(tmp_path / "res"), str(tmp_path / "dl")
+    spec = parse_spec({
+        "name": "restarts", "source": {"kafka": {"topic": "t"}}, "prompt": {"template": "{{ q }}", "id_field": "id"},
+        "model": {"path": "m"}, "sink": {"results": res, "dead_letter": dl, "partition_by": partition_by},
+        "encryption": {"keyring": str(keyring.path), "tenant": "acme", "output_fields": ["output_text"]},
+    })  # fmt: skip
+    first = CommitWriter(spec)
+    first.open()
+    first.resume([TP0])
+    first.write_tables(results_table([0, 1], output_text=[f"to {SECRET}"] * 2, tenant=["acme"] * 2), dead([]), {TP0: 1}, None)
+    restarted = CommitWriter(spec)  # what Ray does after the process died; the job calls resume()
+    positions, _ = restarted.resume([TP0])
+    assert positions == {TP0: 1}
+    restarted.write_tables(results_table([2, 3], output_text=[f"to {SECRET}"] * 2, tenant=["acme"] * 2), dead([]),
+                           {TP0: 3}, None)  # fmt: skip
+    back = read_results(res, keyring, backend="arrow")
+    assert sorted(back.column("source_offset").to_pylist()) == [0, 1, 2, 3]
+    assert back.column("output_text").to_pylist() == [f"to {SECRET}"] * 4
+    table = DeltaTable(res)
+    assert table.metadata().partition_columns == partition_by
+    stats = table.get_add_actions(flatten=True).column_names
+    assert "min.source_offset" in stats and not [c for c in stats if c.startswith(("min.id", "max.id"))], stats
+
+
 def test_switching_encryption_on_for_a_plain_tables_column_fails_at_start_naming_it(keyring, tmp_path):
     """docs/encryption.md: a results table whose output column is text cannot take the job's
     encrypted (binary) values: the sink refuses before any work, naming the column, and the table
