@@ -1063,6 +1063,15 @@ def parse_spec(data: Any, origin: str = "<dict>") -> JobSpec:
         raise SpecError(_format_errors(e, origin)) from None
 
 
+def _yaml_where(e: yaml.YAMLError) -> str:
+    """Where and what, never the text: PyYAML's own message quotes the lines around the error,
+    and a spec line can hold a secret (storage_options, consumer_config)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or type(e).__name__
+    problem = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", problem)  # a token it quotes, a tag, a character
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else f": {problem}"
+
+
 def load_spec(path: str | Path) -> JobSpec:
     p = Path(path)
     try:
@@ -1072,7 +1081,7 @@ def load_spec(path: str | Path) -> JobSpec:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise SpecError(f"invalid job spec {p}: not valid YAML: {e}") from None
+        raise SpecError(f"invalid job spec {p}: not valid YAML{_yaml_where(e)}") from None
     spec = parse_spec(data, str(p))
     spec._source_path = str(p)
     return spec

@@ -287,6 +287,23 @@ def test_printed_spec_masks_secrets():
     assert shown["sampling"]["max_tokens"] == 64  # not a secret, not masked
 
 
+@pytest.mark.parametrize("line", [
+    "    AWS_SECRET_ACCESS_KEY: wJalr-SECRET/K7MDENG: x",  # a colon in the value: mapping values not allowed
+    '    AWS_SECRET_ACCESS_KEY: "wJalr-SECRET/K7MDENG',  # an unclosed quote
+    '    AWS_SECRET_ACCESS_KEY: "wJalr-SECRET\\q"',  # an escape YAML does not know
+    "    AWS_SECRET_ACCESS_KEY: !wJalr-SECRET x",  # a tag
+])  # fmt: skip
+def test_a_spec_that_is_no_yaml_is_refused_by_line_and_column_without_its_text(tmp_path, line):
+    """PyYAML's message quotes the lines around the error: a spec line can hold a secret."""
+    from schemas.spec import load_spec
+
+    path = tmp_path / "job.yaml"
+    path.write_text("name: j\nsink:\n  storage_options:\n" + line + "\n  results: /r\n")
+    with pytest.raises(SpecError, match=r"not valid YAML at line \d+, column \d+: ") as e:
+        load_spec(path)
+    assert "SECRET" not in str(e.value) and "wJalr" not in str(e.value), str(e.value)
+
+
 def test_check_command_prints_the_spec_masked_and_fails_on_a_bad_one(tmp_path):
     import yaml
     from typer.testing import CliRunner
