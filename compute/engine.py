@@ -351,7 +351,9 @@ class EngineWorker:
         try:
             self.engine.add_request(rid, {"prompt_token_ids": ids}, params, priority=batch.priority)
         except Exception as e:  # this row only (an invalid parameter for this prompt, say)
-            fail_row(batch.cols, i, "engine", "engine_error", f"{type(e).__name__}: {str(e)[:200]}")
+            # Its type only: vLLM's validation messages can quote the rejected value (the row's own
+            # max_tokens_field, say), and this text reaches the dead letter and an online answer.
+            fail_row(batch.cols, i, "engine", "engine_error", f"vLLM refused the row ({type(e).__name__})")
             return False
         self._rows[rid] = (batch, i)
         batch.request_ids.append(rid)

@@ -72,7 +72,15 @@ def batch(budgets: list[int]) -> pa.Table:
 async def steps(w: EngineWorker, n: int) -> None:
     for _ in range(n):
         w.engine.go.release()
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # before a check that something has NOT happened; until() for one that has
+
+
+async def until(cond, timeout_s: float = 5.0) -> None:
+    """Wait for the step thread to get there (a loaded machine can hold it past any fixed sleep)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "not reached in time"
+        await asyncio.sleep(0.005)
 
 
 def test_room_comes_when_long_rows_hold_their_batches_and_the_running_set_runs_short():
@@ -84,7 +92,8 @@ def test_room_comes_when_long_rows_hold_their_batches_and_the_running_set_runs_s
         await asyncio.sleep(0.05)
         assert not room2.done()  # 8 unfinished rows, the running set holds 4
         await steps(w, 1)  # the short rows finish: 2 unfinished, both batches inside
-        assert room2.done() and room2.result() is True
+        await until(room2.done)
+        assert room2.result() is True
         assert not a.done() and not b.done()
         assert not room3.done()  # only 2 batches inside
         await steps(w, 19)
@@ -110,10 +119,12 @@ def test_no_room_when_rows_run_short_only_because_a_batch_finished():
         room2 = asyncio.create_task(w.room(2))
         await asyncio.sleep(0.05)
         await steps(w, 2)  # a finishes: 4 unfinished rows (b's), one batch inside
-        assert a.done() and not b.done()
+        await until(a.done)
+        assert not b.done()
         assert not room2.done()
         await steps(w, 2)
-        assert b.done() and not room2.done()
+        await until(b.done)
+        assert not room2.done()
         room2.cancel()
         w.close()
 
@@ -169,12 +180,12 @@ def test_batch_share_keeps_places_in_the_running_set_for_online_requests():
         w = worker(max_num_seqs=4)
         w.low_priority_cap = 2
         batched = asyncio.create_task(w.run_batch(batch([2] * 6), priority=1))
-        await asyncio.sleep(0.05)
-        assert len(w.engine.left) == 2 and len(w._held) == 4
+        await until(lambda: len(w.engine.left) == 2 and len(w._held) == 4)
         online = asyncio.create_task(w.complete(batch([1])))
         await asyncio.sleep(0.05)  # submitted while the step thread is inside a step
         await steps(w, 1)  # the step in progress ends; the online row goes in beside the 2 batch rows
-        assert len(w.engine.left) == 3 and len(w._held) == 4
+        await until(lambda: len(w.engine.left) == 3)
+        assert len(w._held) == 4
         await steps(w, 1)
         assert (await online).num_rows == 1
         await steps(w, 8)
@@ -183,12 +194,35 @@ def test_batch_share_keeps_places_in_the_running_set_for_online_requests():
         assert w.engine.peak_low == 2 and w._low_in_engine == 0 and not w._held
 
         aborted = asyncio.create_task(w.complete(batch([50] * 5), priority=1))
-        await asyncio.sleep(0.05)
-        assert len(w._held) == 3
+        await until(lambda: len(w._held) == 3)
         aborted.cancel()
         await asyncio.sleep(0.05)
         await steps(w, 1)
-        assert not w._held and w._low_in_engine == 0 and not w.engine.left
+        await until(lambda: not w._held and w._low_in_engine == 0 and not w.engine.left)
+        w.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+
+
+def test_a_row_vllm_refuses_fails_alone_naming_the_exception_type_only():
+    """vLLM's validation errors can quote the value they refuse (a row's own budget, its text):
+    the row's dead-letter reason, which an online request answers with too, names the type only."""
+
+    class Refusing(ScriptedEngine):
+        def add_request(self, rid, prompt, params, priority=0):
+            if params.max_tokens == 7:
+                raise ValueError(f"max_tokens=7 is not allowed for prompt {prompt} of customer jane@example.com")
+            super().add_request(rid, prompt, params, priority)
+
+    async def scenario():
+        w = worker(max_num_seqs=4)
+        w.engine = Refusing()
+        done = asyncio.create_task(w.complete(batch([1, 7, 1])))
+        await asyncio.sleep(0.05)
+        await steps(w, 1)
+        table = await done
+        assert table.column("error_class").to_pylist() == [None, "engine_error", None]
+        assert table.column("error").to_pylist()[1] == "vLLM refused the row (ValueError)"
         w.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
