@@ -23,8 +23,10 @@ from tests.conftest import REPO
 from tests.results_topic_crash import TPS, commit_rows
 
 
-def consume_all(bootstrap: str, topic: str, idle_s: float = 3.0) -> list:
-    """Every message of `topic` from the beginning, read with librdkafka (read_committed)."""
+def consume_all(bootstrap: str, topic: str, idle_s: float = 3.0, first_s: float = 30.0) -> list:
+    """Every message of `topic` from the beginning, read with librdkafka (read_committed): until
+    `idle_s` passes without one, once the first came (a new consumer's first fetch, from a broker
+    just restarted say, may take longer: up to `first_s`)."""
     from confluent_kafka import Consumer, TopicPartition
 
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"check-{uuid.uuid4().hex[:6]}",
@@ -32,7 +34,7 @@ def consume_all(bootstrap: str, topic: str, idle_s: float = 3.0) -> list:
     md = c.list_topics(topic, timeout=10)
     c.assign([TopicPartition(topic, p, 0) for p in md.topics[topic].partitions])
     out, last = [], time.monotonic()
-    while time.monotonic() - last < idle_s:
+    while time.monotonic() - last < (idle_s if out else first_s):
         m = c.poll(0.2)
         if m is None or m.error():
             continue
