@@ -636,14 +636,19 @@ class Custom(Rule):
             # By type only: the message may quote the output. A rule that raises on every row
             # fails every row (its rule_results say so), which the failure counters show at once.
             return self._fail(f"custom rule raised {type(e).__name__}")
-        if isinstance(out, RuleResult):
-            return RuleResult(self.name, out.passed, out.score, _scrubbed(out.message))
-        if isinstance(out, bool):
-            return self._ok() if out else self._fail("custom rule failed")
-        if isinstance(out, tuple) and out and isinstance(out[0], bool):
-            passed, score, message = (*out, None, "")[:3]
-            return RuleResult(self.name, passed, None if score is None else float(score), _scrubbed(message or ""))
-        raise TypeError(f"custom rule {self.name} returned {type(out).__name__}; expected RuleResult, bool or tuple")
+        try:
+            if isinstance(out, RuleResult):
+                return RuleResult(self.name, bool(out.passed), None if out.score is None else float(out.score),
+                                  _scrubbed(out.message or ""))  # fmt: skip
+            if isinstance(out, bool):
+                return self._ok() if out else self._fail("custom rule failed")
+            if isinstance(out, tuple) and out and isinstance(out[0], bool):
+                passed, score, message = (*out, None, "")[:3]
+                return RuleResult(self.name, passed, None if score is None else float(score), _scrubbed(message or ""))
+        except (TypeError, ValueError):  # a score that is no number, say
+            pass
+        # A row the rule cannot judge fails it (a branch that forgot its return gives None); the job goes on.
+        return self._fail(f"custom rule returned {type(out).__name__}, not a RuleResult, a bool or (passed, score, message)")
 
     def fix(self, c: Candidate) -> str:
         return self._fix(c)  # type: ignore[misc]

@@ -284,6 +284,23 @@ def test_a_custom_rule_that_raises_fails_the_row_not_the_job():
     assert "secret-4711" not in out.error[1] and "KeyError" in out.error[1]
 
 
+def forgetful(candidate):
+    """A rule with a branch that forgets its return (None), and one whose score is no number."""
+    if "long" in candidate.output:
+        return True
+    if "scored" in candidate.output:
+        return (False, "high", "score given as a word")
+
+
+def test_a_custom_rule_that_returns_no_result_fails_the_row_not_the_job():
+    spec = base_spec(validation=[{"rule": "custom", "path": "tests.test_validation:forgetful", "on_fail": "reject"}])
+    out = Validator(spec).validate(*batch(["long enough", "short secret-4711", "scored secret-4711"]))
+    assert out.action == ["keep", "reject", "reject"]
+    messages = [r[0]["message"] for r in out.rule_results.to_pylist()]
+    assert messages[1] == "custom rule returned NoneType, not a RuleResult, a bool or (passed, score, message)"
+    assert messages[2].startswith("custom rule returned tuple") and "secret-4711" not in out.error[2]
+
+
 class Brittle:
     """A rule whose check and fix both raise on some outputs (quoting them)."""
 
