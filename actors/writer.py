@@ -4,6 +4,7 @@
       open()                                 create or check the sink's tables (fails before any work)
       resume(tps) -> (positions, windows)    the sink's committed positions and repair windows (opens
                                              the tables first in a writer Ray restarted)
+      read_positions(tps)                    (results, dead-letter) positions, read only
       forget(tps)                            partitions given away
       write(outputs, positions, rec)         the batches' BatchOutput refs -> plain rows -> Sink.prepare
                                              -> EncryptionStage -> Sink.commit -> CommitReport (with the
@@ -132,6 +133,10 @@ class CommitWriter:
                 log.warning("sink.topic %s: published %d committed row(s) a previous run had not", self.topic.topic, sent)
         return positions, {tp: self.sink.repair_window(tp) for tp in tps}
 
+    def read_positions(self, tps: list[TopicPartition]) -> dict[TopicPartition, tuple[int | None, int | None]]:
+        """(results position, dead-letter position) per partition, read only (no fence armed)."""
+        return self.sink.read_positions(tps)
+
     def _keep_marks(self, marks: dict[TopicPartition, dict[str, int]]) -> None:
         for tp, named in marks.items():
             self._marks.setdefault(tp, {}).update(named)
@@ -238,6 +243,9 @@ class CommitWriterClient:
 
     def resume(self, tps: list[TopicPartition]):
         return self._get(self._idempotent("resume", list(tps)))
+
+    def read_positions(self, tps: list[TopicPartition]) -> dict:
+        return self._get(self._idempotent("read_positions", list(tps)))
 
     def forget(self, tps: list[TopicPartition], wait: bool = True) -> None:
         """wait=False: queued behind the commit in flight, not awaited."""

@@ -98,6 +98,7 @@ class DeltaSource:
         self.spec = spec
         self.topic = spec.uri
         self.resume_positions = ctx.positions.resume
+        self.furthest_positions = getattr(ctx.positions, "furthest", None)
         self.chunk_rows = ctx.batch_rows
         self.follow = ctx.follow
         self.report = SourceReport()
@@ -166,6 +167,11 @@ class DeltaSource:
     def start(self) -> None:
         latest = self._table().version()
         marker = self.resume_positions([(self.topic, MARKER)]).get((self.topic, MARKER))
+        if self.spec.mode == "snapshot" and marker is None and self.furthest_positions is not None:
+            # No results commit yet, but a first commit may have landed its dead letters (and
+            # their MARKER) before it stopped: that snapshot's version is the one to finish (the
+            # latest, planned anew, would give its rows new ordinals: twice in the output).
+            marker = self.furthest_positions([(self.topic, MARKER)]).get((self.topic, MARKER))
         if self.spec.mode == "snapshot":
             version = self.spec.version if self.spec.version is not None else (marker if marker is not None else latest)
             if version > latest:

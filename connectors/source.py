@@ -47,6 +47,11 @@ class SourcePositions(Protocol):
         """The source is giving these partitions away: finish the work on them (for at most
         within_s) and commit it (not when `lost`: another reader may own them already), drop the rest."""
 
+    # Optional (a source checks with getattr):
+    #   furthest(tps) -> {tp: position or None}: the furthest position any of the sink's tables
+    #   recorded, a commit that landed half-way (its dead letters in, its results not) included.
+    #   For a source that picks what to read from a position (the Delta source's snapshot version).
+
 
 @dataclass
 class SourceContext:

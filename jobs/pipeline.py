@@ -480,6 +480,11 @@ class PipelineJob:
                 self._skip.pop(tp, None)
         return positions
 
+    def furthest(self, tps: list[TopicPartition]) -> Mapping[TopicPartition, int | None]:
+        """The furthest position either table recorded (connectors/source.py SourcePositions)."""
+        both = self.writer.read_positions(list(tps))
+        return {tp: max((p for p in both[tp] if p is not None), default=None) for tp in tps}
+
     def release(self, tps: list[TopicPartition], lost: bool = False, within_s: float | None = None) -> None:
         """The source gives these partitions away. Unless they are lost (another reader may own
         them already), finish the work in flight (for at most within_s) and commit it; drop the

@@ -82,6 +82,61 @@ def test_snapshot_marker_keeps_the_snapshot_a_rerun_started(tmp_path):
     assert pinned.total_rows == 10
 
 
+def test_a_snapshot_whose_first_commit_landed_only_its_dead_letters_is_finished_not_planned_anew(tmp_path):
+    """Snapshot mode, version not pinned. The first commit wrote its dead letters (and the MARKER
+    with them), then stopped before the results; meanwhile the table got an append. The rerun
+    must finish that snapshot (its dead-lettered rows skipped), not plan the latest version,
+    whose rows would get new ordinals: each of the first snapshot's rows in the output twice."""
+    from compute.prompts import dead_letter_table
+    from connectors.delta import DeltaSink
+    from connectors.source import SourceContext
+    from tests.conftest import results_table
+
+    uri = str(tmp_path / "src")
+    write_deltalake(uri, rows(0, 10))
+    sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {})
+    sink.open()
+
+    class SinkPositions:  # what the job's pipeline answers, over a real sink
+        def resume(self, tps):
+            positions = sink.load_positions(tps)
+            self.windows = {tp: sink.repair_window(tp) for tp in tps}
+            return positions
+
+        def furthest(self, tps):
+            both = sink.read_positions(tps)
+            return {tp: max((p for p in both[tp] if p is not None), default=None) for tp in tps}
+
+        def release(self, tps, lost=False, within_s=None):
+            pass
+
+    positions = SinkPositions()
+    first = DeltaSource(DeltaSourceSpec(uri=uri), SourceContext("job", positions, batch_rows=5))
+    first.start()
+    read_all(first)
+    dead = dead_letter_table([dict(stage="decode", error_class="invalid_json", error="e", source_topic=uri,
+                                   source_partition=0, source_offset=o, raw=b"x") for o in (3, 4)], "r")  # fmt: skip
+    results = results_table([0, 1, 2, 5, 6, 7, 8, 9], topic=uri)
+
+    def stopped(table, *args, **kwargs):
+        if table is sink.results:
+            raise OSError("the job was killed here")
+        return real(table, *args, **kwargs)
+
+    real, sink._append = sink._append, stopped
+    with pytest.raises(OSError):
+        sink.commit(results, dead, {(uri, 0): 9, (uri, MARKER): 0})
+    sink._append = real
+    write_deltalake(uri, rows(10, 5), mode="append")  # version 1
+
+    rerun = DeltaSource(first.spec, SourceContext("job", positions, batch_rows=5))
+    rerun.start()
+    out = read_all(rerun)
+    assert set(out.column("partition").to_pylist()) == {0}  # the first snapshot's version, its ordinals
+    assert out.column("offset").to_pylist() == list(range(10))
+    assert positions.windows[(uri, 0)] == {3, 4}  # the job skips what the dead letters hold
+
+
 def test_incremental_reads_appended_versions_and_reports_rewrites(tmp_path):
     uri = str(tmp_path / "src")
     write_deltalake(uri, rows(0, 6))
