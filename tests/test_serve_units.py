@@ -45,6 +45,20 @@ def test_api_keys_are_stored_hashed(tmp_path):
     parsed_id, secret = parse_token(token)
     assert parsed_id == key_id and len(secret) == 43
     assert token not in text and secret not in text and key_id in text
+    # docs/serving.md: scrypt, n=2^14, r=8, p=1, a 16-byte salt of its own per key (computed here
+    # with the cryptography package, independently of crypto/api_keys.py).
+    import base64
+    import json
+
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+
+    record = json.loads(text)["api_keys"][key_id]
+    assert (record["n"], record["r"], record["p"]) == (2**14, 8, 1)
+    salt = base64.b64decode(record["salt"])
+    assert len(salt) == 16
+    assert base64.b64decode(record["hash"]) == Scrypt(salt=salt, length=32, n=2**14, r=8, p=1).derive(secret.encode())
+    other_id, _ = kr.create_api_key("acme")
+    assert json.loads((tmp_path / "k.json").read_text())["api_keys"][other_id]["salt"] != record["salt"]
     v = ApiKeyVerifier(Keyring.open(tmp_path / "k.json"))
     assert v.verify(token).tenant == "acme"
     with pytest.raises(AuthError):
