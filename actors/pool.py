@@ -117,6 +117,11 @@ class EnginePool:
         self.slots: list[_Slot] = []
         self._pending: dict[ray.ObjectRef, _Call] = {}  # completions ref -> the call
         self._suspects: deque[_Part] = deque()  # quarantined parts, run one at a time
+        # The next quarantined part, waiting for slot 0's engine to answer a ping (a restart
+        # reloads the model): (ping ref, part, since). Waited for without blocking the job's loop,
+        # which keeps the source's group membership (a reload can outlast max.poll.interval.ms).
+        self._waking: tuple[Any, _Part, float] | None = None
+        self._held: deque[_Part] = deque()  # submitted while a part runs alone: started after it
         self._finished: list[tuple[Any, Completions]] = []
         self.max_model_len: int | None = None
         self.model_revision: str | None = None
@@ -268,7 +273,7 @@ class EnginePool:
                 self._backlog_since = None
         else:
             self._backlog_since = None
-        if len(self.slots) > pool.min_engines and self._starting is None and not self._suspects:
+        if len(self.slots) > pool.min_engines and self._starting is None and not self._isolating:
             for slot in reversed(self.slots[1:]):  # slot 0 runs quarantined parts: keep it
                 if not slot.in_flight and now - slot.idle_since >= pool.scale_down_after_s:
                     self.slots.remove(slot)
@@ -358,22 +363,35 @@ class EnginePool:
 
     @property
     def in_flight(self) -> int:
-        """Parts running or waiting (quarantined parts included)."""
-        return len(self._pending) + len(self._suspects)
+        """Parts running or waiting (quarantined and held parts included)."""
+        return len(self._pending) + len(self._suspects) + len(self._held) + (self._waking is not None)
+
+    @property
+    def _isolating(self) -> bool:
+        """Quarantined parts wait, or one runs alone: nothing new may start beside them."""
+        return bool(self._suspects) or self._waking is not None or any(c.part.alone for c in self._pending.values())
 
     def has_capacity(self, queued_elsewhere: int = 0) -> bool:
         """Room for another batch; queued_elsewhere: batches on their way here (being rendered)."""
-        return not self._suspects and len(self._pending) + queued_elsewhere < self.capacity
+        return not self._isolating and len(self._pending) + queued_elsewhere < self.capacity
 
     def waitable(self) -> list:
-        """The calls running now (for a wait shared with other stages)."""
-        return [*self._pending, *self._rooms]
+        """The calls running now, and a ping being waited for (for a wait shared with other stages)."""
+        return [*self._pending, *self._rooms, *([self._waking[0]] if self._waking is not None else [])]
 
     def submit(self, requests: Any, rows: int, tag: Any) -> None:
-        """requests: a REQUEST_SCHEMA table or an object ref to one (rows: its row count)."""
-        batch = _Batch(tag, requests, open_parts=1)
+        """requests: a REQUEST_SCHEMA table or an object ref to one (rows: its row count). While
+        parts are isolated (quarantine), it is held and started once they are done: a failure
+        beside a part running alone would be charged to that part's rows."""
+        part = _Part(_Batch(tag, requests, open_parts=1), 0, requests, rows)
+        if self._isolating:
+            self._held.append(part)
+            return
+        self._start(part)
+
+    def _start(self, part: _Part) -> None:
         slot = min(self.slots, key=lambda s: s.in_flight - self._limit(s))
-        self._call(slot, _Part(batch, 0, requests, rows))
+        self._call(slot, part)
         self._ask_room(slot)
 
     def _may_grow(self, slot: _Slot) -> bool:
@@ -382,7 +400,7 @@ class EnginePool:
 
     def _ask_room(self, slot: _Slot) -> None:
         """A slot that may grow asks its engine to say when it has room."""
-        if not self._room or slot.room is not None or self._suspects or slot.probe is not None or not self._may_grow(slot):
+        if not self._room or slot.room is not None or self._isolating or slot.probe is not None or not self._may_grow(slot):
             return
         slot.room = slot.actor.room.remote(slot.in_flight)
         self._rooms[slot.room] = slot
@@ -437,8 +455,11 @@ class EnginePool:
         self._check_stuck()
         if self._suspects and self._rooms:
             self._forget_rooms(self.slots)
-        if not self._pending and self._suspects and self.slots[0].probe is None:
-            self._run_alone(self._suspects.popleft())
+        if not self._pending and self._suspects and self._waking is None and self.slots[0].probe is None:
+            self._wake_alone(self._suspects.popleft())
+        if self._waking is not None:
+            self._run_alone_once_awake()
+        self._start_held()
         if not self._pending:
             return []
         # fetch_local: the completions are copied to this node's object store (where the stage
@@ -458,6 +479,7 @@ class EnginePool:
                 self._failed(call.part, e)
                 continue
             self._resolve(call.part, counts, ref)
+        self._start_held()  # the isolated part that just finished was the last
         if self._room:  # after the completions: a batch that finished meanwhile took its place back
             if self._rooms:
                 if ready is None:
@@ -542,12 +564,27 @@ class EnginePool:
         else:
             self._suspects.appendleft(part)
 
-    def _run_alone(self, part: _Part) -> None:
-        slot = self.slots[0]
-        # Wait until the engine is back (a restart reloads the model), then run the part with no
-        # retry and nothing beside it.
-        ray.get(slot.actor.ping.options(max_task_retries=-1).remote(), timeout=self.spec.pool.actor_start_timeout_s)
+    def _start_held(self) -> None:
+        if self._held and not self._isolating:
+            while self._held:
+                self._start(self._held.popleft())
+
+    def _wake_alone(self, part: _Part) -> None:
+        """Ask slot 0's engine to answer once it is back (a restart reloads the model); the part
+        runs when it has (_run_alone_once_awake), alone, with no retry."""
+        self._waking = (self.slots[0].actor.ping.options(max_task_retries=-1).remote(), part, time.monotonic())
+
+    def _run_alone_once_awake(self) -> None:
+        ping, part, since = self._waking
+        if not ray.wait([ping], timeout=0)[0]:
+            limit = self.spec.pool.actor_start_timeout_s
+            if time.monotonic() - since > limit:
+                raise EngineError(f"the engine did not come back within pool.actor_start_timeout_s={limit:g}s "
+                                  "to run a quarantined batch")  # fmt: skip
+            return
+        self._waking = None
         part.alone = True
+        slot = self.slots[0]
         slot.ready_at = time.monotonic()
         self._call(slot, part, retries=0)
 
@@ -561,6 +598,8 @@ class EnginePool:
                 pass
         self._pending.clear()
         self._suspects.clear()
+        self._held.clear()
+        self._waking = None
         self._forget_rooms(self.slots)
 
     def poll_usage(self) -> list[dict[str, float]] | None:
@@ -595,6 +634,8 @@ class EnginePool:
         self.slots = []
         self._pending.clear()
         self._suspects.clear()
+        self._held.clear()
+        self._waking = None
         self._rooms.clear()
 
 

@@ -1,0 +1,92 @@
+"""The engine pool's quarantine on a real local Ray with stand-in engine actors: a quarantined
+part waits for its engine without blocking the job's loop, and runs with nothing beside it.
+(The whole path, an engine killed by a poison row, is tests/test_pool.py's.)"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import pyarrow as pa
+import pytest
+import ray
+
+from tests.conftest import make_spec
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="tgray", dir="/tmp"),
+             object_store_memory=80 * 2**20)  # fmt: skip
+    yield
+    ray.shutdown()
+
+
+@ray.remote(num_cpus=0)
+class ReloadingEngine:
+    """ping() answers once `asleep` is gone (a restarted engine reloading its model); run_batch
+    records how many calls run at once."""
+
+    def __init__(self, asleep: str):
+        self.asleep = asleep
+        self.running = 0
+        self.peak = 0
+        self.calls: list[int] = []
+
+    async def ping(self) -> int:
+        import asyncio
+
+        while os.path.exists(self.asleep):
+            await asyncio.sleep(0.02)
+        return os.getpid()
+
+    async def run_batch(self, requests: pa.Table):
+        import asyncio
+
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        self.calls.append(requests.num_rows)
+        await asyncio.sleep(0.2)
+        self.running -= 1
+        return {"rows": requests.num_rows, "prompt_tokens": 0, "completion_tokens": 0}, requests
+
+    def seen(self) -> tuple[int, list[int]]:
+        return self.peak, self.calls
+
+
+def test_a_quarantined_part_waits_for_its_engine_without_blocking_and_runs_alone(local_ray, tmp_path):
+    from actors.pool import EnginePool, _Batch, _Part, _Slot
+    from schemas.spec import parse_spec
+
+    spec = parse_spec(make_spec(tmp_path, None, "t", tmp_path / "no-model", **{
+        "source": {"kafka": {"topic": "t"}}, "pool.actor_start_timeout_s": 20, "pool.batches_in_flight": 4}))  # fmt: skip
+    asleep = tmp_path / "asleep"
+    asleep.touch()
+    pool = EnginePool(spec)
+    pool._room = False
+    pool.slots = [_Slot(ReloadingEngine.remote(str(asleep)))]
+    quarantined = pa.table({"prompt": ["a", "b", "c"]})
+    pool._suspects.append(_Part(_Batch("quarantined", quarantined, open_parts=1), 0, quarantined, 3))
+
+    t0 = time.monotonic()
+    assert pool.collect(0) == []  # the engine is reloading: nothing to collect, and no wait for it
+    assert time.monotonic() - t0 < 10  # (the old code waited in ray.get until the engine answered)
+    assert pool._waking is not None and pool.in_flight == 1 and not pool.has_capacity()
+    assert pool.waitable() == [pool._waking[0]]  # the ping: the job's shared wait wakes when the engine is back
+    later = pa.table({"prompt": ["d", "e"]})
+    pool.submit(later, 2, "later")  # rendered before the quarantine: held, not started beside it
+    assert not pool._pending and pool.in_flight == 2
+
+    asleep.unlink()
+    finished: list = []
+    deadline = time.monotonic() + 60
+    while len(finished) < 2 and time.monotonic() < deadline:
+        finished += pool.collect(0.2)
+        if pool._pending and any(c.part.alone for c in pool._pending.values()):
+            assert len(pool._pending) == 1 and len(pool._held) == 1  # alone: the held part waits
+    assert [tag for tag, _ in finished] == ["quarantined", "later"]
+    assert [c.rows for _, c in finished] == [3, 2]
+    peak, calls = ray.get(pool.slots[0].actor.seen.remote())
+    assert peak == 1 and calls == [3, 2]
+    assert pool.in_flight == 0 and pool.has_capacity()
