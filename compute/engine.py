@@ -128,6 +128,15 @@ def empty_completions(requests: pa.Table) -> dict[str, list]:
     return cols
 
 
+def _in_ray_actor() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # noqa: BLE001 - no Ray here: a plain object
+        return False
+
+
 def fail_row(cols: dict[str, list], i: int, stage: str, error_class: str, message: str) -> None:
     cols["error_stage"][i] = stage
     cols["error_class"][i] = error_class
@@ -248,6 +257,13 @@ class EngineWorker:
         self._low_in_engine = 0  # rows of priority > 0 inside vLLM
         self._room_waiters: list[tuple[int, Callable[[], None]]] = []  # (batches, wake): see room()
         self._closed = False
+        # A step that raised left vLLM's engine in no known state (its engine core process gone,
+        # a sticky device error): every later step would fail too, and every row sent here with
+        # it. An engine actor then exits, so Ray restarts it with a fresh engine and re-runs its
+        # batches once (a row is only blamed for failing on a fresh engine: the pool's quarantine);
+        # an online replica reports itself unhealthy instead (jobs/serve.py check_health).
+        self.broken: str | None = None  # the exception type of the step that failed
+        self.exit_when_broken = _in_ray_actor()
         self._thread = threading.Thread(target=self._loop, name="engine-steps", daemon=True)
         self._thread.start()
 
@@ -317,7 +333,11 @@ class EngineWorker:
             t0 = time.monotonic()
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # the engine failed (not a row): every batch in it fails; the pool isolates
+            except Exception as e:  # the engine failed (not a row): every batch in it fails
+                self.broken = type(e).__name__
+                if self.exit_when_broken:
+                    log.error("engine step failed (%s): exiting, for Ray to restart this engine fresh", type(e).__name__)
+                    os._exit(71)
                 log.warning("engine step failed: %s: %s", type(e).__name__, e)
                 self._fail_all(e)
                 continue

@@ -520,6 +520,7 @@ class TidegateEndpoint:
                                  json_schema=self.json_schema, priority_scheduling=True,
                                  batch_share=spec.serve.batch_share,
                                  separate_process=spec.serve.engine_process == "separate")  # fmt: skip
+        self.engine.exit_when_broken = False  # check_health replaces the replica instead (requests still answer)
         self.encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
         self.model_revision = self.engine.model_revision()
         self.guards = OnlineGuards(spec, self.run_id, self.engine, lineage_columns(spec, self.model_revision),
@@ -593,6 +594,13 @@ class TidegateEndpoint:
             log.error("audit rows not written at shutdown (%s)", type(e).__name__)
 
     # -- health ----------------------------------------------------------------------------------
+
+    def check_health(self) -> None:
+        """Serve's periodic replica check: a replica whose engine failed a step (compute/engine.py
+        `broken`) is replaced, with a fresh engine, instead of answering 502 to every request."""
+        broken = getattr(self.engine, "broken", None)
+        if broken:
+            raise RuntimeError(f"the replica's engine failed a step ({broken}): replace the replica")
 
     @api.get("/healthz")
     async def healthz(self) -> dict:
