@@ -41,6 +41,7 @@ class CommitLedger:
         self._entries: dict[int, LedgerEntry] = {}
         self._next_seq = 0
         self._next_release = 0
+        self._done = 0  # entries completed and not released, in the prefix or behind a slower one
         # Last offset handed out per partition: a new batch must start above it.
         self._handed_out: dict[TopicPartition, int] = {}
 
@@ -67,11 +68,15 @@ class CommitLedger:
             raise ValueError(f"batch {seq} completed twice")
         entry.payload = payload
         entry.done = True
+        self._done += 1
 
-    def pop_committable(self) -> CommitGroup:
-        """Remove and return the longest complete prefix of batches."""
+    def pop_committable(self, max_batches: int | None = None) -> CommitGroup:
+        """Remove and return the longest complete prefix of batches (its first max_batches)."""
         group = CommitGroup()
         while (entry := self._entries.get(self._next_release)) is not None and entry.done:
+            if max_batches is not None and len(group.payloads) >= max_batches:
+                break
+            self._done -= 1
             del self._entries[self._next_release]
             self._next_release += 1
             group.payloads.append(entry.payload)
@@ -87,6 +92,11 @@ class CommitLedger:
         return n
 
     @property
+    def done_count(self) -> int:
+        """Completed batches not released: the prefix, and those waiting behind an unfinished one."""
+        return self._done
+
+    @property
     def open_count(self) -> int:
         """Batches handed out and not yet released (in flight or waiting on an earlier one)."""
         return len(self._entries)
@@ -94,5 +104,6 @@ class CommitLedger:
     def reset(self) -> None:
         """Forget everything (after a fence or a revocation): uncommitted work will be read again."""
         self._entries.clear()
+        self._done = 0
         self._next_release = self._next_seq
         self._handed_out.clear()

@@ -226,7 +226,9 @@ class PipelineJob:
             # Bounded end to end: batches at the engines plus those at a stage worker (rendering or
             # being validated) fit the pool's capacity; complete batches, the one being written
             # included, stay under max_ready rows. A slow sink or engine thus slows the source.
-            ready_rows = (self.flight.ledger.committable_count() + self.flight.writing_batches) * spec.pool.batch_size
+            # Complete batches behind an unfinished one count too (an engine reloading holds the
+            # head of the ledger while the others go on): they wait in memory all the same.
+            ready_rows = (self.flight.ledger.done_count + self.flight.writing_batches) * spec.pool.batch_size
             room = self.pool.has_capacity(queued_elsewhere=self.stages.in_flight) and ready_rows < max_ready
             if room:
                 self._read(poll_ms)
@@ -378,7 +380,9 @@ class PipelineJob:
         full = ready * self.spec.pool.batch_size >= self.spec.sink.commit_max_rows
         if not (force or due or full):
             return
-        group = self.flight.ledger.pop_committable()
+        # At most commit_max_rows a commit: a long prefix (released at once after a slow head
+        # batch) goes as several commits, not one the writer must hold in memory whole.
+        group = self.flight.ledger.pop_committable(max(1, -(-self.spec.sink.commit_max_rows // self.spec.pool.batch_size)))
         stored = {**group.positions, **self.source.extra_positions(group.positions)}
         outputs = [ref for batch in group.payloads for ref in batch.outputs]
         record = dict(

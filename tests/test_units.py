@@ -167,12 +167,16 @@ def test_ledger_releases_only_contiguous_prefix():
     ledger.complete(b, "B")
     assert not ledger.pop_committable()  # a is still in flight
     assert ledger.committable_count() == 0
+    assert ledger.done_count == 2  # waiting behind a: in memory all the same (the job's backpressure)
     ledger.complete(a, "A")
     assert ledger.committable_count() == 3
+    first = ledger.pop_committable(max_batches=2)  # a commit's cap: the rest goes in the next one
+    assert first.payloads == ["A", "B"] and first.positions == {("t", 0): 19, ("t", 1): 4}
+    assert ledger.done_count == 1
     group = ledger.pop_committable()
-    assert group.payloads == ["A", "B", "C"]
-    assert group.positions == {("t", 0): 19, ("t", 1): 9}
-    assert ledger.open_count == 0
+    assert group.payloads == ["C"]
+    assert group.positions == {("t", 1): 9}
+    assert ledger.open_count == 0 and ledger.done_count == 0
 
 
 def test_ledger_random_completion_order_never_skips_work():
