@@ -37,9 +37,9 @@ import pyarrow as pa
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from actors.remote import first_line
+from actors.remote import cause, first_line
 from compute.engine import EngineWorker, engine_env, engine_threads
-from schemas.errors import EngineError
+from schemas.errors import EngineBroken, EngineError
 from schemas.records import COMPLETION_SCHEMA
 from schemas.spec import JobSpec
 
@@ -67,6 +67,7 @@ class _Slot:
     run_batch: Any = None  # the actor's run_batch with num_returns=2
     extra: int = 0  # batches beyond batches_in_flight its engine had room for
     room: Any = None  # the room() call waiting on its engine, if any
+    restarted_at: float = 0.0  # when the pool last restarted it (a step that raised: EngineBroken)
 
 
 @dataclass
@@ -476,6 +477,8 @@ class EnginePool:
                 counts = ray.get(call.counts)
             except (RayActorError, RayTaskError) as e:
                 call.part.hung = False
+                if isinstance(cause(e), EngineBroken):
+                    self._restart_broken(call, e)
                 self._failed(call.part, e)
                 continue
             self._resolve(call.part, counts, ref)
@@ -506,6 +509,19 @@ class EnginePool:
                 ray.kill(slot.actor, no_restart=False)
                 slot.probe = None
                 slot.ready_at = now + self._restart_grace_s
+
+    def _restart_broken(self, call: _Call, err: Exception) -> None:
+        """A step of this call's engine raised: the engine stays in no known state and would fail
+        every row sent to it, so the actor is restarted (a fresh engine); the failed batches go
+        the way of a crash (quarantine, then alone on the fresh engine). Once per failure: every
+        batch that was inside the engine comes back with it."""
+        slot = call.slot
+        if self.serve_app is not None or call.sent < slot.restarted_at:
+            return  # a Serve replica is replaced by Serve (its check_health); or already restarted
+        log.warning("an engine failed a step: restarting it (%s)", first_line(cause(err)))
+        ray.kill(slot.actor, no_restart=False)
+        slot.restarted_at = time.monotonic()
+        slot.ready_at = slot.restarted_at + self._restart_grace_s
 
     def _check_hangs(self) -> None:
         """A call running longer than pool.batch_timeout_s is cancelled (the engine aborts its rows

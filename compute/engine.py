@@ -40,7 +40,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from schemas.errors import EngineError
+from schemas.errors import EngineBroken, EngineError
 from schemas.records import COMPLETION_SCHEMA
 from schemas.spec import ModelSpec
 
@@ -126,15 +126,6 @@ def empty_completions(requests: pa.Table) -> dict[str, list]:
     cols["source_partition"] = requests.column("source_partition").to_pylist()
     cols["source_offset"] = requests.column("source_offset").to_pylist()
     return cols
-
-
-def _in_ray_actor() -> bool:
-    try:
-        import ray
-
-        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
-    except Exception:  # noqa: BLE001 - no Ray here: a plain object
-        return False
 
 
 def fail_row(cols: dict[str, list], i: int, stage: str, error_class: str, message: str) -> None:
@@ -258,12 +249,10 @@ class EngineWorker:
         self._room_waiters: list[tuple[int, Callable[[], None]]] = []  # (batches, wake): see room()
         self._closed = False
         # A step that raised left vLLM's engine in no known state (its engine core process gone,
-        # a sticky device error): every later step would fail too, and every row sent here with
-        # it. An engine actor then exits, so Ray restarts it with a fresh engine and re-runs its
-        # batches once (a row is only blamed for failing on a fresh engine: the pool's quarantine);
-        # an online replica reports itself unhealthy instead (jobs/serve.py check_health).
+        # a sticky device error): every later step would fail too. Its batches fail with
+        # EngineBroken, and the pool restarts the engine actor (actors/pool.py); an online replica
+        # reports itself unhealthy and is replaced (jobs/serve.py check_health).
         self.broken: str | None = None  # the exception type of the step that failed
-        self.exit_when_broken = _in_ray_actor()
         self._thread = threading.Thread(target=self._loop, name="engine-steps", daemon=True)
         self._thread.start()
 
@@ -335,9 +324,6 @@ class EngineWorker:
                 outputs = self.engine.step()
             except Exception as e:  # the engine failed (not a row): every batch in it fails
                 self.broken = type(e).__name__
-                if self.exit_when_broken:
-                    log.error("engine step failed (%s): exiting, for Ray to restart this engine fresh", type(e).__name__)
-                    os._exit(71)
                 log.warning("engine step failed: %s: %s", type(e).__name__, e)
                 self._fail_all(e)
                 continue
@@ -454,7 +440,7 @@ class EngineWorker:
         except Exception:
             pass
         for b in batches:
-            b.done(EngineError(f"the engine failed: {type(err).__name__}: {str(err)[:200]}"))
+            b.done(EngineBroken(f"the engine failed: {type(err).__name__}: {str(err)[:200]}"))
 
     # -- calls -----------------------------------------------------------------------------------
 

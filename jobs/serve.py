@@ -520,7 +520,6 @@ class TidegateEndpoint:
                                  json_schema=self.json_schema, priority_scheduling=True,
                                  batch_share=spec.serve.batch_share,
                                  separate_process=spec.serve.engine_process == "separate")  # fmt: skip
-        self.engine.exit_when_broken = False  # check_health replaces the replica instead (requests still answer)
         self.encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
         self.model_revision = self.engine.model_revision()
         self.guards = OnlineGuards(spec, self.run_id, self.engine, lineage_columns(spec, self.model_revision),

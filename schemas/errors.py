@@ -47,6 +47,11 @@ class EngineError(TidegateError):
     """The inference engine failed to start or to run (not a per-row failure)."""
 
 
+class EngineBroken(EngineError):
+    """An engine step raised: every batch inside the engine failed, and the engine is in no known
+    state (vLLM's engine core gone, a sticky device error). The pool restarts that engine."""
+
+
 class StageError(TidegateError):
     """A CPU stage actor (render, validate, commit writer) failed to start or died repeatedly."""
 

@@ -228,47 +228,37 @@ def test_a_row_vllm_refuses_fails_alone_naming_the_exception_type_only():
     asyncio.run(asyncio.wait_for(scenario(), 10))
 
 
-def test_an_engine_whose_step_fails_is_marked_broken_and_an_actor_exits_for_a_fresh_one(monkeypatch):
+def test_an_engine_whose_step_fails_is_marked_broken_and_its_batches_fail_with_engine_broken():
     """A step that raises (vLLM's engine core gone, a sticky device error) fails every batch in
-    it, and would fail every later one: an engine actor exits (Ray restarts it fresh and re-runs
-    its batches); a plain object, and an online replica (check_health), report it instead."""
+    it with EngineBroken (the pool restarts that engine: tests/test_pool_isolation.py), and the
+    engine says it is broken (an online replica's check_health then fails: Serve replaces it)."""
     import pytest
 
     from jobs.serve import TidegateEndpoint
-    from schemas.errors import EngineError
+    from schemas.errors import EngineBroken
 
     class Dead(ScriptedEngine):
         def step(self):
             self.go.acquire()
             raise RuntimeError("engine core died")
 
-    exits: list[int] = []
-    monkeypatch.setattr("compute.engine.os._exit", exits.append)
-
-    async def scenario(exit_when_broken: bool):
+    async def scenario():
         w = worker(max_num_seqs=4)
-        w.engine, w.exit_when_broken = Dead(), exit_when_broken
+        w.engine = Dead()
         assert w.broken is None
         done = asyncio.create_task(w.complete(batch([3, 3])))
         await asyncio.sleep(0.05)
         await steps(w, 1)
-        if not exit_when_broken:
-            with pytest.raises(EngineError, match="RuntimeError"):
-                await done
-        else:
-            await until(lambda: exits)
-            done.cancel()
+        with pytest.raises(EngineBroken, match="RuntimeError"):
+            await done
         assert w.broken == "RuntimeError"
         w.close()
         return w
 
-    w = asyncio.run(asyncio.wait_for(scenario(False), 10))
-    assert exits == [] and w.exit_when_broken is False
+    w = asyncio.run(asyncio.wait_for(scenario(), 10))
     endpoint = getattr(TidegateEndpoint, "func_or_class", TidegateEndpoint)
     with pytest.raises(RuntimeError, match=r"engine failed a step \(RuntimeError\)"):
         endpoint.check_health(SimpleNamespace(engine=w))
     healthy = worker(max_num_seqs=4)
     endpoint.check_health(SimpleNamespace(engine=healthy))  # a healthy one passes
     healthy.close()
-    asyncio.run(asyncio.wait_for(scenario(True), 10))
-    assert exits == [71]

@@ -90,3 +90,52 @@ def test_a_quarantined_part_waits_for_its_engine_without_blocking_and_runs_alone
     peak, calls = ray.get(pool.slots[0].actor.seen.remote())
     assert peak == 1 and calls == [3, 2]
     assert pool.in_flight == 0 and pool.has_capacity()
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class BreakingEngine:
+    """Its engine breaks (a step raised) in the first process that finds `breaks`; a restarted
+    process has a fresh one."""
+
+    def __init__(self, breaks: str):
+        self.broken = os.path.exists(breaks)
+        if self.broken:
+            os.remove(breaks)
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def run_batch(self, requests: pa.Table):
+        from schemas.errors import EngineBroken
+
+        if self.broken:
+            raise EngineBroken("the engine failed: RuntimeError: engine core died")
+        return {"rows": requests.num_rows, "prompt_tokens": 0, "completion_tokens": 0}, requests
+
+
+def test_an_engine_whose_step_failed_is_restarted_and_its_batches_run_again_on_the_fresh_one(local_ray, tmp_path):
+    """Every batch inside an engine whose step raised fails with EngineBroken; the engine would
+    fail every later row too. The pool restarts it, once, and the batches run again (alone, as
+    after a crash) on the fresh engine: no row is dead-lettered for the engine's failure."""
+    from actors.pool import EnginePool, _Slot
+    from schemas.spec import parse_spec
+
+    spec = parse_spec(make_spec(tmp_path, None, "t", tmp_path / "no-model", **{
+        "source": {"kafka": {"topic": "t"}}, "pool.actor_start_timeout_s": 30, "pool.batches_in_flight": 4}))  # fmt: skip
+    breaks = tmp_path / "breaks"
+    breaks.touch()
+    pool = EnginePool(spec)
+    pool._room = False
+    pool._restart_grace_s = 1.0
+    pool.slots = [_Slot(BreakingEngine.remote(str(breaks)))]
+    first_pid = ray.get(pool.slots[0].actor.ping.remote())
+    for i in range(3):
+        pool.submit(pa.table({"prompt": [f"q{i}a", f"q{i}b"]}), 2, f"b{i}")
+    finished: list = []
+    deadline = time.monotonic() + 60
+    while len(finished) < 3 and time.monotonic() < deadline:
+        finished += pool.collect(0.2)
+    assert sorted(tag for tag, _ in finished) == ["b0", "b1", "b2"]
+    completions = [ray.get(c.ref) for _, c in finished]
+    assert all("error_class" not in t.column_names for t in completions)  # the rows' own answers, no crash rows
+    assert ray.get(pool.slots[0].actor.ping.remote()) != first_pid  # restarted (once: a second start would find no file)
