@@ -65,3 +65,42 @@ def test_no_statistics_on_ids_text_or_raw_bytes_and_zstd_files(tmp_path):
         assert cols["id"].statistics is None and cols["output_text"].statistics is None
         assert cols["source_offset"].statistics is not None and cols["source_offset"].statistics.has_min_max
         assert cols["id"].compression == "ZSTD"
+
+
+def test_no_statistics_on_unsafe_columns_of_either_table_after_commits_and_compaction(tmp_path):
+    """docs/lakehouse.md: statistics only on STATS_SAFE_COLUMNS, in every file of both tables,
+    however it was written (commits, then a compaction that rewrites them): never on a dead
+    letter's id, error, raw or output_text, where a value's prefix would be copied into the
+    footers and the Delta log."""
+    from compute.prompts import dead_letter_table
+    from schemas.records import STATS_SAFE_COLUMNS
+
+    sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}, parquet=ParquetSpec())
+    sink.open()
+    sink.load_positions([TP0])
+    for i in range(3):  # three files each, for the compaction to rewrite
+        rows = results_table([2 * i], id=[f"{CANARY}-r{i}"], output_text=[f"reply to {CANARY}"])
+        bad = dead_letter_table([dict(id=f"{CANARY}-d{i}", stage="validate", error_class="validation_failed",
+                                      error=f"rejected {CANARY}", source_topic="t", source_partition=0,
+                                      source_offset=2 * i + 1, raw=CANARY.encode(), output_text=f"out {CANARY}")],
+                                "r")  # fmt: skip
+        sink.commit(rows, bad, {TP0: 2 * i + 1})
+    report = sink.maintain(checkpoint=False, vacuum=False)
+    assert report["results"]["report"]["compacted"]["files_removed"] == 3
+    assert report["dead_letter"]["report"]["compacted"]["files_removed"] == 3
+    for table in ("res", "dl"):
+        logs = "".join(p.read_text() for p in (tmp_path / table / "_delta_log").glob("*.json"))
+        assert CANARY not in logs, table
+        added = DeltaTable(str(tmp_path / table)).get_add_actions(flatten=True).column_names
+        unsafe = [c for c in added if c.startswith(("min.", "max.")) and c.split(".", 1)[1] not in STATS_SAFE_COLUMNS]
+        assert not unsafe, (table, unsafe)
+        files = list((tmp_path / table).rglob("*.parquet"))
+        assert len(files) == 4  # the three commits' and the compaction's
+        for f in files:
+            meta = pq.ParquetFile(f).metadata
+            for rg in range(meta.num_row_groups):
+                for i in range(meta.num_columns):
+                    col = meta.row_group(rg).column(i)
+                    name = col.path_in_schema.split(".")[0]
+                    if name not in STATS_SAFE_COLUMNS:
+                        assert col.statistics is None or not col.statistics.has_min_max, (table, f.name, name)
