@@ -64,8 +64,10 @@ def _installed_roots() -> list[Path]:
     return [Path(p).resolve() for k, p in paths.items() if k in ("stdlib", "platstdlib", "purelib", "platlib") and p]
 
 
-def locate(module: str) -> Path | None:
-    """Where the module's top-level package is (without running it), or None if not found."""
+def locate(module: str) -> list[Path] | None:
+    """Where the module's top-level package is (without running it): its file or folder, or every
+    folder of a namespace package (an import may load the module from any of them); None if not
+    found."""
     top = module.split(".")[0]
     try:
         spec = importlib.util.find_spec(top)
@@ -74,9 +76,9 @@ def locate(module: str) -> Path | None:
     if spec is None:
         return None
     if spec.origin and spec.origin not in ("built-in", "frozen"):
-        return Path(spec.origin).resolve()
+        return [Path(spec.origin).resolve()]
     locations = list(spec.submodule_search_locations or [])
-    return Path(locations[0]).resolve() if locations else Path("<built-in>")
+    return [Path(p).resolve() for p in locations] if locations else [Path("<built-in>")]
 
 
 def judge(ref: CodeRef, allowed_modules: list[str] | None, root: Path | None = None) -> Verdict:
@@ -94,17 +96,18 @@ def judge(ref: CodeRef, allowed_modules: list[str] | None, root: Path | None = N
         if any(_within(module, p) for p in allowed_modules):
             return Verdict(ref, True, "listed in validation.allowed_modules")
         return Verdict(ref, False, "not in validation.allowed_modules")
-    where = locate(module)
-    if where is None:
+    wheres = locate(module)
+    if wheres is None:
         return Verdict(ref, False, f"module {module.split('.')[0]!r} not found")
     root = (root or Path(os.getcwd())).resolve()
-    installed = [r for r in _installed_roots() if r in (where, *where.parents)]
-    if installed or str(where) == "<built-in>":
-        return Verdict(ref, False, "an installed or standard-library module (list it in validation.allowed_modules "
-                                   "to allow it)")  # fmt: skip
-    if root not in (where, *where.parents):
-        return Verdict(ref, False, "outside the job's working directory (list it in validation.allowed_modules)")
-    return Verdict(ref, True, f"in the job's working directory ({where.relative_to(root)})")
+    for where in wheres:  # a namespace package: every folder it spans (a working-directory one may sit beside an installed one)
+        installed = [r for r in _installed_roots() if r in (where, *where.parents)]
+        if installed or str(where) == "<built-in>":
+            return Verdict(ref, False, "an installed or standard-library module (list it in validation.allowed_modules "
+                                       "to allow it)")  # fmt: skip
+        if root not in (where, *where.parents):
+            return Verdict(ref, False, "outside the job's working directory (list it in validation.allowed_modules)")
+    return Verdict(ref, True, f"in the job's working directory ({wheres[0].relative_to(root)})")
 
 
 def check_import(field: str, path: str, allowed_modules: list[str] | None) -> None:

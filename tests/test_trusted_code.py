@@ -80,6 +80,27 @@ def test_a_module_outside_the_working_directory_is_refused(tmp_path, monkeypatch
     assert not judge(CodeRef("f", "outside_rules_x:check"), ["outside_rules"]).allowed
 
 
+def test_a_namespace_folder_in_the_working_directory_does_not_vouch_for_an_installed_one(tmp_path, monkeypatch):
+    """`google/` without an __init__.py in the working directory joins the installed namespace
+    package google (protobuf's): google.protobuf is loaded from site-packages, so naming it is
+    judged by every folder the namespace spans, not by the first one found."""
+    import importlib
+
+    (tmp_path / "google").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    spanned = importlib.util.find_spec("google").submodule_search_locations
+    assert str(tmp_path / "google") in list(spanned) and len(list(spanned)) > 1  # the case itself
+    verdict = judge(CodeRef("f", "google.protobuf.json_format:MessageToJson"), None)
+    assert not verdict.allowed and verdict.why.startswith("an installed or standard-library module"), verdict
+    # A namespace package wholly inside the working directory is still its own code.
+    (tmp_path / "mine" / "rules").mkdir(parents=True)
+    (tmp_path / "mine" / "rules" / "ok.py").write_text("def check(c):\n    return True\n")
+    importlib.invalidate_caches()
+    assert judge(CodeRef("f", "mine.rules.ok:check"), None).allowed
+
+
 def test_allowed_modules_replaces_the_default(in_repo):
     assert judge(CodeRef("f", "tests.test_validation:no_digits"), ["tests"]).allowed
     assert judge(CodeRef("f", "tests.test_validation:no_digits"), ["tests.test_validation"]).allowed
