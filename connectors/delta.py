@@ -408,8 +408,8 @@ class DeltaSink:
     def load_positions(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
         """Committed positions (last offset covered) per partition, read from the results table."""
         apps = {tp: self._app(tp) for tp in tps}
-        res = self.results.txn_versions(apps.values())
-        dl = self.dead_letter.txn_versions(apps.values())
+        res = self._read(self.results, lambda: self.results.txn_versions(apps.values()))
+        dl = self._read(self.dead_letter, lambda: self.dead_letter.txn_versions(apps.values()))
         for tp, app in apps.items():
             self._results_pos[tp] = res[app]
             self._dl_pos[tp] = dl[app]
@@ -520,6 +520,22 @@ class DeltaSink:
     def _write(self, table: _Table, rows: pa.Table, txns: list[Transaction], refresh: bool = True) -> None:
         table.append(rows, txns, refresh)
 
+    def _read(self, table: _Table, read):
+        """A read the commit protocol needs (positions, the fence), retried on store errors (an
+        object store's 503) with the writes' attempts and backoff: one failed read stopped the job."""
+        wait = self.write_backoff_s
+        for attempt in range(1, self.write_attempts + 1):
+            try:
+                return read()
+            except (OSError, DeltaError) as e:
+                if attempt == self.write_attempts:
+                    raise SinkError(f"reading the {table.role} table {table.uri} failed {self.write_attempts} times "
+                                    f"(sink.write_attempts={self.write_attempts}); last error: {_first_line(e)}") from None  # fmt: skip
+                log.warning("%s table read failed (try %d of %d), again in %.1fs: %s", table.role, attempt,
+                            self.write_attempts, wait, _first_line(e))  # fmt: skip
+                time.sleep(wait)
+                wait *= 2
+
     def _write_marker(self) -> Transaction:
         """appId tidegate/<job>/write/<id of this writer process's sink>, version = its write count."""
         if self._writer_id is None:  # per process: a restarted writer gets a new one
@@ -556,7 +572,7 @@ class DeltaSink:
         window is this commit's, not the old owner's whole delay.)"""
         apps = {tp: self._app(tp) for tp in positions}
         for table, known in ((self.results, self._results_pos), (self.dead_letter, self._dl_pos)):
-            actual = table.txn_versions(apps.values())
+            actual = self._read(table, lambda: table.txn_versions(apps.values()))  # noqa: B023 - called at once
             moved = [tp for tp, app in apps.items() if actual[app] != known.get(tp)]
             if moved:
                 raise PartitionFencedError(

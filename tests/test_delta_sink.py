@@ -382,3 +382,30 @@ def test_blind_appends_of_two_writers_on_stale_handles_land_every_row_once(tmp_p
     with pytest.raises(PartitionFencedError):  # b has not seen a's transaction; its commit's check has
         b.append_unpositioned(results([101]), dead([]), txn=("tidegate/job/journal/x", 2))
     assert 101 not in pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list()
+
+
+def test_a_store_error_reading_positions_or_the_fence_is_retried_like_a_write(tmp_path, monkeypatch):
+    """An object store's 503 while the positions or the fence are read: read again with the
+    writes' backoff (one failed read stopped the job); past sink.write_attempts, a SinkError."""
+    from schemas.errors import SinkError
+
+    s = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}, write_attempts=3, write_backoff_s=0.01)
+    s.open()
+    failures = {"left": 0}
+    real = type(s.results).txn_versions
+
+    def flaky(self, app_ids):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OSError("503 Slow Down")
+        return real(self, app_ids)
+
+    monkeypatch.setattr(type(s.results), "txn_versions", flaky)
+    failures["left"] = 2  # the results read twice, then it answers
+    assert s.load_positions([TP0]) == {TP0: None}
+    failures["left"] = 1  # the fence's first read
+    s.commit(results([0, 1]), dead([]), {TP0: 1})
+    assert DeltaTable(str(tmp_path / "res")).transaction_version(txn_app_id("job", TP0)) == 1
+    failures["left"] = 3
+    with pytest.raises(SinkError, match=r"reading the results table .* failed 3 times .*503 Slow Down"):
+        s.load_positions([TP0])
