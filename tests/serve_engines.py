@@ -51,7 +51,14 @@ class EchoEngine(InstantEngine):
 
     async def run_batch(self, requests: pa.Table, priority: int = 0) -> tuple[dict, pa.Table]:
         """A batch job's batch (pool.backend serve): hangs as complete() does; counts the calls
-        cancelled while they hung (engine_usage), so a test sees the cancellation reach the replica."""
+        cancelled while they hung (engine_usage), so a test sees the cancellation reach the replica.
+        A prompt holding "touch:PATH" creates that file when the batch reaches the replica."""
+        import re
+        from pathlib import Path
+
+        for prompt in requests.column("prompt").to_pylist():
+            if m := re.search(r"touch:(\S+)", prompt):
+                Path(m.group(1)).touch()
         try:
             table = await self.complete(requests, priority)
         except asyncio.CancelledError:

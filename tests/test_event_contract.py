@@ -217,10 +217,11 @@ def test_file_registry_finds_ids_by_canonical_form_and_decoder_caches(tmp_path):
 
 
 def test_a_registry_that_cannot_be_reached_is_an_error_not_a_dead_letter():
-    from connectors.broker import free_port
     from connectors.schema_registry import HttpSchemaRegistry
     from schemas.errors import SourceError
+    from tests.conftest import closed_port
 
-    registry = HttpSchemaRegistry(f"http://127.0.0.1:{free_port()}", attempts=2, timeout_s=1)
-    with pytest.raises(SourceError, match="schema registry .* failed: URLError"):
-        AvroDecoder(lookup=registry)(AvroEncoder(AVRO, 5)(_event(1)))
+    with closed_port() as port:
+        registry = HttpSchemaRegistry(f"http://127.0.0.1:{port}", attempts=2, timeout_s=1)
+        with pytest.raises(SourceError, match="schema registry .* failed: URLError"):
+            AvroDecoder(lookup=registry)(AvroEncoder(AVRO, 5)(_event(1)))

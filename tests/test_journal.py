@@ -300,8 +300,12 @@ def test_an_endpoints_audit_compacts_its_tables_beside_its_appends(audit_env, tm
 
     async def load():
         for results, dead in groups:
+            before = buffer.commits
             await buffer.add(results, dead)
-            await asyncio.sleep(0.3 if journal else 0)  # journal: each group its own commit round
+            if journal:  # each group its own commit round (a round takes every group stored by then)
+                deadline = asyncio.get_running_loop().time() + 30
+                while buffer.commits == before and asyncio.get_running_loop().time() < deadline:
+                    await asyncio.sleep(0.02)
         while buffer._maintaining is not None and not buffer._maintaining.done():
             await asyncio.sleep(0.05)
         await buffer.drain()

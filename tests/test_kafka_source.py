@@ -76,12 +76,13 @@ def test_an_unreachable_broker_is_given_up_on_after_connect_timeout_s():
     start included, before this was mended; 14.7 s after)."""
     import pytest
 
-    from connectors.broker import free_port
     from schemas.errors import SourceError
+    from tests.conftest import closed_port
 
-    spec = KafkaSourceSpec(bootstrap_servers=[f"127.0.0.1:{free_port()}"], topic="t", connect_timeout_s=1)
-    src = KafkaSource(spec, source_context({}))
-    started = time.monotonic()
-    with pytest.raises(SourceError, match="no Kafka broker reachable at 127.0.0.1:.*connect_timeout_s=1s"):
-        src.start()
+    with closed_port() as port:
+        spec = KafkaSourceSpec(bootstrap_servers=[f"127.0.0.1:{port}"], topic="t", connect_timeout_s=1)
+        src = KafkaSource(spec, source_context({}))
+        started = time.monotonic()
+        with pytest.raises(SourceError, match="no Kafka broker reachable at 127.0.0.1:.*connect_timeout_s=1s"):
+            src.start()
     assert time.monotonic() - started < 15  # 1 s and a try's wind-down; the old wait was 30 s or more

@@ -184,14 +184,15 @@ def test_missing_model_dir_is_one_clear_error(tmp_path, broker, topic, job_proce
 
 
 def test_unreachable_broker_is_one_clear_error_before_the_engines_load(tmp_path, topic, tiny_model, job_processes):
-    from connectors.broker import free_port
+    from tests.conftest import closed_port
 
     spec = make_spec(tmp_path, None, topic, tiny_model)
-    # Tried for 3 s, not the default 30: the error, not the wait, is what this test is about.
-    spec["source"] = {"kafka": {"bootstrap_servers": f"127.0.0.1:{free_port()}", "topic": topic, "connect_timeout_s": 3}}
-    started = time.monotonic()
-    job = job_processes(write_spec(tmp_path, spec))
-    assert job.wait(180) == 2, job.log()[-3000:]
+    with closed_port() as port:
+        # Tried for 3 s, not the default 30: the error, not the wait, is what this test is about.
+        spec["source"] = {"kafka": {"bootstrap_servers": f"127.0.0.1:{port}", "topic": topic, "connect_timeout_s": 3}}
+        started = time.monotonic()
+        job = job_processes(write_spec(tmp_path, spec))
+        assert job.wait(180) == 2, job.log()[-3000:]
     log = job.log()
     assert "error: no Kafka broker reachable at 127.0.0.1:" in log and "Traceback" not in log
     assert "EngineWorker" not in log  # no engine was started for a job that cannot read

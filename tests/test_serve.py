@@ -14,13 +14,14 @@ import secrets
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import polars as pl
 import pytest
 
 from connectors.broker import free_port
-from tests.conftest import make_spec, table_rows
+from tests.conftest import make_spec, table_rows, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +42,7 @@ def endpoint(tmp_path_factory, broker):
     from tests.serve_engines import EchoEngine
 
     tmp = tmp_path_factory.mktemp("serve")
+    env_before = {k: os.environ.get(k) for k in ("TIDEGATE_MASTER_KEY", "TIDEGATE_KEYRING")}  # restored at the end
     os.environ["TIDEGATE_MASTER_KEY"] = base64.b64encode(secrets.token_bytes(32)).decode()
     keyring_path = tmp / "keyring.json"
     os.environ["TIDEGATE_KEYRING"] = str(keyring_path)
@@ -92,7 +94,8 @@ def endpoint(tmp_path_factory, broker):
     ingress = ingress_env(spec)
     saved = {k: os.environ.get(k) for k in ingress}
     os.environ.update(ingress)
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="tgray", dir="/tmp"),
+    ray_tmp = tempfile.mkdtemp(prefix="tgray", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_tmp,
              object_store_memory=200 * 2**20, _metrics_export_port=metrics_port)  # fmt: skip
     try:
         url = deploy(spec, engine_cls=EchoEngine)
@@ -100,13 +103,13 @@ def endpoint(tmp_path_factory, broker):
         pair_url = deploy(pair, engine_cls=EchoEngine)
         journaled_url = deploy(journaled, engine_cls=EchoEngine)
         backlog_url = deploy(backlog, engine_cls=EchoEngine)
-        yield {"url": url, "ingress": ingress, "backlog_url": backlog_url, "backlog_spec": backlog, "journaled_url": journaled_url, "journaled_spec": journaled, "small_url": small_url, "pair_url": pair_url, "pair_spec": pair, "small_spec": small, "small_timeouts": [0], "keys": keys, "spec": spec, "keyring": keyring_path, "topic": topic,
+        yield {"url": url, "ingress": ingress, "backlog_url": backlog_url, "backlog_spec": backlog, "journaled_url": journaled_url, "journaled_spec": journaled, "small_url": small_url, "pair_url": pair_url, "pair_spec": pair, "small_spec": small, "small_timeouts": [0], "keys": keys, "spec": spec, "keyring": keyring_path, "topic": topic, "ray_tmp": ray_tmp,
                "metrics_port": metrics_port}
     finally:
         serve.shutdown()
         ray.shutdown()
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        for k, v in {**saved, **env_before}.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def _post(ep, path: str, body, tenant: str | None = "acme", headers: dict | None = None, url: str | None = None):
@@ -511,13 +514,14 @@ def test_a_batch_pool_sends_a_batch_again_when_its_replica_dies(endpoint, caplog
     pool.start()
     try:
         n = 3
-        requests = _batch([f"slow row {i}" for i in range(n)], "d")
-        pool.submit(requests, n, "batch-d")
-        time.sleep(0.7)  # inside the replica's 1.5 s "slow" answer
+        reached = Path(tempfile.mkdtemp(prefix="tgmark")) / "reached"
+        prompts = [f"slow row {i} touch:{reached}" for i in range(n)]
+        pool.submit(_batch(prompts, "d"), n, "batch-d")
+        wait_for(reached.exists, 60, what="the batch at a replica")  # then inside its 1.5 s "slow" answer
         for pid in pids:
             psutil.Process(pid).kill()  # the replicas this test module started (by PID)
         _, rows = _one_batch_back(pool)
-        assert [r["output_text"] for r in rows] == [f"slow row {i}" for i in range(n)]
+        assert [r["output_text"] for r in rows] == prompts
         assert pool.usage()[0]["batches_resent"] == 1  # the kill landed while the replica held the batch
         assert "quarantined" not in caplog.text
     finally:
