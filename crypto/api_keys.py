@@ -106,8 +106,9 @@ class ApiKeyVerifier:
         self._checks: asyncio.Semaphore | None = None  # verify_async's scrypt threads
 
     def verify(self, token: str) -> Principal:
-        """The token's tenant; AuthError (unknown, revoked or wrong secret: one message for all,
-        so an answer tells a caller nothing about which keys exist)."""
+        """The token's tenant; AuthError (unknown, revoked or wrong secret: one message for all).
+        Its timing is not equalised: an unknown key id is refused without the scrypt check, so a
+        caller can tell, by time, that a 48-bit random key id exists (not that its secret is right)."""
         hit = self.remembered(token)
         if hit is not None:
             return hit
