@@ -271,6 +271,17 @@ def results_table(offsets: list[int], partition: int = 0, topic: str = "t", **co
     return pa.table(cols, schema=RESULTS_SCHEMA)
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A small local Ray for one test module (its own temp dir; shut down after the module)."""
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="tgray", dir="/tmp"),
+             object_store_memory=80 * 2**20)  # fmt: skip
+    yield
+    ray.shutdown()
+
+
 class FixedPositions:
     """A SourcePositions (connectors/source.py) over a dict, for sources tested without a job:
     resume answers from `positions`, release records what was given away."""

@@ -5,7 +5,6 @@ process that ran it, delta-rs's runtime included, runs at the lowered priority."
 from __future__ import annotations
 
 import os
-import tempfile
 
 import polars as pl
 import pytest
@@ -15,14 +14,6 @@ from compute.prompts import dead_letter_table
 from connectors.delta import DeltaSink
 from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA
 from tests.conftest import make_spec, results_table
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="tgray", dir="/tmp"),
-             object_store_memory=80 * 2**20)  # fmt: skip
-    yield
-    ray.shutdown()
 
 
 def test_a_round_runs_in_a_low_priority_process_and_compacts_the_tables(local_ray, tmp_path, monkeypatch):

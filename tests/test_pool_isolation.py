@@ -5,22 +5,25 @@ part waits for its engine without blocking the job's loop, and runs with nothing
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 
 import pyarrow as pa
-import pytest
 import ray
 
 from tests.conftest import make_spec
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=1, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="tgray", dir="/tmp"),
-             object_store_memory=80 * 2**20)  # fmt: skip
-    yield
-    ray.shutdown()
+def pool_over(actor, tmp_path):
+    """An engine pool whose one engine is `actor` (no vLLM: the pool's bookkeeping only)."""
+    from actors.pool import EnginePool, _Slot
+    from schemas.spec import parse_spec
+
+    spec = parse_spec(make_spec(tmp_path, None, "t", tmp_path / "no-model", **{
+        "source": {"kafka": {"topic": "t"}}, "pool.actor_start_timeout_s": 20, "pool.batches_in_flight": 4}))  # fmt: skip
+    pool = EnginePool(spec)
+    pool._room = False
+    pool.slots = [_Slot(actor)]
+    return pool
 
 
 @ray.remote(num_cpus=0)
@@ -56,16 +59,11 @@ class ReloadingEngine:
 
 
 def test_a_quarantined_part_waits_for_its_engine_without_blocking_and_runs_alone(local_ray, tmp_path):
-    from actors.pool import EnginePool, _Batch, _Part, _Slot
-    from schemas.spec import parse_spec
+    from actors.pool import _Batch, _Part
 
-    spec = parse_spec(make_spec(tmp_path, None, "t", tmp_path / "no-model", **{
-        "source": {"kafka": {"topic": "t"}}, "pool.actor_start_timeout_s": 20, "pool.batches_in_flight": 4}))  # fmt: skip
     asleep = tmp_path / "asleep"
     asleep.touch()
-    pool = EnginePool(spec)
-    pool._room = False
-    pool.slots = [_Slot(ReloadingEngine.remote(str(asleep)))]
+    pool = pool_over(ReloadingEngine.remote(str(asleep)), tmp_path)
     quarantined = pa.table({"prompt": ["a", "b", "c"]})
     pool._suspects.append(_Part(_Batch("quarantined", quarantined, open_parts=1), 0, quarantined, 3))
 
@@ -117,17 +115,10 @@ def test_an_engine_whose_step_failed_is_restarted_and_its_batches_run_again_on_t
     """Every batch inside an engine whose step raised fails with EngineBroken; the engine would
     fail every later row too. The pool restarts it, once, and the batches run again (alone, as
     after a crash) on the fresh engine: no row is dead-lettered for the engine's failure."""
-    from actors.pool import EnginePool, _Slot
-    from schemas.spec import parse_spec
-
-    spec = parse_spec(make_spec(tmp_path, None, "t", tmp_path / "no-model", **{
-        "source": {"kafka": {"topic": "t"}}, "pool.actor_start_timeout_s": 30, "pool.batches_in_flight": 4}))  # fmt: skip
     breaks = tmp_path / "breaks"
     breaks.touch()
-    pool = EnginePool(spec)
-    pool._room = False
+    pool = pool_over(BreakingEngine.remote(str(breaks)), tmp_path)
     pool._restart_grace_s = 1.0
-    pool.slots = [_Slot(BreakingEngine.remote(str(breaks)))]
     first_pid = ray.get(pool.slots[0].actor.ping.remote())
     for i in range(3):
         pool.submit(pa.table({"prompt": [f"q{i}a", f"q{i}b"]}), 2, f"b{i}")
