@@ -67,7 +67,7 @@ class _Slot:
     run_batch: Any = None  # the actor's run_batch with num_returns=2
     extra: int = 0  # batches beyond batches_in_flight its engine had room for
     room: Any = None  # the room() call waiting on its engine, if any
-    restarted_at: float = 0.0  # when the pool last restarted it (a step that raised: EngineBroken)
+    killed_pid: int | None = None  # the engine process the pool last restarted (EngineBroken)
 
 
 @dataclass
@@ -513,15 +513,16 @@ class EnginePool:
     def _restart_broken(self, call: _Call, err: Exception) -> None:
         """A step of this call's engine raised: the engine stays in no known state and would fail
         every row sent to it, so the actor is restarted (a fresh engine); the failed batches go
-        the way of a crash (quarantine, then alone on the fresh engine). Once per failure: every
-        batch that was inside the engine comes back with it."""
-        slot = call.slot
-        if self.serve_app is not None or call.sent < slot.restarted_at:
-            return  # a Serve replica is replaced by Serve (its check_health); or already restarted
+        the way of a crash (quarantine, then alone once a process other than this one answers:
+        _run_alone_once_awake). Once per process (EngineBroken names it): every batch that was
+        inside the engine comes back with it, and a successor is never taken for it."""
+        slot, pid = call.slot, getattr(cause(err), "pid", None)
+        if self.serve_app is not None or pid is None or pid == slot.killed_pid:
+            return  # a Serve replica is replaced by Serve (check_health); this process is already going
         log.warning("an engine failed a step: restarting it (%s)", first_line(cause(err)))
         ray.kill(slot.actor, no_restart=False)
-        slot.restarted_at = time.monotonic()
-        slot.ready_at = slot.restarted_at + self._restart_grace_s
+        slot.killed_pid = pid
+        slot.ready_at = time.monotonic() + self._restart_grace_s
 
     def _check_hangs(self) -> None:
         """A call running longer than pool.batch_timeout_s is cancelled (the engine aborts its rows
@@ -592,13 +593,21 @@ class EnginePool:
 
     def _run_alone_once_awake(self) -> None:
         ping, part, since = self._waking
-        if not ray.wait([ping], timeout=0)[0]:
-            limit = self.spec.pool.actor_start_timeout_s
-            if time.monotonic() - since > limit:
-                raise EngineError(f"the engine did not come back within pool.actor_start_timeout_s={limit:g}s "
-                                  "to run a quarantined batch")  # fmt: skip
-            return
-        self._waking = None
+        limit = self.spec.pool.actor_start_timeout_s
+        if ray.wait([ping], timeout=0)[0]:
+            try:
+                pid = ray.get(ping)
+            except RayActorError:  # the process being killed answered with its death: ask the next one
+                pid = self.slots[0].killed_pid
+            if pid != self.slots[0].killed_pid:
+                self._waking = None
+            else:  # the process the pool restarted answered before it went: ask the next one
+                self._waking = (self.slots[0].actor.ping.options(max_task_retries=-1).remote(), part, since)
+        if self._waking is not None:
+            if time.monotonic() - since <= limit:
+                return
+            raise EngineError(f"the engine did not come back within pool.actor_start_timeout_s={limit:g}s "
+                              "to run a quarantined batch")  # fmt: skip
         part.alone = True
         slot = self.slots[0]
         slot.ready_at = time.monotonic()

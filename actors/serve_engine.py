@@ -27,12 +27,18 @@ from typing import Any
 
 import pyarrow as pa
 
-from schemas.errors import EngineError
+from actors.remote import cause
+from schemas.errors import EngineBroken, EngineError
 from schemas.spec import SERVE_DEPLOYMENT, ModelSpec
 
 log = logging.getLogger(__name__)
 
 BACKPRESSURE_WAIT_S = 0.5  # the replicas' queues are full (serve.max_queued_requests): try again after this
+# A replica whose engine broke (EngineBroken) fails Serve's health check and is replaced: its
+# batches are sent again, every BROKEN_WAIT_S, for up to BROKEN_FOR_S, before the pool takes
+# their failure (quarantine) as theirs.
+BROKEN_WAIT_S = 2.0
+BROKEN_FOR_S = 120.0
 
 
 class ServeEngine:
@@ -83,6 +89,7 @@ class ServeEngine:
         from ray.serve.exceptions import BackPressureError
 
         resent = False
+        broken_since: float | None = None
         while True:
             try:  # a cancelled await cancels the call in the replica (Serve; tests/test_serve.py checks it)
                 return await self.handle.run_batch.remote(requests)
@@ -96,6 +103,16 @@ class ServeEngine:
                 log.warning("pool.backend serve: the replica running a batch of %d row(s) of application %r "
                             "died (%s); sending the batch once more", requests.num_rows, self.app,
                             type(e).__name__)  # fmt: skip
+            except Exception as e:  # noqa: BLE001 - only a broken replica's failure is waited out
+                if not isinstance(cause(e), EngineBroken) and not isinstance(e, EngineBroken):
+                    raise
+                now = asyncio.get_running_loop().time()
+                broken_since = broken_since if broken_since is not None else now
+                if now - broken_since > BROKEN_FOR_S:
+                    raise
+                log.warning("pool.backend serve: a replica of application %r has a broken engine; sending the "
+                            "batch again in %.0fs (Serve replaces the replica)", self.app, BROKEN_WAIT_S)  # fmt: skip
+                await asyncio.sleep(BROKEN_WAIT_S)
 
     def ping(self) -> int:
         return os.getpid()

@@ -324,7 +324,8 @@ class EngineWorker:
                 outputs = self.engine.step()
             except Exception as e:  # the engine failed (not a row): every batch in it fails
                 self.broken = type(e).__name__
-                log.warning("engine step failed: %s: %s", type(e).__name__, e)
+                # Its type only: a message could quote what the engine was given.
+                log.warning("engine step failed (%s): every batch in the engine fails", type(e).__name__)
                 self._fail_all(e)
                 continue
             dt = time.monotonic() - t0
@@ -440,7 +441,7 @@ class EngineWorker:
         except Exception:
             pass
         for b in batches:
-            b.done(EngineBroken(f"the engine failed: {type(err).__name__}: {str(err)[:200]}"))
+            b.done(EngineBroken(f"the engine failed a step ({type(err).__name__})", os.getpid()))
 
     # -- calls -----------------------------------------------------------------------------------
 

@@ -580,6 +580,11 @@ class JsonSchema(Rule):
 CUSTOM_MESSAGE_CHARS = 200
 
 
+def _is_bool(value: Any) -> bool:
+    """A bool, or numpy's (what `score > 0.8` gives on a numpy score), without importing numpy."""
+    return isinstance(value, bool) or (type(value).__name__ in ("bool", "bool_") and type(value).__module__ == "numpy")
+
+
 def _scrubbed(message: str) -> str:
     """A custom rule's message as stored: PII in it redacted, at most CUSTOM_MESSAGE_CHARS long
     (a rule may quote the output it judged; the message lands in plain-text columns)."""
@@ -640,11 +645,12 @@ class Custom(Rule):
             if isinstance(out, RuleResult):
                 return RuleResult(self.name, bool(out.passed), None if out.score is None else float(out.score),
                                   _scrubbed(out.message or ""))  # fmt: skip
-            if isinstance(out, bool):
+            if _is_bool(out):
                 return self._ok() if out else self._fail("custom rule failed")
-            if isinstance(out, tuple) and out and isinstance(out[0], bool):
+            if isinstance(out, tuple) and out and _is_bool(out[0]):
                 passed, score, message = (*out, None, "")[:3]
-                return RuleResult(self.name, passed, None if score is None else float(score), _scrubbed(message or ""))
+                return RuleResult(self.name, bool(passed), None if score is None else float(score),
+                                  _scrubbed(message or ""))  # fmt: skip
         except (TypeError, ValueError):  # a score that is no number, say
             pass
         # A row the rule cannot judge fails it (a branch that forgot its return gives None); the job goes on.

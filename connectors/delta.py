@@ -602,12 +602,16 @@ class DeltaSink:
     def read_positions(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, tuple[int | None, int | None]]:
         """(results position, dead-letter position) per partition, without arming the fence."""
         apps = {tp: self._app(tp) for tp in tps}
-        res = _existing(self.results)
-        dl = _existing(self.dead_letter)
-        return {
-            tp: (res.transaction_version(app) if res else None, dl.transaction_version(app) if dl else None)
-            for tp, app in apps.items()
-        }
+
+        def read():
+            res = _existing(self.results)
+            dl = _existing(self.dead_letter)
+            return {
+                tp: (res.transaction_version(app) if res else None, dl.transaction_version(app) if dl else None)
+                for tp, app in apps.items()
+            }
+
+        return self._read(self.results, read)
 
     def partitions_seen(self, topic: str) -> set[int]:
         """Source partitions of `topic` that stored rows come from."""

@@ -107,8 +107,9 @@ class ApiKeyVerifier:
 
     def verify(self, token: str) -> Principal:
         """The token's tenant; AuthError (unknown, revoked or wrong secret: one message for all).
-        Its timing is not equalised: an unknown key id is refused without the scrypt check, so a
-        caller can tell, by time, that a 48-bit random key id exists (not that its secret is right)."""
+        Its timing is not equalised: an unknown or revoked key id is refused without the scrypt
+        check, so a caller can tell, by time, that a 48-bit random key id is active (not that its
+        secret is right)."""
         hit = self.remembered(token)
         if hit is not None:
             return hit

@@ -437,6 +437,8 @@ class PipelineJob:
                 self._land_commit(1.0)
             if not self.flight.ledger.committable_count():
                 return
+            if deadline is not None and time.monotonic() >= deadline:
+                return  # (a commit is at most commit_max_rows: a long prefix is several, each in time)
             self._maybe_commit(force=True)
 
     # -- monitoring and scaling ------------------------------------------------------------------

@@ -906,11 +906,9 @@ class TidegateEndpoint:
         waiting = self.buffer.waiting()  # here, on the event loop (_AuditBuffer.waiting says why)
 
         def find():
-            if waiting:  # buffered, answered and not stored yet: in plain
-                results, dead = self.audit.rows_of(pa.concat_tables([w[0] for w in waiting], promote_options="default"),
-                                                   pa.concat_tables([w[1] for w in waiting], promote_options="default"),
-                                                   route, offset)  # fmt: skip
-                if results.num_rows or dead.num_rows:
+            for group_results, group_dead in waiting:  # buffered, answered and not stored yet: in plain
+                results, dead = self.audit.rows_of(group_results, group_dead, route, offset)
+                if results.num_rows or dead.num_rows:  # (one request's rows are in one group)
                     return results, dead
             journaled = self.buffer.journaled()  # then: a group leaves this list only once committed
             if journaled is not None:

@@ -49,7 +49,15 @@ class EngineError(TidegateError):
 
 class EngineBroken(EngineError):
     """An engine step raised: every batch inside the engine failed, and the engine is in no known
-    state (vLLM's engine core gone, a sticky device error). The pool restarts that engine."""
+    state (vLLM's engine core gone, a sticky device error). The pool restarts that engine.
+    `pid`: the engine process's (the pool restarts the process that failed, never its successor)."""
+
+    def __init__(self, message: str, pid: int | None = None):
+        super().__init__(message, pid)  # both in args: they survive the pickling between processes
+        self.pid = pid
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class StageError(TidegateError):

@@ -27,21 +27,6 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from connectors.broker import EmbeddedBroker, free_port
-
-
-@contextlib.contextmanager
-def closed_port():
-    """A local port nothing listens on while the block runs: bound and never listening, so a
-    connection is refused and no other process (Ray, the other test worker) can take it meanwhile
-    (free_port() closes its socket: the port could be anyone's by the time it is used)."""
-    import socket
-
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    try:
-        yield s.getsockname()[1]
-    finally:
-        s.close()
 from connectors.kafka import create_topic, produce
 
 REPO = Path(__file__).resolve().parent.parent
@@ -269,6 +254,21 @@ def results_table(offsets: list[int], partition: int = 0, topic: str = "t", **co
     for f in RESULTS_SCHEMA:
         cols.setdefault(f.name, [None] * n)
     return pa.table(cols, schema=RESULTS_SCHEMA)
+
+
+@contextlib.contextmanager
+def closed_port():
+    """A local port nothing listens on while the block runs: bound and never listening, so a
+    connection is refused and no other process (Ray, the other test worker) can take it meanwhile
+    (free_port() closes its socket: the port could be anyone's by the time it is used)."""
+    import socket
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    try:
+        yield s.getsockname()[1]
+    finally:
+        s.close()
 
 
 @pytest.fixture(scope="module")

@@ -96,6 +96,8 @@ class BreakingEngine:
     process has a fresh one."""
 
     def __init__(self, breaks: str):
+        with open(breaks + ".starts", "a") as f:  # one line per process the actor ran in
+            f.write(f"{os.getpid()}\n")
         self.broken = os.path.exists(breaks)
         if self.broken:
             os.remove(breaks)
@@ -107,7 +109,7 @@ class BreakingEngine:
         from schemas.errors import EngineBroken
 
         if self.broken:
-            raise EngineBroken("the engine failed: RuntimeError: engine core died")
+            raise EngineBroken("the engine failed a step (RuntimeError)", os.getpid())
         return {"rows": requests.num_rows, "prompt_tokens": 0, "completion_tokens": 0}, requests
 
 
@@ -129,4 +131,6 @@ def test_an_engine_whose_step_failed_is_restarted_and_its_batches_run_again_on_t
     assert sorted(tag for tag, _ in finished) == ["b0", "b1", "b2"]
     completions = [ray.get(c.ref) for _, c in finished]
     assert all("error_class" not in t.column_names for t in completions)  # the rows' own answers, no crash rows
-    assert ray.get(pool.slots[0].actor.ping.remote()) != first_pid  # restarted (once: a second start would find no file)
+    assert ray.get(pool.slots[0].actor.ping.remote()) != first_pid
+    starts = (tmp_path / "breaks.starts").read_text().split()
+    assert len(starts) == 2, starts  # restarted once, for the three batches the one failure failed

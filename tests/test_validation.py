@@ -285,17 +285,22 @@ def test_a_custom_rule_that_raises_fails_the_row_not_the_job():
 
 
 def forgetful(candidate):
-    """A rule with a branch that forgets its return (None), and one whose score is no number."""
+    """A rule with a branch that forgets its return (None), and one whose score is no number; numpy's
+    bool (a comparison of numpy scores) is a bool."""
+    import numpy as np
+
     if "long" in candidate.output:
         return True
+    if "numpy" in candidate.output:
+        return np.float64(0.9) > 0.8
     if "scored" in candidate.output:
         return (False, "high", "score given as a word")
 
 
 def test_a_custom_rule_that_returns_no_result_fails_the_row_not_the_job():
     spec = base_spec(validation=[{"rule": "custom", "path": "tests.test_validation:forgetful", "on_fail": "reject"}])
-    out = Validator(spec).validate(*batch(["long enough", "short secret-4711", "scored secret-4711"]))
-    assert out.action == ["keep", "reject", "reject"]
+    out = Validator(spec).validate(*batch(["long enough", "short secret-4711", "scored secret-4711", "numpy says yes"]))
+    assert out.action == ["keep", "reject", "reject", "keep"]
     messages = [r[0]["message"] for r in out.rule_results.to_pylist()]
     assert messages[1] == "custom rule returned NoneType, not a RuleResult, a bool or (passed, score, message)"
     assert messages[2].startswith("custom rule returned tuple") and "secret-4711" not in out.error[2]
