@@ -104,7 +104,7 @@ class ServeEngine:
                             "died (%s); sending the batch once more", requests.num_rows, self.app,
                             type(e).__name__)  # fmt: skip
             except Exception as e:  # noqa: BLE001 - only a broken replica's failure is waited out
-                if not isinstance(cause(e), EngineBroken) and not isinstance(e, EngineBroken):
+                if not isinstance(cause(e), EngineBroken):  # (cause: the error itself when not wrapped)
                     raise
                 now = asyncio.get_running_loop().time()
                 broken_since = broken_since if broken_since is not None else now

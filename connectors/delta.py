@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
@@ -408,8 +409,8 @@ class DeltaSink:
     def load_positions(self, tps: Iterable[TopicPartition]) -> dict[TopicPartition, int | None]:
         """Committed positions (last offset covered) per partition, read from the results table."""
         apps = {tp: self._app(tp) for tp in tps}
-        res = self._read(self.results, lambda: self.results.txn_versions(apps.values()))
-        dl = self._read(self.dead_letter, lambda: self.dead_letter.txn_versions(apps.values()))
+        res = self._read(self.results, partial(self.results.txn_versions, apps.values()))
+        dl = self._read(self.dead_letter, partial(self.dead_letter.txn_versions, apps.values()))
         for tp, app in apps.items():
             self._results_pos[tp] = res[app]
             self._dl_pos[tp] = dl[app]
@@ -572,7 +573,7 @@ class DeltaSink:
         window is this commit's, not the old owner's whole delay.)"""
         apps = {tp: self._app(tp) for tp in positions}
         for table, known in ((self.results, self._results_pos), (self.dead_letter, self._dl_pos)):
-            actual = self._read(table, lambda: table.txn_versions(apps.values()))  # noqa: B023 - called at once
+            actual = self._read(table, partial(table.txn_versions, apps.values()))
             moved = [tp for tp, app in apps.items() if actual[app] != known.get(tp)]
             if moved:
                 raise PartitionFencedError(

@@ -167,12 +167,12 @@ class DeltaSource:
     def start(self) -> None:
         latest = self._table().version()
         marker = self.resume_positions([(self.topic, MARKER)]).get((self.topic, MARKER))
-        if self.spec.mode == "snapshot" and marker is None and self.furthest_positions is not None:
-            # No results commit yet, but a first commit may have landed its dead letters (and
-            # their MARKER) before it stopped: that snapshot's version is the one to finish (the
-            # latest, planned anew, would give its rows new ordinals: twice in the output).
-            marker = self.furthest_positions([(self.topic, MARKER)]).get((self.topic, MARKER))
         if self.spec.mode == "snapshot":
+            if marker is None and self.furthest_positions is not None:
+                # No results commit yet, but a first commit may have landed its dead letters (and
+                # their MARKER) before it stopped: that snapshot's version is the one to finish (the
+                # latest, planned anew, would give its rows new ordinals: twice in the output).
+                marker = self.furthest_positions([(self.topic, MARKER)]).get((self.topic, MARKER))
             version = self.spec.version if self.spec.version is not None else (marker if marker is not None else latest)
             if version > latest:
                 raise SourceError(f"source.delta.version {version}: the table's latest version is {latest}")

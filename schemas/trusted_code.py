@@ -100,8 +100,9 @@ def judge(ref: CodeRef, allowed_modules: list[str] | None, root: Path | None = N
     if wheres is None:
         return Verdict(ref, False, f"module {module.split('.')[0]!r} not found")
     root = (root or Path(os.getcwd())).resolve()
+    installed_roots = _installed_roots()
     for where in wheres:  # a namespace package: every folder it spans (a working-directory one may sit beside an installed one)
-        installed = [r for r in _installed_roots() if r in (where, *where.parents)]
+        installed = [r for r in installed_roots if r in (where, *where.parents)]
         if installed or str(where) == "<built-in>":
             return Verdict(ref, False, "an installed or standard-library module (list it in validation.allowed_modules "
                                        "to allow it)")  # fmt: skip
