@@ -137,6 +137,13 @@ class CommitWriter:
         """(results position, dead-letter position) per partition, read only (no fence armed)."""
         return self.sink.read_positions(tps)
 
+    def anchor(self, positions: dict[TopicPartition, int]) -> None:
+        """A commit of these positions and no rows (where partitions with no position start),
+        fenced like any commit. Nothing is encrypted, published or counted: there are no rows."""
+        if not self._resumed:
+            raise WriterRestarted("the commit writer was restarted since the positions were read")
+        self.sink.commit(self.stored_results.empty_table(), self.stored_dead.empty_table(), positions)
+
     def _keep_marks(self, marks: dict[TopicPartition, dict[str, int]]) -> None:
         for tp, named in marks.items():
             self._marks.setdefault(tp, {}).update(named)
@@ -246,6 +253,13 @@ class CommitWriterClient:
 
     def read_positions(self, tps: list[TopicPartition]) -> dict:
         return self._get(self._idempotent("read_positions", list(tps)))
+
+    def anchor(self, positions: dict[TopicPartition, int]) -> None:
+        # Not re-run by Ray on a restarted writer: that one has no fence armed (WriterRestarted).
+        try:
+            self._get(self.actor.anchor.remote(positions))
+        except RayActorError as e:
+            raise WriterDied(f"the commit writer died while recording start positions: {actor_error(e)}") from None
 
     def forget(self, tps: list[TopicPartition], wait: bool = True) -> None:
         """wait=False: queued behind the commit in flight, not awaited."""

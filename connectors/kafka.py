@@ -71,7 +71,7 @@ class _Listener(AsyncConsumerRebalanceListener):
         tps = _tps(assigned)
         log.info("partitions assigned: %s", tps)
         if tps:
-            positions = await self.source.off_loop(self.source.ctx.positions.resume, tps)
+            positions = await self.source.off_loop(self.source.start_positions, tps)
             self.source.seek_to(tps, positions)  # seeks only set state: fine on the IO thread
 
 
@@ -185,7 +185,38 @@ class KafkaSource:
             raise future.exception
         return future.value
 
+    def start_positions(self, tps: list[TopicPartition]) -> dict[TopicPartition, int | None]:
+        """Where each partition stands in the sink (`SourcePositions.resume`). With `start_from:
+        latest`, a partition with no position gets one: its end now, recorded by the job
+        (`SourcePositions.anchor`, a commit of positions and no rows) before anything is read.
+        Otherwise a job stopped before its first commit on the partition would start again at a
+        later end and skip what came in between. Blocking: never on the consumer's IO thread."""
+        positions = dict(self.ctx.positions.resume(tps))
+        new = [tp for tp in tps if positions.get(tp) is None]
+        if self.spec.start_from == "latest" and new:
+            anchors = {tp: end - 1 for tp, end in self._ends(new).items()}
+            anchor = getattr(self.ctx.positions, "anchor", None)
+            if anchor is not None:
+                anchor(anchors)
+            positions.update(anchors)
+            log.info("start_from latest: partitions %s start at their ends %s",
+                     [f"{t}/{p}" for t, p in new], [anchors[tp] + 1 for tp in new])  # fmt: skip
+        return positions
+
+    def _ends(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """End offsets read from fetch responses by a consumer of its own (no group), never
+        ListOffsets: tansu answers that wrongly (kafka_end_offsets), which made `seek_to_end` land
+        on old records."""
+        ends = kafka_end_offsets(self.bootstrap_servers, self.topic, client_config(self.spec),
+                                 timeout_s=max(10.0, self.spec.connect_timeout_s))  # fmt: skip
+        unknown = [f"{t}/{p}" for t, p in tps if ends.get((t, p)) is None]
+        if unknown:
+            raise SourceError(f"source.kafka.start_from: latest: the end offset of partition(s) {unknown} "
+                              "could not be read from the brokers")  # fmt: skip
+        return {tp: ends[tp] for tp in tps}
+
     def seek_to(self, tps: list[TopicPartition], positions: Mapping[TopicPartition, int | None]) -> None:
+        """Seek to just after each partition's position; none (start_from: earliest): its beginning."""
         owned = self.consumer.assignment()
         for tp in tps:
             ktp = KafkaTP(*tp)
@@ -194,10 +225,8 @@ class KafkaSource:
             last = positions.get(tp)
             if last is not None:
                 self.consumer.seek(ktp, last + 1)
-            elif self.spec.start_from == "earliest":
-                self.consumer.seek_to_beginning(ktp)
             else:
-                self.consumer.seek_to_end(ktp)
+                self.consumer.seek_to_beginning(ktp)
         log.info("resuming from Delta positions %s", {f"{t}/{p}": positions.get((t, p)) for t, p in tps})
 
     def reseek(self, tps: Iterable[TopicPartition]) -> None:
@@ -205,7 +234,7 @@ class KafkaSource:
         owned = self.assignment()
         tps = [tp for tp in tps if tp in owned]
         if tps:
-            self.seek_to(tps, self.ctx.positions.resume(tps))
+            self.seek_to(tps, self.start_positions(tps))
 
     # -- reading ---------------------------------------------------------------------------------
 

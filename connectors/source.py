@@ -48,6 +48,10 @@ class SourcePositions(Protocol):
         within_s) and commit it (not when `lost`: another reader may own them already), drop the rest."""
 
     # Optional (a source checks with getattr):
+    #   anchor({tp: position}) -> None: record, durably and before the source reads them, where
+    #   partitions with no position start (the last offset *before* the first one to read), as a
+    #   commit of positions and no rows. Kafka's `start_from: latest` uses it: without it a job
+    #   stopped before its first commit on a partition started again at a later end.
     #   furthest(tps) -> {tp: position or None}: the furthest position any of the sink's tables
     #   recorded, a commit that landed half-way (its dead letters in, its results not) included.
     #   For a source that picks what to read from a position (the Delta source's snapshot version).

@@ -486,6 +486,12 @@ class PipelineJob:
                 self._skip.pop(tp, None)
         return positions
 
+    def anchor(self, positions: Mapping[TopicPartition, int]) -> None:
+        """Record where partitions with no position start, before they are read (a commit of
+        positions and no rows: connectors/source.py SourcePositions)."""
+        self.writer.anchor(dict(positions))
+        self._committed.update(positions)
+
     def furthest(self, tps: list[TopicPartition]) -> Mapping[TopicPartition, int | None]:
         """The furthest position either table recorded (connectors/source.py SourcePositions)."""
         both = self.writer.read_positions(list(tps))

@@ -122,7 +122,9 @@ class KafkaSourceSpec(SourceSettings):
     topic: str = Field(min_length=1)
     group_id: str | None = Field(default=None, description="Consumer group; default 'tidegate-<name>'.")
     start_from: Literal["earliest", "latest"] = Field(
-        default="earliest", description="Where a partition with no committed position in Delta starts."
+        default="earliest",
+        description="Where a partition with no committed position in Delta starts. latest: its end, recorded in Delta "
+        "(a commit of positions, no rows) before anything is read, so a restart starts there too.",
     )
     max_message_bytes: int = Field(default=1_048_576, gt=0, description="Larger values are dead-lettered.")
     poll_timeout_ms: int = Field(default=200, gt=0)

@@ -289,9 +289,14 @@ class FixedPositions:
     def __init__(self, positions: dict | None = None):
         self.positions = dict(positions or {})
         self.released: list = []
+        self.anchored: dict = {}
 
     def resume(self, tps):
         return {tp: self.positions.get(tp) for tp in tps}
+
+    def anchor(self, positions):
+        self.anchored.update(positions)
+        self.positions.update(positions)
 
     def release(self, tps, lost: bool = False, within_s: float | None = None):
         self.released.extend(tps)

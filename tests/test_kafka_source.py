@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from connectors.kafka import KafkaSource
@@ -50,6 +51,38 @@ def test_resumes_after_the_sink_positions_and_detects_drained(broker, topic):
         again.close()
     expected = sorted((p, o) for p, offs in by_partition.items() for o in offs if o > positions[(topic, p)])
     assert sorted((r["partition"], r["offset"]) for r in rest) == expected
+
+
+def test_start_from_latest_records_each_new_partitions_end_before_reading_and_starts_there_again(broker, topic):
+    """A partition with no position starts at its end, and that end is anchored (recorded by the
+    job as a position) before anything is read: a run that stops before its first commit, and
+    the next one, lose nothing produced in between. Before, the restart took the later end (and on
+    tansu, whose ListOffsets answer is wrong, `seek_to_end` even read old records)."""
+    from connectors.kafka import kafka_end_offsets
+
+    send(broker, topic, (event(i) for i in range(40)))
+    ends = kafka_end_offsets(broker.bootstrap_servers, topic)
+    assert sum(ends.values()) == 40 and len(ends) == 4
+    spec = KafkaSourceSpec(bootstrap_servers=[broker.bootstrap_servers], topic=topic, poll_timeout_ms=100,
+                           group_id=f"g-{topic}", start_from="latest")  # fmt: skip
+    ctx = source_context({})
+    first = KafkaSource(spec, ctx)
+    first.start()
+    try:
+        assert _read_all(first) == []  # the old records are not read
+    finally:
+        first.close()  # a run that ends (or is killed) before its first commit
+    assert ctx.positions.anchored == {tp: end - 1 for tp, end in ends.items()}
+
+    send(broker, topic, (event(i) for i in range(40, 70)))
+    again = KafkaSource(spec, ctx)  # the positions the first run anchored, as the sink would hold them
+    again.start()
+    try:
+        rows = _read_all(again)
+    finally:
+        again.close()
+    assert sorted(json.loads(r["value"])["id"] for r in rows) == [f"e{i:06d}" for i in range(40, 70)]
+    assert ctx.positions.anchored == {tp: end - 1 for tp, end in ends.items()}  # not anchored twice
 
 
 def test_the_durable_embedded_broker_keeps_its_topics_across_a_kill(tmp_path):

@@ -166,6 +166,45 @@ def test_kill_and_restart_keeps_every_input_exactly_once(tmp_path, broker, topic
     assert len(positions) == len(set(positions)) == len(records)
 
 
+def test_start_from_latest_killed_before_its_first_commit_skips_nothing_produced_meanwhile(
+    tmp_path, broker, topic, tiny_model, job_processes
+):
+    """`start_from: latest`: the first run records each partition's end in the results table
+    (a commit of positions, no rows) before reading; killed then, before any commit of rows, the
+    next run starts from those ends, not from the later ones. Before, every event produced while
+    the job was down was skipped."""
+    from deltalake import DeltaTable
+
+    send(broker, topic, (event(i) for i in range(30)))  # before the job: not for it
+    spec = make_spec(tmp_path, broker, topic, tiny_model, **{"source.kafka.start_from": "latest"})
+    spec_path = write_spec(tmp_path, spec)
+    res_uri = spec["sink"]["results"]
+    apps = [f"tidegate/{spec['name']}/kafka/{topic}/{p}" for p in range(4)]
+
+    def anchored() -> list:
+        try:
+            dt = DeltaTable(res_uri)
+        except Exception:  # not created yet
+            return [None] * len(apps)
+        return [dt.transaction_version(a) for a in apps]
+
+    first = job_processes(spec_path, until_drained=False)
+    wait_for(lambda: None not in anchored() or first.proc.poll() is not None, 240, what="start positions")
+    assert first.proc.poll() is None, first.log()[-3000:]
+    assert sum(v + 1 for v in anchored()) == 30  # each partition's end: after the old events
+    family = [first.pid] + [p.pid for p in first.descendants()]
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    wait_for(lambda: not living(family), 60, what="the first run's processes to exit")
+    assert table_rows(res_uri) == 0
+
+    send(broker, topic, (event(i) for i in range(30, 70)))  # while the job is down
+    second = job_processes(spec_path)
+    assert second.wait(300) == 0, second.log()[-4000:]
+    res = read(res_uri)
+    assert sorted(res["id"].to_list()) == [f"e{i:06d}" for i in range(30, 70)]
+
+
 def test_bad_spec_fails_before_any_work(tmp_path, broker, topic, tiny_model, job_processes):
     spec = make_spec(tmp_path, broker, topic, tiny_model, **{"pool.batch_size": 0, "sampling": {"max_tokns": 3}})
     job = job_processes(write_spec(tmp_path, spec))
