@@ -117,23 +117,44 @@ class Length(Rule):
 
 
 class Regex(Rule):
+    """The spec's patterns run on the `regex` engine, with `timeout_ms` per pattern and output: a
+    pattern that backtracks catastrophically (`(a|aa)+$` on a long run of a's: exponential in
+    Python's `re`) would otherwise hold its stage worker, and every batch behind it, for hours.
+    A search that runs out of time fails the rule (whether it matched cannot be told); a fix that
+    does raises TimeoutError, and the validator rejects the row."""
+
     spec: RegexRule
 
     def __init__(self, spec: RegexRule):
+        import regex
+
         super().__init__(spec)
-        flags = re.IGNORECASE if spec.ignore_case else 0
-        self.must = [(p, re.compile(p, flags)) for p in spec.must_match]
-        self.must_not = [(p, re.compile(p, flags)) for p in spec.must_not_match]
+        flags = regex.IGNORECASE if spec.ignore_case else 0
+        self.timeout_s = spec.timeout_ms / 1000
+        self.must = [(p, regex.compile(p, flags)) for p in spec.must_match]
+        self.must_not = [(p, regex.compile(p, flags)) for p in spec.must_not_match]
+
+    def _search(self, rx, text: str) -> bool | None:
+        """Whether rx is found in text; None when it ran out of time."""
+        try:
+            return rx.search(text, timeout=self.timeout_s) is not None
+        except TimeoutError:
+            return None
 
     def check(self, c: Candidate) -> RuleResult:
-        problems = [f"does not match {p!r}" for p, rx in self.must if not rx.search(c.output)]
-        problems += [f"matches {p!r}" for p, rx in self.must_not if rx.search(c.output)]
+        problems = []
+        for p, rx, wanted in [(p, rx, True) for p, rx in self.must] + [(p, rx, False) for p, rx in self.must_not]:
+            found = self._search(rx, c.output)
+            if found is None:
+                problems.append(f"pattern {p!r} did not finish within {self.spec.timeout_ms:g} ms")
+            elif found != wanted:
+                problems.append(f"does not match {p!r}" if wanted else f"matches {p!r}")
         return self._fail("; ".join(problems)) if problems else self._ok()
 
     def fix(self, c: Candidate) -> str:
         out = c.output
         for _, rx in self.must_not:
-            out = rx.sub(self.spec.replacement, out)
+            out = rx.sub(self.spec.replacement, out, timeout=self.timeout_s)
         return out
 
 

@@ -84,14 +84,22 @@ class RegexRule(_RuleBase):
     must_not_match: list[str] = Field(default_factory=list)
     ignore_case: bool = False
     replacement: str = "[removed]"
+    timeout_ms: float = Field(
+        default=100.0,
+        gt=0,
+        description="The longest one pattern may run on one output (a search, or a fix's replacement). A pattern that "
+        "backtracks catastrophically on some output fails the rule for that row instead of freezing its batch.",
+    )
 
     @field_validator("must_match", "must_not_match")
     @classmethod
     def _compiles(cls, v: list[str]) -> list[str]:
+        import regex  # the engine that runs them (compute/rules.py): mostly re's syntax, with a timeout
+
         for p in v:
             try:
-                re.compile(p)
-            except re.error as e:
+                regex.compile(p)
+            except (regex.error, ValueError) as e:
                 raise ValueError(f"pattern {p!r} is not a valid regular expression: {e}") from None
         return v
 

@@ -82,6 +82,23 @@ def test_regex_rule():
     assert rule(fix).fix(Candidate("see http://x.io now")) == "see [removed] now"
 
 
+@pytest.mark.timeout(120)  # Python's re needs years for these searches: before, the rule never returned
+def test_a_pattern_that_backtracks_catastrophically_fails_its_row_not_the_batch():
+    """`(a|aa)+$` on sixty a's and a '!' is exponential for a backtracking engine. The regex rule
+    runs on `regex` with timeout_ms per pattern and output: that row fails the rule (flag: kept,
+    flagged; fix: its repair runs out of time too, so it is rejected) and the others are judged."""
+    slow = "a" * 60 + "!"
+    flag = [{"rule": "regex", "must_not_match": [r"(a|aa)+$"], "timeout_ms": 50, "on_fail": "flag"}]
+    out = Validator(base_spec(validation=flag)).validate(*batch(["fine answer", slow, "baa"]))
+    assert out.action == ["keep", "keep", "keep"] and out.status == ["ok", "flagged", "flagged"]
+    messages = [r[0]["message"] for r in out.rule_results.to_pylist()]
+    assert messages == ["", "pattern '(a|aa)+$' did not finish within 50 ms", "matches '(a|aa)+$'"]
+    fix = [{**flag[0], "on_fail": "fix"}]
+    out = Validator(base_spec(validation=fix)).validate(*batch(["baa", slow]))
+    assert out.action == ["keep", "reject"] and out.output_text[0] == "b[removed]"
+    assert out.error[1].endswith("its fix raised TimeoutError")
+
+
 def test_deny_list_whole_words_case_insensitive():
     spec = DenyListRule(rule="deny_list", phrases=["guarantee", "legal  advice"])
     assert check(spec, "We guaranteed nothing.").passed  # whole words only
