@@ -371,7 +371,9 @@ class DeltaSink:
             config = {**self.maintenance.table_properties(), "delta.dataSkippingStatsColumns": ",".join(safe)}
             table.configuration = config
             table.writer_properties = writer_properties(self.parquet, safe)
-            dt = table.open()
+            # Retried like a commit's reads: a writer Ray restarted opens its tables mid-run (resume),
+            # where one object-store 503 would otherwise stop the job.
+            dt = self._read(table, table.open)
             if any(dt.metadata().configuration.get(k) != v for k, v in config.items()):  # an older table
                 try:
                     dt.alter.set_table_properties(config)

@@ -409,3 +409,34 @@ def test_a_store_error_reading_positions_or_the_fence_is_retried_like_a_write(tm
     failures["left"] = 3
     with pytest.raises(SinkError, match=r"reading the results table .* failed 3 times .*503 Slow Down"):
         s.load_positions([TP0])
+
+
+def test_a_store_error_opening_the_tables_is_retried_like_a_write(tmp_path, monkeypatch):
+    """A commit writer Ray restarted opens its tables mid-run (CommitWriter.resume): a 503 then
+    is read again with the writes' backoff, not the end of the job; past sink.write_attempts, a SinkError."""
+    import connectors.delta
+    from schemas.errors import SinkError
+
+    def sink_():
+        return DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}, write_attempts=3, write_backoff_s=0.01)
+
+    sink_().open()  # the tables exist
+
+    class Flaky(DeltaTable):
+        left = 0
+
+        def __init__(self, *args, **kwargs):
+            if Flaky.left:
+                Flaky.left -= 1
+                raise OSError("503 Slow Down")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(connectors.delta, "DeltaTable", Flaky)
+    Flaky.left = 2
+    restarted = sink_()
+    restarted.open()
+    assert Flaky.left == 0
+    restarted.commit(results([0]), dead([]), {TP0: 0})
+    Flaky.left = 3
+    with pytest.raises(SinkError, match=r"reading the results table .* failed 3 times .*503 Slow Down"):
+        sink_().open()
