@@ -23,11 +23,11 @@ from schemas.spec import JobSpec, load_spec
 log = logging.getLogger("tidegate")
 
 
-def configure_logging(level: str | None = None) -> None:
-    """Text log lines on stderr, secrets redacted (jobs.logs.configure_text_logging)."""
+def configure_logging(level: str | None = None, stream=None) -> None:
+    """Text log lines on stderr (or `stream`), secrets redacted (jobs.logs.configure_text_logging)."""
     from jobs.logs import configure_text_logging
 
-    configure_text_logging(level)
+    configure_text_logging(level, stream)
 
 
 def load_job_spec(path: str | Path) -> JobSpec:

@@ -41,6 +41,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -508,7 +509,12 @@ class TidegateEndpoint:
         from jobs.run import configure_logging
         from schemas.trusted_code import refuse_untrusted
 
-        configure_logging()  # the job's log format, secrets masked (jobs/logs.py)
+        # The job's log format, secrets masked (jobs/logs.py), on the process's own stderr (the
+        # worker's log file, which Ray forwards). Not sys.stderr: with Serve's throughput-optimized
+        # settings (serve.ingress: haproxy) that is a stream into Serve's logger, whose file handler
+        # sits behind a 1,000-record buffer flushed only when full or at an ERROR: the replica's
+        # warnings reached no file while it ran, and a killed replica's never did.
+        configure_logging(stream=sys.__stderr__)
         refuse_untrusted(spec.code_refs(), spec.allowed_modules)  # as `run` does, before anything starts
         self.spec = spec
         self.run_id = f"serve-{uuid.uuid4().hex[:12]}"

@@ -284,6 +284,31 @@ def test_an_engine_failure_answers_502_with_a_dead_letter_and_no_request_text(en
     assert _post(endpoint, "/v1/jobs/support/invoke", _event("after it")).status_code == 200
 
 
+def test_the_replicas_log_their_warnings_as_they_happen_and_never_a_requests_values(endpoint):
+    """Every file of the Ray session (the replicas' own logs included) is read after a request
+    the replica logs a warning for: that warning is there (so the scan reads the replica's output,
+    while it runs), and the request's values are in no file. Before, the replica's records went
+    into Serve's buffered logger (throughput-optimized settings) and reached no file during the run."""
+    marker = "failed in the engine (EngineError)"  # EchoEngine's "explode": the replica's warning
+    canary = f"logscan-{uuid.uuid4().hex[:10]}"
+    ev = _event(f"explode for {canary} {CANARY_EMAIL}")
+    assert _post(endpoint, "/v1/jobs/support/invoke", ev).status_code == 502
+
+    def session_text() -> str:
+        out = []
+        for path in Path(endpoint["ray_tmp"]).rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                try:
+                    out.append(path.read_bytes().decode("utf-8", "replace"))
+                except OSError:
+                    pass  # a file that went away meanwhile
+        return "\n".join(out)
+
+    wait_for(lambda: marker in session_text(), 30, what="the replica's warning in a log file")
+    text = session_text()
+    assert canary not in text and CANARY_EMAIL not in text
+
+
 def test_a_body_that_is_no_event_is_the_keys_tenants(endpoint):
     """Whatever the body, the key's tenant is checked first (403 for one with no encryption key),
     and a body that does not parse is stored as the key's tenant's, under its key."""
