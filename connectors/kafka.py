@@ -34,7 +34,7 @@ from kafka.net.selector import KernelEvent  # kafka-python 3's sleep on its IO l
 from kafka.structs import OffsetAndMetadata
 
 from connectors.source import Lag, PartitionStatus, SourceContext, SourceStatus, partition_lag, register_source
-from schemas.errors import SourceError
+from schemas.errors import PartitionFencedError, SourceError, StageError
 from schemas.records import SOURCE_SCHEMA
 from schemas.spec import KafkaSourceSpec
 
@@ -81,6 +81,8 @@ def _tps(ktps) -> list[TopicPartition]:
 
 # A poll at least this often while the job reads nothing (KafkaSource.keepalive).
 KEEPALIVE_S = 5.0
+# start_from latest: tries to record where new partitions start (KafkaSource.start_positions).
+ANCHOR_ATTEMPTS = 3
 
 
 @register_source
@@ -122,7 +124,11 @@ class KafkaSource:
             bootstrap_servers=self.bootstrap_servers,
             group_id=self.group_id,
             enable_auto_commit=False,
-            auto_offset_reset=self.spec.start_from,
+            # Every assigned partition is sought explicitly (start_positions): the reset policy only
+            # acts on a position that fell out of range (retention removed records past it while
+            # the job was down). Then the oldest record kept, never the end: "latest" there would
+            # skip every retained record silently (and on tansu re-reads old ones).
+            auto_offset_reset="earliest",
             session_timeout_ms=self.spec.session_timeout_ms,
             heartbeat_interval_ms=self.spec.heartbeat_interval_ms,
             # Oversized records must reach us to be dead-lettered, not stall the partition.
@@ -191,24 +197,37 @@ class KafkaSource:
         (`SourcePositions.anchor`, a commit of positions and no rows) before anything is read.
         Otherwise a job stopped before its first commit on the partition would start again at a
         later end and skip what came in between. Blocking: never on the consumer's IO thread."""
-        positions = dict(self.ctx.positions.resume(tps))
-        new = [tp for tp in tps if positions.get(tp) is None]
-        if self.spec.start_from == "latest" and new:
+        for attempt in range(1, ANCHOR_ATTEMPTS + 1):
+            positions = dict(self.ctx.positions.resume(tps))
+            new = [tp for tp in tps if positions.get(tp) is None]
+            if self.spec.start_from != "latest" or not new:
+                return positions
             anchors = {tp: end - 1 for tp, end in self._ends(new).items()}
             anchor = getattr(self.ctx.positions, "anchor", None)
-            if anchor is not None:
-                anchor(anchors)
+            try:
+                if anchor is not None:
+                    anchor(anchors)
+            except (PartitionFencedError, StageError) as e:
+                # Another member recorded a position first (two rebalances raced), or the commit
+                # writer died (Ray restarts it; resume waits for it): read the positions again.
+                if attempt == ANCHOR_ATTEMPTS:
+                    raise
+                log.warning("start_from latest: recording where %s start failed (%s); reading the positions again",
+                            [f"{t}/{p}" for t, p in new], type(e).__name__)  # fmt: skip
+                continue
             positions.update(anchors)
             log.info("start_from latest: partitions %s start at their ends %s",
                      [f"{t}/{p}" for t, p in new], [anchors[tp] + 1 for tp in new])  # fmt: skip
-        return positions
+            return positions
+        raise AssertionError("unreachable")
 
     def _ends(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         """End offsets read from fetch responses by a consumer of its own (no group), never
         ListOffsets: tansu answers that wrongly (kafka_end_offsets), which made `seek_to_end` land
         on old records."""
         ends = kafka_end_offsets(self.bootstrap_servers, self.topic, client_config(self.spec),
-                                 timeout_s=max(10.0, self.spec.connect_timeout_s))  # fmt: skip
+                                 timeout_s=max(10.0, self.spec.connect_timeout_s),
+                                 partitions=[p for _, p in tps])  # fmt: skip
         unknown = [f"{t}/{p}" for t, p in tps if ends.get((t, p)) is None]
         if unknown:
             raise SourceError(f"source.kafka.start_from: latest: the end offset of partition(s) {unknown} "
@@ -426,8 +445,10 @@ def kafka_end_offsets(
     topic: str,
     consumer_config: Mapping[str, Any] | None = None,
     timeout_s: float = 10.0,
+    partitions: Iterable[int] | None = None,
 ) -> dict[TopicPartition, int | None]:
-    """End offset (high watermark) of every partition of `topic`, from topic metadata and fetches.
+    """End offset (high watermark) of every partition of `topic` (or of `partitions`), from topic
+    metadata and fetches.
 
     Partitions come from the topic's metadata. The high watermark comes from a fetch response:
     the partitions are assigned (no group), sought to their beginning and polled (a small fetch,
@@ -443,6 +464,7 @@ def kafka_end_offsets(
         fetch_max_wait_ms=100,
         max_partition_fetch_bytes=1024,  # the broker still returns one whole batch (KIP-74)
         max_poll_records=1,
+        bootstrap_timeout_ms=int(timeout_s * 1000),
     )
     try:
         consumer = KafkaConsumer(**config)
@@ -456,7 +478,8 @@ def kafka_end_offsets(
             parts = consumer.partitions_for_topic(topic)
         if not parts:  # None: no metadata; empty: a broker that knows no partitions of it
             raise SourceError(f"Kafka topic {topic!r} does not exist (or no metadata within {timeout_s:.0f}s)")
-        ktps = [KafkaTP(topic, p) for p in sorted(parts)]
+        wanted = set(parts) if partitions is None else set(parts) & set(partitions)
+        ktps = [KafkaTP(topic, p) for p in sorted(wanted)]
         consumer.assign(ktps)
         consumer.seek_to_beginning(*ktps)
         while time.monotonic() < deadline and any(consumer.highwater(k) is None for k in ktps):

@@ -11,7 +11,9 @@ contract (docs/exactly-once.md), and every sink keeps it the same way:
     commit(results, dead, pos)     dead letters first, then results, each with the positions, each
                                    atomic; raises PartitionFencedError when another writer moved a
                                    position since load_positions (then nothing of the commit that
-                                   failed is stored)
+                                   failed is stored). With no rows at all it still records the
+                                   positions (a source's starting points: `start_from: latest`);
+                                   a position may be -1 (an empty partition, read from offset 0)
     forget(tps)                    partitions given away: drop what the fence knows of them
 
 The commit writer actor (actors/writer.py) owns the job's one sink object and is the only caller

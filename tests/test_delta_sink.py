@@ -411,6 +411,25 @@ def test_a_store_error_reading_positions_or_the_fence_is_retried_like_a_write(tm
         s.load_positions([TP0])
 
 
+def test_a_commit_of_positions_and_no_rows_records_them_even_minus_one(tmp_path):
+    """What start_from: latest's anchor writes (an empty partition's start is -1): the positions
+    are read back as they were committed, fence the next writer, and the next commit goes on from them."""
+    s = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {})
+    s.open()
+    assert s.load_positions([TP0, TP1]) == {TP0: None, TP1: None}
+    s.commit(results([]), dead([]), {TP0: -1, TP1: 41})
+    again = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {})
+    again.open()
+    assert again.load_positions([TP0, TP1]) == {TP0: -1, TP1: 41}
+    assert again.repair_window(TP0) == set()
+    with pytest.raises(PartitionFencedError):  # a writer that never read the positions expects none
+        stale = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {})
+        stale.open()
+        stale.commit(results([0]), dead([]), {TP0: 0})
+    again.commit(results([0]), dead([]), {TP0: 0})
+    assert pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list() == [0]
+
+
 def test_a_store_error_opening_the_tables_is_retried_like_a_write(tmp_path, monkeypatch):
     """A commit writer Ray restarted opens its tables mid-run (CommitWriter.resume): a 503 then
     is read again with the writes' backoff, not the end of the job; past sink.write_attempts, a SinkError."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import time
 
-from connectors.kafka import KafkaSource
+import pytest
+
+from connectors.kafka import KafkaSource, kafka_end_offsets
 from schemas.records import SOURCE_SCHEMA
 from schemas.spec import KafkaSourceSpec
 from tests.conftest import event, send, source_context
@@ -53,16 +55,28 @@ def test_resumes_after_the_sink_positions_and_detects_drained(broker, topic):
     assert sorted((r["partition"], r["offset"]) for r in rest) == expected
 
 
+def _send_to_partitions(broker, topic: str, ids, partitions: int) -> None:
+    """Events with ids `ids`, event i to partition i % partitions."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, acks="all")
+    try:
+        for i in ids:
+            key, value = event(i)
+            producer.send(topic, key=key, value=value, partition=i % partitions)
+        producer.flush()
+    finally:
+        producer.close()
+
+
 def test_start_from_latest_records_each_new_partitions_end_before_reading_and_starts_there_again(broker, topic):
     """A partition with no position starts at its end, and that end is anchored (recorded by the
     job as a position) before anything is read: a run that stops before its first commit, and
     the next one, lose nothing produced in between. Before, the restart took the later end (and on
     tansu, whose ListOffsets answer is wrong, `seek_to_end` even read old records)."""
-    from connectors.kafka import kafka_end_offsets
-
-    send(broker, topic, (event(i) for i in range(40)))
+    _send_to_partitions(broker, topic, range(40), 3)  # partition 3 stays empty: its start is -1
     ends = kafka_end_offsets(broker.bootstrap_servers, topic)
-    assert sum(ends.values()) == 40 and len(ends) == 4
+    assert sum(ends.values()) == 40 and len(ends) == 4 and ends[(topic, 3)] == 0
     spec = KafkaSourceSpec(bootstrap_servers=[broker.bootstrap_servers], topic=topic, poll_timeout_ms=100,
                            group_id=f"g-{topic}", start_from="latest")  # fmt: skip
     ctx = source_context({})
@@ -74,7 +88,7 @@ def test_start_from_latest_records_each_new_partitions_end_before_reading_and_st
         first.close()  # a run that ends (or is killed) before its first commit
     assert ctx.positions.anchored == {tp: end - 1 for tp, end in ends.items()}
 
-    send(broker, topic, (event(i) for i in range(40, 70)))
+    _send_to_partitions(broker, topic, range(40, 70), 4)
     again = KafkaSource(spec, ctx)  # the positions the first run anchored, as the sink would hold them
     again.start()
     try:
@@ -83,6 +97,39 @@ def test_start_from_latest_records_each_new_partitions_end_before_reading_and_st
         again.close()
     assert sorted(json.loads(r["value"])["id"] for r in rows) == [f"e{i:06d}" for i in range(40, 70)]
     assert ctx.positions.anchored == {tp: end - 1 for tp, end in ends.items()}  # not anchored twice
+
+
+@pytest.mark.parametrize("race", ["another member anchored first", "the commit writer died"])
+def test_start_from_latest_reads_the_positions_again_when_recording_its_start_fails(broker, topic, race):
+    """The anchor is a fenced commit: when another member's landed first (two rebalances raced),
+    its positions are the ones to start from; when the writer died, the next try records them.
+    Before, either stopped the job (the listener's error is raised from poll)."""
+    from connectors.source import SourceContext
+    from schemas.errors import PartitionFencedError, StageError
+    from tests.conftest import FixedPositions
+
+    class Racing(FixedPositions):
+        failed = False
+
+        def anchor(self, positions):
+            if not self.failed:
+                self.failed = True
+                if race.startswith("another"):
+                    self.positions.update({tp: 0 for tp in positions})  # the other member's record
+                    raise PartitionFencedError("positions moved", list(positions))
+                raise StageError("the commit writer died while recording start positions")
+            super().anchor(positions)
+
+    send(broker, topic, (event(i) for i in range(20)))
+    spec = KafkaSourceSpec(bootstrap_servers=[broker.bootstrap_servers], topic=topic, start_from="latest")
+    positions = Racing()
+    tps = [(topic, p) for p in range(4)]
+    got = KafkaSource(spec, SourceContext(job_name="job", positions=positions)).start_positions(tps)
+    if race.startswith("another"):
+        assert got == {tp: 0 for tp in tps} and positions.anchored == {}
+    else:
+        ends = kafka_end_offsets(broker.bootstrap_servers, topic)
+        assert got == positions.anchored == {tp: ends[tp] - 1 for tp in tps}
 
 
 def test_the_durable_embedded_broker_keeps_its_topics_across_a_kill(tmp_path):
