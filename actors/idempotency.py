@@ -3,6 +3,9 @@
     shared_claims(app, keep)        -> the application's IdempotencyClaims actor (created on first use)
     IdempotencyClaims
       claim(key, holder, lease_s)   -> None: the caller holds the key and runs the request;
+                                       AFTER_ANOTHER: it holds the key, given up by a holder that
+                                       finished with no answer kept here (keep 0, dropped, or it
+                                       failed): look in the audit tables before running;
                                        else the first answer, (status code, body)
       finish(key, holder, answer)   the holder's answer; None when it failed on our side (a timeout,
                                        the engine, the audit store): the next claim runs it again
@@ -35,13 +38,18 @@ class _Claim:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+# claim's answer when the key was held by another request that finished (or lapsed) meanwhile.
+AFTER_ANOTHER = "after_another"
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=2)
 class IdempotencyClaims:
     def __init__(self, keep: int):
         self._answers = RecentAnswers(keep)
         self._claims: dict[int, _Claim] = {}
 
-    async def claim(self, key: int, holder: str, lease_s: float) -> tuple[int, dict] | None:
+    async def claim(self, key: int, holder: str, lease_s: float) -> tuple[int, dict] | str | None:
+        waited = False
         while True:
             answer = self._answers.get(key)
             if answer is not None:
@@ -50,7 +58,10 @@ class IdempotencyClaims:
             c = self._claims.get(key)
             if c is None or c.expires <= now or c.holder == holder:
                 self._claims[key] = _Claim(holder, now + lease_s)
-                return None
+                # The holder before may have stored its rows and answered, its answer not kept
+                # here: the caller must not run the request before it looked in the tables again.
+                return AFTER_ANOTHER if waited else None
+            waited = True
             try:  # the first request is running: wait for its answer (or its lease to lapse)
                 await asyncio.wait_for(c.done.wait(), c.expires - now)
             except asyncio.TimeoutError:

@@ -147,9 +147,10 @@ class EventProducer:
         prepared = [self._prepare(e, i) for i, e in enumerate(_rows(events))]
         return self._send(prepared)
 
-    def send_each(self, events: Iterable[Mapping[str, Any]]) -> list[Delivery | EventContractError]:
+    def send_each(self, events: Iterable[Mapping[str, Any]]) -> list[Delivery | EventContractError | ProduceError]:
         """Check every event on its own: the good ones are sent (one flush), each bad one comes back
-        in its place as its EventContractError (`.record` = its position) instead of raising."""
+        in its place as its EventContractError (`.record` = its position), and each one the broker
+        did not take as its ProduceError, instead of raising."""
         out: list[Delivery | EventContractError] = []
         good: list[tuple[int, tuple[bytes, bytes, str]]] = []
         for i, event in enumerate(events):
@@ -158,22 +159,43 @@ class EventProducer:
                 out.append(None)  # type: ignore[arg-type]
             except EventContractError as e:
                 out.append(e)
-        for (i, _), delivery in zip(good, self._send([p for _, p in good]) if good else []):
+        for (i, _), delivery in zip(good, self._send_each([p for _, p in good]) if good else []):
             out[i] = delivery
         return out
 
     def _send(self, prepared: list[tuple[bytes, bytes, str]]) -> list[Delivery]:
+        """All or an error: the first event the broker did not take raises its ProduceError."""
+        out = self._send_each(prepared)
+        for o in out:
+            if isinstance(o, ProduceError):
+                raise o
+        return out
+
+    def _send_each(self, prepared: list[tuple[bytes, bytes, str]]) -> list[Delivery | ProduceError]:
+        """Each event's own outcome: where it landed, or why the broker (or the client, before
+        sending: too large, no metadata in time) did not take it. One event's failure is its own."""
         from kafka.errors import KafkaError
 
-        futures = [(eid, self._producer.send(self.topic, key=key, value=value)) for key, value, eid in prepared]
+        def failed(i: int, e: Exception) -> ProduceError:
+            return ProduceError(f"topic {self.topic!r}: the broker did not take event {i}: {type(e).__name__}")
+
+        sent: list[Any] = []
+        for i, (key, value, _) in enumerate(prepared):
+            try:
+                sent.append(self._producer.send(self.topic, key=key, value=value))
+            except KafkaError as e:  # raised by send() itself: over max_request_size, no metadata in time
+                sent.append(failed(i, e))
         self._producer.flush()
-        out = []
-        for eid, fut in futures:
+        out: list[Delivery | ProduceError] = []
+        for i, ((_, _, eid), fut) in enumerate(zip(prepared, sent)):
+            if isinstance(fut, ProduceError):
+                out.append(fut)
+                continue
             try:
                 md = fut.get(timeout=60)
             except KafkaError as e:
-                raise ProduceError(f"topic {self.topic!r}: the broker did not take event {len(out)}: "
-                                   f"{type(e).__name__}") from None  # fmt: skip
+                out.append(failed(i, e))
+                continue
             out.append(Delivery(eid, md.topic, md.partition, md.offset))
         return out
 

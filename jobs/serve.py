@@ -54,10 +54,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 
+from actors.idempotency import AFTER_ANOTHER
 from compute.engine import engine_threads
 from compute.idempotency import RecentAnswers
 from compute.limits import TenantLimits
-from schemas.errors import AuthError, LimitExceededError, SinkError, TidegateError
+from schemas.errors import AuthError, EventContractError, LimitExceededError, ProduceError, SinkError, TidegateError
 from schemas.spec import BATCH_PRIORITY, SERVE_DEPLOYMENT, JobSpec
 
 log = logging.getLogger(__name__)
@@ -373,6 +374,27 @@ def _is_template_error(e: BaseException) -> bool:
     return isinstance(e, TemplateError)
 
 
+# /events: a body holds at most this many times source.kafka.max_message_bytes.
+EVENTS_BODY_MESSAGES = 64
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request's body, refused (413) past `limit` bytes before it is all in memory: by its
+    Content-Length, or as its chunks arrive."""
+
+    too_large = _Refused(413, "request_too_large", f"the body is over this route's limit of {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _retrieve(task: asyncio.Task) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.warning("a request's answer failed (%s)", type(task.exception()).__name__)
@@ -583,6 +605,7 @@ class TidegateEndpoint:
         self._answers = RecentAnswers(spec.serve.idempotency_cache)  # this replica's Idempotency-Key answers
         self._in_flight: dict[int, asyncio.Future] = {}
         self._producer = None
+        self._producer_lock = asyncio.Lock()  # one producer made at a time (_kafka)
         self._metrics = _ServeMetrics(spec.name)
         self.buffer.on_backlog = self._metrics.backlog  # the gauge falls as commits empty the backlog
         log.info("tidegate serve %s: replica ready (run %s)", spec.name, self.run_id)
@@ -657,7 +680,9 @@ class TidegateEndpoint:
             principal = await self._principal(request)
             self._job(name)
             self._tenant_of(principal)  # whatever the body is: a key of no usable tenant is refused first
-            body, event_id = self._event_for(await request.body(), principal)
+            # Over max_message_bytes an event is dead-lettered (oversized_message, its bytes kept,
+            # encrypted); past 16 times that it is refused unread, as a Kafka broker would.
+            body, event_id = self._event_for(await _body(request, 16 * self.spec.source.max_message_bytes), principal)
             self._audit_room()
             # A body over max_message_bytes never reaches the engine (oversized_message): its bytes
             # are not reserved, or one legal-looking request could hold the tenant's budget at once.
@@ -675,7 +700,7 @@ class TidegateEndpoint:
             principal = await self._principal(request)
             self._job(name)
             try:
-                events = json.loads(await request.body())
+                events = json.loads(await _body(request, EVENTS_BODY_MESSAGES * self.spec.source.max_message_bytes))
             except (ValueError, RecursionError):
                 raise _Refused(400, "invalid_json", "the body is not JSON (or nested too deeply)") from None
             if isinstance(events, dict):
@@ -684,7 +709,7 @@ class TidegateEndpoint:
                 raise _Refused(400, "invalid_request", "the body is a JSON list of events (or {\"events\": [...]})")
             events = [self._tenant_event(e, principal) if isinstance(e, dict) else e for e in events]
             await self._admit(principal, 0)
-            producer = self._kafka()
+            producer = await self._kafka()
         except _Refused as r:
             return self._refusal(r, "events")
         try:
@@ -692,6 +717,10 @@ class TidegateEndpoint:
         except TidegateError as e:
             self._metrics.record("events", 503, t0)
             return JSONResponse(_error(503, "kafka_unavailable", str(e)), status_code=503)
+        sent = [o for o in outcomes if not isinstance(o, EventContractError)]
+        if sent and all(isinstance(o, ProduceError) for o in sent):  # the broker took none: nothing to report per event
+            self._metrics.record("events", 503, t0)
+            return JSONResponse(_error(503, "kafka_unavailable", str(sent[0])), status_code=503)
         out = []
         for i, o in enumerate(outcomes):
             if isinstance(o, Exception):
@@ -716,11 +745,7 @@ class TidegateEndpoint:
     async def _openai(self, request: Request, route: str):
         try:
             principal = await self._principal(request)
-            raw = await request.body()
-            limit = self.spec.source.max_message_bytes  # as for an event (invoke dead-letters those)
-            if len(raw) > limit:
-                raise _Refused(413, "request_too_large",
-                               f"the body is {len(raw)} bytes, over the job's max_message_bytes={limit}")  # fmt: skip
+            raw = await _body(request, self.spec.source.max_message_bytes)  # as for an event (invoke dead-letters those)
             try:
                 body = json.loads(raw)
             except (ValueError, RecursionError):
@@ -749,7 +774,8 @@ class TidegateEndpoint:
 
         answer = await self._answer(request, principal, route, work, request_id=request_id, estimate=estimate)
         if body.get("stream") and answer.status_code == 200:
-            return StreamingResponse(_sse(route, json.loads(answer.body)), media_type="text/event-stream")
+            replayed = {k: v for k, v in answer.headers.items() if k.lower() == "idempotent-replayed"}
+            return StreamingResponse(_sse(route, json.loads(answer.body)), media_type="text/event-stream", headers=replayed)
         return answer
 
     def _prompt_of(self, route: str, body: dict) -> tuple[str, list[dict] | None]:
@@ -767,7 +793,8 @@ class TidegateEndpoint:
         for i, m in enumerate(messages):
             content = m.get("content") if isinstance(m, dict) else None
             if isinstance(content, list):  # content parts: the text ones
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+                texts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+                content = "".join(texts) if all(isinstance(t, str) for t in texts) else None
             if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(content, str):
                 raise _Refused(400, "invalid_request", f"messages[{i}]: needs a role (system|user|assistant) and text content")
             clean.append({"role": m["role"], "content": content})
@@ -824,8 +851,14 @@ class TidegateEndpoint:
             try:
                 code_body = await self._stored_answer(route, offset)
                 if code_body is None and self._claims is not None:  # another replica may be running it
-                    holder = uuid.uuid4().hex
-                    code_body = await self._claim(offset, holder)
+                    claimant = uuid.uuid4().hex
+                    got = await self._claim(offset, claimant)
+                    if got is None or got == AFTER_ANOTHER:
+                        holder = claimant  # ours now: finished below, whatever happens
+                        if got == AFTER_ANOTHER:  # the request before may have stored its rows meanwhile
+                            code_body = await self._stored_answer(route, offset)
+                    else:
+                        code_body = got
                 if code_body is None:
                     ran = True
                     code, body = await self._run_and_store(route, offset, work, principal, request_id, estimate)
@@ -843,7 +876,7 @@ class TidegateEndpoint:
                 answer = code_body if code_body is not None else ((code, body) if code < 500 else None)
                 fut.set_result(answer)
                 self._in_flight.pop(offset, None)
-                if holder is not None and code_body is None:
+                if holder is not None:
                     self._finish_claim(offset, holder, answer)
             if code_body is None:
                 self._metrics.record(route, code, t0)
@@ -895,8 +928,9 @@ class TidegateEndpoint:
         else:  # not awaited: the answer does not wait for it
             self._limits.spend.remote(principal.tenant, tokens)
 
-    async def _claim(self, offset: int, holder: str) -> tuple[int, dict] | None:
-        """None: this request holds the key; else the answer of the request that held it."""
+    async def _claim(self, offset: int, holder: str) -> tuple[int, dict] | str | None:
+        """None or AFTER_ANOTHER: this request holds the key (actors/idempotency.py); else the
+        answer of the request that held it."""
         lease_s = self.spec.serve.request_timeout_s + 60  # the generation, then the audit commit
         try:
             return await self._claims.claim.remote(offset, holder, lease_s)
@@ -1036,8 +1070,12 @@ class TidegateEndpoint:
             if isinstance(self._limits, TenantLimits):
                 self._limits.admit(principal.tenant, tokens)
             else:
+                ref = self._limits.admit.remote(principal.tenant, tokens)
                 try:
-                    refused = await self._limits.admit.remote(principal.tenant, tokens)
+                    refused = await ref
+                except asyncio.CancelledError:  # the client left: what the limiter reserved goes back
+                    asyncio.ensure_future(self._refund_if_admitted(ref, principal.tenant, tokens))
+                    raise
                 except RayActorError:
                     raise _Refused(503, "limits_unavailable", "the application's limiter is restarting; retry",
                                    {"Retry-After": "1"}) from None  # fmt: skip
@@ -1046,16 +1084,29 @@ class TidegateEndpoint:
         except LimitExceededError as e:
             raise _Refused(429, "rate_limited", str(e), {"Retry-After": str(max(1, round(e.retry_after_s + 0.5)))}) from None
 
-    def _kafka(self):
+    async def _refund_if_admitted(self, ref, tenant: str, tokens: int) -> None:
+        """A request cancelled while the application's limiter admitted it: its tokens go back."""
+        try:
+            if await ref is None and tokens:
+                self._limits.spend.remote(tenant, -tokens)
+        except Exception as e:  # noqa: BLE001 - the limiter restarted meanwhile: nothing was kept
+            log.debug("refund after a cancelled admission: %s", type(e).__name__)
+
+    async def _kafka(self):
+        """The replica's producer, made on first use off the event loop: kafka-python's producer
+        connects in its constructor (up to 30 s with no broker), which on the loop held every other
+        request of the replica, its health check and its audit writer for that long. One at a time."""
         if self._producer is None:
             from jobs.producer import EventProducer
 
             if self.spec.source.kafka is None:
                 raise _Refused(404, "no_topic", f"job {self.spec.name!r} reads {self.spec.source.kind}, not Kafka")
-            try:
-                self._producer = EventProducer.from_spec(self.spec)
-            except TidegateError as e:
-                raise _Refused(503, "kafka_unavailable", str(e)) from None
+            async with self._producer_lock:
+                if self._producer is None:
+                    try:
+                        self._producer = await asyncio.to_thread(EventProducer.from_spec, self.spec)
+                    except TidegateError as e:
+                        raise _Refused(503, "kafka_unavailable", str(e)) from None
         return self._producer
 
     def _refusal(self, r: _Refused, route: str) -> JSONResponse:

@@ -67,6 +67,23 @@ def test_the_producer_checks_every_event_first_keys_by_id_and_reports_deliveries
     assert all(by_id[d.id] == d.partition for d in frames)
 
 
+def test_send_each_answers_each_event_on_its_own_even_one_the_client_refuses(tmp_path, broker, topic):
+    """send_each (the online /events route): an event over the producer's max_request_size is
+    refused by kafka-python's send() itself, before the broker; that event's outcome is its
+    ProduceError (its class, never its value) and the others are delivered. Before, the error
+    escaped send_each (a 500 from /events, with the earlier events queued all the same)."""
+    from schemas.errors import ProduceError
+    from tidegate.producer import EventProducer
+
+    spec_path = write_spec(tmp_path, producer_spec(tmp_path, broker, topic))
+    with EventProducer.from_spec(spec_path, producer_config={"max_request_size": 4096}) as producer:
+        out = producer.send_each([ev(0), ev(1, question=SECRET * 400), ev(2, priority="x"), ev(3)])
+    assert [type(o).__name__ for o in out] == ["Delivery", "ProduceError", "EventContractError", "Delivery"]
+    assert isinstance(out[1], ProduceError) and "MessageSizeTooLargeError" in str(out[1]) and SECRET not in str(out[1])
+    msgs = consume_all(broker.bootstrap_servers, topic, idle_s=2)
+    assert sorted(m.key().decode() for m in msgs) == ["p0000", "p0003"]
+
+
 def test_the_producer_registers_the_contract_and_sends_the_confluent_wire_format(tmp_path, broker, topic,
                                                                                    schema_registry):  # fmt: skip
     from tidegate.producer import EventProducer

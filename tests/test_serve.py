@@ -76,7 +76,9 @@ def endpoint(tmp_path_factory, broker):
     pair = parse_spec({**spec_dict, "name": "pair", "sink": {**spec_dict["sink"],
                        "results": str(tmp / "pair" / "results"), "dead_letter": str(tmp / "pair" / "dead")},
                        "serve": {"port": port, "num_cpus": 0.1, "route_prefix": "/pair", "min_replicas": 2,
-                                 "max_replicas": 2, "limits": {"requests_per_minute": PAIR_RPM}}})  # fmt: skip
+                                 "max_replicas": 2, "limits": {"requests_per_minute": PAIR_RPM},
+                                 # no answer kept in memory: a key's second replica finds it in the tables
+                                 "idempotency_cache": 0}})  # fmt: skip
     # serve.ack journal, a 600 s commit interval: while its replica lives, rows are in its journal only.
     journaled = parse_spec({**spec_dict, "name": "journaled", "sink": {**spec_dict["sink"],
                             "results": str(tmp / "journaled" / "results"), "dead_letter": str(tmp / "journaled" / "dead"),
@@ -234,6 +236,12 @@ def test_idempotency_key_returns_the_first_answer_and_writes_one_row(endpoint):
     assert [r.status_code for r in out] == [200] * 4
     assert sum(r.headers.get("idempotent-replayed") == "true" for r in out) == 3
     assert len(_rows(endpoint["spec"].sink.results, pl.col("id") == slow["id"])) == 1
+    # A streamed replay says it is one too (before, its header was lost with the JSON answer).
+    chat, key = {"model": endpoint["spec"].name, "stream": True,
+                 "messages": [{"role": "user", "content": "a streamed idempotent question"}]}, {"Idempotency-Key": uuid.uuid4().hex}  # fmt: skip
+    streamed = [_post(endpoint, "/v1/chat/completions", chat, headers=key) for _ in range(2)]
+    assert [r.status_code for r in streamed] == [200, 200] and streamed[0].text == streamed[1].text
+    assert [r.headers.get("idempotent-replayed") for r in streamed] == [None, "true"]
 
 
 def test_a_buffered_answer_is_found_for_its_key_before_its_rows_are_stored(endpoint):
@@ -337,12 +345,23 @@ def test_a_client_that_leaves_does_not_make_its_key_run_twice(endpoint):
 
 
 def test_an_openai_request_over_max_message_bytes_answers_413(endpoint):
+    """Bodies are refused past each route's limit, before they are all read: an OpenAI route's
+    at max_message_bytes, /invoke's at 16 times that (below it an oversized event is dead-lettered),
+    /events' at 64 times that (a batch of events). Before, /invoke and /events read any body whole."""
     label = endpoint["spec"].model.label
     limit = endpoint["spec"].source.max_message_bytes
     big = {"model": label, "messages": [{"role": "user", "content": "x" * (limit + 1)}]}
     r = _post(endpoint, "/v1/chat/completions", big, tenant="globex")
     assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
-    assert f"max_message_bytes={limit}" in r.json()["error"]["message"] and "xxxx" not in r.text
+    assert f"limit of {limit} bytes" in r.json()["error"]["message"] and "xxxx" not in r.text
+    r = _post(endpoint, "/v1/jobs/support/invoke", _event("x" * (16 * limit)), tenant="globex")
+    assert r.status_code == 413 and f"limit of {16 * limit} bytes" in r.json()["error"]["message"]
+    events = [_event("y" * limit) for _ in range(65)]
+    r = _post(endpoint, "/v1/jobs/support/events", events, tenant="globex")
+    assert r.status_code == 413 and f"limit of {64 * limit} bytes" in r.json()["error"]["message"]
+    text_parts = {"model": label, "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}
+    r = _post(endpoint, "/v1/chat/completions", text_parts, tenant="globex")
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request"  # before: a bare 500
 
 
 def test_a_tenants_request_budget_is_shared_by_the_replicas(endpoint):
@@ -371,7 +390,9 @@ def test_a_tenants_request_budget_is_shared_by_the_replicas(endpoint):
 def test_one_idempotency_key_on_two_replicas_at_once_runs_once(endpoint):
     """The "pair" app's two replicas get one Idempotency-Key at the same time, while the first
     request still runs (a slow one): Serve sends concurrent requests to the less busy replica, so
-    both replicas get some. One run, one row, the first answer to every request."""
+    both replicas get some. One run, one row, the first answer to every request. With
+    idempotency_cache 0 neither the replicas nor the claims keep the answer: the replica granted
+    the key after the first request finished looks in the tables first (before, it ran it again)."""
     ev = _event("slow question")
     key = {"Idempotency-Key": f"k-{uuid.uuid4().hex}"}
 
