@@ -38,7 +38,25 @@ class ClusterAuthError(TidegateError):
 
 REPO = Path(__file__).resolve().parent.parent
 # What never travels: environments, outputs, caches, VCS data.
-EXCLUDE = (".venv", ".git", "lake", ".cache", "__pycache__", "*.pyc", ".pytest_cache", "bench/results", "*.egg-info")
+# Nor the default keyring's folder (.tidegate): wrapped keys and API-key hashes stay on this machine.
+EXCLUDE = (".venv", ".git", "lake", ".cache", "__pycache__", "*.pyc", ".pytest_cache", "bench/results", "*.egg-info",
+           ".tidegate")  # fmt: skip
+
+
+def check_cluster_keyring(spec) -> None:
+    """A job that encrypts needs a keyring path the cluster's nodes share, absolute and outside the
+    project: the job runs in a copy of the project's folder shipped with it, so a keyring in there
+    would be a copy too. Keys the job rotated (encryption.rotate_after_values) would live only in
+    that copy and be gone with it, values sealed with them unreadable; the operator's `keys rotate`
+    and `keys revoke` would never reach the job."""
+    enc = spec.encryption
+    if not enc.needs_keys:
+        return
+    path = Path(enc.keyring).expanduser()
+    if not path.is_absolute() or path.resolve().is_relative_to(REPO):
+        raise SpecError(f"encryption.keyring {enc.keyring!r}: a submitted job runs in a copy of the project's "
+                        "folder, so its keyring must be an absolute path outside it, on storage every node of the "
+                        "cluster sees (a copy would lose the job's rotations and miss your rotations and revocations)")  # fmt: skip
 
 
 def stage_working_dir(spec_path: Path) -> tuple[Path, str]:
@@ -107,6 +125,7 @@ def submit(
     spec_path = Path(spec_path)
     spec = load_spec(spec_path)  # a bad spec fails here, before anything is shipped
     job_env_vars(spec, master_key_file)  # so does a --master-key-file the spec has no use for
+    check_cluster_keyring(spec)  # and a keyring that would travel in the working dir
     jobs = client(address, token_env)
     root, rel = stage_working_dir(spec_path)
     try:

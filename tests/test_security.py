@@ -463,6 +463,17 @@ def test_a_submitted_job_is_told_where_the_key_is_never_the_key(tmp_path, monkey
         job_runtime_env(tmp_path, parse_spec(data), "/k")
     monkeypatch.setenv("RAY_AUTH_TOKEN", "tok-123")
     assert auth_headers() == {"Authorization": "Bearer tok-123"}
+    # The keyring never travels with the job: its default folder is not staged, and a job that
+    # encrypts is refused unless its keyring is outside the project (before: a copy on the cluster).
+    from jobs.submit import EXCLUDE, REPO, check_cluster_keyring
+
+    assert ".tidegate" in EXCLUDE
+    for inside in (".tidegate/keyring.json", str(REPO / "keys" / "keyring.json")):
+        with pytest.raises(SpecError, match="encryption.keyring .* absolute path outside it"):
+            check_cluster_keyring(parse_spec({**data, "encryption": {"tenant": "acme", "pii": "encrypt", "keyring": inside}}))
+    check_cluster_keyring(parse_spec({**data, "encryption": {"tenant": "acme", "pii": "encrypt",
+                                                             "keyring": "/secrets/tidegate/keyring.json"}}))  # fmt: skip
+    check_cluster_keyring(parse_spec(data))  # nothing encrypted: no keyring needed
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     assert auth_headers() is None
 
