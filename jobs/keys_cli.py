@@ -232,6 +232,10 @@ def export(
     typer.echo(f"keyring {sub.path} written with tenant(s) {', '.join(sub.tenants())} (master key {sub.master_key_id})")
 
 
+# keys reencrypt: passes over the table at most, until one finds nothing stale.
+REENCRYPT_PASSES = 5
+
+
 @keys_app.command("reencrypt")
 def reencrypt(
     table: Annotated[str, typer.Option("--table", help="Delta table URI.")],
@@ -268,13 +272,28 @@ def reencrypt(
         def progress(step: str, done: int, total: int) -> None:
             bar.update(task, completed=done, total=total, description=step)
 
-        try:
-            report = reencrypt_table(table, _open(keyring, master_key_env), columns or None, options or None,
-                                     table=name, progress=progress)  # fmt: skip
-        except TidegateError as e:
-            raise _fail(e) from None
-    if report.written_version is None:
-        typer.echo(f"{table}: nothing to re-encrypt (version {report.read_version})")
+        # Until a pass finds nothing stale: rows a writer sealed under the old version before it read
+        # the rotated keyring, committed after a pass's snapshot (a job's next commit, an online
+        # replica's buffered or journaled audit rows), are in the next pass's snapshot.
+        reports = []
+        for _ in range(REENCRYPT_PASSES):
+            try:
+                reports.append(reencrypt_table(table, _open(keyring, master_key_env), columns or None, options or None,
+                                               table=name, progress=progress))  # fmt: skip
+            except TidegateError as e:
+                raise _fail(e) from None
+            if reports[-1].written_version is None:
+                break
+    if reports[0].written_version is None:
+        typer.echo(f"{table}: nothing to re-encrypt (version {reports[0].read_version})")
         return
-    detail = ", ".join(f"{c}: {k}" for c, k in report.rows_rewritten.items())
-    typer.echo(f"{table}: re-encrypted {report.total} value(s) ({detail}); table version {report.written_version}")
+    for report in reports:
+        if report.written_version is not None:
+            detail = ", ".join(f"{c}: {k}" for c, k in report.rows_rewritten.items())
+            typer.echo(f"{table}: re-encrypted {report.total} value(s) ({detail}); table version {report.written_version}")
+    last = reports[-1]
+    if last.written_version is None:
+        typer.echo(f"{table}: checked again at version {last.read_version}: nothing under an old key version")
+    else:
+        typer.echo(f"{table}: values under old key versions were still arriving after {REENCRYPT_PASSES} passes (a "
+                   "writer that has not read the rotated keyring yet): run it again before revoking", err=True)  # fmt: skip

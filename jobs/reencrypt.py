@@ -11,12 +11,15 @@ columns (clear or encrypted) are re-sealed the same way. Every other cell is kep
 The result replaces the table in one Delta commit (overwrite from the snapshot read), with the
 table's own schema and partitioning; the log's application transactions (the pipeline's
 exactly-once positions) are table metadata and survive it. Rows another writer appends meanwhile
-are not in the snapshot: an overwrite only removes the files it read, so they are kept (and they
-use the current version already). Any other commit meanwhile (a compaction, a replay's update)
+are not in the snapshot: an overwrite only removes the files it read, so they are kept; they may
+still hold values under the old version (sealed before their writer read the rotated keyring:
+a job's commit in flight, an online replica's buffered or journaled audit rows), which is why
+`tidegate keys reencrypt` passes over the table again until a pass finds nothing stale. Any other commit meanwhile (a compaction, a replay's update)
 rewrote rows the snapshot holds: delta-rs does not take it for a conflict, and the overwrite would
 keep the rewritten files beside the snapshot's rows (every compacted row twice), so the write is
-refused (ReencryptConflict: run it again; pausing maintenance avoids it). The check is made just
-before the commit, so a rewrite landing in between (milliseconds) is not seen. Nothing is written
+refused (ReencryptConflict: run it again; pausing maintenance avoids it). The check (the snapshot's files are all
+still in the table, and the log names no rewriting commit) is made just before the commit, so a
+rewrite landing in between (milliseconds) is not seen. Nothing is written
 when nothing is stale.
 
 A value under a revoked version cannot be re-encrypted (KeyRevokedError): rotate and re-encrypt
@@ -188,7 +191,7 @@ def reencrypt_table(
     from schemas.spec import ParquetSpec
 
     partitions = dt.metadata().partition_columns
-    _no_rewrite_since(DeltaTable(uri, storage_options=storage_options), report.read_version, uri)
+    _no_rewrite_since(DeltaTable(uri, storage_options=storage_options), dt, report.read_version, uri)
     try:
         write_deltalake(
             dt,
@@ -213,8 +216,19 @@ _LEAVES_ROWS = {"VACUUM START", "VACUUM END", "SET TBLPROPERTIES", "ADD COLUMN",
                 "UPDATE FIELD METADATA", "ADD CONSTRAINT", "DROP CONSTRAINT", "CREATE TABLE"}  # fmt: skip
 
 
-def _no_rewrite_since(latest, read_version: int, uri: str) -> None:
-    """Raise ReencryptConflict if a commit after read_version did more than append rows."""
+def _no_rewrite_since(latest, read, read_version: int, uri: str) -> None:
+    """Raise ReencryptConflict if a commit after read_version did more than append rows: a file
+    of the snapshot read (`read`) is no longer in the table (`latest`), or the log names such a
+    commit. The files first: the log's history lists only the commit files still there, and a
+    table that checkpoints and cleans its log (log_retention_hours: 0.25 for online endpoints)
+    may have dropped a compaction's commit file by the time a long re-encryption ends."""
+    gone = set(read.file_uris()) - set(latest.file_uris())
+    if gone:
+        raise ReencryptConflict(
+            f"{uri}: {len(gone)} file(s) of version {read_version} were rewritten or removed while the table was being "
+            "re-encrypted (a compaction, an update); nothing was written. Run it again (pause the table's maintenance "
+            "to avoid this)"
+        )
     newer = latest.version() - read_version
     if newer <= 0:
         return

@@ -735,9 +735,35 @@ def test_reencrypt_refuses_to_overwrite_a_compaction_that_landed_meanwhile(kr, t
         if step == "read":
             DeltaTable(uri).optimize.compact()
 
-    with pytest.raises(ReencryptConflict, match="OPTIMIZE"):
+    with pytest.raises(ReencryptConflict, match="rewritten or removed"):
         reencrypt_table(uri, kr, progress=compact_during_the_read)
     assert pl.read_delta(uri).height == before
+
+    # The compaction's commit file already cleaned from the log (a checkpoint after it, the older
+    # commit files expired, as log_retention_hours does): its history no longer names it, and the
+    # check by the log alone let the overwrite keep every row twice. The snapshot's files tell.
+    import os
+
+    for part in range(2):  # more than one file again, for the compaction to rewrite
+        rows, _ = _results(kr, n=1, offset=300 + part)
+        write_deltalake(uri, rows, mode="append")
+    before += 2
+
+    def compact_and_clean_the_log(step, done, total):
+        if step == "read":
+            DeltaTable(uri).optimize.compact()
+            DeltaTable(uri).create_checkpoint()
+            rows, _ = _results(kr, n=1, offset=500)
+            write_deltalake(uri, rows, mode="append")
+            latest = DeltaTable(uri).version()
+            for v in range(latest):  # every commit file up to the checkpoint's (the compaction's) version
+                os.remove(os.path.join(uri, "_delta_log", f"{v:020d}.json"))
+            assert [c["operation"] for c in DeltaTable(uri).history()] == ["WRITE"]
+
+    with pytest.raises(ReencryptConflict, match="rewritten or removed"):
+        reencrypt_table(uri, kr, progress=compact_and_clean_the_log)
+    assert pl.read_delta(uri).height == before + 1
+    before += 1
 
     appended: set[str] = set()
 
@@ -878,6 +904,7 @@ def test_cli_reencrypt(kr, tmp_path):
     r = CliRunner().invoke(app, ["keys", "reencrypt", "--table", uri, "--column", "user_email"], env=env)
     assert r.exit_code == 0, r.output
     assert "re-encrypted 2 value(s) (user_email: 2)" in r.output
+    assert "checked again at version 1: nothing under an old key version" in r.output  # a second pass, read only
     after = pl.read_delta(uri)
     assert {kv for kv in key_versions(after["user_email"].to_arrow())} == {("acme", 1), ("globex", 2)}
     assert {kv for kv in key_versions(after["raw"].to_arrow())} == {("acme", 1), ("globex", 1)}  # not asked
