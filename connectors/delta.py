@@ -637,7 +637,8 @@ class DeltaSink:
         """The runs table beside the results table (connectors/runs.py)."""
         from connectors.runs import RunsTable
 
-        return RunsTable.for_results(self.results.uri, self.results.storage_options)
+        return RunsTable.for_results(self.results.uri, self.results.storage_options,
+                                     self.maintenance.table_properties())  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
         """The tables (uri, exists, version, rows, last commit) and the dead letters by stage and class."""

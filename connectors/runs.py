@@ -105,15 +105,22 @@ def _utc(ts: datetime) -> datetime:
 
 
 class RunsTable:
-    def __init__(self, uri: str, storage_options: dict[str, str] | None = None):
+    def __init__(self, uri: str, storage_options: dict[str, str] | None = None,
+                 properties: Mapping[str, str] | None = None):  # fmt: skip
+        """properties: table properties it is created with, or set on an existing table at its
+        first append (sink.maintenance's: a row per commit is a log file per commit, and the
+        log's retention and the tombstones' must be what the other two tables have)."""
         self.uri = uri
         self.storage_options = storage_options or None
         # Opened (or created) once, then only refreshed: a row per commit must not replay the log.
         self._table = _Table(uri, RUNS_SCHEMA, storage_options or {}, "runs")
+        self._table.configuration = dict(properties or {})
+        self._configured = not properties
 
     @classmethod
-    def for_results(cls, results_uri: str, storage_options: dict[str, str] | None = None) -> RunsTable:
-        return cls(default_runs_uri(results_uri), storage_options)
+    def for_results(cls, results_uri: str, storage_options: dict[str, str] | None = None,
+                    properties: Mapping[str, str] | None = None) -> RunsTable:  # fmt: skip
+        return cls(default_runs_uri(results_uri), storage_options, properties)
 
     def _row(
         self,
@@ -156,7 +163,24 @@ class RunsTable:
         )  # fmt: skip
 
     def _append(self, row: dict) -> None:
+        if not self._configured:
+            self._configure()
         self._table.append(pa.Table.from_pylist([row], schema=RUNS_SCHEMA), [])
+
+    def _configure(self) -> None:
+        """An existing table (an older Tidegate's, or another spec's) gets the properties once."""
+        from deltalake.exceptions import CommitFailedError, DeltaError
+
+        self._configured = True
+        want = self._table.configuration
+        dt = self._table.open()  # created with them if new
+        if all(dt.metadata().configuration.get(k) == v for k, v in want.items()):
+            return
+        try:
+            dt.alter.set_table_properties(want)
+        except (CommitFailedError, DeltaError) as e:  # another writer committed meanwhile: the next run sets them
+            log.warning("runs table %s: table properties not updated now (%s)", self.uri, type(e).__name__)
+        self._table._dt = None  # loaded again with the properties as they are now
 
     def append_commit(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from datetime import datetime, timezone
 
 import polars as pl
 from deltalake import DeltaTable
@@ -56,6 +57,30 @@ def test_compaction_checkpoint_and_vacuum_keep_every_row_and_position(tmp_path):
     zero = MaintenanceSpec.model_construct(**{**MaintenanceSpec().model_dump(), "vacuum_retention_hours": 0})
     assert maintain_table(res, zero, compact=False, checkpoint=False).vacuumed_files == 40
     assert pl.read_delta(str(tmp_path / "res")).sort("source_offset").equals(before_rows)
+
+
+def test_the_runs_table_gets_the_maintenance_table_properties_too(tmp_path):
+    """A runs-table row per commit is a log file per commit: its log retention and tombstones must
+    be what the other two tables have, new or existing (before: Delta's defaults, 30 days of log)."""
+    from connectors.runs import RunsTable, default_runs_uri
+
+    policy = MaintenanceSpec(vacuum_retention_hours=1, log_retention_hours=2)
+    now = datetime.now(timezone.utc)
+    old = RunsTable(default_runs_uri(str(tmp_path / "res")))  # an older Tidegate's table, no properties
+    old.append_commit(run_id="r0", job="job", commit_seq=1, started_at=now, ended_at=now, rows_ok=1)
+    uri = default_runs_uri(str(tmp_path / "res"))
+    assert "delta.logRetentionDuration" not in DeltaTable(uri).metadata().configuration
+    sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}, maintenance=policy)
+    sink.history().append_commit(run_id="r1", job="job", commit_seq=1, started_at=now, ended_at=now, rows_ok=1)
+    config = DeltaTable(uri).metadata().configuration
+    for key, value in policy.table_properties().items():
+        assert config[key] == value, key
+    assert config["delta.logRetentionDuration"] == "interval 2 hours"
+    assert pl.read_delta(uri)["run_id"].sort().to_list() == ["r0", "r1"]
+    fresh = DeltaSink("job2", str(tmp_path / "new" / "res"), str(tmp_path / "new" / "dl"), {}, maintenance=policy)
+    fresh.history().append_commit(run_id="r2", job="job2", commit_seq=1, started_at=now, ended_at=now, rows_ok=1)
+    assert DeltaTable(default_runs_uri(str(tmp_path / "new" / "res"))).metadata().configuration[
+        "delta.deletedFileRetentionDuration"] == policy.table_properties()["delta.deletedFileRetentionDuration"]
 
 
 def test_a_replaced_files_tombstone_outlives_the_vacuum_window(tmp_path):
