@@ -45,6 +45,7 @@ from crypto import (
     row_ids_from,
     stored_groups,
 )
+from crypto.arrow import is_bytes
 from crypto.binding import binding_of
 from schemas.errors import TidegateError
 
@@ -88,6 +89,8 @@ def reencrypt_values(
         if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
             new, changed = reseal_pii(values, row_ids, table=table, column=column, keyring=keyring)
             return (new.cast(values.type), int(changed.sum())) if changed.any() else (values, 0)
+        if is_bytes(values.type):
+            return _reencrypt_mixed(values, row_ids, table=table, column=column, keyring=keyring)
         return values, 0
     stale = np.zeros(n, dtype=bool)
     current: dict[str, int] = {}
@@ -128,6 +131,29 @@ def reencrypt_values(
         )
         replaced = pc.replace_with_mask(replaced, _mask(n, pick), fresh.cast(values.type))
     return replaced, int(stale.sum())
+
+
+def _reencrypt_mixed(values: pa.Array, row_ids: pa.Array | None, *, table: str, column: str,
+                     keyring: KeySource) -> tuple[pa.Array, int]:  # fmt: skip
+    """A binary column some of whose values are stored values and some clear bytes (dead-letter
+    `raw` from before `dead_letter_raw` was turned on): the stored ones are re-encrypted, the clear
+    ones kept. Before, the whole column was taken for clear and skipped, and revoking the old
+    version then destroyed its encrypted values. One check per value: only for such columns."""
+    from crypto.format import FORMAT_VERSION, MAGIC
+
+    # Only values that start like a stored value are checked one by one (a clear column: none).
+    maybe = pc.fill_null(pc.starts_with(values, pattern=MAGIC + bytes((FORMAT_VERSION,))), False)
+    sealed = np.zeros(len(values), dtype=bool)
+    for i in np.flatnonzero(maybe.to_numpy(zero_copy_only=False)):
+        sealed[i] = is_encrypted(values.slice(int(i), 1))
+    if not sealed.any():
+        return values, 0
+    pick = pa.array(np.flatnonzero(sealed))
+    fresh, rewritten = reencrypt_values(values.take(pick), row_ids.take(pick) if row_ids is not None else None,
+                                        table=table, column=column, keyring=keyring)  # fmt: skip
+    if not rewritten:
+        return values, 0
+    return pc.replace_with_mask(values, pa.array(sealed), fresh.cast(values.type)), rewritten
 
 
 def _mask(n: int, idx: np.ndarray) -> pa.Array:

@@ -893,6 +893,25 @@ def test_cli_keys(tmp_path):
     assert "no key for tenant 'nope'" in run("rotate", "nope", code=2)
 
 
+def test_reencrypt_rewrites_the_stored_values_of_a_column_that_also_holds_clear_ones(kr, tmp_path):
+    """Dead-letter `raw` written before `dead_letter_raw` was turned on is clear, after it encrypted:
+    the stored values are re-encrypted, the clear ones kept byte for byte. Before, the column was
+    taken for clear and skipped, and revoking the old version then destroyed its encrypted values."""
+    uri = str(tmp_path / "results")  # the name the values are bound to (_results)
+    data, _ = _results(kr, n=6)
+    clear = [json.dumps({"old": i}).encode() for i in range(3)]
+    raw = pa.array(clear + data.column("raw").to_pylist()[3:], pa.binary())
+    write_deltalake(uri, data.set_column(data.schema.get_field_index("raw"), "raw", raw))
+    kr.rotate("acme")
+    kr.rotate("globex")
+    report = reencrypt_table(uri, kr, columns=["raw"])
+    assert report.rows_rewritten == {"raw": 3}
+    after = pl.read_delta(uri).sort("source_offset")["raw"].to_list()
+    assert after[:3] == clear
+    assert {kv for kv in key_versions(pa.array(after[3:], pa.binary()))} == {("acme", 2), ("globex", 2)}
+    assert reencrypt_table(uri, kr, columns=["raw"]).written_version is None  # nothing stale now
+
+
 def test_cli_reencrypt(kr, tmp_path):
     from jobs.cli import app
 
