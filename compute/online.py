@@ -18,9 +18,11 @@ its request number, a 63-bit integer from the request id or the Idempotency-Key)
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -75,6 +77,32 @@ class OnlineGuards:
                                        encryption.has_key, contract=contract)  # fmt: skip
         self.validator = Validator(spec)
         self.assembler = BatchAssembler(spec, self.validator, self.results_schema, run_id, lineage)
+        # The guards' CPU work (render, rules, assembly, encryption) runs on a thread of its own,
+        # one call at a time as the batch path's stage worker runs it. On the event loop a slow
+        # rule (the semantic rule's embeddings) held every other request of the replica, and one
+        # that never returned (a custom rule is trusted code) hung them all past
+        # serve.request_timeout_s, health checks included.
+        self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidegate-guards")
+        self._busy_since: float | None = None
+
+    async def _on_cpu(self, fn, *args):
+        def timed():
+            self._busy_since = time.monotonic()
+            try:
+                return fn(*args)
+            finally:
+                self._busy_since = None
+
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, timed)
+
+    def busy_for(self) -> float:
+        """Seconds the guards' current call has run (0: idle): a replica's health check."""
+        since = self._busy_since
+        return time.monotonic() - since if since is not None else 0.0
+
+    def _render(self, src: pa.Table):
+        self.encryption.refresh()
+        return self.renderer.render(src)
 
     def semantic_rules(self) -> list:
         return self.validator.semantic_rules()
@@ -111,8 +139,7 @@ class OnlineGuards:
     async def run(self, src: pa.Table, requests: pa.Table | None = None) -> Outcome:
         carried: dict = {}
         if requests is None:
-            self.encryption.refresh()
-            rendered = self.renderer.render(src)
+            rendered = await self._on_cpu(self._render, src)
             if rendered.dead.num_rows:
                 return Outcome(empty_table(self.results_schema), rendered.dead)
             requests, carried = rendered.requests, rendered.carried or {}
@@ -125,7 +152,7 @@ class OnlineGuards:
         while requests is not None and requests.num_rows:
             completions = await self.engine.complete(requests)
             used += _tokens_of(completions)
-            a = self.assembler.assemble(src, requests, completions, carried)
+            a = await self._on_cpu(self.assembler.assemble, src, requests, completions, carried)
             results.append(a.output.results)
             dead.append(a.output.dead)
             requests = a.retries if a.retries is not None and a.retries.num_rows else None

@@ -376,6 +376,8 @@ def _is_template_error(e: BaseException) -> bool:
 
 # /events: a body holds at most this many times source.kafka.max_message_bytes.
 EVENTS_BODY_MESSAGES = 64
+# check_health: a guard call running this long past serve.request_timeout_s fails the replica.
+GUARDS_STUCK_S = 60.0
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -629,6 +631,11 @@ class TidegateEndpoint:
         broken = getattr(self.engine, "broken", None)
         if broken:
             raise RuntimeError(f"the replica's engine failed a step ({broken}): replace the replica")
+        # A guard call that never returns (a custom rule's loop) holds the guards' one thread: every
+        # later request answers 504. Past the longest a sane call takes, the replica is replaced.
+        stuck = self.guards.busy_for()
+        if stuck > GUARDS_STUCK_S + self.spec.serve.request_timeout_s:
+            raise RuntimeError(f"the replica's guards have run one call for {stuck:.0f} s: replace the replica")
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

@@ -6,6 +6,7 @@ as compute.engine.EngineWorker (bench/instant_engine.py's)."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pyarrow as pa
 
@@ -13,6 +14,17 @@ from bench.instant_engine import InstantEngine
 from compute.engine import completion_counts
 from schemas.errors import EngineError
 from schemas.records import COMPLETION_SCHEMA
+
+
+FREEZE_MARKER = "freeze-the-guards"  # an output holding it holds the freezes_on_marker rule's call
+
+
+def freezes_on_marker(candidate, seconds: float = 8.0) -> bool:
+    """A custom rule that holds its call for `seconds` on an output holding FREEZE_MARKER (a rule
+    that hangs), and passes."""
+    if FREEZE_MARKER in candidate.output:
+        time.sleep(seconds)
+    return True
 
 
 LEAKED_EMAIL = "zq.canary.7731@example.org"  # added to the output of a prompt that says "leak"

@@ -57,7 +57,8 @@ def endpoint(tmp_path_factory, broker):
         "name": "support",
         "encryption": {"keyring": str(keyring_path), "tenant_field": "customer", "output_fields": ["output_text"]},
         "validation": [{"rule": "deny_list", "phrases": ["forbidden"], "on_fail": "reject"},
-                       {"rule": "pii_leakage", "on_fail": "reject"}],
+                       {"rule": "pii_leakage", "on_fail": "reject"},
+                       {"rule": "custom", "name": "freeze", "path": "tests.serve_engines:freezes_on_marker"}],
         "serve": {"port": port, "num_cpus": 0.25, "limits": {"tokens_per_minute": 30000},
                   "request_timeout_s": 3, "idempotency_cache": 0},
         "sink.commit_interval_s": 0.2,
@@ -162,7 +163,7 @@ def test_invoke_answers_the_result_row_and_stores_it_encrypted(endpoint):
     body = r.json()
     assert body["id"] == ev["id"] and body["status"] == "ok"
     assert body["output"] == "Answer for dana: what is the status of order 7?"
-    assert {x["rule"] for x in body["rule_results"]} == {"deny_list", "pii_leakage"}
+    assert {x["rule"] for x in body["rule_results"]} == {"deny_list", "pii_leakage", "freeze"}
     # Durable ack: the row is in the table when the answer arrives; encrypted at rest.
     raw = DeltaTable(endpoint["spec"].sink.results).to_pyarrow_table().to_pylist()
     stored = [x for x in raw if x["id"] == ev["id"]]
@@ -406,6 +407,25 @@ def test_one_idempotency_key_on_two_replicas_at_once_runs_once(endpoint):
     assert sum(replayed for _, _, replayed in out) == 4  # one ran, four got its answer
     assert len({json.dumps(body, sort_keys=True) for _, body, _ in out}) == 1
     assert len(_rows(endpoint["pair_spec"].sink.results, pl.col("id") == ev["id"])) == 1
+
+
+def test_a_rule_that_holds_its_call_answers_504_and_the_replica_stays_responsive(endpoint):
+    """The guards run on a thread of their own: a request whose rule does not return answers 504
+    at serve.request_timeout_s, and meanwhile the replica's event loop serves /healthz and /readyz
+    at once. Before, the rule ran on the event loop: nothing on the replica answered until it returned."""
+    from tests.serve_engines import FREEZE_MARKER
+
+    with cf.ThreadPoolExecutor(1) as pool:
+        frozen = pool.submit(_post, endpoint, "/v1/jobs/support/invoke", _event(f"please {FREEZE_MARKER}"))
+        time.sleep(1.0)  # the request is in its rule by now (the rule holds it 8 s)
+        t0 = time.monotonic()
+        health = httpx.get(endpoint["url"] + "/healthz", timeout=30)
+        took = time.monotonic() - t0
+        assert health.status_code == 200 and took < 5.0, took  # inside the rule's 8 s (before: after it)
+        r = frozen.result(timeout=60)
+    assert r.status_code == 504 and r.json()["error"]["type"] == "timeout", r.text
+    time.sleep(8)  # the rule's call ends; the guards' thread takes the next request
+    assert _post(endpoint, "/v1/jobs/support/invoke", _event("after the freeze")).status_code == 200
 
 
 def test_timeout_answers_504_and_a_dead_letter(endpoint):
