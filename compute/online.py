@@ -77,15 +77,21 @@ class OnlineGuards:
                                        encryption.has_key, contract=contract)  # fmt: skip
         self.validator = Validator(spec)
         self.assembler = BatchAssembler(spec, self.validator, self.results_schema, run_id, lineage)
-        # The guards' CPU work (render, rules, assembly, encryption) runs on a thread of its own,
-        # one call at a time as the batch path's stage worker runs it. On the event loop a slow
-        # rule (the semantic rule's embeddings) held every other request of the replica, and one
-        # that never returned (a custom rule is trusted code) hung them all past
-        # serve.request_timeout_s, health checks included.
-        self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidegate-guards")
+        # With rules that can block (custom: trusted code; semantic_grounding: an embedding model)
+        # the guards' CPU work (render, rules, assembly, encryption) runs on a thread of its own,
+        # one call at a time as the batch path's stage worker runs it. On the event loop such a
+        # rule held every other request of the replica, and one that never returned hung them all
+        # past serve.request_timeout_s, health checks included. The built-in rules are linear (the
+        # regex rule's patterns run with a timeout) and stay on the loop: the thread costs a
+        # request ~400 µs of CPU (bench/online_request.py, docs/performance.md).
+        blocking = any(getattr(r, "rule", None) in ("custom", "semantic_grounding") for r in spec.rules)
+        self._cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidegate-guards") if blocking else None
         self._busy_since: float | None = None
 
     async def _on_cpu(self, fn, *args):
+        if self._cpu is None:
+            return fn(*args)
+
         def timed():
             self._busy_since = time.monotonic()
             try:

@@ -315,11 +315,17 @@ def replay_dead_letters(spec: JobSpec, where: str | None, fixed_cluster: bool, p
     tables.use_schemas(stored_results, stored_dead)
     tables.open()  # schema upgrade if needed
     report = ReplayReport()
-    todo = [(rid, True) for rid in _pending(dl_uri, opts)]
     new_id = uuid.uuid4().hex[:16]
-    if mark_plan(dl_uri, opts, new_id, where, spec.sink.parquet):
-        todo.append((new_id, False))
-    for replay_id, resumed in todo:
+
+    def replays():
+        """The unfinished replays first, then (only once they are done) a new plan: a replay that
+        cannot finish stops the command before any new row is marked."""
+        for rid in _pending(dl_uri, opts):
+            yield rid, True
+        if mark_plan(dl_uri, opts, new_id, where, spec.sink.parquet):
+            yield new_id, False
+
+    for replay_id, resumed in replays():
         planned = _plan(dl_uri, opts, replay_id, stored_dead)
         plan = _decrypted(spec, planned)
         if plan is not planned:
