@@ -67,6 +67,14 @@ class IdempotencyClaims:
             except asyncio.TimeoutError:
                 pass
 
+    async def configure(self, keep: int) -> None:
+        """A redeploy with another serve.idempotency_cache: the answers kept follow it (the newest stay)."""
+        if keep != self._answers.keep:
+            kept = self._answers
+            self._answers = RecentAnswers(keep)
+            for key, answer in kept.items():
+                self._answers.put(key, answer)
+
     async def finish(self, key: int, holder: str, answer: tuple[int, dict] | None) -> None:
         if answer is not None:
             self._answers.put(key, answer)
@@ -77,4 +85,7 @@ class IdempotencyClaims:
 
 
 def shared_claims(app: str, keep: int):
-    return app_actor(IdempotencyClaims, "idempotency", app, keep)
+    """The application's claims actor, told this deployment's `keep` (it outlives redeploys)."""
+    handle = app_actor(IdempotencyClaims, "idempotency", app, keep)
+    ray.get(handle.configure.remote(keep))
+    return handle

@@ -24,6 +24,10 @@ class RecentAnswers:
     def __len__(self) -> int:
         return len(self._answers)
 
+    def items(self) -> list[tuple[int, tuple[int, dict]]]:
+        """(key, answer), oldest first."""
+        return list(self._answers.items())
+
     def get(self, key: int) -> tuple[int, dict] | None:
         return self._answers.get(key)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import uuid
 
 import pytest
 
@@ -218,6 +219,27 @@ def test_recent_answers_keep_the_first_answer_and_drop_the_oldest_key():
     assert none_kept.get(1) is None and len(none_kept) == 0
     with pytest.raises(ValueError, match="keep"):
         RecentAnswers(keep=-1)
+
+
+def test_the_claims_actor_follows_a_redeploys_idempotency_cache(local_ray):
+    """The claims actor outlives a redeploy (detached): the next deployment's
+    serve.idempotency_cache applies to it. Before, it kept the size it was created with."""
+    import ray
+
+    from actors.idempotency import shared_claims
+    from actors.remote import delete_app_actors
+
+    app = f"claims-{uuid.uuid4().hex[:8]}"
+    try:
+        claims = shared_claims(app, 2)
+        for key in (1, 2):
+            assert ray.get(claims.claim.remote(key, "a", 30.0)) is None
+            ray.get(claims.finish.remote(key, "a", (200, {"n": key})))
+        assert ray.get(claims.claim.remote(1, "b", 30.0)) == (200, {"n": 1})  # kept: the first answer
+        claims = shared_claims(app, 0)  # redeployed with idempotency_cache 0
+        assert ray.get(claims.claim.remote(2, "b", 30.0)) is None  # nothing kept any more: the caller looks in the tables
+    finally:
+        delete_app_actors(app)
 
 
 class _TimedAudit:
