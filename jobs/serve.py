@@ -919,12 +919,29 @@ class TidegateEndpoint:
         results, dead = outcome.results, outcome.dead
         if principal is not None:  # who asked, for the audit: a body that does not parse is the key's tenant's too
             results, dead = _with_tenant(results, principal.tenant), _with_tenant(dead, principal.tenant)
+        results, dead = self._split_revoked(results, dead)
         self._settle(principal, outcome.tokens() - estimate)
         try:
             await self.buffer.add(results, dead)
         except Exception as e:  # noqa: BLE001 - durable ack: not stored, so not answered
             return 503, _error(503, "audit_unavailable", f"the request's audit rows could not be stored ({type(e).__name__}); retry")
         return self._render(route, results, dead, request_id)
+
+    def _split_revoked(self, results: pa.Table, dead: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """A tenant whose key was revoked (or removed) while its request ran: its row becomes the
+        dead letter the audit would store (stage encrypt, key_revoked: AuditLog.protect makes the
+        same split), so the answer is what the tables hold, 403, not the output. Before, the
+        client got a 200 with the output while the tables said 403."""
+        if not results.num_rows or self.encryption.keyring is None:
+            return results, dead
+        self.encryption.refresh()
+        results, unkeyed = self.encryption.split_unkeyed(results, self.run_id)
+        if unkeyed is None:
+            return results, dead
+        from schemas.records import DEAD_LETTER_SCHEMA, with_columns_of
+
+        return results, pa.concat_tables([with_columns_of(dead, DEAD_LETTER_SCHEMA),
+                                          with_columns_of(unkeyed, DEAD_LETTER_SCHEMA)])  # fmt: skip
 
     def _settle(self, principal, tokens: int) -> None:
         """Settle a request's token reservation: what it used beyond it (negative: a refund)."""

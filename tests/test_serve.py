@@ -47,9 +47,9 @@ def endpoint(tmp_path_factory, broker):
     keyring_path = tmp / "keyring.json"
     os.environ["TIDEGATE_KEYRING"] = str(keyring_path)
     kr = Keyring.init(keyring_path, LocalMasterKeyProvider())
-    for tenant in ("acme", "globex", "burst", "metered", "spender"):
+    for tenant in ("acme", "globex", "burst", "metered", "spender", "revoked"):
         kr.create_tenant(tenant)
-    keys = {t: kr.create_api_key(t)[1] for t in ("acme", "globex", "burst", "metered", "spender")}
+    keys = {t: kr.create_api_key(t)[1] for t in ("acme", "globex", "burst", "metered", "spender", "revoked")}
     keys["nokey"] = kr.create_api_key("nokey")[1]  # an API key whose tenant has no encryption key
     topic = f"serve-{uuid.uuid4().hex[:8]}"
     port = free_port()
@@ -407,6 +407,25 @@ def test_one_idempotency_key_on_two_replicas_at_once_runs_once(endpoint):
     assert sum(replayed for _, _, replayed in out) == 4  # one ran, four got its answer
     assert len({json.dumps(body, sort_keys=True) for _, body, _ in out}) == 1
     assert len(_rows(endpoint["pair_spec"].sink.results, pl.col("id") == ev["id"])) == 1
+
+
+def test_a_tenant_whose_key_is_revoked_during_its_request_is_answered_as_stored_403(endpoint):
+    """The key is revoked while the request generates: the audit stores a key_revoked dead letter
+    (nothing of the row: no key to protect it with), and the answer says the same, 403 with no
+    output. Before, the client got a 200 with the output."""
+    from crypto.keyring import Keyring, LocalMasterKeyProvider
+
+    ev = _event("slow question for a tenant about to lose its key")
+    with cf.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(_post, endpoint, "/v1/jobs/support/invoke", ev, "revoked")
+        time.sleep(0.5)  # inside the engine's 1.5 s
+        Keyring.open(endpoint["keyring"], LocalMasterKeyProvider()).revoke("revoked", 1)
+        r = pending.result(timeout=60)
+    assert r.status_code == 403 and r.json()["error"]["type"] == "key_revoked", r.text
+    assert "slow question" not in r.text and "output" not in r.json()["error"]
+    dead = _rows(endpoint["spec"].sink.dead_letter, pl.col("id") == ev["id"])
+    assert [(d["stage"], d["error_class"]) for d in dead] == [("encrypt", "key_revoked")]
+    assert not _rows(endpoint["spec"].sink.results, pl.col("id") == ev["id"])
 
 
 def test_a_rule_that_holds_its_call_answers_504_and_the_replica_stays_responsive(endpoint):
