@@ -106,8 +106,13 @@ class _AuditBuffer:
     durable has none: its requests wait for their own commit."""
 
     def __init__(self, audit, ack: str, interval_s: float, journal=None, compact_every_commits: int | None = None,
-                 group_commit_s: float = 0.0, maintenance_runner=None, backlog_max_bytes: int | None = None):  # fmt: skip
+                 group_commit_s: float = 0.0, maintenance_runner=None, backlog_max_bytes: int | None = None,
+                 ack_timeout_s: float | None = None):  # fmt: skip
         self.backlog_max_bytes = backlog_max_bytes
+        # durable/journal: the longest a request waits for its group's write (None: no limit). Past
+        # it the request is not acknowledged (503 audit_unavailable); its rows may still land, and a
+        # retry with its Idempotency-Key then finds them. A store that hangs never hangs a request.
+        self.ack_timeout_s = ack_timeout_s
         self.on_backlog = None  # called with backlog_bytes() after each commit of stored records (a gauge)
         self._stored_bytes = 0  # the stored records' (journal_lock)
         self._pending_bytes = 0  # buffered: rows added, not stored yet (the event loop's), until their write
@@ -222,7 +227,7 @@ class _AuditBuffer:
             self._pending_bytes += _nbytes((results, dead))
         self._wake.set()
         if fut is not None:
-            await fut
+            await asyncio.wait_for(asyncio.shield(fut), self.ack_timeout_s)
 
     async def _write_group(self, group: list) -> None:
         """One write for a group's rows; its waiting requests are released once it landed."""
@@ -378,6 +383,8 @@ def _is_template_error(e: BaseException) -> bool:
 EVENTS_BODY_MESSAGES = 64
 # check_health: a guard call running this long past serve.request_timeout_s fails the replica.
 GUARDS_STUCK_S = 60.0
+# durable/journal: a request waits at most this long past serve.request_timeout_s for its audit write.
+AUDIT_ACK_TIMEOUT_S = 60.0
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -583,7 +590,8 @@ class TidegateEndpoint:
         self.buffer = _AuditBuffer(self.audit, spec.serve.ack, spec.sink.commit_interval_s, journal,
                                    spec.sink.maintenance.compact_every_commits,
                                    spec.serve.group_commit_ms / 1000, rounds,
-                                   max(1, int(spec.serve.audit_backlog_max_mb * 2**20)))  # fmt: skip
+                                   max(1, int(spec.serve.audit_backlog_max_mb * 2**20)),
+                                   ack_timeout_s=AUDIT_ACK_TIMEOUT_S + spec.serve.request_timeout_s)  # fmt: skip
         self.verifier = None
         if spec.serve.auth:
             from crypto.api_keys import ApiKeyVerifier

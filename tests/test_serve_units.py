@@ -349,6 +349,29 @@ def test_a_durable_answer_does_not_wait_for_the_checkpoint_its_commit_made_due()
     assert order[:3] == ["write", "checkpoint after the answer", "write"], order
 
 
+def test_a_durable_request_waits_for_its_audit_write_at_most_ack_timeout_s():
+    """A store that hangs never hangs a request: past ack_timeout_s its wait ends (the endpoint
+    answers 503 audit_unavailable, not acknowledged) while the write goes on and still lands."""
+    import asyncio
+
+    import pyarrow as pa
+
+    from jobs.serve import _AuditBuffer
+
+    audit = _TimedAudit(2.0)  # each write takes 2 s
+    buffer = _AuditBuffer(audit, "durable", 1.0, ack_timeout_s=0.3)
+    row = pa.table({"id": ["r"]})
+
+    async def request():
+        with pytest.raises(asyncio.TimeoutError):  # before: the wait ended only with the write
+            await buffer.add(row, row.slice(0, 0))
+        assert audit.writes == 0  # the write still runs
+        await asyncio.sleep(2.5)
+
+    asyncio.run(request())
+    assert audit.writes == 1 and audit.rows == 1
+
+
 def test_each_local_haproxy_gets_its_own_stats_and_metrics_ports(monkeypatch):
     """Ray's defaults (8404, 9101) are fixed: a second local endpoint's HAProxy would not start.
     Free ones each time, unless the environment names them; none for the Python proxy."""
