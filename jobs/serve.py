@@ -644,6 +644,12 @@ class TidegateEndpoint:
         stuck = self.guards.busy_for()
         if stuck > GUARDS_STUCK_S + self.spec.serve.request_timeout_s:
             raise RuntimeError(f"the replica's guards have run one call for {stuck:.0f} s: replace the replica")
+        # ack journal: a journal whose failed write could not even be cut off takes no record again,
+        # so every request would answer 503; a fresh replica opens a journal of its own (and
+        # commits what this one's holds, up to its last whole record).
+        journal = self.buffer.journal
+        if journal is not None and journal.broken:
+            raise RuntimeError(f"the audit journal {journal.path.name} is unusable after a failed write: replace the replica")
 
     @api.get("/healthz")
     async def healthz(self) -> dict:

@@ -260,5 +260,7 @@ def test_an_engine_whose_step_fails_is_marked_broken_and_its_batches_fail_with_e
     with pytest.raises(RuntimeError, match=r"engine failed a step \(RuntimeError\)"):
         endpoint.check_health(SimpleNamespace(engine=w))
     healthy = worker(max_num_seqs=4)
-    endpoint.check_health(SimpleNamespace(engine=healthy))  # a healthy one passes
+    endpoint.check_health(SimpleNamespace(engine=healthy, guards=SimpleNamespace(busy_for=lambda: 0.0),
+                                          spec=SimpleNamespace(serve=SimpleNamespace(request_timeout_s=3.0)),
+                                          buffer=SimpleNamespace(journal=None)))  # a healthy one passes  # fmt: skip
     healthy.close()

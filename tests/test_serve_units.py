@@ -372,6 +372,32 @@ def test_a_durable_request_waits_for_its_audit_write_at_most_ack_timeout_s():
     assert audit.writes == 1 and audit.rows == 1
 
 
+def test_the_health_check_fails_a_replica_with_a_broken_engine_stuck_guards_or_a_broken_journal():
+    """Serve's check_health (a replica that cannot answer any request is replaced): the engine
+    failed a step; the guards have run one call (a custom rule's loop) past request_timeout_s +
+    60 s; the audit journal cannot take a record again. Otherwise it passes."""
+    from pathlib import Path
+    from types import SimpleNamespace as NS
+
+    from jobs.serve import GUARDS_STUCK_S, TidegateEndpoint
+
+    check = TidegateEndpoint.func_or_class.check_health
+
+    def replica(broken=None, busy=0.0, journal_broken=None):
+        journal = None if journal_broken is None else NS(broken=journal_broken, path=Path("r1.journal"))
+        return NS(engine=NS(broken=broken), guards=NS(busy_for=lambda: busy),
+                  spec=NS(serve=NS(request_timeout_s=3.0)), buffer=NS(journal=journal))  # fmt: skip
+
+    check(replica())
+    check(replica(busy=GUARDS_STUCK_S, journal_broken=False))  # a long call, not past the limit
+    with pytest.raises(RuntimeError, match="engine failed a step"):
+        check(replica(broken="EngineDeadError"))
+    with pytest.raises(RuntimeError, match="guards have run one call"):
+        check(replica(busy=GUARDS_STUCK_S + 3.5))
+    with pytest.raises(RuntimeError, match="journal r1.journal is unusable"):
+        check(replica(journal_broken=True))
+
+
 def test_each_local_haproxy_gets_its_own_stats_and_metrics_ports(monkeypatch):
     """Ray's defaults (8404, 9101) are fixed: a second local endpoint's HAProxy would not start.
     Free ones each time, unless the environment names them; none for the Python proxy."""
