@@ -78,7 +78,7 @@ class OnlineGuards:
         self.validator = Validator(spec)
         self.assembler = BatchAssembler(spec, self.validator, self.results_schema, run_id, lineage)
         # With rules that can block (custom: trusted code; semantic_grounding: an embedding model)
-        # the guards' CPU work (render, rules, assembly, encryption) runs on a thread of its own,
+        # the guards' CPU work (render, rules, assembly) runs on a thread of its own,
         # one call at a time as the batch path's stage worker runs it. On the event loop such a
         # rule held every other request of the replica, and one that never returned hung them all
         # past serve.request_timeout_s, health checks included. The built-in rules are linear (the

@@ -64,6 +64,7 @@ import hmac
 import json
 import os
 import tempfile
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -240,6 +241,9 @@ class Keyring:
         self._provider = provider
         self._keys: dict[tuple[str, int], bytes] = {}
         self._stamp: tuple | None = None  # (mtime_ns, size, inode) of the file as last read
+        # An online replica refreshes it from its event loop, its guards' thread and its audit
+        # writer's thread: a reload, a key cached meanwhile and a write are one at a time.
+        self._lock = threading.RLock()
         self._doc = _doc if _doc is not None else self._read()
 
     # -- opening and creating
@@ -299,31 +303,34 @@ class Keyring:
             st = self.path.stat()
         except OSError:
             return False  # gone or unreadable for now: keep what we have (the next write fails loudly)
-        if self._stamp == (st.st_mtime_ns, st.st_size, st.st_ino):
-            return False
-        self.reload()
-        return True
+        with self._lock:
+            if self._stamp == (st.st_mtime_ns, st.st_size, st.st_ino):
+                return False
+            self.reload()
+            return True
 
     def reload(self) -> None:
         """Re-read the file (another process rotated or revoked); unwrapped keys of revoked versions are dropped."""
-        self._doc = self._read()
-        self._keys = {k: v for k, v in self._keys.items() if self._state(*k) != "revoked"}
+        with self._lock:
+            self._doc = self._read()
+            self._keys = {k: v for k, v in self._keys.items() if self._state(*k) != "revoked"}
 
     @contextlib.contextmanager
     def _update(self) -> Iterator[dict]:
         # Read-modify-write under an exclusive lock, on the file's latest content.
         lock = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            self._doc = self._read()
-            doc = copy.deepcopy(self._doc)
-            yield doc
-            _check_doc(doc, self.path)
-            _atomic_write(self.path, _dump(doc))
-            self._doc = doc
-        finally:
-            os.close(fd)  # releases the lock
+        with self._lock:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._doc = self._read()
+                doc = copy.deepcopy(self._doc)
+                yield doc
+                _check_doc(doc, self.path)
+                _atomic_write(self.path, _dump(doc))
+                self._doc = doc
+            finally:
+                os.close(fd)  # releases the lock
 
     # -- reading
 
@@ -371,14 +378,16 @@ class Keyring:
         """The 256-bit data key of (tenant, version): KeyPermissionError if absent, KeyRevokedError if revoked."""
         e = self._entry(tenant, version)
         if e["state"] == "revoked":
-            self._keys.pop((tenant, version), None)
+            with self._lock:
+                self._keys.pop((tenant, version), None)
             raise KeyRevokedError(f"key version {version} of tenant {tenant!r} is revoked", tenant, version)
         key = self._keys.get((tenant, version))
         if key is None:
             key = self.provider.unwrap(base64.b64decode(e["wrapped_key"]), key_context(tenant, version))
             if len(key) != KEY_BYTES:
                 raise KeyringError(f"key version {version} of tenant {tenant!r} is not a 256-bit key")
-            self._keys[(tenant, version)] = key
+            with self._lock:
+                self._keys[(tenant, version)] = key
         return key
 
     # -- changing

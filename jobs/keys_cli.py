@@ -250,8 +250,18 @@ def reencrypt(
     ] = None,
     keyring: KeyringOption = None,
     master_key_env: MasterKeyEnvOption = "TIDEGATE_MASTER_KEY",
+    settle_s: Annotated[
+        float,
+        typer.Option("--settle-s", min=0, help="Wait this long before each pass after one that wrote: the "
+                     "longest sink.commit_interval_s of the jobs and endpoints writing the table (rows "
+                     "they sealed before the rotation land up to that late)."),
+    ] = 0.0,
 ) -> None:
-    """Rewrite values under old key versions with each tenant's current version, in one commit."""
+    """Rewrite values under old key versions with each tenant's current version, in one commit.
+    Passes over the table again until one finds nothing stale; exit code 3 if values under old
+    versions were still arriving after the last pass (do not revoke then)."""
+    import time
+
     from jobs.reencrypt import reencrypt_table
     from schemas.errors import TidegateError
 
@@ -277,6 +287,9 @@ def reencrypt(
         # replica's buffered or journaled audit rows), are in the next pass's snapshot.
         reports = []
         for _ in range(REENCRYPT_PASSES):
+            if reports and settle_s:
+                bar.update(task, description=f"waiting {settle_s:g} s for rows sealed before the rotation")
+                time.sleep(settle_s)
             try:
                 reports.append(reencrypt_table(table, _open(keyring, master_key_env), columns or None, options or None,
                                                table=name, progress=progress))  # fmt: skip
@@ -297,3 +310,4 @@ def reencrypt(
     else:
         typer.echo(f"{table}: values under old key versions were still arriving after {REENCRYPT_PASSES} passes (a "
                    "writer that has not read the rotated keyring yet): run it again before revoking", err=True)  # fmt: skip
+        raise typer.Exit(3)  # `reencrypt && revoke` must not revoke

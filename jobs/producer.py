@@ -159,7 +159,7 @@ class EventProducer:
                 out.append(None)  # type: ignore[arg-type]
             except EventContractError as e:
                 out.append(e)
-        for (i, _), delivery in zip(good, self._send_each([p for _, p in good]) if good else []):
+        for (i, _), delivery in zip(good, self._send_each([p for _, p in good], [i for i, _ in good]) if good else []):
             out[i] = delivery
         return out
 
@@ -171,13 +171,16 @@ class EventProducer:
                 raise o
         return out
 
-    def _send_each(self, prepared: list[tuple[bytes, bytes, str]]) -> list[Delivery | ProduceError]:
+    def _send_each(self, prepared: list[tuple[bytes, bytes, str]],
+                   numbers: list[int] | None = None) -> list[Delivery | ProduceError]:  # fmt: skip
         """Each event's own outcome: where it landed, or why the broker (or the client, before
-        sending: too large, no metadata in time) did not take it. One event's failure is its own."""
+        sending: too large, no metadata in time) did not take it. One event's failure is its own.
+        numbers: each event's number in the caller's list (default: its place here)."""
         from kafka.errors import KafkaError
 
         def failed(i: int, e: Exception) -> ProduceError:
-            return ProduceError(f"topic {self.topic!r}: the broker did not take event {i}: {type(e).__name__}")
+            n = numbers[i] if numbers is not None else i
+            return ProduceError(f"topic {self.topic!r}: the broker did not take event {n}: {type(e).__name__}")
 
         sent: list[Any] = []
         for i, (key, value, _) in enumerate(prepared):

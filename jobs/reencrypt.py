@@ -14,7 +14,8 @@ exactly-once positions) are table metadata and survive it. Rows another writer a
 are not in the snapshot: an overwrite only removes the files it read, so they are kept; they may
 still hold values under the old version (sealed before their writer read the rotated keyring:
 a job's commit in flight, an online replica's buffered or journaled audit rows), which is why
-`tidegate keys reencrypt` passes over the table again until a pass finds nothing stale. Any other commit meanwhile (a compaction, a replay's update)
+`tidegate keys reencrypt` passes over the table again until a pass finds nothing stale, waiting
+`--settle-s` (the writers' longest commit interval) before each. Any other commit meanwhile (a compaction, a replay's update)
 rewrote rows the snapshot holds: delta-rs does not take it for a conflict, and the overwrite would
 keep the rewritten files beside the snapshot's rows (every compacted row twice), so the write is
 refused (ReencryptConflict: run it again; pausing maintenance avoids it). The check (the snapshot's files are all
@@ -47,7 +48,7 @@ from crypto import (
 )
 from crypto.arrow import is_bytes
 from crypto.binding import binding_of
-from schemas.errors import TidegateError
+from schemas.errors import DecryptionError, KeyPermissionError, TidegateError
 
 if TYPE_CHECKING:
     from crypto.keyring import Keyring
@@ -141,11 +142,21 @@ def _reencrypt_mixed(values: pa.Array, row_ids: pa.Array | None, *, table: str, 
     version then destroyed its encrypted values. One check per value: only for such columns."""
     from crypto.format import FORMAT_VERSION, MAGIC
 
-    # Only values that start like a stored value are checked one by one (a clear column: none).
+    # Only values that start like a stored value are checked one by one (a clear column: none), and
+    # one counts as stored only if it decrypts: clear bytes can look like a header (a client's
+    # event dead-lettered as it came), and one such value must not stop the whole table's pass.
     maybe = pc.fill_null(pc.starts_with(values, pattern=MAGIC + bytes((FORMAT_VERSION,))), False)
     sealed = np.zeros(len(values), dtype=bool)
     for i in np.flatnonzero(maybe.to_numpy(zero_copy_only=False)):
-        sealed[i] = is_encrypted(values.slice(int(i), 1))
+        one = values.slice(int(i), 1)
+        if not is_encrypted(one):
+            continue
+        try:
+            decrypt_column(one, row_ids.slice(int(i), 1) if row_ids is not None else None, table=table, column=column,
+                           keyring=keyring)  # fmt: skip
+        except (DecryptionError, KeyPermissionError):  # not a value of ours: kept as the bytes it is
+            continue
+        sealed[i] = True
     if not sealed.any():
         return values, 0
     pick = pa.array(np.flatnonzero(sealed))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -201,17 +202,23 @@ def where_sql(where: str) -> str:
     return sql
 
 
-def plan_predicate(where: str | None) -> str:
-    """The UPDATE predicate of a new plan: rows no replay owns, and (checked) `where`. The ownership
-    condition stays outside the user's expression: nothing in --where can reach rows of another replay."""
-    return "replayed_by IS NULL" if where is None else f"replayed_by IS NULL AND ({where_sql(where)})"
+def plan_predicate(where: str | None, skip_runs: Sequence[str] = ()) -> str:
+    """The UPDATE predicate of a new plan: rows no replay owns, not dead-lettered again by the
+    replays in `skip_runs` (this command's resumed ones: replayed once already in it), and (checked)
+    `where`. The ownership condition stays outside the user's expression: nothing in --where can
+    reach rows of another replay."""
+    own = "replayed_by IS NULL"
+    if skip_runs:  # run ids are hex (uuid4().hex[:16]): quoted all the same
+        own += " AND run_id NOT IN ({})".format(", ".join("'{}'".format(r.replace("'", "''")) for r in skip_runs))
+    return own if where is None else f"{own} AND ({where_sql(where)})"
 
 
-def mark_plan(dl_uri: str, storage_options, replay_id: str, where: str | None, parquet=None) -> int:
+def mark_plan(dl_uri: str, storage_options, replay_id: str, where: str | None, parquet=None,
+              skip_runs: Sequence[str] = ()) -> int:  # fmt: skip
     """Plan a new replay: one Delta UPDATE sets replayed_by = replay_id on the dead-letter rows no replay
-    owns that match `where`. Returns how many rows it marked. A bad --where raises SpecError; its
-    engine error is not quoted (it can quote stored values)."""
-    predicate = plan_predicate(where)
+    owns that match `where` (and were not dead-lettered by `skip_runs`). Returns how many rows it
+    marked. A bad --where raises SpecError; its engine error is not quoted (it can quote stored values)."""
+    predicate = plan_predicate(where, skip_runs)
     try:
         marked = _update(dl_uri, storage_options, new_values={"replayed_by": replay_id}, predicate=predicate,
                          parquet=parquet)  # fmt: skip
@@ -319,10 +326,12 @@ def replay_dead_letters(spec: JobSpec, where: str | None, fixed_cluster: bool, p
 
     def replays():
         """The unfinished replays first, then (only once they are done) a new plan: a replay that
-        cannot finish stops the command before any new row is marked."""
-        for rid in _pending(dl_uri, opts):
+        cannot finish stops the command before any new row is marked. Rows those replays dead-letter
+        again are not in it: replayed once by this command already."""
+        resumed = list(_pending(dl_uri, opts))
+        for rid in resumed:
             yield rid, True
-        if mark_plan(dl_uri, opts, new_id, where, spec.sink.parquet):
+        if mark_plan(dl_uri, opts, new_id, where, spec.sink.parquet, skip_runs=resumed):
             yield new_id, False
 
     for replay_id, resumed in replays():

@@ -227,7 +227,11 @@ class _AuditBuffer:
             self._pending_bytes += _nbytes((results, dead))
         self._wake.set()
         if fut is not None:
-            await asyncio.wait_for(asyncio.shield(fut), self.ack_timeout_s)
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), self.ack_timeout_s)
+            except asyncio.TimeoutError:
+                fut.add_done_callback(_log_late_write)  # nobody awaits it now
+                raise AuditAckTimeout(fut) from None
 
     async def _write_group(self, group: list) -> None:
         """One write for a group's rows; its waiting requests are released once it landed."""
@@ -402,6 +406,19 @@ async def _body(request: Request, limit: int) -> bytes:
             raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class AuditAckTimeout(asyncio.TimeoutError):
+    """A request's audit write outran _AuditBuffer.ack_timeout_s; `write` resolves when it ends."""
+
+    def __init__(self, write: asyncio.Future):
+        super().__init__("the audit write did not end in time")
+        self.write = write
+
+
+def _log_late_write(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("an audit write whose request had been answered 503 failed (%s)", type(fut.exception()).__name__)
 
 
 def _retrieve(task: asyncio.Task) -> None:
@@ -614,6 +631,7 @@ class TidegateEndpoint:
         self.pii_rules = self.guards.pii_rules()
         self._answers = RecentAnswers(spec.serve.idempotency_cache)  # this replica's Idempotency-Key answers
         self._in_flight: dict[int, asyncio.Future] = {}
+        self._unsettled: dict[int, asyncio.Future] = {}  # offset -> its audit write, answered 503 before it ended
         self._producer = None
         self._producer_lock = asyncio.Lock()  # one producer made at a time (_kafka)
         self._metrics = _ServeMetrics(spec.name)
@@ -852,8 +870,9 @@ class TidegateEndpoint:
         key = request.headers.get("idempotency-key")
         tenant = principal.tenant if principal is not None else ""
         if not key:
-            code, body = await self._run_and_store(route, request_offset("req", uuid.uuid4().hex), work, principal,
-                                                   request_id, estimate)  # fmt: skip
+            offset = request_offset("req", uuid.uuid4().hex)
+            code, body = await self._run_and_store(route, offset, work, principal, request_id, estimate)
+            self._unsettled.pop(offset, None)  # no key: nobody retries it as the same request
             self._metrics.record(route, code, t0)
             return JSONResponse(body, status_code=code)
         offset = request_offset("idem", tenant, route, key)
@@ -895,10 +914,21 @@ class TidegateEndpoint:
                 raise
             finally:
                 answer = code_body if code_body is not None else ((code, body) if code < 500 else None)
-                fut.set_result(answer)
-                self._in_flight.pop(offset, None)
-                if holder is not None:
-                    self._finish_claim(offset, holder, answer)
+                write = self._unsettled.pop(offset, None)
+
+                def release(_=None, answer=answer, fut=fut, holder=holder) -> None:
+                    fut.set_result(answer)
+                    self._in_flight.pop(offset, None)
+                    if holder is not None:
+                        self._finish_claim(offset, holder, answer)
+
+                if write is not None and not write.done():
+                    # Answered 503 while its audit write goes on: a retry with the key (here, or on
+                    # another replica through the claim) waits for the write, then finds its rows
+                    # if it landed, instead of running the request a second time beside them.
+                    write.add_done_callback(release)
+                else:
+                    release()
             if code_body is None:
                 self._metrics.record(route, code, t0)
                 return JSONResponse(body, status_code=code)
@@ -937,6 +967,9 @@ class TidegateEndpoint:
         self._settle(principal, outcome.tokens() - estimate)
         try:
             await self.buffer.add(results, dead)
+        except AuditAckTimeout as e:  # not acknowledged; the write goes on, and its key waits for it (_answer_now)
+            self._unsettled[offset] = e.write
+            return 503, _error(503, "audit_unavailable", "the request's audit rows were not stored in time; retry")
         except Exception as e:  # noqa: BLE001 - durable ack: not stored, so not answered
             return 503, _error(503, "audit_unavailable", f"the request's audit rows could not be stored ({type(e).__name__}); retry")
         return self._render(route, results, dead, request_id)
@@ -948,8 +981,12 @@ class TidegateEndpoint:
         client got a 200 with the output while the tables said 403."""
         if not results.num_rows or self.encryption.keyring is None:
             return results, dead
-        self.encryption.refresh()
-        results, unkeyed = self.encryption.split_unkeyed(results, self.run_id)
+        try:
+            self.encryption.refresh()
+            results, unkeyed = self.encryption.split_unkeyed(results, self.run_id)
+        except Exception as e:  # noqa: BLE001 - a keyring briefly unreadable: the audit's protect splits them again
+            log.warning("could not check the request's tenant key before answering (%s)", type(e).__name__)
+            return results, dead
         if unkeyed is None:
             return results, dead
         from schemas.records import DEAD_LETTER_SCHEMA, with_columns_of

@@ -52,6 +52,10 @@ def check_cluster_keyring(spec) -> None:
     enc = spec.encryption
     if not enc.needs_keys:
         return
+    if "keyring" not in enc.model_fields_set:  # from this machine's TIDEGATE_KEYRING, or the default
+        raise SpecError("encryption.keyring: a submitted job needs its keyring's path in the spec (the cluster has "
+                        "neither your TIDEGATE_KEYRING nor the project's .tidegate/): an absolute path on storage "
+                        "every node of the cluster sees")  # fmt: skip
     path = Path(enc.keyring).expanduser()
     if not path.is_absolute() or path.resolve().is_relative_to(REPO):
         raise SpecError(f"encryption.keyring {enc.keyring!r}: a submitted job runs in a copy of the project's "

@@ -6,7 +6,9 @@ as compute.engine.EngineWorker (bench/instant_engine.py's)."""
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -20,9 +22,12 @@ FREEZE_MARKER = "freeze-the-guards"  # an output holding it holds the freezes_on
 
 
 def freezes_on_marker(candidate, seconds: float = 8.0) -> bool:
-    """A custom rule that holds its call for `seconds` on an output holding FREEZE_MARKER (a rule
-    that hangs), and passes."""
+    """A custom rule that holds its call for `seconds` on an output holding `FREEZE_MARKER:<token>`
+    (a rule that hangs), and passes. It first creates <temp dir>/<token>.frozen: the test knows
+    the call is inside the rule."""
     if FREEZE_MARKER in candidate.output:
+        token = candidate.output.split(FREEZE_MARKER + ":", 1)[1].split()[0]
+        (Path(tempfile.gettempdir()) / f"{token}.frozen").touch()
         time.sleep(seconds)
     return True
 

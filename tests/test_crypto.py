@@ -899,8 +899,11 @@ def test_reencrypt_rewrites_the_stored_values_of_a_column_that_also_holds_clear_
     taken for clear and skipped, and revoking the old version then destroyed its encrypted values."""
     uri = str(tmp_path / "results")  # the name the values are bound to (_results)
     data, _ = _results(kr, n=6)
-    clear = [json.dumps({"old": i}).encode() for i in range(3)]
-    raw = pa.array(clear + data.column("raw").to_pylist()[3:], pa.binary())
+    sealed = data.column("raw").to_pylist()
+    # Clear bytes, and one that looks like a stored value but is not ours (a client's event shaped
+    # like a header): kept as they are, not a reason to stop the table's pass.
+    clear = [json.dumps({"old": 0}).encode(), json.dumps({"old": 1}).encode(), sealed[0][:-1] + bytes([sealed[0][-1] ^ 1])]
+    raw = pa.array(clear + sealed[3:], pa.binary())
     write_deltalake(uri, data.set_column(data.schema.get_field_index("raw"), "raw", raw))
     kr.rotate("acme")
     kr.rotate("globex")
@@ -931,6 +934,49 @@ def test_cli_reencrypt(kr, tmp_path):
     assert "nothing to re-encrypt" in r.output
     r = CliRunner().invoke(app, ["keys", "reencrypt", "--table", uri, "--storage-option", "oops"], env=env)
     assert r.exit_code == 2 and "KEY=VALUE" in r.output
+
+
+def test_cli_reencrypt_exits_3_while_stale_values_still_arrive(kr, tmp_path, monkeypatch):
+    """`reencrypt && revoke` must not revoke while values under the old version are still landing:
+    the last pass still rewrote something, so the command says so and exits 3 (one pass here
+    stands for a writer still sealing under the old version). Before, it exited 0."""
+    import jobs.keys_cli
+    from jobs.cli import app
+
+    uri = str(tmp_path / "results")
+    write_deltalake(uri, _results(kr, n=4)[0])
+    kr.rotate("globex")
+    monkeypatch.setattr(jobs.keys_cli, "REENCRYPT_PASSES", 1)
+    env = {"TIDEGATE_MASTER_KEY": base64.b64encode(MASTER).decode(), "TIDEGATE_KEYRING": str(kr.path)}
+    r = CliRunner().invoke(app, ["keys", "reencrypt", "--table", uri, "--settle-s", "0.1"], env=env)
+    assert r.exit_code == 3 and "run it again before revoking" in r.output, r.output
+
+
+def test_a_keyring_shared_by_threads_reloads_while_others_read_and_rotate(kr):
+    """An online replica refreshes one keyring from its event loop, its guards' thread and its
+    audit writer's thread: reload, a key cached meanwhile and writes hold its lock (a reload's
+    copy of the key cache could meet a key being cached: "dictionary changed size")."""
+    import threading
+
+    kr.data_key("acme", 1)
+    errors: list[BaseException] = []
+
+    def reader():
+        try:
+            for _ in range(300):
+                kr.reload()
+                kr.data_key("acme", kr.current("acme"))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for _ in range(5):
+        kr.rotate("acme")
+    for t in threads:
+        t.join()
+    assert errors == [] and kr.current("acme") == 6
 
 
 def test_errors_are_tidegate_errors():

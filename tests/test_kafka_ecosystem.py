@@ -77,9 +77,10 @@ def test_send_each_answers_each_event_on_its_own_even_one_the_client_refuses(tmp
 
     spec_path = write_spec(tmp_path, producer_spec(tmp_path, broker, topic))
     with EventProducer.from_spec(spec_path, producer_config={"max_request_size": 4096}) as producer:
-        out = producer.send_each([ev(0), ev(1, question=SECRET * 400), ev(2, priority="x"), ev(3)])
-    assert [type(o).__name__ for o in out] == ["Delivery", "ProduceError", "EventContractError", "Delivery"]
-    assert isinstance(out[1], ProduceError) and "MessageSizeTooLargeError" in str(out[1]) and SECRET not in str(out[1])
+        out = producer.send_each([ev(0), ev(2, priority="x"), ev(1, question=SECRET * 400), ev(3)])
+    assert [type(o).__name__ for o in out] == ["Delivery", "EventContractError", "ProduceError", "Delivery"]
+    assert isinstance(out[2], ProduceError) and "MessageSizeTooLargeError" in str(out[2]) and SECRET not in str(out[2])
+    assert "event 2:" in str(out[2])  # its number in the request, not among the events sent
     msgs = consume_all(broker.bootstrap_servers, topic, idle_s=2)
     assert sorted(m.key().decode() for m in msgs) == ["p0000", "p0003"]
 

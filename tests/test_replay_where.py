@@ -17,6 +17,17 @@ from schemas.records import DEAD_LETTER_SCHEMA
 OTHER = "other-replay-01"
 
 
+def test_a_new_plan_leaves_out_what_the_resumed_replays_dead_lettered_again(dl_uri):
+    """dlq replay resumes unfinished replays, then plans: the rows those replays dead-lettered again
+    (run_id = their id, owned by nobody yet) were replayed once by this command already. Before, the
+    new plan took them and ran each a second time in the same command."""
+    again = {**_row("r8", "missing_variable"), "run_id": "resumed-1"}
+    write_deltalake(dl_uri, pa.Table.from_pylist([again], schema=DEAD_LETTER_SCHEMA), mode="append")
+    assert mark_plan(dl_uri, None, "new-1", None, skip_runs=["resumed-1"]) == 4  # r1 r3 r5 r6, not r8
+    assert _owners(dl_uri)["r8"] is None
+    assert mark_plan(dl_uri, None, "new-2", None) == 1  # a later command takes it
+
+
 @pytest.mark.parametrize(
     "where, runs",
     [

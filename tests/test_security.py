@@ -474,6 +474,9 @@ def test_a_submitted_job_is_told_where_the_key_is_never_the_key(tmp_path, monkey
     check_cluster_keyring(parse_spec({**data, "encryption": {"tenant": "acme", "pii": "encrypt",
                                                              "keyring": "/secrets/tidegate/keyring.json"}}))  # fmt: skip
     check_cluster_keyring(parse_spec(data))  # nothing encrypted: no keyring needed
+    monkeypatch.setenv("TIDEGATE_KEYRING", "/secrets/tidegate/keyring.json")  # this machine's, not the cluster's
+    with pytest.raises(SpecError, match="needs its keyring's path in the spec"):
+        check_cluster_keyring(parse_spec({**data, "encryption": {"tenant": "acme", "pii": "encrypt"}}))
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     assert auth_headers() is None
 

@@ -31,6 +31,10 @@ CANARY_EMAIL = "yx.canary.4410@example.org"  # sent in requests: never in an ans
 PAIR_RPM = 6  # the "pair" app's requests_per_minute
 
 
+BUILTIN_RULES = [{"rule": "deny_list", "phrases": ["forbidden"], "on_fail": "reject"},
+                 {"rule": "pii_leakage", "on_fail": "reject"}]
+
+
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory, broker):
     import ray
@@ -56,9 +60,9 @@ def endpoint(tmp_path_factory, broker):
     spec_dict = make_spec(tmp, broker, topic, tmp / "no-model", **{
         "name": "support",
         "encryption": {"keyring": str(keyring_path), "tenant_field": "customer", "output_fields": ["output_text"]},
-        "validation": [{"rule": "deny_list", "phrases": ["forbidden"], "on_fail": "reject"},
-                       {"rule": "pii_leakage", "on_fail": "reject"},
-                       {"rule": "custom", "name": "freeze", "path": "tests.serve_engines:freezes_on_marker"}],
+        # The custom rule puts this app's guards on a thread of their own (compute/online.py); the
+        # other apps keep the built-in rules only: their guards run on the event loop.
+        "validation": [*BUILTIN_RULES, {"rule": "custom", "name": "freeze", "path": "tests.serve_engines:freezes_on_marker"}],
         "serve": {"port": port, "num_cpus": 0.25, "limits": {"tokens_per_minute": 30000},
                   "request_timeout_s": 3, "idempotency_cache": 0},
         "sink.commit_interval_s": 0.2,
@@ -66,7 +70,7 @@ def endpoint(tmp_path_factory, broker):
         "source.kafka.max_message_bytes": 2**17,  # room for the token-budget test's long prompt
     })  # fmt: skip
     spec = parse_spec(spec_dict)
-    small = parse_spec({**spec_dict, "name": "small", "sink": {**spec_dict["sink"],
+    small = parse_spec({**spec_dict, "validation": BUILTIN_RULES, "name": "small", "sink": {**spec_dict["sink"],
                         "results": str(tmp / "small" / "results"), "dead_letter": str(tmp / "small" / "dead"),
                         "commit_interval_s": 600},  # with ack buffered: nothing is written before the app stops
                         "serve": {"port": port, "num_cpus": 0.25, "auth": False, "route_prefix": "/small", "ack": "buffered",
@@ -74,20 +78,20 @@ def endpoint(tmp_path_factory, broker):
                                   "idempotency_cache": 0},
                         "encryption": {}})  # fmt: skip
     # Two replicas with one request budget: the tenant's budget is the application's (serve.limits.scope).
-    pair = parse_spec({**spec_dict, "name": "pair", "sink": {**spec_dict["sink"],
+    pair = parse_spec({**spec_dict, "validation": BUILTIN_RULES, "name": "pair", "sink": {**spec_dict["sink"],
                        "results": str(tmp / "pair" / "results"), "dead_letter": str(tmp / "pair" / "dead")},
                        "serve": {"port": port, "num_cpus": 0.1, "route_prefix": "/pair", "min_replicas": 2,
                                  "max_replicas": 2, "limits": {"requests_per_minute": PAIR_RPM},
                                  # no answer kept in memory: a key's second replica finds it in the tables
                                  "idempotency_cache": 0}})  # fmt: skip
     # serve.ack journal, a 600 s commit interval: while its replica lives, rows are in its journal only.
-    journaled = parse_spec({**spec_dict, "name": "journaled", "sink": {**spec_dict["sink"],
+    journaled = parse_spec({**spec_dict, "validation": BUILTIN_RULES, "name": "journaled", "sink": {**spec_dict["sink"],
                             "results": str(tmp / "journaled" / "results"), "dead_letter": str(tmp / "journaled" / "dead"),
                             "commit_interval_s": 600},
                             "serve": {"port": port, "num_cpus": 0.1, "route_prefix": "/journaled", "ack": "journal",
                                       "journal_dir": str(tmp / "journals"), "idempotency_cache": 0}})  # fmt: skip
     # serve.ack buffered, a 600 s interval and a ~4 KiB audit backlog: full after a few requests.
-    backlog = parse_spec({**spec_dict, "name": "backlog", "sink": {**spec_dict["sink"],
+    backlog = parse_spec({**spec_dict, "validation": BUILTIN_RULES, "name": "backlog", "sink": {**spec_dict["sink"],
                           "results": str(tmp / "backlog" / "results"), "dead_letter": str(tmp / "backlog" / "dead"),
                           "commit_interval_s": 600},
                           "serve": {"port": port, "num_cpus": 0.1, "route_prefix": "/backlog", "ack": "buffered",
@@ -416,6 +420,9 @@ def test_a_tenant_whose_key_is_revoked_during_its_request_is_answered_as_stored_
     from crypto.keyring import Keyring, LocalMasterKeyProvider
 
     ev = _event("slow question for a tenant about to lose its key")
+    # Its API key checked once already (scrypt), its render quick: within the sleep below the
+    # request is in the engine's 1.5 s.
+    assert _post(endpoint, "/v1/jobs/support/invoke", _event("warm-up"), "revoked").status_code == 200
     with cf.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(_post, endpoint, "/v1/jobs/support/invoke", ev, "revoked")
         time.sleep(0.5)  # inside the engine's 1.5 s
@@ -434,9 +441,12 @@ def test_a_rule_that_holds_its_call_answers_504_and_the_replica_stays_responsive
     at once. Before, the rule ran on the event loop: nothing on the replica answered until it returned."""
     from tests.serve_engines import FREEZE_MARKER
 
+    token = f"t{uuid.uuid4().hex[:12]}"
+    inside = Path(tempfile.gettempdir()) / f"{token}.frozen"
     with cf.ThreadPoolExecutor(1) as pool:
-        frozen = pool.submit(_post, endpoint, "/v1/jobs/support/invoke", _event(f"please {FREEZE_MARKER}"))
-        time.sleep(1.0)  # the request is in its rule by now (the rule holds it 8 s)
+        frozen = pool.submit(_post, endpoint, "/v1/jobs/support/invoke", _event(f"please {FREEZE_MARKER}:{token} now"))
+        wait_for(inside.exists, 30, interval=0.05, what="the request inside its rule (held 8 s)")
+        inside.unlink()
         t0 = time.monotonic()
         health = httpx.get(endpoint["url"] + "/healthz", timeout=30)
         took = time.monotonic() - t0
