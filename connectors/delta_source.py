@@ -198,7 +198,10 @@ class DeltaSource:
         fragments = sorted(
             (f for f in dataset.get_fragments() if paths is None or f.path in paths), key=lambda f: f.path
         )
-        counts = [f.count_rows() for f in fragments]
+        try:
+            counts = [f.count_rows() for f in fragments]
+        except FileNotFoundError:
+            raise self._files_gone(version) from None
 
         def read(start: int) -> Iterator[pa.Table]:
             skip = start
@@ -243,8 +246,20 @@ class DeltaSource:
                 self.report.skipped_change_versions.append(v)
         return units
 
+    def _files_gone(self, version: int) -> SourceError:
+        """A version whose log is there and whose data files are not: vacuumed since (a job stopped
+        longer than the table's vacuum retention while it was compacted). The file is not named:
+        a partitioned table's paths hold row values."""
+        return SourceError(f"source.delta.uri {self.spec.uri!r}: a data file of version {version} is gone (vacuumed since?); "
+                           "rerun with a later source.delta.version, or keep vacuum retention longer than a job stays "
+                           "stopped")  # fmt: skip
+
     def _cdf_unit(self, version: int) -> _Unit:
-        changes = _plain_types(pa.table(self._table().load_cdf(starting_version=version, ending_version=version)))
+        try:
+            cdf = self._table().load_cdf(starting_version=version, ending_version=version)
+            changes = _plain_types(pa.table(cdf))
+        except FileNotFoundError:
+            raise self._files_gone(version) from None
         changes = changes.filter(pc.is_in(changes["_change_type"], pa.array(["insert", "update_postimage", "delete"])))
         data_cols = [c for c in changes.column_names if c not in CDF_COLUMNS]
         # A fixed order: by change type, then by the row's JSON.

@@ -28,13 +28,13 @@ import pyarrow as pa
 from kafka import KafkaConsumer
 from kafka import TopicPartition as KafkaTP
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.errors import KafkaError
+from kafka.errors import KafkaConfigurationError, KafkaError
 from kafka.future import Future
 from kafka.net.selector import KernelEvent  # kafka-python 3's sleep on its IO loop (pinned 3.0.x)
 from kafka.structs import OffsetAndMetadata
 
 from connectors.source import Lag, PartitionStatus, SourceContext, SourceStatus, partition_lag, register_source
-from schemas.errors import PartitionFencedError, SourceError, StageError
+from schemas.errors import PartitionFencedError, SourceError, SpecError, StageError
 from schemas.records import SOURCE_SCHEMA
 from schemas.spec import KafkaSourceSpec
 
@@ -156,6 +156,11 @@ class KafkaSource:
             try_ms = max(100, int(min(5.0, deadline - time.monotonic()) * 1000))
             try:
                 return KafkaConsumer(**{**config, "bootstrap_timeout_ms": try_ms})
+            except KafkaConfigurationError as e:  # a setting kafka-python refuses: no retry makes it right
+                text = str(e)  # names the keys; a value it refuses is not quoted here
+                what = text.split("Unrecognized configs:", 1)[1].strip() if "Unrecognized configs:" in text else None
+                raise SpecError("source.kafka.consumer_config: " + (f"not kafka-python KafkaConsumer settings: {what}"
+                                if what else "kafka-python refuses one of its settings")) from None  # fmt: skip
             except KafkaError as e:
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -251,6 +251,7 @@ class ResultsTopic:
 
         config = self._client_config()
         config.update(enable_auto_commit=False, group_id=None, isolation_level="read_committed",
+                      auto_offset_reset="earliest",  # retention past scan_from: read what is left, not jump to the end
                       client_id=f"tidegate-scan-{uuid.uuid4().hex[:8]}")  # fmt: skip
         consumer = KafkaConsumer(**config)
         ktps = [KTP(self.topic, k) for k in sorted(scans)]

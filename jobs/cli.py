@@ -102,7 +102,9 @@ def check(spec: Annotated[Path, typer.Argument(help="Job spec (YAML).")]) -> Non
         typer.echo(f"error: {v.ref.field}: run would refuse to import {v.ref.path}: {v.why}", err=True)
     if refused:
         raise typer.Exit(2)
-    typer.echo(yaml.safe_dump(parsed.redacted(), sort_keys=False))
+    from jobs.logs import redact_text
+
+    typer.echo(redact_text(yaml.safe_dump(parsed.redacted(), sort_keys=False)))  # URL credentials too
     typer.echo(f"# rules: {', '.join(f'{r.label} ({r.on_fail})' for r in parsed.rules) or 'none'}")
     for v in verdicts:
         typer.echo(f"# code: {v.ref.field} = {v.ref.path}: run would import it ({v.why})")

@@ -205,9 +205,12 @@ def where_sql(where: str) -> str:
 def plan_predicate(where: str | None, skip_runs: Sequence[str] = ()) -> str:
     """The UPDATE predicate of a new plan: rows no replay owns, not dead-lettered again by the
     replays in `skip_runs` (this command's resumed ones: replayed once already in it), and (checked)
-    `where`. The ownership condition stays outside the user's expression: nothing in --where can
-    reach rows of another replay."""
+    `where`; without `where`, not a Delta source's reported changes (stage source: a deleted row
+    run through the model would become a result). The ownership condition stays outside the
+    user's expression: nothing in --where can reach rows of another replay."""
     own = "replayed_by IS NULL"
+    if where is None:  # a Delta source's reported updates and deletes (stage source): reported, not run
+        own += " AND stage <> 'source'"
     if skip_runs:  # run ids are hex (uuid4().hex[:16]): quoted all the same
         own += " AND run_id NOT IN ({})".format(", ".join("'{}'".format(r.replace("'", "''")) for r in skip_runs))
     return own if where is None else f"{own} AND ({where_sql(where)})"
@@ -310,7 +313,11 @@ def replay_dead_letters(spec: JobSpec, where: str | None, fixed_cluster: bool, p
     """Run inside a Ray-initialised driver (jobs.run sets that up). progress(done, total): rows of
     the replay in flight whose results are committed (a bar, in `main`)."""
     from jobs.pipeline import JobComponents, PipelineJob
+    from schemas.trusted_code import refuse_untrusted
 
+    # The code the spec names (custom rules, output.schema, model.engine_args' classes) under the
+    # trust policy, as `run` and `serve` check it: the replay's engines and stages import it too.
+    refuse_untrusted(spec.code_refs(), spec.allowed_modules)
     if spec.sink.kind != "delta":
         raise SpecError(f"dlq replay reads and updates a Delta dead-letter table; sink.kind is {spec.sink.kind!r}")
     if where is not None:
@@ -391,6 +398,14 @@ def main(spec_path: str, where: str | None = None, address: str | None = None) -
     bar = _ProgressBar(console, "replayed rows")
     try:
         spec = load_job_spec(spec_path)
+        from schemas.trusted_code import refuse_untrusted
+
+        refuse_untrusted(spec.code_refs(), spec.allowed_modules)  # before anything starts (again in replay_dead_letters)
+        # The job's modules (and the native extensions under them: cryptography's, pyarrow's) are
+        # loaded before Ray's threads start, as `run` does. CI run 57 saw this process die of a
+        # SIGSEGV inside `import crypto` with Ray up; the cause is not proven, the order is run's.
+        import jobs.pipeline  # noqa: F401
+
         init_ray(spec, address)
         remote = address or spec.ray.address or os.environ.get("RAY_ADDRESS")
         report = replay_dead_letters(spec, where, fixed_cluster=not remote, progress=bar)

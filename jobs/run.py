@@ -307,8 +307,10 @@ def print_summary(spec: JobSpec, stats, console: Console) -> None:
         table.add_row("first commit after", f"{stats.first_commit_s:.1f} s")
     for note in stats.notes:
         table.add_row("note", note)
-    table.add_row("results table", spec.sink.results)
-    table.add_row("dead-letter table", spec.sink.dead_letter)
+    from jobs.logs import redact_text
+
+    table.add_row("results table", redact_text(spec.sink.results))  # a URI's credentials masked
+    table.add_row("dead-letter table", redact_text(spec.sink.dead_letter))
     console.print(table)
 
 

@@ -27,6 +27,7 @@ from connectors.runs import dead_by_class_json
 from connectors.sink import open_sink
 from connectors.source import source_class
 from jobs.formatting import format_value
+from jobs.logs import redact_text
 from schemas.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -132,13 +133,13 @@ def render_status(status: dict, console) -> None:
     head = Table(title=f"tidegate status: {status['job']}", show_header=False)
     head.add_column("what")
     head.add_column("value")
-    head.add_row("source", status["source_summary"])
+    head.add_row("source", redact_text(status["source_summary"]))
     if status["versions_behind"] is not None:
         head.add_row("source versions behind", _fmt(status["versions_behind"]))
     for role, info in status["tables"].items():
         state = (f"version {info['version']}, {_fmt(info.get('rows'))} rows" if info.get("version") is not None
                  else ("exists" if info["exists"] else "not created yet"))  # fmt: skip
-        head.add_row(f"{role.replace('_', '-')} table", f"{info['uri']} ({state})")
+        head.add_row(f"{role.replace('_', '-')} table", f"{redact_text(info['uri'])} ({state})")
     head.add_row("last commit", _fmt(status["last_commit_at"]))
     head.add_row("total lag", _fmt(status["lag_total"]))
     console.print(head)

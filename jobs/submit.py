@@ -20,6 +20,7 @@ the environment variable <encryption.master_key_env>_FILE of that job alone (doc
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import shutil
@@ -31,6 +32,8 @@ from schemas.errors import SpecError, TidegateError
 from schemas.spec import load_spec
 
 TOKEN_ENV = "RAY_AUTH_TOKEN"  # Ray's own variable for its token authentication
+# A stopped job's driver gets run.shutdown_timeout_s plus this before Ray kills it (its commit, its run row).
+STOP_MARGIN_S = 30
 
 
 class ClusterAuthError(TidegateError):
@@ -40,7 +43,17 @@ REPO = Path(__file__).resolve().parent.parent
 # What never travels: environments, outputs, caches, VCS data.
 # Nor the default keyring's folder (.tidegate): wrapped keys and API-key hashes stay on this machine.
 EXCLUDE = (".venv", ".git", "lake", ".cache", "__pycache__", "*.pyc", ".pytest_cache", "bench/results", "*.egg-info",
-           ".tidegate")  # fmt: skip
+           ".tidegate", "node_modules", ".hypothesis", ".ruff_cache")  # fmt: skip
+
+
+def check_cluster_tables(spec) -> None:
+    """The tables of a submitted job must be where every node, and the next run, finds them: a
+    relative path would be inside the copy of the project Ray makes for the job, and go with it
+    (the next submission would start from nothing and process every input again)."""
+    for field, uri in (("sink.results", spec.sink.results), ("sink.dead_letter", spec.sink.dead_letter)):
+        if "://" not in uri and not Path(uri).expanduser().is_absolute():
+            raise SpecError(f"{field} {uri!r}: a submitted job runs in a copy of the project's folder, so its tables "
+                            "need an absolute path on storage every node sees, or an object store URI (s3://, ...)")  # fmt: skip
 
 
 def check_cluster_keyring(spec) -> None:
@@ -112,8 +125,12 @@ def job_runtime_env(root: Path, spec, master_key_file: str | None) -> dict:
     from jobs.worker import WORKER_SETUP_HOOK
 
     env: dict = {"working_dir": str(root), "worker_process_setup_hook": WORKER_SETUP_HOOK}
-    if env_vars := job_env_vars(spec, master_key_file):
-        env["env_vars"] = env_vars
+    env_vars = job_env_vars(spec, master_key_file)
+    # `tidegate jobs stop` is a SIGTERM to the driver, which finishes and commits the batches in
+    # flight for run.shutdown_timeout_s; Ray's job supervisor (which runs with the job's runtime_env)
+    # SIGKILLs it after RAY_JOB_STOP_WAIT_TIME_S, 3 s by default: a clean stop needs that window.
+    env_vars["RAY_JOB_STOP_WAIT_TIME_S"] = str(math.ceil(spec.run.shutdown_timeout_s) + STOP_MARGIN_S)
+    env["env_vars"] = env_vars
     return env
 
 
@@ -130,6 +147,7 @@ def submit(
     spec = load_spec(spec_path)  # a bad spec fails here, before anything is shipped
     job_env_vars(spec, master_key_file)  # so does a --master-key-file the spec has no use for
     check_cluster_keyring(spec)  # and a keyring that would travel in the working dir
+    check_cluster_tables(spec)  # and tables that would
     jobs = client(address, token_env)
     root, rel = stage_working_dir(spec_path)
     try:

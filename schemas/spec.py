@@ -47,6 +47,7 @@ JOB_KAFKA_KEYS = {
     "enable_auto_commit": "the job: positions are committed in Delta", "auto_offset_reset": "source.kafka.start_from",
     "session_timeout_ms": "source.kafka.session_timeout_ms", "heartbeat_interval_ms": "source.kafka.heartbeat_interval_ms",
     "key_deserializer": "the job", "value_deserializer": "the job",
+    "max_partition_fetch_bytes": "source.kafka.max_message_bytes", "fetch_max_bytes": "source.kafka.max_message_bytes",
 }  # fmt: skip
 
 
@@ -70,6 +71,11 @@ class KafkaSecuritySpec(_Strict):
             raise ValueError(f"protocol {self.protocol} needs sasl_mechanism, sasl_username and sasl_password_env")
         if not sasl and (self.sasl_mechanism or self.sasl_username or self.sasl_password_env):
             raise ValueError(f"sasl_* settings need protocol SASL_PLAINTEXT or SASL_SSL, not {self.protocol}")
+        ssl_set = [n for n in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password_env") if getattr(self, n)]
+        if not self.ssl_check_hostname:
+            ssl_set.append("ssl_check_hostname")
+        if ssl_set and not self.protocol.endswith("SSL"):  # they would be dropped: a plaintext connection
+            raise ValueError(f"{', '.join(ssl_set)} need protocol SSL or SASL_SSL, not {self.protocol}")
         return self
 
     def client_config(self, environ: dict[str, str] | None = None) -> dict[str, Any]:
@@ -1077,13 +1083,18 @@ def _yaml_where(e: yaml.YAMLError) -> str:
 def load_spec(path: str | Path) -> JobSpec:
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError(f"cannot read job spec {p}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"invalid job spec {p}: not UTF-8 text (an invalid byte at position {e.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SpecError(f"invalid job spec {p}: not valid YAML{_yaml_where(e)}") from None
+    except ValueError as e:  # PyYAML's own conversions: an impossible date such as 2024-02-30
+        raise SpecError(f"invalid job spec {p}: a value YAML cannot read ({type(e).__name__}; a date such as "
+                        "2024-02-30?)") from None  # fmt: skip
     spec = parse_spec(data, str(p))
     spec._source_path = str(p)
     return spec

@@ -132,6 +132,19 @@ def test_start_from_latest_reads_the_positions_again_when_recording_its_start_fa
         assert got == positions.anchored == {tp: ends[tp] - 1 for tp in tps}
 
 
+def test_a_consumer_config_key_kafka_python_does_not_know_is_one_error_naming_it_at_once():
+    """Before, kafka-python's KafkaConfigurationError was taken for an unreachable broker: retried
+    for connect_timeout_s, then "no Kafka broker reachable"."""
+    from schemas.errors import SpecError
+
+    spec = KafkaSourceSpec(bootstrap_servers=["127.0.0.1:1"], topic="t", connect_timeout_s=60,
+                           consumer_config={"fetch_max_wait": 3})  # fmt: skip
+    t0 = time.monotonic()
+    with pytest.raises(SpecError, match=r"consumer_config: not kafka-python KafkaConsumer settings: .*fetch_max_wait"):
+        KafkaSource(spec, source_context()).start()
+    assert time.monotonic() - t0 < 30  # not retried for connect_timeout_s (60 s)
+
+
 def test_the_durable_embedded_broker_keeps_its_topics_across_a_kill(tmp_path):
     from connectors.broker import EmbeddedBroker
     from connectors.kafka import create_topic, produce

@@ -28,6 +28,16 @@ def test_a_new_plan_leaves_out_what_the_resumed_replays_dead_lettered_again(dl_u
     assert mark_plan(dl_uri, None, "new-2", None) == 1  # a later command takes it
 
 
+def test_a_plain_replay_leaves_a_delta_sources_reported_changes_alone(dl_uri):
+    """stage `source` rows (a Delta source's reported update or delete) are reported, not run: a
+    replay without --where leaves them (a deleted row run through the model became a result);
+    --where that names them takes them."""
+    change = _row("r9", "source_delete", stage="source")
+    write_deltalake(dl_uri, pa.Table.from_pylist([change], schema=DEAD_LETTER_SCHEMA), mode="append")
+    assert mark_plan(dl_uri, None, "plain", None) == 4 and _owners(dl_uri)["r9"] is None
+    assert mark_plan(dl_uri, None, "asked", "stage = 'source'") == 1 and _owners(dl_uri)["r9"] == "asked"
+
+
 @pytest.mark.parametrize(
     "where, runs",
     [

@@ -456,8 +456,10 @@ def test_a_submitted_job_is_told_where_the_key_is_never_the_key(tmp_path, monkey
     enc = parse_spec({**data, "encryption": {"tenant": "acme", "pii": "encrypt", "master_key_env": "ACME_KEY"}})
     env = job_runtime_env(tmp_path, enc, "/var/run/secrets/tidegate/master-key")
     hook = {"worker_process_setup_hook": "jobs.worker.setup_worker"}  # workers' log redaction, table transport
-    assert env == {"working_dir": str(tmp_path), **hook, "env_vars": {"ACME_KEY_FILE": "/var/run/secrets/tidegate/master-key"}}
-    assert job_runtime_env(tmp_path, enc, None) == {"working_dir": str(tmp_path), **hook}
+    stop = {"RAY_JOB_STOP_WAIT_TIME_S": "90"}  # run.shutdown_timeout_s (60) + 30 before Ray's SIGKILL (3 s by default)
+    assert env == {"working_dir": str(tmp_path), **hook,
+                   "env_vars": {"ACME_KEY_FILE": "/var/run/secrets/tidegate/master-key", **stop}}  # fmt: skip
+    assert job_runtime_env(tmp_path, enc, None) == {"working_dir": str(tmp_path), **hook, "env_vars": stop}
     assert MASTER.hex() not in json.dumps(env)
     with pytest.raises(SpecError, match="--master-key-file: the spec encrypts nothing"):
         job_runtime_env(tmp_path, parse_spec(data), "/k")
@@ -474,6 +476,12 @@ def test_a_submitted_job_is_told_where_the_key_is_never_the_key(tmp_path, monkey
     check_cluster_keyring(parse_spec({**data, "encryption": {"tenant": "acme", "pii": "encrypt",
                                                              "keyring": "/secrets/tidegate/keyring.json"}}))  # fmt: skip
     check_cluster_keyring(parse_spec(data))  # nothing encrypted: no keyring needed
+    # Tables too: a relative path would be inside Ray's copy of the project (gone with it).
+    from jobs.submit import check_cluster_tables
+
+    with pytest.raises(SpecError, match="sink.results 'r': a submitted job runs in a copy"):
+        check_cluster_tables(parse_spec(data))
+    check_cluster_tables(parse_spec({**data, "sink": {"results": "s3://lake/r", "dead_letter": "/data/d"}}))
     monkeypatch.setenv("TIDEGATE_KEYRING", "/secrets/tidegate/keyring.json")  # this machine's, not the cluster's
     with pytest.raises(SpecError, match="needs its keyring's path in the spec"):
         check_cluster_keyring(parse_spec({**data, "encryption": {"tenant": "acme", "pii": "encrypt"}}))

@@ -176,6 +176,26 @@ def test_run_refuses_before_starting_anything(in_repo, tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+def test_dlq_replay_refuses_untrusted_engine_args_before_starting_anything(in_repo, tmp_path, capsys):
+    """`tidegate dlq replay` runs engines and stages like `run`: the spec's code is judged first
+    (exit 2, Ray not started). Before, a replay imported model.engine_args' classes unchecked."""
+    import ray
+
+    from jobs.replay import main as replay_main, replay_dead_letters
+    from schemas.errors import SpecError
+    from schemas.spec import parse_spec
+
+    data = spec_data()
+    data["model"]["engine_args"] = {"worker_extension_cls": "os.system"}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert replay_main(str(path), None, None) == 2
+    assert "model.engine_args.worker_extension_cls: refusing to import os:system" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    with pytest.raises(SpecError, match="refusing to import os:system"):  # the function on its own too
+        replay_dead_letters(parse_spec(data), None, fixed_cluster=True)
+
+
 def test_engine_args_that_name_code_are_judged_like_rules(in_repo):
     """vLLM imports the classes some of its arguments name (a worker, a worker extension, logits
     processors, an executor, a KV connector): a spec's model.engine_args pass the same policy, and

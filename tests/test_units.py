@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pyarrow as pa
 import pytest
@@ -272,6 +273,12 @@ def test_kafka_security_settings_reach_kafka_python(tmp_path):
         ({}, {"consumer_config": {"sasl_mechanism": "PLAIN"}}, "sasl_mechanism: TLS and SASL settings go in"),
         ({}, {"consumer_config": {"group_id": "g", "enable_auto_commit": True}},
          "enable_auto_commit, group_id: set by the job (enable_auto_commit from the job: positions are committed"),
+        ({}, {"consumer_config": {"fetch_max_bytes": 10}}, "fetch_max_bytes: set by the job (fetch_max_bytes from "
+         "source.kafka.max_message_bytes)"),  # before: silently replaced
+        # TLS settings with a protocol that would drop them (before: a plaintext connection, silently)
+        ({"ssl_cafile": "ca.pem"}, {}, "ssl_cafile need protocol SSL or SASL_SSL, not PLAINTEXT"),
+        ({"protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN", "sasl_username": "u", "sasl_password_env": "E",
+          "ssl_check_hostname": False}, {}, "ssl_check_hostname need protocol SSL or SASL_SSL, not SASL_PLAINTEXT"),
     ],
 )
 def test_kafka_security_errors(security, kafka, message):
@@ -308,6 +315,20 @@ def test_a_spec_that_is_no_yaml_is_refused_by_line_and_column_without_its_text(t
     assert "SECRET" not in str(e.value) and "wJalr" not in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    (b"name: j\nsink:\n  results: /r\xff\n", "not UTF-8 text (an invalid byte at position 27)"),
+    (b"name: j\nwhen: 2024-02-30\n", "a value YAML cannot read (ValueError"),
+])  # fmt: skip
+def test_a_spec_that_is_no_utf8_or_holds_an_impossible_date_is_a_spec_error(tmp_path, content, message):
+    """Before: a UnicodeDecodeError or PyYAML's ValueError, a traceback and exit 1 (not 2)."""
+    from schemas.spec import load_spec
+
+    path = tmp_path / "job.yaml"
+    path.write_bytes(content)
+    with pytest.raises(SpecError, match=re.escape(message)):
+        load_spec(path)
+
+
 def test_check_command_prints_the_spec_masked_and_fails_on_a_bad_one(tmp_path):
     import yaml
     from typer.testing import CliRunner
@@ -315,10 +336,13 @@ def test_check_command_prints_the_spec_masked_and_fails_on_a_bad_one(tmp_path):
     from jobs.cli import app
 
     good = tmp_path / "good.yaml"
-    good.write_text(yaml.safe_dump(secure_spec({}, consumer_config={"api_key": "k-SECRET"})))
+    data = secure_spec({}, consumer_config={"api_key": "k-SECRET"})
+    data["sink"]["results"] = "abfss://user:pw-SECRET@lake.dfs.core.windows.net/results"  # credentials in a URI
+    good.write_text(yaml.safe_dump(data))
     out = CliRunner().invoke(app, ["check", str(good)])
     assert out.exit_code == 0, out.output
     assert "-SECRET" not in out.output and "api_key: '***'" in out.output
+    assert "abfss://***@lake.dfs.core.windows.net/results" in out.output
     assert "# rules: refusal (flag), pii_leakage (flag)" in out.output
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**secure_spec({}), "output": {"schema": "nowhere.mod:Model"}}))
