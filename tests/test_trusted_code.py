@@ -176,6 +176,15 @@ def test_run_refuses_before_starting_anything(in_repo, tmp_path, capsys):
     assert not ray.is_initialized()
 
 
+def _spec_with_untrusted_engine_args(tmp_path):
+    """A spec whose model.engine_args name os.system (as data, and written to spec.yaml)."""
+    data = spec_data()
+    data["model"]["engine_args"] = {"worker_extension_cls": "os.system"}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return data, path
+
+
 def test_dlq_replay_refuses_untrusted_engine_args_before_starting_anything(in_repo, tmp_path, capsys):
     """`tidegate dlq replay` runs engines and stages like `run`: the spec's code is judged first
     (exit 2, Ray not started). Before, a replay imported model.engine_args' classes unchecked."""
@@ -185,10 +194,7 @@ def test_dlq_replay_refuses_untrusted_engine_args_before_starting_anything(in_re
     from schemas.errors import SpecError
     from schemas.spec import parse_spec
 
-    data = spec_data()
-    data["model"]["engine_args"] = {"worker_extension_cls": "os.system"}
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(data))
+    data, path = _spec_with_untrusted_engine_args(tmp_path)
     assert replay_main(str(path), None, None) == 2
     assert "model.engine_args.worker_extension_cls: refusing to import os:system" in capsys.readouterr().err
     assert not ray.is_initialized()
@@ -262,9 +268,6 @@ def test_serve_refuses_untrusted_engine_args_before_deploying(in_repo, tmp_path,
     """`tidegate serve` judges the spec's code before it starts Ray or deploys anything (exit 2)."""
     from jobs.serve import main as serve_main
 
-    data = spec_data()
-    data["model"]["engine_args"] = {"worker_extension_cls": "os.system"}
-    path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump(data))
+    _, path = _spec_with_untrusted_engine_args(tmp_path)
     assert serve_main(str(path), None, False) == 2
     assert "model.engine_args.worker_extension_cls: refusing to import os:system" in capsys.readouterr().out
