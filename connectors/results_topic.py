@@ -48,6 +48,15 @@ log = logging.getLogger(__name__)
 
 TopicPartition = tuple[str, int]
 H_TOPIC, H_PARTITION, H_OFFSET = "tidegate.source_topic", "tidegate.source_partition", "tidegate.source_offset"
+H_OMITTED = "tidegate.omitted"  # columns left out (null) because the row's message was over max_message_bytes
+# What identifies a row and says what became of it: never left out of a message.
+_NEVER_OMITTED = frozenset({"id", "status", "stage", "error_class", "source_topic", "source_partition",
+                            "source_offset", "run_id", "tenant"})  # fmt: skip
+_RECORD_OVERHEAD = 128  # a record's own framing in its batch, and the batch's header, with room to spare
+
+
+def _size(key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> int:
+    return _RECORD_OVERHEAD + len(key or b"") + len(value) + sum(len(k) + len(v) for k, v in headers)
 
 
 def _json_value(v: Any) -> Any:
@@ -171,9 +180,34 @@ class ResultsTopic:
                            (H_TOPIC, tp[0].encode()), (H_PARTITION, str(tp[1]).encode()),
                            (H_OFFSET, str(row["source_offset"]).encode())]  # fmt: skip
                 key = row["id"].encode("utf-8") if row.get("id") is not None else None
-                out.append((tp, row["source_offset"], key, encode(row), headers))
+                value = encode(row)
+                if _size(key, value, headers) > self.settings.max_message_bytes:
+                    value, omitted = self._shrunk(row, encode, key, headers)
+                    headers.append((H_OMITTED, ",".join(omitted).encode()))
+                    log.warning("topic %s: the row at %s/%d/%d is over sink.topic.max_message_bytes (%d); published "
+                                "without %s (the tables hold it whole)", self.topic, tp[0], tp[1], row["source_offset"],
+                                self.settings.max_message_bytes, ", ".join(omitted))  # fmt: skip
+                out.append((tp, row["source_offset"], key, value, headers))
         out.sort(key=lambda m: (m[0], m[1]))
         return out
+
+    def _shrunk(self, row: dict, encode, key: bytes | None, headers: list) -> tuple[bytes, list[str]]:
+        """The row's message without its largest columns, largest first, until it fits
+        max_message_bytes (the identifying columns are always kept). Returns (value, omitted)."""
+        sizes = {c: len(json.dumps(v, default=_json_value)) for c, v in row.items()
+                 if c not in _NEVER_OMITTED and v is not None}  # fmt: skip
+        omitted: list[str] = []
+        thinner = dict(row)
+        value = b""
+        # headers will carry tidegate.omitted too: count a name list as long as all candidates'
+        budget = self.settings.max_message_bytes - len(H_OMITTED) - sum(len(c) + 1 for c in sizes)
+        for c in sorted(sizes, key=lambda c: (-sizes[c], c)):
+            thinner[c] = None
+            omitted.append(c)
+            value = encode(thinner)
+            if _size(key, value, headers) <= budget:
+                break
+        return value, sorted(omitted)
 
     def publish(self, results: pa.Table, dead: pa.Table, positions: Mapping[TopicPartition, int],
                 keep: Mapping[TopicPartition, set[int]] | None = None
@@ -181,7 +215,7 @@ class ResultsTopic:
         """Send these committed rows (all of them, or only the `keep` offsets) and wait for the
         broker; returns (messages sent, the marks to record with the next commit). Raises SinkError
         if the broker does not take them (the job stops; the restart publishes what is missing)."""
-        from kafka.errors import KafkaError
+        from kafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
 
         messages = self._messages(results, dead, keep)
         tx = self.settings.transactional and bool(messages)
@@ -199,6 +233,10 @@ class ResultsTopic:
                 self._next_offset[k] = max(self._next_offset.get(k, 0), md.offset + 1)
             if tx:
                 self.producer.commit_transaction()
+        except (MessageSizeTooLargeError, RecordListTooLargeError) as e:
+            raise SinkError(f"publishing to topic {self.topic!r} failed: the broker refused a message as too large "
+                            f"({type(e).__name__}): set sink.topic.max_message_bytes below the topic's "
+                            "max.message.bytes") from None  # fmt: skip
         except KafkaError as e:
             raise SinkError(f"publishing to topic {self.topic!r} failed: {type(e).__name__}: {e}") from None
         marks: dict[TopicPartition, dict[str, int]] = {}

@@ -644,6 +644,12 @@ class TopicSinkSpec(_Strict):
         default=1500, ge=100,
         description="On restart, reading back the topic's tail ends after this long without a record.",
     )  # fmt: skip
+    max_message_bytes: int = Field(
+        default=1_000_000, ge=4096, le=15 * 2**20,
+        description="A row whose message (key, value and headers) would be larger is published without its largest "
+        "columns (null), named in the header tidegate.omitted; the tables keep it whole. Keep it below the broker's "
+        "message.max.bytes (Kafka's default: 1,048,588).",
+    )  # fmt: skip
 
     @field_validator("bootstrap_servers", mode="before")
     @classmethod

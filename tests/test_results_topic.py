@@ -213,3 +213,40 @@ def test_encrypted_columns_stay_encrypted_on_the_topic(tmp_path, broker, monkeyp
                       "tenant": [r["tenant"] for r in rows], **{c: [r[c] for r in rows] for c in ROW_ID_COLUMNS}})  # fmt: skip
     clear = decrypt_table(table, open_keyring(str(keyring)), binding=binding, columns=["output_text"])
     assert set(clear.column("output_text").to_pylist()) == {f"reply to {canary}"}
+
+
+def test_a_row_over_max_message_bytes_is_published_without_its_largest_columns(tmp_path, broker):
+    """A dead letter's `raw` (base64 in JSON) or a long output can make a message larger than the
+    broker takes; before, the publish failed and every restart sent it again: the job stopped for
+    good. Now such a row is sent without its largest columns, named in tidegate.omitted, and the
+    tables keep it whole."""
+    import pyarrow as pa
+
+    from compute.prompts import dead_letter_table
+    from tests.conftest import results_table
+
+    out = f"out-{uuid.uuid4().hex[:8]}"
+    limit = 8192
+    writer = CommitWriter(parse_spec(spec_dict(tmp_path, broker, out, max_message_bytes=limit)))
+    writer.open()
+    writer.resume(TPS)
+    big_raw, long_output = b"\x01" * 20_000, "y" * 12_000
+    res = results_table([0, 1], 0, output_text=["short", long_output], output_json=[None, '{"a": 1}'])
+    dl = dead_letter_table([dict(stage="decode", error_class="too_large", error="e", source_topic="t",
+                                 source_partition=0, source_offset=2, raw=big_raw)], "r")  # fmt: skip
+    writer.write_tables(res, dl, {TPS[0]: 2}, None)
+    writer.topic.close()
+    msgs = {int(dict(m.headers())["tidegate.source_offset"]): m for m in consume_all(broker.bootstrap_servers, out)}
+    assert sorted(msgs) == [0, 1, 2]
+    for m in msgs.values():
+        assert len(m.value()) + len(m.key() or b"") + sum(len(k) + len(v) for k, v in m.headers()) <= limit
+    assert "tidegate.omitted" not in dict(msgs[0].headers()) and json.loads(msgs[0].value())["output_text"] == "short"
+    long_row, dead_row = json.loads(msgs[1].value()), json.loads(msgs[2].value())
+    assert dict(msgs[1].headers())["tidegate.omitted"] == b"output_text"
+    assert long_row["output_text"] is None and long_row["output_json"] == '{"a": 1}' and long_row["id"] == "id1"
+    assert dict(msgs[2].headers())["tidegate.omitted"] == b"raw" and dict(msgs[2].headers())["status"] == b"dead_letter"
+    assert dead_row["raw"] is None and dead_row["error_class"] == "too_large" and dead_row["source_offset"] == 2
+    # the tables hold both rows whole
+    stored = pa.table(DeltaTable(str(tmp_path / "res")).to_pyarrow_table()).to_pylist()
+    assert {r["source_offset"]: r["output_text"] for r in stored}[1] == long_output
+    assert DeltaTable(str(tmp_path / "dl")).to_pyarrow_table().column("raw").to_pylist() == [big_raw]
