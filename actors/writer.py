@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -97,6 +98,9 @@ class CommitWriter:
         # on the next commit (connectors/results_topic.py). A replay's sink does not publish.
         self.topic = None
         self._marks: dict[TopicPartition, dict[str, int]] = {}
+        # sink.topic: a repair window's dead letters (committed, results half lost in a crash) are
+        # published with the commit that covers their offsets, as if they were its own rows.
+        self._window_dead: dict[TopicPartition, pa.Table] = {}
         self._published = 0  # sent by resume(), not yet reported
         self.maintenance = spec.sink.maintenance
         self._commits = 0
@@ -131,7 +135,15 @@ class CommitWriter:
             self._published += sent  # reported with the next commit
             if sent:
                 log.warning("sink.topic %s: published %d committed row(s) a previous run had not", self.topic.topic, sent)
-        return positions, {tp: self.sink.repair_window(tp) for tp in tps}
+        windows = {tp: self.sink.repair_window(tp) for tp in tps}
+        if self.topic is not None:
+            for tp, window in windows.items():
+                if window:  # above the position, so never published: they go out with the commit past them
+                    low = positions[tp] if positions[tp] is not None else -1
+                    self._window_dead[tuple(tp)] = self.sink.rows_above(tp, low, max(window))[1]
+                else:
+                    self._window_dead.pop(tuple(tp), None)
+        return positions, windows
 
     def read_positions(self, tps: list[TopicPartition]) -> dict[TopicPartition, tuple[int | None, int | None]]:
         """(results position, dead-letter position) per partition, read only (no fence armed)."""
@@ -152,6 +164,7 @@ class CommitWriter:
         self.sink.forget(tps)
         for tp in tps:
             self._marks.pop(tuple(tp), None)
+            self._window_dead.pop(tuple(tp), None)  # the partition's next owner loads its window itself
 
     def write(self, outputs: list, positions: dict, record: dict | None) -> CommitReport:
         """outputs: object refs to the committed batches' BatchOutput objects (the driver only
@@ -182,7 +195,7 @@ class CommitWriter:
         ended_at = datetime.now(timezone.utc)
         published, self._published = self._published, 0
         if self.topic is not None and positions:  # after the commit: what a consumer reads is in the table
-            sent, marks = self.topic.publish(results, dead, positions)
+            sent, marks = self.topic.publish(results, dead, positions, also_dead=self._window_dead_through(positions))
             self._keep_marks(marks)
             published += sent
         self._maintain_if_due()
@@ -196,6 +209,24 @@ class CommitWriter:
             # informational runs table.
             self._runs_row = dict(**record, ended_at=ended_at, **totals.runs_fields())
         return CommitReport(totals, time.monotonic() - t0, ended_at, published)
+
+    def _window_dead_through(self, positions: dict) -> pa.Table | None:
+        """The repair windows' dead letters this commit's positions now cover (taken out of the
+        windows): published with the commit, so what a `published` mark covers is in the topic."""
+        parts = []
+        for tp, last in positions.items():
+            window = self._window_dead.get(tuple(tp))
+            if window is None:
+                continue
+            offsets = window.column("source_offset")
+            parts.append(window.filter(pa.compute.less_equal(offsets, last)))
+            rest = window.filter(pa.compute.greater(offsets, last))
+            if rest.num_rows:
+                self._window_dead[tuple(tp)] = rest
+            else:
+                del self._window_dead[tuple(tp)]
+        parts = [p for p in parts if p.num_rows]
+        return pa.concat_tables(parts) if parts else None
 
     def _maintain_if_due(self) -> None:
         """sink.maintenance: compact, checkpoint and vacuum every compact_every_commits commits, here

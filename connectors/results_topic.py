@@ -164,10 +164,14 @@ class ResultsTopic:
 
     # -- publish -----------------------------------------------------------------------------------
 
-    def _messages(self, results: pa.Table, dead: pa.Table, keep: Mapping[TopicPartition, set[int]] | None = None):
+    def _messages(self, results: pa.Table, dead: pa.Table, keep: Mapping[TopicPartition, set[int]] | None = None,
+                  also_dead: pa.Table | None = None):  # fmt: skip
         """(tp, source offset, key, value, headers) per row, in source-offset order per partition."""
         out = []
-        for table, encode, is_dead in ((results, self._encode_result, False), (dead, self._encode_dead, True)):
+        tables = [(results, self._encode_result, False), (dead, self._encode_dead, True)]
+        if also_dead is not None:
+            tables.append((also_dead, self._encode_dead, True))
+        for table, encode, is_dead in tables:
             if table.num_rows == 0:
                 continue
             for row in table.to_pylist():
@@ -210,14 +214,15 @@ class ResultsTopic:
         return value, sorted(omitted)
 
     def publish(self, results: pa.Table, dead: pa.Table, positions: Mapping[TopicPartition, int],
-                keep: Mapping[TopicPartition, set[int]] | None = None
+                keep: Mapping[TopicPartition, set[int]] | None = None, also_dead: pa.Table | None = None,
                 ) -> tuple[int, dict[TopicPartition, dict[str, int]]]:  # fmt: skip
         """Send these committed rows (all of them, or only the `keep` offsets) and wait for the
         broker; returns (messages sent, the marks to record with the next commit). Raises SinkError
-        if the broker does not take them (the job stops; the restart publishes what is missing)."""
+        if the broker does not take them (the job stops; the restart publishes what is missing).
+        also_dead: dead letters committed earlier that these positions now cover (a repair window)."""
         from kafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
 
-        messages = self._messages(results, dead, keep)
+        messages = self._messages(results, dead, keep, also_dead)
         tx = self.settings.transactional and bool(messages)
         try:
             if tx:

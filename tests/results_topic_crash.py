@@ -1,8 +1,9 @@
 """A commit writer that dies (SIGKILL) at a chosen point of its second publish: before it, in the
-middle of it, or after it (before the next commit records the marks). Fault injection through a
+middle of it, or after it (before the next commit records the marks); or, `between`, in its second
+commit, after the dead-letter half landed and before the results half (a repair window). Fault injection through a
 component (a ResultsTopic subclass), not a hook in production code. Used by tests/test_results_topic.py:
 
-    python -m tests.results_topic_crash SPEC.json before|middle|after
+    python -m tests.results_topic_crash SPEC.json before|middle|after|between
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ class CrashingTopic(ResultsTopic):
     mode = "before"
     calls = 0
 
-    def publish(self, results, dead, positions, keep=None):
+    def publish(self, results, dead, positions, keep=None, also_dead=None):
         self.calls += 1
         if self.calls < 2:
-            return super().publish(results, dead, positions, keep)
+            return super().publish(results, dead, positions, keep, also_dead)
         if self.mode == "before":
             os.kill(os.getpid(), signal.SIGKILL)
         if self.mode == "middle":
@@ -58,6 +59,8 @@ def main(spec_path: str, mode: str) -> None:
     writer.resume(TPS)
     for first, last in ((0, 9), (10, 19)):
         res, dl, positions = commit_rows(first, last)
+        if first and mode == "between":
+            writer.sink.results.append = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
         writer.write_tables(res, dl, positions, None)
     sys.exit(3)  # not reached: the second publish kills this process
 

@@ -117,6 +117,36 @@ def test_a_kill_around_a_publish_loses_no_row_and_repeats_none(tmp_path, broker,
     restarted.topic.close()
 
 
+def test_a_repair_windows_dead_letters_are_published_with_the_commit_that_covers_them(tmp_path, broker):
+    """Killed between the dead-letter half of a commit and its results half: the dead letters are
+    stored above the results position (the repair window), and the restarted job skips their offsets.
+    Before, nothing ever published them; now the commit that covers their offsets does."""
+    out = f"out-{uuid.uuid4().hex[:8]}"
+    spec = spec_dict(tmp_path, broker, out)
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    proc = subprocess.run([sys.executable, "-m", "tests.results_topic_crash", str(path), "between"], cwd=REPO,
+                          capture_output=True, timeout=180)  # fmt: skip
+    assert proc.returncode == -9, proc.stderr.decode()[-3000:]
+    assert len(positions_of(consume_all(broker.bootstrap_servers, out, idle_s=1.5))) == 20  # the first commit's
+
+    restarted = CommitWriter(parse_spec(spec))
+    restarted.open()
+    positions, windows = restarted.resume(TPS)
+    assert positions == {TPS[0]: 9, TPS[1]: 9} and windows == {TPS[0]: {12, 16}, TPS[1]: {12, 16}}
+    # As the pipeline does: offsets 10..19 again without the window's, then the next commit.
+    import pyarrow.compute as pc
+
+    res, no_dead = commit_rows(10, 19)[0], commit_rows(0, 0)[1].slice(0, 0)
+    first_half = pc.less_equal(res.column("source_offset"), 14)
+    restarted.write_tables(res.filter(first_half), no_dead, {tp: 14 for tp in TPS}, None)  # covers 12
+    restarted.write_tables(res.filter(pc.invert(first_half)), no_dead, {tp: 19 for tp in TPS}, None)  # and 16
+    restarted.write_tables(*commit_rows(20, 24), None)
+    got = positions_of(consume_all(broker.bootstrap_servers, out))
+    assert got == Counter({(p, o): 1 for p in (0, 1) for o in range(25)}), {k: n for k, n in got.items() if n != 1}
+    restarted.topic.close()
+
+
 def test_transactional_publishing_and_a_clean_restart_sends_nothing_again(tmp_path, broker):
     out = f"out-{uuid.uuid4().hex[:8]}"
     spec = parse_spec(spec_dict(tmp_path, broker, out, transactional=True))
