@@ -92,7 +92,9 @@ def kill(actor: Any) -> None:
 # -- state shared by the replicas of one Serve application (jobs/serve.py) -----------------------
 
 SERVE_NAMESPACE = "tidegate"
-APP_ACTOR_KINDS = ("limits", "idempotency")  # actors/limiter.py, actors/idempotency.py
+APP_ACTOR_KINDS = ("limits", "idempotency-claims")  # actors/limiter.py, actors/idempotency.py
+# Kinds of earlier versions, still removed by `serve stop`: "idempotency", the claims before stop 43.
+_FORMER_APP_ACTOR_KINDS = ("idempotency",)
 
 
 def app_actor_name(kind: str, app: str) -> str:
@@ -109,7 +111,7 @@ def app_actor(cls: Any, kind: str, app: str, *args) -> Any:
 def delete_app_actors(app: str) -> list[str]:
     """Kill the application's shared actors; the kinds it had."""
     gone = []
-    for kind in APP_ACTOR_KINDS:
+    for kind in APP_ACTOR_KINDS + _FORMER_APP_ACTOR_KINDS:
         try:
             handle = ray.get_actor(app_actor_name(kind, app), namespace=SERVE_NAMESPACE)
         except ValueError:

@@ -1,17 +1,29 @@
 """The answers kept for Idempotency-Keys, held by a replica (jobs/serve.py) and, with several
-replicas, by the application's claims actor (actors/idempotency.py).
+replicas, the claims on keys in flight, held by the application's claims actor (actors/idempotency.py).
 
     RecentAnswers(keep)
       get(key)              -> (status code, body), or None
       put(key, answer)      the first answer of a key stays; past `keep` keys the oldest is dropped
                             (keep 0: none is kept, the audit tables answer)
+    KeyClaims(keep)                          (asyncio; the actor's state and logic)
+      claim(key, holder, lease_s, wait_s)   -> None: the caller holds the key and runs the request;
+                                              AFTER_ANOTHER: it holds the key, given up by a holder
+                                              that finished with no answer kept here: look in the
+                                              audit tables before running; BUSY: another holder
+                                              still runs it after wait_s; else the first answer
+      renew(key, holder, lease_s) -> bool    the holder is alive: its claim runs lease_s from now
+                                              (False: it lapsed and is another's now)
+      finish(key, holder, answer)            the holder's answer; None when it failed on our side
 
 Keys are request offsets (compute/online.py request_offset), so no key text is held. Plain Python.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
 
 class RecentAnswers:
@@ -37,3 +49,72 @@ class RecentAnswers:
         self._answers[key] = answer
         while len(self._answers) > self.keep:
             self._answers.popitem(last=False)
+
+
+# KeyClaims.claim's answers besides a first answer and None:
+AFTER_ANOTHER = "after_another"  # the key is the caller's now; the holder before may have stored its rows
+BUSY = "busy"  # another holder, alive (renewing), still runs the request after the caller's wait_s
+
+
+@dataclass
+class _Claim:
+    holder: str
+    expires: float
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class KeyClaims:
+    """Who runs each key's request now. A holder renews its claim while it runs (its work can
+    outlast any fixed lease: a store that hangs, an audit write the answer gave up on), so a claim
+    lapses only when its holder stopped renewing, i.e. its replica died. A second request waits for
+    the holder's answer at most wait_s, then is told BUSY (the endpoint answers 409, as the IETF
+    Idempotency-Key draft does for a key whose first request is still in progress)."""
+
+    def __init__(self, keep: int):
+        self.answers = RecentAnswers(keep)
+        self._claims: dict[int, _Claim] = {}
+
+    def configure(self, keep: int) -> None:
+        """Another `keep` (a redeploy's serve.idempotency_cache): the newest answers stay."""
+        if keep != self.answers.keep:
+            kept, self.answers = self.answers, RecentAnswers(keep)
+            for key, answer in kept.items():
+                self.answers.put(key, answer)
+
+    async def claim(self, key: int, holder: str, lease_s: float, wait_s: float) -> tuple[int, dict] | str | None:
+        waited = False
+        give_up = time.monotonic() + wait_s
+        while True:
+            answer = self.answers.get(key)
+            if answer is not None:
+                return answer
+            now = time.monotonic()
+            c = self._claims.get(key)
+            if c is None or c.expires <= now or c.holder == holder:
+                self._claims[key] = _Claim(holder, now + lease_s)
+                # The holder before may have stored its rows and answered, its answer not kept
+                # here: the caller must not run the request before it looked in the tables again.
+                return AFTER_ANOTHER if waited else None
+            if now >= give_up:
+                return BUSY
+            waited = True
+            try:  # the first request is running: wait for its answer, its lease to lapse, or wait_s
+                await asyncio.wait_for(c.done.wait(), min(c.expires, give_up) - now)
+            except asyncio.TimeoutError:
+                pass
+
+    def renew(self, key: int, holder: str, lease_s: float) -> bool:
+        c = self._claims.get(key)
+        if c is None or c.holder != holder:
+            return False
+        # Waiters time their waits by the old expiry: they wake, see the claim alive, and wait again.
+        c.expires = max(c.expires, time.monotonic() + lease_s)
+        return True
+
+    def finish(self, key: int, holder: str, answer: tuple[int, dict] | None) -> None:
+        if answer is not None:
+            self.answers.put(key, answer)
+        c = self._claims.get(key)
+        if c is not None and c.holder == holder:
+            del self._claims[key]
+            c.done.set()

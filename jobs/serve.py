@@ -54,7 +54,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 
-from actors.idempotency import AFTER_ANOTHER
+from actors.idempotency import AFTER_ANOTHER, BUSY
 from compute.engine import engine_threads
 from compute.idempotency import RecentAnswers
 from compute.limits import TenantLimits
@@ -389,6 +389,10 @@ EVENTS_BODY_MESSAGES = 64
 GUARDS_STUCK_S = 60.0
 # durable/journal: a request waits at most this long past serve.request_timeout_s for its audit write.
 AUDIT_ACK_TIMEOUT_S = 60.0
+# An Idempotency-Key claim (actors/idempotency.py) lives this long unless its holder renews it, every
+# CLAIM_RENEW_S while the request runs: a replica that died frees its keys within CLAIM_LEASE_S.
+CLAIM_LEASE_S, CLAIM_RENEW_S = 60.0, 15.0
+LIMITER_TIMEOUT_S = 10.0  # the application's limiter answers an admission within this, or the request gets 503
 
 
 async def _body(request: Request, limit: int) -> bytes:
@@ -880,7 +884,7 @@ class TidegateEndpoint:
         while code_body is None and offset in self._in_flight:  # this replica runs it: wait for that
             code_body = await asyncio.shield(self._in_flight[offset])
             code_body = code_body or self._answers.get(offset)
-        holder = None
+        holder = renewal = None
         if code_body is None:
             # Registered before the first await: from here this replica's other requests with the key
             # wait on this one (None if it fails on our side: then the next of them runs it).
@@ -893,8 +897,12 @@ class TidegateEndpoint:
                 if code_body is None and self._claims is not None:  # another replica may be running it
                     claimant = uuid.uuid4().hex
                     got = await self._claim(offset, claimant)
+                    if got == BUSY:
+                        raise _Refused(409, "idempotency_key_in_use", "a request with this Idempotency-Key is "
+                                       "still running on another replica; retry later", {"Retry-After": "5"})  # fmt: skip
                     if got is None or got == AFTER_ANOTHER:
                         holder = claimant  # ours now: finished below, whatever happens
+                        renewal = asyncio.ensure_future(self._keep_claim(offset, holder))
                         if got == AFTER_ANOTHER:  # the request before may have stored its rows meanwhile
                             code_body = await self._stored_answer(route, offset)
                     else:
@@ -916,10 +924,11 @@ class TidegateEndpoint:
                 answer = code_body if code_body is not None else ((code, body) if code < 500 else None)
                 write = self._unsettled.pop(offset, None)
 
-                def release(_=None, answer=answer, fut=fut, holder=holder) -> None:
+                def release(_=None, answer=answer, fut=fut, holder=holder, renewal=renewal) -> None:
                     fut.set_result(answer)
                     self._in_flight.pop(offset, None)
                     if holder is not None:
+                        renewal.cancel()
                         self._finish_claim(offset, holder, answer)
 
                 if write is not None and not write.done():
@@ -1004,14 +1013,31 @@ class TidegateEndpoint:
             self._limits.spend.remote(principal.tenant, tokens)
 
     async def _claim(self, offset: int, holder: str) -> tuple[int, dict] | str | None:
-        """None or AFTER_ANOTHER: this request holds the key (actors/idempotency.py); else the
-        answer of the request that held it."""
-        lease_s = self.spec.serve.request_timeout_s + 60  # the generation, then the audit commit
+        """None or AFTER_ANOTHER: this request holds the key (actors/idempotency.py); BUSY: another
+        replica still runs it after the longest a request can take here; else its answer."""
+        # A holder answers within its generation's timeout and its audit write's ack timeout.
+        wait_s = self.spec.serve.request_timeout_s + (self.buffer.ack_timeout_s or 0.0) + CLAIM_RENEW_S
         try:
-            return await self._claims.claim.remote(offset, holder, lease_s)
-        except RayActorError:
-            raise _Refused(503, "idempotency_unavailable", "the application's idempotency record is restarting; retry",
-                           {"Retry-After": "1"}) from None  # fmt: skip
+            return await asyncio.wait_for(self._claims.claim.remote(offset, holder, CLAIM_LEASE_S, wait_s),
+                                          wait_s + 30)  # fmt: skip
+        except (RayActorError, asyncio.TimeoutError):
+            raise _Refused(503, "idempotency_unavailable", "the application's idempotency record is restarting or "
+                           "not answering; retry", {"Retry-After": "1"}) from None  # fmt: skip
+
+    async def _keep_claim(self, offset: int, holder: str) -> None:
+        """Renew this request's claim while it runs (cancelled when it is finished): its work can
+        outlast any fixed lease (an audit write the answer gave up on, which its key waits for), and
+        a lapsed claim would let a duplicate run beside it."""
+        while True:
+            await asyncio.sleep(CLAIM_RENEW_S)
+            try:
+                alive = await asyncio.wait_for(self._claims.renew.remote(offset, holder, CLAIM_LEASE_S), CLAIM_RENEW_S)
+            except (RayActorError, asyncio.TimeoutError) as e:  # restarting: the next round tries again
+                log.warning("Idempotency-Key claim not renewed (%s); trying again", type(e).__name__)
+                continue
+            if not alive:  # lapsed (the claims actor restarted, or this loop was held past the lease)
+                log.warning("an Idempotency-Key claim lapsed while its request ran: a duplicate may run beside it")
+                return
 
     def _finish_claim(self, offset: int, holder: str, answer: tuple[int, dict] | None) -> None:
         """Not awaited: the answer does not wait for it (the claim's waiters do)."""
@@ -1147,10 +1173,14 @@ class TidegateEndpoint:
             else:
                 ref = self._limits.admit.remote(principal.tenant, tokens)
                 try:
-                    refused = await ref
-                except asyncio.CancelledError:  # the client left: what the limiter reserved goes back
+                    refused = await asyncio.wait_for(ref, LIMITER_TIMEOUT_S)
+                except (asyncio.CancelledError, asyncio.TimeoutError) as e:
+                    # The client left, or the limiter did not answer: what it may still reserve goes back.
                     asyncio.ensure_future(self._refund_if_admitted(ref, principal.tenant, tokens))
-                    raise
+                    if isinstance(e, asyncio.CancelledError):
+                        raise
+                    raise _Refused(503, "limits_unavailable", "the application's limiter is not answering; retry",
+                                   {"Retry-After": "1"}) from None  # fmt: skip
                 except RayActorError:
                     raise _Refused(503, "limits_unavailable", "the application's limiter is restarting; retry",
                                    {"Retry-After": "1"}) from None  # fmt: skip

@@ -233,13 +233,51 @@ def test_the_claims_actor_follows_a_redeploys_idempotency_cache(local_ray):
     try:
         claims = shared_claims(app, 2)
         for key in (1, 2):
-            assert ray.get(claims.claim.remote(key, "a", 30.0)) is None
+            assert ray.get(claims.claim.remote(key, "a", 30.0, 1.0)) is None
             ray.get(claims.finish.remote(key, "a", (200, {"n": key})))
-        assert ray.get(claims.claim.remote(1, "b", 30.0)) == (200, {"n": 1})  # kept: the first answer
+        assert ray.get(claims.claim.remote(1, "b", 30.0, 1.0)) == (200, {"n": 1})  # kept: the first answer
         claims = shared_claims(app, 0)  # redeployed with idempotency_cache 0
-        assert ray.get(claims.claim.remote(2, "b", 30.0)) is None  # nothing kept any more: the caller looks in the tables
+        assert ray.get(claims.claim.remote(2, "b", 30.0, 1.0)) is None  # nothing kept any more: the caller looks in the tables
     finally:
         delete_app_actors(app)
+
+
+def test_a_renewed_claim_outlives_its_lease_and_a_waiter_is_told_busy_not_given_the_key():
+    """Before, a claim lapsed after a fixed lease even while its holder still ran (an audit write it
+    had given up acknowledging, which its key waits for): the next request with the key then took
+    the claim and ran a second time beside it. A holder now renews its claim, and a waiter waits at
+    most its wait_s, then is told BUSY (409)."""
+    import asyncio
+
+    from compute.idempotency import AFTER_ANOTHER, BUSY, KeyClaims
+
+    async def scenario():
+        claims = KeyClaims(keep=4)
+        assert await claims.claim(7, "first", 0.2, 1.0) is None
+        renewed = []
+
+        async def keep():  # the holder, alive: renews its 0.2 s lease every 0.05 s
+            while True:
+                await asyncio.sleep(0.05)
+                renewed.append(claims.renew(7, "first", 0.2))
+
+        holder = asyncio.ensure_future(keep())
+        await asyncio.sleep(0.5)  # past the lease: still the holder's
+        assert await claims.claim(7, "second", 0.2, 0.4) == BUSY  # alive past the waiter's wait: not given the key
+        assert renewed and all(renewed)
+        waiter = asyncio.ensure_future(claims.claim(7, "third", 0.2, 5.0))
+        await asyncio.sleep(0.1)
+        holder.cancel()
+        claims.finish(7, "first", (200, {"n": 1}))
+        assert await waiter == (200, {"n": 1})  # the first answer, without running
+        # A holder that stops renewing (its replica died) loses the key after its lease.
+        assert await claims.claim(8, "dead", 0.2, 1.0) is None
+        assert await claims.claim(8, "next", 0.2, 5.0) == AFTER_ANOTHER  # waited, then holds it: look in the tables
+        assert not claims.renew(8, "dead", 0.2)  # the dead one's renewal (were it alive) is refused
+        claims.finish(8, "dead", None)  # and its late finish does not release the new holder's claim
+        assert await claims.claim(8, "third", 0.2, 0.1) == BUSY
+
+    asyncio.run(scenario())
 
 
 class _TimedAudit:
@@ -397,6 +435,36 @@ def test_the_health_check_fails_a_replica_with_a_broken_engine_stuck_guards_or_a
         check(replica(busy=GUARDS_STUCK_S + 3.5))
     with pytest.raises(RuntimeError, match="journal r1.journal is unusable"):
         check(replica(journal_broken=True))
+
+
+def test_a_limiter_that_does_not_answer_is_a_503_not_a_request_that_hangs(monkeypatch):
+    """Before, a keyed request awaited the application's limiter with no limit: a limiter actor
+    stuck (not dead: a dead one is a RayActorError, answered 503) held the request for good. Now it
+    is refused after LIMITER_TIMEOUT_S, and what the limiter may still reserve is given back."""
+    import asyncio
+    from types import SimpleNamespace as NS
+
+    from jobs.serve import TidegateEndpoint, _Refused
+
+    admit = TidegateEndpoint.func_or_class._admit
+    monkeypatch.setitem(admit.__globals__, "LIMITER_TIMEOUT_S", 0.2)  # (Serve's copy of the class has its own)
+    refunds = []
+
+    async def request():
+        never = asyncio.get_running_loop().create_future()  # an admission the limiter never answers
+
+        async def refund(ref, tenant, tokens):
+            refunds.append((ref is never, tenant, tokens))
+
+        replica = NS(_limits=NS(admit=NS(remote=lambda tenant, tokens: never)), _refund_if_admitted=refund)
+        with pytest.raises(_Refused) as refused:
+            await asyncio.wait_for(admit(replica, NS(tenant="acme"), 40), 5)
+        await asyncio.sleep(0)
+        return refused.value
+
+    refused = asyncio.run(request())
+    assert (refused.code, refused.kind) == (503, "limits_unavailable") and refused.headers == {"Retry-After": "1"}
+    assert refunds == [(True, "acme", 40)]
 
 
 def test_each_local_haproxy_gets_its_own_stats_and_metrics_ports(monkeypatch):
