@@ -164,17 +164,20 @@ class DenyList(Rule):
     def __init__(self, spec: DenyListRule):
         super().__init__(spec)
         # One alternation, longest phrase first, whole words (\b only where the phrase has a word edge).
+        # Each phrase is a named group: a match is reported as the spec's phrase, never as the
+        # output's text (IGNORECASE matches look-alikes, e.g. dotless i, that casefold does not map).
         parts = []
-        for phrase in sorted(spec.phrases, key=len, reverse=True):
+        self.phrase_of: dict[str, str] = {}
+        for i, phrase in enumerate(sorted(spec.phrases, key=len, reverse=True)):
             body = r"\s+".join(re.escape(w) for w in phrase.split())
             left = r"\b" if phrase[:1].isalnum() else ""
             right = r"\b" if phrase[-1:].isalnum() else ""
-            parts.append(f"{left}{body}{right}")
+            parts.append(f"(?P<p{i}>{left}{body}{right})")
+            self.phrase_of[f"p{i}"] = phrase
         self.rx = re.compile("|".join(parts), re.IGNORECASE)
-        self.canonical = {" ".join(p.casefold().split()): p for p in spec.phrases}
 
     def check(self, c: Candidate) -> RuleResult:
-        hits = {self.canonical.get(" ".join(m.group().casefold().split()), m.group()) for m in self.rx.finditer(c.output)}
+        hits = {self.phrase_of[m.lastgroup] for m in self.rx.finditer(c.output)}
         if hits:
             return self._fail("contains denied phrase(s): " + ", ".join(repr(h) for h in sorted(hits)))
         return self._ok()

@@ -12,6 +12,7 @@ text) is written as `tgenc1:<base64url of the stored value>`; decrypt_column acc
 from __future__ import annotations
 
 import base64
+import binascii
 import os
 from collections.abc import Callable, Sequence
 from itertools import repeat
@@ -234,7 +235,11 @@ def _dearmor(values: pa.Array, table: str, column: str, rows: RowIds) -> pa.Arra
                 f"{table}.{column} row {rows.name(i)}: not a Tidegate encrypted value", table, column, rows.name(i)
             )
         b = s[len(ARMOR_PREFIX) :]
-        out.append(base64.urlsafe_b64decode(b + "=" * (-len(b) % 4)))
+        try:
+            out.append(base64.urlsafe_b64decode(b + "=" * (-len(b) % 4)))
+        except (binascii.Error, ValueError):  # truncated, or not ASCII: named, never quoted
+            raise DecryptionError(f"{table}.{column} row {rows.name(i)}: an encrypted value whose text is not "
+                                  "base64", table, column, rows.name(i)) from None  # fmt: skip
     return pa.array(out, pa.binary())
 
 

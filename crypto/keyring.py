@@ -239,7 +239,11 @@ class Keyring:
     def __init__(self, path: str | Path, provider: KeyProvider | None = None, *, _doc: dict | None = None):
         self.path = Path(path)
         self._provider = provider
-        self._keys: dict[tuple[str, int], bytes] = {}
+        # (tenant, version) -> (the wrapped key as the file held it, the data key): a cached key is
+        # used only while the file still holds that wrapped key. A version whose write failed here
+        # and was then written by another process with another key, or a file replaced, is
+        # unwrapped again, never sealed under a key no keyring holds.
+        self._keys: dict[tuple[str, int], tuple[str, bytes]] = {}
         self._stamp: tuple | None = None  # (mtime_ns, size, inode) of the file as last read
         # An online replica refreshes it from its event loop, its guards' thread and its audit
         # writer's thread: a reload, a key cached meanwhile and a write are one at a time.
@@ -381,24 +385,31 @@ class Keyring:
             with self._lock:
                 self._keys.pop((tenant, version), None)
             raise KeyRevokedError(f"key version {version} of tenant {tenant!r} is revoked", tenant, version)
-        key = self._keys.get((tenant, version))
-        if key is None:
-            key = self.provider.unwrap(base64.b64decode(e["wrapped_key"]), key_context(tenant, version))
-            if len(key) != KEY_BYTES:
-                raise KeyringError(f"key version {version} of tenant {tenant!r} is not a 256-bit key")
-            with self._lock:
-                self._keys[(tenant, version)] = key
+        cached = self._keys.get((tenant, version))
+        if cached is not None and cached[0] == e["wrapped_key"]:
+            return cached[1]
+        try:
+            wrapped = base64.b64decode(e["wrapped_key"], validate=True)
+        except (binascii.Error, ValueError):
+            raise KeyringError(f"keyring {self.path}: key version {version} of tenant {tenant!r} is not base64") from None
+        key = self.provider.unwrap(wrapped, key_context(tenant, version))
+        if len(key) != KEY_BYTES:
+            raise KeyringError(f"key version {version} of tenant {tenant!r} is not a 256-bit key")
+        with self._lock:
+            self._keys[(tenant, version)] = (e["wrapped_key"], key)
         return key
 
     # -- changing
 
     def _new_entry(self, tenant: str, version: int, provider: KeyProvider) -> dict:
         key = os.urandom(KEY_BYTES)
-        wrapped = provider.wrap(key, key_context(tenant, version))
-        self._keys[(tenant, version)] = key
+        wrapped = base64.b64encode(provider.wrap(key, key_context(tenant, version))).decode()
+        # Cached with its wrapped form: if this entry's write fails, the key is used only where the
+        # file later holds this very entry (data_key), never under another process's version.
+        self._keys[(tenant, version)] = (wrapped, key)
         return {
             "version": version,
-            "wrapped_key": base64.b64encode(wrapped).decode(),
+            "wrapped_key": wrapped,
             "created_at": _now(),
             "state": "active",
         }
@@ -548,6 +559,7 @@ class Keyring:
                 f"export: the recipient master key is this keyring's own ({self.master_key_id}); give the recipient's "
                 "key, or same_master_key=True to knowingly keep it"
             )
+        self.reload()  # the file as it is now: a version revoked since this object read it stays revoked
         for t in wanted:
             self._entries(t)  # KeyPermissionError for a tenant this keyring lacks
         doc = {"format": FORMAT, "master_key_id": self.master_key_id, "tenants": {}}
@@ -589,8 +601,8 @@ def _check_doc(doc: object, path: Path) -> None:
             raise bad(f"tenant {tenant!r} has no versions")
         seen = set()
         for e in entries:
-            if not isinstance(e, dict) or not isinstance(e.get("version"), int) or e["version"] < 1:
-                raise bad(f"tenant {tenant!r}: an entry without a positive integer version")
+            if not isinstance(e, dict) or not isinstance(e.get("version"), int) or not 1 <= e["version"] < 2**32:
+                raise bad(f"tenant {tenant!r}: an entry without a version from 1 to 2^32 - 1")
             if e["version"] in seen:
                 raise bad(f"tenant {tenant!r}: version {e['version']} listed twice")
             seen.add(e["version"])
@@ -598,6 +610,13 @@ def _check_doc(doc: object, path: Path) -> None:
                 raise bad(f"tenant {tenant!r} version {e['version']}: state must be one of {', '.join(STATES)}")
             if e["state"] != "revoked" and not isinstance(e.get("wrapped_key"), str):
                 raise bad(f"tenant {tenant!r} version {e['version']}: wrapped_key missing")
+            if e["state"] != "revoked":
+                try:
+                    base64.b64decode(e["wrapped_key"], validate=True)
+                except (binascii.Error, ValueError):
+                    raise bad(f"tenant {tenant!r} version {e['version']}: wrapped_key is not base64") from None
+            if not isinstance(e.get("created_at"), str):
+                raise bad(f"tenant {tenant!r} version {e['version']}: created_at missing")
             if not isinstance(e.get("values", 0), int) or e.get("values", 0) < 0:
                 raise bad(f"tenant {tenant!r} version {e['version']}: values must be a count")
     if not isinstance(doc.get("api_keys", {}), dict):

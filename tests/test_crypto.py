@@ -298,6 +298,11 @@ def test_flipped_bytes_and_garbage(kr):
         dec(pa.array([b'{"json": 1}', None], pa.binary()), kr)
     assert not is_encrypted(pa.array([b'{"json": 1}'], pa.binary()))
     assert not is_encrypted(pa.array([None], pa.binary())) and not is_encrypted(pa.array(["t"]))
+    # A text value with the armor prefix and a body that is not base64: named, not a bare binascii.Error.
+    for body in ("a", "zz\u00e9zz"):
+        with pytest.raises(DecryptionError, match="row orders:0:1: an encrypted value whose text is not base64") as e:
+            dec(pa.array(["tgenc1:" + enc(["x"], kr).to_pylist()[0].hex()[:4], "tgenc1:" + body]), kr)
+        assert e.value.row_id == "orders:0:1"
 
 
 def test_tenant_key_never_opens_another_tenant(kr):
@@ -429,6 +434,54 @@ def test_keyring_wrong_master_key_moved_entry_and_malformed(tmp_path, provider):
         Keyring.open(tmp_path / "bad.json", provider)
     with pytest.raises(KeyringError, match="does not exist"):
         Keyring.open(tmp_path / "missing.json", provider)
+
+
+def test_a_rotation_whose_write_failed_leaves_no_key_that_another_process_wrote_differently(tmp_path, provider,
+                                                                                            monkeypatch):  # fmt: skip
+    """Before, a new version's data key was cached before its write: when the write failed, and
+    another process then wrote that version with its own key, this object kept sealing values under
+    its own, which no keyring file holds (unreadable, and gone once the process ended)."""
+    k = Keyring.init(tmp_path / "kr.json", provider)
+    k.create_tenant("acme")
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda *a, **kw: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(OSError):
+        k.rotate("acme")
+    monkeypatch.setattr(os, "replace", real_replace)
+    Keyring.open(k.path, provider).rotate("acme")  # another process: version 2, its own key
+    k.refresh()
+    assert k.current("acme") == 2
+    assert k.data_key("acme", 2) == Keyring.open(k.path, provider).data_key("acme", 2)
+
+
+def test_an_export_from_an_old_keyring_object_keeps_a_version_revoked_since(kr, tmp_path):
+    """Before, export used the object's copy of the file: a version revoked by another process
+    since (crypto-shredding) came back, active, in the exported keyring."""
+    kr.data_key("acme", 1)  # cached here
+    other = Keyring.open(kr.path, LocalMasterKeyProvider(key=MASTER))
+    other.rotate("acme")
+    other.revoke("acme", 1)
+    sub = kr.export(tmp_path / "sub.json", ["acme"], provider=LocalMasterKeyProvider(key=b"\x07" * 32))
+    assert [v.state for v in sub.versions("acme")] == ["revoked", "active"]
+    with pytest.raises(KeyRevokedError):
+        sub.data_key("acme", 1)
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda e: e.update(wrapped_key="abc"), "tenant 'acme' version 1: wrapped_key is not base64"),
+    (lambda e: e.pop("created_at"), "tenant 'acme' version 1: created_at missing"),
+    (lambda e: e.update(version=2**32), "version from 1 to 2\\^32 - 1"),
+])  # fmt: skip
+def test_a_malformed_keyring_entry_is_refused_when_opened_naming_it(tmp_path, provider, change, why):
+    """Before, these passed the check and failed later as a bare binascii.Error mid-commit, a
+    KeyError in `keys list`, or an OverflowError at the first encryption."""
+    k = Keyring.init(tmp_path / "kr.json", provider)
+    k.create_tenant("acme")
+    doc = json.loads(k.path.read_text())
+    change(doc["tenants"]["acme"][0])
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(KeyringError, match=why):
+        Keyring.open(tmp_path / "bad.json", provider)
 
 
 def test_master_key_from_environment(monkeypatch):

@@ -109,6 +109,14 @@ def test_deny_list_whole_words_case_insensitive():
     ) == "A [removed]!"
 
 
+def test_a_deny_list_message_names_the_phrase_never_the_outputs_text():
+    """IGNORECASE matches "kıll" (dotless i) for "kill", and casefold does not map it back: the
+    message then quoted the output's own text (a value in rule_results and the dead letter)."""
+    r = check(DenyListRule(rule="deny_list", phrases=["kill", "Legal advice"]), "we kıll it; LEGAL   ADVICE here")
+    assert not r.passed and r.message == "contains denied phrase(s): 'Legal advice', 'kill'"
+    assert "kıll" not in r.message and "LEGAL" not in r.message
+
+
 @pytest.mark.parametrize(
     ("output", "message"),
     [
