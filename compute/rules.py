@@ -488,6 +488,7 @@ class OutputSchema:
 
             try:
                 parsed = self.model.model_validate(obj)
+                return parsed.model_dump_json(), parsed
             except ValidationError as e:
                 # A message may quote the value (a validator's own, a parser's words, a union's tag):
                 # pydantic's words only where they say what the schema expects, else the error type.
@@ -495,7 +496,11 @@ class OutputSchema:
                 msgs = [f"{self.path(err['loc'])}: {err['msg'] if err['type'] in kept else err['type']}"
                         for err in e.errors(include_input=False, include_context=False)]  # fmt: skip
                 raise ValueError("does not match the schema: " + "; ".join(msgs[:5])) from None
-            return parsed.model_dump_json(), parsed
+            except (RecursionError, MemoryError):
+                raise
+            except Exception as e:  # noqa: BLE001 - the model's own code (a validator that reads a key the
+                # output lacks, a serializer that fails): this output fails the rule, the job goes on
+                raise ValueError(f"does not match the schema: the schema's model raised {type(e).__name__}") from None
         errors = sorted(self._validator.iter_errors(obj), key=lambda e: [str(p) for p in e.path])
         if errors:
             msgs = [f"{self.path(e.path)}: fails {e.validator!r} {_short(e.validator_value)}" for e in errors[:5]]

@@ -120,6 +120,9 @@ class Validator:
                     text = rule.fix(Candidate(text, cand.prompt, cand.context, cand.completion_tokens, cand.finish_reason))
                 except Exception as e:  # noqa: BLE001 - a custom fix that cannot repair this output: rejected
                     return "reject", None, cand.output, f"{_violations(failed)}; {rule.name}: its fix raised {type(e).__name__}"
+                if not isinstance(text, str):  # a custom fix that forgot its return: rejected, not a stopped job
+                    return "reject", None, cand.output, (f"{_violations(failed)}; {rule.name}: its fix returned "
+                                                         f"{type(text).__name__}, not text")  # fmt: skip
                 res.message = f"{res.message} (fixed)" if res.message else "fixed"
         if text != cand.output and self.output_schema is not None:
             # A repair must not produce an output_json that violates the schema.

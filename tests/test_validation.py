@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
+from pydantic import BaseModel, model_validator
 
 from crypto.pii import find_pii, iban_ok, luhn_ok
 from compute.rules import Candidate, OutputSchema, RuleResult
@@ -600,3 +601,41 @@ def test_no_rules_keeps_every_output():
     out = v.validate(req, comp)
     assert out.action == ["keep"] * 3 and out.status == ["ok"] * 3
     assert out.rule_results.to_pylist() == [[], [], []] and out.failures == {}
+
+
+class KeyedModel(BaseModel):
+    """An output model whose own validator reads a key the output may lack (raises KeyError, which
+    pydantic passes through rather than wrapping in a ValidationError)."""
+
+    x: int
+
+    @model_validator(mode="before")
+    @classmethod
+    def _needs_x(cls, data):
+        return {"x": data["x"]}
+
+
+class ForgetfulFix:
+    """A rule whose fix forgot its return (None)."""
+
+    def check(self, candidate):
+        return "bad" not in candidate.output
+
+    def fix(self, candidate):
+        candidate.output.replace("bad", "good")
+
+
+def test_an_output_models_own_error_or_a_fix_that_returns_no_text_fails_the_row_not_the_job():
+    """Before, a KeyError from the output model's validator, or a custom fix returning None with
+    an output schema (json.loads(None)), raised out of the validation stage: the job stopped, on the
+    same row at every restart."""
+    v = Validator(base_spec(validation=[{"rule": "json_schema", "on_fail": "reject"}],
+                            output={"schema": "tests.test_validation:KeyedModel"}))  # fmt: skip
+    out = v.validate(*batch(['{"x": 1}', "{}"]))
+    assert out.action == ["keep", "reject"] and out.output_json[0] == '{"x":1}'
+    assert out.error[1] == "json_schema: does not match the schema: the schema's model raised KeyError"
+    fixing = Validator(base_spec(validation=[{"rule": "custom", "path": "tests.test_validation:ForgetfulFix",
+                                              "on_fail": "fix"}], output={"schema": "tests.test_validation:KeyedModel"}))  # fmt: skip
+    out = fixing.validate(*batch(['{"x": 2}', '{"x": 3, "bad": 1}']))
+    assert out.action == ["keep", "reject"]
+    assert out.error[1] == "custom: custom rule failed; custom: its fix returned NoneType, not text"
