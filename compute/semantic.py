@@ -61,15 +61,32 @@ class EmbeddingWorker:
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, 0), np.float32)
-        out = self.llm.embed(texts, use_tqdm=False)
+        # Past the model's context (256 tokens for all-MiniLM-L6-v2) vLLM raises for the whole
+        # call: a text that long is cut to its start instead (sentences() keeps them shorter).
+        out = self.llm.embed(texts, use_tqdm=False, tokenization_kwargs={"truncation": True})
         vecs = np.asarray([o.outputs.embedding for o in out], dtype=np.float32)
         norms = np.linalg.norm(vecs, axis=1, keepdims=True)
         return vecs / np.maximum(norms, 1e-12)
 
 
+# A "sentence" longer than this (JSON, code, a list, text whose sentences end in "。") is checked
+# as pieces of about this many characters, cut at whitespace where there is some: each piece fits
+# the embedding model's context (256 tokens is ~1,000 characters of English).
+MAX_SENTENCE_CHARS = 800
+
+
 def sentences(text: str) -> list[str]:
-    """Sentences worth checking: at least three letters or digits."""
-    return [s.strip() for s in _SENTENCE.split(text) if sum(c.isalnum() for c in s) >= 3]
+    """Sentences worth checking: at least three letters or digits; long ones in pieces."""
+    out = []
+    for s in _SENTENCE.split(text):
+        s = s.strip()
+        while len(s) > MAX_SENTENCE_CHARS:
+            cut = s.rfind(" ", MAX_SENTENCE_CHARS // 2, MAX_SENTENCE_CHARS)
+            cut = cut if cut > 0 else MAX_SENTENCE_CHARS
+            out.append(s[:cut].strip())
+            s = s[cut:].strip()
+        out.append(s)
+    return [s for s in out if sum(c.isalnum() for c in s) >= 3]
 
 
 def chunks(docs: Sequence[str], size: int) -> list[str]:

@@ -124,3 +124,11 @@ def test_semantic_similarity_of_the_real_embedding_model():
     assert not unrelated.passed and unrelated.score < 0.3, unrelated
     assert unrelated.message.startswith("2/2 sentence(s) below similarity 0.60")
     assert not empty_ctx.passed and empty_ctx.message == "no context to ground the output in"
+    # One "sentence" past the model's 256 tokens, in the output and in the context (JSON, a list,
+    # text whose sentences end in "。"): before, vLLM refused the whole embed call, and the job
+    # stopped on that row at every restart. Now it is checked in pieces.
+    long_json = '{"items": [' + ", ".join(f'"parcel {i} for order 4411 left Acme Corp"' for i in range(150)) + "]}"
+    long_ctx = [DOCS[0].replace(". ", "; ") * 30]
+    (judged,) = rule.check_batch([Candidate(long_json, context=long_ctx)])
+    assert judged.score is not None and -1 <= judged.score <= 1, judged
+    assert worker.embed(["word " * 2000]).shape == (1, 384)
