@@ -545,15 +545,90 @@ _CONTEXT_NAMES = ("attribute", "method_name", "class", "expected_schemes", "expe
                   "expected_length", "error", "tag", "context", "reason")  # fmt: skip
 
 
+# A schema's `pattern` and `patternProperties` run on the `regex` library with this limit per
+# search: Python's re cannot be stopped, so a pattern that backtracks catastrophically (an email
+# pattern with nested quantifiers, say) on an event's long string held the stage worker, and every
+# batch behind it, for good. A search that runs out of time is a violation of that keyword.
+SCHEMA_PATTERN_TIMEOUT_S = 0.1
+
+
+def _timed_search(pattern: str, text: str) -> bool | None:
+    """Whether `pattern` matches somewhere in `text`; None if the search ran out of time."""
+    import regex
+
+    try:
+        return regex.search(pattern, text, timeout=SCHEMA_PATTERN_TIMEOUT_S) is not None
+    except TimeoutError:
+        return None
+
+
+def _pattern_keyword(validator, pattern, instance, schema):
+    from jsonschema.exceptions import ValidationError
+
+    if validator.is_type(instance, "string"):
+        found = _timed_search(pattern, instance)
+        if not found:  # (messages are not shown: violations name the keyword and the path)
+            yield ValidationError("pattern search ran out of time" if found is None else "does not match the pattern")
+
+
+def _pattern_properties_keyword(validator, patterns, instance, schema):
+    from jsonschema.exceptions import ValidationError
+
+    if not validator.is_type(instance, "object"):
+        return
+    for pattern, subschema in patterns.items():
+        for k, v in instance.items():
+            found = _timed_search(pattern, k)
+            if found is None:
+                yield ValidationError("pattern search ran out of time", path=[k])
+            elif found:
+                yield from validator.descend(v, subschema, path=k, schema_path=pattern)
+
+
+def _additional_properties_keyword(validator, additional, instance, schema):
+    """jsonschema's own, with the patternProperties searches timed (they decide what is extra)."""
+    from jsonschema.exceptions import ValidationError
+
+    if not validator.is_type(instance, "object"):
+        return
+    properties, patterns = schema.get("properties", {}), list(schema.get("patternProperties", {}))
+    extras = []
+    for k in instance:
+        if k in properties:
+            continue
+        found = [_timed_search(p, k) for p in patterns]
+        if None in found:
+            yield ValidationError("pattern search ran out of time", path=[k])
+        elif not any(found):
+            extras.append(k)
+    if validator.is_type(additional, "object"):
+        for k in extras:
+            yield from validator.descend(instance[k], additional, path=k)
+    elif not additional and extras:
+        yield ValidationError(f"{len(extras)} additional properties are not allowed")
+
+
+@functools.cache
+def _validator_class():
+    import jsonschema
+
+    return jsonschema.validators.extend(jsonschema.Draft202012Validator, {
+        "pattern": _pattern_keyword, "patternProperties": _pattern_properties_keyword,
+        "additionalProperties": _additional_properties_keyword,
+    })  # fmt: skip
+
+
 def json_schema_validator(schema: dict[str, Any], field_name: str):
-    """A draft 2020-12 validator for `schema`, or SpecError naming the spec field that gave it."""
+    """A draft 2020-12 validator for `schema`, or SpecError naming the spec field that gave it.
+    `format` is checked (email, date, ipv4, ipv6, uuid, regex, ...: jsonschema's checkers for
+    the packages installed), and patterns are searched with a time limit (SCHEMA_PATTERN_TIMEOUT_S)."""
     import jsonschema
 
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as e:
         raise SpecError(f"{field_name}: not a valid JSON Schema: {e.message}") from None
-    return jsonschema.Draft202012Validator(schema)
+    return _validator_class()(schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
 
 
 def schema_path(parts, names: set[str]) -> str:

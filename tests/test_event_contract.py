@@ -96,6 +96,55 @@ def test_violations_name_field_paths_and_never_values(tmp_path):
     assert c.violations({"id": "a", "q": 2, "docs": [], "tags": [], "who": {"name": "n"}}) == []
 
 
+def test_a_schema_pattern_that_backtracks_is_a_violation_not_a_stage_held_for_good(tmp_path):
+    """A pattern with nested quantifiers on an event's long string: Python's re (jsonschema's) runs
+    for years, holding the stage worker and every batch behind it. Searched with a time limit, it is
+    a violation of `pattern` (the row is dead-lettered); patternProperties and the keys
+    additionalProperties judges by them too."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    spec = _spec(tmp_path)
+    spec["source"]["event_schema"] = {"properties": {"email": {"type": "string", "pattern": "^(a+)+$"},
+                                                     "meta": {"type": "object", "patternProperties": {"^(b+)+$": {"type": "integer"}},
+                                                              "additionalProperties": False}}}  # fmt: skip
+    base = {"id": 1, "q": "x", "docs": [], "tags": [], "who": {"name": "n"}}
+    # In a process of its own: Python's re holds the GIL, so a search that never ends would hold
+    # this test (and its timeout) too.
+    judge = ("import json, sys\n"
+             "from compute.event_contract import EventContract\n"
+             "from schemas.spec import parse_spec\n"
+             "spec, base = json.loads(sys.argv[1]), json.loads(sys.argv[2])\n"
+             "c = EventContract(parse_spec(spec))\n"
+             "print(json.dumps({'email': c.violations({**base, 'email': 'a' * 40 + '!'}),\n"
+             "                  'meta': c.violations({**base, 'meta': {'b' * 40 + '!': 1}})}))\n")  # fmt: skip
+    try:
+        proc = subprocess.run([sys.executable, "-c", judge, json.dumps(spec), json.dumps(base)], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail("the pattern search never ended")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    c = EventContract(parse_spec(spec))
+    assert got["email"] == ['email: fails \'pattern\' "^(a+)+$"']
+    assert got["meta"] and all(m.startswith("meta") for m in got["meta"]) and "!" not in "; ".join(got["meta"])
+    assert c.violations({**base, "email": "aaa", "meta": {"bb": 1}}) == []
+
+
+def test_a_schemas_format_is_checked(tmp_path):
+    """Before, `format` was not checked at all (jsonschema checks it only when given a checker)."""
+    spec = _spec(tmp_path)
+    spec["source"]["event_schema"] = {"properties": {"email": {"type": "string", "format": "email"},
+                                                     "day": {"type": "string", "format": "date"}}}  # fmt: skip
+    c = EventContract(parse_spec(spec))
+    base = {"id": 1, "q": "x", "docs": [], "tags": [], "who": {"name": "n"}}
+    assert c.violations({**base, "email": "a@example.com", "day": "2026-12-07"}) == []
+    assert sorted(c.violations({**base, "email": SECRET, "day": "2026-13-45"})) == [
+        "day: fails 'format' \"date\"", "email: fails 'format' \"email\""]
+
+
 def test_event_schema_from_a_file_and_from_a_pydantic_model(tmp_path, monkeypatch):
     (tmp_path / "events.yaml").write_text("properties:\n  priority: {type: integer}\nrequired: [priority]\n")
     (tmp_path / "event_models.py").write_text(
