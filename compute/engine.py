@@ -58,7 +58,7 @@ Done = Callable[[Any], None]  # called with the COMPLETION_SCHEMA table, or with
 
 def engine_env(model: ModelSpec) -> dict[str, str]:
     env = dict(ENGINE_ENV)
-    env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(model.kv_cache_gib)))
+    env["VLLM_CPU_KVCACHE_SPACE"] = str(int(model.kv_cache_gib))  # whole GiB (the spec checks it)
     for name in ("VLLM_CACHE_ROOT", "VLLM_LOGGING_LEVEL", "HF_HUB_OFFLINE", "OMP_NUM_THREADS"):
         if name in os.environ:
             env[name] = os.environ[name]

@@ -364,6 +364,13 @@ class PromptSpec(_Strict):
         description="Prompt for a retry after a failed rule; variables: prompt, output, violations, attempt.",
     )
 
+    @model_validator(mode="after")
+    def _system_needs_chat(self) -> PromptSpec:
+        if self.system is not None and not self.chat:
+            raise ValueError("system: only a chat prompt has a system message (chat: false sends the template as it "
+                             "is); drop system, or put its text in the template")  # fmt: skip
+        return self
+
     @field_validator("template", "repair_template")
     @classmethod
     def _compiles(cls, v: str) -> str:
@@ -387,7 +394,7 @@ class ModelSpec(_Strict):
     name: str | None = Field(default=None, description="Value of the results' `model` column; default: path.")
     max_model_len: int | None = Field(default=None, gt=0)
     dtype: str = "auto"
-    kv_cache_gib: float = Field(default=1.0, gt=0, description="KV cache size on CPU engines.")
+    kv_cache_gib: float = Field(default=1.0, gt=0, description="KV cache size on CPU engines, in whole GiB (vLLM's unit).")
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     max_num_seqs: int | None = Field(
         default=None, ge=1, description="Rows decoded together per step (vLLM's running set); default: vLLM's."
@@ -403,6 +410,13 @@ class ModelSpec(_Strict):
     @property
     def label(self) -> str:
         return self.name or self.path
+
+    @field_validator("kv_cache_gib")
+    @classmethod
+    def _whole_gib(cls, v: float) -> float:
+        if v != int(v):  # vLLM's CPU KV cache (VLLM_CPU_KVCACHE_SPACE) takes whole GiB: 0.25 was 1, 2.5 was 2
+            raise ValueError(f"must be a whole number of GiB, not {v:g}")
+        return v
 
     @field_validator("engine_args")
     @classmethod
@@ -946,6 +960,12 @@ class JobSpec(_Strict):
             raise ValueError(f"unknown SamplingParams field(s): {', '.join(unknown)}")
         if v.get("n", 1) != 1:
             raise ValueError("n must be 1: one completion per event")
+        kept_nowhere = sorted(k for k in ("logprobs", "prompt_logprobs") if v.get(k) is not None)
+        if kept_nowhere:
+            raise ValueError(f"{', '.join(kept_nowhere)}: computed and then dropped (no result column holds them); "
+                             "remove it")  # fmt: skip
+        if v.get("detokenize", True) is False:
+            raise ValueError("detokenize: false would make every output_text empty (the rules judge text)")
         # max_tokens only: `sampling: {temperature: 0.7}` keeps 64 (vLLM's own is 16, which cut most
         # answers short). The temperature is not filled in: a section with top_p but no temperature
         # has always sampled at vLLM's 1.0, and greedy would make its top_p do nothing.

@@ -60,6 +60,13 @@ def test_spec_defaults_and_parsing():
         ("pool.serve_app", "online", "pool: Value error, serve_app is only read with backend: serve"),
         ("pool", {"backend": "serve", "max_actors": 2, "tensor_parallel_size": 2, "num_gpus": 2},
          "pool: Value error, max_actors, tensor_parallel_size: size the engines a job starts; with backend: serve"),
+        # Accepted and then ignored or rounded before stop 43:
+        ("prompt", {"template": "{{ q }}", "id_field": "id", "chat": False, "system": "Be brief."},
+         "prompt: Value error, system: only a chat prompt has a system message"),
+        ("model.kv_cache_gib", 0.25, "model.kv_cache_gib: Value error, must be a whole number of GiB, not 0.25"),
+        ("sampling", {"logprobs": 5}, "sampling: Value error, logprobs: computed and then dropped"),
+        ("sampling", {"prompt_logprobs": 1}, "sampling: Value error, prompt_logprobs: computed and then dropped"),
+        ("sampling", {"detokenize": False}, "sampling: Value error, detokenize: false would make every output_text empty"),
     ],
 )
 def test_bad_spec_names_the_field(path, value, expect):
