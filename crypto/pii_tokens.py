@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -30,6 +31,8 @@ from crypto.format import (
     FORMAT_VERSION, MAGIC, NONCE_BYTES, TAG_BYTES, KeySource, OnMissingKey, b64, derive_keys, header, lp, parse_header,
 )  # fmt: skip
 from schemas.errors import DecryptionError, KeyPermissionError, KeyRevokedError
+
+log = logging.getLogger(__name__)
 
 PiiMode = Literal["encrypt", "redact", "off"]
 
@@ -238,15 +241,21 @@ def reseal_pii(
     table: str,
     column: str,
     keyring: KeySource,
+    usage: dict[tuple[str, int], int] | None = None,
 ) -> tuple[pa.Array, np.ndarray]:
     """Re-encrypt the inline PII tokens that use a key version other than their tenant's current one.
 
     returns (values with those tokens replaced, boolean mask of the rows that changed); other text,
-    escapes included, is left byte for byte. Used by re-encryption after a rotation.
+    escapes included, is left byte for byte. Used by re-encryption after a rotation. A token that
+    does not open here (text that only looks like one: an unknown tenant, a version revoked, bytes
+    that do not decrypt) is left as it is, as the reader leaves it with on_missing_key="keep": one
+    forged token must not stop a whole table's re-encryption. `usage`: (tenant, version) -> values
+    sealed, added to.
     """
     values = flat(values)
     n = len(values)
     changed = np.zeros(n, dtype=bool)
+    unopened = [0]
     found = _rows_with_pii(values, row_ids, f"{table}.{column}", "re-encrypt") if is_text(values.type) else None
     if found is None:
         return values, changed
@@ -261,17 +270,26 @@ def reseal_pii(
             if parsed is None:
                 return m.group(0)
             kind, raw, hl, tenant, version = parsed
-            current = keyring.current(tenant)
-            if version == current:
+            try:
+                current = keyring.current(tenant)
+                if version == current:
+                    return m.group(0)
+                plain = _open_pii(keyring, raw, hl, tenant, version, table, column, kind, rid, "raise")
+            except (KeyPermissionError, KeyRevokedError, DecryptionError):
+                unopened[0] += 1
                 return m.group(0)
-            plain = _open_pii(keyring, raw, hl, tenant, version, table, column, kind, rid, "raise")
             keys = derive_keys(keyring, tenant, current)
             hdr = header(tenant, current, 0)
             row_changed = True
+            if usage is not None:
+                usage[(tenant, current)] = usage.get((tenant, current), 0) + 1
             return _PiiSealer(keys.gcm, hdr, hdr + lp(table), column, rid.encode(), plain)(0, len(plain), kind)
 
         texts[i] = _PII_TOKEN_RE.sub(sub, texts[i])
         changed[i] = row_changed
+    if unopened[0]:
+        log.warning("%s.%s: %d text(s) shaped like a PII token did not open here; left as they are",
+                    table, column, unopened[0])  # fmt: skip
     return pa.array(texts, pa.string()), changed
 
 

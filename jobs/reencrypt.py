@@ -48,7 +48,7 @@ from crypto import (
 )
 from crypto.arrow import is_bytes
 from crypto.binding import binding_of
-from schemas.errors import DecryptionError, KeyPermissionError, TidegateError
+from schemas.errors import DecryptionError, KeyPermissionError, KeyRevokedError, TidegateError
 
 if TYPE_CHECKING:
     from crypto.keyring import Keyring
@@ -79,19 +79,24 @@ def reencrypt_values(
     table: str,
     column: str,
     keyring: KeySource,
+    pii: bool = True,
+    usage: dict[tuple[str, int], int] | None = None,
 ) -> tuple[pa.Array, int]:
     """Rewrite the stale values of one column (pure): returns (new column, rows rewritten).
 
     values  an encrypted binary column, or a text column that may hold inline PII tokens
+    pii     whether the column may hold inline PII tokens (the table binding's pii_columns: the
+            only columns the encryption stage writes tokens into); elsewhere "[PII:" is text
+    usage   (tenant, version) -> values sealed, added to (the keyring's counters)
     """
     values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
     n = len(values)
     if not is_encrypted(values):
-        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-            new, changed = reseal_pii(values, row_ids, table=table, column=column, keyring=keyring)
+        if pii and (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+            new, changed = reseal_pii(values, row_ids, table=table, column=column, keyring=keyring, usage=usage)
             return (new.cast(values.type), int(changed.sum())) if changed.any() else (values, 0)
         if is_bytes(values.type):
-            return _reencrypt_mixed(values, row_ids, table=table, column=column, keyring=keyring)
+            return _reencrypt_mixed(values, row_ids, table=table, column=column, keyring=keyring, pii=pii, usage=usage)
         return values, 0
     stale = np.zeros(n, dtype=bool)
     current: dict[str, int] = {}
@@ -103,8 +108,8 @@ def reencrypt_values(
             stale[idx] = True
     # text values may hold inline PII tokens: look inside them all (a fresh outer value can wrap stale tokens)
     clear = decrypt_column(values, row_ids, table=table, column=column, keyring=keyring)
-    if pa.types.is_string(clear.type):
-        resealed, changed = reseal_pii(clear, row_ids, table=table, column=column, keyring=keyring)
+    if pii and pa.types.is_string(clear.type):
+        resealed, changed = reseal_pii(clear, row_ids, table=table, column=column, keyring=keyring, usage=usage)
         if changed.any():
             clear, stale = resealed, stale | changed
     if not stale.any():
@@ -121,6 +126,10 @@ def reencrypt_values(
         if not len(pick):
             continue
         take = pa.array(pick)
+        if usage is not None:
+            for tenant in owner[pick]:
+                key = (tenant, current[tenant] if tenant in current else keyring.current(tenant))
+                usage[key] = usage.get(key, 0) + 1
         fresh = encrypt_column(
             clear.take(take),
             row_ids.take(take) if row_ids is not None else None,
@@ -135,7 +144,7 @@ def reencrypt_values(
 
 
 def _reencrypt_mixed(values: pa.Array, row_ids: pa.Array | None, *, table: str, column: str,
-                     keyring: KeySource) -> tuple[pa.Array, int]:  # fmt: skip
+                     keyring: KeySource, pii: bool, usage: dict | None) -> tuple[pa.Array, int]:  # fmt: skip
     """A binary column some of whose values are stored values and some clear bytes (dead-letter
     `raw` from before `dead_letter_raw` was turned on): the stored ones are re-encrypted, the clear
     ones kept. Before, the whole column was taken for clear and skipped, and revoking the old
@@ -154,14 +163,14 @@ def _reencrypt_mixed(values: pa.Array, row_ids: pa.Array | None, *, table: str, 
         try:
             decrypt_column(one, row_ids.slice(int(i), 1) if row_ids is not None else None, table=table, column=column,
                            keyring=keyring)  # fmt: skip
-        except (DecryptionError, KeyPermissionError):  # not a value of ours: kept as the bytes it is
+        except (DecryptionError, KeyPermissionError, KeyRevokedError):  # not ours, or cannot tell: kept as the bytes it is
             continue
         sealed[i] = True
     if not sealed.any():
         return values, 0
     pick = pa.array(np.flatnonzero(sealed))
     fresh, rewritten = reencrypt_values(values.take(pick), row_ids.take(pick) if row_ids is not None else None,
-                                        table=table, column=column, keyring=keyring)  # fmt: skip
+                                        table=table, column=column, keyring=keyring, pii=pii, usage=usage)  # fmt: skip
     if not rewritten:
         return values, 0
     return pc.replace_with_mask(values, pa.array(sealed), fresh.cast(values.type)), rewritten
@@ -213,8 +222,10 @@ def reencrypt_table(
     report = ReencryptReport(table=label, read_version=dt.version(), written_version=None)
     steps = len(targets) + 2  # read, each column, write
     step("read", 1, steps)
+    usage: dict[tuple[str, int], int] = {}
     for i, c in enumerate(targets, start=2):
-        new, count = reencrypt_values(data.column(c), row_ids, table=label, column=c, keyring=keyring)
+        new, count = reencrypt_values(data.column(c), row_ids, table=label, column=c, keyring=keyring,
+                                      pii=c in binding.pii_columns, usage=usage)  # fmt: skip
         if count:
             data = data.set_column(names.index(c), data.schema.field(c), new)
             report.rows_rewritten[c] = count
@@ -228,6 +239,10 @@ def reencrypt_table(
     from schemas.spec import ParquetSpec
 
     partitions = dt.metadata().partition_columns
+    if usage and callable(getattr(keyring, "record_usage", None)):
+        # Counted before the write (a write that fails over-counts, the safe way): the values sealed
+        # here count toward rotate_after_values like the job's own (before stop 43 they did not).
+        keyring.record_usage(usage)
     _no_rewrite_since(DeltaTable(uri, storage_options=storage_options), dt, report.read_version, uri)
     try:
         write_deltalake(

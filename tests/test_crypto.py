@@ -850,6 +850,38 @@ def _token_headers(texts):
             yield kind, raw, (raw[6 : 6 + n].decode(), int.from_bytes(raw[6 + n : 10 + n], "big"))
 
 
+def test_reencrypt_leaves_text_shaped_like_a_pii_token_and_counts_what_it_seals(kr, tmp_path):
+    """An event's id or a clear input field holding "[PII:...]" text (producers are untrusted), or a
+    forged token inside a PII column: before, re-encryption tried to open them all, and one that did
+    not open stopped every pass (rotate, re-encrypt, revoke could not finish). Tokens are only
+    looked for in the binding's PII columns now, and one that does not open is left as it is. The
+    values a pass seals count toward the keyring's per-version limit (before, they did not)."""
+    uri = str(tmp_path / "results")
+    data, _ = _results(kr, n=4)
+    ids = row_ids_from(data)
+    clear_text = decrypt_column(data.column("output_text"), ids, table=T, column="output_text", keyring=kr)
+    token = re.search(r"\[PII:\w+:[\w-]+\]", clear_text[0].as_py()).group(0)
+    forged = token[:-6] + ("A" if token[-6] != "A" else "B") + token[-5:]  # acme v1, does not decrypt
+    data = data.set_column(data.schema.get_field_index("id"), "id", pa.array([forged, "e1", "e2", "e3"]))
+    data = data.append_column("summary", pa.array([f"note {forged}", None, "plain", forged]))
+    write_deltalake(uri, data)
+    kr.rotate("acme")
+    report = reencrypt_table(uri, kr)
+    assert report.rows_rewritten == {"output_text": 1, "user_email": 2, "raw": 2}  # acme: rows 0 and 2 (2 has no text)
+    after = pl.read_delta(uri).sort("source_offset")
+    assert after["id"][0] == forged and after["summary"].to_list() == [f"note {forged}", None, "plain", forged]
+    kr.reload()
+    # 2 values in each of 3 columns, and the PII tokens inside acme's output texts, under version 2
+    tokens = sum(len(re.findall(r"\[PII:", t or "")) for t in clear_text.to_pylist()[0::2])
+    assert kr.usage("acme")[2] == 5 + tokens and tokens > 0
+    # A forged token inside a PII column is left as it is; a real stale one beside it is resealed.
+    from jobs.reencrypt import reencrypt_values
+
+    mixed = pa.array([f"{token} and {forged}"])
+    new, changed = reencrypt_values(mixed, ids.slice(0, 1), table=T, column="output_text", keyring=kr)
+    assert changed == 1 and forged in new[0].as_py() and token not in new[0].as_py()
+
+
 def test_reencrypt_revoked_version_refuses(kr, tmp_path):
     uri = str(tmp_path / "results")
     data, _ = _results(kr, n=2)
