@@ -301,6 +301,9 @@ class PipelineJob:
             while self._busy and (deadline is None or time.monotonic() < deadline):
                 self._pump(0.5 if deadline is None else min(0.5, max(0.0, deadline - time.monotonic())))
                 self._land_commit()
+                # The completed prefix now, not after the drain: a straggler that outlives the
+                # deadline would otherwise take every finished batch behind it down with it.
+                self._maybe_commit(force=True)
                 if keep_membership:
                     self.source.keepalive()
             if self._busy:

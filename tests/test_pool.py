@@ -143,6 +143,33 @@ def test_a_row_that_hangs_the_engine_is_isolated_and_dead_lettered(tmp_path, bro
     assert re.search(r"an engine did not answer for \d+s: restarting it", log)
 
 
+def test_a_stop_commits_the_finished_batches_while_a_straggler_outlives_the_deadline(tmp_path, broker, topic,
+                                                                                      tiny_model, job_processes):  # fmt: skip
+    """SIGTERM while the last batch hangs at the engine, and no commit due (commit_interval_s 600):
+    the drain waits for it up to run.shutdown_timeout_s. Before, the finished batches were only
+    committed after the drain, whose deadline had passed by then, so none was: every rebalance or
+    stop with one straggler redid the whole window. Now they are committed while it waits."""
+    n = 20
+    send(broker, topic, (event(i) for i in range(n)))
+    spec = make_spec(
+        tmp_path, broker, topic, tiny_model,
+        **{"pool.batch_size": 2, "sink.commit_interval_s": 600, "run.shutdown_timeout_s": 6},
+    )  # fmt: skip
+    job = job_processes(write_spec(tmp_path, spec), module="tests.job_runner", until_drained=False,
+                        extra_args=("--hang-on", "STUCK-PILL", "--instant-engine"))  # fmt: skip
+    wait_for(lambda: "partitions assigned" in job.log() or job.proc.poll() is not None, 300, what="the job reading")
+    assert job.proc.poll() is None, job.log()[-3000:]
+    time.sleep(15)  # the instant engine answers the 20 events in well under a second once they are read
+    send(broker, topic, [event(777, question="STUCK-PILL")])
+    time.sleep(5)
+    assert table_rows(spec["sink"]["results"]) == 0  # no commit due yet
+    job.proc.send_signal(signal.SIGTERM)
+    assert job.wait(180) == 0, job.log()[-4000:]
+    ids = pl.read_delta(spec["sink"]["results"])["id"].to_list()
+    assert sorted(ids) == sorted(f"e{i:06d}" for i in range(n)), job.log()[-3000:]
+    assert "abandoning 1 batch(es) still in flight" in job.log()
+
+
 def test_a_slow_sink_slows_consumption_and_bounds_what_is_in_flight(tmp_path, broker, topic, tiny_model, job_processes):
     """Backpressure: with every commit taking 1 s (tests/job_runner.py), the job reads only as fast as it commits."""
     n, batch = 600, 32
