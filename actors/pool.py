@@ -37,7 +37,7 @@ import pyarrow as pa
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from actors.remote import cause, first_line
+from actors.remote import actor_restarts, cause, first_line
 from compute.engine import EngineWorker, engine_env, engine_threads
 from schemas.errors import EngineBroken, EngineError
 from schemas.records import COMPLETION_SCHEMA
@@ -68,6 +68,7 @@ class _Slot:
     extra: int = 0  # batches beyond batches_in_flight its engine had room for
     room: Any = None  # the room() call waiting on its engine, if any
     killed_pid: int | None = None  # the engine process the pool last restarted (EngineBroken)
+    restarts: int = 0  # Ray's restart count of its actor, as last read (a crash Ray restarted it from)
 
 
 @dataclass
@@ -504,11 +505,31 @@ class EnginePool:
             ping, sent = slot.probe
             if ray.wait([ping], timeout=0)[0]:
                 slot.probe = None
+            elif now - sent > self.spec.pool.stuck_after_s and self._reloading(slot, now):
+                slot.probe = (ping, now)  # a new process loading the model answers nothing yet: not stuck
             elif now - sent > self.spec.pool.stuck_after_s:
                 log.warning("an engine did not answer for %.0fs: restarting it", now - sent)
                 ray.kill(slot.actor, no_restart=False)
+                slot.restarts += 1  # ours: not one to report as Ray's (_reloading)
                 slot.probe = None
                 slot.ready_at = now + self._restart_grace_s
+
+    def _reloading(self, slot: _Slot, now: float) -> bool:
+        """Whether Ray restarted this engine's actor since the pool last looked (a crash: Ray
+        restarts it and runs its calls again) or is restarting it now. If so its calls' clocks start
+        again from now: the model's reload is not the batches' time. Asked only of a call past its
+        limit, or an engine that does not answer its probe (one GCS lookup)."""
+        seen = actor_restarts(slot.actor)
+        if seen is None:
+            return False
+        restarting, restarts = seen
+        if not restarting and restarts == slot.restarts:
+            return False
+        if restarts != slot.restarts:
+            log.warning("an engine was restarted by Ray (restart %d); its batches run again", restarts)
+        slot.restarts = restarts
+        slot.ready_at = max(slot.ready_at, now)
+        return True
 
     def _restart_broken(self, call: _Call, err: Exception) -> None:
         """A step of this call's engine raised: the engine stays in no known state and would fail
@@ -521,6 +542,7 @@ class EnginePool:
             return  # a Serve replica is replaced by Serve (check_health); this process is already going
         log.warning("an engine failed a step: restarting it (%s)", first_line(cause(err)))
         ray.kill(slot.actor, no_restart=False)
+        slot.restarts += 1  # ours: not one to report as Ray's (_reloading)
         slot.killed_pid = pid
         slot.ready_at = time.monotonic() + self._restart_grace_s
 
@@ -534,7 +556,7 @@ class EnginePool:
             return
         for ref, call in list(self._pending.items()):
             started = max(call.sent, call.slot.ready_at)
-            if now - started <= limit:
+            if now - started <= limit or self._reloading(call.slot, now):
                 continue
             del self._pending[ref]
             self._done(call)

@@ -77,6 +77,19 @@ def wait_ready(refs: list, timeout_s: float) -> set:
     return set(ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=True)[0])
 
 
+def actor_restarts(actor: Any) -> tuple[bool, int] | None:
+    """(restarting now, restarts so far) of an actor, from Ray's GCS actor table (one lookup);
+    None if it cannot be read. "Restarting" covers a new process still running the actor's
+    constructor (an engine reloading its model): such an actor answers nothing, and is not stuck."""
+    try:
+        from ray._private import state  # the GCS table itself: no dashboard needed
+
+        info = state.actors(actor_id=actor._actor_id.hex())
+        return info["State"] in ("RESTARTING", "PENDING_CREATION", "DEPENDENCIES_UNREADY"), int(info.get("NumRestarts", 0))
+    except Exception:  # noqa: BLE001 - a hint only: the caller keeps its own clocks without it
+        return None
+
+
 def put(value: Any) -> ray.ObjectRef:
     return ray.put(value)
 

@@ -283,3 +283,57 @@ def test_tensor_parallel_engines_get_a_packed_placement_group_each(tmp_path):
     finally:
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_an_engine_ray_restarts_after_a_crash_is_given_its_reload_not_cancelled_as_hung(tmp_path):
+    """A crash Ray restarts an engine from (its calls run again, max_task_retries): the pool did
+    not know, so the model's reload counted against pool.batch_timeout_s, and the calls were
+    cancelled as hung (and their rows quarantined) while the engine was still loading. The pool now
+    reads the actor's restarts from Ray's actor table when a call is over its time: a restart
+    starts the calls' clocks again. An actor whose constructor sleeps stands in for the reload."""
+    import ray
+
+    from actors.pool import EnginePool, _Call, _Slot
+    from actors.remote import actor_restarts
+    from schemas.spec import parse_spec
+
+    marker = tmp_path / "started-once"
+
+    @ray.remote(max_restarts=-1, num_cpus=0)
+    class Reloading:
+        def __init__(self, marker: str):
+            if os.path.exists(marker):
+                time.sleep(8)  # the reload after a crash
+            open(marker, "w").close()
+
+        def ping(self) -> int:
+            return os.getpid()
+
+        def crash(self) -> None:
+            os._exit(70)
+
+    spec = parse_spec(make_spec(tmp_path, None, "t", tmp_path / "no-model", **{"source": {"kafka": {"topic": "t"}},
+                                                                              "pool.batch_timeout_s": 2}))  # fmt: skip
+    ray_tmp = tempfile.mkdtemp(prefix="tgray", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_tmp, object_store_memory=80 * 2**20)
+    try:
+        pool = EnginePool(spec)
+        actor = Reloading.remote(str(marker))
+        ray.get(actor.ping.remote(), timeout=60)
+        slot = _Slot(actor)
+        pool.slots = [slot]
+        assert actor_restarts(actor) == (False, 0)
+        actor.crash.remote()
+        wait_for(lambda: actor_restarts(actor) == (True, 1), 20, interval=0.2, what="the actor restarting")
+        # A call sent 10 s ago (over the 2 s limit), the engine reloading since its crash:
+        ref = actor.ping.remote()
+        pool._pending[ref] = _Call(slot, part=None, counts=ref, sent=time.monotonic() - 10)
+        pool._check_hangs()
+        assert ref in pool._pending  # not cancelled as hung
+        assert slot.restarts == 1 and slot.ready_at > time.monotonic() - 5  # its clock starts again
+        pool._check_hangs()  # seen: the next check within the limit asks nothing
+        assert ref in pool._pending
+        pool._pending.clear()
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
