@@ -41,7 +41,7 @@ from connectors.results_topic import ResultsTopic
 from connectors.sink import Sink, adopt_stored_twin, open_sink
 from crypto.stage import EncryptionStage
 from schemas.errors import SpecError, StageError
-from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA, with_columns_of
+from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA
 from schemas.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -180,10 +180,9 @@ class CommitWriter:
             raise WriterRestarted("the commit writer was restarted since the positions were read")
         t0 = time.monotonic()
         enc = self.encryption
-        enc.refresh()  # a rotation or revocation made since the last commit applies to this one
-        results, unkeyed = enc.split_unkeyed(results, (record or {}).get("run_id", ""))
-        if unkeyed is not None:  # a tenant whose key was revoked meanwhile: dead letters, nothing in clear
-            dead = pa.concat_tables([dead, with_columns_of(unkeyed, dead.schema)])
+        # A tenant whose key was revoked meanwhile: dead letters, nothing in clear (and a rotation
+        # made since the last commit applies to this one).
+        results, dead = enc.route_unkeyed(results, dead, (record or {}).get("run_id", ""))
         plain_results, plain_dead = results, dead
         results, dead = self.sink.prepare(results, dead)
         results = enc.protect_results(results, self.stored_results)

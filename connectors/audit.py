@@ -65,11 +65,7 @@ class AuditLog:
         """Plain rows as they are stored: a tenant whose key was revoked meanwhile gets a dead
         letter (nothing of its row in clear), the rest encrypted as the spec says."""
         enc = self.encryption
-        enc.refresh()
-        results, unkeyed = enc.split_unkeyed(results, self.run_id)
-        dead = with_columns_of(dead, DEAD_LETTER_SCHEMA)
-        if unkeyed is not None:
-            dead = pa.concat_tables([dead, with_columns_of(unkeyed, DEAD_LETTER_SCHEMA)])
+        results, dead = enc.route_unkeyed(results, with_columns_of(dead, DEAD_LETTER_SCHEMA), self.run_id)
         out = enc.protect_results(results, self.stored_results), enc.protect_dead(dead, self.stored_dead)
         enc.record_usage()
         return out

@@ -37,7 +37,7 @@ from crypto import encrypt_column, pii, protect_pii, row_ids_from
 from crypto.binding import Binding, legacy_binding, mark_pii
 from schemas.encryption import EncryptionSpec
 from schemas.errors import KeyPermissionError, KeyRevokedError
-from schemas.records import empty_table
+from schemas.records import DEAD_LETTER_SCHEMA, empty_table, with_columns_of
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +255,20 @@ class EncryptionStage:
         }
         log.warning("%d result row(s) of tenant(s) without a usable key dead-lettered (%s)", n, KEY_REVOKED)
         return results.filter(keyed), pa.table(dead)
+
+    def route_unkeyed(self, results: pa.Table, dead: pa.Table, run_id: str) -> tuple[pa.Table, pa.Table]:
+        """(results, dead letters) with the result rows of a tenant whose key was revoked (or
+        removed) since they were read moved to the dead letters (split_unkeyed: key_revoked,
+        nothing of them in clear), after reading the keyring again. The one place the batch commit
+        writer, the online audit and the online answer make this split, so all three agree."""
+        if self.keyring is None:
+            return results, dead
+        self.refresh()  # a rotation or revocation made since the last call applies to this one
+        results, unkeyed = self.split_unkeyed(results, run_id)
+        if unkeyed is None:
+            return results, dead
+        return results, pa.concat_tables([with_columns_of(dead, DEAD_LETTER_SCHEMA),
+                                          with_columns_of(unkeyed, DEAD_LETTER_SCHEMA)])  # fmt: skip
 
     # -- the stage -------------------------------------------------------------------------------
 

@@ -991,17 +991,10 @@ class TidegateEndpoint:
         if not results.num_rows or self.encryption.keyring is None:
             return results, dead
         try:
-            self.encryption.refresh()
-            results, unkeyed = self.encryption.split_unkeyed(results, self.run_id)
+            return self.encryption.route_unkeyed(results, dead, self.run_id)
         except Exception as e:  # noqa: BLE001 - a keyring briefly unreadable: the audit's protect splits them again
             log.warning("could not check the request's tenant key before answering (%s)", type(e).__name__)
             return results, dead
-        if unkeyed is None:
-            return results, dead
-        from schemas.records import DEAD_LETTER_SCHEMA, with_columns_of
-
-        return results, pa.concat_tables([with_columns_of(dead, DEAD_LETTER_SCHEMA),
-                                          with_columns_of(unkeyed, DEAD_LETTER_SCHEMA)])  # fmt: skip
 
     def _settle(self, principal, tokens: int) -> None:
         """Settle a request's token reservation: what it used beyond it (negative: a refund)."""
