@@ -442,7 +442,10 @@ def _usage(row: dict) -> dict:
 
 def _ok_body(route: str, rid: str, row: dict, model: str) -> dict:
     guard = {"status": row["status"], "attempts": row["attempts"], "rule_results": row["rule_results"] or []}
-    created = int(time.time())
+    # When the row was made, not when this body is: a replay (from the answers kept or the tables)
+    # carries the first answer's stamp, so it is the first answer byte for byte.
+    made = row.get("processed_at")
+    created = int(made.timestamp()) if made is not None else int(time.time())
     finish = row["finish_reason"] or "stop"
     if route == "chat/completions":
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,

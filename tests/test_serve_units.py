@@ -467,6 +467,21 @@ def test_a_limiter_that_does_not_answer_is_a_503_not_a_request_that_hangs(monkey
     assert refunds == [(True, "acme", 40)]
 
 
+def test_an_answer_is_stamped_with_its_rows_time_so_a_replay_is_the_same_answer():
+    """`created` came from the clock when the body was rendered: a replay rendered from the tables
+    later carried another stamp than the first answer. It is the row's processed_at now."""
+    from datetime import datetime, timezone
+
+    from jobs.serve import _ok_body
+
+    made = datetime(2026, 12, 7, 8, 0, 0, 400000, tzinfo=timezone.utc)
+    row = {"id": "r1", "status": "ok", "attempts": 1, "rule_results": [], "finish_reason": "stop",
+           "output_text": "hi", "output_json": None, "prompt_tokens": 3, "completion_tokens": 1, "processed_at": made}  # fmt: skip
+    for route in ("chat/completions", "completions"):
+        body = _ok_body(route, "chatcmpl-1", row, "tiny")
+        assert body["created"] == int(made.timestamp()) == _ok_body(route, "chatcmpl-1", dict(row), "tiny")["created"]
+
+
 def test_each_local_haproxy_gets_its_own_stats_and_metrics_ports(monkeypatch):
     """Ray's defaults (8404, 9101) are fixed: a second local endpoint's HAProxy would not start.
     Free ones each time, unless the environment names them; none for the Python proxy."""
