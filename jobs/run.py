@@ -325,7 +325,12 @@ def main(
     import uuid
 
     run_id = uuid.uuid4().hex[:16]
-    if (log_format or os.environ.get("TIDEGATE_LOG_FORMAT", "text")) == "json":
+    chosen = log_format or os.environ.get("TIDEGATE_LOG_FORMAT") or "text"
+    if chosen not in ("text", "json"):  # before stop 43 any other value meant text, silently
+        where = "--log-format" if log_format else "TIDEGATE_LOG_FORMAT"
+        print(f"error: {where} must be text or json, not {chosen!r}", file=sys.stderr)
+        return 2
+    if chosen == "json":
         from jobs.logs import configure_json_logging
 
         configure_json_logging(run_id=run_id)  # one JSON object per line, with run_id; secrets redacted

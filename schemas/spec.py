@@ -505,6 +505,32 @@ SAMPLING_FIELDS = frozenset(
 )
 
 
+# vllm.SamplingParams' own checks (0.32, _verify_args), here so that `tidegate check` and a job's
+# start refuse them before any engine loads: name -> (lowest, highest, lowest included, integer)
+_SAMPLING_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "temperature": (0.0, 2.0, True, False), "top_p": (0.0, 1.0, False, False), "min_p": (0.0, 1.0, True, False),
+    "presence_penalty": (-2.0, 2.0, True, False), "frequency_penalty": (-2.0, 2.0, True, False),
+    "repetition_penalty": (0.0, float("inf"), False, False), "top_k": (-1, float("inf"), True, True),
+    "max_tokens": (1, float("inf"), True, True), "min_tokens": (0, float("inf"), True, True),
+}  # fmt: skip
+
+
+def _check_sampling_ranges(v: dict[str, Any]) -> None:
+    import math
+
+    for name, (low, high, low_in, integer) in _SAMPLING_RANGES.items():
+        x = v.get(name)
+        if x is None:
+            continue
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or (integer and not isinstance(x, int)):
+            raise ValueError(f"{name}: must be {'an integer' if integer else 'a number'}")
+        if not math.isfinite(x) or not (x >= low if low_in else x > low) or x > high:
+            shown = f"{'[' if low_in else '('}{low:g}, {high:g}]" if high != float("inf") else f"{'at least' if low_in else 'above'} {low:g}"
+            raise ValueError(f"{name}: must be {shown}, not {x}")
+    if v.get("max_tokens") is not None and v.get("min_tokens", 0) > v["max_tokens"]:
+        raise ValueError(f"min_tokens: must be at most max_tokens ({v['max_tokens']})")
+
+
 SERVE_DEPLOYMENT = "tidegate"  # the deployment in a spec's Serve application (jobs/serve.py)
 BATCH_PRIORITY = 1  # vLLM priority of a batch job's rows in a Serve replica's engine (online requests: 0)
 
@@ -966,6 +992,7 @@ class JobSpec(_Strict):
                              "remove it")  # fmt: skip
         if v.get("detokenize", True) is False:
             raise ValueError("detokenize: false would make every output_text empty (the rules judge text)")
+        _check_sampling_ranges(v)
         # max_tokens only: `sampling: {temperature: 0.7}` keeps 64 (vLLM's own is 16, which cut most
         # answers short). The temperature is not filled in: a section with top_p but no temperature
         # has always sampled at vLLM's 1.0, and greedy would make its top_p do nothing.

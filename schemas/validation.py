@@ -43,6 +43,12 @@ class _RuleBase(BaseModel):
 
     @model_validator(mode="after")
     def _policy_possible(self) -> _RuleBase:
+        # (values other than the defaults: a rule written back with its defaults, model_dump, parses again)
+        fields = type(self).model_fields
+        unused = [k for k in ("max_attempts", "then") if getattr(self, k) != fields[k].default]
+        if self.on_fail != "retry" and unused:  # accepted and ignored before stop 43
+            raise ValueError(f"rule {self.label}: {' and '.join(unused)} apply to on_fail: retry only "
+                             f"(this rule's on_fail is {self.on_fail})")  # fmt: skip
         wants_fix = self.on_fail == "fix" or (self.on_fail == "retry" and self.then == "fix")
         if wants_fix and not self._can_fix():
             raise ValueError(f"rule {self.label}: has no deterministic fix; use reject, retry or flag")

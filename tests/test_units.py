@@ -67,6 +67,12 @@ def test_spec_defaults_and_parsing():
         ("sampling", {"logprobs": 5}, "sampling: Value error, logprobs: computed and then dropped"),
         ("sampling", {"prompt_logprobs": 1}, "sampling: Value error, prompt_logprobs: computed and then dropped"),
         ("sampling", {"detokenize": False}, "sampling: Value error, detokenize: false would make every output_text empty"),
+        # vLLM's own ranges, checked when the spec is read, not when the engine starts
+        ("sampling", {"temperature": 5}, "sampling: Value error, temperature: must be [0, 2], not 5"),
+        ("sampling", {"top_p": 0}, "sampling: Value error, top_p: must be (0, 1], not 0"),
+        ("sampling", {"max_tokens": 0}, "sampling: Value error, max_tokens: must be at least 1, not 0"),
+        ("sampling", {"top_k": 2.5}, "sampling: Value error, top_k: must be an integer"),
+        ("sampling", {"max_tokens": 8, "min_tokens": 9}, "sampling: Value error, min_tokens: must be at most max_tokens (8)"),
     ],
 )
 def test_bad_spec_names_the_field(path, value, expect):
@@ -408,3 +414,17 @@ def test_sampling_keys_not_given_keep_tidegates_defaults():
     assert spec.sampling == {"max_tokens": 64, "top_p": 0.9}
     assert parse_spec({**base, "sampling": {"max_tokens": 8, "temperature": 0.7}}).sampling == {"max_tokens": 8, "temperature": 0.7}
     assert parse_spec(spec.model_dump()).sampling == spec.sampling  # a dumped spec reads back the same
+
+
+def test_a_log_format_other_than_text_or_json_is_refused_before_anything_starts(tmp_path, monkeypatch, capsys):
+    """Before, `tidegate run --log-format jsn` (or TIDEGATE_LOG_FORMAT=JSON) ran with text logs,
+    silently: a log pipeline expecting JSON got none."""
+    from jobs.run import main
+
+    missing = str(tmp_path / "never-read.yaml")  # refused before the spec is even read
+    monkeypatch.delenv("TIDEGATE_LOG_FORMAT", raising=False)
+    assert main(missing, log_format="jsn") == 2
+    assert "error: --log-format must be text or json, not 'jsn'" in capsys.readouterr().err
+    monkeypatch.setenv("TIDEGATE_LOG_FORMAT", "JSON")
+    assert main(missing) == 2
+    assert "error: TIDEGATE_LOG_FORMAT must be text or json, not 'JSON'" in capsys.readouterr().err

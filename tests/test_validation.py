@@ -386,6 +386,9 @@ def base_spec(**extra):
         ([{"rule": "refusal"}, {"rule": "refusal"}], "rule names must be unique, repeated: refusal"),
         ([{"rule": "refusal", "on_fail": "retry", "max_attempts": 0}], "validation.0.refusal.max_attempts: Input should be greater"),
         ([{"rule": "pii_leakage", "kinds": ["ssn"]}], "validation.0.pii_leakage.kinds.0: Input should be"),
+        # ignored before stop 43: only a retry has attempts and a final policy
+        ([{"rule": "refusal", "on_fail": "flag", "max_attempts": 3, "then": "flag"}],
+         "rule refusal: max_attempts and then apply to on_fail: retry only (this rule's on_fail is flag)"),
     ],
 )
 def test_bad_rule_specs_name_the_field(validation, message):
