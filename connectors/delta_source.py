@@ -48,6 +48,17 @@ log = logging.getLogger(__name__)
 
 TopicPartition = tuple[str, int]
 MARKER = -1
+# partition IDENTITY (-2): which table the positions are of (63 bits of a hash of its Delta table id),
+# riding on every commit like the MARKER. A table deleted and created again at the same URI starts
+# its versions at 0 again: without this the job read it from its old marker on, skipping rows.
+IDENTITY = -2
+
+
+def table_identity(dt: DeltaTable) -> int:
+    """63 bits of the SHA-256 of the table's Delta id (metadata.id: fixed when it was created)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(dt.metadata().id.encode()).digest()[:8], "big") >> 1
 CDF_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
 # Operations that add files without changing data.
 NO_DATA_CHANGE = {"OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES", "ADD COLUMN", "CHECKPOINT"}
@@ -110,6 +121,7 @@ class DeltaSource:
         self._last_planned: int | None = None
         self._next_check = 0.0
         self.total_rows = 0  # rows still to do when the plan was made (for progress)
+        self._identity: int | None = None  # table_identity() of the table start() found
         self._handed = 0  # rows handed out since the plan was made
 
     # -- checks and planning ---------------------------------------------------------------------
@@ -165,7 +177,16 @@ class DeltaSource:
             )
 
     def start(self) -> None:
-        latest = self._table().version()
+        table = self._table()
+        latest = table.version()
+        self._identity = table_identity(table)
+        recorded = self.resume_positions([(self.topic, IDENTITY)]).get((self.topic, IDENTITY))
+        if recorded is not None and recorded != self._identity:
+            raise SourceError(
+                f"source.delta.uri {self.spec.uri!r}: the table there is not the one this job's positions are of (its "
+                "Delta table id changed: deleted and created again?); reading on would skip or repeat rows. Give the "
+                "job a new name to read this table from its start, or point it at the table it read"
+            )  # fmt: skip
         marker = self.resume_positions([(self.topic, MARKER)]).get((self.topic, MARKER))
         if self.spec.mode == "snapshot":
             if marker is None and self.furthest_positions is not None:
@@ -279,7 +300,7 @@ class DeltaSource:
 
     def _resume(self) -> None:
         tps = [(self.topic, u.version) for u in self._units]
-        positions = self.resume_positions(tps + [(self.topic, MARKER)]) if tps else {}
+        positions = self.resume_positions(tps + [(self.topic, MARKER), (self.topic, IDENTITY)]) if tps else {}
         starts = []
         for u in self._units:
             last = positions.get((self.topic, u.version))
@@ -396,17 +417,18 @@ class DeltaSource:
         ]
 
     def assignment(self) -> set[TopicPartition]:
-        return {(self.topic, u.version) for u in self._units} | {(self.topic, MARKER)}
+        return {(self.topic, u.version) for u in self._units} | {(self.topic, MARKER), (self.topic, IDENTITY)}
 
     def extra_positions(self, positions: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
-        """The MARKER rides along with every commit: the newest version it covers."""
-        versions = [p for (t, p) in positions if t == self.topic and p != MARKER]
-        return {(self.topic, MARKER): max(versions)} if versions else {}
+        """The MARKER rides along with every commit (the newest version it covers), and the table's
+        IDENTITY (start() refuses positions of another table)."""
+        versions = [p for (t, p) in positions if t == self.topic and p >= 0]
+        return {(self.topic, MARKER): max(versions), (self.topic, IDENTITY): self._identity} if versions else {}
 
     def committed(self, positions: Mapping[TopicPartition, int]) -> None:
         """A version whose last row is committed leaves the plan (with --follow the plan would
         otherwise grow by every version the run sees, change tables included)."""
-        done = {p for (t, p), last in positions.items() if t == self.topic and p != MARKER}
+        done = {p for (t, p), last in positions.items() if t == self.topic and p >= 0}
         if done:
             self._units = [u for u in self._units if not (u.version in done and positions[(self.topic, u.version)] >= u.rows - 1)]
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from connectors.delta_source import MARKER, DeltaSource
+from connectors.delta_source import IDENTITY, MARKER, DeltaSource
 from schemas.errors import SourceError
 from schemas.spec import DeltaSourceSpec
 from tests.conftest import make_spec, source_context, table_rows, wait_for, write_spec
@@ -137,6 +137,51 @@ def test_a_snapshot_whose_first_commit_landed_only_its_dead_letters_is_finished_
     assert positions.windows[(uri, 0)] == {3, 4}  # the job skips what the dead letters hold
 
 
+def test_a_table_deleted_and_created_again_at_the_uri_is_refused_not_read_from_the_old_marker(tmp_path):
+    """Before, positions were only versions and ordinals: a table deleted and created again at the
+    same URI (versions from 0 again) was read from the old table's marker on, its earlier rows
+    skipped. Every commit now records which table its positions are of (a hash of the Delta
+    table id), and a start on another table stops naming the URI."""
+    import shutil
+
+    from connectors.delta import DeltaSink
+    from connectors.delta_source import table_identity
+    from connectors.source import SourceContext
+    from tests.conftest import results_table
+
+    uri = str(tmp_path / "src")
+    write_deltalake(uri, rows(0, 4))
+    write_deltalake(uri, rows(4, 4), mode="append")
+    sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {})
+    sink.open()
+
+    class SinkPositions:
+        def resume(self, tps):
+            return sink.load_positions(tps)
+
+        def release(self, tps, lost=False, within_s=None):
+            pass
+
+    spec = DeltaSourceSpec(uri=uri, mode="incremental")
+    first = DeltaSource(spec, SourceContext("job", SinkPositions(), batch_rows=4))
+    first.start()
+    read_all(first)
+    done = {(uri, 0): 3, (uri, 1): 3}
+    extra = first.extra_positions(done)
+    assert extra == {(uri, MARKER): 1, (uri, IDENTITY): table_identity(DeltaTable(uri))}
+    sink.commit(results_table([0, 1, 2, 3], topic=uri), sink.dead_letter.schema.empty_table(), {**done, **extra})
+    again = DeltaSource(spec, SourceContext("job", SinkPositions(), batch_rows=4))
+    again.start()  # the same table: nothing left to read, no complaint
+    assert read_all(again) is None
+
+    shutil.rmtree(uri)
+    for v in range(3):  # a new table, grown past the old marker
+        write_deltalake(uri, rows(10 * v, 3), mode="append" if v else "error")
+    recreated = DeltaSource(spec, SourceContext("job", SinkPositions(), batch_rows=4))
+    with pytest.raises(SourceError, match="the table there is not the one this job's positions are of"):
+        recreated.start()
+
+
 def test_incremental_reads_appended_versions_and_reports_rewrites(tmp_path):
     uri = str(tmp_path / "src")
     write_deltalake(uri, rows(0, 6))
@@ -185,7 +230,7 @@ def test_follow_keeps_earlier_versions_planned_for_work_dropped_in_flight(tmp_pa
         again += [(p, json.loads(v)["id"]) for p, v in zip(t.column("partition").to_pylist(), t.column("value").to_pylist())]
     assert again == [(0, f"r{i:06d}") for i in range(6)] + [(1, f"r{i:06d}") for i in range(6, 9)]
     src.committed({(uri, 0): 5, (uri, 1): 1, (uri, MARKER): 1})  # version 0 done, version 1 not
-    assert sorted(src.assignment()) == [(uri, MARKER), (uri, 1)]  # a finished version leaves the plan
+    assert sorted(src.assignment()) == [(uri, IDENTITY), (uri, MARKER), (uri, 1)]  # a finished version leaves the plan
 
 
 def test_incremental_over_a_table_whose_early_log_is_cleaned(tmp_path):
