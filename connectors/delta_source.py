@@ -60,6 +60,10 @@ def table_identity(dt: DeltaTable) -> int:
 
     return int.from_bytes(hashlib.sha256(dt.metadata().id.encode()).digest()[:8], "big") >> 1
 CDF_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
+# The change kind of a change-feed row, beside its columns until the row becomes an event. A name
+# no table column has (NUL): a source column named `_change` was taken for it before stop 43 (and
+# stopped a plain table's job: its values are not change kinds).
+CHANGE_COLUMN = "\x00tidegate_change"
 # Operations that add files without changing data.
 NO_DATA_CHANGE = {"OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES", "ADD COLUMN", "CHECKPOINT"}
 
@@ -290,7 +294,7 @@ class DeltaSource:
         )
         kinds = [k for k, _ in rows]
         table = pa.Table.from_pylist([r for _, r in rows], schema=changes.select(data_cols).schema)
-        table = table.append_column("_change", pa.array(kinds, pa.string()))
+        table = table.append_column(CHANGE_COLUMN, pa.array(kinds, pa.string()))
 
         def read(start: int) -> Iterator[pa.Table]:
             for off in range(start, table.num_rows, self.chunk_rows):
@@ -358,9 +362,9 @@ class DeltaSource:
     def _to_source(self, version: int, first_ordinal: int, chunk: pa.Table) -> pa.Table:
         n = chunk.num_rows
         change = [None] * n
-        if "_change" in chunk.column_names:
-            change = [{"insert": None, "update_postimage": "update", "delete": "delete"}[k] for k in chunk["_change"].to_pylist()]
-            chunk = chunk.drop_columns(["_change"])
+        if CHANGE_COLUMN in chunk.column_names:
+            change = [{"insert": None, "update_postimage": "update", "delete": "delete"}[k] for k in chunk[CHANGE_COLUMN].to_pylist()]
+            chunk = chunk.drop_columns([CHANGE_COLUMN])
         values = [json.dumps(r, default=_json_default).encode() for r in chunk.to_pylist()]
         now = time.monotonic_ns()
         return pa.table(

@@ -182,6 +182,18 @@ def test_a_table_deleted_and_created_again_at_the_uri_is_refused_not_read_from_t
         recreated.start()
 
 
+def test_a_source_column_named_change_is_data_not_the_change_marker(tmp_path):
+    """Before, a column `_change` was taken for the change feed's marker: a plain table's job
+    stopped on its first row (its values are no change kind)."""
+    uri = str(tmp_path / "src")
+    write_deltalake(uri, rows(0, 3).append_column("_change", pa.array(["price", "owner", "insert"])))
+    src = source(uri, mode="incremental")
+    src.start()
+    out = read_all(src)
+    assert [json.loads(v)["_change"] for v in out.column("value").to_pylist()] == ["price", "owner", "insert"]
+    assert out.column("source_change").to_pylist() == [None] * 3
+
+
 def test_incremental_reads_appended_versions_and_reports_rewrites(tmp_path):
     uri = str(tmp_path / "src")
     write_deltalake(uri, rows(0, 6))
