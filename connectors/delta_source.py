@@ -247,12 +247,15 @@ class DeltaSource:
     def _incremental_units(self, first: int, latest: int) -> list[_Unit]:
         current = self._table()
         history = {h["version"]: h for h in current.history()}
-        config = current.metadata().configuration or {}
-        cdf = str(config.get("delta.enableChangeDataFeed", "false")).lower() == "true"
         units = []
         prev_files = {f.path for f in self._dataset(self._table(first - 1)).get_fragments()} if first > 0 else set()
         for v in range(first, latest + 1):
-            dataset = self._dataset(self._table(v))  # one snapshot per version, for the diff and the read
+            at_v = self._table(v)
+            dataset = self._dataset(at_v)  # one snapshot per version, for the diff and the read
+            # The change feed as it was at this version: one switched on later has no change files
+            # for it (before stop 43 the table's setting now decided, and such a version failed).
+            config = at_v.metadata().configuration or {}
+            cdf = str(config.get("delta.enableChangeDataFeed", "false")).lower() == "true"
             files = {f.path for f in dataset.get_fragments()}
             added, removed = files - prev_files, prev_files - files
             prev_files = files

@@ -297,6 +297,24 @@ def test_incremental_with_change_data_feed_reports_updates_and_deletes_row_by_ro
     assert got == [(1, "update", "r000002"), (2, "delete", "r000004")]
 
 
+def test_the_change_feed_is_used_for_the_versions_written_with_it_on(tmp_path):
+    """A DELETE while the table had no change feed, then the feed switched on, then an UPDATE.
+    Before, the table's setting now decided for every version: the DELETE's version went through
+    load_cdf, which has no change files for it, and the job stopped there."""
+    uri = str(tmp_path / "src")
+    write_deltalake(uri, rows(0, 5))
+    DeltaTable(uri).delete("id = 'r000004'")  # version 1: no change feed yet
+    DeltaTable(uri).alter.set_table_properties({"delta.enableChangeDataFeed": "true"})  # version 2
+    DeltaTable(uri).update(updates={"question": "'changed'"}, predicate="id = 'r000002'")  # version 3
+    src = source(uri, {(uri, MARKER): 0, (uri, 0): 4}, mode="incremental")
+    src.start()
+    out = read_all(src)
+    got = sorted(zip(out.column("partition").to_pylist(), out.column("source_change").to_pylist(),
+                     [json.loads(v)["id"] for v in out.column("value").to_pylist()]))  # fmt: skip
+    assert got == [(3, "update", "r000002")]
+    assert src.report.skipped_change_versions == [1]
+
+
 def test_missing_columns_are_named_before_any_work(tmp_path):
     uri = str(tmp_path / "src")
     write_deltalake(uri, rows(0, 3))
