@@ -69,6 +69,7 @@ class _Slot:
     room: Any = None  # the room() call waiting on its engine, if any
     killed_pid: int | None = None  # the engine process the pool last restarted (EngineBroken)
     restarts: int = 0  # Ray's restart count of its actor, as last read (a crash Ray restarted it from)
+    restarting_since: float | None = None  # when the pool first saw Ray restarting it (None: not restarting)
 
 
 @dataclass
@@ -523,11 +524,21 @@ class EnginePool:
         if seen is None:
             return False
         restarting, restarts = seen
-        if not restarting and restarts == slot.restarts:
-            return False
-        if restarts != slot.restarts:
+        if restarts != slot.restarts:  # a restart the pool did not make, done or under way
             log.warning("an engine was restarted by Ray (restart %d); its batches run again", restarts)
-        slot.restarts = restarts
+            slot.restarts = restarts
+            slot.restarting_since = now if restarting else None
+            slot.ready_at = max(slot.ready_at, now)
+            return True
+        if not restarting:
+            slot.restarting_since = None
+            return False
+        if slot.restarting_since is None:
+            slot.restarting_since = now
+        if now - slot.restarting_since > self._restart_grace_s:
+            # Longer than a reload takes (a hung model load, an actor Ray cannot place): handled as
+            # a hang again (cancel, isolate; the probe kills and restarts it), never waited on for good.
+            return False
         slot.ready_at = max(slot.ready_at, now)
         return True
 

@@ -26,7 +26,7 @@ import yaml
 from jinja2 import meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from compute.rules import _schema_names, _short, import_path, json_schema_validator, schema_path
+from compute.rules import _schema_names, _short, import_path, json_schema_validator, schema_errors, schema_path
 from schemas.errors import EventContractError, SpecError
 from schemas.spec import JobSpec
 
@@ -186,7 +186,7 @@ class EventContract:
     def violations(self, event: Any) -> list[str]:
         """What breaks the contract, as field paths and constraints (never values); [] if none."""
         msgs: list[str] = []
-        for e in sorted(self._validator.iter_errors(event), key=lambda e: [str(p) for p in e.path]):
+        for e in schema_errors(self._validator, event):
             if e.validator == "required" and isinstance(e.instance, dict):
                 missing = [r for r in e.validator_value if r not in e.instance]
                 where = self.path(e.path)

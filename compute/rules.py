@@ -17,11 +17,13 @@ dead-letter rows, which must not carry sensitive values outside the encrypted co
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import importlib
 import json
 import operator
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -501,7 +503,7 @@ class OutputSchema:
             except Exception as e:  # noqa: BLE001 - the model's own code (a validator that reads a key the
                 # output lacks, a serializer that fails): this output fails the rule, the job goes on
                 raise ValueError(f"does not match the schema: the schema's model raised {type(e).__name__}") from None
-        errors = sorted(self._validator.iter_errors(obj), key=lambda e: [str(p) for p in e.path])
+        errors = schema_errors(self._validator, obj)
         if errors:
             msgs = [f"{self.path(e.path)}: fails {e.validator!r} {_short(e.validator_value)}" for e in errors[:5]]
             raise ValueError("does not match the schema: " + "; ".join(msgs))
@@ -550,14 +552,34 @@ _CONTEXT_NAMES = ("attribute", "method_name", "class", "expected_schemes", "expe
 # pattern with nested quantifiers, say) on an event's long string held the stage worker, and every
 # batch behind it, for good. A search that runs out of time is a violation of that keyword.
 SCHEMA_PATTERN_TIMEOUT_S = 0.1
+# ... and all of one document's searches together stop after this: an event of thousands of
+# strings, each running out of time, would otherwise hold the stage worker for minutes.
+SCHEMA_PATTERN_BUDGET_S = 0.5
+_PATTERN_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("schema_pattern_deadline", default=None)
+
+
+def schema_errors(validator, instance: Any) -> list:
+    """Every error of `instance` against a json_schema_validator(), sorted by path; its pattern
+    searches share one SCHEMA_PATTERN_BUDGET_S (past it, a search is a violation at once)."""
+    token = _PATTERN_DEADLINE.set(time.monotonic() + SCHEMA_PATTERN_BUDGET_S)
+    try:
+        return sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.path])
+    finally:
+        _PATTERN_DEADLINE.reset(token)
 
 
 def _timed_search(pattern: str, text: str) -> bool | None:
     """Whether `pattern` matches somewhere in `text`; None if the search ran out of time."""
     import regex
 
+    timeout = SCHEMA_PATTERN_TIMEOUT_S
+    deadline = _PATTERN_DEADLINE.get()
+    if deadline is not None:
+        timeout = min(timeout, deadline - time.monotonic())
+        if timeout <= 0:
+            return None
     try:
-        return regex.search(pattern, text, timeout=SCHEMA_PATTERN_TIMEOUT_S) is not None
+        return regex.search(pattern, text, timeout=timeout) is not None
     except TimeoutError:
         return None
 

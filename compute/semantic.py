@@ -28,7 +28,9 @@ from schemas.validation import SemanticGroundingRule
 # (gpu_memory_utilization) and refuses to start beside the engines.
 EMBEDDING_ENV = {**ENGINE_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
 
-_SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
+# Sentence ends: . ! ? before whitespace, the full-width 。！？ (CJK text puts no space after them),
+# and line breaks.
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])\s*|\n+")
 
 
 def default_embedding_model() -> str:
@@ -69,10 +71,30 @@ class EmbeddingWorker:
         return vecs / np.maximum(norms, 1e-12)
 
 
-# A "sentence" longer than this (JSON, code, a list, text whose sentences end in "。") is checked
-# as pieces of about this many characters, cut at whitespace where there is some: each piece fits
-# the embedding model's context (256 tokens is ~1,000 characters of English).
-MAX_SENTENCE_CHARS = 800
+# A "sentence" longer than this many units (JSON, code, a list) is checked as pieces, cut at
+# whitespace where there is some, so that each fits the embedding model's context (256 tokens)
+# whole. A wide (CJK) character counts as WIDE_UNITS, others as 1. Measured with the model's
+# tokenizer: English prose ~4 units a token, CJK and JSON ~3.5, code 2, runs of numbers 1.9; so
+# 480 units stay under 256 tokens for all of them. Context chunks (chunk_chars) are measured so too.
+MAX_SENTENCE_UNITS = 480
+WIDE_UNITS = 4
+
+
+def _units(text: str) -> int:
+    return len(text) + (WIDE_UNITS - 1) * sum(1 for c in text if ord(c) >= 0x2E80)
+
+
+def _cut_at(text: str, limit: int) -> int:
+    """The index where `text`'s first piece of at most `limit` units ends: at whitespace in its
+    second half when there is some."""
+    total, end = 0, len(text)
+    for i, c in enumerate(text):
+        total += WIDE_UNITS if ord(c) >= 0x2E80 else 1
+        if total > limit:
+            end = max(1, i)
+            break
+    space = text.rfind(" ", end // 2, end)
+    return space if space > 0 else end
 
 
 def sentences(text: str) -> list[str]:
@@ -80,9 +102,8 @@ def sentences(text: str) -> list[str]:
     out = []
     for s in _SENTENCE.split(text):
         s = s.strip()
-        while len(s) > MAX_SENTENCE_CHARS:
-            cut = s.rfind(" ", MAX_SENTENCE_CHARS // 2, MAX_SENTENCE_CHARS)
-            cut = cut if cut > 0 else MAX_SENTENCE_CHARS
+        while _units(s) > MAX_SENTENCE_UNITS:
+            cut = _cut_at(s, MAX_SENTENCE_UNITS)
             out.append(s[:cut].strip())
             s = s[cut:].strip()
         out.append(s)
@@ -95,7 +116,7 @@ def chunks(docs: Sequence[str], size: int) -> list[str]:
     for doc in docs:
         cur = ""
         for s in sentences(doc):
-            if cur and len(cur) + len(s) + 1 > size:
+            if cur and _units(cur) + _units(s) + 1 > size:
                 out.append(cur)
                 cur = ""
             cur = f"{cur} {s}" if cur else s

@@ -168,10 +168,11 @@ class ResultsTopic:
                   also_dead: pa.Table | None = None):  # fmt: skip
         """(tp, source offset, key, value, headers) per row, in source-offset order per partition."""
         out = []
-        tables = [(results, self._encode_result, False), (dead, self._encode_dead, True)]
+        tables = [(results, self._encode_result, self.results_columns, False),
+                  (dead, self._encode_dead, self.dead_columns, True)]  # fmt: skip
         if also_dead is not None:
-            tables.append((also_dead, self._encode_dead, True))
-        for table, encode, is_dead in tables:
+            tables.append((also_dead, self._encode_dead, self.dead_columns, True))
+        for table, encode, columns, is_dead in tables:
             if table.num_rows == 0:
                 continue
             for row in table.to_pylist():
@@ -186,7 +187,7 @@ class ResultsTopic:
                 key = row["id"].encode("utf-8") if row.get("id") is not None else None
                 value = encode(row)
                 if _size(key, value, headers) > self.settings.max_message_bytes:
-                    value, omitted = self._shrunk(row, encode, key, headers)
+                    key, value, omitted = self._shrunk(row, encode, columns, key, headers)
                     headers.append((H_OMITTED, ",".join(omitted).encode()))
                     log.warning("topic %s: the row at %s/%d/%d is over sink.topic.max_message_bytes (%d); published "
                                 "without %s (the tables hold it whole)", self.topic, tp[0], tp[1], row["source_offset"],
@@ -195,23 +196,33 @@ class ResultsTopic:
         out.sort(key=lambda m: (m[0], m[1]))
         return out
 
-    def _shrunk(self, row: dict, encode, key: bytes | None, headers: list) -> tuple[bytes, list[str]]:
-        """The row's message without its largest columns, largest first, until it fits
-        max_message_bytes (the identifying columns are always kept). Returns (value, omitted)."""
-        sizes = {c: len(json.dumps(v, default=_json_value)) for c, v in row.items()
-                 if c not in _NEVER_OMITTED and v is not None}  # fmt: skip
+    def _shrunk(self, row: dict, encode, columns: list[str], key: bytes | None,
+                headers: list) -> tuple[bytes | None, bytes, list[str]]:  # fmt: skip
+        """The row's message without its largest published columns, largest first, until it fits
+        max_message_bytes; the identifying columns are kept, unless the id itself is what is too
+        large (an event's id is the producer's): then it is left out too, and the key is its
+        SHA-256 (hex). Returns (key, value, omitted)."""
+        sizes = {c: len(json.dumps(row.get(c), default=_json_value)) for c in columns
+                 if c not in _NEVER_OMITTED and row.get(c) is not None}  # fmt: skip
         omitted: list[str] = []
         thinner = dict(row)
-        value = b""
         # headers will carry tidegate.omitted too: count a name list as long as all candidates'
-        budget = self.settings.max_message_bytes - len(H_OMITTED) - sum(len(c) + 1 for c in sizes)
+        budget = self.settings.max_message_bytes - len(H_OMITTED) - sum(len(c) + 1 for c in sizes) - len("id,")
+        bare = encode({**row, **{c: None for c in sizes}})
+        if _size(key, bare, headers) > budget and row.get("id") is not None:  # the id is what is too large
+            import hashlib
+
+            key = hashlib.sha256(key or b"").hexdigest().encode()
+            thinner["id"] = None
+            omitted.append("id")
+        value = encode(thinner)
         for c in sorted(sizes, key=lambda c: (-sizes[c], c)):
+            if _size(key, value, headers) <= budget:
+                break
             thinner[c] = None
             omitted.append(c)
             value = encode(thinner)
-            if _size(key, value, headers) <= budget:
-                break
-        return value, sorted(omitted)
+        return key, value, sorted(omitted)
 
     def publish(self, results: pa.Table, dead: pa.Table, positions: Mapping[TopicPartition, int],
                 keep: Mapping[TopicPartition, set[int]] | None = None, also_dead: pa.Table | None = None,

@@ -242,6 +242,7 @@ def reseal_pii(
     column: str,
     keyring: KeySource,
     usage: dict[tuple[str, int], int] | None = None,
+    unopened: list[int] | None = None,
 ) -> tuple[pa.Array, np.ndarray]:
     """Re-encrypt the inline PII tokens that use a key version other than their tenant's current one.
 
@@ -250,12 +251,13 @@ def reseal_pii(
     does not open here (text that only looks like one: an unknown tenant, a version revoked, bytes
     that do not decrypt) is left as it is, as the reader leaves it with on_missing_key="keep": one
     forged token must not stop a whole table's re-encryption. `usage`: (tenant, version) -> values
-    sealed, added to.
+    sealed, added to; `unopened`: [n], the tokens left so (not of their tenant's current version, or
+    of no tenant here) added to n, so that a caller can refuse to call the table clean.
     """
     values = flat(values)
     n = len(values)
     changed = np.zeros(n, dtype=bool)
-    unopened = [0]
+    left = [0]
     found = _rows_with_pii(values, row_ids, f"{table}.{column}", "re-encrypt") if is_text(values.type) else None
     if found is None:
         return values, changed
@@ -276,7 +278,7 @@ def reseal_pii(
                     return m.group(0)
                 plain = _open_pii(keyring, raw, hl, tenant, version, table, column, kind, rid, "raise")
             except (KeyPermissionError, KeyRevokedError, DecryptionError):
-                unopened[0] += 1
+                left[0] += 1
                 return m.group(0)
             keys = derive_keys(keyring, tenant, current)
             hdr = header(tenant, current, 0)
@@ -287,9 +289,11 @@ def reseal_pii(
 
         texts[i] = _PII_TOKEN_RE.sub(sub, texts[i])
         changed[i] = row_changed
-    if unopened[0]:
+    if left[0]:
         log.warning("%s.%s: %d text(s) shaped like a PII token did not open here; left as they are",
-                    table, column, unopened[0])  # fmt: skip
+                    table, column, left[0])  # fmt: skip
+        if unopened is not None:
+            unopened[0] += left[0]
     return pa.array(texts, pa.string()), changed
 
 

@@ -297,7 +297,8 @@ def reencrypt(
                 raise _fail(e) from None
             if reports[-1].written_version is None:
                 break
-    if reports[0].written_version is None:
+    unopened = reports[-1].unopened_tokens  # (every pass reads the whole table: the last one says what is left)
+    if reports[0].written_version is None and not unopened:
         typer.echo(f"{table}: nothing to re-encrypt (version {reports[0].read_version})")
         return
     for report in reports:
@@ -305,6 +306,12 @@ def reencrypt(
             detail = ", ".join(f"{c}: {k}" for c, k in report.rows_rewritten.items())
             typer.echo(f"{table}: re-encrypted {report.total} value(s) ({detail}); table version {report.written_version}")
     last = reports[-1]
+    if unopened:
+        typer.echo(f"{table}: {unopened} text(s) in PII columns shaped like a token under an old key version did not "
+                   "open here, and were left as they are: a wrong table label (--name), a keyring without that tenant, "
+                   "or text made to look like a token. Revoking would leave any real ones unreadable: check before "
+                   "revoking", err=True)  # fmt: skip
+        raise typer.Exit(3)  # `reencrypt && revoke` must not revoke
     if last.written_version is None:
         typer.echo(f"{table}: checked again at version {last.read_version}: nothing under an old key version")
     else:

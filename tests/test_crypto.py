@@ -870,6 +870,7 @@ def test_reencrypt_leaves_text_shaped_like_a_pii_token_and_counts_what_it_seals(
     assert report.rows_rewritten == {"output_text": 1, "user_email": 2, "raw": 2}  # acme: rows 0 and 2 (2 has no text)
     after = pl.read_delta(uri).sort("source_offset")
     assert after["id"][0] == forged and after["summary"].to_list() == [f"note {forged}", None, "plain", forged]
+    assert report.unopened_tokens == 0  # the forged ones are outside the PII columns: not looked at
     kr.reload()
     # 2 values in each of 3 columns, and the PII tokens inside acme's output texts, under version 2
     tokens = sum(len(re.findall(r"\[PII:", t or "")) for t in clear_text.to_pylist()[0::2])
@@ -878,8 +879,10 @@ def test_reencrypt_leaves_text_shaped_like_a_pii_token_and_counts_what_it_seals(
     from jobs.reencrypt import reencrypt_values
 
     mixed = pa.array([f"{token} and {forged}"])
-    new, changed = reencrypt_values(mixed, ids.slice(0, 1), table=T, column="output_text", keyring=kr)
+    unopened = [0]
+    new, changed = reencrypt_values(mixed, ids.slice(0, 1), table=T, column="output_text", keyring=kr, unopened=unopened)
     assert changed == 1 and forged in new[0].as_py() and token not in new[0].as_py()
+    assert unopened == [1]  # counted: `keys reencrypt` then exits 3 (a revoke would strand real ones)
 
 
 def test_reencrypt_revoked_version_refuses(kr, tmp_path):
@@ -1019,6 +1022,27 @@ def test_cli_reencrypt(kr, tmp_path):
     assert "nothing to re-encrypt" in r.output
     r = CliRunner().invoke(app, ["keys", "reencrypt", "--table", uri, "--storage-option", "oops"], env=env)
     assert r.exit_code == 2 and "KEY=VALUE" in r.output
+
+
+def test_cli_reencrypt_exits_3_when_a_token_under_an_old_version_does_not_open(kr, tmp_path):
+    """A token shaped text left as it is (it does not open here: forged, or the table's label is
+    wrong) must not let `reencrypt && revoke` revoke: a real one would be stranded."""
+    from jobs.cli import app
+
+    uri = str(tmp_path / "results")
+    data, _ = _results(kr, n=2)
+    ids = row_ids_from(data)
+    clear_text = decrypt_column(data.column("output_text"), ids, table=T, column="output_text", keyring=kr)
+    token = re.search(r"\[PII:\w+:[\w-]+\]", clear_text[0].as_py()).group(0)
+    forged = token[:-6] + ("A" if token[-6] != "A" else "B") + token[-5:]
+    data = data.set_column(data.schema.get_field_index("output_text"), "output_text", pa.array([f"x {forged}", None]))
+    write_deltalake(uri, data)
+    kr.rotate("acme")
+    env = {"TIDEGATE_MASTER_KEY": base64.b64encode(MASTER).decode(), "TIDEGATE_KEYRING": str(kr.path)}
+    r = CliRunner().invoke(app, ["keys", "reencrypt", "--table", uri], env=env)
+    assert r.exit_code == 3, r.output
+    assert "1 text(s) in PII columns shaped like a token under an old key version did not open" in r.output
+    assert forged not in r.output
 
 
 def test_cli_reencrypt_exits_3_while_stale_values_still_arrive(kr, tmp_path, monkeypatch):

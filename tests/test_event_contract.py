@@ -133,6 +133,23 @@ def test_a_schema_pattern_that_backtracks_is_a_violation_not_a_stage_held_for_go
     assert c.violations({**base, "email": "aaa", "meta": {"bb": 1}}) == []
 
 
+def test_one_events_pattern_searches_share_one_time_budget(tmp_path):
+    """Each search stops at 100 ms; an event of many strings that each run out of time would hold
+    the stage worker for that many tenths of a second (a producer could send thousands). One
+    event's searches share SCHEMA_PATTERN_BUDGET_S (0.5 s): past it, a search is a violation at once."""
+    import time as clock
+
+    spec = _spec(tmp_path)
+    # (a|aa)+ backtracks even in the regex library (it handles ^(a+)+$ at once): each search times out
+    spec["source"]["event_schema"] = {"properties": {"codes": {"type": "array", "items": {"pattern": "^(a|aa)+$"}}}}
+    c = EventContract(parse_spec(spec))
+    base = {"id": 1, "q": "x", "docs": [], "tags": [], "who": {"name": "n"}}
+    t0 = clock.monotonic()
+    msgs = c.violations({**base, "codes": ["a" * 40 + "!"] * 200})  # 200 x 100 ms = 20 s without the budget
+    assert clock.monotonic() - t0 < 10  # the budget (0.5 s) with a wide margin for a loaded machine
+    assert msgs and all(m.startswith("codes[") and "fails 'pattern'" in m for m in msgs)
+
+
 def test_a_schemas_format_is_checked(tmp_path):
     """Before, `format` was not checked at all (jsonschema checks it only when given a checker)."""
     spec = _spec(tmp_path)

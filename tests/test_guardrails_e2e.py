@@ -132,3 +132,13 @@ def test_semantic_similarity_of_the_real_embedding_model():
     (judged,) = rule.check_batch([Candidate(long_json, context=long_ctx)])
     assert judged.score is not None and -1 <= judged.score <= 1, judged
     assert worker.embed(["word " * 2000]).shape == (1, 384)
+    # Each piece the rule embeds fits the model's 256 tokens whole (nothing of it cut off unseen),
+    # English or CJK (about a token per character: a long CJK sentence used to lose two thirds).
+    from compute.semantic import chunks, sentences
+
+    tokenizer = worker.llm.get_tokenizer()
+    cjk = "订单4411已于三月五日由快递发出，退款由支持主管在两个工作日内批准" * 40  # one "sentence", 1,320 characters
+    digits = " ".join(str(7919 * i % 10**9) for i in range(400))  # the densest text measured: ~1.9 characters a token
+    for text in (long_json, cjk, cjk.replace("，", "。"), digits):
+        pieces = sentences(text) + chunks([text], 480)
+        assert len(pieces) > 1 and all(len(tokenizer(p).input_ids) <= 256 for p in pieces), text[:40]

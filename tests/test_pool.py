@@ -161,7 +161,7 @@ def test_a_stop_commits_the_finished_batches_while_a_straggler_outlives_the_dead
     assert job.proc.poll() is None, job.log()[-3000:]
     time.sleep(15)  # the instant engine answers the 20 events in well under a second once they are read
     send(broker, topic, [event(777, question="STUCK-PILL")])
-    time.sleep(5)
+    time.sleep(10)  # read and at the engine within a second here; the log check below says it was
     assert table_rows(spec["sink"]["results"]) == 0  # no commit due yet
     job.proc.send_signal(signal.SIGTERM)
     assert job.wait(180) == 0, job.log()[-4000:]
@@ -334,6 +334,13 @@ def test_an_engine_ray_restarts_after_a_crash_is_given_its_reload_not_cancelled_
         pool._check_hangs()  # seen: the next check within the limit asks nothing
         assert ref in pool._pending
         pool._pending.clear()
+        # Restarting for longer than a reload takes (a hung model load, an actor Ray cannot place):
+        # a hang again, not waited on for good (the reload here takes 8 s, the grace is set to 1 s).
+        pool._restart_grace_s = 1.0
+        assert pool._reloading(slot, time.monotonic())  # restarting, within the grace
+        time.sleep(1.5)
+        assert actor_restarts(actor) == (True, 1)  # still reloading
+        assert not pool._reloading(slot, time.monotonic())
     finally:
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)

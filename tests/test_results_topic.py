@@ -280,3 +280,23 @@ def test_a_row_over_max_message_bytes_is_published_without_its_largest_columns(t
     stored = pa.table(DeltaTable(str(tmp_path / "res")).to_pyarrow_table()).to_pylist()
     assert {r["source_offset"]: r["output_text"] for r in stored}[1] == long_output
     assert DeltaTable(str(tmp_path / "dl")).to_pyarrow_table().column("raw").to_pylist() == [big_raw]
+
+    # An id over the limit itself (an event's id is the producer's): left out too, the key its
+    # SHA-256; and only published columns are ever named (output_json is not in `include` here).
+    import hashlib
+
+    out2 = f"out-{uuid.uuid4().hex[:8]}"
+    include = ["id", "status", "output_text", "source_partition", "source_offset"]
+    writer = CommitWriter(parse_spec(spec_dict(tmp_path / "b", broker, out2, max_message_bytes=limit, include=include)))
+    writer.open()
+    writer.resume(TPS)
+    huge_id = "i" * 20_000
+    res = results_table([0, 1], 0, id=["small", huge_id], output_text=["a" * 9_000, "b"], output_json=['{"x": 1}', "j" * 9_000])
+    writer.write_tables(res, dl.slice(0, 0), {TPS[0]: 1}, None)
+    writer.topic.close()
+    msgs = {int(dict(m.headers())["tidegate.source_offset"]): m for m in consume_all(broker.bootstrap_servers, out2)}
+    assert dict(msgs[0].headers())["tidegate.omitted"] == b"output_text" and json.loads(msgs[0].value())["id"] == "small"
+    assert dict(msgs[1].headers())["tidegate.omitted"] == b"id"  # output_json is not published: not named
+    assert msgs[1].key() == hashlib.sha256(huge_id.encode()).hexdigest().encode()
+    assert json.loads(msgs[1].value()) == {"id": None, "status": "ok", "output_text": "b", "source_partition": 0,
+                                           "source_offset": 1}  # fmt: skip

@@ -252,30 +252,32 @@ def test_a_renewed_claim_outlives_its_lease_and_a_waiter_is_told_busy_not_given_
     from compute.idempotency import AFTER_ANOTHER, BUSY, KeyClaims
 
     async def scenario():
+        # Leases of 1-2 s, renewals every 0.1 s, waits of 0.3-0.5 s: margins of a second or more for
+        # a loaded machine's event loop.
         claims = KeyClaims(keep=4)
-        assert await claims.claim(7, "first", 0.2, 1.0) is None
+        assert await claims.claim(7, "first", 1.0, 1.0) is None
         renewed = []
 
-        async def keep():  # the holder, alive: renews its 0.2 s lease every 0.05 s
+        async def keep():  # the holder, alive: renews its 1 s lease every 0.1 s
             while True:
-                await asyncio.sleep(0.05)
-                renewed.append(claims.renew(7, "first", 0.2))
+                await asyncio.sleep(0.1)
+                renewed.append(claims.renew(7, "first", 1.0))
 
         holder = asyncio.ensure_future(keep())
-        await asyncio.sleep(0.5)  # past the lease: still the holder's
-        assert await claims.claim(7, "second", 0.2, 0.4) == BUSY  # alive past the waiter's wait: not given the key
+        await asyncio.sleep(1.5)  # past the lease it was given: still the holder's
+        assert await claims.claim(7, "second", 1.0, 0.5) == BUSY  # alive past the waiter's wait: not given the key
         assert renewed and all(renewed)
-        waiter = asyncio.ensure_future(claims.claim(7, "third", 0.2, 5.0))
-        await asyncio.sleep(0.1)
+        waiter = asyncio.ensure_future(claims.claim(7, "third", 1.0, 10.0))
+        await asyncio.sleep(0.2)
         holder.cancel()
         claims.finish(7, "first", (200, {"n": 1}))
         assert await waiter == (200, {"n": 1})  # the first answer, without running
         # A holder that stops renewing (its replica died) loses the key after its lease.
-        assert await claims.claim(8, "dead", 0.2, 1.0) is None
-        assert await claims.claim(8, "next", 0.2, 5.0) == AFTER_ANOTHER  # waited, then holds it: look in the tables
-        assert not claims.renew(8, "dead", 0.2)  # the dead one's renewal (were it alive) is refused
+        assert await claims.claim(8, "dead", 0.5, 1.0) is None
+        assert await claims.claim(8, "next", 5.0, 10.0) == AFTER_ANOTHER  # waited, then holds it: look in the tables
+        assert not claims.renew(8, "dead", 5.0)  # the dead one's renewal (were it alive) is refused
         claims.finish(8, "dead", None)  # and its late finish does not release the new holder's claim
-        assert await claims.claim(8, "third", 0.2, 0.1) == BUSY
+        assert await claims.claim(8, "third", 5.0, 0.3) == BUSY  # "next" holds it for 5 s
 
     asyncio.run(scenario())
 
@@ -465,6 +467,33 @@ def test_a_limiter_that_does_not_answer_is_a_503_not_a_request_that_hangs(monkey
     refused = asyncio.run(request())
     assert (refused.code, refused.kind) == (503, "limits_unavailable") and refused.headers == {"Retry-After": "1"}
     assert refunds == [(True, "acme", 40)]
+
+
+def test_a_duplicate_on_the_same_replica_waits_at_most_the_longest_a_request_takes_then_409():
+    """A request whose key's first request still runs on this replica (its audit write outliving
+    its answer, say) waited for it with no limit; on another replica it gets 409 after
+    _key_wait_s. Now both: 409 idempotency_key_in_use, and its token reservation goes back."""
+    import asyncio
+    from types import SimpleNamespace as NS
+
+    from compute.idempotency import RecentAnswers
+    from compute.online import request_offset
+    from jobs.serve import TidegateEndpoint
+
+    refunds = []
+
+    async def request():
+        never = asyncio.get_running_loop().create_future()  # the first request, still running
+        offset = request_offset("idem", "acme", "invoke", "key-1")
+        replica = NS(_answers=RecentAnswers(4), _in_flight={offset: never}, _key_wait_s=lambda: 0.3,
+                     _settle=lambda principal, tokens: refunds.append(tokens),
+                     _refusal=lambda r, route: (r.code, r.kind, r.headers))  # fmt: skip
+        answer = TidegateEndpoint.func_or_class._answer_now
+        return await asyncio.wait_for(answer(replica, NS(headers={"idempotency-key": "key-1"}), NS(tenant="acme"),
+                                             "invoke", None, None, 40), 10)  # fmt: skip
+
+    assert asyncio.run(request()) == (409, "idempotency_key_in_use", {"Retry-After": "5"})
+    assert refunds == [-40]
 
 
 def test_an_answer_is_stamped_with_its_rows_time_so_a_replay_is_the_same_answer():

@@ -61,8 +61,6 @@ def test_spec_defaults_and_parsing():
         ("pool", {"backend": "serve", "max_actors": 2, "tensor_parallel_size": 2, "num_gpus": 2},
          "pool: Value error, max_actors, tensor_parallel_size: size the engines a job starts; with backend: serve"),
         # Accepted and then ignored or rounded before stop 43:
-        ("prompt", {"template": "{{ q }}", "id_field": "id", "chat": False, "system": "Be brief."},
-         "prompt: Value error, system: only a chat prompt has a system message"),
         ("model.kv_cache_gib", 0.25, "model.kv_cache_gib: Value error, must be a whole number of GiB, not 0.25"),
         ("sampling", {"logprobs": 5}, "sampling: Value error, logprobs: computed and then dropped"),
         ("sampling", {"prompt_logprobs": 1}, "sampling: Value error, prompt_logprobs: computed and then dropped"),
@@ -73,6 +71,8 @@ def test_spec_defaults_and_parsing():
         ("sampling", {"max_tokens": 0}, "sampling: Value error, max_tokens: must be at least 1, not 0"),
         ("sampling", {"top_k": 2.5}, "sampling: Value error, top_k: must be an integer"),
         ("sampling", {"max_tokens": 8, "min_tokens": 9}, "sampling: Value error, min_tokens: must be at most max_tokens (8)"),
+        ("sampling", {"min_tokens": 100}, "sampling: Value error, min_tokens: must be at most max_tokens (64)"),  # the default
+        ("model.kv_cache_gib", float("inf"), "model.kv_cache_gib: Value error, must be a whole number of GiB"),
     ],
 )
 def test_bad_spec_names_the_field(path, value, expect):
