@@ -555,17 +555,20 @@ SCHEMA_PATTERN_TIMEOUT_S = 0.1
 # ... and all of one document's searches together stop after this: an event of thousands of
 # strings, each running out of time, would otherwise hold the stage worker for minutes.
 SCHEMA_PATTERN_BUDGET_S = 0.5
-_PATTERN_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("schema_pattern_deadline", default=None)
+# [seconds of searching left] for the document being validated (schema_errors): only the searches'
+# own time is charged, so a large valid document is never cut short by the rest of the validation.
+_PATTERN_BUDGET: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar("schema_pattern_budget",
+                                                                                     default=None)  # fmt: skip
 
 
 def schema_errors(validator, instance: Any) -> list:
     """Every error of `instance` against a json_schema_validator(), sorted by path; its pattern
-    searches share one SCHEMA_PATTERN_BUDGET_S (past it, a search is a violation at once)."""
-    token = _PATTERN_DEADLINE.set(time.monotonic() + SCHEMA_PATTERN_BUDGET_S)
+    searches share one SCHEMA_PATTERN_BUDGET_S of search time (past it, a search is a violation at once)."""
+    token = _PATTERN_BUDGET.set([SCHEMA_PATTERN_BUDGET_S])
     try:
         return sorted(validator.iter_errors(instance), key=lambda e: [str(p) for p in e.path])
     finally:
-        _PATTERN_DEADLINE.reset(token)
+        _PATTERN_BUDGET.reset(token)
 
 
 def _timed_search(pattern: str, text: str) -> bool | None:
@@ -573,15 +576,19 @@ def _timed_search(pattern: str, text: str) -> bool | None:
     import regex
 
     timeout = SCHEMA_PATTERN_TIMEOUT_S
-    deadline = _PATTERN_DEADLINE.get()
-    if deadline is not None:
-        timeout = min(timeout, deadline - time.monotonic())
-        if timeout <= 0:
+    budget = _PATTERN_BUDGET.get()
+    if budget is not None:
+        if budget[0] <= 0:
             return None
+        timeout = min(timeout, budget[0])
+    t0 = time.monotonic()
     try:
         return regex.search(pattern, text, timeout=timeout) is not None
     except TimeoutError:
         return None
+    finally:
+        if budget is not None:
+            budget[0] -= time.monotonic() - t0
 
 
 def _pattern_keyword(validator, pattern, instance, schema):

@@ -73,15 +73,20 @@ class EmbeddingWorker:
 
 # A "sentence" longer than this many units (JSON, code, a list) is checked as pieces, cut at
 # whitespace where there is some, so that each fits the embedding model's context (256 tokens)
-# whole. A wide (CJK) character counts as WIDE_UNITS, others as 1. Measured with the model's
-# tokenizer: English prose ~4 units a token, CJK and JSON ~3.5, code 2, runs of numbers 1.9; so
-# 480 units stay under 256 tokens for all of them. Context chunks (chunk_chars) are measured so too.
+# whole. The model's BERT tokenizer makes every punctuation mark and every CJK character a token of
+# its own: those count WIDE_UNITS, other characters 1. The densest text then is single characters
+# between spaces ("1 0 1 ..."), 2 units a token: 480 units stay under 256 tokens (with the two
+# special ones) whatever the text. Context chunks (chunk_chars) are measured so too.
 MAX_SENTENCE_UNITS = 480
 WIDE_UNITS = 4
 
 
+def _unit(c: str) -> int:
+    return WIDE_UNITS if ord(c) >= 0x2E80 or not (c.isalnum() or c.isspace()) else 1
+
+
 def _units(text: str) -> int:
-    return len(text) + (WIDE_UNITS - 1) * sum(1 for c in text if ord(c) >= 0x2E80)
+    return sum(map(_unit, text))
 
 
 def _cut_at(text: str, limit: int) -> int:
@@ -89,7 +94,7 @@ def _cut_at(text: str, limit: int) -> int:
     second half when there is some."""
     total, end = 0, len(text)
     for i, c in enumerate(text):
-        total += WIDE_UNITS if ord(c) >= 0x2E80 else 1
+        total += _unit(c)
         if total > limit:
             end = max(1, i)
             break

@@ -22,7 +22,7 @@ are not sent again. A kill between the commit and the publish, or in the middle 
 neither loses nor repeats a row. With `transactional: true` each publish is one Kafka transaction
 too, so read_committed consumers never see a half-published commit on brokers that implement them.
 
-Messages: key = id (UTF-8); value = the row (JSON object, or Avro in the Confluent wire format:
+Messages: key = id (UTF-8; its SHA-256 when the id alone is over max_message_bytes); value = the row (JSON object, or Avro in the Confluent wire format:
 a union of the result and dead-letter records); headers run_id, status ("ok" | "flagged" |
 "dead_letter"), error_class, and tidegate.source_topic / .source_partition / .source_offset.
 """

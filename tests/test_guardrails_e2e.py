@@ -138,7 +138,9 @@ def test_semantic_similarity_of_the_real_embedding_model():
 
     tokenizer = worker.llm.get_tokenizer()
     cjk = "订单4411已于三月五日由快递发出，退款由支持主管在两个工作日内批准" * 40  # one "sentence", 1,320 characters
-    digits = " ".join(str(7919 * i % 10**9) for i in range(400))  # the densest text measured: ~1.9 characters a token
-    for text in (long_json, cjk, cjk.replace("，", "。"), digits):
+    digits = " ".join(str(7919 * i % 10**9) for i in range(400))  # ~1.9 characters a token
+    flags = "{\"scores\":[" + ",".join(str(i % 2) for i in range(1500)) + "]}"  # a token per character
+    spaced = " ".join(str(i % 2) for i in range(1500))  # the densest: 2 characters a token
+    for text in (long_json, cjk, cjk.replace("，", "。"), digits, flags, spaced):
         pieces = sentences(text) + chunks([text], 480)
         assert len(pieces) > 1 and all(len(tokenizer(p).input_ids) <= 256 for p in pieces), text[:40]

@@ -337,10 +337,10 @@ def test_an_engine_ray_restarts_after_a_crash_is_given_its_reload_not_cancelled_
         # Restarting for longer than a reload takes (a hung model load, an actor Ray cannot place):
         # a hang again, not waited on for good (the reload here takes 8 s, the grace is set to 1 s).
         pool._restart_grace_s = 1.0
-        assert pool._reloading(slot, time.monotonic())  # restarting, within the grace
-        time.sleep(1.5)
+        since = slot.restarting_since
+        assert since is not None and pool._reloading(slot, since + 0.5)  # restarting, within the grace
         assert actor_restarts(actor) == (True, 1)  # still reloading
-        assert not pool._reloading(slot, time.monotonic())
+        assert not pool._reloading(slot, since + 1.5)
     finally:
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
