@@ -116,15 +116,16 @@ def sentences(text: str) -> list[str]:
 
 
 def chunks(docs: Sequence[str], size: int) -> list[str]:
-    """Context documents cut at sentence ends into chunks of about `size` characters."""
+    """Context documents cut at sentence ends into chunks of at most `size` units (_units)."""
     out = []
     for doc in docs:
-        cur = ""
+        cur, cur_units = "", 0  # the chunk so far, and its units (kept, not counted again per sentence)
         for s in sentences(doc):
-            if cur and _units(cur) + _units(s) + 1 > size:
+            s_units = _units(s)
+            if cur and cur_units + s_units + 1 > size:
                 out.append(cur)
-                cur = ""
-            cur = f"{cur} {s}" if cur else s
+                cur, cur_units = "", 0
+            cur, cur_units = (f"{cur} {s}", cur_units + s_units + 1) if cur else (s, s_units)
         if cur:
             out.append(cur)
     return out
