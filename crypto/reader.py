@@ -51,12 +51,15 @@ if TYPE_CHECKING:
 Backend = Literal["polars", "pandas", "arrow"]
 
 
-def open_keyring(keyring: Keyring | KeySource | str | Path | None) -> KeySource:
-    """A keyring object from a Keyring, a path, or None (default path; master key from the environment)."""
-    from crypto.keyring import Keyring
+def open_keyring(keyring: Keyring | KeySource | str | Path | None, master_key_env: str | None = None) -> KeySource:
+    """A keyring object from a Keyring, a path, or None (default path). A path's master key is read
+    from the variable `master_key_env` names (default TIDEGATE_MASTER_KEY, or its _FILE twin): a
+    job whose spec sets encryption.master_key_env is read with that name."""
+    from crypto.keyring import Keyring, LocalMasterKeyProvider
 
     if keyring is None or isinstance(keyring, (str, Path)):
-        return Keyring.open(Path(keyring).expanduser() if keyring is not None else None)
+        provider = LocalMasterKeyProvider(master_key_env) if master_key_env else None
+        return Keyring.open(Path(keyring).expanduser() if keyring is not None else None, provider)
     return keyring
 
 
@@ -65,15 +68,17 @@ class KeyringOnFirstUse:
     selection of plain columns) is read without any keyring, and a missing one is an error only
     where a key is needed. `keyring`: what open_keyring takes, or a function that opens one."""
 
-    def __init__(self, keyring: Keyring | KeySource | str | Path | Callable[[], KeySource] | None):
+    def __init__(self, keyring: Keyring | KeySource | str | Path | Callable[[], KeySource] | None,
+                 master_key_env: str | None = None):  # fmt: skip
         self._given = keyring
+        self._master_key_env = master_key_env
         self._opened: KeySource | None = None
 
     def _source(self) -> KeySource:
         if self._opened is None:
             given = self._given
             opener = given if callable(given) and not hasattr(given, "data_key") else None
-            self._opened = opener() if opener is not None else open_keyring(given)
+            self._opened = opener() if opener is not None else open_keyring(given, self._master_key_env)
         return self._opened
 
     def current(self, tenant: str) -> int:
@@ -143,6 +148,7 @@ def read_results(
     table: str | None = None,
     row_id_columns: Sequence[str] | None = None,
     where: Any = None,
+    master_key_env: str | None = None,
 ) -> Any:
     """Read a Delta results (or dead-letter) table and decrypt what the keyring opens.
 
@@ -152,7 +158,7 @@ def read_results(
 
     uri             Delta table URI (local path, s3://, ...)
     keyring         a Keyring, a keyring file path, or None ($TIDEGATE_KEYRING or .tidegate/keyring.json;
-                    the master key from $TIDEGATE_MASTER_KEY)
+                    the master key from $TIDEGATE_MASTER_KEY, or the variable master_key_env names)
     columns         columns to return (default: all)
     on_missing_key  "raise" (KeyPermissionError / KeyRevokedError naming the tenant) or "keep" (stay encrypted)
     backend         "polars" -> polars.DataFrame, "pandas" -> pandas.DataFrame, "arrow" -> pyarrow.Table
@@ -168,7 +174,7 @@ def read_results(
         raise ValueError(f"backend must be polars, pandas or arrow, not {backend!r}")
     if on_missing_key not in ("raise", "keep"):
         raise ValueError(f"on_missing_key must be raise or keep, not {on_missing_key!r}")
-    kr = keyring if isinstance(keyring, KeyringOnFirstUse) else KeyringOnFirstUse(keyring)
+    kr = keyring if isinstance(keyring, KeyringOnFirstUse) else KeyringOnFirstUse(keyring, master_key_env)
     dt = DeltaTable(uri, version=version, storage_options=storage_options)
     schema = pa.schema(dt.schema().to_arrow())
     binding = binding_of(dt.metadata(), schema, uri)

@@ -54,15 +54,16 @@ TokenEnvOption = Annotated[
 ]
 
 
-def _cluster_call(fn):
-    """Run a call to the cluster; a refused token or a bad spec is one 'error:' line, exit 2."""
+def _cluster_call(fn, exit_codes: dict | None = None):
+    """Run a call to the cluster; a refused token or a bad spec is one 'error:' line, exit 2 (or
+    the code `exit_codes` gives the error's class)."""
     from schemas.errors import TidegateError
 
     try:
         return fn()
     except TidegateError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(next((c for k, c in (exit_codes or {}).items() if isinstance(e, k)), 2))
 
 
 @app.command()
@@ -130,6 +131,9 @@ def submit(
     address: AddressOption,
     until_drained: Annotated[bool, typer.Option("--until-drained", help="Stop once drained.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Block until the job ends; exit 0 only if it succeeded.")] = False,
+    wait_timeout: Annotated[Optional[float], typer.Option(
+        "--wait-timeout", min=0, help="With --wait: give up waiting after this many seconds (exit 3; the job goes "
+        "on). Default: as long as the job runs.")] = None,  # fmt: skip
     submission_id: Annotated[Optional[str], typer.Option(help="Job id to use (default: Ray's).")] = None,
     follow: Annotated[bool, typer.Option("--follow", help="Delta incremental sources: keep polling.")] = False,
     token_env: TokenEnvOption = "RAY_AUTH_TOKEN",
@@ -144,7 +148,12 @@ def submit(
                                               follow=follow, token_env=token_env, master_key_file=master_key_file))  # fmt: skip
     typer.echo(job_id)
     if wait:
-        status = sub.wait(address, job_id, token_env=token_env)
+        try:
+            status = _cluster_call(lambda: sub.wait(address, job_id, wait_timeout, token_env=token_env),
+                                   exit_codes={sub.JobWaitTimeout: 3})  # fmt: skip
+        except KeyboardInterrupt:  # the job is the cluster's now: Ctrl-C ends the wait, not the job
+            typer.echo(f"stopped waiting; job {job_id} goes on (`tidegate jobs stop {job_id}` stops it)", err=True)
+            raise typer.Exit(130)
         typer.echo(f"{job_id}: {status}")
         raise typer.Exit(0 if status == "SUCCEEDED" else 1)
 

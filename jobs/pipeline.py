@@ -143,6 +143,9 @@ class PipelineJob:
             self._engine_usage()
             self.stats.notes.extend(self.source.notes())
             status = "stopped" if stop.is_set() else "finished"
+        except KeyboardInterrupt:  # a second signal (jobs/run.py): a stop that did not wait for the drain
+            status, error = "stopped", "KeyboardInterrupt: stopped at once by a second signal; batches in flight not committed"
+            raise
         except BaseException as e:
             error = run_error(e)
             raise

@@ -342,6 +342,10 @@ def main(
     except TidegateError as e:
         print(f"error: {e}", file=sys.stderr)  # one plain line (or block), never wrapped
         return 2
+    except KeyboardInterrupt:  # a second signal (or Ctrl-C before the handlers): stop at once, no traceback
+        print("stopped at once: batches in flight were not committed; the next run reads them again",
+              file=sys.stderr)  # fmt: skip
+        return 130
     return 0
 
 

@@ -163,15 +163,52 @@ def submit(
         shutil.rmtree(root.parent, ignore_errors=True)  # uploaded by now
 
 
-def wait(address: str, job_id: str, timeout_s: float = 3600.0, token_env: str = TOKEN_ENV) -> str:
-    """Block until the job ends; returns its final status name."""
+def _transient(e: Exception) -> bool:
+    """A failed job API call worth repeating: no connection or a timeout (requests' errors are
+    OSErrors), or a 5xx answer (Ray's client raises RuntimeError("Request failed with status code
+    503: ..."): a proxy in front of a restarting dashboard)."""
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and str(e).startswith("Request failed with status code 5"))
+
+
+class JobWaitTimeout(TidegateError):
+    """`--wait-timeout` passed with the job still running; the job itself is left running."""
+
+
+class ClusterUnreachable(TidegateError):
+    """The job API did not answer for `unreachable_s` while waiting; the job may still be running."""
+
+
+def wait(address: str, job_id: str, timeout_s: float | None = None, token_env: str = TOKEN_ENV, *,
+         poll_s: float = 1.0, unreachable_s: float = 120.0, client_factory=None) -> str:  # fmt: skip
+    """Block until the job ends; returns its final status name (SUCCEEDED, FAILED, STOPPED).
+
+    timeout_s      None: as long as the job runs (a batch job may take hours); else JobWaitTimeout
+    unreachable_s  the job API may be away that long (a head's dashboard restarting, a network
+                   blip) before ClusterUnreachable: before stop 44 the first failed poll ended the
+                   wait with a traceback, after hours of it
+    """
     from ray.job_submission import JobStatus
 
-    c = client(address, token_env)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = c.get_job_status(job_id)
+    c = (client_factory or client)(address, token_env)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    failing_since: float | None = None
+    while True:
+        try:
+            status = c.get_job_status(job_id)
+            failing_since = None
+        except Exception as e:  # noqa: BLE001 - sorted below: transient, refused token, or raised
+            if not _transient(e):
+                raise _auth_error(e, address, token_env) or e
+            now = time.monotonic()
+            failing_since = failing_since if failing_since is not None else now
+            if now - failing_since >= unreachable_s:
+                raise ClusterUnreachable(f"the job API at {address} did not answer for {unreachable_s:.0f}s while "
+                                         f"waiting for job {job_id} ({type(e).__name__}); the job may still be "
+                                         f"running: `tidegate jobs status {job_id}`") from None  # fmt: skip
+            status = None
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             return str(status.value)
-        time.sleep(1.0)
-    raise TimeoutError(f"job {job_id} still running after {timeout_s:.0f}s")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise JobWaitTimeout(f"job {job_id} still running after {timeout_s:g}s of waiting; it goes on "
+                                 f"(`tidegate jobs stop {job_id}` stops it)")  # fmt: skip
+        time.sleep(poll_s)

@@ -170,6 +170,34 @@ def test_a_stop_commits_the_finished_batches_while_a_straggler_outlives_the_dead
     assert "abandoning 1 batch(es) still in flight" in job.log()
 
 
+def test_a_second_signal_stops_at_once_with_one_line_and_a_stopped_run_row(tmp_path, broker, topic, tiny_model,
+                                                                            job_processes):  # fmt: skip
+    """SIGTERM starts the drain, which waits for a batch hung at the engine (up to
+    run.shutdown_timeout_s, 300 s here); a second signal stops the job at once: exit 130, one line
+    saying what it means, no traceback (before stop 44: a KeyboardInterrupt traceback, exit 1),
+    and the runs table says stopped, not failed."""
+    from connectors.runs import RunsTable
+
+    send(broker, topic, [event(0), event(777, question="STUCK-PILL")])
+    spec = make_spec(tmp_path, broker, topic, tiny_model,
+                     **{"pool.batch_size": 1, "sink.commit_interval_s": 600, "run.shutdown_timeout_s": 300})  # fmt: skip
+    job = job_processes(write_spec(tmp_path, spec), module="tests.job_runner", until_drained=False,
+                        extra_args=("--hang-on", "STUCK-PILL", "--instant-engine"))  # fmt: skip
+    wait_for(lambda: "partitions assigned" in job.log() or job.proc.poll() is not None, 300, what="the job reading")
+    time.sleep(10)  # both read and at the engine well within that (the instant engine)
+    job.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: "received SIGTERM" in job.log() or job.proc.poll() is not None, 60, what="the first signal")
+    assert job.proc.poll() is None, job.log()[-3000:]  # draining: the hung batch holds it
+    job.proc.send_signal(signal.SIGINT)
+    assert job.wait(120) == 130, job.log()[-4000:]
+    log = job.log()
+    assert "stopped at once: batches in flight were not committed; the next run reads them again" in log
+    assert "Traceback" not in log, log[-4000:]
+    runs = RunsTable.for_results(spec["sink"]["results"]).read()
+    (row,) = runs.filter(runs["kind"] == "run").to_dicts()
+    assert row["status"] == "stopped" and "second signal" in row["error"], row
+
+
 def test_a_slow_sink_slows_consumption_and_bounds_what_is_in_flight(tmp_path, broker, topic, tiny_model, job_processes):
     """Backpressure: with every commit taking 1 s (tests/job_runner.py), the job reads only as fast as it commits."""
     n, batch = 600, 32

@@ -77,3 +77,30 @@ def test_polars_pandas_pyarrow_and_duckdb_read_the_same_rows(table):
     assert by_polars == by_pandas == by_arrow == by_duckdb == expected
     # encrypted columns read as stored bytes everywhere except read_results
     assert pl.read_delta(uri)["output_text"].dtype == pl.Binary
+
+
+def test_a_keyring_path_is_opened_with_the_master_key_variable_the_job_names(table, monkeypatch):
+    """A job whose spec says encryption.master_key_env: ACME_MASTER_KEY is read with that variable:
+    crypto.reader.read_results(master_key_env=...), and tidegate.read_results(spec, keyring=PATH)
+    from the spec. Before stop 44 a keyring given as a path always took TIDEGATE_MASTER_KEY."""
+    import tidegate
+    from schemas.errors import KeyringError
+
+    monkeypatch.setenv("ACME_MASTER_KEY", os.environ["TIDEGATE_MASTER_KEY"])
+    monkeypatch.setenv("TIDEGATE_MASTER_KEY", base64.b64encode(os.urandom(32)).decode())  # another key
+    acme = pl.col("tenant") == "acme"
+    with pytest.raises(KeyringError, match="wrong master key"):
+        read_results(table["uri"], table["all"], columns=["output_text"], where=acme)
+    got = read_results(table["uri"], str(table["all"]), columns=["output_text"], where=acme,
+                       master_key_env="ACME_MASTER_KEY")  # fmt: skip
+    assert set(got["output_text"]) == {f"answer {o}" for o in range(1, 40, 2)}
+
+    spec = tidegate.parse_spec({
+        "name": "readers", "source": {"kafka": {"topic": "t"}}, "prompt": {"template": "{{ q }}", "id_field": "id"},
+        "model": {"path": "m"}, "sink": {"results": table["uri"], "dead_letter": table["uri"] + "-dl"},
+        "encryption": {"keyring": str(table["acme"]), "tenant": "acme", "output_fields": ["output_text"],
+                       "master_key_env": "ACME_MASTER_KEY"},
+    })  # fmt: skip
+    for keyring in (None, table["all"], str(table["all"])):  # the spec's, or one given as a path
+        got = tidegate.read_results(spec, keyring=keyring, columns=["output_text"], where=acme)
+        assert set(got["output_text"]) == {f"answer {o}" for o in range(1, 40, 2)}, keyring

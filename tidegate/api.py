@@ -254,8 +254,10 @@ class SubmittedJob:
         """Ask the job to stop (SIGTERM: it finishes its batches and commits); False if it had ended."""
         return bool(self._client().stop_job(self.job_id))
 
-    def wait(self, timeout_s: float = 3600.0) -> str:
-        """Block until the job ends; its final status."""
+    def wait(self, timeout_s: float | None = None) -> str:
+        """Block until the job ends (timeout_s None: however long it runs); its final status.
+        Raises JobWaitTimeout past timeout_s (the job goes on), ClusterUnreachable when the job
+        API stays away for two minutes."""
         from jobs.submit import wait
 
         return wait(self.address, self.job_id, timeout_s, self.token_env)
@@ -291,15 +293,15 @@ def submit(spec: SpecLike, address: str, *, until_drained: bool = False, follow:
 
 
 def _keyring(spec: JobSpec, keyring):
-    """The reader's keyring: the one given, else the spec's (its master key from the spec's
-    variable), opened only once a value needs a key (plain columns read without any)."""
-    if keyring is not None or not spec.encryption.needs_keys:
+    """The reader's keyring: the one given, else the spec's; a keyring given as a path (or the
+    spec's) takes its master key from the spec's variable (encryption.master_key_env). Opened only
+    once a value needs a key (plain columns read without any)."""
+    if not spec.encryption.needs_keys or not (keyring is None or isinstance(keyring, (str, Path))):
         return keyring
-    from crypto.keyring import Keyring, LocalMasterKeyProvider
     from crypto.reader import KeyringOnFirstUse
 
     enc = spec.encryption
-    return KeyringOnFirstUse(lambda: Keyring.open(enc.keyring, LocalMasterKeyProvider(enc.master_key_env)))
+    return KeyringOnFirstUse(keyring if keyring is not None else enc.keyring, enc.master_key_env)
 
 
 def _read(spec: JobSpec, uri: str, keyring, where, columns, backend, on_missing_key, version):
