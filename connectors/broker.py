@@ -48,6 +48,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(host: str, port: int, what: str) -> None:
+    """SourceError naming `what` when a socket listens on host:port already (SO_REUSEADDR, as
+    servers bind: a port whose old connections linger in TIME_WAIT is free)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise SourceError(f"{what} is in use ({e.strerror}): another program listens there; choose "
+                              "another port") from None  # fmt: skip
+
+
 def _stop(p: subprocess.Popen | None) -> None:
     """SIGTERM, then SIGKILL after 10 s: the one child process `p`, nothing else."""
     if p is None or p.poll() is not None:
@@ -149,6 +161,9 @@ class EmbeddedBroker:
         return f"{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 15.0) -> EmbeddedBroker:
+        # A port something else listens on would pass the connect check below (the other program
+        # answers) while tansu fails to bind and exits: a broker "started" that is not there.
+        port_in_use(self.host, self.port, f"the embedded broker's port {self.bootstrap_servers}")
         if self.store is not None and self.store.process is None:
             self.store.start()
         url = f"tcp://{self.host}:{self.port}"
@@ -164,7 +179,9 @@ class EmbeddedBroker:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise SourceError(f"embedded broker exited with code {self.process.returncode} on start")
+                code = self.process.returncode
+                self.stop()  # its object store too
+                raise SourceError(f"embedded broker exited with code {code} on start")
             try:
                 socket.create_connection((self.host, self.port), timeout=0.2).close()
                 log.info("embedded Kafka broker (tansu) pid %d on %s", self.process.pid, self.bootstrap_servers)

@@ -167,7 +167,7 @@ def jobs_list(address: AddressOption, token_env: TokenEnvOption = "RAY_AUTH_TOKE
     from jobs.submit import client
 
     table = Table("job id", "status", "tidegate job", "entrypoint")
-    for info in sorted(_cluster_call(lambda: client(address, token_env)).list_jobs(), key=lambda j: j.start_time or 0):
+    for info in sorted(_cluster_call(lambda: client(address, token_env).list_jobs()), key=lambda j: j.start_time or 0):
         table.add_row(info.submission_id or info.job_id or "", str(info.status.value),
                       (info.metadata or {}).get("tidegate_job", ""), info.entrypoint)  # fmt: skip
     Console().print(table)
@@ -178,7 +178,7 @@ def jobs_status(job_id: str, address: AddressOption, token_env: TokenEnvOption =
     """Print a job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."""
     from jobs.submit import client
 
-    typer.echo(str(_cluster_call(lambda: client(address, token_env)).get_job_status(job_id).value))
+    typer.echo(str(_cluster_call(lambda: client(address, token_env).get_job_status(job_id)).value))
 
 
 @jobs_app.command("logs")
@@ -186,7 +186,7 @@ def jobs_logs(job_id: str, address: AddressOption, token_env: TokenEnvOption = "
     """Print a job's logs."""
     from jobs.submit import client
 
-    typer.echo(_cluster_call(lambda: client(address, token_env)).get_job_logs(job_id), nl=False)
+    typer.echo(_cluster_call(lambda: client(address, token_env).get_job_logs(job_id)), nl=False)
 
 
 @jobs_app.command("stop")
@@ -194,21 +194,27 @@ def jobs_stop(job_id: str, address: AddressOption, token_env: TokenEnvOption = "
     """Ask a job to stop (SIGTERM to its driver: in-flight batches are finished and committed)."""
     from jobs.submit import client
 
-    stopped = _cluster_call(lambda: client(address, token_env)).stop_job(job_id)
+    stopped = _cluster_call(lambda: client(address, token_env).stop_job(job_id))
     typer.echo("stop requested" if stopped else "job was not running")
 
 
 @app.command()
 def demo(
     events: Annotated[int, typer.Option(help="Valid request events to produce.")] = 300,
-    lake: Annotated[Path, typer.Option(help="Folder for the demo's tables (emptied first).")] = Path("lake/demo"),
+    lake: Annotated[Path, typer.Option(help="Folder for the demo's tables (its results, dead_letter and runs tables there are replaced; nothing else is touched).")] = Path("lake/demo"),
     verbose: VerboseOption = False,
 ) -> None:
     """Start a broker, produce sample events, run the demo job until drained, show the output."""
     from jobs.demo import run_demo
+    from schemas.errors import TidegateError
 
     _verbose(verbose)
-    raise typer.Exit(run_demo(events=events, lake=lake))
+    try:
+        code = run_demo(events=events, lake=lake)
+    except TidegateError as e:  # no vLLM, no broker binary, ...: one line, as `run` says it
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -218,16 +224,25 @@ def broker(
 ) -> None:
     """Run the embedded Kafka-protocol broker (tansu) in the foreground."""
     from connectors.broker import EmbeddedBroker
+    from schemas.errors import TidegateError
 
-    b = EmbeddedBroker(port=port or None, data_dir=data).start()
-    typer.echo(f"bootstrap_servers: {b.bootstrap_servers}  (pid {b.process.pid}; Ctrl-C stops it)")
     try:
-        while b.process.poll() is None:
+        b = EmbeddedBroker(port=port or None, data_dir=data).start()
+    except TidegateError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"bootstrap_servers: {b.bootstrap_servers}  (pid {b.process.pid}; Ctrl-C stops it)")
+    process = b.process
+    try:
+        while process.poll() is None:
             time.sleep(0.5)
     except KeyboardInterrupt:
-        pass
+        return
     finally:
         b.stop()
+    # It ended by itself (Ctrl-C returned above).
+    typer.echo(f"error: the broker exited with code {process.returncode}", err=True)
+    raise typer.Exit(2)
 
 
 @app.command()
@@ -244,10 +259,14 @@ def produce(
     import json
 
     from connectors.kafka import try_create_topic
-    from schemas.errors import EventContractError, TidegateError
+    from schemas.errors import EventContractError, ProduceError, TidegateError
     from jobs.producer import EventProducer
 
-    stream = sys.stdin.buffer if str(file) == "-" else open(file, "rb")
+    try:
+        stream = sys.stdin.buffer if str(file) == "-" else open(file, "rb")
+    except OSError as e:
+        typer.echo(f"error: cannot read {file}: {e.strerror}", err=True)
+        raise typer.Exit(2)
     events, lines = [], []
     for n, line in enumerate(stream, 1):
         if not line.strip():
@@ -276,6 +295,10 @@ def produce(
             except EventContractError as e:
                 where = f"line {lines[e.record]}: " if e.record is not None else ""
                 typer.echo(f"error: {where}{str(e).split(': ', 1)[-1]}; nothing was sent", err=True)
+                raise typer.Exit(2)
+            except ProduceError as e:  # named by its line; the others delivered are said (a rerun repeats them)
+                where = f"line {lines[e.record]}: " if e.record is not None else ""
+                typer.echo(f"error: {where}{e}", err=True)
                 raise typer.Exit(2)
     except TidegateError as e:
         typer.echo(f"error: {e}", err=True)

@@ -49,6 +49,16 @@ def malformed_events(max_message_bytes: int) -> list[tuple[bytes | None, bytes]]
     ]
 
 
+def clear_demo_tables(spec) -> None:
+    """The embedded broker starts empty: so must the demo's tables. Only those: `--lake lake` once
+    removed every other job's tables there too (before stop 44 the whole folder went)."""
+    from connectors.runs import default_runs_uri
+
+    for table in (spec.sink.results, spec.sink.dead_letter, default_runs_uri(spec.sink.results)):
+        if Path(table).exists():
+            shutil.rmtree(table)
+
+
 def run_demo(events: int = 300, lake: Path = Path("lake/demo")) -> int:
     from connectors.broker import EmbeddedBroker
     from connectors.kafka import create_topic, produce
@@ -62,11 +72,10 @@ def run_demo(events: int = 300, lake: Path = Path("lake/demo")) -> int:
         console.print(f"building the tiny demo model in {TINY_MODEL_DIR} (offline, ~10 s)")
         build_tiny_model(TINY_MODEL_DIR)
     spec = load_spec(EXAMPLE_SPEC)
-    if lake.exists():
-        shutil.rmtree(lake)  # the embedded broker starts empty: so must the demo's tables
     spec.sink.results = str(lake / "results")
     spec.sink.dead_letter = str(lake / "dead_letter")
     spec.model.path = str(TINY_MODEL_DIR)
+    clear_demo_tables(spec)
 
     with EmbeddedBroker() as broker:
         topic = spec.source.kafka.topic

@@ -142,6 +142,21 @@ def redact_value(value: Any) -> Any:
     return value
 
 
+@contextmanager
+def reading_store(what: str) -> Iterator[None]:
+    """Turn a store's or reader's own error while reading `what` (words naming the table, its URI
+    among them) into one SinkError that says so (URI credentials masked) with the error's type:
+    their messages can quote paths, credentials and stored values. Tidegate's own errors pass."""
+    from schemas.errors import SinkError, TidegateError
+
+    try:
+        yield
+    except TidegateError:
+        raise
+    except Exception as e:  # noqa: BLE001 - see above
+        raise SinkError(f"cannot read {redact_text(what)} ({type(e).__name__})") from None
+
+
 class RedactFilter(logging.Filter):
     """Masks secrets in a record's args, rendered message, `extra` fields, traceback and stack; never
     drops a record.

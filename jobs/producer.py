@@ -57,18 +57,24 @@ class EventProducer:
         schema_registry: str | None = None,
         security: KafkaSecuritySpec | None = None,
         producer_config: Mapping[str, Any] | None = None,
+        max_message_bytes: int | None = None,
     ):
         """A producer for `topic`. The contract: `contract` (from a spec) or `json_schema` (a JSON
         Schema of the events; None and no contract: only the id is required). format avro needs
         avro_schema (plain Avro), schema_registry (Confluent framing), or both (the schema to
-        register; default: the contract's Avro form)."""
+        register; default: the contract's Avro form). max_message_bytes: the job's
+        source.kafka.max_message_bytes (from_spec), a larger event would only be dead-lettered."""
         from kafka import KafkaProducer
 
         self.topic = topic
         self.id_field = id_field
         self.bootstrap_servers = bootstrap_servers
+        self.max_message_bytes = max_message_bytes
         if contract is None:
-            schema = json_schema or {"type": "object", "required": [id_field]}
+            # No contract: the id only, but a usable one (a null, boolean or object id was sent
+            # before stop 44, keyed b"None", and dead-lettered by the job).
+            schema = json_schema or {"type": "object", "required": [id_field],
+                                     "properties": {id_field: {"type": ["string", "integer"]}}}  # fmt: skip
             contract = EventContract.from_json_schema(schema, name=topic)
         self.contract = contract
         self.encode = self._encoder(format, avro_schema, schema_registry)
@@ -99,6 +105,7 @@ class EventProducer:
         if not brokers:
             raise SpecError(f"{spec.name}: source.kafka.bootstrap_servers is not set: give bootstrap_servers")
         kw.setdefault("security", kafka.security)
+        kw.setdefault("max_message_bytes", kafka.max_message_bytes)
         return cls(brokers, topic or kafka.topic, spec.prompt.id_field, contract=EventContract(spec),
                    format=kafka.format, avro_schema=kafka.avro_schema, schema_registry=kafka.schema_registry, **kw)  # fmt: skip
 
@@ -125,6 +132,8 @@ class EventProducer:
         msgs = self.contract.violations(event)
         if msgs:
             raise EventContractError("; ".join(msgs), record)
+        if event.get(self.id_field) is None:  # a json_schema that does not require it
+            raise EventContractError(f"{self.id_field}: the id is missing", record)
         event_id = str(event[self.id_field]).strip()
         if not event_id:
             raise EventContractError(f"{self.id_field}: the id is empty", record)
@@ -145,17 +154,38 @@ class EventProducer:
         nothing is sent), then send them all and wait for the broker. Accepts an iterable of
         mappings or a polars / pandas DataFrame."""
         prepared = [self._prepare(e, i) for i, e in enumerate(_rows(events))]
+        for i, (key, value, _) in enumerate(prepared):  # all or nothing: an event too large is refused first
+            self._check_size(i, key, value)
         return self._send(prepared)
+
+    # kafka-python's estimate of a record's framing is below this (a v2 record: varints, no headers)
+    RECORD_OVERHEAD = 128
+
+    def _check_size(self, i: int, key: bytes, value: bytes) -> None:
+        """EventContractError (nothing sent) for an event kafka-python would refuse (over its
+        max_request_size) or the job would dead-letter (over its max_message_bytes): before stop
+        44 send_many had sent the events before it by the time the client refused it, and
+        send_each (/events) accepted one the job then dead-lettered."""
+        limit = self._producer.config["max_request_size"]
+        if len(key) + len(value) + self.RECORD_OVERHEAD > limit:
+            what = f"the producer's max_request_size ({limit} bytes)"
+        elif self.max_message_bytes is not None and len(value) > self.max_message_bytes:
+            what = f"the job's source.kafka.max_message_bytes ({self.max_message_bytes})"
+        else:
+            return
+        raise EventContractError(f"{len(value)} bytes encoded, over {what}", i)
 
     def send_each(self, events: Iterable[Mapping[str, Any]]) -> list[Delivery | EventContractError | ProduceError]:
         """Check every event on its own: the good ones are sent (one flush), each bad one comes back
-        in its place as its EventContractError (`.record` = its position), and each one the broker
-        did not take as its ProduceError, instead of raising."""
+        (or too large: _check_size) in its place as its EventContractError (`.record` = its
+        position), and each one the broker did not take as its ProduceError, instead of raising."""
         out: list[Delivery | EventContractError] = []
         good: list[tuple[int, tuple[bytes, bytes, str]]] = []
         for i, event in enumerate(events):
             try:
-                good.append((i, self._prepare(event, i)))
+                prepared = self._prepare(event, i)
+                self._check_size(i, *prepared[:2])
+                good.append((i, prepared))
                 out.append(None)  # type: ignore[arg-type]
             except EventContractError as e:
                 out.append(e)
@@ -166,9 +196,12 @@ class EventProducer:
     def _send(self, prepared: list[tuple[bytes, bytes, str]]) -> list[Delivery]:
         """All or an error: the first event the broker did not take raises its ProduceError."""
         out = self._send_each(prepared)
-        for o in out:
-            if isinstance(o, ProduceError):
-                raise o
+        failed = [(i, o) for i, o in enumerate(out) if isinstance(o, ProduceError)]
+        if failed:
+            i, first = failed[0]
+            delivered = len(out) - len(failed)
+            raise ProduceError(f"{first}; {delivered} of the call's {len(out)} event(s) were delivered",
+                               record=i, delivered=delivered)  # fmt: skip
         return out
 
     def _send_each(self, prepared: list[tuple[bytes, bytes, str]],

@@ -27,7 +27,7 @@ from connectors.runs import dead_by_class_json
 from connectors.sink import open_sink
 from connectors.source import source_class
 from jobs.formatting import format_value
-from jobs.logs import redact_text
+from jobs.logs import reading_store, redact_text, redact_value
 from schemas.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -93,16 +93,22 @@ def _run_summary(rows: pl.DataFrame) -> dict:
 
 
 def collect_status(spec: JobSpec) -> dict:
-    """A job's status: the source's partitions and ends, the sink's positions and tables, the runs."""
-    sink = open_sink(spec)
-    source = source_class(spec.source.kind).status(spec.source.settings, spec.name, sink)
-    described = sink.describe()
-    tables = described["tables"]
-    runs = sink.history()
-    tables["runs"] = {"uri": runs.uri, "exists": runs.exists()} if runs is not None else {"uri": None, "exists": False}
+    """A job's status: the source's partitions and ends, the sink's positions and tables, the runs.
+    Every text in it has URI credentials and secret keys' values masked (it is printed as JSON,
+    and scraped): before stop 44 only the rendered table masked them."""
+    with reading_store(f"the job's tables (results table {spec.sink.results})"):
+        sink = open_sink(spec)
+    with reading_store(f"the job's {spec.source.kind} source and its positions"):
+        source = source_class(spec.source.kind).status(spec.source.settings, spec.name, sink)
+    with reading_store(f"the job's tables (results table {spec.sink.results})"):
+        described = sink.describe()
+        tables = described["tables"]
+        runs = sink.history()
+        tables["runs"] = {"uri": runs.uri, "exists": runs.exists()} if runs is not None else {"uri": None, "exists": False}
+        recent = _runs_summary(runs.read(job=spec.name)) if tables["runs"]["exists"] else {"last": None, "recent": []}
     partitions = [p.as_dict() for p in source.partitions]
     lags = [p["lag"] for p in partitions]
-    return {
+    return redact_value({
         "job": spec.name,
         "collected_at": iso_utc(datetime.now(timezone.utc)),
         "source": source.description,
@@ -114,9 +120,9 @@ def collect_status(spec: JobSpec) -> dict:
         "lag_total": sum(lags) if lags and all(x is not None for x in lags) else None,
         "versions_behind": source.versions_behind,
         "dead_letters": described["dead_letters"],
-        "runs": _runs_summary(runs.read(job=spec.name)) if tables["runs"]["exists"] else {"last": None, "recent": []},
+        "runs": recent,
         "errors": source.errors,
-    }
+    })
 
 
 # -- rendering -------------------------------------------------------------------------------------

@@ -91,14 +91,65 @@ def auth_headers(token_env: str = TOKEN_ENV) -> dict[str, str] | None:
     return {"Authorization": f"Bearer {token}"} if token else None
 
 
-def client(address: str, token_env: str = TOKEN_ENV):
-    """Ray's JobSubmissionClient for the cluster, authenticated with the token in `token_env`."""
+class ClusterCallError(TidegateError):
+    """A job API call that failed: the cluster could not be reached, or answered with an error
+    (its HTTP status and Ray's one-line reason). `transient`: worth repeating (no answer, 5xx)."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+class JobAPI:
+    """Ray's JobSubmissionClient with its failures as Tidegate errors: every method's plain
+    RuntimeError (an HTTP status) or connection error becomes ClusterAuthError or ClusterCallError,
+    one line for the CLI (exit 2) instead of a traceback."""
+
+    def __init__(self, api, address: str, token_env: str = TOKEN_ENV):
+        self._api, self.address, self.token_env = api, address, token_env
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._api, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except TidegateError:
+                raise
+            except Exception as e:  # noqa: BLE001 - Ray's SDK raises plain errors: sorted by cluster_error
+                raise cluster_error(e, self.address, self.token_env) from None
+
+        return call
+
+
+def cluster_error(e: Exception, address: str, token_env: str) -> TidegateError:
+    """The Tidegate error for a failed job API call (see ClusterCallError)."""
+    refused = _auth_error(e, address, token_env)
+    if refused is not None:
+        return refused
+    if isinstance(e, OSError):  # requests' connection errors and timeouts, Ray's ConnectionError
+        return ClusterCallError(f"cannot reach the Ray job API at {address} ({type(e).__name__}); is the address "
+                                "the head's dashboard (http://HEAD:8265)?", transient=True)  # fmt: skip
+    text = str(e)
+    if isinstance(e, RuntimeError) and text.startswith("Request failed with status code "):
+        code, _, reason = text[len("Request failed with status code "):].partition(":")
+        reason = " ".join(reason.split())[:200]  # Ray's reason, e.g. "Job X does not exist."
+        return ClusterCallError(f"the Ray job API at {address} answered {code}: {reason}",
+                                transient=code.strip().startswith("5"))  # fmt: skip
+    return ClusterCallError(f"the Ray job API call failed at {address}: {type(e).__name__}")
+
+
+def client(address: str, token_env: str = TOKEN_ENV) -> JobAPI:
+    """Ray's JobSubmissionClient for the cluster, authenticated with the token in `token_env`
+    (wrapped: its failures are Tidegate errors)."""
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address, headers=auth_headers(token_env))
-    except Exception as e:  # noqa: BLE001 - Ray reports a refused token as a plain error
-        raise _auth_error(e, address, token_env) or e
+        return JobAPI(JobSubmissionClient(address, headers=auth_headers(token_env)), address, token_env)
+    except Exception as e:  # noqa: BLE001 - Ray reports a refused token, or no cluster, as a plain error
+        raise cluster_error(e, address, token_env) from None
 
 
 def _auth_error(e: Exception, address: str, token_env: str) -> ClusterAuthError | None:
@@ -163,13 +214,6 @@ def submit(
         shutil.rmtree(root.parent, ignore_errors=True)  # uploaded by now
 
 
-def _transient(e: Exception) -> bool:
-    """A failed job API call worth repeating: no connection or a timeout (requests' errors are
-    OSErrors), or a 5xx answer (Ray's client raises RuntimeError("Request failed with status code
-    503: ..."): a proxy in front of a restarting dashboard)."""
-    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and str(e).startswith("Request failed with status code 5"))
-
-
 class JobWaitTimeout(TidegateError):
     """`--wait-timeout` passed with the job still running; the job itself is left running."""
 
@@ -189,22 +233,23 @@ def wait(address: str, job_id: str, timeout_s: float | None = None, token_env: s
     """
     from ray.job_submission import JobStatus
 
-    c = (client_factory or client)(address, token_env)
+    c = client_factory(address, token_env) if client_factory is not None else client(address, token_env)
+    c = c if isinstance(c, JobAPI) else JobAPI(c, address, token_env)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     failing_since: float | None = None
     while True:
         try:
             status = c.get_job_status(job_id)
             failing_since = None
-        except Exception as e:  # noqa: BLE001 - sorted below: transient, refused token, or raised
-            if not _transient(e):
-                raise _auth_error(e, address, token_env) or e
+        except ClusterCallError as e:
+            if not e.transient:
+                raise
             now = time.monotonic()
             failing_since = failing_since if failing_since is not None else now
             if now - failing_since >= unreachable_s:
                 raise ClusterUnreachable(f"the job API at {address} did not answer for {unreachable_s:.0f}s while "
-                                         f"waiting for job {job_id} ({type(e).__name__}); the job may still be "
-                                         f"running: `tidegate jobs status {job_id}`") from None  # fmt: skip
+                                         f"waiting for job {job_id} (last: {e}); the job may still be running: "
+                                         f"`tidegate jobs status {job_id}`") from None  # fmt: skip
             status = None
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             return str(status.value)

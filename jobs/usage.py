@@ -68,6 +68,13 @@ def usage_frame(spec: JobSpec, by: str = "run") -> pl.DataFrame:
         raise SpecError(f"usage: by must be one of {', '.join(BY)}, not {by!r}")
     if spec.sink.kind != "delta":
         raise SpecError(f"usage: sink.kind {spec.sink.kind!r} has no tables to read (usage reads Delta tables)")
+    from jobs.logs import reading_store
+
+    with reading_store(f"the job's tables (results table {spec.sink.results})"):  # a store's own message may quote values
+        return _usage_frame(spec, by)
+
+
+def _usage_frame(spec: JobSpec, by: str) -> pl.DataFrame:
     from connectors.runs import RunsTable
 
     if by == "tenant":

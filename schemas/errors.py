@@ -111,7 +111,14 @@ class EventContractError(TidegateError, ValueError):
 
 
 class ProduceError(TidegateError):
-    """The broker did not take an event (EventProducer): the message names the topic and the error class."""
+    """The broker did not take an event (EventProducer): the message names the topic and the error
+    class. `record`: the event's position in the call (when known); `delivered`: how many of that
+    call's events the broker did take (send_many: they are in the topic)."""
+
+    def __init__(self, message: str, record: int | None = None, delivered: int | None = None):
+        super().__init__(message)
+        self.record = record
+        self.delivered = delivered
 
 
 class AuthError(TidegateError):

@@ -68,19 +68,22 @@ def test_the_producer_checks_every_event_first_keys_by_id_and_reports_deliveries
 
 
 def test_send_each_answers_each_event_on_its_own_even_one_the_client_refuses(tmp_path, broker, topic):
-    """send_each (the online /events route): an event over the producer's max_request_size is
-    refused by kafka-python's send() itself, before the broker; that event's outcome is its
-    ProduceError (its class, never its value) and the others are delivered. Before, the error
-    escaped send_each (a 500 from /events, with the earlier events queued all the same)."""
-    from schemas.errors import ProduceError
+    """send_each (the online /events route): an event over the producer's max_request_size was
+    refused by kafka-python's send() itself, and escaped send_each (a 500 from /events, with the
+    earlier events queued all the same); then it was that event's ProduceError. Since stop 44 the
+    size is checked with the contract: its outcome is an EventContractError (the size, never its
+    value), and the others are delivered.
+    """
     from tidegate.producer import EventProducer
 
     spec_path = write_spec(tmp_path, producer_spec(tmp_path, broker, topic))
     with EventProducer.from_spec(spec_path, producer_config={"max_request_size": 4096}) as producer:
         out = producer.send_each([ev(0), ev(2, priority="x"), ev(1, question=SECRET * 400), ev(3)])
-    assert [type(o).__name__ for o in out] == ["Delivery", "EventContractError", "ProduceError", "Delivery"]
-    assert isinstance(out[2], ProduceError) and "MessageSizeTooLargeError" in str(out[2]) and SECRET not in str(out[2])
-    assert "event 2:" in str(out[2])  # its number in the request, not among the events sent
+    # Refused before the client since stop 44 (an EventContractError: over the size the job takes),
+    # in its place, named by its number in the request.
+    assert [type(o).__name__ for o in out] == ["Delivery", "EventContractError", "EventContractError", "Delivery"]
+    assert SECRET not in str(out[2])
+    assert "event #2:" in str(out[2]) and "over the producer's max_request_size (4096 bytes)" in str(out[2])
     msgs = consume_all(broker.bootstrap_servers, topic, idle_s=2)
     assert sorted(m.key().decode() for m in msgs) == ["p0000", "p0003"]
 
@@ -121,6 +124,36 @@ def test_cli_schema_and_produce(tmp_path, broker, topic):
     res = runner.invoke(app, ["produce", str(good), "--spec", str(spec_path)])
     assert res.exit_code == 0 and f"sent 4 event(s) to {topic}" in res.output, res.output
     assert len(consume_all(broker.bootstrap_servers, topic, idle_s=2)) == 4
+
+
+def test_cli_produce_sends_nothing_before_an_oversized_event_and_checks_ids_without_a_spec(tmp_path, broker, topic):
+    """Before stop 44: an event over the producer's max_request_size was refused by the client after
+    the events before it had been sent (a rerun of the fixed file sent them twice), named by its
+    0-based position, not its line; an event over the job's max_message_bytes was sent (and
+    dead-lettered by the job); without a spec a null or boolean id was sent, keyed b"None"; a missing
+    file was a traceback."""
+    spec_path = write_spec(tmp_path, producer_spec(tmp_path, broker, topic, max_message_bytes=2000))
+    runner = CliRunner()
+    big = tmp_path / "big.jsonl"
+    big.write_text("\n".join(json.dumps(e) for e in [ev(1), ev(2), ev(3, question=SECRET * 200), ev(4)]) + "\n")
+    res = runner.invoke(app, ["produce", str(big), "--spec", str(spec_path)])
+    assert res.exit_code == 2, res.output
+    assert "line 3:" in res.output and "over the job's source.kafka.max_message_bytes (2000); nothing was sent" in res.output
+    assert SECRET not in res.output
+    loose = tmp_path / "loose.jsonl"  # no spec: only the id is checked, and it must be a usable id
+    for bad_id in (None, True, {"a": 1}, 1.5):
+        loose.write_text(json.dumps({"id": "ok-1"}) + "\n" + json.dumps({"id": bad_id, "q": SECRET}) + "\n")
+        res = runner.invoke(app, ["produce", str(loose), "--bootstrap", broker.bootstrap_servers, "--topic", topic])
+        assert res.exit_code == 2 and "line 2: id:" in res.output and "nothing was sent" in res.output, (bad_id, res.output)
+        assert SECRET not in res.output
+    res = runner.invoke(app, ["produce", str(tmp_path / "missing.jsonl"), "--spec", str(spec_path)])
+    assert res.exit_code == 2 and "error: cannot read" in res.output and "No such file" in res.output, res.output
+    assert consume_all(broker.bootstrap_servers, topic, idle_s=2) == []
+    from tidegate.producer import EventProducer
+
+    with EventProducer(broker.bootstrap_servers, topic, "id", json_schema={"type": "object"}) as producer:
+        with pytest.raises(EventContractError, match="id: the id is missing"):  # was a bare KeyError
+            producer.send({"q": 1})
 
 
 @pytest.mark.slow

@@ -32,6 +32,11 @@ def test_tidegate_submit_runs_the_spec_on_the_cluster(tmp_path, broker, topic, t
     assert tidegate_cli(["jobs", "status", "tg-submit-1", "--address", address], env, 60).stdout.strip() == "SUCCEEDED"
     logs = tidegate_cli(["jobs", "logs", "tg-submit-1", "--address", address], env, 60).stdout
     assert "every partition is consumed to its end and committed" in logs
+    # A job id the cluster does not know: one line, exit 2 (before stop 44: a RuntimeError traceback).
+    for verb in ("status", "logs", "stop"):
+        out = tidegate_cli(["jobs", verb, "no-such-job", "--address", address], env, 60)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stdout + out.stderr
+        assert f"error: the Ray job API at {address} answered 404" in out.stderr, out.stderr
 
 
 def test_the_job_api_refuses_calls_without_the_token(ray_head, tmp_path):

@@ -49,7 +49,7 @@ def test_wait_rides_out_an_unreachable_job_api_then_gives_up_with_a_named_error(
 
 
 def test_wait_raises_what_is_not_transient_and_names_a_refused_token():
-    with pytest.raises(RuntimeError, match="404"):
+    with pytest.raises(sub.ClusterCallError, match="answered 404: Job job-1 does not exist"):
         wait(ScriptedJobAPI(RuntimeError("Request failed with status code 404: Job job-1 does not exist.")))
     with pytest.raises(sub.ClusterAuthError, match="requires its token"):
         wait(ScriptedJobAPI(RuntimeError("Request failed with status code 401: Unauthorized")))
@@ -73,3 +73,26 @@ def test_wait_timeout_leaves_the_job_running_and_the_cli_exits_3(monkeypatch, tm
     api.script = [JobStatus.SUCCEEDED]
     out = CliRunner().invoke(app, ["submit", str(spec), "--address", "http://head:8265", "--wait"])
     assert out.exit_code == 0 and "job-1: SUCCEEDED" in out.output, out.output
+
+
+def test_job_api_failures_are_one_line_errors_not_tracebacks():
+    """Every job API call's plain errors become ClusterCallError (exit 2 in the CLI): a job id the
+    cluster does not know (404), a 5xx, no cluster at the address (checked for real below)."""
+    import subprocess
+
+    from tests.conftest import BIN, free_port
+
+    api = sub.JobAPI(ScriptedJobAPI(RuntimeError("Request failed with status code 404: Job x does not exist.")),
+                     "http://head:8265")  # fmt: skip
+    with pytest.raises(sub.ClusterCallError, match=r"answered 404: Job x does not exist\.$") as e:
+        api.get_job_status("x")
+    assert not e.value.transient
+    api = sub.JobAPI(ScriptedJobAPI(RuntimeError("Request failed with status code 502: bad gateway")), "h")
+    with pytest.raises(sub.ClusterCallError) as e:
+        api.get_job_status("x")
+    assert e.value.transient
+    address = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    out = subprocess.run([str(BIN / "tidegate"), "jobs", "status", "x", "--address", address], capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"error: cannot reach the Ray job API at {address} (ConnectionError)" in out.stderr
