@@ -262,6 +262,7 @@ def reencrypt(
     versions were still arriving after the last pass (do not revoke then)."""
     import time
 
+    from jobs.logs import reading_store, redact_text
     from jobs.reencrypt import reencrypt_table
     from schemas.errors import TidegateError
 
@@ -291,30 +292,32 @@ def reencrypt(
                 bar.update(task, description=f"waiting {settle_s:g} s for rows sealed before the rotation")
                 time.sleep(settle_s)
             try:
-                reports.append(reencrypt_table(table, _open(keyring, master_key_env), columns or None, options or None,
-                                               table=name, progress=progress))  # fmt: skip
+                with reading_store(f"table {table}", "re-encrypt"):  # a store's error: its type, not its message
+                    reports.append(reencrypt_table(table, _open(keyring, master_key_env), columns or None,
+                                                   options or None, table=name, progress=progress))  # fmt: skip
             except TidegateError as e:
                 raise _fail(e) from None
             if reports[-1].written_version is None:
                 break
+    shown = redact_text(table)  # an object store URI may carry credentials
     unopened = reports[-1].unopened_tokens  # (every pass reads the whole table: the last one says what is left)
     if reports[0].written_version is None and not unopened:
-        typer.echo(f"{table}: nothing to re-encrypt (version {reports[0].read_version})")
+        typer.echo(f"{shown}: nothing to re-encrypt (version {reports[0].read_version})")
         return
     for report in reports:
         if report.written_version is not None:
             detail = ", ".join(f"{c}: {k}" for c, k in report.rows_rewritten.items())
-            typer.echo(f"{table}: re-encrypted {report.total} value(s) ({detail}); table version {report.written_version}")
+            typer.echo(f"{shown}: re-encrypted {report.total} value(s) ({detail}); table version {report.written_version}")
     last = reports[-1]
     if unopened:
-        typer.echo(f"{table}: {unopened} text(s) in PII columns shaped like a token under an old key version did not "
+        typer.echo(f"{shown}: {unopened} text(s) in PII columns shaped like a token under an old key version did not "
                    "open here, and were left as they are: a wrong table label (--name), a keyring without that tenant, "
                    "or text made to look like a token. Revoking would leave any real ones unreadable: check before "
                    "revoking", err=True)  # fmt: skip
         raise typer.Exit(3)  # `reencrypt && revoke` must not revoke
     if last.written_version is None:
-        typer.echo(f"{table}: checked again at version {last.read_version}: nothing under an old key version")
+        typer.echo(f"{shown}: checked again at version {last.read_version}: nothing under an old key version")
     else:
-        typer.echo(f"{table}: values under old key versions were still arriving after {REENCRYPT_PASSES} passes (a "
+        typer.echo(f"{shown}: values under old key versions were still arriving after {REENCRYPT_PASSES} passes (a "
                    "writer that has not read the rotated keyring yet): run it again before revoking", err=True)  # fmt: skip
         raise typer.Exit(3)  # `reencrypt && revoke` must not revoke

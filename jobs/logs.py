@@ -143,7 +143,7 @@ def redact_value(value: Any) -> Any:
 
 
 @contextmanager
-def reading_store(what: str) -> Iterator[None]:
+def reading_store(what: str, doing: str = "read") -> Iterator[None]:
     """Turn a store's or reader's own error while reading `what` (words naming the table, its URI
     among them) into one SinkError that says so (URI credentials masked) with the error's type:
     their messages can quote paths, credentials and stored values. Tidegate's own errors pass."""
@@ -154,7 +154,7 @@ def reading_store(what: str) -> Iterator[None]:
     except TidegateError:
         raise
     except Exception as e:  # noqa: BLE001 - see above
-        raise SinkError(f"cannot read {redact_text(what)} ({type(e).__name__})") from None
+        raise SinkError(f"cannot {doing} {redact_text(what)} ({type(e).__name__})") from None
 
 
 class RedactFilter(logging.Filter):

@@ -48,7 +48,7 @@ from crypto import (
 )
 from crypto.arrow import is_bytes
 from crypto.binding import binding_of
-from schemas.errors import DecryptionError, KeyPermissionError, KeyRevokedError, TidegateError
+from schemas.errors import DecryptionError, KeyPermissionError, KeyRevokedError, SinkError, SpecError, TidegateError
 
 if TYPE_CHECKING:
     from crypto.keyring import Keyring
@@ -215,7 +215,14 @@ def reencrypt_table(
     import polars as pl
     from deltalake import DeltaTable, write_deltalake
 
-    dt = DeltaTable(uri, storage_options=storage_options)
+    from deltalake.exceptions import TableNotFoundError
+
+    from jobs.logs import redact_text
+
+    try:
+        dt = DeltaTable(uri, storage_options=storage_options)
+    except TableNotFoundError:
+        raise SinkError(f"no Delta table at {redact_text(uri)}") from None
     schema = pa.schema(dt.schema().to_arrow())
     binding = binding_of(dt.metadata(), schema, uri)
     label = table or binding.label
@@ -225,7 +232,7 @@ def reencrypt_table(
     if columns is not None:
         unknown = [c for c in columns if c not in names]
         if unknown:
-            raise ValueError(f"no such column(s) in {uri}: {', '.join(unknown)}")
+            raise SpecError(f"--column: no such column(s) in the table: {', '.join(unknown)} (it has {', '.join(names)})")
     targets = list(columns) if columns is not None else [c for c in names if c not in row_id_columns]
     row_ids = row_ids_from(data, row_id_columns) if all(c in names for c in row_id_columns) else None
     report = ReencryptReport(table=label, read_version=dt.version(), written_version=None)

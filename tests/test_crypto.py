@@ -1022,6 +1022,15 @@ def test_cli_reencrypt(kr, tmp_path):
     assert "nothing to re-encrypt" in r.output
     r = CliRunner().invoke(app, ["keys", "reencrypt", "--table", uri, "--storage-option", "oops"], env=env)
     assert r.exit_code == 2 and "KEY=VALUE" in r.output
+    # A wrong table or column: one line, exit 2 (before stop 44: a traceback quoting the URI)
+    r = CliRunner().invoke(app, ["keys", "reencrypt", "--table", uri + "-typo"], env=env)
+    assert r.exit_code == 2 and r.output.strip().endswith(f"error: no Delta table at {uri}-typo"), r.output
+    r = CliRunner().invoke(app, ["keys", "reencrypt", "--table", uri, "--column", "user_emial"], env=env)
+    assert r.exit_code == 2 and "error: --column: no such column(s) in the table: user_emial (it has" in r.output
+    secret_uri = "s3://AKIAEXAMPLE:hunter2@127.0.0.1:9/b/results"  # nothing listens: the store's own error
+    r = CliRunner().invoke(app, ["keys", "reencrypt", "--table", secret_uri, "--storage-option", "AWS_ALLOW_HTTP=true",
+                                 "--storage-option", "AWS_ENDPOINT_URL=http://127.0.0.1:9"], env=env)  # fmt: skip
+    assert r.exit_code == 2 and "hunter2" not in r.output and "s3://***@127.0.0.1:9/b/results" in r.output, r.output
 
 
 def test_cli_reencrypt_exits_3_when_a_token_under_an_old_version_does_not_open(kr, tmp_path):
