@@ -24,7 +24,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from compute.event_contract import EventContract
 from compute.event_formats import DecodeError
-from schemas.records import DEAD_LETTER_SCHEMA, REQUEST_SCHEMA, empty_table
+from schemas.records import DEAD_LETTER_SCHEMA, REQUEST_SCHEMA, UNREADABLE, empty_table
 from schemas.spec import PromptSpec
 
 
@@ -245,6 +245,8 @@ class PromptRenderer:
             event_id = None
             tenant = fallback_tenant  # bytes that do not parse are the fallback tenant's
             try:
+                if changes is not None and changes[i] in UNREADABLE:  # no bytes to parse (connectors/kafka.py)
+                    raise BadEvent("source", "unreadable_record", UNREADABLE[changes[i]], None)
                 event = self.parse(value)
                 tenant_error = None
                 if enc is not None:

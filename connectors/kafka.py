@@ -28,7 +28,7 @@ import pyarrow as pa
 from kafka import KafkaConsumer
 from kafka import TopicPartition as KafkaTP
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.errors import KafkaConfigurationError, KafkaError
+from kafka.errors import CorruptRecordError, KafkaConfigurationError, KafkaError
 from kafka.future import Future
 from kafka.net.selector import KernelEvent  # kafka-python 3's sleep on its IO loop (pinned 3.0.x)
 from kafka.structs import OffsetAndMetadata
@@ -103,6 +103,9 @@ class KafkaSource:
         self._to_mirror: dict[TopicPartition, int] = {}
         self._listener_error: BaseException | None = None
         self._last_poll = time.monotonic()  # of the consumer: kafka-python's max_poll_interval_ms clock
+        # Records the client could not read, skipped by the last poll: (topic, partition, offset, kind),
+        # handed out as rows of their own by the next poll (they come before anything later).
+        self._unreadable: list[tuple[str, int, int, str]] = []
 
     @property
     def bootstrap_servers(self) -> list[str]:
@@ -247,6 +250,8 @@ class KafkaSource:
     def seek_to(self, tps: list[TopicPartition], positions: Mapping[TopicPartition, int | None]) -> None:
         """Seek to just after each partition's position; none (start_from: earliest): its beginning."""
         owned = self.consumer.assignment()
+        sought = set(tps)  # an unreadable record not handed out yet is met again from the new position
+        self._unreadable = [u for u in self._unreadable if (u[0], u[1]) not in sought]
         for tp in tps:
             ktp = KafkaTP(*tp)
             if ktp not in owned:
@@ -270,6 +275,8 @@ class KafkaSource:
     def poll(self, max_records: int, timeout_ms: int) -> pa.Table | None:
         """Up to `max_records` records as a SOURCE_SCHEMA table, or None when nothing arrived."""
         self._mirror_positions()
+        if self._unreadable:  # before anything polled now: each is at its partition's position, the rest after it
+            return self._unreadable_rows()
         polled = self._consumer_poll(timeout_ms, max_records)
         if not polled:
             return None
@@ -293,10 +300,13 @@ class KafkaSource:
     def _consumer_poll(self, timeout_ms: int, max_records: int) -> dict:
         try:
             polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
-        except KafkaError:
+        except KafkaError as e:
             if self._listener_error is not None:  # what our rebalance listener raised, as it was
                 err, self._listener_error = self._listener_error, None
                 raise err from None
+            if isinstance(e, CorruptRecordError):
+                self._skip_unreadable(e)
+                return {}
             raise
         finally:
             self._last_poll = time.monotonic()
@@ -304,6 +314,44 @@ class KafkaSource:
             err, self._listener_error = self._listener_error, None
             raise err
         return polled
+
+    def _skip_unreadable(self, error: CorruptRecordError) -> None:
+        """A record kafka-python cannot parse (a header name that is not UTF-8, a failed CRC):
+        before stop 44 it stopped the job, at the same offset on every restart. It becomes a row of
+        its own (source_change "unreadable", no key or value: dead-lettered at the source stage)
+        and the partition is read on from the next offset.
+
+        Which partition: kafka-python's exception does not say, and its fetcher keeps the dead
+        parse in `_next_partition_records` (private; kafka-python 3.0.x is pinned), whose next
+        poll spins forever at 100 % CPU unless the position moves past it: the seek below does.
+        kafka-python parses a producer batch from its start, so the records after a corrupt one
+        in the same batch cannot be read either: each comes here in turn ("unreadable_batch")."""
+        part = getattr(getattr(self.consumer, "_fetcher", None), "_next_partition_records", None)
+        ktp = getattr(part, "topic_partition", None)
+        if ktp is None or ktp not in self.consumer.assignment():
+            raise SourceError(f"topic {self.topic}: a record the Kafka client cannot read ({type(error).__name__}), "
+                              "in a partition it does not name") from None  # fmt: skip
+        offset = self.consumer.position(ktp)
+        kind = "unreadable" if getattr(part, "next_fetch_offset", offset) >= offset else "unreadable_batch"
+        log.warning("partition %d offset %d: the Kafka client cannot read this record (%s%s): dead-lettered",
+                    ktp.partition, offset, type(error).__name__,
+                    "" if kind == "unreadable" else ", after an unreadable one in its batch")  # fmt: skip
+        self.consumer.seek(ktp, offset + 1)
+        self._unreadable.append((ktp.topic, ktp.partition, offset, kind))
+
+    def _unreadable_rows(self) -> pa.Table | None:
+        owned = self.assignment()  # a partition revoked since: its new owner meets the record itself
+        rows, self._unreadable = [u for u in self._unreadable if (u[0], u[1]) in owned], []
+        n = len(rows)
+        if not n:
+            return None
+        return pa.Table.from_arrays(
+            [pa.array([r[0] for r in rows], pa.string()), pa.array([r[1] for r in rows], pa.int32()),
+             pa.array([r[2] for r in rows], pa.int64()), pa.nulls(n, pa.binary()), pa.nulls(n, pa.binary()),
+             pa.nulls(n, pa.int64()), pa.repeat(pa.scalar(time.monotonic_ns(), pa.int64()), n),
+             pa.array([r[3] for r in rows], pa.string())],
+            schema=SOURCE_SCHEMA,
+        )  # fmt: skip
 
     def keepalive(self) -> None:
         """Keep this consumer in its group while the job reads nothing (its engines or its sink
@@ -342,7 +390,7 @@ class KafkaSource:
         (end_offsets) wrongly, fetch responses are right.
         """
         assigned = self.consumer.assignment()
-        if not assigned:
+        if not assigned or self._unreadable:  # an unreadable record's row is still to be handed out
             return False
         for ktp in assigned:
             hw = self.consumer.highwater(ktp)

@@ -40,9 +40,17 @@ SOURCE_SCHEMA = pa.schema(
         ("value", pa.binary()),
         ("timestamp_ms", pa.int64()),
         ("received_ns", pa.int64()),  # monotonic clock when the job read it, for latency_ms
-        ("source_change", pa.string()),  # null, or "update"/"delete": a change reported, not processed
+        ("source_change", pa.string()),  # null, "update"/"delete": a change reported, not processed; or UNREADABLE
     ]
 )
+# source_change of a Kafka record the client could not read (no key, no value): dead-lettered at the
+# source stage, with what made it unreadable (connectors/kafka.py KafkaSource._skip_unreadable).
+UNREADABLE = {
+    "unreadable": "the Kafka client could not read this record (a header name that is not UTF-8, or a failed "
+                  "CRC); its bytes are not stored here: read them by topic, partition and offset",
+    "unreadable_batch": "the Kafka client could not read this record: an unreadable record before it in the "
+                        "same producer batch stops the client there; read it by topic, partition and offset",
+}  # fmt: skip
 
 REQUEST_SCHEMA = pa.schema(
     [

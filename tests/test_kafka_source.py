@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import pyarrow as pa
 import pytest
 
 from connectors.kafka import KafkaSource, kafka_end_offsets
@@ -228,3 +229,79 @@ def test_the_consumer_reads_committed_records_only_unless_consumer_config_says_o
         assert src.consumer.config["isolation_level"] == "read_uncommitted"
     finally:
         src.close()
+
+
+def send_with_a_corrupt_header(broker, topic: str, records) -> None:
+    """Produce `records` ((key, value, corrupt?) to partition 0) through kafka-python; the header
+    name of each record marked corrupt is rewritten on the wire to bytes that are not UTF-8 (what a
+    librdkafka or Go producer can send), the batch CRC recomputed: the broker stores it as sent.
+    Records sent in one call share producer batches (linger)."""
+    import struct
+
+    import crc32c
+    from kafka import KafkaProducer
+    from kafka.producer import sender as sender_module
+
+    produce_request = sender_module.Sender._produce_request
+
+    def corrupting(self, node_id, acks, timeout, batches):
+        request = produce_request(self, node_id, acks, timeout, batches)
+        for topic_data in request.topic_data:
+            for part in topic_data.partition_data:
+                buf = bytearray(part.records)
+                while (at := buf.find(b"CORRUPT")) >= 0:
+                    buf[at:at + 2] = b"\xff\xfe"
+                buf[17:21] = struct.pack(">I", crc32c.crc32c(bytes(buf[21:])))  # v2 batch CRC: attributes..end
+                part.records = bytes(buf)
+        return request
+
+    sender_module.Sender._produce_request = corrupting
+    try:
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, acks="all", linger_ms=200)
+        try:
+            for key, value, corrupt in records:
+                producer.send(topic, key=key, value=value, partition=0,
+                              headers=[("CORRUPT-h", b"x")] if corrupt else [("trace", b"x")])  # fmt: skip
+            producer.flush()
+        finally:
+            producer.close()
+    finally:
+        sender_module.Sender._produce_request = produce_request
+
+
+def test_a_record_the_client_cannot_read_becomes_a_row_of_its_own_and_reading_goes_on(broker, topic):
+    """Before stop 44 a header name that is not UTF-8 raised CorruptRecordError out of the
+    consumer's poll: the job stopped, and did again at the same offset on every restart (and
+    kafka-python's next poll would have spun at 100 % CPU). Now that offset is a row with no key or
+    value, source_change "unreadable" (dead-lettered by the job); the records after it in the same
+    producer batch, which kafka-python cannot reach past it, are "unreadable_batch"; a later batch
+    is read as usual."""
+    good = lambda i: (f"k{i}".encode(), json.dumps({"id": f"e{i}", "q": "x"}).encode(), False)  # noqa: E731
+    send_with_a_corrupt_header(broker, topic, [good(0)])
+    send_with_a_corrupt_header(broker, topic, [(b"k1", b'{"id": "e1"}', True)])
+    send_with_a_corrupt_header(broker, topic, [good(2), (b"k3", b'{"id": "e3"}', True), good(4), good(5)])
+    send_with_a_corrupt_header(broker, topic, [good(6)])
+    src = _source(broker, topic, {})
+    src.start()
+    try:
+        rows = _read_all(src)
+    finally:
+        src.close()
+    got = {r["offset"]: (r["source_change"], r["value"] is None) for r in rows if r["partition"] == 0}
+    assert got == {0: (None, False), 1: ("unreadable", True), 2: (None, False), 3: ("unreadable", True),
+                   4: ("unreadable_batch", True), 5: ("unreadable_batch", True), 6: (None, False)}, got
+
+
+def test_an_unreadable_row_is_dead_lettered_at_the_source_stage():
+    from compute.prompts import PromptRenderer
+    from schemas.records import UNREADABLE
+    from schemas.spec import PromptSpec
+
+    rows = pa.table({"topic": ["t", "t"], "partition": [0, 0], "offset": [7, 8], "key": [None, b"k"],
+                     "value": [None, b'{"id": "e8", "q": "hi"}'], "timestamp_ms": [None, 1], "received_ns": [1, 1],
+                     "source_change": ["unreadable", None]}, schema=SOURCE_SCHEMA)  # fmt: skip
+    out = PromptRenderer(PromptSpec(template="{{ q }}", id_field="id"), 1 << 20, "run-1").render(rows)
+    assert out.requests.column("id").to_pylist() == ["e8"]
+    (dead,) = out.dead.to_pylist()
+    assert (dead["stage"], dead["error_class"], dead["source_offset"], dead["raw"]) == ("source", "unreadable_record", 7, None)
+    assert dead["error"] == UNREADABLE["unreadable"]
