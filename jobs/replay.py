@@ -19,6 +19,7 @@ later replay: they are new dead letters.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class ReplayReport:
     replays: list[dict] = field(default_factory=list)  # {replay_id, rows, ok, dead_lettered, resumed}
+    stopped: str | None = None  # the replay a stop (SIGTERM/SIGINT) left unfinished: the next command finishes it
 
 
 def _update(dt_uri: str, storage_options, retries: int = 5, **kwargs) -> dict:
@@ -309,9 +311,13 @@ def _pending(dt_uri: str, storage_options) -> list[str]:
     return sorted(rows.column("replayed_by").to_pylist()) if rows.num_rows else []
 
 
-def replay_dead_letters(spec: JobSpec, where: str | None, fixed_cluster: bool, progress=None) -> ReplayReport:
+def replay_dead_letters(spec: JobSpec, where: str | None, fixed_cluster: bool, progress=None,
+                        stop: threading.Event | None = None) -> ReplayReport:  # fmt: skip
     """Run inside a Ray-initialised driver (jobs.run sets that up). progress(done, total): rows of
-    the replay in flight whose results are committed (a bar, in `main`)."""
+    the replay in flight whose results are committed (a bar, in `main`). `stop` set: the replay in
+    flight finishes its batches, commits them and ends unfinished (its rows are not marked
+    replayed; the next command resumes it), and no new plan is made."""
+    stop = stop if stop is not None else threading.Event()
     from jobs.pipeline import JobComponents, PipelineJob
     from schemas.trusted_code import refuse_untrusted
 
@@ -368,7 +374,12 @@ def replay_dead_letters(spec: JobSpec, where: str | None, fixed_cluster: bool, p
             spec, run_id=replay_id, fixed_cluster=fixed_cluster, components=JobComponents(source=source, sink=sink),
             progress=progress,
         )  # fmt: skip
-        stats = job.run(until_drained=True)
+        stats = job.run(until_drained=True, stop=stop)
+        if stop.is_set():  # before stop 44 a stop ended it mid-plan and marked every row replayed all the same
+            report.replays.append({"replay_id": replay_id, "rows": plan.num_rows, "ok": stats.ok,
+                                   "dead_lettered": stats.dead_lettered, "resumed": resumed})  # fmt: skip
+            report.stopped = replay_id
+            break
         _update(
             dl_uri, opts,
             new_values={"replayed_at": datetime.now(timezone.utc)},
@@ -383,8 +394,11 @@ def replay_dead_letters(spec: JobSpec, where: str | None, fixed_cluster: bool, p
 
 
 def main(spec_path: str, where: str | None = None, address: str | None = None) -> int:
-    """`tidegate dlq replay` / `python -m jobs.replay`: exit 0 done, 2 a Tidegate error."""
+    """`tidegate dlq replay` / `python -m jobs.replay`: exit 0 done, 2 a Tidegate error, 3 stopped
+    by SIGTERM/SIGINT before the end (what was in flight is committed; run it again to finish), 130
+    stopped at once by a second signal."""
     import os
+    import signal
     import sys
 
     from rich.console import Console
@@ -407,11 +421,26 @@ def main(spec_path: str, where: str | None = None, address: str | None = None) -
         import jobs.pipeline  # noqa: F401
 
         init_ray(spec, address)
+        stop = threading.Event()
+
+        def on_signal(signum, _frame):  # as `run`: the first finishes what is in flight, a second stops at once
+            if stop.is_set():
+                raise KeyboardInterrupt
+            log.info("received %s: finishing the replay's batches in flight, then stopping", signal.Signals(signum).name)
+            stop.set()
+
+        if threading.current_thread() is threading.main_thread():  # after ray.init (it sets its own SIGTERM one)
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
         remote = address or spec.ray.address or os.environ.get("RAY_ADDRESS")
-        report = replay_dead_letters(spec, where, fixed_cluster=not remote, progress=bar)
+        report = replay_dead_letters(spec, where, fixed_cluster=not remote, progress=bar, stop=stop)
     except TidegateError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("stopped at once: the replay's batches in flight were not committed; run it again to finish it",
+              file=sys.stderr)  # fmt: skip
+        return 130
     finally:
         bar.close()
     table = Table(title=f"dead-letter replay ({spec.name})")
@@ -422,6 +451,10 @@ def main(spec_path: str, where: str | None = None, address: str | None = None) -
     if not report.replays:
         table.add_row("-", "0", "0", "0", "nothing to replay")
     console.print(table)
+    if report.stopped is not None:
+        console.print(f"stopped before the end: replay {report.stopped} is unfinished (what was in flight is "
+                      "committed); run `tidegate dlq replay` again to finish it")  # fmt: skip
+        return 3
     return 0
 
 
