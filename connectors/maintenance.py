@@ -21,10 +21,12 @@ default (168 h, Delta's own) keeps a week of time travel for readers and pinned 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError, DeltaError
@@ -60,7 +62,9 @@ def table_health(dt: DeltaTable) -> TableHealth:
     sizes = actions.column("size_bytes").to_pylist() if actions.num_rows else []
     log_files = log_bytes = None
     uri = dt.table_uri
-    local = uri[len("file://"):] if uri.startswith("file://") else uri if "://" not in uri else None
+    # delta-rs percent-encodes a local path's URI ("my%20lake"): before stop 44 a path with a space
+    # or a non-ASCII letter failed here, and with it every maintenance round of the table.
+    local = unquote(uri[len("file://"):]) if uri.startswith("file://") else uri if "://" not in uri else None
     if local is not None:
         log_dir = os.path.join(local, "_delta_log")
         entries = [e for e in os.scandir(log_dir) if e.is_file()]
@@ -101,11 +105,16 @@ def maintain_table(
                 dt.cleanup_metadata()
             report.checkpoint_version = dt.version()
         if vacuum and policy.vacuum_retention_hours is not None:
-            hours = int(policy.vacuum_retention_hours)  # the spec's retention is the policy
+            # The spec's retention is the policy, in whole hours (what delta-rs takes): rounded up,
+            # never down (int() kept files up to an hour less than the spec said, before stop 44).
+            hours = math.ceil(policy.vacuum_retention_hours)
             if full_vacuum:
                 # A full vacuum takes every file under the table's folder that no version names: a
-                # table nested in it (its data and its _delta_log) would go too. Looked at first.
-                nested = [p for p in dt.vacuum(retention_hours=hours, dry_run=True, enforce_retention_duration=False,
+                # table nested in it (its data and its _delta_log) would go too. Looked at first, at
+                # any age: a live nested table's log files are younger than the retention while its
+                # data files are not (before stop 44 the look used the retention, found no log, and
+                # the vacuum deleted the nested table's data).
+                nested = [p for p in dt.vacuum(retention_hours=0, dry_run=True, enforce_retention_duration=False,
                                                full=True) if "_delta_log" in p.replace("\\", "/").split("/")]  # fmt: skip
                 if nested:
                     raise DeltaError(f"full vacuum refused: another table's log is inside this table's folder "

@@ -100,6 +100,23 @@ class KafkaSecuritySpec(_Strict):
         return cfg
 
 
+# Characters delta-rs percent-encodes in a local table's URI, or cannot take at all (a panic):
+# polars then looks for the files under the encoded name, and readers fail (measured, stop 44).
+_UNSAFE_PATH_CHARS = set(' "#<>?`{}%[]^|')
+
+
+def _local_table_path(v: str) -> str:
+    """A local Delta table path (no scheme, or file://) with only characters every reader takes."""
+    if "://" in v and not v.startswith("file://"):
+        return v
+    bad = sorted({c for c in v if c in _UNSAFE_PATH_CHARS or not c.isascii() or not c.isprintable()})
+    if bad:
+        shown = " ".join("space" if c == " " else repr(c) for c in bad)
+        raise ValueError(f"a local table path cannot hold {shown}: delta-rs percent-encodes such paths (or refuses "
+                         "them) and polars then cannot find the table's files; rename the folder")  # fmt: skip
+    return v
+
+
 def _server_list(v: Any) -> Any:
     """bootstrap_servers as written: "a:1,b:2" or a list; empty means none."""
     if isinstance(v, str):
@@ -219,6 +236,8 @@ class DeltaSourceSpec(SourceSettings):
     version: int | None = Field(default=None, ge=0, description="snapshot mode: pin this table version.")
     storage_options: dict[str, str] = Field(default_factory=dict)
     poll_interval_s: float = Field(default=5.0, gt=0, description="With --follow: how often to look for new versions.")
+
+    _uri_readable = field_validator("uri")(classmethod(lambda cls, v: _local_table_path(v)))
 
     @model_validator(mode="after")
     def _version_only_for_snapshots(self) -> DeltaSourceSpec:
@@ -757,6 +776,8 @@ class SinkSpec(_Strict):
     dead_letter: str = Field(min_length=1, description="Delta table URI for dead letters.")
     storage_options: dict[str, str] = Field(default_factory=dict)
     commit_interval_s: float = Field(default=1.0, ge=0)
+
+    _tables_readable = field_validator("results", "dead_letter")(classmethod(lambda cls, v: _local_table_path(v)))
     commit_max_rows: int = Field(default=8192, ge=1)
     write_attempts: int = Field(
         default=5, ge=1, description="Tries of one table write on store errors (backoff between); then the job stops."

@@ -128,6 +128,39 @@ def test_another_writer_fences_this_one(sink, tmp_path):
     assert pl.read_delta(str(tmp_path / "res")).height == 2
 
 
+def test_a_write_retried_after_another_writer_took_the_partition_to_the_same_position_is_fenced(tmp_path, monkeypatch):
+    """A's write of offsets 1-2 fails without landing (the store timed out); while A backs off,
+    B takes the partition over, resumes at A's last position and commits up to the same offset 2
+    (both stopped at the end of a quiet partition). Before stop 44 A's check took "the position is
+    this write's own target" for "not moved" and wrote again: offsets 1-2 twice."""
+    import connectors.delta as delta
+
+    a = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}, write_backoff_s=0.01)
+    a.open()
+    a.load_positions([TP0])
+    a.commit(results([0]), dead([]), {TP0: 0})
+    real = delta.write_deltalake
+    calls = []
+
+    def write_deltalake(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # A's first try: the store fails it; meanwhile B commits offsets 1-2
+            b = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {})
+            b.open()
+            b.load_positions([TP0])
+            monkeypatch.setattr(delta, "write_deltalake", real)
+            b.commit(results([1, 2]), dead([]), {TP0: 2})
+            monkeypatch.setattr(delta, "write_deltalake", write_deltalake)
+            raise OSError("injected: the store timed out, nothing written")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(delta, "write_deltalake", write_deltalake)
+    with pytest.raises(PartitionFencedError) as e:
+        a.commit(results([1, 2]), dead([]), {TP0: 2})
+    assert e.value.partitions == [TP0]
+    assert sorted(pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list()) == [0, 1, 2]
+
+
 def test_incompatible_existing_table_fails_before_any_work(tmp_path):
     write_deltalake(str(tmp_path / "res"), pa.table({"id": [1], "status": ["x"]}))
     with pytest.raises(SinkSchemaError) as e:
