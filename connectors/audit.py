@@ -81,8 +81,11 @@ class AuditLog:
         last = records[-1].seq
         app = app_id(self.job, journal_name)
         have_results, have_dead = self.sink.audit_versions(app)
-        results = [r.results for r in records if r.seq > (have_results or 0)]
-        dead = [r.dead for r in records if r.seq > (have_dead or 0)]
+        # In the tables' stored columns: a journal a replica left behind before a deploy that added
+        # a column (a new input field, a newer Tidegate) has its rows without it. Before stop 44
+        # that stopped every replica starting after the deploy (each replays the orphan first).
+        results = [with_columns_of(r.results, self.stored_results) for r in records if r.seq > (have_results or 0)]
+        dead = [with_columns_of(r.dead, self.stored_dead) for r in records if r.seq > (have_dead or 0)]
         r = pa.concat_tables(results) if results else self.stored_results.empty_table()
         d = pa.concat_tables(dead) if dead else self.stored_dead.empty_table()
         self.sink.append_unpositioned(r, d, txn=(app, last))

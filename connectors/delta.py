@@ -138,6 +138,8 @@ class _Table:
             for f in self.schema
             if f.name in have and not _same_type(have[f.name], f.type)
         ]
+        required = [f.name for f in pa.schema(dt.schema().to_arrow()) if f.name not in self.schema.names and not f.nullable]
+        problems += [f"column {name!r} is not written by this job and takes no null" for name in required]
         if problems:
             raise SinkSchemaError(f"{self.role} table {self.uri} cannot take this job's rows: " + "; ".join(problems))
         added = [f for f in self.schema if f.name not in have]
@@ -179,7 +181,7 @@ class _Table:
         self._version_before_write = dt.version()
         write_deltalake(
             dt,
-            rows.select(self.schema.names).cast(self.schema),
+            self._as_table_rows(dt, rows.select(self.schema.names).cast(self.schema)),
             mode="append",
             commit_properties=CommitProperties(app_transactions=txns),
             writer_properties=self.writer_properties,
@@ -194,6 +196,23 @@ class _Table:
         # several writers (replicas) only the one that made that version writes it.
         version = dt.version()
         self._counted(version - 1, version)
+
+    def _as_table_rows(self, dt: DeltaTable, rows: pa.Table) -> pa.Table:
+        """The rows in the table's own columns: a nullable column the table has and this job does
+        not write is null (a newer Tidegate's column added by a replica that upgraded first, an
+        `input_*` column of a field no longer in encryption.input_fields). Before stop 44 every
+        append to such a table failed (a schema mismatch), on every restart."""
+        table = pa.schema(dt.schema().to_arrow())
+        extra = [f for f in table if f.name not in rows.column_names]
+        if not extra:
+            return rows
+        required = [f.name for f in extra if not f.nullable]
+        if required:
+            raise SinkSchemaError(f"{self.role} table {self.uri}: column(s) {', '.join(required)} are not written by "
+                                  "this job and take no null")  # fmt: skip
+        for f in extra:
+            rows = rows.append_column(f, pa.nulls(rows.num_rows, f.type))
+        return rows.select(table.names)
 
     def landed(self) -> None:
         """The last append landed though its answer was lost (found by its marker, on a handle

@@ -180,6 +180,33 @@ def test_table_of_an_older_version_gains_the_new_columns(tmp_path):
     assert got.height == 2 and got["attempts"].to_list() == [None, 1]
 
 
+def test_a_table_with_a_column_this_job_does_not_write_takes_its_rows_with_nulls_there(tmp_path):
+    """A replica of a newer Tidegate (or a spec that had one more encryption.input_fields entry)
+    added a nullable column: an older replica, or a rollback, writes null there. Before stop 44
+    `open` passed and every commit failed with a schema mismatch, on every restart. Also when the
+    column is added while this writer runs. A column that takes no null is refused at open, by name."""
+    from deltalake import Field as DeltaField
+    from deltalake.schema import PrimitiveType
+
+    newer = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {})
+    newer.open()
+    DeltaTable(str(tmp_path / "res")).alter.add_columns([DeltaField("input_email", PrimitiveType("string"), nullable=True)])
+    older = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {})
+    older.open()
+    older.load_positions([TP0])
+    older.commit(results([0]), dead([]), {TP0: 0})
+    DeltaTable(str(tmp_path / "res")).alter.add_columns([DeltaField("model_card", PrimitiveType("string"), nullable=True)])
+    older.commit(results([1]), dead([]), {TP0: 1})  # added while it runs
+    got = pl.read_delta(str(tmp_path / "res")).sort("source_offset")
+    assert got["source_offset"].to_list() == [0, 1]
+    assert got["input_email"].to_list() == [None, None] and got["model_card"].to_list() == [None, None]
+
+    strict = pa.schema([*RESULTS_SCHEMA, pa.field("must", pa.string(), nullable=False)])
+    DeltaTable.create(str(tmp_path / "strict"), schema=strict)
+    with pytest.raises(SinkSchemaError, match="column 'must' is not written by this job and takes no null"):
+        DeltaSink("job", str(tmp_path / "strict"), str(tmp_path / "dl2"), {}).open()
+
+
 def test_a_restarted_commit_writer_refuses_to_commit_until_it_has_read_the_positions(tmp_path):
     """The commit writer actor (actors/writer.py) as a plain object: Ray re-runs its constructor
     when it restarts, which forgets the positions its fencing compares against. Say the repair

@@ -271,6 +271,28 @@ def test_replay_appends_each_group_once_whatever_point_the_replica_died_at(audit
     assert _ids(spec.sink.results, env["keyring"]) == ["q1", "q2", "q4", "q5"]
 
 
+def test_an_orphan_journal_of_rows_without_a_newer_column_is_replayed_with_it_null(audit_env, tmp_path):
+    """A replica journaled rows, died; the deploy that followed added a column (a newer Tidegate,
+    a new input field). The next replica replays the orphan: its rows get the column null. Before
+    stop 44 the append raised KeyError, in every starting replica's __init__."""
+    env = audit_env
+    spec, audit = env["spec"], env["audit"]
+    journal = AuditJournal.create(tmp_path / "journals", "replica-old")
+    results, dead = env["group"]("q1", "q2 forbidden")
+    stored_r, stored_d = audit.protect(results, dead)
+    journal.append(1, stored_r.drop_columns(["model_revision"]), stored_d.drop_columns(["attempts"]))  # written before those
+    os.close(journal.fd)
+    fresh, _ = env["new_audit"]()
+    from jobs.serve import replay_orphans
+
+    assert replay_orphans(fresh, str(tmp_path / "journals")) == 2  # a result row and a dead letter
+    assert _ids(spec.sink.results, env["keyring"]) == ["q1"] and _ids(spec.sink.dead_letter, env["keyring"]) == ["q2"]
+    import polars as pl
+
+    assert pl.read_delta(spec.sink.results)["model_revision"].to_list() == [None]
+    assert not journal.path.exists()
+
+
 def test_pending_rows_are_found_for_an_idempotency_key(audit_env):
     env = audit_env
     audit = env["audit"]
