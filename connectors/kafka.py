@@ -57,6 +57,12 @@ class _Listener(AsyncConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked):
         tps = _tps(revoked)
+        if set(revoked) & self.source.consumer.assignment():
+            # Eager rebalancing: the partitions stay in assignment() with their old positions until
+            # the join ends (on_partitions_assigned), while the work on them is dropped: drained()
+            # must not read them as consumed meanwhile (before stop 44 --until-drained could end
+            # there). Under cooperative rebalancing they have left assignment() by now.
+            self.source._settled = False
         if tps and not self.source.closing:  # on close the job committed what it could already
             log.info("partitions revoked: %s", tps)
             await self.source.off_loop(self.source.ctx.positions.release, tps, False, self.source.spec.revoke_timeout_s)
@@ -73,6 +79,7 @@ class _Listener(AsyncConsumerRebalanceListener):
         if tps:
             positions = await self.source.off_loop(self.source.start_positions, tps)
             self.source.seek_to(tps, positions)  # seeks only set state: fine on the IO thread
+        self.source._settled = True  # the join has ended (an empty assignment too)
 
 
 def _tps(ktps) -> list[TopicPartition]:
@@ -106,6 +113,7 @@ class KafkaSource:
         # Records the client could not read, skipped by the last poll: (topic, partition, offset, kind),
         # handed out as rows of their own by the next poll (they come before anything later).
         self._unreadable: list[tuple[str, int, int, str]] = []
+        self._settled = True  # False from an eager rebalance's revocation to its assignment (drained())
 
     @property
     def bootstrap_servers(self) -> list[str]:
@@ -390,7 +398,9 @@ class KafkaSource:
         (end_offsets) wrongly, fetch responses are right.
         """
         assigned = self.consumer.assignment()
-        if not assigned or self._unreadable:  # an unreadable record's row is still to be handed out
+        # Not while a rebalance is between its revocation and its assignment; nor while an
+        # unreadable record's row is still to be handed out.
+        if not assigned or not self._settled or self._unreadable:
             return False
         for ktp in assigned:
             hw = self.consumer.highwater(ktp)

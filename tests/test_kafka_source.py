@@ -305,3 +305,41 @@ def test_an_unreadable_row_is_dead_lettered_at_the_source_stage():
     (dead,) = out.dead.to_pylist()
     assert (dead["stage"], dead["error_class"], dead["source_offset"], dead["raw"]) == ("source", "unreadable_record", 7, None)
     assert dead["error"] == UNREADABLE["unreadable"]
+
+
+def test_a_partition_between_its_revocation_and_the_joins_end_is_not_drained(broker, topic):
+    """Eager rebalancing keeps the revoked partitions in assignment(), at their old positions,
+    until the join ends, while the job has dropped its work on them: before stop 44 drained() read
+    them as consumed, and --until-drained could end the run in that gap. Here a second member
+    joins the group; at the revocation the first must not say drained, and once its new
+    assignment is settled (and read to the end) it may again."""
+    from kafka import KafkaConsumer
+
+    send(broker, topic, (event(i) for i in range(40)))
+    src = _source(broker, topic, {})
+    seen: list[bool] = []
+    release = src.ctx.positions.release
+    src.ctx.positions.release = lambda tps, lost=False, within_s=None: (seen.append(src.drained()),
+                                                                         release(tps, lost, within_s))  # fmt: skip
+    src.start()
+    other = None
+    try:
+        _read_all(src)
+        assert src.drained()
+        other = KafkaConsumer(topic, bootstrap_servers=broker.bootstrap_servers, group_id=f"g-{topic}",
+                              enable_auto_commit=False)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not seen and time.monotonic() < deadline:  # both poll: the group rebalances
+            src.poll(50, 100)
+            other.poll(timeout_ms=100)
+        assert seen == [False], seen
+        while not (src._settled and src.assignment()) and time.monotonic() < deadline:
+            src.poll(50, 100)
+            other.poll(timeout_ms=100)
+        assert src._settled and len(src.assignment()) < 4
+        _read_all(src)
+        assert src.drained()
+    finally:
+        if other is not None:
+            other.close()
+        src.close()
