@@ -279,13 +279,16 @@ class CommitWriterClient:
         self.pid = wait_started([self._idempotent("open")], self.spec, "the commit writer")[0]
 
     def resume(self, tps: list[TopicPartition]):
+        self._after_commit()
         return self._get(self._idempotent("resume", list(tps)))
 
     def read_positions(self, tps: list[TopicPartition]) -> dict:
+        self._after_commit()
         return self._get(self._idempotent("read_positions", list(tps)))
 
     def anchor(self, positions: dict[TopicPartition, int]) -> None:
         # Not re-run by Ray on a restarted writer: that one has no fence armed (WriterRestarted).
+        self._after_commit()
         try:
             self._get(self.actor.anchor.remote(positions))
         except RayActorError as e:
@@ -293,6 +296,8 @@ class CommitWriterClient:
 
     def forget(self, tps: list[TopicPartition], wait: bool = True) -> None:
         """wait=False: queued behind the commit in flight, not awaited."""
+        if wait:
+            self._after_commit()
         ref = self._idempotent("forget", list(tps))
         if wait:
             self._get(ref)
@@ -302,6 +307,17 @@ class CommitWriterClient:
             ray.get(self._idempotent("append_run_row", row), timeout=timeout_s)
         except Exception as e:  # informational: never fail (or mask the failure of) a run over it
             log.warning("could not append the run's row to the runs table: %s", actor_error(e))
+
+    def _after_commit(self) -> None:
+        """Wait for the commit in flight, however long it runs: the writer is sequential, so a call
+        sent now is answered after it (a maintenance round inside a commit, a store's retries with
+        backoff), and stages.start_timeout_s is for the call's own work. Before stop 44 it counted
+        the wait too, and a rebalance's resume behind a long commit failed the run. (The commit's
+        outcome stays for finished() to report.)"""
+        if self._writing is not None:
+            ref = self._writing[0]
+            while not ray.wait([ref], timeout=60.0)[0]:
+                log.info("waiting for the commit in flight before the commit writer's next call")
 
     def _idempotent(self, method: str, *args) -> ray.ObjectRef:
         # Safe to run again: sent to a writer that is restarting, they wait for it instead of failing.
