@@ -529,8 +529,18 @@ class DeltaSink:
                 return
             except CommitFailedError as e:
                 # A concurrent commit of the same application transaction: someone else owns it now.
+                # Unless it was this write's own (an object store's conditional PUT retried inside
+                # delta-rs after its answer was lost: the second try finds the first's commit):
+                # then its marker is there, and the write is done, not fenced.
+                try:
+                    if self._landed_or_fenced(table, txns, expected, positions):
+                        log.warning("%s table write: a conflict with its own landed commit", table.role)
+                        table.landed()
+                        return
+                except (OSError, DeltaError):
+                    pass  # cannot tell: fenced, as before (the next owner's positions decide)
                 raise PartitionFencedError(
-                    f"concurrent commit to the {table.role} table for these partitions: {e}", list(positions)
+                    f"concurrent commit to the {table.role} table for these partitions: {_first_line(e)}", list(positions)
                 ) from None
             except (OSError, DeltaError) as e:  # the store failed (network, throttling, ...)
                 last = e

@@ -161,6 +161,35 @@ def test_a_write_retried_after_another_writer_took_the_partition_to_the_same_pos
     assert sorted(pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list()) == [0, 1, 2]
 
 
+def test_a_conflict_with_the_writes_own_landed_commit_is_not_a_fence(tmp_path, monkeypatch):
+    """An object store's conditional PUT whose answer was lost, retried inside delta-rs, meets the
+    first try's commit: CommitFailedError, though this write landed. Before stop 44 that was a
+    fence (the batch dropped and read again by nobody's fault; an online request answered with an
+    error though its audit rows were stored). Its marker says it landed: done."""
+    import connectors.delta as delta
+    from deltalake.exceptions import CommitFailedError
+
+    sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}, write_backoff_s=0.01)
+    sink.open()
+    sink.load_positions([TP0])
+    real, conflicts = delta.write_deltalake, [1, 1]
+
+    def write_deltalake(*args, **kwargs):
+        real(*args, **kwargs)
+        if conflicts:
+            conflicts.pop()
+            raise CommitFailedError("injected: the retried PUT found the commit already there")
+
+    monkeypatch.setattr(delta, "write_deltalake", write_deltalake)
+    sink.commit(results([0, 1]), dead([2]), {TP0: 2})
+    sink.append_unpositioned(results([7]), dead([]))  # the audit's kind of write
+    monkeypatch.setattr(delta, "write_deltalake", real)
+    assert sorted(pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list()) == [0, 1, 7]
+    assert pl.read_delta(str(tmp_path / "dl"))["source_offset"].to_list() == [2]
+    sink.commit(results([3]), dead([]), {TP0: 3})  # not fenced: its positions are its own
+    assert DeltaTable(str(tmp_path / "res")).transaction_version(txn_app_id("job", TP0)) == 3
+
+
 def test_incompatible_existing_table_fails_before_any_work(tmp_path):
     write_deltalake(str(tmp_path / "res"), pa.table({"id": [1], "status": ["x"]}))
     with pytest.raises(SinkSchemaError) as e:
