@@ -86,6 +86,24 @@ def _tps(ktps) -> list[TopicPartition]:
     return sorted((tp.topic, tp.partition) for tp in ktps)
 
 
+# Position "partition" TOPIC_IDENTITY (-2): which topic the positions are of (63 bits of a hash of
+# its Kafka topic id, KIP-516), recorded once, like the Delta source's table identity. A topic
+# deleted and created again under the same name starts its offsets at 0 again: without this the
+# job read it from its old positions on (skipping records, or from the start after a reset).
+TOPIC_IDENTITY = -2
+
+
+def topic_identity(topic_id) -> int | None:
+    """63 bits of the SHA-256 of a Kafka topic id (a UUID, or its text); None for none (a broker
+    without topic ids answers the zero UUID)."""
+    import hashlib
+
+    text = str(topic_id or "").lower()
+    if set(text.replace("-", "")) <= {"0"}:
+        return None
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
 # A poll at least this often while the job reads nothing (KafkaSource.keepalive).
 KEEPALIVE_S = 5.0
 # start_from latest: tries to record where new partitions start (KafkaSource.start_positions).
@@ -218,12 +236,23 @@ class KafkaSource:
         (`SourcePositions.anchor`, a commit of positions and no rows) before anything is read.
         Otherwise a job stopped before its first commit on the partition would start again at a
         later end and skip what came in between. Blocking: never on the consumer's IO thread."""
+        identity_tp = (self.topic, TOPIC_IDENTITY)
+        identity = self._topic_identity()
         for attempt in range(1, ANCHOR_ATTEMPTS + 1):
-            positions = dict(self.ctx.positions.resume(tps))
+            positions = dict(self.ctx.positions.resume(tps + ([identity_tp] if identity is not None else [])))
+            recorded = positions.pop(identity_tp, None)
+            if identity is not None and recorded is not None and recorded != identity:
+                raise SourceError(
+                    f"topic {self.topic}: this job's positions are of another topic of that name (its Kafka topic id "
+                    "changed: it was deleted and created again). Reading on from them would skip or repeat records: "
+                    "give the job new tables (sink.results, sink.dead_letter) or a new name to read the new topic "
+                    "from its start")  # fmt: skip
             new = [tp for tp in tps if positions.get(tp) is None]
-            if self.spec.start_from != "latest" or not new:
+            anchors = {identity_tp: identity} if identity is not None and recorded is None else {}
+            if self.spec.start_from == "latest" and new:
+                anchors.update({tp: end - 1 for tp, end in self._ends(new).items()})
+            if not anchors:
                 return positions
-            anchors = {tp: end - 1 for tp, end in self._ends(new).items()}
             anchor = getattr(self.ctx.positions, "anchor", None)
             try:
                 if anchor is not None:
@@ -233,14 +262,23 @@ class KafkaSource:
                 # writer died (Ray restarts it; resume waits for it): read the positions again.
                 if attempt == ANCHOR_ATTEMPTS:
                     raise
-                log.warning("start_from latest: recording where %s start failed (%s); reading the positions again",
-                            [f"{t}/{p}" for t, p in new], type(e).__name__)  # fmt: skip
+                log.warning("recording the start positions %s failed (%s); reading the positions again",
+                            [f"{t}/{p}" for t, p in anchors], type(e).__name__)  # fmt: skip
                 continue
+            anchors.pop(identity_tp, None)
             positions.update(anchors)
-            log.info("start_from latest: partitions %s start at their ends %s",
-                     [f"{t}/{p}" for t, p in new], [anchors[tp] + 1 for tp in new])  # fmt: skip
+            if anchors:
+                log.info("start_from latest: partitions %s start at their ends %s",
+                         [f"{t}/{p}" for t, p in new], [anchors[tp] + 1 for tp in new])  # fmt: skip
             return positions
         raise AssertionError("unreachable")
+
+    def _topic_identity(self) -> int | None:
+        """The topic's identity (topic_identity) from the consumer's metadata (kafka-python 3's
+        ClusterMetadata.topic_id, pinned 3.0.x); None where the broker gives no topic id."""
+        cluster = getattr(getattr(self.consumer, "_client", None), "cluster", None)
+        topic_id = getattr(cluster, "topic_id", None)
+        return topic_identity(topic_id(self.topic)) if callable(topic_id) else None
 
     def _ends(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         """End offsets read from fetch responses by a consumer of its own (no group), never

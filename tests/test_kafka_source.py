@@ -8,7 +8,8 @@ import time
 import pyarrow as pa
 import pytest
 
-from connectors.kafka import KafkaSource, kafka_end_offsets
+from connectors.kafka import TOPIC_IDENTITY, KafkaSource, kafka_end_offsets
+from schemas.errors import SourceError
 from schemas.records import SOURCE_SCHEMA
 from schemas.spec import KafkaSourceSpec
 from tests.conftest import event, send, source_context
@@ -87,6 +88,7 @@ def test_start_from_latest_records_each_new_partitions_end_before_reading_and_st
         assert _read_all(first) == []  # the old records are not read
     finally:
         first.close()  # a run that ends (or is killed) before its first commit
+    identity = ctx.positions.anchored.pop((topic, TOPIC_IDENTITY))  # the topic's, recorded with them
     assert ctx.positions.anchored == {tp: end - 1 for tp, end in ends.items()}
 
     _send_to_partitions(broker, topic, range(40, 70), 4)
@@ -98,6 +100,7 @@ def test_start_from_latest_records_each_new_partitions_end_before_reading_and_st
         again.close()
     assert sorted(json.loads(r["value"])["id"] for r in rows) == [f"e{i:06d}" for i in range(40, 70)]
     assert ctx.positions.anchored == {tp: end - 1 for tp, end in ends.items()}  # not anchored twice
+    assert ctx.positions.positions[(topic, TOPIC_IDENTITY)] == identity
 
 
 @pytest.mark.parametrize("race", ["another member anchored first", "the commit writer died"])
@@ -343,3 +346,26 @@ def test_a_partition_between_its_revocation_and_the_joins_end_is_not_drained(bro
         if other is not None:
             other.close()
         src.close()
+
+
+def test_positions_of_a_topic_deleted_and_created_again_are_refused_not_read_from(broker, topic):
+    """The first assignment records the topic's identity (a hash of its Kafka topic id) with the
+    positions, once. A topic of the same name with another id (deleted and created again: its
+    offsets start at 0 again) is refused, naming what to do. Before stop 44 the job read the new
+    topic from the old positions: records below them skipped (or, past its end, all read again)."""
+    send(broker, topic, (event(i) for i in range(10)))
+    src = _source(broker, topic, {})
+    src.start()
+    try:
+        assert len(_read_all(src)) == 10
+        recorded = src.ctx.positions.anchored[(topic, TOPIC_IDENTITY)]
+        assert recorded == src._topic_identity() and recorded > 0
+    finally:
+        src.close()
+    other = _source(broker, topic, {(topic, 0): 2, (topic, TOPIC_IDENTITY): recorded ^ 1})  # another topic's
+    other.start()
+    try:
+        with pytest.raises(SourceError, match=rf"topic {topic}: this job's positions are of another topic of that name"):
+            _read_all(other, timeout=20)
+    finally:
+        other.close()
