@@ -92,10 +92,15 @@ class Validator:
             failed = [(rule, res) for rule, res in zip(self.rules, results) if not res.passed]
             failures.update(res.rule for _, res in failed)
             attempt = attempts[i] or 1
+            repair = None
             if any(rule.spec.on_fail == "retry" and attempt < rule.spec.max_attempts for rule, _ in failed):
+                repair = self._repair_prompt(cand, failed, attempt)
+            if isinstance(repair, RepairFailed):  # the repair template failed on this row: rejected, the batch goes on
+                action, status, text, error = "reject", None, cand.output, f"{_violations(failed)}; {repair}"
+            elif repair is not None:
                 action, status, text, error = "retry", None, cand.output, None
                 retry_rows.append(i)
-                repair_prompts.append(self._repair_prompt(cand, failed, attempt))
+                repair_prompts.append(repair)
             else:
                 action, status, text, error = self._apply_policies(cand, failed, results)
             v.action[i] = action
@@ -113,8 +118,10 @@ class Validator:
         policies = {rule.name: (rule.spec.then if rule.spec.on_fail == "retry" else rule.spec.on_fail) for rule, _ in failed}
         if "reject" in policies.values():
             return "reject", None, cand.output, _violations(failed)
-        text = cand.output
-        for rule, res in failed:
+        text, fixed_any = cand.output, False
+        # Truncation last: it must cut the text the other fixes redacted, or it can cut a card or
+        # an email below what pii_leakage detects, leaving most of it (before stop 44: kept, "ok").
+        for rule, res in sorted(failed, key=lambda rr: rr[0].spec.rule == "length"):
             if policies[rule.name] == "fix":
                 try:
                     text = rule.fix(Candidate(text, cand.prompt, cand.context, cand.completion_tokens, cand.finish_reason))
@@ -124,19 +131,52 @@ class Validator:
                     return "reject", None, cand.output, (f"{_violations(failed)}; {rule.name}: its fix returned "
                                                          f"{type(text).__name__}, not text")  # fmt: skip
                 res.message = f"{res.message} (fixed)" if res.message else "fixed"
+                fixed_any = True
         if text != cand.output and self.output_schema is not None:
             # A repair must not produce an output_json that violates the schema.
             try:
                 cand.output_json, cand.parsed = self.output_schema.parse(text)
             except ValueError as e:
                 return "reject", None, cand.output, _violations(failed) + f"; after the fixes: {e}"
+        if fixed_any:
+            # The fixed text is checked again by the rules it must pass: the ones it was fixed for,
+            # and the ones the output passed (a redaction can push it over a length). Before stop
+            # 44 a fix was trusted: a fix that did not repair kept its row, marked "(fixed)".
+            unfixed = self._still_failing(text, cand, {rule.name for rule, _ in failed if policies[rule.name] != "fix"})
+            if unfixed:
+                return "reject", None, cand.output, f"{_violations(failed)}; after the fixes still failing: {', '.join(unfixed)}"
         status = "flagged" if "flag" in policies.values() else "ok"
         return "keep", status, text, None
 
-    def _repair_prompt(self, cand: Candidate, failed, attempt: int) -> str:
-        return self.repair_template.render(
-            prompt=cand.prompt, output=cand.output, violations=_violations(failed), attempt=attempt + 1
-        )
+    def _still_failing(self, text: str, cand: Candidate, excused: set[str]) -> list[str]:
+        """Rules (but the `excused`: failed and flagged, say) that the fixed text fails. Not the
+        embedding rules (semantic_grounding: a call to the embedding model for a text the fixes
+        only shortened or masked) nor json_schema (parsed again above)."""
+        fixed = Candidate(text, cand.prompt, cand.context, cand.completion_tokens, cand.finish_reason)
+        out = []
+        for rule in self.rules:
+            if rule.name in excused or isinstance(rule, (SemanticGrounding, JsonSchema)):
+                continue
+            try:
+                if not rule.check(fixed).passed:
+                    out.append(rule.name)
+            except Exception as e:  # noqa: BLE001 - a custom rule that raises on the fixed text: not passed
+                out.append(f"{rule.name} (raised {type(e).__name__})")
+        return out
+
+    def _repair_prompt(self, cand: Candidate, failed, attempt: int) -> str | RepairFailed:
+        """The retry's prompt; or RepairFailed (its words name the error's type, never a value)
+        when the template raises on this row (before stop 44 that stopped the batch and the job)."""
+        try:
+            return self.repair_template.render(
+                prompt=cand.prompt, output=cand.output, violations=_violations(failed), attempt=attempt + 1
+            )
+        except Exception as e:  # noqa: BLE001 - the template is the spec's: its failure is this row's
+            return RepairFailed(f"prompt.repair_template raised {type(e).__name__}")
+
+
+class RepairFailed(str):
+    """Why a row's repair prompt could not be made (Validator._repair_prompt)."""
 
 
 def _violations(failed) -> str:

@@ -357,6 +357,7 @@ def _under(kind: str | None, err: dict) -> dict:
 
 _RULES = TypeAdapter(list[RuleSpec])
 
+REPAIR_VARIABLES = frozenset({"prompt", "output", "violations", "attempt"})  # what a repair template is given
 DEFAULT_REPAIR_TEMPLATE = """{{ prompt }}
 
 Your previous answer was:
@@ -395,6 +396,21 @@ class PromptSpec(_Strict):
             ImmutableSandboxedEnvironment().parse(v)
         except TemplateSyntaxError as e:
             raise ValueError(f"not a valid Jinja2 template: {e.message} (line {e.lineno})") from None
+        return v
+
+    @field_validator("repair_template")
+    @classmethod
+    def _repair_variables(cls, v: str) -> str:
+        """Only prompt, output, violations and attempt are given to it (an event's fields are not:
+        before stop 44 `{{ question }}` there passed `tidegate check` and stopped the job at its
+        first retry)."""
+        from jinja2 import meta
+
+        env = ImmutableSandboxedEnvironment()
+        unknown = sorted(meta.find_undeclared_variables(env.parse(v)) - REPAIR_VARIABLES - set(env.globals))
+        if unknown:
+            raise ValueError(f"uses {', '.join(unknown)}: a repair template is given {', '.join(sorted(REPAIR_VARIABLES))} "
+                             "only (the event's fields are in `prompt`, as rendered)")  # fmt: skip
         return v
 
 

@@ -203,6 +203,30 @@ def test_grounding_fails_on_invented_facts():
     assert not quote.passed and "1 quote" in quote.message
 
 
+def test_grounding_finds_whole_numbers_and_names_not_pieces_of_them():
+    """Before stop 44 claims were substrings of the context: 45, 20 and 99 were "found" in 1450,
+    2024 and 3,999, Max in Maximilian, Ann in annual: an answer with no support scored 1.0."""
+    context = ["Order 1450 was placed in 2024 by the Maximilian Group; the annual fee is 3,999."]
+    spec = GroundingRule(rule="grounding", threshold=0.5)
+    numbers = check(spec, "We refunded 45 dollars for 20 units and 99 items.", context=context)
+    assert not numbers.passed and numbers.score == 0.0, numbers.message
+    names = check(spec, "The invoice went to Max Smith and Ann Lee.", context=context)
+    assert not names.passed and names.score == 0.0, names.message
+    found = check(spec, "Order 1450 (2024) for the Maximilian Group: a fee of 3,999.", context=context)
+    assert found.passed and found.score == 1.0, found.message
+
+
+def test_a_long_run_of_whitespace_after_a_name_is_linear_for_the_claim_finder():
+    """The entity pattern split a whitespace run in O(k²) ways: a name followed by 40,000 newlines
+    (a degenerate output) took 13.6 s of a stage worker, or of the online replica's event loop."""
+    import time
+
+    output = "Summary: The Answer" + "\n" * 40000 + "done"
+    t0 = time.monotonic()
+    check(GroundingRule(rule="grounding"), output, context=CONTEXT)
+    assert time.monotonic() - t0 < 3.0  # ~0.01 s now; the old pattern's 13 s would fail this on any machine
+
+
 def test_grounding_citations_must_name_a_document():
     r = check(GroundingRule(rule="grounding"), "Order 4411 shipped [doc:1][doc:3].", context=CONTEXT)
     assert not r.passed and r.message == "cites 1 missing document(s) (2 given)"
@@ -245,6 +269,40 @@ def test_a_degenerate_deeply_nested_output_fails_the_rule_not_the_job(schema):
     deep = r.check(Candidate("[" * 5000 + "]" * 5000))  # past json.loads's limit
     assert not deep.passed and deep.message == "not valid JSON: nested too deeply"
     r.check(Candidate("[" * 900 + "]" * 900))  # within it, deep for the schema's check: an answer either way
+
+
+@pytest.mark.parametrize("schema", ["schemas.examples:TicketTriage", {"type": "object"}])
+def test_outputs_that_are_not_json_text_fail_the_rule_and_never_reach_output_json(schema):
+    """Before stop 44: a lone surrogate escape passed the inline schema, and the Arrow column of
+    output_json then raised UnicodeEncodeError: the batch, and the job, failed (again on restart).
+    NaN, Infinity and 1e999 passed (NaN fails no `minimum`) into an output_json no JSON reader
+    takes; a repeated key kept its last value while output_text showed the first."""
+    from schemas.validation import JsonSchemaRule
+
+    r = build_rules([JsonSchemaRule(rule="json_schema")], OutputSchema(schema))[0]
+    base = '"category":"billing","priority":2,"summary":'
+    for text, why in ((f'{{{base}"half \\ud83d emoji"}}', "lone surrogate"), (f'{{{base}"x","score":NaN}}', "NaN"),
+                      (f'{{{base}"x","score":-Infinity}}', "-Infinity"), (f'{{{base}"x","score":1e999}}', "too large"),
+                      (f'{{{base}"x","priority":3}}', "repeats a key")):  # fmt: skip
+        res = r.check(Candidate(text))
+        assert not res.passed and res.message.startswith("not valid JSON: ") and why in res.message, (text, res.message)
+
+
+def test_a_strict_pydantic_model_takes_its_json_forms():
+    """A model with ConfigDict(strict=True): its enum, date, UUID and tuple fields come as JSON
+    text and arrays, which strict Python-mode validation refused (every row retried, then
+    rejected, before stop 44); JSON mode takes them, and still refuses a number for a string."""
+    from schemas.validation import JsonSchemaRule
+
+    r = build_rules([JsonSchemaRule(rule="json_schema")],
+                    OutputSchema("tests.strict_models:StrictTicket", allowed_modules=["tests"]))[0]  # fmt: skip
+    good = Candidate('{"category":"billing","due":"2026-12-07","ref":"9b2f4c1e-8d4a-4b7e-9c1f-2a3b4c5d6e7f",'
+                     '"span":[1,2],"score":0.5}')  # fmt: skip
+    assert r.check(good).passed, r.check(good).message
+    assert good.parsed.due.isoformat() == "2026-12-07" and good.parsed.span == (1, 2)
+    bad = r.check(Candidate('{"category":"billing","due":20261207,"ref":"9b2f4c1e-8d4a-4b7e-9c1f-2a3b4c5d6e7f",'
+                            '"span":[1,2],"score":0.5}'))  # fmt: skip
+    assert not bad.passed and "due" in bad.message and "20261207" not in bad.message
 
 
 def test_output_schema_errors_name_the_field():
@@ -487,6 +545,37 @@ def test_policies_keep_fix_flag_reject_retry():
         "q\n\nYour previous answer was:\nI cannot help with that.\n\n"
         "It was rejected: refusal: starts like a refusal ('i cannot')\nAnswer again and fix this."
     )
+
+
+def test_fixes_redact_before_they_truncate_and_a_fix_that_does_not_repair_rejects():
+    """Before stop 44 fixes ran in rule order and were trusted: a length fix listed before the PII
+    fix cut a card number to 14 digits, which pii_leakage no longer detects, and the row was kept
+    "ok" with "(fixed)"; a redaction that pushed the text over max_chars was kept too."""
+    rules = [{"rule": "length", "max_chars": 38, "on_fail": "fix"}, {"rule": "pii_leakage", "on_fail": "fix"}]
+    v = Validator(base_spec(validation=rules))
+    out = v.validate(*batch(["Your card on file is 4111 1111 1111 1111, thanks"]))
+    assert out.action == ["keep"] and "1111" not in out.output_text[0] and len(out.output_text[0]) <= 38, out
+
+    rules = [{"rule": "deny_list", "phrases": ["lawsuit"], "on_fail": "fix"}]
+    v = Validator(base_spec(validation=rules))
+    deny = v.rules[0]
+    deny.fix = lambda cand: cand.output  # its fix repairs nothing (a custom fix can do this)
+    out = v.validate(*batch(["No lawsuit is needed."]))
+    assert out.action == ["reject"] and out.error[0].endswith("after the fixes still failing: deny_list"), out.error
+
+
+def test_a_repair_template_may_use_only_its_own_variables_and_a_failing_one_rejects_the_row():
+    """Before stop 44 a repair template naming an event field passed `tidegate check` and, at the
+    first retry, stopped the batch (and the job) with UndefinedError. The spec refuses it now; a
+    template that raises anyway (its own code) rejects that row, the batch goes on."""
+    with pytest.raises(SpecError, match=r"prompt.repair_template: .*uses question: a repair template is given attempt, output"):
+        base_spec(prompt={"template": "{{ question }}", "id_field": "id", "repair_template": "{{ question }}: {{ output }}"})
+    rules = [{"rule": "refusal", "on_fail": "retry", "max_attempts": 3}]
+    spec = base_spec(validation=rules, prompt={"template": "{{ q }}", "id_field": "id",
+                                                "repair_template": "{{ prompt }} {{ 1 // (attempt - attempt) }}"})  # fmt: skip
+    out = Validator(spec).validate(*batch(["I cannot help with that.", "Fine answer."]))
+    assert out.action == ["reject", "keep"]
+    assert out.error[0].endswith("prompt.repair_template raised ZeroDivisionError"), out.error
 
 
 def test_spent_retries_fall_back_to_then():
