@@ -149,6 +149,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=5000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "validation_rules.json",
+                    help="where the result JSON goes (a side-by-side run of two code versions writes one per leg)")
     args = ap.parse_args()
     res = run(args.rows, args.repeats)
     table = Table(title=f"validation rows/s, one core, 1,000-character outputs ({args.rows} rows, median of {args.repeats})")
@@ -158,9 +160,11 @@ def main() -> None:
     for name, r in res.items():
         table.add_row(name, ", ".join(r["rules"]), f"{r['rows_per_s']:,.0f}")
     Console().print(table)
-    path = Path(__file__).parent / "results" / "validation_rules.json"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps(res, indent=2))
+    import compute.validation
+
+    res["code"] = str(Path(compute.validation.__file__).parent.parent)  # which checkout ran (PYTHONPATH)
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":
