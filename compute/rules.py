@@ -25,6 +25,7 @@ import math
 import operator
 import re
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,15 +179,62 @@ class DenyList(Rule):
             parts.append(f"(?P<p{i}>{left}{body}{right})")
             self.phrase_of[f"p{i}"] = phrase
         self.rx = re.compile("|".join(parts), re.IGNORECASE)
+        # The same phrases folded (_fold) for a text that is not ASCII, matched against its folded
+        # form: a zero-width space or soft hyphen inside a phrase, full-width letters, "Straße"
+        # for "strasse" (before stop 44 each of these passed the rule).
+        folded = []
+        for name, phrase in self.phrase_of.items():
+            f = _fold(phrase)[0]
+            if f.strip():
+                body = r"\s+".join(re.escape(w) for w in f.split())
+                left = r"\b" if f[:1].isalnum() else ""
+                right = r"\b" if f[-1:].isalnum() else ""
+                folded.append(f"(?P<{name}>{left}{body}{right})")
+        self.rx_folded = re.compile("|".join(folded), re.IGNORECASE)
+
+    def _matches(self, text: str) -> list[tuple[str, int, int]]:
+        """(group name, start, end) of each denied phrase in `text`, as offsets into `text`."""
+        if text.isascii():
+            return [(m.lastgroup, m.start(), m.end()) for m in self.rx.finditer(text)]
+        folded, where = _fold(text)
+        return [(m.lastgroup, where[m.start()], where[m.end() - 1] + 1) for m in self.rx_folded.finditer(folded)
+                if m.end() > m.start()]  # fmt: skip
 
     def check(self, c: Candidate) -> RuleResult:
-        hits = {self.phrase_of[m.lastgroup] for m in self.rx.finditer(c.output)}
+        hits = {self.phrase_of[name] for name, _, _ in self._matches(c.output)}
         if hits:
             return self._fail("contains denied phrase(s): " + ", ".join(repr(h) for h in sorted(hits)))
         return self._ok()
 
     def fix(self, c: Candidate) -> str:
-        return self.rx.sub(self.spec.replacement, c.output)
+        text = c.output
+        if text.isascii():
+            return self.rx.sub(self.spec.replacement, text)
+        out, pos = [], 0
+        for _, start, end in self._matches(text):
+            if start >= pos:
+                out += [text[pos:start], self.spec.replacement]
+                pos = end
+        return "".join(out) + text[pos:]
+
+
+def _fold(text: str) -> tuple[str, list[int]]:
+    """`text` as the word rules compare it: NFKC (full-width letters and digits, ligatures, a
+    no-break space as a space), format characters dropped (zero-width spaces and joiners, soft
+    hyphens), casefolded ("ß" is "ss"); with the index in `text` of each character of the result."""
+    out: list[str] = []
+    where: list[int] = []
+    for i, ch in enumerate(text):
+        if ch.isascii():
+            out.append(ch.lower())
+            where.append(i)
+            continue
+        if unicodedata.category(ch) == "Cf":
+            continue
+        for f in unicodedata.normalize("NFKC", ch).casefold():
+            out.append(f)
+            where.append(i)
+    return "".join(out), where
 
 
 # -- refusals and non-answers ----------------------------------------------------------------------
@@ -212,7 +260,10 @@ class Refusal(Rule):
         text = c.output.strip()
         if len(text) < self.spec.min_chars:
             return self._fail("empty answer" if not text else f"non-answer: {len(text)} non-blank character(s)")
-        head = text[:120].casefold().lstrip("\"'*_ ")
+        # Folded (_fold: zero-width characters, full-width letters, no-break spaces), and past what
+        # opens a line without saying anything: quotes, a quote marker, a heading, a list bullet.
+        head = text[:160]
+        head = (head.lower() if head.isascii() else _fold(head)[0]).lstrip("\"'*_ >#-•“”‘’«»\t\n")
         if head.startswith(self.openers):  # one call for all of them; which one only on a hit
             p = next(p for p in self.openers if head.startswith(p))
             return self._fail(f"starts like a refusal ({p!r})")

@@ -45,10 +45,44 @@ def check(spec, output: str, **cand) -> RuleResult:
         # Near misses: bad checksums, invalid SSN areas, order numbers, dates, versions, prices.
         ("card 4111 1111 1111 1112, IBAN GB82 WEST 1234 5698 7654 33", []),
         ("SSN 000-12-3456 or 666-12-3456; order 12345 on 2024-03-05 costs 1,299.00; v1.2.3", []),
+        # Since stop 44: a card followed by its expiry or code, an IBAN followed by a word, full-width
+        # digits (missed before: the greedy match took the rest in and its checksum failed) ...
+        ("card 4111 1111 1111 1111 12/25", ["card"]),
+        ("card 4111111111111111 123 (code)", ["card"]),
+        ("pay to GB82 WEST 1234 5698 7654 32 EUR, or DE89 3704 0044 0532 0130 00 BIC COBADEFFXXX", ["iban", "iban"]),
+        ("card ４１１１ １１１１ １１１１ １１１１", ["card"]),
+        # ... and a long grouped number with no card at an end is still none.
+        ("order 1234 5678 9012 3456 78", []),
     ],
 )
 def test_pii_detectors(text, kinds):
     assert [s.kind for s in find_pii(text)] == kinds
+
+
+def test_a_card_with_its_expiry_is_redacted_whole_and_the_expiry_kept():
+    text = "card 4111 1111 1111 1111 12/25"
+    (span,) = find_pii(text)
+    assert text[span.start : span.end] == "4111 1111 1111 1111"
+
+
+@pytest.mark.parametrize("output", ["ki\u200bll switch", "kil\u00adl switch", "ｋｉｌｌ switch", "Kill\u00a0Switch",
+                                    "the Straße"])  # fmt: skip
+def test_deny_list_sees_through_zero_width_characters_full_width_letters_and_case_folding(output):
+    """Before stop 44 each passed `deny_list` (phrases "kill switch", "strasse"): a zero-width
+    space or soft hyphen inside the phrase, full-width letters, a no-break space, "ß" (IGNORECASE
+    is not casefolding). Its fix removes the phrase from the text as written."""
+    spec = DenyListRule(rule="deny_list", phrases=["kill switch", "strasse"], on_fail="fix")
+    r = check(spec, output)
+    assert not r.passed, output
+    fixed = rule(spec).fix(Candidate(output))
+    assert "[removed]" in fixed and "switch" not in fixed.casefold() and "stra" not in fixed.casefold(), fixed
+    assert check(spec, "skill switchboard on Strasbourg street").passed
+
+
+@pytest.mark.parametrize("output", ["\u200bI cannot help with that.", "> I cannot help with that.", "“I’m sorry, no.",
+                                    "I\u00a0cannot help.", "Ｉ cannot help.", "- I cannot help.", "# I am unable to"])  # fmt: skip
+def test_a_refusal_is_seen_behind_quotes_markers_and_look_alike_characters(output):
+    assert not check(RefusalRule(rule="refusal"), output).passed, output
 
 
 def test_checksums():
