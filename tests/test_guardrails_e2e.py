@@ -141,6 +141,10 @@ def test_semantic_similarity_of_the_real_embedding_model():
     digits = " ".join(str(7919 * i % 10**9) for i in range(400))  # ~1.9 characters a token
     flags = "{\"scores\":[" + ",".join(str(i % 2) for i in range(1500)) + "]}"  # a token per character
     spaced = " ".join(str(i % 2) for i in range(1500))  # the densest: 2 characters a token
-    for text in (long_json, cjk, cjk.replace("，", "。"), digits, flags, spaced):
+    # Greek and Cyrillic prose: about a token a letter (counted 1 unit a letter before stop 44, a
+    # 480-unit piece was ~400 tokens, its last third cut off unseen).
+    greek = "Η παραγγελία 4411 στάλθηκε στις 5 Μαρτίου και η επιστροφή εγκρίθηκε από την υποστήριξη " * 20
+    cyrillic = "Заказ 4411 отправлен пятого марта, возврат одобрен службой поддержки в течение двух дней " * 20
+    for text in (long_json, cjk, cjk.replace("，", "。"), digits, flags, spaced, greek, cyrillic):
         pieces = sentences(text) + chunks([text], 480)
         assert len(pieces) > 1 and all(len(tokenizer(p).input_ids) <= 256 for p in pieces), text[:40]
