@@ -16,6 +16,8 @@ rule calls its embedder, which may be a Ray actor).
 
 from __future__ import annotations
 
+import json
+
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -75,9 +77,15 @@ class Validator:
         tokens = completions.column("completion_tokens").to_pylist()
         finish = completions.column("finish_reason").to_pylist()
         attempts = requests.column("attempt").to_pylist()
+        sources = [f or p for p, f in zip(prompts, first)]  # what a repair prompt is built from
+        # What the rules take for the input (pii_leakage: a value in it is not a leak): an online
+        # chat's every message, the system prompt and history too, as first asked (a retry's
+        # messages hold the rejected output). Before stop 44 it was the last user message only.
+        chats = _column(requests, "input_messages") or _column(requests, "messages")
+        inputs = [_chat_text(m) if m else src for m, src in zip(chats, sources)] if chats else sources
         cands = [
-            Candidate(o or "", f or p, ctx or [], t or 0, fr)
-            for o, p, f, ctx, t, fr in zip(outputs, prompts, first, contexts, tokens, finish)
+            Candidate(o or "", inp, ctx or [], t or 0, fr)
+            for o, inp, ctx, t, fr in zip(outputs, inputs, contexts, tokens, finish)
         ]
         by_rule = [rule.check_batch(cands) for rule in self.rules]
         n = len(cands)
@@ -94,7 +102,7 @@ class Validator:
             attempt = attempts[i] or 1
             repair = None
             if any(rule.spec.on_fail == "retry" and attempt < rule.spec.max_attempts for rule, _ in failed):
-                repair = self._repair_prompt(cand, failed, attempt)
+                repair = self._repair_prompt(cand, failed, attempt, sources[i])
             if isinstance(repair, RepairFailed):  # the repair template failed on this row: rejected, the batch goes on
                 action, status, text, error = "reject", None, cand.output, f"{_violations(failed)}; {repair}"
             elif repair is not None:
@@ -164,12 +172,13 @@ class Validator:
                 out.append(f"{rule.name} (raised {type(e).__name__})")
         return out
 
-    def _repair_prompt(self, cand: Candidate, failed, attempt: int) -> str | RepairFailed:
-        """The retry's prompt; or RepairFailed (its words name the error's type, never a value)
-        when the template raises on this row (before stop 44 that stopped the batch and the job)."""
+    def _repair_prompt(self, cand: Candidate, failed, attempt: int, source: str) -> str | RepairFailed:
+        """The retry's prompt, from the row's first prompt (`source`); or RepairFailed (its words
+        name the error's type, never a value) when the template raises on this row (before stop
+        44 that stopped the batch and the job)."""
         try:
             return self.repair_template.render(
-                prompt=cand.prompt, output=cand.output, violations=_violations(failed), attempt=attempt + 1
+                prompt=source, output=cand.output, violations=_violations(failed), attempt=attempt + 1
             )
         except Exception as e:  # noqa: BLE001 - the template is the spec's: its failure is this row's
             return RepairFailed(f"prompt.repair_template raised {type(e).__name__}")
@@ -199,6 +208,9 @@ def rule_results_column(by_rule: list[list[RuleResult]], n: int) -> pa.Array:
 
 
 def _retry_requests(requests: pa.Table, rows: list[int], prompts: list[str]) -> pa.Table:
+    """REQUEST_SCHEMA rows of the retries; an online chat's also keep `messages` (the chat with its
+    last user message replaced by the repair prompt: the system prompt and history stay, which a
+    retry dropped before stop 44) and `input_messages` (the chat as first asked, for the rules)."""
     sub = requests.take(pa.array(rows, pa.int64()))
     first = [f if f is not None else p for f, p in zip(sub.column("first_prompt").to_pylist(), sub.column("prompt").to_pylist())]
     attempts = [(a or 1) + 1 for a in sub.column("attempt").to_pylist()]
@@ -206,7 +218,33 @@ def _retry_requests(requests: pa.Table, rows: list[int], prompts: list[str]) -> 
     cols["prompt"] = pa.array(prompts, pa.string())
     cols["first_prompt"] = pa.array(first, pa.string())
     cols["attempt"] = pa.array(attempts, pa.int32())
-    return pa.table(cols, schema=REQUEST_SCHEMA)
+    out = pa.table(cols, schema=REQUEST_SCHEMA)
+    chats = _column(sub, "messages")
+    if chats:
+        asked = _column(sub, "input_messages") or chats
+        out = out.append_column("messages", pa.array([_with_last_user(m, p) for m, p in zip(chats, prompts)], pa.string()))
+        out = out.append_column("input_messages", pa.array(asked, pa.string()))
+    return out
+
+
+def _column(table: pa.Table, name: str) -> list | None:
+    return table.column(name).to_pylist() if name in table.column_names else None
+
+
+def _chat_text(messages_json: str) -> str:
+    return "\n".join(m.get("content") or "" for m in json.loads(messages_json))
+
+
+def _with_last_user(messages_json: str | None, prompt: str) -> str | None:
+    if messages_json is None:
+        return None
+    messages = json.loads(messages_json)
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    if last is None:
+        messages.append({"role": "user", "content": prompt})
+    else:
+        messages[last] = {"role": "user", "content": prompt}
+    return json.dumps(messages)
 
 
 # -- construction ----------------------------------------------------------------------------------

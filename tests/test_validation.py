@@ -781,3 +781,33 @@ def test_a_long_context_without_sentence_ends_is_split_in_one_pass():
     assert time.monotonic() - t0 < 2.0
     assert len(pieces) > 400 and all(_units(p) <= MAX_SENTENCE_UNITS for p in pieces + context)
     assert "".join(p.replace(" ", "") for p in pieces) == text.replace(" ", "")  # nothing lost
+
+
+def test_an_online_chats_retry_keeps_its_conversation_and_its_whole_input_counts_for_pii():
+    """Before stop 44 a chat's retry dropped `messages` (the repair ran without the client's system
+    prompt and history), and pii_leakage took the last user message alone for the input: an email
+    the system prompt gave and the answer repeated was a "leak" (a 422 with on_fail: reject)."""
+    import json
+
+    rules = [{"rule": "pii_leakage", "on_fail": "reject"}, {"rule": "refusal", "on_fail": "retry", "max_attempts": 2}]
+    v = Validator(base_spec(validation=rules))
+    chat = [{"role": "system", "content": "You answer for jo@acme.io's team."},
+            {"role": "user", "content": "Who do I write to?"}]  # fmt: skip
+    req, comp = batch(["Write to jo@acme.io, they answer within a day.", "I cannot help with that."],
+                      prompt="Who do I write to?")  # fmt: skip
+    req = req.append_column("messages", pa.array([json.dumps(chat)] * 2, pa.string()))
+    out = v.validate(req, comp)
+    assert out.action == ["keep", "retry"], out.error
+    (retry,) = out.retries.to_pylist()
+    again = json.loads(retry["messages"])
+    assert again[0] == chat[0] and again[-1]["role"] == "user" and again[-1]["content"] == retry["prompt"]
+    assert "I cannot help with that." in retry["prompt"] and json.loads(retry["input_messages"]) == chat
+    # The retry's answer is judged against the chat as first asked, not against the repair prompt,
+    # which holds the rejected output: a value only that output had is still a leak.
+    leaked_before = '{"x": "mail eve@evil.io"}'
+    comp2 = comp.slice(1, 1).set_column(comp.schema.get_field_index("output_text"), "output_text",
+                                        pa.array(["Mail eve@evil.io."], pa.string()))  # fmt: skip
+    retries = out.retries.set_column(out.retries.schema.get_field_index("prompt"), "prompt",
+                                     pa.array([retry["prompt"] + " " + leaked_before], pa.string()))  # fmt: skip
+    second = v.validate(retries, comp2)
+    assert second.action == ["reject"] and "1 email" in second.error[0]
