@@ -528,6 +528,7 @@ class DeltaSink:
                 self._write(table, rows, txns, refresh)
                 return
             except CommitFailedError as e:
+                seen = self._carried_versions(table, txns)  # as this write's handle saw them (no I/O)
                 # A concurrent commit of the same application transaction: someone else owns it now.
                 # Unless it was this write's own (an object store's conditional PUT retried inside
                 # delta-rs after its answer was lost: the second try finds the first's commit):
@@ -539,6 +540,15 @@ class DeltaSink:
                         return
                 except (OSError, DeltaError):
                     pass  # cannot tell: fenced, as before (the next owner's positions decide)
+                if not positions and seen is not None and self._carried_unchanged(table, txns, seen):
+                    # Rows no position covers (an online replica's audit), and no other writer has
+                    # committed the transactions this write carries (an audit journal's): what
+                    # conflicted was another writer's change of the table (its metadata: a replica
+                    # of a newer version adding a column), seen by this blind append's old handle.
+                    # Tried again on a fresh one (before stop 44: the request failed).
+                    table._dt = None
+                    last = e
+                    continue
                 raise PartitionFencedError(
                     f"concurrent commit to the {table.role} table for these partitions: {_first_line(e)}", list(positions)
                 ) from None
@@ -574,6 +584,27 @@ class DeltaSink:
             self._writer_id = uuid.uuid4().hex
         self._writes += 1
         return Transaction(f"tidegate/{self.job_name}/write/{self._writer_id}", self._writes)
+
+    @staticmethod
+    def _carried_versions(table: _Table, txns: list[Transaction]) -> dict | None:
+        """The versions of the transactions a write carries (but its marker) in the handle it was
+        written on; None without one."""
+        dt = table._dt
+        if dt is None:
+            return None
+        try:
+            return {t.app_id: dt.transaction_version(t.app_id) for t in txns[:-1]}
+        except (OSError, DeltaError):
+            return None
+
+    @staticmethod
+    def _carried_unchanged(table: _Table, txns: list[Transaction], seen: dict) -> bool:
+        """Nobody else committed the transactions this write carries since its handle was loaded
+        (the table now holds the versions that handle saw). False when that cannot be read."""
+        try:
+            return table.txn_versions(list(seen)) == seen if seen else True
+        except (OSError, DeltaError):
+            return False
 
     def _landed_or_fenced(self, table: _Table, txns: list[Transaction], expected, positions) -> bool:
         """True if this write (its marker) is in the table; raises PartitionFencedError if a

@@ -190,6 +190,23 @@ def test_a_conflict_with_the_writes_own_landed_commit_is_not_a_fence(tmp_path, m
     assert DeltaTable(str(tmp_path / "res")).transaction_version(txn_app_id("job", TP0)) == 3
 
 
+def test_an_audit_append_on_an_old_handle_after_another_writers_table_change_is_written_again(tmp_path):
+    """An online replica's blind append (rows no position covers) on a handle loaded before another
+    writer changed the table's metadata (a replica of a newer version adding a column) conflicts:
+    "Metadata changed since last commit". Before stop 44 that was a fence, and the request failed;
+    there are no positions to be fenced from: it is written again on a fresh handle."""
+    from deltalake import Field as DeltaField
+    from deltalake.schema import PrimitiveType
+
+    replica = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}, write_backoff_s=0.01)
+    replica.open()
+    replica.append_unpositioned(results([0]), dead([]))
+    DeltaTable(str(tmp_path / "res")).alter.add_columns([DeltaField("newer", PrimitiveType("string"), nullable=True)])
+    replica.append_unpositioned(results([1]), dead([]))
+    got = pl.read_delta(str(tmp_path / "res")).sort("source_offset")
+    assert got["source_offset"].to_list() == [0, 1] and got["newer"].to_list() == [None, None]
+
+
 def test_incompatible_existing_table_fails_before_any_work(tmp_path):
     write_deltalake(str(tmp_path / "res"), pa.table({"id": [1], "status": ["x"]}))
     with pytest.raises(SinkSchemaError) as e:
