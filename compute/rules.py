@@ -193,12 +193,17 @@ class DenyList(Rule):
         self.rx_folded = re.compile("|".join(folded), re.IGNORECASE)
 
     def _matches(self, text: str) -> list[tuple[str, int, int]]:
-        """(group name, start, end) of each denied phrase in `text`, as offsets into `text`."""
-        if text.isascii():
-            return [(m.lastgroup, m.start(), m.end()) for m in self.rx.finditer(text)]
-        folded, where = _fold(text)
-        return [(m.lastgroup, where[m.start()], where[m.end() - 1] + 1) for m in self.rx_folded.finditer(folded)
-                if m.end() > m.start()]  # fmt: skip
+        """(group name, start, end) of each denied phrase in `text`, as offsets into `text`: as
+        written (a zero-width space standing for a word's edge) and folded (one inside a word,
+        "Straße" for "strasse"), whichever finds it."""
+        out = [(m.lastgroup, m.start(), m.end()) for m in self.rx.finditer(text)]
+        if text.isascii():  # folding ASCII only lower-cases: the folded phrases match it as it is
+            out += [(m.lastgroup, m.start(), m.end()) for m in self.rx_folded.finditer(text)]
+        else:
+            folded, where = _fold(text)
+            out += [(m.lastgroup, where[m.start()], where[m.end() - 1] + 1) for m in self.rx_folded.finditer(folded)
+                    if m.end() > m.start()]  # fmt: skip
+        return sorted(out, key=lambda m: (m[1], -m[2]))
 
     def check(self, c: Candidate) -> RuleResult:
         hits = {self.phrase_of[name] for name, _, _ in self._matches(c.output)}
@@ -208,12 +213,12 @@ class DenyList(Rule):
 
     def fix(self, c: Candidate) -> str:
         text = c.output
-        if text.isascii():
-            return self.rx.sub(self.spec.replacement, text)
         out, pos = [], 0
-        for _, start, end in self._matches(text):
+        for _, start, end in self._matches(text):  # by start, the longest first: overlaps merge
             if start >= pos:
                 out += [text[pos:start], self.spec.replacement]
+                pos = end
+            elif end > pos:
                 pos = end
         return "".join(out) + text[pos:]
 
@@ -246,6 +251,8 @@ REFUSAL_OPENERS = (
     "i’m not able", "unfortunately, i can", "i must decline", "i'm afraid i can", "i am afraid i can",
 )  # fmt: skip
 _CHAR_LOOP = re.compile(r"(\S)\1{29,}")  # 30 of the same character: "!!!!!!!!..."
+# What opens a line without saying anything: quotes, a quote marker, a heading, a list bullet.
+_OPENING_MARKS = "\"'*_ >#-•“”‘’«»\t\n"
 
 
 class Refusal(Rule):
@@ -254,7 +261,9 @@ class Refusal(Rule):
     def __init__(self, spec: RefusalRule):
         super().__init__(spec)
         phrases = spec.phrases if spec.phrases is not None else REFUSAL_OPENERS
-        self.openers = tuple(p.casefold() for p in [*phrases, *spec.extra_phrases])
+        # Folded and stripped as an output's head is (check): "sorry…", a full-width opener, "- n/a".
+        self.openers = tuple(_fold(p)[0].lstrip(_OPENING_MARKS) for p in [*phrases, *spec.extra_phrases])
+        self.openers = tuple(p for p in self.openers if p)
 
     def check(self, c: Candidate) -> RuleResult:
         text = c.output.strip()
@@ -263,7 +272,7 @@ class Refusal(Rule):
         # Folded (_fold: zero-width characters, full-width letters, no-break spaces), and past what
         # opens a line without saying anything: quotes, a quote marker, a heading, a list bullet.
         head = text[:160]
-        head = (head.lower() if head.isascii() else _fold(head)[0]).lstrip("\"'*_ >#-•“”‘’«»\t\n")
+        head = (head.lower() if head.isascii() else _fold(head)[0]).lstrip(_OPENING_MARKS)
         if head.startswith(self.openers):  # one call for all of them; which one only on a hit
             p = next(p for p in self.openers if head.startswith(p))
             return self._fail(f"starts like a refusal ({p!r})")

@@ -161,12 +161,15 @@ class Validator:
         embedding rules (semantic_grounding: a call to the embedding model for a text the fixes
         only shortened or masked) nor json_schema (parsed again above)."""
         fixed = Candidate(text, cand.prompt, cand.context, cand.completion_tokens, cand.finish_reason)
+        # The fixed text's token count is not known (no generation made it): length's max_tokens,
+        # which a truncation cannot repair and `fix` is allowed beside, is not checked again.
+        untimed = Candidate(text, cand.prompt, cand.context, 0, cand.finish_reason)
         out = []
         for rule in self.rules:
             if rule.name in excused or isinstance(rule, (SemanticGrounding, JsonSchema)):
                 continue
             try:
-                if not rule.check(fixed).passed:
+                if not rule.check(untimed if isinstance(rule, Length) else fixed).passed:
                     out.append(rule.name)
             except Exception as e:  # noqa: BLE001 - a custom rule that raises on the fixed text: not passed
                 out.append(f"{rule.name} (raised {type(e).__name__})")

@@ -214,8 +214,9 @@ def submit(
         shutil.rmtree(root.parent, ignore_errors=True)  # uploaded by now
 
 
-class JobWaitTimeout(TidegateError):
-    """`--wait-timeout` passed with the job still running; the job itself is left running."""
+class JobWaitTimeout(TidegateError, TimeoutError):
+    """`--wait-timeout` passed with the job still running; the job itself is left running (a
+    TimeoutError too: what wait() raised before stop 44)."""
 
 
 class ClusterUnreachable(TidegateError):

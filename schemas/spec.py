@@ -25,7 +25,8 @@ import yaml
 from jinja2 import TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import (
-    BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, TypeAdapter, ValidationError, field_validator, model_serializer,
+    BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, TypeAdapter, ValidationError, ValidationInfo, field_validator,
+    model_serializer,
     model_validator,
 )  # fmt: skip
 
@@ -793,7 +794,11 @@ class SinkSpec(_Strict):
     storage_options: dict[str, str] = Field(default_factory=dict)
     commit_interval_s: float = Field(default=1.0, ge=0)
 
-    _tables_readable = field_validator("results", "dead_letter")(classmethod(lambda cls, v: _local_table_path(v)))
+    @field_validator("results", "dead_letter")
+    @classmethod
+    def _delta_tables_readable(cls, v: str, info: ValidationInfo) -> str:
+        """Delta tables only: a sink plugin's results / dead_letter are its own (a file, a URL)."""
+        return _local_table_path(v) if info.data.get("kind", "delta") == "delta" else v
     commit_max_rows: int = Field(default=8192, ge=1)
     write_attempts: int = Field(
         default=5, ge=1, description="Tries of one table write on store errors (backoff between); then the job stops."

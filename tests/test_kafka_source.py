@@ -234,8 +234,8 @@ def test_the_consumer_reads_committed_records_only_unless_consumer_config_says_o
         src.close()
 
 
-def send_with_a_corrupt_header(broker, topic: str, records) -> None:
-    """Produce `records` ((key, value, corrupt?) to partition 0) through kafka-python; the header
+def send_with_a_corrupt_header(broker, topic: str, records, partition: int = 0) -> None:
+    """Produce `records` ((key, value, corrupt?) to `partition`) through kafka-python; the header
     name of each record marked corrupt is rewritten on the wire to bytes that are not UTF-8 (what a
     librdkafka or Go producer can send), the batch CRC recomputed: the broker stores it as sent.
     Records sent in one call share producer batches (linger)."""
@@ -263,7 +263,7 @@ def send_with_a_corrupt_header(broker, topic: str, records) -> None:
         producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, acks="all", linger_ms=200)
         try:
             for key, value, corrupt in records:
-                producer.send(topic, key=key, value=value, partition=0,
+                producer.send(topic, key=key, value=value, partition=partition,
                               headers=[("CORRUPT-h", b"x")] if corrupt else [("trace", b"x")])  # fmt: skip
             producer.flush()
         finally:
@@ -369,3 +369,45 @@ def test_positions_of_a_topic_deleted_and_created_again_are_refused_not_read_fro
             _read_all(other, timeout=20)
     finally:
         other.close()
+
+
+def test_an_unreadable_record_held_back_by_kafka_python_survives_a_keepalive(broker, topic):
+    """kafka-python holds a parse error for its next poll when the same poll returned another
+    partition's records first; the job's keepalive (a poll with every partition paused, while the
+    engines are full) dropped it, and the poll after that spun forever at 100 % CPU on the dead
+    parse. The keepalive handles it now: the record becomes its row, and reading goes on."""
+    import threading
+
+    _send_to_partitions(broker, topic, range(30), 1)  # partition 0: 30 readable records
+    send_with_a_corrupt_header(broker, topic, [(b"bad", b'{"id": "bad"}', True)], partition=1)
+    src = _source(broker, topic, {})
+    src.start()
+    rows: list = []
+    try:
+        for _ in range(40):  # reads with keepalives in between (as while the engines are full)
+            src._last_poll = 0.0
+            src.keepalive()
+            done = threading.Event()
+
+            def read():
+                batch = src.poll(500, 200)
+                rows.extend(batch.to_pylist() if batch is not None else [])
+                done.set()
+
+            threading.Thread(target=read, daemon=True).start()
+            assert done.wait(30), "a poll spun on a dead parse"
+            if len({(r["partition"], r["offset"]) for r in rows}) == 31:
+                break
+    finally:
+        src.close()
+    got = {(r["partition"], r["offset"]): r["source_change"] for r in rows}
+    assert got.get((1, 0)) == "unreadable" and sum(1 for (p, _) in got if p == 0) == 30, got
+
+
+def test_end_offsets_are_read_past_an_unreadable_oldest_record(broker, topic):
+    """start_from latest reads each new partition's end from a fetch of its beginning: an
+    unreadable record there raised CorruptRecordError out of it (the job failed at every start)."""
+    send_with_a_corrupt_header(broker, topic, [(b"bad", b'{"id": "bad"}', True), (b"k", b'{"id": "ok"}', False)],
+                               partition=1)  # fmt: skip
+    ends = kafka_end_offsets(broker.bootstrap_servers, topic)
+    assert ends[(topic, 1)] == 2 and ends[(topic, 0)] == 0

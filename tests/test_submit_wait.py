@@ -58,6 +58,8 @@ def test_wait_raises_what_is_not_transient_and_names_a_refused_token():
 def test_wait_timeout_leaves_the_job_running_and_the_cli_exits_3(monkeypatch, tmp_path):
     with pytest.raises(sub.JobWaitTimeout, match="job job-1 still running after 0s"):
         wait(ScriptedJobAPI(JobStatus.RUNNING), timeout_s=0)
+    with pytest.raises(TimeoutError):  # what wait() raised before stop 44: `except TimeoutError` still works
+        wait(ScriptedJobAPI(JobStatus.RUNNING), timeout_s=0)
 
     from jobs.cli import app
 

@@ -455,3 +455,6 @@ def test_a_local_table_path_that_delta_rs_would_percent_encode_is_refused_by_the
     with pytest.raises(SpecError, match=r"source\.delta\.uri: .*cannot hold space"):
         parse_spec({**base, "source": {"delta": {"uri": "lake/in put"}}, "sink": {"results": "r", "dead_letter": "d"}})
     parse_spec({**base, "sink": {"results": "s3://bucket/my results", "dead_letter": "lake/d-1_x.y"}})
+    from schemas.spec import SinkSpec
+
+    SinkSpec(kind="jsonl", results="out dir/results.jsonl", dead_letter="out dir/dead.jsonl")  # a plugin's own

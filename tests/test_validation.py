@@ -811,3 +811,21 @@ def test_an_online_chats_retry_keeps_its_conversation_and_its_whole_input_counts
                                      pa.array([retry["prompt"] + " " + leaked_before], pa.string()))  # fmt: skip
     second = v.validate(retries, comp2)
     assert second.action == ["reject"] and "1 email" in second.error[0]
+
+
+def test_folding_adds_to_what_deny_list_and_refusal_catch_never_takes_away():
+    """Review of stop 44's folding: a zero-width space standing for a word's edge ("bad\\u200bstuff")
+    is caught as written; a non-ASCII phrase ("Straße") catches its ASCII form; a refusal's own
+    openers are folded as the output is ("sorry…", "- n/a"); and a length fix beside max_tokens
+    keeps its truncated row (its token count is not checked again: no generation made that text)."""
+    deny = DenyListRule(rule="deny_list", phrases=["bad", "Straße"], on_fail="fix")
+    assert not check(deny, "this is bad\u200bstuff é").passed
+    assert rule(deny).fix(Candidate("this is bad\u200bstuff é")) == "this is [removed]\u200bstuff é"
+    assert not check(deny, "ship to Strasse 5").passed
+    refusal = RefusalRule(rule="refusal", extra_phrases=["sorry…", "- n/a"])
+    assert not check(refusal, "Sorry… I cannot help é").passed and not check(refusal, "- n/a").passed
+    v = Validator(base_spec(validation=[{"rule": "length", "max_chars": 20, "max_tokens": 5, "on_fail": "fix"}]))
+    req, comp = batch(["x" * 50])
+    comp = comp.set_column(comp.schema.get_field_index("completion_tokens"), "completion_tokens", pa.array([30], pa.int32()))
+    out = v.validate(req, comp)
+    assert out.action == ["keep"] and out.output_text == ["x" * 20], out.error
