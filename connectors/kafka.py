@@ -132,6 +132,7 @@ class KafkaSource:
         # handed out as rows of their own by the next poll (they come before anything later).
         self._unreadable: list[tuple[str, int, int, str]] = []
         self._settled = True  # False from an eager rebalance's revocation to its assignment (drained())
+        self._identity_to_record: int | None = None  # the topic's identity, until a commit records it
 
     @property
     def bootstrap_servers(self) -> list[str]:
@@ -251,7 +252,10 @@ class KafkaSource:
                     "give the job new tables (sink.results, sink.dead_letter) or a new name to read the new topic "
                     "from its start." + embedded)  # fmt: skip
             new = [tp for tp in tps if positions.get(tp) is None]
-            anchors = {identity_tp: identity} if identity is not None and recorded is None else {}
+            # Recorded with the next commit's positions (extra_positions), not by a commit of its own
+            # here: this runs inside the group's rebalance, which a commit's time holds up.
+            self._identity_to_record = identity if identity is not None and recorded is None else None
+            anchors = {}
             if self.spec.start_from == "latest" and new:
                 anchors.update({tp: end - 1 for tp, end in self._ends(new).items()})
             if not anchors:
@@ -265,14 +269,12 @@ class KafkaSource:
                 # writer died (Ray restarts it; resume waits for it): read the positions again.
                 if attempt == ANCHOR_ATTEMPTS:
                     raise
-                log.warning("recording the start positions %s failed (%s); reading the positions again",
-                            [f"{t}/{p}" for t, p in anchors], type(e).__name__)  # fmt: skip
+                log.warning("start_from latest: recording where %s start failed (%s); reading the positions again",
+                            [f"{t}/{p}" for t, p in new], type(e).__name__)  # fmt: skip
                 continue
-            anchors.pop(identity_tp, None)
             positions.update(anchors)
-            if anchors:
-                log.info("start_from latest: partitions %s start at their ends %s",
-                         [f"{t}/{p}" for t, p in new], [anchors[tp] + 1 for tp in new])  # fmt: skip
+            log.info("start_from latest: partitions %s start at their ends %s",
+                     [f"{t}/{p}" for t, p in new], [anchors[tp] + 1 for tp in new])  # fmt: skip
             return positions
         raise AssertionError("unreachable")
 
@@ -483,11 +485,16 @@ class KafkaSource:
     # -- positions -------------------------------------------------------------------------------
 
     def extra_positions(self, positions: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
-        return {}
+        """The topic's identity, with the commits until one has landed, when the tables have none
+        (start_positions): two replicas racing to record it fence one of them once, which reads the
+        positions again and finds it."""
+        identity = self._identity_to_record
+        return {(self.topic, TOPIC_IDENTITY): identity} if identity is not None and positions else {}
 
     def committed(self, positions: Mapping[TopicPartition, int]) -> None:
         """Mirror committed positions to the consumer group (for lag tools), from poll."""
         self._to_mirror.update(positions)
+        self._identity_to_record = None  # a commit landed: with it, the identity
 
     def _mirror_positions(self, wait: bool = False) -> None:
         """Best effort (nothing reads these offsets back for correctness): not awaited while the
