@@ -38,7 +38,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
 from connectors.source import (
-    Lag, PartitionStatus, SourceContext, SourceStatus, register_source, source_versions_behind,
+    Lag, PartitionStatus, SourceContext, SourceStatus, identity_of, register_source, source_versions_behind,
 )  # fmt: skip
 from schemas.errors import SourceError, SpecError
 from schemas.records import SOURCE_SCHEMA
@@ -55,10 +55,8 @@ IDENTITY = -2
 
 
 def table_identity(dt: DeltaTable) -> int:
-    """63 bits of the SHA-256 of the table's Delta id (metadata.id: fixed when it was created)."""
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(dt.metadata().id.encode()).digest()[:8], "big") >> 1
+    """identity_of the table's Delta id (metadata.id: fixed when it was created)."""
+    return identity_of(dt.metadata().id)
 CDF_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
 # The change kind of a change-feed row, beside its columns until the row becomes an event. A name
 # no table column has (NUL): a source column named `_change` was taken for it before stop 43 (and

@@ -33,7 +33,9 @@ from kafka.future import Future
 from kafka.net.selector import KernelEvent  # kafka-python 3's sleep on its IO loop (pinned 3.0.x)
 from kafka.structs import OffsetAndMetadata
 
-from connectors.source import Lag, PartitionStatus, SourceContext, SourceStatus, partition_lag, register_source
+from connectors.source import (
+    Lag, PartitionStatus, SourceContext, SourceStatus, identity_of, partition_lag, register_source,
+)  # fmt: skip
 from schemas.errors import PartitionFencedError, SourceError, SpecError, StageError
 from schemas.records import SOURCE_SCHEMA
 from schemas.spec import KafkaSourceSpec
@@ -94,14 +96,10 @@ TOPIC_IDENTITY = -2
 
 
 def topic_identity(topic_id) -> int | None:
-    """63 bits of the SHA-256 of a Kafka topic id (a UUID, or its text); None for none (a broker
-    without topic ids answers the zero UUID)."""
-    import hashlib
-
+    """identity_of a Kafka topic id (a UUID, or its text); None for none (a broker without topic
+    ids answers the zero UUID)."""
     text = str(topic_id or "").lower()
-    if set(text.replace("-", "")) <= {"0"}:
-        return None
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+    return None if set(text.replace("-", "")) <= {"0"} else identity_of(text)
 
 
 # A poll at least this often while the job reads nothing (KafkaSource.keepalive).

@@ -200,6 +200,14 @@ def partition_lag(
     return out
 
 
+def identity_of(text: str) -> int:
+    """63 bits of the SHA-256 of `text`: what a source records beside its positions to say which
+    table or topic they are of (a Delta table's id, a Kafka topic id), a valid Delta txn version."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
 def source_versions_behind(latest_version: int, last_processed: int | None) -> int:
     """Table sources: versions not processed yet (latest - last processed; every version
     0..latest when nothing was processed)."""
