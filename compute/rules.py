@@ -666,7 +666,7 @@ SCHEMA_PATTERN_TIMEOUT_S = 0.1
 # strings, each running out of time, would otherwise hold the stage worker for minutes.
 SCHEMA_PATTERN_BUDGET_S = 0.5
 # What is charged to the budget is a search's own CPU time (time.thread_time) past this allowance:
-# wall time charged the time a busy machine kept the worker off its core (CI run 62: an event of
+# wall time charged the time a busy machine kept the worker off its core (stop 44's CI: an event of
 # 50,000 valid tags ran out after 23,764 of them, about 21 us each), and a short valid search (a few
 # us) is never charged, so a large valid event's outcome does not depend on its size or the load.
 # A hostile event gets at most the budget plus this allowance per string (bounded by its size).

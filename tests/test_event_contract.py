@@ -163,7 +163,7 @@ def test_a_large_valid_event_is_not_cut_short_by_the_pattern_budget(tmp_path):
 
 
 def test_a_valid_event_is_not_cut_short_while_the_worker_waits_for_its_core(tmp_path):
-    """The budget is the searches' CPU time, not their wall time: CI run 62 failed the test above
+    """The budget is the searches' CPU time, not their wall time: stop 44's CI failed the test above
     on a busy machine (23,764 tags in, the searches' wall time had passed 0.5 s). Here a thread that
     spins in Python holds the GIL half the time, as a busy machine holds the core: with wall time
     charged, about 7,000 of the 10,000 valid tags were violations."""
