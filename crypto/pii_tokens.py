@@ -41,8 +41,6 @@ _PII_KIND_RE = re.compile(r"[A-Za-z0-9_]+")
 _PII_TOKEN_RE = re.compile(r"\[PII:(?::|([A-Za-z0-9_]+):([A-Za-z0-9_-]+)\])")
 
 
-
-
 def _pii_aad_column(column: str, kind: str) -> str:
     return f"{column}#pii:{kind}"
 
@@ -53,18 +51,24 @@ def _kind(kind: Any) -> str:
 
 
 def _spans(text: str, found: Sequence[Any]) -> list[tuple[int, int, str]]:
-    """Detected spans, in order, overlaps dropped (the earlier, then the longer, wins), clipped to the text."""
+    """Detected spans, in order, clipped to the text; overlapping spans are merged into one with
+    the kind of the one that starts first (the longer, at the same start). Before stop 45 a span
+    that began inside another was dropped whole, and its text past the overlap stayed in clear
+    (echoes "Jane Doe" and "Doe, 14 Elm Street" left the street in the table)."""
     spans = sorted(
         ((max(0, int(p.start)), min(len(text), int(p.end)), _kind(p.kind)) for p in found),
         key=lambda s: (s[0], -s[1]),
     )
-    out, end = [], 0
+    out: list[tuple[int, int, str]] = []
     for a, b, k in spans:
-        if a >= end and b > a:
+        if b <= a:
+            continue
+        if out and a < out[-1][1]:
+            if b > out[-1][1]:
+                out[-1] = (out[-1][0], b, out[-1][2])
+        else:
             out.append((a, b, k))
-            end = b
     return out
-
 
 
 def protect_pii(
