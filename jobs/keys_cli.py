@@ -300,8 +300,9 @@ def reencrypt(
             if reports[-1].written_version is None:
                 break
     shown = redact_text(table)  # an object store URI may carry credentials
-    unopened = reports[-1].unopened_tokens  # (every pass reads the whole table: the last one says what is left)
-    if reports[0].written_version is None and not unopened:
+    # (every pass reads the whole table: the last one says what is left)
+    unopened, unopened_values = reports[-1].unopened_tokens, reports[-1].unopened_values
+    if reports[0].written_version is None and not unopened and not unopened_values:
         typer.echo(f"{shown}: nothing to re-encrypt (version {reports[0].read_version})")
         return
     for report in reports:
@@ -309,11 +310,13 @@ def reencrypt(
             detail = ", ".join(f"{c}: {k}" for c, k in report.rows_rewritten.items())
             typer.echo(f"{shown}: re-encrypted {report.total} value(s) ({detail}); table version {report.written_version}")
     last = reports[-1]
-    if unopened:
-        typer.echo(f"{shown}: {unopened} text(s) in PII columns shaped like a token under an old key version did not "
-                   "open here, and were left as they are: a wrong table label (--name), a keyring without that tenant, "
-                   "or text made to look like a token. Revoking would leave any real ones unreadable: check before "
-                   "revoking", err=True)  # fmt: skip
+    if unopened or unopened_values:
+        what = [f"{unopened} text(s) in PII columns shaped like a token"] if unopened else []
+        what += [f"{unopened_values} value(s) of columns that also hold clear bytes (dead-letter raw) shaped like "
+                 "a stored value"] if unopened_values else []  # fmt: skip
+        typer.echo(f"{shown}: {' and '.join(what)} under an old key version did not open here, and were left as "
+                   "they are: a wrong table label (--name), a keyring without that tenant, or bytes made to look like "
+                   "one. Revoking would leave any real ones unreadable: check before revoking", err=True)  # fmt: skip
         raise typer.Exit(3)  # `reencrypt && revoke` must not revoke
     if last.written_version is None:
         typer.echo(f"{shown}: checked again at version {last.read_version}: nothing under an old key version")

@@ -69,6 +69,9 @@ class ReencryptReport:
     # Text in PII columns shaped like a token under an old key version (or of a tenant the keyring
     # lacks) that did not open here: left as it is. Forged, or a wrong table label (`table=`).
     unopened_tokens: int = 0
+    # Likewise, values of a column of stored and clear values (dead-letter `raw`) shaped like a
+    # stored value under an old key version (or of a tenant the keyring lacks) that did not open.
+    unopened_values: int = 0
 
     @property
     def total(self) -> int:
@@ -85,6 +88,7 @@ def reencrypt_values(
     pii: bool = True,
     usage: dict[tuple[str, int], int] | None = None,
     unopened: list[int] | None = None,
+    unopened_values: list[int] | None = None,
 ) -> tuple[pa.Array, int]:
     """Rewrite the stale values of one column (pure): returns (new column, rows rewritten).
 
@@ -92,6 +96,8 @@ def reencrypt_values(
     pii     whether the column may hold inline PII tokens (the table binding's pii_columns: the
             only columns the encryption stage writes tokens into); elsewhere "[PII:" is text
     usage   (tenant, version) -> values sealed, added to (the keyring's counters)
+    unopened, unopened_values  [n]: PII tokens, and stored values of a column that also holds clear
+            bytes, under an old key version that did not open here, added to (left as they are)
     """
     values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
     n = len(values)
@@ -102,7 +108,7 @@ def reencrypt_values(
             return (new.cast(values.type), int(changed.sum())) if changed.any() else (values, 0)
         if is_bytes(values.type):
             return _reencrypt_mixed(values, row_ids, table=table, column=column, keyring=keyring, pii=pii, usage=usage,
-                                    unopened=unopened)  # fmt: skip
+                                    unopened=unopened, unopened_values=unopened_values)  # fmt: skip
         return values, 0
     stale = np.zeros(n, dtype=bool)
     current: dict[str, int] = {}
@@ -151,8 +157,8 @@ def reencrypt_values(
 
 
 def _reencrypt_mixed(values: pa.Array, row_ids: pa.Array | None, *, table: str, column: str,
-                     keyring: KeySource, pii: bool, usage: dict | None,
-                     unopened: list[int] | None) -> tuple[pa.Array, int]:  # fmt: skip
+                     keyring: KeySource, pii: bool, usage: dict | None, unopened: list[int] | None,
+                     unopened_values: list[int] | None) -> tuple[pa.Array, int]:  # fmt: skip
     """A binary column some of whose values are stored values and some clear bytes (dead-letter
     `raw` from before `dead_letter_raw` was turned on): the stored ones are re-encrypted, the clear
     ones kept. Before, the whole column was taken for clear and skipped, and revoking the old
@@ -162,6 +168,9 @@ def _reencrypt_mixed(values: pa.Array, row_ids: pa.Array | None, *, table: str, 
     # Only values that start like a stored value are checked one by one (a clear column: none), and
     # one counts as stored only if it decrypts: clear bytes can look like a header (a client's
     # event dead-lettered as it came), and one such value must not stop the whole table's pass.
+    # One that does not open under an old version of its tenant (or of a tenant the keyring lacks)
+    # is counted (unopened_values): a wrong table label makes every stored value so, and before
+    # stop 45 they were all kept as clear bytes: "nothing to re-encrypt", and a revoke destroyed them.
     maybe = pc.fill_null(pc.starts_with(values, pattern=MAGIC + bytes((FORMAT_VERSION,))), False)
     sealed = np.zeros(len(values), dtype=bool)
     for i in np.flatnonzero(maybe.to_numpy(zero_copy_only=False)):
@@ -172,6 +181,8 @@ def _reencrypt_mixed(values: pa.Array, row_ids: pa.Array | None, *, table: str, 
             decrypt_column(one, row_ids.slice(int(i), 1) if row_ids is not None else None, table=table, column=column,
                            keyring=keyring)  # fmt: skip
         except (DecryptionError, KeyPermissionError, KeyRevokedError):  # not ours, or cannot tell: kept as the bytes it is
+            if unopened_values is not None and _under_an_old_version(one, keyring):
+                unopened_values[0] += 1
             continue
         sealed[i] = True
     if not sealed.any():
@@ -183,6 +194,21 @@ def _reencrypt_mixed(values: pa.Array, row_ids: pa.Array | None, *, table: str, 
     if not rewritten:
         return values, 0
     return pc.replace_with_mask(values, pa.array(sealed), fresh.cast(values.type)), rewritten
+
+
+def _under_an_old_version(one: pa.Array, keyring: KeySource) -> bool:
+    """Whether one stored value's header names a key version other than its tenant's current one
+    (or a tenant the keyring has no key for): a value a revoke could strand."""
+    try:
+        groups = stored_groups(one)
+    except DecryptionError:  # not even a header
+        return False
+    for tenant, version, _, _ in groups:
+        try:
+            return version != keyring.current(tenant)
+        except (KeyPermissionError, KeyRevokedError):
+            return True
+    return False
 
 
 def _mask(n: int, idx: np.ndarray) -> pa.Array:
@@ -239,15 +265,16 @@ def reencrypt_table(
     steps = len(targets) + 2  # read, each column, write
     step("read", 1, steps)
     usage: dict[tuple[str, int], int] = {}
-    unopened = [0]
+    unopened, unopened_values = [0], [0]
     for i, c in enumerate(targets, start=2):
         new, count = reencrypt_values(data.column(c), row_ids, table=label, column=c, keyring=keyring,
-                                      pii=c in binding.pii_columns, usage=usage, unopened=unopened)  # fmt: skip
+                                      pii=c in binding.pii_columns, usage=usage, unopened=unopened,
+                                      unopened_values=unopened_values)  # fmt: skip
         if count:
             data = data.set_column(names.index(c), data.schema.field(c), new)
             report.rows_rewritten[c] = count
         step(c, i, steps)
-    report.unopened_tokens = unopened[0]
+    report.unopened_tokens, report.unopened_values = unopened[0], unopened_values[0]
     if not report.total:
         step("write (nothing stale)", steps, steps)
         return report

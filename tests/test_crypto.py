@@ -1013,10 +1013,34 @@ def test_reencrypt_rewrites_the_stored_values_of_a_column_that_also_holds_clear_
     kr.rotate("globex")
     report = reencrypt_table(uri, kr, columns=["raw"])
     assert report.rows_rewritten == {"raw": 3}
+    assert report.unopened_values == 1  # the one shaped like a value under acme's old version: counted
     after = pl.read_delta(uri).sort("source_offset")["raw"].to_list()
     assert after[:3] == clear
     assert {kv for kv in key_versions(pa.array(after[3:], pa.binary()))} == {("acme", 2), ("globex", 2)}
     assert reencrypt_table(uri, kr, columns=["raw"]).written_version is None  # nothing stale now
+
+
+def test_reencrypt_counts_the_stored_values_of_a_mixed_column_it_cannot_open(kr, tmp_path):
+    """A wrong table label (`--name`) opens none of a mixed column's stored values: before stop 45
+    each was taken for clear bytes, the command said "nothing to re-encrypt" and exited 0, and
+    `reencrypt && revoke` destroyed them. They are counted now, and the command exits 3."""
+    from jobs.cli import app
+
+    uri = str(tmp_path / "results")
+    data, _ = _results(kr, n=4)
+    sealed = data.column("raw").to_pylist()
+    raw = pa.array([json.dumps({"old": 0}).encode()] + sealed[1:], pa.binary())
+    write_deltalake(uri, data.set_column(data.schema.get_field_index("raw"), "raw", raw))
+    kr.rotate("acme")
+    kr.rotate("globex")
+    report = reencrypt_table(uri, kr, columns=["raw"], table="not-this-table")
+    assert report.written_version is None and report.unopened_values == 3
+    env = {"TIDEGATE_MASTER_KEY": base64.b64encode(MASTER).decode(), "TIDEGATE_KEYRING": str(kr.path)}
+    r = CliRunner().invoke(app, ["keys", "reencrypt", "--table", uri, "--column", "raw", "--name", "not-this-table"],
+                           env=env)  # fmt: skip
+    assert r.exit_code == 3, r.output
+    assert "3 value(s) of columns that also hold clear bytes" in r.output and "nothing to re-encrypt" not in r.output
+    assert reencrypt_table(uri, kr, columns=["raw"]).rows_rewritten == {"raw": 3}  # the right label opens them
 
 
 def test_cli_reencrypt(kr, tmp_path):
