@@ -135,6 +135,12 @@ class EncryptionStage:
         unknown = sorted(set(self.output_fields) - set(base.names))
         if unknown:
             raise SpecError(f"encryption.output_fields: no such result column(s): {', '.join(unknown)}")
+        # A value is sealed from its text: a list, a struct, a number or a timestamp column failed at
+        # the first commit (rule_results: Arrow cannot cast list<struct> to string).
+        not_text = [f"{f.name} ({f.type})" for f in base if f.name in self.output_fields
+                    and not (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))]  # fmt: skip
+        if not_text:
+            raise SpecError(f"encryption.output_fields: only text columns can be encrypted, not {', '.join(not_text)}")
 
     def keep_twin_as_stored(self, results: pa.Schema | None, dead: pa.Schema | None = None) -> None:
         """Tables that exist and store the twin in clear text (written by a Tidegate that encrypted

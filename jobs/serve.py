@@ -587,6 +587,9 @@ class TidegateEndpoint:
                                  batch_share=spec.serve.batch_share,
                                  separate_process=spec.serve.engine_process == "separate")  # fmt: skip
         self.encryption = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
+        from actors.writer import job_schemas
+
+        self.encryption.check_output_fields(job_schemas(self.encryption)[0])
         self.model_revision = self.engine.model_revision()
         self.guards = OnlineGuards(spec, self.run_id, self.engine, lineage_columns(spec, self.model_revision),
                                    self.encryption)  # fmt: skip

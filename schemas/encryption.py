@@ -35,6 +35,11 @@ TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # Result columns that make up a row's id (the associated data of its encrypted values) and the
 # exactly-once positions: they must stay in clear text.
 ROW_ID_COLUMNS = ("source_topic", "source_partition", "source_offset")
+# Result columns encryption.output_fields cannot name, besides the row-id ones: what a reader
+# without keys, the reader's tenant check, the answers lookup and the audit need in clear.
+CLEAR_RESULT_COLUMNS = ("id", "status", "tenant", "run_id")
+CLEAR_RESULT_COLUMNS_WHY = ("the row's id, its status, its tenant (the reader checks each value against it) and its "
+                            "run are what readers without keys, the answers lookup and the audit go by")  # fmt: skip
 
 
 def default_keyring_path() -> str:
@@ -145,6 +150,10 @@ class EncryptionSpec(_Strict):
         clear = sorted({f.name for f in v} & set(ROW_ID_COLUMNS))
         if clear:
             raise ValueError(f"{', '.join(clear)}: row-id columns stay in clear text (they bind the ciphertexts)")
+        clear = sorted({f.name for f in v} & set(CLEAR_RESULT_COLUMNS))
+        if clear:  # before stop 45 accepted: an encrypted tenant made every row unreadable (its check
+            # compares the column with the value's header), an encrypted id broke lookups by id
+            raise ValueError(f"{', '.join(clear)}: stay in clear text ({CLEAR_RESULT_COLUMNS_WHY})")
         return _no_duplicates(v, "output_fields")
 
     @model_validator(mode="after")

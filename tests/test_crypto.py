@@ -131,6 +131,8 @@ def test_spec_fields_shorthand_and_dead_letter_default():
         ({"input_fields": ["email"]}, "needs a tenant"),
         ({"tenant": "a b"}, "invalid tenant id"),
         ({"tenant": "a", "output_fields": ["source_offset"]}, "row-id columns stay in clear"),
+        # an encrypted tenant made every row unreadable (the reader checks values against it)
+        ({"tenant": "a", "output_fields": ["output_text", "tenant", "id"]}, "id, tenant: stay in clear text"),
         ({"tenant": "a", "pii": "mask"}, "pii"),
         ({"tenant": "a", "colour": "blue"}, "Extra inputs are not permitted"),
     ],

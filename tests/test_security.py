@@ -501,6 +501,24 @@ def test_the_runs_table_keeps_a_foreign_errors_type_not_its_message():
     assert run_error(KeyError("jane.doe@corp.example")) == "KeyError (its message is in the job's log)"
 
 
+def test_only_text_result_columns_can_be_encrypted(keyring):
+    """rule_results (a list of structs) or processed_at (a timestamp) in output_fields was accepted,
+    and the job failed at its first commit (Arrow cannot cast them to text): the driver, and an
+    online replica, refuse them when they build their stages."""
+    from actors.writer import job_schemas
+    from schemas.errors import SpecError
+
+    for named, shown in ((["rule_results"], "rule_results (list<"), (["output_text", "processed_at"], "processed_at (timestamp")):
+        stage = EncryptionStage(EncryptionSpec(keyring=str(keyring.path), tenant_field="customer", output_fields=named),
+                                "/lake/results", "/lake/dead_letter")  # fmt: skip
+        with pytest.raises(SpecError, match="only text columns can be encrypted") as e:
+            stage.check_output_fields(job_schemas(stage)[0])
+        assert shown in str(e.value)
+    ok = EncryptionStage(EncryptionSpec(keyring=str(keyring.path), tenant_field="customer", output_fields=["model"]),
+                         "/lake/results", "/lake/dead_letter")  # fmt: skip
+    ok.check_output_fields(job_schemas(ok)[0])
+
+
 def test_naming_one_of_the_two_output_columns_encrypts_both(keyring):
     """output_text and output_json hold the same output (its text, its parsed JSON): naming one
     encrypts both, with the named one's mode, in the results and in the dead letters."""
