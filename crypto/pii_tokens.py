@@ -82,6 +82,7 @@ def protect_pii(
     tenants: str | pa.Array | pa.ChunkedArray | Sequence[str] | None = None,
     keyring: KeySource | None = None,
     echoes: Sequence[Sequence[str]] | None = None,
+    json_text: bool = False,
 ) -> pa.Array:
     """Replace the PII that `find_pii(text) -> [span with .kind, .start, .end]` finds in each text,
     and (echoes: per row, strings the text must not show, e.g. the row's encrypted input values)
@@ -91,6 +92,9 @@ def protect_pii(
     mode "encrypt": "mail me at a@b.c" -> "mail me at [PII:email:p0dHAQAEYWNtZQAAAAE...]" (tenants, keyring
                     and row_ids required; reveal_pii puts the text back)
     mode "off":     values returned as they are
+    json_text: the texts are JSON (output_json): a span outside every string literal (a card number
+    written as a JSON number) is replaced by its token in quotes, so the JSON stays valid (before
+    stop 45 `{"card": [REDACTED:card]}`); revealed, it is that number as a JSON string.
     returns a string Array; nulls stay null.
     """
     values = flat(values)
@@ -123,7 +127,9 @@ def protect_pii(
             if text:
                 spans = _spans(text, found(i, text))
                 if spans:
-                    out[i] = _splice(text, spans, lambda a, b, k: f"[REDACTED:{k}]", escape=False)
+                    replace = _quoted_outside_strings(text, lambda a, b, k: f"[REDACTED:{k}]") if json_text else (
+                        lambda a, b, k: f"[REDACTED:{k}]")  # fmt: skip
+                    out[i] = _splice(text, spans, replace, escape=False)
         return pa.array(out, pa.string())
     if keyring is None or tenants is None:
         raise ValueError(f"{what}: pii mode 'encrypt' needs tenants and a keyring")
@@ -139,7 +145,8 @@ def protect_pii(
             spans = _spans(text, found(i, text)) if text else []
             if spans or "[PII:" in text:
                 token = _PiiSealer(keys.gcm, hdr, hdr + lp(table), column, rid, text)
-                out[i] = _splice(text, spans, token, escape=True)
+                out[i] = _splice(text, spans, _quoted_outside_strings(text, token) if json_text and spans else token,
+                                 escape=True)  # fmt: skip
     return pa.array(out, pa.string())
 
 
@@ -171,6 +178,30 @@ class _PiiSealer:
         aad = self.aad_prefix + lp(_pii_aad_column(self.column, kind)) + self.rid
         sealed = self.hdr + nonce + self.gcm.encrypt(nonce, self.text[a:b].encode(), aad)
         return f"[PII:{kind}:{b64(sealed)}]"
+
+
+def _json_strings(text: str) -> list[tuple[int, int]]:
+    """[start, end) of each string literal of a JSON text, quotes included (a lexer's view: text
+    that is not JSON gets some intervals all the same)."""
+    out, i = [], text.find('"')
+    while i >= 0:
+        j = i + 1
+        while j < len(text) and text[j] != '"':
+            j += 2 if text[j] == "\\" else 1
+        out.append((i, min(j + 1, len(text))))
+        i = text.find('"', j + 1)
+    return out
+
+
+def _quoted_outside_strings(text: str, replace: Callable[[int, int, str], str]) -> Callable[[int, int, str], str]:
+    """`replace`, with its token in quotes for a span that touches no string literal of the JSON text."""
+    literals = _json_strings(text)
+
+    def quoted(a: int, b: int, k: str) -> str:
+        token = replace(a, b, k)
+        return token if any(s < b and a < e for s, e in literals) else f'"{token}"'
+
+    return quoted
 
 
 def _splice(text: str, spans: list[tuple[int, int, str]], replace: Callable[[int, int, str], str], escape: bool) -> str:

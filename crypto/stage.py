@@ -359,11 +359,12 @@ class EncryptionStage:
     def _pii(self, values, ids, table, column, tenants, mode, echoes) -> pa.Array:
         if mode == "encrypt":
             out = protect_pii(values, ids, pii.find_pii, "encrypt", table=table, column=column, tenants=tenants,
-                              keyring=self.keyring, echoes=echoes)  # fmt: skip
+                              keyring=self.keyring, echoes=echoes, json_text=column == "output_json")  # fmt: skip
             tokens = pc.subtract(pc.count_substring(out, "[PII:"), pc.count_substring(out, "[PII::"))
             self._count_tokens(tokens, tenants)
             return out
-        return protect_pii(values, ids, pii.find_pii, "redact", table=table, column=column, echoes=echoes)
+        return protect_pii(values, ids, pii.find_pii, "redact", table=table, column=column, echoes=echoes,
+                           json_text=column == "output_json")  # fmt: skip
 
     def _pii_where(self, values, ids, table, column, tenants, mask) -> pa.Array:
         """_pii (encrypt) of the rows of `mask` (the others are null already)."""

@@ -610,6 +610,25 @@ def test_overlapping_echoes_and_detections_leave_nothing_in_clear(kr):
     assert reveal_pii(sealed, ids, table=T, column=C, keyring=kr).to_pylist() == texts
 
 
+def test_pii_in_a_json_number_keeps_output_json_valid(kr):
+    """A card number written as a JSON number: its token goes in quotes, so output_json stays JSON
+    (before stop 45 `{"card": [REDACTED:card], ...}` did not parse, and an online replay of the
+    stored answer json.loads it); inside a string the token stays as it is. Revealed, the number
+    comes back as a JSON string."""
+    from crypto.pii import find_pii
+
+    texts = ['{"card": 4111111111111111, "note": "mail jo@example.com"}']
+    redacted = protect_pii(pa.array(texts), None, find_pii, "redact", table=T, column="output_json", json_text=True)
+    assert json.loads(redacted[0].as_py()) == {"card": "[REDACTED:card]", "note": "mail [REDACTED:email]"}
+    ids = rids(1)
+    sealed = protect_pii(pa.array(texts), ids, find_pii, "encrypt", table=T, column="output_json", tenants="acme",
+                         keyring=kr, json_text=True)  # fmt: skip
+    parsed = json.loads(sealed[0].as_py())
+    assert parsed["card"].startswith("[PII:card:") and "4111" not in sealed[0].as_py()
+    revealed = reveal_pii(sealed, ids, table=T, column="output_json", keyring=kr)[0].as_py()
+    assert json.loads(revealed) == {"card": "4111111111111111", "note": "mail jo@example.com"}
+
+
 def test_pii_encrypt_inline_and_reveal(kr, tmp_path):
     ids = rids(len(TEXTS))
     out = protect_pii(pa.array(TEXTS), ids, fake_find_pii, "encrypt", table=T, column=C, tenants="acme", keyring=kr)

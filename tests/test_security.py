@@ -304,6 +304,20 @@ def test_an_echoed_input_value_is_protected_in_the_output(keyring):
     assert "REF-77812" in off.protect_results(plain, off.stored_results_schema(RESULTS_SCHEMA)).column("output_text")[0].as_py()
 
 
+def test_the_stage_keeps_output_json_valid_around_a_pii_number(keyring):
+    """The stage protects output_json as JSON (protect_pii json_text): a card written as a number
+    is a quoted token, in redact and in encrypt mode (tests/test_crypto.py has the reveal)."""
+    card = '{"card": 4111111111111111}'
+    for mode in ("redact", "encrypt"):
+        stage = EncryptionStage(EncryptionSpec(keyring=str(keyring.path), tenant_field="customer", pii=mode),
+                                "/lake/results", "/lake/dead_letter")  # fmt: skip
+        plain = results_rows(["acme"])
+        plain = plain.set_column(plain.schema.get_field_index("output_json"), "output_json", pa.array([card]))
+        out = stage.protect_results(plain, stage.stored_results_schema(RESULTS_SCHEMA))
+        stored = out.column("output_json")[0].as_py()
+        assert "4111" not in stored and json.loads(stored)["card"].startswith(("[REDACTED:card]", "[PII:card:")), mode
+
+
 # -- 7 and 9. what a reader reveals ----------------------------------------------------------------
 
 
