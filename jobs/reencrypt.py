@@ -300,8 +300,10 @@ def reencrypt_table(
             writer_properties=safe_writer_properties(ParquetSpec(), names),
         )
     except CommitFailedError as e:  # delta-rs's own conflict check (a metadata change, say): nothing written
-        raise ReencryptConflict(f"{uri}: a commit since version {report.read_version} conflicts with the re-encryption "
-                                f"({str(e).splitlines()[0][:200]}); nothing was written. Run it again") from None
+        # (the URI, and delta-rs's message that may quote it, masked: an object store URI may carry credentials)
+        raise ReencryptConflict(redact_text(f"{uri}: a commit since version {report.read_version} conflicts with the "
+                                            f"re-encryption ({str(e).splitlines()[0][:200]}); nothing was written. "
+                                            "Run it again")) from None  # fmt: skip
     report.written_version = DeltaTable(uri, storage_options=storage_options).version()
     step("write", steps, steps)
     return report
@@ -319,10 +321,12 @@ def _no_rewrite_since(latest, read, read_version: int, uri: str) -> None:
     commit. The files first: the log's history lists only the commit files still there, and a
     table that checkpoints and cleans its log (log_retention_hours: 0.25 for online endpoints)
     may have dropped a compaction's commit file by the time a long re-encryption ends."""
+    from jobs.logs import redact_text
+
     gone = set(read.file_uris()) - set(latest.file_uris())
     if gone:
         raise ReencryptConflict(
-            f"{uri}: {len(gone)} file(s) of version {read_version} were rewritten or removed while the table was being "
+            f"{redact_text(uri)}: {len(gone)} file(s) of version {read_version} were rewritten or removed while the table was being "
             "re-encrypted (a compaction, an update); nothing was written. Run it again (pause the table's maintenance "
             "to avoid this)"
         )
@@ -334,6 +338,6 @@ def _no_rewrite_since(latest, read, read_version: int, uri: str) -> None:
         append = op == "WRITE" and (commit.get("operationParameters") or {}).get("mode") == "Append"
         if not append and op not in _LEAVES_ROWS:
             raise ReencryptConflict(
-                f"{uri}: version {commit.get('version')} ({commit.get('operation')}) rewrote rows while the table was "
+                f"{redact_text(uri)}: version {commit.get('version')} ({commit.get('operation')}) rewrote rows while the table was "
                 "being re-encrypted; nothing was written. Run it again (pause the table's maintenance to avoid this)"
             )

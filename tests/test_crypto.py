@@ -812,6 +812,21 @@ def test_reencrypt_table_after_rotation(kr, tmp_path):
     assert again.written_version is None and again.total == 0 and DeltaTable(uri).version() == before + 1
 
 
+def test_a_reencrypt_conflict_masks_the_uris_credentials(kr, tmp_path):
+    """The conflict errors named the table by its URI as given: an object store URI with a key in
+    it reached the terminal (keys_cli prints TidegateErrors as they are)."""
+    from jobs.reencrypt import ReencryptConflict, _no_rewrite_since
+
+    uri = str(tmp_path / "results")
+    for part in range(2):
+        write_deltalake(uri, _results(kr, n=2, offset=10 * part)[0], mode="append")
+    read = DeltaTable(uri)
+    DeltaTable(uri).optimize.compact()
+    with pytest.raises(ReencryptConflict) as e:
+        _no_rewrite_since(DeltaTable(uri), read, read.version(), "s3://AKIAEXAMPLE:hunter2@bucket/results")
+    assert "hunter2" not in str(e.value) and "AKIAEXAMPLE" not in str(e.value) and "bucket/results" in str(e.value)
+
+
 def test_reencrypt_refuses_to_overwrite_a_compaction_that_landed_meanwhile(kr, tmp_path):
     """A compaction committed while the table is being re-encrypted: the overwrite would keep the
     compacted file beside the snapshot's rows (delta-rs sees no conflict), every row twice. It is
