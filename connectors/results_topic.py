@@ -52,6 +52,10 @@ H_OMITTED = "tidegate.omitted"  # columns left out (null) because the row's mess
 # What identifies a row and says what became of it: never left out of a message.
 _NEVER_OMITTED = frozenset({"id", "status", "stage", "error_class", "source_topic", "source_partition",
                             "source_offset", "run_id", "tenant"})  # fmt: skip
+# Reading the topic back at a restart fails the writer's resume when for this long no record came,
+# no position moved and no partition answered its first fetch (the broker is gone, a partition has
+# no leader, or another producer's transaction stays open past the broker's transaction timeout).
+_SCAN_STALL_S = 120.0
 _RECORD_OVERHEAD = 128  # a record's own framing in its batch, and the batch's header, with room to spare
 
 
@@ -299,8 +303,12 @@ class ResultsTopic:
 
     def _published_offsets(self, scans: Mapping[int, int], tps: set[TopicPartition]) -> dict[TopicPartition, set[int]]:
         """Source offsets of `tps` found in the topic partitions `scans` names, each read from its
-        offset to the end: where reading stays idle for sink.topic.scan_idle_ms past the reported end
-        offset (brokers such as tansu report wrong end offsets: idleness is what counts)."""
+        offset to the end. The end is the high watermark of the partition's last fetch response
+        (or the reported end offset, if higher: brokers such as tansu report wrong ones), and the
+        read ends once every partition has answered a fetch, none is below its end, and no record
+        came for sink.topic.scan_idle_ms. Before stop 45 idleness counted from the start: a first
+        fetch slower than scan_idle_ms (a busy broker) ended the read with nothing seen, and every
+        row read back was sent again."""
         from kafka import KafkaConsumer, TopicPartition as KTP
 
         config = self._client_config()
@@ -319,11 +327,12 @@ class ResultsTopic:
                 ends = consumer.end_offsets(ktps)
             except Exception:  # noqa: BLE001 - end offsets are only a hint here
                 ends = {}
-            idle_since = time.monotonic()
+            idle_since = progress_at = time.monotonic()
+            answered, positions = 0, None
             while True:
                 batch = consumer.poll(timeout_ms=200)
                 if any(batch.values()):
-                    idle_since = time.monotonic()
+                    idle_since = progress_at = time.monotonic()
                 for ktp, records in batch.items():
                     for r in records:
                         h = dict(r.headers or [])
@@ -331,13 +340,20 @@ class ResultsTopic:
                         if tp is not None:
                             seen.setdefault(tp, set()).add(int(h[H_OFFSET]))
                         self._next_offset[ktp.partition] = max(self._next_offset.get(ktp.partition, 0), r.offset + 1)
-                idle = time.monotonic() - idle_since
-                behind = [k for k in ktps if consumer.position(k) < (ends.get(k) or 0)]
-                if idle * 1000 >= self.settings.scan_idle_ms and not behind:
+                highwater = {k: consumer.highwater(k) for k in ktps}
+                unanswered = [k for k in ktps if highwater[k] is None]
+                now_at = [consumer.position(k) for k in ktps]  # (aborted records advance it, none returned)
+                if len(ktps) - len(unanswered) > answered or now_at != positions:
+                    answered, positions, progress_at = len(ktps) - len(unanswered), now_at, time.monotonic()
+                if unanswered:  # idleness counts once every partition has answered a fetch
+                    idle_since = time.monotonic()
+                behind = [k for k, at in zip(ktps, now_at) if at < max(ends.get(k) or 0, highwater[k] or 0)]
+                if (time.monotonic() - idle_since) * 1000 >= self.settings.scan_idle_ms and not behind and not unanswered:
                     break
-                if idle > 120:
-                    raise SinkError(f"sink.topic {self.topic!r}: could not read partitions {[k.partition for k in behind]} "
-                                    "back to their reported end offsets")  # fmt: skip
+                if time.monotonic() - progress_at > _SCAN_STALL_S:
+                    raise SinkError(f"sink.topic {self.topic!r}: reading partitions "
+                                    f"{sorted({k.partition for k in behind + unanswered})} back to their end made no "
+                                    f"progress for {_SCAN_STALL_S:.0f} s ({len(unanswered)} never answered a fetch)")  # fmt: skip
         finally:
             consumer.close()
         return seen

@@ -714,7 +714,8 @@ class TopicSinkSpec(_Strict):
     )
     scan_idle_ms: int = Field(
         default=1500, ge=100,
-        description="On restart, reading back the topic's tail ends after this long without a record.",
+        description="On restart, reading back the topic's tail ends after this long without a record, once "
+        "every partition has answered a fetch and is read to its high watermark.",
     )  # fmt: skip
     max_message_bytes: int = Field(
         default=1_000_000, ge=4096, le=15 * 2**20,
