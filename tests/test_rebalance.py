@@ -184,3 +184,44 @@ def test_a_replica_whose_session_timed_out_rejoins_without_duplicates(tmp_path, 
     stop_all([a, b])
     check_exactly_once(spec, n, counts)
     assert "partitions lost" in a.log() or "moved under this job" in a.log(), a.log()[-4000:]
+
+
+def test_replicas_beyond_the_partitions_all_end_when_drained(tmp_path, broker, tiny_model, job_processes):
+    """Two --until-drained replicas on a topic of one partition: B joins while A reads it, and one
+    of them holds no partition (here the group moves it to B). The one holding it drains it and
+    leaves; the group then gives it to the other, which finds it committed to its end and ends too
+    (README: a replica holding no partition waits for one). Both exit 0, every event once."""
+    from kafka import KafkaProducer
+
+    topic = f"r-{uuid.uuid4().hex[:10]}"
+    create_topic(broker.bootstrap_servers, topic, partitions=1)
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, acks="all")
+    n = 0
+
+    def send(count: int) -> None:
+        nonlocal n
+        for i in range(n, n + count):
+            key, value = event(i)
+            producer.send(topic, key=key, value=value, partition=0)
+        producer.flush()
+        n += count
+
+    send(2000)
+    spec = replica_spec(tmp_path, broker, topic, tiny_model)
+    path = write_spec(tmp_path, spec)
+    # A on the real engine (paced: B must join while A still reads), B on the instant one
+    a = job_processes(path, until_drained=True)
+    wait_for(lambda: committed_rows(spec) > 0 or a.proc.poll() is not None, 300, what="A's first commit")
+    b = job_processes(path, until_drained=True, module="tests.job_runner", extra_args=("--instant-engine",))
+    deadline = time.monotonic() + 300
+    # B joins while A still reads: one of them (the assignor may move the partition to B) holds none
+    while "partitions assigned: []" not in a.log() + b.log():
+        assert a.proc.poll() is None and b.proc.poll() is None, (a.log() + b.log())[-4000:]
+        assert time.monotonic() < deadline, "no replica was ever without a partition:\n" + b.log()[-3000:]
+        if committed_rows(spec) > n - 600:  # keep A busy until B is in
+            send(1000)
+        time.sleep(0.5)
+    producer.close()
+    for job in (a, b):
+        assert job.wait(400) == 0, job.log()[-4000:]
+    check_exactly_once(spec, n, {0: n})
