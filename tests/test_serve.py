@@ -63,8 +63,10 @@ def endpoint(tmp_path_factory, broker):
         # The custom rule puts this app's guards on a thread of their own (compute/online.py); the
         # other apps keep the built-in rules only: their guards run on the event loop.
         "validation": [*BUILTIN_RULES, {"rule": "custom", "name": "freeze", "path": "tests.serve_engines:freezes_on_marker"}],
+        # request_timeout_s: a "slow" answer takes 1.5 s (3.5 s to spare on a busy machine; it was
+        # 3 s), the freeze rule holds 8 s (its request still times out).
         "serve": {"port": port, "num_cpus": 0.25, "limits": {"tokens_per_minute": 30000},
-                  "request_timeout_s": 3, "idempotency_cache": 0},
+                  "request_timeout_s": 5, "idempotency_cache": 0},
         "sink.commit_interval_s": 0.2,
         "sink.maintenance.compact_every_commits": 25,  # rounds beside the kill test's appends
         "source.kafka.max_message_bytes": 2**17,  # room for the token-budget test's long prompt
@@ -549,7 +551,8 @@ def test_a_batch_pool_on_the_application_isolates_a_row_that_hangs_its_engine(en
     from compute.validation import Validator
 
     spec = endpoint["spec"]
-    pool_spec = spec.pool.model_copy(update={"backend": "serve", "batch_timeout_s": 1.5, "max_attempts": 1})
+    # batch_timeout_s: 4 s (it was 1.5: a healthy row's round trip on a busy machine could pass it)
+    pool_spec = spec.pool.model_copy(update={"backend": "serve", "batch_timeout_s": 4, "max_attempts": 1})
     pool = EnginePool(spec.model_copy(update={"pool": pool_spec}), json_schema=Validator(spec).json_schema)
     pool.start()
     try:
