@@ -87,7 +87,7 @@ def test_a_replaced_files_tombstone_outlives_the_vacuum_window(tmp_path):
     """A round's vacuum reads the log only: it deletes a file compaction replaced while the file's
     tombstone is still there once the vacuum window has passed. Tombstones kept exactly as long as
     the window left the next checkpoint as they came due, so those files were never deleted."""
-    window_s = 5.0  # tombstones kept 2 x this: the compaction and checkpoint below must fit in the other half
+    window_s = 10.0  # tombstones kept 2 x this: the compaction and checkpoint below must fit in the other half
     policy = MaintenanceSpec.model_construct(**{**MaintenanceSpec().model_dump(), "vacuum_retention_hours": window_s / 3600})
     sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}, maintenance=policy)
     sink.open()

@@ -776,9 +776,9 @@ def test_a_long_context_without_sentence_ends_is_split_in_one_pass():
     from compute.semantic import MAX_SENTENCE_UNITS, _units, chunks, sentences
 
     text = "parcel " * 30000  # 210,000 characters, one "sentence"
-    t0 = time.monotonic()
+    t0 = time.thread_time()  # CPU time: a busy machine's waits for the core are not the split's
     pieces, context = sentences(text), chunks([text], 480)
-    assert time.monotonic() - t0 < 2.0
+    assert time.thread_time() - t0 < 2.0
     assert len(pieces) > 400 and all(_units(p) <= MAX_SENTENCE_UNITS for p in pieces + context)
     assert "".join(p.replace(" ", "") for p in pieces) == text.replace(" ", "")  # nothing lost
 
