@@ -398,7 +398,7 @@ def test_a_durable_request_waits_for_its_audit_write_at_most_ack_timeout_s():
 
     from jobs.serve import AuditAckTimeout, _AuditBuffer
 
-    audit = _TimedAudit(2.0)  # each write takes 2 s
+    audit = _TimedAudit(5.0)  # each write takes 5 s (2 s left a stalled machine 1.7 s to miss the timeout)
     buffer = _AuditBuffer(audit, "durable", 1.0, ack_timeout_s=0.3)
     row = pa.table({"id": ["r"]})
 
@@ -406,7 +406,7 @@ def test_a_durable_request_waits_for_its_audit_write_at_most_ack_timeout_s():
         with pytest.raises(AuditAckTimeout) as timed_out:  # before: the wait ended only with the write
             await buffer.add(row, row.slice(0, 0))
         assert audit.writes == 0 and not timed_out.value.write.done()  # the write still runs ...
-        await asyncio.wait_for(timed_out.value.write, 10)  # ... and its future says when it ended
+        await asyncio.wait_for(timed_out.value.write, 30)  # ... and its future says when it ended
         assert audit.writes == 1  # (an Idempotency-Key's retry waits for it: TidegateEndpoint._answer_now)
 
     asyncio.run(request())
