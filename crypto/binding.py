@@ -67,6 +67,13 @@ def binding_of(metadata: Any, schema: pa.Schema, uri: str) -> Binding:
     return Binding(legacy.label, legacy.row_id_columns, pii or LEGACY_PII_COLUMNS)
 
 
+def is_tidegate_table(metadata: Any) -> bool:
+    """Whether a Delta table says it was created by Tidegate (binding 2 and a role). In such a
+    table every binary column but dead-letter `raw` holds stored values of text."""
+    info = _tidegate_info(getattr(metadata, "description", None))
+    return info.get("binding") == BINDING and info.get("role") in ROW_ID_COLUMNS_BY_ROLE
+
+
 def mark_pii(schema: pa.Schema, columns: set[str]) -> pa.Schema:
     """`schema` with the PII-token metadata on these text columns."""
     return pa.schema([f.with_metadata({**(f.metadata or {}), **PII_METADATA}) if f.name in columns else f for f in schema])
