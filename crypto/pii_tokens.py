@@ -92,9 +92,10 @@ def protect_pii(
     mode "encrypt": "mail me at a@b.c" -> "mail me at [PII:email:p0dHAQAEYWNtZQAAAAE...]" (tenants, keyring
                     and row_ids required; reveal_pii puts the text back)
     mode "off":     values returned as they are
-    json_text: the texts are JSON (output_json): a span outside every string literal (a card number
-    written as a JSON number) is replaced by its token in quotes, so the JSON stays valid (before
-    stop 45 `{"card": [REDACTED:card]}`); revealed, it is that number as a JSON string.
+    json_text: the texts are JSON (output_json): a span that is not inside one string literal (a
+    card written as a JSON number, an echo of a whole "quoted" value) grows to the whole JSON
+    tokens it touches and is replaced by its token in quotes, so the JSON stays valid (before stop
+    45 `{"card": [REDACTED:card]}`); revealed, it is that text as a JSON string ("4111...").
     returns a string Array; nulls stay null.
     """
     values = flat(values)
@@ -127,9 +128,9 @@ def protect_pii(
             if text:
                 spans = _spans(text, found(i, text))
                 if spans:
-                    replace = _quoted_outside_strings(text, lambda a, b, k: f"[REDACTED:{k}]") if json_text else (
-                        lambda a, b, k: f"[REDACTED:{k}]")  # fmt: skip
-                    out[i] = _splice(text, spans, replace, escape=False)
+                    if json_text:
+                        spans = _json_spans(text, spans)
+                    out[i] = _splice(text, spans, _redacted, escape=False)
         return pa.array(out, pa.string())
     if keyring is None or tenants is None:
         raise ValueError(f"{what}: pii mode 'encrypt' needs tenants and a keyring")
@@ -143,10 +144,11 @@ def protect_pii(
         for i, rid in zip(idx.tolist(), rids):
             text = texts[i]
             spans = _spans(text, found(i, text)) if text else []
+            if json_text and spans:
+                spans = _json_spans(text, spans)
             if spans or "[PII:" in text:
-                token = _PiiSealer(keys.gcm, hdr, hdr + lp(table), column, rid, text)
-                out[i] = _splice(text, spans, _quoted_outside_strings(text, token) if json_text and spans else token,
-                                 escape=True)  # fmt: skip
+                token = _PiiSealer(keys.gcm, hdr, hdr + lp(table), column, rid)
+                out[i] = _splice(text, spans, token, escape=True)
     return pa.array(out, pa.string())
 
 
@@ -170,46 +172,74 @@ class _Echo:
 class _PiiSealer:
     """Encrypts one span of one row's text into an inline token."""
 
-    def __init__(self, gcm: AESGCM, hdr: bytes, aad_prefix: bytes, column: str, rid: bytes, text: str):
-        self.gcm, self.hdr, self.aad_prefix, self.column, self.rid, self.text = gcm, hdr, aad_prefix, column, rid, text
+    def __init__(self, gcm: AESGCM, hdr: bytes, aad_prefix: bytes, column: str, rid: bytes):
+        self.gcm, self.hdr, self.aad_prefix, self.column, self.rid = gcm, hdr, aad_prefix, column, rid
 
-    def __call__(self, a: int, b: int, kind: str) -> str:
+    def __call__(self, text: str, a: int, b: int, kind: str) -> str:
         nonce = os.urandom(NONCE_BYTES)
         aad = self.aad_prefix + lp(_pii_aad_column(self.column, kind)) + self.rid
-        sealed = self.hdr + nonce + self.gcm.encrypt(nonce, self.text[a:b].encode(), aad)
+        sealed = self.hdr + nonce + self.gcm.encrypt(nonce, text[a:b].encode(), aad)
         return f"[PII:{kind}:{b64(sealed)}]"
 
 
-def _json_strings(text: str) -> list[tuple[int, int]]:
-    """[start, end) of each string literal of a JSON text, quotes included (a lexer's view: text
-    that is not JSON gets some intervals all the same)."""
-    out, i = [], text.find('"')
-    while i >= 0:
-        j = i + 1
-        while j < len(text) and text[j] != '"':
-            j += 2 if text[j] == "\\" else 1
-        out.append((i, min(j + 1, len(text))))
-        i = text.find('"', j + 1)
-    return out
+# A JSON text's tokens: a string literal (quotes included; an unterminated one runs to the end),
+# or a run of anything else but whitespace and structure (a number, true, false, null).
+_JSON_TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*(?:"|\\?$)|[^\s{}\[\]:,"]+')
 
 
-def _quoted_outside_strings(text: str, replace: Callable[[int, int, str], str]) -> Callable[[int, int, str], str]:
-    """`replace`, with its token in quotes for a span that touches no string literal of the JSON text."""
-    literals = _json_strings(text)
+def _json_spans(text: str, spans: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    """The spans of a JSON text as protect_pii(json_text=True) replaces them: one inside a string
+    literal (not touching its quotes) stays; any other grows to the whole tokens it touches and is
+    marked to be replaced in quotes (kind prefixed "\x00", _splice takes it off); spans that then
+    overlap or touch merge. O(spans x log tokens)."""
+    import bisect
 
-    def quoted(a: int, b: int, k: str) -> str:
-        token = replace(a, b, k)
-        return token if any(s < b and a < e for s, e in literals) else f'"{token}"'
+    tokens = [(m.start(), m.end()) for m in _JSON_TOKEN_RE.finditer(text)]
+    starts = [t[0] for t in tokens]
+    out: list[tuple[int, int, str]] = []
+    for a, b, k in spans:
+        i = bisect.bisect_right(starts, a) - 1  # the token that starts at or before a
+        if i >= 0 and text[tokens[i][0]] == '"' and tokens[i][0] < a and b < tokens[i][1]:
+            out.append((a, b, k))  # inside one string literal, its quotes untouched
+            continue
+        if i >= 0 and a < tokens[i][1]:
+            a = tokens[i][0]
+        j = bisect.bisect_left(starts, b) - 1  # the last token that starts before b
+        if j >= 0 and b < tokens[j][1]:
+            b = tokens[j][1]
+        out.append((a, b, "\x00" + k))
+    out.sort(key=lambda x: (x[0], -x[1]))
+    merged: list[tuple[int, int, str]] = []
+    for a, b, k in out:
+        quoted = k.startswith("\x00")
+        if merged and (a < merged[-1][1] or (a == merged[-1][1] and quoted and merged[-1][2].startswith("\x00"))):
+            pa_, pb, pk = merged[-1]
+            if quoted and not pk.startswith("\x00"):
+                pk = "\x00" + pk
+            merged[-1] = (pa_, max(pb, b), pk)
+        else:
+            merged.append((a, b, k))
+    return merged
 
-    return quoted
+
+def _redacted(text: str, a: int, b: int, kind: str) -> str:
+    return f"[REDACTED:{kind}]"
 
 
-def _splice(text: str, spans: list[tuple[int, int, str]], replace: Callable[[int, int, str], str], escape: bool) -> str:
+def _splice(text: str, spans: list[tuple[int, int, str]], replace: Callable[[str, int, int, str], str],
+            escape: bool) -> str:
+    """`text` with each span replaced by replace(plain, a, b, kind). A span whose kind starts with
+    "\x00" (_json_spans: not inside one JSON string) is replaced in quotes, from its text escaped
+    as a JSON string's inside, so the JSON stays valid when it is revealed too."""
     pieces, pos = [], 0
     for a, b, k in spans:
         gap = text[pos:a]
         pieces.append(gap.replace("[PII:", "[PII::") if escape else gap)
-        pieces.append(replace(a, b, k))
+        if k.startswith("\x00"):
+            plain = json.dumps(text[a:b], ensure_ascii=False)[1:-1]
+            pieces.append('"' + replace(plain, 0, len(plain), k[1:]) + '"')
+        else:
+            pieces.append(replace(text, a, b, k))
         pos = b
     tail = text[pos:]
     pieces.append(tail.replace("[PII:", "[PII::") if escape else tail)
@@ -320,7 +350,7 @@ def reseal_pii(
             row_changed = True
             if usage is not None:
                 usage[(tenant, current)] = usage.get((tenant, current), 0) + 1
-            return _PiiSealer(keys.gcm, hdr, hdr + lp(table), column, rid.encode(), plain)(0, len(plain), kind)
+            return _PiiSealer(keys.gcm, hdr, hdr + lp(table), column, rid.encode())(plain, 0, len(plain), kind)
 
         texts[i] = _PII_TOKEN_RE.sub(sub, texts[i])
         changed[i] = row_changed

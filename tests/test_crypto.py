@@ -629,6 +629,32 @@ def test_pii_in_a_json_number_keeps_output_json_valid(kr):
     assert json.loads(revealed) == {"card": "4111111111111111", "note": "mail jo@example.com"}
 
 
+def test_pii_spans_that_are_not_inside_one_json_string_keep_output_json_valid(kr):
+    """The review's cases: a card inside a float (the span stops at its ".0"), an echo of a whole
+    quoted value (the span covers the quotes), two spans side by side outside strings. Each is
+    replaced, grown to the whole JSON tokens it touches, by one token in quotes: the JSON parses,
+    redacted and sealed, and revealed it holds the text as a JSON string."""
+    texts = ['{"x": 5555555555554444.0, "tier":"VIP1", "pair": 12345678-87654321}']
+
+    def find(text):
+        spans = [Span("card", text.index("5555"), text.index("5555") + 16)]
+        spans += [Span("id", text.index("12345678"), text.index("12345678") + 8),
+                  Span("id", text.index("87654321") - 1, text.index("87654321") + 8)]
+        return spans
+
+    echoes = [['"VIP1"']]
+    redacted = protect_pii(pa.array(texts), None, find, "redact", table=T, column="output_json", echoes=echoes,
+                           json_text=True)[0].as_py()  # fmt: skip
+    assert json.loads(redacted) == {"x": "[REDACTED:card]", "tier": "[REDACTED:echo]", "pair": "[REDACTED:id]"}
+    ids = rids(1)
+    sealed = protect_pii(pa.array(texts), ids, find, "encrypt", table=T, column="output_json", tenants="acme",
+                         keyring=kr, echoes=echoes, json_text=True)  # fmt: skip
+    assert "5555" not in sealed[0].as_py() and "VIP1" not in sealed[0].as_py() and "8765" not in sealed[0].as_py()
+    assert set(json.loads(sealed[0].as_py())) == {"x", "tier", "pair"}
+    revealed = reveal_pii(sealed, ids, table=T, column="output_json", keyring=kr)[0].as_py()
+    assert json.loads(revealed) == {"x": "5555555555554444.0", "tier": '"VIP1"', "pair": "12345678-87654321"}
+
+
 def test_pii_encrypt_inline_and_reveal(kr, tmp_path):
     ids = rids(len(TEXTS))
     out = protect_pii(pa.array(TEXTS), ids, fake_find_pii, "encrypt", table=T, column=C, tenants="acme", keyring=kr)
