@@ -29,6 +29,7 @@ before revoking.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -52,6 +53,8 @@ from schemas.errors import DecryptionError, KeyPermissionError, KeyRevokedError,
 
 if TYPE_CHECKING:
     from crypto.keyring import Keyring
+
+log = logging.getLogger(__name__)
 
 
 class ReencryptConflict(TidegateError):
@@ -168,11 +171,15 @@ def _reencrypt_mixed(values: pa.Array, row_ids: pa.Array | None, *, table: str, 
     # Only values that start like a stored value are checked one by one (a clear column: none), and
     # one counts as stored only if it decrypts: clear bytes can look like a header (a client's
     # event dead-lettered as it came), and one such value must not stop the whole table's pass.
-    # One that does not open under an old version of its tenant (or of a tenant the keyring lacks)
-    # is counted (unopened_values): a wrong table label makes every stored value so, and before
-    # stop 45 they were all kept as clear bytes: "nothing to re-encrypt", and a revoke destroyed them.
+    # When none opens, those under an old version of their tenant (or of a tenant the keyring
+    # lacks) are counted (unopened_values): a wrong table label makes every stored value so, and
+    # before stop 45 they were all kept as clear bytes ("nothing to re-encrypt", and a revoke
+    # destroyed them). When some open, the label is right and the others are not ours (a client's
+    # bytes shaped like a header, dead-lettered as they came): counted, they would block every
+    # `reencrypt && revoke` for good.
     maybe = pc.fill_null(pc.starts_with(values, pattern=MAGIC + bytes((FORMAT_VERSION,))), False)
     sealed = np.zeros(len(values), dtype=bool)
+    not_opened = 0  # shaped like a stored value under an old version (or an unknown tenant), not opened
     for i in np.flatnonzero(maybe.to_numpy(zero_copy_only=False)):
         one = values.slice(int(i), 1)
         if not is_encrypted(one):
@@ -181,12 +188,16 @@ def _reencrypt_mixed(values: pa.Array, row_ids: pa.Array | None, *, table: str, 
             decrypt_column(one, row_ids.slice(int(i), 1) if row_ids is not None else None, table=table, column=column,
                            keyring=keyring)  # fmt: skip
         except (DecryptionError, KeyPermissionError, KeyRevokedError):  # not ours, or cannot tell: kept as the bytes it is
-            if unopened_values is not None and _under_an_old_version(one, keyring):
-                unopened_values[0] += 1
+            not_opened += _under_an_old_version(one, keyring)
             continue
         sealed[i] = True
     if not sealed.any():
+        if not_opened and unopened_values is not None:
+            unopened_values[0] += not_opened
         return values, 0
+    if not_opened:
+        log.warning("%s.%s: %d value(s) shaped like a stored value did not open here, beside %d that did; left as "
+                    "they are", table, column, not_opened, int(sealed.sum()))  # fmt: skip
     pick = pa.array(np.flatnonzero(sealed))
     fresh, rewritten = reencrypt_values(values.take(pick), row_ids.take(pick) if row_ids is not None else None,
                                         table=table, column=column, keyring=keyring, pii=pii, usage=usage,
@@ -301,9 +312,9 @@ def reencrypt_table(
         )
     except CommitFailedError as e:  # delta-rs's own conflict check (a metadata change, say): nothing written
         # (the URI, and delta-rs's message that may quote it, masked: an object store URI may carry credentials)
-        raise ReencryptConflict(redact_text(f"{uri}: a commit since version {report.read_version} conflicts with the "
-                                            f"re-encryption ({str(e).splitlines()[0][:200]}); nothing was written. "
-                                            "Run it again")) from None  # fmt: skip
+        why = redact_text((str(e).splitlines() or [""])[0])[:200]  # masked before it is cut (a cut URI escapes the mask)
+        raise ReencryptConflict(f"{redact_text(uri)}: a commit since version {report.read_version} conflicts with the "
+                                f"re-encryption ({why}); nothing was written. Run it again") from None  # fmt: skip
     report.written_version = DeltaTable(uri, storage_options=storage_options).version()
     step("write", steps, steps)
     return report
