@@ -190,6 +190,27 @@ def test_a_valid_event_is_not_cut_short_while_the_worker_waits_for_its_core(tmp_
     assert got == []
 
 
+def test_a_hostile_events_many_slow_searches_still_run_out_of_budget(monkeypatch):
+    """Each search is charged its CPU time past SCHEMA_PATTERN_FREE_S: searches of 20 us each (a
+    pattern that backtracks a little on short strings, as many as an event holds) must exhaust
+    the 0.5 s budget well before 40,000 of them (with a 50 us allowance they never did: about 5 s
+    of CPU per 1 MiB event). The clock is a stand-in that makes every search take 20 us."""
+    import compute.rules as rules
+
+    class Clock:
+        now = 0.0
+
+        def thread_time(self):
+            self.now += 20e-6  # read before and after each search: every search takes 20 us
+            return self.now
+
+    monkeypatch.setattr(rules, "time", Clock())
+    validator = rules.json_schema_validator({"type": "array", "items": {"type": "string", "pattern": "^a+$"}}, "codes")
+    errors = rules.schema_errors(validator, ["aaaa"] * 40_000)
+    assert errors and all(e.message == "pattern search ran out of time" for e in errors)
+    assert 10_000 < 40_000 - len(errors) < 40_000  # the searches the budget paid for, then none
+
+
 def test_a_schemas_format_is_checked(tmp_path):
     """Before, `format` was not checked at all (jsonschema checks it only when given a checker)."""
     spec = _spec(tmp_path)
