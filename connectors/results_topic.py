@@ -53,9 +53,13 @@ H_OMITTED = "tidegate.omitted"  # columns left out (null) because the row's mess
 _NEVER_OMITTED = frozenset({"id", "status", "stage", "error_class", "source_topic", "source_partition",
                             "source_offset", "run_id", "tenant"})  # fmt: skip
 # Reading the topic back at a restart fails the writer's resume when for this long no record came,
-# no position moved and no partition answered its first fetch (the broker is gone, a partition has
-# no leader, or another producer's transaction stays open past the broker's transaction timeout).
+# no position moved and no partition answered its first fetch, or one is below the end offset the
+# broker reports (the broker is gone, a partition has no leader).
 _SCAN_STALL_S = 120.0
+# ... and ends when the partitions are below their fetch high watermark only, with no progress for
+# this long: read_committed stops at another producer's open transaction, whose records this read
+# cannot see yet (nor could the resume's ListOffsets end, which is that last stable offset).
+_SCAN_OPEN_TRANSACTION_S = 30.0
 _RECORD_OVERHEAD = 128  # a record's own framing in its batch, and the batch's header, with room to spare
 
 
@@ -347,12 +351,19 @@ class ResultsTopic:
                     answered, positions, progress_at = len(ktps) - len(unanswered), now_at, time.monotonic()
                 if unanswered:  # idleness counts once every partition has answered a fetch
                     idle_since = time.monotonic()
+                behind_end = [k for k, at in zip(ktps, now_at) if at < (ends.get(k) or 0)]
                 behind = [k for k, at in zip(ktps, now_at) if at < max(ends.get(k) or 0, highwater[k] or 0)]
+                stalled = time.monotonic() - progress_at
+                if behind and not behind_end and not unanswered and stalled >= _SCAN_OPEN_TRANSACTION_S:
+                    behind = []  # at their last stable offset: what read_committed can see now
                 if (time.monotonic() - idle_since) * 1000 >= self.settings.scan_idle_ms and not behind and not unanswered:
+                    if stalled >= _SCAN_OPEN_TRANSACTION_S:
+                        log.info("topic %s: read back to the last stable offsets, short of the high watermarks (a "
+                                 "transaction still open)", self.topic)  # fmt: skip
                     break
-                if time.monotonic() - progress_at > _SCAN_STALL_S:
+                if stalled > _SCAN_STALL_S and (behind_end or unanswered):
                     raise SinkError(f"sink.topic {self.topic!r}: reading partitions "
-                                    f"{sorted({k.partition for k in behind + unanswered})} back to their end made no "
+                                    f"{sorted({k.partition for k in behind_end + unanswered})} back to their end made no "
                                     f"progress for {_SCAN_STALL_S:.0f} s ({len(unanswered)} never answered a fetch)")  # fmt: skip
         finally:
             consumer.close()
