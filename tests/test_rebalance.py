@@ -218,8 +218,8 @@ def test_replicas_beyond_the_partitions_all_end_when_drained(tmp_path, broker, t
     while "partitions assigned: []" not in a.log() + b.log():
         assert a.proc.poll() is None and b.proc.poll() is None, (a.log() + b.log())[-4000:]
         assert time.monotonic() < deadline, "no replica was ever without a partition:\n" + b.log()[-3000:]
-        if committed_rows(spec) > n - 600:  # keep A busy until B is in
-            send(1000)
+        if committed_rows(spec) > n - 1500:  # keep A busy until B is in (well ahead of it: A must not drain)
+            send(2000)
         time.sleep(0.5)
     producer.close()
     for job in (a, b):
