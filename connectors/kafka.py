@@ -253,9 +253,8 @@ class KafkaSource:
             # Recorded with the next commit's positions (extra_positions), not by a commit of its own
             # here: this runs inside the group's rebalance, which a commit's time holds up.
             self._identity_to_record = identity if identity is not None and recorded is None else None
-            anchors = {}
-            if self.spec.start_from == "latest" and new:
-                anchors.update({tp: end - 1 for tp, end in self._ends(new).items()})
+            latest = self.spec.start_from == "latest" and new
+            anchors = {tp: end - 1 for tp, end in self._ends(new).items()} if latest else {}
             if not anchors:
                 return positions
             anchor = getattr(self.ctx.positions, "anchor", None)

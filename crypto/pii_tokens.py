@@ -13,6 +13,7 @@ a model never passes for one of this row's.
 from __future__ import annotations
 
 import base64
+import bisect
 import json
 import logging
 import os
@@ -192,8 +193,6 @@ def _json_spans(text: str, spans: list[tuple[int, int, str]]) -> list[tuple[int,
     literal (not touching its quotes) stays; any other grows to the whole tokens it touches and is
     marked to be replaced in quotes (kind prefixed "\x00", _splice takes it off); spans that then
     overlap or touch merge. O(spans x log tokens)."""
-    import bisect
-
     tokens = [(m.start(), m.end()) for m in _JSON_TOKEN_RE.finditer(text)]
     starts = [t[0] for t in tokens]
     out: list[tuple[int, int, str]] = []
