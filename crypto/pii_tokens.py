@@ -28,6 +28,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from crypto.arrow import RowIds, flat, is_text, tenant_groups, valid_mask
+from crypto.pii import shown
 from crypto.format import (
     FORMAT_VERSION, MAGIC, NONCE_BYTES, TAG_BYTES, KeySource, OnMissingKey, b64, derive_keys, header, lp, parse_header,
 )  # fmt: skip
@@ -37,6 +38,9 @@ log = logging.getLogger(__name__)
 
 PiiMode = Literal["encrypt", "redact", "off"]
 
+# Carried input values shorter than this are not looked for in outputs: "no", "42" would match
+# everywhere and say nothing about the value (docs/encryption.md, threat model).
+ECHO_MIN_CHARS = 4
 _PII_KIND_RE = re.compile(r"[A-Za-z0-9_]+")
 # one pass over the text: either an escaped literal "[PII::" or a token
 _PII_TOKEN_RE = re.compile(r"\[PII:(?::|([A-Za-z0-9_]+):([A-Za-z0-9_-]+)\])")
@@ -114,14 +118,20 @@ def protect_pii(
         raise ValueError(f"{what}: echoes has {len(echoes)} rows, values {n}")
 
     def found(i: int, text: str) -> list:
-        """What to protect in row i's text: the detectors' spans, and its echoes."""
+        """What to protect in row i's text: the detectors' spans, and its echoes: as written, and
+        as they read (crypto.pii.shown: a zero-width space or a full-width letter inside an echo
+        hid it before stop 46)."""
         spans = list(find_pii(text))
-        for value in echoes[i] if echoes is not None else ():
-            for needle in _as_written(value):
-                start = text.find(needle)
-                while start >= 0:
-                    spans.append(_Echo(start, start + len(needle)))
-                    start = text.find(needle, start + len(needle))
+        if echoes is None or not echoes[i]:
+            return spans
+        seen, where = shown(text)
+        for value in echoes[i]:
+            written = _as_written(value)
+            for needle in written:
+                spans += _occurrences(text, needle, None)
+            plain = shown(value)[0]
+            if len(plain) >= ECHO_MIN_CHARS and (where is not None or plain not in written):
+                spans += _occurrences(seen, plain, where)
         return spans
 
     if mode == "redact":
@@ -151,6 +161,18 @@ def protect_pii(
                 token = _PiiSealer(keys.gcm, hdr, hdr + lp(table), column, rid)
                 out[i] = _splice(text, spans, token, escape=True)
     return pa.array(out, pa.string())
+
+
+def _occurrences(text: str, needle: str, where: list[int] | None) -> list[_Echo]:
+    """Each occurrence of `needle` in `text`, as an echo span; `where` maps `text` (a shown form)
+    back to the text as given."""
+    out = []
+    start = text.find(needle) if needle else -1
+    while start >= 0:
+        end = start + len(needle)
+        out.append(_Echo(start, end) if where is None else _Echo(where[start], where[end - 1] + 1))
+        start = text.find(needle, end)
+    return out
 
 
 def _as_written(value: str) -> set[str]:

@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 
 from crypto import encrypt_column, pii, protect_pii, row_ids_from
 from crypto.binding import Binding, legacy_binding, mark_pii
+from crypto.pii_tokens import ECHO_MIN_CHARS
 from schemas.encryption import EncryptionSpec
 from schemas.errors import KeyPermissionError, KeyRevokedError
 from schemas.records import DEAD_LETTER_SCHEMA, empty_table, with_columns_of
@@ -48,9 +49,6 @@ RAW_WITHHELD = "; raw event withheld: no key for its tenant"
 OUTPUT_COLUMNS = ("output_text", "output_json")
 
 
-# Carried input values shorter than this are not looked for in outputs: "no", "42" would match
-# everywhere and say nothing about the value (docs/encryption.md, threat model).
-ECHO_MIN_CHARS = 4
 USAGE_RECORD_S = 10.0  # how often the key usage counters are written to the keyring (at most)
 
 

@@ -610,6 +610,27 @@ def test_overlapping_echoes_and_detections_leave_nothing_in_clear(kr):
     assert reveal_pii(sealed, ids, table=T, column=C, keyring=kr).to_pylist() == texts
 
 
+def test_an_echo_hidden_by_invisible_or_full_width_characters_is_still_protected(kr):
+    """An echo the model writes with a zero-width space inside, in full-width letters or with a
+    soft hyphen reads as the value: it is protected whole, invisible characters included, and
+    revealed back as written (before stop 46 each stayed in clear: echoes were exact text)."""
+    texts = ["Dear J\u200bane Doe, hello", "Ｊａｎｅ Ｄｏｅ lives here", "Ja\u00adne Doe!", "Jane Dough is not"]
+    echoes = [["Jane Doe"]] * 4
+    redacted = protect_pii(pa.array(texts), None, lambda _: (), "redact", table=T, column=C, echoes=echoes)
+    assert redacted.to_pylist() == ["Dear [REDACTED:echo], hello", "[REDACTED:echo] lives here", "[REDACTED:echo]!",
+                                    "Jane Dough is not"]  # fmt: skip
+    ids = rids(4)
+    sealed = protect_pii(pa.array(texts), ids, lambda _: (), "encrypt", table=T, column=C, tenants="acme",
+                         keyring=kr, echoes=echoes)  # fmt: skip
+    assert [re.sub(r"\[PII:echo:[\w-]+\]", "", t) for t in sealed.to_pylist()] == ["Dear , hello", " lives here", "!",
+                                                                                   "Jane Dough is not"]  # fmt: skip
+    assert reveal_pii(sealed, ids, table=T, column=C, keyring=kr).to_pylist() == texts
+    # A value that reads as fewer than ECHO_MIN_CHARS characters is not looked for as it reads.
+    short = protect_pii(pa.array(["ab ab"]), None, lambda _: (), "redact", table=T, column=C,
+                        echoes=[["a\u200b\u200b\u200bb"]])  # fmt: skip
+    assert short.to_pylist() == ["ab ab"]
+
+
 def test_pii_in_a_json_number_keeps_output_json_valid(kr):
     """A card number written as a JSON number: its token goes in quotes, so output_json stays JSON
     (before stop 45 `{"card": [REDACTED:card], ...}` did not parse, and an online replay of the

@@ -53,10 +53,29 @@ def check(spec, output: str, **cand) -> RuleResult:
         ("card ４１１１ １１１１ １１１１ １１１１", ["card"]),
         # ... and a long grouped number with no card at an end is still none.
         ("order 1234 5678 9012 3456 78", []),
+        # Since stop 46: values as they read, with invisible characters inside (zero-width space,
+        # soft hyphen, variation selector) or compatibility forms (full-width '@' and '.') ...
+        ("card 4111\u200b1111\u200b1111\u200b1111 or jo\u200b@x.io", ["card", "email"]),
+        ("SSN 123\u00ad-45-6789, IBAN GB82\ufe0fWEST 1234 5698 7654 32", ["national_id", "iban"]),
+        ("mail jo＠example．com", ["email"]),
+        # ... French and UK national numbers ...
+        ("tel 06 12 34 56 78, 06.12.34.56.78, 07946 095812 or 07700 900 123", ["phone"] * 4),
+        # ... and their near misses: a date and a time, mixed separators, pi, five dotted groups.
+        ("on 01.02.2024 10 30 (06 12 34.56 78), pi 3.14159265358979, v 1111.1111.1111.1111.1111", []),
     ],
 )
 def test_pii_detectors(text, kinds):
     assert [s.kind for s in find_pii(text)] == kinds
+
+
+def test_a_span_hidden_by_invisible_characters_covers_the_value_as_written():
+    text = "call +44\u200b20 7946 0958 now, card ４１１１\u2060 1111 1111 1111."
+    assert [text[s.start : s.end] for s in find_pii(text)] == ["+44\u200b20 7946 0958", "４１１１\u2060 1111 1111 1111"]
+    # pii_leakage: the card in the input is the card in the output, invisible characters or not
+    spec = PiiLeakageRule(rule="pii_leakage")
+    assert check(spec, "your card 4111\u200b1111 1111 1111", prompt="card 4111-1111-1111-1111").passed
+    assert check(spec, "your card 4111 1111 1111 1111", prompt="card 4111\u200b1111\u200b1111\u200b1111").passed
+    assert not check(spec, "your card 4111\u200b1111 1111 1111", prompt="no card here").passed
 
 
 def test_a_card_with_its_expiry_is_redacted_whole_and_the_expiry_kept():
