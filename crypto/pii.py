@@ -97,24 +97,36 @@ _DIGIT_GROUP = re.compile(r"\d+")
 
 def _card_span(text: str, m: re.Match) -> tuple[int, int] | None:
     """The card number in a card-shaped match: all of it, or all but one short group (at most 4
-    digits) at either end, whichever passes Luhn. "4111 1111 1111 1111 12/25" and
-    "4111111111111111 123" hold a card followed by an expiry or a code, which the greedy match
-    takes in (its Luhn then fails: missed before stop 44). One group at most, at an end only: a
-    long grouped number has few chances to pass by accident (precision over recall)."""
+    digits) at either end, whichever passes Luhn and is grouped as cards are written (whole, in
+    fours, 4-6-5 or 4-6-4). "4111 1111 1111 1111 12/25" and "4111111111111111 123" hold a card
+    followed by an expiry or a code, which the greedy match takes in (its Luhn then fails: missed
+    before stop 44). One group at most, at an end only: a long grouped number has few chances to
+    pass by accident (precision over recall). Before stop 46 any grouping passed: a list of
+    two-digit numbers ("12 34 56 78 90 12 34 56") was a card one time in five."""
     s = m.group()
-    if luhn_ok(_digits(s)):
-        return m.start(), m.end()
     groups = [(g.start(), g.end()) for g in _DIGIT_GROUP.finditer(s)]
+    lengths = [b - a for a, b in groups]
+    if _grouped_like_a_card(lengths) and luhn_ok(_digits(s)):
+        return m.start(), m.end()
     if len(groups) < 2:
         return None
     for first, last in ((0, len(groups) - 2), (1, len(groups) - 1)):
         dropped = groups[-1] if first == 0 else groups[0]
-        if dropped[1] - dropped[0] > 4:
+        if dropped[1] - dropped[0] > 4 or not _grouped_like_a_card(lengths[first : last + 1]):
             continue
         part = s[groups[first][0] : groups[last][1]]
         if 13 <= len(_digits(part)) <= 19 and luhn_ok(_digits(part)):
             return m.start() + groups[first][0], m.start() + groups[last][1]
     return None
+
+
+def _grouped_like_a_card(lengths: list[int]) -> bool:
+    """Digit group lengths as card numbers are written: one group, fours with a shorter last one
+    (4-4-4-4, 4-4-4-4-3; a group of eight is two fours whose space was left out or made invisible:
+    "4111<ZWSP>1111 1111 1111" reads as 8-4-4), or American Express's and Diners' 4-6-5 and 4-6-4."""
+    if len(lengths) == 1 or lengths in ([4, 6, 5], [4, 6, 4]):
+        return True
+    return all(n % 4 == 0 for n in lengths[:-1]) and (lengths[-1] <= 4 or lengths[-1] % 4 == 0)
 
 
 def _iban_span(text: str, m: re.Match) -> tuple[int, int] | None:

@@ -60,7 +60,12 @@ def check(spec, output: str, **cand) -> RuleResult:
         ("mail jo＠example．com", ["email"]),
         # ... French and UK national numbers ...
         ("tel 06 12 34 56 78, 06.12.34.56.78, 07946 095812 or 07700 900 123", ["phone"] * 4),
-        # ... and their near misses: a date and a time, mixed separators, pi, five dotted groups.
+        # ... cards as American Express and Diners group them ...
+        ("amex 3782 822463 10005, diners 3056 930902 5904", ["card", "card"]),
+        # ... and numbers that are not grouped as cards are, even where their digits pass Luhn
+        # (before stop 46 a list of two-digit numbers was a card one time in five):
+        ("ids 12 34 56 78 90 12 34 56; scores 10 12 14 16 18 20 22 24; from 2024-03-05 2024-03-05", []),
+        # ... and the phones' near misses: a date and a time, mixed separators, pi, five dotted groups.
         ("on 01.02.2024 10 30 (06 12 34.56 78), pi 3.14159265358979, v 1111.1111.1111.1111.1111", []),
     ],
 )
