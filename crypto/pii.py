@@ -45,14 +45,19 @@ _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 _SSN = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])")
 _NINO = re.compile(r"\b(?![DFIQUV])[A-CEGHJ-PR-TW-Z](?![DFIQUVO])[A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b")
-# International (+CC ...) or national numbers grouped with separators: (020) 7946 0958, 555-123-4567;
-# with a trunk 0, a UK mobile (07946 095812, 07946 095 812) and the French five pairs, one separator
-# throughout (06 12 34 56 78, 06.12.34.56.78: a date and a time, 01.02.2024 10 30, mix them).
+# International (+CC ...), or a national number in a form few other numbers take: an area code in
+# brackets ((555) 123-4567, (020) 7946 0958); a trunk 0 (020 7946 0958, 0161 496 0000; a UK mobile,
+# 07946 095812 or 07946 095 812; the French five pairs with one separator throughout,
+# 06 12 34 56 78 or 06.12.34.56.78, as a date and a time, 01.02.2024 10 30, are not); or North
+# America's 3-3-4 with one dash or dot throughout (555-123-4567). Not three groups of plain numbers
+# split by spaces ("sizes 100 200 300", "250 500 1000": phones before stop 46).
 _PHONE = re.compile(
     r"(?<![\w+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4}"
-    r"|\(?\d{2,4}\)?[ .-]\d{3,4}[ .-]\d{3,4}"
+    r"|\(\d{2,5}\)[ .-]?\d{3,4}[ .-]\d{3,4}"
+    r"|0\d{1,3}[ .-]\d{3,4}[ .-]\d{3,4}"
     r"|0\d{4}[ .-](?:\d{6}|\d{3}[ .-]\d{3})"
-    r"|0[1-9]([ .-])\d{2}(?:\1\d{2}){3})(?![\w-])(?![ .]\d)"
+    r"|0[1-9]([ .-])\d{2}(?:\1\d{2}){3}"
+    r"|[2-9]\d{2}([.-])\d{3}\2\d{4})(?![\w-])(?![ .]\d)"
 )
 
 # Gates: cheap scans (each pattern starts with a character class, which the regex engine skips to

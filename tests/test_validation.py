@@ -65,6 +65,10 @@ def check(spec, output: str, **cand) -> RuleResult:
         # ... and numbers that are not grouped as cards are, even where their digits pass Luhn
         # (before stop 46 a list of two-digit numbers was a card one time in five):
         ("ids 12 34 56 78 90 12 34 56; scores 10 12 14 16 18 20 22 24; from 2024-03-05 2024-03-05", []),
+        # ... North American and trunk-0 national forms; not three space-separated plain numbers
+        # (before stop 46 each of the second line was a phone) ...
+        ("call 555-123-4567, 555.123.4567, (020) 7946 0958 or 0161 496 0000", ["phone"] * 4),
+        ("sizes 100 200 300; 250 500 1000 points; totals 1200 3400 5600; order 2024 1234 5678", []),
         # ... and the phones' near misses: a date and a time, mixed separators, pi, five dotted groups.
         ("on 01.02.2024 10 30 (06 12 34.56 78), pi 3.14159265358979, v 1111.1111.1111.1111.1111", []),
     ],
