@@ -4,9 +4,10 @@ revision's, side by side in one process.
     .venv/bin/python bench/pii_detect.py [--against HEAD~1] [--texts 500] [--rounds 7]
 
 The other revision's crypto/pii.py is read with `git show REV:crypto/pii.py` and loaded as its own
-module. Five kinds of text, `--texts` of each, 5-200 words: ASCII prose with dates, prices and
+module. Eight kinds of text, `--texts` of each, 5-200 words: ASCII prose with dates, prices and
 order numbers (about half of them pass the 9-digit gate, so the card, SSN and phone patterns run);
-the same with an email and a phone number; prose with accented Latin letters; Japanese; prose
+the same with an email and a phone number; prose with accented Latin letters; Japanese; Chinese
+with full-width punctuation; prose ending in one '…'; prose
 with zero-width spaces; prose with a card number and an email address that zero-width spaces
 hide from a detector that reads the text as written, and a French phone number. The two sides alternate, round by round; each round runs find_pii once
 over every text. Reports the median µs per text per kind, the ratio this / other, and how many
@@ -49,6 +50,10 @@ def texts(n: int, seed: int = 1) -> dict[str, list[str]]:
         "ascii+pii": [t + " mail jo@example.com or call +44 20 7946 0958" for t in prose],
         "accented": ["Über die Straße, café naïve résumé " + t for t in prose],
         "japanese": ["日本語のテキストです。" * rng.randint(5, 100) for _ in range(n)],
+        # Chinese as written: full-width commas and brackets, which NFKC changes (every one of these
+        # texts went through a per-character loop in stop 46's first cut).
+        "chinese": ["这是一个（测试）文本，包含标点！" * rng.randint(5, 100) for _ in range(n)],
+        "ascii+1 ellipsis": [t + " …" for t in prose],
         "zero-width": [t.replace(" ", " \u200b", 3) for t in prose],
         "hidden": [t + " card 4111\u200b1111\u200b1111\u200b1111, jo\u200b@example.com, 06 12 34 56 78" for t in prose],
     }

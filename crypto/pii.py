@@ -9,18 +9,20 @@ match the same characters the more specific kind wins (card > iban > national_id
 card number is not also reported as a phone number.
 
 Patterns favour precision over recall: a guardrail that cries wolf on every order number gets
-switched off. Checksums (Luhn, mod-97) remove most false card/IBAN hits; phone numbers need a
-leading '+' or a separator-grouped national form and 9-15 digits.
+switched off. Checksums (Luhn, mod-97) and card groupings remove most false card/IBAN hits; phone
+numbers need a leading '+' or a national form few other numbers take (_PHONE), and 9-15 digits.
 
-The detectors read a text as it is shown: characters that render as nothing (Unicode's
-Default_Ignorable_Code_Point: zero-width spaces and joiners, soft hyphens, variation selectors,
-bidi marks) are skipped and compatibility forms read as what they stand for (NFKC: a full-width
-'＠' is '@'), so "4111<ZWSP>1111 1111 1111" is a card. Spans are offsets into the text as given,
-from the first character of the value to its last, the invisible ones between included.
+The detectors read a text as it is shown (`shown`): characters that render as nothing (zero-width
+spaces and joiners, soft hyphens, variation selectors, bidi marks) are skipped, compatibility forms
+read as what they stand for (NFKC: a full-width '＠' is '@'), and other dashes as '-', so
+"4111<ZWSP>1111 1111 1111" and "555‑123‑4567" (U+2011) are found. Spans are offsets into the text
+as given, from the first character of the value to its last, the invisible ones between included.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -46,17 +48,18 @@ _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 _SSN = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])")
 _NINO = re.compile(r"\b(?![DFIQUV])[A-CEGHJ-PR-TW-Z](?![DFIQUVO])[A-CEGHJ-NPR-TW-Z] ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b")
 # International (+CC ...), or a national number in a form few other numbers take: an area code in
-# brackets ((555) 123-4567, (020) 7946 0958); a trunk 0 (020 7946 0958, 0161 496 0000; a UK mobile,
-# 07946 095812 or 07946 095 812; the French five pairs with one separator throughout,
-# 06 12 34 56 78 or 06.12.34.56.78, as a date and a time, 01.02.2024 10 30, are not); or North
-# America's 3-3-4 with one dash or dot throughout (555-123-4567). Not three groups of plain numbers
-# split by spaces ("sizes 100 200 300", "250 500 1000": phones before stop 46).
+# brackets ((555) 123-4567, (020) 7946 0958); a trunk 0 and a non-zero digit (020 7946 0958,
+# 0161 496 0000; a UK mobile, 07946 095812 or 07946 095 812; a French mobile, 06 12 34 56 78 or
+# 06.12.34.56.78, one separator throughout: a date and a time, 01.02.2024 10 30, are not, and
+# neither is a zero-padded id, 00123-456789); or North America's 3-3-4 with one dash or dot
+# throughout (555-123-4567). Not three groups of plain numbers split by spaces ("sizes 100 200 300",
+# "250 500 1000": phones before stop 46), nor a list of pairs (05 12 23 34 45, a lottery draw).
 _PHONE = re.compile(
-    r"(?<![\w+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4}"
+    r"(?<![\w+/])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){1,4}"
     r"|\(\d{2,5}\)[ .-]?\d{3,4}[ .-]\d{3,4}"
-    r"|0\d{1,3}[ .-]\d{3,4}[ .-]\d{3,4}"
-    r"|0\d{4}[ .-](?:\d{6}|\d{3}[ .-]\d{3})"
-    r"|0[1-9]([ .-])\d{2}(?:\1\d{2}){3}"
+    r"|0[1-9]\d{0,2}[ .-]\d{3,4}[ .-]\d{3,4}"
+    r"|07\d{3}[ .-](?:\d{6}|\d{3}[ .-]\d{3})"
+    r"|0[67]([ .])\d{2}(?:\1\d{2}){3}"
     r"|[2-9]\d{2}([.-])\d{3}\2\d{4})(?![\w-])(?![ .]\d)"
 )
 
@@ -150,38 +153,118 @@ def _iban_span(text: str, m: re.Match) -> tuple[int, int] | None:
     return None
 
 
-# Unicode's invisible characters, from the library that knows the property (re has no \p{...}).
-_IGNORABLE = regex.compile(r"\p{Default_Ignorable_Code_Point}")
+# How a character reads where it reads otherwise than it is written: invisible characters (Unicode's
+# Default_Ignorable_Code_Point and format characters, from the `regex` library, which has Unicode's
+# properties), as nothing; compatibility forms, as their NFKC form (a full-width '＠' is '@'); dashes
+# other than '-' and the minus sign, as '-' (a model writes 555‑123‑4567 with U+2011, which NFKC
+# keeps); the braille blank, as a space.
+_INVISIBLE = regex.compile(r"[\p{Default_Ignorable_Code_Point}\p{Cf}]")
+_DASH = regex.compile(r"(?V1)[[\p{Pd}\u2212]--[\-]]")
 
 
-def shown(text: str) -> tuple[str, list[int] | None]:
-    """`text` as it reads: invisible characters dropped, compatibility forms NFKC-normalised (not
-    case-folded: IBANs and NI numbers are upper case); with the index in `text` of each character
-    of the result, or None where that is `text` itself (ASCII, and most other text: checked in C)."""
+@functools.lru_cache(maxsize=4096)
+def _as_shown(ch: str) -> str:
+    return _reads_as(ch)
+
+
+def _reads_as(ch: str) -> str:
+    if _INVISIBLE.match(ch):
+        return ""
+    if ch == "\u2800":
+        return " "
+    return _DASH.sub("-", unicodedata.normalize("NFKC", ch))
+
+
+# What the detectors read: letters, digits, white space, + - . @ % _ (not brackets or slashes: a
+# full-width '（' stays as written, so "（555）123-4567" is not a phone).
+_READ = regex.compile(r"[A-Za-z\d\s+\-.@%_]")
+# Astral blocks that hold characters shown() changes and a detector reads (mathematical and enclosed
+# alphanumerics, tags, ...), coarsely: a character of them that reads as written costs one step.
+_ASTRAL = ((0x10000, 0x1D7FF), (0x1F100, 0x1F1FF), (0x1FBF0, 0x1FBF9), (0xE0000, 0xE0FFF))
+
+
+@functools.cache
+def _shown_otherwise(nfkc_normal: bool, astral: bool) -> re.Pattern:
+    """One `re` class of the characters shown() changes into something a detector reads (or into
+    nothing): each such code point of the Basic Multilingual Plane, found by trying all of them
+    once per process (~0.1 s, on the first text that is not ASCII), and, for a text with characters
+    beyond it, the _ASTRAL blocks (a class with ranges past U+FFFF is scanned range by range, about
+    3 times slower); for an NFKC-normal text (most text: a C-level check), only those NFKC leaves as
+    they are (invisible characters, dashes, the braille blank). Not
+    Unicode's property classes: the `regex` library scans a text with those about 5 times slower
+    than `re` with plain ranges, and a change into nothing a detector reads (the full-width
+    punctuation of Chinese and Japanese prose, ，！（）) is not one to make at all: each was a
+    Python step in the review of stop 46's first cut (Chinese prose 8 times slower)."""
+    ranges: list[list[int]] = []
+    for c in range(0x10000):
+        ch = chr(c)
+        if 0xD800 <= c <= 0xDFFF or (shown_as := _reads_as(ch)) == ch or (shown_as and not _READ.search(shown_as)):
+            continue
+        if nfkc_normal and unicodedata.normalize("NFKC", ch) != ch:
+            continue
+        if ranges and ranges[-1][1] == c - 1:
+            ranges[-1][1] = c
+        else:
+            ranges.append([c, c])
+    if astral:
+        ranges += [list(r) for r in _ASTRAL]
+    return re.compile("[" + "".join(re.escape(chr(lo)) + ("-" + re.escape(chr(hi)) if hi > lo else "")
+                                    for lo, hi in ranges) + "]")  # fmt: skip
+
+
+class Offsets:
+    """Index in a shown text (`shown`) -> index in the text as written. Sparse: one entry per run
+    of unchanged text and per changed character, so a megabyte with one change in it holds a few
+    numbers, not a million."""
+
+    __slots__ = ("_starts", "_segments")
+
+    def __init__(self, starts: list[int], segments: list[tuple[int, int, bool]]):
+        self._starts, self._segments = starts, segments
+
+    def __getitem__(self, i: int) -> int:
+        shown_start, written_start, replaced = self._segments[bisect.bisect_right(self._starts, i) - 1]
+        return written_start if replaced else written_start + i - shown_start
+
+
+def shown(text: str) -> tuple[str, Offsets | None]:
+    """`text` as it reads (_as_shown; not case-folded: IBANs and NI numbers are upper case),
+    and where each of its characters is in `text` (a character a replacement expanded to several
+    all map to it), or None where that is `text` itself. The cost grows with the characters
+    changed, not the text's length: before the review of stop 46's first cut, one full-width
+    comma sent a whole text through a per-character loop (Chinese prose 29 times slower). Only
+    changes a detector can see are made (_shown_otherwise)."""
     if text.isascii():
         return text, None
     out: list[str] = []
-    where: list[int] = []
-    if unicodedata.is_normalized("NFKC", text):  # at most invisible characters to drop: cut around them
-        pos = 0
-        for m in _IGNORABLE.finditer(text):
-            out.append(text[pos : m.start()])
-            where += range(pos, m.start())
-            pos = m.end()
-        if not pos:
-            return text, None
+    starts: list[int] = []
+    segments: list[tuple[int, int, bool]] = []
+    pos = length = 0  # in text, in the result
+    # Characters past U+FFFF take two UTF-16 units (a C-level copy, no Python step per character).
+    astral = len(text.encode("utf-16-le", "surrogatepass")) > 2 * len(text)
+    for m in _shown_otherwise(unicodedata.is_normalized("NFKC", text), astral).finditer(text):
+        i = m.start()
+        rep = _as_shown(text[i])
+        if rep == text[i]:  # an astral character that reads as written
+            continue
+        if i > pos:
+            starts.append(length)
+            segments.append((length, pos, False))
+            out.append(text[pos:i])
+            length += i - pos
+        if rep:
+            starts.append(length)
+            segments.append((length, i, True))
+            out.append(rep)
+            length += len(rep)
+        pos = i + 1
+    if not segments and not pos:
+        return text, None
+    if pos < len(text):
+        starts.append(length)
+        segments.append((length, pos, False))
         out.append(text[pos:])
-        where += range(pos, len(text))
-        return "".join(out), where
-    for i, ch in enumerate(text):
-        if ch.isascii():
-            out.append(ch)
-            where.append(i)
-        elif not _IGNORABLE.match(ch):
-            for f in unicodedata.normalize("NFKC", ch):
-                out.append(f)
-                where.append(i)
-    return "".join(out), where
+    return "".join(out), Offsets(starts, segments)
 
 
 def find_pii(text: str, kinds: frozenset[str] | None = None) -> list[PiiSpan]:

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -28,7 +29,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from crypto.arrow import RowIds, flat, is_text, tenant_groups, valid_mask
-from crypto.pii import shown
+from crypto.pii import Offsets, shown
 from crypto.format import (
     FORMAT_VERSION, MAGIC, NONCE_BYTES, TAG_BYTES, KeySource, OnMissingKey, b64, derive_keys, header, lp, parse_header,
 )  # fmt: skip
@@ -130,8 +131,13 @@ def protect_pii(
             for needle in written:
                 spans += _occurrences(text, needle, None)
             plain = shown(value)[0]
-            if len(plain) >= ECHO_MIN_CHARS and (where is not None or plain not in written):
-                spans += _occurrences(seen, plain, where)
+            if len(plain) < ECHO_MIN_CHARS:
+                continue
+            # Composed and decomposed accents read alike ("é" and "e" + U+0301); shown() leaves
+            # each as written, so the value is looked for in both forms.
+            for needle in {plain, unicodedata.normalize("NFC", plain), unicodedata.normalize("NFD", plain)}:
+                if where is not None or needle not in written:
+                    spans += _occurrences(seen, needle, where)
         return spans
 
     if mode == "redact":
@@ -163,7 +169,7 @@ def protect_pii(
     return pa.array(out, pa.string())
 
 
-def _occurrences(text: str, needle: str, where: list[int] | None) -> list[_Echo]:
+def _occurrences(text: str, needle: str, where: Offsets | None) -> list[_Echo]:
     """Each occurrence of `needle` in `text`, as an echo span; `where` maps `text` (a shown form)
     back to the text as given."""
     out = []

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import stat
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -625,6 +626,11 @@ def test_an_echo_hidden_by_invisible_or_full_width_characters_is_still_protected
     assert [re.sub(r"\[PII:echo:[\w-]+\]", "", t) for t in sealed.to_pylist()] == ["Dear , hello", " lives here", "!",
                                                                                    "Jane Dough is not"]  # fmt: skip
     assert reveal_pii(sealed, ids, table=T, column=C, keyring=kr).to_pylist() == texts
+    # Composed and decomposed accents read alike, in the text or in the value.
+    nfd = unicodedata.normalize("NFD", "José Ñúñez")
+    both = protect_pii(pa.array([nfd + " called", "José Ñúñez called"]), None, lambda _: (), "redact", table=T,
+                       column=C, echoes=[["José Ñúñez"], [nfd]])  # fmt: skip
+    assert both.to_pylist() == ["[REDACTED:echo] called"] * 2
     # A value that reads as fewer than ECHO_MIN_CHARS characters is not looked for as it reads.
     short = protect_pii(pa.array(["ab ab"]), None, lambda _: (), "redact", table=T, column=C,
                         echoes=[["a\u200b\u200b\u200bb"]])  # fmt: skip

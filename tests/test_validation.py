@@ -69,6 +69,12 @@ def check(spec, output: str, **cand) -> RuleResult:
         # (before stop 46 each of the second line was a phone) ...
         ("call 555-123-4567, 555.123.4567, (020) 7946 0958 or 0161 496 0000", ["phone"] * 4),
         ("sizes 100 200 300; 250 500 1000 points; totals 1200 3400 5600; order 2024 1234 5678", []),
+        # ... dashes a model writes in numbers (U+2011, an en dash, a minus sign), a braille blank ...
+        ("ring 555\u2011123\u20114567, SSN 123\u201345\u20136789, 555\u2212123\u22124567", ["phone", "national_id", "phone"]),
+        ("card 4111\u28001111 1111 1111", ["card"]),
+        # ... and not lists of pairs, zero-padded ids, or pairs after a slash (review of stop 46's first cut):
+        ("draw 05 12 23 34 45; 01 02 03 04 05; 03.12.25.33.41; SKU 00123-456789; zip 02139-123456", []),
+        ("week 05/06 07 08 09 10; order 01234-567-890; price 01234.567890; hex 08 00 45 00 00", []),
         # ... and the phones' near misses: a date and a time, mixed separators, pi, five dotted groups.
         ("on 01.02.2024 10 30 (06 12 34.56 78), pi 3.14159265358979, v 1111.1111.1111.1111.1111", []),
     ],
@@ -85,6 +91,51 @@ def test_a_span_hidden_by_invisible_characters_covers_the_value_as_written():
     assert check(spec, "your card 4111\u200b1111 1111 1111", prompt="card 4111-1111-1111-1111").passed
     assert check(spec, "your card 4111 1111 1111 1111", prompt="card 4111\u200b1111\u200b1111\u200b1111").passed
     assert not check(spec, "your card 4111\u200b1111 1111 1111", prompt="no card here").passed
+
+
+def test_text_as_shown_maps_every_span_back_to_the_text_as_written():
+    """find_pii reads a text as shown (crypto.pii.shown: sparse offsets, only changes a detector
+    can see) and must find what a plain per-character reading finds, at the same places: random
+    texts of digits, separators, invisible characters, full-width forms, ligatures, dashes, '…'."""
+    import random
+
+    from crypto import pii
+
+    def reference(text):
+        out, where = [], []
+        for i, ch in enumerate(text):
+            r = pii._reads_as(ch)
+            if r != ch and r and not pii._READ.search(r):
+                r = ch  # a change no detector sees is not made (shown() does the same)
+            out.append(r)
+            where += [i] * len(r)
+        seen = "".join(out)
+        return [(s.kind, where[s.start], where[s.end - 1] + 1) for s in pii._find(seen, None)]
+
+    rng = random.Random(46)
+    alphabet = list("0123456789 -.@ab") + ["\u200b", "\u00ad", "\ufe0f", "４", "１", "\u3000", "\u2011", "\u2013",
+                                            "ﬁ", "…", "，", "（", "＠", "𝟒", "\U000e0020", "😀", "日"]  # fmt: skip
+    found = 0
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        text += rng.choice(["", " 4111\u200b1111 1111 1111", " jo\u00ad@x.io", " +44\u200b20 7946 0958"])
+        got = [(s.kind, s.start, s.end) for s in find_pii(text)]
+        assert got == reference(text), repr(text)
+        found += len(got)
+    assert found > 1000  # the texts did hold PII to map back
+
+
+def test_changes_no_detector_sees_are_not_made_and_offsets_stay_sparse():
+    from crypto.pii import shown
+
+    zh = "这是一个（测试）文本，包含标点！" * 100
+    assert shown(zh) == (zh, None)  # full-width punctuation: read as written, no per-character work
+    big = "a" * 100_000 + "\u2026" + "b" * 100_000
+    seen, where = shown(big)
+    assert seen == "a" * 100_000 + "..." + "b" * 100_000
+    assert len(where._segments) == 3  # not 200,003 offsets
+    assert [where[i] for i in (0, 99_999, 100_000, 100_002, 100_003, 200_002)] == [0, 99_999, 100_000, 100_000,
+                                                                                    100_001, 200_000]  # fmt: skip
 
 
 def test_a_card_with_its_expiry_is_redacted_whole_and_the_expiry_kept():
