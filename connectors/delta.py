@@ -460,6 +460,9 @@ class DeltaSink:
         """Atomically (per table) append rows and advance positions. Dead letters first."""
         if not positions:
             return
+        # sink.topic's marks staged for this commit, whatever becomes of it: a commit that fails
+        # (fenced, say) leaves none behind to ride on a later commit (the writer keeps them).
+        marks, self._marks = self._marks, {}
         self._fence(positions)
         if dead.num_rows:
             dl_txns = []
@@ -470,7 +473,6 @@ class DeltaSink:
             for txn, tp in zip(dl_txns, positions):
                 self._dl_pos[tp] = txn.version
         res_txns = [Transaction(self._app(tp), last) for tp, last in positions.items()]
-        marks, self._marks = self._marks, {}
         res_txns += [Transaction(app, version) for app, version in marks.items()]
         # The fence has just read the results table: the commit's own check covers what lands after.
         self._append(self.results, results, res_txns, positions, refresh=False)
@@ -648,7 +650,8 @@ class DeltaSink:
     # -- sink.topic (connectors/results_topic.py) ---------------------------------------------------
 
     def stage_marks(self, marks: Mapping[str, int]) -> None:
-        """Application transactions to record with the next results commit (sink.topic's marks)."""
+        """Application transactions to record with the next results commit (sink.topic's marks);
+        the next commit takes them, whether it lands or not."""
         self._marks.update(marks)
 
     def read_marks(self, names: Iterable[str]) -> dict[str, int | None]:

@@ -260,17 +260,8 @@ def test_a_restarted_commit_writer_refuses_to_commit_until_it_has_read_the_posit
     writer that has not read the positions again could pass the fence and move the dead-letter
     position back to 3."""
     from actors.writer import CommitWriter, WriterRestarted
-    from schemas.spec import parse_spec
 
-    spec = parse_spec(
-        {
-            "name": "job",
-            "source": {"kafka": {"topic": "t"}},
-            "prompt": {"template": "{{ q }}", "id_field": "id"},
-            "model": {"path": "m"},
-            "sink": {"results": str(tmp_path / "res"), "dead_letter": str(tmp_path / "dl")},
-        }
-    )
+    spec = writer_spec(tmp_path)
     first = CommitWriter(spec)
     first.open()
     first.resume([TP0])
@@ -286,6 +277,44 @@ def test_a_restarted_commit_writer_refuses_to_commit_until_it_has_read_the_posit
     report = restarted.write_tables(results([0, 1, 2, 3]), dead([]), {TP0: 3}, None)
     assert report.totals.rows_ok == 4
     assert DeltaTable(str(tmp_path / "res")).transaction_version(txn_app_id("job", TP0)) == 3
+
+
+def writer_spec(tmp_path):
+    from schemas.spec import parse_spec
+
+    return parse_spec(
+        {
+            "name": "job",
+            "source": {"kafka": {"topic": "t"}},
+            "prompt": {"template": "{{ q }}", "id_field": "id"},
+            "model": {"path": "m"},
+            "sink": {"results": str(tmp_path / "res"), "dead_letter": str(tmp_path / "dl")},
+        }
+    )
+
+
+def test_a_fenced_commit_leaves_no_topic_marks_to_ride_on_the_next_commit(tmp_path):
+    """sink.topic's publish marks of a partition go with the commit writer's next commit. When
+    that commit is fenced (another job took the partition), the partition's marks are forgotten
+    with it: before stop 46 they stayed staged in the sink and rode on the writer's next commit of
+    another partition, moving the new owner's marks back."""
+    from actors.writer import CommitWriter
+
+    writer = CommitWriter(writer_spec(tmp_path))
+    writer.open()
+    writer.resume([TP0, TP1])
+    other = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {})
+    other.load_positions([TP0])
+    other.stage_marks({"mark/t/0": 7})
+    other.commit(results([0, 1]), dead([]), {TP0: 1})  # the partition's new owner, its mark at 7
+    writer._marks = {TP0: {"mark/t/0": 3}, TP1: {"mark/t/1": 5}}  # what this writer published before
+    with pytest.raises(PartitionFencedError):
+        writer.write_tables(results([0, 1]), dead([]), {TP0: 1, TP1: 0}, None)
+    writer.forget([TP0])  # the job's recovery from the fence
+    writer.write_tables(results([0], partition=1), dead([]), {TP1: 0}, None)
+    table = DeltaTable(str(tmp_path / "res"))
+    assert table.transaction_version("mark/t/0") == 7  # the new owner's, not moved back to 3
+    assert table.transaction_version("mark/t/1") == 5  # the kept partition's marks still recorded
 
 
 def txn(tp, version):
