@@ -40,7 +40,7 @@ from connectors.maintenance import maintenance_round
 from connectors.results_topic import ResultsTopic
 from connectors.sink import Sink, adopt_stored_twin, open_sink
 from crypto.stage import EncryptionStage
-from schemas.errors import SpecError, StageError
+from schemas.errors import SinkError, SpecError, StageError
 from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA
 from schemas.spec import JobSpec
 
@@ -72,6 +72,9 @@ class CommitReport:
     commit_s: float  # prepare, encryption and the commits
     ended_at: datetime  # when the commit landed (the next commit's start, in the runs table)
     published: int = 0  # messages sent to sink.topic with it (and a restart's catch-up before it)
+    # sink.topic's publish after the commit failed: the commit landed and is booked, then the job
+    # stops with this error (a restart sends what the topic lacks: connectors/results_topic.py).
+    publish_error: Exception | None = None
 
 
 class CommitWriter:
@@ -202,10 +205,17 @@ class CommitWriter:
             raise
         ended_at = datetime.now(timezone.utc)
         published, self._published = self._published, 0
+        publish_error = None
         if self.topic is not None and positions:  # after the commit: what a consumer reads is in the table
-            sent, marks = self.topic.publish(results, dead, positions, also_dead=self._window_dead_through(positions))
-            self._keep_marks(marks)
-            published += sent
+            try:
+                sent, marks = self.topic.publish(results, dead, positions, also_dead=self._window_dead_through(positions))
+            except Exception as e:  # noqa: BLE001 - the commit landed: reported with it, not instead of it
+                # (before stop 46 the commit went uncounted in the run's totals and runs row)
+                publish_error = e if isinstance(e, SinkError) else SinkError(
+                    f"publishing to topic {self.topic.topic!r} failed after the commit: {type(e).__name__}")
+            else:
+                self._keep_marks(marks)
+                published += sent
         self._maintain_if_due()
         try:
             enc.record_usage()  # values per key version; rotates at encryption.rotate_after_values
@@ -216,7 +226,7 @@ class CommitWriter:
             # Appended by append_runs_row(): the job books the commit without waiting for the
             # informational runs table.
             self._runs_row = dict(**record, ended_at=ended_at, **totals.runs_fields())
-        return CommitReport(totals, time.monotonic() - t0, ended_at, published)
+        return CommitReport(totals, time.monotonic() - t0, ended_at, published, publish_error)
 
     def _window_dead_through(self, positions: dict) -> pa.Table | None:
         """The repair windows' dead letters this commit's positions now cover (taken out of the

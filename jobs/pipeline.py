@@ -432,6 +432,8 @@ class PipelineJob:
             "commit %d: %d ok, %d dead, positions %s in %.0f ms",
             self.stats.commits, report.totals.rows_ok, report.totals.rows_dead, tag.positions, report.commit_s * 1e3,
         )  # fmt: skip
+        if report.publish_error is not None:  # booked above: the commit is in the tables
+            raise report.publish_error
 
     def _commit_all(self, deadline: float | None = None) -> None:
         """Commit everything the ledger can commit, and wait until it has landed (until the

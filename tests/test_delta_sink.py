@@ -10,7 +10,7 @@ from deltalake import DeltaTable, write_deltalake
 
 from compute.prompts import dead_letter_table
 from connectors.delta import DeltaSink, txn_app_id
-from schemas.errors import PartitionFencedError, SinkSchemaError
+from schemas.errors import PartitionFencedError, SinkError, SinkSchemaError
 from schemas.records import RESULTS_SCHEMA
 from tests.conftest import results_table
 
@@ -594,3 +594,45 @@ def test_a_store_error_opening_the_tables_is_retried_like_a_write(tmp_path, monk
     Flaky.left = 3
     with pytest.raises(SinkError, match=r"reading the results table .* failed 3 times .*503 Slow Down"):
         sink_().open()
+
+
+class _TopicThatFails:
+    """sink.topic's publisher with a broker that refuses the publish after the commit."""
+
+    topic = "out"
+
+    def publish(self, results, dead, positions, also_dead=None):
+        raise SinkError("publishing to topic 'out' failed: KafkaTimeoutError")
+
+
+def test_a_publish_that_fails_after_the_commit_still_reports_the_commit(tmp_path):
+    """sink.topic publishes after the Delta commit. When the publish fails, the commit has landed:
+    the writer reports it with its totals and the error, and the driver books it, then stops with
+    the error (before stop 46 the report was lost with the exception: the failed run's totals,
+    positions and runs rows left the commit out)."""
+    from unittest import mock
+
+    from actors.writer import CommitWriter
+    from jobs.pipeline import CommitTag, PipelineJob
+    from jobs.stats import JobStats
+
+    writer = CommitWriter(writer_spec(tmp_path))
+    writer.open()
+    writer.resume([TP0])
+    writer.topic = _TopicThatFails()
+    report = writer.write_tables(results([0, 1, 2]), dead([3]), {TP0: 3}, None)
+    assert isinstance(report.publish_error, SinkError)
+    assert (report.totals.rows_ok, report.totals.rows_dead) == (3, 1)
+    assert DeltaTable(str(tmp_path / "res")).transaction_version(txn_app_id("job", TP0)) == 3
+
+    # The driver's side (PipelineJob._land_commit, its collaborators stubbed): booked, then raised.
+    driver = mock.MagicMock()
+    driver._skip, driver._committed, driver.progress = {}, {}, None
+    driver.stats = JobStats("r")
+    driver.writer.finished.return_value = (CommitTag(1, 4, {TP0: 3}, {TP0: 3}), report)
+    with pytest.raises(SinkError, match="KafkaTimeoutError"):
+        PipelineJob._land_commit(driver)
+    assert (driver.stats.ok, driver.stats.dead_lettered, driver.stats.commits) == (3, 1, 1)
+    driver.source.committed.assert_called_once_with({TP0: 3})
+    driver.writer.append_runs_row.assert_called_once()
+    assert driver._committed == {TP0: 3}
