@@ -636,3 +636,25 @@ def test_a_publish_that_fails_after_the_commit_still_reports_the_commit(tmp_path
     driver.source.committed.assert_called_once_with({TP0: 3})
     driver.writer.append_runs_row.assert_called_once()
     assert driver._committed == {TP0: 3}
+
+
+def test_a_commit_still_at_the_writer_after_the_shutdown_deadline_is_booked_in_the_run():
+    """The shutdown's deadline can pass while a commit is at the writer: it lands anyway, and the
+    run's record must count it (before stop 46 nothing booked it after the deadline)."""
+    from unittest import mock
+
+    from actors.writer import CommitReport
+    from compute.totals import CommitTotals
+    from jobs.pipeline import CommitTag, PipelineJob
+    from jobs.stats import JobStats
+
+    driver = mock.MagicMock()
+    driver._skip, driver._committed, driver.progress, driver._ready = {}, {}, None, None
+    driver.stats = JobStats("r")
+    driver._land_commit = lambda timeout_s=0.0: PipelineJob._land_commit(driver, timeout_s)
+    totals = CommitTotals.of(results([0, 1]), dead([]), {TP0: 1}, None)
+    landed = (CommitTag(1, 2, {TP0: 1}, {TP0: 1}), CommitReport(totals, 0.1, None))
+    driver.writer.busy = True
+    driver.writer.finished.side_effect = lambda timeout_s, ready: landed if timeout_s >= 1 else None
+    PipelineJob._land_last_commit(driver)
+    assert driver.stats.commits == 1 and driver.stats.ok == 2 and driver._committed == {TP0: 1}
