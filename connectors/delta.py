@@ -51,6 +51,9 @@ def txn_app_id(job_name: str, tp: TopicPartition, source_kind: str = "kafka") ->
 # (every delta.checkpointInterval commits: sink.maintenance.checkpoint_interval), or after this
 # many commits through it when checkpoints are rarer (bench/delta_commits.py, docs/performance.md).
 REOPEN_AFTER_COMMITS = 100
+# The commitInfo field where an append records its write marker (DeltaSink._write_marker): how a
+# write whose answer was lost is recognised as landed.
+WRITE_MARKER_KEY = "tidegate.write"
 
 # delta-rs's post-commit hook, left to its default, searches the log for expired files after *every*
 # commit, listing the whole `_delta_log` (on a local disk: a stat of every file in it) even when
@@ -85,7 +88,7 @@ class _Table:
         self.defer_checkpoints = False
         self.checkpoint_due = False
         self._cleaned_at: int | None = None  # self._appends at write_checkpoint's last log cleanup
-        self._version_before_write = 0  # the handle's version when the last append began
+        self.version_before_write = 0  # the handle's version when the last append began
 
     def open(self, refresh: bool = True) -> DeltaTable:
         """The table's handle, brought up to its latest version unless `refresh` is False (an append
@@ -171,19 +174,22 @@ class _Table:
             tp[0].replace("'", "''"), int(tp[1]), int(low), int(high))  # fmt: skip
         return pa.table(QueryBuilder().register("t", self.open()).execute(f"SELECT {columns} FROM t WHERE {where}").read_all())
 
-    def append(self, rows: pa.Table, txns: list[Transaction], refresh: bool = True) -> None:
+    def append(self, rows: pa.Table, txns: list[Transaction], refresh: bool = True, marker: str | None = None) -> None:
         """One commit of `rows`. `refresh=False`: a blind append (rows no source position covers),
-        written on the handle as it is; a commit it did not see still fails a conflicting one."""
+        written on the handle as it is; a commit it did not see still fails a conflicting one.
+        `marker`: recorded in the commit's commitInfo (WRITE_MARKER_KEY), where marked() finds it."""
         if "processed_date" in self.schema.names and "processed_date" not in rows.column_names:
             rows = rows.append_column("processed_date", pc.cast(rows.column("processed_at"), pa.date32()))
         clean_log = self._appends % LOG_CLEANUP_EVERY_COMMITS == 0
         dt = self.open(refresh=refresh)
-        self._version_before_write = dt.version()
+        self.version_before_write = dt.version()
         write_deltalake(
             dt,
             self._as_table_rows(dt, rows.select(self.schema.names).cast(self.schema)),
             mode="append",
-            commit_properties=CommitProperties(app_transactions=txns),
+            commit_properties=CommitProperties(
+                app_transactions=txns, custom_metadata={WRITE_MARKER_KEY: marker} if marker else None
+            ),
             writer_properties=self.writer_properties,
             # None: the table's delta.enableExpiredLogCleanup decides (delta-rs's default)
             # deferred checkpoints: write_checkpoint cleans up after them
@@ -214,12 +220,22 @@ class _Table:
             rows = rows.append_column(f, pa.nulls(rows.num_rows, f.type))
         return rows.select(table.names)
 
+    def marked(self, marker: str, since: int) -> bool:
+        """Whether a commit after version `since` carries `marker` in its commitInfo (a fresh
+        handle: one listing of the log, then the commits since `since`, newest first)."""
+        self._dt = None  # reopen: the cached snapshot may be the failed write's
+        dt = self.open()
+        newer = dt.version() - since
+        if newer <= 0:
+            return False
+        return any(c.get(WRITE_MARKER_KEY) == marker for c in dt.history(newer) if c.get("version", since + 1) > since)
+
     def landed(self) -> None:
         """The last append landed though its answer was lost (found by its marker, on a handle
         loaded again): counted as append counts it, and with deferred checkpoints, one is due if a
         checkpoint version passed since that append began (append would have marked it; at worst
         this writes one more checkpoint than delta-rs would)."""
-        self._counted(self._version_before_write, self._dt.version() if self._dt is not None else 0)
+        self._counted(self.version_before_write, self._dt.version() if self._dt is not None else 0)
 
     def _counted(self, low: int, high: int) -> None:
         """An append of ours landed at a version in (low, high]: counted, and with deferred
@@ -506,7 +522,8 @@ class DeltaSink:
         window); the partitions are fenced if their positions moved to anything else (another
         writer took over while we waited); only otherwise is it written again. A table that
         cannot be read either is never written blind: after sink.write_attempts the job stops."""
-        txns = [*txns, self._write_marker()]
+        marker = self._write_marker()
+        since: int | None = None  # the table's version before this write's first try
         expected = self._results_pos if table is self.results else self._dl_pos
         wait = self.write_backoff_s
         last: BaseException | None = None
@@ -517,7 +534,7 @@ class DeltaSink:
                 time.sleep(wait)
                 wait *= 2
                 try:
-                    if self._landed_or_fenced(table, txns, expected, positions):
+                    if self._landed_or_fenced(table, txns, marker, since, expected, positions):
                         log.warning("%s table write: the answer was lost, but the commit had landed", table.role)
                         table.landed()
                         return
@@ -527,16 +544,17 @@ class DeltaSink:
                     last = e
                     continue
             try:
-                self._write(table, rows, txns, refresh)
+                self._write(table, rows, txns, refresh, marker)
                 return
             except CommitFailedError as e:
+                since = table.version_before_write if since is None else since
                 seen = self._carried_versions(table, txns)  # as this write's handle saw them (no I/O)
                 # A concurrent commit of the same application transaction: someone else owns it now.
                 # Unless it was this write's own (an object store's conditional PUT retried inside
                 # delta-rs after its answer was lost: the second try finds the first's commit):
                 # then its marker is there, and the write is done, not fenced.
                 try:
-                    if self._landed_or_fenced(table, txns, expected, positions):
+                    if self._landed_or_fenced(table, txns, marker, since, expected, positions):
                         log.warning("%s table write: a conflict with its own landed commit", table.role)
                         table.landed()
                         return
@@ -555,14 +573,16 @@ class DeltaSink:
                     f"concurrent commit to the {table.role} table for these partitions: {_first_line(e)}", list(positions)
                 ) from None
             except (OSError, DeltaError) as e:  # the store failed (network, throttling, ...)
+                since = table.version_before_write if since is None else since
                 last = e
         raise SinkError(
             f"writing the {table.role} table {table.uri} failed {self.write_attempts} times "
             f"(sink.write_attempts={self.write_attempts}); last error: {_first_line(last)}"
         ) from None
 
-    def _write(self, table: _Table, rows: pa.Table, txns: list[Transaction], refresh: bool = True) -> None:
-        table.append(rows, txns, refresh)
+    def _write(self, table: _Table, rows: pa.Table, txns: list[Transaction], refresh: bool = True,
+               marker: str | None = None) -> None:  # fmt: skip
+        table.append(rows, txns, refresh, marker)
 
     def _read(self, table: _Table, read):
         """A read the commit protocol needs (positions, the fence), retried on store errors (an
@@ -580,22 +600,27 @@ class DeltaSink:
                 time.sleep(wait)
                 wait *= 2
 
-    def _write_marker(self) -> Transaction:
-        """appId tidegate/<job>/write/<id of this writer process's sink>, version = its write count."""
+    def _write_marker(self) -> str:
+        """<id of this writer process's sink>/<its write count>: recorded in the write's commitInfo
+        (WRITE_MARKER_KEY), not as an application transaction. Before stop 46 it was a transaction
+        (tidegate/<job>/write/<id>), and every process that ever wrote a table (each run, restarted
+        writer, replica, replay) left one in the table's state for good: every checkpoint and every
+        load carried them all (Delta has no way to remove one; its transaction retention would
+        expire quiet partitions' positions too). A table written before keeps the ones it has."""
         if self._writer_id is None:  # per process: a restarted writer gets a new one
             self._writer_id = uuid.uuid4().hex
         self._writes += 1
-        return Transaction(f"tidegate/{self.job_name}/write/{self._writer_id}", self._writes)
+        return f"{self._writer_id}/{self._writes}"
 
     @staticmethod
     def _carried_versions(table: _Table, txns: list[Transaction]) -> dict | None:
-        """The versions of the transactions a write carries (but its marker) in the handle it was
-        written on; None without one."""
+        """The versions of the transactions a write carries in the handle it was written on; None
+        without one."""
         dt = table._dt
         if dt is None:
             return None
         try:
-            return {t.app_id: dt.transaction_version(t.app_id) for t in txns[:-1]}
+            return {t.app_id: dt.transaction_version(t.app_id) for t in txns}
         except (OSError, DeltaError):
             return None
 
@@ -608,7 +633,8 @@ class DeltaSink:
         except (OSError, DeltaError):
             return False
 
-    def _landed_or_fenced(self, table: _Table, txns: list[Transaction], expected, positions) -> bool:
+    def _landed_or_fenced(self, table: _Table, txns: list[Transaction], marker: str, since: int | None, expected,
+                          positions) -> bool:  # fmt: skip
         """True if this write (its marker) is in the table; raises PartitionFencedError if a
         position is not the one before this write; False: not landed, safe to write again. Store
         errors propagate (cannot tell).
@@ -617,12 +643,10 @@ class DeltaSink:
         write's own target was put there by another writer (it took the partition over and
         committed up to the same offset, the usual end on a quiet partition): fenced. Before
         stop 44 that counted as "not moved" and the rows were written a second time."""
-        table._dt = None  # reopen: the cached snapshot may be the failed write's
-        marker, position_txns = txns[-1], txns[:-1]
-        have = table.txn_versions([t.app_id for t in txns])
-        if have.get(marker.app_id) == marker.version:
+        if table.marked(marker, table.version_before_write if since is None else since):
             return True
-        moved = [tp for tp, t in zip(positions, position_txns) if have.get(t.app_id) != expected.get(tp)]
+        have = table.txn_versions([t.app_id for t in txns])
+        moved = [tp for tp, t in zip(positions, txns) if have.get(t.app_id) != expected.get(tp)]
         if moved:
             raise PartitionFencedError(
                 f"positions of {moved} moved under this job while a {table.role} write was retried", moved

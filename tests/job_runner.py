@@ -72,15 +72,15 @@ def flaky_sink(spec, failures: int | None) -> DeltaSink:
     class FlakyDeltaSink(DeltaSink):
         failed = 0
 
-        def _write(self, table, rows, txns, refresh=True):
+        def _write(self, table, rows, txns, refresh=True, marker=None):
             if failures is None:
                 raise OSError("injected store failure (the store is down)")
             if self.failed < failures:
                 self.failed += 1
                 if self.failed % 2 == 0:
-                    super()._write(table, rows, txns, refresh)  # landed, but the answer is lost
+                    super()._write(table, rows, txns, refresh, marker)  # landed, but the answer is lost
                 raise OSError(f"injected store failure {self.failed} of {failures}")
-            super()._write(table, rows, txns, refresh)
+            super()._write(table, rows, txns, refresh, marker)
 
     return FlakyDeltaSink.from_spec(spec)
 

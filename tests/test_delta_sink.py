@@ -658,3 +658,29 @@ def test_a_commit_still_at_the_writer_after_the_shutdown_deadline_is_booked_in_t
     driver.writer.finished.side_effect = lambda timeout_s, ready: landed if timeout_s >= 1 else None
     PipelineJob._land_last_commit(driver)
     assert driver.stats.commits == 1 and driver.stats.ok == 2 and driver._committed == {TP0: 1}
+
+
+def test_write_markers_live_in_commit_info_not_in_the_tables_transactions(tmp_path):
+    """Every writer process (a run, a restarted writer, an online replica) marks its appends, to
+    recognise one whose answer was lost. Before stop 46 each marker was an application
+    transaction of its own, kept in the table's state for good: every checkpoint and load carried
+    one per process that ever wrote. Now the table's transactions are its positions only."""
+    import json
+    import os
+
+    for run, offset in enumerate(range(3)):  # three runs of the job, one after the other
+        sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {})
+        sink.open()
+        sink.load_positions([TP0])
+        sink.commit(results([offset]), dead([]), {TP0: offset})
+        sink.append_unpositioned(results([100 + run]), dead([]))
+    apps, marked = set(), 0
+    log_dir = tmp_path / "res" / "_delta_log"
+    for name in sorted(os.listdir(log_dir)):
+        if name.endswith(".json"):
+            for line in (log_dir / name).read_text().splitlines():
+                action = json.loads(line)
+                apps |= {action["txn"]["appId"]} if "txn" in action else set()
+                marked += "tidegate.write" in action.get("commitInfo", {})
+    assert apps == {txn_app_id("job", TP0)}
+    assert marked == 6  # every append carries its marker, in its commitInfo
