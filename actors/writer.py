@@ -40,7 +40,7 @@ from connectors.maintenance import maintenance_round
 from connectors.results_topic import ResultsTopic
 from connectors.sink import Sink, adopt_stored_twin, open_sink
 from crypto.stage import EncryptionStage
-from schemas.errors import SinkError, SpecError, StageError
+from schemas.errors import PartitionFencedError, SinkError, SpecError, StageError
 from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA
 from schemas.spec import JobSpec
 
@@ -196,12 +196,14 @@ class CommitWriter:
             self._marks = {}
         try:
             self.sink.commit(results, dead, positions)
-        except BaseException:
-            # Kept for the next commit, per partition: a fenced partition's are dropped by forget()
-            # (before stop 46 they stayed staged in the sink and rode on this writer's next commit,
-            # moving back the marks of the partition's new owner).
+        except BaseException as e:
+            # Kept for the next commit, per partition, but a fenced partition's: another writer
+            # owns it now (before stop 46 they stayed staged in the sink and rode on this writer's
+            # next commit, moving the new owner's marks back).
+            fenced = {tuple(tp) for tp in e.partitions} if isinstance(e, PartitionFencedError) else set()
             for tp, named in staged.items():
-                self._marks.setdefault(tp, {}).update(named)
+                if tuple(tp) not in fenced:
+                    self._marks.setdefault(tp, {}).update(named)
             raise
         ended_at = datetime.now(timezone.utc)
         published, self._published = self._published, 0

@@ -88,7 +88,9 @@ class _Table:
         self.defer_checkpoints = False
         self.checkpoint_due = False
         self._cleaned_at: int | None = None  # self._appends at write_checkpoint's last log cleanup
-        self.version_before_write = 0  # the handle's version when the last append began
+        # The handle's version when the last append's write began; None while an append has not
+        # got that far (nothing of it can have landed).
+        self.version_before_write: int | None = None
 
     def open(self, refresh: bool = True) -> DeltaTable:
         """The table's handle, brought up to its latest version unless `refresh` is False (an append
@@ -181,6 +183,7 @@ class _Table:
         if "processed_date" in self.schema.names and "processed_date" not in rows.column_names:
             rows = rows.append_column("processed_date", pc.cast(rows.column("processed_at"), pa.date32()))
         clean_log = self._appends % LOG_CLEANUP_EVERY_COMMITS == 0
+        self.version_before_write = None
         dt = self.open(refresh=refresh)
         self.version_before_write = dt.version()
         write_deltalake(
@@ -222,20 +225,22 @@ class _Table:
 
     def marked(self, marker: str, since: int) -> bool:
         """Whether a commit after version `since` carries `marker` in its commitInfo (a fresh
-        handle: one listing of the log, then the commits since `since`, newest first)."""
+        handle: one listing of the log, then the commits since `since`). Every commit history()
+        lists is looked at, not only those its version labels put after `since`: it labels them
+        counting down from the handle's version, and lists the commits that landed after the
+        handle was loaded too, so with another writer's commit in between the labels are off
+        (the review of this change found this write's own commit dropped by such a filter)."""
         self._dt = None  # reopen: the cached snapshot may be the failed write's
         dt = self.open()
         newer = dt.version() - since
-        if newer <= 0:
-            return False
-        return any(c.get(WRITE_MARKER_KEY) == marker for c in dt.history(newer) if c.get("version", since + 1) > since)
+        return newer > 0 and any(c.get(WRITE_MARKER_KEY) == marker for c in dt.history(newer))
 
-    def landed(self) -> None:
+    def landed(self, since: int) -> None:
         """The last append landed though its answer was lost (found by its marker, on a handle
-        loaded again): counted as append counts it, and with deferred checkpoints, one is due if a
-        checkpoint version passed since that append began (append would have marked it; at worst
-        this writes one more checkpoint than delta-rs would)."""
-        self._counted(self.version_before_write, self._dt.version() if self._dt is not None else 0)
+        loaded again, after version `since`): counted as append counts it, and with deferred
+        checkpoints, one is due if a checkpoint version passed since that append began (append
+        would have marked it; at worst this writes one more checkpoint than delta-rs would)."""
+        self._counted(since, self._dt.version() if self._dt is not None else since)
 
     def _counted(self, low: int, high: int) -> None:
         """An append of ours landed at a version in (low, high]: counted, and with deferred
@@ -517,13 +522,22 @@ class DeltaSink:
         """One table's commit, retried on store errors (OSError, DeltaError) with backoff.
 
         A try whose answer was lost may have landed, so before each new try the table is read
-        again: the write is over if this write's marker transaction is there (`_write_marker`:
+        again: the write is over if a commit since it began carries its marker (`_write_marker`:
         the positions alone cannot tell, a dead-letter position may not move in a repair
         window); the partitions are fenced if their positions moved to anything else (another
         writer took over while we waited); only otherwise is it written again. A table that
         cannot be read either is never written blind: after sink.write_attempts the job stops."""
-        marker = self._write_marker()
-        since: int | None = None  # the table's version before this write's first try
+        writer_id, count = self._write_marker()
+        marker = f"{writer_id}/{count}"
+        if not txns:
+            # No transaction rides on this write (an online replica's audit append without a
+            # journal): its marker is one too, or an object store's conditional PUT retried inside
+            # delta-rs after its answer was lost would meet the write's own commit, conflict with
+            # nothing in it and land the rows a second time (delta-rs rebases such an append; the
+            # review of stop 46's change found it). One such id per writer process stays in the
+            # table's state (docs/exactly-once.md).
+            txns = [Transaction(f"tidegate/{self.job_name}/write/{writer_id}", count)]
+        since: int | None = None  # the table's version before this write's first try that got to writing
         expected = self._results_pos if table is self.results else self._dl_pos
         wait = self.write_backoff_s
         last: BaseException | None = None
@@ -536,7 +550,7 @@ class DeltaSink:
                 try:
                     if self._landed_or_fenced(table, txns, marker, since, expected, positions):
                         log.warning("%s table write: the answer was lost, but the commit had landed", table.role)
-                        table.landed()
+                        table.landed(since)
                         return
                 except PartitionFencedError:
                     raise
@@ -556,7 +570,7 @@ class DeltaSink:
                 try:
                     if self._landed_or_fenced(table, txns, marker, since, expected, positions):
                         log.warning("%s table write: a conflict with its own landed commit", table.role)
-                        table.landed()
+                        table.landed(since)
                         return
                 except (OSError, DeltaError):
                     pass  # cannot tell: fenced, as before (the next owner's positions decide)
@@ -600,17 +614,18 @@ class DeltaSink:
                 time.sleep(wait)
                 wait *= 2
 
-    def _write_marker(self) -> str:
-        """<id of this writer process's sink>/<its write count>: recorded in the write's commitInfo
-        (WRITE_MARKER_KEY), not as an application transaction. Before stop 46 it was a transaction
-        (tidegate/<job>/write/<id>), and every process that ever wrote a table (each run, restarted
-        writer, replica, replay) left one in the table's state for good: every checkpoint and every
-        load carried them all (Delta has no way to remove one; its transaction retention would
-        expire quiet partitions' positions too). A table written before keeps the ones it has."""
+    def _write_marker(self) -> tuple[str, int]:
+        """(id of this writer process's sink, its write count): "<id>/<count>" is recorded in the
+        write's commitInfo (WRITE_MARKER_KEY). Before stop 46 every write carried it as an
+        application transaction (tidegate/<job>/write/<id>), and every process that ever wrote a
+        table (each run, restarted writer, replica, replay) left one in the table's state for good:
+        every checkpoint and every load carried them all (Delta has no way to remove one; its
+        transaction retention would expire quiet partitions' positions too). Now only a write that
+        carries no other transaction does (_append says why). A table written before keeps its."""
         if self._writer_id is None:  # per process: a restarted writer gets a new one
             self._writer_id = uuid.uuid4().hex
         self._writes += 1
-        return f"{self._writer_id}/{self._writes}"
+        return self._writer_id, self._writes
 
     @staticmethod
     def _carried_versions(table: _Table, txns: list[Transaction]) -> dict | None:
@@ -643,7 +658,7 @@ class DeltaSink:
         write's own target was put there by another writer (it took the partition over and
         committed up to the same offset, the usual end on a quiet partition): fenced. Before
         stop 44 that counted as "not moved" and the rows were written a second time."""
-        if table.marked(marker, table.version_before_write if since is None else since):
+        if since is not None and table.marked(marker, since):  # (None: no try got as far as writing)
             return True
         have = table.txn_versions([t.app_id for t in txns])
         moved = [tp for tp, t in zip(positions, txns) if have.get(t.app_id) != expected.get(tp)]

@@ -310,7 +310,7 @@ def test_a_fenced_commit_leaves_no_topic_marks_to_ride_on_the_next_commit(tmp_pa
     writer._marks = {TP0: {"mark/t/0": 3}, TP1: {"mark/t/1": 5}}  # what this writer published before
     with pytest.raises(PartitionFencedError):
         writer.write_tables(results([0, 1]), dead([]), {TP0: 1, TP1: 0}, None)
-    writer.forget([TP0])  # the job's recovery from the fence
+    # (the job's recovery forgets TP0; a fence met while finishing a revoke may not: not needed)
     writer.write_tables(results([0], partition=1), dead([]), {TP1: 0}, None)
     table = DeltaTable(str(tmp_path / "res"))
     assert table.transaction_version("mark/t/0") == 7  # the new owner's, not moved back to 3
@@ -664,7 +664,9 @@ def test_write_markers_live_in_commit_info_not_in_the_tables_transactions(tmp_pa
     """Every writer process (a run, a restarted writer, an online replica) marks its appends, to
     recognise one whose answer was lost. Before stop 46 each marker was an application
     transaction of its own, kept in the table's state for good: every checkpoint and load carried
-    one per process that ever wrote. Now the table's transactions are its positions only."""
+    one per process that ever wrote. Now a commit's marker is in its commitInfo, and only an
+    append that carries no other transaction (an audit append without a journal) still makes its
+    marker a transaction too: one per process, not per write."""
     import json
     import os
 
@@ -674,6 +676,7 @@ def test_write_markers_live_in_commit_info_not_in_the_tables_transactions(tmp_pa
         sink.load_positions([TP0])
         sink.commit(results([offset]), dead([]), {TP0: offset})
         sink.append_unpositioned(results([100 + run]), dead([]))
+        sink.append_unpositioned(results([200 + run]), dead([]))
     apps, marked = set(), 0
     log_dir = tmp_path / "res" / "_delta_log"
     for name in sorted(os.listdir(log_dir)):
@@ -682,5 +685,62 @@ def test_write_markers_live_in_commit_info_not_in_the_tables_transactions(tmp_pa
                 action = json.loads(line)
                 apps |= {action["txn"]["appId"]} if "txn" in action else set()
                 marked += "tidegate.write" in action.get("commitInfo", {})
-    assert apps == {txn_app_id("job", TP0)}
-    assert marked == 6  # every append carries its marker, in its commitInfo
+    assert txn_app_id("job", TP0) in apps
+    assert len([a for a in apps if a.startswith("tidegate/job/write/")]) == 3  # one per process, not per write
+    assert len(apps) == 4
+    assert marked == 9  # every append carries its marker, in its commitInfo
+
+
+def test_a_lost_answer_is_found_when_another_writer_commits_during_the_check(tmp_path, monkeypatch):
+    """The check for a write whose answer was lost reads the log and the commits since the write
+    began; another writer's commit landing between the two (online replicas append all the time)
+    must not hide the write's own commit (the review of stop 46's first cut: history() labels the
+    commits it lists counting down from the handle's version, so a filter on those labels
+    dropped it, and the audit rows were written twice)."""
+    import connectors.delta as delta
+
+    sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}, write_backoff_s=0.01)
+    sink.open()
+    real_write, real_open, lose, intrude = delta.write_deltalake, delta._Table.open, [1], [1]
+
+    def write_deltalake(*a, **kw):
+        real_write(*a, **kw)
+        if lose:
+            lose.pop()
+            raise OSError("injected: the store's answer was lost")
+
+    def open_(self, refresh=True):
+        dt = real_open(self, refresh)
+        if intrude and not lose and self is sink.results:  # the check's fresh handle is loaded: another replica appends
+            intrude.pop()
+            real_write(str(tmp_path / "res"), results([999]).select(dt.schema().to_arrow().names)
+                       .cast(pa.schema(dt.schema().to_arrow())), mode="append")  # fmt: skip
+        return dt
+
+    monkeypatch.setattr(delta, "write_deltalake", write_deltalake)
+    monkeypatch.setattr(delta._Table, "open", open_)
+    sink.append_unpositioned(results([7]), dead([]))
+    offsets = pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list()
+    assert sorted(offsets) == [7, 999] and not intrude  # once, and the other writer did commit in between
+
+
+def test_a_blind_append_retried_inside_delta_rs_after_its_own_commit_is_not_written_twice(tmp_path, monkeypatch):
+    """An object store's conditional PUT whose answer was lost is retried inside delta-rs: the
+    retry meets the write's own commit. An append that carries no transaction (an online
+    replica's audit without a journal) must conflict with it, not be rebased and land again."""
+    import connectors.delta as delta
+
+    sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}, write_backoff_s=0.01)
+    sink.open()
+    real, retried = delta.write_deltalake, []
+
+    def write_deltalake(table_or_uri, *a, **kw):
+        stale = DeltaTable(table_or_uri.table_uri, version=table_or_uri.version())
+        real(table_or_uri, *a, **kw)  # landed; its answer lost, and the PUT tried again:
+        if not retried:
+            retried.append(1)
+            real(stale, *a, **kw)  # as delta-rs's own retry would, from the version before
+
+    monkeypatch.setattr(delta, "write_deltalake", write_deltalake)
+    sink.append_unpositioned(results([7]), dead([]))
+    assert retried and pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list() == [7]
