@@ -43,6 +43,10 @@ _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.
 # 13-19 digits, optionally grouped by single spaces or dashes. Not dots: a dot anywhere would take
 # in decimals (3.14159265358979, one in ten of which passes Luhn), and a second pattern for four
 # dotted groups of four doubled the cost of every text with 9 digits in a row (measured, stop 46).
+# Endings of file names that no top-level domain has: "logo@2x.png" (a retina image) is a file, not
+# an address (an email before stop 46).
+_FILE_SUFFIXES = frozenset("png jpg jpeg gif svg webp bmp tif tiff ico heic pdf css scss html htm json yaml yml "
+                           "txt csv tsv js mjs ts tsx jsx ipynb".split())  # fmt: skip
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 _SSN = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])")
@@ -282,7 +286,8 @@ def _find(text: str, kinds: frozenset[str] | None) -> list[PiiSpan]:
     want = kinds or frozenset(KINDS)
     found: list[PiiSpan] = []
     if "email" in want and "@" in text:
-        found += [PiiSpan("email", m.start(), m.end()) for m in _EMAIL.finditer(text)]
+        found += [PiiSpan("email", m.start(), m.end()) for m in _EMAIL.finditer(text)
+                  if m.group().rpartition(".")[2].lower() not in _FILE_SUFFIXES]  # fmt: skip
     if _GATE_DIGITS.search(text):
         if "card" in want:
             found += [PiiSpan("card", *span) for m in _CARD.finditer(text) if (span := _card_span(text, m))]

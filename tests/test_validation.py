@@ -75,6 +75,8 @@ def check(spec, output: str, **cand) -> RuleResult:
         # ... and not lists of pairs, zero-padded ids, or pairs after a slash (review of stop 46's first cut):
         ("draw 05 12 23 34 45; 01 02 03 04 05; 03.12.25.33.41; SKU 00123-456789; zip 02139-123456", []),
         ("week 05/06 07 08 09 10; order 01234-567-890; price 01234.567890; hex 08 00 45 00 00", []),
+        # ... a retina image's file name is not an email (one before stop 46); a .py address is one ...
+        ("use logo@2x.png, icon@3x.jpg and theme@dark.css; mail jo@empresa.com.py", ["email"]),
         # ... and the phones' near misses: a date and a time, mixed separators, pi, five dotted groups.
         ("on 01.02.2024 10 30 (06 12 34.56 78), pi 3.14159265358979, v 1111.1111.1111.1111.1111", []),
     ],
