@@ -658,6 +658,7 @@ class DeltaSink:
         write's own target was put there by another writer (it took the partition over and
         committed up to the same offset, the usual end on a quiet partition): fenced. Before
         stop 44 that counted as "not moved" and the rows were written a second time."""
+        table._dt = None  # reopen: the cached snapshot may be the failed write's
         if since is not None and table.marked(marker, since):  # (None: no try got as far as writing)
             return True
         have = table.txn_versions([t.app_id for t in txns])
