@@ -40,13 +40,13 @@ class PiiSpan:
 
 
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}\b")
-# 13-19 digits, optionally grouped by single spaces or dashes. Not dots: a dot anywhere would take
-# in decimals (3.14159265358979, one in ten of which passes Luhn), and a second pattern for four
-# dotted groups of four doubled the cost of every text with 9 digits in a row (measured, stop 46).
 # Endings of file names that no top-level domain has: "logo@2x.png" (a retina image) is a file, not
 # an address (an email before stop 46).
 _FILE_SUFFIXES = frozenset("png jpg jpeg gif svg webp bmp tif tiff ico heic pdf css scss html htm json yaml yml "
                            "txt csv tsv js mjs ts tsx jsx ipynb".split())  # fmt: skip
+# 13-19 digits, optionally grouped by single spaces or dashes. Not dots: a dot anywhere would take
+# in decimals (3.14159265358979, one in ten of which passes Luhn), and a second pattern for four
+# dotted groups of four doubled the cost of every text with 9 digits in a row (measured, stop 46).
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b")
 _SSN = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])")
@@ -194,11 +194,11 @@ def _shown_otherwise(nfkc_normal: bool, astral: bool) -> re.Pattern:
     once per process (~0.1 s, on the first text that is not ASCII), and, for a text with characters
     beyond it, the _ASTRAL blocks (a class with ranges past U+FFFF is scanned range by range, about
     3 times slower); for an NFKC-normal text (most text: a C-level check), only those NFKC leaves as
-    they are (invisible characters, dashes, the braille blank). Not
-    Unicode's property classes: the `regex` library scans a text with those about 5 times slower
-    than `re` with plain ranges, and a change into nothing a detector reads (the full-width
-    punctuation of Chinese and Japanese prose, ，！（）) is not one to make at all: each was a
-    Python step in the review of stop 46's first cut (Chinese prose 8 times slower)."""
+    they are (invisible characters, dashes, the braille blank). Not Unicode's property classes:
+    the `regex` library scans a text with those about 5 times slower than `re` with plain ranges.
+    And a change into nothing a detector reads (the full-width punctuation of Chinese and
+    Japanese prose, ，！（）) is not made at all: each was a Python step in the review of stop
+    46's first cut (Chinese prose 8 times slower)."""
     ranges: list[list[int]] = []
     for c in range(0x10000):
         ch = chr(c)
