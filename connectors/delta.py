@@ -529,6 +529,7 @@ class DeltaSink:
         cannot be read either is never written blind: after sink.write_attempts the job stops."""
         writer_id, count = self._write_marker()
         marker = f"{writer_id}/{count}"
+        marker_txn = None
         if not txns:
             # No transaction rides on this write (an online replica's audit append without a
             # journal): its marker is one too, or an object store's conditional PUT retried inside
@@ -536,7 +537,8 @@ class DeltaSink:
             # nothing in it and land the rows a second time (delta-rs rebases such an append; the
             # review of stop 46's change found it). One such id per writer process stays in the
             # table's state (docs/exactly-once.md).
-            txns = [Transaction(f"tidegate/{self.job_name}/write/{writer_id}", count)]
+            marker_txn = Transaction(f"tidegate/{self.job_name}/write/{writer_id}", count)
+            txns = [marker_txn]
         since: int | None = None  # the table's version before this write's first try that got to writing
         expected = self._results_pos if table is self.results else self._dl_pos
         wait = self.write_backoff_s
@@ -548,7 +550,7 @@ class DeltaSink:
                 time.sleep(wait)
                 wait *= 2
                 try:
-                    if self._landed_or_fenced(table, txns, marker, since, expected, positions):
+                    if self._landed_or_fenced(table, txns, marker, marker_txn, since, expected, positions):
                         log.warning("%s table write: the answer was lost, but the commit had landed", table.role)
                         table.landed(since)
                         return
@@ -568,7 +570,7 @@ class DeltaSink:
                 # delta-rs after its answer was lost: the second try finds the first's commit):
                 # then its marker is there, and the write is done, not fenced.
                 try:
-                    if self._landed_or_fenced(table, txns, marker, since, expected, positions):
+                    if self._landed_or_fenced(table, txns, marker, marker_txn, since, expected, positions):
                         log.warning("%s table write: a conflict with its own landed commit", table.role)
                         table.landed(since)
                         return
@@ -648,8 +650,8 @@ class DeltaSink:
         except (OSError, DeltaError):
             return False
 
-    def _landed_or_fenced(self, table: _Table, txns: list[Transaction], marker: str, since: int | None, expected,
-                          positions) -> bool:  # fmt: skip
+    def _landed_or_fenced(self, table: _Table, txns: list[Transaction], marker: str, marker_txn: Transaction | None,
+                          since: int | None, expected, positions) -> bool:  # fmt: skip
         """True if this write (its marker) is in the table; raises PartitionFencedError if a
         position is not the one before this write; False: not landed, safe to write again. Store
         errors propagate (cannot tell).
@@ -661,7 +663,13 @@ class DeltaSink:
         table._dt = None  # reopen: the cached snapshot may be the failed write's
         if since is not None and table.marked(marker, since):  # (None: no try got as far as writing)
             return True
-        have = table.txn_versions([t.app_id for t in txns])
+        # The positions on the snapshot marked() listed the log from, not a newer one: a commit of
+        # this write's landing after the listing would show its own positions there, taken for
+        # another writer's (a fence for nothing); on the retry it is a conflict, found then.
+        dt = table.open(refresh=False)
+        have = {t.app_id: dt.transaction_version(t.app_id) for t in txns}
+        if marker_txn is not None and have.get(marker_txn.app_id) == marker_txn.version:
+            return True  # a write that carries only its marker: kept in the table's state (log cleanup cannot hide it)
         moved = [tp for tp, t in zip(positions, txns) if have.get(t.app_id) != expected.get(tp)]
         if moved:
             raise PartitionFencedError(

@@ -744,3 +744,26 @@ def test_a_blind_append_retried_inside_delta_rs_after_its_own_commit_is_not_writ
     monkeypatch.setattr(delta, "write_deltalake", write_deltalake)
     sink.append_unpositioned(results([7]), dead([]))
     assert retried and pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list() == [7]
+
+
+def test_a_markers_only_write_is_found_landed_even_when_its_commit_file_is_gone(tmp_path, monkeypatch):
+    """An append that carries only its marker transaction (an audit append without a journal),
+    its answer lost, checked after log cleanup removed its commit file (retries spanning a short
+    sink.maintenance.log_retention_hours): the transaction is in the table's state, so it is found
+    landed, not written again (the review of stop 46's change)."""
+    import connectors.delta as delta
+
+    sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}, write_backoff_s=0.01)
+    sink.open()
+    real, lose = delta.write_deltalake, [1]
+
+    def write_deltalake(*a, **kw):
+        real(*a, **kw)
+        if lose:
+            lose.pop()
+            raise OSError("injected: the store's answer was lost")
+
+    monkeypatch.setattr(delta, "write_deltalake", write_deltalake)
+    monkeypatch.setattr(delta._Table, "marked", lambda self, marker, since: False)  # its commit file cleaned up
+    sink.append_unpositioned(results([7]), dead([]))
+    assert pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list() == [7]
