@@ -39,6 +39,23 @@ def sink(tmp_path):
     return s
 
 
+class AnswersLost:
+    """Table writes that land and then fail, as a store whose answer was lost: the next `pending`
+    of them raise `error` after landing (add more with `pending.append`). `real` is delta-rs's."""
+
+    def __init__(self, monkeypatch, error: Exception, times: int = 1):
+        import connectors.delta as delta
+
+        self.real, self.error, self.pending = delta.write_deltalake, error, [1] * times
+        monkeypatch.setattr(delta, "write_deltalake", self)
+
+    def __call__(self, *args, **kwargs):
+        self.real(*args, **kwargs)
+        if self.pending:
+            self.pending.pop()
+            raise self.error
+
+
 def test_tables_are_created_empty_with_the_contract_columns(sink, tmp_path):
     res = pl.read_delta(str(tmp_path / "res"))
     dl = pl.read_delta(str(tmp_path / "dl"))
@@ -172,18 +189,10 @@ def test_a_conflict_with_the_writes_own_landed_commit_is_not_a_fence(tmp_path, m
     sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}, write_backoff_s=0.01)
     sink.open()
     sink.load_positions([TP0])
-    real, conflicts = delta.write_deltalake, [1, 1]
-
-    def write_deltalake(*args, **kwargs):
-        real(*args, **kwargs)
-        if conflicts:
-            conflicts.pop()
-            raise CommitFailedError("injected: the retried PUT found the commit already there")
-
-    monkeypatch.setattr(delta, "write_deltalake", write_deltalake)
+    lost = AnswersLost(monkeypatch, CommitFailedError("injected: the retried PUT found the commit already there"), 2)
     sink.commit(results([0, 1]), dead([2]), {TP0: 2})
     sink.append_unpositioned(results([7]), dead([]))  # the audit's kind of write
-    monkeypatch.setattr(delta, "write_deltalake", real)
+    monkeypatch.setattr(delta, "write_deltalake", lost.real)
     assert sorted(pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list()) == [0, 1, 7]
     assert pl.read_delta(str(tmp_path / "dl"))["source_offset"].to_list() == [2]
     sink.commit(results([3]), dead([]), {TP0: 3})  # not fenced: its positions are its own
@@ -427,25 +436,16 @@ def test_a_landed_append_whose_answer_was_lost_still_makes_its_checkpoint_due(tm
     """The store's answer to the append of a checkpoint version is lost (delta-rs raises after the
     commit landed): the retry finds its marker and does not write again, and the deferred
     checkpoint is still due."""
-    import connectors.delta as delta
     from schemas.spec import MaintenanceSpec
 
-    real, lose = delta.write_deltalake, []
-
-    def write_deltalake(*a, **kw):
-        real(*a, **kw)
-        if lose:
-            lose.pop()
-            raise OSError("injected: the store's answer was lost")
-
-    monkeypatch.setattr(delta, "write_deltalake", write_deltalake)
+    lost = AnswersLost(monkeypatch, OSError("injected: the store's answer was lost"), 0)
     sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}, write_backoff_s=0.01,
                      maintenance=MaintenanceSpec(checkpoint_interval=4))  # fmt: skip
     sink.defer_checkpoints()
     sink.open()
     for offset in range(2):
         sink.append_unpositioned(results([offset]), dead([]))
-    lose.append(1)
+    lost.pending.append(1)
     sink.append_unpositioned(results([2]), dead([]))  # version 3, a checkpoint version
     assert sorted(pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list()) == [0, 1, 2]
     assert sink.checkpoints_due()
@@ -701,23 +701,17 @@ def test_a_lost_answer_is_found_when_another_writer_commits_during_the_check(tmp
 
     sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}, write_backoff_s=0.01)
     sink.open()
-    real_write, real_open, lose, intrude = delta.write_deltalake, delta._Table.open, [1], [1]
-
-    def write_deltalake(*a, **kw):
-        real_write(*a, **kw)
-        if lose:
-            lose.pop()
-            raise OSError("injected: the store's answer was lost")
+    lost = AnswersLost(monkeypatch, OSError("injected: the store's answer was lost"))
+    real_open, intrude = delta._Table.open, [1]
 
     def open_(self, refresh=True):
         dt = real_open(self, refresh)
-        if intrude and not lose and self is sink.results:  # the check's fresh handle is loaded: another replica appends
+        if intrude and not lost.pending and self is sink.results:  # the check's fresh handle is loaded: another replica appends
             intrude.pop()
-            real_write(str(tmp_path / "res"), results([999]).select(dt.schema().to_arrow().names)
-                       .cast(pa.schema(dt.schema().to_arrow())), mode="append")  # fmt: skip
+            lost.real(str(tmp_path / "res"), results([999]).select(dt.schema().to_arrow().names)
+                      .cast(pa.schema(dt.schema().to_arrow())), mode="append")  # fmt: skip
         return dt
 
-    monkeypatch.setattr(delta, "write_deltalake", write_deltalake)
     monkeypatch.setattr(delta._Table, "open", open_)
     sink.append_unpositioned(results([7]), dead([]))
     offsets = pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list()
@@ -755,15 +749,7 @@ def test_a_markers_only_write_is_found_landed_even_when_its_commit_file_is_gone(
 
     sink = DeltaSink("job", str(tmp_path / "res"), str(tmp_path / "dl"), {}, write_backoff_s=0.01)
     sink.open()
-    real, lose = delta.write_deltalake, [1]
-
-    def write_deltalake(*a, **kw):
-        real(*a, **kw)
-        if lose:
-            lose.pop()
-            raise OSError("injected: the store's answer was lost")
-
-    monkeypatch.setattr(delta, "write_deltalake", write_deltalake)
+    AnswersLost(monkeypatch, OSError("injected: the store's answer was lost"))
     monkeypatch.setattr(delta._Table, "marked", lambda self, marker, since: False)  # its commit file cleaned up
     sink.append_unpositioned(results([7]), dead([]))
     assert pl.read_delta(str(tmp_path / "res"))["source_offset"].to_list() == [7]
