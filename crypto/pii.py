@@ -188,30 +188,37 @@ _ASTRAL = ((0x10000, 0x1D7FF), (0x1F100, 0x1F1FF), (0x1FBF0, 0x1FBF9), (0xE0000,
 
 
 @functools.cache
-def _shown_otherwise(nfkc_normal: bool, astral: bool) -> re.Pattern:
-    """One `re` class of the characters shown() changes into something a detector reads (or into
-    nothing): each such code point of the Basic Multilingual Plane, found by trying all of them
-    once per process (~0.1 s, on the first text that is not ASCII), and, for a text with characters
-    beyond it, the _ASTRAL blocks (a class with ranges past U+FFFF is scanned range by range, about
-    3 times slower); for an NFKC-normal text (most text: a C-level check), only those NFKC leaves as
-    they are (invisible characters, dashes, the braille blank). Not Unicode's property classes:
-    the `regex` library scans a text with those about 5 times slower than `re` with plain ranges.
-    And a change into nothing a detector reads (the full-width punctuation of Chinese and
-    Japanese prose, ，！（）) is not made at all: each was a Python step in the review of stop
-    46's first cut (Chinese prose 8 times slower)."""
-    ranges: list[list[int]] = []
+def _bmp_shown_otherwise() -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """(every such range, those NFKC leaves as they are) of the Basic Multilingual Plane's code
+    points that _shown_otherwise's classes hold: found in one pass over all of them, once per
+    process (~0.1 s, on the first text that is not ASCII)."""
+    every: list[list[int]] = []
+    kept_by_nfkc: list[list[int]] = []
     for c in range(0x10000):
         ch = chr(c)
         if 0xD800 <= c <= 0xDFFF or (shown_as := _reads_as(ch)) == ch or (shown_as and not _READ.search(shown_as)):
             continue
-        if nfkc_normal and unicodedata.normalize("NFKC", ch) != ch:
-            continue
-        if ranges and ranges[-1][1] == c - 1:
-            ranges[-1][1] = c
-        else:
-            ranges.append([c, c])
-    if astral:
-        ranges += [list(r) for r in _ASTRAL]
+        for ranges in (every, kept_by_nfkc) if unicodedata.normalize("NFKC", ch) == ch else (every,):
+            if ranges and ranges[-1][1] == c - 1:
+                ranges[-1][1] = c
+            else:
+                ranges.append([c, c])
+    return [tuple(r) for r in every], [tuple(r) for r in kept_by_nfkc]
+
+
+@functools.cache
+def _shown_otherwise(nfkc_normal: bool, astral: bool) -> re.Pattern:
+    """One `re` class of the characters shown() changes into something a detector reads (or into
+    nothing): each such code point of the Basic Multilingual Plane (_bmp_shown_otherwise), and,
+    for a text with characters beyond it, the _ASTRAL blocks (a class with ranges past U+FFFF is
+    scanned range by range, about 3 times slower); for an NFKC-normal text (most text: a C-level
+    check), only those NFKC leaves as they are (invisible characters, dashes, the braille blank).
+    Not Unicode's property classes: the `regex` library scans a text with those about 5 times
+    slower than `re` with plain ranges. And a change into nothing a detector reads (the full-width
+    punctuation of Chinese and Japanese prose, ，！（）) is not made at all: each was a Python step
+    in the review of stop 46's first cut (Chinese prose 8 times slower)."""
+    every, kept_by_nfkc = _bmp_shown_otherwise()
+    ranges = [*(kept_by_nfkc if nfkc_normal else every), *(_ASTRAL if astral else ())]
     return re.compile("[" + "".join(re.escape(chr(lo)) + ("-" + re.escape(chr(hi)) if hi > lo else "")
                                     for lo, hi in ranges) + "]")  # fmt: skip
 
@@ -223,8 +230,11 @@ class Offsets:
 
     __slots__ = ("_starts", "_segments")
 
-    def __init__(self, starts: list[int], segments: list[tuple[int, int, bool]]):
-        self._starts, self._segments = starts, segments
+    def __init__(self, segments: list[tuple[int, int, bool]]):
+        """segments: (start in the shown text, start in the text as written, replaced), in order;
+        a replaced one maps all its characters to its one written character."""
+        self._segments = segments
+        self._starts = [shown_start for shown_start, _, _ in segments]  # bisected
 
     def __getitem__(self, i: int) -> int:
         shown_start, written_start, replaced = self._segments[bisect.bisect_right(self._starts, i) - 1]
@@ -241,7 +251,6 @@ def shown(text: str) -> tuple[str, Offsets | None]:
     if text.isascii():
         return text, None
     out: list[str] = []
-    starts: list[int] = []
     segments: list[tuple[int, int, bool]] = []
     pos = length = 0  # in text, in the result
     # Characters past U+FFFF take two UTF-16 units (a C-level copy, no Python step per character).
@@ -252,12 +261,10 @@ def shown(text: str) -> tuple[str, Offsets | None]:
         if rep == text[i]:  # an astral character that reads as written
             continue
         if i > pos:
-            starts.append(length)
             segments.append((length, pos, False))
             out.append(text[pos:i])
             length += i - pos
         if rep:
-            starts.append(length)
             segments.append((length, i, True))
             out.append(rep)
             length += len(rep)
@@ -265,10 +272,9 @@ def shown(text: str) -> tuple[str, Offsets | None]:
     if not segments and not pos:
         return text, None
     if pos < len(text):
-        starts.append(length)
         segments.append((length, pos, False))
         out.append(text[pos:])
-    return "".join(out), Offsets(starts, segments)
+    return "".join(out), Offsets(segments)
 
 
 def find_pii(text: str, kinds: frozenset[str] | None = None) -> list[PiiSpan]:
