@@ -2,7 +2,7 @@
 replicas, the claims on keys in flight, held by the application's claims actor (actors/idempotency.py).
 
     RecentAnswers(keep)
-      get(key)              -> (status code, body), or None
+      get(key)              -> the answer (status code, body, fingerprint), or None
       put(key, answer)      the first answer of a key stays; past `keep` keys the oldest is dropped
                             (keep 0: none is kept, the audit tables answer)
     KeyClaims(keep)                          (asyncio; the actor's state and logic)
@@ -15,15 +15,55 @@ replicas, the claims on keys in flight, held by the application's claims actor (
                                               (False: it lapsed and is another's now)
       finish(key, holder, answer)            the holder's answer; None when it failed on our side
 
-Keys are request offsets (compute/online.py request_offset), so no key text is held. Plain Python.
+    request_fingerprint(tenant, route, key, body, ignore=()) -> str
+                                              the body's keyed hash, kept with its answer (the
+                                              audit rows' request_fingerprint): the key sent
+                                              again with another body is refused (jobs/serve.py)
+
+Keys are request offsets (compute/online.py request_offset), so no key text is held. An answer is
+(status code, body, request fingerprint or None); an older replica's is (status code, body). Plain
+Python.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+
+
+Answer = tuple  # (status code, body, request fingerprint or None); an older replica's: (status code, body)
+
+
+def request_fingerprint(tenant: str, route: str, key: str, body: bytes, ignore: tuple[str, ...] = ()) -> str:
+    """A keyed hash of a request's body: HMAC-SHA256 keyed by (tenant, route, Idempotency-Key),
+    128 bits as hex. A JSON body is hashed in a canonical form (keys sorted, no spaces), so a
+    client that serialises the same request again differently is not refused; anything else as
+    its bytes. `ignore`: top-level keys of a JSON object left out (how the answer is sent, not
+    what is asked: an OpenAI request's `stream`).
+
+    The audit stores it encrypted under the tenant's key when the spec encrypts anything
+    (schemas/records.py SEALED_AUDIT_COLUMNS): keyed only by what the client sends, a hash lets
+    whoever guesses the key (an event id used as the key, say) confirm a guessed body."""
+    canonical = body
+    try:
+        parsed = json.loads(body)
+        if ignore and isinstance(parsed, dict):
+            parsed = {k: v for k, v in parsed.items() if k not in ignore}
+        canonical = json.dumps(parsed, sort_keys=True, separators=(",", ":")).encode()
+    except (ValueError, RecursionError):
+        pass  # not JSON: its bytes
+    secret = hashlib.sha256("\x1f".join(("tidegate/request-fingerprint/v1", tenant, route, key)).encode()).digest()
+    return hmac.new(secret, canonical, hashlib.sha256).hexdigest()[:32]
+
+
+def fingerprint_of(answer: Answer) -> str | None:
+    """The request fingerprint an answer was kept with (None: an older replica's, or no key)."""
+    return answer[2] if len(answer) > 2 else None
 
 
 class RecentAnswers:
@@ -31,19 +71,19 @@ class RecentAnswers:
         if keep < 0:
             raise ValueError(f"keep must be 0 or more, not {keep}")
         self.keep = keep
-        self._answers: OrderedDict[int, tuple[int, dict]] = OrderedDict()
+        self._answers: OrderedDict[int, Answer] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._answers)
 
-    def items(self) -> list[tuple[int, tuple[int, dict]]]:
+    def items(self) -> list[tuple[int, Answer]]:
         """(key, answer), oldest first."""
         return list(self._answers.items())
 
-    def get(self, key: int) -> tuple[int, dict] | None:
+    def get(self, key: int) -> Answer | None:
         return self._answers.get(key)
 
-    def put(self, key: int, answer: tuple[int, dict]) -> None:
+    def put(self, key: int, answer: Answer) -> None:
         if key in self._answers:
             return  # the first answer is the answer
         self._answers[key] = answer
@@ -81,7 +121,7 @@ class KeyClaims:
             for key, answer in kept.items():
                 self.answers.put(key, answer)
 
-    async def claim(self, key: int, holder: str, lease_s: float, wait_s: float) -> tuple[int, dict] | str | None:
+    async def claim(self, key: int, holder: str, lease_s: float, wait_s: float) -> Answer | str | None:
         waited = False
         give_up = time.monotonic() + wait_s
         while True:
@@ -111,7 +151,7 @@ class KeyClaims:
         c.expires = max(c.expires, time.monotonic() + lease_s)
         return True
 
-    def finish(self, key: int, holder: str, answer: tuple[int, dict] | None) -> None:
+    def finish(self, key: int, holder: str, answer: Answer | None) -> None:
         if answer is not None:
             self.answers.put(key, answer)
         c = self._claims.get(key)

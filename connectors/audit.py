@@ -1,6 +1,6 @@
 """The online endpoint's audit: every request and its answer as rows of the job's own results and
 dead-letter tables (same columns as batch; source_topic "serve:<route>", source_offset the
-request number: compute/online.py).
+request number: compute/online.py), plus the audit's own columns (schemas/records.py AUDIT_COLUMNS).
 
     AuditLog(spec, encryption)
       open()                           create or check the tables; bind the encryption to them
@@ -32,7 +32,7 @@ from connectors.maintenance import maintenance_round
 from crypto.reader import decrypt_table
 from connectors.sink import adopt_stored_twin
 from crypto.stage import EncryptionStage
-from schemas.records import DEAD_LETTER_SCHEMA, RESULTS_SCHEMA, with_columns_of
+from schemas.records import AUDIT_DEAD_LETTER_SCHEMA, AUDIT_RESULTS_SCHEMA, with_columns_of
 from schemas.spec import JobSpec
 
 
@@ -44,8 +44,9 @@ class AuditLog:
         self.spec = spec
         self.sink = DeltaSink.from_spec(spec)
         adopt_stored_twin(encryption, self.sink)
-        self.stored_results = encryption.stored_results_schema(RESULTS_SCHEMA)
-        self.stored_dead = encryption.stored_dead_schema(DEAD_LETTER_SCHEMA)
+        self.plain_results = encryption.plain_results_schema(AUDIT_RESULTS_SCHEMA)
+        self.stored_results = encryption.stored_results_schema(AUDIT_RESULTS_SCHEMA)
+        self.stored_dead = encryption.stored_dead_schema(AUDIT_DEAD_LETTER_SCHEMA)
         self.sink.use_schemas(self.stored_results, self.stored_dead)
         self.sink.defer_checkpoints()  # written by checkpoint(), after the answers (jobs/serve.py)
 
@@ -65,7 +66,9 @@ class AuditLog:
         """Plain rows as they are stored: a tenant whose key was revoked meanwhile gets a dead
         letter (nothing of its row in clear), the rest encrypted as the spec says."""
         enc = self.encryption
-        results, dead = enc.route_unkeyed(results, with_columns_of(dead, DEAD_LETTER_SCHEMA), self.run_id)
+        results = with_columns_of(results, self.plain_results)  # a request without a key: no fingerprint
+        results, dead = enc.route_unkeyed(results, with_columns_of(dead, AUDIT_DEAD_LETTER_SCHEMA), self.run_id,
+                                          AUDIT_DEAD_LETTER_SCHEMA)  # fmt: skip
         out = enc.protect_results(results, self.stored_results), enc.protect_dead(dead, self.stored_dead)
         enc.record_usage()
         return out

@@ -38,7 +38,7 @@ from crypto.binding import Binding, legacy_binding, mark_pii
 from crypto.pii_tokens import ECHO_MIN_CHARS
 from schemas.encryption import EncryptionSpec
 from schemas.errors import KeyPermissionError, KeyRevokedError
-from schemas.records import DEAD_LETTER_SCHEMA, empty_table, with_columns_of
+from schemas.records import DEAD_LETTER_SCHEMA, SEALED_AUDIT_COLUMNS, empty_table, with_columns_of
 
 log = logging.getLogger(__name__)
 
@@ -118,14 +118,21 @@ class EncryptionStage:
         """What the results table holds: encrypted columns are binary; text columns that may hold
         inline PII tokens say so in their metadata (the reader reveals tokens there only)."""
         plain = self.plain_results_schema(base)
-        encrypted = set(self.output_fields) | {input_column(f.name) for f in self.spec.input_fields}
+        encrypted = set(self.output_fields) | {input_column(f.name) for f in self.spec.input_fields} | self._sealed(base)
         stored = pa.schema([pa.field(f.name, pa.binary()) if f.name in encrypted else f for f in plain])
         return mark_pii(stored, {"output_text", "output_json"} - encrypted if self.pii_mode() == "encrypt" else set())
 
     def stored_dead_schema(self, base: pa.Schema) -> pa.Schema:
+        encrypted = self._sealed(base) | ({"output_text"} if self.encrypts_dead_text else set())
+        stored = pa.schema([pa.field(f.name, pa.binary()) if f.name in encrypted else f for f in base])
         if self.encrypts_dead_text:
-            return pa.schema([pa.field(f.name, pa.binary()) if f.name == "output_text" else f for f in base])
-        return mark_pii(base, {"output_text"} if self.pii_mode() == "encrypt" else set())
+            return stored
+        return mark_pii(stored, {"output_text"} if self.pii_mode() == "encrypt" else set())
+
+    def _sealed(self, base: pa.Schema) -> set[str]:
+        """The audit's columns of `base` stored encrypted (schemas/records.py SEALED_AUDIT_COLUMNS):
+        all of them when the spec encrypts anything, else none."""
+        return set(SEALED_AUDIT_COLUMNS) & set(base.names) if self.spec.needs_keys else set()
 
     def check_output_fields(self, base: pa.Schema) -> None:
         from schemas.errors import SpecError
@@ -260,19 +267,20 @@ class EncryptionStage:
         log.warning("%d result row(s) of tenant(s) without a usable key dead-lettered (%s)", n, KEY_REVOKED)
         return results.filter(keyed), pa.table(dead)
 
-    def route_unkeyed(self, results: pa.Table, dead: pa.Table, run_id: str) -> tuple[pa.Table, pa.Table]:
+    def route_unkeyed(self, results: pa.Table, dead: pa.Table, run_id: str,
+                      dead_schema: pa.Schema = DEAD_LETTER_SCHEMA) -> tuple[pa.Table, pa.Table]:  # fmt: skip
         """(results, dead letters) with the result rows of a tenant whose key was revoked (or
         removed) since they were read moved to the dead letters (split_unkeyed: key_revoked,
         nothing of them in clear), after reading the keyring again. The one place the batch commit
-        writer, the online audit and the online answer make this split, so all three agree."""
+        writer, the online audit and the online answer make this split, so all three agree.
+        `dead_schema`: the dead letters' columns (the audit's has AUDIT_COLUMNS too)."""
         if self.keyring is None:
             return results, dead
         self.refresh()  # a rotation or revocation made since the last call applies to this one
         results, unkeyed = self.split_unkeyed(results, run_id)
         if unkeyed is None:
             return results, dead
-        return results, pa.concat_tables([with_columns_of(dead, DEAD_LETTER_SCHEMA),
-                                          with_columns_of(unkeyed, DEAD_LETTER_SCHEMA)])  # fmt: skip
+        return results, pa.concat_tables([with_columns_of(dead, dead_schema), with_columns_of(unkeyed, dead_schema)])
 
     # -- the stage -------------------------------------------------------------------------------
 
@@ -293,6 +301,8 @@ class EncryptionStage:
         for f in self.spec.input_fields:
             name = input_column(f.name)
             cols[name] = self._encrypt(results.column(name), ids, label, name, tenants, f.deterministic)
+        for name in self._sealed(results.schema):
+            cols[name] = self._encrypt(results.column(name), ids, label, name, tenants)
         for name, arr in cols.items():
             results = results.set_column(results.schema.get_field_index(name), name, arr)
         return results if results.schema.equals(stored, check_metadata=True) else results.cast(stored)
@@ -321,6 +331,10 @@ class EncryptionStage:
                 err = pc.if_else(withheld, pc.binary_join_element_wise(dead.column("error"), RAW_WITHHELD, ""),
                                  dead.column("error"))  # fmt: skip
                 dead = dead.set_column(dead.schema.get_field_index("error"), "error", err)
+        for name in self._sealed(dead.schema):  # no key: not stored (a replay of the key is not checked)
+            values = pc.if_else(keyed, dead.column(name), pa.scalar(None, dead.schema.field(name).type))
+            dead = dead.set_column(dead.schema.get_field_index(name), name,
+                                   self._encrypt_where(values, ids, label, name, tenants, keyed))  # fmt: skip
         if self.encrypts_dead_text:
             text = pc.if_else(keyed, dead.column("output_text"), pa.scalar(None, pa.string()))
             enc = self._encrypt_where(text, ids, label, "output_text", tenants, keyed)

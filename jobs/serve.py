@@ -56,9 +56,10 @@ from ray.exceptions import RayActorError
 
 from actors.idempotency import AFTER_ANOTHER, BUSY
 from compute.engine import engine_threads
-from compute.idempotency import RecentAnswers
+from compute.idempotency import RecentAnswers, fingerprint_of, request_fingerprint
 from compute.limits import TenantLimits
 from schemas.errors import AuthError, EventContractError, LimitExceededError, ProduceError, SinkError, TidegateError
+from schemas.records import AUDIT_DEAD_LETTER_SCHEMA
 from schemas.spec import BATCH_PRIORITY, SERVE_DEPLOYMENT, JobSpec
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,12 @@ class _Refused(Exception):
 def _key_in_use() -> _Refused:
     return _Refused(409, "idempotency_key_in_use", "a request with this Idempotency-Key is still running; retry later",
                     {"Retry-After": "5"})  # fmt: skip
+
+
+def _key_reused() -> _Refused:
+    # The IETF Idempotency-Key draft's answer to a key reused with another payload.
+    return _Refused(422, "idempotency_key_reused", "this Idempotency-Key was sent before with another request body: "
+                    "send the same body to get its answer again, or use a new key")  # fmt: skip
 
 
 def _error(code: int, kind: str, message: str, **extra) -> dict:
@@ -397,6 +404,12 @@ AUDIT_ACK_TIMEOUT_S = 60.0
 # An Idempotency-Key claim (actors/idempotency.py) lives this long unless its holder renews it, every
 # CLAIM_RENEW_S while the request runs: a replica that died frees its keys within CLAIM_LEASE_S.
 CLAIM_LEASE_S, CLAIM_RENEW_S = 60.0, 15.0
+# An Idempotency-Key request's body larger than this is hashed in a thread (request_fingerprint
+# parses JSON): 64 KiB takes well under a millisecond, an /invoke body may be up to 16 MiB.
+FINGERPRINT_ON_LOOP_BYTES = 64 * 2**10
+# Keys of an OpenAI request that say how its answer is sent, not what is asked: the same request
+# with or without `stream` gets the same first answer (rendered as asked), not 422.
+STREAM_KEYS = ("stream", "stream_options")
 LIMITER_TIMEOUT_S = 10.0  # the application's limiter answers an admission within this, or the request gets 503
 
 
@@ -438,6 +451,10 @@ def _retrieve(task: asyncio.Task) -> None:
 def _with_tenant(table: pa.Table, tenant: str) -> pa.Table:
     i = table.column_names.index("tenant")
     return table.set_column(i, table.schema.field(i), pa.repeat(pa.scalar(tenant, pa.string()), table.num_rows))
+
+
+def _with_fingerprint(table: pa.Table, fingerprint: str) -> pa.Table:
+    return table.append_column("request_fingerprint", pa.repeat(pa.scalar(fingerprint, pa.string()), table.num_rows))
 
 
 def _usage(row: dict) -> dict:
@@ -736,7 +753,8 @@ class TidegateEndpoint:
             self._tenant_of(principal)  # whatever the body is: a key of no usable tenant is refused first
             # Over max_message_bytes an event is dead-lettered (oversized_message, its bytes kept,
             # encrypted); past 16 times that it is refused unread, as a Kafka broker would.
-            body, event_id = self._event_for(await _body(request, 16 * self.spec.source.max_message_bytes), principal)
+            raw = await _body(request, 16 * self.spec.source.max_message_bytes)
+            body, event_id = self._event_for(raw, principal)
             self._audit_room()
             # A body over max_message_bytes never reaches the engine (oversized_message): its bytes
             # are not reserved, or one legal-looking request could hold the tenant's budget at once.
@@ -745,7 +763,7 @@ class TidegateEndpoint:
         except _Refused as r:
             return self._refusal(r, route)
         return await self._answer(request, principal, route, lambda offset: self.guards.run(
-            self.guards.event_source(body, route, offset)), request_id=event_id, estimate=estimate)  # fmt: skip
+            self.guards.event_source(body, route, offset)), request_id=event_id, estimate=estimate, payload=raw)  # fmt: skip
 
     @api.post("/v1/jobs/{name}/events")
     async def events(self, name: str, request: Request) -> JSONResponse:
@@ -826,7 +844,8 @@ class TidegateEndpoint:
             src, req = self.guards.chat_request(raw, route, offset, request_id, prompt, messages, tenant, budget)
             return self.guards.run(src, req)
 
-        answer = await self._answer(request, principal, route, work, request_id=request_id, estimate=estimate)
+        answer = await self._answer(request, principal, route, work, request_id=request_id, estimate=estimate,
+                                    payload=raw, payload_ignores=STREAM_KEYS)  # fmt: skip
         if body.get("stream") and answer.status_code == 200:
             replayed = {k: v for k, v in answer.headers.items() if k.lower() == "idempotent-replayed"}
             return StreamingResponse(_sse(route, json.loads(answer.body)), media_type="text/event-stream", headers=replayed)
@@ -860,17 +879,20 @@ class TidegateEndpoint:
     # -- the shared path -------------------------------------------------------------------------
 
     async def _answer(self, request: Request, principal, route: str, work, request_id: str | None = None,
-                      estimate: int = 0) -> JSONResponse:  # fmt: skip
+                      estimate: int = 0, payload: bytes = b"", payload_ignores: tuple[str, ...] = ()) -> JSONResponse:  # fmt: skip
         """Run (or find) the request; store its rows; answer. With an Idempotency-Key, a request
         seen before (this replica's memory, the audit tables, or, with several replicas, the
-        application's claims: actors/idempotency.py) gets the first answer again. `estimate`: the
-        tokens admission reserved (settled against what the generations used).
+        application's claims: actors/idempotency.py) gets the first answer again, if its body is
+        the first one's (`payload` without its `payload_ignores` keys, compared by
+        request_fingerprint; else 422 idempotency_key_reused). `estimate`: the tokens admission
+        reserved (settled against what the generations used).
 
         Shielded from the handler's cancellation (Serve cancels it when the client disconnects):
         once admitted, a request runs to its stored rows and its answer is kept, whoever is still
         listening. Cancelled halfway, its rows could be written while the key's other waiters, told
         it failed, ran it again (two rows at one offset), or a generation's row never be written."""
-        task = asyncio.ensure_future(self._answer_now(request, principal, route, work, request_id, estimate))
+        task = asyncio.ensure_future(self._answer_now(request, principal, route, work, request_id, estimate, payload,
+                                                      payload_ignores))  # fmt: skip
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -878,7 +900,7 @@ class TidegateEndpoint:
             raise
 
     async def _answer_now(self, request: Request, principal, route: str, work, request_id: str | None,
-                          estimate: int) -> JSONResponse:  # fmt: skip
+                          estimate: int, payload: bytes, payload_ignores: tuple[str, ...]) -> JSONResponse:  # fmt: skip
         from compute.online import request_offset
 
         t0 = time.monotonic()
@@ -886,11 +908,14 @@ class TidegateEndpoint:
         tenant = principal.tenant if principal is not None else ""
         if not key:
             offset = request_offset("req", uuid.uuid4().hex)
-            code, body = await self._run_and_store(route, offset, work, principal, request_id, estimate)
+            code, body, _ = await self._run_and_store(route, offset, work, principal, request_id, estimate, None)
             self._unsettled.pop(offset, None)  # no key: nobody retries it as the same request
             self._metrics.record(route, code, t0)
             return JSONResponse(body, status_code=code)
         offset = request_offset("idem", tenant, route, key)
+        fingerprint = (request_fingerprint(tenant, route, key, payload, payload_ignores)
+                       if len(payload) <= FINGERPRINT_ON_LOOP_BYTES  # a larger body is parsed off the event loop
+                       else await asyncio.to_thread(request_fingerprint, tenant, route, key, payload, payload_ignores))
         code_body = self._answers.get(offset)
         give_up = time.monotonic() + self._key_wait_s()
         while code_body is None and offset in self._in_flight:  # this replica runs it: wait for that
@@ -910,7 +935,7 @@ class TidegateEndpoint:
             code = 500
             ran = False  # _run_and_store settles the reservation itself
             try:
-                code_body = await self._stored_answer(route, offset)
+                code_body = await self._stored_answer(route, offset, fingerprint)
                 if code_body is None and self._claims is not None:  # another replica may be running it
                     claimant = uuid.uuid4().hex
                     got = await self._claim(offset, claimant)
@@ -920,14 +945,15 @@ class TidegateEndpoint:
                         holder = claimant  # ours now: finished below, whatever happens
                         renewal = asyncio.ensure_future(self._keep_claim(offset, holder))
                         if got == AFTER_ANOTHER:  # the request before may have stored its rows meanwhile
-                            code_body = await self._stored_answer(route, offset)
+                            code_body = await self._stored_answer(route, offset, fingerprint)
                     else:
                         code_body = got
                 if code_body is None:
                     ran = True
-                    code, body = await self._run_and_store(route, offset, work, principal, request_id, estimate)
+                    code, body, _ = await self._run_and_store(route, offset, work, principal, request_id, estimate,
+                                                              fingerprint)  # fmt: skip
                     if code < 500:
-                        self._answers.put(offset, (code, body))
+                        self._answers.put(offset, (code, body, fingerprint))
             except _Refused as r:
                 if not ran:
                     self._settle(principal, -estimate)  # nothing ran
@@ -937,7 +963,7 @@ class TidegateEndpoint:
                     self._settle(principal, -estimate)
                 raise
             finally:
-                answer = code_body if code_body is not None else ((code, body) if code < 500 else None)
+                answer = code_body if code_body is not None else ((code, body, fingerprint) if code < 500 else None)
                 write = self._unsettled.pop(offset, None)
 
                 def release(_=None, answer=answer, fut=fut, holder=holder, renewal=renewal) -> None:
@@ -957,12 +983,15 @@ class TidegateEndpoint:
             if code_body is None:
                 self._metrics.record(route, code, t0)
                 return JSONResponse(body, status_code=code)
-        self._settle(principal, -estimate)  # the first answer again: no generation
+        self._settle(principal, -estimate)  # the first answer again (or none): no generation
+        stored = fingerprint_of(code_body)
+        if stored is not None and stored != fingerprint:  # None: a first answer stored before stop 47
+            return self._refusal(_key_reused(), route)
         self._metrics.record(route, code_body[0], t0)
         return JSONResponse(code_body[1], status_code=code_body[0], headers={"Idempotent-Replayed": "true"})
 
-    async def _run_and_store(self, route: str, offset: int, work, principal, request_id,
-                             estimate: int) -> tuple[int, dict]:  # fmt: skip
+    async def _run_and_store(self, route: str, offset: int, work, principal, request_id, estimate: int,
+                             fingerprint: str | None) -> tuple[int, dict, str | None]:  # fmt: skip
         from compute.online import Outcome
         from compute.prompts import dead_letter_table
         from schemas.records import empty_table
@@ -986,6 +1015,8 @@ class TidegateEndpoint:
                 log.warning("request on %s failed in the engine (%s)", route, type(e).__name__)
                 outcome = failed("engine", "engine_error", f"the engine failed ({type(e).__name__})")
         results, dead = outcome.results, outcome.dead
+        if fingerprint is not None:  # stored with the rows: the key's retries are checked against it
+            results, dead = _with_fingerprint(results, fingerprint), _with_fingerprint(dead, fingerprint)
         if principal is not None:  # who asked, for the audit: a body that does not parse is the key's tenant's too
             results, dead = _with_tenant(results, principal.tenant), _with_tenant(dead, principal.tenant)
         results, dead = self._split_revoked(results, dead)
@@ -994,9 +1025,10 @@ class TidegateEndpoint:
             await self.buffer.add(results, dead)
         except AuditAckTimeout as e:  # not acknowledged; the write goes on, and its key waits for it (_answer_now)
             self._unsettled[offset] = e.write
-            return 503, _error(503, "audit_unavailable", "the request's audit rows were not stored in time; retry")
+            return 503, _error(503, "audit_unavailable", "the request's audit rows were not stored in time; retry"), None
         except Exception as e:  # noqa: BLE001 - durable ack: not stored, so not answered
-            return 503, _error(503, "audit_unavailable", f"the request's audit rows could not be stored ({type(e).__name__}); retry")
+            return (503, _error(503, "audit_unavailable", f"the request's audit rows could not be stored "
+                                f"({type(e).__name__}); retry"), None)  # fmt: skip
         return self._render(route, results, dead, request_id)
 
     def _split_revoked(self, results: pa.Table, dead: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -1007,7 +1039,7 @@ class TidegateEndpoint:
         if not results.num_rows or self.encryption.keyring is None:
             return results, dead
         try:
-            return self.encryption.route_unkeyed(results, dead, self.run_id)
+            return self.encryption.route_unkeyed(results, dead, self.run_id, AUDIT_DEAD_LETTER_SCHEMA)
         except Exception as e:  # noqa: BLE001 - a keyring briefly unreadable: the audit's protect splits them again
             log.warning("could not check the request's tenant key before answering (%s)", type(e).__name__)
             return results, dead
@@ -1027,7 +1059,7 @@ class TidegateEndpoint:
         audit write's ack timeout."""
         return self.spec.serve.request_timeout_s + (self.buffer.ack_timeout_s or 0.0) + CLAIM_RENEW_S
 
-    async def _claim(self, offset: int, holder: str) -> tuple[int, dict] | str | None:
+    async def _claim(self, offset: int, holder: str) -> tuple | str | None:
         """None or AFTER_ANOTHER: this request holds the key (actors/idempotency.py); BUSY: another
         replica still runs it after the longest a request can take here; else its answer."""
         wait_s = self._key_wait_s()
@@ -1053,11 +1085,11 @@ class TidegateEndpoint:
                 log.warning("an Idempotency-Key claim lapsed while its request ran: a duplicate may run beside it")
                 return
 
-    def _finish_claim(self, offset: int, holder: str, answer: tuple[int, dict] | None) -> None:
+    def _finish_claim(self, offset: int, holder: str, answer: tuple | None) -> None:
         """Not awaited: the answer does not wait for it (the claim's waiters do)."""
         self._claims.finish.remote(offset, holder, answer)
 
-    async def _stored_answer(self, route: str, offset: int) -> tuple[int, dict] | None:
+    async def _stored_answer(self, route: str, offset: int, fingerprint: str) -> tuple[int, dict, str | None] | None:
         waiting = self.buffer.waiting()  # here, on the event loop (_AuditBuffer.waiting says why)
 
         def find():
@@ -1076,15 +1108,20 @@ class TidegateEndpoint:
         results, dead = await asyncio.to_thread(find)
         if not results.num_rows and not dead.num_rows:
             return None
-        code, body = self._render(route, results, dead, None)  # the first answer's id
+        answer = self._render(route, results, dead, None, fingerprint)  # the first answer's id
         # A first try that failed on our side (timeout, engine) is not an answer to repeat: run it again.
-        return (code, body) if code < 500 else None
+        return answer if answer[0] < 500 else None
 
-    def _render(self, route: str, results: pa.Table, dead: pa.Table, request_id: str | None) -> tuple[int, dict]:
+    def _render(self, route: str, results: pa.Table, dead: pa.Table, request_id: str | None,
+                fingerprint: str | None = None) -> tuple[int, dict, str | None]:  # fmt: skip
+        """The answer of a request's rows: (status code, body, the row's request_fingerprint).
+        Several result rows at one offset (two replicas ran the key: a claim that lapsed): the
+        one of this `fingerprint`'s body, if there is one."""
         if results.num_rows:
-            row = results.slice(0, 1).to_pylist()[0]
+            rows = results.to_pylist()
+            row = next((r for r in rows if fingerprint and r.get("request_fingerprint") == fingerprint), rows[0])
             rid = request_id or row["id"]
-            return 200, _ok_body(route, rid, row, self.model_label)
+            return 200, _ok_body(route, rid, row, self.model_label), row.get("request_fingerprint")
         # Several rows at one offset: a first try that failed on our side (5xx) and its rerun. The
         # rerun's answer is the one to repeat (the tables' order is not the writes').
         rows = dead.to_pylist()
@@ -1097,7 +1134,7 @@ class TidegateEndpoint:
             extra["rule_results"] = rules
             if not any(r["rule"] in self.pii_rules and not r["passed"] for r in rules):
                 extra["output"] = d.get("output_text")
-        return code, _error(code, kind, d["error"] or kind, **extra)
+        return code, _error(code, kind, d["error"] or kind, **extra), d.get("request_fingerprint")
 
     # -- checks before any work ------------------------------------------------------------------
 

@@ -9,6 +9,8 @@ Data flows as Arrow record batches:
     COMPLETION_SCHEMA  one row per request, output or error    (compute.engine    -> jobs.pipeline)
     RESULTS_SCHEMA     the results Delta table                 (jobs.pipeline    -> connectors.delta)
     DEAD_LETTER_SCHEMA the dead-letter Delta table             (every stage      -> connectors.delta)
+    AUDIT_RESULTS_SCHEMA, AUDIT_DEAD_LETTER_SCHEMA  the same tables as the online endpoint writes
+                       them: plus AUDIT_COLUMNS              (jobs.serve        -> connectors.audit)
 
 The column names of RESULTS_SCHEMA and DEAD_LETTER_SCHEMA are a public contract.
 """
@@ -130,6 +132,22 @@ DEAD_LETTER_SCHEMA = pa.schema(
         ("replayed_at", TIMESTAMP),  # ... and when that replay was committed (null while in progress)
     ]
 )
+
+
+# Columns only the online endpoint's audit writes (jobs/serve.py), after the shared ones: a batch
+# job's rows read them as null (connectors/delta.py fills a nullable column a writer does not
+# write), and a table gets them the first time an endpoint writes to it.
+AUDIT_COLUMNS = [
+    # A request sent with an Idempotency-Key: a keyed hash of its body (compute/idempotency.py
+    # request_fingerprint), so the key sent again with another body is refused, not answered with
+    # the first body's answer. Null without a key (and in rows written before stop 47).
+    ("request_fingerprint", pa.string()),
+]
+# Audit columns stored encrypted under the row's tenant key whenever the spec encrypts anything
+# (crypto/stage.py): a body's hash, however keyed, would let a reader confirm a guessed body.
+SEALED_AUDIT_COLUMNS = frozenset({"request_fingerprint"})
+AUDIT_RESULTS_SCHEMA = pa.schema([*RESULTS_SCHEMA, *(pa.field(n, t) for n, t in AUDIT_COLUMNS)])
+AUDIT_DEAD_LETTER_SCHEMA = pa.schema([*DEAD_LETTER_SCHEMA, *(pa.field(n, t) for n, t in AUDIT_COLUMNS)])
 
 
 _EMPTY_TABLES: list[tuple[pa.Schema, pa.Table]] = []

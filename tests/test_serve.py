@@ -141,6 +141,16 @@ def _event(question: str, **extra) -> dict:
     return {"id": f"ev-{uuid.uuid4().hex}", "user": "dana", "question": question, **extra}  # 32 bits collided ~1e-4
 
 
+def _resent(event: dict) -> str:
+    """The same event as a client library could serialise it again: keys in another order, other spaces."""
+    return json.dumps(dict(reversed(list(event.items()))), indent=1)
+
+
+def _refused_as_reused(r) -> bool:
+    """A key sent again with another body: 422 idempotency_key_reused (the IETF draft's answer)."""
+    return r.status_code == 422 and r.json()["error"]["type"] == "idempotency_key_reused" and "idempotent-replayed" not in r.headers
+
+
 def _rows(uri: str, where, keyring=None):
     from crypto.reader import read_results
 
@@ -237,11 +247,27 @@ def test_idempotency_key_returns_the_first_answer_and_writes_one_row(endpoint):
     key = {"Idempotency-Key": uuid.uuid4().hex}
     first = _post(endpoint, "/v1/jobs/support/invoke", ev, headers=key)
     # serve.idempotency_cache is 0 here: the replay is read back from the (encrypted) audit table.
-    again = _post(endpoint, "/v1/jobs/support/invoke", {**ev, "question": "changed"}, headers=key)
+    again = _post(endpoint, "/v1/jobs/support/invoke", _resent(ev), headers=key)
     assert first.status_code == again.status_code == 200
     assert again.headers.get("idempotent-replayed") == "true"
     assert again.json()["output"] == first.json()["output"] == "Answer for dana: idempotent question"
-    assert len(_rows(endpoint["spec"].sink.results, pl.col("id") == ev['id'])) == 1
+    # The key with another body: refused, nothing run or stored (before stop 47: the first answer).
+    changed = _post(endpoint, "/v1/jobs/support/invoke", {**ev, "question": "changed"}, headers=key)
+    assert _refused_as_reused(changed), changed.text
+    assert "changed" not in changed.text and "idempotent question" not in changed.text
+    rows = _rows(endpoint["spec"].sink.results, pl.col("id") == ev['id'])
+    assert len(rows) == 1
+    # The body's fingerprint is stored encrypted under the tenant's key (this spec encrypts): the
+    # table holds no hash a reader who guesses the key could check a guessed body against.
+    from deltalake import DeltaTable
+
+    from compute.idempotency import request_fingerprint
+
+    want = request_fingerprint("acme", "invoke", key["Idempotency-Key"], json.dumps(ev).encode())
+    assert rows[0]["request_fingerprint"] == want
+    stored = [r["request_fingerprint"] for r in DeltaTable(endpoint["spec"].sink.results).to_pyarrow_table(
+        columns=["id", "request_fingerprint"]).to_pylist() if r["id"] == ev["id"]]  # fmt: skip
+    assert len(stored) == 1 and isinstance(stored[0], bytes) and want.encode() not in stored[0]
     # Another tenant's same key is another request.
     other = _post(endpoint, "/v1/jobs/support/invoke", {**ev, "id": ev["id"] + "-g"}, tenant="globex", headers=key)
     assert other.status_code == 200 and "idempotent-replayed" not in other.headers
@@ -260,6 +286,8 @@ def test_idempotency_key_returns_the_first_answer_and_writes_one_row(endpoint):
     # rendering (before stop 43 each stream stamped its own, a second apart at times).
     assert [r.status_code for r in streamed] == [200, 200] and streamed[0].text == streamed[1].text
     assert [r.headers.get("idempotent-replayed") for r in streamed] == [None, "true"]
+    other = {**chat, "messages": [{"role": "user", "content": "another streamed question"}]}
+    assert _refused_as_reused(_post(endpoint, "/v1/chat/completions", other, headers=key))
 
 
 def test_a_buffered_answer_is_found_for_its_key_before_its_rows_are_stored(endpoint):
@@ -269,10 +297,11 @@ def test_a_buffered_answer_is_found_for_its_key_before_its_rows_are_stored(endpo
     url, ev = endpoint["small_url"] + "/v1/jobs/small/invoke", _event("buffered idempotent question")
     key = {"Idempotency-Key": uuid.uuid4().hex}
     first = httpx.post(url, json=ev, headers=key, timeout=60)
-    again = httpx.post(url, json={**ev, "question": "changed"}, headers=key, timeout=60)
+    again = httpx.post(url, content=_resent(ev), headers=key, timeout=60)
     assert first.status_code == again.status_code == 200, (first.text, again.text)
     assert "idempotent-replayed" not in first.headers and again.headers.get("idempotent-replayed") == "true"
     assert again.json() == first.json() and again.json()["output"] == "Answer for dana: buffered idempotent question"
+    assert _refused_as_reused(httpx.post(url, json={**ev, "question": "changed"}, headers=key, timeout=60))
 
 
 def test_token_budget_answers_429_with_retry_after(endpoint):
@@ -709,10 +738,11 @@ def test_journal_ack_answers_from_the_journal_and_a_killed_replicas_rows_are_rep
     journals = os.path.join(spec.serve.journal_dir, "journaled")
     ev, key = _event("journaled question"), {"Idempotency-Key": uuid.uuid4().hex}
     first = _post(endpoint, "/v1/jobs/journaled/invoke", ev, headers=key, url=url)
-    again = _post(endpoint, "/v1/jobs/journaled/invoke", {**ev, "question": "changed"}, headers=key, url=url)
+    again = _post(endpoint, "/v1/jobs/journaled/invoke", _resent(ev), headers=key, url=url)
     assert first.status_code == again.status_code == 200, (first.text, again.text)
     assert again.headers.get("idempotent-replayed") == "true"
     assert again.json()["output"] == first.json()["output"] == "Answer for dana: journaled question"
+    assert _refused_as_reused(_post(endpoint, "/v1/jobs/journaled/invoke", {**ev, "question": "changed"}, headers=key, url=url))
     assert table_rows(spec.sink.results) == 0  # in the journal only
     assert len(os.listdir(journals)) == 1
 

@@ -490,10 +490,106 @@ def test_a_duplicate_on_the_same_replica_waits_at_most_the_longest_a_request_tak
                      _refusal=lambda r, route: (r.code, r.kind, r.headers))  # fmt: skip
         answer = TidegateEndpoint.func_or_class._answer_now
         return await asyncio.wait_for(answer(replica, NS(headers={"idempotency-key": "key-1"}), NS(tenant="acme"),
-                                             "invoke", None, None, 40), 10)  # fmt: skip
+                                             "invoke", None, None, 40, b"{}", ()), 10)  # fmt: skip
 
     assert asyncio.run(request()) == (409, "idempotency_key_in_use", {"Retry-After": "5"})
     assert refunds == [-40]
+
+
+def test_a_key_sent_again_with_another_body_is_refused_422_not_given_the_first_answer():
+    """The IETF Idempotency-Key draft: a key reused with another payload is an error (422). Before,
+    the second body got the first body's answer, as if it had been run. The same request sent
+    again serialised otherwise (keys in another order, other spaces) is the same request: its
+    first answer, and so is a chat request sent again with(out) `stream`. A request waiting on the
+    key's first request (same replica) is checked when that answer comes. An answer kept by a
+    replica before stop 47, or a row stored before it (no fingerprint), is replayed."""
+    import asyncio
+    import json
+    from types import SimpleNamespace as NS
+
+    import pyarrow as pa
+
+    from compute.idempotency import RecentAnswers, request_fingerprint
+    from compute.online import request_offset
+    from jobs.serve import STREAM_KEYS, TidegateEndpoint
+
+    first = {"id": "ev-1", "question": "how far is the moon", "opts": {"a": 1, "b": [1, 2]}}
+    body = json.dumps(first).encode()
+    offset = request_offset("idem", "acme", "invoke", "key-1")
+    old_offset = request_offset("idem", "acme", "invoke", "key-old")
+    answers = RecentAnswers(4)
+    answers.put(offset, (200, {"output": "far"}, request_fingerprint("acme", "invoke", "key-1", body)))
+    answers.put(old_offset, (200, {"output": "old"}))  # kept by a replica of an earlier version
+    refunds, recorded = [], []
+
+    async def send(key: str, payload: bytes, route: str = "invoke", ignore=(), in_flight=None):
+        in_flight = {request_offset("idem", "acme", route, key): in_flight} if in_flight else {}
+        replica = NS(_answers=answers, _in_flight=in_flight, _key_wait_s=lambda: 0.3,
+                     _metrics=NS(record=lambda *a: recorded.append(a[1])), _settle=lambda principal, tokens: refunds.append(tokens),
+                     _refusal=lambda r, route: (r.code, r.kind))  # fmt: skip
+        answer = TidegateEndpoint.func_or_class._answer_now
+        out = await asyncio.wait_for(answer(replica, NS(headers={"idempotency-key": key}), NS(tenant="acme"),
+                                            route, None, None, 40, payload, ignore), 10)  # fmt: skip
+        return out if isinstance(out, tuple) else (out.status_code, json.loads(out.body), out.headers.get("idempotent-replayed"))
+
+    async def waiting(key: str, payload: bytes):  # the key's first request (body `first`) runs on this replica
+        running = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.05, running.set_result, (200, {"output": "running"},
+                                              request_fingerprint("acme", "invoke", key, body)))  # fmt: skip
+        return await send(key, payload, in_flight=running)
+
+    changed = json.dumps({**first, "question": "how far is the sun"}).encode()
+    assert asyncio.run(send("key-1", changed)) == (422, "idempotency_key_reused")
+    reordered = json.dumps(dict(reversed(list(first.items()))), indent=2).encode()
+    assert reordered != body
+    assert asyncio.run(send("key-1", reordered)) == (200, {"output": "far"}, "true")
+    assert asyncio.run(send("key-old", changed)) == (200, {"output": "old"}, "true")
+    assert asyncio.run(waiting("key-2", changed)) == (422, "idempotency_key_reused")
+    assert asyncio.run(waiting("key-3", reordered)) == (200, {"output": "running"}, "true")
+    # chat: the same messages, streamed or not, are the same request; other messages are not
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    answers.put(request_offset("idem", "acme", "chat/completions", "key-4"),
+                (200, {"choices": []}, request_fingerprint("acme", "chat/completions", "key-4", json.dumps(chat).encode(), STREAM_KEYS)))
+    streamed = json.dumps({**chat, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    assert asyncio.run(send("key-4", streamed, "chat/completions", STREAM_KEYS)) == (200, {"choices": []}, "true")
+    other = json.dumps({**chat, "messages": [{"role": "user", "content": "bye"}]}).encode()
+    assert asyncio.run(send("key-4", other, "chat/completions", STREAM_KEYS)) == (422, "idempotency_key_reused")
+    assert refunds == [-40] * 7  # nothing ran: each reservation goes back
+    assert recorded == [200, 200, 200, 200]  # the replays (a refusal is recorded by _refusal, stubbed here)
+
+    # A row stored before stop 47 (no column) or without a key (null) has no fingerprint.
+    from schemas.records import RESULTS_SCHEMA
+
+    render = TidegateEndpoint.func_or_class._render
+    row = {"id": "ev-1", "status": "ok", "attempts": 1, "rule_results": [], "finish_reason": "stop", "output_text": "far",
+           "prompt_tokens": 1, "completion_tokens": 1, "source_topic": "serve:invoke", "source_offset": offset}  # fmt: skip
+    old_row = pa.Table.from_pylist([row], schema=RESULTS_SCHEMA)
+    assert render(NS(model_label="m"), "invoke", old_row, None, None, "f" * 32)[:1] == (200,)
+    assert render(NS(model_label="m"), "invoke", old_row, None, None, "f" * 32)[2] is None
+    # Two rows at one offset (a lapsed claim let two bodies run): the one of the request's body.
+    two = pa.Table.from_pylist([{**row, "output_text": "a", "request_fingerprint": "a" * 32},
+                                {**row, "output_text": "b", "request_fingerprint": "b" * 32}])  # fmt: skip
+    assert render(NS(model_label="m"), "invoke", two, None, None, "b" * 32)[1]["output"] == "b"
+    assert render(NS(model_label="m"), "invoke", two, None, None, "c" * 32)[1]["output"] == "a"
+
+
+def test_a_request_fingerprint_is_keyed_by_its_idempotency_key():
+    """Not an unkeyed hash of the body (one of `{"q": "yes"}` would say what was asked to whoever
+    guesses it): keyed by tenant, route and key. The audit stores it encrypted besides
+    (test_serve.py::test_idempotency_key_returns_the_first_answer_and_writes_one_row)."""
+    import hashlib
+
+    from compute.idempotency import request_fingerprint
+
+    body = b'{"q": "yes"}'
+    fp = request_fingerprint("acme", "invoke", "k1", body)
+    assert fp == request_fingerprint("acme", "invoke", "k1", b'{ "q":"yes" }') and len(fp) == 32
+    others = {request_fingerprint(*parts, body) for parts in
+              (("acme", "invoke", "k2"), ("globex", "invoke", "k1"), ("acme", "chat/completions", "k1"))}
+    assert fp not in others and len(others) == 3
+    canonical = b'{"q":"yes"}'
+    assert fp not in {hashlib.sha256(b).hexdigest()[:32] for b in (body, canonical)}
+    assert request_fingerprint("acme", "invoke", "k1", b"\xff not json") != request_fingerprint("acme", "invoke", "k1", b"\xfe not json")
 
 
 def test_an_answer_is_stamped_with_its_rows_time_so_a_replay_is_the_same_answer():
@@ -726,7 +822,7 @@ def test_a_cancelled_handler_leaves_its_request_running_to_its_stored_answer():
     finished = []
 
     class Stub:
-        async def _answer_now(self, request, principal, route, work, request_id, estimate):
+        async def _answer_now(self, request, principal, route, work, request_id, estimate, payload, parse_payload):
             await asyncio.sleep(0.2)  # generating, then storing
             finished.append(route)
             return "answer"
