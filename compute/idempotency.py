@@ -46,9 +46,10 @@ def request_fingerprint(tenant: str, route: str, key: str, body: bytes, ignore: 
     its bytes. `ignore`: top-level keys of a JSON object left out (how the answer is sent, not
     what is asked: an OpenAI request's `stream`).
 
-    The audit stores it encrypted under the tenant's key when the spec encrypts anything
-    (schemas/records.py SEALED_AUDIT_COLUMNS): keyed only by what the client sends, a hash lets
-    whoever guesses the key (an event id used as the key, say) confirm a guessed body."""
+    The audit stores it only encrypted, under the tenant's key (schemas/records.py
+    SEALED_AUDIT_COLUMNS; null where the spec has no keys): keyed only by what the client sends,
+    the hash would let whoever guesses the key (an event id used as the key, say) confirm a
+    guessed body."""
     canonical = body
     try:
         parsed = json.loads(body)

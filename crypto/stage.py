@@ -129,10 +129,12 @@ class EncryptionStage:
             return stored
         return mark_pii(stored, {"output_text"} if self.pii_mode() == "encrypt" else set())
 
-    def _sealed(self, base: pa.Schema) -> set[str]:
-        """The audit's columns of `base` stored encrypted (schemas/records.py SEALED_AUDIT_COLUMNS):
-        all of them when the spec encrypts anything, else none."""
-        return set(SEALED_AUDIT_COLUMNS) & set(base.names) if self.spec.needs_keys else set()
+    @staticmethod
+    def _sealed(base: pa.Schema) -> set[str]:
+        """The audit's columns of `base` stored only encrypted (schemas/records.py
+        SEALED_AUDIT_COLUMNS): binary whatever the spec (so switching encryption on or off never
+        changes their type), null when it has no keys."""
+        return set(SEALED_AUDIT_COLUMNS) & set(base.names)
 
     def check_output_fields(self, base: pa.Schema) -> None:
         from schemas.errors import SpecError
@@ -302,7 +304,8 @@ class EncryptionStage:
             name = input_column(f.name)
             cols[name] = self._encrypt(results.column(name), ids, label, name, tenants, f.deterministic)
         for name in self._sealed(results.schema):
-            cols[name] = self._encrypt(results.column(name), ids, label, name, tenants)
+            cols[name] = (self._encrypt(results.column(name), ids, label, name, tenants) if self.keyring is not None
+                          else pa.nulls(results.num_rows, pa.binary()))  # fmt: skip
         for name, arr in cols.items():
             results = results.set_column(results.schema.get_field_index(name), name, arr)
         return results if results.schema.equals(stored, check_metadata=True) else results.cast(stored)
@@ -332,9 +335,12 @@ class EncryptionStage:
                                  dead.column("error"))  # fmt: skip
                 dead = dead.set_column(dead.schema.get_field_index("error"), "error", err)
         for name in self._sealed(dead.schema):  # no key: not stored (a replay of the key is not checked)
-            values = pc.if_else(keyed, dead.column(name), pa.scalar(None, dead.schema.field(name).type))
-            dead = dead.set_column(dead.schema.get_field_index(name), name,
-                                   self._encrypt_where(values, ids, label, name, tenants, keyed))  # fmt: skip
+            if self.keyring is None:
+                sealed = pa.nulls(dead.num_rows, pa.binary())
+            else:
+                values = pc.if_else(keyed, dead.column(name), pa.scalar(None, dead.schema.field(name).type))
+                sealed = self._encrypt_where(values, ids, label, name, tenants, keyed)
+            dead = dead.set_column(dead.schema.get_field_index(name), name, sealed)
         if self.encrypts_dead_text:
             text = pc.if_else(keyed, dead.column("output_text"), pa.scalar(None, pa.string()))
             enc = self._encrypt_where(text, ids, label, "output_text", tenants, keyed)

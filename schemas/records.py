@@ -143,8 +143,9 @@ AUDIT_COLUMNS = [
     # the first body's answer. Null without a key (and in rows written before stop 47).
     ("request_fingerprint", pa.string()),
 ]
-# Audit columns stored encrypted under the row's tenant key whenever the spec encrypts anything
-# (crypto/stage.py): a body's hash, however keyed, would let a reader confirm a guessed body.
+# Audit columns stored only encrypted, under the row's tenant key (crypto/stage.py): binary in
+# every table, null where the spec has no keys. A body's hash, keyed by what the client sends,
+# would let whoever guesses the key confirm a guessed body.
 SEALED_AUDIT_COLUMNS = frozenset({"request_fingerprint"})
 AUDIT_RESULTS_SCHEMA = pa.schema([*RESULTS_SCHEMA, *(pa.field(n, t) for n, t in AUDIT_COLUMNS)])
 AUDIT_DEAD_LETTER_SCHEMA = pa.schema([*DEAD_LETTER_SCHEMA, *(pa.field(n, t) for n, t in AUDIT_COLUMNS)])

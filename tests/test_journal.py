@@ -460,3 +460,56 @@ def test_a_full_audit_backlog_refuses_until_the_commits_catch_up(audit_env, tmp_
     assert 3 <= len(added) < len(groups)  # refused before the outage's rows had no bound
     assert _ids(spec.sink.results, env["keyring"]) == sorted(added)
     assert _ids(spec.sink.dead_letter, env["keyring"]) == sorted(f"{i}x" for i in added)
+
+
+def test_a_request_fingerprint_is_stored_only_encrypted_and_its_type_never_changes(tmp_path, monkeypatch):
+    """The audit's request_fingerprint (an Idempotency-Key request's body hash) is ciphertext
+    under the tenant's key, or null where the spec has no keys (`pii: redact` alone, or no
+    encryption): never a hash in clear that a reader who guesses the key could check a guessed
+    body against. Binary in every table, so an endpoint whose spec switches encryption on or off
+    still opens the tables it wrote (a first cut typed it by the spec: the next start failed on
+    a schema error)."""
+    from compute.idempotency import request_fingerprint
+    from compute.lineage import lineage_columns
+    from compute.online import OnlineGuards
+    from connectors.audit import AuditLog
+    from crypto.keyring import Keyring, LocalMasterKeyProvider
+    from crypto.stage import EncryptionStage
+    from deltalake import DeltaTable
+    from schemas.spec import parse_spec
+    from tests.serve_engines import EchoEngine
+
+    monkeypatch.setenv("TIDEGATE_MASTER_KEY", base64.b64encode(secrets.token_bytes(32)).decode())
+    Keyring.init(tmp_path / "keyring.json", LocalMasterKeyProvider()).create_tenant("acme")
+    keyed = {"keyring": str(tmp_path / "keyring.json"), "tenant": "acme", "dead_letter_raw": True}
+    fingerprints = {}
+    for n, encryption in enumerate([{}, keyed, {"pii": "redact", "tenant": "acme"}]):
+        spec = parse_spec(make_spec(tmp_path, None, "t", tmp_path / "no-model", **{
+            "source": {"kafka": {"topic": "t", "bootstrap_servers": ["127.0.0.1:9"]}}, "encryption": encryption,
+            "validation": [{"rule": "deny_list", "phrases": ["forbidden"], "on_fail": "reject"}]}))  # fmt: skip
+        enc = EncryptionStage(spec.encryption, spec.sink.results, spec.sink.dead_letter)
+        audit = AuditLog(spec, enc, f"serve-{n}")
+        audit.open()  # the second and third specs open tables the first one created
+        engine = EchoEngine(spec.model, spec.sampling)
+        guards = OnlineGuards(spec, f"serve-{n}", engine, lineage_columns(spec, engine.model_revision()), enc)
+        for question, offset in ((f"q{n}", 10 * n + 1), (f"q{n} forbidden", 10 * n + 2)):
+            body = json.dumps({"id": f"{n}-{offset}", "user": "dana", "question": question}).encode()
+            out = asyncio.run(guards.run(guards.event_source(body, "invoke", offset)))
+            fp = fingerprints[offset] = request_fingerprint("acme", "invoke", f"key-{offset}", body)
+            tag = lambda t: t.append_column("request_fingerprint", pa.array([fp] * t.num_rows, pa.string()))  # noqa: E731
+            tenant = lambda t: t.set_column(t.column_names.index("tenant"), "tenant",  # noqa: E731
+                                            pa.array(["acme"] * t.num_rows, pa.string()))
+            audit.write(tenant(tag(out.results)), tenant(tag(out.dead)))
+        if encryption is keyed:  # read back for the key's retries: the hash itself
+            assert audit.find("invoke", 11)[0].column("request_fingerprint").to_pylist() == [fingerprints[11]]
+            assert audit.find("invoke", 12)[1].column("request_fingerprint").to_pylist() == [fingerprints[12]]
+    for uri in (spec.sink.results, spec.sink.dead_letter):
+        table = DeltaTable(uri).to_pyarrow_table(columns=["source_offset", "request_fingerprint"])
+        assert table.schema.field("request_fingerprint").type == pa.binary()
+        cells = dict(zip(table.column("source_offset").to_pylist(), table.column("request_fingerprint").to_pylist()))
+        assert len(cells) == 3, cells  # one row per spec in each table
+        for offset, cell in cells.items():
+            if offset in (11, 12):  # the keyed spec's: ciphertext holding no copy of the hash
+                assert isinstance(cell, bytes) and fingerprints[offset].encode() not in cell
+            else:
+                assert cell is None
