@@ -64,6 +64,7 @@ CDF_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
 CHANGE_COLUMN = "\x00tidegate_change"
 # Operations that add files without changing data.
 NO_DATA_CHANGE = {"OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES", "ADD COLUMN", "CHECKPOINT"}
+HISTORY_TRIES = 20  # listings of the log, each between two loads of the same version (_operations)
 
 
 @dataclass
@@ -242,9 +243,23 @@ class DeltaSource:
 
         return _Unit(version, sum(counts), read)
 
+    def _operations(self) -> dict[int, str]:
+        """Each version's operation (commitInfo), keyed by its true version. delta-rs's history()
+        lists every commit up to the newest one but numbers them down from the handle's version:
+        a commit landing between the load and the listing shifted every label by one, so an
+        append read as the OPTIMIZE after it and its rows were skipped for good (found by a
+        read-only review). The listing is taken again until no commit landed around it."""
+        for attempt in range(HISTORY_TRIES):
+            dt = self._table()
+            history = dt.history()
+            if self._table().version() == dt.version():
+                return {h["version"]: h.get("operation", "") for h in history}
+            time.sleep(0.05 * (attempt + 1))
+        raise SourceError(f"source.delta.uri {self.spec.uri!r}: its log could not be listed between two commits "
+                          f"({HISTORY_TRIES} tries); try again when the table is written less often")  # fmt: skip
+
     def _incremental_units(self, first: int, latest: int) -> list[_Unit]:
-        current = self._table()
-        history = {h["version"]: h for h in current.history()}
+        operations = self._operations()
         units = []
         prev_files = {f.path for f in self._dataset(self._table(first - 1)).get_fragments()} if first > 0 else set()
         for v in range(first, latest + 1):
@@ -257,8 +272,10 @@ class DeltaSource:
             files = {f.path for f in dataset.get_fragments()}
             added, removed = files - prev_files, prev_files - files
             prev_files = files
-            op = (history.get(v) or {}).get("operation", "")
-            if not added and not removed or op in NO_DATA_CHANGE:
+            op = operations.get(v, "")
+            # A version that only adds files is data whatever its label: a compaction always
+            # removes the files it rewrites (a wrong label can only ever skip a rewrite, never rows).
+            if not added and not removed or removed and op in NO_DATA_CHANGE:
                 continue
             if not removed:
                 units.append(self._files_unit(v, dataset, added))

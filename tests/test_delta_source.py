@@ -213,6 +213,31 @@ def test_incremental_reads_appended_versions_and_reports_rewrites(tmp_path):
     assert later.report.skipped_change_versions == [2]
 
 
+def test_an_append_is_read_when_a_compaction_lands_while_the_plan_is_made(tmp_path, monkeypatch):
+    """delta-rs's history() lists the commits that landed after the handle was loaded too, and
+    numbers them down from the handle's version: an OPTIMIZE committed between the plan's load
+    and its listing labelled the append before it OPTIMIZE, and the append's rows were skipped
+    for good (4 of these 10 rows lost). The compaction lands there, on the real table, the first
+    time the log is listed."""
+    uri = str(tmp_path / "src")
+    write_deltalake(uri, rows(0, 6))
+    write_deltalake(uri, rows(6, 4), mode="append")  # version 1: the append
+    real, landed = DeltaTable.history, []
+
+    def history(self, *args, **kwargs):
+        if not landed:  # version 2: a compaction of both files, by another writer
+            landed.append(DeltaTable(uri).optimize.compact())
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(DeltaTable, "history", history)
+    src = source(uri, mode="incremental")
+    src.start()
+    out = read_all(src)
+    assert landed and DeltaTable(uri).version() == 2
+    assert [json.loads(v)["id"] for v in out.column("value").to_pylist()] == [f"r{i:06d}" for i in range(10)]
+    assert out.column("partition").to_pylist() == [0] * 6 + [1] * 4 and src.report.skipped_change_versions == []
+
+
 def test_follow_keeps_earlier_versions_planned_for_work_dropped_in_flight(tmp_path):
     """--follow: version 0's rows are handed out (at the engines, not committed) when version 1
     appears. If that work is then dropped (a fence, the commit writer lost), reseek must read
