@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
+from urllib.parse import unquote
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -74,6 +75,7 @@ class _Unit:
     version: int
     rows: int
     read: Callable[[int], Iterator[pa.Table]]  # start ordinal -> chunks from there
+    check: Callable[[int], None] | None = None  # start ordinal -> SourceError if a file it needs is gone
 
 
 @dataclass
@@ -98,6 +100,17 @@ def _plain_types(table: pa.Table) -> pa.Table:
         t = pa.string() if pa.types.is_string_view(f.type) else pa.binary() if pa.types.is_binary_view(f.type) else f.type
         fields.append(pa.field(f.name, t, f.nullable))
     return table.cast(pa.schema(fields))
+
+
+def _records_of(dt: DeltaTable) -> dict[str, int]:
+    """Rows per data file of this snapshot, from the log's statistics (numRecords), by the path
+    the dataset's fragments have (the log's is percent-encoded once more). A file without the
+    statistic is left out: its footer counts it."""
+    adds = pa.table(dt.get_add_actions(flatten=True))
+    if "num_records" not in adds.column_names:
+        return {}
+    return {unquote(p): n for p, n in zip(adds.column("path").to_pylist(), adds.column("num_records").to_pylist())
+            if n is not None}  # fmt: skip
 
 
 @register_source
@@ -212,36 +225,58 @@ class DeltaSource:
         self._resume()
 
     def _snapshot_unit(self, version: int) -> _Unit:
-        return self._files_unit(version, self._dataset(self._table(version)))
+        dt = self._table(version)
+        return self._files_unit(version, self._dataset(dt), records=_records_of(dt))
 
     def _dataset(self, dt: DeltaTable):
         return dt.to_pyarrow_dataset(filesystem=self._filesystem())
 
-    def _files_unit(self, version: int, dataset, paths: set[str] | None = None) -> _Unit:
-        """The rows of `dataset`'s files (only those in `paths`, when given), files sorted by path."""
+    def _files_unit(self, version: int, dataset, paths: set[str] | None = None,
+                    records: Mapping[str, int] | None = None) -> _Unit:  # fmt: skip
+        """The rows of `dataset`'s files (only those in `paths`, when given), files sorted by path.
+        `records`: rows per file as the log has them (_records_of); a file the log has no count of
+        is counted from its footer. From the log, a version already processed is planned without
+        opening its files: compacted and vacuumed since, it no longer stops a restart."""
         fragments = sorted(
             (f for f in dataset.get_fragments() if paths is None or f.path in paths), key=lambda f: f.path
         )
+        records = records or {}
         try:
-            counts = [f.count_rows() for f in fragments]
+            counts = [n if (n := records.get(f.path)) is not None else f.count_rows() for f in fragments]
         except FileNotFoundError:
             raise self._files_gone(version) from None
 
-        def read(start: int) -> Iterator[pa.Table]:
+        def needed(start: int) -> Iterator[tuple[object, int, int]]:
+            """(fragment, its rows, rows of it to skip) for the fragments holding rows from `start`."""
             skip = start
             for frag, n in zip(fragments, counts):
                 if skip >= n:
                     skip -= n
                     continue
-                for batch in frag.to_batches(schema=dataset.schema, batch_size=self.chunk_rows):
-                    t = pa.Table.from_batches([batch])
-                    if skip:
-                        cut = min(skip, t.num_rows)
-                        t, skip = t.slice(cut), skip - cut
-                    if t.num_rows:
-                        yield t
+                yield frag, n, skip
+                skip = 0
 
-        return _Unit(version, sum(counts), read)
+        def read(start: int) -> Iterator[pa.Table]:
+            try:
+                for frag, _, skip in needed(start):
+                    for batch in frag.to_batches(schema=dataset.schema, batch_size=self.chunk_rows):
+                        t = pa.Table.from_batches([batch])
+                        if skip:
+                            cut = min(skip, t.num_rows)
+                            t, skip = t.slice(cut), skip - cut
+                        if t.num_rows:
+                            yield t
+            except FileNotFoundError:  # vacuumed while read
+                raise self._files_gone(version) from None
+
+        def check(start: int) -> None:  # before any work: each file still to read is there
+            try:
+                for frag, _, _ in needed(start):
+                    frag.count_rows()
+            except FileNotFoundError:
+                raise self._files_gone(version) from None
+
+        return _Unit(version, sum(counts), read, check)
 
     def _operations(self) -> dict[int, str]:
         """Each version's operation (commitInfo), keyed by its true version. delta-rs's history()
@@ -278,7 +313,7 @@ class DeltaSource:
             if not added and not removed or removed and op in NO_DATA_CHANGE:
                 continue
             if not removed:
-                units.append(self._files_unit(v, dataset, added))
+                units.append(self._files_unit(v, dataset, added, records=_records_of(at_v)))
             elif cdf:
                 units.append(self._cdf_unit(v))
             else:
@@ -293,9 +328,10 @@ class DeltaSource:
         """A version whose log is there and whose data files are not: vacuumed since (a job stopped
         longer than the table's vacuum retention while it was compacted). The file is not named:
         a partitioned table's paths hold row values."""
-        return SourceError(f"source.delta.uri {self.spec.uri!r}: a data file of version {version} is gone (vacuumed since?); "
-                           "rerun with a later source.delta.version, or keep vacuum retention longer than a job stays "
-                           "stopped")  # fmt: skip
+        way_on = ("rerun with a later source.delta.version" if self.spec.mode == "snapshot"
+                  else "its rows can no longer be read: a job with a new name reads the table from its start")  # fmt: skip
+        return SourceError(f"source.delta.uri {self.spec.uri!r}: a data file of version {version} is gone (vacuumed "
+                           f"since?); {way_on}; keep vacuum retention longer than a job stays stopped")  # fmt: skip
 
     def _cdf_unit(self, version: int) -> _Unit:
         try:
@@ -335,6 +371,9 @@ class DeltaSource:
 
     def _begin(self, starts: list[tuple[_Unit, int]]) -> None:
         """Read these units from these row ordinals on."""
+        for u, s in starts:
+            if u.check is not None:
+                u.check(s)
         self.total_rows = sum(u.rows - s for u, s in starts)
         self._handed = 0
         log.info(

@@ -309,6 +309,32 @@ def test_a_version_whose_data_files_were_vacuumed_stops_naming_the_version(tmp_p
     assert "region=" not in str(e.value)
 
 
+@pytest.mark.parametrize("mode", ["snapshot", "incremental"])
+def test_a_job_that_read_everything_restarts_after_the_table_is_compacted_and_vacuumed(tmp_path, mode):
+    """The job read all of versions 0-1; the table was then compacted and vacuumed (routine
+    maintenance), nothing appended. A restart planned the marker's version again from its files'
+    footers and stopped: "a data file of version 1 is gone", with no way on but a new job name
+    (every row again). Now a version's rows are counted from the log: nothing to do, and the next
+    append is read. A file still to be read that is gone stops the job before any work, as before
+    (test_a_version_whose_data_files_were_vacuumed_stops_naming_the_version)."""
+    uri = str(tmp_path / "src")
+    write_deltalake(uri, rows(0, 6), partition_by=["region"])
+    write_deltalake(uri, rows(6, 4), mode="append", partition_by=["region"])
+    done = {(uri, MARKER): 1, (uri, 1): 9} if mode == "snapshot" else {(uri, MARKER): 1, (uri, 1): 3}
+    DeltaTable(uri).optimize.compact()  # version 2
+    DeltaTable(uri).vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+    src = source(uri, done, mode=mode)
+    src.start()
+    assert read_all(src) is None
+    if mode == "incremental":
+        write_deltalake(uri, rows(10, 2), mode="append", partition_by=["region"])  # after the vacuum's commits
+        later = source(uri, done, mode=mode)
+        later.start()
+        out = read_all(later)
+        v = DeltaTable(uri).version()
+        assert out.column("partition").to_pylist() == [v, v] and out.column("offset").to_pylist() == [0, 1]
+
+
 def test_incremental_with_change_data_feed_reports_updates_and_deletes_row_by_row(tmp_path):
     uri = str(tmp_path / "src")
     write_deltalake(uri, rows(0, 5), configuration={"delta.enableChangeDataFeed": "true"})
