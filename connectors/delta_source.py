@@ -6,6 +6,7 @@ Positions use the same protocol as Kafka (docs/exactly-once.md) with these "part
     partition = a table version;  offset = the row's ordinal within that version's rows
     partition MARKER (-1): the version this job is on (snapshot: the snapshot's version;
                            incremental: the newest version with committed rows)
+    partition IDENTITY (-2), MODE (-3): which table, and which mode, the positions are of
 
 A version's rows are read in a fixed order (data files sorted by path, rows in file order; change
 feed rows sorted), so an ordinal names the same row on every run.
@@ -53,6 +54,11 @@ MARKER = -1
 # riding on every commit like the MARKER. A table deleted and created again at the same URI starts
 # its versions at 0 again: without this the job read it from its old marker on, skipping rows.
 IDENTITY = -2
+# partition MODE (-3): how the positions were made (MODES: a version's ordinals mean other rows in a
+# snapshot than in an incremental read), riding on every commit too. Before stop 47 a snapshot
+# rerun as incremental (or the reverse) skipped or repeated rows without a word.
+MODE = -3
+MODES = {"incremental": 0, "snapshot": 1}
 
 
 def table_identity(dt: DeltaTable) -> int:
@@ -204,12 +210,19 @@ class DeltaSource:
                 "job a new name to read this table from its start, or point it at the table it read"
             )  # fmt: skip
         marker = self.resume_positions([(self.topic, MARKER)]).get((self.topic, MARKER))
+        self._check_mode(marker)
         if self.spec.mode == "snapshot":
             if marker is None and self.furthest_positions is not None:
                 # No results commit yet, but a first commit may have landed its dead letters (and
                 # their MARKER) before it stopped: that snapshot's version is the one to finish (the
                 # latest, planned anew, would give its rows new ordinals: twice in the output).
                 marker = self.furthest_positions([(self.topic, MARKER)]).get((self.topic, MARKER))
+            if self.spec.version is not None and marker is not None and marker != self.spec.version:
+                raise SourceError(
+                    f"source.delta.version {self.spec.version}: this job's positions are of the snapshot at version "
+                    f"{marker}; reading another snapshot on from them would skip or repeat rows. Give the job a new "
+                    "name to read another version, or set source.delta.version back"
+                )  # fmt: skip
             version = self.spec.version if self.spec.version is not None else (marker if marker is not None else latest)
             if version > latest:
                 raise SourceError(f"source.delta.version {version}: the table's latest version is {latest}")
@@ -223,6 +236,23 @@ class DeltaSource:
             self._units = self._incremental_units(first, latest)
             self._last_planned = latest
         self._resume()
+
+    def _check_mode(self, marker: int | None) -> None:
+        """Refuses positions made in the other mode (a version's ordinals are other rows there).
+        Positions from before the record (stop 47) are taken as they are, and get it with the
+        next commit."""
+        tp = (self.topic, MODE)
+        recorded = self.resume_positions([tp]).get(tp)
+        if recorded is None and self.furthest_positions is not None:  # a first commit of dead letters only
+            recorded = self.furthest_positions([tp]).get(tp)
+        if recorded is None or recorded == MODES[self.spec.mode]:
+            return
+        was = next((m for m, n in MODES.items() if n == recorded), f"unknown ({recorded})")
+        raise SourceError(
+            f"source.delta.mode {self.spec.mode}: this job's positions were made reading the table in {was} mode (on "
+            f"version {marker}); reading on in another mode would skip or repeat rows. Give the job a new name to read "
+            f"the table in {self.spec.mode} mode, or set the mode back"
+        )  # fmt: skip
 
     def _snapshot_unit(self, version: int) -> _Unit:
         dt = self._table(version)
@@ -358,7 +388,7 @@ class DeltaSource:
 
     def _resume(self) -> None:
         tps = [(self.topic, u.version) for u in self._units]
-        positions = self.resume_positions(tps + [(self.topic, MARKER), (self.topic, IDENTITY)]) if tps else {}
+        positions = self.resume_positions(tps + [(self.topic, p) for p in (MARKER, IDENTITY, MODE)]) if tps else {}
         starts = []
         for u in self._units:
             last = positions.get((self.topic, u.version))
@@ -478,13 +508,16 @@ class DeltaSource:
         ]
 
     def assignment(self) -> set[TopicPartition]:
-        return {(self.topic, u.version) for u in self._units} | {(self.topic, MARKER), (self.topic, IDENTITY)}
+        return {(self.topic, u.version) for u in self._units} | {(self.topic, p) for p in (MARKER, IDENTITY, MODE)}
 
     def extra_positions(self, positions: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
         """The MARKER rides along with every commit (the newest version it covers), and the table's
-        IDENTITY (start() refuses positions of another table)."""
+        IDENTITY and the MODE (start() refuses positions of another table, or of the other mode)."""
         versions = [p for (t, p) in positions if t == self.topic and p >= 0]
-        return {(self.topic, MARKER): max(versions), (self.topic, IDENTITY): self._identity} if versions else {}
+        if not versions:
+            return {}
+        return {(self.topic, MARKER): max(versions), (self.topic, IDENTITY): self._identity,
+                (self.topic, MODE): MODES[self.spec.mode]}  # fmt: skip
 
     def committed(self, positions: Mapping[TopicPartition, int]) -> None:
         """A version whose last row is committed leaves the plan (with --follow the plan would

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from connectors.delta_source import IDENTITY, MARKER, DeltaSource
+from connectors.delta_source import IDENTITY, MARKER, MODE, MODES, DeltaSource
 from schemas.errors import SourceError
 from schemas.spec import DeltaSourceSpec
 from tests.conftest import make_spec, source_context, table_rows, wait_for, write_spec
@@ -168,7 +168,7 @@ def test_a_table_deleted_and_created_again_at_the_uri_is_refused_not_read_from_t
     read_all(first)
     done = {(uri, 0): 3, (uri, 1): 3}
     extra = first.extra_positions(done)
-    assert extra == {(uri, MARKER): 1, (uri, IDENTITY): table_identity(DeltaTable(uri))}
+    assert extra == {(uri, MARKER): 1, (uri, IDENTITY): table_identity(DeltaTable(uri)), (uri, MODE): MODES["incremental"]}
     sink.commit(results_table([0, 1, 2, 3], topic=uri), sink.dead_letter.schema.empty_table(), {**done, **extra})
     again = DeltaSource(spec, SourceContext("job", SinkPositions(), batch_rows=4))
     again.start()  # the same table: nothing left to read, no complaint
@@ -267,7 +267,7 @@ def test_follow_keeps_earlier_versions_planned_for_work_dropped_in_flight(tmp_pa
         again += [(p, json.loads(v)["id"]) for p, v in zip(t.column("partition").to_pylist(), t.column("value").to_pylist())]
     assert again == [(0, f"r{i:06d}") for i in range(6)] + [(1, f"r{i:06d}") for i in range(6, 9)]
     src.committed({(uri, 0): 5, (uri, 1): 1, (uri, MARKER): 1})  # version 0 done, version 1 not
-    assert sorted(src.assignment()) == [(uri, IDENTITY), (uri, MARKER), (uri, 1)]  # a finished version leaves the plan
+    assert sorted(src.assignment()) == [(uri, MODE), (uri, IDENTITY), (uri, MARKER), (uri, 1)]  # a finished version leaves the plan
 
 
 def test_incremental_over_a_table_whose_early_log_is_cleaned(tmp_path):
@@ -333,6 +333,33 @@ def test_a_job_that_read_everything_restarts_after_the_table_is_compacted_and_va
         out = read_all(later)
         v = DeltaTable(uri).version()
         assert out.column("partition").to_pylist() == [v, v] and out.column("offset").to_pylist() == [0, 1]
+
+
+def test_positions_of_the_other_mode_or_of_another_snapshot_are_refused(tmp_path):
+    """A snapshot killed halfway and rerun as incremental read nothing of it (its rows lost), a
+    finished incremental job rerun as snapshot read version 1's snapshot ordinals again, and a
+    changed source.delta.version restarted at another snapshot: rows repeated. The mode rides on
+    every commit now (partition MODE), and both changes are refused at start, before any work."""
+    uri = str(tmp_path / "src")
+    write_deltalake(uri, rows(0, 6))
+    write_deltalake(uri, rows(6, 4), mode="append")  # version 1
+    snapshot_made = {(uri, MARKER): 1, (uri, 1): 1, (uri, MODE): MODES["snapshot"]}
+    incremental_made = {(uri, MARKER): 1, (uri, 1): 3, (uri, MODE): MODES["incremental"]}
+    with pytest.raises(SourceError, match="positions were made reading the table in snapshot mode"):
+        source(uri, snapshot_made, mode="incremental").start()
+    with pytest.raises(SourceError, match="positions were made reading the table in incremental mode"):
+        source(uri, incremental_made, mode="snapshot").start()
+    with pytest.raises(SourceError, match="positions are of the snapshot at version 1"):
+        source(uri, snapshot_made, mode="snapshot", version=0).start()
+    # The same mode and snapshot go on; positions from before the record are taken as they are.
+    same = source(uri, snapshot_made, mode="snapshot", version=1)
+    same.start()
+    assert read_all(same).column("offset").to_pylist() == list(range(2, 10))
+    assert same.extra_positions({(uri, 1): 9})[(uri, MODE)] == MODES["snapshot"]
+    older = source(uri, {(uri, MARKER): 1, (uri, 1): 1}, mode="incremental")
+    older.start()
+    assert read_all(older).column("offset").to_pylist() == [2, 3]
+    assert older.extra_positions({(uri, 1): 3})[(uri, MODE)] == MODES["incremental"]
 
 
 def test_incremental_with_change_data_feed_reports_updates_and_deletes_row_by_row(tmp_path):
