@@ -47,6 +47,20 @@ class BadEvent(Exception):
         self.event_id = event_id
 
 
+def event_id_of(event: dict, field: str) -> str:
+    """The event's id as the job keys its row: a string or an integer, stripped, not empty (else
+    BadEvent: missing_id or invalid_id). The producer checks events with it too (jobs/producer.py)."""
+    if field not in event or event[field] is None:
+        raise BadEvent("decode", "missing_id", f"id field {field!r} is missing")
+    raw_id = event[field]
+    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+        raise BadEvent("decode", "invalid_id", f"id field {field!r} is {_json_kind(raw_id)}, expected a string")
+    event_id = str(raw_id).strip()
+    if not event_id:
+        raise BadEvent("decode", "missing_id", f"id field {field!r} is empty")
+    return event_id
+
+
 def dead_letter_table(rows: list[dict], run_id: str) -> pa.Table:
     """Build a DEAD_LETTER_SCHEMA table from dicts holding the per-row columns."""
     if not rows:  # most batches, and nearly every online request: no dead letter to build
@@ -185,16 +199,7 @@ class PromptRenderer:
         return event
 
     def event_id(self, event: dict) -> str:
-        field = self.spec.id_field
-        if field not in event or event[field] is None:
-            raise BadEvent("decode", "missing_id", f"id field {field!r} is missing")
-        raw_id = event[field]
-        if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
-            raise BadEvent("decode", "invalid_id", f"id field {field!r} is {_json_kind(raw_id)}, expected a string")
-        event_id = str(raw_id).strip()
-        if not event_id:
-            raise BadEvent("decode", "missing_id", f"id field {field!r} is empty")
-        return event_id
+        return event_id_of(event, self.spec.id_field)
 
     def check_size(self, value: bytes, event_id: str | None) -> None:
         if len(value) > self.max_message_bytes:

@@ -22,17 +22,25 @@ under the subject '<topic>-value', or looked up in a local {id: schema} file).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from compute.event_contract import EventContract
 from compute.event_formats import AvroEncoder, encode_json, load_avro_schema
+from compute.prompts import BadEvent, event_id_of
 from connectors.schema_registry import open_registry
 from schemas.errors import EventContractError, ProduceError, SpecError
 from schemas.spec import JobSpec, KafkaSecuritySpec, load_spec
 
 __all__ = ["Delivery", "EventProducer", "EventContractError", "ProduceError"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_REQUEST_SIZE = 1_048_576  # kafka-python's max_request_size
+REQUEST_ROOM = 64 * 2**10  # a request's framing and the event's key, beyond the event itself
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,10 @@ class EventProducer:
         self.contract = contract
         self.encode = self._encoder(format, avro_schema, schema_registry)
         config = dict(producer_config or {})
+        if max_message_bytes is not None:
+            # Room for the largest event the job takes: kafka-python's default (1 MiB) refused
+            # events a job with a larger source.kafka.max_message_bytes reads.
+            config.setdefault("max_request_size", max(DEFAULT_MAX_REQUEST_SIZE, max_message_bytes + REQUEST_ROOM))
         config.update((security or KafkaSecuritySpec()).client_config())
         config.update(
             bootstrap_servers=bootstrap_servers,
@@ -87,10 +99,38 @@ class EventProducer:
             max_in_flight_requests_per_connection=5,
             linger_ms=config.get("linger_ms", 10),
         )
+        self._config = config
+        self._lock = threading.Lock()  # a new client in place of one failed for good (_renew_if_failed)
         try:
             self._producer = KafkaProducer(**config)
         except Exception as e:  # NoBrokersAvailable, bad settings: one named error
             raise ProduceError(f"cannot connect to Kafka at {bootstrap_servers}: {type(e).__name__}") from None
+
+    def _renew_if_failed(self) -> None:
+        """kafka-python (3.0) puts an idempotent producer in a fatal state, for good, on any error
+        the broker answers a batch with that it cannot retry (a message over the topic's
+        max.message.bytes, a denied ACL, a policy): every later send then fails with that error.
+        A shared producer (the online /events route) refused every event until its replica was
+        replaced. Now such a client is closed and a new one takes its place, for the next send;
+        the events of the batch that hit it were reported as not taken."""
+        from kafka import KafkaProducer
+
+        with self._lock:
+            failed = self._producer
+            tm = getattr(failed, "_transaction_manager", None)
+            if tm is None or not tm.has_fatal_error():
+                return
+            log.warning("Kafka producer for topic %r failed for good (%s); a new one takes its place", self.topic,
+                        type(tm.last_error).__name__)  # fmt: skip
+            try:
+                self._producer = KafkaProducer(**self._config)
+            except Exception as e:  # noqa: BLE001 - the broker is away: the next send tries again
+                log.warning("a new Kafka producer could not be made (%s)", type(e).__name__)
+                return
+        try:
+            failed.close(timeout=0)
+        except Exception as e:  # noqa: BLE001 - a failed client's close: nothing of it is needed
+            log.debug("closing a failed Kafka producer raised %s", type(e).__name__)
 
     @classmethod
     def from_spec(cls, spec: JobSpec | str | Path, bootstrap_servers: str | list[str] | None = None,
@@ -132,11 +172,10 @@ class EventProducer:
         msgs = self.contract.violations(event)
         if msgs:
             raise EventContractError("; ".join(msgs), record)
-        if event.get(self.id_field) is None:  # a json_schema that does not require it
-            raise EventContractError(f"{self.id_field}: the id is missing", record)
-        event_id = str(event[self.id_field]).strip()
-        if not event_id:
-            raise EventContractError(f"{self.id_field}: the id is empty", record)
+        try:  # the job's own rule (a json_schema or event_schema may allow ids the job dead-letters)
+            event_id = event_id_of(event, self.id_field)
+        except BadEvent as e:
+            raise EventContractError(f"{self.id_field}: {e}", record) from None
         try:
             value = self.encode(event)
         except EventContractError as e:
@@ -147,7 +186,9 @@ class EventProducer:
 
     def send(self, event: Mapping[str, Any]) -> Delivery:
         """Check, serialise and send one event; returns where it landed (waits for the broker)."""
-        return self._send([self._prepare(event, None)])[0]
+        prepared = self._prepare(event, None)
+        self._check_size(None, *prepared[:2])  # (before stop 47 send() sent one the job dead-letters)
+        return self._send([prepared])[0]
 
     def send_many(self, events: Iterable[Mapping[str, Any]] | Any) -> list[Delivery]:
         """Check and serialise every event first (a bad one raises naming its position and field:
@@ -161,7 +202,7 @@ class EventProducer:
     # kafka-python's estimate of a record's framing is below this (a v2 record: varints, no headers)
     RECORD_OVERHEAD = 128
 
-    def _check_size(self, i: int, key: bytes, value: bytes) -> None:
+    def _check_size(self, i: int | None, key: bytes, value: bytes) -> None:
         """EventContractError (nothing sent) for an event kafka-python would refuse (over its
         max_request_size) or the job would dead-letter (over its max_message_bytes): before stop
         44 send_many had sent the events before it by the time the client refused it, and
@@ -209,19 +250,28 @@ class EventProducer:
         """Each event's own outcome: where it landed, or why the broker (or the client, before
         sending: too large, no metadata in time) did not take it. One event's failure is its own.
         numbers: each event's number in the caller's list (default: its place here)."""
-        from kafka.errors import KafkaError
+        from kafka.errors import KafkaError, KafkaTimeoutError
 
         def failed(i: int, e: Exception) -> ProduceError:
             n = numbers[i] if numbers is not None else i
             return ProduceError(f"topic {self.topic!r}: the broker did not take event {n}: {type(e).__name__}")
 
+        self._renew_if_failed()  # a client a refusal left failed for good: not used again
+        producer = self._producer
         sent: list[Any] = []
+        no_metadata = None
         for i, (key, value, _) in enumerate(prepared):
+            if no_metadata is not None:  # each send would wait max_block_ms again (60 s an event)
+                sent.append(failed(i, no_metadata))
+                continue
             try:
-                sent.append(self._producer.send(self.topic, key=key, value=value))
-            except KafkaError as e:  # raised by send() itself: over max_request_size, no metadata in time
+                sent.append(producer.send(self.topic, key=key, value=value))
+            except KafkaTimeoutError as e:  # no metadata for the topic within max_block_ms
+                no_metadata = e
                 sent.append(failed(i, e))
-        self._producer.flush()
+            except KafkaError as e:  # raised by send() itself: over max_request_size
+                sent.append(failed(i, e))
+        producer.flush()
         out: list[Delivery | ProduceError] = []
         for i, ((_, _, eid), fut) in enumerate(zip(prepared, sent)):
             if isinstance(fut, ProduceError):
@@ -233,6 +283,7 @@ class EventProducer:
                 out.append(failed(i, e))
                 continue
             out.append(Delivery(eid, md.topic, md.partition, md.offset))
+        self._renew_if_failed()
         return out
 
     def close(self) -> None:

@@ -152,8 +152,49 @@ def test_cli_produce_sends_nothing_before_an_oversized_event_and_checks_ids_with
     from tidegate.producer import EventProducer
 
     with EventProducer(broker.bootstrap_servers, topic, "id", json_schema={"type": "object"}) as producer:
-        with pytest.raises(EventContractError, match="id: the id is missing"):  # was a bare KeyError
+        with pytest.raises(EventContractError, match="id: id field 'id' is missing"):  # was a bare KeyError
             producer.send({"q": 1})
+
+
+def test_the_producer_takes_only_what_the_job_takes_and_outlives_a_refusal(tmp_path, broker, topic):
+    """Four gaps from a read-only review (stop 47), on the real broker:
+    - an id the job dead-letters (a float, a boolean, an object: invalid_id) was sent when the
+      contract allowed it (a json_schema, or an event_schema that retypes the id);
+    - send() did not check the size (send_many and send_each did): an event the job dead-letters
+      as oversized_message was sent;
+    - the client kept kafka-python's 1 MiB max_request_size whatever the job's
+      source.kafka.max_message_bytes, refusing events the job takes;
+    - a batch the broker refuses for good (a message over the topic's limit, a denied ACL) left
+      kafka-python's idempotent producer failed for good: every later event of a shared producer
+      (/events) failed with that error until its replica was replaced. The refusal's state is set
+      here as kafka-python sets it (its transaction manager's fatal transition), then events are
+      sent."""
+    from kafka.errors import MessageSizeTooLargeError
+
+    from tidegate.producer import Delivery, EventProducer
+
+    with EventProducer(broker.bootstrap_servers, topic, "id", json_schema={"type": "object"}) as loose:
+        for bad in (1.5, True, {"a": SECRET}):
+            with pytest.raises(EventContractError, match="id: id field 'id' is") as e:
+                loose.send({"id": bad, "q": SECRET})
+            assert SECRET not in str(e.value)
+        assert loose.send({"id": 7, "q": "an integer id is the job's too"}).id == "7"
+    spec_path = write_spec(tmp_path, producer_spec(tmp_path, broker, topic, max_message_bytes=2000))
+    with EventProducer.from_spec(spec_path) as producer:
+        with pytest.raises(EventContractError, match="over the job's source.kafka.max_message_bytes"):
+            producer.send(ev(1, question=SECRET * 200))
+        assert isinstance(producer.send(ev(2)), Delivery)
+        producer._producer._transaction_manager.transition_to_fatal_error(MessageSizeTooLargeError())
+        out = producer.send_each([ev(3), ev(4)])
+        assert [type(o).__name__ for o in out] == ["Delivery", "Delivery"], out
+        assert isinstance(producer.send(ev(5)), Delivery)
+    (tmp_path / "big").mkdir()
+    big = write_spec(tmp_path / "big", producer_spec(tmp_path, broker, topic, max_message_bytes=4_000_000))
+    with EventProducer.from_spec(big) as producer:
+        assert producer._producer.config["max_request_size"] > 4_000_000
+        producer._check_size(0, b"k", b"x" * 2_000_000)  # taken by the job: not refused here
+    got = sorted(m.key().decode() for m in consume_all(broker.bootstrap_servers, topic, idle_s=2))
+    assert got == ["7", "p0002", "p0003", "p0004", "p0005"]
 
 
 @pytest.mark.slow
@@ -208,3 +249,33 @@ def test_a_job_reads_librdkafka_avro_and_publishes_each_committed_row_to_kafka_o
     assert statuses[b"dead_letter"] == 3 and sum(statuses.values()) == 33
     assert {json.loads(m.value())["id"] for m in msgs if dict(m.headers())["status"] != b"dead_letter"} == set(results["id"])
     assert table_rows(spec["sink"]["results"]) == 30
+
+
+def test_a_topic_without_metadata_fails_a_calls_events_at_once_not_one_wait_each():
+    """kafka-python's send() waits up to max_block_ms (60 s) for the topic's metadata (a topic not
+    created, auto-creation off; the broker gone before the first send) and raises
+    KafkaTimeoutError. send_each caught it per event and sent the next, which waited again: a
+    100-event /events call held its thread for 100 minutes. Now the first timeout fails the rest of
+    the call at once. A pure-logic unit of the send loop: the client is a stand-in whose send()
+    times out, as kafka-python's does without metadata (the test broker creates every topic)."""
+    import threading
+    from types import SimpleNamespace as NS
+
+    from kafka.errors import KafkaTimeoutError
+
+    from jobs.producer import EventProducer
+    from schemas.errors import ProduceError
+
+    calls = []
+
+    def send(topic, key, value):
+        calls.append(key)
+        raise KafkaTimeoutError("Failed to update metadata after 60.0 secs.")
+
+    producer = object.__new__(EventProducer)
+    producer.topic, producer._lock = "t", threading.Lock()
+    producer._producer = NS(send=send, flush=lambda: None, _transaction_manager=NS(has_fatal_error=lambda: False))
+    out = producer._send_each([(b"a", b"{}", "a"), (b"b", b"{}", "b"), (b"c", b"{}", "c")], [4, 5, 6])
+    assert calls == [b"a"]  # one wait, not three
+    assert [type(o) for o in out] == [ProduceError] * 3
+    assert [str(o).split("event ")[1] for o in out] == ["4: KafkaTimeoutError"] * 1 + ["5: KafkaTimeoutError", "6: KafkaTimeoutError"]
