@@ -118,8 +118,20 @@ class AvroEncoder:
     def __init__(self, schema: Any, schema_id: int | None = None):
         self.schema = fastavro.parse_schema(schema)
         self.header = _HEADER.pack(MAGIC, schema_id) if schema_id is not None else b""
+        # Top-level fields that take text and no number or boolean, with the primitive types they
+        # take: a number or a boolean there is sent as its text (str(), what the job's template
+        # renders of it in JSON). The contract's Avro form types an id or a template variable that
+        # JSON allows as a number ("string or integer") as a string: an integer ticket id passed
+        # the contract and then failed here (TypeError), refused as not fitting the schema.
+        self._as_text: set[str] = set()
+        for f in self.schema.get("fields", []) if isinstance(self.schema, dict) else []:
+            kinds = {t if isinstance(t, str) else t.get("type") for t in (f["type"] if isinstance(f["type"], list) else [f["type"]])}
+            if "string" in kinds and not kinds & {"int", "long", "float", "double", "boolean"}:
+                self._as_text.add(f["name"])
 
     def __call__(self, event: Any) -> bytes:
+        if self._as_text and isinstance(event, dict):
+            event = {k: str(v) if k in self._as_text and isinstance(v, (int, float)) else v for k, v in event.items()}
         buf = io.BytesIO()
         buf.write(self.header)
         try:
