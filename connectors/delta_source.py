@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 from deltalake import DeltaTable
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import DeltaError, DeltaProtocolError, SchemaMismatchError, TableNotFoundError
 
 from connectors.source import (
     Lag, PartitionStatus, SourceContext, SourceStatus, identity_of, register_source, source_versions_behind,
@@ -473,9 +473,18 @@ class DeltaSource:
         if time.monotonic() < self._next_check:
             return
         self._next_check = time.monotonic() + self.spec.poll_interval_s
-        latest = self._table().version()
-        if self._last_planned is not None and latest > self._last_planned:
-            new = self._incremental_units(self._last_planned + 1, latest)
+        try:
+            latest = self._table().version()
+            new = self._incremental_units(self._last_planned + 1, latest) if (
+                self._last_planned is not None and latest > self._last_planned) else None  # fmt: skip
+        except (SourceError, DeltaProtocolError, SchemaMismatchError):  # the table gone, unreadable: stops, as at start
+            raise
+        except (OSError, DeltaError) as e:  # a store error (a timeout, throttling): nothing planned yet
+            # Before stop 47 one such error ended a job that had followed the table for days.
+            log.warning("Delta source %s: new versions not planned (%s); trying again in %.1fs", self.spec.uri,
+                        type(e).__name__, self.spec.poll_interval_s)  # fmt: skip
+            return
+        if new is not None:
             self._last_planned = latest
             # The earlier versions stay planned: rows of theirs may still be in flight, and if that
             # work is dropped (a fence, the commit writer lost) reseek reads them again from their

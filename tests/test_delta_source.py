@@ -270,6 +270,38 @@ def test_follow_keeps_earlier_versions_planned_for_work_dropped_in_flight(tmp_pa
     assert sorted(src.assignment()) == [(uri, MODE), (uri, IDENTITY), (uri, MARKER), (uri, 1)]  # a finished version leaves the plan
 
 
+def test_follow_outlives_a_store_error_while_it_plans_new_versions(tmp_path, monkeypatch):
+    """--follow plans new versions on its polls; one store error there (an S3 timeout, a
+    throttled listing) ended a job that had followed the table for days. Now it is logged and the
+    next poll_interval_s tries again. The error is raised by the table load, once, as an object
+    store's client raises it (OSError)."""
+    uri = str(tmp_path / "src")
+    write_deltalake(uri, rows(0, 3))
+    src = DeltaSource(DeltaSourceSpec(uri=uri, mode="incremental", poll_interval_s=0.01),
+                      source_context({}, batch_rows=5, follow=True))  # fmt: skip
+    src.start()
+    handed = []
+    while (t := src.poll(4, 0)) is not None:
+        handed += t.column("partition").to_pylist()
+    write_deltalake(uri, rows(3, 2), mode="append")  # version 1
+    load, failures = src._table, []
+
+    def flaky(version=None):
+        if not failures:
+            failures.append(version)
+            raise OSError("the store timed out")
+        return load(version)
+
+    monkeypatch.setattr(src, "_table", flaky)
+    deadline = time.monotonic() + 30
+    while handed.count(1) < 2 and time.monotonic() < deadline:
+        t = src.poll(4, 0)
+        if t is not None:
+            handed += t.column("partition").to_pylist()
+        time.sleep(0.01)
+    assert failures == [None] and handed == [0, 0, 0, 1, 1]
+
+
 def test_incremental_over_a_table_whose_early_log_is_cleaned(tmp_path):
     """A table older than its log retention cannot be loaded at its first versions: an incremental
     run that needs them (a first run from version 0, a restart that fell behind) stops naming the
