@@ -342,6 +342,11 @@ class DeltaSource:
             # removes the files it rewrites (a wrong label can only ever skip a rewrite, never rows).
             if not added and not removed or removed and op in NO_DATA_CHANGE:
                 continue
+            if op == "RESTORE":  # files of earlier versions back (or away): no row the job has not read
+                log.warning("source version %d restores an earlier version of the table: its files are not read "
+                            "again", v)  # fmt: skip
+                self.report.skipped_change_versions.append(v)
+                continue
             if not removed:
                 units.append(self._files_unit(v, dataset, added, records=_records_of(at_v)))
             elif cdf:
@@ -512,8 +517,8 @@ class DeltaSource:
         if not self.report.skipped_change_versions:
             return []
         return [
-            f"source versions {self.report.skipped_change_versions} rewrote data (update/delete/merge) and the "
-            "table has no change data feed: not processed"
+            f"source versions {self.report.skipped_change_versions} rewrote data (update/delete/merge) with no "
+            "change data feed, or restored an earlier version: not processed"
         ]
 
     def assignment(self) -> set[TopicPartition]:

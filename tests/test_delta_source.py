@@ -302,6 +302,21 @@ def test_follow_outlives_a_store_error_while_it_plans_new_versions(tmp_path, mon
     assert failures == [None] and handed == [0, 0, 0, 1, 1]
 
 
+def test_a_restore_is_reported_not_read_as_an_append(tmp_path):
+    """RESTORE puts files of an earlier version back: rows the job read at that version. A
+    restore that only added files was planned as an append, and its rows processed twice."""
+    uri = str(tmp_path / "src")
+    write_deltalake(uri, rows(0, 3), partition_by=["region"])
+    write_deltalake(uri, rows(3, 2, region="us"), mode="append", partition_by=["region"])  # version 1
+    DeltaTable(uri).delete("region = 'us'")  # version 2: files removed only
+    DeltaTable(uri).restore(1)  # version 3: version 1's file back
+    src = source(uri, mode="incremental")
+    src.start()
+    out = read_all(src)
+    assert [json.loads(v)["id"] for v in out.column("value").to_pylist()] == [f"r{i:06d}" for i in range(5)]
+    assert out.column("partition").to_pylist() == [0, 0, 0, 1, 1] and src.report.skipped_change_versions == [2, 3]
+
+
 def test_incremental_over_a_table_whose_early_log_is_cleaned(tmp_path):
     """A table older than its log retention cannot be loaded at its first versions: an incremental
     run that needs them (a first run from version 0, a restart that fell behind) stops naming the
