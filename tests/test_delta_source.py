@@ -238,6 +238,29 @@ def test_an_append_is_read_when_a_compaction_lands_while_the_plan_is_made(tmp_pa
     assert out.column("partition").to_pylist() == [0] * 6 + [1] * 4 and src.report.skipped_change_versions == []
 
 
+def following(uri: str) -> tuple[DeltaSource, list[int]]:
+    """An incremental source with --follow on `uri`, started, its rows so far handed out (not
+    committed): (the source, the partitions of the rows handed out)."""
+    src = DeltaSource(DeltaSourceSpec(uri=uri, mode="incremental", poll_interval_s=0.01),
+                      source_context({}, batch_rows=5, follow=True))  # fmt: skip
+    src.start()
+    handed = []
+    while (t := src.poll(4, 0)) is not None:
+        handed += t.column("partition").to_pylist()
+    return src, handed
+
+
+def hand_out_until(src: DeltaSource, handed: list[int], version: int, rows_of_it: int) -> None:
+    """Poll until `rows_of_it` rows of `version` are handed out (a new version is seen at the next
+    poll_interval_s; a loaded machine may take a while), adding their partitions to `handed`."""
+    deadline = time.monotonic() + 30
+    while handed.count(version) < rows_of_it and time.monotonic() < deadline:
+        t = src.poll(4, 0)
+        if t is not None:
+            handed += t.column("partition").to_pylist()
+        time.sleep(0.005)
+
+
 def test_follow_keeps_earlier_versions_planned_for_work_dropped_in_flight(tmp_path):
     """--follow: version 0's rows are handed out (at the engines, not committed) when version 1
     appears. If that work is then dropped (a fence, the commit writer lost), reseek must read
@@ -245,21 +268,10 @@ def test_follow_keeps_earlier_versions_planned_for_work_dropped_in_flight(tmp_pa
     MARKER past version 0 and a restart would skip its rows for good."""
     uri = str(tmp_path / "src")
     write_deltalake(uri, rows(0, 6))
-    src = DeltaSource(DeltaSourceSpec(uri=uri, mode="incremental", poll_interval_s=0.01),
-                      source_context({}, batch_rows=5, follow=True))  # fmt: skip
-    src.start()
-    handed = []
-    while (t := src.poll(4, 0)) is not None:
-        handed += t.column("partition").to_pylist()
+    src, handed = following(uri)
     assert handed == [0] * 6  # all of version 0 handed out; nothing committed
     write_deltalake(uri, rows(6, 3), mode="append")  # version 1
-    deadline = time.monotonic() + 30  # seen at the next poll_interval_s; a loaded machine may take a while
-    while time.monotonic() < deadline:
-        t = src.poll(4, 0)
-        if t is not None:
-            handed += t.column("partition").to_pylist()
-        if handed.count(1) == 3:
-            break
+    hand_out_until(src, handed, 1, 3)
     assert handed == [0] * 6 + [1] * 3  # only the new version was read on
     src.reseek(sorted(src.assignment()))  # the work in flight was dropped
     again = []
@@ -277,12 +289,7 @@ def test_follow_outlives_a_store_error_while_it_plans_new_versions(tmp_path, mon
     store's client raises it (OSError)."""
     uri = str(tmp_path / "src")
     write_deltalake(uri, rows(0, 3))
-    src = DeltaSource(DeltaSourceSpec(uri=uri, mode="incremental", poll_interval_s=0.01),
-                      source_context({}, batch_rows=5, follow=True))  # fmt: skip
-    src.start()
-    handed = []
-    while (t := src.poll(4, 0)) is not None:
-        handed += t.column("partition").to_pylist()
+    src, handed = following(uri)
     write_deltalake(uri, rows(3, 2), mode="append")  # version 1
     load, failures = src._table, []
 
@@ -293,12 +300,7 @@ def test_follow_outlives_a_store_error_while_it_plans_new_versions(tmp_path, mon
         return load(version)
 
     monkeypatch.setattr(src, "_table", flaky)
-    deadline = time.monotonic() + 30
-    while handed.count(1) < 2 and time.monotonic() < deadline:
-        t = src.poll(4, 0)
-        if t is not None:
-            handed += t.column("partition").to_pylist()
-        time.sleep(0.01)
+    hand_out_until(src, handed, 1, 2)
     assert failures == [None] and handed == [0, 0, 0, 1, 1]
 
 
