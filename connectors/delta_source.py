@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 from deltalake import DeltaTable
+from deltalake.fs import DeltaStorageHandler
 from deltalake.exceptions import DeltaError, DeltaProtocolError, SchemaMismatchError, TableNotFoundError
 
 from connectors.source import (
@@ -59,6 +60,7 @@ IDENTITY = -2
 # rerun as incremental (or the reverse) skipped or repeated rows without a word.
 MODE = -3
 MODES = {"incremental": 0, "snapshot": 1}
+FOLLOW_GIVE_UP_S = 900.0  # --follow: a store error planning new versions for this long stops the job
 
 
 def table_identity(dt: DeltaTable) -> int:
@@ -70,8 +72,6 @@ CDF_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
 # stopped a plain table's job: its values are not change kinds).
 CHANGE_COLUMN = "\x00tidegate_change"
 # Operations that add files without changing data.
-NO_DATA_CHANGE = {"OPTIMIZE", "VACUUM START", "VACUUM END", "SET TBLPROPERTIES", "ADD COLUMN", "CHECKPOINT"}
-HISTORY_TRIES = 20  # listings of the log, each between two loads of the same version (_operations)
 
 
 @dataclass
@@ -142,6 +142,7 @@ class DeltaSource:
         self._exhausted = False
         self._last_planned: int | None = None
         self._next_check = 0.0
+        self._failing_since: float | None = None  # --follow: when planning new versions began failing
         self.total_rows = 0  # rows still to do when the plan was made (for progress)
         self._identity: int | None = None  # table_identity() of the table start() found
         self._handed = 0  # rows handed out since the plan was made
@@ -308,24 +309,34 @@ class DeltaSource:
 
         return _Unit(version, sum(counts), read, check)
 
-    def _operations(self) -> dict[int, str]:
-        """Each version's operation (commitInfo), keyed by its true version. delta-rs's history()
-        lists every commit up to the newest one but numbers them down from the handle's version:
-        a commit landing between the load and the listing shifted every label by one, so an
-        append read as the OPTIMIZE after it and its rows were skipped for good (found by a
-        read-only review). The listing is taken again until no commit landed around it."""
-        for attempt in range(HISTORY_TRIES):
-            dt = self._table()
-            history = dt.history()
-            if self._table().version() == dt.version():
-                return {h["version"]: h.get("operation", "") for h in history}
-            time.sleep(0.05 * (attempt + 1))
-        raise SourceError(f"source.delta.uri {self.spec.uri!r}: its log could not be listed between two commits "
-                          f"({HISTORY_TRIES} tries); try again when the table is written less often")  # fmt: skip
+    def _commit(self, version: int) -> tuple[str, bool] | None:
+        """(operation, whether it changes data) of the commit that made `version`, read from its own
+        log file: its commitInfo, and the add/remove actions' dataChange flags (an OPTIMIZE's are
+        false). None when the file is gone (the log was cleaned up; the version still loads from a
+        checkpoint). Before stop 47 this came from delta-rs's history(), which numbers the commits
+        down from the handle's version while listing those after it too, and drops the commits
+        without commitInfo: a commit landing while the plan was made shifted every label, and an
+        append read as the OPTIMIZE after it was skipped for good."""
+        fs = self._filesystem() or pafs.PyFileSystem(DeltaStorageHandler(self.spec.uri, self._storage))
+        try:
+            with fs.open_input_stream(f"_delta_log/{version:020d}.json") as f:
+                lines = f.read().splitlines()
+        except FileNotFoundError:
+            return None
+        operation, changes = "", False
+        for line in lines:
+            if not line.strip():
+                continue
+            action = json.loads(line)
+            if "commitInfo" in action:
+                operation = action["commitInfo"].get("operation") or ""
+            changes = changes or any(action[k].get("dataChange", True) for k in ("add", "remove") if k in action)
+        return operation, changes
 
     def _incremental_units(self, first: int, latest: int) -> list[_Unit]:
-        operations = self._operations()
-        units = []
+        """The units of versions first..latest. The run summary's skipped versions are added once
+        all are planned (a plan that failed half-way and is made again lists them once)."""
+        units, skipped = [], []
         prev_files = {f.path for f in self._dataset(self._table(first - 1)).get_fragments()} if first > 0 else set()
         for v in range(first, latest + 1):
             at_v = self._table(v)
@@ -337,15 +348,16 @@ class DeltaSource:
             files = {f.path for f in dataset.get_fragments()}
             added, removed = files - prev_files, prev_files - files
             prev_files = files
-            op = operations.get(v, "")
-            # A version that only adds files is data whatever its label: a compaction always
-            # removes the files it rewrites (a wrong label can only ever skip a rewrite, never rows).
-            if not added and not removed or removed and op in NO_DATA_CHANGE:
+            if not added and not removed:
+                continue
+            # Its log file gone (a cleaned-up log): taken as a change, never skipped as none.
+            op, changes = self._commit(v) or ("", True)
+            if not changes:  # files rearranged (OPTIMIZE, Z-order): the same rows
                 continue
             if op == "RESTORE":  # files of earlier versions back (or away): no row the job has not read
                 log.warning("source version %d restores an earlier version of the table: its files are not read "
                             "again", v)  # fmt: skip
-                self.report.skipped_change_versions.append(v)
+                skipped.append(v)
                 continue
             if not removed:
                 units.append(self._files_unit(v, dataset, added, records=_records_of(at_v)))
@@ -356,7 +368,8 @@ class DeltaSource:
                     "source version %d (%s) rewrites data and the table has no change data feed: its rows are "
                     "not processed (enable delta.enableChangeDataFeed to get them row by row)", v, op,
                 )  # fmt: skip
-                self.report.skipped_change_versions.append(v)
+                skipped.append(v)
+        self.report.skipped_change_versions += skipped
         return units
 
     def _files_gone(self, version: int) -> SourceError:
@@ -364,7 +377,8 @@ class DeltaSource:
         longer than the table's vacuum retention while it was compacted). The file is not named:
         a partitioned table's paths hold row values."""
         way_on = ("rerun with a later source.delta.version" if self.spec.mode == "snapshot"
-                  else "its rows can no longer be read: a job with a new name reads the table from its start")  # fmt: skip
+                  else "its rows can no longer be read (incremental mode cannot go past them): a job with a new name "
+                       "and mode: snapshot reads the table as it is now")  # fmt: skip
         return SourceError(f"source.delta.uri {self.spec.uri!r}: a data file of version {version} is gone (vacuumed "
                            f"since?); {way_on}; keep vacuum retention longer than a job stays stopped")  # fmt: skip
 
@@ -373,6 +387,10 @@ class DeltaSource:
             cdf = self._table().load_cdf(starting_version=version, ending_version=version)
             changes = _plain_types(pa.table(cdf))
         except FileNotFoundError:
+            raise self._files_gone(version) from None
+        except pa.ArrowInvalid as e:  # how delta-rs reports a change file gone (its message names it: not kept)
+            if "Failed to fetch metadata" not in str(e):
+                raise
             raise self._files_gone(version) from None
         changes = changes.filter(pc.is_in(changes["_change_type"], pa.array(["insert", "update_postimage", "delete"])))
         data_cols = [c for c in changes.column_names if c not in CDF_COLUMNS]
@@ -404,10 +422,11 @@ class DeltaSource:
             self._units = [u for u, _ in starts]
         self._begin(starts)
 
-    def _begin(self, starts: list[tuple[_Unit, int]]) -> None:
-        """Read these units from these row ordinals on."""
+    def _begin(self, starts: list[tuple[_Unit, int]], checked: bool = False) -> None:
+        """Read these units from these row ordinals on (`checked`: their files are known to be
+        there, _Unit.check)."""
         for u, s in starts:
-            if u.check is not None:
+            if u.check is not None and not checked:
                 u.check(s)
         self.total_rows = sum(u.rows - s for u, s in starts)
         self._handed = 0
@@ -482,13 +501,23 @@ class DeltaSource:
             latest = self._table().version()
             new = self._incremental_units(self._last_planned + 1, latest) if (
                 self._last_planned is not None and latest > self._last_planned) else None  # fmt: skip
+            for u in new or []:
+                if u.check is not None:
+                    u.check(0)
         except (SourceError, DeltaProtocolError, SchemaMismatchError):  # the table gone, unreadable: stops, as at start
             raise
         except (OSError, DeltaError) as e:  # a store error (a timeout, throttling): nothing planned yet
-            # Before stop 47 one such error ended a job that had followed the table for days.
+            # Before stop 47 one such error ended a job that had followed the table for days; one
+            # that does not clear in FOLLOW_GIVE_UP_S still does (a job that looks alive, reading nothing).
+            now = time.monotonic()
+            self._failing_since = self._failing_since or now
+            if now - self._failing_since > FOLLOW_GIVE_UP_S:
+                raise SourceError(f"source.delta.uri {self.spec.uri!r}: new versions could not be planned for "
+                                  f"{FOLLOW_GIVE_UP_S:.0f} s ({type(e).__name__})") from None  # fmt: skip
             log.warning("Delta source %s: new versions not planned (%s); trying again in %.1fs", self.spec.uri,
                         type(e).__name__, self.spec.poll_interval_s)  # fmt: skip
             return
+        self._failing_since = None
         if new is not None:
             self._last_planned = latest
             # The earlier versions stay planned: rows of theirs may still be in flight, and if that
@@ -497,7 +526,7 @@ class DeltaSource:
             # new versions moved the MARKER past them. Now only the new ones are read, from their
             # first row (none of it was handed out).
             self._units = self._units + [u for u in new if u.rows]
-            self._begin([(u, 0) for u in new])
+            self._begin([(u, 0) for u in new], checked=True)
 
     def drained(self) -> bool:
         return self._exhausted and self._pending is None

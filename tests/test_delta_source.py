@@ -214,23 +214,26 @@ def test_incremental_reads_appended_versions_and_reports_rewrites(tmp_path):
 
 
 def test_an_append_is_read_when_a_compaction_lands_while_the_plan_is_made(tmp_path, monkeypatch):
-    """delta-rs's history() lists the commits that landed after the handle was loaded too, and
-    numbers them down from the handle's version: an OPTIMIZE committed between the plan's load
-    and its listing labelled the append before it OPTIMIZE, and the append's rows were skipped
-    for good (4 of these 10 rows lost). The compaction lands there, on the real table, the first
-    time the log is listed."""
+    """Before stop 47 a version's operation came from delta-rs's history(), which lists the commits
+    that landed after the handle was loaded too and numbers them down from the handle's version:
+    an OPTIMIZE committed between the plan's load and its listing labelled the append before it
+    OPTIMIZE, and the append's rows were skipped for good (4 of these 10 rows lost). Now each
+    version's own commit file says what it did. The compaction lands on the real table right after
+    the source's second table load (the old plan's load before its listing)."""
     uri = str(tmp_path / "src")
     write_deltalake(uri, rows(0, 6))
     write_deltalake(uri, rows(6, 4), mode="append")  # version 1: the append
-    real, landed = DeltaTable.history, []
-
-    def history(self, *args, **kwargs):
-        if not landed:  # version 2: a compaction of both files, by another writer
-            landed.append(DeltaTable(uri).optimize.compact())
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(DeltaTable, "history", history)
     src = source(uri, mode="incremental")
+    load, loads, landed = src._table, [], []
+
+    def table(version=None):
+        dt = load(version)
+        loads.append(version)
+        if len(loads) == 2:  # version 2: a compaction of both files, by another writer
+            landed.append(DeltaTable(uri).optimize.compact())
+        return dt
+
+    monkeypatch.setattr(src, "_table", table)
     src.start()
     out = read_all(src)
     assert landed and DeltaTable(uri).version() == 2
@@ -302,6 +305,16 @@ def test_follow_outlives_a_store_error_while_it_plans_new_versions(tmp_path, mon
     monkeypatch.setattr(src, "_table", flaky)
     hand_out_until(src, handed, 1, 2)
     assert failures == [None] and handed == [0, 0, 0, 1, 1]
+    # An error that does not clear stops the job after FOLLOW_GIVE_UP_S (here 0.2 s), naming its class.
+    import connectors.delta_source as delta_source
+
+    monkeypatch.setattr(delta_source, "FOLLOW_GIVE_UP_S", 0.2)
+    monkeypatch.setattr(src, "_table", lambda version=None: (_ for _ in ()).throw(OSError("still down")))
+    with pytest.raises(SourceError, match=r"new versions could not be planned for 0 s \(OSError\)"):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            src.poll(4, 0)
+            time.sleep(0.02)
 
 
 def test_a_restore_is_reported_not_read_as_an_append(tmp_path):
@@ -409,6 +422,24 @@ def test_positions_of_the_other_mode_or_of_another_snapshot_are_refused(tmp_path
     older.start()
     assert read_all(older).column("offset").to_pylist() == [2, 3]
     assert older.extra_positions({(uri, 1): 3})[(uri, MODE)] == MODES["incremental"]
+
+
+def test_a_change_feed_version_whose_change_files_were_vacuumed_stops_naming_the_version(tmp_path):
+    """A change-feed version still to be read whose change files were vacuumed: delta-rs raises
+    ArrowInvalid naming the file (a partitioned table's path holds row values). Before stop 47
+    that escaped as it was; now it is the SourceError naming the version, as for data files."""
+    uri = str(tmp_path / "src")
+    write_deltalake(uri, rows(0, 4), partition_by=["region"], configuration={"delta.enableChangeDataFeed": "true"})
+    DeltaTable(uri).update(updates={"question": "'changed'"}, predicate="id = 'r000002'")  # version 1
+    DeltaTable(uri).vacuum(retention_hours=0, enforce_retention_duration=False, dry_run=False)
+    import glob
+    import shutil
+
+    for d in glob.glob(f"{uri}/_change_data"):
+        shutil.rmtree(d)  # what a vacuum past the change files' retention leaves
+    with pytest.raises(SourceError, match="a data file of version 1 is gone") as e:
+        source(uri, {(uri, MARKER): 0, (uri, 0): 3}, mode="incremental").start()
+    assert "region=" not in str(e.value) and "mode: snapshot" in str(e.value)
 
 
 def test_incremental_with_change_data_feed_reports_updates_and_deletes_row_by_row(tmp_path):
