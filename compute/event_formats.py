@@ -118,20 +118,18 @@ class AvroEncoder:
     def __init__(self, schema: Any, schema_id: int | None = None):
         self.schema = fastavro.parse_schema(schema)
         self.header = _HEADER.pack(MAGIC, schema_id) if schema_id is not None else b""
-        # Top-level fields that take text and no number or boolean, with the primitive types they
-        # take: a number or a boolean there is sent as its text (str(), what the job's template
-        # renders of it in JSON). The contract's Avro form types an id or a template variable that
-        # JSON allows as a number ("string or integer") as a string: an integer ticket id passed
-        # the contract and then failed here (TypeError), refused as not fitting the schema.
-        self._as_text: set[str] = set()
-        for f in self.schema.get("fields", []) if isinstance(self.schema, dict) else []:
-            kinds = {t if isinstance(t, str) else t.get("type") for t in (f["type"] if isinstance(f["type"], list) else [f["type"]])}
-            if "string" in kinds and not kinds & {"int", "long", "float", "double", "boolean"}:
-                self._as_text.add(f["name"])
+        self._named: dict[str, Any] = {}  # named types by full name, as parse_schema refers to them
+
+    def as_sent(self, event: Any) -> Any:
+        """The event as it is encoded: a number or boolean where the schema takes text and no
+        number or boolean (at any depth: record fields, array items, map values, unions) is its
+        text (str(), what the job's template renders of it from JSON). The contract's Avro form
+        types an id or a template variable that JSON allows as a number ("string or integer") as
+        a string: an integer ticket id passed the contract, then failed here (TypeError)."""
+        return _as_text_where_text(self.schema, event, self._named)
 
     def __call__(self, event: Any) -> bytes:
-        if self._as_text and isinstance(event, dict):
-            event = {k: str(v) if k in self._as_text and isinstance(v, (int, float)) else v for k, v in event.items()}
+        event = self.as_sent(event)
         buf = io.BytesIO()
         buf.write(self.header)
         try:
@@ -142,6 +140,41 @@ class AvroEncoder:
             raise EventContractError(f"does not fit the Avro schema {self.schema.get('name', '')}: "
                                      f"{type(e).__name__}{extra}") from None  # fmt: skip
         return buf.getvalue()
+
+
+_NOT_TEXT = {"int", "long", "float", "double", "boolean"}
+
+
+def _as_text_where_text(schema: Any, value: Any, named: dict[str, Any]) -> Any:
+    """AvroEncoder.as_sent over one value and its (parsed) schema; a value the schema cannot hold
+    is left as it is (fastavro refuses it)."""
+    if isinstance(schema, str):
+        if schema in named:
+            return _as_text_where_text(named[schema], value, named)
+        return str(value) if schema == "string" and isinstance(value, (int, float)) else value
+    if isinstance(schema, list):  # a union
+        kinds = {b if isinstance(b, str) else b.get("type") for b in schema}
+        if isinstance(value, (int, float)):
+            return str(value) if "string" in kinds and not kinds & _NOT_TEXT else value
+        complex_ = [b for b in schema if not (isinstance(b, str) and b in ("null", "string", *_NOT_TEXT, "bytes"))]
+        return _as_text_where_text(complex_[0], value, named) if len(complex_) == 1 else value
+    if not isinstance(schema, dict):
+        return value
+    kind = schema.get("type")
+    if kind == "record":
+        named.setdefault(schema.get("name", ""), schema)
+        if not isinstance(value, dict):
+            return value
+        fields = {f["name"]: f["type"] for f in schema.get("fields", [])}
+        return {k: _as_text_where_text(fields[k], v, named) if k in fields else v for k, v in value.items()}
+    if kind == "array" and isinstance(value, list):
+        return [_as_text_where_text(schema["items"], v, named) for v in value]
+    if kind == "map" and isinstance(value, dict):
+        return {k: _as_text_where_text(schema["values"], v, named) for k, v in value.items()}
+    if kind in ("enum", "fixed"):
+        named.setdefault(schema.get("name", ""), schema)
+        return value
+    return _as_text_where_text(kind, value, named) if isinstance(kind, str) else value
 
 
 def encode_json(event: Any) -> bytes:

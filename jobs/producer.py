@@ -87,10 +87,11 @@ class EventProducer:
         self.contract = contract
         self.encode = self._encoder(format, avro_schema, schema_registry)
         config = dict(producer_config or {})
-        if max_message_bytes is not None:
+        if max_message_bytes is not None and max_message_bytes > DEFAULT_MAX_REQUEST_SIZE:
             # Room for the largest event the job takes: kafka-python's default (1 MiB) refused
-            # events a job with a larger source.kafka.max_message_bytes reads.
-            config.setdefault("max_request_size", max(DEFAULT_MAX_REQUEST_SIZE, max_message_bytes + REQUEST_ROOM))
+            # events a job with a larger source.kafka.max_message_bytes reads. (At or below 1 MiB
+            # the default stays: a topic's own default limit is about as large.)
+            config.setdefault("max_request_size", max_message_bytes + REQUEST_ROOM)
         config.update((security or KafkaSecuritySpec()).client_config())
         config.update(
             bootstrap_servers=bootstrap_servers,
@@ -127,10 +128,7 @@ class EventProducer:
             except Exception as e:  # noqa: BLE001 - the broker is away: the next send tries again
                 log.warning("a new Kafka producer could not be made (%s)", type(e).__name__)
                 return
-        try:
-            failed.close(timeout=0)
-        except Exception as e:  # noqa: BLE001 - a failed client's close: nothing of it is needed
-            log.debug("closing a failed Kafka producer raised %s", type(e).__name__)
+        threading.Thread(target=_close_failed, args=(failed,), name="tidegate-producer-close", daemon=True).start()
 
     @classmethod
     def from_spec(cls, spec: JobSpec | str | Path, bootstrap_servers: str | list[str] | None = None,
@@ -176,6 +174,13 @@ class EventProducer:
             event_id = event_id_of(event, self.id_field)
         except BadEvent as e:
             raise EventContractError(f"{self.id_field}: {e}", record) from None
+        if isinstance(self.encode, AvroEncoder):
+            # A number sent as text where the Avro schema takes text only: the job checks the event
+            # it decodes, so the contract must hold for that one too (a schema typing as text a
+            # field the contract wants as a number: the job would dead-letter it).
+            sent = self.encode.as_sent(event)
+            if sent != event and (msgs := self.contract.violations(sent)):
+                raise EventContractError("; ".join(msgs) + " (as the Avro schema sends it: as text)", record)
         try:
             value = self.encode(event)
         except EventContractError as e:
@@ -294,6 +299,19 @@ class EventProducer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _close_failed(producer: Any) -> None:
+    """Close a client left failed for good, off the caller's thread. kafka-python's close() first
+    flushes, and raises if records are still queued (a thread's send to it just before it was
+    replaced): then its sender thread is stopped here, or it would run until the process ends."""
+    try:
+        producer.close(timeout=5)
+    except Exception as e:  # noqa: BLE001 - nothing of a failed client is needed
+        log.debug("closing a failed Kafka producer raised %s; stopping its sender", type(e).__name__)
+        sender = getattr(producer, "_sender", None)
+        if sender is not None and sender.is_alive():
+            sender.force_close()
 
 
 def _rows(events: Any) -> Iterable[Any]:

@@ -325,7 +325,9 @@ def test_avro_encoder_refuses_what_the_schema_cannot_hold_without_quoting_it():
         AvroEncoder(AVRO)({"id": "x", "q": {"text": SECRET}, "docs": [], "tags": [], "who": {"name": SECRET}})
     assert SECRET not in str(e.value)
     # A number where the schema takes text only is its text (as the job renders it from JSON).
-    assert AvroDecoder(writer_schema=AVRO)(AvroEncoder(AVRO)({**_event(1), "id": 7, "q": 2.5}))["q"] == "2.5"
+    sent = AvroDecoder(writer_schema=AVRO)(AvroEncoder(AVRO)({**_event(1), "id": 7, "q": 2.5, "docs": [1, "d"],
+                                                              "who": {"name": 42}, "budget": 3}))  # fmt: skip
+    assert (sent["id"], sent["q"], sent["docs"], sent["who"], sent["budget"]) == ("7", "2.5", ["1", "d"], {"name": "42"}, 3)
     with pytest.raises(EventContractError, match="missing: who"):
         AvroEncoder(AVRO)({"id": "x", "q": "q", "docs": [], "tags": []})
 

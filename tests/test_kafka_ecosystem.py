@@ -186,6 +186,7 @@ def test_the_producer_takes_only_what_the_job_takes_and_outlives_a_refusal(tmp_p
         assert loose.send({"id": 7, "q": "an integer id is the job's too"}).id == "7"
     spec_path = write_spec(tmp_path, producer_spec(tmp_path, broker, topic, max_message_bytes=2000))
     with EventProducer.from_spec(spec_path) as producer:
+        assert producer._producer.config["max_request_size"] == 1_048_576  # at or below 1 MiB: kafka-python's
         with pytest.raises(EventContractError, match="over the job's source.kafka.max_message_bytes"):
             producer.send(ev(1, question=SECRET * 200))
         assert isinstance(producer.send(ev(2)), Delivery)
@@ -198,6 +199,15 @@ def test_the_producer_takes_only_what_the_job_takes_and_outlives_a_refusal(tmp_p
     with EventProducer.from_spec(big) as producer:
         assert producer._producer.config["max_request_size"] > 4_000_000
         producer._check_size(0, b"k", b"x" * 2_000_000)  # taken by the job: not refused here
+    # A user's Avro schema that types as text a field the contract wants as a number: the job
+    # would decode "3" and dead-letter it (schema_violation); refused here, naming the field.
+    (tmp_path / "avro").mkdir()
+    schema = {"type": "record", "name": "Ticket", "fields": [{"name": n, "type": "string"} for n in
+                                                             ("id", "user", "question", "priority")]}  # fmt: skip
+    avro = write_spec(tmp_path / "avro", producer_spec(tmp_path, broker, topic, format="avro", avro_schema=schema))
+    with EventProducer.from_spec(avro) as producer:
+        with pytest.raises(EventContractError, match="priority: fails 'type'.*as the Avro schema sends it"):
+            producer.send(ev(6))
     got = sorted(m.key().decode() for m in consume_all(broker.bootstrap_servers, topic, idle_s=2))
     assert got == ["7", "p0002", "p0003", "p0004", "p0005"]
 
