@@ -119,6 +119,7 @@ class AvroEncoder:
         self.schema = fastavro.parse_schema(schema)
         self.header = _HEADER.pack(MAGIC, schema_id) if schema_id is not None else b""
         self._named: dict[str, Any] = {}  # named types by full name, as parse_schema refers to them
+        _collect_named(self.schema, self._named)
 
     def as_sent(self, event: Any) -> Any:
         """The event as it is encoded: a number or boolean where the schema takes text and no
@@ -145,6 +146,24 @@ class AvroEncoder:
 _NOT_TEXT = {"int", "long", "float", "double", "boolean"}
 
 
+def _collect_named(schema: Any, named: dict[str, Any]) -> None:
+    """Every named type (record, enum, fixed) of a parsed schema by its name: a later field refers
+    to it by name, and an event's fields may come in another order than the schema's."""
+    if isinstance(schema, list):
+        for branch in schema:
+            _collect_named(branch, named)
+    elif isinstance(schema, dict):
+        if schema.get("type") in ("record", "error", "enum", "fixed") and schema.get("name"):
+            named.setdefault(schema["name"], schema)
+        for f in schema.get("fields", []) if schema.get("type") in ("record", "error") else []:
+            _collect_named(f["type"], named)
+        for key in ("items", "values"):
+            if key in schema:
+                _collect_named(schema[key], named)
+        if isinstance(schema.get("type"), (dict, list)):
+            _collect_named(schema["type"], named)
+
+
 def _as_text_where_text(schema: Any, value: Any, named: dict[str, Any]) -> Any:
     """AvroEncoder.as_sent over one value and its (parsed) schema; a value the schema cannot hold
     is left as it is (fastavro refuses it)."""
@@ -161,8 +180,7 @@ def _as_text_where_text(schema: Any, value: Any, named: dict[str, Any]) -> Any:
     if not isinstance(schema, dict):
         return value
     kind = schema.get("type")
-    if kind == "record":
-        named.setdefault(schema.get("name", ""), schema)
+    if kind in ("record", "error"):
         if not isinstance(value, dict):
             return value
         fields = {f["name"]: f["type"] for f in schema.get("fields", [])}
@@ -172,7 +190,6 @@ def _as_text_where_text(schema: Any, value: Any, named: dict[str, Any]) -> Any:
     if kind == "map" and isinstance(value, dict):
         return {k: _as_text_where_text(schema["values"], v, named) for k, v in value.items()}
     if kind in ("enum", "fixed"):
-        named.setdefault(schema.get("name", ""), schema)
         return value
     return _as_text_where_text(kind, value, named) if isinstance(kind, str) else value
 

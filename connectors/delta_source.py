@@ -37,8 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 from deltalake import DeltaTable
-from deltalake.fs import DeltaStorageHandler
 from deltalake.exceptions import DeltaError, DeltaProtocolError, SchemaMismatchError, TableNotFoundError
+from deltalake.fs import DeltaStorageHandler
 
 from connectors.source import (
     Lag, PartitionStatus, SourceContext, SourceStatus, identity_of, register_source, source_versions_behind,
@@ -71,7 +71,6 @@ CDF_COLUMNS = ("_change_type", "_commit_version", "_commit_timestamp")
 # no table column has (NUL): a source column named `_change` was taken for it before stop 43 (and
 # stopped a plain table's job: its values are not change kinds).
 CHANGE_COLUMN = "\x00tidegate_change"
-# Operations that add files without changing data.
 
 
 @dataclass
