@@ -164,6 +164,25 @@ def _collect_named(schema: Any, named: dict[str, Any]) -> None:
             _collect_named(schema["type"], named)
 
 
+def _branch_for(union: list, value: Any, named: dict[str, Any]) -> Any:
+    """The union branch a record, map or array value goes to: for a dict, the first record whose
+    fields hold its keys and that it gives every field without a default, else a map; for a list,
+    an array. None: no such branch (fastavro decides, or refuses)."""
+    resolved = [named.get(b, b) if isinstance(b, str) else b for b in union]
+    complex_ = [b for b in resolved if isinstance(b, dict)]
+    if isinstance(value, dict):
+        for b in complex_:
+            if b.get("type") in ("record", "error"):
+                fields = b.get("fields", [])
+                names = {f["name"] for f in fields}
+                if set(value) <= names and all(f["name"] in value for f in fields if "default" not in f):
+                    return b
+        return next((b for b in complex_ if b.get("type") == "map"), None)
+    if isinstance(value, list):
+        return next((b for b in complex_ if b.get("type") == "array"), None)
+    return None
+
+
 def _as_text_where_text(schema: Any, value: Any, named: dict[str, Any]) -> Any:
     """AvroEncoder.as_sent over one value and its (parsed) schema; a value the schema cannot hold
     is left as it is (fastavro refuses it)."""
@@ -175,8 +194,8 @@ def _as_text_where_text(schema: Any, value: Any, named: dict[str, Any]) -> Any:
         kinds = {b if isinstance(b, str) else b.get("type") for b in schema}
         if isinstance(value, (int, float)):
             return str(value) if "string" in kinds and not kinds & _NOT_TEXT else value
-        complex_ = [b for b in schema if not (isinstance(b, str) and b in ("null", "string", *_NOT_TEXT, "bytes"))]
-        return _as_text_where_text(complex_[0], value, named) if len(complex_) == 1 else value
+        branch = _branch_for(schema, value, named)
+        return value if branch is None else _as_text_where_text(branch, value, named)
     if not isinstance(schema, dict):
         return value
     kind = schema.get("type")

@@ -60,7 +60,7 @@ IDENTITY = -2
 # rerun as incremental (or the reverse) skipped or repeated rows without a word.
 MODE = -3
 MODES = {"incremental": 0, "snapshot": 1}
-FOLLOW_GIVE_UP_S = 900.0  # --follow: a store error planning new versions for this long stops the job
+FOLLOW_GIVE_UP_S = 900.0  # --follow: a store error planning new versions for this long (3 tries at least) stops the job
 
 
 def table_identity(dt: DeltaTable) -> int:
@@ -142,6 +142,7 @@ class DeltaSource:
         self._last_planned: int | None = None
         self._next_check = 0.0
         self._failing_since: float | None = None  # --follow: when planning new versions began failing
+        self._failures = 0  # ... and how many tries failed since
         self.total_rows = 0  # rows still to do when the plan was made (for progress)
         self._identity: int | None = None  # table_identity() of the table start() found
         self._handed = 0  # rows handed out since the plan was made
@@ -233,7 +234,8 @@ class DeltaSource:
             # A version past the table's log retention cannot be read: _table stops, naming the
             # oldest version that can be (reading that one's snapshot instead would give its rows
             # ordinals a restart could not plan again, without a record of having done so).
-            self._units = self._incremental_units(first, latest)
+            self._units, skipped = self._incremental_units(first, latest)
+            self.report.skipped_change_versions += skipped
             self._last_planned = latest
         self._resume()
 
@@ -332,9 +334,10 @@ class DeltaSource:
             changes = changes or any(action[k].get("dataChange", True) for k in ("add", "remove") if k in action)
         return operation, changes
 
-    def _incremental_units(self, first: int, latest: int) -> list[_Unit]:
-        """The units of versions first..latest. The run summary's skipped versions are added once
-        all are planned (a plan that failed half-way and is made again lists them once)."""
+    def _incremental_units(self, first: int, latest: int) -> tuple[list[_Unit], list[int]]:
+        """(The units of versions first..latest, the versions skipped: rewrites without a change
+        feed, restores). The caller adds the skipped ones to the run summary once the plan is
+        made (a plan that failed half-way and is made again lists them once)."""
         units, skipped = [], []
         prev_files = {f.path for f in self._dataset(self._table(first - 1)).get_fragments()} if first > 0 else set()
         for v in range(first, latest + 1):
@@ -368,8 +371,7 @@ class DeltaSource:
                     "not processed (enable delta.enableChangeDataFeed to get them row by row)", v, op,
                 )  # fmt: skip
                 skipped.append(v)
-        self.report.skipped_change_versions += skipped
-        return units
+        return units, skipped
 
     def _files_gone(self, version: int) -> SourceError:
         """A version whose log is there and whose data files are not: vacuumed since (a job stopped
@@ -387,10 +389,13 @@ class DeltaSource:
             changes = _plain_types(pa.table(cdf))
         except FileNotFoundError:
             raise self._files_gone(version) from None
-        except pa.ArrowInvalid as e:  # how delta-rs reports a change file gone (its message names it: not kept)
-            if "Failed to fetch metadata" not in str(e):
-                raise
-            raise self._files_gone(version) from None
+        except pa.ArrowInvalid as e:  # how delta-rs reports a store error on a change file (its message names it: not kept)
+            text = str(e)
+            if "Failed to fetch metadata" in text and "not found" in text:
+                raise self._files_gone(version) from None
+            if "Object Store error" in text:  # another store error (throttled, timed out): an OSError, retried by --follow
+                raise OSError(f"the store failed reading the change files of source version {version}") from None
+            raise
         changes = changes.filter(pc.is_in(changes["_change_type"], pa.array(["insert", "update_postimage", "delete"])))
         data_cols = [c for c in changes.column_names if c not in CDF_COLUMNS]
         # A fixed order: by change type, then by the row's JSON.
@@ -498,8 +503,8 @@ class DeltaSource:
         self._next_check = time.monotonic() + self.spec.poll_interval_s
         try:
             latest = self._table().version()
-            new = self._incremental_units(self._last_planned + 1, latest) if (
-                self._last_planned is not None and latest > self._last_planned) else None  # fmt: skip
+            new, skipped = self._incremental_units(self._last_planned + 1, latest) if (
+                self._last_planned is not None and latest > self._last_planned) else (None, [])  # fmt: skip
             for u in new or []:
                 if u.check is not None:
                     u.check(0)
@@ -510,13 +515,15 @@ class DeltaSource:
             # that does not clear in FOLLOW_GIVE_UP_S still does (a job that looks alive, reading nothing).
             now = time.monotonic()
             self._failing_since = self._failing_since or now
-            if now - self._failing_since > FOLLOW_GIVE_UP_S:
+            self._failures += 1
+            if now - self._failing_since > FOLLOW_GIVE_UP_S and self._failures >= 3:
                 raise SourceError(f"source.delta.uri {self.spec.uri!r}: new versions could not be planned for "
                                   f"{FOLLOW_GIVE_UP_S:.0f} s ({type(e).__name__})") from None  # fmt: skip
             log.warning("Delta source %s: new versions not planned (%s); trying again in %.1fs", self.spec.uri,
                         type(e).__name__, self.spec.poll_interval_s)  # fmt: skip
             return
-        self._failing_since = None
+        self._failing_since, self._failures = None, 0
+        self.report.skipped_change_versions += skipped
         if new is not None:
             self._last_planned = latest
             # The earlier versions stay planned: rows of theirs may still be in flight, and if that

@@ -328,6 +328,14 @@ def test_avro_encoder_refuses_what_the_schema_cannot_hold_without_quoting_it():
     sent = AvroDecoder(writer_schema=AVRO)(AvroEncoder(AVRO)({**_event(1), "id": 7, "q": 2.5, "docs": [1, "d"],
                                                               "who": {"name": 42}, "budget": 3}))  # fmt: skip
     assert (sent["id"], sent["q"], sent["docs"], sent["who"], sent["budget"]) == ("7", "2.5", ["1", "d"], {"name": "42"}, 3)
+    # A union of records (the contract's Avro form of an anyOf of objects): the branch whose fields
+    # the value has. Before, only a union with one complex branch was looked into: refused.
+    either = {"type": "record", "name": "E", "fields": [{"name": "who", "type": ["null",
+              {"type": "record", "name": "U", "fields": [{"name": "user", "type": "string"}]},
+              {"type": "record", "name": "T", "fields": [{"name": "team", "type": "string"}]},
+              {"type": "map", "values": "string"}]}]}  # fmt: skip
+    for who, want in (({"user": 7}, {"user": "7"}), ({"team": 2}, {"team": "2"}), ({"x": 1}, {"x": "1"})):
+        assert AvroDecoder(writer_schema=either)(AvroEncoder(either)({"who": who}))["who"] == want
     with pytest.raises(EventContractError, match="missing: who"):
         AvroEncoder(AVRO)({"id": "x", "q": "q", "docs": [], "tags": []})
 
