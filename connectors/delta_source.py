@@ -188,7 +188,11 @@ class DeltaSource:
         return None
 
     def columns(self) -> list[str]:
-        return [f.name for f in pa.schema(self._table().schema().to_arrow())]
+        """The columns of the rows the job will read: a pinned snapshot's own (before stop 47 the
+        latest version's: a template column added later passed the check, and every row of the
+        older snapshot was then dead-lettered missing_variable)."""
+        pinned = self.spec.version if self.spec.mode == "snapshot" else None
+        return [f.name for f in pa.schema(self._table(pinned).schema().to_arrow())]
 
     def check(self, required: Mapping[str, str]) -> None:
         """required: column -> why it is needed. Fails naming every missing column."""

@@ -482,6 +482,11 @@ def test_missing_columns_are_named_before_any_work(tmp_path):
     assert "lacks column(s) 'ticket_id' (prompt.id_field), 'body' (used by prompt.template)" in str(e.value)
     with pytest.raises(SourceError, match="no Delta table there"):
         source(str(tmp_path / "nothing")).columns()
+    # A snapshot pinned before a column was added is checked against its own columns.
+    write_deltalake(uri, rows(3, 2).append_column("body", pa.array(["b", "b"])), mode="append", schema_mode="merge")
+    source(uri, mode="snapshot", version=1).check({"body": "used by prompt.template"})
+    with pytest.raises(SourceError, match="lacks column\\(s\\) 'body'"):
+        source(uri, mode="snapshot", version=0).check({"body": "used by prompt.template"})
 
 
 # -- whole jobs: real local Ray, real vLLM, real Delta ----------------------------------------------
