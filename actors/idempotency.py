@@ -17,7 +17,7 @@ from __future__ import annotations
 import ray
 
 from actors.remote import app_actor
-from compute.idempotency import AFTER_ANOTHER, BUSY, KeyClaims
+from compute.idempotency import AFTER_ANOTHER, BUSY, Answer, KeyClaims
 
 __all__ = ["AFTER_ANOTHER", "BUSY", "IdempotencyClaims", "shared_claims"]
 
@@ -27,7 +27,7 @@ class IdempotencyClaims:
     def __init__(self, keep: int):
         self._claims = KeyClaims(keep)
 
-    async def claim(self, key: int, holder: str, lease_s: float, wait_s: float) -> tuple[int, dict] | str | None:
+    async def claim(self, key: int, holder: str, lease_s: float, wait_s: float) -> Answer | str | None:
         return await self._claims.claim(key, holder, lease_s, wait_s)
 
     async def renew(self, key: int, holder: str, lease_s: float) -> bool:
@@ -37,7 +37,7 @@ class IdempotencyClaims:
         """A redeploy with another serve.idempotency_cache: the answers kept follow it (the newest stay)."""
         self._claims.configure(keep)
 
-    async def finish(self, key: int, holder: str, answer: tuple[int, dict] | None) -> None:
+    async def finish(self, key: int, holder: str, answer: Answer | None) -> None:
         self._claims.finish(key, holder, answer)
 
 

@@ -130,7 +130,10 @@ class AvroEncoder:
         return _as_text_where_text(self.schema, event, self._named)
 
     def __call__(self, event: Any) -> bytes:
-        event = self.as_sent(event)
+        return self.write(self.as_sent(event))
+
+    def write(self, event: Any) -> bytes:
+        """An event already as_sent, as Avro bytes."""
         buf = io.BytesIO()
         buf.write(self.header)
         try:

@@ -174,15 +174,16 @@ class EventProducer:
             event_id = event_id_of(event, self.id_field)
         except BadEvent as e:
             raise EventContractError(f"{self.id_field}: {e}", record) from None
+        sent, encode = event, self.encode
         if isinstance(self.encode, AvroEncoder):
             # A number sent as text where the Avro schema takes text only: the job checks the event
             # it decodes, so the contract must hold for that one too (a schema typing as text a
             # field the contract wants as a number: the job would dead-letter it).
-            sent = self.encode.as_sent(event)
+            sent, encode = self.encode.as_sent(event), self.encode.write
             if sent != event and (msgs := self.contract.violations(sent)):
                 raise EventContractError("; ".join(msgs) + " (as the Avro schema sends it: as text)", record)
         try:
-            value = self.encode(event)
+            value = encode(sent)
         except EventContractError as e:
             raise EventContractError(str(e), record) from None
         except (TypeError, ValueError) as e:

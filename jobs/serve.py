@@ -56,7 +56,7 @@ from ray.exceptions import RayActorError
 
 from actors.idempotency import AFTER_ANOTHER, BUSY
 from compute.engine import engine_threads
-from compute.idempotency import RecentAnswers, fingerprint_of, request_fingerprint
+from compute.idempotency import Answer, RecentAnswers, fingerprint_of, request_fingerprint
 from compute.limits import TenantLimits
 from schemas.errors import AuthError, EventContractError, LimitExceededError, ProduceError, SinkError, TidegateError
 from schemas.records import AUDIT_DEAD_LETTER_SCHEMA
@@ -448,13 +448,13 @@ def _retrieve(task: asyncio.Task) -> None:
         log.warning("a request's answer failed (%s)", type(task.exception()).__name__)
 
 
-def _with_tenant(table: pa.Table, tenant: str) -> pa.Table:
-    i = table.column_names.index("tenant")
-    return table.set_column(i, table.schema.field(i), pa.repeat(pa.scalar(tenant, pa.string()), table.num_rows))
-
-
-def _with_fingerprint(table: pa.Table, fingerprint: str) -> pa.Table:
-    return table.append_column("request_fingerprint", pa.repeat(pa.scalar(fingerprint, pa.string()), table.num_rows))
+def _with_text(table: pa.Table, name: str, value: str) -> pa.Table:
+    """`table` with string column `name` set to `value` in every row (added when it has none)."""
+    column = pa.repeat(pa.scalar(value, pa.string()), table.num_rows)
+    if name not in table.column_names:
+        return table.append_column(name, column)
+    i = table.column_names.index(name)
+    return table.set_column(i, table.schema.field(i), column)
 
 
 def _usage(row: dict) -> dict:
@@ -1016,9 +1016,9 @@ class TidegateEndpoint:
                 outcome = failed("engine", "engine_error", f"the engine failed ({type(e).__name__})")
         results, dead = outcome.results, outcome.dead
         if fingerprint is not None:  # stored with the rows: the key's retries are checked against it
-            results, dead = _with_fingerprint(results, fingerprint), _with_fingerprint(dead, fingerprint)
+            results, dead = (_with_text(t, "request_fingerprint", fingerprint) for t in (results, dead))
         if principal is not None:  # who asked, for the audit: a body that does not parse is the key's tenant's too
-            results, dead = _with_tenant(results, principal.tenant), _with_tenant(dead, principal.tenant)
+            results, dead = (_with_text(t, "tenant", principal.tenant) for t in (results, dead))
         results, dead = self._split_revoked(results, dead)
         self._settle(principal, outcome.tokens() - estimate)
         try:
@@ -1059,7 +1059,7 @@ class TidegateEndpoint:
         audit write's ack timeout."""
         return self.spec.serve.request_timeout_s + (self.buffer.ack_timeout_s or 0.0) + CLAIM_RENEW_S
 
-    async def _claim(self, offset: int, holder: str) -> tuple | str | None:
+    async def _claim(self, offset: int, holder: str) -> Answer | str | None:
         """None or AFTER_ANOTHER: this request holds the key (actors/idempotency.py); BUSY: another
         replica still runs it after the longest a request can take here; else its answer."""
         wait_s = self._key_wait_s()
@@ -1085,7 +1085,7 @@ class TidegateEndpoint:
                 log.warning("an Idempotency-Key claim lapsed while its request ran: a duplicate may run beside it")
                 return
 
-    def _finish_claim(self, offset: int, holder: str, answer: tuple | None) -> None:
+    def _finish_claim(self, offset: int, holder: str, answer: Answer | None) -> None:
         """Not awaited: the answer does not wait for it (the claim's waiters do)."""
         self._claims.finish.remote(offset, holder, answer)
 
